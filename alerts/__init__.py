@@ -1,0 +1,1 @@
+"""Health scoring, rule evaluation, alert state, notifiers and the outbox."""

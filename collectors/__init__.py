@@ -1,0 +1,1 @@
+"""Finding plugin processes and sampling them; pure data out."""

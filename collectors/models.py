@@ -1,0 +1,78 @@
+"""Frozen data passed out of the collectors: plugin specs, per-plugin samples, snapshots."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class PluginKey:
+    """Identity of one monitored plugin instance: the labels of every per-plugin series."""
+
+    tenant: str
+    plugin: str
+    environment: str = "production"
+
+
+@dataclass(frozen=True, slots=True)
+class Match:
+    """How a plugin's processes are recognised; any non-empty field must match (AND)."""
+
+    name: str | None = None  # process name (comm), exact
+    exe: str | None = None  # executable path, exact
+    cmdline: str | None = None  # regex searched in the space-joined command line
+    pidfile: str | None = None  # path of a file holding the root pid
+    cgroup: str | None = None  # glob over the process's cgroup v2 path
+    env: str | None = None  # "KEY=VALUE" that must be in /proc/PID/environ
+    systemd_unit: str | None = None  # unit name, e.g. "resizer.service"
+
+
+@dataclass(frozen=True, slots=True)
+class PluginSpec:
+    key: PluginKey
+    match: Match
+    # "config" for [[plugins]] entries, "label" for processes found by PLUGINMON_* env labels.
+    origin: str = "config"
+
+
+@dataclass(frozen=True, slots=True)
+class PluginSample:
+    """One plugin's resource usage at one instant (all its processes summed).
+
+    Opt-in fields are None when not collected in this cycle, never 0-for-unknown.
+    Counters (read/write bytes, context switches) are cumulative per plugin and never go
+    backwards when a child exits.
+    """
+
+    key: PluginKey
+    timestamp: datetime  # timezone-aware, UTC
+    up: bool
+    process_count: int
+    cpu_percent: float  # 100.0 = one full core, over the interval since the last sample
+    rss_bytes: int
+    vms_bytes: int
+    threads: int
+    restarts: int = 0  # times the root process changed since the previous sample
+    oldest_start_time: datetime | None = None
+    uss_bytes: int | None = None
+    swap_bytes: int | None = None
+    fds: int | None = None
+    read_bytes: int | None = None
+    write_bytes: int | None = None
+    ctx_switches_voluntary: int | None = None
+    ctx_switches_involuntary: int | None = None
+    pids: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """Everything one sampling cycle saw; one fetch serves the writer, exporter and alerts."""
+
+    timestamp: datetime  # timezone-aware, UTC
+    host: str
+    samples: tuple[PluginSample, ...]
+    duration_seconds: float
+    processes_seen: int = 0
+    # per-process read failures this cycle, by kind ("no_such_process", "zombie", "access_denied")
+    errors: tuple[tuple[str, int], ...] = field(default=())

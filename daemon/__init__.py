@@ -1,0 +1,1 @@
+"""Process lifecycle: config, CLI, wiring, scheduler jobs, HTTP endpoints, shutdown."""

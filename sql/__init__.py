@@ -1,0 +1,1 @@
+"""Versioned SQL migrations; a package only so the .sql files ship in the wheel."""

@@ -1,0 +1,1 @@
+"""Database access: pool, migrations, backends, batched writer, spool, queries."""
