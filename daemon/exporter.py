@@ -1,0 +1,551 @@
+"""Prometheus exporter: per-plugin families built at scrape time, plus the daemon's own metrics."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.registry import Collector
+
+from collectors.models import PluginKey, PluginSample, Snapshot
+
+PLUGIN_LABELS = ("tenant", "plugin", "environment")
+
+
+@dataclass(frozen=True, slots=True)
+class HealthView:
+    """A plugin's latest health score and the per-component scores behind it."""
+
+    score: float
+    components: tuple[tuple[str, float], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class FiringAlert:
+    key: PluginKey
+    alertname: str
+    severity: str
+
+
+@dataclass(frozen=True, slots=True)
+class DaemonStats:
+    """Counters owned by other components, copied on the event loop before each scrape."""
+
+    rows_written: Mapping[str, int] = field(default_factory=dict)  # table -> rows
+    spool_samples: int = 0
+    dropped: Mapping[str, int] = field(default_factory=dict)  # reason -> samples
+    database_up: bool = False
+    notifications: Mapping[tuple[str, str], int] = field(default_factory=dict)
+    outbox_pending: int = 0
+    job_last_success: Mapping[str, float] = field(default_factory=dict)  # job -> unix time
+    job_failures: Mapping[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class _PluginRow:
+    key: PluginKey
+    labels: str  # pre-escaped 'tenant="..",plugin="..",environment=".."'
+    sample: PluginSample
+    restarts_total: int
+
+
+@dataclass(frozen=True, slots=True)
+class ExportView:
+    """Everything one scrape renders; immutable, so a render thread can read it safely."""
+
+    plugins: tuple[_PluginRow, ...]
+    health: Mapping[PluginKey, HealthView]
+    alerts: tuple[FiringAlert, ...]
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", r"\\").replace("\n", r"\n").replace('"', r"\"")
+
+
+def _label_string(key: PluginKey) -> str:
+    return (
+        f'tenant="{_escape(key.tenant)}",plugin="{_escape(key.plugin)}",'
+        f'environment="{_escape(key.environment)}"'
+    )
+
+
+def _down(sample: PluginSample) -> PluginSample:
+    """A vanished plugin during its grace period: down, zero usage, counters kept."""
+    return dataclasses.replace(
+        sample,
+        up=False,
+        process_count=0,
+        cpu_percent=0.0,
+        rss_bytes=0,
+        vms_bytes=0,
+        threads=0,
+        restarts=0,
+        uss_bytes=None if sample.uss_bytes is None else 0,
+        swap_bytes=None if sample.swap_bytes is None else 0,
+        fds=None if sample.fds is None else 0,
+        pids=(),
+    )
+
+
+class ExporterState:
+    """The latest per-plugin view, updated on the event loop, read by scrapes in a thread.
+
+    Updates build new immutable objects and swap one reference, so a concurrent render sees
+    either the old view or the new one, never a half-updated mix.
+    """
+
+    def __init__(
+        self, *, grace_seconds: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._grace_seconds = grace_seconds
+        self._clock = clock
+        # key -> (latest sample, monotonic time last seen, restarts so far)
+        self._plugins: dict[PluginKey, tuple[PluginSample, float, int]] = {}
+        self._labels: dict[PluginKey, str] = {}
+        self._view = ExportView(plugins=(), health={}, alerts=())
+        self._health: Mapping[PluginKey, HealthView] = {}
+        self._alerts: tuple[FiringAlert, ...] = ()
+        self.last_snapshot: Snapshot | None = None
+
+    def update_snapshot(self, snapshot: Snapshot) -> None:
+        now = self._clock()
+        plugins = self._plugins
+        seen: set[PluginKey] = set()
+        for sample in snapshot.samples:
+            seen.add(sample.key)
+            previous = plugins.get(sample.key)
+            restarts = (previous[2] if previous else 0) + max(sample.restarts, 0)
+            plugins[sample.key] = (sample, now, restarts)
+        for key in [k for k, (_, last, _) in plugins.items() if k not in seen]:
+            if now - plugins[key][1] > self._grace_seconds:
+                del plugins[key]
+                self._labels.pop(key, None)
+        self.last_snapshot = snapshot
+        self._rebuild(seen)
+
+    def update_health(self, health: Mapping[PluginKey, HealthView]) -> None:
+        self._health = dict(health)
+        self._view = dataclasses.replace(self._view, health=self._health)
+
+    def update_alerts(self, firing: Sequence[FiringAlert]) -> None:
+        self._alerts = tuple(firing)
+        self._view = dataclasses.replace(self._view, alerts=self._alerts)
+
+    def _rebuild(self, seen: set[PluginKey]) -> None:
+        rows: list[_PluginRow] = []
+        labels = self._labels
+        for key in sorted(self._plugins):
+            sample, _last, restarts = self._plugins[key]
+            label = labels.get(key)
+            if label is None:
+                label = labels[key] = _label_string(key)
+            rows.append(
+                _PluginRow(
+                    key=key,
+                    labels=label,
+                    sample=sample if key in seen else _down(sample),
+                    restarts_total=restarts,
+                )
+            )
+        self._view = ExportView(plugins=tuple(rows), health=self._health, alerts=self._alerts)
+
+    def view(self) -> ExportView:
+        return self._view
+
+
+# -- per-plugin families --------------------------------------------------------------------
+
+_Getter = Callable[[_PluginRow], float | int | None]
+
+
+@dataclass(frozen=True, slots=True)
+class _Family:
+    name: str  # full exposition name (counters include _total)
+    kind: str  # "gauge" | "counter"
+    help: str
+    value: _Getter
+    extra_label: tuple[str, str] | None = None  # (label name, value), for kind= variants
+
+
+def _start_time(row: _PluginRow) -> float | None:
+    started = row.sample.oldest_start_time
+    return started.timestamp() if started is not None else None
+
+
+_FAMILIES: tuple[_Family, ...] = (
+    _Family(
+        "pluginmon_plugin_up",
+        "gauge",
+        "1 if any process of the plugin runs",
+        lambda r: int(r.sample.up),
+    ),
+    _Family(
+        "pluginmon_plugin_cpu_percent",
+        "gauge",
+        "CPU use over the last interval; 100 = one full core",
+        lambda r: r.sample.cpu_percent,
+    ),
+    _Family(
+        "pluginmon_plugin_memory_rss_bytes",
+        "gauge",
+        "Resident set size of all processes",
+        lambda r: r.sample.rss_bytes,
+    ),
+    _Family(
+        "pluginmon_plugin_memory_vms_bytes",
+        "gauge",
+        "Virtual memory size of all processes",
+        lambda r: r.sample.vms_bytes,
+    ),
+    _Family(
+        "pluginmon_plugin_memory_uss_bytes",
+        "gauge",
+        "Unique set size of all processes (when collected)",
+        lambda r: r.sample.uss_bytes,
+    ),
+    _Family(
+        "pluginmon_plugin_memory_swap_bytes",
+        "gauge",
+        "Swapped-out memory of all processes (when collected)",
+        lambda r: r.sample.swap_bytes,
+    ),
+    _Family("pluginmon_plugin_threads", "gauge", "Threads", lambda r: r.sample.threads),
+    _Family("pluginmon_plugin_processes", "gauge", "Processes", lambda r: r.sample.process_count),
+    _Family(
+        "pluginmon_plugin_open_fds",
+        "gauge",
+        "Open file descriptors (when collected)",
+        lambda r: r.sample.fds,
+    ),
+    _Family(
+        "pluginmon_plugin_io_read_bytes_total",
+        "counter",
+        "Bytes read from storage (when collected)",
+        lambda r: r.sample.read_bytes,
+    ),
+    _Family(
+        "pluginmon_plugin_io_write_bytes_total",
+        "counter",
+        "Bytes written to storage (when collected)",
+        lambda r: r.sample.write_bytes,
+    ),
+    _Family(
+        "pluginmon_plugin_context_switches_total",
+        "counter",
+        "Context switches (when collected)",
+        lambda r: r.sample.ctx_switches_voluntary,
+        ("kind", "voluntary"),
+    ),
+    _Family(
+        "pluginmon_plugin_context_switches_total",
+        "counter",
+        "Context switches (when collected)",
+        lambda r: r.sample.ctx_switches_involuntary,
+        ("kind", "involuntary"),
+    ),
+    _Family(
+        "pluginmon_plugin_restarts_total",
+        "counter",
+        "Times the plugin's root process changed",
+        lambda r: r.restarts_total,
+    ),
+    _Family(
+        "pluginmon_plugin_start_time_seconds",
+        "gauge",
+        "Start time of the plugin's oldest process, seconds since the epoch",
+        _start_time,
+    ),
+)
+
+_HEALTH_SCORE = "pluginmon_plugin_health_score"
+_HEALTH_COMPONENT = "pluginmon_plugin_health_component_score"
+_ALERTS_FIRING = "pluginmon_alerts_firing"
+
+
+def _family_name(name: str, kind: str) -> str:
+    # prometheus_client's families take the counter name without the _total suffix.
+    return name.removesuffix("_total") if kind == "counter" else name
+
+
+def _text_value(value: float | int) -> str:
+    if isinstance(value, int):
+        return str(value)
+    if math.isfinite(value):
+        return repr(value)
+    if math.isnan(value):
+        return "NaN"
+    return "+Inf" if value > 0 else "-Inf"
+
+
+class PluginCollector(Collector):
+    """Per-plugin families from the latest view; a vanished plugin's series vanish too.
+
+    ``collect()`` is the prometheus-client interface (OpenMetrics and tests);
+    ``render_text()`` writes exactly the same families in the text format without
+    prometheus-client's per-sample overhead, which matters at 10,000 plugins.
+    """
+
+    def __init__(self, state: ExporterState) -> None:
+        self._state = state
+
+    def collect(self) -> Iterator[Metric]:
+        view = self._state.view()
+        families: dict[str, GaugeMetricFamily | CounterMetricFamily] = {}
+        for spec in _FAMILIES:
+            labels = [*PLUGIN_LABELS, *([spec.extra_label[0]] if spec.extra_label else [])]
+            family = families.get(spec.name)
+            if family is None:
+                cls = CounterMetricFamily if spec.kind == "counter" else GaugeMetricFamily
+                family = cls(_family_name(spec.name, spec.kind), spec.help, labels=labels)
+                families[spec.name] = family
+            extra = [spec.extra_label[1]] if spec.extra_label else []
+            for row in view.plugins:
+                value = spec.value(row)
+                if value is not None:
+                    family.add_metric(
+                        [row.key.tenant, row.key.plugin, row.key.environment, *extra], value
+                    )
+        yield from (f for f in families.values() if f.samples)
+        yield from self._health_families(view)
+        yield self._alerts_family(view)
+
+    def _health_families(self, view: ExportView) -> Iterator[Metric]:
+        score = GaugeMetricFamily(_HEALTH_SCORE, "Health score 0..100", labels=PLUGIN_LABELS)
+        component = GaugeMetricFamily(
+            _HEALTH_COMPONENT,
+            "Health score of one component 0..100",
+            labels=[*PLUGIN_LABELS, "component"],
+        )
+        for row in view.plugins:
+            health = view.health.get(row.key)
+            if health is None:
+                continue
+            key = [row.key.tenant, row.key.plugin, row.key.environment]
+            score.add_metric(key, health.score)
+            for name, value in health.components:
+                component.add_metric([*key, name], value)
+        if score.samples:
+            yield score
+        if component.samples:
+            yield component
+
+    @staticmethod
+    def _alerts_family(view: ExportView) -> GaugeMetricFamily:
+        family = GaugeMetricFamily(
+            _ALERTS_FIRING,
+            "1 per firing alert (not inhibited, not silenced)",
+            labels=[*PLUGIN_LABELS, "alertname", "severity"],
+        )
+        for alert in view.alerts:
+            family.add_metric(
+                [
+                    alert.key.tenant,
+                    alert.key.plugin,
+                    alert.key.environment,
+                    alert.alertname,
+                    alert.severity,
+                ],
+                1,
+            )
+        return family
+
+    def render_text(self, *, openmetrics: bool = False) -> str:
+        """The same families as ``collect()``, in the text format 0.0.4 or OpenMetrics 1.0.
+
+        For OpenMetrics the caller appends the single ``# EOF`` line.
+        """
+        view = self._state.view()
+        out: list[str] = []
+        rows = view.plugins
+        emitted_header: set[str] = set()
+        for spec in _FAMILIES:
+            getter = spec.value
+            extra = f',{spec.extra_label[0]}="{spec.extra_label[1]}"' if spec.extra_label else ""
+            lines = []
+            for row in rows:
+                value = getter(row)
+                if value is not None:
+                    lines.append(f"{spec.name}{{{row.labels}{extra}}} {_text_value(value)}\n")
+            if not lines:
+                continue
+            if spec.name not in emitted_header:
+                emitted_header.add(spec.name)
+                header = _family_name(spec.name, spec.kind) if openmetrics else spec.name
+                out.append(f"# HELP {header} {spec.help}\n# TYPE {header} {spec.kind}\n")
+            out.append("".join(lines))
+        health = view.health
+        score_lines: list[str] = []
+        component_lines: list[str] = []
+        for row in rows:
+            entry = health.get(row.key)
+            if entry is None:
+                continue
+            score_lines.append(f"{_HEALTH_SCORE}{{{row.labels}}} {_text_value(entry.score)}\n")
+            for name, value in entry.components:
+                component_lines.append(
+                    f'{_HEALTH_COMPONENT}{{{row.labels},component="{_escape(name)}"}} '
+                    f"{_text_value(value)}\n"
+                )
+        if score_lines:
+            out.append(
+                f"# HELP {_HEALTH_SCORE} Health score 0..100\n# TYPE {_HEALTH_SCORE} gauge\n"
+            )
+            out.append("".join(score_lines))
+        if component_lines:
+            out.append(
+                f"# HELP {_HEALTH_COMPONENT} Health score of one component 0..100\n"
+                f"# TYPE {_HEALTH_COMPONENT} gauge\n"
+            )
+            out.append("".join(component_lines))
+        out.append(
+            f"# HELP {_ALERTS_FIRING} 1 per firing alert (not inhibited, not silenced)\n"
+            f"# TYPE {_ALERTS_FIRING} gauge\n"
+        )
+        for alert in view.alerts:
+            out.append(
+                f'{_ALERTS_FIRING}{{{_label_string(alert.key)},alertname="{_escape(alert.alertname)}",'
+                f'severity="{_escape(alert.severity)}"}} 1\n'
+            )
+        return "".join(out)
+
+
+# -- the daemon's own metrics -----------------------------------------------------------------
+
+
+class DaemonStatsCollector(Collector):
+    """Counters held by the writer, outbox and scheduler, exported from a copied DaemonStats."""
+
+    def __init__(self) -> None:
+        self._stats = DaemonStats()
+        self._lock = threading.Lock()
+
+    def update(self, stats: DaemonStats) -> None:
+        with self._lock:
+            self._stats = stats
+
+    def collect(self) -> Iterator[Metric]:
+        with self._lock:
+            stats = self._stats
+        rows = CounterMetricFamily(
+            "pluginmon_rows_written", "Rows written to the database", labels=["table"]
+        )
+        for table, count in sorted(stats.rows_written.items()):
+            rows.add_metric([table], count)
+        yield rows
+        yield GaugeMetricFamily(
+            "pluginmon_spool_samples",
+            "Rows waiting in the disk spool for the database",
+            value=stats.spool_samples,
+        )
+        dropped = CounterMetricFamily(
+            "pluginmon_dropped_samples", "Samples dropped, by reason", labels=["reason"]
+        )
+        for reason, count in sorted(stats.dropped.items()):
+            dropped.add_metric([reason], count)
+        yield dropped
+        yield GaugeMetricFamily(
+            "pluginmon_database_up",
+            "1 when the database answered the last write or probe",
+            value=int(stats.database_up),
+        )
+        notifications = CounterMetricFamily(
+            "pluginmon_notifications",
+            "Notification attempts by receiver and outcome",
+            labels=["receiver", "outcome"],
+        )
+        for (receiver, outcome), count in sorted(stats.notifications.items()):
+            notifications.add_metric([receiver, outcome], count)
+        yield notifications
+        yield GaugeMetricFamily(
+            "pluginmon_outbox_pending",
+            "Notifications waiting in the outbox",
+            value=stats.outbox_pending,
+        )
+        last = GaugeMetricFamily(
+            "pluginmon_job_last_success_timestamp_seconds",
+            "Unix time of each job's last successful run",
+            labels=["job"],
+        )
+        for job, when in sorted(stats.job_last_success.items()):
+            last.add_metric([job], when)
+        yield last
+        failures = CounterMetricFamily(
+            "pluginmon_job_failures", "Failed runs of each job", labels=["job"]
+        )
+        for job, count in sorted(stats.job_failures.items()):
+            failures.add_metric([job], count)
+        yield failures
+
+
+class DaemonMetrics:
+    """The daemon's own instruments, registered in the registry the caller passes in."""
+
+    def __init__(self, registry: CollectorRegistry, *, version: str) -> None:
+        self.samples_total = Counter("pluginmon_samples", "Plugin samples taken", registry=registry)
+        self.sample_duration = Histogram(
+            "pluginmon_sample_duration_seconds",
+            "Duration of one sampling cycle",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+            registry=registry,
+        )
+        self.processes_seen = Gauge(
+            "pluginmon_processes_seen", "Processes in the last sampling cycle", registry=registry
+        )
+        self.process_read_errors = Counter(
+            "pluginmon_process_read_errors",
+            "Per-process read failures, by kind",
+            labelnames=["kind"],
+            registry=registry,
+        )
+        self.write_duration = Histogram(
+            "pluginmon_write_duration_seconds",
+            "Duration of one COPY batch",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0),
+            registry=registry,
+        )
+        self.build_info = Gauge(
+            "pluginmon_build_info", "Always 1; the version label", ["version"], registry=registry
+        )
+        self.build_info.labels(version=version).set(1)
+        self.stats = DaemonStatsCollector()
+        registry.register(self.stats)
+
+    def observe_snapshot(self, snapshot: Snapshot) -> None:
+        self.samples_total.inc(len(snapshot.samples))
+        self.sample_duration.observe(snapshot.duration_seconds)
+        self.processes_seen.set(snapshot.processes_seen)
+        for kind, count in snapshot.errors:
+            if count:
+                self.process_read_errors.labels(kind=kind).inc(count)
+
+
+class MetricsRenderer:
+    """Renders /metrics: the text format by default, OpenMetrics when the client asks for it.
+
+    Blocking (10,000 plugins take tens of milliseconds): call it from a worker thread.
+    """
+
+    def __init__(self, registry: CollectorRegistry, plugins: PluginCollector) -> None:
+        self._registry = registry
+        self._plugins = plugins
+
+    def render(self, accept: str | None) -> tuple[bytes, str]:
+        encoder, content_type = choose_encoder(accept or "")
+        if content_type.startswith("application/openmetrics-text"):
+            own = encoder(self._registry)
+            own = own.removesuffix(b"# EOF\n")
+            plugins = self._plugins.render_text(openmetrics=True).encode("utf-8")
+            return own + plugins + b"# EOF\n", content_type
+        return encoder(self._registry) + self._plugins.render_text().encode("utf-8"), content_type

@@ -1,0 +1,142 @@
+"""Periodic jobs on APScheduler 3.x (the only module that imports it): run, count, log state changes."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from datetime import UTC, datetime, timedelta
+from types import TracebackType
+
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+from apscheduler.triggers.interval import IntervalTrigger
+
+logger = logging.getLogger(__name__)
+
+JobFunc = Callable[[], Awaitable[None]]
+
+
+class Scheduler:
+    """Interval jobs with coalescing, one instance at a time and a misfire grace time.
+
+    Each run is wrapped: an exception is logged with its traceback once when the job starts
+    failing (then only counted) and "recovered" is logged when it succeeds again; cancellation
+    is never swallowed. ``async with`` starts the scheduler; leaving pauses it, waits up to
+    ``drain_seconds`` for running jobs, then cancels what is left.
+    """
+
+    def __init__(
+        self,
+        *,
+        misfire_grace_seconds: float = 30.0,
+        drain_seconds: float = 5.0,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._scheduler = AsyncIOScheduler(timezone=UTC)
+        self._misfire_grace_seconds = misfire_grace_seconds
+        self._drain_seconds = drain_seconds
+        self._wall_clock = wall_clock
+        self._running: set[asyncio.Task[None]] = set()
+        self._last_success: dict[str, float] = {}
+        self._failures: dict[str, int] = {}
+        self._consecutive_failures: dict[str, int] = {}
+        self._started = False
+
+    def add_job(
+        self,
+        name: str,
+        func: JobFunc,
+        *,
+        interval_seconds: float,
+        first_run_in_seconds: float = 0.0,
+    ) -> None:
+        self._failures.setdefault(name, 0)
+        self._scheduler.add_job(
+            self._wrap(name, func),
+            IntervalTrigger(seconds=interval_seconds, timezone=UTC),
+            id=name,
+            name=name,
+            coalesce=True,
+            max_instances=1,
+            misfire_grace_time=max(1, round(self._misfire_grace_seconds)),
+            next_run_time=datetime.now(UTC) + timedelta(seconds=first_run_in_seconds),
+        )
+
+    def _wrap(self, name: str, func: JobFunc) -> Callable[[], Awaitable[None]]:
+        async def run() -> None:
+            task = asyncio.current_task()
+            if task is not None:
+                self._running.add(task)
+            try:
+                await func()
+            except Exception:
+                self._failures[name] = self._failures.get(name, 0) + 1
+                streak = self._consecutive_failures.get(name, 0) + 1
+                self._consecutive_failures[name] = streak
+                if streak == 1:
+                    logger.exception("job %s failed; further failures are counted", name)
+                else:
+                    logger.debug("job %s failed again (%d in a row)", name, streak, exc_info=True)
+            else:
+                self._last_success[name] = self._wall_clock()
+                streak = self._consecutive_failures.pop(name, 0)
+                if streak:
+                    logger.info("job %s recovered after %d failed runs", name, streak)
+            finally:
+                if task is not None:
+                    self._running.discard(task)
+
+        run.__name__ = f"job_{name}"
+        return run
+
+    async def run_now(self, name: str) -> None:
+        """Run a job once outside its schedule (used on shutdown for a final flush)."""
+        job = self._scheduler.get_job(name)
+        if job is None:
+            raise KeyError(name)
+        await job.func()
+
+    @property
+    def last_success(self) -> Mapping[str, float]:
+        return dict(self._last_success)
+
+    @property
+    def failures(self) -> Mapping[str, int]:
+        return dict(self._failures)
+
+    def pause(self) -> None:
+        if self._started:
+            self._scheduler.pause()
+
+    async def drain(self, timeout_seconds: float) -> bool:
+        """Wait for running jobs; True when all finished in time."""
+        pending = {t for t in self._running if not t.done()}
+        if not pending:
+            return True
+        _done, still = await asyncio.wait(pending, timeout=timeout_seconds)
+        return not still
+
+    async def __aenter__(self) -> Scheduler:
+        self._scheduler.start()
+        self._started = True
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if not self._started:
+            return
+        self._scheduler.pause()
+        if not await asyncio.shield(self.drain(self._drain_seconds)):
+            logger.warning("jobs still running after %.1f s; cancelling them", self._drain_seconds)
+        self._scheduler.shutdown(wait=False)
+        self._started = False
+        leftovers = [t for t in self._running if not t.done()]
+        for task in leftovers:
+            task.cancel()
+        if leftovers:
+            await asyncio.gather(*leftovers, return_exceptions=True)

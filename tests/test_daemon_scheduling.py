@@ -1,0 +1,98 @@
+"""Scheduler wrapper on a real AsyncIOScheduler: runs, failures counted, cancellation propagates."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import pytest
+
+from daemon.scheduling import Scheduler
+
+
+async def test_jobs_run_and_failures_are_counted_and_logged_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    runs: list[str] = []
+    fail_times = 3
+
+    async def good() -> None:
+        runs.append("good")
+
+    async def flaky() -> None:
+        nonlocal fail_times
+        runs.append("flaky")
+        if fail_times:
+            fail_times -= 1
+            raise RuntimeError("boom")
+
+    caplog.set_level(logging.DEBUG, logger="daemon.scheduling")
+    async with Scheduler(drain_seconds=1) as scheduler:
+        scheduler.add_job("good", good, interval_seconds=0.05)
+        scheduler.add_job("flaky", flaky, interval_seconds=0.05)
+        for _ in range(200):
+            await asyncio.sleep(0.02)
+            if runs.count("flaky") >= 5:
+                break
+    assert runs.count("good") >= 2
+    assert scheduler.failures["flaky"] == 3
+    assert scheduler.failures["good"] == 0
+    assert "good" in scheduler.last_success
+    assert "flaky" in scheduler.last_success
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1  # once ...
+    assert errors[0].exc_info is not None  # ... with its traceback
+    assert any("recovered after 3 failed runs" in r.getMessage() for r in caplog.records)
+
+
+async def test_exit_drains_running_job() -> None:
+    finished = asyncio.Event()
+    started = asyncio.Event()
+
+    async def slow() -> None:
+        started.set()
+        await asyncio.sleep(0.3)
+        finished.set()
+
+    async with Scheduler(drain_seconds=5) as scheduler:
+        scheduler.add_job("slow", slow, interval_seconds=60)
+        await asyncio.wait_for(started.wait(), 5)
+    assert finished.is_set()
+
+
+async def test_exit_cancels_job_past_the_drain_deadline() -> None:
+    started = asyncio.Event()
+    cancelled = asyncio.Event()
+
+    async def stuck() -> None:
+        started.set()
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    async with Scheduler(drain_seconds=0.2) as scheduler:
+        scheduler.add_job("stuck", stuck, interval_seconds=60)
+        await asyncio.wait_for(started.wait(), 5)
+    assert cancelled.is_set()
+    assert scheduler.failures["stuck"] == 0  # a cancellation is not a job failure
+
+
+async def test_cancellation_propagates_through_job_wrapper() -> None:
+    """STYLE: cancellation is never swallowed, even by the catch-all job wrapper."""
+    started = asyncio.Event()
+
+    async def waits() -> None:
+        started.set()
+        await asyncio.sleep(60)
+
+    scheduler = Scheduler()
+    scheduler.add_job("waits", waits, interval_seconds=60)
+    task = asyncio.create_task(scheduler.run_now("waits"))
+    await asyncio.wait_for(started.wait(), 5)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert task.cancelled()
+    assert scheduler.failures["waits"] == 0

@@ -1,0 +1,197 @@
+"""Settings: precedence (env > TOML > defaults), validation naming every field, secrets hidden."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from daemon.settings import ConfigError, Settings, load_settings, parse_duration
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    for name in list(os.environ):
+        if name.startswith("PLUGINMON_") and name != "PLUGINMON_TEST_DATABASE_URL":
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("XDG_STATE_HOME", "/tmp/xdg-state-test")
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "pluginmon.toml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults() -> None:
+    settings = load_settings(None)
+    assert settings.database_url is None
+    assert settings.embedded
+    assert settings.sample_interval_seconds == 10
+    assert settings.http_port == 9464
+    assert settings.http_host == "0.0.0.0"  # noqa: S104
+    assert settings.data_dir == Path("/tmp/xdg-state-test/pluginmon")
+    assert settings.retention.samples == timedelta(days=90)
+    assert settings.retention.metrics == timedelta(days=90)
+    assert settings.retention.rollup_1m == timedelta(days=30)
+    assert settings.retention.rollup_1h == timedelta(days=365)
+    assert settings.retention.operations == timedelta(days=30)
+    assert settings.retention.audit == timedelta(days=730)
+    assert settings.log_format == "text"
+    assert settings.backend == "auto"
+
+
+def test_data_dir_without_xdg(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("XDG_STATE_HOME")
+    assert load_settings(None).data_dir == Path.home() / ".local" / "state" / "pluginmon"
+
+
+def test_env_overrides_toml_overrides_defaults(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = write(
+        tmp_path,
+        """
+sample_interval_seconds = 3
+http_port = 9500
+log_format = "json"
+[retention]
+samples = "7d"
+audit = "2w"
+[alerts]
+external_url = "http://from-file"
+[[alerts.rules]]
+name = "PluginCpuHigh"
+metric = "cpu_percent"
+op = ">"
+threshold = 80
+""",
+    )
+    monkeypatch.setenv("PLUGINMON_SAMPLE_INTERVAL_SECONDS", "0.5")
+    monkeypatch.setenv("PLUGINMON_RETENTION__SAMPLES", "36h")
+    monkeypatch.setenv("PLUGINMON_ALERTS__EXTERNAL_URL", "http://from-env")
+    settings = load_settings(path)
+    assert settings.sample_interval_seconds == 0.5  # env
+    assert settings.http_port == 9500  # file
+    assert settings.log_format == "json"  # file
+    assert settings.retention.samples == timedelta(hours=36)  # env, nested
+    assert settings.retention.audit == timedelta(weeks=2)  # file, same section kept
+    assert settings.retention.operations == timedelta(days=30)  # default
+    assert settings.alerts.external_url == "http://from-env"
+    assert settings.alerts.rules[0]["name"] == "PluginCpuHigh"  # file, same section kept
+    assert settings.http_host == "0.0.0.0"  # noqa: S104 (the default)
+
+
+def test_every_problem_listed_by_field(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """
+sample_interval_seconds = 0
+http_port = 70000
+log_format = "xml"
+smaple_interval = 3
+collect_fields = ["uss", "bogus"]
+[retention]
+audit = "forever"
+[[alerts.webhooks]]
+secret = "x"
+""",
+    )
+    with pytest.raises(ConfigError) as info:
+        load_settings(path)
+    problems = info.value.problems
+    assert "sample_interval_seconds: must be > 0" in problems
+    assert "http_port: must be between 1 and 65535" in problems
+    assert any(p.startswith("log_format: ") for p in problems)
+    assert "smaple_interval: unknown setting" in problems
+    assert any(p.startswith("collect_fields: unknown field(s) bogus") for p in problems)
+    assert any(p.startswith("retention.audit: must be a duration") for p in problems)
+    assert "alerts.webhooks[0].url: required" in problems
+    assert len(problems) == 7
+
+
+def test_database_url_and_webhook_secret_never_printed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = write(
+        tmp_path,
+        """
+[[alerts.webhooks]]
+url = "http://hooks.example/a"
+secret = "hook-secret-value"
+""",
+    )
+    monkeypatch.setenv("PLUGINMON_DATABASE_URL", "postgresql://u:db-password-value@db/pm")
+    settings = load_settings(path)
+    shown = repr(settings) + str(settings) + settings.model_dump_json()
+    assert "db-password-value" not in shown
+    assert "hook-secret-value" not in shown
+    assert settings.database_url is not None
+    assert settings.database_url.get_secret_value().endswith("@db/pm")
+    assert not settings.embedded
+
+
+def test_bad_database_url_not_echoed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PLUGINMON_DATABASE_URL", "mysql://u:leaky@db/x")
+    with pytest.raises(ConfigError) as info:
+        load_settings(None)
+    assert info.value.problems == ("database_url: must be a postgresql:// URL",)
+    assert "leaky" not in str(info.value)
+
+
+def test_password_only_from_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = write(tmp_path, 'http_auth_username = "prom"\nhttp_auth_password = "p"\n')
+    with pytest.raises(ConfigError) as info:
+        load_settings(path)
+    assert info.value.problems[0].startswith("http_auth_password: must not be set in the config")
+
+    path = write(tmp_path, 'http_auth_username = "prom"\n')
+    with pytest.raises(ConfigError) as info:
+        load_settings(path)
+    assert info.value.problems[0].startswith("http_auth_username: needs")
+
+    monkeypatch.setenv("PLUGINMON_HTTP_AUTH_PASSWORD", "from-env")
+    settings = load_settings(path)
+    assert settings.http_auth_password is not None
+    assert settings.http_auth_password.get_secret_value() == "from-env"
+
+
+def test_tls_needs_both_files(tmp_path: Path) -> None:
+    path = write(tmp_path, f'http_tls_cert_file = "{tmp_path}/missing.pem"\n')
+    with pytest.raises(ConfigError) as info:
+        load_settings(path)
+    assert any(p.startswith("http_tls_cert_file: set both") for p in info.value.problems)
+
+
+def test_env_json_error_names_field(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PLUGINMON_PLUGINS", "[not json")
+    with pytest.raises(ConfigError) as info:
+        load_settings(None)
+    assert info.value.problems[0].startswith("plugins: cannot parse PLUGINMON_PLUGINS")
+
+
+def test_missing_and_broken_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(tmp_path / "nope.toml")
+    assert info.value.problems[0].startswith("--config: no such file")
+    path = write(tmp_path, "sample_interval_seconds = = 3\n")
+    with pytest.raises(ConfigError) as info:
+        load_settings(path)
+    assert "invalid TOML" in info.value.problems[0]
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("90d", 90 * 86400), ("12h", 43200), ("30m", 1800), ("45s", 45), ("2w", 1209600), (60, 60)],
+)
+def test_durations(text: str | int, seconds: int) -> None:
+    assert parse_duration(text).total_seconds() == seconds
+
+
+def test_settings_is_frozen() -> None:
+    settings = Settings()
+    with pytest.raises(ValueError, match="frozen"):
+        settings.http_port = 1

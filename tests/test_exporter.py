@@ -1,0 +1,272 @@
+"""Exporter: per-plugin families from hand-built Snapshots, each test with its own registry."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+from prometheus_client import CollectorRegistry
+from prometheus_client.openmetrics.parser import (
+    text_string_to_metric_families as _parse_openmetrics,
+)
+from prometheus_client.parser import text_string_to_metric_families as parse_text
+
+from collectors.models import PluginKey, PluginSample, Snapshot
+from daemon.exporter import (
+    DaemonMetrics,
+    DaemonStats,
+    ExporterState,
+    FiringAlert,
+    HealthView,
+    MetricsRenderer,
+    PluginCollector,
+)
+
+T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
+RESIZER = PluginKey("acme", "image-resizer", "production")
+INDEXER = PluginKey("globex", 'in"dex\\er', "staging")
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def sample(key: PluginKey, **overrides: object) -> PluginSample:
+    values: dict[str, object] = {
+        "key": key,
+        "timestamp": T0,
+        "up": True,
+        "process_count": 3,
+        "cpu_percent": 42.5,
+        "rss_bytes": 200 * 1024 * 1024,
+        "vms_bytes": 900 * 1024 * 1024,
+        "threads": 17,
+        "oldest_start_time": datetime(2026, 1, 1, 11, 0, tzinfo=UTC),
+    }
+    values.update(overrides)
+    return PluginSample(**values)  # type: ignore[arg-type]
+
+
+def snapshot(*samples: PluginSample, **overrides: object) -> Snapshot:
+    values: dict[str, object] = {
+        "timestamp": T0,
+        "host": "h1",
+        "samples": samples,
+        "duration_seconds": 0.012,
+        "processes_seen": 250,
+        "errors": (("no_such_process", 2), ("access_denied", 0)),
+    }
+    values.update(overrides)
+    return Snapshot(**values)  # type: ignore[arg-type]
+
+
+def parse_openmetrics(text: str) -> object:
+    return _parse_openmetrics(text)  # type: ignore[no-untyped-call]
+
+
+def labels(key: PluginKey, **extra: str) -> dict[str, str]:
+    return {"tenant": key.tenant, "plugin": key.plugin, "environment": key.environment, **extra}
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def state(clock: FakeClock) -> ExporterState:
+    return ExporterState(grace_seconds=60, clock=clock)
+
+
+@pytest.fixture
+def registry(state: ExporterState) -> CollectorRegistry:
+    registry = CollectorRegistry()
+    registry.register(PluginCollector(state))
+    return registry
+
+
+def test_per_plugin_gauges(state: ExporterState, registry: CollectorRegistry) -> None:
+    state.update_snapshot(
+        snapshot(sample(RESIZER, restarts=1), sample(INDEXER, up=False, process_count=0))
+    )
+    get = registry.get_sample_value
+    assert get("pluginmon_plugin_up", labels(RESIZER)) == 1
+    assert get("pluginmon_plugin_up", labels(INDEXER)) == 0
+    assert get("pluginmon_plugin_cpu_percent", labels(RESIZER)) == 42.5
+    assert get("pluginmon_plugin_memory_rss_bytes", labels(RESIZER)) == 200 * 1024 * 1024
+    assert get("pluginmon_plugin_memory_vms_bytes", labels(RESIZER)) == 900 * 1024 * 1024
+    assert get("pluginmon_plugin_threads", labels(RESIZER)) == 17
+    assert get("pluginmon_plugin_processes", labels(RESIZER)) == 3
+    assert get("pluginmon_plugin_restarts_total", labels(RESIZER)) == 1
+    assert get("pluginmon_plugin_start_time_seconds", labels(RESIZER)) == (
+        datetime(2026, 1, 1, 11, 0, tzinfo=UTC).timestamp()
+    )
+    # Not collected -> absent, never 0-for-unknown.
+    assert get("pluginmon_plugin_memory_uss_bytes", labels(RESIZER)) is None
+    assert get("pluginmon_plugin_open_fds", labels(RESIZER)) is None
+
+
+def test_optional_fields_and_counters(state: ExporterState, registry: CollectorRegistry) -> None:
+    state.update_snapshot(
+        snapshot(
+            sample(
+                RESIZER,
+                uss_bytes=100,
+                swap_bytes=5,
+                fds=12,
+                read_bytes=4096,
+                write_bytes=8192,
+                ctx_switches_voluntary=7,
+                ctx_switches_involuntary=3,
+                restarts=2,
+            )
+        )
+    )
+    state.update_snapshot(snapshot(sample(RESIZER, restarts=1)))
+    get = registry.get_sample_value
+    assert get("pluginmon_plugin_restarts_total", labels(RESIZER)) == 3  # accumulated deltas
+    state.update_snapshot(
+        snapshot(sample(RESIZER, uss_bytes=100, fds=12, read_bytes=4096, write_bytes=8192))
+    )
+    assert get("pluginmon_plugin_memory_uss_bytes", labels(RESIZER)) == 100
+    assert get("pluginmon_plugin_open_fds", labels(RESIZER)) == 12
+    assert get("pluginmon_plugin_io_read_bytes_total", labels(RESIZER)) == 4096
+    assert get("pluginmon_plugin_io_write_bytes_total", labels(RESIZER)) == 8192
+
+
+def test_vanished_plugin_down_during_grace_then_gone(
+    state: ExporterState, registry: CollectorRegistry, clock: FakeClock
+) -> None:
+    state.update_snapshot(snapshot(sample(RESIZER), sample(INDEXER)))
+    clock.now += 30
+    state.update_snapshot(snapshot(sample(RESIZER)))
+    get = registry.get_sample_value
+    assert get("pluginmon_plugin_up", labels(INDEXER)) == 0
+    assert get("pluginmon_plugin_cpu_percent", labels(INDEXER)) == 0
+    assert get("pluginmon_plugin_memory_rss_bytes", labels(INDEXER)) == 0
+    clock.now += 31  # 61 s unseen > 60 s grace
+    state.update_snapshot(snapshot(sample(RESIZER)))
+    assert get("pluginmon_plugin_up", labels(INDEXER)) is None
+    assert get("pluginmon_plugin_up", labels(RESIZER)) == 1
+
+
+def test_health_and_alerts(state: ExporterState, registry: CollectorRegistry) -> None:
+    state.update_snapshot(snapshot(sample(RESIZER), sample(INDEXER)))
+    state.update_health(
+        {RESIZER: HealthView(score=61.5, components=(("up", 100.0), ("cpu", 23.0)))}
+    )
+    state.update_alerts([FiringAlert(RESIZER, "PluginCpuHigh", "warning")])
+    get = registry.get_sample_value
+    assert get("pluginmon_plugin_health_score", labels(RESIZER)) == 61.5
+    assert get("pluginmon_plugin_health_score", labels(INDEXER)) is None
+    assert get("pluginmon_plugin_health_component_score", labels(RESIZER, component="cpu")) == 23
+    assert (
+        get(
+            "pluginmon_alerts_firing",
+            labels(RESIZER, alertname="PluginCpuHigh", severity="warning"),
+        )
+        == 1
+    )
+    state.update_alerts([])
+    assert (
+        get(
+            "pluginmon_alerts_firing",
+            labels(RESIZER, alertname="PluginCpuHigh", severity="warning"),
+        )
+        is None
+    )
+
+
+def _samples_of(families: object) -> set[tuple[str, tuple[tuple[str, str], ...], float]]:
+    out = set()
+    for family in families:  # type: ignore[attr-defined]
+        for s in family.samples:
+            out.add((s.name, tuple(sorted(s.labels.items())), float(s.value)))
+    return out
+
+
+def test_fast_text_equals_prometheus_client(
+    state: ExporterState, registry: CollectorRegistry
+) -> None:
+    from prometheus_client import generate_latest
+
+    state.update_snapshot(
+        snapshot(
+            sample(RESIZER, fds=3, read_bytes=1, write_bytes=2, ctx_switches_voluntary=5),
+            sample(INDEXER, cpu_percent=float("nan")),
+        )
+    )
+    state.update_health({RESIZER: HealthView(score=90.0, components=(("memory", 80.0),))})
+    state.update_alerts([FiringAlert(INDEXER, "PluginDown", "critical")])
+    collector = PluginCollector(state)
+    reference = generate_latest(registry).decode()
+    fast = collector.render_text()
+    ref_samples = _samples_of(parse_text(reference))
+    fast_samples = _samples_of(parse_text(fast))
+    # NaN != NaN: compare its presence separately.
+    assert {s for s in ref_samples if s[2] == s[2]} == {s for s in fast_samples if s[2] == s[2]}
+    assert len(ref_samples) == len(fast_samples) > 20
+    # and as OpenMetrics, which Prometheus asks for first
+    om = collector.render_text(openmetrics=True) + "# EOF\n"
+    om_samples = _samples_of(parse_openmetrics(om))
+    assert {s for s in om_samples if s[2] == s[2]} == {s for s in fast_samples if s[2] == s[2]}
+
+
+def test_daemon_metrics_and_renderer(state: ExporterState) -> None:
+    registry = CollectorRegistry()
+    metrics = DaemonMetrics(registry, version="1.2.3")
+    snap = snapshot(sample(RESIZER), sample(INDEXER))
+    metrics.observe_snapshot(snap)
+    metrics.observe_snapshot(snap)
+    metrics.stats.update(
+        DaemonStats(
+            rows_written={"plugin_samples": 10},
+            spool_samples=4,
+            dropped={"spool_full": 1},
+            database_up=True,
+            notifications={("ops", "delivered"): 2},
+            outbox_pending=1,
+            job_last_success={"sample": 1700000000.0},
+            job_failures={"sample": 0, "flush": 3},
+        )
+    )
+    get = registry.get_sample_value
+    assert get("pluginmon_samples_total") == 4
+    assert get("pluginmon_sample_duration_seconds_count") == 2
+    assert get("pluginmon_processes_seen") == 250
+    assert get("pluginmon_process_read_errors_total", {"kind": "no_such_process"}) == 4
+    assert get("pluginmon_rows_written_total", {"table": "plugin_samples"}) == 10
+    assert get("pluginmon_spool_samples") == 4
+    assert get("pluginmon_dropped_samples_total", {"reason": "spool_full"}) == 1
+    assert get("pluginmon_database_up") == 1
+    assert get("pluginmon_notifications_total", {"receiver": "ops", "outcome": "delivered"}) == 2
+    assert get("pluginmon_outbox_pending") == 1
+    assert get("pluginmon_job_failures_total", {"job": "flush"}) == 3
+    assert get("pluginmon_job_last_success_timestamp_seconds", {"job": "sample"}) == 1700000000.0
+    assert get("pluginmon_build_info", {"version": "1.2.3"}) == 1
+
+    state.update_snapshot(snap)
+    renderer = MetricsRenderer(registry, PluginCollector(state))
+    body, content_type = renderer.render(None)
+    assert content_type.startswith("text/plain")
+    text_samples = _samples_of(parse_text(body.decode()))
+    assert ("pluginmon_samples_total", (), 4.0) in text_samples
+    assert ("pluginmon_plugin_cpu_percent", tuple(sorted(labels(RESIZER).items())), 42.5) in (
+        text_samples
+    )
+    body, content_type = renderer.render(
+        "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5"
+    )
+    assert content_type.startswith("application/openmetrics-text")
+    text = body.decode()
+    assert text.endswith("# EOF\n")
+    assert text.count("# EOF") == 1
+    om_samples = _samples_of(parse_openmetrics(text))
+    assert ("pluginmon_plugin_cpu_percent", tuple(sorted(labels(RESIZER).items())), 42.5) in (
+        om_samples
+    )
+    assert ("pluginmon_samples_total", (), 4.0) in om_samples
