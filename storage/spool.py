@@ -1,0 +1,687 @@
+"""The disk spool: batches of rows kept in append-only, checksummed segment files until acked.
+
+Layout of ``directory``::
+
+    lock                        flock(2) held while a Spool is open (one owner per directory)
+    00000000000000000001.seg    segments, oldest first
+    cursor                      {"segment": n, "offset": o}: records before it are acked
+
+A segment starts with ``PLMSPOOL`` and a format version (u16). Each record is a u32 payload
+length, a u32 CRC-32 of the payload, and the payload: one batch of rows in the codec below.
+Every append is fsync'ed before it returns, and the directory is fsync'ed when a segment is
+created, so an appended batch survives a crash of the process or the machine. A torn or
+corrupt record (a crash mid-write) and everything after it in that segment are truncated
+when the spool is opened, and logged.
+
+All methods block on file I/O; async callers run them through ``asyncio.to_thread``. They are
+safe to call from several threads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import logging
+import os
+import struct
+import threading
+import zlib
+from collections import deque
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from types import TracebackType
+
+logger = logging.getLogger(__name__)
+
+MiB = 1024 * 1024
+DEFAULT_MAX_BYTES = 512 * MiB
+
+SEGMENT_MAGIC = b"PLMSPOOL"
+SEGMENT_FORMAT_VERSION = 1
+SEGMENT_SUFFIX = ".seg"
+_SEGMENT_HEADER = struct.Struct("<8sH")
+_RECORD_HEADER = struct.Struct("<II")  # payload length, crc32(payload)
+# A record larger than this is certainly garbage (a batch of rows is at most a few MiB).
+_MAX_RECORD_BYTES = 256 * MiB
+
+Row = tuple[object, ...]
+
+
+class SpoolError(RuntimeError):
+    """Base class of spool errors."""
+
+
+class SpoolFullError(SpoolError):
+    """An append would take the spool past its size cap; the batch was not stored."""
+
+
+class SpoolLockedError(SpoolError):
+    """Another Spool (in this or another process) already owns the directory."""
+
+
+class SpoolCodecError(SpoolError, ValueError):
+    """A row cannot be encoded, or a stored payload cannot be decoded."""
+
+
+# -- codec -------------------------------------------------------------------------------
+#
+# Payload v1: u8 codec version, u16 columns, u32 rows, then rows x columns values, each a
+# u8 type tag and its data. Typed on purpose (no pickle): a spool file is data, never code.
+
+CODEC_VERSION = 1
+_PAYLOAD_HEADER = struct.Struct("<BHI")
+_TAG_NONE = 0
+_TAG_FALSE = 1
+_TAG_TRUE = 2
+_TAG_INT = 3  # i64
+_TAG_FLOAT = 4  # f64
+_TAG_STR = 5  # u32 length + UTF-8
+_TAG_BYTES = 6  # u32 length + bytes
+_TAG_DATETIME_UTC = 7  # i64 microseconds since the Unix epoch; decodes timezone-aware UTC
+_TAG_DATETIME_NAIVE = 8  # i64 microseconds since 1970-01-01T00:00 (no timezone)
+_TAGGED_I64 = struct.Struct("<Bq")
+_TAGGED_F64 = struct.Struct("<Bd")
+_TAGGED_U32 = struct.Struct("<BI")
+_I64 = struct.Struct("<q")
+_F64 = struct.Struct("<d")
+_U32 = struct.Struct("<I")
+_EPOCH_UTC = datetime(1970, 1, 1, tzinfo=UTC)
+_EPOCH_NAIVE = datetime(1970, 1, 1)
+
+
+def _micros(delta: timedelta) -> int:
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+
+
+def encode_rows(rows: Sequence[Row]) -> bytes:
+    """Encode a batch; every row must have the same number of columns."""
+    columns = len(rows[0]) if rows else 0
+    out = bytearray(_PAYLOAD_HEADER.pack(CODEC_VERSION, columns, len(rows)))
+    append = out.append
+    last_datetime: datetime | None = None
+    last_datetime_bytes = b""
+    for row in rows:
+        if len(row) != columns:
+            raise SpoolCodecError(f"row has {len(row)} values, expected {columns}")
+        for value in row:
+            kind = type(value)
+            if value is None:
+                append(_TAG_NONE)
+            elif kind is bool:
+                append(_TAG_TRUE if value else _TAG_FALSE)
+            elif kind is int:
+                try:
+                    out += _TAGGED_I64.pack(_TAG_INT, value)
+                except struct.error as exc:
+                    raise SpoolCodecError(f"integer out of 64-bit range: {value}") from exc
+            elif kind is float:
+                out += _TAGGED_F64.pack(_TAG_FLOAT, value)
+            elif kind is str:
+                data = value.encode("utf-8")  # type: ignore[attr-defined]
+                out += _TAGGED_U32.pack(_TAG_STR, len(data))
+                out += data
+            elif kind is datetime:
+                # Samples of one snapshot share one timestamp object: encode it once.
+                if value is not last_datetime:
+                    assert isinstance(value, datetime)
+                    if value.tzinfo is not None and value.utcoffset() is not None:
+                        last_datetime_bytes = _TAGGED_I64.pack(
+                            _TAG_DATETIME_UTC, _micros(value - _EPOCH_UTC)
+                        )
+                    else:
+                        last_datetime_bytes = _TAGGED_I64.pack(
+                            _TAG_DATETIME_NAIVE, _micros(value - _EPOCH_NAIVE)
+                        )
+                    last_datetime = value
+                out += last_datetime_bytes
+            else:
+                out += _encode_other(value)
+    return bytes(out)
+
+
+def _encode_other(value: object) -> bytes:
+    """Subclasses (IntEnum, str enums, bytearray ...) go through the slower isinstance path."""
+    if isinstance(value, bool):
+        return bytes([_TAG_TRUE if value else _TAG_FALSE])
+    if isinstance(value, int):
+        try:
+            return _TAGGED_I64.pack(_TAG_INT, int(value))
+        except struct.error as exc:
+            raise SpoolCodecError(f"integer out of 64-bit range: {value}") from exc
+    if isinstance(value, float):
+        return _TAGGED_F64.pack(_TAG_FLOAT, float(value))
+    if isinstance(value, str):
+        data = str(value).encode("utf-8")
+        return _TAGGED_U32.pack(_TAG_STR, len(data)) + data
+    if isinstance(value, bytes | bytearray | memoryview):
+        data = bytes(value)
+        return _TAGGED_U32.pack(_TAG_BYTES, len(data)) + data
+    if isinstance(value, datetime):
+        if value.tzinfo is not None and value.utcoffset() is not None:
+            return _TAGGED_I64.pack(_TAG_DATETIME_UTC, _micros(value - _EPOCH_UTC))
+        return _TAGGED_I64.pack(_TAG_DATETIME_NAIVE, _micros(value - _EPOCH_NAIVE))
+    raise SpoolCodecError(f"cannot spool a value of type {type(value).__name__}")
+
+
+def payload_row_count(payload: bytes | memoryview) -> int:
+    """Rows in an encoded batch, from its header alone."""
+    if len(payload) < _PAYLOAD_HEADER.size:
+        raise SpoolCodecError("payload shorter than its header")
+    version, _columns, rows = _PAYLOAD_HEADER.unpack_from(payload, 0)
+    if version != CODEC_VERSION:
+        raise SpoolCodecError(f"unknown spool codec version {version}")
+    return int(rows)
+
+
+def decode_rows(payload: bytes | memoryview) -> list[Row]:
+    """Inverse of :func:`encode_rows`; raises SpoolCodecError on anything malformed."""
+    data = memoryview(payload)
+    if len(data) < _PAYLOAD_HEADER.size:
+        raise SpoolCodecError("payload shorter than its header")
+    version, columns, row_count = _PAYLOAD_HEADER.unpack_from(data, 0)
+    if version != CODEC_VERSION:
+        raise SpoolCodecError(f"unknown spool codec version {version}")
+    pos = _PAYLOAD_HEADER.size
+    end = len(data)
+    rows: list[Row] = []
+    datetimes: dict[tuple[int, int], datetime] = {}
+    unpack_i64 = _I64.unpack_from
+    unpack_f64 = _F64.unpack_from
+    unpack_u32 = _U32.unpack_from
+    try:
+        for _ in range(row_count):
+            values: list[object] = []
+            for _ in range(columns):
+                tag = data[pos]
+                pos += 1
+                if tag == _TAG_NONE:
+                    values.append(None)
+                elif tag == _TAG_FALSE:
+                    values.append(False)
+                elif tag == _TAG_TRUE:
+                    values.append(True)
+                elif tag == _TAG_INT:
+                    values.append(unpack_i64(data, pos)[0])
+                    pos += 8
+                elif tag == _TAG_FLOAT:
+                    values.append(unpack_f64(data, pos)[0])
+                    pos += 8
+                elif tag in (_TAG_STR, _TAG_BYTES):
+                    (length,) = unpack_u32(data, pos)
+                    pos += 4
+                    if pos + length > end:
+                        raise SpoolCodecError("string runs past the end of the payload")
+                    chunk = bytes(data[pos : pos + length])
+                    pos += length
+                    values.append(chunk.decode("utf-8") if tag == _TAG_STR else chunk)
+                elif tag in (_TAG_DATETIME_UTC, _TAG_DATETIME_NAIVE):
+                    (micros,) = unpack_i64(data, pos)
+                    pos += 8
+                    cached = datetimes.get((tag, micros))
+                    if cached is None:
+                        epoch = _EPOCH_UTC if tag == _TAG_DATETIME_UTC else _EPOCH_NAIVE
+                        cached = epoch + timedelta(microseconds=micros)
+                        datetimes[(tag, micros)] = cached
+                    values.append(cached)
+                else:
+                    raise SpoolCodecError(f"unknown value tag {tag} at byte {pos - 1}")
+            rows.append(tuple(values))
+    except (IndexError, struct.error, UnicodeDecodeError, OverflowError) as exc:
+        raise SpoolCodecError(f"malformed payload: {exc}") from exc
+    if pos != end:
+        raise SpoolCodecError(f"{end - pos} trailing bytes after {row_count} rows")
+    return rows
+
+
+# -- segments and records ----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SpooledBatch:
+    """One stored batch, as handed out by :meth:`Spool.peek` / :meth:`Spool.replay`."""
+
+    segment: int
+    offset: int  # of the record header in the segment file
+    end_offset: int
+    rows: tuple[Row, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class _Record:
+    segment: int
+    offset: int
+    length: int  # payload bytes
+    row_count: int
+
+    @property
+    def end_offset(self) -> int:
+        return self.offset + _RECORD_HEADER.size + self.length
+
+
+def _segment_name(sequence: int) -> str:
+    return f"{sequence:020d}{SEGMENT_SUFFIX}"
+
+
+def _fsync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+class Spool:
+    """Append-only batches on disk, replayed oldest first, deleted once acknowledged.
+
+    ``max_bytes`` caps the disk space of the segment files: an append that would pass it
+    raises :class:`SpoolFullError` and stores nothing (the caller counts the drop). A new
+    ``Spool`` on the same directory (after a restart or a crash) sees every batch that was
+    appended and not yet acked. Acks are durable too, so a batch acked before a crash is not
+    replayed after it; a batch written to the database but not yet acked when the process
+    died is replayed again (at-least-once at that one edge).
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+        segment_bytes: int | None = None,
+    ) -> None:
+        if max_bytes <= _SEGMENT_HEADER.size + _RECORD_HEADER.size:
+            raise ValueError(f"max_bytes too small: {max_bytes}")
+        self.directory = Path(directory)
+        self.max_bytes = max_bytes
+        # Segments are deleted whole, so smaller ones give disk space back sooner while
+        # a long backlog drains.
+        self.segment_bytes = segment_bytes or max(min(max_bytes // 8, 64 * MiB), 64 * 1024)
+        self._lock = threading.Lock()
+        self._records: deque[_Record] = deque()
+        self._segment_sizes: dict[int, int] = {}
+        self._rows = 0
+        self._active_segment: int | None = None
+        self._active_fd: int | None = None
+        self._next_segment = 1
+        self._closed = False
+        # Rows of CRC-valid batches that could not be decoded, discarded by peek().
+        self.discarded_rows = 0
+        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._lock_fd = os.open(self.directory / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(self._lock_fd)
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise SpoolLockedError(f"spool directory {self.directory} is in use") from exc
+            raise
+        try:
+            self._load()
+        except BaseException:
+            os.close(self._lock_fd)
+            raise
+
+    # -- state -----------------------------------------------------------------------------
+
+    @property
+    def rows(self) -> int:
+        """Rows stored and not yet acknowledged."""
+        return self._rows
+
+    @property
+    def batches(self) -> int:
+        return len(self._records)
+
+    @property
+    def bytes(self) -> int:
+        """Disk space of the segment files (acked records count until their segment goes)."""
+        return sum(self._segment_sizes.values())
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    # -- opening ---------------------------------------------------------------------------
+
+    def _segment_path(self, sequence: int) -> Path:
+        return self.directory / _segment_name(sequence)
+
+    @property
+    def _cursor_path(self) -> Path:
+        return self.directory / "cursor"
+
+    def _read_cursor(self) -> tuple[int, int] | None:
+        try:
+            raw = json.loads(self._cursor_path.read_text(encoding="utf-8"))
+            return int(raw["segment"]), int(raw["offset"])
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            logger.warning("spool %s: ignoring unreadable cursor file: %s", self.directory, exc)
+            return None
+
+    def _write_cursor(self, segment: int, offset: int) -> None:
+        temporary = self.directory / "cursor.tmp"
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            _write_all(fd, json.dumps({"segment": segment, "offset": offset}).encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(temporary, self._cursor_path)
+
+    def _load(self) -> None:
+        sequences: list[int] = []
+        for path in self.directory.glob("*" + SEGMENT_SUFFIX):
+            stem = path.name[: -len(SEGMENT_SUFFIX)]
+            if stem.isdigit():
+                sequences.append(int(stem))
+        sequences.sort()
+        cursor = self._read_cursor()
+        if cursor is not None and cursor[0] not in sequences:
+            # Its segment was deleted after being fully acked; start at the oldest left.
+            cursor = None
+        highest = max([*sequences, cursor[0] if cursor else 0], default=0)
+        self._next_segment = highest + 1
+        for sequence in sequences:
+            if cursor is not None and sequence < cursor[0]:
+                # Fully acked before a crash, not yet deleted.
+                self._delete_segment(sequence)
+                continue
+            skip_before = cursor[1] if cursor is not None and sequence == cursor[0] else 0
+            self._scan_segment(sequence, skip_before)
+        if sequences and self._segment_sizes:
+            last = max(self._segment_sizes)
+            if self._segment_sizes[last] < self.segment_bytes:
+                self._active_segment = last
+                self._active_fd = os.open(self._segment_path(last), os.O_WRONLY | os.O_APPEND)
+        # Segments with nothing left to replay (except the one still being appended to).
+        pending = {record.segment for record in self._records}
+        for sequence in list(self._segment_sizes):
+            if sequence not in pending and sequence != self._active_segment:
+                self._delete_segment(sequence)
+        if not self._records:
+            self._reset_empty()
+        if self._rows:
+            logger.info(
+                "spool %s: %d rows in %d batches waiting to be replayed",
+                self.directory,
+                self._rows,
+                len(self._records),
+            )
+
+    def _scan_segment(self, sequence: int, skip_before: int) -> None:
+        path = self._segment_path(sequence)
+        data = path.read_bytes()
+        header_size = _SEGMENT_HEADER.size
+        if len(data) < header_size:
+            # Crashed while creating it: nothing was ever stored in it.
+            logger.warning("spool %s: removing incomplete segment %s", self.directory, path.name)
+            path.unlink()
+            return
+        magic, version = _SEGMENT_HEADER.unpack_from(data, 0)
+        if magic != SEGMENT_MAGIC or version != SEGMENT_FORMAT_VERSION:
+            quarantined = path.with_name(path.name + ".unreadable")
+            logger.error(
+                "spool %s: %s is not a pluginmon spool segment (version %s); moved to %s",
+                self.directory,
+                path.name,
+                version,
+                quarantined.name,
+            )
+            path.rename(quarantined)
+            return
+        pos = header_size
+        end = len(data)
+        problem: str | None = None
+        while pos < end:
+            if pos + _RECORD_HEADER.size > end:
+                problem = "torn record header"
+                break
+            length, checksum = _RECORD_HEADER.unpack_from(data, pos)
+            body_start = pos + _RECORD_HEADER.size
+            if length > _MAX_RECORD_BYTES or body_start + length > end:
+                problem = "torn record"
+                break
+            payload = memoryview(data)[body_start : body_start + length]
+            if zlib.crc32(payload) != checksum:
+                problem = "checksum mismatch"
+                break
+            try:
+                row_count = payload_row_count(payload)
+            except SpoolCodecError as exc:
+                problem = str(exc)
+                break
+            if pos >= skip_before:
+                self._records.append(_Record(sequence, pos, length, row_count))
+                self._rows += row_count
+            pos = body_start + length
+        if problem is not None:
+            logger.warning(
+                "spool %s: %s in %s at byte %d; truncating %d bytes after it",
+                self.directory,
+                problem,
+                path.name,
+                pos,
+                end - pos,
+            )
+            with path.open("r+b") as handle:
+                handle.truncate(pos)
+                handle.flush()
+                os.fsync(handle.fileno())
+        self._segment_sizes[sequence] = pos
+
+    # -- appending -------------------------------------------------------------------------
+
+    def append(self, rows: Sequence[Row]) -> None:
+        """Store one batch durably (fsync'ed) or raise; an empty batch is a no-op.
+
+        Raises SpoolFullError at the size cap, SpoolCodecError for a value the codec does
+        not carry, OSError when the disk refuses; in every case nothing was stored.
+        """
+        if not rows:
+            return
+        payload = encode_rows(rows)
+        record = _RECORD_HEADER.pack(len(payload), zlib.crc32(payload)) + payload
+        with self._lock:
+            self._check_open()
+            new_segment = (
+                self._active_segment is None
+                or self._segment_sizes[self._active_segment] + len(record) > self.segment_bytes
+            )
+            needed = len(record) + (_SEGMENT_HEADER.size if new_segment else 0)
+            used = self.bytes
+            if used + needed > self.max_bytes:
+                raise SpoolFullError(
+                    f"spool {self.directory} is at its cap: {used} of {self.max_bytes} bytes "
+                    f"used, a batch of {len(rows)} rows needs {needed} more"
+                )
+            if new_segment:
+                self._open_new_segment()
+            assert self._active_fd is not None
+            assert self._active_segment is not None
+            sequence = self._active_segment
+            offset = self._segment_sizes[sequence]
+            try:
+                _write_all(self._active_fd, record)
+                os.fsync(self._active_fd)
+            except OSError:
+                # Leave no partial record behind for the next append to follow.
+                with contextlib.suppress(OSError):
+                    os.ftruncate(self._active_fd, offset)
+                raise
+            self._segment_sizes[sequence] = offset + len(record)
+            self._records.append(
+                _Record(sequence, offset, len(record) - _RECORD_HEADER.size, len(rows))
+            )
+            self._rows += len(rows)
+
+    def _open_new_segment(self) -> None:
+        if self._active_fd is not None:
+            os.close(self._active_fd)
+            self._active_fd = None
+        sequence = self._next_segment
+        self._next_segment += 1
+        path = self._segment_path(sequence)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
+        try:
+            _write_all(fd, _SEGMENT_HEADER.pack(SEGMENT_MAGIC, SEGMENT_FORMAT_VERSION))
+            os.fsync(fd)
+            _fsync_directory(self.directory)
+        except OSError:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                path.unlink()
+            raise
+        self._active_fd = fd
+        self._active_segment = sequence
+        self._segment_sizes[sequence] = _SEGMENT_HEADER.size
+
+    # -- replaying -------------------------------------------------------------------------
+
+    def _read(self, record: _Record) -> SpooledBatch:
+        with self._segment_path(record.segment).open("rb") as handle:
+            handle.seek(record.offset + _RECORD_HEADER.size)
+            payload = handle.read(record.length)
+        if len(payload) != record.length:
+            raise SpoolCodecError(f"segment {record.segment} shorter than its index")
+        return SpooledBatch(
+            segment=record.segment,
+            offset=record.offset,
+            end_offset=record.end_offset,
+            rows=tuple(decode_rows(payload)),
+        )
+
+    def peek(self) -> SpooledBatch | None:
+        """The oldest batch not yet acked, or None when the spool is empty.
+
+        A batch whose checksum matched but whose payload does not decode (written by a
+        newer pluginmon, say) is logged, discarded and counted in ``discarded_rows``.
+        """
+        with self._lock:
+            self._check_open()
+            while self._records:
+                record = self._records[0]
+                try:
+                    return self._read(record)
+                except SpoolCodecError as exc:
+                    logger.error(
+                        "spool %s: discarding undecodable batch of %d rows in segment %d: %s",
+                        self.directory,
+                        record.row_count,
+                        record.segment,
+                        exc,
+                    )
+                    self.discarded_rows += record.row_count
+                    self._ack_head_locked()
+            return None
+
+    def replay(self) -> Iterator[SpooledBatch]:
+        """Batches oldest first, from the oldest not yet acked.
+
+        Nothing is deleted while iterating: ack each batch once it is safely written, in
+        order. Batches appended during the iteration are yielded too. An undecodable batch
+        is logged and skipped here (``peek`` discards it once it is the oldest).
+        """
+        last: tuple[int, int] | None = None
+        while True:
+            with self._lock:
+                self._check_open()
+                record = next(
+                    (r for r in self._records if last is None or (r.segment, r.offset) > last),
+                    None,
+                )
+            if record is None:
+                return
+            last = (record.segment, record.offset)
+            try:
+                batch = self._read(record)
+            except SpoolCodecError as exc:
+                logger.error(
+                    "spool %s: skipping undecodable batch in segment %d: %s",
+                    self.directory,
+                    record.segment,
+                    exc,
+                )
+                continue
+            yield batch
+
+    def ack(self, batch: SpooledBatch) -> None:
+        """Forget ``batch`` (it was written); acks must come in order, oldest first."""
+        with self._lock:
+            self._check_open()
+            if not self._records:
+                raise ValueError("ack on an empty spool")
+            head = self._records[0]
+            if (head.segment, head.offset) != (batch.segment, batch.offset):
+                raise ValueError(
+                    f"acks must be in order: oldest is segment {head.segment} byte "
+                    f"{head.offset}, got segment {batch.segment} byte {batch.offset}"
+                )
+            self._ack_head_locked()
+
+    def _ack_head_locked(self) -> None:
+        head = self._records.popleft()
+        self._rows -= head.row_count
+        if not self._records:
+            self._reset_empty()
+            return
+        if self._records[0].segment != head.segment:
+            # That segment is done (and no longer the one being appended to).
+            if head.segment != self._active_segment:
+                self._delete_segment(head.segment)
+            return
+        self._write_cursor(head.segment, head.end_offset)
+
+    def _reset_empty(self) -> None:
+        """Nothing left to replay: delete every segment and the cursor."""
+        if self._active_fd is not None:
+            os.close(self._active_fd)
+            self._active_fd = None
+        self._active_segment = None
+        for sequence in list(self._segment_sizes):
+            self._delete_segment(sequence)
+        with contextlib.suppress(FileNotFoundError):
+            self._cursor_path.unlink()
+        self._rows = 0
+
+    def _delete_segment(self, sequence: int) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self._segment_path(sequence).unlink()
+        self._segment_sizes.pop(sequence, None)
+
+    # -- closing ---------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise SpoolError(f"spool {self.directory} is closed")
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            if self._active_fd is not None:
+                os.close(self._active_fd)
+                self._active_fd = None
+            os.close(self._lock_fd)
+
+    def __enter__(self) -> Spool:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
