@@ -1,0 +1,539 @@
+"""Health score 0..100 per plugin from weighted components, as a pure function of data and time."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections import deque
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, TypeGuard
+
+from alerts.errors import RuleError
+from alerts.matchers import PluginMatcher, parse_matcher
+from collectors.models import PluginKey, PluginSample
+
+# Component names, also the `component` label of pluginmon_plugin_health_component_score.
+UP = "up"
+CPU = "cpu"
+MEMORY = "memory"
+MEMORY_LIMIT = "memory_limit"
+RESTARTS = "restarts"
+LEAK = "leak"
+METRIC_PREFIX = "metric:"
+
+
+@dataclass(frozen=True, slots=True)
+class HealthWeights:
+    """Relative weights of the averaged components (``up`` is a gate, not a weight)."""
+
+    cpu: float = 1.0
+    memory: float = 1.0
+    memory_limit: float = 1.0
+    restarts: float = 1.0
+    leak: float = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class MetricThreshold:
+    """A plugin_metrics value scored 100 on the good side of ``warn``, 0 beyond ``critical``.
+
+    ``critical > warn`` means higher is worse; ``critical < warn`` means lower is worse.
+    """
+
+    name: str
+    warn: float
+    critical: float
+    weight: float = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class HealthSettings:
+    """Thresholds and weights for one plugin (the global defaults, or merged overrides)."""
+
+    cpu_warn_percent: float = 80.0
+    cpu_critical_percent: float = 100.0
+    memory_warn_bytes: int | None = 1 << 30
+    memory_critical_bytes: int | None = 2 << 30
+    # A known hard limit (e.g. the plugin's cgroup memory.max); enables memory_limit.
+    memory_limit_bytes: int | None = None
+    memory_limit_warn_ratio: float = 0.8
+    memory_limit_critical_ratio: float = 0.95
+    restart_window_seconds: float = 3600.0
+    restarts_critical: int = 5
+    leak_window_seconds: float = 1800.0
+    leak_min_points: int = 6
+    leak_warn_seconds: float = 24 * 3600.0
+    leak_critical_seconds: float = 3600.0
+    weights: HealthWeights = field(default_factory=HealthWeights)
+    metrics: tuple[MetricThreshold, ...] = ()
+
+    @property
+    def leak_limit_bytes(self) -> int | None:
+        """What a leak is forecast to hit: the hard limit when known, else memory critical."""
+        return self.memory_limit_bytes or self.memory_critical_bytes
+
+
+@dataclass(frozen=True, slots=True)
+class HealthOverride:
+    """Settings for the plugins a matcher selects; later overrides win."""
+
+    matcher: PluginMatcher
+    changes: Mapping[str, object]
+
+
+@dataclass(frozen=True, slots=True)
+class HealthConfig:
+    defaults: HealthSettings = field(default_factory=HealthSettings)
+    overrides: tuple[HealthOverride, ...] = ()
+
+    def settings_for(self, key: PluginKey) -> HealthSettings:
+        settings = self.defaults
+        for override in self.overrides:
+            if override.matcher.matches(key):
+                settings = apply_changes(settings, override.changes)
+        return settings
+
+
+def apply_changes(settings: HealthSettings, changes: Mapping[str, object]) -> HealthSettings:
+    """``settings`` with parsed ``changes`` applied (``weights`` merges component by component)."""
+    merged: dict[str, Any] = dict(changes)
+    weights = merged.pop("weights", None)
+    if isinstance(weights, Mapping):
+        merged["weights"] = dataclasses.replace(settings.weights, **dict(weights))
+    return dataclasses.replace(settings, **merged)
+
+
+@dataclass(frozen=True, slots=True)
+class HealthComponent:
+    """One component: its 0..100 score, weight, the measured value and a human detail."""
+
+    name: str
+    score: float
+    weight: float
+    value: float | None
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class HealthScore:
+    key: PluginKey
+    timestamp: datetime
+    score: float
+    components: tuple[HealthComponent, ...]
+    # Least-squares RSS growth over the leak window, and when it reaches the limit.
+    leak_slope_bytes_per_second: float | None = None
+    leak_forecast_seconds: float | None = None
+    restarts_in_window: int = 0
+
+    @property
+    def weakest(self) -> HealthComponent | None:
+        """The component that costs the most: lowest score, ties broken by weight."""
+        if not self.components:
+            return None
+        return min(self.components, key=lambda c: (c.score, -c.weight))
+
+    def component(self, name: str) -> HealthComponent | None:
+        for c in self.components:
+            if c.name == name:
+                return c
+        return None
+
+
+def linear_score(value: float, warn: float, critical: float) -> float:
+    """100 on the good side of ``warn``, 0 at or beyond ``critical``, linear between."""
+    if warn == critical:
+        return 0.0 if (value >= critical) else 100.0
+    position = (value - warn) / (critical - warn)  # <= 0 good, >= 1 critical, either direction
+    if position <= 0.0:
+        return 100.0
+    if position >= 1.0:
+        return 0.0
+    return 100.0 * (1.0 - position)
+
+
+def least_squares_slope(points: Sequence[tuple[float, float]]) -> float | None:
+    """Slope of the least-squares line through (x, y) points, or None if x does not vary."""
+    n = len(points)
+    if n < 2:
+        return None
+    mean_x = math.fsum(p[0] for p in points) / n
+    mean_y = math.fsum(p[1] for p in points) / n
+    sxx = math.fsum((x - mean_x) ** 2 for x, _ in points)
+    if sxx <= 0.0:
+        return None
+    sxy = math.fsum((x - mean_x) * (y - mean_y) for x, y in points)
+    return sxy / sxx
+
+
+def score_health(
+    sample: PluginSample,
+    *,
+    settings: HealthSettings,
+    now: datetime,
+    rss_points: Sequence[tuple[float, float]] = (),
+    restart_events: Sequence[tuple[float, int]] = (),
+    metrics: Mapping[str, float] | None = None,
+) -> HealthScore:
+    """Score one plugin.
+
+    ``rss_points`` are (unix seconds, rss bytes) over at least the leak window;
+    ``restart_events`` are (unix seconds, restarts counted in that sample); ``metrics`` are the
+    plugin's latest plugin_metrics values. A down plugin scores 0 (``up`` is a gate);
+    otherwise the score is the weighted mean of the components that apply.
+    """
+    now_s = now.timestamp()
+    weights = settings.weights
+    components: list[HealthComponent] = [
+        HealthComponent(
+            UP,
+            100.0 if sample.up else 0.0,
+            0.0,
+            1.0 if sample.up else 0.0,
+            "up" if sample.up else "no process running",
+        ),
+    ]
+    components.append(
+        HealthComponent(
+            CPU,
+            linear_score(
+                sample.cpu_percent, settings.cpu_warn_percent, settings.cpu_critical_percent
+            ),
+            weights.cpu,
+            sample.cpu_percent,
+            f"cpu {sample.cpu_percent:.1f}% (warn {settings.cpu_warn_percent:g}%, "
+            f"critical {settings.cpu_critical_percent:g}%)",
+        )
+    )
+    rss = float(sample.rss_bytes)
+    if settings.memory_warn_bytes is not None and settings.memory_critical_bytes is not None:
+        components.append(
+            HealthComponent(
+                MEMORY,
+                linear_score(rss, settings.memory_warn_bytes, settings.memory_critical_bytes),
+                weights.memory,
+                rss,
+                f"rss {_mib(rss)} (warn {_mib(settings.memory_warn_bytes)}, "
+                f"critical {_mib(settings.memory_critical_bytes)})",
+            )
+        )
+    if settings.memory_limit_bytes:
+        ratio = rss / settings.memory_limit_bytes
+        components.append(
+            HealthComponent(
+                MEMORY_LIMIT,
+                linear_score(
+                    ratio, settings.memory_limit_warn_ratio, settings.memory_limit_critical_ratio
+                ),
+                weights.memory_limit,
+                ratio,
+                f"rss at {ratio:.0%} of the {_mib(settings.memory_limit_bytes)} limit",
+            )
+        )
+
+    window_start = now_s - settings.restart_window_seconds
+    restarts = sum(count for t, count in restart_events if t > window_start)
+    components.append(
+        HealthComponent(
+            RESTARTS,
+            linear_score(float(restarts), 0.0, float(max(settings.restarts_critical, 1))),
+            weights.restarts,
+            float(restarts),
+            f"{restarts} restart(s) in the last {settings.restart_window_seconds:g}s",
+        )
+    )
+
+    slope: float | None = None
+    forecast: float | None = None
+    limit = settings.leak_limit_bytes
+    leak_start = now_s - settings.leak_window_seconds
+    window = [p for p in rss_points if p[0] >= leak_start]
+    if limit is not None and len(window) >= settings.leak_min_points:
+        slope = least_squares_slope(window)
+        if slope is not None:
+            if slope > 0.0:
+                forecast = max(0.0, (limit - rss) / slope)
+                leak_score = linear_score(
+                    forecast, settings.leak_warn_seconds, settings.leak_critical_seconds
+                )
+                detail = (
+                    f"rss growing {_mib(slope * 3600)}/h, reaches {_mib(limit)} in "
+                    f"{_duration(forecast)}"
+                )
+            else:
+                leak_score = 100.0
+                detail = f"rss not growing ({_mib(slope * 3600)}/h)"
+            components.append(HealthComponent(LEAK, leak_score, weights.leak, forecast, detail))
+
+    for threshold in settings.metrics:
+        value = None if metrics is None else metrics.get(threshold.name)
+        if value is None:
+            continue
+        components.append(
+            HealthComponent(
+                METRIC_PREFIX + threshold.name,
+                linear_score(value, threshold.warn, threshold.critical),
+                threshold.weight,
+                value,
+                f"{threshold.name} = {value:g} (warn {threshold.warn:g}, "
+                f"critical {threshold.critical:g})",
+            )
+        )
+
+    if not sample.up:
+        total = 0.0
+    else:
+        weight_sum = math.fsum(c.weight for c in components)
+        total = (
+            100.0
+            if weight_sum <= 0.0
+            else math.fsum(c.score * c.weight for c in components) / weight_sum
+        )
+    return HealthScore(
+        key=sample.key,
+        timestamp=now,
+        score=round(min(100.0, max(0.0, total)), 2),
+        components=tuple(components),
+        leak_slope_bytes_per_second=slope,
+        leak_forecast_seconds=forecast,
+        restarts_in_window=restarts,
+    )
+
+
+class PluginHistory:
+    """What scoring needs from the past of one plugin, bounded in size.
+
+    RSS points are kept at most ``leak_window / (max_points - 1)`` apart, so the leak slope
+    costs O(max_points) however short the sample interval is.
+    """
+
+    __slots__ = ("_max_points", "_restarts", "_rss", "_window_seconds")
+
+    def __init__(self, *, window_seconds: float, max_points: int = 60) -> None:
+        self._window_seconds = window_seconds
+        self._max_points = max(2, max_points)
+        self._rss: deque[tuple[float, float]] = deque()
+        self._restarts: deque[tuple[float, int]] = deque()
+
+    def add(self, sample: PluginSample, *, restart_window_seconds: float) -> None:
+        t = sample.timestamp.timestamp()
+        if sample.restarts:
+            self._restarts.append((t, sample.restarts))
+        while self._restarts and self._restarts[0][0] <= t - restart_window_seconds:
+            self._restarts.popleft()
+        if not sample.up:
+            # A dead plugin's RSS is 0: it says nothing about a leak; start over when back.
+            self._rss.clear()
+            return
+        spacing = self._window_seconds / (self._max_points - 1)
+        if self._rss and t - self._rss[-1][0] < spacing:
+            # Keep the newest value in the current slot so the forecast starts from now.
+            if len(self._rss) >= 2 and t - self._rss[-2][0] < spacing:
+                self._rss[-1] = (t, float(sample.rss_bytes))
+            else:
+                self._rss.append((t, float(sample.rss_bytes)))
+        else:
+            self._rss.append((t, float(sample.rss_bytes)))
+        while self._rss and self._rss[0][0] < t - self._window_seconds:
+            self._rss.popleft()
+
+    @property
+    def rss_points(self) -> Sequence[tuple[float, float]]:
+        return self._rss
+
+    @property
+    def restart_events(self) -> Sequence[tuple[float, int]]:
+        return self._restarts
+
+
+def _mib(value: float) -> str:
+    return f"{value / (1 << 20):.1f} MiB"
+
+
+def _duration(seconds: float) -> str:
+    if seconds >= 86400:
+        return f"{seconds / 86400:.1f}d"
+    if seconds >= 3600:
+        return f"{seconds / 3600:.1f}h"
+    if seconds >= 60:
+        return f"{seconds / 60:.0f}m"
+    return f"{seconds:.0f}s"
+
+
+# --- configuration --------------------------------------------------------------------------
+
+_FLOAT_FIELDS = {
+    "cpu_warn_percent",
+    "cpu_critical_percent",
+    "memory_limit_warn_ratio",
+    "memory_limit_critical_ratio",
+    "restart_window_seconds",
+    "leak_window_seconds",
+    "leak_warn_seconds",
+    "leak_critical_seconds",
+}
+_OPTIONAL_INT_FIELDS = {"memory_warn_bytes", "memory_critical_bytes", "memory_limit_bytes"}
+_INT_FIELDS = {"restarts_critical", "leak_min_points"}
+_WEIGHT_FIELDS = {f.name for f in dataclasses.fields(HealthWeights)}
+
+
+def parse_health_config(raw: Mapping[str, object] | None, where: str = "health") -> HealthConfig:
+    """The ``[health]`` table: global settings, ``[health.weights]``, ``[[health.metrics]]``
+    and ``[[health.plugins]]`` overrides (matcher globs plus any of the same settings).
+
+    Raises RuleError listing every problem.
+    """
+    problems: list[tuple[str, str]] = []
+    if raw is None:
+        return HealthConfig()
+    if not isinstance(raw, Mapping):
+        raise RuleError([(where, "must be a table")])
+    base = {k: v for k, v in raw.items() if k != "plugins"}
+    defaults = HealthSettings()
+    before = len(problems)
+    default_changes = _parse_settings(base, where, problems)
+    if len(problems) == before:
+        defaults = apply_changes(defaults, default_changes)
+        _check_settings(defaults, where, problems)
+
+    overrides: list[HealthOverride] = []
+    plugins = raw.get("plugins", [])
+    if not isinstance(plugins, Sequence) or isinstance(plugins, str):
+        problems.append((f"{where}.plugins", "must be an array of tables"))
+        plugins = []
+    for i, entry in enumerate(plugins):
+        loc = f"{where}.plugins[{i}]"
+        if not isinstance(entry, Mapping):
+            problems.append((loc, "must be a table"))
+            continue
+        matcher_raw = {k: v for k, v in entry.items() if k in ("tenant", "plugin", "environment")}
+        before = len(problems)
+        matcher = parse_matcher(matcher_raw, loc, problems)
+        if matcher.is_catch_all:
+            problems.append((loc, "needs at least one of tenant, plugin, environment"))
+        rest = {k: v for k, v in entry.items() if k not in ("tenant", "plugin", "environment")}
+        changes = _parse_settings(rest, loc, problems)
+        if len(problems) == before:
+            _check_settings(apply_changes(defaults, changes), loc, problems)
+            overrides.append(HealthOverride(matcher, changes))
+    if problems:
+        raise RuleError(problems)
+    return HealthConfig(defaults, tuple(overrides))
+
+
+def _parse_settings(
+    raw: Mapping[str, object], where: str, problems: list[tuple[str, str]]
+) -> dict[str, object]:
+    changes: dict[str, object] = {}
+    for name, value in raw.items():
+        loc = f"{where}.{name}"
+        if name in _FLOAT_FIELDS:
+            if not _is_number(value) or float(value) < 0:
+                problems.append((loc, "must be a number >= 0"))
+            else:
+                changes[name] = float(value)
+        elif name in _INT_FIELDS:
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                problems.append((loc, "must be an integer >= 1"))
+            else:
+                changes[name] = value
+        elif name in _OPTIONAL_INT_FIELDS:
+            if value is False or value == 0:
+                changes[name] = None  # 0 / false switches the component off
+            elif not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                problems.append((loc, "must be a whole number of bytes (0 turns it off)"))
+            else:
+                changes[name] = value
+        elif name == "weights":
+            if not isinstance(value, Mapping):
+                problems.append((loc, "must be a table of component = weight"))
+                continue
+            weights: dict[str, float] = {}
+            for wname, w in value.items():
+                if wname not in _WEIGHT_FIELDS:
+                    problems.append(
+                        (
+                            f"{loc}.{wname}",
+                            f"unknown component (one of {', '.join(sorted(_WEIGHT_FIELDS))})",
+                        )
+                    )
+                elif not _is_number(w) or float(w) < 0:
+                    problems.append((f"{loc}.{wname}", "must be a number >= 0"))
+                else:
+                    weights[str(wname)] = float(w)
+            changes["weights"] = weights
+        elif name == "metrics":
+            changes["metrics"] = _parse_metric_thresholds(value, loc, problems)
+        else:
+            problems.append((loc, "unknown setting"))
+    return changes
+
+
+def _parse_metric_thresholds(
+    value: object, where: str, problems: list[tuple[str, str]]
+) -> tuple[MetricThreshold, ...]:
+    if not isinstance(value, Sequence) or isinstance(value, str):
+        problems.append((where, "must be an array of tables"))
+        return ()
+    out: list[MetricThreshold] = []
+    for i, entry in enumerate(value):
+        loc = f"{where}[{i}]"
+        if not isinstance(entry, Mapping):
+            problems.append((loc, "must be a table with name, warn, critical"))
+            continue
+        name = entry.get("name")
+        if not isinstance(name, str) or not name:
+            problems.append((f"{loc}.name", "required: the plugin_metrics metric_name"))
+        ok = True
+        for key in ("warn", "critical"):
+            if not _is_number(entry.get(key)):
+                problems.append((f"{loc}.{key}", "required number"))
+                ok = False
+        weight = entry.get("weight", 1.0)
+        if not _is_number(weight) or float(weight) < 0:
+            problems.append((f"{loc}.weight", "must be a number >= 0"))
+            ok = False
+        for key in entry:
+            if key not in ("name", "warn", "critical", "weight"):
+                problems.append((f"{loc}.{key}", "unknown field (name, warn, critical, weight)"))
+        if ok and isinstance(name, str) and name:
+            out.append(
+                MetricThreshold(
+                    name,
+                    float(entry["warn"]),
+                    float(entry["critical"]),
+                    float(weight),
+                )
+            )
+    return tuple(out)
+
+
+def _check_settings(s: HealthSettings, where: str, problems: list[tuple[str, str]]) -> None:
+    if s.cpu_critical_percent < s.cpu_warn_percent:
+        problems.append((f"{where}.cpu_critical_percent", "must be >= cpu_warn_percent"))
+    if (s.memory_warn_bytes is None) != (s.memory_critical_bytes is None):
+        problems.append(
+            (
+                f"{where}.memory_critical_bytes",
+                "memory_warn_bytes and memory_critical_bytes go together",
+            )
+        )
+    elif (
+        s.memory_warn_bytes is not None
+        and s.memory_critical_bytes is not None
+        and s.memory_critical_bytes < s.memory_warn_bytes
+    ):
+        problems.append((f"{where}.memory_critical_bytes", "must be >= memory_warn_bytes"))
+    if s.memory_limit_critical_ratio < s.memory_limit_warn_ratio:
+        problems.append(
+            (f"{where}.memory_limit_critical_ratio", "must be >= memory_limit_warn_ratio")
+        )
+    if s.leak_critical_seconds > s.leak_warn_seconds:
+        problems.append((f"{where}.leak_critical_seconds", "must be <= leak_warn_seconds"))
+    if s.leak_window_seconds <= 0:
+        problems.append((f"{where}.leak_window_seconds", "must be > 0"))
+
+
+def _is_number(value: object) -> TypeGuard[int | float]:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
