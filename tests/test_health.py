@@ -124,9 +124,9 @@ def test_restarts_in_window_only() -> None:
     )
     # the restarts at t=0 fell out of the 600 s window: 1 + 1 = 2 of critical 4 -> 50
     assert score.restarts_in_window == 2
-    restarts = score.component(RESTARTS)
-    assert restarts is not None
-    assert restarts.score == 50.0
+    component = score.component(RESTARTS)
+    assert component is not None
+    assert component.score == 50.0
 
 
 def test_leak_slope_and_forecast() -> None:
