@@ -1,0 +1,745 @@
+"""The batched writer: rows in memory, binary COPY to the database, the disk spool when it is away.
+
+Back-pressure policy (also in docs/writer.md):
+
+* ``put()`` only appends to an in-memory queue; it never waits for the database.
+* A batch is written when ``max_rows`` rows are queued or the oldest queued row is
+  ``max_delay_seconds`` old (or on ``flush()`` / shutdown), by one binary COPY, with up to
+  ``concurrency`` batches in flight on the pool.
+* With a spool: while the database is unavailable, every batch that is due goes to the spool
+  instead of staying in memory; when the database is slower than intake and the queue passes
+  its high-water mark (half of ``max_queue_rows``), the oldest full batches go to the spool.
+  While the spool holds rows, new batches are appended behind them, so the spool is replayed
+  in order, one batch at a time, before any newer data is written.
+* The queue never holds more than ``max_queue_rows``: past that, the oldest rows are dropped.
+  With a spool that happens only when the spool is at its size cap (then the batch that
+  does not fit is dropped). Drops are counted in ``rows_dropped`` and logged once per state
+  change, not once per batch.
+* Transient errors (TRANSIENT_ERRORS: connection loss, timeouts, server shutting down or
+  starting, too many connections, a read-only standby, a table not migrated yet) put the
+  writer in "database unavailable" (logged once): the batch goes to the spool (or back to
+  the queue without one), and the database is retried with capped exponential backoff and
+  jitter. The first write that succeeds logs the recovery once.
+* Any other error from COPY (a CHECK or foreign-key violation, a value the column type
+  refuses) is a problem with some rows, not the database: the batch is logged with its
+  traceback and split in halves until the rejected rows are isolated; the good rows are
+  written and the rejected ones counted in ``rows_rejected`` (and in ``rows_dropped``).
+* Shutdown (``async with`` exit, ``close()``) writes everything within
+  ``close_timeout_seconds``; whatever is not written by then goes to the spool, or is
+  counted as dropped and logged when there is no spool.
+
+Delivery is at least once: a COPY that times out after the server committed it, or a crash
+between a replayed batch's COPY and its ack, can write that batch twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import logging
+import math
+import random
+import re
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Final
+
+import asyncpg
+
+from storage.spool import Spool, SpoolCodecError, SpoolFullError
+
+logger = logging.getLogger(__name__)
+
+Row = tuple[object, ...]
+
+# The wide time-series table the collectors feed, in its column order.
+PLUGIN_SAMPLES_TABLE: Final = "plugin_samples"
+PLUGIN_SAMPLES_COLUMNS: Final = (
+    "timestamp",
+    "tenant_id",
+    "plugin_id",
+    "environment",
+    "host",
+    "cpu_percent",
+    "rss_bytes",
+    "vms_bytes",
+    "uss_bytes",
+    "swap_bytes",
+    "threads",
+    "fds",
+    "read_bytes",
+    "write_bytes",
+    "ctx_switches_voluntary",
+    "ctx_switches_involuntary",
+    "process_count",
+    "restarts",
+    "up",
+)
+
+# Errors that say "the database cannot take this now", not "these rows are wrong": the batch
+# is kept (spool or queue) and retried later.
+TRANSIENT_ERRORS: Final[tuple[type[BaseException], ...]] = (
+    OSError,  # connection refused/reset, DNS, network unreachable
+    TimeoutError,  # pool acquire or COPY over its timeout
+    asyncpg.exceptions.PostgresConnectionError,  # class 08, connection lost mid-operation
+    asyncpg.exceptions.InterfaceError,  # connection closed under us, pool closing
+    asyncpg.exceptions.OperatorInterventionError,  # 57: shutdown, CannotConnectNow, canceled
+    asyncpg.exceptions.InsufficientResourcesError,  # 53: too many connections, disk full
+    asyncpg.exceptions.TransactionRollbackError,  # 40: deadlock, serialization failure
+    asyncpg.exceptions.ReadOnlySQLTransactionError,  # 25006: failed over to a standby
+    asyncpg.exceptions.PostgresSystemError,  # 58: I/O error on the server
+    asyncpg.exceptions.UndefinedTableError,  # not migrated yet: keep the rows until it is
+    asyncpg.exceptions.UndefinedColumnError,
+    asyncpg.exceptions.InsufficientPrivilegeError,  # grants being fixed
+)
+# Errors caused by some rows of a batch: isolate and reject those rows. Checked after
+# TRANSIENT_ERRORS (which holds some PostgresError subclasses).
+ROW_ERRORS: Final[tuple[type[BaseException], ...]] = (
+    asyncpg.PostgresError,  # constraint violations, out-of-range values (classes 22, 23)
+    ValueError,  # client-side encoding of a value
+    TypeError,
+    OverflowError,
+)
+
+# Upper bounds of the flush-duration histogram, in seconds (Prometheus-style, cumulative).
+FLUSH_SECONDS_BUCKETS: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+_IDENTIFIER_RE = re.compile(r"^[a-z_][a-z0-9_]*$")
+# How many rejected rows of one batch are logged individually.
+_REJECTED_ROWS_LOGGED = 5
+
+
+class WriterClosedError(RuntimeError):
+    """put() after the writer was closed."""
+
+
+class WriterFailedError(RuntimeError):
+    """The writer's background task died; the cause is chained."""
+
+
+@dataclass(frozen=True, slots=True)
+class WriterStats:
+    """A consistent snapshot of the writer's counters, for the exporter.
+
+    ``rows_dropped`` counts every row that will never be written, including the
+    ``rows_rejected`` ones the database refused; ``rows_queued`` is in memory (queued or
+    being written), ``spool_rows`` on disk.
+    """
+
+    rows_written: int
+    batches_written: int
+    rows_dropped: int
+    rows_rejected: int
+    rows_queued: int
+    rows_spooled: int  # appended to the spool, total
+    rows_replayed: int  # written from the spool, total
+    spool_rows: int
+    spool_bytes: int
+    last_flush_seconds: float
+    flush_seconds_sum: float
+    flush_seconds_count: int
+    # (upper bound, cumulative count), then (inf, flush_seconds_count)
+    flush_seconds_buckets: tuple[tuple[float, int], ...]
+    database_available: bool
+
+
+@dataclass(slots=True)
+class _Chunk:
+    arrived: float  # monotonic time of put()
+    rows: list[Row]
+    start: int = 0  # rows before this were taken already
+
+    @property
+    def remaining(self) -> int:
+        return len(self.rows) - self.start
+
+
+@dataclass(frozen=True, slots=True)
+class _Batch:
+    rows: list[Row]
+    arrived: float  # of its oldest row
+
+
+class _Unwritten(Exception):
+    """A transient error stopped a write; ``rows`` were not written."""
+
+    def __init__(self, rows: list[Row], cause: BaseException) -> None:
+        super().__init__(f"{len(rows)} rows not written: {cause!r}")
+        self.rows = rows
+        self.cause = cause
+
+
+class BatchWriter:
+    """``async with BatchWriter(pool, table=..., columns=...) as writer: writer.put(rows)``.
+
+    ``pool`` is an asyncpg pool (see storage.pool). ``table`` and ``columns`` are
+    identifiers chosen by code; they are validated anyway. Rows are tuples in ``columns``
+    order. ``spool`` (owned and closed by the caller) makes the writer outage-proof; without
+    one, rows wait in memory for the database, bounded by ``max_queue_rows``.
+    """
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        *,
+        table: str,
+        columns: Sequence[str],
+        max_rows: int = 5000,
+        max_delay_seconds: float = 1.0,
+        max_queue_rows: int = 200_000,
+        copy_timeout_seconds: float = 30.0,
+        concurrency: int = 2,
+        spool: Spool | None = None,
+        close_timeout_seconds: float = 10.0,
+        retry_initial_seconds: float = 0.5,
+        retry_max_seconds: float = 30.0,
+    ) -> None:
+        if not _IDENTIFIER_RE.match(table):
+            raise ValueError(f"table {table!r} is not a plain lower-case identifier")
+        if not columns:
+            raise ValueError("columns must not be empty")
+        for column in columns:
+            if not _IDENTIFIER_RE.match(column):
+                raise ValueError(f"column {column!r} is not a plain lower-case identifier")
+        if len(set(columns)) != len(columns):
+            raise ValueError(f"duplicate column in {list(columns)}")
+        if max_rows < 1 or concurrency < 1:
+            raise ValueError("max_rows and concurrency must be at least 1")
+        if max_queue_rows < 2 * max_rows:
+            raise ValueError(f"max_queue_rows must be at least 2 x max_rows ({2 * max_rows})")
+        if min(max_delay_seconds, copy_timeout_seconds, close_timeout_seconds) <= 0:
+            raise ValueError("delays and timeouts must be positive")
+        if not 0 < retry_initial_seconds <= retry_max_seconds:
+            raise ValueError("need 0 < retry_initial_seconds <= retry_max_seconds")
+        self._pool = pool
+        self._table = table
+        self._columns = tuple(columns)
+        self._max_rows = max_rows
+        self._max_delay = max_delay_seconds
+        self._max_queue_rows = max_queue_rows
+        self._high_water = max_queue_rows // 2
+        self._copy_timeout = copy_timeout_seconds
+        self._concurrency = concurrency
+        self._spool = spool
+        self._close_timeout = close_timeout_seconds
+        self._retry_initial = retry_initial_seconds
+        self._retry_max = retry_max_seconds
+
+        self._chunks: deque[_Chunk] = deque()
+        self._queued = 0
+        self._in_flight: dict[int, _Batch] = {}
+        self._replay_task: asyncio.Task[None] | None = None
+        self._runner: asyncio.Task[None] | None = None
+        self._close_task: asyncio.Task[None] | None = None
+        self._closing = False
+        self._flush_waiters = 0
+        self._wakeup = asyncio.Event()
+        self._changed = asyncio.Event()
+
+        self._available = True
+        self._unavailable_since = 0.0
+        self._backoff = 0.0
+        self._retry_at = 0.0
+        self._replay_not_before = 0.0  # after a spool I/O error
+        self._dropping = False
+
+        self._rows_written = 0
+        self._batches_written = 0
+        self._rows_dropped = 0
+        self._rows_rejected = 0
+        self._rows_spooled = 0
+        self._rows_replayed = 0
+        self._last_flush_seconds = 0.0
+        self._flush_seconds_sum = 0.0
+        self._flush_seconds_count = 0
+        self._flush_bucket_counts = [0] * len(FLUSH_SECONDS_BUCKETS)
+
+    # -- public interface ------------------------------------------------------------------
+
+    async def __aenter__(self) -> BatchWriter:
+        if self._runner is not None:
+            raise RuntimeError("a BatchWriter can be entered once")
+        self._runner = asyncio.create_task(self._run(), name=f"batch-writer-{self._table}")
+        self._runner.add_done_callback(lambda _task: self._notify())
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    def put(self, rows: Sequence[Row]) -> None:
+        """Queue rows (tuples in ``columns`` order) for writing; never waits.
+
+        Raises ValueError for a row of the wrong width (a programming error),
+        WriterClosedError after close, WriterFailedError if the writer died.
+        """
+        if self._closing:
+            raise WriterClosedError(f"writer for {self._table} is closed")
+        self._check_runner()
+        batch = list(rows)
+        if not batch:
+            return
+        widths = set(map(len, batch))
+        if widths != {len(self._columns)}:
+            raise ValueError(
+                f"rows for {self._table} need {len(self._columns)} values, got widths "
+                f"{sorted(widths)}"
+            )
+        was_empty = self._queued == 0
+        self._chunks.append(_Chunk(time.monotonic(), batch))
+        self._queued += len(batch)
+        overflow = self._queued - self._max_queue_rows
+        if overflow > 0:
+            self._drop(len(self._take(overflow)), "the in-memory queue is full")
+        if was_empty or self._queued >= self._max_rows:
+            self._wakeup.set()
+
+    async def put_wait(self, rows: Sequence[Row]) -> None:
+        """put(), after waiting until the queue is below its high-water mark.
+
+        For bulk producers (benchmarks, backfills) that can wait: it waits on the writer's
+        progress, never on a database call, and not at all while the database is
+        unavailable (then the usual overflow policy applies).
+        """
+        while (
+            self._queued > 0
+            and self._queued + len(rows) > self._high_water
+            and self._available
+            and not self._closing
+        ):
+            self._check_runner()
+            changed = self._changed
+            await changed.wait()
+        self.put(rows)
+
+    async def flush(self) -> None:
+        """Write everything queued, including partial batches, and return when done.
+
+        Done means nothing in memory and nothing in flight, and the spool drained unless
+        the database is unavailable (then the rows are in the spool). Without a spool and
+        with the database away this waits for the database; bound it with asyncio.timeout.
+        """
+        self._flush_waiters += 1
+        try:
+            while not self._flushed():
+                self._check_runner()
+                changed = self._changed
+                self._wakeup.set()
+                await changed.wait()
+        finally:
+            self._flush_waiters -= 1
+
+    def stats(self) -> WriterStats:
+        cumulative = 0
+        buckets: list[tuple[float, int]] = []
+        for bound, count in zip(FLUSH_SECONDS_BUCKETS, self._flush_bucket_counts, strict=True):
+            cumulative += count
+            buckets.append((bound, cumulative))
+        buckets.append((math.inf, self._flush_seconds_count))
+        spool = self._spool
+        return WriterStats(
+            rows_written=self._rows_written,
+            batches_written=self._batches_written,
+            rows_dropped=self._rows_dropped + (spool.discarded_rows if spool else 0),
+            rows_rejected=self._rows_rejected,
+            rows_queued=self._queued + sum(len(b.rows) for b in self._in_flight.values()),
+            rows_spooled=self._rows_spooled,
+            rows_replayed=self._rows_replayed,
+            spool_rows=spool.rows if spool else 0,
+            spool_bytes=spool.bytes if spool else 0,
+            last_flush_seconds=self._last_flush_seconds,
+            flush_seconds_sum=self._flush_seconds_sum,
+            flush_seconds_count=self._flush_seconds_count,
+            flush_seconds_buckets=tuple(buckets),
+            database_available=self._available,
+        )
+
+    @property
+    def database_available(self) -> bool:
+        return self._available
+
+    async def close(self) -> None:
+        """Write what is queued within close_timeout_seconds, spool the rest, stop.
+
+        Shielded: cancelling the caller does not cut the shutdown short; it finishes
+        (bounded by the deadline) and then the cancellation continues.
+        """
+        if self._runner is None:
+            self._closing = True
+            return
+        if self._close_task is None:
+            self._close_task = asyncio.create_task(self._close())
+        try:
+            await asyncio.shield(self._close_task)
+        except asyncio.CancelledError:
+            await self._close_task
+            raise
+
+    # -- queue -----------------------------------------------------------------------------
+
+    def _take(self, count: int) -> list[Row]:
+        """Pop up to ``count`` of the oldest queued rows."""
+        taken: list[Row] = []
+        while self._chunks and len(taken) < count:
+            chunk = self._chunks[0]
+            need = count - len(taken)
+            if chunk.remaining <= need:
+                taken.extend(chunk.rows[chunk.start :] if chunk.start else chunk.rows)
+                self._chunks.popleft()
+            else:
+                taken.extend(chunk.rows[chunk.start : chunk.start + need])
+                chunk.start += need
+        self._queued -= len(taken)
+        return taken
+
+    def _take_batch(self) -> _Batch:
+        arrived = self._chunks[0].arrived
+        return _Batch(self._take(self._max_rows), arrived)
+
+    def _unshift(self, batch: _Batch) -> None:
+        """Put a batch back at the head of the queue (no spool, database away)."""
+        self._chunks.appendleft(_Chunk(batch.arrived, batch.rows))
+        self._queued += len(batch.rows)
+        overflow = self._queued - self._max_queue_rows
+        if overflow > 0:
+            self._drop(len(self._take(overflow)), "the in-memory queue is full")
+
+    def _batch_due(self, now: float, force: bool) -> bool:
+        if self._queued >= self._max_rows:
+            return True
+        return self._queued > 0 and (force or now - self._chunks[0].arrived >= self._max_delay)
+
+    def _flushed(self) -> bool:
+        spool_done = self._spool is None or self._spool.rows == 0 or not self._available
+        return (
+            self._queued == 0 and not self._in_flight and self._replay_task is None and spool_done
+        )
+
+    # -- the background task ---------------------------------------------------------------
+
+    def _notify(self) -> None:
+        """Wake flush() / put_wait() waiters to re-check the state."""
+        changed = self._changed
+        self._changed = asyncio.Event()
+        changed.set()
+
+    def _check_runner(self) -> None:
+        runner = self._runner
+        if runner is None or not runner.done():
+            return
+        if not runner.cancelled() and runner.exception() is not None:
+            raise WriterFailedError(
+                f"the writer for {self._table} failed; see the chained error"
+            ) from runner.exception()
+        if not self._closing:
+            raise WriterFailedError(f"the writer for {self._table} stopped")
+
+    async def _run(self) -> None:
+        async with asyncio.TaskGroup() as tasks:
+            while True:
+                self._wakeup.clear()
+                deadline = await self._step(tasks)
+                self._notify()
+                if self._closing and self._finished():
+                    return
+                if deadline is not None:
+                    await self._sleep_until(deadline)
+
+    def _finished(self) -> bool:
+        return self._queued == 0 and not self._in_flight and self._replay_task is None
+
+    async def _sleep_until(self, deadline: float) -> None:
+        if self._wakeup.is_set():
+            return
+        timeout = None if math.isinf(deadline) else max(0.0, deadline - time.monotonic())
+        try:
+            async with asyncio.timeout(timeout):
+                await self._wakeup.wait()
+        except TimeoutError:
+            pass
+
+    async def _step(self, tasks: asyncio.TaskGroup) -> float | None:
+        """Do one thing; None to go on at once, else the monotonic time to look again."""
+        now = time.monotonic()
+        spool = self._spool
+        db_allowed = self._available or now >= self._retry_at
+
+        # The database is slower than intake: keep memory bounded with the spool.
+        if spool is not None and self._queued > self._high_water:
+            await self._to_spool(self._take_batch().rows)
+            return None
+
+        spool_pending = spool is not None and spool.rows > 0
+        if (
+            spool_pending
+            and db_allowed
+            and self._replay_task is None
+            and not self._closing
+            and now >= self._replay_not_before
+            and (self._available or not self._in_flight)
+        ):
+            self._replay_task = tasks.create_task(self._replay())
+            return None
+
+        force = self._closing or self._flush_waiters > 0
+        if not self._batch_due(now, force):
+            deadline = self._chunks[0].arrived + self._max_delay if self._queued else math.inf
+            if not self._available and spool_pending and self._replay_task is None:
+                deadline = min(deadline, self._retry_at)
+            return deadline
+
+        if spool is not None and (
+            not self._available or spool_pending or self._replay_task is not None
+        ):
+            # Behind the spooled rows, in order; the replay writes them.
+            await self._to_spool(self._take_batch().rows)
+            return None
+        if not db_allowed:
+            return self._retry_at
+        if len(self._in_flight) >= (self._concurrency if self._available else 1):
+            return math.inf  # a finishing batch sets the wakeup
+        batch = self._take_batch()
+        self._in_flight[id(batch)] = batch
+        tasks.create_task(self._write_queued_batch(batch))
+        return None
+
+    async def _write_queued_batch(self, batch: _Batch) -> None:
+        try:
+            await self._write_rows(batch.rows)
+        except _Unwritten as unwritten:
+            self._mark_unavailable(unwritten.cause)
+            rest = _Batch(unwritten.rows, batch.arrived)
+            if self._spool is not None:
+                await self._to_spool(rest.rows)
+            else:
+                self._unshift(rest)
+        else:
+            self._mark_available()
+            self._stored_again()
+        # Not in a finally: a batch cancelled mid-write stays in _in_flight for close().
+        del self._in_flight[id(batch)]
+        self._wakeup.set()
+        self._notify()
+
+    async def _replay(self) -> None:
+        spool = self._spool
+        assert spool is not None
+        try:
+            while not self._closing:
+                try:
+                    item = await asyncio.to_thread(spool.peek)
+                except OSError:
+                    logger.exception("cannot read the spool %s; retrying later", spool.directory)
+                    self._replay_not_before = time.monotonic() + self._retry_max
+                    return
+                if item is None:
+                    return
+                try:
+                    await self._write_rows(list(item.rows))
+                except _Unwritten as unwritten:
+                    # The whole batch stays in the spool (parts of a split batch may be in
+                    # already: at-least-once).
+                    self._mark_unavailable(unwritten.cause)
+                    return
+                self._mark_available()
+                self._rows_replayed += len(item.rows)
+                try:
+                    await asyncio.to_thread(spool.ack, item)
+                except OSError:
+                    logger.exception("cannot update the spool %s; retrying later", spool.directory)
+                    self._replay_not_before = time.monotonic() + self._retry_max
+                    return
+                self._notify()
+        finally:
+            self._replay_task = None
+            self._wakeup.set()
+            self._notify()
+
+    # -- writing ---------------------------------------------------------------------------
+
+    async def _copy(self, rows: list[Row]) -> None:
+        started = time.monotonic()
+        async with self._pool.acquire(timeout=self._copy_timeout) as connection:
+            await connection.copy_records_to_table(
+                self._table,
+                records=rows,
+                columns=self._columns,
+                timeout=self._copy_timeout,
+            )
+        elapsed = time.monotonic() - started
+        self._rows_written += len(rows)
+        self._batches_written += 1
+        self._last_flush_seconds = elapsed
+        self._flush_seconds_sum += elapsed
+        self._flush_seconds_count += 1
+        index = bisect.bisect_left(FLUSH_SECONDS_BUCKETS, elapsed)
+        if index < len(self._flush_bucket_counts):
+            self._flush_bucket_counts[index] += 1
+
+    async def _write_rows(self, rows: list[Row]) -> None:
+        """Write ``rows``, isolating and rejecting bad rows; _Unwritten on transient errors."""
+        pending: deque[list[Row]] = deque([rows])
+        rejected_in_batch = 0
+        while pending:
+            part = pending[0]
+            try:
+                await self._copy(part)
+            except TRANSIENT_ERRORS as exc:
+                raise _Unwritten([row for piece in pending for row in piece], exc) from exc
+            except ROW_ERRORS as exc:
+                pending.popleft()
+                if part is rows:
+                    logger.exception(
+                        "COPY of %d rows into %s failed; splitting the batch to isolate the "
+                        "rejected rows",
+                        len(rows),
+                        self._table,
+                    )
+                if len(part) > 1:
+                    middle = len(part) // 2
+                    pending.appendleft(part[middle:])
+                    pending.appendleft(part[:middle])
+                    continue
+                rejected_in_batch += 1
+                self._rows_rejected += 1
+                self._rows_dropped += 1
+                if rejected_in_batch <= _REJECTED_ROWS_LOGGED:
+                    logger.warning(
+                        "row rejected by %s and dropped: %s: %s; row: %r",
+                        self._table,
+                        type(exc).__name__,
+                        exc,
+                        part[0],
+                    )
+                continue
+            pending.popleft()
+        if rejected_in_batch > _REJECTED_ROWS_LOGGED:
+            logger.warning(
+                "%d rows of one batch rejected by %s in all (first %d logged)",
+                rejected_in_batch,
+                self._table,
+                _REJECTED_ROWS_LOGGED,
+            )
+
+    async def _to_spool(self, rows: list[Row]) -> None:
+        spool = self._spool
+        assert spool is not None
+        try:
+            await asyncio.to_thread(spool.append, rows)
+        except SpoolFullError as exc:
+            self._drop(len(rows), str(exc))
+            return
+        except SpoolCodecError as exc:
+            self._drop(len(rows), f"the batch cannot be spooled: {exc}")
+            return
+        except OSError as exc:
+            self._drop(len(rows), f"writing to the spool failed: {exc}")
+            return
+        self._rows_spooled += len(rows)
+        self._stored_again()
+
+    # -- state changes, logged once each ---------------------------------------------------
+
+    def _mark_unavailable(self, cause: BaseException) -> None:
+        now = time.monotonic()
+        if self._available:
+            self._available = False
+            self._unavailable_since = now
+            self._backoff = self._retry_initial
+            logger.warning(
+                "database unavailable for %s (%s: %s); %s until it is back",
+                self._table,
+                type(cause).__name__,
+                cause,
+                "spooling rows to disk" if self._spool is not None else "holding rows in memory",
+            )
+        else:
+            self._backoff = min(self._backoff * 2, self._retry_max)
+        # Equal jitter: half fixed, half random, so many daemons do not retry in step.
+        self._retry_at = now + self._backoff * (0.5 + random.random() / 2)
+        self._wakeup.set()
+
+    def _mark_available(self) -> None:
+        if self._available:
+            return
+        self._available = True
+        spooled = self._spool.rows if self._spool is not None else 0
+        logger.info(
+            "database available again for %s after %.1f s%s",
+            self._table,
+            time.monotonic() - self._unavailable_since,
+            f"; replaying {spooled} spooled rows before new data" if spooled else "",
+        )
+        self._wakeup.set()
+
+    def _drop(self, count: int, reason: str) -> None:
+        if count <= 0:
+            return
+        self._rows_dropped += count
+        if not self._dropping:
+            self._dropping = True
+            logger.error(
+                "dropping rows for %s: %s (%d rows now; later drops are counted, "
+                "not logged, until rows are stored again)",
+                self._table,
+                reason,
+                count,
+            )
+
+    def _stored_again(self) -> None:
+        if self._dropping:
+            self._dropping = False
+            logger.warning(
+                "rows for %s are being stored again; %d dropped so far",
+                self._table,
+                self._rows_dropped,
+            )
+
+    # -- shutdown --------------------------------------------------------------------------
+
+    async def _close(self) -> None:
+        runner = self._runner
+        assert runner is not None
+        self._closing = True
+        self._wakeup.set()
+        try:
+            async with asyncio.timeout(self._close_timeout):
+                await asyncio.wait({runner})
+        except TimeoutError:
+            logger.warning(
+                "writer for %s did not finish within %.1f s; %s the rest",
+                self._table,
+                self._close_timeout,
+                "spooling" if self._spool is not None else "dropping",
+            )
+            runner.cancel()
+            await asyncio.wait({runner})
+        await self._salvage()
+        self._notify()
+        if not runner.cancelled() and runner.exception() is not None:
+            raise WriterFailedError(f"the writer for {self._table} failed") from (
+                runner.exception()
+            )
+
+    async def _salvage(self) -> None:
+        """After the deadline (or a crash): spool what is still in memory, or count it."""
+        leftovers = [batch.rows for batch in self._in_flight.values()]
+        self._in_flight.clear()
+        while self._queued:
+            leftovers.append(self._take(self._max_rows))
+        total = sum(len(rows) for rows in leftovers)
+        if not total:
+            return
+        if self._spool is None:
+            self._drop(total, "shutdown deadline passed with no spool configured")
+            return
+        for rows in leftovers:
+            await self._to_spool(rows)
+        logger.warning("spooled %d unwritten rows for %s at shutdown", total, self._table)
