@@ -1,0 +1,276 @@
+"""TimescaleDB: policy registration, rollup refresh and inspection (the only module calling it)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+import asyncpg
+import psycopg
+
+from storage.backend import (
+    Clock,
+    MaintenanceReport,
+    Retention,
+    delete_expired,
+    maintenance_lock,
+    utc_now,
+)
+from storage.migrate import Backend
+
+logger = logging.getLogger(__name__)
+
+HYPERTABLES: tuple[str, ...] = ("plugin_samples", "plugin_metrics")
+CONTINUOUS_AGGREGATES: tuple[str, ...] = ("rollup_samples_1m", "rollup_samples_1h")
+
+RETENTION_PROC = "policy_retention"
+COMPRESSION_PROC = "policy_compression"
+REFRESH_PROC = "policy_refresh_continuous_aggregate"
+
+
+@dataclass(frozen=True, slots=True)
+class RefreshWindow:
+    """A continuous aggregate refresh policy: materialise [now - start, now - end) every run."""
+
+    start_offset: timedelta
+    end_offset: timedelta
+    schedule_interval: timedelta
+
+
+# Both windows end one bucket back (a bucket still filling is not materialised) and reach far
+# enough back to absorb late rows; both stay well inside the raw retention (Retention checks).
+REFRESH_WINDOWS: dict[str, RefreshWindow] = {
+    "rollup_samples_1m": RefreshWindow(
+        start_offset=timedelta(hours=2),
+        end_offset=timedelta(minutes=1),
+        schedule_interval=timedelta(minutes=1),
+    ),
+    "rollup_samples_1h": RefreshWindow(
+        start_offset=timedelta(days=1),
+        end_offset=timedelta(hours=1),
+        schedule_interval=timedelta(minutes=30),
+    ),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyChange:
+    relation: str
+    policy: str
+    action: str  # "registered" | "re-registered"
+
+    def __str__(self) -> str:
+        return f"{self.relation}: {self.policy} {self.action}"
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyJob:
+    job_id: int
+    relation: str
+    proc_name: str
+    config: dict[str, Any]
+    schedule_interval: timedelta
+
+
+# Jobs of the hypertables and continuous aggregates in the current schema, by the user-facing
+# name (older releases list a continuous aggregate's jobs under its materialisation
+# hypertable, newer ones under the view).
+_JOBS_SQL = """
+SELECT j.job_id, rel.name, j.proc_name, j.config, j.schedule_interval
+  FROM timescaledb_information.jobs j
+  JOIN (SELECT h.hypertable_schema AS schema, h.hypertable_name AS table_name,
+               h.hypertable_name AS name
+          FROM timescaledb_information.hypertables h
+         WHERE h.hypertable_schema = current_schema()
+        UNION ALL
+        SELECT c.materialization_hypertable_schema, c.materialization_hypertable_name,
+               c.view_name
+          FROM timescaledb_information.continuous_aggregates c
+         WHERE c.view_schema = current_schema()
+        UNION ALL
+        SELECT c.view_schema, c.view_name, c.view_name
+          FROM timescaledb_information.continuous_aggregates c
+         WHERE c.view_schema = current_schema()) rel
+    ON rel.schema = j.hypertable_schema AND rel.table_name = j.hypertable_name
+ ORDER BY rel.name, j.proc_name
+"""
+
+# What each job's config must hold: (relation, proc, {config key: interval}).
+_Desired = tuple[str, str, dict[str, timedelta], timedelta | None]
+
+
+def _desired_policies(retention: Retention) -> list[_Desired]:
+    desired: list[_Desired] = [
+        ("plugin_samples", RETENTION_PROC, {"drop_after": retention.samples}, None),
+        ("plugin_metrics", RETENTION_PROC, {"drop_after": retention.metrics}, None),
+        ("rollup_samples_1m", RETENTION_PROC, {"drop_after": retention.rollup_1m}, None),
+        ("rollup_samples_1h", RETENTION_PROC, {"drop_after": retention.rollup_1h}, None),
+        ("plugin_samples", COMPRESSION_PROC, {"compress_after": retention.compress_after}, None),
+        ("plugin_metrics", COMPRESSION_PROC, {"compress_after": retention.compress_after}, None),
+    ]
+    for name, window in REFRESH_WINDOWS.items():
+        desired.append(
+            (
+                name,
+                REFRESH_PROC,
+                {"start_offset": window.start_offset, "end_offset": window.end_offset},
+                window.schedule_interval,
+            )
+        )
+    return desired
+
+
+def policy_jobs(conn: psycopg.Connection[Any]) -> list[PolicyJob]:
+    """Retention, compression and refresh jobs of pluginmon's relations."""
+    rows = conn.execute(_JOBS_SQL).fetchall()
+    return [
+        PolicyJob(
+            job_id=int(row[0]),
+            relation=str(row[1]),
+            proc_name=str(row[2]),
+            config=dict(row[3] or {}),
+            schedule_interval=row[4],
+        )
+        for row in rows
+        if row[2] in (RETENTION_PROC, COMPRESSION_PROC, REFRESH_PROC)
+    ]
+
+
+def _config_interval(conn: psycopg.Connection[Any], value: object) -> timedelta | None:
+    if value is None:
+        return None
+    row = conn.execute("SELECT %s::text::interval", (str(value),)).fetchone()
+    return None if row is None else row[0]
+
+
+def _matches(
+    conn: psycopg.Connection[Any],
+    job: PolicyJob,
+    config: dict[str, timedelta],
+    schedule_interval: timedelta | None,
+) -> bool:
+    if schedule_interval is not None and job.schedule_interval != schedule_interval:
+        return False
+    return all(_config_interval(conn, job.config.get(key)) == want for key, want in config.items())
+
+
+def apply_policies(conn: psycopg.Connection[Any], retention: Retention) -> list[PolicyChange]:
+    """Register retention, compression and refresh policies with ``retention``'s intervals.
+
+    Idempotent: a policy that already has the configured intervals is left alone; one with
+    other intervals (the configuration changed) is removed and registered again. ``conn``
+    must be in autocommit mode or each call commits with the caller's transaction.
+    """
+    existing = {(job.relation, job.proc_name): job for job in policy_jobs(conn)}
+    changes: list[PolicyChange] = []
+    for relation, proc, config, schedule in _desired_policies(retention):
+        job = existing.get((relation, proc))
+        if job is not None and _matches(conn, job, config, schedule):
+            continue
+        with conn.transaction():
+            if job is not None:
+                _remove_policy(conn, relation, proc)
+            _add_policy(conn, relation, proc, config, schedule)
+        action = "re-registered" if job is not None else "registered"
+        logger.info("timescaledb: %s policy on %s %s", proc, relation, action)
+        changes.append(PolicyChange(relation=relation, policy=proc, action=action))
+    return changes
+
+
+def _add_policy(
+    conn: psycopg.Connection[Any],
+    relation: str,
+    proc: str,
+    config: dict[str, timedelta],
+    schedule: timedelta | None,
+) -> None:
+    if proc == RETENTION_PROC:
+        conn.execute(
+            "SELECT add_retention_policy(%s::regclass, drop_after => %s::interval,"
+            " if_not_exists => true)",
+            (relation, config["drop_after"]),
+        )
+    elif proc == COMPRESSION_PROC:
+        conn.execute(
+            "SELECT add_compression_policy(%s::regclass, compress_after => %s::interval,"
+            " if_not_exists => true)",
+            (relation, config["compress_after"]),
+        )
+    elif proc == REFRESH_PROC:
+        conn.execute(
+            "SELECT add_continuous_aggregate_policy(%s::regclass,"
+            " start_offset => %s::interval, end_offset => %s::interval,"
+            " schedule_interval => %s::interval, if_not_exists => true)",
+            (relation, config["start_offset"], config["end_offset"], schedule),
+        )
+    else:  # pragma: no cover - the table above is closed
+        raise ValueError(proc)
+
+
+def _remove_policy(conn: psycopg.Connection[Any], relation: str, proc: str) -> None:
+    if proc == RETENTION_PROC:
+        conn.execute("SELECT remove_retention_policy(%s::regclass, true)", (relation,))
+    elif proc == COMPRESSION_PROC:
+        conn.execute("SELECT remove_compression_policy(%s::regclass, true)", (relation,))
+    elif proc == REFRESH_PROC:
+        conn.execute("SELECT remove_continuous_aggregate_policy(%s::regclass, true)", (relation,))
+    else:  # pragma: no cover
+        raise ValueError(proc)
+
+
+def hypertables(conn: psycopg.Connection[Any]) -> list[str]:
+    rows = conn.execute(
+        "SELECT hypertable_name FROM timescaledb_information.hypertables"
+        " WHERE hypertable_schema = current_schema() ORDER BY 1"
+    ).fetchall()
+    return [str(row[0]) for row in rows]
+
+
+def continuous_aggregates(conn: psycopg.Connection[Any]) -> list[str]:
+    rows = conn.execute(
+        "SELECT view_name FROM timescaledb_information.continuous_aggregates"
+        " WHERE view_schema = current_schema() ORDER BY 1"
+    ).fetchall()
+    return [str(row[0]) for row in rows]
+
+
+def refresh_rollups(
+    conn: psycopg.Connection[Any], window_start: datetime | None, window_end: datetime | None
+) -> None:
+    """Materialise both continuous aggregates over the window now (autocommit ``conn``).
+
+    The policies do this on their schedule; this is for back-fills and tests.
+    """
+    for relation in CONTINUOUS_AGGREGATES:
+        conn.execute(
+            "CALL refresh_continuous_aggregate(%s::regclass, %s::timestamptz, %s::timestamptz)",
+            (relation, window_start, window_end),
+        )
+
+
+class TimescaleMaintenance:
+    """TimescaleDB's own jobs drop chunks, compress and refresh; this deletes the rest.
+
+    Completed operations, audit entries and usage analytics are plain tables on both
+    backends, deleted here under the database-wide advisory lock.
+    """
+
+    def __init__(self, *, clock: Clock = utc_now) -> None:
+        self._clock = clock
+
+    @property
+    def backend(self) -> Backend:
+        return Backend.TIMESCALEDB
+
+    async def run(self, conn: asyncpg.Connection, retention: Retention) -> MaintenanceReport:
+        async with maintenance_lock(conn) as acquired:
+            if not acquired:
+                return MaintenanceReport(backend=self.backend, ran=False)
+            removed = await delete_expired(conn, retention, self._clock())
+        return MaintenanceReport(
+            backend=self.backend,
+            ran=True,
+            rows_removed=tuple((name, rows) for name, rows in removed if rows),
+        )
