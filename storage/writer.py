@@ -236,6 +236,7 @@ class BatchWriter:
         self._close_task: asyncio.Task[None] | None = None
         self._closing = False
         self._flush_waiters = 0
+        self._spooling_rows = 0  # taken from the queue, being appended to the spool
         self._wakeup = asyncio.Event()
         self._changed = asyncio.Event()
 
@@ -349,7 +350,9 @@ class BatchWriter:
             batches_written=self._batches_written,
             rows_dropped=self._rows_dropped + (spool.discarded_rows if spool else 0),
             rows_rejected=self._rows_rejected,
-            rows_queued=self._queued + sum(len(b.rows) for b in self._in_flight.values()),
+            rows_queued=self._queued
+            + self._spooling_rows
+            + sum(len(b.rows) for b in self._in_flight.values()),
             rows_spooled=self._rows_spooled,
             rows_replayed=self._rows_replayed,
             spool_rows=spool.rows if spool else 0,
@@ -418,9 +421,7 @@ class BatchWriter:
 
     def _flushed(self) -> bool:
         spool_done = self._spool is None or self._spool.rows == 0 or not self._available
-        return (
-            self._queued == 0 and not self._in_flight and self._replay_task is None and spool_done
-        )
+        return self._finished() and spool_done
 
     # -- the background task ---------------------------------------------------------------
 
@@ -453,7 +454,12 @@ class BatchWriter:
                     await self._sleep_until(deadline)
 
     def _finished(self) -> bool:
-        return self._queued == 0 and not self._in_flight and self._replay_task is None
+        return (
+            self._queued == 0
+            and self._spooling_rows == 0
+            and not self._in_flight
+            and self._replay_task is None
+        )
 
     async def _sleep_until(self, deadline: float) -> None:
         if self._wakeup.is_set():
@@ -511,22 +517,26 @@ class BatchWriter:
         return None
 
     async def _write_queued_batch(self, batch: _Batch) -> None:
+        key = id(batch)
         try:
             await self._write_rows(batch.rows)
         except _Unwritten as unwritten:
             self._mark_unavailable(unwritten.cause)
-            rest = _Batch(unwritten.rows, batch.arrived)
+            # The rows pass to the spool or back to the queue: close() must not salvage
+            # them a second time.
+            del self._in_flight[key]
             if self._spool is not None:
-                await self._to_spool(rest.rows)
+                await self._to_spool(unwritten.rows)
             else:
-                self._unshift(rest)
+                self._unshift(_Batch(unwritten.rows, batch.arrived))
         else:
+            # Not in a finally: a batch cancelled mid-write stays in _in_flight for close().
+            del self._in_flight[key]
             self._mark_available()
             self._stored_again()
-        # Not in a finally: a batch cancelled mid-write stays in _in_flight for close().
-        del self._in_flight[id(batch)]
-        self._wakeup.set()
-        self._notify()
+        finally:
+            self._wakeup.set()
+            self._notify()
 
     async def _replay(self) -> None:
         spool = self._spool
@@ -629,6 +639,21 @@ class BatchWriter:
             )
 
     async def _to_spool(self, rows: list[Row]) -> None:
+        """Append a batch to the spool; a failure to store it is counted as a drop.
+
+        Shielded: once started, the append is seen through even if the caller is cancelled
+        (at the shutdown deadline), so a batch is never both spooled and salvaged, nor lost
+        between the two.
+        """
+        self._spooling_rows += len(rows)
+        appending = asyncio.ensure_future(self._append_to_spool(rows))
+        try:
+            await asyncio.shield(appending)
+        except asyncio.CancelledError:
+            await appending
+            raise
+
+    async def _append_to_spool(self, rows: list[Row]) -> None:
         spool = self._spool
         assert spool is not None
         try:
@@ -642,6 +667,8 @@ class BatchWriter:
         except OSError as exc:
             self._drop(len(rows), f"writing to the spool failed: {exc}")
             return
+        finally:
+            self._spooling_rows -= len(rows)
         self._rows_spooled += len(rows)
         self._stored_again()
 
