@@ -1,0 +1,184 @@
+"""Matching processes to plugin specs: matchers, env-label discovery, lazy per-process metadata."""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import os
+import re
+from dataclasses import dataclass
+
+from collectors.models import PluginKey, PluginSpec
+from collectors.source import ProcessAccessDenied, ProcessGone, ProcessSource, comm_of
+from collectors.specs import DEFAULT_ENVIRONMENT, TENANT_SLUG
+
+logger = logging.getLogger(__name__)
+
+LABEL_TENANT = "PLUGINMON_TENANT"
+LABEL_PLUGIN = "PLUGINMON_PLUGIN"
+LABEL_ENVIRONMENT = "PLUGINMON_ENVIRONMENT"
+
+# comm in /proc/PID/stat is cut at 15 bytes (TASK_COMM_LEN - 1).
+_COMM_MAX = 15
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledSpec:
+    spec: PluginSpec
+    cmdline_re: re.Pattern[str] | None
+    env_pair: tuple[str, str] | None
+    systemd_unit: str | None
+    # True when the spec has criteria other than pidfile (those are matched once per identity;
+    # the pidfile is re-read every cycle because it changes on restarts).
+    has_static_criteria: bool
+
+    @classmethod
+    def build(cls, spec: PluginSpec) -> CompiledSpec:
+        m = spec.match
+        env_pair = None
+        if m.env is not None:
+            key, _, value = m.env.partition("=")
+            env_pair = (key, value)
+        unit = m.systemd_unit
+        if unit is not None and "." not in unit:
+            unit += ".service"  # as systemctl does
+        static = any(
+            v is not None for v in (m.name, m.exe, m.cmdline, m.cgroup, m.env, m.systemd_unit)
+        )
+        return cls(
+            spec=spec,
+            cmdline_re=re.compile(m.cmdline) if m.cmdline is not None else None,
+            env_pair=env_pair,
+            systemd_unit=unit,
+            has_static_criteria=static,
+        )
+
+
+class ProcessFacts:
+    """One process's metadata, each item read from the source at most once, on first use.
+
+    Read failures make the criterion that needed them not match, and are remembered in
+    `gone` / `denied` for the cycle's error counts.
+    """
+
+    __slots__ = (
+        "_cgroup",
+        "_cmdline",
+        "_comm",
+        "_environ",
+        "_exe",
+        "denied",
+        "gone",
+        "pid",
+        "source",
+    )
+
+    def __init__(self, source: ProcessSource, pid: int, comm_raw: bytes) -> None:
+        self.source = source
+        self.pid = pid
+        self._comm = comm_of(comm_raw)
+        self._cmdline: list[str] | None = None
+        self._exe: str | None = None
+        self._environ: dict[str, str] | None = None
+        self._cgroup: str | None = None
+        self.gone = False
+        self.denied = False
+
+    def _failed(self, exc: Exception) -> None:
+        if isinstance(exc, ProcessGone):
+            self.gone = True
+        else:
+            self.denied = True
+
+    def cmdline(self) -> list[str]:
+        if self._cmdline is None:
+            try:
+                self._cmdline = self.source.cmdline(self.pid)
+            except (ProcessGone, ProcessAccessDenied) as exc:
+                self._failed(exc)
+                self._cmdline = []
+        return self._cmdline
+
+    def name(self) -> str:
+        """Like psutil's name(): comm, extended from argv[0] when the kernel truncated it."""
+        name = os.fsdecode(self._comm)
+        if len(self._comm) >= _COMM_MAX:
+            args = self.cmdline()
+            if args:
+                extended = os.path.basename(args[0])
+                if extended.startswith(name):
+                    return extended
+        return name
+
+    def exe(self) -> str:
+        if self._exe is None:
+            try:
+                self._exe = self.source.exe(self.pid)
+            except (ProcessGone, ProcessAccessDenied) as exc:
+                self._failed(exc)
+                self._exe = ""
+        return self._exe
+
+    def environ(self) -> dict[str, str]:
+        if self._environ is None:
+            try:
+                self._environ = self.source.environ(self.pid)
+            except (ProcessGone, ProcessAccessDenied) as exc:
+                self._failed(exc)
+                self._environ = {}
+        return self._environ
+
+    def cgroup(self) -> str:
+        if self._cgroup is None:
+            try:
+                self._cgroup = self.source.cgroup(self.pid) or ""
+            except (ProcessGone, ProcessAccessDenied) as exc:
+                self._failed(exc)
+                self._cgroup = ""
+        return self._cgroup
+
+
+def matches_static(compiled: CompiledSpec, facts: ProcessFacts) -> bool:
+    """Whether every non-pidfile criterion of the spec holds (AND); cheapest checks first."""
+    m = compiled.spec.match
+    if m.name is not None and facts.name() != m.name:
+        return False
+    if compiled.cmdline_re is not None and not compiled.cmdline_re.search(
+        " ".join(facts.cmdline())
+    ):
+        return False
+    if m.exe is not None and facts.exe() != m.exe:
+        return False
+    if m.cgroup is not None:
+        path = facts.cgroup()
+        if not path or not fnmatch.fnmatchcase(path, m.cgroup):
+            return False
+    if compiled.systemd_unit is not None and compiled.systemd_unit not in facts.cgroup().split("/"):
+        return False
+    if compiled.env_pair is not None:
+        key, value = compiled.env_pair
+        if facts.environ().get(key) != value:
+            return False
+    return True
+
+
+def label_key(environ: dict[str, str]) -> PluginKey | None:
+    """The plugin a process declares with PLUGINMON_* environment labels, if valid."""
+    tenant = environ.get(LABEL_TENANT)
+    plugin = environ.get(LABEL_PLUGIN)
+    if tenant is None or plugin is None:
+        return None
+    environment = environ.get(LABEL_ENVIRONMENT) or DEFAULT_ENVIRONMENT
+    if not TENANT_SLUG.match(tenant) or not plugin.strip():
+        logger.debug("ignoring invalid plugin labels tenant=%r plugin=%r", tenant, plugin)
+        return None
+    return PluginKey(tenant=tenant, plugin=plugin, environment=environment)
+
+
+def read_pidfile(path: str) -> int | None:
+    """The pid a pidfile names, or None when it is missing or malformed."""
+    try:
+        with open(path, "rb") as f:
+            return int(f.read(64).split()[0])
+    except (OSError, ValueError, IndexError):
+        return None

@@ -1,0 +1,161 @@
+"""Plugin spec parsing and the pure matchers."""
+
+from __future__ import annotations
+
+import pytest
+
+from collectors.discovery import CompiledSpec, ProcessFacts, label_key, matches_static
+from collectors.models import Match, PluginKey, PluginSpec
+from collectors.specs import SpecError, parse_plugin_specs
+
+
+def test_valid_specs_in_order_with_default_environment() -> None:
+    specs = parse_plugin_specs(
+        [
+            {
+                "tenant": "acme",
+                "name": "image-resizer",
+                "match": {"cmdline": r"resizer\s+--port"},
+            },
+            {
+                "tenant": "acme",
+                "name": "image-resizer",
+                "environment": "staging",
+                "match": {"name": "resizer", "env": "ROLE=worker"},
+            },
+            {"tenant": "globex_2", "name": "db", "match": {"pidfile": "/run/db.pid"}},
+        ]
+    )
+    assert [s.key for s in specs] == [
+        PluginKey("acme", "image-resizer", "production"),
+        PluginKey("acme", "image-resizer", "staging"),
+        PluginKey("globex_2", "db", "production"),
+    ]
+    assert specs[0].match == Match(cmdline=r"resizer\s+--port")
+    assert specs[1].match == Match(name="resizer", env="ROLE=worker")
+    assert all(s.origin == "config" for s in specs)
+
+
+def test_errors_name_plugin_and_field_and_all_are_listed() -> None:
+    raw: list[dict[str, object]] = [
+        {"tenant": "acme", "name": "ok", "match": {"name": "ok"}},
+        {"tenant": "acme", "name": "empty", "match": {}},
+        {"tenant": "acme", "name": "image-resizer", "match": {"cmdline": "resizer(["}},
+        {"tenant": "acme", "name": "typo", "match": {"cmdlien": "x"}},
+        {"tenant": "Acme Corp", "name": "slug", "match": {"name": "x"}},
+        {"tenant": "acme", "name": "ok", "match": {"exe": "/usr/bin/ok"}},
+        {"tenant": "acme", "name": "env", "match": {"env": "NOEQUALS"}},
+        {"tenant": "acme", "name": "nomatch"},
+        {"tenant": "acme", "match": {"name": "x"}},
+        {"tenant": "acme", "name": "extra", "match": {"name": "x"}, "tenent": "a"},
+    ]
+    with pytest.raises(SpecError) as caught:
+        parse_plugin_specs(raw)
+    problems = dict(caught.value.problems)
+    assert problems["plugins[1] (acme/empty).match"].startswith("empty")
+    assert problems["plugins[2] (acme/image-resizer).match.cmdline"].startswith("invalid regex:")
+    assert problems["plugins[3] (acme/typo).match.cmdlien"].startswith("unknown match key")
+    assert "not a tenant slug" in problems["plugins[4] (Acme Corp/slug).tenant"]
+    assert problems["plugins[5] (acme/ok)"].startswith("duplicate of plugins[0]")
+    assert problems["plugins[6] (acme/env).match.env"] == 'must be "KEY=VALUE"'
+    assert problems["plugins[7] (acme/nomatch).match"].startswith("required")
+    assert problems["plugins[8].name"].startswith("required")
+    assert problems["plugins[9] (acme/extra).tenent"].startswith("unknown key")
+    assert len(caught.value.problems) == 9
+    text = str(caught.value)
+    for location, message in caught.value.problems:
+        assert f"{location}: {message}" in text
+
+
+@pytest.mark.parametrize(
+    ("match", "field", "message"),
+    [
+        ({"pidfile": "run/x.pid"}, "pidfile", "must be an absolute path"),
+        ({"exe": "bin/x"}, "exe", "must be an absolute path"),
+        ({"systemd_unit": "/etc/x.service"}, "systemd_unit", "must be a unit name"),
+        ({"name": "  "}, "name", "must not be empty"),
+        ({"name": 3}, "name", "must be a string"),
+    ],
+)
+def test_bad_match_values(match: dict[str, object], field: str, message: str) -> None:
+    with pytest.raises(SpecError) as caught:
+        parse_plugin_specs([{"tenant": "t", "name": "p", "match": match}])
+    ((location, problem),) = caught.value.problems
+    assert location == f"plugins[0] (t/p).match.{field}"
+    assert problem.startswith(message)
+
+
+def test_tenant_slug_limits() -> None:
+    ok = "a" + "b" * 62
+    assert parse_plugin_specs([{"tenant": ok, "name": "p", "match": {"name": "p"}}])
+    for bad in ["a" + "b" * 63, "-a", "_a", "A", "a.b", ""]:
+        with pytest.raises(SpecError):
+            parse_plugin_specs([{"tenant": bad, "name": "p", "match": {"name": "p"}}])
+
+
+class _FakeSource:
+    """Metadata for the pure matcher tests (sampling itself is tested on real processes)."""
+
+    ticks_per_second = 100.0
+
+    def __init__(self, cmdline: list[str], exe: str, env: dict[str, str], cgroup: str) -> None:
+        self._cmdline, self._exe, self._env, self._cgroup = cmdline, exe, env, cgroup
+
+    def cmdline(self, pid: int) -> list[str]:
+        return self._cmdline
+
+    def exe(self, pid: int) -> str:
+        return self._exe
+
+    def environ(self, pid: int) -> dict[str, str]:
+        return self._env
+
+    def cgroup(self, pid: int) -> str | None:
+        return self._cgroup
+
+
+def _matches(match: Match, source: _FakeSource, comm: bytes = b"resizer") -> bool:
+    compiled = CompiledSpec.build(PluginSpec(PluginKey("t", "p"), match))
+    facts = ProcessFacts(source, 42, b"42 (" + comm)  # type: ignore[arg-type]
+    return matches_static(compiled, facts)
+
+
+def test_matchers_are_anded() -> None:
+    src = _FakeSource(
+        ["/opt/resizer/bin/resizer", "--port", "8080"],
+        "/opt/resizer/bin/resizer",
+        {"ROLE": "worker", "A": "b=c"},
+        "/system.slice/resizer.service/workers",
+    )
+    assert _matches(Match(name="resizer"), src)
+    assert _matches(Match(cmdline=r"resizer\s+--port"), src)
+    assert _matches(Match(exe="/opt/resizer/bin/resizer"), src)
+    assert _matches(Match(env="ROLE=worker"), src)
+    assert _matches(Match(env="A=b=c"), src)
+    assert _matches(Match(cgroup="/system.slice/resizer.service*"), src)
+    assert _matches(Match(systemd_unit="resizer.service"), src)
+    assert _matches(Match(systemd_unit="resizer"), src)  # ".service" implied
+    assert _matches(Match(name="resizer", cmdline="8080", env="ROLE=worker"), src)
+    assert not _matches(Match(name="resizer", cmdline="9090"), src)
+    assert not _matches(Match(env="ROLE=web"), src)
+    assert not _matches(Match(systemd_unit="resize.service"), src)
+    assert not _matches(Match(cgroup="/user.slice/*"), src)
+    assert not _matches(Match(exe="/usr/bin/resizer"), src)
+
+
+def test_name_is_extended_past_the_kernels_15_bytes_like_psutil() -> None:
+    src = _FakeSource(["/usr/bin/image-resizer-daemon", "-v"], "/x", {}, "/")
+    truncated = b"image-resizer-d"
+    assert _matches(Match(name="image-resizer-daemon"), src, comm=truncated)
+    assert not _matches(Match(name="image-resizer-d"), src, comm=truncated)
+
+
+def test_label_key() -> None:
+    assert label_key({"PLUGINMON_TENANT": "acme", "PLUGINMON_PLUGIN": "x"}) == PluginKey(
+        "acme", "x", "production"
+    )
+    assert label_key(
+        {"PLUGINMON_TENANT": "acme", "PLUGINMON_PLUGIN": "x", "PLUGINMON_ENVIRONMENT": "dev"}
+    ) == PluginKey("acme", "x", "dev")
+    assert label_key({"PLUGINMON_TENANT": "acme"}) is None
+    assert label_key({"PLUGINMON_TENANT": "Not A Slug", "PLUGINMON_PLUGIN": "x"}) is None
