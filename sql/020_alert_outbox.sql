@@ -86,3 +86,9 @@ CREATE INDEX idx_alert_silences_tenant_ends ON alert_silences (tenant_id, ends_a
 
 CREATE TRIGGER notification_outbox_touch BEFORE UPDATE ON notification_outbox
     FOR EACH ROW EXECUTE FUNCTION pluginmon_touch_updated_at();
+
+-- Row-level security like every other tenant table (003's helper). Delivery bookkeeping is
+-- readable by a tenant's roles but written only by the daemon.
+SELECT pluginmon_enable_tenant_rls('notification_outbox', writable => false);
+SELECT pluginmon_enable_tenant_rls('alert_notifications_sent', writable => false);
+SELECT pluginmon_enable_tenant_rls('alert_silences');

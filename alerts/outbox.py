@@ -1,0 +1,278 @@
+"""Delivers due notification_outbox rows to webhooks and Alertmanager, with retries and backoff."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from types import TracebackType
+from typing import Any
+
+import aiohttp
+
+from alerts.engine import Clock, utc_now
+from alerts.notifiers import SendResult, post
+from alerts.rules import AlertmanagerConfig, WebhookConfig
+from storage import alert_store
+from storage.alert_store import TRANSIENT_DB_ERRORS, ClaimedNotification, DeliveryOutcome
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryReport:
+    claimed: int = 0
+    delivered: int = 0
+    retried: int = 0
+    failed: int = 0
+    already_delivered: int = 0  # key found in alert_notifications_sent: not POSTed again
+    database_error: str | None = None
+    backing_off: bool = False  # the database was down recently; this call did nothing
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryStats:
+    """Cumulative counters for pluginmon_notifications_total and pluginmon_outbox_pending."""
+
+    notifications: Mapping[tuple[str, str], int] = field(default_factory=dict)
+    pending: int = 0
+
+
+def backoff_seconds(attempt: int, *, initial: float, maximum: float) -> float:
+    """Capped exponential backoff with jitter: a random point in the upper half of
+    ``min(maximum, initial * 2**(attempt-1))``, so retries from many alerts spread out."""
+    ceiling = min(maximum, initial * (2.0 ** max(0, attempt - 1)))
+    return random.uniform(ceiling / 2.0, ceiling)
+
+
+class OutboxDeliverer:
+    """Claims due rows (``FOR UPDATE SKIP LOCKED``), POSTs them, records the outcome.
+
+    One notification per receiver and group is in flight at a time, oldest first. A 2xx
+    records the idempotency key in alert_notifications_sent before anything else happens
+    to the row; outcomes that could not be recorded (database down) are kept and recorded
+    before the next claim, so a delivered key is never POSTed again by this process.
+    """
+
+    def __init__(
+        self,
+        pool: Any,
+        webhooks: Sequence[WebhookConfig] = (),
+        alertmanager: AlertmanagerConfig | None = None,
+        *,
+        clock: Clock = utc_now,
+        batch_size: int = 100,
+        lease_seconds: float | None = None,
+        database_timeout_seconds: float = 10.0,
+        database_backoff_max_seconds: float = 30.0,
+        session: aiohttp.ClientSession | None = None,
+    ) -> None:
+        self._pool = pool
+        self._webhooks = {w.name: w for w in webhooks}
+        self._alertmanager = alertmanager
+        self._clock = clock
+        self._batch_size = batch_size
+        timeouts = [w.timeout_seconds for w in webhooks]
+        if alertmanager is not None:
+            timeouts.append(alertmanager.timeout_seconds)
+        self._lease_seconds = lease_seconds or (max(timeouts, default=10.0) + 30.0)
+        self._db_timeout = database_timeout_seconds
+        self._db_backoff_max = database_backoff_max_seconds
+        self._session = session
+        self._own_session = session is None
+        self._unrecorded: list[DeliveryOutcome] = []
+        self._counts: Counter[tuple[str, str]] = Counter()
+        self._pending = 0
+        self._db_failures = 0
+        self._db_retry_at: datetime | None = None
+        self._wake = asyncio.Event()
+
+    async def __aenter__(self) -> OutboxDeliverer:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        if self._session is not None and self._own_session:
+            await self._session.close()
+            self._session = None
+
+    def stats(self) -> DeliveryStats:
+        return DeliveryStats(notifications=dict(self._counts), pending=self._pending)
+
+    def wake(self) -> None:
+        """Deliver now instead of at the next poll (call after the engine queued something)."""
+        self._wake.set()
+
+    async def run(self, *, poll_interval_seconds: float = 1.0) -> None:
+        """Deliver forever: every ``poll_interval_seconds`` or as soon as ``wake()`` is called."""
+        while True:
+            self._wake.clear()
+            try:
+                await self.deliver_due()
+            except Exception:
+                logger.exception("outbox delivery failed; retrying at the next poll")
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(poll_interval_seconds):
+                    await self._wake.wait()
+
+    async def deliver_due(self) -> DeliveryReport:
+        now = self._clock()
+        if self._db_retry_at is not None and now < self._db_retry_at:
+            return DeliveryReport(backing_off=True)
+        try:
+            async with asyncio.timeout(self._db_timeout), self._pool.acquire() as conn:
+                if self._unrecorded:
+                    await alert_store.record_outcomes(conn, self._unrecorded)
+                    self._unrecorded.clear()
+                claimed = await alert_store.claim_due(
+                    conn, now, limit=self._batch_size, lease_seconds=self._lease_seconds
+                )
+                sent = await alert_store.already_sent(conn, (c.idempotency_key for c in claimed))
+        except TRANSIENT_DB_ERRORS as exc:
+            return self._database_down(now, exc)
+        self._database_up()
+
+        outcomes: list[DeliveryOutcome] = []
+        to_send: list[ClaimedNotification] = []
+        for c in claimed:
+            if c.idempotency_key in sent:
+                outcomes.append(DeliveryOutcome(c, "delivered", now, status_code=None))
+            else:
+                to_send.append(c)
+        if to_send:
+            session = self._client()
+            async with asyncio.TaskGroup() as tg:
+                tasks = [tg.create_task(self._send(session, c)) for c in to_send]
+            outcomes.extend(t.result() for t in tasks)
+
+        self._unrecorded.extend(outcomes)
+        database_error: str | None = None
+        try:
+            async with asyncio.timeout(self._db_timeout), self._pool.acquire() as conn:
+                await alert_store.record_outcomes(conn, self._unrecorded)
+                self._unrecorded.clear()
+                self._pending = await alert_store.pending_count(conn)
+        except TRANSIENT_DB_ERRORS as exc:
+            database_error = f"{type(exc).__name__}: {exc}"
+            self._database_down(self._clock(), exc)
+
+        counted = Counter(o.outcome for o in outcomes[len(claimed) - len(to_send) :])
+        for o in outcomes[len(claimed) - len(to_send) :]:
+            self._counts[(o.notification.receiver, o.outcome)] += 1
+        return DeliveryReport(
+            claimed=len(claimed),
+            delivered=counted["delivered"],
+            retried=counted["retry"],
+            failed=counted["failed"],
+            already_delivered=len(claimed) - len(to_send),
+            database_error=database_error,
+        )
+
+    # --- one notification ---------------------------------------------------------------------
+
+    async def _send(
+        self, session: aiohttp.ClientSession, n: ClaimedNotification
+    ) -> DeliveryOutcome:
+        receiver: WebhookConfig | AlertmanagerConfig | None
+        if n.receiver_kind == "alertmanager":
+            am = self._alertmanager
+            receiver = am if am is not None and am.name == n.receiver else None
+        else:
+            receiver = self._webhooks.get(n.receiver)
+        if receiver is None:
+            logger.warning(
+                "notification %d for receiver %r dropped: receiver no longer configured",
+                n.id,
+                n.receiver,
+            )
+            return DeliveryOutcome(n, "failed", self._clock(), error="receiver not configured")
+        if isinstance(receiver, AlertmanagerConfig):
+            url = receiver.url + "/api/v2/alerts"
+            secret = None
+        else:
+            url = receiver.url
+            secret = receiver.secret
+        result = await post(
+            session,
+            url,
+            n.body.encode(),
+            idempotency_key=n.idempotency_key,
+            secret=secret,
+            timeout_seconds=receiver.timeout_seconds,
+        )
+        return self._outcome(n, receiver, result)
+
+    def _outcome(
+        self,
+        n: ClaimedNotification,
+        receiver: WebhookConfig | AlertmanagerConfig,
+        result: SendResult,
+    ) -> DeliveryOutcome:
+        now = self._clock()
+        if result.outcome == "delivered":
+            return DeliveryOutcome(n, "delivered", now, status_code=result.status_code)
+        if result.outcome == "retry" and n.attempts < receiver.max_attempts:
+            delay = backoff_seconds(
+                n.attempts,
+                initial=receiver.backoff_initial_seconds,
+                maximum=receiver.backoff_max_seconds,
+            )
+            if result.retry_after_seconds is not None:
+                delay = max(delay, min(result.retry_after_seconds, receiver.backoff_max_seconds))
+            logger.info(
+                "notification %d to %s: %s; attempt %d of %d, retrying in %.1fs",
+                n.id,
+                receiver.name,
+                result.error,
+                n.attempts,
+                receiver.max_attempts,
+                delay,
+            )
+            return DeliveryOutcome(
+                n,
+                "retry",
+                now,
+                status_code=result.status_code,
+                error=result.error,
+                next_attempt_at=now + timedelta(seconds=delay),
+            )
+        why = (
+            f"gave up after {n.attempts} attempt(s): {result.error}"
+            if result.outcome == "retry"
+            else f"rejected: {result.error}"
+        )
+        logger.warning("notification %d to %s failed, %s", n.id, receiver.name, why)
+        return DeliveryOutcome(n, "failed", now, status_code=result.status_code, error=why)
+
+    # --- plumbing -----------------------------------------------------------------------------
+
+    def _client(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = aiohttp.ClientSession()
+        return self._session
+
+    def _database_down(self, now: datetime, exc: BaseException) -> DeliveryReport:
+        self._db_failures += 1
+        if self._db_failures == 1:
+            logger.warning("outbox: database unreachable (%s); backing off", type(exc).__name__)
+        delay = backoff_seconds(self._db_failures, initial=0.5, maximum=self._db_backoff_max)
+        self._db_retry_at = now + timedelta(seconds=delay)
+        return DeliveryReport(database_error=f"{type(exc).__name__}: {exc}")
+
+    def _database_up(self) -> None:
+        if self._db_failures:
+            logger.info("outbox: database reachable again")
+        self._db_failures = 0
+        self._db_retry_at = None

@@ -1,0 +1,592 @@
+"""The alerts' data-plane SQL (asyncpg): alert state, outbox, silences, health scores."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+
+# Errors that mean "the database is not reachable right now": retry later, keep state.
+TRANSIENT_DB_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    asyncio.TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.TooManyConnectionsError,
+)
+
+QUERY_TIMEOUT_SECONDS = 10.0
+
+Connection = Any  # asyncpg.Connection or a pool proxy; asyncpg ships no type stubs
+
+
+@dataclass(frozen=True, slots=True)
+class StoredAlert:
+    id: int
+    tenant_id: str
+    plugin_id: int
+    environment: str
+    rule_name: str
+    fingerprint: str
+    severity: str
+    status: str
+    inhibited: bool
+    value: float | None
+    labels: dict[str, str]
+    annotations: dict[str, str]
+    started_at: datetime
+    fired_at: datetime | None
+    resolved_at: datetime | None
+    acknowledged_at: datetime | None
+    acknowledged_by: str | None
+    silenced_until: datetime | None
+    last_active_at: datetime | None
+    notified_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class AlertWrite:
+    """The whole persisted state of one alert instance (``id`` None = not stored yet)."""
+
+    id: int | None
+    tenant_id: str
+    plugin_id: int
+    environment: str
+    rule_name: str
+    fingerprint: str
+    severity: str
+    status: str
+    inhibited: bool
+    value: float | None
+    labels: Mapping[str, str]
+    annotations: Mapping[str, str]
+    started_at: datetime
+    fired_at: datetime | None
+    resolved_at: datetime | None
+    silenced_until: datetime | None
+    last_active_at: datetime | None
+    last_evaluated_at: datetime
+    notified_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxWrite:
+    tenant_id: str
+    plugin_id: int
+    environment: str
+    receiver: str
+    receiver_kind: str  # "webhook" | "alertmanager"
+    group_key: str
+    idempotency_key: str
+    body: str
+    fingerprints: tuple[str, ...]
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimedNotification:
+    id: int
+    tenant_id: str
+    receiver: str
+    receiver_kind: str
+    group_key: str
+    idempotency_key: str
+    body: str
+    attempts: int  # including the attempt being made now
+
+
+@dataclass(frozen=True, slots=True)
+class Silence:
+    id: int
+    tenant_id: str
+    matchers: dict[str, str]  # alert label name -> shell glob
+    starts_at: datetime
+    ends_at: datetime
+    created_by: str
+    comment: str
+
+
+@dataclass(frozen=True, slots=True)
+class HealthWrite:
+    tenant_id: str
+    plugin_id: int
+    environment: str
+    score: float
+    labels: Mapping[str, object]
+
+
+# --- alert state ------------------------------------------------------------------------------
+
+_SELECT_ALERTS = """
+SELECT id, tenant_id, plugin_id, environment, rule_name, fingerprint, severity, status,
+    inhibited, value, labels::text AS labels, annotations::text AS annotations, started_at,
+    fired_at, resolved_at, acknowledged_at, acknowledged_by, silenced_until, last_active_at,
+    notified_at
+  FROM plugin_alerts
+ WHERE (NOT $1 OR status <> 'resolved') AND ($2::bigint IS NULL OR plugin_id = $2)
+ ORDER BY id
+"""
+
+
+def _stored(row: Any) -> StoredAlert:
+    return StoredAlert(
+        id=row["id"],
+        tenant_id=row["tenant_id"],
+        plugin_id=row["plugin_id"],
+        environment=row["environment"],
+        rule_name=row["rule_name"],
+        fingerprint=row["fingerprint"],
+        severity=row["severity"],
+        status=row["status"],
+        inhibited=row["inhibited"],
+        value=row["value"],
+        labels=json.loads(row["labels"]),
+        annotations=json.loads(row["annotations"]),
+        started_at=row["started_at"],
+        fired_at=row["fired_at"],
+        resolved_at=row["resolved_at"],
+        acknowledged_at=row["acknowledged_at"],
+        acknowledged_by=row["acknowledged_by"],
+        silenced_until=row["silenced_until"],
+        last_active_at=row["last_active_at"],
+        notified_at=row["notified_at"],
+    )
+
+
+async def load_open_alerts(conn: Connection) -> list[StoredAlert]:
+    return await load_alerts(conn, open_only=True)
+
+
+async def load_alerts(
+    conn: Connection, *, open_only: bool = False, plugin_id: int | None = None
+) -> list[StoredAlert]:
+    """Alert rows, oldest first (all of them, or only those not resolved)."""
+    rows = await conn.fetch(_SELECT_ALERTS, open_only, plugin_id, timeout=QUERY_TIMEOUT_SECONDS)
+    return [_stored(r) for r in rows]
+
+
+# The engine never writes acknowledged_at/by (acknowledge() does); a firing alert that someone
+# acknowledged meanwhile stays 'acknowledged' whatever the engine thought.
+
+_INSERT_ALERT = """
+INSERT INTO plugin_alerts AS plugin_alerts (
+    tenant_id, plugin_id, environment, rule_name, fingerprint, severity, status, inhibited,
+    value, labels, annotations, started_at, fired_at, resolved_at, silenced_until,
+    last_active_at, last_evaluated_at, notified_at, updated_at)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10::jsonb, $11::jsonb, $12, $13, $14, $15, $16,
+        $17, $18, $17)
+ON CONFLICT (fingerprint) WHERE status <> 'resolved' DO UPDATE SET
+    status = CASE WHEN $7 = 'firing' AND plugin_alerts.acknowledged_at IS NOT NULL
+                  THEN 'acknowledged' ELSE $7 END, inhibited = $8, value = $9, annotations = $11::jsonb,
+    fired_at = $13, resolved_at = $14, silenced_until = $15, last_active_at = $16,
+    last_evaluated_at = $17, notified_at = $18, updated_at = $17
+RETURNING id
+"""
+
+_UPDATE_ALERT = """
+UPDATE plugin_alerts SET
+    status = CASE WHEN $4 = 'firing' AND plugin_alerts.acknowledged_at IS NOT NULL
+                  THEN 'acknowledged' ELSE $4 END,
+    inhibited = $5, value = $6, annotations = $7::jsonb, fired_at = $8, resolved_at = $9,
+    silenced_until = $10, last_active_at = $11, last_evaluated_at = $12, notified_at = $13,
+    updated_at = $12
+WHERE id = $1 AND tenant_id = $2 AND fingerprint = $3
+RETURNING id
+"""
+
+
+async def save_alert(conn: Connection, alert: AlertWrite) -> int:
+    """Insert or update one alert instance; returns its id."""
+    args = (
+        alert.tenant_id,
+        alert.plugin_id,
+        alert.environment,
+        alert.rule_name,
+        alert.fingerprint,
+        alert.severity,
+        alert.status,
+        alert.inhibited,
+        alert.value,
+        json.dumps(dict(alert.labels), sort_keys=True),
+        json.dumps(dict(alert.annotations), sort_keys=True),
+        alert.started_at,
+        alert.fired_at,
+        alert.resolved_at,
+        alert.silenced_until,
+        alert.last_active_at,
+        alert.last_evaluated_at,
+        alert.notified_at,
+    )
+    if alert.id is not None:
+        updated = await conn.fetchval(
+            _UPDATE_ALERT,
+            alert.id,
+            alert.tenant_id,
+            alert.fingerprint,
+            alert.status,
+            alert.inhibited,
+            alert.value,
+            args[10],
+            alert.fired_at,
+            alert.resolved_at,
+            alert.silenced_until,
+            alert.last_active_at,
+            alert.last_evaluated_at,
+            alert.notified_at,
+            timeout=QUERY_TIMEOUT_SECONDS,
+        )
+        if updated is not None:
+            return int(updated)
+    return int(await conn.fetchval(_INSERT_ALERT, *args, timeout=QUERY_TIMEOUT_SECONDS))
+
+
+async def touch_alerts(
+    conn: Connection, ids: Sequence[int], values: Sequence[float | None], at: datetime
+) -> None:
+    """Record the latest value and evaluation time of open alerts that did not change."""
+    if not ids:
+        return
+    await conn.execute(
+        """UPDATE plugin_alerts a SET value = v.value, last_evaluated_at = $3
+           FROM unnest($1::bigint[], $2::double precision[]) AS v(id, value)
+           WHERE a.id = v.id AND a.status <> 'resolved'""",
+        list(ids),
+        list(values),
+        at,
+        timeout=QUERY_TIMEOUT_SECONDS,
+    )
+
+
+async def acknowledge(conn: Connection, fingerprint: str, by: str, at: datetime) -> bool:
+    """Acknowledge the open alert with ``fingerprint``; False if there is none."""
+    row = await conn.fetchval(
+        """UPDATE plugin_alerts
+              SET acknowledged_at = $3, acknowledged_by = $2,
+                  status = CASE WHEN status = 'firing' THEN 'acknowledged' ELSE status END,
+                  updated_at = $3
+            WHERE fingerprint = $1 AND status <> 'resolved'
+        RETURNING id""",
+        fingerprint,
+        by,
+        at,
+        timeout=QUERY_TIMEOUT_SECONDS,
+    )
+    return row is not None
+
+
+async def acknowledged(conn: Connection) -> dict[str, tuple[datetime, str | None]]:
+    """Open alerts someone acknowledged: fingerprint -> (when, by whom)."""
+    rows = await conn.fetch(
+        """SELECT fingerprint, acknowledged_at, acknowledged_by FROM plugin_alerts
+            WHERE status <> 'resolved' AND acknowledged_at IS NOT NULL""",
+        timeout=QUERY_TIMEOUT_SECONDS,
+    )
+    return {r["fingerprint"]: (r["acknowledged_at"], r["acknowledged_by"]) for r in rows}
+
+
+# --- silences and dependencies ----------------------------------------------------------------
+
+
+async def add_silence(
+    conn: Connection,
+    *,
+    tenant_id: str,
+    matchers: Mapping[str, str],
+    ends_at: datetime,
+    created_by: str,
+    comment: str = "",
+    starts_at: datetime | None = None,
+) -> int:
+    return int(
+        await conn.fetchval(
+            """INSERT INTO alert_silences (tenant_id, matchers, starts_at, ends_at, created_by, comment)
+               VALUES ($1, $2::jsonb, coalesce($3, now()), $4, $5, $6) RETURNING id""",
+            tenant_id,
+            json.dumps(dict(matchers), sort_keys=True),
+            starts_at,
+            ends_at,
+            created_by,
+            comment,
+            timeout=QUERY_TIMEOUT_SECONDS,
+        )
+    )
+
+
+async def active_silences(conn: Connection, now: datetime) -> list[Silence]:
+    rows = await conn.fetch(
+        """SELECT id, tenant_id, matchers::text AS matchers, starts_at, ends_at, created_by, comment
+             FROM alert_silences WHERE starts_at <= $1 AND ends_at > $1 ORDER BY id""",
+        now,
+        timeout=QUERY_TIMEOUT_SECONDS,
+    )
+    return [
+        Silence(
+            id=r["id"],
+            tenant_id=r["tenant_id"],
+            matchers={str(k): str(v) for k, v in json.loads(r["matchers"]).items()},
+            starts_at=r["starts_at"],
+            ends_at=r["ends_at"],
+            created_by=r["created_by"],
+            comment=r["comment"],
+        )
+        for r in rows
+    ]
+
+
+async def runtime_dependencies(conn: Connection) -> dict[int, tuple[int, ...]]:
+    """plugin_id -> the plugins it needs at run time (plugin_dependencies, kind 'runtime')."""
+    rows = await conn.fetch(
+        """SELECT plugin_id, array_agg(depends_on_plugin_id ORDER BY depends_on_plugin_id) AS deps
+             FROM plugin_dependencies WHERE kind = 'runtime' GROUP BY plugin_id""",
+        timeout=QUERY_TIMEOUT_SECONDS,
+    )
+    return {r["plugin_id"]: tuple(r["deps"]) for r in rows}
+
+
+async def latest_metric_values(
+    conn: Connection, plugin_ids: Sequence[int], names: Sequence[str], since: datetime
+) -> dict[tuple[int, str], float]:
+    """The newest plugin_metrics value per (plugin, metric name) since ``since``."""
+    if not plugin_ids or not names:
+        return {}
+    rows = await conn.fetch(
+        """SELECT DISTINCT ON (plugin_id, metric_name) plugin_id, metric_name, value
+             FROM plugin_metrics
+            WHERE plugin_id = ANY($1::bigint[]) AND metric_name = ANY($2::text[])
+              AND "timestamp" >= $3
+            ORDER BY plugin_id, metric_name, "timestamp" DESC""",
+        list(plugin_ids),
+        list(names),
+        since,
+        timeout=QUERY_TIMEOUT_SECONDS,
+    )
+    return {(r["plugin_id"], r["metric_name"]): r["value"] for r in rows}
+
+
+# --- health -----------------------------------------------------------------------------------
+
+
+async def write_health(conn: Connection, rows: Sequence[HealthWrite], at: datetime) -> None:
+    """plugins.health_score/last_health_check, and one 'health_score' gauge row per plugin."""
+    if not rows:
+        return
+    await conn.execute(
+        """UPDATE plugins p SET health_score = v.score, last_health_check = $3
+             FROM unnest($1::bigint[], $2::real[]) AS v(id, score)
+            WHERE p.id = v.id""",
+        [r.plugin_id for r in rows],
+        [r.score for r in rows],
+        at,
+        timeout=QUERY_TIMEOUT_SECONDS,
+    )
+    await conn.copy_records_to_table(
+        "plugin_metrics",
+        records=[
+            (
+                at,
+                r.tenant_id,
+                r.plugin_id,
+                r.environment,
+                "health_score",
+                "gauge",
+                float(r.score),
+                json.dumps(r.labels, sort_keys=True),
+            )
+            for r in rows
+        ],
+        columns=[
+            "timestamp",
+            "tenant_id",
+            "plugin_id",
+            "environment",
+            "metric_name",
+            "metric_kind",
+            "value",
+            "labels",
+        ],
+        timeout=QUERY_TIMEOUT_SECONDS,
+    )
+
+
+# --- outbox -----------------------------------------------------------------------------------
+
+
+async def insert_outbox(conn: Connection, rows: Sequence[OutboxWrite]) -> None:
+    if not rows:
+        return
+    await conn.executemany(
+        """INSERT INTO notification_outbox (tenant_id, plugin_id, environment, receiver,
+               receiver_kind, group_key, idempotency_key, body, fingerprints, next_attempt_at,
+               created_at, updated_at)
+           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $10, $10)
+           ON CONFLICT (idempotency_key) DO NOTHING""",
+        [
+            (
+                r.tenant_id,
+                r.plugin_id,
+                r.environment,
+                r.receiver,
+                r.receiver_kind,
+                r.group_key,
+                r.idempotency_key,
+                r.body,
+                list(r.fingerprints),
+                r.created_at,
+            )
+            for r in rows
+        ],
+        timeout=QUERY_TIMEOUT_SECONDS,
+    )
+
+
+async def last_notified(conn: Connection) -> dict[tuple[str, str], datetime]:
+    """(receiver, group_key) -> when its latest notification was queued."""
+    rows = await conn.fetch(
+        """SELECT receiver, group_key, max(created_at) AS at FROM notification_outbox
+            GROUP BY receiver, group_key""",
+        timeout=QUERY_TIMEOUT_SECONDS,
+    )
+    return {(r["receiver"], r["group_key"]): r["at"] for r in rows}
+
+
+_CLAIM = """
+WITH due AS (
+    SELECT o.id FROM notification_outbox o
+     WHERE o.status = 'pending' AND o.next_attempt_at <= $1
+       -- one at a time per receiver and group, oldest first: a resolved never overtakes
+       -- the firing it resolves, even while that one is being retried
+       AND NOT EXISTS (SELECT 1 FROM notification_outbox p
+                        WHERE p.status = 'pending' AND p.receiver = o.receiver
+                          AND p.group_key = o.group_key AND p.id < o.id)
+     ORDER BY o.next_attempt_at, o.id
+     LIMIT $2
+     FOR UPDATE SKIP LOCKED
+)
+UPDATE notification_outbox o
+   SET attempts = o.attempts + 1,
+       -- a lease: if this deliverer dies mid-POST, another one retries after it
+       next_attempt_at = $1 + make_interval(secs => $3),
+       updated_at = $1
+  FROM due WHERE o.id = due.id
+RETURNING o.id, o.tenant_id, o.receiver, o.receiver_kind, o.group_key, o.idempotency_key,
+          o.body, o.attempts
+"""
+
+
+async def claim_due(
+    conn: Connection, now: datetime, *, limit: int, lease_seconds: float
+) -> list[ClaimedNotification]:
+    """Claim up to ``limit`` due notifications (``FOR UPDATE SKIP LOCKED``: several daemons
+    can share the outbox) and lease them for ``lease_seconds``."""
+    async with conn.transaction():
+        rows = await conn.fetch(_CLAIM, now, limit, lease_seconds, timeout=QUERY_TIMEOUT_SECONDS)
+    claimed = [
+        ClaimedNotification(
+            id=r["id"],
+            tenant_id=r["tenant_id"],
+            receiver=r["receiver"],
+            receiver_kind=r["receiver_kind"],
+            group_key=r["group_key"],
+            idempotency_key=r["idempotency_key"],
+            body=r["body"],
+            attempts=r["attempts"],
+        )
+        for r in rows
+    ]
+    claimed.sort(key=lambda c: c.id)
+    return claimed
+
+
+async def already_sent(conn: Connection, keys: Iterable[str]) -> set[str]:
+    keys = list(keys)
+    if not keys:
+        return set()
+    rows = await conn.fetch(
+        "SELECT idempotency_key FROM alert_notifications_sent WHERE idempotency_key = ANY($1::text[])",
+        keys,
+        timeout=QUERY_TIMEOUT_SECONDS,
+    )
+    return {r["idempotency_key"] for r in rows}
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryOutcome:
+    notification: ClaimedNotification
+    outcome: str  # "delivered" | "retry" | "failed"
+    at: datetime
+    status_code: int | None = None
+    error: str | None = None
+    next_attempt_at: datetime | None = None
+
+
+async def record_outcomes(conn: Connection, outcomes: Sequence[DeliveryOutcome]) -> None:
+    """Mark delivered/retry/failed in one transaction; delivered keys go to
+    alert_notifications_sent so they are never POSTed again."""
+    if not outcomes:
+        return
+    async with conn.transaction():
+        delivered = [o for o in outcomes if o.outcome == "delivered"]
+        if delivered:
+            await conn.executemany(
+                """UPDATE notification_outbox SET status = 'delivered', delivered_at = $2,
+                          last_status_code = $3, last_error = NULL, updated_at = $2
+                    WHERE id = $1""",
+                [(o.notification.id, o.at, o.status_code) for o in delivered],
+                timeout=QUERY_TIMEOUT_SECONDS,
+            )
+            await conn.executemany(
+                """INSERT INTO alert_notifications_sent (idempotency_key, tenant_id, outbox_id,
+                          receiver, status_code, attempts, delivered_at)
+                   VALUES ($1, $2, $3, $4, $5, $6, $7)
+                   ON CONFLICT (idempotency_key) DO NOTHING""",
+                [
+                    (
+                        o.notification.idempotency_key,
+                        o.notification.tenant_id,
+                        o.notification.id,
+                        o.notification.receiver,
+                        o.status_code if o.status_code is not None else 0,
+                        o.notification.attempts,
+                        o.at,
+                    )
+                    for o in delivered
+                ],
+                timeout=QUERY_TIMEOUT_SECONDS,
+            )
+        retries = [o for o in outcomes if o.outcome == "retry"]
+        if retries:
+            await conn.executemany(
+                """UPDATE notification_outbox SET next_attempt_at = $2, last_status_code = $3,
+                          last_error = $4, updated_at = $5
+                    WHERE id = $1 AND status = 'pending'""",
+                [
+                    (o.notification.id, o.next_attempt_at, o.status_code, o.error, o.at)
+                    for o in retries
+                ],
+                timeout=QUERY_TIMEOUT_SECONDS,
+            )
+        failed = [o for o in outcomes if o.outcome == "failed"]
+        if failed:
+            await conn.executemany(
+                """UPDATE notification_outbox SET status = 'failed', last_status_code = $2,
+                          last_error = $3, updated_at = $4
+                    WHERE id = $1 AND status = 'pending'""",
+                [(o.notification.id, o.status_code, o.error, o.at) for o in failed],
+                timeout=QUERY_TIMEOUT_SECONDS,
+            )
+
+
+async def pending_count(conn: Connection) -> int:
+    return int(
+        await conn.fetchval(
+            "SELECT count(*) FROM notification_outbox WHERE status = 'pending'",
+            timeout=QUERY_TIMEOUT_SECONDS,
+        )
+    )
