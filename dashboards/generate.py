@@ -83,10 +83,14 @@ def weighted(column: str) -> str:
 FLEET_WHERE = f"tenant_id = {TENANT} AND environment IN ({ENVIRONMENT})"
 PLUGIN_WHERE = f"tenant_id = {TENANT} AND plugin_id = {PLUGIN}"
 
-# The health engine writes the overall score as metric_name 'health_score' and each component
-# as 'health_component_score' with labels->>'component' (alerts/engine.py).
+# The health engine writes one plugin_metrics row per evaluation: metric_name 'health_score',
+# the score as value, and in labels the components ({"components": {"up": 100, "cpu": 80, ...},
+# "weakest": "cpu", "weakest_score": 80, "weakest_detail": "..."}), see alerts/engine.py.
 HEALTH_METRIC = "health_score"
-HEALTH_COMPONENT_METRIC = "health_component_score"
+# The components object, or NULL (no rows from jsonb_each_text) when a row has none.
+COMPONENTS = (
+    "CASE WHEN jsonb_typeof({labels}->'components') = 'object' THEN {labels}->'components' END"
+)
 
 # The latest raw sample per plugin in the five minutes before the end of the range: "now"
 # panels read raw samples because the PostgreSQL backend refreshes rollups only on its
@@ -772,14 +776,19 @@ def plugin_postgres() -> dict[str, Any]:
             8,
             (
                 Query(
-                    'SELECT $__timeGroupAlias("timestamp", $__interval),\n'
-                    f"  CASE WHEN metric_name = '{HEALTH_METRIC}' THEN 'score'\n"
-                    "       ELSE coalesce(labels->>'component', metric_name) END AS metric,\n"
-                    "  avg(value) AS value\n"
-                    "FROM plugin_metrics\n"
-                    f"WHERE {PLUGIN_WHERE}\n"
-                    f"  AND metric_name IN ('{HEALTH_METRIC}', '{HEALTH_COMPONENT_METRIC}')\n"
-                    '  AND $__timeFilter("timestamp")\n'
+                    "SELECT $__timeGroupAlias(m.\"timestamp\", $__interval), 'score' AS metric,\n"
+                    "  avg(m.value) AS value\n"
+                    "FROM plugin_metrics m\n"
+                    f"WHERE m.{PLUGIN_WHERE.replace(' AND ', ' AND m.')}\n"
+                    f"  AND m.metric_name = '{HEALTH_METRIC}' AND $__timeFilter(m.\"timestamp\")\n"
+                    "GROUP BY 1, 2\n"
+                    "UNION ALL\n"
+                    'SELECT $__timeGroupAlias(m."timestamp", $__interval), c.key AS metric,\n'
+                    "  avg(c.value::double precision) AS value\n"
+                    "FROM plugin_metrics m\n"
+                    f"CROSS JOIN LATERAL jsonb_each_text({COMPONENTS.format(labels='m.labels')}) c\n"
+                    f"WHERE m.{PLUGIN_WHERE.replace(' AND ', ' AND m.')}\n"
+                    f"  AND m.metric_name = '{HEALTH_METRIC}' AND $__timeFilter(m.\"timestamp\")\n"
                     "GROUP BY 1, 2\n"
                     "ORDER BY 1, 2"
                 ),
@@ -796,28 +805,59 @@ def plugin_postgres() -> dict[str, Any]:
         Panel(
             "Health components now",
             "bargauge",
-            12,
+            8,
             8,
             (
                 Query(
-                    "SELECT DISTINCT ON (coalesce(labels->>'component', metric_name))\n"
-                    "  coalesce(labels->>'component', metric_name) AS component, value AS score\n"
-                    "FROM plugin_metrics\n"
-                    f"WHERE {PLUGIN_WHERE} AND metric_name = '{HEALTH_COMPONENT_METRIC}'\n"
-                    '  AND $__timeFilter("timestamp")\n'
-                    "ORDER BY coalesce(labels->>'component', metric_name), \"timestamp\" DESC",
+                    "SELECT c.key AS component, c.value::double precision AS score\n"
+                    "FROM (\n"
+                    "  SELECT labels FROM plugin_metrics\n"
+                    f"  WHERE {PLUGIN_WHERE} AND metric_name = '{HEALTH_METRIC}'\n"
+                    '    AND $__timeFilter("timestamp")\n'
+                    '  ORDER BY "timestamp" DESC LIMIT 1\n'
+                    ") latest\n"
+                    f"CROSS JOIN LATERAL jsonb_each_text({COMPONENTS.format(labels='latest.labels')}) c\n"
+                    "ORDER BY score, component",
                     "table",
                 ),
             ),
             min_value=0,
             max_value=100,
             thresholds=HEALTH_STEPS,
-            description="The latest score of each component in the range; the lowest one is what "
-            "pulls the health score down.",
+            description="Each component of the latest health evaluation in the range, lowest "
+            "(the one pulling the score down) first.",
             options={
                 "orientation": "horizontal",
                 "displayMode": "basic",
                 "reduceOptions": {"calcs": [], "fields": "", "values": True},
+            },
+        ),
+        Panel(
+            "Weakest component",
+            "stat",
+            4,
+            8,
+            (
+                Query(
+                    "SELECT labels->>'weakest' AS weakest,\n"
+                    "  (labels->>'weakest_score')::double precision AS weakest_score,\n"
+                    "  labels->>'weakest_detail' AS detail\n"
+                    "FROM plugin_metrics\n"
+                    f"WHERE {PLUGIN_WHERE} AND metric_name = '{HEALTH_METRIC}'\n"
+                    '  AND $__timeFilter("timestamp")\n'
+                    'ORDER BY "timestamp" DESC LIMIT 1',
+                    "table",
+                ),
+            ),
+            description="What costs the plugin most of its health score, as of the latest evaluation.",
+            options={
+                "reduceOptions": {
+                    "calcs": ["lastNotNull"],
+                    "fields": "/^(weakest|detail)$/",
+                    "values": False,
+                },
+                "textMode": "value",
+                "colorMode": "none",
             },
         ),
         Panel(
@@ -1285,7 +1325,7 @@ def plugin_prometheus() -> dict[str, Any]:
         Panel(
             "Health components now",
             "bargauge",
-            12,
+            8,
             8,
             (
                 Query(
@@ -1298,6 +1338,24 @@ def plugin_prometheus() -> dict[str, Any]:
             max_value=100,
             thresholds=HEALTH_STEPS,
             options={"orientation": "horizontal", "displayMode": "basic"},
+        ),
+        Panel(
+            "Weakest component",
+            "stat",
+            4,
+            8,
+            (
+                Query(
+                    f"bottomk(1, pluginmon_plugin_health_component_score{{{PROM_PLUGIN}}})",
+                    legend="{{component}}",
+                    instant=True,
+                ),
+            ),
+            description="The component with the lowest score right now.",
+            min_value=0,
+            max_value=100,
+            thresholds=HEALTH_STEPS,
+            options={"textMode": "value_and_name"},
         ),
         Panel(
             "Availability",

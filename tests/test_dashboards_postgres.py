@@ -139,6 +139,15 @@ def _load(url: str) -> Loaded:
                     ids["acme/thumbs"],
                     ids["zeta/resizer"],
                 )
+                # As alerts/engine.py writes them: one health_score row per evaluation, the
+                # components and the weakest one in labels.
+                up_score = 100.0 if minute < 9 else 0.0
+                resizer_labels = {
+                    "components": {"up": up_score, "cpu": 80.0},
+                    "weakest": "cpu" if minute < 9 else "up",
+                    "weakest_score": 80.0 if minute < 9 else 0.0,
+                    "weakest_detail": "cpu 20% of one core" if minute < 9 else "no process",
+                }
                 metrics += [
                     (
                         at,
@@ -147,37 +156,29 @@ def _load(url: str) -> Loaded:
                         "production",
                         "health_score",
                         90.0 if minute < 9 else 40.0,
-                        {},
+                        resizer_labels,
                     ),
                     (
                         at,
                         "acme",
-                        resizer,
+                        thumbs,
                         "production",
-                        "health_component_score",
-                        100.0 if minute < 9 else 0.0,
-                        {"component": "up"},
+                        "health_score",
+                        95.0,
+                        {"components": {"up": 100.0}},
                     ),
-                    (
-                        at,
-                        "acme",
-                        resizer,
-                        "production",
-                        "health_component_score",
-                        80.0,
-                        {"component": "cpu"},
-                    ),
+                    # a row without components must not break the component panels
                     (at, "acme", thumbs, "production", "health_score", 95.0, {}),
-                    (at, "zeta", other, "production", "health_score", 10.0, {}),
                     (
                         at,
                         "zeta",
                         other,
                         "production",
-                        "health_component_score",
-                        1.0,
-                        {"component": "up"},
+                        "health_score",
+                        10.0,
+                        {"components": {"up": 1.0}},
                     ),
+                    (at, "acme", resizer, "production", "queue_depth", 7.0, {}),
                 ]
             cur.executemany(
                 'INSERT INTO plugin_metrics ("timestamp", tenant_id, plugin_id, environment, '
@@ -623,8 +624,29 @@ def test_plugin_health_and_components(loaded: Loaded) -> None:
     assert health["score"][_minute(loaded, 9)] == 40.0
     assert health["up"][_minute(loaded, 9)] == 0.0
     assert health["cpu"][_minute(loaded, 5)] == 80.0
+    # The latest evaluation's components, weakest first, and the weakest named.
     now = _panel(loaded.url, PLUGIN, "Health components now", context)
-    assert now.rows == [("cpu", 80.0), ("up", 0.0)]
+    assert now.rows == [("up", 0.0), ("cpu", 80.0)]
+    assert _panel(loaded.url, PLUGIN, "Weakest component", context).one() == {
+        "weakest": "up",
+        "weakest_score": 0.0,
+        "detail": "no process",
+    }
+    earlier = replace(context, time_to=loaded.t0 + timedelta(minutes=5))
+    assert _panel(loaded.url, PLUGIN, "Health components now", earlier).rows == [
+        ("cpu", 80.0),
+        ("up", 100.0),
+    ]
+    thumbs = _series(
+        _panel(
+            loaded.url,
+            PLUGIN,
+            "Health score and components",
+            _context(loaded, plugin="acme/thumbs"),
+        )
+    )
+    assert set(thumbs) == {"score", "up"}
+    assert thumbs["score"][_minute(loaded, 0)] == 95.0
 
 
 def test_plugin_alerts_table_and_annotations(loaded: Loaded) -> None:
