@@ -1,0 +1,231 @@
+"""Ingest throughput: BatchWriter at its defaults vs one raw binary COPY of the same rows.
+
+Writes PLUGINS x TIMESTAMPS wide samples (1,000 x 1,000 = 1,000,000 by default) into
+plugin_samples, with its indexes, in a scratch database created and migrated for the run:
+
+  raw     one ``copy_records_to_table`` of all the rows on one connection (the database's
+          own limit for a single client)
+  writer  BatchWriter with its default settings (5,000-row batches, 2 in flight on a pool
+          of 4), fed one timestamp (PLUGINS rows) at a time as the daemon does, through
+          ``put_wait`` so the producer never outruns the queue; timed from the first put
+          to the end of ``flush()``
+
+The table is truncated before every run. Each is run ROUNDS times, interleaved, and the best
+of each is compared (the machine is shared; the best run is the least disturbed one). The
+row tuples are built before any timing starts.
+
+Run: .venv/bin/python bench/ingest.py [--database-url URL] [--rounds 3]
+Without --database-url an embedded PostgreSQL is started in a temporary directory; with it,
+a scratch database is created on that server (e.g. TimescaleDB at
+postgresql://postgres@127.0.0.1:5433/postgres) and dropped afterwards.
+Last line: writer_vs_raw_copy=<ratio>.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import psycopg
+from psycopg import sql
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from storage.embedded import EmbeddedPostgres
+from storage.migrate import migrate
+from storage.pool import pool_context, redact_url
+from storage.writer import (
+    PLUGIN_SAMPLES_COLUMNS,
+    PLUGIN_SAMPLES_TABLE,
+    BatchWriter,
+)
+
+Row = tuple[object, ...]
+
+
+def with_database(url: str, database: str) -> str:
+    return urlunsplit(urlsplit(url)._replace(path="/" + database))
+
+
+@contextmanager
+def scratch_database(database_url: str | None) -> Iterator[str]:
+    """URL of a freshly migrated database, removed (or its server stopped) afterwards."""
+    if database_url is None:
+        with tempfile.TemporaryDirectory(prefix="pluginmon-bench-") as directory:
+            server = EmbeddedPostgres(Path(directory))
+            url = server.start()
+            try:
+                migrate(url)
+                yield url
+            finally:
+                server.stop()
+        return
+    name = f"pluginmon_bench_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    url = with_database(database_url, name)
+    try:
+        migrate(url)
+        yield url
+    finally:
+        with psycopg.connect(database_url, autocommit=True) as conn:
+            conn.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+            )
+
+
+async def create_plugins(connection: asyncpg.Connection, count: int) -> list[int]:
+    await connection.execute("INSERT INTO tenants (id, name) VALUES ('bench', 'Bench')")
+    records = await connection.fetch(
+        "INSERT INTO plugins (tenant_id, name)"
+        " SELECT 'bench', 'plugin-' || n FROM generate_series(1, $1) AS n RETURNING id",
+        count,
+    )
+    return sorted(int(record["id"]) for record in records)
+
+
+def build_rows(plugin_ids: list[int], timestamps: int) -> list[list[Row]]:
+    """One list of rows per timestamp, every plugin in each (the daemon's snapshot shape)."""
+    start = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
+    hosts = [f"host-{i:02d}" for i in range(20)]
+    ticks: list[list[Row]] = []
+    for tick in range(timestamps):
+        timestamp = start + timedelta(seconds=10 * tick)
+        rows: list[Row] = []
+        for index, plugin_id in enumerate(plugin_ids):
+            seed = tick * 7919 + index * 104_729
+            rows.append(
+                (
+                    timestamp,
+                    "bench",
+                    plugin_id,
+                    "production",
+                    hosts[index % len(hosts)],
+                    (seed % 4000) / 10.0,
+                    50_000_000 + seed % 1_000_000_000,
+                    200_000_000 + seed % 2_000_000_000,
+                    None if index % 4 else 40_000_000 + seed % 500_000_000,
+                    None if index % 4 else seed % 1_000_000,
+                    1 + seed % 64,
+                    None if index % 4 else 8 + seed % 1000,
+                    tick * 4096 + index,
+                    tick * 8192 + index,
+                    tick * 100 + index,
+                    tick * 3 + index,
+                    1 + index % 5,
+                    0,
+                    seed % 97 != 0,
+                )
+            )
+        ticks.append(rows)
+    return ticks
+
+
+async def truncate(url: str) -> None:
+    connection = await asyncpg.connect(url)
+    try:
+        await connection.execute("TRUNCATE plugin_samples")
+        await connection.execute("CHECKPOINT")
+    finally:
+        await connection.close()
+
+
+async def count_rows(url: str) -> int:
+    connection = await asyncpg.connect(url)
+    try:
+        return int(await connection.fetchval("SELECT count(*) FROM plugin_samples"))
+    finally:
+        await connection.close()
+
+
+async def run_raw(url: str, rows: list[Row]) -> float:
+    connection = await asyncpg.connect(url)
+    try:
+        started = time.perf_counter()
+        await connection.copy_records_to_table(
+            PLUGIN_SAMPLES_TABLE, records=rows, columns=PLUGIN_SAMPLES_COLUMNS, timeout=3600
+        )
+        return time.perf_counter() - started
+    finally:
+        await connection.close()
+
+
+async def run_writer(url: str, ticks: list[list[Row]]) -> float:
+    async with pool_context(url) as pool:
+        async with BatchWriter(
+            pool, table=PLUGIN_SAMPLES_TABLE, columns=PLUGIN_SAMPLES_COLUMNS
+        ) as writer:
+            started = time.perf_counter()
+            for rows in ticks:
+                await writer.put_wait(rows)
+            await writer.flush()
+            elapsed = time.perf_counter() - started
+            stats = writer.stats()
+        if stats.rows_dropped or stats.rows_rejected:
+            raise RuntimeError(f"writer lost rows: {stats}")
+    return elapsed
+
+
+async def main_async(args: argparse.Namespace, url: str) -> float:
+    connection = await asyncpg.connect(url)
+    try:
+        plugin_ids = await create_plugins(connection, args.plugins)
+        version = await connection.fetchval("SHOW server_version")
+        timescale = await connection.fetchval(
+            "SELECT extversion FROM pg_extension WHERE extname = 'timescaledb'"
+        )
+    finally:
+        await connection.close()
+    ticks = build_rows(plugin_ids, args.timestamps)
+    flat = [row for rows in ticks for row in rows]
+    total = len(flat)
+    backend = f"TimescaleDB {timescale} (hypertable)" if timescale else "PostgreSQL (partitioned)"
+    print(f"server: PostgreSQL {version}, {backend}; {redact_url(url)}")
+    print(f"rows: {total:,} ({args.plugins:,} plugins x {args.timestamps:,} timestamps)")
+
+    best_raw = best_writer = float("inf")
+    for round_number in range(1, args.rounds + 1):
+        await truncate(url)
+        raw_seconds = await run_raw(url, flat)
+        assert await count_rows(url) == total
+        await truncate(url)
+        writer_seconds = await run_writer(url, ticks)
+        assert await count_rows(url) == total
+        best_raw = min(best_raw, raw_seconds)
+        best_writer = min(best_writer, writer_seconds)
+        print(
+            f"round {round_number}: raw copy {total / raw_seconds:,.0f} rows/s "
+            f"({raw_seconds:.2f} s), writer {total / writer_seconds:,.0f} rows/s "
+            f"({writer_seconds:.2f} s)"
+        )
+    print(f"best raw copy (1 connection, 1 COPY): {total / best_raw:,.0f} rows/s")
+    print(
+        f"best writer (defaults: 5000-row batches, 2 in flight): {total / best_writer:,.0f} rows/s"
+    )
+    return best_raw / best_writer
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--database-url", help="server to create the scratch database on")
+    parser.add_argument("--plugins", type=int, default=1000)
+    parser.add_argument("--timestamps", type=int, default=1000)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    with scratch_database(args.database_url) as url:
+        ratio = asyncio.run(main_async(args, url))
+    print(f"writer_vs_raw_copy={ratio:.2f}")
+
+
+if __name__ == "__main__":
+    main()
