@@ -1,0 +1,317 @@
+"""Webhook delivery for real: a CPU-burning child sampled by the real Sampler, a real aiohttp
+receiver that goes down and comes back, retries, idempotency keys, HMAC, shared outboxes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime
+
+import asyncpg
+import pytest
+
+from alerts.engine import AlertEngine
+from alerts.outbox import OutboxDeliverer, backoff_seconds
+from alerts.rules import Rule, WebhookConfig
+from collectors.models import Match, PluginKey, PluginSpec
+from collectors.sampler import Sampler
+from storage import alert_store
+from tests.alerts_helpers import FakeClock, Receiver, plugin_ids, plugin_sample, snapshot
+
+KEY = PluginKey("acme", "burner", "production")
+
+
+def fast_hook(
+    name: str, url: str, *, secret: str | None = None, max_attempts: int = 10
+) -> WebhookConfig:
+    """A webhook with test-sized backoff (0.05 s doubling up to 0.3 s) and timeout."""
+    return WebhookConfig(
+        name=name,
+        url=url,
+        secret=secret,
+        max_attempts=max_attempts,
+        backoff_initial_seconds=0.05,
+        backoff_max_seconds=0.3,
+        timeout_seconds=2.0,
+    )
+
+
+@pytest.fixture
+async def pool(migrated_db: str) -> AsyncIterator[asyncpg.Pool]:
+    async with asyncpg.create_pool(migrated_db, min_size=1, max_size=6) as p:
+        yield p
+
+
+@pytest.fixture
+def burner() -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    """A child that burns one core for 3 s, then idles; its command line carries a marker."""
+    marker = f"pluginmon-burn-{uuid.uuid4().hex[:8]}"
+    code = (
+        "import sys, time\n"
+        "end = time.monotonic() + 3.0\n"
+        "while time.monotonic() < end: pass\n"
+        "time.sleep(60)\n"
+    )
+    child = subprocess.Popen([sys.executable, "-c", code, marker])
+    try:
+        yield child, marker
+    finally:
+        child.kill()
+        child.wait()
+
+
+async def run_in_background(deliverer: OutboxDeliverer) -> asyncio.Task[None]:
+    return asyncio.create_task(deliverer.run(poll_interval_seconds=0.05))
+
+
+async def stop(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+async def test_real_cpu_burn_fires_then_resolves(
+    pool: asyncpg.Pool, burner: tuple[subprocess.Popen[bytes], str]
+) -> None:
+    _, marker = burner
+    receiver = Receiver(secret="hmac-key")
+    await receiver.start()
+    hook = fast_hook("oncall", receiver.url, secret="hmac-key")
+    rule = Rule(
+        name="BurnerCpuHigh",
+        metric="cpu_percent",
+        op=">",
+        threshold=40,
+        clear_threshold=15,
+        for_seconds=0.5,
+        severity="warning",
+        annotations={"summary": "{plugin} burns {value:.0f}% CPU"},
+    )
+    sampler = Sampler(
+        [PluginSpec(KEY, Match(cmdline=marker))], label_discovery=False, host="test-host"
+    )
+    engine = AlertEngine(pool, [rule], external_url="http://127.0.0.1:9464", webhooks=[hook])
+    await engine.start()
+    ids = await plugin_ids(pool, [KEY])
+    cpu_seen: list[float] = []
+    async with OutboxDeliverer(pool, [hook], None) as deliverer:
+        task = await run_in_background(deliverer)
+        try:
+            async with asyncio.timeout(30):
+                while len(receiver.received) < 2:
+                    snap = await asyncio.to_thread(sampler.sample)
+                    cpu_seen += [s.cpu_percent for s in snap.samples if s.key == KEY]
+                    report = await engine.process(snap, ids)
+                    if report.notifications_queued:
+                        deliverer.wake()
+                    await asyncio.sleep(0.4)
+        finally:
+            await stop(task)
+            await receiver.stop()
+    firing, resolved = receiver.received
+    assert max(cpu_seen) > 40
+    assert cpu_seen[-1] < 15
+    for message in (firing, resolved):
+        assert message.signature_ok is True
+        body = message.json
+        assert body["version"] == "4"
+        assert body["receiver"] == "oncall"
+        assert body["groupLabels"] == {
+            "environment": "production",
+            "plugin": "burner",
+            "tenant": "acme",
+        }
+        assert body["externalURL"] == "http://127.0.0.1:9464"
+        (alert,) = body["alerts"]
+        assert alert["labels"]["alertname"] == "BurnerCpuHigh"
+        assert alert["labels"]["severity"] == "warning"
+        assert alert["fingerprint"]
+    assert firing.json["status"] == "firing"
+    assert firing.json["alerts"][0]["endsAt"] == "0001-01-01T00:00:00Z"
+    assert firing.json["alerts"][0]["annotations"]["summary"].startswith("burner burns ")
+    assert resolved.json["status"] == "resolved"
+    assert resolved.json["alerts"][0]["status"] == "resolved"
+    ends = datetime.fromisoformat(resolved.json["alerts"][0]["endsAt"].replace("Z", "+00:00"))
+    starts = datetime.fromisoformat(resolved.json["alerts"][0]["startsAt"].replace("Z", "+00:00"))
+    assert starts < ends <= datetime.now(UTC)
+    assert firing.json["alerts"][0]["fingerprint"] == resolved.json["alerts"][0]["fingerprint"]
+    assert firing.idempotency_key != resolved.idempotency_key
+
+
+async def test_receiver_down_then_up_every_notification_arrives_once(pool: asyncpg.Pool) -> None:
+    receiver = Receiver(secret="k")
+    await receiver.start()
+    port = receiver.port
+    await receiver.stop()  # down: connection refused
+    hook = fast_hook("ops", f"http://127.0.0.1:{port}/hook", secret="k", max_attempts=50)
+    clock = FakeClock(datetime.now(UTC))
+    keys = [PluginKey("acme", f"p{i}") for i in range(5)]
+    ids = await plugin_ids(pool, keys)
+    rule = Rule(name="Hot", metric="cpu_percent", op=">", threshold=50)
+    engine = AlertEngine(pool, [rule], webhooks=[hook], clock=clock)
+    await engine.start()
+    # every plugin fires, then resolves: 10 notifications, 2 per group, in order
+    await engine.process(snapshot(clock(), [plugin_sample(k, clock(), cpu=90) for k in keys]), ids)
+    clock.advance(1)
+    await engine.process(snapshot(clock(), [plugin_sample(k, clock(), cpu=1) for k in keys]), ids)
+
+    async with OutboxDeliverer(pool, [hook], None) as deliverer:
+        task = await run_in_background(deliverer)
+        try:
+            await asyncio.sleep(1.0)  # a few failed rounds against the closed port
+            assert deliverer.stats().notifications.get(("ops", "retry"), 0) >= 5
+            assert receiver.received == []
+            receiver.port = port
+            await receiver.start()
+            async with asyncio.timeout(20):
+                await receiver.wait_for(10)
+            await asyncio.sleep(0.3)  # let the outcomes be recorded
+        finally:
+            await stop(task)
+            await receiver.stop()
+        stats = deliverer.stats()
+    assert len(receiver.received) == 10
+    assert len({r.idempotency_key for r in receiver.received}) == 10
+    assert all(r.signature_ok for r in receiver.received)
+    per_group: dict[str, list[str]] = {}
+    for r in receiver.received:
+        per_group.setdefault(r.json["groupLabels"]["plugin"], []).append(r.json["status"])
+    assert per_group == {k.plugin: ["firing", "resolved"] for k in keys}
+    assert stats.notifications[("ops", "delivered")] == 10
+    assert stats.pending == 0
+    async with pool.acquire() as conn:
+        sent = await conn.fetch("SELECT idempotency_key FROM alert_notifications_sent")
+        outbox = await conn.fetch(
+            "SELECT status, attempts, idempotency_key FROM notification_outbox"
+        )
+    assert sorted(s["idempotency_key"] for s in sent) == sorted(
+        r.idempotency_key for r in receiver.received
+    )
+    assert {o["status"] for o in outbox} == {"delivered"}
+    assert max(o["attempts"] for o in outbox) > 1
+
+
+async def test_retry_only_on_5xx_429_and_give_up_on_4xx(pool: asyncpg.Pool) -> None:
+    receiver = Receiver(responses=[503, 429, 200, 400])
+    await receiver.start()
+    hook = fast_hook("ops", receiver.url)
+    clock = FakeClock(datetime.now(UTC))
+    a, b = PluginKey("acme", "a"), PluginKey("acme", "b")
+    ids = await plugin_ids(pool, [a, b])
+    engine = AlertEngine(
+        pool,
+        [Rule(name="Hot", metric="cpu_percent", op=">", threshold=50)],
+        webhooks=[hook],
+        clock=clock,
+    )
+    await engine.start()
+    await engine.process(snapshot(clock(), [plugin_sample(a, clock(), cpu=90)]), ids)
+    try:
+        async with OutboxDeliverer(pool, [hook], None) as deliverer:
+            for _ in range(40):
+                await deliverer.deliver_due()
+                if deliverer.stats().notifications.get(("ops", "delivered")):
+                    break
+                await asyncio.sleep(0.05)
+            await engine.process(snapshot(clock(), [plugin_sample(b, clock(), cpu=90)]), ids)
+            report = await deliverer.deliver_due()  # answered 400: given up at once
+            stats = deliverer.stats()
+    finally:
+        await receiver.stop()
+    assert receiver.attempts == 4
+    assert report.failed == 1
+    assert stats.notifications == {
+        ("ops", "retry"): 2,
+        ("ops", "delivered"): 1,
+        ("ops", "failed"): 1,
+    }
+    async with pool.acquire() as conn:
+        rows = await conn.fetch(
+            "SELECT status, attempts, last_status_code, last_error FROM notification_outbox ORDER BY id"
+        )
+    assert [(r["status"], r["attempts"], r["last_status_code"]) for r in rows] == [
+        ("delivered", 3, 200),
+        ("failed", 1, 400),
+    ]
+    assert rows[1]["last_error"] == "rejected: HTTP 400"
+
+
+async def test_two_deliverers_share_the_outbox(pool: asyncpg.Pool) -> None:
+    receiver = Receiver()
+    await receiver.start()
+    hook = fast_hook("ops", receiver.url)
+    clock = FakeClock(datetime.now(UTC))
+    keys = [PluginKey("acme", f"p{i}") for i in range(30)]
+    ids = await plugin_ids(pool, keys)
+    engine = AlertEngine(
+        pool,
+        [Rule(name="Hot", metric="cpu_percent", op=">", threshold=50)],
+        webhooks=[hook],
+        clock=clock,
+    )
+    await engine.start()
+    await engine.process(snapshot(clock(), [plugin_sample(k, clock(), cpu=90) for k in keys]), ids)
+    try:
+        async with (
+            OutboxDeliverer(pool, [hook], None, batch_size=4) as one,
+            OutboxDeliverer(pool, [hook], None, batch_size=4) as two,
+        ):
+            for _ in range(10):
+                await asyncio.gather(one.deliver_due(), two.deliver_due())
+            shares = (
+                one.stats().notifications.get(("ops", "delivered"), 0),
+                two.stats().notifications.get(("ops", "delivered"), 0),
+            )
+    finally:
+        await receiver.stop()
+    assert sum(shares) == 30
+    assert min(shares) > 0
+    assert len({r.idempotency_key for r in receiver.received}) == len(receiver.received) == 30
+
+
+async def test_recorded_key_is_never_posted_again(pool: asyncpg.Pool) -> None:
+    receiver = Receiver()
+    await receiver.start()
+    hook = fast_hook("ops", receiver.url)
+    clock = FakeClock(datetime.now(UTC))
+    ids = await plugin_ids(pool, [KEY])
+    engine = AlertEngine(
+        pool,
+        [Rule(name="Hot", metric="cpu_percent", op=">", threshold=50)],
+        webhooks=[hook],
+        clock=clock,
+    )
+    await engine.start()
+    await engine.process(snapshot(clock(), [plugin_sample(KEY, clock(), cpu=90)]), ids)
+    async with pool.acquire() as conn:
+        # as if a deliverer got its 2xx and died before marking the row
+        await conn.execute(
+            "INSERT INTO alert_notifications_sent (idempotency_key, tenant_id, receiver, status_code, attempts) "
+            "SELECT idempotency_key, tenant_id, receiver, 200, 1 FROM notification_outbox"
+        )
+    try:
+        async with OutboxDeliverer(pool, [hook], None) as deliverer:
+            report = await deliverer.deliver_due()
+    finally:
+        await receiver.stop()
+    assert (report.claimed, report.already_delivered, report.delivered) == (1, 1, 0)
+    assert receiver.attempts == 0
+    async with pool.acquire() as conn:
+        status = await conn.fetchval("SELECT status FROM notification_outbox")
+    assert status == "delivered"
+
+
+def test_backoff_is_capped_exponential_with_jitter() -> None:
+    for attempt, ceiling in [(1, 1.0), (2, 2.0), (3, 4.0), (6, 30.0), (20, 30.0)]:
+        values = [backoff_seconds(attempt, initial=1.0, maximum=30.0) for _ in range(200)]
+        assert ceiling / 2 <= min(values) <= max(values) <= ceiling
+        assert len(set(values)) > 100  # jittered
+
+
+async def test_alert_store_acknowledge_unknown(pool: asyncpg.Pool) -> None:
+    async with pool.acquire() as conn:
+        assert not await alert_store.acknowledge(conn, "0" * 16, "x", datetime.now(UTC))
