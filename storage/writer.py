@@ -20,6 +20,8 @@ Back-pressure policy (also in docs/writer.md):
   writer in "database unavailable" (logged once): the batch goes to the spool (or back to
   the queue without one), and the database is retried with capped exponential backoff and
   jitter. The first write that succeeds logs the recovery once.
+* Any database error while getting a connection (a wrong password, a missing database)
+  counts as transient too: it is never the rows' fault.
 * Any other error from COPY (a CHECK or foreign-key violation, a value the column type
   refuses) is a problem with some rows, not the database: the batch is logged with its
   traceback and split in halves until the rejected rows are isolated; the good rows are
@@ -169,6 +171,14 @@ class _Unwritten(Exception):
     def __init__(self, rows: list[Row], cause: BaseException) -> None:
         super().__init__(f"{len(rows)} rows not written: {cause!r}")
         self.rows = rows
+        self.cause = cause
+
+
+class _ConnectFailed(Exception):
+    """No connection to write with; ``cause`` says why."""
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(str(cause))
         self.cause = cause
 
 
@@ -576,13 +586,21 @@ class BatchWriter:
 
     async def _copy(self, rows: list[Row]) -> None:
         started = time.monotonic()
-        async with self._pool.acquire(timeout=self._copy_timeout) as connection:
+        try:
+            connection = await self._pool.acquire(timeout=self._copy_timeout)
+        except (*TRANSIENT_ERRORS, asyncpg.PostgresError) as exc:
+            # Whatever keeps us from a connection (refused, a wrong password, a missing
+            # database) is an outage for us, never a problem with these rows.
+            raise _ConnectFailed(exc) from exc
+        try:
             await connection.copy_records_to_table(
                 self._table,
                 records=rows,
                 columns=self._columns,
                 timeout=self._copy_timeout,
             )
+        finally:
+            await self._pool.release(connection)
         elapsed = time.monotonic() - started
         self._rows_written += len(rows)
         self._batches_written += 1
@@ -601,6 +619,10 @@ class BatchWriter:
             part = pending[0]
             try:
                 await self._copy(part)
+            except _ConnectFailed as failed:
+                raise _Unwritten([row for piece in pending for row in piece], failed.cause) from (
+                    failed.cause
+                )
             except TRANSIENT_ERRORS as exc:
                 raise _Unwritten([row for piece in pending for row in piece], exc) from exc
             except ROW_ERRORS as exc:
@@ -629,6 +651,11 @@ class BatchWriter:
                         part[0],
                     )
                 continue
+            except Exception as exc:
+                # Not a known database or row error (a bug, a driver surprise): keep the
+                # rows like in an outage, so the writer goes on and nothing is lost.
+                logger.exception("unexpected error writing %d rows to %s", len(part), self._table)
+                raise _Unwritten([row for piece in pending for row in piece], exc) from exc
             pending.popleft()
         if rejected_in_batch > _REJECTED_ROWS_LOGGED:
             logger.warning(

@@ -291,3 +291,32 @@ async def test_without_a_spool_the_deadline_drops_and_counts(
     assert stats.rows_queued == 0
     assert "holding rows in memory" in caplog.text
     assert "shutdown deadline passed with no spool" in caplog.text
+
+
+async def test_a_refused_login_is_an_outage_not_bad_rows(
+    migrated_db: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    user, rest = migrated_db.split("://", 1)[1].split(":", 1)
+    password, location = rest.split("@", 1)
+    wrong = f"postgresql://{user}:not-{password}@{location}"
+    caplog.set_level(logging.WARNING, logger="storage.writer")
+    with Spool(tmp_path / "spool") as spool:
+        async with (
+            pool_context(wrong, min_size=0) as pool,
+            BatchWriter(
+                pool,
+                table=PLUGIN_SAMPLES_TABLE,
+                columns=PLUGIN_SAMPLES_COLUMNS,
+                spool=spool,
+                **FAST_RETRY,
+            ) as writer,
+        ):
+            writer.put(sample_rows(0, 300, [1, 2, 3]))
+            await writer.flush()
+            stats = writer.stats()
+        assert stats.rows_rejected == 0
+        assert stats.rows_dropped == 0
+        assert not stats.database_available
+        assert spool.rows == 300
+    assert "InvalidPasswordError" in caplog.text
+    assert password not in caplog.text
