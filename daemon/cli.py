@@ -3,23 +3,175 @@
 from __future__ import annotations
 
 import argparse
+import json
+import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from importlib import metadata
+from pathlib import Path
+
+from daemon.settings import ConfigError, Settings
+
+logger = logging.getLogger("pluginmon")
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_CONFIG = 2
+
+
+def version() -> str:
+    try:
+        return metadata.version("pluginmon")
+    except metadata.PackageNotFoundError:
+        return "0+unknown"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pluginmon", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    for name in ("run", "migrate", "check-config", "status"):
-        cmd = sub.add_parser(name)
-        cmd.add_argument("--config", metavar="PATH", help="TOML config file")
+    parser = argparse.ArgumentParser(
+        prog="pluginmon", description="Plugin health-monitoring daemon."
+    )
+    parser.add_argument("--version", action="version", version=f"pluginmon {version()}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    helps = {
+        "run": "run the daemon until SIGTERM/SIGINT",
+        "migrate": "apply pending database migrations",
+        "check-config": "validate the configuration; list every problem",
+        "status": "per-plugin health from the database",
+    }
+    for name, text in helps.items():
+        cmd = sub.add_parser(name, help=text, description=text)
+        cmd.add_argument("--config", metavar="PATH", type=Path, help="TOML config file")
+        if name == "status":
+            cmd.add_argument("--json", action="store_true", help="JSON instead of a table")
+            cmd.add_argument("--tenant", help="only this tenant's plugins")
     return parser
+
+
+def _print_problems(exc: ConfigError) -> None:
+    print(f"pluginmon: invalid configuration ({len(exc.problems)} problem(s)):", file=sys.stderr)
+    for problem in exc.problems:
+        print(f"  {problem}", file=sys.stderr)
+
+
+@contextmanager
+def _database_url(settings: Settings) -> Iterator[str]:
+    """The configured URL, or the embedded server's (started for the command if not running)."""
+    if settings.database_url is not None:
+        yield settings.database_url.get_secret_value()
+        return
+    from storage.embedded import EmbeddedPostgres
+
+    server = EmbeddedPostgres(settings.data_dir)
+    url = server.start()
+    try:
+        yield url
+    finally:
+        if server.started_here:
+            server.stop()
+
+
+def _check_config(config: Path | None) -> int:
+    from daemon.config import load
+
+    try:
+        resolved = load(config)
+    except ConfigError as exc:
+        _print_problems(exc)
+        return EXIT_CONFIG
+    settings = resolved.settings
+    database = "embedded (under data_dir)" if settings.embedded else "PLUGINMON_DATABASE_URL"
+    print(
+        f"configuration OK: {len(resolved.plugins)} plugin(s)"
+        f"{' + label discovery' if settings.label_discovery else ''}, "
+        f"{len(resolved.rules)} rule(s), {len(resolved.webhooks)} webhook(s), "
+        f"database {database}, sample every {settings.sample_interval_seconds:g} s, "
+        f"HTTP {settings.http_host}:{settings.http_port}"
+    )
+    return EXIT_OK
+
+
+def _migrate(config: Path | None) -> int:
+    from daemon.logs import configure_logging
+    from daemon.settings import load_settings
+    from storage.migrate import Backend, MigrationError, migrate
+
+    try:
+        settings = load_settings(config)
+    except ConfigError as exc:
+        _print_problems(exc)
+        return EXIT_CONFIG
+    configure_logging(log_format=settings.log_format, log_level=settings.log_level)
+    backend = None if settings.backend == "auto" else Backend(settings.backend)
+    try:
+        with _database_url(settings) as url:
+            result = migrate(url, backend=backend)
+    except MigrationError as exc:
+        print(f"pluginmon migrate: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except Exception as exc:
+        from daemon.logs import redact
+
+        print(f"pluginmon migrate: {redact(str(exc))}", file=sys.stderr)
+        return EXIT_FAILURE
+    print(
+        f"backend {result.backend.value}: applied {len(result.applied)} migration(s)"
+        f"{': ' + ', '.join(result.applied) if result.applied else ''}; "
+        f"{result.already_applied} already applied"
+    )
+    return EXIT_OK
+
+
+def _status(config: Path | None, as_json: bool, tenant: str | None) -> int:
+    from daemon.logs import configure_logging, redact
+    from daemon.settings import load_settings
+    from daemon.status import fetch_status, format_table
+
+    try:
+        settings = load_settings(config)
+    except ConfigError as exc:
+        _print_problems(exc)
+        return EXIT_CONFIG
+    configure_logging(log_format=settings.log_format, log_level="WARNING")
+    try:
+        with _database_url(settings) as url:
+            rows = fetch_status(url, tenant=tenant)
+    except Exception as exc:
+        print(f"pluginmon status: {redact(str(exc))}", file=sys.stderr)
+        return EXIT_FAILURE
+    if as_json:
+        print(json.dumps([row.as_dict() for row in rows], indent=2))
+    else:
+        print(format_table(rows))
+    return EXIT_OK
+
+
+def _run(config: Path | None) -> int:
+    from daemon.app import run_daemon
+    from daemon.config import load
+    from daemon.logs import configure_logging
+
+    try:
+        resolved = load(config)
+    except ConfigError as exc:
+        _print_problems(exc)
+        return EXIT_CONFIG
+    settings = resolved.settings
+    configure_logging(log_format=settings.log_format, log_level=settings.log_level)
+    logger.info("pluginmon %s starting", version())
+    return run_daemon(resolved, version=version())
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    print(f"pluginmon {args.command}: not wired yet", file=sys.stderr)
-    return 1
+    config: Path | None = args.config
+    if args.command == "check-config":
+        return _check_config(config)
+    if args.command == "migrate":
+        return _migrate(config)
+    if args.command == "status":
+        return _status(config, args.json, args.tenant)
+    return _run(config)
 
 
 if __name__ == "__main__":  # pragma: no cover

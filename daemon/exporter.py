@@ -15,7 +15,12 @@ from prometheus_client import (
     Gauge,
     Histogram,
 )
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
@@ -51,6 +56,9 @@ class DaemonStats:
     outbox_pending: int = 0
     job_last_success: Mapping[str, float] = field(default_factory=dict)  # job -> unix time
     job_failures: Mapping[str, int] = field(default_factory=dict)
+    # One COPY batch's duration: cumulative (upper bound, count) ending with +Inf, and the sum.
+    write_buckets: tuple[tuple[float, int], ...] = ()
+    write_seconds_sum: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -487,6 +495,16 @@ class DaemonStatsCollector(Collector):
         for job, count in sorted(stats.job_failures.items()):
             failures.add_metric([job], count)
         yield failures
+        if stats.write_buckets:
+            yield HistogramMetricFamily(
+                "pluginmon_write_duration_seconds",
+                "Duration of one COPY batch",
+                buckets=[
+                    ("+Inf" if math.isinf(bound) else repr(float(bound)), count)
+                    for bound, count in stats.write_buckets
+                ],
+                sum_value=stats.write_seconds_sum,
+            )
 
 
 class DaemonMetrics:
@@ -507,12 +525,6 @@ class DaemonMetrics:
             "pluginmon_process_read_errors",
             "Per-process read failures, by kind",
             labelnames=["kind"],
-            registry=registry,
-        )
-        self.write_duration = Histogram(
-            "pluginmon_write_duration_seconds",
-            "Duration of one COPY batch",
-            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0),
             registry=registry,
         )
         self.build_info = Gauge(

@@ -83,8 +83,10 @@ class RetentionSettings(_Section):
     metrics: timedelta = timedelta(days=90)
     rollup_1m: timedelta = timedelta(days=30)
     rollup_1h: timedelta = timedelta(days=365)  # the analytics rollup
-    operations: timedelta = timedelta(days=30)
+    operations: timedelta = timedelta(days=30)  # completed operations
     audit: timedelta = timedelta(days=730)
+    analytics: timedelta = timedelta(days=365)  # the plugin_analytics table
+    compress_after: timedelta = timedelta(days=7)  # TimescaleDB: compress older chunks
 
     @field_validator("*", mode="before")
     @classmethod
@@ -97,22 +99,23 @@ class WebhookSettings(_Section):
 
     model_config = ConfigDict(extra="allow", frozen=True)
 
-    url: str
+    # Validated (with every other webhook field) by alerts.rules.parse_webhooks.
+    url: str | None = None
     secret: SecretStr | None = None
-    name: str | None = None
 
-
-class AlertmanagerSettings(_Section):
-    model_config = ConfigDict(extra="allow", frozen=True)
-
-    url: str
+    def as_table(self) -> dict[str, Any]:
+        """The table for parse_webhooks; the secret stays a SecretStr."""
+        table = {k: v for k, v in self.model_dump().items() if v is not None}
+        if self.secret is not None:
+            table["secret"] = self.secret
+        return table
 
 
 class AlertsSettings(_Section):
     # Rules are validated by alerts.rules.parse_rules (errors name the rule and field).
     rules: list[dict[str, Any]] = Field(default_factory=list)
     webhooks: list[WebhookSettings] = Field(default_factory=list)
-    alertmanager: AlertmanagerSettings | None = None
+    alertmanager: dict[str, Any] | None = None  # parsed by alerts.rules.parse_alertmanager
     builtin_rules: bool = True
     external_url: str | None = None
 
@@ -371,8 +374,3 @@ def load_settings(config_path: Path | None = None) -> Settings:
         raise ConfigError(
             [f"{field}: cannot parse {ENV_PREFIX}{field.upper()} (complex values must be JSON)"]
         ) from None
-
-
-def environ_value(name: str) -> str | None:
-    """Read one process environment variable (for callers that must not touch os.environ)."""
-    return os.environ.get(name)

@@ -1,0 +1,631 @@
+"""Composition root: builds every component on one AsyncExitStack, runs the jobs, shuts down."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AsyncExitStack
+from typing import Any, Protocol
+
+import asyncpg
+from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
+
+from alerts.engine import AlertEngine
+from alerts.outbox import OutboxDeliverer
+from collectors.models import PluginKey, PluginSample, Snapshot
+from collectors.sampler import DEFAULT_FIELDS, Sampler
+from daemon.config import DaemonConfig
+from daemon.exporter import (
+    DaemonMetrics,
+    DaemonStats,
+    ExporterState,
+    FiringAlert,
+    HealthView,
+    MetricsRenderer,
+    PluginCollector,
+)
+from daemon.http import BasicAuth, HttpServer, Readiness, tls_context
+from daemon.logs import redact
+from daemon.scheduling import Scheduler
+from storage.backend import Retention
+from storage.queries import ensure_tenant_and_plugin
+from storage.spool import Spool, SpoolLockedError
+from storage.writer import (
+    PLUGIN_SAMPLES_COLUMNS,
+    PLUGIN_SAMPLES_TABLE,
+    TRANSIENT_ERRORS,
+    BatchWriter,
+)
+
+logger = logging.getLogger(__name__)
+
+# Errors that mean "the database is away", as opposed to a bug: retried, logged on change.
+DATABASE_ERRORS = TRANSIENT_ERRORS
+
+# Samples of plugins whose id is not known yet (database away at start) wait here.
+MAX_UNRESOLVED_SAMPLES = 100_000
+
+
+def sample_row(sample: PluginSample, plugin_id: int, host: str) -> tuple[object, ...]:
+    """One plugin_samples row, in the writer's PLUGIN_SAMPLES_COLUMNS order."""
+    return (
+        sample.timestamp,
+        sample.key.tenant,
+        plugin_id,
+        sample.key.environment,
+        host,
+        max(sample.cpu_percent, 0.0),
+        sample.rss_bytes,
+        sample.vms_bytes,
+        sample.uss_bytes,
+        sample.swap_bytes,
+        sample.threads,
+        sample.fds,
+        sample.read_bytes,
+        sample.write_bytes,
+        sample.ctx_switches_voluntary,
+        sample.ctx_switches_involuntary,
+        sample.process_count,
+        max(sample.restarts, 0),
+        sample.up,
+    )
+
+
+class SamplerLike(Protocol):
+    def sample(self) -> Snapshot: ...
+
+
+class WriterLike(Protocol):
+    def put(self, rows: Sequence[tuple[object, ...]]) -> None: ...
+
+
+class Daemon:
+    """One monitoring daemon: the jobs and the state they share.
+
+    ``run(stop)`` builds everything on one AsyncExitStack, runs until ``stop`` is set and
+    leaves in order: stop sampling, flush the writer and the outbox within the shutdown
+    deadline, stop HTTP, close the pool, stop the embedded server.
+    """
+
+    def __init__(
+        self,
+        config: DaemonConfig,
+        *,
+        version: str,
+        registry: CollectorRegistry | None = None,
+    ) -> None:
+        self.config = config
+        self.settings = config.settings
+        self.version = version
+        self.registry = registry or CollectorRegistry()
+        if registry is None:
+            ProcessCollector(registry=self.registry)
+            PlatformCollector(registry=self.registry)
+            GCCollector(registry=self.registry)
+        self.metrics = DaemonMetrics(self.registry, version=version)
+        self.exporter = ExporterState(grace_seconds=self.settings.plugin_grace_seconds)
+        self.plugins = PluginCollector(self.exporter)
+        self.renderer = MetricsRenderer(self.registry, self.plugins)
+        self.scheduler = Scheduler(
+            misfire_grace_seconds=self.settings.misfire_grace_seconds,
+            drain_seconds=self.settings.shutdown_deadline_seconds / 4,
+        )
+        self.database_url: str | None = None
+        self.pool: asyncpg.Pool | None = None
+        self.writer: BatchWriter | None = None
+        self.spool: Spool | None = None
+        self.sampler: Sampler | None = None
+        self.engine: AlertEngine | None = None
+        self.outbox: OutboxDeliverer | None = None
+        self.maintenance: Any = None
+        self.http: HttpServer | None = None
+        self._plugin_ids: dict[PluginKey, int] = {}
+        self._unresolved: deque[PluginSample] = deque()
+        self._invalid: set[PluginKey] = set()
+        self._dropped: dict[str, int] = {"unresolved_plugin": 0, "invalid_plugin": 0}
+        self._latest: Snapshot | None = None
+        self._evaluated: Snapshot | None = None
+        self._last_sample_monotonic: float | None = None
+        self._database_up: bool | None = None
+        self.samples_taken = 0
+
+    # -- database state -------------------------------------------------------------------
+
+    def _database_state(self, up: bool, error: BaseException | None = None) -> None:
+        """Log transitions only: "unreachable" once, "recovered" once."""
+        if up == self._database_up:
+            return
+        previous, self._database_up = self._database_up, up
+        if up and previous is False:
+            logger.info("database recovered")
+        elif not up:
+            logger.warning(
+                "database unreachable: %s; samples go to the disk spool until it returns",
+                redact(str(error)) if error else "no answer",
+            )
+
+    async def probe_database(self) -> None:
+        if self.pool is None:
+            return
+        try:
+            async with asyncio.timeout(5):
+                await self.pool.fetchval("SELECT 1")
+        except DATABASE_ERRORS as exc:
+            self._database_state(False, exc)
+            return
+        self._database_state(True)
+
+    # -- jobs --------------------------------------------------------------------------------
+
+    async def job_sample(self) -> None:
+        sampler = self.sampler
+        if sampler is None:
+            return
+        snapshot: Snapshot = await asyncio.to_thread(sampler.sample)
+        self.samples_taken += len(snapshot.samples)
+        self._last_sample_monotonic = time.monotonic()
+        self._latest = snapshot
+        self.metrics.observe_snapshot(snapshot)
+        self.exporter.update_snapshot(snapshot)
+        await self._write(snapshot)
+
+    async def _resolve_ids(self, keys: Sequence[PluginKey]) -> None:
+        missing = [
+            k for k in dict.fromkeys(keys) if k not in self._plugin_ids and k not in self._invalid
+        ]
+        if not missing or self.pool is None:
+            return
+        try:
+            async with self.pool.acquire() as conn:
+                for key in missing:
+                    try:
+                        self._plugin_ids[key] = await ensure_tenant_and_plugin(
+                            conn, key.tenant, key.plugin, key.environment
+                        )
+                    except ValueError as exc:
+                        # A label-discovered process with a tenant the schema refuses.
+                        self._invalid.add(key)
+                        logger.warning(
+                            "plugin %s/%s (%s): not stored: %s",
+                            key.tenant,
+                            key.plugin,
+                            key.environment,
+                            exc,
+                        )
+        except DATABASE_ERRORS as exc:
+            self._database_state(False, exc)
+
+    async def _write(self, snapshot: Snapshot) -> None:
+        pending = list(self._unresolved) + list(snapshot.samples)
+        self._unresolved.clear()
+        await self._resolve_ids([s.key for s in pending])
+        rows: list[tuple[object, ...]] = []
+        for sample in pending:
+            plugin_id = self._plugin_ids.get(sample.key)
+            if plugin_id is not None:
+                rows.append(sample_row(sample, plugin_id, snapshot.host))
+            elif sample.key in self._invalid:
+                self._dropped["invalid_plugin"] = self._dropped.get("invalid_plugin", 0) + 1
+            elif len(self._unresolved) >= MAX_UNRESOLVED_SAMPLES:
+                self._dropped["unresolved_plugin"] = self._dropped.get("unresolved_plugin", 0) + 1
+            else:
+                self._unresolved.append(sample)
+        if rows and self.writer is not None:
+            self.writer.put(rows)
+
+    async def job_flush(self) -> None:
+        """Nudge the writer to write partial batches now (it also flushes on its own)."""
+        if self.writer is None:
+            return
+        # While a long spool replays, flush() waits for it; that is progress, not a failure.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(max(10.0, 5 * self.settings.flush_interval_seconds)):
+                await self.writer.flush()
+
+    async def job_evaluate(self) -> None:
+        snapshot = self._latest
+        if self.engine is None or snapshot is None or snapshot is self._evaluated:
+            return
+        self._evaluated = snapshot
+        try:
+            await self.engine.process(snapshot, dict(self._plugin_ids))
+        finally:
+            # Scores and alert states live in memory first: export them even when
+            # persisting them failed this time.
+            self._publish_alert_state()
+
+    def _publish_alert_state(self) -> None:
+        engine = self.engine
+        if engine is None:
+            return
+        health: dict[PluginKey, HealthView] = {}
+        for key, score in engine.latest_health().items():
+            health[key] = HealthView(
+                score=float(score.score),
+                components=tuple((c.name, float(c.score)) for c in score.components),
+            )
+        self.exporter.update_health(health)
+        self.exporter.update_alerts(
+            [
+                FiringAlert(key=a.key, alertname=a.alertname, severity=a.severity)
+                for a in engine.firing()
+            ]
+        )
+
+    async def job_outbox(self) -> None:
+        if self.outbox is not None:
+            await self.outbox.deliver_due()
+
+    async def job_maintenance(self) -> None:
+        if self.maintenance is not None and self.pool is not None:
+            await self.maintenance()
+
+    # -- readiness and stats -----------------------------------------------------------------
+
+    async def readiness(self) -> Readiness:
+        reasons: list[str] = []
+        if self.pool is None:
+            reasons.append("database not connected yet")
+        else:
+            await self.probe_database()
+            if not self._database_up:
+                reasons.append("database unreachable")
+        limit = 3 * self.settings.sample_interval_seconds
+        last = self._last_sample_monotonic
+        if last is None:
+            reasons.append("no sample taken yet")
+        elif time.monotonic() - last > limit:
+            reasons.append(f"last sample {time.monotonic() - last:.1f} s ago (> {limit:g} s)")
+        return Readiness(ready=not reasons, reasons=tuple(reasons))
+
+    def refresh_stats(self) -> None:
+        """Copy collaborators' counters into the exporter (on the loop, before a scrape)."""
+        dropped: dict[str, int] = {}
+        rows_written: dict[str, int] = {}
+        spool_rows = 0
+        buckets: tuple[tuple[float, int], ...] = ()
+        write_sum = 0.0
+        database_up = bool(self._database_up)
+        if self.writer is not None:
+            ws = self.writer.stats()
+            rows_written[PLUGIN_SAMPLES_TABLE] = ws.rows_written
+            spool_rows = ws.spool_rows
+            dropped["rejected_by_database"] = ws.rows_rejected
+            dropped["buffer_full"] = ws.rows_dropped - ws.rows_rejected
+            buckets = ws.flush_seconds_buckets
+            write_sum = ws.flush_seconds_sum
+            database_up = database_up and ws.database_available
+        dropped.update(self._dropped)
+        notifications: dict[tuple[str, str], int] = {}
+        outbox_pending = 0
+        if self.outbox is not None:
+            delivery = self.outbox.stats()
+            notifications, outbox_pending = dict(delivery.notifications), delivery.pending
+        self.metrics.stats.update(
+            DaemonStats(
+                rows_written=rows_written,
+                spool_samples=spool_rows,
+                dropped=dropped,
+                database_up=database_up,
+                notifications=notifications,
+                outbox_pending=outbox_pending,
+                job_last_success=self.scheduler.last_success,
+                job_failures=self.scheduler.failures,
+                write_buckets=buckets,
+                write_seconds_sum=write_sum,
+            )
+        )
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        async with AsyncExitStack() as stack:
+            await build(self, stack, stop)
+            if stop.is_set():
+                return
+            logger.info(
+                "pluginmon running: %d configured plugin(s)%s, sample every %g s",
+                len(self.config.plugins),
+                " + label discovery" if self.settings.label_discovery else "",
+                self.settings.sample_interval_seconds,
+            )
+            await stop.wait()
+            logger.info("shutting down (deadline %g s)", self.settings.shutdown_deadline_seconds)
+            # Stop sampling first; the rest unwinds in reverse order on the stack.
+            self.scheduler.pause()
+        self._log_final_counts()
+
+    def _log_final_counts(self) -> None:
+        """One line with what this run took and where it went (tests and operators read it)."""
+        stats = self.writer.stats() if self.writer is not None else None
+        counts = {
+            "samples_taken": self.samples_taken,
+            "rows_written": stats.rows_written if stats else 0,
+            "rows_in_spool": stats.spool_rows if stats else 0,
+            "rows_dropped": (stats.rows_dropped if stats else 0) + sum(self._dropped.values()),
+            "samples_unresolved": len(self._unresolved),
+        }
+        logger.info(
+            "final counts: %d plugin samples taken, %d rows written, %d rows left in the "
+            "spool (replayed on the next start), %d dropped",
+            counts["samples_taken"],
+            counts["rows_written"],
+            counts["rows_in_spool"],
+            counts["rows_dropped"],
+            extra=counts,
+        )
+
+
+async def build(daemon: Daemon, stack: AsyncExitStack, stop: asyncio.Event) -> None:
+    """Start every component in dependency order, registering each one's cleanup.
+
+    The exit stack unwinds in reverse: scheduler (drain running jobs), HTTP, outbox (final
+    delivery), writer (final flush or spool), pool, embedded server.
+    """
+    settings = daemon.settings
+    deadline = settings.shutdown_deadline_seconds
+    url = await _database_url(daemon, stack)
+    daemon.database_url = url
+    await _migrate_until_done(url, settings.backend, daemon.config.retention, stop)
+    if stop.is_set():
+        return
+
+    from storage.pool import close_pool, open_pool
+
+    # min_size=0: the pool opens without a connection, so a database that goes away later
+    # (or is slow now) never blocks start-up; the writer spools meanwhile.
+    daemon.pool = await open_pool(url, min_size=0, max_size=settings.database_pool_max_size)
+    stack.push_async_callback(close_pool, daemon.pool, timeout_seconds=max(1.0, deadline / 4))
+    await daemon.probe_database()
+
+    # Replays whatever a crashed or killed predecessor left, before any new row.
+    daemon.spool = await asyncio.to_thread(
+        Spool, settings.spool_dir, max_bytes=settings.spool_max_bytes
+    )
+    stack.push_async_callback(asyncio.to_thread, daemon.spool.close)
+    if daemon.spool.rows:
+        logger.info("disk spool holds %d sample rows from before; replaying", daemon.spool.rows)
+    daemon.writer = await stack.enter_async_context(
+        BatchWriter(
+            daemon.pool,
+            table=PLUGIN_SAMPLES_TABLE,
+            columns=PLUGIN_SAMPLES_COLUMNS,
+            max_rows=settings.flush_max_rows,
+            max_delay_seconds=settings.flush_interval_seconds,
+            max_queue_rows=max(settings.writer_queue_max_rows, 2 * settings.flush_max_rows),
+            spool=daemon.spool,
+            close_timeout_seconds=deadline / 2,
+        )
+    )
+
+    daemon.sampler = Sampler(
+        daemon.config.plugins,
+        proc_root=str(settings.proc_root),
+        label_discovery=settings.label_discovery,
+        fields=_sample_fields(settings.collect_fields),
+        host=settings.host,
+    )
+
+    await _build_alerts(daemon, stack)
+    daemon.maintenance = _maintenance_job(daemon)
+
+    auth = None
+    if settings.http_auth_username:
+        auth = BasicAuth(
+            settings.http_auth_username,
+            password=(
+                settings.http_auth_password.get_secret_value()
+                if settings.http_auth_password is not None
+                else None
+            ),
+            password_sha256=settings.http_auth_password_sha256,
+        )
+    ssl_context = (
+        tls_context(settings.http_tls_cert_file, settings.http_tls_key_file)
+        if settings.http_tls_cert_file and settings.http_tls_key_file
+        else None
+    )
+    daemon.http = await stack.enter_async_context(
+        HttpServer(
+            host=settings.http_host,
+            port=settings.http_port,
+            metrics=daemon.renderer,
+            readiness=daemon.readiness,
+            before_render=daemon.refresh_stats,
+            auth=auth,
+            ssl_context=ssl_context,
+        )
+    )
+
+    scheduler = daemon.scheduler
+    interval = settings.sample_interval_seconds
+    scheduler.add_job("sample", daemon.job_sample, interval_seconds=interval)
+    scheduler.add_job("flush", daemon.job_flush, interval_seconds=settings.flush_interval_seconds)
+    scheduler.add_job(
+        "evaluate",
+        daemon.job_evaluate,
+        interval_seconds=settings.evaluate_every_seconds,
+        first_run_in_seconds=min(1.0, interval / 2),
+    )
+    scheduler.add_job(
+        "outbox", daemon.job_outbox, interval_seconds=settings.outbox_interval_seconds
+    )
+    scheduler.add_job(
+        "database_probe", daemon.probe_database, interval_seconds=min(5.0, max(1.0, interval))
+    )
+    scheduler.add_job(
+        "maintenance",
+        daemon.job_maintenance,
+        interval_seconds=settings.maintenance_interval_seconds,
+        first_run_in_seconds=min(5.0, settings.maintenance_interval_seconds),
+    )
+    await stack.enter_async_context(scheduler)
+
+
+def _maintenance_job(daemon: Daemon) -> Callable[[], Awaitable[None]]:
+    """Partitions, retention and rollups; storage takes the advisory lock, so one of many
+    daemons sharing the database does the work and the others return at once."""
+    from storage.backend import Maintenance, detect_backend, maintenance_for
+
+    maintenance: Maintenance | None = None
+    retention = daemon.config.retention
+
+    async def run() -> None:
+        nonlocal maintenance
+        pool = daemon.pool
+        if pool is None:
+            return
+        async with pool.acquire() as conn:
+            if maintenance is None:
+                maintenance = maintenance_for(await detect_backend(conn))
+            report = await maintenance.run(conn, retention)
+        if report.ran:
+            logger.info(
+                "maintenance: %d partition(s) created, %d dropped, %d row(s) removed%s",
+                len(report.partitions_created),
+                len(report.partitions_dropped),
+                sum(rows for _, rows in report.rows_removed),
+                "; failed steps: " + ", ".join(f"{s} ({why})" for s, why in report.failed_steps)
+                if report.failed_steps
+                else "",
+            )
+
+    return run
+
+
+def _sample_fields(optional: Sequence[str]) -> frozenset[str]:
+    return DEFAULT_FIELDS | frozenset(optional)
+
+
+async def _database_url(daemon: Daemon, stack: AsyncExitStack) -> str:
+    settings = daemon.settings
+    if settings.database_url is not None:
+        return settings.database_url.get_secret_value()
+    from storage.embedded import EmbeddedPostgres
+
+    server = EmbeddedPostgres(settings.data_dir)
+    logger.info("no database_url: using the embedded PostgreSQL under %s", settings.data_dir)
+    url = await asyncio.to_thread(server.start)
+    # The daemon owns the embedded server: stop it on exit even if an earlier daemon that
+    # was killed had started it.
+    stack.push_async_callback(asyncio.to_thread, server.stop)
+    return url
+
+
+async def _migrate_until_done(
+    url: str, backend: str, retention: Retention, stop: asyncio.Event
+) -> None:
+    """Apply migrations and policies (admin plane, in a thread); retry while the database is away."""
+    import psycopg
+
+    from storage.backend import prepare_database
+    from storage.migrate import Backend
+
+    wanted = None if backend == "auto" else Backend(backend)
+    delay = 0.5
+    logged = False
+    while not stop.is_set():
+        try:
+            prepared = await asyncio.to_thread(prepare_database, url, retention, backend=wanted)
+        except (OSError, psycopg.OperationalError) as exc:
+            if not logged:
+                logger.warning("database unreachable at start-up (%s); retrying", redact(str(exc)))
+                logged = True
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await stop.wait()
+            delay = min(delay * 2, 30.0)
+            continue
+        logger.info(
+            "schema ready (backend %s, %d migration(s) applied now%s)",
+            prepared.backend.value,
+            len(prepared.migrations.applied),
+            f", policies: {', '.join(prepared.policy_changes)}" if prepared.policy_changes else "",
+        )
+        return
+
+
+async def _build_alerts(daemon: Daemon, stack: AsyncExitStack) -> None:
+    """The alert engine (state from the database) and the outbox deliverer."""
+    settings = daemon.settings
+    config = daemon.config
+    daemon.engine = AlertEngine(
+        daemon.pool,
+        config.rules,
+        health_config=config.health,
+        external_url=settings.alerts.external_url or "",
+        webhooks=config.webhooks,
+        alertmanager=config.alertmanager,
+    )
+    try:
+        await daemon.engine.start()
+    except DATABASE_ERRORS as exc:
+        # Evaluation works in memory meanwhile; state is loaded and persisted once it is back.
+        logger.warning("alert state not loaded yet: %s", redact(str(exc)))
+    outbox = daemon.outbox = await stack.enter_async_context(
+        OutboxDeliverer(daemon.pool, config.webhooks, config.alertmanager)
+    )
+
+    async def final_delivery() -> None:
+        # Last chance for notifications queued just before the signal; bounded.
+        with contextlib.suppress(TimeoutError, *DATABASE_ERRORS):
+            async with asyncio.timeout(settings.shutdown_deadline_seconds / 4):
+                await outbox.deliver_due()
+
+    stack.push_async_callback(final_delivery)
+
+
+# -- process entry point -------------------------------------------------------------------------
+
+
+def install_signal_handlers(
+    loop: asyncio.AbstractEventLoop, stop: asyncio.Event, *, on_second: Callable[[int], None]
+) -> None:
+    """First SIGTERM/SIGINT: graceful stop. Second: ``on_second(signum)`` (exit at once)."""
+
+    def handle(signum: int) -> None:
+        if stop.is_set():
+            logger.warning("second %s: exiting now", signal.Signals(signum).name)
+            on_second(signum)
+            return
+        logger.info("%s received: stopping", signal.Signals(signum).name)
+        stop.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, handle, signum)
+
+
+def _exit_now(signum: int) -> None:
+    logging.shutdown()
+    os._exit(128 + signum)  # 143 for SIGTERM, 130 for SIGINT, as shells report them
+
+
+async def _main(config: DaemonConfig, version: str) -> None:
+    stop = asyncio.Event()
+    install_signal_handlers(asyncio.get_running_loop(), stop, on_second=_exit_now)
+    await Daemon(config, version=version).run(stop)
+
+
+def run_daemon(config: DaemonConfig, *, version: str) -> int:
+    """Run until SIGTERM/SIGINT; 0 after a clean shutdown, 1 on a runtime failure."""
+    from storage.embedded import EmbeddedPostgresError
+    from storage.migrate import MigrationError
+
+    try:
+        asyncio.run(_main(config, version))
+    except KeyboardInterrupt:
+        return 130
+    except (MigrationError, EmbeddedPostgresError, SpoolLockedError) as exc:
+        logger.error("pluginmon cannot start: %s", redact(str(exc)))
+        return 1
+    except Exception:
+        logger.exception("pluginmon stopped by an error")
+        return 1
+    logger.info("pluginmon stopped")
+    return 0

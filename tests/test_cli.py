@@ -1,0 +1,174 @@
+"""The `pluginmon` console script as a real subprocess: check-config, --version, exit codes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PLUGINMON = [sys.executable, "-m", "daemon.cli"]
+
+
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("PLUGINMON_")}
+    base["XDG_STATE_HOME"] = base.get("XDG_STATE_HOME", "/tmp/pluginmon-cli-test-state")
+    return subprocess.run(
+        [*PLUGINMON, *args],
+        env={**base, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+GOOD = """
+sample_interval_seconds = 5
+http_port = 9999
+label_discovery = true
+
+[[plugins]]
+tenant = "acme"
+name = "resizer"
+match = { cmdline = "resizer\\\\s+--port" }
+
+[[alerts.rules]]
+name = "ResizerCpuHigh"
+metric = "cpu_percent"
+op = ">"
+threshold = 80
+for_seconds = 60
+severity = "warning"
+
+[[alerts.webhooks]]
+url = "https://hooks.example/alerts"
+secret = "do-not-print-me"
+"""
+
+
+def test_version() -> None:
+    result = run_cli("--version")
+    assert result.returncode == 0
+    assert result.stdout.startswith("pluginmon ")
+
+
+def test_check_config_ok(tmp_path: Path) -> None:
+    path = tmp_path / "good.toml"
+    path.write_text(GOOD)
+    result = run_cli("check-config", "--config", str(path))
+    assert result.returncode == 0, result.stderr
+    assert "configuration OK: 1 plugin(s) + label discovery" in result.stdout
+    assert "1 webhook(s)" in result.stdout
+    assert "do-not-print-me" not in result.stdout + result.stderr
+
+
+def test_check_config_without_file_uses_defaults() -> None:
+    result = run_cli("check-config")
+    assert result.returncode == 0, result.stderr
+    assert "0 plugin(s)" in result.stdout
+
+
+def test_check_config_lists_every_problem(tmp_path: Path) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(
+        """
+sample_interval_seconds = -1
+http_port = 99999
+
+[[plugins]]
+tenant = "acme"
+name = "ok"
+match = { cmdline = "fine" }
+
+[[plugins]]
+tenant = "acme"
+name = "broken"
+match = { cmdline = "(unclosed" }
+
+[[alerts.rules]]
+name = "Bad"
+metric = "cpu_percent"
+op = "=~"
+threshold = 1
+
+[[alerts.webhooks]]
+url = "ftp://nope"
+secret = "do-not-print-me"
+"""
+    )
+    result = run_cli("check-config", "--config", str(path))
+    assert result.returncode == 2
+    err = result.stderr
+    assert "sample_interval_seconds: must be > 0" in err
+    assert "http_port: must be between 1 and 65535" in err
+    assert "plugins[1] (acme/broken).match.cmdline: invalid regex" in err
+    assert "alerts.rules[0] (Bad).op" in err
+    assert "alerts.webhooks[0].url" in err
+    assert "do-not-print-me" not in err + result.stdout
+
+
+def test_check_config_plugin_problems_alone(tmp_path: Path) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text('[[plugins]]\ntenant = "acme"\nname = "x"\nmatch = {}\n')
+    result = run_cli("check-config", "--config", str(path))
+    assert result.returncode == 2
+    assert "plugins[0] (acme/x).match" in result.stderr
+
+
+def test_env_overrides_file_in_check_config(tmp_path: Path) -> None:
+    path = tmp_path / "good.toml"
+    path.write_text(GOOD)
+    result = run_cli(
+        "check-config", "--config", str(path), env={"PLUGINMON_SAMPLE_INTERVAL_SECONDS": "0"}
+    )
+    assert result.returncode == 2
+    assert "sample_interval_seconds: must be > 0" in result.stderr
+
+
+@pytest.mark.parametrize("command", ["run", "migrate", "status", "check-config"])
+def test_missing_config_file_exits_2(tmp_path: Path, command: str) -> None:
+    result = run_cli(command, "--config", str(tmp_path / "missing.toml"))
+    assert result.returncode == 2
+    assert "--config: no such file" in result.stderr
+
+
+def test_bad_arguments_exit_2() -> None:
+    assert run_cli().returncode == 2
+    result = run_cli("frobnicate")
+    assert result.returncode == 2
+    assert "invalid choice" in result.stderr
+    assert run_cli("status", "--bogus").returncode == 2
+
+
+def test_database_url_password_never_printed(tmp_path: Path) -> None:
+    result = run_cli(
+        "check-config", env={"PLUGINMON_DATABASE_URL": "mysql://u:hunter2@db.example/x"}
+    )
+    assert result.returncode == 2
+    assert "database_url: must be a postgresql:// URL" in result.stderr
+    assert "hunter2" not in result.stderr + result.stdout
+
+
+def test_migrate_unreachable_database_exits_1() -> None:
+    # Port 1 on loopback: nothing listens, connection refused at once.
+    result = run_cli(
+        "migrate",
+        env={"PLUGINMON_DATABASE_URL": "postgresql://u:hunter2@127.0.0.1:1/x?connect_timeout=2"},
+    )
+    assert result.returncode == 1
+    assert "pluginmon migrate:" in result.stderr
+    assert "hunter2" not in result.stderr + result.stdout
+
+
+def test_migrate_applies_then_finds_nothing(fresh_db: str) -> None:
+    first = run_cli("migrate", env={"PLUGINMON_DATABASE_URL": fresh_db})
+    assert first.returncode == 0, first.stderr
+    assert "applied" in first.stdout
+    second = run_cli("migrate", env={"PLUGINMON_DATABASE_URL": fresh_db})
+    assert second.returncode == 0, second.stderr
+    assert "applied 0 migration(s)" in second.stdout

@@ -1,0 +1,226 @@
+"""End to end: `pluginmon run` as a subprocess, real plugin processes, a real PostgreSQL."""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import psycopg
+import pytest
+
+from storage.embedded import EmbeddedPostgres
+from storage.spool import Spool
+from tests.daemon_helpers import DaemonProcess, plugin_processes, sample_rows, wait_for
+from tests.dbutil import create_database, drop_database, with_database
+
+RULES = """
+[[alerts.rules]]
+name = "E2EBurnerBusy"
+metric = "cpu_percent"
+op = ">"
+threshold = 1
+for_seconds = 0
+severity = "info"
+"""
+
+
+@pytest.fixture
+def e2e_db(pg_admin_url: str) -> Iterator[str]:
+    """An empty database on the test server: the daemon migrates it itself."""
+    name = create_database(pg_admin_url, prefix="e2e")
+    try:
+        yield with_database(pg_admin_url, name)
+    finally:
+        drop_database(pg_admin_url, name)
+
+
+def labels(plugin: str) -> dict[str, str]:
+    return {"tenant": "e2e", "plugin": plugin, "environment": "test"}
+
+
+def test_run_samples_exports_scores_and_stops_on_sigterm(e2e_db: str, tmp_path: Path) -> None:
+    with plugin_processes() as plugins:
+        daemon = DaemonProcess(
+            tmp_path=tmp_path, database_url=e2e_db, config_text=plugins.config() + RULES
+        )
+        daemon.start()
+        try:
+            daemon.wait_ready()
+            assert daemon.get("/healthz")[0] == 200
+
+            def enough_samples() -> bool:
+                samples = daemon.metric("pluginmon_samples_total") or 0
+                health = daemon.metric("pluginmon_plugin_health_score", **labels("burner"))
+                return samples >= 16 and health is not None
+
+            wait_for("samples and health scores", enough_samples, timeout=40)
+            metrics = daemon.metrics()
+
+            def value(name: str, plugin: str, **extra: str) -> float:
+                key = (name, tuple(sorted({**labels(plugin), **extra}.items())))
+                assert key in metrics, f"{name} for {plugin} missing"
+                return metrics[key]
+
+            # ~30% of a core, on a shared machine: wide but meaningful bounds.
+            assert 5 <= value("pluginmon_plugin_cpu_percent", "burner") <= 80
+            assert value("pluginmon_plugin_cpu_percent", "sleeper") < 5
+            assert value("pluginmon_plugin_up", "burner") == 1
+            assert value("pluginmon_plugin_processes", "burner") == 1
+            assert value("pluginmon_plugin_processes", "sleeper") == 2  # parent + child
+            assert value("pluginmon_plugin_memory_rss_bytes", "burner") > 1024 * 1024
+            assert value("pluginmon_plugin_threads", "burner") >= 1
+            assert 0 <= value("pluginmon_plugin_health_score", "sleeper") <= 100
+            assert value("pluginmon_plugin_health_component_score", "burner", component="up") == 100
+            assert metrics[("pluginmon_database_up", ())] == 1
+            assert metrics[("pluginmon_build_info", (("version", "0.1.0"),))] == 1
+        except BaseException:
+            daemon.kill()
+            raise
+
+        daemon.signal(signal.SIGTERM)
+        assert daemon.wait_exit(timeout=30) == 0, daemon.log_text()[-3000:]
+
+    counts = daemon.final_counts()
+    assert counts["samples_taken"] >= 16
+    assert counts["rows_in_spool"] == 0
+    # Everything accepted before SIGTERM is in the database: nothing lost, nothing doubled.
+    assert sample_rows(e2e_db) == counts["samples_taken"]
+
+    with psycopg.connect(e2e_db) as conn:
+        rows = conn.execute(
+            """SELECT p.name, count(*), min(s.cpu_percent), max(s.cpu_percent),
+                      min(s.rss_bytes), bool_and(s.up), max(s.process_count),
+                      min(p.health_score), max(p.last_health_check)
+                 FROM plugin_samples s JOIN plugins p ON p.id = s.plugin_id
+                WHERE p.tenant_id = 'e2e'
+                GROUP BY p.name ORDER BY p.name"""
+        ).fetchall()
+    by_name = {r[0]: r for r in rows}
+    assert set(by_name) == {"burner", "sleeper"}
+    burner, sleeper = by_name["burner"], by_name["sleeper"]
+    assert burner[1] + sleeper[1] == counts["samples_taken"]
+    assert burner[3] > 5  # the burner was seen burning
+    assert burner[2] >= 0
+    assert burner[4] > 1024 * 1024  # rss of a Python process
+    assert burner[5] is True
+    assert sleeper[5] is True
+    assert sleeper[6] == 2
+    assert burner[7] is not None  # health written to plugins
+    assert 0 <= burner[7] <= 100
+    assert burner[8] is not None
+
+    # The test server's password never reaches the log.
+    password = urlsplit(e2e_db).password
+    log = daemon.log_text()
+    if password:
+        assert password not in log
+    messages = [r.get("message", "") for r in daemon.log_records()]
+    assert any(m.startswith("SIGTERM received") for m in messages)
+
+
+def _metric(daemon: DaemonProcess, name: str) -> float:
+    try:
+        return daemon.metric(name) or 0.0
+    except AssertionError:
+        return 0.0
+
+
+@pytest.mark.slow
+def test_database_outage_then_sigkill_loses_nothing(tmp_path: Path) -> None:
+    """30 s without PostgreSQL: rows spool and replay; a SIGKILLed daemon's spool replays."""
+    server = EmbeddedPostgres(tmp_path / "pg")
+    url = server.start()
+    data_dir = tmp_path / "data"
+    try:
+        with plugin_processes() as plugins:
+            config = plugins.config()
+            first = DaemonProcess(
+                tmp_path=tmp_path, database_url=url, config_text=config, data_dir=data_dir
+            ).start()
+            try:
+                first.wait_ready()
+                wait_for("samples", lambda: _metric(first, "pluginmon_samples_total") >= 6)
+
+                server.stop(mode="fast")
+                outage_end = time.monotonic() + 30
+                spool_peak = 0.0
+                database_down_seen = False
+                while time.monotonic() < outage_end:
+                    first.assert_alive()
+                    spool_peak = max(spool_peak, _metric(first, "pluginmon_spool_samples"))
+                    database_down_seen |= first.metric("pluginmon_database_up") == 0
+                    time.sleep(1)
+                assert spool_peak > 0, "nothing went to the spool during the outage"
+                assert database_down_seen
+                assert first.get("/readyz")[0] == 503
+
+                server.start()
+                wait_for(
+                    "the spool to drain",
+                    lambda: (
+                        _metric(first, "pluginmon_spool_samples") == 0
+                        and first.metric("pluginmon_database_up") == 1
+                    ),
+                    timeout=60,
+                )
+                first.wait_ready()
+            except BaseException:
+                first.kill()
+                raise
+            first.signal(signal.SIGTERM)
+            assert first.wait_exit(timeout=30) == 0, first.log_text()[-3000:]
+            counts = first.final_counts()
+            assert counts["rows_in_spool"] == 0
+            assert sample_rows(url) == counts["samples_taken"]
+            messages = [r.get("message", "") for r in first.log_records()]
+            # State changes logged once, not on every tick.
+            assert sum(m.startswith("database unreachable") for m in messages) == 1
+            assert sum(m == "database recovered" for m in messages) == 1
+
+            # SIGKILL while rows sit in the spool; the next daemon replays them.
+            second = DaemonProcess(
+                tmp_path=tmp_path,
+                database_url=url,
+                config_text=config,
+                data_dir=data_dir,
+                name="second",
+            ).start()
+            try:
+                second.wait_ready()
+                server.stop(mode="fast")
+                wait_for(
+                    "rows in the spool",
+                    lambda: _metric(second, "pluginmon_spool_samples") >= 4,
+                    timeout=30,
+                )
+            finally:
+                second.kill()
+            with Spool(data_dir / "spool") as spool:
+                spooled = spool.rows
+            assert spooled >= 4
+
+            server.start()
+            rows_before = sample_rows(url)
+            third = DaemonProcess(
+                tmp_path=tmp_path,
+                database_url=url,
+                config_text=config,
+                data_dir=data_dir,
+                name="third",
+            ).start()
+            try:
+                third.wait_ready()
+                wait_for("the replay", lambda: sample_rows(url) >= rows_before + spooled)
+            except BaseException:
+                third.kill()
+                raise
+            third.signal(signal.SIGTERM)
+            assert third.wait_exit(timeout=30) == 0, third.log_text()[-3000:]
+            final = third.final_counts()
+            assert final["rows_in_spool"] == 0
+            assert sample_rows(url) == rows_before + spooled + final["samples_taken"]
+    finally:
+        server.stop(mode="immediate")
