@@ -175,7 +175,10 @@ def step(
         return replace(state, last_active_at=now, value=value), None
     if state.phase is Phase.PENDING:
         return None, Transition(TransitionKind.CANCELLED, now, value)
-    if now - state.last_active_at < rule.keep_firing_for_seconds:
+    if (
+        rule.keep_firing_for_seconds > 0
+        and now - state.last_active_at < rule.keep_firing_for_seconds
+    ):
         return state, None
     return None, Transition(TransitionKind.RESOLVED, now, value)
 
