@@ -278,6 +278,7 @@ class Sampler:
         self._has_pidfile = any(c.spec.match.pidfile is not None for c in self._compiled)
         for proc in self._known.values():
             proc.recheck = True
+            proc.cmdline = None  # forces a full re-match (see _confirm)
             proc.sticky = None
 
     # -- matching ---------------------------------------------------------------------------

@@ -53,8 +53,8 @@ class Spawner:
         *args: str,
         env: Mapping[str, str] | None = None,
         wait_ready: bool = True,
-    ) -> subprocess.Popen[bytes]:
-        """Run CODE; if wait_ready, wait for its first stdout line (it must print one)."""
+    ) -> tuple[subprocess.Popen[bytes], str]:
+        """Run CODE; if wait_ready, wait for its first stdout line (returned, stripped)."""
         full_env = dict(os.environ)
         if env is not None:
             full_env.update(env)
@@ -66,11 +66,12 @@ class Spawner:
             start_new_session=True,
         )
         self.children.append(child)
+        line = b""
         if wait_ready:
             assert child.stdout is not None
             line = child.stdout.readline()
             assert line, f"child exited early with {child.wait()}"
-        return child
+        return child, line.decode().strip()
 
     def kill(self, child: subprocess.Popen[bytes]) -> None:
         with contextlib.suppress(ProcessLookupError):
