@@ -55,8 +55,10 @@ BEGIN
     IF bound IS NOT NULL THEN
         RETURN bound;
     END IF;
-    IF pg_has_role(session_user, 'pluginmon_tenant_reader', 'MEMBER')
-       OR pg_has_role(session_user, 'pluginmon_tenant_writer', 'MEMBER') THEN
+    -- (Superusers count as members of every role; they are not tenant roles.)
+    IF NOT (SELECT r.rolsuper FROM pg_roles r WHERE r.rolname = session_user)
+       AND (pg_has_role(session_user, 'pluginmon_tenant_reader', 'MEMBER')
+            OR pg_has_role(session_user, 'pluginmon_tenant_writer', 'MEMBER')) THEN
         -- Tenant group members choose nothing themselves: unbound means no rows.
         RETURN NULL;
     END IF;
