@@ -6,7 +6,7 @@ import json
 import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -375,6 +375,22 @@ def grafana_sql(sql: str, context: GrafanaContext) -> str:
     leftover = re.findall(r"\$[\w{]+", _STRING.sub("''", expanded))
     assert not leftover, f"not interpolated: {leftover} in {expanded}"
     return expanded
+
+
+def prometheus_context() -> GrafanaContext:
+    """The selection the Prometheus dashboard tests use: tenant acme, two environments."""
+    end = datetime(2026, 1, 1, tzinfo=UTC)
+    return GrafanaContext(
+        time_from=end - timedelta(hours=1),
+        time_to=end,
+        interval="1m",
+        rate_interval="1m",
+        variables={
+            "tenant": Variable(("acme",)),
+            "environment": Variable(("production", "staging"), multi=True),
+            "plugin": Variable(("resizer",)),
+        },
+    )
 
 
 def grafana_promql(expr: str, context: GrafanaContext) -> str:

@@ -8,7 +8,7 @@ import re
 import shutil
 import subprocess
 import sys
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,6 @@ from tests.dashboards_helpers import (
     DASHBOARDS_DIR,
     DEPLOY_DIR,
     GrafanaContext,
-    Variable,
     dashboard_files,
     dashboard_queries,
     grafana_promql,
@@ -28,6 +27,7 @@ from tests.dashboards_helpers import (
     iter_panels,
     load_dashboard,
     load_yaml,
+    prometheus_context,
     promql_label_names,
     promql_metric_names,
     recorded_names,
@@ -184,18 +184,7 @@ _LABEL_VALUES = re.compile(r"^label_values\((?:(?P<selector>.+),\s*)?(?P<label>\
 
 
 def _context() -> GrafanaContext:
-    end = datetime(2026, 1, 1, tzinfo=UTC)
-    return GrafanaContext(
-        time_from=end - timedelta(hours=1),
-        time_to=end,
-        interval="1m",
-        rate_interval="1m",
-        variables={
-            "tenant": Variable(("acme",)),
-            "environment": Variable(("production", "staging"), multi=True),
-            "plugin": Variable(("resizer",)),
-        },
-    )
+    return prometheus_context()
 
 
 def _as_promql(query: Any) -> str:

@@ -1,0 +1,327 @@
+"""deploy/ rules on a real Prometheus scraping the daemon's real exporter over HTTP.
+
+The exporter is pluginmon's own (daemon.exporter) fed with a synthetic snapshot; Prometheus
+runs deploy/prometheus.yml with only its target, timings and paths changed for the test.
+Also checks the contract from the other side: every pluginmon metric the rules and the
+Prometheus dashboards name is one the exporter really serves.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import threading
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from prometheus_client import CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
+
+from collectors.models import PluginKey, PluginSample, Snapshot
+from daemon.exporter import (
+    DaemonMetrics,
+    DaemonStats,
+    ExporterState,
+    FiringAlert,
+    HealthView,
+    MetricsRenderer,
+    PluginCollector,
+)
+from tests.dashboards_helpers import (
+    DEPLOY_DIR,
+    PLUGIN_METRICS,
+    dashboard_files,
+    dashboard_queries,
+    grafana_promql,
+    iter_rules,
+    load_yaml,
+    prometheus_context,
+    promql_metric_names,
+    rule_files,
+)
+
+PROMETHEUS = shutil.which("prometheus")
+needs_prometheus = pytest.mark.skipif(
+    PROMETHEUS is None, reason="prometheus is not installed (Debian package: prometheus)"
+)
+
+RESIZER = PluginKey("acme", "resizer", "production")
+THUMBS = PluginKey("acme", "thumbs", "production")
+
+
+def _sample(key: PluginKey, *, up: bool, cpu: float, rss: int, restarts: int = 0) -> PluginSample:
+    return PluginSample(
+        key=key,
+        timestamp=datetime.now(UTC),
+        up=up,
+        process_count=1 if up else 0,
+        cpu_percent=cpu,
+        rss_bytes=rss,
+        vms_bytes=rss * 4,
+        threads=4 if up else 0,
+        restarts=restarts,
+        oldest_start_time=datetime.now(UTC) - timedelta(hours=1) if up else None,
+        # every optional field collected, so every family appears
+        uss_bytes=rss // 2,
+        swap_bytes=0,
+        fds=12,
+        read_bytes=1000,
+        write_bytes=2000,
+        ctx_switches_voluntary=50,
+        ctx_switches_involuntary=5,
+        pids=(4242,) if up else (),
+    )
+
+
+class _Exporter:
+    """pluginmon's registry and per-plugin collector behind a real HTTP server."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.metrics = DaemonMetrics(self.registry, version="0.0.test")
+        self.state = ExporterState(grace_seconds=300)
+        self.renderer = MetricsRenderer(self.registry, PluginCollector(self.state))
+        snapshot = Snapshot(
+            timestamp=datetime.now(UTC),
+            host="test-host",
+            samples=(
+                _sample(RESIZER, up=False, cpu=0.0, rss=0, restarts=2),
+                _sample(THUMBS, up=True, cpu=50.0, rss=200_000_000),
+            ),
+            duration_seconds=0.02,
+            processes_seen=10,
+            errors=(("access_denied", 1),),
+        )
+        self.state.update_snapshot(snapshot)
+        self.metrics.observe_snapshot(snapshot)
+        self.state.update_health(
+            {
+                RESIZER: HealthView(score=30.0, components=(("up", 0.0), ("cpu", 80.0))),
+                THUMBS: HealthView(score=95.0, components=(("up", 100.0), ("cpu", 90.0))),
+            }
+        )
+        self.state.update_alerts([FiringAlert(RESIZER, "PluginDown", "critical")])
+        self.metrics.stats.update(
+            DaemonStats(
+                rows_written={"plugin_samples": 100},
+                spool_samples=10,
+                dropped={"spool_full": 3},
+                database_up=False,
+                notifications={("ops", "delivered"): 1, ("ops", "failed"): 1},
+                outbox_pending=2,
+                job_last_success={"sample": time.time()},
+                job_failures={"flush": 1},
+                write_buckets=((0.1, 1), (float("inf"), 1)),
+                write_seconds_sum=0.05,
+            )
+        )
+        renderer = self.renderer
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                if self.path != "/metrics":
+                    self.send_error(404)
+                    return
+                body, content_type = renderer.render(self.headers.get("Accept"))
+                self.send_response(200)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> _Exporter:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(timeout=10)
+
+    def text(self) -> str:
+        with urllib.request.urlopen(
+            f"http://127.0.0.1:{self.port}/metrics", timeout=10
+        ) as response:
+            return str(response.read().decode("utf-8"))
+
+
+@pytest.fixture
+def exporter() -> Iterator[_Exporter]:
+    with _Exporter() as running:
+        yield running
+
+
+def _served_names(text: str) -> set[str]:
+    names: set[str] = set()
+    for family in text_string_to_metric_families(text):
+        names.update(sample.name for sample in family.samples)
+    return names
+
+
+def test_rules_and_dashboards_name_only_served_metrics(exporter: _Exporter) -> None:
+    served = _served_names(exporter.text())
+    # Sanity: the exporter serves every per-plugin family of the contract here.
+    assert served >= PLUGIN_METRICS
+    named: set[str] = set()
+    for _path, rule in iter_rules():
+        named |= promql_metric_names(str(rule["expr"]))
+    for path in dashboard_files("prometheus"):
+        for query in dashboard_queries(path):
+            if query.format != "variable":
+                named |= promql_metric_names(grafana_promql(query.text, prometheus_context()))
+    own = {name for name in named if name.startswith("pluginmon_")}
+    assert own, "no pluginmon metric named at all"
+    missing = sorted(own - served)
+    assert not missing, f"named by rules/dashboards but not served: {missing}"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _get(url: str) -> Any:
+    with urllib.request.urlopen(url, timeout=5) as response:  # noqa: S310 (http://127.0.0.1 only)
+        return json.loads(response.read())
+
+
+def _test_config(tmp_path: Path, target_port: int) -> Path:
+    """deploy/prometheus.yml and its rules with the target, timings and paths made local."""
+    config = load_yaml(DEPLOY_DIR / "prometheus.yml")
+    config["global"]["scrape_interval"] = "1s"
+    config["global"]["evaluation_interval"] = "1s"
+    config.pop("alerting", None)
+    job = next(job for job in config["scrape_configs"] if job["job_name"] == "pluginmon")
+    job["scrape_interval"] = "1s"
+    job["scrape_timeout"] = "1s"
+    job["static_configs"][0]["targets"] = [f"127.0.0.1:{target_port}"]
+    rules_dir = tmp_path / "rules"
+    rules_dir.mkdir()
+    for path in rule_files():
+        rules = load_yaml(path)
+        for group in rules["groups"]:
+            group["interval"] = "1s"
+        (rules_dir / path.name).write_text(yaml.safe_dump(rules))
+    config["rule_files"] = [str(rules_dir / name) for name in config["rule_files"]]
+    path = tmp_path / "prometheus.yml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _wait_for(check: Any, timeout: float = 30.0) -> Any:
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        try:
+            last = check()
+            if last:
+                return last
+        except OSError as error:
+            last = error
+        time.sleep(0.25)
+    raise AssertionError(f"gave up waiting; last result: {last!r}")
+
+
+@needs_prometheus
+def test_real_prometheus_scrapes_and_evaluates_the_rules(
+    exporter: _Exporter, tmp_path: Path
+) -> None:
+    assert PROMETHEUS is not None
+    config = _test_config(tmp_path, exporter.port)
+    port = _free_port()
+    api = f"http://127.0.0.1:{port}/api/v1"
+    log = (tmp_path / "prometheus.log").open("w")
+    process = subprocess.Popen(
+        [
+            PROMETHEUS,
+            f"--config.file={config}",
+            f"--storage.tsdb.path={tmp_path / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+            "--log.level=warn",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=log,
+    )
+    try:
+        _wait_for(
+            lambda: (
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/-/ready", timeout=2).status == 200
+            )
+        )
+
+        def query(expr: str) -> list[dict[str, Any]]:
+            answer = _get(f"{api}/query?query={urllib.parse.quote(expr)}")
+            assert answer["status"] == "success", answer
+            result: list[dict[str, Any]] = answer["data"]["result"]
+            return result
+
+        targets = _wait_for(
+            lambda: [
+                t for t in _get(f"{api}/targets")["data"]["activeTargets"] if t["health"] == "up"
+            ]
+        )
+        assert targets[0]["labels"]["job"] == "pluginmon"
+        # Recording rules on the scraped series.
+        cpu = _wait_for(lambda: query("tenant:pluginmon_plugin_cpu_percent:sum"))
+        assert cpu[0]["metric"] == {
+            "__name__": "tenant:pluginmon_plugin_cpu_percent:sum",
+            "tenant": "acme",
+            "environment": "production",
+        }
+        assert float(cpu[0]["value"][1]) == pytest.approx(50.0)  # resizer is down: 0 %
+        ratio = _wait_for(lambda: query("tenant:pluginmon_plugin_up:ratio"))
+        assert float(ratio[0]["value"][1]) == pytest.approx(0.5)
+        low = _wait_for(lambda: query("tenant:pluginmon_plugin_health_score:min"))
+        assert float(low[0]["value"][1]) == pytest.approx(30.0)
+        firing = _wait_for(lambda: query("tenant:pluginmon_alerts_firing:sum"))
+        assert firing[0]["metric"]["severity"] == "critical"
+        # The daemon's `job` label arrives as exported_job, as the rules expect.
+        failures = _wait_for(lambda: query("pluginmon_job_failures_total"))
+        assert failures[0]["metric"]["exported_job"] == "flush"
+        assert failures[0]["metric"]["job"] == "pluginmon"
+
+        # Alerting rules: those whose condition holds are at least pending (their `for:`
+        # clauses are minutes long and kept as shipped).
+        def alerts() -> dict[tuple[str, str], str]:
+            found = _get(f"{api}/alerts")["data"]["alerts"]
+            return {
+                (a["labels"]["alertname"], a["labels"].get("plugin", "")): a["state"] for a in found
+            }
+
+        expected = {
+            ("PluginDown", "resizer"),
+            ("PluginHealthLow", "resizer"),
+            ("PluginmonDatabaseDown", ""),
+        }
+        state = _wait_for(lambda: (a := alerts()) and expected <= a.keys() and a)
+        assert ("PluginDown", "thumbs") not in state
+        assert ("PluginHealthLow", "thumbs") not in state
+        assert ("PluginmonScrapeDown", "") not in state
+        assert all(value in {"pending", "firing"} for value in state.values())
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=10)
+        log.close()
