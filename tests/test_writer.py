@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import asyncpg
 import pytest
 
 from storage.pool import close_pool, open_pool, pool_context, redact_url
+from storage.spool import Spool
 from storage.writer import (
     PLUGIN_SAMPLES_COLUMNS,
     PLUGIN_SAMPLES_TABLE,
@@ -222,3 +224,57 @@ async def test_cancelling_close_still_finishes_the_shutdown(
     assert writer.stats().rows_written == 20_000
     async with pool.acquire() as connection:
         assert await connection.fetchval("SELECT count(*) FROM plugin_samples") == 20_000
+
+
+async def test_put_wait_keeps_a_fast_producer_within_the_queue(
+    pool: asyncpg.Pool, plugin_ids: list[int]
+) -> None:
+    async with writer_for(pool, max_rows=100, max_queue_rows=1000) as writer:
+        for start in range(0, 20_000, 100):
+            # No other await: only put_wait() lets the writer catch up.
+            await writer.put_wait(sample_rows(start, start + 100, plugin_ids))
+            assert writer.stats().rows_queued <= 1000
+        await writer.flush()
+        stats = writer.stats()
+    assert stats.rows_dropped == 0
+    assert stats.rows_written == 20_000
+
+
+async def test_a_blocked_table_spills_the_queue_to_the_spool_and_catches_up(
+    pool: asyncpg.Pool, migrated_db: str, plugin_ids: list[int], tmp_path: Path
+) -> None:
+    blocker = await asyncpg.connect(migrated_db)
+    try:
+        transaction = blocker.transaction()
+        await transaction.start()
+        # The database is up but takes nothing: every COPY waits for this lock.
+        await blocker.execute("LOCK TABLE plugin_samples IN ACCESS EXCLUSIVE MODE")
+        with Spool(tmp_path / "spool") as spool:
+            async with writer_for(
+                pool, max_rows=100, max_queue_rows=1000, max_delay_seconds=0.01, spool=spool
+            ) as writer:
+                for start in range(0, 5000, 100):
+                    writer.put(sample_rows(start, start + 100, plugin_ids))
+                    await asyncio.sleep(0.002)
+                for _ in range(500):
+                    if writer.stats().spool_rows >= 5000 - 1000 - 200:
+                        break
+                    await asyncio.sleep(0.01)
+                during = writer.stats()
+                await transaction.rollback()
+                await writer.flush()
+                after = writer.stats()
+            assert spool.rows == 0
+    finally:
+        await blocker.close()
+    # Memory stayed bounded (the rest went to disk), and nothing was dropped.
+    assert during.rows_written == 0
+    assert during.rows_queued <= 1000 + 200
+    assert during.spool_rows >= 5000 - 1000 - 200
+    assert after.rows_dropped == 0
+    assert after.rows_written == 5000
+    async with pool.acquire() as connection:
+        assert (
+            await connection.fetchval('SELECT count(DISTINCT "timestamp") FROM plugin_samples')
+            == 5000
+        )
