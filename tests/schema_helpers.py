@@ -161,16 +161,21 @@ def samples_series(
 def group_by_rollup(
     conn: Conn, width: str, where: str = "true"
 ) -> dict[tuple[Any, ...], tuple[Any, ...]]:
-    """The rollup computed by a plain GROUP BY over the raw rows: {(bucket, plugin): values}."""
+    """The rollup by a plain GROUP BY over the raw rows: {(bucket, tenant, plugin, env): values}.
+
+    ``width`` is an interval literal ('1 minute'); ``where`` a constant SQL condition.
+    """
     rows = conn.execute(
         f"""
-        SELECT date_trunc('{width}', "timestamp") AS bucket, tenant_id, plugin_id, environment,
+        SELECT date_bin(%s::interval, "timestamp", timestamptz '2000-01-03 00:00:00+00') AS bucket,
+               tenant_id, plugin_id, environment,
                count(*), avg(cpu_percent), max(cpu_percent), avg(rss_bytes)::float8,
                max(rss_bytes), max(vms_bytes), max(threads), max(process_count),
                avg(up::int)::float8, sum(restarts)
           FROM plugin_samples WHERE {where}
          GROUP BY 1, 2, 3, 4
-        """  # noqa: S608
+        """,  # noqa: S608
+        (width,),
     ).fetchall()
     return {(r[0], r[1], r[2], r[3]): tuple(r[4:]) for r in rows}
 

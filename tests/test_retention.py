@@ -1,0 +1,349 @@
+"""Retention and rollups on the PostgreSQL backend, and the shared deletes on either backend."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+
+import asyncpg
+import psycopg
+import pytest
+
+from storage.backend import (
+    MAINTENANCE_LOCK_KEY,
+    MaintenanceReport,
+    Retention,
+    detect_backend,
+    maintenance_for,
+)
+from storage.migrate import Backend
+from storage.partitions import ROLLUPS, PostgresMaintenance, refresh_rollup
+from tests.schema_helpers import (
+    Conn,
+    add_plugin,
+    assert_rollups_equal,
+    database_for_backend,
+    group_by_rollup,
+    insert_samples,
+    rollup_rows,
+    samples_series,
+)
+
+NOW = datetime(2026, 3, 20, 12, 0, tzinfo=UTC)
+
+
+@pytest.fixture
+def pg_db(pg_admin_url: str) -> Iterator[str]:
+    """A database migrated for the PostgreSQL backend (on any test server)."""
+    with database_for_backend(pg_admin_url, Backend.POSTGRES) as url:
+        yield url
+
+
+def _partitions(conn: Conn, parent: str) -> dict[str, tuple[datetime | None, datetime | None]]:
+    rows = conn.execute(
+        "SELECT partition::text, lower_bound, upper_bound FROM pluginmon_partitions(%s::regclass)",
+        (parent,),
+    ).fetchall()
+    return {str(r[0]): (r[1], r[2]) for r in rows}
+
+
+def _timestamps(conn: Conn, table: str) -> list[datetime]:
+    rows = conn.execute(f'SELECT "timestamp" FROM {table} ORDER BY 1').fetchall()  # noqa: S608
+    return [r[0] for r in rows]
+
+
+async def _run(
+    url: str, maintenance: PostgresMaintenance, retention: Retention
+) -> MaintenanceReport:
+    conn = await asyncpg.connect(url)
+    try:
+        return await maintenance.run(conn, retention)
+    finally:
+        await conn.close()
+
+
+async def test_partition_retention_removes_exactly_the_rows_past_the_horizon(pg_db: str) -> None:
+    retention = Retention(samples=timedelta(days=10), metrics=timedelta(days=5))
+    with psycopg.connect(pg_db, autocommit=True) as conn:
+        plugin = add_plugin(conn, "acme", "resizer")
+        rows = samples_series(
+            NOW - timedelta(days=15),
+            NOW + timedelta(days=1),
+            timedelta(hours=1),
+            [("acme", plugin)],
+        )
+        horizon1 = NOW - retention.samples
+        # Both sides of the first horizon, to the microsecond.
+        rows += [
+            (horizon1, *rows[0][1:]),
+            (horizon1 - timedelta(microseconds=1), *rows[0][1:]),
+        ]
+        insert_samples(conn, rows)
+        conn.execute(
+            "INSERT INTO plugin_metrics SELECT t, 'acme', %s, 'prod', 'health_score', 'gauge', 90, '{}'"
+            " FROM generate_series(%s::timestamptz, %s::timestamptz, interval '1 hour') t",
+            (plugin, NOW - timedelta(days=8), NOW),
+        )
+        all_samples = _timestamps(conn, "plugin_samples")
+        all_metrics = _timestamps(conn, "plugin_metrics")
+
+    first = await _run(pg_db, PostgresMaintenance(clock=lambda: NOW), retention)
+
+    assert first.ran
+    with psycopg.connect(pg_db) as conn:
+        assert _timestamps(conn, "plugin_samples") == [t for t in all_samples if t >= horizon1]
+        assert _timestamps(conn, "plugin_metrics") == [
+            t for t in all_metrics if t >= NOW - retention.metrics
+        ]
+        # Everything left now sits in daily partitions; DEFAULT is drained.
+        assert conn.execute("SELECT count(*) FROM plugin_samples_default").fetchone() == (0,)
+        assert conn.execute("SELECT count(*) FROM plugin_metrics_default").fetchone() == (0,)
+        parts = _partitions(conn, "plugin_samples")
+    assert first.removed("plugin_samples") == sum(1 for t in all_samples if t < horizon1)
+    assert "plugin_samples_p20260310" in parts  # the day of the horizon, now the boundary
+    for day in range(20, 28):  # today and 7 days ahead
+        assert f"plugin_samples_p202603{day}" in parts
+
+    # Three and a half days later the horizon falls mid-day: whole days before it are
+    # dropped, the boundary day keeps exactly its rows younger than the horizon.
+    later = NOW + timedelta(days=3, hours=18)
+    horizon2 = later - retention.samples
+    second = await _run(pg_db, PostgresMaintenance(clock=lambda: later), retention)
+
+    dropped = set(second.partitions_dropped)
+    assert {"plugin_samples_p20260310", "plugin_samples_p20260313"} <= dropped
+    assert "plugin_samples_p20260314" not in dropped
+    with psycopg.connect(pg_db) as conn:
+        remaining = _timestamps(conn, "plugin_samples")
+        boundary = _timestamps(conn, "plugin_samples_p20260314")
+        parts = _partitions(conn, "plugin_samples")
+    assert remaining == [t for t in all_samples if t >= horizon2]
+    assert boundary
+    assert min(boundary) >= horizon2
+    assert second.removed("plugin_samples") == sum(
+        1 for t in all_samples if horizon1 <= t < horizon2
+    )
+    assert all(upper is None or upper > horizon2 for _lower, upper in parts.values())
+    assert "plugin_samples_p20260331" in parts  # created ahead of `later`
+
+    # Nothing more to do at the same time.
+    third = await _run(pg_db, PostgresMaintenance(clock=lambda: later), retention)
+    assert third.partitions_created == ()
+    assert third.partitions_dropped == ()
+    assert third.removed("plugin_samples") == 0
+
+
+async def test_late_rows_in_default_get_their_partition(pg_db: str) -> None:
+    """A spool replayed after days away lands in DEFAULT; maintenance gives it a partition."""
+    with psycopg.connect(pg_db, autocommit=True) as conn:
+        plugin = add_plugin(conn, "acme", "resizer")
+        await _run(pg_db, PostgresMaintenance(clock=lambda: NOW), Retention())
+        late = samples_series(
+            NOW - timedelta(days=3, hours=12),
+            NOW - timedelta(days=2, hours=12),
+            timedelta(minutes=10),
+            [("acme", plugin)],
+        )
+        insert_samples(conn, late)
+        assert conn.execute("SELECT count(*) FROM plugin_samples_default").fetchone() == (
+            len(late),
+        )
+
+    report = await _run(pg_db, PostgresMaintenance(clock=lambda: NOW), Retention())
+
+    assert "plugin_samples_p20260317" in report.partitions_created
+    with psycopg.connect(pg_db) as conn:
+        assert conn.execute("SELECT count(*) FROM plugin_samples_default").fetchone() == (0,)
+        assert conn.execute("SELECT count(*) FROM plugin_samples_p20260317").fetchone() == (
+            len(late),
+        )
+
+
+async def test_expired_operations_audit_and_analytics_are_deleted(migrated_db: str) -> None:
+    """Shared by both backends: runs whichever maintenance the database was migrated for."""
+    now = datetime.now(UTC)
+    day = timedelta(days=1)
+    with psycopg.connect(migrated_db, autocommit=True) as conn:
+        plugin = add_plugin(conn, "acme", "resizer")
+        operations = [
+            ("succeeded", now - 40 * day, now - 31 * day, False),
+            ("failed", now - 40 * day, now - 30 * day - timedelta(minutes=1), False),
+            ("succeeded", now - 40 * day, now - 29 * day, True),
+            ("running", now - 60 * day, None, True),  # not completed: kept however old
+            ("pending", now - 90 * day, None, True),
+        ]
+        for status, started, finished, _kept in operations:
+            conn.execute(
+                "INSERT INTO plugin_operations (tenant_id, plugin_id, environment, operation_type,"
+                " status, started_at, finished_at) VALUES ('acme', %s, 'prod', 'update', %s, %s, %s)",
+                (plugin, status, started, finished),
+            )
+        for age in (731 * day, 729 * day):
+            conn.execute(
+                "INSERT INTO audit_log (tenant_id, occurred_at, actor, action, entity_type)"
+                " VALUES ('acme', %s, 'ann', 'update', 'plugin')",
+                (now - age,),
+            )
+        for age in (366 * day, 364 * day):
+            conn.execute(
+                "INSERT INTO plugin_analytics (tenant_id, plugin_id, environment, period,"
+                " period_start) VALUES ('acme', %s, 'prod', 'day', %s)",
+                (plugin, now - age),
+            )
+
+    conn_async = await asyncpg.connect(migrated_db)
+    try:
+        backend = await detect_backend(conn_async)
+        report = await maintenance_for(backend, clock=lambda: now).run(conn_async, Retention())
+    finally:
+        await conn_async.close()
+
+    assert report.ran
+    assert report.removed("plugin_operations") == 2
+    assert report.removed("audit_log") == 1
+    assert report.removed("plugin_analytics") == 1
+    with psycopg.connect(migrated_db) as conn:
+        left = conn.execute("SELECT status FROM plugin_operations ORDER BY id").fetchall()
+        assert [r[0] for r in left] == [op[0] for op in operations if op[3]]
+        assert conn.execute("SELECT count(*) FROM audit_log").fetchone() == (1,)
+        assert conn.execute("SELECT count(*) FROM plugin_analytics").fetchone() == (1,)
+
+
+async def test_maintenance_skips_while_another_daemon_holds_the_lock(pg_db: str) -> None:
+    holder = await asyncpg.connect(pg_db)
+    try:
+        assert await holder.fetchval("SELECT pg_try_advisory_lock($1)", MAINTENANCE_LOCK_KEY)
+        report = await _run(pg_db, PostgresMaintenance(clock=lambda: NOW), Retention())
+        assert not report.ran
+        assert report.partitions_created == ()
+    finally:
+        await holder.close()
+    report = await _run(pg_db, PostgresMaintenance(clock=lambda: NOW), Retention())
+    assert report.ran
+
+
+async def test_rollup_refresh_is_incremental_and_matches_group_by(pg_db: str) -> None:
+    start = datetime(2026, 3, 20, 10, 0, tzinfo=UTC)
+    spec_1m, spec_1h = ROLLUPS
+    with psycopg.connect(pg_db, autocommit=True) as conn:
+        plugins = [
+            ("acme", add_plugin(conn, "acme", "resizer")),
+            ("acme", add_plugin(conn, "acme", "codec")),
+            ("globex", add_plugin(conn, "globex", "indexer")),
+        ]
+        insert_samples(
+            conn,
+            samples_series(
+                start, start + timedelta(hours=2), timedelta(seconds=10), plugins, seed=1
+            ),
+        )
+
+    conn_async = await asyncpg.connect(pg_db)
+    try:
+        at = start + timedelta(hours=2, seconds=30)
+        first = await refresh_rollup(conn_async, spec_1m, at)
+        await refresh_rollup(conn_async, spec_1h, at)
+        assert (first.window_start, first.window_end) == (start, start + timedelta(hours=2))
+        assert first.buckets == 120 * len(plugins)
+
+        with psycopg.connect(pg_db, autocommit=True) as conn:
+            assert_rollups_equal(
+                rollup_rows(conn, "plugin_samples_1m"), group_by_rollup(conn, "1 minute")
+            )
+            assert_rollups_equal(
+                rollup_rows(conn, "plugin_samples_1h"), group_by_rollup(conn, "1 hour")
+            )
+            # A bucket outside the next window, marked so a recomputation would show.
+            tampered = start + timedelta(minutes=10)
+            conn.execute(
+                "UPDATE rollup_samples_1m SET sample_count = -1 WHERE bucket = %s", (tampered,)
+            )
+            insert_samples(
+                conn,
+                samples_series(
+                    start + timedelta(hours=2),
+                    start + timedelta(hours=3),
+                    timedelta(seconds=10),
+                    plugins,
+                    seed=2,
+                ),
+            )
+            # A late row inside the lookback (30 minutes behind the watermark).
+            late_at = start + timedelta(hours=1, minutes=45, seconds=1)
+            insert_samples(
+                conn,
+                samples_series(
+                    late_at,
+                    late_at + timedelta(seconds=1),
+                    timedelta(seconds=1),
+                    plugins[:1],
+                    seed=3,
+                ),
+            )
+
+        at = start + timedelta(hours=3, seconds=5)
+        second = await refresh_rollup(conn_async, spec_1m, at)
+        await refresh_rollup(conn_async, spec_1h, at)
+        assert second.window_start == start + timedelta(hours=2) - spec_1m.lookback
+        assert second.window_end == start + timedelta(hours=3)
+        assert second.buckets == 90 * len(plugins)
+
+        with psycopg.connect(pg_db) as conn:
+            expected = group_by_rollup(conn, "1 minute")
+            actual = rollup_rows(conn, "plugin_samples_1m")
+            stale = {key for key in actual if key[0] == tampered}
+            assert len(stale) == len(plugins)
+            assert all(actual[key][0] == -1 for key in stale)
+            assert_rollups_equal(
+                {k: v for k, v in actual.items() if k not in stale},
+                {k: v for k, v in expected.items() if k not in stale},
+            )
+            assert_rollups_equal(
+                rollup_rows(conn, "plugin_samples_1h"), group_by_rollup(conn, "1 hour")
+            )
+
+        # An explicit back-fill recomputes from the given time, fixing everything.
+        await refresh_rollup(conn_async, spec_1m, at, refresh_from=start)
+        with psycopg.connect(pg_db) as conn:
+            assert_rollups_equal(
+                rollup_rows(conn, "plugin_samples_1m"), group_by_rollup(conn, "1 minute")
+            )
+            watermark = conn.execute(
+                "SELECT watermark FROM rollup_watermarks WHERE rollup = 'rollup_samples_1m'"
+            ).fetchone()
+        assert watermark == (start + timedelta(hours=3),)
+    finally:
+        await conn_async.close()
+
+
+async def test_expired_rollup_buckets_are_deleted(pg_db: str) -> None:
+    with psycopg.connect(pg_db, autocommit=True) as conn:
+        for table, age in (
+            ("rollup_samples_1m", timedelta(days=31)),
+            ("rollup_samples_1m", timedelta(days=29)),
+            ("rollup_samples_1h", timedelta(days=366)),
+            ("rollup_samples_1h", timedelta(days=364)),
+        ):
+            conn.execute(
+                f"INSERT INTO {table} (bucket, tenant_id, plugin_id, environment, sample_count)"  # noqa: S608
+                " VALUES (%s, 'acme', 1, 'prod', 6)",
+                (NOW - age,),
+            )
+    report = await _run(pg_db, PostgresMaintenance(clock=lambda: NOW), Retention())
+    assert report.removed("rollup_samples_1m") == 1
+    assert report.removed("rollup_samples_1h") == 1
+    with psycopg.connect(pg_db) as conn:
+        assert conn.execute("SELECT count(*) FROM rollup_samples_1m").fetchone() == (1,)
+        assert conn.execute("SELECT count(*) FROM rollup_samples_1h").fetchone() == (1,)
+
+
+def test_retention_settings_are_validated() -> None:
+    assert Retention().samples == timedelta(days=90)
+    assert Retention().operations == timedelta(days=30)
+    assert Retention().rollup_1h == timedelta(days=365)
+    assert Retention().audit == timedelta(days=730)
+    assert Retention.from_days({"samples": 30}).samples == timedelta(days=30)
+    with pytest.raises(ValueError, match=r"retention\.audit must be positive"):
+        Retention(audit=timedelta(0))
+    with pytest.raises(ValueError, match="unknown retention field"):
+        Retention.from_days({"raw": 3})
