@@ -278,3 +278,17 @@ async def test_a_blocked_table_spills_the_queue_to_the_spool_and_catches_up(
             await connection.fetchval('SELECT count(DISTINCT "timestamp") FROM plugin_samples')
             == 5000
         )
+
+
+async def test_close_pool_terminates_connections_still_held_after_its_timeout(
+    migrated_db: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    pool = await open_pool(migrated_db, min_size=1, max_size=2)
+    held = await pool.acquire()
+    assert await held.fetchval("SELECT 1") == 1
+    with caplog.at_level(logging.WARNING, logger="storage.pool"):
+        # Graceful close would wait for `held` forever; the timeout terminates instead.
+        await close_pool(pool, timeout_seconds=0.2)
+    assert "terminating" in caplog.text
+    with pytest.raises(asyncpg.InterfaceError):
+        await held.fetchval("SELECT 1")
