@@ -266,7 +266,7 @@ def test_bound_reader_cannot_write_or_reach_raw_storage(reader_a: str, seeded_db
     with psycopg.connect(reader_a, autocommit=True) as conn:
         for statement, params in forbidden:
             with pytest.raises(errors.InsufficientPrivilege):
-                conn.execute(statement, params)  # type: ignore[arg-type]
+                conn.execute(statement, params)
 
 
 def test_bound_writer_writes_its_tenant_only(writer_a: str, seeded_db: str) -> None:
