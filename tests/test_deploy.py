@@ -548,3 +548,27 @@ def test_unit_security_exposure_is_low(tmp_path: Path) -> None:
     print(f"systemd-analyze security exposure: {exposure}")
     # 0 is fully locked down, 10 unprotected; the two capabilities cost a little.
     assert exposure < 4.0
+
+
+def test_unit_and_env_file_name_real_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    from daemon.settings import ENV_PREFIX, Settings
+
+    assignments: dict[str, str] = {}
+    for value in _service()["Environment"]:
+        key, _, setting = value.partition("=")
+        assignments[key] = setting.replace("%S", "/var/lib")
+    for line in (DEPLOY_DIR / "pluginmon.env.example").read_text().splitlines():
+        line = line.lstrip("# ")
+        if re.match(r"^[A-Z_]+=", line):
+            key, _, setting = line.partition("=")
+            assignments[key] = setting
+    assert {"PLUGINMON_DATA_DIR", "PLUGINMON_DATABASE_URL"} <= assignments.keys()
+    for key in assignments:
+        assert key.startswith(ENV_PREFIX)
+        assert key.removeprefix(ENV_PREFIX).lower() in Settings.model_fields, key
+    # The daemon accepts them as they are written.
+    for key, value in assignments.items():
+        monkeypatch.setenv(key, value)
+    settings = Settings()
+    assert str(settings.data_dir) == "/var/lib/pluginmon"
+    assert settings.database_url is not None
