@@ -232,6 +232,7 @@ class AlertEngine:
         synced_error = await self._sync(now_dt, plugin_ids, metrics is None)
         metric_values = self._metrics if metrics is None else metrics
 
+        healths: list[HealthScore | None] = []
         for sample in samples:
             key = sample.key
             settings = self._settings.get(key)
@@ -240,19 +241,22 @@ class AlertEngine:
             history = self._history.get(key)
             if history is None:
                 history = self._history[key] = PluginHistory(
-                    window_seconds=settings.leak_window_seconds
+                    window_seconds=settings.leak_window_seconds,
+                    min_points=settings.leak_min_points,
                 )
             history.add(sample, restart_window_seconds=settings.restart_window_seconds)
-            self._health[key] = score_health(
+            score = score_health(
                 sample,
                 settings=settings,
                 now=now_dt,
-                rss_points=history.rss_points,
                 restart_events=history.restart_events,
                 metrics=metric_values.get(key),
+                leak_slope=history.leak_slope,
             )
+            self._health[key] = score
+            healths.append(score)
 
-        changes = self._evaluator.evaluate(samples, now, self._health, metric_values)
+        changes = self._evaluator.evaluate(samples, now, healths, metric_values)
         touched = {s.key for s in samples}
         self._apply(changes, plugin_ids, now)
         self._refresh_open(touched, now)
@@ -416,11 +420,10 @@ class AlertEngine:
                 alert.annotations = render_annotations(alert.rule, alert.key, alert.value)
 
     def _refresh_open(self, touched: set[PluginKey], now: float) -> None:
-        states = self._evaluator.states
         for skey, alert in self._open.items():
             if alert.key not in touched:
                 continue
-            state = states.get(skey)
+            state = self._evaluator.state(*skey)
             if state is not None:
                 alert.value = state.value
                 alert.last_active_at = state.last_active_at

@@ -107,13 +107,40 @@ def apply_changes(settings: HealthSettings, changes: Mapping[str, object]) -> He
 
 @dataclass(frozen=True, slots=True)
 class HealthComponent:
-    """One component: its 0..100 score, weight, the measured value and a human detail."""
+    """One component: its 0..100 score, weight, the measured value and what it was held to.
+
+    ``warn``/``critical`` are the thresholds the value was scored against; ``extra`` is the
+    leak slope (bytes/s) for ``leak`` and the window (s) for ``restarts``. The human-readable
+    ``detail`` is built from these only when asked for (scoring 10k plugins stays cheap).
+    """
 
     name: str
     score: float
     weight: float
     value: float | None
-    detail: str
+    warn: float | None = None
+    critical: float | None = None
+    extra: float | None = None
+
+    @property
+    def detail(self) -> str:
+        v, w, c = self.value, self.warn, self.critical
+        if self.name == UP:
+            return "up" if v else "no process running"
+        if self.name == CPU:
+            return f"cpu {v or 0:.1f}% (warn {w or 0:g}%, critical {c or 0:g}%)"
+        if self.name == MEMORY:
+            return f"rss {_mib(v or 0)} (warn {_mib(w or 0)}, critical {_mib(c or 0)})"
+        if self.name == MEMORY_LIMIT:
+            return f"rss at {v or 0:.0%} of the limit (warn {w or 0:.0%}, critical {c or 0:.0%})"
+        if self.name == RESTARTS:
+            return f"{v or 0:.0f} restart(s) in the last {self.extra or 0:g}s"
+        if self.name == LEAK:
+            slope = self.extra or 0.0
+            if v is None:
+                return f"rss not growing ({_mib(slope * 3600)}/h)"
+            return f"rss growing {_mib(slope * 3600)}/h, reaches the limit in {_duration(v)}"
+        return f"{self.name.removeprefix(METRIC_PREFIX)} = {v or 0:g} (warn {w or 0:g}, critical {c or 0:g})"
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,12 +185,16 @@ def least_squares_slope(points: Sequence[tuple[float, float]]) -> float | None:
     n = len(points)
     if n < 2:
         return None
-    mean_x = math.fsum(p[0] for p in points) / n
-    mean_y = math.fsum(p[1] for p in points) / n
-    sxx = math.fsum((x - mean_x) ** 2 for x, _ in points)
+    mean_x = sum(p[0] for p in points) / n
+    mean_y = sum(p[1] for p in points) / n
+    sxx = 0.0
+    sxy = 0.0
+    for x, y in points:
+        dx = x - mean_x
+        sxx += dx * dx
+        sxy += dx * (y - mean_y)
     if sxx <= 0.0:
         return None
-    sxy = math.fsum((x - mean_x) * (y - mean_y) for x, y in points)
     return sxy / sxx
 
 
@@ -175,121 +206,127 @@ def score_health(
     rss_points: Sequence[tuple[float, float]] = (),
     restart_events: Sequence[tuple[float, int]] = (),
     metrics: Mapping[str, float] | None = None,
+    leak_slope: float | None = None,
 ) -> HealthScore:
     """Score one plugin.
 
-    ``rss_points`` are (unix seconds, rss bytes) over at least the leak window;
-    ``restart_events`` are (unix seconds, restarts counted in that sample); ``metrics`` are the
-    plugin's latest plugin_metrics values. A down plugin scores 0 (``up`` is a gate);
-    otherwise the score is the weighted mean of the components that apply.
+    ``rss_points`` are (unix seconds, rss bytes) over at least the leak window (or pass the
+    ``leak_slope`` already fitted to them, bytes/s); ``restart_events`` are (unix seconds,
+    restarts counted in that sample); ``metrics`` are the plugin's latest plugin_metrics
+    values. A down plugin scores 0 (``up`` is a gate); otherwise the score is the weighted
+    mean of the components that apply.
     """
     now_s = now.timestamp()
     weights = settings.weights
+    up = sample.up
     components: list[HealthComponent] = [
-        HealthComponent(
-            UP,
-            100.0 if sample.up else 0.0,
-            0.0,
-            1.0 if sample.up else 0.0,
-            "up" if sample.up else "no process running",
-        ),
+        HealthComponent(UP, 100.0 if up else 0.0, 0.0, 1.0 if up else 0.0)
     ]
-    components.append(
-        HealthComponent(
-            CPU,
-            linear_score(
-                sample.cpu_percent, settings.cpu_warn_percent, settings.cpu_critical_percent
-            ),
-            weights.cpu,
-            sample.cpu_percent,
-            f"cpu {sample.cpu_percent:.1f}% (warn {settings.cpu_warn_percent:g}%, "
-            f"critical {settings.cpu_critical_percent:g}%)",
-        )
+    append = components.append
+    cpu = sample.cpu_percent
+    warn, critical = settings.cpu_warn_percent, settings.cpu_critical_percent
+    append(
+        HealthComponent(CPU, linear_score(cpu, warn, critical), weights.cpu, cpu, warn, critical)
     )
     rss = float(sample.rss_bytes)
-    if settings.memory_warn_bytes is not None and settings.memory_critical_bytes is not None:
-        components.append(
+    mem_warn, mem_critical = settings.memory_warn_bytes, settings.memory_critical_bytes
+    if mem_warn is not None and mem_critical is not None:
+        append(
             HealthComponent(
                 MEMORY,
-                linear_score(rss, settings.memory_warn_bytes, settings.memory_critical_bytes),
+                linear_score(rss, mem_warn, mem_critical),
                 weights.memory,
                 rss,
-                f"rss {_mib(rss)} (warn {_mib(settings.memory_warn_bytes)}, "
-                f"critical {_mib(settings.memory_critical_bytes)})",
+                float(mem_warn),
+                float(mem_critical),
             )
         )
     if settings.memory_limit_bytes:
         ratio = rss / settings.memory_limit_bytes
-        components.append(
+        warn, critical = settings.memory_limit_warn_ratio, settings.memory_limit_critical_ratio
+        append(
             HealthComponent(
                 MEMORY_LIMIT,
-                linear_score(
-                    ratio, settings.memory_limit_warn_ratio, settings.memory_limit_critical_ratio
-                ),
+                linear_score(ratio, warn, critical),
                 weights.memory_limit,
                 ratio,
-                f"rss at {ratio:.0%} of the {_mib(settings.memory_limit_bytes)} limit",
+                warn,
+                critical,
             )
         )
 
     window_start = now_s - settings.restart_window_seconds
-    restarts = sum(count for t, count in restart_events if t > window_start)
-    components.append(
+    restarts = (
+        sum(count for t, count in restart_events if t > window_start) if restart_events else 0
+    )
+    restarts_critical = float(max(settings.restarts_critical, 1))
+    append(
         HealthComponent(
             RESTARTS,
-            linear_score(float(restarts), 0.0, float(max(settings.restarts_critical, 1))),
+            linear_score(float(restarts), 0.0, restarts_critical),
             weights.restarts,
             float(restarts),
-            f"{restarts} restart(s) in the last {settings.restart_window_seconds:g}s",
+            0.0,
+            restarts_critical,
+            settings.restart_window_seconds,
         )
     )
 
     slope: float | None = None
     forecast: float | None = None
     limit = settings.leak_limit_bytes
-    leak_start = now_s - settings.leak_window_seconds
-    window = [p for p in rss_points if p[0] >= leak_start]
-    if limit is not None and len(window) >= settings.leak_min_points:
-        slope = least_squares_slope(window)
+    if limit is not None and up:
+        if leak_slope is not None:
+            slope = leak_slope
+        elif len(rss_points) >= settings.leak_min_points:
+            leak_start = now_s - settings.leak_window_seconds
+            window = [p for p in rss_points if p[0] >= leak_start]
+            if len(window) >= settings.leak_min_points:
+                slope = least_squares_slope(window)
         if slope is not None:
+            leak_score = 100.0
             if slope > 0.0:
                 forecast = max(0.0, (limit - rss) / slope)
                 leak_score = linear_score(
                     forecast, settings.leak_warn_seconds, settings.leak_critical_seconds
                 )
-                detail = (
-                    f"rss growing {_mib(slope * 3600)}/h, reaches {_mib(limit)} in "
-                    f"{_duration(forecast)}"
+            append(
+                HealthComponent(
+                    LEAK,
+                    leak_score,
+                    weights.leak,
+                    forecast,
+                    settings.leak_warn_seconds,
+                    settings.leak_critical_seconds,
+                    slope,
                 )
-            else:
-                leak_score = 100.0
-                detail = f"rss not growing ({_mib(slope * 3600)}/h)"
-            components.append(HealthComponent(LEAK, leak_score, weights.leak, forecast, detail))
-
-    for threshold in settings.metrics:
-        value = None if metrics is None else metrics.get(threshold.name)
-        if value is None:
-            continue
-        components.append(
-            HealthComponent(
-                METRIC_PREFIX + threshold.name,
-                linear_score(value, threshold.warn, threshold.critical),
-                threshold.weight,
-                value,
-                f"{threshold.name} = {value:g} (warn {threshold.warn:g}, "
-                f"critical {threshold.critical:g})",
             )
-        )
 
-    if not sample.up:
+    if metrics:
+        for threshold in settings.metrics:
+            value = metrics.get(threshold.name)
+            if value is None:
+                continue
+            append(
+                HealthComponent(
+                    METRIC_PREFIX + threshold.name,
+                    linear_score(value, threshold.warn, threshold.critical),
+                    threshold.weight,
+                    value,
+                    threshold.warn,
+                    threshold.critical,
+                )
+            )
+
+    if not up:
         total = 0.0
     else:
-        weight_sum = math.fsum(c.weight for c in components)
-        total = (
-            100.0
-            if weight_sum <= 0.0
-            else math.fsum(c.score * c.weight for c in components) / weight_sum
-        )
+        weight_sum = 0.0
+        weighted = 0.0
+        for c in components:
+            weight_sum += c.weight
+            weighted += c.score * c.weight
+        total = 100.0 if weight_sum <= 0.0 else weighted / weight_sum
     return HealthScore(
         key=sample.key,
         timestamp=now,
@@ -304,39 +341,40 @@ def score_health(
 class PluginHistory:
     """What scoring needs from the past of one plugin, bounded in size.
 
-    RSS points are kept at most ``leak_window / (max_points - 1)`` apart, so the leak slope
-    costs O(max_points) however short the sample interval is.
+    RSS points are kept at least ``leak_window / (max_points - 1)`` apart, so there are at
+    most ``max_points`` of them however short the sample interval is, and the least-squares
+    slope is refitted only when a point is added, not on every sample.
     """
 
-    __slots__ = ("_max_points", "_restarts", "_rss", "_window_seconds")
+    __slots__ = ("_max_points", "_min_points", "_restarts", "_rss", "_slope", "_window_seconds")
 
-    def __init__(self, *, window_seconds: float, max_points: int = 60) -> None:
+    def __init__(self, *, window_seconds: float, max_points: int = 60, min_points: int = 6) -> None:
         self._window_seconds = window_seconds
         self._max_points = max(2, max_points)
+        self._min_points = max(2, min_points)
         self._rss: deque[tuple[float, float]] = deque()
         self._restarts: deque[tuple[float, int]] = deque()
+        self._slope: float | None = None
 
     def add(self, sample: PluginSample, *, restart_window_seconds: float) -> None:
         t = sample.timestamp.timestamp()
+        restarts = self._restarts
         if sample.restarts:
-            self._restarts.append((t, sample.restarts))
-        while self._restarts and self._restarts[0][0] <= t - restart_window_seconds:
-            self._restarts.popleft()
+            restarts.append((t, sample.restarts))
+        while restarts and restarts[0][0] <= t - restart_window_seconds:
+            restarts.popleft()
+        rss = self._rss
         if not sample.up:
             # A dead plugin's RSS is 0: it says nothing about a leak; start over when back.
-            self._rss.clear()
+            rss.clear()
+            self._slope = None
             return
-        spacing = self._window_seconds / (self._max_points - 1)
-        if self._rss and t - self._rss[-1][0] < spacing:
-            # Keep the newest value in the current slot so the forecast starts from now.
-            if len(self._rss) >= 2 and t - self._rss[-2][0] < spacing:
-                self._rss[-1] = (t, float(sample.rss_bytes))
-            else:
-                self._rss.append((t, float(sample.rss_bytes)))
-        else:
-            self._rss.append((t, float(sample.rss_bytes)))
-        while self._rss and self._rss[0][0] < t - self._window_seconds:
-            self._rss.popleft()
+        if rss and t - rss[-1][0] < self._window_seconds / (self._max_points - 1):
+            return
+        rss.append((t, float(sample.rss_bytes)))
+        while rss and rss[0][0] < t - self._window_seconds:
+            rss.popleft()
+        self._slope = least_squares_slope(rss) if len(rss) >= self._min_points else None
 
     @property
     def rss_points(self) -> Sequence[tuple[float, float]]:
@@ -345,6 +383,11 @@ class PluginHistory:
     @property
     def restart_events(self) -> Sequence[tuple[float, int]]:
         return self._restarts
+
+    @property
+    def leak_slope(self) -> float | None:
+        """Least-squares RSS slope (bytes/s) over the window, once there are enough points."""
+        return self._slope
 
 
 def _mib(value: float) -> str:

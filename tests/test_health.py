@@ -78,6 +78,7 @@ def test_cpu_moves_the_score_as_documented() -> None:
     assert score.score == pytest.approx(83.33, abs=0.01)
     assert score.weakest is not None
     assert score.weakest.name == CPU
+    assert score.weakest.detail == "cpu 75.0% (warn 50%, critical 100%)"
     heavier = HealthSettings(
         cpu_warn_percent=50,
         cpu_critical_percent=100,
@@ -149,6 +150,8 @@ def test_leak_slope_and_forecast() -> None:
     now = T0 + timedelta(seconds=600)
     score = score_health(last, settings=settings, now=now, rss_points=history.rss_points)
     assert score.leak_slope_bytes_per_second == pytest.approx(0.1 * MIB)
+    assert history.leak_slope == pytest.approx(0.1 * MIB)
+    assert score_health(last, settings=settings, now=now, leak_slope=history.leak_slope) == score
     assert score.leak_forecast_seconds == pytest.approx(8400.0)
     leak = score.component(LEAK)
     assert leak is not None
@@ -175,7 +178,9 @@ def test_history_is_bounded() -> None:
     for i in range(1000):
         history.add(sample(t=i * 0.5), restart_window_seconds=60)
     assert len(history.rss_points) <= 13
-    assert history.rss_points[-1][0] == (T0 + timedelta(seconds=999 * 0.5)).timestamp()
+    # one point per 10 s slot (100 s / (11 - 1)); the slope is refitted per new point
+    assert history.rss_points[-1][0] == (T0 + timedelta(seconds=490)).timestamp()
+    assert history.leak_slope == 0.0
 
 
 def test_plugin_metric_thresholds() -> None:
