@@ -309,6 +309,7 @@ class Spool:
         self._lock = threading.Lock()
         self._records: deque[_Record] = deque()
         self._segment_sizes: dict[int, int] = {}
+        self._bytes = 0  # sum of _segment_sizes, readable from any thread without the lock
         self._rows = 0
         self._active_segment: int | None = None
         self._active_fd: int | None = None
@@ -345,7 +346,7 @@ class Spool:
     @property
     def bytes(self) -> int:
         """Disk space of the segment files (acked records count until their segment goes)."""
-        return sum(self._segment_sizes.values())
+        return self._bytes
 
     def __len__(self) -> int:
         return len(self._records)
@@ -478,7 +479,7 @@ class Spool:
                 handle.truncate(pos)
                 handle.flush()
                 os.fsync(handle.fileno())
-        self._segment_sizes[sequence] = pos
+        self._set_segment_size(sequence, pos)
 
     # -- appending -------------------------------------------------------------------------
 
@@ -519,7 +520,7 @@ class Spool:
                 with contextlib.suppress(OSError):
                     os.ftruncate(self._active_fd, offset)
                 raise
-            self._segment_sizes[sequence] = offset + len(record)
+            self._set_segment_size(sequence, offset + len(record))
             self._records.append(
                 _Record(sequence, offset, len(record) - _RECORD_HEADER.size, len(rows))
             )
@@ -544,7 +545,7 @@ class Spool:
             raise
         self._active_fd = fd
         self._active_segment = sequence
-        self._segment_sizes[sequence] = _SEGMENT_HEADER.size
+        self._set_segment_size(sequence, _SEGMENT_HEADER.size)
 
     # -- replaying -------------------------------------------------------------------------
 
@@ -657,7 +658,11 @@ class Spool:
     def _delete_segment(self, sequence: int) -> None:
         with contextlib.suppress(FileNotFoundError):
             self._segment_path(sequence).unlink()
-        self._segment_sizes.pop(sequence, None)
+        self._bytes -= self._segment_sizes.pop(sequence, 0)
+
+    def _set_segment_size(self, sequence: int, size: int) -> None:
+        self._bytes += size - self._segment_sizes.get(sequence, 0)
+        self._segment_sizes[sequence] = size
 
     # -- closing ---------------------------------------------------------------------------
 
