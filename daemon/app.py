@@ -365,11 +365,40 @@ class Daemon:
 async def build(daemon: Daemon, stack: AsyncExitStack, stop: asyncio.Event) -> None:
     """Start every component in dependency order, registering each one's cleanup.
 
-    The exit stack unwinds in reverse: scheduler (drain running jobs), HTTP, outbox (final
-    delivery), writer (final flush or spool), pool, embedded server.
+    HTTP comes first, so /healthz answers (and /readyz says why not ready) while the
+    database is awaited. The exit stack unwinds in reverse: scheduler (drain running jobs),
+    outbox (final delivery), writer (final flush or spool), pool, embedded server, HTTP.
     """
     settings = daemon.settings
     deadline = settings.shutdown_deadline_seconds
+    auth = None
+    if settings.http_auth_username:
+        auth = BasicAuth(
+            settings.http_auth_username,
+            password=(
+                settings.http_auth_password.get_secret_value()
+                if settings.http_auth_password is not None
+                else None
+            ),
+            password_sha256=settings.http_auth_password_sha256,
+        )
+    ssl_context = (
+        tls_context(settings.http_tls_cert_file, settings.http_tls_key_file)
+        if settings.http_tls_cert_file and settings.http_tls_key_file
+        else None
+    )
+    daemon.http = await stack.enter_async_context(
+        HttpServer(
+            host=settings.http_host,
+            port=settings.http_port,
+            metrics=daemon.renderer,
+            readiness=daemon.readiness,
+            before_render=daemon.refresh_stats,
+            auth=auth,
+            ssl_context=ssl_context,
+        )
+    )
+
     url = await _database_url(daemon, stack)
     daemon.database_url = url
     await _migrate_until_done(url, settings.backend, daemon.config.retention, stop)
@@ -414,34 +443,6 @@ async def build(daemon: Daemon, stack: AsyncExitStack, stop: asyncio.Event) -> N
 
     await _build_alerts(daemon, stack)
     daemon.maintenance = _maintenance_job(daemon)
-
-    auth = None
-    if settings.http_auth_username:
-        auth = BasicAuth(
-            settings.http_auth_username,
-            password=(
-                settings.http_auth_password.get_secret_value()
-                if settings.http_auth_password is not None
-                else None
-            ),
-            password_sha256=settings.http_auth_password_sha256,
-        )
-    ssl_context = (
-        tls_context(settings.http_tls_cert_file, settings.http_tls_key_file)
-        if settings.http_tls_cert_file and settings.http_tls_key_file
-        else None
-    )
-    daemon.http = await stack.enter_async_context(
-        HttpServer(
-            host=settings.http_host,
-            port=settings.http_port,
-            metrics=daemon.renderer,
-            readiness=daemon.readiness,
-            before_render=daemon.refresh_stats,
-            auth=auth,
-            ssl_context=ssl_context,
-        )
-    )
 
     scheduler = daemon.scheduler
     interval = settings.sample_interval_seconds

@@ -172,6 +172,23 @@ class DaemonProcess:
 
         wait_for("the daemon to be ready", ready, timeout=timeout)
 
+    def wait_metric(
+        self, what: str, predicate: Callable[[float], bool], name: str, timeout: float = 30.0
+    ) -> None:
+        """Wait until ``predicate(value of name)``; on timeout, fail with the daemon's log."""
+
+        def probe() -> bool:
+            self.assert_alive()
+            status, _ = self.get("/healthz")
+            if status != 200:
+                return False
+            return predicate(self.metric(name) or 0.0)
+
+        try:
+            wait_for(what, probe, timeout=timeout)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n--- daemon log ---\n{self.log_text()[-6000:]}") from None
+
     def assert_alive(self) -> None:
         assert self.proc is not None
         if self.proc.poll() is not None:
@@ -242,6 +259,23 @@ class DaemonProcess:
             if "samples_taken" in record:
                 return dict(record)
         raise AssertionError(f"no final counts in the log:\n{self.log_text()[-4000:]}")
+
+
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """``pluginmon ARGS`` in a subprocess, without the caller's PLUGINMON_* variables."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("PLUGINMON_")}
+    base.setdefault("XDG_STATE_HOME", "/tmp/pluginmon-cli-test-state")
+    return subprocess.run(
+        [sys.executable, "-m", "daemon.cli", *args],
+        env={**base, **(env or {})},
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
 
 
 def sample_rows(database_url: str) -> int:

@@ -2,30 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-PLUGINMON = [sys.executable, "-m", "daemon.cli"]
-
-
-def run_cli(
-    *args: str, env: dict[str, str] | None = None, timeout: float = 60
-) -> subprocess.CompletedProcess[str]:
-    base = {k: v for k, v in os.environ.items() if not k.startswith("PLUGINMON_")}
-    base["XDG_STATE_HOME"] = base.get("XDG_STATE_HOME", "/tmp/pluginmon-cli-test-state")
-    return subprocess.run(
-        [*PLUGINMON, *args],
-        env={**base, **(env or {})},
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
-
+from tests.daemon_helpers import run_cli
 
 GOOD = """
 sample_interval_seconds = 5

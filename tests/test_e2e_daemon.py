@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import time
 from collections.abc import Iterator
@@ -13,7 +14,13 @@ import pytest
 
 from storage.embedded import EmbeddedPostgres
 from storage.spool import Spool
-from tests.daemon_helpers import DaemonProcess, plugin_processes, sample_rows, wait_for
+from tests.daemon_helpers import (
+    DaemonProcess,
+    plugin_processes,
+    run_cli,
+    sample_rows,
+    wait_for,
+)
 from tests.dbutil import create_database, drop_database, with_database
 
 RULES = """
@@ -120,6 +127,29 @@ def test_run_samples_exports_scores_and_stops_on_sigterm(e2e_db: str, tmp_path: 
     messages = [r.get("message", "") for r in daemon.log_records()]
     assert any(m.startswith("SIGTERM received") for m in messages)
 
+    # `pluginmon status` reads the same database.
+    env = {"PLUGINMON_DATABASE_URL": e2e_db}
+    result = run_cli("status", "--json", env=env)
+    assert result.returncode == 0, result.stderr
+    status = {row["plugin"]: row for row in json.loads(result.stdout)}
+    assert set(status) == {"burner", "sleeper"}
+    assert status["burner"]["up"] is True
+    assert status["burner"]["cpu_percent"] > 0
+    assert status["burner"]["rss_bytes"] > 1024 * 1024
+    assert status["sleeper"]["processes"] == 2
+    assert 0 <= status["burner"]["health_score"] <= 100
+    assert status["burner"]["weakest_component"]
+    assert "E2EBurnerBusy/info" in status["burner"]["firing_alerts"]
+    table = run_cli("status", "--tenant", "e2e", env=env)
+    assert table.returncode == 0, table.stderr
+    lines = table.stdout.splitlines()
+    assert lines[0].split()[:4] == ["TENANT", "PLUGIN", "ENV", "UP"]
+    assert any(line.split()[:4] == ["e2e", "burner", "test", "up"] for line in lines[1:])
+    assert "E2EBurnerBusy/info" in table.stdout
+    assert run_cli("status", "--tenant", "nobody", env=env).stdout.strip() == (
+        "no plugins in the database yet"
+    )
+
 
 def _metric(daemon: DaemonProcess, name: str) -> float:
     try:
@@ -142,7 +172,7 @@ def test_database_outage_then_sigkill_loses_nothing(tmp_path: Path) -> None:
             ).start()
             try:
                 first.wait_ready()
-                wait_for("samples", lambda: _metric(first, "pluginmon_samples_total") >= 6)
+                first.wait_metric("samples", lambda v: v >= 6, "pluginmon_samples_total")
 
                 server.stop(mode="fast")
                 outage_end = time.monotonic() + 30
@@ -191,11 +221,7 @@ def test_database_outage_then_sigkill_loses_nothing(tmp_path: Path) -> None:
             try:
                 second.wait_ready()
                 server.stop(mode="fast")
-                wait_for(
-                    "rows in the spool",
-                    lambda: _metric(second, "pluginmon_spool_samples") >= 4,
-                    timeout=30,
-                )
+                second.wait_metric("rows in the spool", lambda v: v >= 4, "pluginmon_spool_samples")
             finally:
                 second.kill()
             with Spool(data_dir / "spool") as spool:
