@@ -14,7 +14,7 @@ The table is truncated before every run. Each is run ROUNDS times, interleaved, 
 of each is compared (the machine is shared; the best run is the least disturbed one). The
 row tuples are built before any timing starts.
 
-Run: .venv/bin/python bench/ingest.py [--database-url URL] [--rounds 3]
+Run: .venv/bin/python bench/ingest.py [--database-url URL] [--rounds 5]
 Without --database-url an embedded PostgreSQL is started in a temporary directory; with it,
 a scratch database is created on that server (e.g. TimescaleDB at
 postgresql://postgres@127.0.0.1:5433/postgres) and dropped afterwards.
@@ -220,7 +220,7 @@ def main() -> None:
     parser.add_argument("--database-url", help="server to create the scratch database on")
     parser.add_argument("--plugins", type=int, default=1000)
     parser.add_argument("--timestamps", type=int, default=1000)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
     with scratch_database(args.database_url) as url:
         ratio = asyncio.run(main_async(args, url))
