@@ -1,0 +1,290 @@
+"""The TimescaleDB backend: hypertables, policies with the configured intervals, caggs = PG rollups."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import asyncpg
+import psycopg
+import pytest
+
+from storage import timescale
+from storage.backend import Retention, detect_backend, maintenance_for, prepare_database
+from storage.migrate import Backend
+from storage.partitions import ROLLUPS, refresh_rollup
+from storage.timescale import TimescaleMaintenance
+from tests.dbutil import create_database, drop_database, with_database
+from tests.schema_helpers import (
+    Conn,
+    add_plugin,
+    assert_rollups_equal,
+    database_for_backend,
+    group_by_rollup,
+    insert_samples,
+    rollup_rows,
+    samples_series,
+)
+
+pytestmark = pytest.mark.timescaledb
+
+CONFIGURED = Retention(
+    samples=timedelta(days=30),
+    metrics=timedelta(days=45),
+    rollup_1m=timedelta(days=14),
+    rollup_1h=timedelta(days=400),
+    compress_after=timedelta(days=3),
+)
+
+
+@pytest.fixture
+def tsdb_url(requires_timescaledb: None, pg_admin_url: str) -> Iterator[str]:
+    """A TimescaleDB database prepared with CONFIGURED retention (migrations + policies)."""
+    name = create_database(pg_admin_url, prefix="tsdb")
+    url = with_database(pg_admin_url, name)
+    try:
+        prepared = prepare_database(url, CONFIGURED, backend=Backend.TIMESCALEDB)
+        assert prepared.backend is Backend.TIMESCALEDB
+        assert len(prepared.policy_changes) == 8
+        yield url
+    finally:
+        drop_database(pg_admin_url, name)
+
+
+def _jobs(conn: Conn) -> dict[tuple[str, str], dict[str, Any]]:
+    """{(relation, proc): config plus schedule}, straight from timescaledb_information.jobs."""
+    rows = conn.execute(
+        "SELECT hypertable_name, proc_name, config, schedule_interval"
+        " FROM timescaledb_information.jobs WHERE hypertable_schema = 'public'"
+        " AND proc_name IN ('policy_retention', 'policy_compression',"
+        " 'policy_refresh_continuous_aggregate')"
+    ).fetchall()
+    jobs: dict[tuple[str, str], dict[str, Any]] = {}
+    for relation, proc, config, schedule in rows:
+        assert (relation, proc) not in jobs, f"two {proc} jobs on {relation}"
+        jobs[(relation, proc)] = {**config, "schedule_interval": schedule}
+    return jobs
+
+
+def _interval(conn: Conn, text: str) -> timedelta:
+    row = conn.execute("SELECT %s::text::interval", (text,)).fetchone()
+    assert row is not None
+    return row[0]  # type: ignore[no-any-return]
+
+
+def test_hypertables_continuous_aggregates_and_compression(tsdb_url: str) -> None:
+    with psycopg.connect(tsdb_url) as conn:
+        assert timescale.hypertables(conn) == ["plugin_metrics", "plugin_samples"]
+        assert timescale.continuous_aggregates(conn) == ["rollup_samples_1h", "rollup_samples_1m"]
+        chunk_intervals = conn.execute(
+            "SELECT hypertable_name, time_interval FROM timescaledb_information.dimensions"
+            " WHERE hypertable_schema = 'public' ORDER BY 1"
+        ).fetchall()
+        assert chunk_intervals == [
+            ("plugin_metrics", timedelta(days=1)),
+            ("plugin_samples", timedelta(days=1)),
+        ]
+        settings = conn.execute(
+            "SELECT attname, segmentby_column_index, orderby_column_index, orderby_asc"
+            " FROM timescaledb_information.compression_settings"
+            " WHERE hypertable_name = 'plugin_samples' ORDER BY attname"
+        ).fetchall()
+        assert settings == [("plugin_id", 1, None, None), ("timestamp", None, 1, False)]
+        materialized_only = conn.execute(
+            "SELECT view_name, materialized_only FROM timescaledb_information.continuous_aggregates"
+            " ORDER BY 1"
+        ).fetchall()
+        assert materialized_only == [("rollup_samples_1h", True), ("rollup_samples_1m", True)]
+
+
+def test_policies_have_the_configured_intervals(tsdb_url: str) -> None:
+    with psycopg.connect(tsdb_url) as conn:
+        jobs = _jobs(conn)
+        assert set(jobs) == {
+            ("plugin_samples", "policy_retention"),
+            ("plugin_metrics", "policy_retention"),
+            ("rollup_samples_1m", "policy_retention"),
+            ("rollup_samples_1h", "policy_retention"),
+            ("plugin_samples", "policy_compression"),
+            ("plugin_metrics", "policy_compression"),
+            ("rollup_samples_1m", "policy_refresh_continuous_aggregate"),
+            ("rollup_samples_1h", "policy_refresh_continuous_aggregate"),
+        }
+        drop = {
+            relation: _interval(conn, config["drop_after"])
+            for (relation, proc), config in jobs.items()
+            if proc == "policy_retention"
+        }
+        assert drop == {
+            "plugin_samples": timedelta(days=30),
+            "plugin_metrics": timedelta(days=45),
+            "rollup_samples_1m": timedelta(days=14),
+            "rollup_samples_1h": timedelta(days=400),
+        }
+        for relation in ("plugin_samples", "plugin_metrics"):
+            compress = jobs[(relation, "policy_compression")]["compress_after"]
+            assert _interval(conn, compress) == timedelta(days=3)
+        for relation, window in timescale.REFRESH_WINDOWS.items():
+            config = jobs[(relation, "policy_refresh_continuous_aggregate")]
+            assert _interval(conn, config["start_offset"]) == window.start_offset
+            assert _interval(conn, config["end_offset"]) == window.end_offset
+            assert config["schedule_interval"] == window.schedule_interval
+
+
+def test_default_retention_is_the_seeds(requires_timescaledb: None, pg_admin_url: str) -> None:
+    with (
+        database_for_backend(pg_admin_url, Backend.TIMESCALEDB) as url,
+        psycopg.connect(url, autocommit=True) as conn,
+    ):
+        timescale.apply_policies(conn, Retention())
+        jobs = _jobs(conn)
+        drop = {
+            relation: _interval(conn, config["drop_after"])
+            for (relation, proc), config in jobs.items()
+            if proc == "policy_retention"
+        }
+        assert drop == {
+            "plugin_samples": timedelta(days=90),
+            "plugin_metrics": timedelta(days=90),
+            "rollup_samples_1m": timedelta(days=30),
+            "rollup_samples_1h": timedelta(days=365),
+        }
+
+
+def test_a_changed_interval_is_registered_again(tsdb_url: str) -> None:
+    unchanged = prepare_database(tsdb_url, CONFIGURED)
+    assert unchanged.migrations.applied == ()
+    assert unchanged.policy_changes == ()
+
+    changed = Retention(
+        samples=timedelta(days=60),
+        metrics=CONFIGURED.metrics,
+        rollup_1m=CONFIGURED.rollup_1m,
+        rollup_1h=CONFIGURED.rollup_1h,
+        compress_after=timedelta(days=2),
+    )
+    result = prepare_database(tsdb_url, changed)
+
+    assert set(result.policy_changes) == {
+        "plugin_samples: policy_retention re-registered",
+        "plugin_samples: policy_compression re-registered",
+        "plugin_metrics: policy_compression re-registered",
+    }
+    with psycopg.connect(tsdb_url) as conn:
+        jobs = _jobs(conn)  # still one job per (relation, policy)
+        assert _interval(conn, jobs[("plugin_samples", "policy_retention")]["drop_after"]) == (
+            timedelta(days=60)
+        )
+        assert _interval(conn, jobs[("plugin_metrics", "policy_retention")]["drop_after"]) == (
+            timedelta(days=45)
+        )
+
+
+def test_retention_and_compression_jobs_act_on_chunks(tsdb_url: str) -> None:
+    now = datetime.now(UTC)
+    with psycopg.connect(tsdb_url, autocommit=True) as conn:
+        plugin = add_plugin(conn, "acme", "resizer")
+        old = samples_series(
+            now - timedelta(days=40),
+            now - timedelta(days=39),
+            timedelta(hours=1),
+            [("acme", plugin)],
+        )
+        middle = samples_series(
+            now - timedelta(days=10),
+            now - timedelta(days=9),
+            timedelta(hours=1),
+            [("acme", plugin)],
+        )
+        recent = samples_series(
+            now - timedelta(hours=5), now, timedelta(hours=1), [("acme", plugin)]
+        )
+        insert_samples(conn, old + middle + recent)
+        jobs = {
+            proc: int(row[0])
+            for proc in ("policy_retention", "policy_compression")
+            if (
+                row := conn.execute(
+                    "SELECT job_id FROM timescaledb_information.jobs"
+                    " WHERE hypertable_name = 'plugin_samples' AND proc_name = %s",
+                    (proc,),
+                ).fetchone()
+            )
+            is not None
+        }
+        conn.execute("CALL run_job(%s)", (jobs["policy_retention"],))
+        conn.execute("CALL run_job(%s)", (jobs["policy_compression"],))
+        count = conn.execute("SELECT count(*) FROM plugin_samples").fetchone()
+        assert count == (len(middle) + len(recent),)
+        compressed = conn.execute(
+            "SELECT bool_or(is_compressed) FILTER (WHERE range_end <= %s),"
+            " bool_or(is_compressed) FILTER (WHERE range_end > %s)"
+            " FROM timescaledb_information.chunks WHERE hypertable_name = 'plugin_samples'",
+            (now - timedelta(days=3), now - timedelta(days=1)),
+        ).fetchone()
+        assert compressed == (True, False)
+        # Compressed rows still read back unchanged through the tenant view.
+        via_view = conn.execute(
+            'SELECT count(*) FROM pluginmon_tenant.plugin_samples WHERE "timestamp" < %s',
+            (now - timedelta(days=3),),
+        ).fetchone()
+        assert via_view == (len(middle),)
+
+
+async def test_continuous_aggregates_equal_the_postgres_rollups(
+    requires_timescaledb: None, pg_admin_url: str
+) -> None:
+    start = datetime.now(UTC).replace(minute=0, second=0, microsecond=0) - timedelta(hours=5)
+    end = start + timedelta(hours=3)
+    results: dict[Backend, dict[str, dict[tuple[Any, ...], tuple[Any, ...]]]] = {}
+    for backend in (Backend.TIMESCALEDB, Backend.POSTGRES):
+        with (
+            database_for_backend(pg_admin_url, backend) as url,
+            psycopg.connect(url, autocommit=True) as conn,
+        ):
+            plugins = [
+                ("acme", add_plugin(conn, "acme", "resizer")),
+                ("acme", add_plugin(conn, "acme", "codec")),
+                ("globex", add_plugin(conn, "globex", "indexer")),
+            ]
+            insert_samples(conn, samples_series(start, end, timedelta(seconds=15), plugins, seed=5))
+            if backend is Backend.TIMESCALEDB:
+                timescale.refresh_rollups(conn, start, end)
+            else:
+                await _refresh_postgres(url, end)
+            results[backend] = {
+                "1m": rollup_rows(conn, "plugin_samples_1m"),
+                "1h": rollup_rows(conn, "plugin_samples_1h"),
+            }
+            expected_1m = group_by_rollup(conn, "1 minute")
+            expected_1h = group_by_rollup(conn, "1 hour")
+            assert_rollups_equal(results[backend]["1m"], expected_1m)
+            assert_rollups_equal(results[backend]["1h"], expected_1h)
+    assert len(results[Backend.TIMESCALEDB]["1m"]) == 180 * 3
+    assert len(results[Backend.TIMESCALEDB]["1h"]) == 3 * 3
+    assert_rollups_equal(results[Backend.TIMESCALEDB]["1m"], results[Backend.POSTGRES]["1m"])
+    assert_rollups_equal(results[Backend.TIMESCALEDB]["1h"], results[Backend.POSTGRES]["1h"])
+
+
+async def _refresh_postgres(url: str, now: datetime) -> None:
+    conn = await asyncpg.connect(url)
+    try:
+        for spec in ROLLUPS:
+            await refresh_rollup(conn, spec, now)
+    finally:
+        await conn.close()
+
+
+async def test_backend_detection_and_maintenance_choice(tsdb_url: str) -> None:
+    conn = await asyncpg.connect(tsdb_url)
+    try:
+        backend = await detect_backend(conn)
+        assert backend is Backend.TIMESCALEDB
+        maintenance = maintenance_for(backend)
+        assert isinstance(maintenance, TimescaleMaintenance)
+        report = await maintenance.run(conn, CONFIGURED)
+        assert report.ran
+        assert report.backend is Backend.TIMESCALEDB
+    finally:
+        await conn.close()
