@@ -164,14 +164,11 @@ class EmbeddedPostgres:
         env = {**os.environ, "LC_ALL": "C", "LANG": "C"}
         env.pop("PGPASSWORD", None)
         # group and extra_groups too: a root group would override the o+x we rely on.
-        as_user: dict[str, object] = (
-            {"user": self._run_as, "group": self._run_as, "extra_groups": []}
-            if self._run_as
-            else {}
-        )
-        result = subprocess.run(  # type: ignore[call-overload]
+        result = subprocess.run(
             argv,
-            **as_user,
+            user=self._run_as,
+            group=self._run_as,
+            extra_groups=[] if self._run_as else None,
             env=env,
             cwd="/",
             stdin=subprocess.DEVNULL,

@@ -64,15 +64,15 @@ def discover(sql_dir: Path, backend: Backend) -> list[Migration]:
     (``003_timeseries.postgres.sql`` and ``003_timeseries.timescaledb.sql``).
     """
     by_version: dict[int, dict[str | None, Path]] = {}
-    for path in sorted(sql_dir.glob("*.sql")):
-        match = _FILE_RE.match(path.name)
+    for candidate in sorted(sql_dir.glob("*.sql")):
+        match = _FILE_RE.match(candidate.name)
         if match is None:
             raise MigrationError(
-                f"{path.name}: migration file names must look like NNN_name.sql or "
+                f"{candidate.name}: migration file names must look like NNN_name.sql or "
                 "NNN_name.postgres.sql / NNN_name.timescaledb.sql"
             )
         variants = by_version.setdefault(int(match["version"]), {})
-        variants[match["backend"]] = path
+        variants[match["backend"]] = candidate
     migrations: list[Migration] = []
     for version in sorted(by_version):
         variants = by_version[version]

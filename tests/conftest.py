@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,18 +22,22 @@ TIMESCALEDB_SKIP_REASON = (
 
 
 @pytest.fixture(scope="session")
-def pg_admin_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def pg_admin_url() -> Iterator[str]:
     """URL of a maintenance database on the test server; tests create their own databases."""
     external = os.environ.get("PLUGINMON_TEST_DATABASE_URL")
     if external:
         yield external
         return
-    server = EmbeddedPostgres(tmp_path_factory.mktemp("embedded-pg"))
+    # Not under pytest's basetemp: pytest resets that tree to 0700 at every session start,
+    # which would cut off a server that runs as a separate user when we are root.
+    data_dir = Path(tempfile.mkdtemp(prefix="pluginmon-test-pg-"))
+    server = EmbeddedPostgres(data_dir)
     server.start()
     try:
         yield server.url("postgres")
     finally:
         server.stop(mode="immediate")
+        shutil.rmtree(data_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
