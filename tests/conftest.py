@@ -90,3 +90,17 @@ def migrated_db(pg_admin_url: str, migrated_template: str) -> Iterator[str]:
 @pytest.fixture
 def repo_root() -> Path:
     return Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def server_tmp_dir() -> Iterator[Path]:
+    """A temporary directory for a test's own EmbeddedPostgres, outside pytest's basetemp.
+
+    pytest resets its basetemp tree to 0700 whenever any pytest session starts; a server that
+    runs as a separate user (we are root in CI) would then lose its data directory.
+    """
+    path = Path(tempfile.mkdtemp(prefix="pluginmon-test-own-pg-"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
