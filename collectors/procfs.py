@@ -96,9 +96,19 @@ class ProcfsSource:
 
     ticks_per_second: float = float(CLOCK_TICKS_PER_SECOND)
 
-    def __init__(self, proc_root: str = "/proc", *, page_size: int = PAGE_SIZE) -> None:
+    def __init__(
+        self,
+        proc_root: str = "/proc",
+        *,
+        page_size: int = PAGE_SIZE,
+        reuse_unchanged: bool = True,
+    ) -> None:
         self._root = proc_root.rstrip("/") or "/"
         self._page_size = page_size
+        self._reuse_unchanged = reuse_unchanged
+        # Last cycle's stat lines and their parsed rows. A process that did nothing since
+        # (most processes, most of the time) has a byte-identical line: no need to parse it.
+        self._parsed: dict[bytes, StatRow] = {}
 
     @property
     def proc_root(self) -> str:
@@ -113,6 +123,8 @@ class ProcfsSource:
         append = rows.append
         gone = denied = 0
         os_open, os_read, os_close = os.open, os.read, os.close
+        previous = self._parsed if self._reuse_unchanged else {}
+        parsed: dict[bytes, StatRow] = {}
         for name in os.listdir(root):
             if not name.isdigit():
                 continue
@@ -134,12 +146,15 @@ class ProcfsSource:
             if not data:
                 gone += 1
                 continue
-            # comm may hold spaces and ")": the fields start after the last ") ".
-            head, _, tail = data.rpartition(b") ")
-            fields = tail.split(None, 22)
-            try:
-                append(
-                    (
+            # The line holds the pid and start time, so equal bytes mean the same process
+            # in the same state.
+            row = previous.get(data)
+            if row is None:
+                # comm may hold spaces and ")": the fields start after the last ") ".
+                head, _, tail = data.rpartition(b") ")
+                fields = tail.split(None, 22)
+                try:
+                    row = (
                         int(name),
                         int(fields[1]),
                         int(fields[19]),
@@ -151,9 +166,13 @@ class ProcfsSource:
                         head,
                         fields[0],
                     )
-                )
-            except (IndexError, ValueError):  # truncated file: treat as gone mid-read
-                gone += 1
+                except (IndexError, ValueError):  # truncated file: treat as gone mid-read
+                    gone += 1
+                    continue
+            parsed[data] = row
+            append(row)
+        if self._reuse_unchanged:
+            self._parsed = parsed
         return ScanResult(rows=rows, gone=gone, denied=denied)
 
     def boot_time(self) -> float:

@@ -124,6 +124,7 @@ class _Proc:
 
     __slots__ = (
         "base",
+        "base_row",
         "cmdline",
         "comm",
         "config_matches",
@@ -134,8 +135,6 @@ class _Proc:
         "ctx_invol",
         "ctx_vol",
         "direct",
-        "kids_cpu",
-        "own_cpu",
         "owner",
         "pid",
         "read",
@@ -167,8 +166,7 @@ class _Proc:
         self.stamp = -1
         # Baselines for deltas.
         self.cpu_cycle = -1
-        self.own_cpu = 0.0
-        self.kids_cpu = 0.0
+        self.base_row: StatRow | None = None  # row of the last cycle it was attributed
         self.credit_cpu = 0.0
         self.read: int | None = None
         self.write: int | None = None
@@ -422,8 +420,8 @@ class Sampler:
             parent = new.get(proc.row[1])
             if parent is None or parent is not old.get(proc.row[1]):
                 continue
-            if proc.cpu_cycle == cycle - 1:
-                parent.credit_cpu += proc.own_cpu + proc.kids_cpu
+            if proc.cpu_cycle == cycle - 1 and proc.base_row is not None:
+                parent.credit_cpu += proc.base_row[3] + proc.base_row[4]
             if proc.read is not None:
                 parent.credit_read += proc.read
             if proc.write is not None:
@@ -484,28 +482,28 @@ class Sampler:
                 st.begin_cycle(cycle)
                 active.append(st)
             row = proc.row
-            own, kids = row[3], row[4]
-            if proc.cpu_cycle == previous_cycle:
-                delta_kids = kids - proc.kids_cpu
-                if proc.credit_cpu and delta_kids > 0:
-                    used = min(proc.credit_cpu, delta_kids)
-                    proc.credit_cpu -= used
-                    delta_kids -= used
-                delta = own - proc.own_cpu + delta_kids
-                if delta > 0:
-                    st.cpu_ticks += delta
+            base = proc.base_row
+            if proc.cpu_cycle == previous_cycle and base is not None:
+                if row is not base:  # the scan hands back the same row when nothing changed
+                    delta_kids = row[4] - base[4]
+                    if proc.credit_cpu and delta_kids > 0:
+                        used = min(proc.credit_cpu, delta_kids)
+                        proc.credit_cpu -= used
+                        delta_kids -= used
+                    delta = row[3] - base[3] + delta_kids
+                    if delta > 0:
+                        st.cpu_ticks += delta
             else:
                 start_s = row[2] / tps
                 if prev_now is not None and start_s >= prev_now - one_tick:
-                    st.cpu_ticks += own + kids  # born during the interval: all of it is new
+                    st.cpu_ticks += row[3] + row[4]  # born during the interval: all of it is new
                 else:
                     # Existed before but no baseline (first cycle, or newly attributed):
                     # assume it ran at its lifetime-average rate.
                     age = max(now - start_s, one_tick)
-                    st.cpu_ticks += (own + kids) * interval / age
+                    st.cpu_ticks += (row[3] + row[4]) * interval / age
                 proc.credit_cpu = 0.0
-            proc.own_cpu = own
-            proc.kids_cpu = kids
+            proc.base_row = row
             proc.cpu_cycle = cycle
             st.rss += row[7]
             st.vms += row[6]
@@ -514,11 +512,12 @@ class Sampler:
             start = row[2]
             if st.oldest_start is None or start < st.oldest_start:
                 st.oldest_start = start
-            parent = new.get(row[1])
-            if parent is None or parent.owner is not st:
-                candidate = (start, proc.pid)
-                if st.root is None or candidate < st.root:
-                    st.root = candidate
+            if proc.direct is st:  # roots are matched processes whose parent is not ours
+                parent = new.get(row[1])
+                if parent is None or parent.owner is not st:
+                    candidate = (start, proc.pid)
+                    if st.root is None or candidate < st.root:
+                        st.root = candidate
             owned.append(proc)
 
         if self._optional:
