@@ -8,6 +8,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from operator import attrgetter
 
 from prometheus_client import (
     CollectorRegistry,
@@ -67,6 +68,8 @@ class _PluginRow:
     labels: str  # pre-escaped 'tenant="..",plugin="..",environment=".."'
     sample: PluginSample
     restarts_total: int
+    up: int
+    start_time: float | None  # seconds since the epoch
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +79,9 @@ class ExportView:
     plugins: tuple[_PluginRow, ...]
     health: Mapping[PluginKey, HealthView]
     alerts: tuple[FiringAlert, ...]
+    # The same health keyed by the plugin's label string: str hashes are cached, a
+    # dataclass key's hash is computed in Python on every lookup.
+    health_by_label: Mapping[str, HealthView] = field(default_factory=dict)
 
 
 def _escape(value: str) -> str:
@@ -124,6 +130,7 @@ class ExporterState:
         self._labels: dict[PluginKey, str] = {}
         self._view = ExportView(plugins=(), health={}, alerts=())
         self._health: Mapping[PluginKey, HealthView] = {}
+        self._health_by_label: Mapping[str, HealthView] = {}
         self._alerts: tuple[FiringAlert, ...] = ()
         self.last_snapshot: Snapshot | None = None
 
@@ -145,7 +152,17 @@ class ExporterState:
 
     def update_health(self, health: Mapping[PluginKey, HealthView]) -> None:
         self._health = dict(health)
-        self._view = dataclasses.replace(self._view, health=self._health)
+        labels = self._labels
+        by_label: dict[str, HealthView] = {}
+        for key, value in self._health.items():
+            label = labels.get(key)
+            if label is None:
+                label = labels[key] = _label_string(key)
+            by_label[label] = value
+        self._health_by_label = by_label
+        self._view = dataclasses.replace(
+            self._view, health=self._health, health_by_label=self._health_by_label
+        )
 
     def update_alerts(self, firing: Sequence[FiringAlert]) -> None:
         self._alerts = tuple(firing)
@@ -159,15 +176,24 @@ class ExporterState:
             label = labels.get(key)
             if label is None:
                 label = labels[key] = _label_string(key)
+            current = sample if key in seen else _down(sample)
+            started = current.oldest_start_time
             rows.append(
                 _PluginRow(
                     key=key,
                     labels=label,
-                    sample=sample if key in seen else _down(sample),
+                    sample=current,
                     restarts_total=restarts,
+                    up=int(current.up),
+                    start_time=started.timestamp() if started is not None else None,
                 )
             )
-        self._view = ExportView(plugins=tuple(rows), health=self._health, alerts=self._alerts)
+        self._view = ExportView(
+            plugins=tuple(rows),
+            health=self._health,
+            alerts=self._alerts,
+            health_by_label=self._health_by_label,
+        )
 
     def view(self) -> ExportView:
         return self._view
@@ -185,11 +211,7 @@ class _Family:
     help: str
     value: _Getter
     extra_label: tuple[str, str] | None = None  # (label name, value), for kind= variants
-
-
-def _start_time(row: _PluginRow) -> float | None:
-    started = row.sample.oldest_start_time
-    return started.timestamp() if started is not None else None
+    floats: bool = False  # values may be float (NaN/Inf need rewriting in the text)
 
 
 _FAMILIES: tuple[_Family, ...] = (
@@ -197,83 +219,85 @@ _FAMILIES: tuple[_Family, ...] = (
         "pluginmon_plugin_up",
         "gauge",
         "1 if any process of the plugin runs",
-        lambda r: int(r.sample.up),
+        attrgetter("up"),
     ),
     _Family(
         "pluginmon_plugin_cpu_percent",
         "gauge",
         "CPU use over the last interval; 100 = one full core",
-        lambda r: r.sample.cpu_percent,
+        attrgetter("sample.cpu_percent"),
+        floats=True,
     ),
     _Family(
         "pluginmon_plugin_memory_rss_bytes",
         "gauge",
         "Resident set size of all processes",
-        lambda r: r.sample.rss_bytes,
+        attrgetter("sample.rss_bytes"),
     ),
     _Family(
         "pluginmon_plugin_memory_vms_bytes",
         "gauge",
         "Virtual memory size of all processes",
-        lambda r: r.sample.vms_bytes,
+        attrgetter("sample.vms_bytes"),
     ),
     _Family(
         "pluginmon_plugin_memory_uss_bytes",
         "gauge",
         "Unique set size of all processes (when collected)",
-        lambda r: r.sample.uss_bytes,
+        attrgetter("sample.uss_bytes"),
     ),
     _Family(
         "pluginmon_plugin_memory_swap_bytes",
         "gauge",
         "Swapped-out memory of all processes (when collected)",
-        lambda r: r.sample.swap_bytes,
+        attrgetter("sample.swap_bytes"),
     ),
-    _Family("pluginmon_plugin_threads", "gauge", "Threads", lambda r: r.sample.threads),
-    _Family("pluginmon_plugin_processes", "gauge", "Processes", lambda r: r.sample.process_count),
+    _Family("pluginmon_plugin_threads", "gauge", "Threads", attrgetter("sample.threads")),
+    _Family("pluginmon_plugin_processes", "gauge", "Processes", attrgetter("sample.process_count")),
     _Family(
         "pluginmon_plugin_open_fds",
         "gauge",
         "Open file descriptors (when collected)",
-        lambda r: r.sample.fds,
+        attrgetter("sample.fds"),
     ),
     _Family(
         "pluginmon_plugin_io_read_bytes_total",
         "counter",
         "Bytes read from storage (when collected)",
-        lambda r: r.sample.read_bytes,
+        attrgetter("sample.read_bytes"),
     ),
     _Family(
         "pluginmon_plugin_io_write_bytes_total",
         "counter",
         "Bytes written to storage (when collected)",
-        lambda r: r.sample.write_bytes,
+        attrgetter("sample.write_bytes"),
     ),
     _Family(
         "pluginmon_plugin_context_switches_total",
         "counter",
         "Context switches (when collected)",
-        lambda r: r.sample.ctx_switches_voluntary,
+        attrgetter("sample.ctx_switches_voluntary"),
         ("kind", "voluntary"),
     ),
     _Family(
         "pluginmon_plugin_context_switches_total",
         "counter",
         "Context switches (when collected)",
-        lambda r: r.sample.ctx_switches_involuntary,
+        attrgetter("sample.ctx_switches_involuntary"),
         ("kind", "involuntary"),
     ),
     _Family(
         "pluginmon_plugin_restarts_total",
         "counter",
         "Times the plugin's root process changed",
-        lambda r: r.restarts_total,
+        attrgetter("restarts_total"),
     ),
     _Family(
         "pluginmon_plugin_start_time_seconds",
         "gauge",
         "Start time of the plugin's oldest process, seconds since the epoch",
-        _start_time,
+        attrgetter("start_time"),
+        floats=True,
     ),
 )
 
@@ -287,16 +311,6 @@ def _family_name(name: str, kind: str) -> str:
     return name.removesuffix("_total") if kind == "counter" else name
 
 
-def _text_value(value: float | int) -> str:
-    if isinstance(value, int):
-        return str(value)
-    if math.isfinite(value):
-        return repr(value)
-    if math.isnan(value):
-        return "NaN"
-    return "+Inf" if value > 0 else "-Inf"
-
-
 class PluginCollector(Collector):
     """Per-plugin families from the latest view; a vanished plugin's series vanish too.
 
@@ -307,6 +321,19 @@ class PluginCollector(Collector):
 
     def __init__(self, state: ExporterState) -> None:
         self._state = state
+        # (view, openmetrics) -> text: scrapes between two state changes (several
+        # Prometheus replicas, a curl) reuse one rendering. Races only render twice.
+        self._cache: tuple[ExportView, bool, bytes] | None = None
+
+    def cached_bytes(self, *, openmetrics: bool = False) -> bytes:
+        """``render_text()`` as UTF-8, reused while the state has not changed."""
+        view = self._state.view()
+        cache = self._cache
+        if cache is not None and cache[0] is view and cache[1] == openmetrics:
+            return cache[2]
+        body = self._render(view, openmetrics=openmetrics).encode("utf-8")
+        self._cache = (view, openmetrics, body)
+        return body
 
     def collect(self) -> Iterator[Metric]:
         view = self._state.view()
@@ -372,51 +399,61 @@ class PluginCollector(Collector):
     def render_text(self, *, openmetrics: bool = False) -> str:
         """The same families as ``collect()``, in the text format 0.0.4 or OpenMetrics 1.0.
 
-        For OpenMetrics the caller appends the single ``# EOF`` line.
+        For OpenMetrics the caller appends the single ``# EOF`` line. Written for speed:
+        labels are escaped once per plugin, values formatted by f-strings in one
+        comprehension per family (10,000 plugins render in tens of milliseconds).
         """
-        view = self._state.view()
+        return self._render(self._state.view(), openmetrics=openmetrics)
+
+    @staticmethod
+    def _render(view: ExportView, *, openmetrics: bool) -> str:
         out: list[str] = []
         rows = view.plugins
+        labels = [row.labels for row in rows]
         emitted_header: set[str] = set()
         for spec in _FAMILIES:
-            getter = spec.value
+            values = list(map(spec.value, rows))
             extra = f',{spec.extra_label[0]}="{spec.extra_label[1]}"' if spec.extra_label else ""
-            lines = []
-            for row in rows:
-                value = getter(row)
-                if value is not None:
-                    lines.append(f"{spec.name}{{{row.labels}{extra}}} {_text_value(value)}\n")
-            if not lines:
+            head, tail = spec.name + "{", extra + "} "
+            body = "".join(
+                [
+                    f"{head}{lab}{tail}{v}\n"
+                    for lab, v in zip(labels, values, strict=True)
+                    if v is not None
+                ]
+            )
+            if not body:
                 continue
             if spec.name not in emitted_header:
                 emitted_header.add(spec.name)
                 header = _family_name(spec.name, spec.kind) if openmetrics else spec.name
                 out.append(f"# HELP {header} {spec.help}\n# TYPE {header} {spec.kind}\n")
-            out.append("".join(lines))
-        health = view.health
-        score_lines: list[str] = []
-        component_lines: list[str] = []
-        for row in rows:
-            entry = health.get(row.key)
-            if entry is None:
-                continue
-            score_lines.append(f"{_HEALTH_SCORE}{{{row.labels}}} {_text_value(entry.score)}\n")
-            for name, value in entry.components:
-                component_lines.append(
-                    f'{_HEALTH_COMPONENT}{{{row.labels},component="{_escape(name)}"}} '
-                    f"{_text_value(value)}\n"
-                )
-        if score_lines:
+            out.append(_fix_special_values(body) if spec.floats else body)
+        health = view.health_by_label
+        pairs = [(lab, health.get(lab)) for lab in labels]
+        score_body = "".join(
+            [f"{_HEALTH_SCORE}{{{lab}}} {h.score}\n" for lab, h in pairs if h is not None]
+        )
+        if score_body:
             out.append(
                 f"# HELP {_HEALTH_SCORE} Health score 0..100\n# TYPE {_HEALTH_SCORE} gauge\n"
             )
-            out.append("".join(score_lines))
-        if component_lines:
+            out.append(_fix_special_values(score_body))
+        names = _EscapedNames()
+        component_body = "".join(
+            [
+                f'{_HEALTH_COMPONENT}{{{lab},component="{names[name]}"}} {value}\n'
+                for lab, h in pairs
+                if h is not None
+                for name, value in h.components
+            ]
+        )
+        if component_body:
             out.append(
                 f"# HELP {_HEALTH_COMPONENT} Health score of one component 0..100\n"
                 f"# TYPE {_HEALTH_COMPONENT} gauge\n"
             )
-            out.append("".join(component_lines))
+            out.append(_fix_special_values(component_body))
         out.append(
             f"# HELP {_ALERTS_FIRING} 1 per firing alert (not inhibited, not silenced)\n"
             f"# TYPE {_ALERTS_FIRING} gauge\n"
@@ -427,6 +464,27 @@ class PluginCollector(Collector):
                 f'severity="{_escape(alert.severity)}"}} 1\n'
             )
         return "".join(out)
+
+
+class _EscapedNames(dict[str, str]):
+    def __missing__(self, name: str) -> str:
+        escaped = self[name] = _escape(name)
+        return escaped
+
+
+def _fix_special_values(body: str) -> str:
+    """Python writes nan/inf; the exposition formats want NaN/+Inf/-Inf.
+
+    A value is always the last thing on a line and label values never hold a raw newline,
+    so " nan\n" can only be a value.
+    """
+    if " nan\n" in body or "inf\n" in body:
+        body = (
+            body.replace(" nan\n", " NaN\n")
+            .replace(" -inf\n", " -Inf\n")
+            .replace(" inf\n", " +Inf\n")
+        )
+    return body
 
 
 # -- the daemon's own metrics -----------------------------------------------------------------
@@ -558,6 +616,6 @@ class MetricsRenderer:
         if content_type.startswith("application/openmetrics-text"):
             own = encoder(self._registry)
             own = own.removesuffix(b"# EOF\n")
-            plugins = self._plugins.render_text(openmetrics=True).encode("utf-8")
+            plugins = self._plugins.cached_bytes(openmetrics=True)
             return own + plugins + b"# EOF\n", content_type
-        return encoder(self._registry) + self._plugins.render_text().encode("utf-8"), content_type
+        return encoder(self._registry) + self._plugins.cached_bytes(), content_type
