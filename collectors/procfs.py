@@ -33,6 +33,8 @@ def _read(path: str, size: int = 8192) -> bytes:
         raise ProcessGone(path) from exc
     except PermissionError as exc:
         raise ProcessAccessDenied(path) from exc
+    except OSError as exc:  # anything else about one process: it is unreadable, not fatal
+        raise ProcessGone(path) from exc
     try:
         chunks = []
         while True:
@@ -43,10 +45,10 @@ def _read(path: str, size: int = 8192) -> bytes:
             if len(chunk) < size:  # a short read from /proc means end of file
                 break
         return b"".join(chunks)
-    except ProcessLookupError as exc:  # ESRCH: the task died after open
-        raise ProcessGone(path) from exc
     except PermissionError as exc:
         raise ProcessAccessDenied(path) from exc
+    except OSError as exc:  # ESRCH: the task died after open
+        raise ProcessGone(path) from exc
     finally:
         os.close(fd)
 
@@ -57,7 +59,10 @@ def _kv_ints(data: bytes, wanted: dict[bytes, str]) -> dict[str, int]:
     for line in data.splitlines():
         key, sep, rest = line.partition(b":")
         if sep and key in wanted:
-            out[wanted[key]] = int(rest.split()[0])
+            try:
+                out[wanted[key]] = int(rest.split()[0])
+            except (IndexError, ValueError):  # truncated read: leave the key out
+                continue
     return out
 
 
@@ -136,9 +141,12 @@ class ProcfsSource:
             except PermissionError:
                 denied += 1
                 continue
+            except OSError:  # e.g. out of file descriptors: this process is skipped
+                gone += 1
+                continue
             try:
                 data = os_read(fd, 4096)
-            except ProcessLookupError:
+            except OSError:  # ESRCH: the task died after open
                 gone += 1
                 continue
             finally:
@@ -200,10 +208,10 @@ class ProcfsSource:
     def exe(self, pid: int) -> str:
         try:
             target = os.readlink(f"{self._root}/{pid}/exe")
-        except _GONE_ERRORS as exc:
-            raise ProcessGone(pid) from exc
         except PermissionError as exc:
             raise ProcessAccessDenied(pid) from exc
+        except OSError as exc:  # gone, or a kernel thread (no exe)
+            raise ProcessGone(pid) from exc
         if target.endswith(" (deleted)") and not os.path.exists(target):
             target = target[: -len(" (deleted)")]
         return target
@@ -234,10 +242,10 @@ class ProcfsSource:
         if FIELD_FDS in fields:
             try:
                 fds = len(os.listdir(f"{base}/fd"))
-            except _GONE_ERRORS:
-                gone = True
             except PermissionError:
                 denied = True
+            except OSError:
+                gone = True
         if FIELD_IO in fields:
             try:
                 io = _kv_ints(_read(f"{base}/io"), _IO_KEYS)

@@ -159,3 +159,19 @@ def test_label_key() -> None:
     ) == PluginKey("acme", "x", "dev")
     assert label_key({"PLUGINMON_TENANT": "acme"}) is None
     assert label_key({"PLUGINMON_TENANT": "Not A Slug", "PLUGINMON_PLUGIN": "x"}) is None
+
+
+def test_collectors_import_nothing_from_the_other_layers() -> None:
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent / "collectors"
+    for path in root.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names: list[str] = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            for name in names:
+                assert name.split(".")[0] not in {"storage", "alerts", "daemon"}, (path, name)
