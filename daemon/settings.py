@@ -135,7 +135,7 @@ class Settings(BaseSettings):
     database_url: SecretStr | None = None  # unset = the embedded server under data_dir
     backend: Literal["auto", "postgres", "timescaledb"] = "auto"
     data_dir: Path = Field(default_factory=default_data_dir)
-    database_pool_min_size: int = Field(default=1, ge=0)
+    # The pool opens with no connection (min size 0), so start-up never waits on it.
     database_pool_max_size: int = Field(default=4, ge=1)
 
     # -- sampling ----------------------------------------------------------------------------
@@ -271,8 +271,6 @@ class Settings(BaseSettings):
             path = getattr(self, name)
             if path is not None and not Path(path).is_file():
                 problems.append(f"{name}: no such file: {path}")
-        if self.database_pool_min_size > self.database_pool_max_size:
-            problems.append("database_pool_min_size: must be <= database_pool_max_size")
         if problems:
             raise ValueError("\n".join(problems))
         return self
