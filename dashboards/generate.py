@@ -41,6 +41,9 @@ PLUGIN_PROM_UID = "pluginmon-plugin-prom"
 TENANT = "${tenant:sqlstring}"
 ENVIRONMENT = "${environment:sqlstring}"
 PLUGIN = "${plugin:sqlstring}"
+# How many plugins the fleet's per-plugin panels show (custom variable `top`); a quoted
+# literal, which LIMIT accepts, so an edited URL cannot inject SQL.
+TOP = "${top:sqlstring}"
 
 # Ranges up to this long read the 1-minute rollup, longer ones the 1-hour rollup (which is
 # also what remains once 1-minute buckets pass their retention, 30 days by default).
@@ -241,6 +244,9 @@ def _panel_json(
     }
     if panel.description:
         result["description"] = panel.description
+    if panel.kind == "timeseries" and datasource["type"] == POSTGRES["type"]:
+        # The finest rollup is one minute: a smaller $__interval only adds empty work.
+        result["interval"] = "1m"
     return result
 
 
@@ -271,6 +277,24 @@ def _variable(
     if multi and all_value is not None:
         variable["allValue"] = all_value
     return variable
+
+
+def _top_variable() -> dict[str, Any]:
+    choices = ("5", "10", "20", "50")
+    return {
+        "name": "top",
+        "label": "Top",
+        "type": "custom",
+        "description": "How many plugins the per-plugin panels show",
+        "query": ",".join(choices),
+        "current": {"selected": True, "text": "10", "value": "10"},
+        "options": [
+            {"selected": choice == "10", "text": choice, "value": choice} for choice in choices
+        ],
+        "multi": False,
+        "includeAll": False,
+        "hide": 0,
+    }
 
 
 def dashboard(
@@ -354,13 +378,16 @@ DETAIL_LINK = {
 def fleet_postgres() -> dict[str, Any]:
     plugins_where = f"p.tenant_id = {TENANT} AND p.environment IN ({ENVIRONMENT})"
 
-    def per_plugin(value: str) -> str:
-        """One series per plugin (the `metric` column names it)."""
+    def per_plugin(value: str, rank: str) -> str:
+        """One series (named by the `metric` column) for each of the $top plugins by ``rank``."""
         return (
-            rollup_cte(FLEET_WHERE)
-            + "SELECT $__timeGroupAlias(r.bucket, $__interval), p.name AS metric,\n"
+            rollup_cte(FLEET_WHERE) + ", top AS (\n"
+            "  SELECT r.plugin_id FROM rollup r GROUP BY r.plugin_id\n"
+            f"  ORDER BY {rank}, r.plugin_id LIMIT {TOP}\n"
+            ")\n"
+            "SELECT $__timeGroupAlias(r.bucket, $__interval), p.name AS metric,\n"
             f"  {value}\n"
-            "FROM rollup r JOIN plugins p ON p.id = r.plugin_id\n"
+            "FROM rollup r JOIN top t ON t.plugin_id = r.plugin_id JOIN plugins p ON p.id = r.plugin_id\n"
             "GROUP BY 1, 2\n"
             "ORDER BY 1, 2"
         )
@@ -526,9 +553,16 @@ def fleet_postgres() -> dict[str, Any]:
             "timeseries",
             12,
             8,
-            (Query(per_plugin(f"{weighted('cpu_percent_avg')} AS cpu_percent")),),
+            (
+                Query(
+                    per_plugin(
+                        f"{weighted('cpu_percent_avg')} AS cpu_percent",
+                        f"{weighted('cpu_percent_avg')} DESC NULLS LAST",
+                    )
+                ),
+            ),
             unit="percent",
-            description="Average CPU (100% = one core) per plugin.",
+            description="Average CPU (100% = one core) of the $top busiest plugins in the range.",
             min_value=0,
         ),
         Panel(
@@ -536,8 +570,16 @@ def fleet_postgres() -> dict[str, Any]:
             "timeseries",
             12,
             8,
-            (Query(per_plugin(f"{weighted('rss_bytes_avg')} AS rss_bytes")),),
+            (
+                Query(
+                    per_plugin(
+                        f"{weighted('rss_bytes_avg')} AS rss_bytes",
+                        "max(r.rss_bytes_max) DESC NULLS LAST",
+                    )
+                ),
+            ),
             unit="bytes",
+            description="Average resident memory of the $top largest plugins in the range.",
             min_value=0,
         ),
         Panel(
@@ -545,9 +587,17 @@ def fleet_postgres() -> dict[str, Any]:
             "timeseries",
             12,
             8,
-            (Query(per_plugin(f"{weighted('up_ratio')} AS up_ratio")),),
+            (
+                Query(
+                    per_plugin(
+                        f"{weighted('up_ratio')} AS up_ratio",
+                        f"{weighted('up_ratio')} ASC NULLS FIRST",
+                    )
+                ),
+            ),
             unit="percentunit",
-            description="Share of samples in which the plugin had a running process.",
+            description="Share of samples with a running process, for the $top least available "
+            "plugins in the range.",
             min_value=0,
             max_value=1,
         ),
@@ -558,15 +608,22 @@ def fleet_postgres() -> dict[str, Any]:
             8,
             (
                 Query(
-                    'SELECT $__timeGroupAlias(m."timestamp", $__interval), p.name AS metric,\n'
+                    "WITH top AS (\n"
+                    "  SELECT p.id, p.name FROM plugins p\n"
+                    f"  WHERE {plugins_where} AND p.health_score IS NOT NULL\n"
+                    f"  ORDER BY p.health_score, p.name LIMIT {TOP}\n"
+                    ")\n"
+                    'SELECT $__timeGroupAlias(m."timestamp", $__interval), t.name AS metric,\n'
                     "  avg(m.value) AS health_score\n"
-                    "FROM plugin_metrics m JOIN plugins p ON p.id = m.plugin_id\n"
-                    f"WHERE m.tenant_id = {TENANT} AND m.environment IN ({ENVIRONMENT})\n"
-                    f"  AND m.metric_name = '{HEALTH_METRIC}' AND $__timeFilter(m.\"timestamp\")\n"
+                    "FROM top t JOIN plugin_metrics m ON m.plugin_id = t.id\n"
+                    f"WHERE m.tenant_id = {TENANT} AND m.metric_name = '{HEALTH_METRIC}'\n"
+                    '  AND $__timeFilter(m."timestamp")\n'
                     "GROUP BY 1, 2\n"
                     "ORDER BY 1, 2"
                 ),
             ),
+            description="Health score history of the $top least healthy plugins now. Health is "
+            "not rolled up: limiting the plugins keeps this to an index scan per plugin.",
             min_value=0,
             max_value=100,
         ),
@@ -582,7 +639,7 @@ def fleet_postgres() -> dict[str, Any]:
                     "FROM rollup r JOIN plugins p ON p.id = r.plugin_id\n"
                     "GROUP BY p.name\n"
                     "ORDER BY cpu_percent DESC NULLS LAST, plugin\n"
-                    "LIMIT 10",
+                    f"LIMIT {TOP}",
                     "table",
                 ),
             ),
@@ -624,7 +681,7 @@ def fleet_postgres() -> dict[str, Any]:
         description="All plugins of one tenant: availability, CPU, memory, health and alerts, "
         "from pluginmon's rollup tables.",
         datasource=POSTGRES,
-        variables=[PG_TENANT_VARIABLE, PG_ENVIRONMENT_VARIABLE],
+        variables=[PG_TENANT_VARIABLE, PG_ENVIRONMENT_VARIABLE, _top_variable()],
         panels=panels,
         links=[_dashboard_link("Plugin detail", PLUGIN_PG_UID)],
     )
@@ -1060,7 +1117,7 @@ def fleet_prometheus() -> dict[str, Any]:
             8,
             (
                 Query(
-                    f"pluginmon_plugin_cpu_percent{{{PROM_FLEET}}}",
+                    f"topk($top, pluginmon_plugin_cpu_percent{{{PROM_FLEET}}})",
                     legend="{{plugin}} {{environment}}",
                 ),
             ),
@@ -1074,7 +1131,7 @@ def fleet_prometheus() -> dict[str, Any]:
             8,
             (
                 Query(
-                    f"pluginmon_plugin_memory_rss_bytes{{{PROM_FLEET}}}",
+                    f"topk($top, pluginmon_plugin_memory_rss_bytes{{{PROM_FLEET}}})",
                     legend="{{plugin}} {{environment}}",
                 ),
             ),
@@ -1088,7 +1145,7 @@ def fleet_prometheus() -> dict[str, Any]:
             8,
             (
                 Query(
-                    f"avg_over_time(pluginmon_plugin_up{{{PROM_FLEET}}}[$__rate_interval])",
+                    f"bottomk($top, avg_over_time(pluginmon_plugin_up{{{PROM_FLEET}}}[$__rate_interval]))",
                     legend="{{plugin}} {{environment}}",
                 ),
             ),
@@ -1103,7 +1160,7 @@ def fleet_prometheus() -> dict[str, Any]:
             8,
             (
                 Query(
-                    f"pluginmon_plugin_health_score{{{PROM_FLEET}}}",
+                    f"bottomk($top, pluginmon_plugin_health_score{{{PROM_FLEET}}})",
                     legend="{{plugin}} {{environment}}",
                 ),
             ),
@@ -1117,7 +1174,7 @@ def fleet_prometheus() -> dict[str, Any]:
             8,
             (
                 Query(
-                    f"topk(10, avg_over_time(pluginmon_plugin_cpu_percent{{{PROM_FLEET}}}[$__range]))",
+                    f"topk($top, avg_over_time(pluginmon_plugin_cpu_percent{{{PROM_FLEET}}}[$__range]))",
                     legend="{{plugin}}",
                     instant=True,
                 ),
@@ -1209,7 +1266,7 @@ def fleet_prometheus() -> dict[str, Any]:
         description="All plugins of one tenant and the pluginmon daemons themselves, from "
         "Prometheus (deploy/prometheus.yml and deploy/pluginmon.rules.yml).",
         datasource=PROMETHEUS,
-        variables=[PROM_TENANT_VARIABLE, PROM_ENVIRONMENT_VARIABLE],
+        variables=[PROM_TENANT_VARIABLE, PROM_ENVIRONMENT_VARIABLE, _top_variable()],
         panels=panels,
         links=[_dashboard_link("Plugin detail", PLUGIN_PROM_UID)],
     )

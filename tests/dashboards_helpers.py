@@ -389,6 +389,7 @@ def prometheus_context() -> GrafanaContext:
             "tenant": Variable(("acme",)),
             "environment": Variable(("production", "staging"), multi=True),
             "plugin": Variable(("resizer",)),
+            "top": Variable(("10",)),
         },
     )
 

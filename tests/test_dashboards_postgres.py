@@ -333,6 +333,7 @@ def _context(
             "tenant": Variable((tenant,)),
             "environment": Variable(tuple(environments), multi=True),
             "plugin": Variable((str(loaded.ids.get(plugin, 0)),)),
+            "top": Variable(("10",)),
         },
     )
 
@@ -690,3 +691,19 @@ def test_range_chooses_the_rollup(loaded: Loaded) -> None:
         conn.rollback()
     assert short == (0,)
     assert long == (1,)
+
+
+def test_fleet_per_plugin_panels_show_the_top_plugins(loaded: Loaded) -> None:
+    base = _context(loaded)
+    top1 = replace(base, variables={**base.variables, "top": Variable(("1",))})
+    assert set(_series(_panel(loaded.url, FLEET, "CPU by plugin", top1))) == {"thumbs"}
+    assert set(_series(_panel(loaded.url, FLEET, "Resident memory by plugin", top1))) == {"thumbs"}
+    assert set(_series(_panel(loaded.url, FLEET, "Availability by plugin", top1))) == {"resizer"}
+    assert set(_series(_panel(loaded.url, FLEET, "Health score by plugin", top1))) == {"resizer"}
+    assert [row[0] for row in _panel(loaded.url, FLEET, "Top CPU", top1).rows] == ["thumbs"]
+    # An edited URL cannot turn the limit into SQL.
+    hostile = replace(
+        base, variables={**base.variables, "top": Variable(("1; DROP TABLE plugins",))}
+    )
+    with pytest.raises(psycopg.errors.InvalidTextRepresentation):
+        _panel(loaded.url, FLEET, "CPU by plugin", hostile)
