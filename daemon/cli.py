@@ -94,10 +94,15 @@ def _check_config(config: Path | None) -> int:
 def _migrate(config: Path | None) -> int:
     from daemon.logs import configure_logging
     from daemon.settings import load_settings
-    from storage.migrate import Backend, MigrationError, migrate
+    from storage.backend import Retention, prepare_database
+    from storage.migrate import Backend, MigrationError
 
     try:
         settings = load_settings(config)
+        try:
+            retention = Retention(**dict(settings.retention))
+        except ValueError as exc:
+            raise ConfigError([str(exc)]) from None
     except ConfigError as exc:
         _print_problems(exc)
         return EXIT_CONFIG
@@ -105,7 +110,8 @@ def _migrate(config: Path | None) -> int:
     backend = None if settings.backend == "auto" else Backend(settings.backend)
     try:
         with _database_url(settings) as url:
-            result = migrate(url, backend=backend)
+            prepared = prepare_database(url, retention, backend=backend)
+            result = prepared.migrations
     except MigrationError as exc:
         print(f"pluginmon migrate: {exc}", file=sys.stderr)
         return EXIT_FAILURE
@@ -118,6 +124,7 @@ def _migrate(config: Path | None) -> int:
         f"backend {result.backend.value}: applied {len(result.applied)} migration(s)"
         f"{': ' + ', '.join(result.applied) if result.applied else ''}; "
         f"{result.already_applied} already applied"
+        + (f"; policies: {', '.join(prepared.policy_changes)}" if prepared.policy_changes else "")
     )
     return EXIT_OK
 

@@ -3,9 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import os
+import shutil
 import signal
+import ssl
+import subprocess
+import urllib.error
+import urllib.request
 from pathlib import Path
+
+import pytest
 
 from daemon.app import install_signal_handlers
 from tests.daemon_helpers import DaemonProcess, wait_for
@@ -61,3 +69,63 @@ def test_sigint_while_waiting_for_the_database_exits_0(tmp_path: Path) -> None:
     messages = [r.get("message", "") for r in daemon.log_records()]
     assert sum(m.startswith("database unreachable at start-up") for m in messages) == 1
     assert any(m.startswith("SIGINT received") for m in messages)
+
+
+def test_basic_auth_and_tls_from_settings(tmp_path: Path) -> None:
+    """The daemon's endpoint with http_auth_* and http_tls_* set, over real HTTPS."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed: cannot make a test certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    daemon = DaemonProcess(
+        tmp_path=tmp_path,
+        database_url="postgresql://pluginmon:x@127.0.0.1:1/pluginmon?connect_timeout=2",
+        config_text=f'http_tls_cert_file = "{cert}"\nhttp_tls_key_file = "{key}"\n'
+        'http_auth_username = "prom"\n',
+        extra_env={"PLUGINMON_HTTP_AUTH_PASSWORD": "s3cret-pw"},
+    ).start()
+    context = ssl.create_default_context(cafile=str(cert))
+    url = f"https://127.0.0.1:{daemon.port}/healthz"
+
+    def get(headers: dict[str, str]) -> int:
+        request = urllib.request.Request(url, headers=headers)
+        try:
+            with urllib.request.urlopen(request, timeout=5, context=context) as response:  # noqa: S310
+                return int(response.status)
+        except urllib.error.HTTPError as exc:
+            return int(exc.code)
+        except OSError:
+            return 0
+
+    token = base64.b64encode(b"prom:s3cret-pw").decode()
+    try:
+        wait_for("HTTPS to answer", lambda: get({}) == 401, timeout=30)
+        assert get({"Authorization": f"Basic {token}"}) == 200
+        wrong = base64.b64encode(b"prom:nope").decode()
+        assert get({"Authorization": f"Basic {wrong}"}) == 401
+        assert daemon.get("/healthz")[0] == 0  # plain HTTP is not served
+    finally:
+        daemon.signal(signal.SIGTERM)
+        assert daemon.wait_exit(timeout=30) == 0
+    assert "s3cret-pw" not in daemon.log_text()
