@@ -26,14 +26,15 @@ logger = logging.getLogger(__name__)
 class RollupSpec:
     relation: str
     width: timedelta
-    # Buckets this far behind the watermark are recomputed on every refresh, for late rows.
+    # Buckets this far behind the watermark are recomputed whenever a new bucket completes,
+    # for late rows (1,000 plugins at 10 s: a 1-minute refresh reads ~66k rows, ~0.5 s).
     lookback: timedelta
     retention_field: str
 
 
 ROLLUPS: tuple[RollupSpec, ...] = (
-    RollupSpec("rollup_samples_1m", timedelta(minutes=1), timedelta(minutes=30), "rollup_1m"),
-    RollupSpec("rollup_samples_1h", timedelta(hours=1), timedelta(hours=3), "rollup_1h"),
+    RollupSpec("rollup_samples_1m", timedelta(minutes=1), timedelta(minutes=10), "rollup_1m"),
+    RollupSpec("rollup_samples_1h", timedelta(hours=1), timedelta(hours=1), "rollup_1h"),
 )
 
 # Time-partitioned tables and the retention field that governs each.

@@ -268,8 +268,8 @@ async def test_rollup_refresh_is_incremental_and_matches_group_by(pg_db: str) ->
                     seed=2,
                 ),
             )
-            # A late row inside the lookback (30 minutes behind the watermark).
-            late_at = start + timedelta(hours=1, minutes=45, seconds=1)
+            # A late row inside the lookback (just behind the watermark).
+            late_at = start + timedelta(hours=2) - spec_1m.lookback / 2
             insert_samples(
                 conn,
                 samples_series(
@@ -286,7 +286,8 @@ async def test_rollup_refresh_is_incremental_and_matches_group_by(pg_db: str) ->
         await refresh_rollup(conn_async, spec_1h, at)
         assert second.window_start == start + timedelta(hours=2) - spec_1m.lookback
         assert second.window_end == start + timedelta(hours=3)
-        assert second.buckets == 90 * len(plugins)
+        minutes = (timedelta(hours=1) + spec_1m.lookback) // timedelta(minutes=1)
+        assert second.buckets == minutes * len(plugins)
 
         with psycopg.connect(pg_db) as conn:
             expected = group_by_rollup(conn, "1 minute")
@@ -301,6 +302,11 @@ async def test_rollup_refresh_is_incremental_and_matches_group_by(pg_db: str) ->
             assert_rollups_equal(
                 rollup_rows(conn, "plugin_samples_1h"), group_by_rollup(conn, "1 hour")
             )
+
+        # Nothing completed since: an idle refresh does no work.
+        idle = await refresh_rollup(conn_async, spec_1m, at + timedelta(seconds=20))
+        assert idle.buckets == 0
+        assert idle.window_start == idle.window_end == start + timedelta(hours=3)
 
         # An explicit back-fill recomputes from the given time, fixing everything.
         await refresh_rollup(conn_async, spec_1m, at, refresh_from=start)

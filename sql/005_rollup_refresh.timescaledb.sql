@@ -1,0 +1,2 @@
+-- 005 rollup refresh: PostgreSQL backend only; continuous aggregates refresh themselves.
+SELECT 1;
