@@ -28,6 +28,7 @@ from alerts.rules import (
     Rule,
     RuleChange,
     RuleEvaluator,
+    Transition,
     TransitionKind,
     WebhookConfig,
     alert_labels,
@@ -160,6 +161,7 @@ class AlertEngine:
         webhooks: Sequence[WebhookConfig] = (),
         alertmanager: AlertmanagerConfig | None = None,
         metrics_max_age_seconds: float = 600.0,
+        stale_after_seconds: float = 300.0,
         dependencies_refresh_seconds: float = 30.0,
         database_timeout_seconds: float = 10.0,
         max_backlog_notifications: int = 10_000,
@@ -172,6 +174,8 @@ class AlertEngine:
         self._webhooks = tuple(webhooks)
         self._alertmanager = alertmanager
         self._metrics_max_age = metrics_max_age_seconds
+        self._stale_after = stale_after_seconds
+        self._last_seen: dict[PluginKey, float] = {}
         self._deps_refresh = dependencies_refresh_seconds
         self._db_timeout = database_timeout_seconds
         self._max_backlog = max_backlog_notifications
@@ -258,6 +262,9 @@ class AlertEngine:
 
         changes = self._evaluator.evaluate(samples, now, healths, metric_values)
         touched = {s.key for s in samples}
+        for key in touched:
+            self._last_seen[key] = now
+        changes += self._resolve_stale(now)
         self._apply(changes, plugin_ids, now)
         self._refresh_open(touched, now)
         down = {plugin_ids[s.key] for s in samples if not s.up}
@@ -376,6 +383,33 @@ class AlertEngine:
                 fired,
             ),
         )
+
+    def _resolve_stale(self, now: float) -> list[RuleChange]:
+        """Resolve the alerts of plugins no snapshot has shown for ``stale_after_seconds``
+        (a label-discovered plugin that went away, a [[plugins]] entry removed): nothing
+        will ever evaluate them again."""
+        changes: list[RuleChange] = []
+        for (rule_name, key), alert in list(self._open.items()):
+            seen = self._last_seen.get(key)
+            if seen is None:
+                # restored at start and not seen since: give it the grace period from now
+                self._last_seen[key] = now
+                continue
+            if now - seen >= self._stale_after:
+                self._evaluator.forget(rule_name, key)
+                kind = TransitionKind.RESOLVED if alert.fired_at else TransitionKind.CANCELLED
+                changes.append(
+                    RuleChange(alert.rule, key, Transition(kind, now, alert.value), None)
+                )
+                logger.info(
+                    "alert %s for %s/%s/%s resolved: plugin not seen for %.0fs",
+                    rule_name,
+                    key.tenant,
+                    key.plugin,
+                    key.environment,
+                    now - seen,
+                )
+        return changes
 
     def _apply(
         self, changes: Sequence[RuleChange], plugin_ids: Mapping[PluginKey, int], now: float

@@ -71,6 +71,8 @@ class OutboxDeliverer:
         database_timeout_seconds: float = 10.0,
         database_backoff_max_seconds: float = 30.0,
         session: aiohttp.ClientSession | None = None,
+        keep_finished_seconds: float = 7 * 86400.0,
+        prune_interval_seconds: float = 3600.0,
     ) -> None:
         self._pool = pool
         self._webhooks = {w.name: w for w in webhooks}
@@ -91,6 +93,9 @@ class OutboxDeliverer:
         self._db_failures = 0
         self._db_retry_at: datetime | None = None
         self._wake = asyncio.Event()
+        self._keep_finished = timedelta(seconds=keep_finished_seconds)
+        self._prune_interval = timedelta(seconds=prune_interval_seconds)
+        self._pruned_at: datetime | None = None
 
     async def __aenter__(self) -> OutboxDeliverer:
         return self
@@ -164,6 +169,13 @@ class OutboxDeliverer:
                 await alert_store.record_outcomes(conn, self._unrecorded)
                 self._unrecorded.clear()
                 self._pending = await alert_store.pending_count(conn)
+                if self._pruned_at is None or now - self._pruned_at >= self._prune_interval:
+                    self._pruned_at = now
+                    pruned = await alert_store.prune_outbox(
+                        conn, delivered_before=now - self._keep_finished
+                    )
+                    if pruned:
+                        logger.info("outbox: pruned %d finished notification(s)", pruned)
         except TRANSIENT_DB_ERRORS as exc:
             database_error = f"{type(exc).__name__}: {exc}"
             self._database_down(self._clock(), exc)

@@ -590,3 +590,20 @@ async def pending_count(conn: Connection) -> int:
             timeout=QUERY_TIMEOUT_SECONDS,
         )
     )
+
+
+async def prune_outbox(conn: Connection, *, delivered_before: datetime) -> int:
+    """Delete finished (delivered or failed) outbox rows and delivered keys older than that."""
+    async with conn.transaction():
+        status = await conn.execute(
+            """DELETE FROM notification_outbox
+                WHERE status <> 'pending' AND updated_at < $1""",
+            delivered_before,
+            timeout=QUERY_TIMEOUT_SECONDS,
+        )
+        await conn.execute(
+            "DELETE FROM alert_notifications_sent WHERE delivered_at < $1",
+            delivered_before,
+            timeout=QUERY_TIMEOUT_SECONDS,
+        )
+    return int(status.split()[-1])

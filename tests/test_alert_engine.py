@@ -444,3 +444,58 @@ async def test_database_outage_keeps_state_and_outbox_in_memory(
         for _ in range(3):
             await deliverer.deliver_due()
     assert [r.json["status"] for r in receiver.received] == ["firing", "resolved", "firing"]
+
+
+async def test_plugin_gone_for_good_resolves_its_alerts(
+    pool: asyncpg.Pool, receiver: Receiver
+) -> None:
+    clock = FakeClock()
+    hook = hook_for(receiver)
+    other = PluginKey("acme", "other", "production")
+    ids = await plugin_ids(pool, [KEY, other])
+    engine = AlertEngine(pool, RULES, clock=clock, webhooks=[hook], stale_after_seconds=30)
+    await engine.start()
+    await cycle(engine, clock, ids, resizer=90)
+    clock.advance(10)
+    assert await cycle(engine, clock, ids, resizer=90) == ["CpuHigh:firing"]
+    kinds: list[str] = []
+    for _ in range(4):  # only `other` is sampled from now on
+        clock.advance(10)
+        kinds += await cycle(engine, clock, ids, other=1)
+    assert kinds == ["CpuHigh:resolved"]
+    assert engine.alerts() == []
+    async with pool.acquire() as conn:
+        (row,) = await alert_store.load_alerts(conn)
+        bodies = [
+            json.loads(b)
+            for b in await conn.fetchval(
+                "SELECT array_agg(body ORDER BY id) FROM notification_outbox"
+            )
+        ]
+    assert row.status == "resolved"
+    assert [b["status"] for b in bodies] == ["firing", "resolved"]
+
+
+async def test_finished_outbox_rows_are_pruned(pool: asyncpg.Pool, receiver: Receiver) -> None:
+    clock = FakeClock()
+    hook = hook_for(receiver)
+    ids = await plugin_ids(pool, [KEY])
+    engine = AlertEngine(pool, RULES, clock=clock, webhooks=[hook])
+    await engine.start()
+    await cycle(engine, clock, ids, resizer=90)
+    clock.advance(10)
+    await cycle(engine, clock, ids, resizer=90)
+    async with OutboxDeliverer(pool, [hook], clock=clock, keep_finished_seconds=60) as deliverer:
+        await deliverer.deliver_due()
+        clock.advance(61)
+        await cycle(engine, clock, ids, resizer=5)  # resolved: a new pending row
+        clock.advance(3600)
+        await deliverer.deliver_due()  # delivers the resolution, then prunes the old firing
+    async with pool.acquire() as conn:
+        left = await conn.fetch("SELECT status, body FROM notification_outbox")
+        sent = await conn.fetchval("SELECT count(*) FROM alert_notifications_sent")
+    assert [(r["status"], json.loads(r["body"])["status"]) for r in left] == [
+        ("delivered", "resolved")
+    ]
+    assert sent == 1
+    assert len(receiver.received) == 2
