@@ -46,10 +46,19 @@ class Retention:
             value = getattr(self, item.name)
             if value <= timedelta(0):
                 raise ValueError(f"retention.{item.name} must be positive, got {value}")
-        # A continuous aggregate refresh over raw rows that retention already dropped would
-        # erase rollup buckets; keep raw data at least as long as the refresh windows reach.
-        if self.samples < timedelta(days=2):
-            raise ValueError("retention.samples must be at least 2 days (rollup refresh windows)")
+        # Rollup refresh windows reach back up to a day (storage/timescale.py): raw rows must
+        # outlive them (a refresh over dropped rows would erase buckets), and TimescaleDB
+        # refuses a rollup retention that overlaps its own refresh window.
+        for name, minimum in (
+            ("samples", timedelta(days=2)),
+            ("rollup_1m", timedelta(days=1)),
+            ("rollup_1h", timedelta(days=2)),
+        ):
+            if getattr(self, name) < minimum:
+                raise ValueError(
+                    f"retention.{name} must be at least {minimum.days} day(s) "
+                    "(rollup refresh windows reach that far back)"
+                )
 
     @classmethod
     def from_days(cls, days: Mapping[str, float]) -> Retention:

@@ -351,5 +351,7 @@ def test_retention_settings_are_validated() -> None:
     assert Retention.from_days({"samples": 30}).samples == timedelta(days=30)
     with pytest.raises(ValueError, match=r"retention\.audit must be positive"):
         Retention(audit=timedelta(0))
+    with pytest.raises(ValueError, match=r"retention\.rollup_1m must be at least 1 day"):
+        Retention(rollup_1m=timedelta(hours=3))
     with pytest.raises(ValueError, match="unknown retention field"):
         Retention.from_days({"raw": 3})
