@@ -8,12 +8,14 @@ Back-pressure policy (also in docs/writer.md):
   ``concurrency`` batches in flight on the pool.
 * With a spool: while the database is unavailable, every batch that is due goes to the spool
   instead of staying in memory; when the database is slower than intake and the queue passes
-  its high-water mark (half of ``max_queue_rows``), the oldest full batches go to the spool.
+  its high-water mark (half of ``max_queue_rows``), the oldest rows above the mark (plus one
+  batch) go to the spool in one append.
   While the spool holds rows, new batches are appended behind them, so the spool is replayed
   in order, one batch at a time, before any newer data is written.
 * The queue never holds more than ``max_queue_rows``: past that, the oldest rows are dropped.
-  With a spool that happens only when the spool is at its size cap (then the batch that
-  does not fit is dropped). Drops are counted in ``rows_dropped`` and logged once per state
+  With a spool, rows are dropped when the spool is at its size cap (the batch that does not
+  fit), or if the spool's disk cannot absorb the excess before the queue doubles from its
+  high-water mark to the bound (in practice never: one fsync'ed append takes all of it). Drops are counted in ``rows_dropped`` and logged once per state
   change, not once per batch.
 * Transient errors (TRANSIENT_ERRORS: connection loss, timeouts, server shutting down or
   starting, too many connections, a read-only standby, a table not migrated yet) put the
@@ -487,9 +489,10 @@ class BatchWriter:
         spool = self._spool
         db_allowed = self._available or now >= self._retry_at
 
-        # The database is slower than intake: keep memory bounded with the spool.
+        # The database is slower than intake: keep memory bounded with the spool. All the
+        # excess goes in one append (one fsync), so spilling keeps up with any intake rate.
         if spool is not None and self._queued > self._high_water:
-            await self._to_spool(self._take_batch().rows)
+            await self._to_spool(self._take(self._queued - self._high_water + self._max_rows))
             return None
 
         spool_pending = spool is not None and spool.rows > 0

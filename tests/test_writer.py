@@ -6,6 +6,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import asyncpg
 import pytest
@@ -196,7 +197,7 @@ async def test_open_pool_redacts_the_password(
     assert "sslmode=require" in redact_url("postgresql://u@h/db?password=s3cr&sslmode=require")
     assert redact_url("host=h password='a b' user=u") == "host=h password=*** user=u"
     assert redact_url("postgresql://h/db") == "postgresql://h/db"
-    password = migrated_db.split("@")[0].rsplit(":", 1)[1]
+    password = urlsplit(migrated_db).password
     with caplog.at_level(logging.DEBUG):
         pool = await open_pool(migrated_db, min_size=1, max_size=1, application_name="writer-test")
         try:
@@ -206,7 +207,8 @@ async def test_open_pool_redacts_the_password(
             await close_pool(pool)
     assert name == "writer-test"
     assert "opening database pool" in caplog.text
-    assert password not in caplog.text
+    if password:
+        assert password not in caplog.text
 
 
 async def test_cancelling_close_still_finishes_the_shutdown(
@@ -257,7 +259,8 @@ async def test_a_blocked_table_spills_the_queue_to_the_spool_and_catches_up(
                     writer.put(sample_rows(start, start + 100, plugin_ids))
                     await asyncio.sleep(0.002)
                 for _ in range(500):
-                    if writer.stats().spool_rows >= 5000 - 1000 - 200:
+                    # All but the two batches stuck in flight end up on disk.
+                    if writer.stats().spool_rows >= 5000 - 200:
                         break
                     await asyncio.sleep(0.01)
                 during = writer.stats()
@@ -269,8 +272,9 @@ async def test_a_blocked_table_spills_the_queue_to_the_spool_and_catches_up(
         await blocker.close()
     # Memory stayed bounded (the rest went to disk), and nothing was dropped.
     assert during.rows_written == 0
-    assert during.rows_queued <= 1000 + 200
-    assert during.spool_rows >= 5000 - 1000 - 200
+    assert during.rows_dropped == 0
+    assert during.rows_queued == 200
+    assert during.spool_rows == 4800
     assert after.rows_dropped == 0
     assert after.rows_written == 5000
     async with pool.acquire() as connection:
