@@ -219,6 +219,7 @@ class Sampler:
         wall_clock: Callable[[], datetime] = utc_now,
         source: ProcessSource | None = None,
         label_grace_cycles: int = LABEL_GRACE_CYCLES,
+        optional_every_cycles: int = 1,
     ) -> None:
         unknown = set(fields) - ALL_FIELDS
         if unknown:
@@ -232,6 +233,10 @@ class Sampler:
         self._clock = clock
         self._wall_clock = wall_clock
         self._label_grace = label_grace_cycles
+        if optional_every_cycles < 1:
+            raise ValueError("optional_every_cycles must be >= 1")
+        # Opt-in fields can be read on every Nth cycle only; in the others they are None.
+        self._optional_every = optional_every_cycles
         self._tps = float(self._source.ticks_per_second)
         self._boot_wall = self._source.boot_time()
         self._lock = threading.Lock()
@@ -520,14 +525,15 @@ class Sampler:
                         st.root = candidate
             owned.append(proc)
 
-        if self._optional:
-            self._sample_extras(owned, errors)
+        optional = self._optional if (cycle - 1) % self._optional_every == 0 else frozenset()
+        if optional:
+            self._sample_extras(owned, optional, errors)
 
         # 5. Samples: every configured plugin, plus label-discovered ones (kept for a grace
         # number of cycles after their processes vanish).
         samples: list[PluginSample] = []
         for state in self._states_by_key.values():
-            samples.append(self._plugin_sample(state, cycle, wall, interval))
+            samples.append(self._plugin_sample(state, cycle, wall, interval, optional))
         for key in sorted(self._label_states):
             state = self._label_states[key]
             if state.cycle == cycle:
@@ -543,7 +549,7 @@ class Sampler:
                         key.environment,
                     )
                     continue
-            samples.append(self._plugin_sample(state, cycle, wall, interval))
+            samples.append(self._plugin_sample(state, cycle, wall, interval, optional))
 
         self._known = new
         self._prev_now = now
@@ -556,8 +562,9 @@ class Sampler:
             errors=tuple((kind, errors[kind]) for kind in ERROR_KINDS),
         )
 
-    def _sample_extras(self, owned: Iterable[_Proc], errors: dict[str, int]) -> None:
-        fields = self._optional
+    def _sample_extras(
+        self, owned: Iterable[_Proc], fields: frozenset[str], errors: dict[str, int]
+    ) -> None:
         want_io = FIELD_IO in fields
         want_ctx = FIELD_CTX_SWITCHES in fields
         for proc in owned:
@@ -596,9 +603,13 @@ class Sampler:
                     proc.ctx_invol = extras.ctx_switches_involuntary
 
     def _plugin_sample(
-        self, state: _PluginState, cycle: int, wall: datetime, interval: float
+        self,
+        state: _PluginState,
+        cycle: int,
+        wall: datetime,
+        interval: float,
+        fields: frozenset[str],
     ) -> PluginSample:
-        fields = self._optional
         up = state.cycle == cycle
         if not up:
             state.begin_cycle(state.cycle)  # zero usage; counters keep their totals

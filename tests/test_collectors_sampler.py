@@ -670,3 +670,21 @@ def test_churn_of_short_lived_processes_is_attributed_correctly(
     assert len(snapshots) >= 5
     assert seen_children > 0, "no child was ever seen: the test did not exercise churn"
     assert all(0.0 <= c < 400.0 for c in cpu_series)
+
+
+def test_optional_fields_every_nth_cycle(spawner: Spawner) -> None:
+    tag = unique_tag()
+    spec = cmdline_spec("acme", "sparse", tag)
+    spawner.python(IDLE, tag)
+    sampler = Sampler(
+        [spec],
+        label_discovery=False,
+        fields=DEFAULT_FIELDS | {"fds", "io"},
+        optional_every_cycles=2,
+    )
+    got = [sample_of(sampler.sample(), spec.key) for _ in range(3)]
+    assert [s.fds is not None for s in got] == [True, False, True]
+    assert [s.read_bytes is not None for s in got] == [True, False, True]
+    assert all(s.rss_bytes > 0 for s in got)
+    with pytest.raises(ValueError, match="optional_every_cycles"):
+        Sampler([spec], optional_every_cycles=0)
