@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from operator import attrgetter
+from typing import Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -428,7 +429,8 @@ class PluginCollector(Collector):
                 emitted_header.add(spec.name)
                 header = _family_name(spec.name, spec.kind) if openmetrics else spec.name
                 out.append(f"# HELP {header} {spec.help}\n# TYPE {header} {spec.kind}\n")
-            out.append(_fix_special_values(body) if spec.floats else body)
+            special = spec.floats and not _all_finite(values)
+            out.append(_fix_special_values(body) if special else body)
         health = view.health_by_label
         pairs = [(lab, health.get(lab)) for lab in labels]
         score_body = "".join(
@@ -438,7 +440,9 @@ class PluginCollector(Collector):
             out.append(
                 f"# HELP {_HEALTH_SCORE} Health score 0..100\n# TYPE {_HEALTH_SCORE} gauge\n"
             )
-            out.append(_fix_special_values(score_body))
+            if not _all_finite([h.score for _, h in pairs if h is not None]):
+                score_body = _fix_special_values(score_body)
+            out.append(score_body)
         names = _EscapedNames()
         component_body = "".join(
             [
@@ -453,7 +457,10 @@ class PluginCollector(Collector):
                 f"# HELP {_HEALTH_COMPONENT} Health score of one component 0..100\n"
                 f"# TYPE {_HEALTH_COMPONENT} gauge\n"
             )
-            out.append(_fix_special_values(component_body))
+            values = [v for _, h in pairs if h is not None for _, v in h.components]
+            out.append(
+                component_body if _all_finite(values) else _fix_special_values(component_body)
+            )
         out.append(
             f"# HELP {_ALERTS_FIRING} 1 per firing alert (not inhibited, not silenced)\n"
             f"# TYPE {_ALERTS_FIRING} gauge\n"
@@ -470,6 +477,16 @@ class _EscapedNames(dict[str, str]):
     def __missing__(self, name: str) -> str:
         escaped = self[name] = _escape(name)
         return escaped
+
+
+def _all_finite(values: list[Any]) -> bool:
+    """No NaN or infinity among ``values`` (None ignored): one C-level sum, not a scan."""
+    try:
+        return math.isfinite(
+            sum(v for v in values if v is not None) if None in values else sum(values)
+        )
+    except OverflowError:  # pragma: no cover
+        return False
 
 
 def _fix_special_values(body: str) -> str:
