@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from operator import attrgetter
-from typing import Any
+from typing import Any, NamedTuple
 
 from prometheus_client import (
     CollectorRegistry,
@@ -63,8 +63,9 @@ class DaemonStats:
     write_seconds_sum: float = 0.0
 
 
-@dataclass(frozen=True, slots=True)
-class _PluginRow:
+class _PluginRow(NamedTuple):
+    """One plugin in a view (a NamedTuple: 10,000 of them are built per sample)."""
+
     key: PluginKey
     labels: str  # pre-escaped 'tenant="..",plugin="..",environment=".."'
     sample: PluginSample
@@ -115,7 +116,8 @@ def _down(sample: PluginSample) -> PluginSample:
 
 
 class ExporterState:
-    """The latest per-plugin view, updated on the event loop, read by scrapes in a thread.
+    """The latest per-plugin view, updated by the sampling thread and the event loop, read by
+    scrapes in a render thread.
 
     Updates build new immutable objects and swap one reference, so a concurrent render sees
     either the old view or the new one, never a half-updated mix.
@@ -126,8 +128,11 @@ class ExporterState:
     ) -> None:
         self._grace_seconds = grace_seconds
         self._clock = clock
-        # key -> (latest sample, monotonic time last seen, restarts so far)
-        self._plugins: dict[PluginKey, tuple[PluginSample, float, int]] = {}
+        # key -> (latest sample, monotonic time last seen, restarts so far, label string)
+        self._plugins: dict[PluginKey, tuple[PluginSample, float, int, str]] = {}
+        # Updates may come from the sampling thread and the event loop: the fields that
+        # make up a view are swapped together under this lock (held for microseconds).
+        self._lock = threading.Lock()
         self._labels: dict[PluginKey, str] = {}
         self._view = ExportView(plugins=(), health={}, alerts=())
         self._health: Mapping[PluginKey, HealthView] = {}
@@ -136,65 +141,89 @@ class ExporterState:
         self.last_snapshot: Snapshot | None = None
 
     def update_snapshot(self, snapshot: Snapshot) -> None:
+        """Fold a snapshot in; safe to call from the sampling worker thread.
+
+        One pass, in snapshot order (no sort: Prometheus does not care about series
+        order), then vanished plugins: down during their grace period, gone after it.
+        """
         now = self._clock()
-        plugins = self._plugins
-        seen: set[PluginKey] = set()
+        previous = self._plugins
+        labels = self._labels
+        current: dict[PluginKey, tuple[PluginSample, float, int, str]] = {}
+        rows: list[_PluginRow] = []
         for sample in snapshot.samples:
-            seen.add(sample.key)
-            previous = plugins.get(sample.key)
-            restarts = (previous[2] if previous else 0) + max(sample.restarts, 0)
-            plugins[sample.key] = (sample, now, restarts)
-        for key in [k for k, (_, last, _) in plugins.items() if k not in seen]:
-            if now - plugins[key][1] > self._grace_seconds:
-                del plugins[key]
-                self._labels.pop(key, None)
+            key = sample.key
+            before = previous.get(key)
+            if before is None:
+                label = labels.get(key)
+                if label is None:
+                    label = labels[key] = _label_string(key)
+                restarts = max(sample.restarts, 0)
+            else:
+                label = before[3]
+                restarts = before[2] + sample.restarts if sample.restarts > 0 else before[2]
+            current[key] = (sample, now, restarts, label)
+            started = sample.oldest_start_time
+            rows.append(
+                _PluginRow(
+                    key,
+                    label,
+                    sample,
+                    restarts,
+                    1 if sample.up else 0,
+                    started.timestamp() if started is not None else None,
+                )
+            )
+        for key, entry in previous.items():
+            if key in current:
+                continue
+            if now - entry[1] > self._grace_seconds:
+                labels.pop(key, None)
+                continue
+            current[key] = entry
+            down = _down(entry[0])
+            started = down.oldest_start_time
+            rows.append(
+                _PluginRow(
+                    key,
+                    entry[3],
+                    down,
+                    entry[2],
+                    0,
+                    started.timestamp() if started is not None else None,
+                )
+            )
+        self._plugins = current
         self.last_snapshot = snapshot
-        self._rebuild(seen)
+        plugins = tuple(rows)
+        with self._lock:
+            self._view = ExportView(
+                plugins=plugins,
+                health=self._health,
+                alerts=self._alerts,
+                health_by_label=self._health_by_label,
+            )
 
     def update_health(self, health: Mapping[PluginKey, HealthView]) -> None:
-        self._health = dict(health)
+        health = dict(health)
         labels = self._labels
         by_label: dict[str, HealthView] = {}
-        for key, value in self._health.items():
+        for key, value in health.items():
             label = labels.get(key)
             if label is None:
                 label = labels[key] = _label_string(key)
             by_label[label] = value
-        self._health_by_label = by_label
-        self._view = dataclasses.replace(
-            self._view, health=self._health, health_by_label=self._health_by_label
-        )
+        with self._lock:
+            self._health = health
+            self._health_by_label = by_label
+            self._view = dataclasses.replace(
+                self._view, health=self._health, health_by_label=self._health_by_label
+            )
 
     def update_alerts(self, firing: Sequence[FiringAlert]) -> None:
-        self._alerts = tuple(firing)
-        self._view = dataclasses.replace(self._view, alerts=self._alerts)
-
-    def _rebuild(self, seen: set[PluginKey]) -> None:
-        rows: list[_PluginRow] = []
-        labels = self._labels
-        for key in sorted(self._plugins):
-            sample, _last, restarts = self._plugins[key]
-            label = labels.get(key)
-            if label is None:
-                label = labels[key] = _label_string(key)
-            current = sample if key in seen else _down(sample)
-            started = current.oldest_start_time
-            rows.append(
-                _PluginRow(
-                    key=key,
-                    labels=label,
-                    sample=current,
-                    restarts_total=restarts,
-                    up=int(current.up),
-                    start_time=started.timestamp() if started is not None else None,
-                )
-            )
-        self._view = ExportView(
-            plugins=tuple(rows),
-            health=self._health,
-            alerts=self._alerts,
-            health_by_label=self._health_by_label,
-        )
+        with self._lock:
+            self._alerts = tuple(firing)
+            self._view = dataclasses.replace(self._view, alerts=self._alerts)
 
     def view(self) -> ExportView:
         return self._view

@@ -270,3 +270,32 @@ def test_daemon_metrics_and_renderer(state: ExporterState) -> None:
         om_samples
     )
     assert ("pluginmon_samples_total", (), 4.0) in om_samples
+
+
+def test_nan_and_infinities_spelled_as_the_formats_want(state: ExporterState) -> None:
+    state.update_snapshot(snapshot(sample(RESIZER, cpu_percent=float("inf"))))
+    state.update_health(
+        {RESIZER: HealthView(score=float("nan"), components=(("leak", float("-inf")),))}
+    )
+    text = PluginCollector(state).render_text()
+    lines = {
+        line.split("{")[0]: line.rsplit(" ", 1)[1] for line in text.splitlines() if "{" in line
+    }
+    assert lines["pluginmon_plugin_cpu_percent"] == "+Inf"
+    assert lines["pluginmon_plugin_health_score"] == "NaN"
+    assert lines["pluginmon_plugin_health_component_score"] == "-Inf"
+    assert lines["pluginmon_plugin_memory_rss_bytes"] == str(200 * 1024 * 1024)
+
+
+def test_update_from_a_thread_keeps_health(state: ExporterState) -> None:
+    """The sampling thread folds snapshots in while the loop publishes health: neither
+    update loses the other's part of the view."""
+    import threading
+
+    state.update_health({RESIZER: HealthView(score=50.0)})
+    worker = threading.Thread(target=state.update_snapshot, args=(snapshot(sample(RESIZER)),))
+    worker.start()
+    worker.join()
+    view = state.view()
+    assert view.health[RESIZER].score == 50.0
+    assert [row.key for row in view.plugins] == [RESIZER]
