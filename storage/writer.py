@@ -328,6 +328,8 @@ class BatchWriter:
             and not self._closing
         ):
             self._check_runner()
+            if self._runner is None or self._runner.done():
+                break
             changed = self._changed
             await changed.wait()
         self.put(rows)
@@ -343,6 +345,8 @@ class BatchWriter:
         try:
             while not self._flushed():
                 self._check_runner()
+                if self._runner is None or self._runner.done():
+                    return  # not started, or closed: nothing will make progress
                 changed = self._changed
                 self._wakeup.set()
                 await changed.wait()
@@ -510,8 +514,15 @@ class BatchWriter:
         force = self._closing or self._flush_waiters > 0
         if not self._batch_due(now, force):
             deadline = self._chunks[0].arrived + self._max_delay if self._queued else math.inf
-            if not self._available and spool_pending and self._replay_task is None:
-                deadline = min(deadline, self._retry_at)
+            # When the replay may start; a probe still in flight wakes us when it ends.
+            if (
+                spool_pending
+                and self._replay_task is None
+                and not self._closing
+                and (self._available or not self._in_flight)
+            ):
+                replay_at = max(self._replay_not_before, 0.0 if self._available else self._retry_at)
+                deadline = min(deadline, max(replay_at, now + 0.001))
             return deadline
 
         if spool is not None and (
