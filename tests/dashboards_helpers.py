@@ -221,6 +221,7 @@ class GrafanaContext:
     interval: str = "1m"  # $__interval as Grafana renders it for the panel width
     variables: Mapping[str, Variable] = field(default_factory=dict)
     rate_interval: str = "1m"  # Prometheus $__rate_interval
+    timescaledb: bool = False  # the PostgreSQL data source's "TimescaleDB" switch
 
 
 _INTERVAL_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -341,6 +342,9 @@ def _evaluate_macro(name: str, args: list[str], context: GrafanaContext) -> str:
     if name in ("__timeGroup", "__timeGroupAlias"):
         if len(args) < 2:
             raise ValueError(f"macro {name} needs time column and interval")
+        if context.timescaledb:
+            group = f"time_bucket('{interval_seconds(args[1]):.3f}s',{args[0]})"
+            return group + ' AS "time"' if name == "__timeGroupAlias" else group
         seconds = go_float(interval_seconds(args[1]))
         group = f"floor(extract(epoch from {args[0]})/{seconds})*{seconds}"
         return group + ' AS "time"' if name == "__timeGroupAlias" else group

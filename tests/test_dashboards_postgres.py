@@ -707,3 +707,24 @@ def test_fleet_per_plugin_panels_show_the_top_plugins(loaded: Loaded) -> None:
     )
     with pytest.raises(psycopg.errors.InvalidTextRepresentation):
         _panel(loaded.url, FLEET, "CPU by plugin", hostile)
+
+
+def test_every_sql_query_runs_with_the_timescaledb_switch_on(loaded: Loaded) -> None:
+    # Operators who turn on the data source's TimescaleDB option get time_bucket() from
+    # $__timeGroup; the dashboards must work that way too on a TimescaleDB server.
+    with psycopg.connect(loaded.url) as conn:
+        if not conn.execute("SELECT 1 FROM pg_extension WHERE extname = 'timescaledb'").fetchone():
+            pytest.skip("the test database has no timescaledb extension")
+    context = replace(_context(loaded), timescaledb=True)
+    grouped = 0
+    for query in _all_sql_queries():
+        text = grafana_sql(query.text, context)
+        grouped += "time_bucket('60.000s'," in text
+        result = _run(loaded.url, query.text, context)
+        if query.format == "time_series":
+            assert result.rows, query.location
+    assert grouped >= 8
+    cpu = _panel(loaded.url, PLUGIN, "CPU", context).records()
+    assert cpu[0]["time"] == loaded.t0
+    assert cpu[0]["cpu_percent_avg"] == pytest.approx(20.0)
+    assert len(cpu) == 10
