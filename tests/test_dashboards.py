@@ -8,7 +8,8 @@ import re
 import shutil
 import subprocess
 import sys
-from datetime import timedelta
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +21,13 @@ from tests.dashboards_helpers import (
     DASHBOARDS_DIR,
     DEPLOY_DIR,
     GrafanaContext,
+    Variable,
     dashboard_files,
     dashboard_queries,
+    expand_macros,
+    go_float,
     grafana_promql,
+    interpolate_variables,
     is_contract_metric,
     iter_panels,
     load_dashboard,
@@ -358,3 +363,55 @@ def test_deploy_rule_files_exist_for_recorded_dashboard_series() -> None:
     # The fleet dashboard's tenant totals come from deploy/pluginmon.rules.yml.
     assert (DEPLOY_DIR / "pluginmon.rules.yml").exists()
     assert "tenant:pluginmon_plugin_cpu_percent:sum" in recorded_names()
+
+
+# -- the expander itself, against Grafana's documented expansions ---------------------------------
+
+
+def test_macro_expander_matches_grafana() -> None:
+    context = GrafanaContext(
+        time_from=datetime(2017, 4, 21, 5, 1, 17, tzinfo=UTC),
+        time_to=datetime(2017, 4, 21, 5, 6, 17, 500000, tzinfo=UTC),
+        variables={
+            "host": Variable(("a'b",)),
+            "envs": Variable(("prod", "stage"), multi=True),
+        },
+    )
+    # pkg/tsdb/grafana-postgresql-datasource/macros.go, timescaledb off
+    assert (
+        expand_macros("$__timeFilter(time)", context)
+        == "time BETWEEN '2017-04-21T05:01:17Z' AND '2017-04-21T05:06:17.5Z'"
+    )
+    assert expand_macros("$__timeGroup(dateColumn,'5m')", context) == (
+        "floor(extract(epoch from dateColumn)/300)*300"
+    )
+    assert expand_macros("SELECT $__timeGroupAlias(c, 1h)", context) == (
+        'SELECT floor(extract(epoch from c)/3600)*3600 AS "time"'
+    )
+    # pre-5.3 use: a $__timeGroup followed by ',' gets the alias
+    assert expand_macros("SELECT $__timeGroup(c,'1m'), v", context) == (
+        'SELECT floor(extract(epoch from c)/60)*60 AS "time", v'
+    )
+    assert expand_macros("$__timeFrom() $__timeTo()", context) == (
+        "'2017-04-21T05:01:17Z' '2017-04-21T05:06:17.5Z'"
+    )
+    assert (
+        expand_macros("$__timeGroup(c,'1m')", replace_tsdb(context)) == "time_bucket('60.000s',c)"
+    )
+    assert go_float(1209600.0) == "1.2096e+06"  # Go's %v, as Grafana prints a 2-week interval
+    with pytest.raises(ValueError, match="unknown macro"):
+        expand_macros("$__nope(x)", context)
+    # Variables: sqlstring quotes and doubles quotes; SQL default quotes multi-values only.
+    assert interpolate_variables("${host:sqlstring}", context, dialect="sql") == "'a''b'"
+    assert interpolate_variables("$envs", context, dialect="sql") == "'prod','stage'"
+    assert interpolate_variables("${envs:csv}", context, dialect="sql") == "prod,stage"
+    assert interpolate_variables("$envs", context, dialect="prometheus") == "(prod|stage)"
+    assert interpolate_variables("$__interval_ms", context, dialect="sql") == "60000"
+    # Unknown names are left for the macro engine, as Grafana does.
+    assert interpolate_variables("$__timeFilter(x) $nope", context, dialect="sql") == (
+        "$__timeFilter(x) $nope"
+    )
+
+
+def replace_tsdb(context: GrafanaContext) -> GrafanaContext:
+    return replace(context, timescaledb=True)
