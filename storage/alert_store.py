@@ -119,7 +119,8 @@ class HealthWrite:
     plugin_id: int
     environment: str
     score: float
-    labels: Mapping[str, object]
+    labels_json: str  # the plugin_metrics row's labels, already serialised
+    update_plugin: bool = True  # also set plugins.health_score / last_health_check
 
 
 # --- alert state ------------------------------------------------------------------------------
@@ -374,18 +375,21 @@ async def latest_metric_values(
 
 
 async def write_health(conn: Connection, rows: Sequence[HealthWrite], at: datetime) -> None:
-    """plugins.health_score/last_health_check, and one 'health_score' gauge row per plugin."""
+    """One 'health_score' gauge row per plugin, and plugins.health_score/last_health_check
+    for the rows marked ``update_plugin``."""
     if not rows:
         return
-    await conn.execute(
-        """UPDATE plugins p SET health_score = v.score, last_health_check = $3
-             FROM unnest($1::bigint[], $2::real[]) AS v(id, score)
-            WHERE p.id = v.id""",
-        [r.plugin_id for r in rows],
-        [r.score for r in rows],
-        at,
-        timeout=QUERY_TIMEOUT_SECONDS,
-    )
+    updates = [r for r in rows if r.update_plugin]
+    if updates:
+        await conn.execute(
+            """UPDATE plugins p SET health_score = v.score, last_health_check = $3
+                 FROM unnest($1::bigint[], $2::real[]) AS v(id, score)
+                WHERE p.id = v.id""",
+            [r.plugin_id for r in updates],
+            [r.score for r in updates],
+            at,
+            timeout=QUERY_TIMEOUT_SECONDS,
+        )
     await conn.copy_records_to_table(
         "plugin_metrics",
         records=[
@@ -397,7 +401,7 @@ async def write_health(conn: Connection, rows: Sequence[HealthWrite], at: dateti
                 "health_score",
                 "gauge",
                 float(r.score),
-                json.dumps(r.labels, sort_keys=True),
+                r.labels_json,
             )
             for r in rows
         ],
