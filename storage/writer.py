@@ -46,10 +46,10 @@ import random
 import re
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Final
+from typing import Any, Final
 
 import asyncpg
 
@@ -174,6 +174,22 @@ class _Unwritten(Exception):
         super().__init__(f"{len(rows)} rows not written: {cause!r}")
         self.rows = rows
         self.cause = cause
+
+
+async def _uncancellable(operation: Coroutine[Any, Any, None]) -> None:
+    """Run ``operation`` to its end even if the caller is cancelled meanwhile.
+
+    The cancellation is delivered afterwards; an error of the operation then is logged by
+    the operation's own handling, not raised in place of the CancelledError.
+    """
+    task = asyncio.ensure_future(operation)
+    try:
+        await asyncio.shield(task)
+    except asyncio.CancelledError:
+        await asyncio.wait({task})
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("cleanup after cancellation failed", exc_info=task.exception())
+        raise
 
 
 class _ConnectFailed(Exception):
@@ -585,7 +601,9 @@ class BatchWriter:
                 self._mark_available()
                 self._rows_replayed += len(item.rows)
                 try:
-                    await asyncio.to_thread(spool.ack, item)
+                    # Seen through even at the shutdown deadline: a written batch left
+                    # un-acked would be written again after the restart.
+                    await _uncancellable(asyncio.to_thread(spool.ack, item))
                 except OSError:
                     logger.exception("cannot update the spool %s; retrying later", spool.directory)
                     self._replay_not_before = time.monotonic() + self._retry_max
@@ -687,12 +705,7 @@ class BatchWriter:
         between the two.
         """
         self._spooling_rows += len(rows)
-        appending = asyncio.ensure_future(self._append_to_spool(rows))
-        try:
-            await asyncio.shield(appending)
-        except asyncio.CancelledError:
-            await appending
-            raise
+        await _uncancellable(self._append_to_spool(rows))
 
     async def _append_to_spool(self, rows: list[Row]) -> None:
         spool = self._spool
