@@ -317,6 +317,31 @@ def test_real_prometheus_scrapes_and_evaluates_the_rules(
         assert ("PluginHealthLow", "thumbs") not in state
         assert ("PluginmonScrapeDown", "") not in state
         assert all(value in {"pending", "firing"} for value in state.values())
+
+        # Every Prometheus dashboard query runs on the real scrape; the main panels have data.
+        results: dict[str, list[dict[str, Any]]] = {}
+        for path in dashboard_files("prometheus"):
+            for dashboard_query in dashboard_queries(path):
+                if dashboard_query.format in ("variable",):
+                    continue
+                expr = grafana_promql(dashboard_query.text, prometheus_context())
+                key = f"{path.stem} {dashboard_query.title}"
+                results.setdefault(key, []).extend(query(expr))
+        for panel in (
+            "pluginmon-fleet CPU by plugin",
+            "pluginmon-fleet Health score by plugin",
+            "pluginmon-fleet Tenant CPU",
+            "pluginmon-fleet Alerts firing now",
+            "pluginmon-plugin Health components now",
+            "pluginmon-plugin Memory",
+            "pluginmon-plugin Disk I/O",
+        ):
+            assert results[panel], panel
+        components = {
+            r["metric"]["component"]: float(r["value"][1])
+            for r in results["pluginmon-plugin Health components now"]
+        }
+        assert components == {"up": 0.0, "cpu": 80.0}
     finally:
         process.terminate()
         try:
