@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import hmac
+import logging
 import subprocess
 import sys
 import uuid
@@ -16,6 +19,7 @@ import asyncpg
 import pytest
 
 from alerts.engine import AlertEngine
+from alerts.notifiers import classify_status, sign, verify_signature
 from alerts.outbox import OutboxDeliverer, backoff_seconds
 from alerts.rules import Rule, WebhookConfig
 from collectors.models import Match, PluginKey, PluginSpec
@@ -24,6 +28,7 @@ from storage import alert_store
 from tests.alerts_helpers import FakeClock, Receiver, plugin_ids, plugin_sample, snapshot
 
 KEY = PluginKey("acme", "burner", "production")
+SECRET = "whsec-7f3a9c-must-never-be-logged"
 
 
 def fast_hook(
@@ -147,12 +152,15 @@ async def test_real_cpu_burn_fires_then_resolves(
     assert firing.idempotency_key != resolved.idempotency_key
 
 
-async def test_receiver_down_then_up_every_notification_arrives_once(pool: asyncpg.Pool) -> None:
-    receiver = Receiver(secret="k")
+async def test_receiver_down_then_up_every_notification_arrives_once(
+    pool: asyncpg.Pool, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    receiver = Receiver(secret=SECRET)
     await receiver.start()
     port = receiver.port
     await receiver.stop()  # down: connection refused
-    hook = fast_hook("ops", f"http://127.0.0.1:{port}/hook", secret="k", max_attempts=50)
+    hook = fast_hook("ops", f"http://127.0.0.1:{port}/hook", secret=SECRET, max_attempts=50)
     clock = FakeClock(datetime.now(UTC))
     keys = [PluginKey("acme", f"p{i}") for i in range(5)]
     ids = await plugin_ids(pool, keys)
@@ -198,6 +206,8 @@ async def test_receiver_down_then_up_every_notification_arrives_once(pool: async
     )
     assert {o["status"] for o in outbox} == {"delivered"}
     assert max(o["attempts"] for o in outbox) > 1
+    assert "retrying in" in caplog.text  # the retries were logged...
+    assert SECRET not in caplog.text  # ...without the secret
 
 
 async def test_retry_only_on_5xx_429_and_give_up_on_4xx(pool: asyncpg.Pool) -> None:
@@ -320,3 +330,19 @@ def test_backoff_is_capped_exponential_with_jitter() -> None:
 async def test_alert_store_acknowledge_unknown(pool: asyncpg.Pool) -> None:
     async with pool.acquire() as conn:
         assert not await alert_store.acknowledge(conn, "0" * 16, "x", datetime.now(UTC))
+
+
+def test_signature_is_hmac_sha256_of_the_exact_body() -> None:
+    body = b'{"version":"4","status":"firing"}'
+    expected = hmac.new(b"s3cret", body, hashlib.sha256).hexdigest()
+    assert sign("s3cret", body) == "sha256=" + expected
+    assert verify_signature("s3cret", body, "sha256=" + expected)
+    assert not verify_signature("s3cret", body + b" ", "sha256=" + expected)
+    assert not verify_signature("other", body, "sha256=" + expected)
+    assert not verify_signature("s3cret", body, None)
+
+
+def test_status_classification() -> None:
+    assert [classify_status(c) for c in (200, 202, 204)] == ["delivered"] * 3
+    assert [classify_status(c) for c in (429, 500, 502, 503)] == ["retry"] * 4
+    assert [classify_status(c) for c in (301, 400, 401, 403, 404, 410, 422)] == ["failed"] * 7
