@@ -11,6 +11,7 @@ import asyncpg
 import pytest
 
 from alerts.engine import AlertEngine
+from alerts.health import parse_health_config
 from alerts.outbox import OutboxDeliverer
 from alerts.rules import Rule, WebhookConfig, parse_rules
 from collectors.models import PluginKey
@@ -501,3 +502,36 @@ async def test_finished_outbox_rows_are_pruned(pool: asyncpg.Pool, receiver: Rec
     ]
     assert sent == 1
     assert len(receiver.received) == 2
+
+
+async def test_rules_and_health_read_plugin_metrics(pool: asyncpg.Pool) -> None:
+    clock = FakeClock()
+    ids = await plugin_ids(pool, [KEY])
+    async with pool.acquire() as conn:
+        await conn.executemany(
+            'INSERT INTO plugin_metrics ("timestamp", tenant_id, plugin_id, environment, metric_name, metric_kind, value) '
+            "VALUES ($1, 'acme', $2, 'production', $3, 'gauge', $4)",
+            [
+                (clock() - timedelta(seconds=60), ids[KEY], "queue_depth", 50.0),
+                (clock() - timedelta(seconds=5), ids[KEY], "queue_depth", 700.0),  # newest wins
+                (clock() - timedelta(hours=2), ids[KEY], "error_rate", 9.0),  # too old: ignored
+            ],
+        )
+    rules = parse_rules(
+        [
+            {"name": "QueueDeep", "metric": "queue_depth", "op": ">", "threshold": 500},
+            {"name": "Errors", "metric": "error_rate", "op": ">", "threshold": 1},
+        ],
+        include_builtins=False,
+    )
+    health = parse_health_config(
+        {"metrics": [{"name": "queue_depth", "warn": 100, "critical": 1100}]}
+    )
+    engine = AlertEngine(pool, rules, clock=clock, health_config=health)
+    await engine.start()
+    assert await cycle(engine, clock, ids, resizer=1) == ["QueueDeep:firing"]
+    score = engine.latest_health()[KEY]
+    component = score.component("metric:queue_depth")
+    assert component is not None
+    assert (component.value, component.score) == (700.0, 40.0)
+    assert engine.firing()[0].value == 700.0
