@@ -44,7 +44,19 @@ ERROR_KINDS = ("access_denied", "no_such_process", "zombie")
 
 def boot_clock() -> float:
     """Seconds since boot, the timeline of /proc start times (keeps counting across suspend)."""
-    return time.clock_gettime(time.CLOCK_BOOTTIME)
+    if _CLOCK_BOOTTIME is not None:
+        return time.clock_gettime(_CLOCK_BOOTTIME)
+    # Elsewhere (the psutil path) start times are create_time - boot_time: the same line.
+    return time.time() - _psutil_boot_time()
+
+
+_CLOCK_BOOTTIME: int | None = getattr(time, "CLOCK_BOOTTIME", None)
+
+
+def _psutil_boot_time() -> float:
+    import psutil
+
+    return float(psutil.boot_time())
 
 
 def utc_now() -> datetime:
@@ -205,6 +217,21 @@ class Sampler:
     specs only when first seen as a (pid, start time) identity, again on their second cycle
     (to see through fork-then-exec) and whenever their comm changes (exec). Opt-in fields
     are read only for processes that belong to a plugin.
+
+    A plugin is its matched processes plus their descendants that no other spec matches
+    (first matching spec wins; config specs before env labels); a descendant orphaned by
+    its parent's exit stays with the plugin it was seen under.
+
+    cpu_percent is CPU time used since the previous sample over the wall time between them:
+    deltas for processes seen at both; everything for processes born in between; children
+    that lived and died in between through their parent's reaped-children time (minus what
+    was already counted for them). CPU a process used between the last sample and its exit
+    is lost when its parent is not in the plugin (nothing can be read after the exit). The
+    first cycle reports each process's lifetime-average rate.
+
+    Configured plugins are always in the snapshot (up=False, zero usage, counters kept when
+    nothing runs); label-discovered ones for `label_grace_cycles` cycles after their last
+    process vanished, then dropped.
     """
 
     def __init__(
