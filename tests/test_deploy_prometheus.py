@@ -318,16 +318,9 @@ def test_real_prometheus_scrapes_and_evaluates_the_rules(
         assert ("PluginmonScrapeDown", "") not in state
         assert all(value in {"pending", "firing"} for value in state.values())
 
-        # Every Prometheus dashboard query runs on the real scrape; the main panels have data.
-        results: dict[str, list[dict[str, Any]]] = {}
-        for path in dashboard_files("prometheus"):
-            for dashboard_query in dashboard_queries(path):
-                if dashboard_query.format in ("variable",):
-                    continue
-                expr = grafana_promql(dashboard_query.text, prometheus_context())
-                key = f"{path.stem} {dashboard_query.title}"
-                results.setdefault(key, []).extend(query(expr))
-        for panel in (
+        # Every Prometheus dashboard query runs on the real scrape; the main panels have data
+        # (rates need two scrapes in their window, hence the wait).
+        main_panels = (
             "pluginmon-fleet CPU by plugin",
             "pluginmon-fleet Health score by plugin",
             "pluginmon-fleet Tenant CPU",
@@ -335,8 +328,20 @@ def test_real_prometheus_scrapes_and_evaluates_the_rules(
             "pluginmon-plugin Health components now",
             "pluginmon-plugin Memory",
             "pluginmon-plugin Disk I/O",
-        ):
-            assert results[panel], panel
+        )
+
+        def dashboard_results() -> dict[str, list[dict[str, Any]]] | None:
+            results: dict[str, list[dict[str, Any]]] = {}
+            for path in dashboard_files("prometheus"):
+                for dashboard_query in dashboard_queries(path):
+                    if dashboard_query.format == "variable":
+                        continue
+                    expr = grafana_promql(dashboard_query.text, prometheus_context())
+                    key = f"{path.stem} {dashboard_query.title}"
+                    results.setdefault(key, []).extend(query(expr))
+            return results if all(results[panel] for panel in main_panels) else None
+
+        results = _wait_for(dashboard_results)
         components = {
             r["metric"]["component"]: float(r["value"][1])
             for r in results["pluginmon-plugin Health components now"]
