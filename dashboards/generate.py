@@ -141,6 +141,7 @@ class Panel:
     overrides: tuple[dict[str, Any], ...] = ()
     links: tuple[dict[str, Any], ...] = ()
     custom: dict[str, Any] = field(default_factory=dict)
+    mappings: tuple[dict[str, Any], ...] = ()
 
 
 def _thresholds(steps: Sequence[tuple[float | None, str]]) -> dict[str, Any]:
@@ -151,6 +152,13 @@ def _thresholds(steps: Sequence[tuple[float | None, str]]) -> dict[str, Any]:
 
 
 HEALTH_STEPS: tuple[tuple[float | None, str], ...] = ((None, "red"), (50, "orange"), (80, "green"))
+UP_MAPPING = {
+    "type": "value",
+    "options": {
+        "0": {"text": "down", "color": "red", "index": 0},
+        "1": {"text": "up", "color": "green", "index": 1},
+    },
+}
 UP_STEPS: tuple[tuple[float | None, str], ...] = ((None, "red"), (1, "green"))
 ALERT_STEPS: tuple[tuple[float | None, str], ...] = ((None, "green"), (1, "red"))
 
@@ -217,6 +225,8 @@ def _panel_json(
         defaults["links"] = list(panel.links)
     if panel.custom:
         defaults["custom"] = panel.custom
+    if panel.mappings:
+        defaults["mappings"] = list(panel.mappings)
     options = dict(panel.options)
     if panel.kind == "stat":
         options.setdefault(
@@ -744,6 +754,7 @@ def plugin_postgres() -> dict[str, Any]:
             4,
             (Query(f"SELECT up::int AS up FROM ({latest}) latest", "table"),),
             thresholds=UP_STEPS,
+            mappings=(UP_MAPPING,),
             options={"colorMode": "background"},
             description="Whether the latest sample (at most 5 minutes old) found a running process.",
         ),
@@ -1291,6 +1302,7 @@ def plugin_prometheus() -> dict[str, Any]:
             4,
             (Query(f"pluginmon_plugin_up{{{PROM_PLUGIN}}}", instant=True),),
             thresholds=UP_STEPS,
+            mappings=(UP_MAPPING,),
             options={"colorMode": "background"},
         ),
         Panel(
