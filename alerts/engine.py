@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import asyncpg
+
 from alerts.health import (
     HealthConfig,
     HealthScore,
@@ -657,14 +659,25 @@ class AlertEngine:
         backlog = list(self._backlog)
         try:
             async with asyncio.timeout(self._db_timeout), self._pool.acquire() as conn:
-                async with conn.transaction():
-                    ids = [await alert_store.save_alert(conn, self._write(a, now)) for a in dirty]
-                    await alert_store.insert_outbox(conn, backlog)
-                    await alert_store.touch_alerts(
-                        conn, [a.db_id for a in clean if a.db_id], [a.value for a in clean], now
-                    )
+                ids: list[int | None]
+                try:
+                    async with conn.transaction():
+                        ids = [
+                            await alert_store.save_alert(conn, self._write(a, now)) for a in dirty
+                        ]
+                        await alert_store.insert_outbox(conn, backlog)
+                        await alert_store.touch_alerts(
+                            conn, [a.db_id for a in clean if a.db_id], [a.value for a in clean], now
+                        )
+                except TRANSIENT_DB_ERRORS:
+                    raise
+                except asyncpg.PostgresError:
+                    # One bad row (say, its plugin was deleted) must not block every other
+                    # alert forever: save item by item, dropping what the database refuses.
+                    logger.exception("alert state refused as a whole; saving it item by item")
+                    ids = await self._persist_item_by_item(conn, dirty, backlog, now)
                 for alert, db_id in zip(dirty, ids, strict=True):
-                    alert.db_id = db_id
+                    alert.db_id = db_id if db_id is not None else alert.db_id
                     alert.dirty = False
                 written = {id(a) for a in dirty}
                 self._closing = [a for a in self._closing if id(a) not in written]
@@ -697,6 +710,42 @@ class AlertEngine:
         except TRANSIENT_DB_ERRORS as exc:
             return f"{type(exc).__name__}: {exc}"
         return None
+
+    async def _persist_item_by_item(
+        self, conn: Any, dirty: Sequence[_Alert], backlog: Sequence[OutboxWrite], now: datetime
+    ) -> list[int | None]:
+        ids: list[int | None] = []
+        async with conn.transaction():
+            for alert in dirty:
+                try:
+                    async with conn.transaction():  # a savepoint
+                        ids.append(await alert_store.save_alert(conn, self._write(alert, now)))
+                except TRANSIENT_DB_ERRORS:
+                    raise
+                except asyncpg.PostgresError as exc:
+                    logger.error(
+                        "dropping state of alert %s for %s/%s: %s",
+                        alert.rule.name,
+                        alert.key.tenant,
+                        alert.key.plugin,
+                        exc,
+                    )
+                    ids.append(None)
+            for row in backlog:
+                try:
+                    async with conn.transaction():
+                        await alert_store.insert_outbox(conn, [row])
+                except TRANSIENT_DB_ERRORS:
+                    raise
+                except asyncpg.PostgresError as exc:
+                    logger.error(
+                        "dropping notification to %s about %s/%s: %s",
+                        row.receiver,
+                        row.tenant_id,
+                        row.group_key,
+                        exc,
+                    )
+        return ids
 
     def _write(self, a: _Alert, now: datetime) -> AlertWrite:
         return AlertWrite(

@@ -535,3 +535,31 @@ async def test_rules_and_health_read_plugin_metrics(pool: asyncpg.Pool) -> None:
     assert component is not None
     assert (component.value, component.score) == (700.0, 40.0)
     assert engine.firing()[0].value == 700.0
+
+
+async def test_refused_row_does_not_block_the_others(
+    pool: asyncpg.Pool, receiver: Receiver
+) -> None:
+    clock = FakeClock()
+    hook = hook_for(receiver)
+    other = PluginKey("acme", "other", "production")
+    ids = await plugin_ids(pool, [KEY, other])
+    engine = AlertEngine(pool, RULES, clock=clock, webhooks=[hook])
+    await engine.start()
+    await cycle(engine, clock, ids, resizer=90, other=90)  # both pending, stored
+    async with pool.acquire() as conn:
+        await conn.execute("DELETE FROM plugins WHERE id = $1", ids[KEY])  # cascades its alerts
+    clock.advance(10)
+    report = await engine.process(
+        snapshot(
+            clock(), [plugin_sample(KEY, clock(), cpu=90), plugin_sample(other, clock(), cpu=90)]
+        ),
+        ids,
+    )
+    assert report.persisted
+    assert report.unpersisted_alerts == report.unpersisted_notifications == 0
+    async with pool.acquire() as conn:
+        rows = await alert_store.load_alerts(conn)
+        outbox = await conn.fetch("SELECT body FROM notification_outbox")
+    assert [(r.labels["plugin"], r.status) for r in rows] == [("other", "firing")]
+    assert [json.loads(o["body"])["groupLabels"]["plugin"] for o in outbox] == ["other"]
