@@ -69,11 +69,24 @@ class SpoolCodecError(SpoolError, ValueError):
 
 # -- codec -------------------------------------------------------------------------------
 #
-# Payload v1: u8 codec version, u16 columns, u32 rows, then rows x columns values, each a
-# u8 type tag and its data. Typed on purpose (no pickle): a spool file is data, never code.
+# Payload v1: u8 codec version, u16 columns, u32 rows, then the batch column by column.
+# Each column is a u8 kind, a u8 "has NULLs" flag, then (if set) one byte per row (1 = NULL),
+# then its values. Plain columns (all int, all float, ...) are packed arrays, decoded at C
+# speed; a column mixing types falls back to a u8 type tag per value. Typed on purpose (no
+# pickle): a spool file is data, never code.
 
 CODEC_VERSION = 1
 _PAYLOAD_HEADER = struct.Struct("<BHI")
+_COLUMN_HEADER = struct.Struct("<BB")
+# Column kinds.
+_KIND_MIXED = 0  # a tagged value per row (tags below)
+_KIND_INT = 1  # i64 per row
+_KIND_FLOAT = 2  # f64 per row
+_KIND_BOOL = 3  # u8 per row
+_KIND_STR = 4  # u32 length per row, then the UTF-8 bytes of all rows
+_KIND_DATETIME_UTC = 5  # i64 microseconds since the Unix epoch; decodes timezone-aware UTC
+_KIND_NULL = 6  # every row NULL, no data
+# Value tags in a mixed column.
 _TAG_NONE = 0
 _TAG_FALSE = 1
 _TAG_TRUE = 2
@@ -81,7 +94,7 @@ _TAG_INT = 3  # i64
 _TAG_FLOAT = 4  # f64
 _TAG_STR = 5  # u32 length + UTF-8
 _TAG_BYTES = 6  # u32 length + bytes
-_TAG_DATETIME_UTC = 7  # i64 microseconds since the Unix epoch; decodes timezone-aware UTC
+_TAG_DATETIME_UTC = 7  # i64 microseconds since the Unix epoch
 _TAG_DATETIME_NAIVE = 8  # i64 microseconds since 1970-01-01T00:00 (no timezone)
 _TAGGED_I64 = struct.Struct("<Bq")
 _TAGGED_F64 = struct.Struct("<Bd")
@@ -91,60 +104,83 @@ _F64 = struct.Struct("<d")
 _U32 = struct.Struct("<I")
 _EPOCH_UTC = datetime(1970, 1, 1, tzinfo=UTC)
 _EPOCH_NAIVE = datetime(1970, 1, 1)
+_NoneType = type(None)
+_MAX_ROWS_PER_BATCH = 10_000_000
 
 
 def _micros(delta: timedelta) -> int:
     return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
 
 
+def _is_aware(value: datetime) -> bool:
+    return value.tzinfo is not None and value.utcoffset() is not None
+
+
 def encode_rows(rows: Sequence[Row]) -> bytes:
     """Encode a batch; every row must have the same number of columns."""
+    count = len(rows)
     columns = len(rows[0]) if rows else 0
-    out = bytearray(_PAYLOAD_HEADER.pack(CODEC_VERSION, columns, len(rows)))
-    append = out.append
-    last_datetime: datetime | None = None
-    last_datetime_bytes = b""
-    for row in rows:
-        if len(row) != columns:
-            raise SpoolCodecError(f"row has {len(row)} values, expected {columns}")
-        for value in row:
-            kind = type(value)
-            if value is None:
-                append(_TAG_NONE)
-            elif kind is bool:
-                append(_TAG_TRUE if value else _TAG_FALSE)
-            elif kind is int:
-                try:
-                    out += _TAGGED_I64.pack(_TAG_INT, value)
-                except struct.error as exc:
-                    raise SpoolCodecError(f"integer out of 64-bit range: {value}") from exc
-            elif kind is float:
-                out += _TAGGED_F64.pack(_TAG_FLOAT, value)
-            elif kind is str:
-                data = value.encode("utf-8")  # type: ignore[attr-defined]
-                out += _TAGGED_U32.pack(_TAG_STR, len(data))
-                out += data
-            elif kind is datetime:
-                # Samples of one snapshot share one timestamp object: encode it once.
-                if value is not last_datetime:
-                    assert isinstance(value, datetime)
-                    if value.tzinfo is not None and value.utcoffset() is not None:
-                        last_datetime_bytes = _TAGGED_I64.pack(
-                            _TAG_DATETIME_UTC, _micros(value - _EPOCH_UTC)
-                        )
-                    else:
-                        last_datetime_bytes = _TAGGED_I64.pack(
-                            _TAG_DATETIME_NAIVE, _micros(value - _EPOCH_NAIVE)
-                        )
-                    last_datetime = value
-                out += last_datetime_bytes
-            else:
-                out += _encode_other(value)
+    widths = set(map(len, rows))
+    if len(widths) > 1:
+        raise SpoolCodecError(f"rows have {sorted(widths)} values, expected {columns} in each")
+    out = bytearray(_PAYLOAD_HEADER.pack(CODEC_VERSION, columns, count))
+    for values in zip(*rows, strict=True) if rows else ():
+        out += _encode_column(values)
     return bytes(out)
 
 
-def _encode_other(value: object) -> bytes:
-    """Subclasses (IntEnum, str enums, bytearray ...) go through the slower isinstance path."""
+def _encode_column(values: tuple[object, ...]) -> bytes:
+    count = len(values)
+    types = set(map(type, values))
+    has_nulls = _NoneType in types
+    types.discard(_NoneType)
+    if not types:
+        return _COLUMN_HEADER.pack(_KIND_NULL, 0)
+    kind, data = _encode_plain(values, types, has_nulls)
+    if kind == _KIND_MIXED:
+        # Tags carry the NULLs themselves.
+        return _COLUMN_HEADER.pack(_KIND_MIXED, 0) + data
+    header = _COLUMN_HEADER.pack(kind, 1 if has_nulls else 0)
+    if has_nulls:
+        header += bytes([1 if value is None else 0 for value in values])
+    assert count == len(values)
+    return header + data
+
+
+def _encode_plain(
+    values: tuple[object, ...], types: set[type], has_nulls: bool
+) -> tuple[int, bytes]:
+    """(kind, data) for a column of one plain type; (MIXED, tagged data) otherwise."""
+    count = len(values)
+    only = next(iter(types)) if len(types) == 1 else None
+    filler: object = 0
+    if only is str:
+        distinct = {value: value.encode("utf-8") for value in set(values) if value is not None}  # type: ignore[attr-defined]
+        encoded = [distinct[value] if value is not None else b"" for value in values]
+        lengths = struct.pack(f"<{count}I", *map(len, encoded))
+        return _KIND_STR, lengths + b"".join(encoded)
+    if only is datetime:
+        distinct_times = {value for value in values if value is not None}
+        if all(_is_aware(value) for value in distinct_times):  # type: ignore[arg-type]
+            micros = {value: _micros(value - _EPOCH_UTC) for value in distinct_times}  # type: ignore[operator]
+            packed = [micros[value] if value is not None else 0 for value in values]
+            return _KIND_DATETIME_UTC, struct.pack(f"<{count}q", *packed)
+    elif only is int or only is float or only is bool:
+        filled = [filler if value is None else value for value in values] if has_nulls else values
+        try:
+            if only is int:
+                return _KIND_INT, struct.pack(f"<{count}q", *filled)
+            if only is float:
+                return _KIND_FLOAT, struct.pack(f"<{count}d", *filled)
+            return _KIND_BOOL, bytes(filled)  # type: ignore[arg-type]
+        except (struct.error, OverflowError):
+            pass  # an int beyond 64 bits: the tagged path names it
+    return _KIND_MIXED, b"".join(map(_encode_tagged, values))
+
+
+def _encode_tagged(value: object) -> bytes:
+    if value is None:
+        return bytes([_TAG_NONE])
     if isinstance(value, bool):
         return bytes([_TAG_TRUE if value else _TAG_FALSE])
     if isinstance(value, int):
@@ -161,7 +197,7 @@ def _encode_other(value: object) -> bytes:
         data = bytes(value)
         return _TAGGED_U32.pack(_TAG_BYTES, len(data)) + data
     if isinstance(value, datetime):
-        if value.tzinfo is not None and value.utcoffset() is not None:
+        if _is_aware(value):
             return _TAGGED_I64.pack(_TAG_DATETIME_UTC, _micros(value - _EPOCH_UTC))
         return _TAGGED_I64.pack(_TAG_DATETIME_NAIVE, _micros(value - _EPOCH_NAIVE))
     raise SpoolCodecError(f"cannot spool a value of type {type(value).__name__}")
@@ -179,62 +215,109 @@ def payload_row_count(payload: bytes | memoryview) -> int:
 
 def decode_rows(payload: bytes | memoryview) -> list[Row]:
     """Inverse of :func:`encode_rows`; raises SpoolCodecError on anything malformed."""
-    data = memoryview(payload)
+    data = bytes(payload)
     if len(data) < _PAYLOAD_HEADER.size:
         raise SpoolCodecError("payload shorter than its header")
-    version, columns, row_count = _PAYLOAD_HEADER.unpack_from(data, 0)
+    version, columns, count = _PAYLOAD_HEADER.unpack_from(data, 0)
     if version != CODEC_VERSION:
         raise SpoolCodecError(f"unknown spool codec version {version}")
+    if count > _MAX_ROWS_PER_BATCH:
+        raise SpoolCodecError(f"implausible row count {count}")
     pos = _PAYLOAD_HEADER.size
-    end = len(data)
-    rows: list[Row] = []
-    datetimes: dict[tuple[int, int], datetime] = {}
-    unpack_i64 = _I64.unpack_from
-    unpack_f64 = _F64.unpack_from
-    unpack_u32 = _U32.unpack_from
+    decoded: list[list[object]] = []
     try:
-        for _ in range(row_count):
-            values: list[object] = []
-            for _ in range(columns):
-                tag = data[pos]
-                pos += 1
-                if tag == _TAG_NONE:
-                    values.append(None)
-                elif tag == _TAG_FALSE:
-                    values.append(False)
-                elif tag == _TAG_TRUE:
-                    values.append(True)
-                elif tag == _TAG_INT:
-                    values.append(unpack_i64(data, pos)[0])
-                    pos += 8
-                elif tag == _TAG_FLOAT:
-                    values.append(unpack_f64(data, pos)[0])
-                    pos += 8
-                elif tag in (_TAG_STR, _TAG_BYTES):
-                    (length,) = unpack_u32(data, pos)
-                    pos += 4
-                    if pos + length > end:
-                        raise SpoolCodecError("string runs past the end of the payload")
-                    chunk = bytes(data[pos : pos + length])
-                    pos += length
-                    values.append(chunk.decode("utf-8") if tag == _TAG_STR else chunk)
-                elif tag in (_TAG_DATETIME_UTC, _TAG_DATETIME_NAIVE):
-                    (micros,) = unpack_i64(data, pos)
-                    pos += 8
-                    cached = datetimes.get((tag, micros))
-                    if cached is None:
-                        epoch = _EPOCH_UTC if tag == _TAG_DATETIME_UTC else _EPOCH_NAIVE
-                        cached = epoch + timedelta(microseconds=micros)
-                        datetimes[(tag, micros)] = cached
-                    values.append(cached)
-                else:
-                    raise SpoolCodecError(f"unknown value tag {tag} at byte {pos - 1}")
-            rows.append(tuple(values))
-    except (IndexError, struct.error, UnicodeDecodeError, OverflowError) as exc:
+        for _ in range(columns):
+            values, pos = _decode_column(data, pos, count)
+            decoded.append(values)
+    except (IndexError, struct.error, UnicodeDecodeError, OverflowError, ValueError) as exc:
+        if isinstance(exc, SpoolCodecError):
+            raise
         raise SpoolCodecError(f"malformed payload: {exc}") from exc
-    if pos != end:
-        raise SpoolCodecError(f"{end - pos} trailing bytes after {row_count} rows")
-    return rows
+    if pos != len(data):
+        raise SpoolCodecError(f"{len(data) - pos} trailing bytes after {count} rows")
+    if not columns:
+        return [() for _ in range(count)]
+    return list(zip(*decoded, strict=True))
+
+
+def _take_bytes(data: bytes, pos: int, size: int) -> bytes:
+    if pos + size > len(data):
+        raise SpoolCodecError("column runs past the end of the payload")
+    return data[pos : pos + size]
+
+
+def _decode_column(data: bytes, pos: int, count: int) -> tuple[list[object], int]:
+    kind, has_nulls = _COLUMN_HEADER.unpack_from(data, pos)
+    pos += _COLUMN_HEADER.size
+    nulls = b""
+    if has_nulls:
+        nulls = _take_bytes(data, pos, count)
+        pos += count
+    values: list[object]
+    if kind == _KIND_INT:
+        values = list(struct.unpack_from(f"<{count}q", data, pos))
+        pos += 8 * count
+    elif kind == _KIND_FLOAT:
+        values = list(struct.unpack_from(f"<{count}d", data, pos))
+        pos += 8 * count
+    elif kind == _KIND_BOOL:
+        values = list(map(bool, _take_bytes(data, pos, count)))
+        pos += count
+    elif kind == _KIND_STR:
+        lengths = struct.unpack_from(f"<{count}I", data, pos)
+        pos += 4 * count
+        if pos + sum(lengths) > len(data):
+            raise SpoolCodecError("strings run past the end of the payload")
+        cache: dict[bytes, str] = {}
+        values = []
+        for length in lengths:
+            chunk = data[pos : pos + length]
+            pos += length
+            text = cache.get(chunk)
+            if text is None:
+                text = cache[chunk] = chunk.decode("utf-8")
+            values.append(text)
+    elif kind == _KIND_DATETIME_UTC:
+        micros = struct.unpack_from(f"<{count}q", data, pos)
+        pos += 8 * count
+        times = {m: _EPOCH_UTC + timedelta(microseconds=m) for m in set(micros)}
+        values = [times[m] for m in micros]
+    elif kind == _KIND_NULL:
+        values = [None] * count
+    elif kind == _KIND_MIXED:
+        values = []
+        for _ in range(count):
+            value, pos = _decode_tagged(data, pos)
+            values.append(value)
+    else:
+        raise SpoolCodecError(f"unknown column kind {kind} at byte {pos - 2}")
+    if has_nulls:
+        values = [None if null else value for value, null in zip(values, nulls, strict=True)]
+    return values, pos
+
+
+def _decode_tagged(data: bytes, pos: int) -> tuple[object, int]:
+    tag = data[pos]
+    pos += 1
+    if tag == _TAG_NONE:
+        return None, pos
+    if tag == _TAG_FALSE:
+        return False, pos
+    if tag == _TAG_TRUE:
+        return True, pos
+    if tag == _TAG_INT:
+        return _I64.unpack_from(data, pos)[0], pos + 8
+    if tag == _TAG_FLOAT:
+        return _F64.unpack_from(data, pos)[0], pos + 8
+    if tag in (_TAG_STR, _TAG_BYTES):
+        (length,) = _U32.unpack_from(data, pos)
+        chunk = _take_bytes(data, pos + 4, length)
+        return (chunk.decode("utf-8") if tag == _TAG_STR else chunk), pos + 4 + length
+    if tag in (_TAG_DATETIME_UTC, _TAG_DATETIME_NAIVE):
+        (micros,) = _I64.unpack_from(data, pos)
+        epoch = _EPOCH_UTC if tag == _TAG_DATETIME_UTC else _EPOCH_NAIVE
+        return epoch + timedelta(microseconds=micros), pos + 8
+    raise SpoolCodecError(f"unknown value tag {tag} at byte {pos - 1}")
 
 
 # -- segments and records ----------------------------------------------------------------

@@ -6,6 +6,7 @@ import logging
 import math
 import os
 from datetime import UTC, datetime, timedelta, timezone
+from enum import IntEnum
 from pathlib import Path
 
 import pytest
@@ -62,6 +63,32 @@ def test_codec_round_trips_every_supported_type() -> None:
     assert type(decoded[0][1]) is bool
     assert type(decoded[0][3]) is int
     assert math.isnan(decode_rows(encode_rows([(math.nan,)]))[0][0])  # type: ignore[arg-type]
+
+
+def test_codec_keeps_types_and_nulls_in_every_column_layout() -> None:
+    class Level(IntEnum):
+        LOW = 1
+
+    naive = datetime(2026, 5, 6, 7, 8, 9)
+    aware = datetime(2026, 5, 6, 7, 8, 9, tzinfo=UTC)
+    rows: list[Row] = [
+        # int, float, bool, str, aware, naive, all-NULL, int/float mix, enum, bytes
+        (1, 0.5, True, "a", aware, naive, None, 1, Level.LOW, b"x"),
+        (None, None, None, None, None, None, None, 2.5, 3, None),
+        (-(2**63), -1e300, False, "ü" * 300, aware + timedelta(days=1), naive, None, None, 4, b""),
+    ]
+    decoded = decode_rows(encode_rows(rows))
+    assert decoded == rows
+    for original, back in zip(rows, decoded, strict=True):
+        for before, after in zip(original, back, strict=True):
+            if isinstance(before, IntEnum):
+                assert type(after) is int
+            elif isinstance(before, bytes):
+                assert type(after) is bytes
+            else:
+                assert type(after) is type(before)
+    assert decode_rows(encode_rows([(), ()])) == [(), ()]
+    assert decode_rows(encode_rows([])) == []
 
 
 def test_codec_refuses_what_it_cannot_carry(tmp_path: Path) -> None:
