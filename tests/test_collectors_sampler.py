@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import time
@@ -688,3 +689,18 @@ def test_optional_fields_every_nth_cycle(spawner: Spawner) -> None:
     assert all(s.rss_bytes > 0 for s in got)
     with pytest.raises(ValueError, match="optional_every_cycles"):
         Sampler([spec], optional_every_cycles=0)
+
+
+async def test_sampling_off_the_loop_with_a_reload_in_between(spawner: Spawner) -> None:
+    tag_a, tag_b = unique_tag(), unique_tag()
+    spec_a = cmdline_spec("acme", "a", tag_a)
+    spec_b = cmdline_spec("acme", "b", tag_b)
+    spawner.python(IDLE, tag_a)
+    b, _ = spawner.python(IDLE, tag_b)
+    sampler = Sampler([spec_a], label_discovery=False)
+    running = asyncio.create_task(asyncio.to_thread(sampler.sample))
+    sampler.update_specs([spec_a, spec_b])  # from the loop, while a sample may be running
+    first = await running
+    assert sample_of(first, spec_a.key).up
+    second = await asyncio.to_thread(sampler.sample)
+    assert sample_of(second, spec_b.key).pids == (b.pid,)
