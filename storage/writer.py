@@ -311,6 +311,8 @@ class BatchWriter:
         """
         if self._closing:
             raise WriterClosedError(f"writer for {self._table} is closed")
+        if self._runner is None:
+            raise RuntimeError("BatchWriter is not running: use `async with BatchWriter(...)`")
         self._check_runner()
         batch = list(rows)
         if not batch:
