@@ -69,8 +69,8 @@ class SpoolCodecError(SpoolError, ValueError):
 
 # -- codec -------------------------------------------------------------------------------
 #
-# Payload v2 (v1 was row by row): u8 codec version, u16 columns, u32 rows, then the batch column by column.
-# Each column is a u8 kind, a u8 "has NULLs" flag, then (if set) one byte per row (1 = NULL),
+# Payload v2 (v1 was row by row): u8 codec version, u16 columns, u32 rows, then the batch
+# column by column. Each column is a u8 kind, a u8 "has NULLs" flag, then (if set) one byte per row (1 = NULL),
 # then its values. Plain columns (all int, all float, ...) are packed arrays, decoded at C
 # speed; a column mixing types falls back to a u8 type tag per value. Typed on purpose (no
 # pickle): a spool file is data, never code.
