@@ -67,6 +67,7 @@ class ProcessFacts:
         "_comm",
         "_environ",
         "_exe",
+        "_joined",
         "denied",
         "gone",
         "pid",
@@ -78,6 +79,7 @@ class ProcessFacts:
         self.pid = pid
         self._comm = comm_of(comm_raw)
         self._cmdline: list[str] | None = None
+        self._joined: str | None = None
         self._exe: str | None = None
         self._environ: dict[str, str] | None = None
         self._cgroup: str | None = None
@@ -98,6 +100,12 @@ class ProcessFacts:
                 self._failed(exc)
                 self._cmdline = []
         return self._cmdline
+
+    def joined_cmdline(self) -> str:
+        """The arguments joined by single spaces: what `cmdline` regexes search."""
+        if self._joined is None:
+            self._joined = " ".join(self.cmdline())
+        return self._joined
 
     def name(self) -> str:
         """Like psutil's name(): comm, extended from argv[0] when the kernel truncated it."""
@@ -143,9 +151,7 @@ def matches_static(compiled: CompiledSpec, facts: ProcessFacts) -> bool:
     m = compiled.spec.match
     if m.name is not None and facts.name() != m.name:
         return False
-    if compiled.cmdline_re is not None and not compiled.cmdline_re.search(
-        " ".join(facts.cmdline())
-    ):
+    if compiled.cmdline_re is not None and not compiled.cmdline_re.search(facts.joined_cmdline()):
         return False
     if m.exe is not None and facts.exe() != m.exe:
         return False
@@ -160,6 +166,30 @@ def matches_static(compiled: CompiledSpec, facts: ProcessFacts) -> bool:
         if facts.environ().get(key) != value:
             return False
     return True
+
+
+def cmdline_prefilter(
+    compiled: tuple[CompiledSpec, ...],
+) -> tuple[re.Pattern[str] | None, frozenset[int]]:
+    """One regex that finds any of the specs' cmdline patterns, and the specs it covers.
+
+    Most new processes match no spec; one search then rules out every covered spec instead
+    of one search per spec. Patterns with groups are left out (a combined pattern would
+    renumber their back-references), as is everything if the union does not compile
+    (for example a pattern with inline global flags).
+    """
+    parts: list[str] = []
+    covered: set[int] = set()
+    for index, c in enumerate(compiled):
+        if c.cmdline_re is not None and c.cmdline_re.groups == 0:
+            parts.append(f"(?:{c.cmdline_re.pattern})")
+            covered.add(index)
+    if len(parts) < 2:
+        return None, frozenset()
+    try:
+        return re.compile("|".join(parts)), frozenset(covered)
+    except re.error:
+        return None, frozenset()
 
 
 def label_key(environ: dict[str, str]) -> PluginKey | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import socket
 import sys
 import threading
@@ -14,6 +15,7 @@ from collectors.discovery import (
     LABEL_PLUGIN,
     CompiledSpec,
     ProcessFacts,
+    cmdline_prefilter,
     label_key,
     matches_static,
     read_pidfile,
@@ -269,6 +271,8 @@ class Sampler:
         self._lock = threading.Lock()
         self._pending_specs: tuple[PluginSpec, ...] | None = None
         self._compiled: tuple[CompiledSpec, ...] = ()
+        self._prefilter: re.Pattern[str] | None = None
+        self._prefiltered: frozenset[int] = frozenset()
         self._config_states: list[_PluginState] = []
         self._states_by_key: dict[PluginKey, _PluginState] = {}
         self._label_states: dict[PluginKey, _PluginState] = {}
@@ -306,6 +310,7 @@ class Sampler:
             k: s for k, s in self._label_states.items() if k not in self._states_by_key
         }
         self._has_pidfile = any(c.spec.match.pidfile is not None for c in self._compiled)
+        self._prefilter, self._prefiltered = cmdline_prefilter(self._compiled)
         for proc in self._known.values():
             proc.recheck = True
             proc.cmdline = None  # forces a full re-match (see _confirm)
@@ -330,9 +335,12 @@ class Sampler:
         facts = ProcessFacts(self._source, proc.pid, row[8])
         first: _PluginState | None = None
         matches: list[int] = []
+        ruled_out: frozenset[int] = frozenset()
+        if self._prefilter is not None and not self._prefilter.search(facts.joined_cmdline()):
+            ruled_out = self._prefiltered
         for index, compiled in enumerate(self._compiled):
-            if not compiled.has_static_criteria:
-                continue  # pidfile-only: decided per cycle from the file
+            if not compiled.has_static_criteria or index in ruled_out:
+                continue  # pidfile-only (decided per cycle from the file), or cannot match
             if matches_static(compiled, facts):
                 if compiled.spec.match.pidfile is not None:
                     matches.append(index)

@@ -175,3 +175,23 @@ def test_collectors_import_nothing_from_the_other_layers() -> None:
                 names = [node.module]
             for name in names:
                 assert name.split(".")[0] not in {"storage", "alerts", "daemon"}, (path, name)
+
+
+def test_cmdline_prefilter_only_covers_patterns_it_can_combine() -> None:
+    from collectors.discovery import cmdline_prefilter
+
+    def compiled(*patterns: str) -> tuple[CompiledSpec, ...]:
+        raw = [
+            {"tenant": "t", "name": f"p{i}", "match": {"cmdline": p}}
+            for i, p in enumerate(patterns)
+        ]
+        return tuple(CompiledSpec.build(s) for s in parse_plugin_specs(raw))
+
+    pattern, covered = cmdline_prefilter(compiled(r"resizer\s+--port", r"(x)\1", "worker$"))
+    assert covered == {0, 2}  # the back-reference would be renumbered in a union
+    assert pattern is not None
+    assert pattern.search("/bin/resizer  --port 80")
+    assert pattern.search("python worker")
+    assert not pattern.search("python xx")  # spec 1 is still tried on its own
+    assert cmdline_prefilter(compiled("(?i)resizer", "worker")) == (None, frozenset())
+    assert cmdline_prefilter(compiled("only-one")) == (None, frozenset())
