@@ -79,3 +79,5 @@ def configure_logging(
     # Third-party chatter that says nothing an operator needs at INFO.
     for noisy in ("apscheduler", "aiohttp.access", "asyncio"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+    # Skipped runs are logged once per streak by daemon.scheduling instead of on every tick.
+    logging.getLogger("apscheduler.scheduler").setLevel(max(logging.ERROR, root.level))

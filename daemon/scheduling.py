@@ -9,12 +9,15 @@ from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime, timedelta
 from types import TracebackType
 
+from apscheduler.events import EVENT_JOB_MAX_INSTANCES, EVENT_JOB_MISSED, JobEvent
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 
 logger = logging.getLogger(__name__)
 
 JobFunc = Callable[[], Awaitable[None]]
+
+SKIP_LOG_INTERVAL_SECONDS = 300
 
 
 class Scheduler:
@@ -41,7 +44,34 @@ class Scheduler:
         self._last_success: dict[str, float] = {}
         self._failures: dict[str, int] = {}
         self._consecutive_failures: dict[str, int] = {}
+        self._skipped: dict[str, int] = {}
+        self._skip_streak: dict[str, int] = {}
+        self._skip_logged_at: dict[str, float] = {}
         self._started = False
+        self._scheduler.add_listener(self._on_skip, EVENT_JOB_MAX_INSTANCES | EVENT_JOB_MISSED)
+
+    def _on_skip(self, event: JobEvent) -> None:
+        """A run skipped because the previous one still runs (or was missed): counted
+        always, logged at most once per SKIP_LOG_INTERVAL_SECONDS per job (APScheduler's
+        own warning on every skipped tick is silenced in daemon.logs)."""
+        job = str(event.job_id)
+        self._skipped[job] = self._skipped.get(job, 0) + 1
+        self._skip_streak[job] = self._skip_streak.get(job, 0) + 1
+        now = time.monotonic()
+        last = self._skip_logged_at.get(job)
+        if last is None or now - last >= SKIP_LOG_INTERVAL_SECONDS:
+            self._skip_logged_at[job] = now
+            logger.warning(
+                "job %s: %d run(s) skipped, the previous run was still going (slow job or "
+                "busy host); next report in %d s at the earliest",
+                job,
+                self._skip_streak.pop(job),
+                SKIP_LOG_INTERVAL_SECONDS,
+            )
+
+    @property
+    def skipped(self) -> Mapping[str, int]:
+        return dict(self._skipped)
 
     def add_job(
         self,

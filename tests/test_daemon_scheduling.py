@@ -96,3 +96,24 @@ async def test_cancellation_propagates_through_job_wrapper() -> None:
         await task
     assert task.cancelled()
     assert scheduler.failures["waits"] == 0
+
+
+async def test_skipped_runs_are_counted_and_logged_once(caplog: pytest.LogCaptureFixture) -> None:
+    runs = 0
+
+    async def slow() -> None:
+        nonlocal runs
+        runs += 1
+        await asyncio.sleep(0.35)
+
+    caplog.set_level(logging.INFO, logger="daemon.scheduling")
+    async with Scheduler(drain_seconds=2) as scheduler:
+        scheduler.add_job("slow", slow, interval_seconds=0.05)
+        for _ in range(100):
+            await asyncio.sleep(0.05)
+            if scheduler.skipped.get("slow", 0) >= 5:
+                break
+    assert scheduler.skipped["slow"] >= 5
+    warnings = [r for r in caplog.records if "run(s) skipped" in r.getMessage()]
+    assert len(warnings) == 1  # rate-limited, not once per skipped tick
+    assert runs >= 1
