@@ -90,6 +90,7 @@ class _PluginState:
         "key",
         "last_root",
         "missing_cycles",
+        "oldest_cache",
         "oldest_start",
         "origin",
         "pids",
@@ -113,6 +114,7 @@ class _PluginState:
         self.ctx_invol_total = 0
         self.last_root: tuple[int, float] | None = None
         self.missing_cycles = 0
+        self.oldest_cache: tuple[float, datetime] | None = None
         self.cycle = -1
         self._reset_cycle()
 
@@ -567,10 +569,12 @@ class Sampler:
         # 5. Samples: every configured plugin, plus label-discovered ones (kept for a grace
         # number of cycles after their processes vanish).
         samples: list[PluginSample] = []
+        cpu_scale = 100.0 / tps / interval
+        make = self._plugin_sample
         for state in self._states_by_key.values():
-            samples.append(self._plugin_sample(state, cycle, wall, interval, optional))
-        for key in sorted(self._label_states):
-            state = self._label_states[key]
+            samples.append(make(state, state.cycle == cycle, wall, cpu_scale, optional))
+        # Label-discovered plugins come after the configured ones, in discovery order.
+        for key, state in list(self._label_states.items()):
             if state.cycle == cycle:
                 state.missing_cycles = 0
             else:
@@ -584,7 +588,7 @@ class Sampler:
                         key.environment,
                     )
                     continue
-            samples.append(self._plugin_sample(state, cycle, wall, interval, optional))
+            samples.append(make(state, state.cycle == cycle, wall, cpu_scale, optional))
 
         self._known = new
         self._prev_now = now
@@ -640,12 +644,13 @@ class Sampler:
     def _plugin_sample(
         self,
         state: _PluginState,
-        cycle: int,
+        up: bool,
         wall: datetime,
-        interval: float,
+        cpu_scale: float,
         fields: frozenset[str],
     ) -> PluginSample:
-        up = state.cycle == cycle
+        # Runs once per plugin per cycle: with many small plugins it is a visible share of
+        # the cycle, hence the cached datetime and no per-call helpers.
         if not up:
             state.begin_cycle(state.cycle)  # zero usage; counters keep their totals
         restarts = 0
@@ -655,33 +660,45 @@ class Sampler:
                 restarts = 1
             state.last_root = root
         oldest = None
-        if state.oldest_start is not None:
-            oldest = datetime.fromtimestamp(self._boot_wall + state.oldest_start / self._tps, UTC)
-
-        def gauge(value: int | None, field: str) -> int | None:
-            if field not in fields:
-                return None
-            return value if up else 0
-
-        want_io = FIELD_IO in fields
-        want_ctx = FIELD_CTX_SWITCHES in fields
+        start = state.oldest_start
+        if start is not None:
+            cached = state.oldest_cache
+            if cached is not None and cached[0] == start:
+                oldest = cached[1]
+            else:
+                oldest = datetime.fromtimestamp(self._boot_wall + start / self._tps, UTC)
+                state.oldest_cache = (start, oldest)
+        uss = swap = fds = read = write = vol = invol = None
+        if fields:
+            if FIELD_USS in fields:
+                uss = state.uss if up else 0
+            if FIELD_SWAP in fields:
+                swap = state.swap if up else 0
+            if FIELD_FDS in fields:
+                fds = state.fds if up else 0
+            if FIELD_IO in fields:
+                read, write = state.read_total, state.write_total
+            if FIELD_CTX_SWITCHES in fields:
+                vol, invol = state.ctx_vol_total, state.ctx_invol_total
+        pids = state.pids
+        pids.sort()
         return PluginSample(
             key=state.key,
             timestamp=wall,
             up=up,
-            process_count=len(state.pids),
-            cpu_percent=state.cpu_ticks / self._tps / interval * 100.0,
+            process_count=len(pids),
+            cpu_percent=state.cpu_ticks * cpu_scale,
             rss_bytes=state.rss,
             vms_bytes=state.vms,
             threads=state.threads,
             restarts=restarts,
             oldest_start_time=oldest,
-            uss_bytes=gauge(state.uss, FIELD_USS),
-            swap_bytes=gauge(state.swap, FIELD_SWAP),
-            fds=gauge(state.fds, FIELD_FDS),
-            read_bytes=state.read_total if want_io else None,
-            write_bytes=state.write_total if want_io else None,
-            ctx_switches_voluntary=state.ctx_vol_total if want_ctx else None,
-            ctx_switches_involuntary=state.ctx_invol_total if want_ctx else None,
-            pids=tuple(sorted(state.pids)),
+            uss_bytes=uss,
+            swap_bytes=swap,
+            fds=fds,
+            read_bytes=read,
+            write_bytes=write,
+            ctx_switches_voluntary=vol,
+            ctx_switches_involuntary=invol,
+            pids=tuple(pids),
         )
