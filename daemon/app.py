@@ -11,7 +11,6 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack
-from typing import Any, Protocol
 
 import asyncpg
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
@@ -77,14 +76,6 @@ def sample_row(sample: PluginSample, plugin_id: int, host: str) -> tuple[object,
     )
 
 
-class SamplerLike(Protocol):
-    def sample(self) -> Snapshot: ...
-
-
-class WriterLike(Protocol):
-    def put(self, rows: Sequence[tuple[object, ...]]) -> None: ...
-
-
 class Daemon:
     """One monitoring daemon: the jobs and the state they share.
 
@@ -123,7 +114,7 @@ class Daemon:
         self.sampler: Sampler | None = None
         self.engine: AlertEngine | None = None
         self.outbox: OutboxDeliverer | None = None
-        self.maintenance: Any = None
+        self.maintenance: Callable[[], Awaitable[None]] | None = None
         self.http: HttpServer | None = None
         self._plugin_ids: dict[PluginKey, int] = {}
         self._unresolved: deque[PluginSample] = deque()
