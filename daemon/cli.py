@@ -140,9 +140,18 @@ def _status(config: Path | None, as_json: bool, tenant: str | None) -> int:
         _print_problems(exc)
         return EXIT_CONFIG
     configure_logging(log_format=settings.log_format, log_level="WARNING")
+    import psycopg
+
     try:
         with _database_url(settings) as url:
             rows = fetch_status(url, tenant=tenant)
+    except psycopg.errors.UndefinedTable:
+        print(
+            "pluginmon status: the database has no pluginmon schema yet; "
+            "run `pluginmon migrate` or `pluginmon run` first",
+            file=sys.stderr,
+        )
+        return EXIT_FAILURE
     except Exception as exc:
         print(f"pluginmon status: {redact(str(exc))}", file=sys.stderr)
         return EXIT_FAILURE

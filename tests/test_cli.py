@@ -153,3 +153,9 @@ def test_migrate_applies_then_finds_nothing(fresh_db: str) -> None:
     second = run_cli("migrate", env={"PLUGINMON_DATABASE_URL": fresh_db})
     assert second.returncode == 0, second.stderr
     assert "applied 0 migration(s)" in second.stdout
+
+
+def test_status_before_any_schema_says_so(fresh_db: str) -> None:
+    result = run_cli("status", env={"PLUGINMON_DATABASE_URL": fresh_db})
+    assert result.returncode == 1
+    assert "no pluginmon schema yet" in result.stderr

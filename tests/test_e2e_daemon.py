@@ -250,3 +250,37 @@ def test_database_outage_then_sigkill_loses_nothing(tmp_path: Path) -> None:
             assert sample_rows(url) == rows_before + spooled + final["samples_taken"]
     finally:
         server.stop(mode="immediate")
+
+
+def test_embedded_default_starts_and_stops_its_server(tmp_path: Path) -> None:
+    """The README's path: no database URL, a private PostgreSQL under data_dir."""
+    data_dir = tmp_path / "state"
+    with plugin_processes() as plugins:
+        daemon = DaemonProcess(
+            tmp_path=tmp_path,
+            database_url="",  # unset: the embedded default
+            config_text=plugins.config(),
+            data_dir=data_dir,
+        )
+        del daemon.env["PLUGINMON_DATABASE_URL"]
+        daemon.start()
+        try:
+            daemon.wait_ready(timeout=90)
+            daemon.wait_metric("samples", lambda v: v >= 4, "pluginmon_samples_total")
+            assert daemon.metric("pluginmon_plugin_up", **labels("sleeper")) == 1
+        except BaseException:
+            daemon.kill()
+            EmbeddedPostgres(data_dir).stop(mode="immediate")
+            raise
+        daemon.signal(signal.SIGTERM)
+        assert daemon.wait_exit(timeout=60) == 0, daemon.log_text()[-3000:]
+    server = EmbeddedPostgres(data_dir)
+    assert not server.is_running()  # the daemon stopped the server it started
+    counts = daemon.final_counts()
+    # `status` starts the stopped embedded server for itself and stops it again.
+    result = run_cli("status", "--json", env={"PLUGINMON_DATA_DIR": str(data_dir)})
+    assert result.returncode == 0, result.stderr
+    rows = {row["plugin"]: row for row in json.loads(result.stdout)}
+    assert rows["sleeper"]["processes"] == 2
+    assert not server.is_running()
+    assert counts["rows_in_spool"] == 0
