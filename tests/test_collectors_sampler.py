@@ -12,7 +12,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from collectors.models import PluginKey
+from collectors.models import PluginKey, PluginSpec, Snapshot
 from collectors.psutil_source import PsutilSource
 from collectors.sampler import ALL_FIELDS, DEFAULT_FIELDS, Sampler
 from collectors.source import OPTIONAL_FIELDS, ProcessGone
@@ -47,13 +47,26 @@ def backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
-def make_sampler(specs: list[object], backend: str = "procfs", **kwargs: object) -> Sampler:
-    source = PsutilSource() if backend == "psutil" else None
-    return Sampler(specs, source=source, **kwargs)  # type: ignore[arg-type]
+def make_sampler(
+    specs: list[PluginSpec],
+    backend: str = "procfs",
+    *,
+    label_discovery: bool = True,
+    fields: frozenset[str] = DEFAULT_FIELDS,
+    label_grace_cycles: int = 3,
+) -> Sampler:
+    """A Sampler on the /proc fast path or on psutil (both are tested the same way)."""
+    return Sampler(
+        specs,
+        source=PsutilSource() if backend == "psutil" else None,
+        label_discovery=label_discovery,
+        fields=fields,
+        label_grace_cycles=label_grace_cycles,
+    )
 
 
-def errors_of(snapshot: object) -> dict[str, int]:
-    return dict(snapshot.errors)  # type: ignore[attr-defined]
+def errors_of(snapshot: Snapshot) -> dict[str, int]:
+    return dict(snapshot.errors)
 
 
 # --- accuracy -------------------------------------------------------------------------------
