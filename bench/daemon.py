@@ -271,7 +271,13 @@ def scrape(port: int) -> int:
 
 
 def bench_sustained(
-    database_url: str, *, processes: int, plugins: int, warmup: float, duration: float
+    database_url: str,
+    *,
+    processes: int,
+    plugins: int,
+    warmup: float,
+    duration: float,
+    evaluate_interval: float | None = None,
 ) -> tuple[float, float]:
     tenant = f"bench-{uuid.uuid4().hex[:6]}"
     procs = start_processes(processes, plugins, tenant)
@@ -287,6 +293,8 @@ def bench_sustained(
             PLUGINMON_LABEL_DISCOVERY="true",
             PLUGINMON_LOG_LEVEL="WARNING",
         )
+        if evaluate_interval is not None:
+            env["PLUGINMON_EVALUATE_INTERVAL_SECONDS"] = str(evaluate_interval)
         log = Path(data_dir) / "daemon.log"
         with log.open("wb") as log_file:
             daemon = subprocess.Popen(
@@ -357,6 +365,11 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=15.0)
     parser.add_argument("--duration", type=float, default=60.0)
     parser.add_argument("--skip-sustained", action="store_true")
+    parser.add_argument(
+        "--evaluate-interval",
+        type=float,
+        help="evaluate_interval_seconds for the sustained run (default: the sample interval)",
+    )
     args = parser.parse_args()
 
     render_ms = bench_render(args.render_plugins, args.render_rounds)
@@ -371,6 +384,7 @@ def main() -> None:
                     plugins=args.plugins,
                     warmup=args.warmup,
                     duration=args.duration,
+                    evaluate_interval=args.evaluate_interval,
                 )
             finally:
                 drop_database(args.database_url, name)
@@ -385,6 +399,7 @@ def main() -> None:
                         plugins=args.plugins,
                         warmup=args.warmup,
                         duration=args.duration,
+                        evaluate_interval=args.evaluate_interval,
                     )
                 finally:
                     server.stop()

@@ -231,7 +231,10 @@ class Daemon:
             return
         self._evaluated = snapshot
         try:
-            await self.engine.process(snapshot, dict(self._plugin_ids))
+            report = await self.engine.process(snapshot, dict(self._plugin_ids))
+            if report.notifications_queued and self.outbox is not None:
+                # Deliver now rather than at the next poll (which is for retries).
+                self.scheduler.run_soon("outbox")
         finally:
             # Scores and alert states live in memory first: export them even when
             # persisting them failed this time.
@@ -451,12 +454,14 @@ async def build(daemon: Daemon, stack: AsyncExitStack, stop: asyncio.Event) -> N
         interval_seconds=settings.evaluate_every_seconds,
         first_run_in_seconds=min(1.0, interval / 2),
     )
-    scheduler.add_job(
-        "outbox", daemon.job_outbox, interval_seconds=settings.outbox_interval_seconds
-    )
-    scheduler.add_job(
-        "database_probe", daemon.probe_database, interval_seconds=min(5.0, max(1.0, interval))
-    )
+    if daemon.config.webhooks or daemon.config.alertmanager is not None:
+        # No receivers, no deliveries: no poll every second for nothing.
+        scheduler.add_job(
+            "outbox", daemon.job_outbox, interval_seconds=settings.outbox_interval_seconds
+        )
+    # The writer notices an outage on its own at the next COPY; the probe is for /readyz and
+    # the once-per-change log lines while nothing is written.
+    scheduler.add_job("database_probe", daemon.probe_database, interval_seconds=5.0)
     scheduler.add_job(
         "maintenance",
         daemon.job_maintenance,

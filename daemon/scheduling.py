@@ -120,6 +120,15 @@ class Scheduler:
         run.__name__ = f"job_{name}"
         return run
 
+    def run_soon(self, name: str) -> None:
+        """Bring a job's next run forward to now (no-op if it is unknown or not started)."""
+        if not self._started:
+            return
+        job = self._scheduler.get_job(name)
+        if job is not None:
+            job.modify(next_run_time=datetime.now(UTC))
+            self._scheduler.wakeup()
+
     async def run_now(self, name: str) -> None:
         """Run a job once outside its schedule (used on shutdown for a final flush)."""
         job = self._scheduler.get_job(name)

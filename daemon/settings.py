@@ -155,7 +155,8 @@ class Settings(BaseSettings):
 
     # -- jobs ----------------------------------------------------------------------------------
     evaluate_interval_seconds: float | None = None  # default: the sample interval
-    outbox_interval_seconds: float = 1.0
+    # Poll for due notifications (retries); fresh ones are delivered right after evaluation.
+    outbox_interval_seconds: float = 5.0
     maintenance_interval_seconds: float = 900.0
     misfire_grace_seconds: float = 30.0
     retention: RetentionSettings = Field(default_factory=RetentionSettings)

@@ -117,3 +117,20 @@ async def test_skipped_runs_are_counted_and_logged_once(caplog: pytest.LogCaptur
     warnings = [r for r in caplog.records if "run(s) skipped" in r.getMessage()]
     assert len(warnings) == 1  # rate-limited, not once per skipped tick
     assert runs >= 1
+
+
+async def test_run_soon_brings_the_next_run_forward() -> None:
+    runs: list[float] = []
+    ran = asyncio.Event()
+
+    async def job() -> None:
+        runs.append(asyncio.get_running_loop().time())
+        ran.set()
+
+    async with Scheduler() as scheduler:
+        scheduler.add_job("job", job, interval_seconds=3600)
+        await asyncio.wait_for(ran.wait(), 5)
+        ran.clear()
+        scheduler.run_soon("job")
+        await asyncio.wait_for(ran.wait(), 5)  # not an hour later
+    assert len(runs) == 2

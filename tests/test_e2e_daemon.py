@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import signal
 import time
@@ -16,12 +18,15 @@ from storage.embedded import EmbeddedPostgres
 from storage.spool import Spool
 from tests.daemon_helpers import (
     DaemonProcess,
+    WebhookReceiver,
     plugin_processes,
     run_cli,
     sample_rows,
     wait_for,
 )
 from tests.dbutil import create_database, drop_database, with_database
+
+WEBHOOK_SECRET = "e2e-webhook-secret-value"
 
 RULES = """
 [[alerts.rules]]
@@ -49,9 +54,17 @@ def labels(plugin: str) -> dict[str, str]:
 
 
 def test_run_samples_exports_scores_and_stops_on_sigterm(e2e_db: str, tmp_path: Path) -> None:
-    with plugin_processes() as plugins:
+    with plugin_processes() as plugins, WebhookReceiver() as receiver:
+        webhook = f"""
+[[alerts.webhooks]]
+name = "e2e"
+url = "{receiver.url}"
+secret = "{WEBHOOK_SECRET}"
+"""
         daemon = DaemonProcess(
-            tmp_path=tmp_path, database_url=e2e_db, config_text=plugins.config() + RULES
+            tmp_path=tmp_path,
+            database_url=e2e_db,
+            config_text=plugins.config() + RULES + webhook,
         )
         daemon.start()
         try:
@@ -83,6 +96,28 @@ def test_run_samples_exports_scores_and_stops_on_sigterm(e2e_db: str, tmp_path: 
             assert value("pluginmon_plugin_health_component_score", "burner", component="up") == 100
             assert metrics[("pluginmon_database_up", ())] == 1
             assert metrics[("pluginmon_build_info", (("version", "0.1.0"),))] == 1
+            assert (
+                value(
+                    "pluginmon_alerts_firing", "burner", alertname="E2EBurnerBusy", severity="info"
+                )
+                == 1
+            )
+
+            # The firing alert reached the webhook, signed with the configured secret.
+            def firing_posted() -> list[dict[str, object]]:
+                out = []
+                for headers, body in list(receiver.requests):
+                    payload = json.loads(body)
+                    names = {a["labels"]["alertname"] for a in payload["alerts"]}
+                    if payload["status"] == "firing" and "E2EBurnerBusy" in names:
+                        expected = hmac.new(WEBHOOK_SECRET.encode(), body, hashlib.sha256)
+                        assert headers["x-pluginmon-signature"] == "sha256=" + expected.hexdigest()
+                        out.append(payload)
+                return out
+
+            posted = wait_for("the webhook to receive the firing alert", firing_posted)
+            assert posted[0]["version"] == "4"
+            assert posted[0]["receiver"] == "e2e"
         except BaseException:
             daemon.kill()
             raise
@@ -124,6 +159,7 @@ def test_run_samples_exports_scores_and_stops_on_sigterm(e2e_db: str, tmp_path: 
     log = daemon.log_text()
     if password:
         assert password not in log
+    assert WEBHOOK_SECRET not in log
     messages = [r.get("message", "") for r in daemon.log_records()]
     assert any(m.startswith("SIGTERM received") for m in messages)
 
