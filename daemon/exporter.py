@@ -461,35 +461,31 @@ class PluginCollector(Collector):
             special = spec.floats and not _all_finite(values)
             out.append(_fix_special_values(body) if special else body)
         health = view.health_by_label
-        pairs = [(lab, health.get(lab)) for lab in labels]
-        score_body = "".join(
-            [f"{_HEALTH_SCORE}{{{lab}}} {h.score}\n" for lab, h in pairs if h is not None]
-        )
-        if score_body:
+        scored = [(lab, h) for lab in labels if (h := health.get(lab)) is not None]
+        if scored:
+            # Health values repeat a lot across a fleet (every healthy component is 100):
+            # each distinct value is formatted once, through these dicts.
+            score_text = _ScoreText()
             out.append(
                 f"# HELP {_HEALTH_SCORE} Health score 0..100\n# TYPE {_HEALTH_SCORE} gauge\n"
             )
-            if not _all_finite([h.score for _, h in pairs if h is not None]):
-                score_body = _fix_special_values(score_body)
-            out.append(score_body)
-        names = _EscapedNames()
-        component_body = "".join(
-            [
-                f'{_HEALTH_COMPONENT}{{{lab},component="{names[name]}"}} {value}\n'
-                for lab, h in pairs
-                if h is not None
-                for name, value in h.components
-            ]
-        )
-        if component_body:
             out.append(
-                f"# HELP {_HEALTH_COMPONENT} Health score of one component 0..100\n"
-                f"# TYPE {_HEALTH_COMPONENT} gauge\n"
+                "".join([f"{_HEALTH_SCORE}{{{lab}}} {score_text[h.score]}" for lab, h in scored])
             )
-            values = [v for _, h in pairs if h is not None for _, v in h.components]
-            out.append(
-                component_body if _all_finite(values) else _fix_special_values(component_body)
+            suffix = _ComponentSuffix()
+            component_body = "".join(
+                [
+                    f"{_HEALTH_COMPONENT}{{{lab}{suffix[pair]}"
+                    for lab, h in scored
+                    for pair in h.components
+                ]
             )
+            if component_body:
+                out.append(
+                    f"# HELP {_HEALTH_COMPONENT} Health score of one component 0..100\n"
+                    f"# TYPE {_HEALTH_COMPONENT} gauge\n"
+                )
+                out.append(component_body)
         out.append(
             f"# HELP {_ALERTS_FIRING} 1 per firing alert (not inhibited, not silenced)\n"
             f"# TYPE {_ALERTS_FIRING} gauge\n"
@@ -502,10 +498,30 @@ class PluginCollector(Collector):
         return "".join(out)
 
 
-class _EscapedNames(dict[str, str]):
-    def __missing__(self, name: str) -> str:
-        escaped = self[name] = _escape(name)
-        return escaped
+class _ScoreText(dict[float, str]):
+    """value -> "value\\n" as the exposition spells it."""
+
+    def __missing__(self, value: float) -> str:
+        text = self[value] = f"{_special(value)}\n"
+        return text
+
+
+class _ComponentSuffix(dict[tuple[str, float], str]):
+    """(component, value) -> ',component="name"} value\\n'."""
+
+    def __missing__(self, pair: tuple[str, float]) -> str:
+        name, value = pair
+        text = self[pair] = f',component="{_escape(name)}"}} {_special(value)}\n'
+        return text
+
+
+def _special(value: float) -> float | str:
+    """A value as the exposition formats spell NaN and the infinities."""
+    if math.isfinite(value):
+        return value
+    if math.isnan(value):
+        return "NaN"
+    return "+Inf" if value > 0 else "-Inf"
 
 
 def _all_finite(values: list[Any]) -> bool:
