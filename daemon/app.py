@@ -40,12 +40,19 @@ from storage.writer import (
     PLUGIN_SAMPLES_TABLE,
     TRANSIENT_ERRORS,
     BatchWriter,
+    WriterClosedError,
+    WriterFailedError,
 )
 
 logger = logging.getLogger(__name__)
 
 # Errors that mean "the database is away", as opposed to a bug: retried, logged on change.
 DATABASE_ERRORS = TRANSIENT_ERRORS
+
+
+class DaemonFailedError(RuntimeError):
+    """A component the daemon cannot run without stopped; the cause is chained."""
+
 
 # Samples of plugins whose id is not known yet (database away at start) wait here.
 MAX_UNRESOLVED_SAMPLES = 100_000
@@ -125,6 +132,8 @@ class Daemon:
         self._last_sample_monotonic: float | None = None
         self._database_up: bool | None = None
         self.samples_taken = 0
+        self._stop: asyncio.Event | None = None
+        self._failure: BaseException | None = None
 
     # -- database state -------------------------------------------------------------------
 
@@ -214,7 +223,10 @@ class Daemon:
             else:
                 self._unresolved.append(sample)
         if rows and self.writer is not None:
-            self.writer.put(rows)
+            try:
+                self.writer.put(rows)
+            except (WriterFailedError, WriterClosedError) as exc:
+                self._fail(exc)
 
     async def job_flush(self) -> None:
         """Nudge the writer to write partial batches now (it also flushes on its own)."""
@@ -325,6 +337,7 @@ class Daemon:
     # -- lifecycle ------------------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
+        self._stop = stop
         async with AsyncExitStack() as stack:
             await build(self, stack, stop)
             if stop.is_set():
@@ -340,6 +353,17 @@ class Daemon:
             # Stop sampling first; the rest unwinds in reverse order on the stack.
             self.scheduler.pause()
         self._log_final_counts()
+        if self._failure is not None:
+            raise DaemonFailedError("the batch writer stopped") from self._failure
+
+    def _fail(self, exc: BaseException) -> None:
+        """A component the daemon cannot run without died: shut down, exit 1, and let the
+        service manager restart us (the spool is replayed on start)."""
+        if self._failure is None:
+            logger.error("%s; shutting down to restart clean", exc, exc_info=exc)
+            self._failure = exc
+        if self._stop is not None:
+            self._stop.set()
 
     def _log_final_counts(self) -> None:
         """One line with what this run took and where it went (tests and operators read it)."""
