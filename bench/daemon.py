@@ -133,15 +133,15 @@ def time_render(
     firing = list(state.view().alerts)
     walls, cpus = [], []
     size = 0
-    renderer.render(accept)
+    renderer.render_chunks(accept)
     for _ in range(rounds):
         if cold:
             state.update_alerts(firing)  # a new view: the exporter's cache is invalid
         started, cpu = time.perf_counter(), time.process_time()
-        body, _ = renderer.render(accept)
+        chunks, _ = renderer.render_chunks(accept)
         walls.append((time.perf_counter() - started) * 1000)
         cpus.append((time.process_time() - cpu) * 1000)
-        size = len(body)
+        size = sum(map(len, chunks))
     return walls, cpus, size
 
 

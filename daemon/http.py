@@ -5,11 +5,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import gzip
 import hashlib
 import hmac
 import logging
 import ssl
+import zlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,8 +25,8 @@ _GZIP_MIN_BYTES = 64 * 1024
 
 
 class MetricsSource(Protocol):
-    def render(self, accept: str | None) -> tuple[bytes, str]:
-        """Blocking: the exposition body and its content type."""
+    def render_chunks(self, accept: str | None) -> tuple[list[bytes], str]:
+        """Blocking: the exposition body, in chunks, and its content type."""
         ...
 
 
@@ -138,10 +138,14 @@ class HttpServer:
         return response
 
     def _render(self, accept: str | None, gzip_ok: bool) -> tuple[bytes, str, bool]:
-        body, content_type = self._metrics.render(accept)
-        if gzip_ok and len(body) >= _GZIP_MIN_BYTES:
-            return gzip.compress(body, compresslevel=1), content_type, True
-        return body, content_type, False
+        chunks, content_type = self._metrics.render_chunks(accept)
+        if gzip_ok and sum(map(len, chunks)) >= _GZIP_MIN_BYTES:
+            # Streamed through one compressor: the uncompressed body is never joined.
+            compressor = zlib.compressobj(1, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+            parts = [compressor.compress(chunk) for chunk in chunks]
+            parts.append(compressor.flush())
+            return b"".join(parts), content_type, True
+        return b"".join(chunks), content_type, False
 
     async def _handle_healthz(self, request: web.Request) -> web.Response:
         return web.Response(text="ok\n")

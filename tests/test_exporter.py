@@ -258,11 +258,11 @@ def test_daemon_metrics_and_renderer(state: ExporterState) -> None:
     assert ("pluginmon_plugin_cpu_percent", tuple(sorted(labels(RESIZER).items())), 42.5) in (
         text_samples
     )
-    body, content_type = renderer.render(
+    chunks, content_type = renderer.render_chunks(
         "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5"
     )
     assert content_type.startswith("application/openmetrics-text")
-    text = body.decode()
+    text = b"".join(chunks).decode()
     assert text.endswith("# EOF\n")
     assert text.count("# EOF") == 1
     om_samples = _samples_of(parse_openmetrics(text))
