@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -106,13 +107,19 @@ def load(config_path: Path | None) -> DaemonConfig:
         alerts = raw.get("alerts")
         sections_ok = isinstance(alerts, Mapping) or alerts is None
         if sections_ok:
-            own = [
-                p
-                for p in problems
-                if p.split(":", 1)[0].split("[")[0].split(".")[0] in ("plugins", "alerts", "health")
-            ]
+            # A section pydantic refused already has its problem: the parsers' view of
+            # the same section would only repeat it in other words.
+            refused = {_section(p) for p in problems}
             extra: list[str] = []
-            _parse_sections(raw.get("plugins"), alerts or {}, raw.get("health"), extra)
-            problems += [p for p in extra if p not in own]
+            # Best effort on a file whose shape pydantic already refused: those problems
+            # are reported above; anything the parsers trip over here adds nothing.
+            with contextlib.suppress(TypeError, AttributeError, ValueError):
+                _parse_sections(raw.get("plugins"), alerts or {}, raw.get("health"), extra)
+            problems += [p for p in extra if _section(p) not in refused]
         raise ConfigError(problems) from None
     return resolve(settings)
+
+
+def _section(problem: str) -> str:
+    """The top-level setting a problem is about: "plugins" for "plugins[1].match: ..."."""
+    return re.split(r"[\[.:\s]", problem, maxsplit=1)[0]
