@@ -606,13 +606,14 @@ class DaemonStatsCollector(Collector):
         last = GaugeMetricFamily(
             "pluginmon_job_last_success_timestamp_seconds",
             "Unix time of each job's last successful run",
-            labels=["job"],
+            # `task`, not `job`: Prometheus owns `job` and would rename ours to exported_job.
+            labels=["task"],
         )
         for job, when in sorted(stats.job_last_success.items()):
             last.add_metric([job], when)
         yield last
         failures = CounterMetricFamily(
-            "pluginmon_job_failures", "Failed runs of each job", labels=["job"]
+            "pluginmon_job_failures", "Failed runs of each job", labels=["task"]
         )
         for job, count in sorted(stats.job_failures.items()):
             failures.add_metric([job], count)

@@ -85,9 +85,9 @@ CONTRACT_LABELS = frozenset(
         "outcome",
         "version",
         "le",
-        # target labels added by Prometheus; `job` from pluginmon_job_* arrives as exported_job
+        "task",  # pluginmon_job_*: the daemon's scheduler job
+        # target labels added by Prometheus
         "job",
-        "exported_job",
         "instance",
         "host",
         "__name__",

@@ -180,7 +180,7 @@ def _promtool_unit_tests() -> dict[str, Any]:
                         "values": "0+60x32",
                     },
                     {
-                        "series": 'pluginmon_job_failures_total{instance="h1:9464",job="pluginmon",exported_job="flush"}',
+                        "series": 'pluginmon_job_failures_total{instance="h1:9464",job="pluginmon",task="flush"}',
                         "values": "0x25 1x6",
                     },
                 ],
@@ -394,7 +394,7 @@ def _promtool_unit_tests() -> dict[str, Any]:
                                     "severity": "warning",
                                     "instance": "h1:9464",
                                     "job": "pluginmon",
-                                    "exported_job": "flush",
+                                    "task": "flush",
                                 },
                                 "exp_annotations": {
                                     "summary": "pluginmon job flush failed on h1:9464"

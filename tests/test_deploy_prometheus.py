@@ -294,9 +294,10 @@ def test_real_prometheus_scrapes_and_evaluates_the_rules(
         assert float(low[0]["value"][1]) == pytest.approx(30.0)
         firing = _wait_for(lambda: query("tenant:pluginmon_alerts_firing:sum"))
         assert firing[0]["metric"]["severity"] == "critical"
-        # The daemon's `job` label arrives as exported_job, as the rules expect.
+        # The daemon's scheduler job is the `task` label; Prometheus's own `job` is untouched.
         failures = _wait_for(lambda: query("pluginmon_job_failures_total"))
-        assert failures[0]["metric"]["exported_job"] == "flush"
+        assert failures[0]["metric"]["task"] == "flush"
+        assert "exported_job" not in failures[0]["metric"]
         assert failures[0]["metric"]["job"] == "pluginmon"
 
         # Alerting rules: those whose condition holds are at least pending (their `for:`

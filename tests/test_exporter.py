@@ -245,8 +245,8 @@ def test_daemon_metrics_and_renderer(state: ExporterState) -> None:
     assert get("pluginmon_database_up") == 1
     assert get("pluginmon_notifications_total", {"receiver": "ops", "outcome": "delivered"}) == 2
     assert get("pluginmon_outbox_pending") == 1
-    assert get("pluginmon_job_failures_total", {"job": "flush"}) == 3
-    assert get("pluginmon_job_last_success_timestamp_seconds", {"job": "sample"}) == 1700000000.0
+    assert get("pluginmon_job_failures_total", {"task": "flush"}) == 3
+    assert get("pluginmon_job_last_success_timestamp_seconds", {"task": "sample"}) == 1700000000.0
     assert get("pluginmon_build_info", {"version": "1.2.3"}) == 1
 
     state.update_snapshot(snap)
