@@ -157,7 +157,8 @@ class Settings(BaseSettings):
     evaluate_interval_seconds: float | None = None  # default: the sample interval
     # Poll for due notifications (retries); fresh ones are delivered right after evaluation.
     outbox_interval_seconds: float = 5.0
-    maintenance_interval_seconds: float = 60.0  # rollups on PostgreSQL lag by at most this; an idle pass is ~0.1 s
+    # Rollups on PostgreSQL lag raw samples by at most this; an idle pass takes ~0.1 s.
+    maintenance_interval_seconds: float = 60.0
     misfire_grace_seconds: float = 30.0
     retention: RetentionSettings = Field(default_factory=RetentionSettings)
 
