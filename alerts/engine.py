@@ -11,6 +11,7 @@ from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -41,7 +42,14 @@ from alerts.rules import (
 )
 from collectors.models import PluginKey, Snapshot
 from storage import alert_store
-from storage.alert_store import TRANSIENT_DB_ERRORS, AlertWrite, HealthWrite, OutboxWrite
+from storage.alert_store import (
+    TRANSIENT_DB_ERRORS,
+    AlertJournal,
+    AlertWrite,
+    HealthWrite,
+    OutboxWrite,
+)
+from storage.spool import SpoolError
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +86,8 @@ class _Alert:
     acknowledged: bool = False
     notified: bool = False
     dirty: bool = True
+    # What the journal holds for this alert (see _signature), None = nothing since the last ack.
+    journaled: tuple[object, ...] | None = None
 
     @property
     def status(self) -> str:
@@ -131,6 +141,7 @@ class EvaluationReport:
     unpersisted_notifications: int
     duration_seconds: float
     database_error: str | None = None
+    journal_batches: int = 0  # unpersisted changes on disk in the journal (spool_dir set)
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,7 +161,9 @@ class AlertEngine:
 
     While the database is away, evaluation goes on in memory: changed alerts stay marked
     dirty and queued notifications stay in a bounded backlog, and the next cycle that
-    reaches the database writes all of it in one transaction.
+    reaches the database writes all of it in one transaction. With ``spool_dir`` set, what
+    could not be written is also appended to a disk journal (fsync'ed) after each cycle, and
+    ``start()`` replays a journal left by a process that died during an outage.
     """
 
     def __init__(
@@ -169,6 +182,8 @@ class AlertEngine:
         dependencies_refresh_seconds: float = 30.0,
         database_timeout_seconds: float = 10.0,
         max_backlog_notifications: int = 10_000,
+        spool_dir: Path | None = None,
+        journal_max_bytes: int = alert_store.JOURNAL_MAX_BYTES,
     ) -> None:
         self._pool = pool
         self._evaluator = RuleEvaluator(rules)
@@ -204,6 +219,14 @@ class AlertEngine:
         self._deps_loaded_at: float | None = None
         self._db_ok = True
 
+        self._spool_dir = spool_dir
+        self._journal_max_bytes = journal_max_bytes
+        self._journal: AlertJournal | None = None
+        self._journal_ok = True
+        # Batches a previous process left in the journal, not yet replayed into the database.
+        self._journal_inherited = 0
+        self._journaled_keys: set[str] = set()  # outbox idempotency keys in the journal
+
         names = {r.metric for r in self._evaluator.rules if uses_plugin_metrics(r)}
         names |= {m.name for m in self._health_config.defaults.metrics}
         for override in self._health_config.overrides:
@@ -214,9 +237,12 @@ class AlertEngine:
     # --- public API ---------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Load open alerts, the last notification times and silences from the database."""
+        """Replay the journal a previous process left (if any), then load open alerts and the
+        last notification times from the database."""
         now = self._clock().timestamp()
+        await self._open_journal()
         async with asyncio.timeout(self._db_timeout), self._pool.acquire() as conn:
+            await self._replay_inherited(conn)
             stored = await alert_store.load_open_alerts(conn)
             last = await alert_store.last_notified(conn)
         self._last_sent = {k: v.timestamp() for k, v in last.items()}
@@ -284,6 +310,10 @@ class AlertEngine:
             database_error = await self._persist(now_dt, samples, plugin_ids)
             persisted = database_error is None
         self._note_database(database_error)
+        if persisted:
+            await self._ack_journal()
+        else:
+            await self._journal_unpersisted(now_dt)
         return EvaluationReport(
             timestamp=now_dt,
             plugins_scored=len(samples),
@@ -294,6 +324,7 @@ class AlertEngine:
             unpersisted_notifications=len(self._backlog),
             duration_seconds=time.perf_counter() - started,
             database_error=database_error,
+            journal_batches=0 if self._journal is None else self._journal.batches,
         )
 
     def firing(self) -> list[AlertView]:
@@ -306,6 +337,13 @@ class AlertEngine:
 
     def latest_health(self) -> Mapping[PluginKey, HealthScore]:
         return dict(self._health)
+
+    async def aclose(self) -> None:
+        """Release the journal (its directory lock). Writes nothing: every journal append
+        is already on disk, and in-memory state is persisted by the cycles, not here."""
+        journal, self._journal = self._journal, None
+        if journal is not None:
+            await asyncio.to_thread(journal.close)
 
     async def acknowledge(self, fingerprint_: str, by: str) -> bool:
         """Acknowledge an open alert: no repeat notifications; its resolution is still sent."""
@@ -659,6 +697,8 @@ class AlertEngine:
         backlog = list(self._backlog)
         try:
             async with asyncio.timeout(self._db_timeout), self._pool.acquire() as conn:
+                # A journal this process could not replay at start goes in first, in order.
+                await self._replay_inherited(conn)
                 ids: list[int | None]
                 try:
                     async with conn.transaction():
@@ -792,6 +832,116 @@ class AlertEngine:
             labels_json=labels,
             update_plugin=update_plugin,
         )
+
+    # --- journal ------------------------------------------------------------------------------
+
+    async def _open_journal(self) -> bool:
+        """Open the journal once (spool_dir set); a failure is logged and leaves the engine
+        on in-memory state only, trying again at the next cycle that needs it."""
+        if self._spool_dir is None:
+            return False
+        if self._journal is not None:
+            return True
+        try:
+            journal = await asyncio.to_thread(
+                AlertJournal, self._spool_dir, max_bytes=self._journal_max_bytes
+            )
+        except (OSError, SpoolError) as exc:
+            self._note_journal(f"cannot open alert journal {self._spool_dir}: {exc}")
+            return False
+        self._journal = journal
+        self._journal_inherited = journal.batches
+        if journal.batches:
+            logger.info(
+                "alert journal %s: %d entries in %d batch(es) left by a previous run",
+                journal.directory,
+                journal.entries,
+                journal.batches,
+            )
+        return True
+
+    async def _replay_inherited(self, conn: Any) -> None:
+        """Write the batches a previous process journaled, then ack them. Idempotent, so a
+        crash between the commit and the ack only replays them again."""
+        journal = self._journal
+        if journal is None or not self._journal_inherited:
+            return
+        batches = await asyncio.to_thread(journal.read, self._journal_inherited)
+        result = await alert_store.replay_journal(conn, batches)
+        await asyncio.to_thread(journal.ack, batches)
+        self._journal_inherited = 0
+        logger.info(
+            "alert journal replayed: %d alert write(s), %d notification(s), %d older than "
+            "the database, %d refused",
+            result.alerts,
+            result.notifications,
+            result.skipped,
+            result.refused,
+        )
+
+    @staticmethod
+    def _signature(a: _Alert) -> tuple[object, ...]:
+        # The fields whose change makes an alert dirty; value and last_active_at move every
+        # cycle and are written with whatever they are when the alert is journaled.
+        return (
+            a.status,
+            a.inhibited,
+            a.fired_at,
+            a.resolved_at,
+            a.silenced_until,
+            a.acknowledged,
+            a.notified,
+            a.db_id,
+        )
+
+    async def _journal_unpersisted(self, now: datetime) -> None:
+        """Append what this cycle could not persist and the journal does not hold yet."""
+        if self._spool_dir is None:
+            return
+        dirty = sorted(
+            [a for a in self._open.values() if a.dirty] + self._closing, key=lambda a: a.seq
+        )
+        alerts = [a for a in dirty if a.journaled != self._signature(a)]
+        outbox = [o for o in self._backlog if o.idempotency_key not in self._journaled_keys]
+        if not alerts and not outbox:
+            return
+        if not await self._open_journal():
+            return
+        journal = self._journal
+        assert journal is not None
+        try:
+            await asyncio.to_thread(journal.append, [self._write(a, now) for a in alerts], outbox)
+        except (OSError, SpoolError) as exc:
+            self._note_journal(f"alert journal append failed: {exc}")
+            return
+        for a in alerts:
+            a.journaled = self._signature(a)
+        self._journaled_keys.update(o.idempotency_key for o in outbox)
+        self._note_journal(None)
+
+    async def _ack_journal(self) -> None:
+        """Everything in memory reached the database: the journal's copy can go."""
+        journal = self._journal
+        if journal is None or not journal.batches or self._journal_inherited:
+            return
+        try:
+            count = await asyncio.to_thread(journal.ack_all)
+        except (OSError, SpoolError) as exc:
+            self._note_journal(f"alert journal ack failed: {exc}")
+            return
+        self._journaled_keys.clear()
+        for a in self._open.values():
+            a.journaled = None
+        logger.info("alert journal: %d batch(es) acked, their state is in the database", count)
+
+    def _note_journal(self, error: str | None) -> None:
+        if error is None:
+            if not self._journal_ok:
+                self._journal_ok = True
+                logger.info("alert journal writable again")
+        elif self._journal_ok:
+            self._journal_ok = False
+            logger.error("%s; unpersisted alert state is only in memory", error)
 
     def _note_database(self, error: str | None) -> None:
         if error is None and not self._db_ok:

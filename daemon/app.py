@@ -589,7 +589,9 @@ async def _build_alerts(daemon: Daemon, stack: AsyncExitStack) -> None:
         external_url=settings.alerts.external_url or "",
         webhooks=config.webhooks,
         alertmanager=config.alertmanager,
+        spool_dir=settings.data_dir / "alert-spool",
     )
+    stack.push_async_callback(daemon.engine.aclose)
     try:
         await daemon.engine.start()
     except DATABASE_ERRORS as exc:

@@ -1,15 +1,21 @@
-"""The alerts' data-plane SQL (asyncpg): alert state, outbox, silences, health scores."""
+"""The alerts' data-plane SQL (asyncpg) and the disk journal of what it could not store yet."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import asyncpg
+
+from storage.spool import Spool, SpooledBatch
+
+logger = logging.getLogger(__name__)
 
 # Errors that mean "the database is not reachable right now": retry later, keep state.
 TRANSIENT_DB_ERRORS: tuple[type[BaseException], ...] = (
@@ -611,3 +617,299 @@ async def prune_outbox(conn: Connection, *, delivered_before: datetime) -> int:
             timeout=QUERY_TIMEOUT_SECONDS,
         )
     return int(status.split()[-1])
+
+
+# --- the alert journal ------------------------------------------------------------------------
+#
+# While the database is away the engine appends what it could not persist (alert writes and
+# outbox rows) to a disk journal, so a crash during the outage loses neither. The journal is
+# a storage.spool.Spool (length + CRC-32 records, fsync per append, torn tail truncated on
+# open, a directory lock); each batch is rows of (kind, JSON document), kind "alert" or
+# "outbox", in the order _persist would have written them. JSON, not pickle: data, never code.
+
+JOURNAL_FORMAT_VERSION = 1
+JOURNAL_MAX_BYTES = 64 * 1024 * 1024
+_KIND_ALERT = "alert"
+_KIND_OUTBOX = "outbox"
+
+
+class JournalFormatError(ValueError):
+    """A journal entry this version of pluginmon cannot read."""
+
+
+def _iso(value: datetime | None) -> str | None:
+    return None if value is None else value.isoformat()
+
+
+def _from_iso(value: object) -> datetime | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise JournalFormatError(f"expected a timestamp string, got {value!r}")
+    parsed = datetime.fromisoformat(value)
+    if parsed.tzinfo is None:
+        raise JournalFormatError(f"timestamp without a time zone: {value!r}")
+    return parsed
+
+
+def _required_iso(value: object) -> datetime:
+    parsed = _from_iso(value)
+    if parsed is None:
+        raise JournalFormatError("missing timestamp")
+    return parsed
+
+
+def encode_alert_write(write: AlertWrite) -> str:
+    return json.dumps(
+        {
+            "v": JOURNAL_FORMAT_VERSION,
+            "id": write.id,
+            "tenant_id": write.tenant_id,
+            "plugin_id": write.plugin_id,
+            "environment": write.environment,
+            "rule_name": write.rule_name,
+            "fingerprint": write.fingerprint,
+            "severity": write.severity,
+            "status": write.status,
+            "inhibited": write.inhibited,
+            "value": write.value,
+            "labels": dict(write.labels),
+            "annotations": dict(write.annotations),
+            "started_at": _iso(write.started_at),
+            "fired_at": _iso(write.fired_at),
+            "resolved_at": _iso(write.resolved_at),
+            "silenced_until": _iso(write.silenced_until),
+            "last_active_at": _iso(write.last_active_at),
+            "last_evaluated_at": _iso(write.last_evaluated_at),
+            "notified_at": _iso(write.notified_at),
+        },
+        sort_keys=True,
+        allow_nan=True,
+    )
+
+
+def _document(text: str) -> dict[str, Any]:
+    raw = json.loads(text)
+    if not isinstance(raw, dict):
+        raise JournalFormatError("journal entry is not a JSON object")
+    if raw.get("v") != JOURNAL_FORMAT_VERSION:
+        raise JournalFormatError(f"journal entry format {raw.get('v')!r} is not supported")
+    return raw
+
+
+def decode_alert_write(text: str) -> AlertWrite:
+    raw = _document(text)
+    try:
+        value = raw["value"]
+        return AlertWrite(
+            id=None if raw["id"] is None else int(raw["id"]),
+            tenant_id=str(raw["tenant_id"]),
+            plugin_id=int(raw["plugin_id"]),
+            environment=str(raw["environment"]),
+            rule_name=str(raw["rule_name"]),
+            fingerprint=str(raw["fingerprint"]),
+            severity=str(raw["severity"]),
+            status=str(raw["status"]),
+            inhibited=bool(raw["inhibited"]),
+            value=None if value is None else float(value),
+            labels={str(k): str(v) for k, v in raw["labels"].items()},
+            annotations={str(k): str(v) for k, v in raw["annotations"].items()},
+            started_at=_required_iso(raw["started_at"]),
+            fired_at=_from_iso(raw["fired_at"]),
+            resolved_at=_from_iso(raw["resolved_at"]),
+            silenced_until=_from_iso(raw["silenced_until"]),
+            last_active_at=_from_iso(raw["last_active_at"]),
+            last_evaluated_at=_required_iso(raw["last_evaluated_at"]),
+            notified_at=_from_iso(raw["notified_at"]),
+        )
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise JournalFormatError(f"malformed alert entry: {exc!r}") from exc
+
+
+def encode_outbox_write(write: OutboxWrite) -> str:
+    return json.dumps(
+        {
+            "v": JOURNAL_FORMAT_VERSION,
+            "tenant_id": write.tenant_id,
+            "plugin_id": write.plugin_id,
+            "environment": write.environment,
+            "receiver": write.receiver,
+            "receiver_kind": write.receiver_kind,
+            "group_key": write.group_key,
+            "idempotency_key": write.idempotency_key,
+            "body": write.body,
+            "fingerprints": list(write.fingerprints),
+            "created_at": _iso(write.created_at),
+        },
+        sort_keys=True,
+    )
+
+
+def decode_outbox_write(text: str) -> OutboxWrite:
+    raw = _document(text)
+    try:
+        return OutboxWrite(
+            tenant_id=str(raw["tenant_id"]),
+            plugin_id=int(raw["plugin_id"]),
+            environment=str(raw["environment"]),
+            receiver=str(raw["receiver"]),
+            receiver_kind=str(raw["receiver_kind"]),
+            group_key=str(raw["group_key"]),
+            idempotency_key=str(raw["idempotency_key"]),
+            body=str(raw["body"]),
+            fingerprints=tuple(str(f) for f in raw["fingerprints"]),
+            created_at=_required_iso(raw["created_at"]),
+        )
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise JournalFormatError(f"malformed outbox entry: {exc!r}") from exc
+
+
+JournalEntry = AlertWrite | OutboxWrite
+
+
+@dataclass(frozen=True, slots=True)
+class JournalBatch:
+    """One appended batch, decoded; ``handle`` is what :meth:`AlertJournal.ack` needs."""
+
+    handle: SpooledBatch
+    entries: tuple[JournalEntry, ...]
+
+
+class AlertJournal:
+    """The alerts' append-only disk journal (a Spool of (kind, JSON) rows), see above.
+
+    Blocking file I/O, like Spool: async callers go through ``asyncio.to_thread``.
+    """
+
+    def __init__(self, directory: Path, *, max_bytes: int = JOURNAL_MAX_BYTES) -> None:
+        self._spool = Spool(directory, max_bytes=max_bytes, segment_bytes=max_bytes // 8)
+        self.directory = self._spool.directory
+
+    @property
+    def batches(self) -> int:
+        """Batches appended and not yet acked."""
+        return self._spool.batches
+
+    @property
+    def entries(self) -> int:
+        return self._spool.rows
+
+    def append(self, alerts: Sequence[AlertWrite], outbox: Sequence[OutboxWrite]) -> None:
+        """One batch, fsync'ed before returning (SpoolFullError at the cap, OSError)."""
+        rows: list[tuple[object, ...]] = [(_KIND_ALERT, encode_alert_write(a)) for a in alerts]
+        rows += [(_KIND_OUTBOX, encode_outbox_write(o)) for o in outbox]
+        self._spool.append(rows)
+
+    def read(self, max_batches: int | None = None) -> list[JournalBatch]:
+        """The oldest ``max_batches`` batches (all when None), decoded, oldest first.
+
+        An entry that does not decode is logged and left out (its batch is still acked).
+        """
+        batches: list[JournalBatch] = []
+        for spooled in self._spool.replay():
+            if max_batches is not None and len(batches) >= max_batches:
+                break
+            entries: list[JournalEntry] = []
+            for row in spooled.rows:
+                kind, text = row[0], row[1]
+                try:
+                    if kind == _KIND_ALERT and isinstance(text, str):
+                        entries.append(decode_alert_write(text))
+                    elif kind == _KIND_OUTBOX and isinstance(text, str):
+                        entries.append(decode_outbox_write(text))
+                    else:
+                        raise JournalFormatError(f"unknown entry kind {kind!r}")
+                except (JournalFormatError, ValueError) as exc:
+                    logger.error("alert journal %s: skipping entry: %s", self.directory, exc)
+            batches.append(JournalBatch(spooled, tuple(entries)))
+        return batches
+
+    def ack(self, batches: Sequence[JournalBatch]) -> None:
+        """Forget these batches (written to the database); oldest first, as read."""
+        for batch in batches:
+            self._spool.peek()  # drops an undecodable head that read() skipped
+            self._spool.ack(batch.handle)
+
+    def ack_all(self) -> int:
+        """Forget every batch; returns how many there were."""
+        count = 0
+        while (head := self._spool.peek()) is not None:
+            self._spool.ack(head)
+            count += 1
+        return count
+
+    def close(self) -> None:
+        self._spool.close()
+
+
+_FIND_ALERT_INSTANCE = """
+SELECT id, last_evaluated_at FROM plugin_alerts
+ WHERE plugin_id = $1 AND started_at = $2 AND fingerprint = $3
+ ORDER BY id DESC LIMIT 1
+"""
+
+
+async def replay_alert(conn: Connection, write: AlertWrite) -> int | None:
+    """Apply one journaled alert write idempotently; returns the row id, None if skipped.
+
+    The instance is found by (plugin, started_at, fingerprint), so replaying a journal twice
+    updates the same row instead of inserting a second one; a row evaluated after the write
+    was journaled (the database came back and the engine wrote newer state) is left alone.
+    """
+    row = await conn.fetchrow(
+        _FIND_ALERT_INSTANCE,
+        write.plugin_id,
+        write.started_at,
+        write.fingerprint,
+        timeout=QUERY_TIMEOUT_SECONDS,
+    )
+    if row is not None:
+        stored_at = row["last_evaluated_at"]
+        if stored_at is not None and stored_at > write.last_evaluated_at:
+            return None
+        return await save_alert(conn, replace(write, id=int(row["id"])))
+    return await save_alert(conn, replace(write, id=None))
+
+
+@dataclass(frozen=True, slots=True)
+class ReplayResult:
+    alerts: int  # alert writes applied
+    notifications: int  # outbox rows offered (a key already in the outbox is kept as is)
+    skipped: int  # older than the stored row
+    refused: int  # refused by the database (say, the plugin was deleted), logged
+
+
+async def replay_journal(conn: Connection, batches: Sequence[JournalBatch]) -> ReplayResult:
+    """Write journaled batches in order, in one transaction; safe to repeat.
+
+    Alert rows are upserted per instance (:func:`replay_alert`), outbox rows are inserted
+    with ``ON CONFLICT (idempotency_key) DO NOTHING``, so a notification that was already
+    written (or delivered) is not queued twice. Entries the database refuses for good are
+    dropped one by one (savepoints) and logged; connection errors propagate.
+    """
+    alerts = notifications = skipped = refused = 0
+    async with conn.transaction():
+        for batch in batches:
+            for entry in batch.entries:
+                try:
+                    async with conn.transaction():  # a savepoint
+                        if isinstance(entry, AlertWrite):
+                            if await replay_alert(conn, entry) is None:
+                                skipped += 1
+                            else:
+                                alerts += 1
+                        else:
+                            await insert_outbox(conn, [entry])
+                            notifications += 1
+                except asyncpg.PostgresError as exc:
+                    if isinstance(exc, TRANSIENT_DB_ERRORS):
+                        raise
+                    refused += 1
+                    logger.error(
+                        "alert journal: dropping %s for tenant %s plugin %d: %s",
+                        "alert state" if isinstance(entry, AlertWrite) else "notification",
+                        entry.tenant_id,
+                        entry.plugin_id,
+                        exc,
+                    )
+    return ReplayResult(alerts, notifications, skipped, refused)

@@ -1,0 +1,355 @@
+"""The alert journal: alert state and notifications made during an outage survive a kill."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import pytest
+
+from alerts.engine import AlertEngine, EvaluationReport
+from alerts.outbox import OutboxDeliverer
+from alerts.rules import WebhookConfig, parse_rules
+from collectors.models import PluginKey
+from storage import alert_store
+from tests.alerts_helpers import FakeClock, Receiver, TcpProxy, plugin_ids, plugin_sample, snapshot
+
+KEY = PluginKey("acme", "resizer", "production")
+RULES = parse_rules(
+    [
+        {
+            "name": "CpuHigh",
+            "metric": "cpu_percent",
+            "op": ">",
+            "threshold": 50,
+            "clear_threshold": 30,
+            "for_seconds": 10,
+            "severity": "critical",
+            "annotations": {"summary": "{plugin} cpu {value:.0f}%"},
+        },
+    ],
+    include_builtins=False,
+)
+
+
+@pytest.fixture
+async def pool(migrated_db: str) -> AsyncIterator[asyncpg.Pool]:
+    async with asyncpg.create_pool(migrated_db, min_size=1, max_size=4) as p:
+        yield p
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[Receiver]:
+    r = Receiver(secret="s3cret")
+    await r.start()
+    try:
+        yield r
+    finally:
+        await r.stop()
+
+
+@pytest.fixture
+async def proxy(migrated_db: str) -> AsyncIterator[TcpProxy]:
+    parts = urlsplit(migrated_db)
+    p = TcpProxy(parts.hostname or "127.0.0.1", parts.port or 5432)
+    await p.up()
+    try:
+        yield p
+    finally:
+        await p.down()
+
+
+def proxied_url(url: str, proxy: TcpProxy) -> str:
+    parts = urlsplit(url)
+    netloc = parts.netloc.rsplit("@", 1)
+    host = f"127.0.0.1:{proxy.port}"
+    return urlunsplit(parts._replace(netloc=f"{netloc[0]}@{host}" if len(netloc) == 2 else host))
+
+
+def hook_for(receiver: Receiver) -> WebhookConfig:
+    return WebhookConfig(name="ops", url=receiver.url, secret=receiver.secret)
+
+
+def engine_for(
+    pool: asyncpg.Pool, clock: FakeClock, receiver: Receiver, spool_dir: Path
+) -> AlertEngine:
+    return AlertEngine(
+        pool,
+        RULES,
+        clock=clock,
+        webhooks=[hook_for(receiver)],
+        database_timeout_seconds=3,
+        spool_dir=spool_dir,
+    )
+
+
+async def run_cycles(
+    engine: AlertEngine, clock: FakeClock, ids: dict[PluginKey, int], cpus: Sequence[float]
+) -> tuple[list[str], EvaluationReport]:
+    kinds: list[str] = []
+    report: EvaluationReport | None = None
+    for cpu in cpus:
+        report = await engine.process(
+            snapshot(clock(), [plugin_sample(KEY, clock(), cpu=cpu)]), ids
+        )
+        kinds += [kind for _, _, kind in report.transitions]
+        clock.advance(10)
+    assert report is not None
+    return kinds, report
+
+
+async def outage_run(
+    migrated_db: str,
+    proxy: TcpProxy,
+    clock: FakeClock,
+    receiver: Receiver,
+    spool_dir: Path,
+    ids: dict[PluginKey, int],
+    cpus: Sequence[float],
+) -> list[str]:
+    """An engine that starts with the database up, loses it, evaluates ``cpus`` and dies
+    (its journal lock released, nothing else written) before the database is back."""
+    async with asyncpg.create_pool(
+        proxied_url(migrated_db, proxy), min_size=1, max_size=2
+    ) as flaky:
+        engine = engine_for(flaky, clock, receiver, spool_dir)
+        await engine.start()
+        await proxy.down()
+        kinds, report = await run_cycles(engine, clock, ids, cpus)
+        assert not report.persisted
+        assert report.database_error is not None
+        assert report.journal_batches >= 1
+        await engine.aclose()
+    return kinds
+
+
+async def stored(pool: asyncpg.Pool) -> tuple[list[alert_store.StoredAlert], list[str]]:
+    async with pool.acquire() as conn:
+        alerts = await alert_store.load_alerts(conn)
+        bodies = await conn.fetch("SELECT body FROM notification_outbox ORDER BY id")
+    return alerts, [json.loads(b["body"])["status"] for b in bodies]
+
+
+def segments(spool_dir: Path) -> list[Path]:
+    return sorted(spool_dir.glob("*.seg"))
+
+
+async def test_alert_fired_during_outage_survives_a_kill(
+    pool: asyncpg.Pool,
+    migrated_db: str,
+    proxy: TcpProxy,
+    receiver: Receiver,
+    tmp_path: Path,
+) -> None:
+    spool_dir = tmp_path / "alert-spool"
+    clock = FakeClock()
+    ids = await plugin_ids(pool, [KEY])
+    kinds = await outage_run(migrated_db, proxy, clock, receiver, spool_dir, ids, [90, 90])
+    assert kinds == ["pending", "firing"]
+    assert await stored(pool) == ([], [])  # the database never saw any of it
+    assert segments(spool_dir)
+
+    # A new process, database up: the journal is replayed before the open alerts are loaded.
+    engine = engine_for(pool, clock, receiver, spool_dir)
+    await engine.start()
+    alerts, outbox = await stored(pool)
+    assert [(a.rule_name, a.status, a.value) for a in alerts] == [("CpuHigh", "firing", 90.0)]
+    assert alerts[0].notified_at is not None
+    assert outbox == ["firing"]
+    assert [(a.alertname, a.status) for a in engine.alerts()] == [("CpuHigh", "firing")]
+    assert segments(spool_dir) == []  # acked
+
+    # Still hot: the restored alert is already notified, so nothing new is queued.
+    _, report = await run_cycles(engine, clock, ids, [90])
+    assert report.persisted
+    assert report.notifications_queued == 0
+    async with OutboxDeliverer(pool, [hook_for(receiver)], clock=clock) as deliverer:
+        for _ in range(3):
+            await deliverer.deliver_due()
+    assert [r.json["status"] for r in receiver.received] == ["firing"]
+    assert receiver.received[0].signature_ok is True
+    (sent,) = receiver.received[0].json["alerts"]
+    assert sent["fingerprint"] == alerts[0].fingerprint
+    assert sent["labels"]["alertname"] == "CpuHigh"
+    await engine.aclose()
+
+
+async def test_replaying_a_journal_twice_does_not_duplicate(
+    pool: asyncpg.Pool,
+    migrated_db: str,
+    proxy: TcpProxy,
+    receiver: Receiver,
+    tmp_path: Path,
+) -> None:
+    spool_dir = tmp_path / "alert-spool"
+    clock = FakeClock()
+    ids = await plugin_ids(pool, [KEY])
+    # pending, firing, resolved, pending, firing: two instances of one fingerprint
+    kinds = await outage_run(
+        migrated_db, proxy, clock, receiver, spool_dir, ids, [90, 90, 10, 90, 90]
+    )
+    assert kinds == ["pending", "firing", "resolved", "pending", "firing"]
+    # A copy of the journal as it is before the replay: a crash after the replay's commit
+    # and before its ack leaves exactly this on disk.
+    backup = tmp_path / "backup"
+    shutil.copytree(spool_dir, backup, ignore=shutil.ignore_patterns("lock"))
+
+    first = engine_for(pool, clock, receiver, spool_dir)
+    await first.start()
+    await first.aclose()
+    after_first = await stored(pool)
+    assert [a.status for a in after_first[0]] == ["resolved", "firing"]
+    assert after_first[1] == ["firing", "resolved", "firing"]
+
+    shutil.rmtree(spool_dir)
+    shutil.copytree(backup, spool_dir)
+    second = engine_for(pool, clock, receiver, spool_dir)
+    await second.start()
+    after_second = await stored(pool)
+    assert [(a.id, a.status, a.started_at, a.resolved_at) for a in after_second[0]] == [
+        (a.id, a.status, a.started_at, a.resolved_at) for a in after_first[0]
+    ]
+    assert after_second[1] == after_first[1]
+    assert [a.status for a in second.alerts()] == ["firing"]
+    assert segments(spool_dir) == []
+    await second.aclose()
+
+    async with OutboxDeliverer(pool, [hook_for(receiver)], clock=clock) as deliverer:
+        for _ in range(4):
+            await deliverer.deliver_due()
+    assert [r.json["status"] for r in receiver.received] == ["firing", "resolved", "firing"]
+    assert len({r.idempotency_key for r in receiver.received}) == 3
+
+
+async def test_stale_journal_does_not_undo_newer_state(
+    pool: asyncpg.Pool,
+    migrated_db: str,
+    proxy: TcpProxy,
+    receiver: Receiver,
+    tmp_path: Path,
+) -> None:
+    """The database came back, the engine wrote newer state, and the process died before
+    acking the journal: replaying it must not bring the alert back to firing."""
+    spool_dir = tmp_path / "alert-spool"
+    backup = tmp_path / "backup"
+    clock = FakeClock()
+    ids = await plugin_ids(pool, [KEY])
+    async with asyncpg.create_pool(
+        proxied_url(migrated_db, proxy), min_size=1, max_size=2
+    ) as flaky:
+        engine = engine_for(flaky, clock, receiver, spool_dir)
+        await engine.start()
+        await proxy.down()
+        await run_cycles(engine, clock, ids, [90, 90])
+        shutil.copytree(spool_dir, backup, ignore=shutil.ignore_patterns("lock"))
+        await proxy.up()
+        kinds, report = await run_cycles(engine, clock, ids, [90, 10])
+        assert kinds == ["resolved"]
+        assert report.persisted
+        assert report.journal_batches == 0
+        assert segments(spool_dir) == []
+        await engine.aclose()
+    shutil.rmtree(spool_dir)
+    shutil.copytree(backup, spool_dir)
+
+    engine = engine_for(pool, clock, receiver, spool_dir)
+    await engine.start()
+    alerts, outbox = await stored(pool)
+    assert [a.status for a in alerts] == ["resolved"]
+    assert outbox == ["firing", "resolved"]
+    assert engine.alerts() == []
+    await engine.aclose()
+
+
+async def test_torn_journal_tail_is_tolerated(
+    pool: asyncpg.Pool,
+    migrated_db: str,
+    proxy: TcpProxy,
+    receiver: Receiver,
+    tmp_path: Path,
+) -> None:
+    spool_dir = tmp_path / "alert-spool"
+    clock = FakeClock()
+    ids = await plugin_ids(pool, [KEY])
+    await outage_run(migrated_db, proxy, clock, receiver, spool_dir, ids, [90, 90])
+    (segment,) = segments(spool_dir)
+    # A crash in the middle of a third append: half a record header, then nothing.
+    with segment.open("ab") as handle:
+        handle.write(b"\x40\x00\x00")
+    engine = engine_for(pool, clock, receiver, spool_dir)
+    await engine.start()
+    alerts, outbox = await stored(pool)
+    assert [a.status for a in alerts] == ["firing"]
+    assert outbox == ["firing"]
+    assert segments(spool_dir) == []
+    await engine.aclose()
+
+
+async def test_torn_last_batch_loses_only_that_cycle(
+    pool: asyncpg.Pool,
+    migrated_db: str,
+    proxy: TcpProxy,
+    receiver: Receiver,
+    tmp_path: Path,
+) -> None:
+    """The firing cycle's append was cut short by the crash (it never returned): the
+    pending alert from the cycle before is replayed, and the alert fires again later."""
+    spool_dir = tmp_path / "alert-spool"
+    clock = FakeClock()
+    ids = await plugin_ids(pool, [KEY])
+    await outage_run(migrated_db, proxy, clock, receiver, spool_dir, ids, [90, 90])
+    (segment,) = segments(spool_dir)
+    with segment.open("r+b") as handle:
+        handle.truncate(segment.stat().st_size - 7)
+    engine = engine_for(pool, clock, receiver, spool_dir)
+    await engine.start()
+    alerts, outbox = await stored(pool)
+    assert [a.status for a in alerts] == ["pending"]
+    assert outbox == []
+    kinds, report = await run_cycles(engine, clock, ids, [90])
+    assert kinds == ["firing"]
+    assert report.persisted
+    assert report.notifications_queued == 1
+    alerts, outbox = await stored(pool)
+    assert [a.status for a in alerts] == ["firing"]
+    assert outbox == ["firing"]
+    await engine.aclose()
+
+
+async def test_journal_left_while_database_is_down_at_start_is_replayed_later(
+    pool: asyncpg.Pool,
+    migrated_db: str,
+    proxy: TcpProxy,
+    receiver: Receiver,
+    tmp_path: Path,
+) -> None:
+    """start() cannot reach the database: the old journal stays, new outage state is
+    appended after it, and the first cycle that reaches the database writes both in order."""
+    spool_dir = tmp_path / "alert-spool"
+    clock = FakeClock()
+    ids = await plugin_ids(pool, [KEY])
+    await outage_run(migrated_db, proxy, clock, receiver, spool_dir, ids, [90, 90, 10])
+    async with asyncpg.create_pool(
+        proxied_url(migrated_db, proxy), min_size=0, max_size=2
+    ) as flaky:
+        engine = engine_for(flaky, clock, receiver, spool_dir)
+        with pytest.raises(alert_store.TRANSIENT_DB_ERRORS):
+            await engine.start()
+        kinds, report = await run_cycles(engine, clock, ids, [90, 90])
+        assert kinds == ["pending", "firing"]
+        assert not report.persisted
+        assert report.journal_batches >= 2
+        assert await stored(pool) == ([], [])
+        await proxy.up()
+        _, report = await run_cycles(engine, clock, ids, [90])
+        assert report.persisted
+        assert report.journal_batches == 0
+        await engine.aclose()
+    alerts, outbox = await stored(pool)
+    assert [a.status for a in alerts] == ["resolved", "firing"]
+    assert outbox == ["firing", "resolved", "firing"]
+    assert segments(spool_dir) == []
