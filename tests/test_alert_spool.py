@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 import shutil
+import signal
+import sys
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -18,6 +22,7 @@ from collectors.models import PluginKey
 from storage import alert_store
 from tests.alerts_helpers import FakeClock, Receiver, TcpProxy, plugin_ids, plugin_sample, snapshot
 
+ROOT = Path(__file__).resolve().parent.parent
 KEY = PluginKey("acme", "resizer", "production")
 RULES = parse_rules(
     [
@@ -353,3 +358,97 @@ async def test_journal_left_while_database_is_down_at_start_is_replayed_later(
     assert [a.status for a in alerts] == ["resolved", "firing"]
     assert outbox == ["firing", "resolved", "firing"]
     assert segments(spool_dir) == []
+
+
+_CHILD = """
+import asyncio, json, sys
+from pathlib import Path
+
+import asyncpg
+
+from alerts.engine import AlertEngine
+from alerts.rules import WebhookConfig
+from tests.alerts_helpers import FakeClock, plugin_sample, snapshot
+from tests.test_alert_spool import KEY, RULES
+
+
+async def main(url: str, spool_dir: str, plugin_id: int, hook_url: str) -> None:
+    clock = FakeClock()
+    pool = await asyncpg.create_pool(url, min_size=1, max_size=2)
+    hook = WebhookConfig(name="ops", url=hook_url, secret="s3cret")
+    engine = AlertEngine(
+        pool, RULES, clock=clock, webhooks=[hook], database_timeout_seconds=3,
+        spool_dir=Path(spool_dir),
+    )
+    await engine.start()
+    print("started", flush=True)
+    await asyncio.to_thread(sys.stdin.readline)  # the parent cuts the database meanwhile
+    for cpu in (90, 90):
+        report = await engine.process(
+            snapshot(clock(), [plugin_sample(KEY, clock(), cpu=cpu)]), {KEY: plugin_id}
+        )
+        clock.advance(10)
+    print(json.dumps({"persisted": report.persisted, "journal": report.journal_batches}),
+          flush=True)
+    await asyncio.sleep(3600)  # SIGKILLed here
+
+
+asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]))
+"""
+
+
+async def test_sigkilled_process_journal_is_replayed(
+    pool: asyncpg.Pool,
+    migrated_db: str,
+    proxy: TcpProxy,
+    receiver: Receiver,
+    tmp_path: Path,
+) -> None:
+    """A real process fires an alert during an outage and is SIGKILLed: no close, no
+    flush, the kernel releases its journal lock. A new engine replays what it journaled."""
+    spool_dir = tmp_path / "alert-spool"
+    ids = await plugin_ids(pool, [KEY])
+    child = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        _CHILD,
+        proxied_url(migrated_db, proxy),
+        str(spool_dir),
+        str(ids[KEY]),
+        receiver.url,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    assert child.stdin is not None
+    assert child.stdout is not None
+    try:
+        async with asyncio.timeout(60):
+            assert await child.stdout.readline() == b"started\n"
+            await proxy.down()
+            child.stdin.write(b"go\n")
+            await child.stdin.drain()
+            report = json.loads(await child.stdout.readline())
+        assert report == {"persisted": False, "journal": 2}
+    finally:
+        child.send_signal(signal.SIGKILL)
+        await child.wait()
+    assert child.returncode == -signal.SIGKILL
+    assert await stored(pool) == ([], [])
+
+    clock = FakeClock()
+    clock.advance(20)
+    engine = engine_for(pool, clock, receiver, spool_dir)
+    await engine.start()
+    alerts, outbox = await stored(pool)
+    assert [(a.status, a.value) for a in alerts] == [("firing", 90.0)]
+    assert outbox == ["firing"]
+    assert segments(spool_dir) == []
+    _, report2 = await run_cycles(engine, clock, ids, [90])
+    assert report2.notifications_queued == 0
+    async with OutboxDeliverer(pool, [hook_for(receiver)], clock=clock) as deliverer:
+        for _ in range(3):
+            await deliverer.deliver_due()
+    assert [r.json["status"] for r in receiver.received] == ["firing"]
+    await engine.aclose()
