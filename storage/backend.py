@@ -10,17 +10,30 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Protocol
 
-import asyncpg
 import psycopg
 
-from storage.migrate import Backend, MigrationResult, migrate
+from storage.migrate import (
+    DEFAULT_CONNECT_TIMEOUT_SECONDS,
+    Backend,
+    MigrationResult,
+    connect_timeout_param,
+    migrate,
+)
 
 logger = logging.getLogger(__name__)
 
 # Any constant works as long as every pluginmon process uses the same one ("plmain").
 MAINTENANCE_LOCK_KEY = 0x706C_6D61_696E
 
+# TimescaleDB's time_bucket origin for sub-month widths (a Monday); the PostgreSQL rollup
+# functions bucket from the same origin, so both backends agree on every bucket.
+BUCKET_ORIGIN = datetime(2000, 1, 3, tzinfo=UTC)
+
 Clock = Callable[[], datetime]
+
+# Maintenance and back-fills run on the admin plane: one psycopg connection in autocommit
+# mode (each step opens its own transaction; the advisory lock is held by the session).
+AdminConnection = psycopg.AsyncConnection[Any]
 
 
 def utc_now() -> datetime:
@@ -96,26 +109,67 @@ class MaintenanceReport:
 
 
 class Maintenance(Protocol):
-    """Once-per-database housekeeping, run periodically by the daemon on every instance."""
+    """Once-per-database housekeeping, run periodically by the daemon on every instance.
+
+    ``conn`` is an admin-plane connection in autocommit mode (``admin_connection``).
+    """
 
     @property
     def backend(self) -> Backend: ...
 
-    async def run(self, conn: asyncpg.Connection, retention: Retention) -> MaintenanceReport: ...
+    async def run(self, conn: AdminConnection, retention: Retention) -> MaintenanceReport: ...
+
+    async def backfill(
+        self, conn: AdminConnection, since: datetime, retention: Retention
+    ) -> tuple[RollupRefresh, ...]:
+        """Recompute both rollups from ``since`` up to the last complete bucket.
+
+        For rows that arrived later than the regular refresh looks back (a disk spool
+        replayed after a long outage): call it once after the replay with the oldest
+        replayed timestamp. Buckets whose raw rows retention may already have dropped
+        (older than ``now - retention.samples``) are left alone. Safe to run while the
+        maintenance job runs on this or another daemon.
+        """
+        ...
 
 
-async def detect_backend(conn: asyncpg.Connection) -> Backend:
+@asynccontextmanager
+async def admin_connection(
+    database_url: str, *, connect_timeout_seconds: float = DEFAULT_CONNECT_TIMEOUT_SECONDS
+) -> AsyncIterator[AdminConnection]:
+    """An autocommit psycopg connection for maintenance and back-fills, closed on exit.
+
+    A host that does not answer fails after ``connect_timeout_seconds`` (libpq counts whole
+    seconds, at least 2) instead of the operating system's TCP timeout.
+    """
+    conn = await psycopg.AsyncConnection.connect(
+        database_url,
+        autocommit=True,
+        connect_timeout=connect_timeout_param(connect_timeout_seconds),
+    )
+    async with conn:
+        yield conn
+
+
+def require_autocommit(conn: AdminConnection) -> None:
+    if not conn.autocommit:
+        raise ValueError("maintenance needs an autocommit connection (see admin_connection)")
+
+
+async def detect_backend(conn: AdminConnection) -> Backend:
     """The backend the database was migrated for, else what the server offers."""
-    recorded = await conn.fetchval(
+    cur = await conn.execute(
         "SELECT CASE WHEN to_regclass('schema_migrations') IS NOT NULL THEN"
         " (SELECT min(backend) FROM schema_migrations) END"
     )
-    if recorded is not None:
-        return Backend(str(recorded))
-    offered = await conn.fetchval(
+    row = await cur.fetchone()
+    if row is not None and row[0] is not None:
+        return Backend(str(row[0]))
+    cur = await conn.execute(
         "SELECT EXISTS (SELECT 1 FROM pg_available_extensions WHERE name = 'timescaledb')"
     )
-    return Backend.TIMESCALEDB if offered else Backend.POSTGRES
+    offered = await cur.fetchone()
+    return Backend.TIMESCALEDB if offered is not None and offered[0] else Backend.POSTGRES
 
 
 def maintenance_for(backend: Backend, *, clock: Clock = utc_now) -> Maintenance:
@@ -129,15 +183,56 @@ def maintenance_for(backend: Backend, *, clock: Clock = utc_now) -> Maintenance:
     return PostgresMaintenance(clock=clock)
 
 
+async def backfill_rollups(
+    database_url: str,
+    since: datetime,
+    retention: Retention,
+    *,
+    connect_timeout_seconds: float = DEFAULT_CONNECT_TIMEOUT_SECONDS,
+    clock: Clock = utc_now,
+) -> tuple[RollupRefresh, ...]:
+    """``Maintenance.backfill`` on its own connection, for whichever backend the database has.
+
+    The daemon calls this after replaying its spool, with the oldest replayed timestamp.
+    """
+    async with admin_connection(
+        database_url, connect_timeout_seconds=connect_timeout_seconds
+    ) as conn:
+        maintenance = maintenance_for(await detect_backend(conn), clock=clock)
+        return await maintenance.backfill(conn, since, retention)
+
+
+def bucket_floor(moment: datetime, width: timedelta) -> datetime:
+    """Start of the ``width`` bucket holding ``moment`` (TimescaleDB's time_bucket)."""
+    return BUCKET_ORIGIN + ((moment - BUCKET_ORIGIN) // width) * width
+
+
+def backfill_start(
+    since: datetime, width: timedelta, now: datetime, retention: Retention
+) -> datetime:
+    """The first bucket to recompute for rows since ``since``: ``since``'s bucket, or the
+    first bucket wholly inside the raw retention when that is later (recomputing a bucket
+    whose raw rows were dropped would erase it from the rollup)."""
+    start = bucket_floor(since, width)
+    horizon = now - retention.samples
+    if start < horizon:
+        start = bucket_floor(horizon, width)
+        if start < horizon:
+            start += width
+    return start
+
+
 @asynccontextmanager
-async def maintenance_lock(conn: asyncpg.Connection) -> AsyncIterator[bool]:
+async def maintenance_lock(conn: AdminConnection) -> AsyncIterator[bool]:
     """Yield whether this session holds the database-wide maintenance lock (never waits)."""
-    acquired = bool(await conn.fetchval("SELECT pg_try_advisory_lock($1)", MAINTENANCE_LOCK_KEY))
+    cur = await conn.execute("SELECT pg_try_advisory_lock(%s)", (MAINTENANCE_LOCK_KEY,))
+    row = await cur.fetchone()
+    acquired = bool(row is not None and row[0])
     try:
         yield acquired
     finally:
-        if acquired:
-            await conn.execute("SELECT pg_advisory_unlock($1)", MAINTENANCE_LOCK_KEY)
+        if acquired and not conn.closed:
+            await conn.execute("SELECT pg_advisory_unlock(%s)", (MAINTENANCE_LOCK_KEY,))
 
 
 # Plain tables with time-based retention on both backends: (relation, SQL, retention field).
@@ -145,24 +240,25 @@ _EXPIRY: tuple[tuple[str, str, str], ...] = (
     (
         "plugin_operations",
         "DELETE FROM plugin_operations"
-        " WHERE status IN ('succeeded', 'failed', 'cancelled') AND finished_at < $1",
+        " WHERE status IN ('succeeded', 'failed', 'cancelled') AND finished_at < %s",
         "operations",
     ),
-    ("audit_log", "DELETE FROM audit_log WHERE occurred_at < $1", "audit"),
-    ("plugin_analytics", "DELETE FROM plugin_analytics WHERE period_start < $1", "analytics"),
+    ("audit_log", "DELETE FROM audit_log WHERE occurred_at < %s", "audit"),
+    ("plugin_analytics", "DELETE FROM plugin_analytics WHERE period_start < %s", "analytics"),
 )
 
 
 async def delete_expired(
-    conn: asyncpg.Connection, retention: Retention, now: datetime
+    conn: AdminConnection, retention: Retention, now: datetime
 ) -> list[tuple[str, int]]:
     """Delete completed operations, audit entries and analytics past their horizons."""
+    require_autocommit(conn)
     removed: list[tuple[str, int]] = []
     for relation, statement, retention_field in _EXPIRY:
         horizon = now - getattr(retention, retention_field)
         async with conn.transaction():
-            status = await conn.execute(statement, horizon)
-        count = _row_count(status)
+            cur = await conn.execute(statement.encode(), (horizon,))
+        count = max(cur.rowcount, 0)
         if count:
             logger.info(
                 "retention: deleted %d rows from %s older than %s", count, relation, horizon
@@ -171,13 +267,7 @@ async def delete_expired(
     return removed
 
 
-def _row_count(status: str) -> int:
-    """Rows affected, from a command tag such as ``DELETE 42``."""
-    tail = status.rsplit(" ", 1)[-1]
-    return int(tail) if tail.isdigit() else 0
-
-
-# -- admin plane (psycopg): schema and policies at start-up or on `pluginmon migrate` -------
+# -- schema and policies at start-up or on `pluginmon migrate` (blocking psycopg) ----------
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,17 +288,28 @@ def prepare_database(
     *,
     sql_dir: Path | None = None,
     backend: Backend | None = None,
+    connect_timeout_seconds: float = DEFAULT_CONNECT_TIMEOUT_SECONDS,
 ) -> PreparedDatabase:
     """Apply pending migrations, then (TimescaleDB) register policies with ``retention``.
 
-    Blocking: call through ``asyncio.to_thread`` from async code.
+    Blocking: call through ``asyncio.to_thread`` from async code. Each connection attempt
+    gives up after ``connect_timeout_seconds`` (``psycopg.OperationalError``).
     """
-    result = migrate(database_url, sql_dir=sql_dir, backend=backend)
+    result = migrate(
+        database_url,
+        sql_dir=sql_dir,
+        backend=backend,
+        connect_timeout_seconds=connect_timeout_seconds,
+    )
     changes: tuple[str, ...] = ()
     if result.backend is Backend.TIMESCALEDB:
         from storage.timescale import apply_policies
 
         conn: psycopg.Connection[Any]
-        with psycopg.connect(database_url, autocommit=True) as conn:
+        with psycopg.connect(
+            database_url,
+            autocommit=True,
+            connect_timeout=connect_timeout_param(connect_timeout_seconds),
+        ) as conn:
             changes = tuple(str(change) for change in apply_policies(conn, retention))
     return PreparedDatabase(migrations=result, policy_changes=changes)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import re
 import time
 from collections.abc import Iterable
@@ -15,6 +16,10 @@ from pathlib import Path
 import psycopg
 
 logger = logging.getLogger(__name__)
+
+# Every admin-plane connection gives up after this long when the server does not answer (a
+# black-holed host), instead of the operating system's TCP timeout of minutes.
+DEFAULT_CONNECT_TIMEOUT_SECONDS = 10.0
 
 # Any constant works as long as every pluginmon process uses the same one.
 MIGRATION_LOCK_KEY = 0x706C_6D69_6772  # "plmigr"
@@ -51,6 +56,13 @@ class MigrationResult:
     backend: Backend
     applied: tuple[str, ...]
     already_applied: int
+
+
+def connect_timeout_param(seconds: float) -> int:
+    """libpq's ``connect_timeout``: whole seconds, and libpq treats less than 2 as 2."""
+    if not seconds > 0:
+        raise ValueError(f"connect timeout must be positive, got {seconds}")
+    return max(2, math.ceil(seconds))
 
 
 def default_sql_dir() -> Path:
@@ -128,14 +140,21 @@ def migrate(
     *,
     sql_dir: Path | None = None,
     backend: Backend | None = None,
+    connect_timeout_seconds: float = DEFAULT_CONNECT_TIMEOUT_SECONDS,
 ) -> MigrationResult:
     """Apply every pending migration, each in its own transaction, under an advisory lock.
 
     Concurrent runners wait for the lock and then find nothing left to do. An applied file
-    whose content changed since is an error that names it; nothing is applied then.
+    whose content changed since is an error that names it; nothing is applied then. A
+    server that does not answer within ``connect_timeout_seconds`` raises
+    ``psycopg.OperationalError``.
     """
     directory = sql_dir or default_sql_dir()
-    with psycopg.connect(database_url, autocommit=True) as conn:
+    with psycopg.connect(
+        database_url,
+        autocommit=True,
+        connect_timeout=connect_timeout_param(connect_timeout_seconds),
+    ) as conn:
         conn.execute("SELECT pg_advisory_lock(%s)", (MIGRATION_LOCK_KEY,))
         try:
             return _migrate_locked(conn, directory, backend)
@@ -207,8 +226,12 @@ def _migrate_locked(
     )
 
 
-def applied_versions(database_url: str) -> Iterable[tuple[int, str]]:
-    with psycopg.connect(database_url) as conn:
+def applied_versions(
+    database_url: str, *, connect_timeout_seconds: float = DEFAULT_CONNECT_TIMEOUT_SECONDS
+) -> Iterable[tuple[int, str]]:
+    with psycopg.connect(
+        database_url, connect_timeout=connect_timeout_param(connect_timeout_seconds)
+    ) as conn:
         exists = conn.execute("SELECT to_regclass('schema_migrations')").fetchone()
         if exists is None or exists[0] is None:
             return []

@@ -1,4 +1,4 @@
-"""PostgreSQL backend maintenance: daily partitions, retention, rollup refresh (data plane)."""
+"""PostgreSQL backend maintenance: daily partitions, retention, rollup refresh (admin plane)."""
 
 from __future__ import annotations
 
@@ -6,15 +6,18 @@ import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-import asyncpg
+from psycopg import errors, sql
 
 from storage.backend import (
+    AdminConnection,
     Clock,
     MaintenanceReport,
     Retention,
     RollupRefresh,
+    backfill_start,
     delete_expired,
     maintenance_lock,
+    require_autocommit,
     utc_now,
 )
 from storage.migrate import Backend
@@ -45,9 +48,9 @@ PARTITIONED: tuple[tuple[str, str], ...] = (
 
 # Transient failures of one step: the next run tries again.
 _STEP_ERRORS: tuple[type[Exception], ...] = (
-    asyncpg.exceptions.LockNotAvailableError,
-    asyncpg.exceptions.QueryCanceledError,
-    asyncpg.exceptions.TransactionRollbackError,
+    errors.LockNotAvailable,
+    errors.QueryCanceled,
+    errors.TransactionRollback,
 )
 
 
@@ -79,7 +82,8 @@ class PostgresMaintenance:
     def backend(self) -> Backend:
         return Backend.POSTGRES
 
-    async def run(self, conn: asyncpg.Connection, retention: Retention) -> MaintenanceReport:
+    async def run(self, conn: AdminConnection, retention: Retention) -> MaintenanceReport:
+        require_autocommit(conn)
         async with maintenance_lock(conn) as acquired:
             if not acquired:
                 logger.debug("maintenance: another session holds the lock; skipping")
@@ -117,12 +121,13 @@ class PostgresMaintenance:
                     failed.append((f"refresh:{spec.relation}", str(exc)))
                 horizon = now - getattr(retention, spec.retention_field)
                 async with conn.transaction():
-                    # Identifier from the constant table above, never from input.
-                    status = await conn.execute(
-                        f"DELETE FROM {spec.relation} WHERE bucket < $1",  # noqa: S608
-                        horizon,
+                    cur = await conn.execute(
+                        sql.SQL("DELETE FROM {} WHERE bucket < %s").format(
+                            sql.Identifier(spec.relation)
+                        ),
+                        (horizon,),
                     )
-                removed.append((spec.relation, int(status.rsplit(" ", 1)[-1])))
+                removed.append((spec.relation, max(cur.rowcount, 0)))
 
             removed.extend(await delete_expired(conn, retention, now))
 
@@ -142,26 +147,58 @@ class PostgresMaintenance:
             failed_steps=tuple(failed),
         )
 
+    async def backfill(
+        self, conn: AdminConnection, since: datetime, retention: Retention
+    ) -> tuple[RollupRefresh, ...]:
+        """Recompute both rollups from ``since``'s bucket up to the last complete one.
+
+        See ``Maintenance.backfill``. The watermark row lock serialises this with the
+        maintenance job's refresh, so no advisory lock is taken (and none is waited for).
+        """
+        require_autocommit(conn)
+        now = self._clock()
+        refreshed: list[RollupRefresh] = []
+        for spec in self._rollups:
+            cur = await conn.execute(
+                "SELECT watermark FROM rollup_watermarks WHERE rollup = %s", (spec.relation,)
+            )
+            mark = await cur.fetchone()
+            # Never refreshed: the first regular refresh starts at the oldest raw row anyway.
+            start = (
+                None
+                if mark is None or mark[0] is None
+                else backfill_start(since, spec.width, now, retention)
+            )
+            refresh = await refresh_rollup(conn, spec, now, refresh_from=start)
+            logger.info(
+                "backfill: %s recomputed from %s to %s (%d rows)",
+                spec.relation,
+                refresh.window_start,
+                refresh.window_end,
+                refresh.buckets,
+            )
+            refreshed.append(refresh)
+        return tuple(refreshed)
+
     async def _maintain_partitions(
-        self, conn: asyncpg.Connection, parent: str, retention: timedelta, now: datetime
+        self, conn: AdminConnection, parent: str, retention: timedelta, now: datetime
     ) -> list[tuple[str, str, int]]:
         async with conn.transaction():
             await conn.execute(
-                "SELECT set_config('lock_timeout', $1, true)", f"{self._lock_timeout_ms}ms"
+                "SELECT set_config('lock_timeout', %s, true)", (f"{self._lock_timeout_ms}ms",)
             )
-            records = await conn.fetch(
+            cur = await conn.execute(
                 "SELECT action, relation, row_count"
-                " FROM pluginmon_maintain_partitions($1::text::regclass, $2, $3, $4)",
-                parent,
-                retention,
-                self._days_ahead,
-                now,
+                " FROM pluginmon_maintain_partitions(%s::text::regclass, %s::interval,"
+                " %s::integer, %s::timestamptz)",
+                (parent, retention, self._days_ahead, now),
             )
-        return [(str(r["action"]), str(r["relation"]), int(r["row_count"])) for r in records]
+            records = await cur.fetchall()
+        return [(str(r[0]), str(r[1]), int(r[2])) for r in records]
 
 
 async def refresh_rollup(
-    conn: asyncpg.Connection,
+    conn: AdminConnection,
     spec: RollupSpec,
     now: datetime,
     *,
@@ -170,22 +207,18 @@ async def refresh_rollup(
     """Recompute ``spec``'s buckets from its watermark (minus lookback) up to ``now``.
 
     ``refresh_from`` recomputes from that time instead, for rows that arrived later than the
-    lookback (a spool replayed after a long outage).
+    lookback (a spool replayed after a long outage); ``PostgresMaintenance.backfill`` picks
+    it so that no bucket past the raw retention is recomputed. ``conn``: autocommit.
     """
     async with conn.transaction():
-        row = await conn.fetchrow(
+        cur = await conn.execute(
             "SELECT window_start, window_end, buckets"
-            " FROM pluginmon_refresh_rollup($1::text::regclass, $2, $3, $4, $5)",
-            spec.relation,
-            spec.width,
-            spec.lookback,
-            now,
-            refresh_from,
+            " FROM pluginmon_refresh_rollup(%s::text::regclass, %s::interval, %s::interval,"
+            " %s::timestamptz, %s::timestamptz)",
+            (spec.relation, spec.width, spec.lookback, now, refresh_from),
         )
+        row = await cur.fetchone()
     assert row is not None
     return RollupRefresh(
-        rollup=spec.relation,
-        window_start=row["window_start"],
-        window_end=row["window_end"],
-        buckets=int(row["buckets"]),
+        rollup=spec.relation, window_start=row[0], window_end=row[1], buckets=int(row[2])
     )

@@ -7,15 +7,20 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-import asyncpg
 import psycopg
+from psycopg import sql
 
 from storage.backend import (
+    AdminConnection,
     Clock,
     MaintenanceReport,
     Retention,
+    RollupRefresh,
+    backfill_start,
+    bucket_floor,
     delete_expired,
     maintenance_lock,
+    require_autocommit,
     utc_now,
 )
 from storage.migrate import Backend
@@ -34,6 +39,7 @@ REFRESH_PROC = "policy_refresh_continuous_aggregate"
 class RefreshWindow:
     """A continuous aggregate refresh policy: materialise [now - start, now - end) every run."""
 
+    bucket_width: timedelta
     start_offset: timedelta
     end_offset: timedelta
     schedule_interval: timedelta
@@ -43,11 +49,13 @@ class RefreshWindow:
 # enough back to absorb late rows; both stay well inside the raw retention (Retention checks).
 REFRESH_WINDOWS: dict[str, RefreshWindow] = {
     "rollup_samples_1m": RefreshWindow(
+        bucket_width=timedelta(minutes=1),
         start_offset=timedelta(hours=2),
         end_offset=timedelta(minutes=1),
         schedule_interval=timedelta(minutes=1),
     ),
     "rollup_samples_1h": RefreshWindow(
+        bucket_width=timedelta(hours=1),
         start_offset=timedelta(days=1),
         end_offset=timedelta(hours=1),
         schedule_interval=timedelta(minutes=30),
@@ -264,7 +272,8 @@ class TimescaleMaintenance:
     def backend(self) -> Backend:
         return Backend.TIMESCALEDB
 
-    async def run(self, conn: asyncpg.Connection, retention: Retention) -> MaintenanceReport:
+    async def run(self, conn: AdminConnection, retention: Retention) -> MaintenanceReport:
+        require_autocommit(conn)
         async with maintenance_lock(conn) as acquired:
             if not acquired:
                 return MaintenanceReport(backend=self.backend, ran=False)
@@ -274,3 +283,42 @@ class TimescaleMaintenance:
             ran=True,
             rows_removed=tuple((name, rows) for name, rows in removed if rows),
         )
+
+    async def backfill(
+        self, conn: AdminConnection, since: datetime, retention: Retention
+    ) -> tuple[RollupRefresh, ...]:
+        """Materialise both continuous aggregates from ``since``'s bucket up to where their
+        refresh policies stop (``now - end_offset``), whatever the policies' start offsets.
+
+        See ``Maintenance.backfill``. ``refresh_continuous_aggregate`` cannot run inside a
+        transaction block, hence the autocommit connection.
+        """
+        require_autocommit(conn)
+        now = self._clock()
+        refreshed: list[RollupRefresh] = []
+        for relation in CONTINUOUS_AGGREGATES:
+            window = REFRESH_WINDOWS[relation]
+            start = backfill_start(since, window.bucket_width, now, retention)
+            end = bucket_floor(now - window.end_offset, window.bucket_width)
+            if start >= end:
+                # Less than one complete bucket: the policy covers it (and TimescaleDB
+                # refuses a window smaller than a bucket).
+                refreshed.append(RollupRefresh(relation, start, start, 0))
+                continue
+            await conn.execute(
+                "CALL refresh_continuous_aggregate(%s::regclass, %s::timestamptz, %s::timestamptz)",
+                (relation, start, end),
+            )
+            cur = await conn.execute(
+                sql.SQL("SELECT count(*) FROM {} WHERE bucket >= %s AND bucket < %s").format(
+                    sql.Identifier(relation)
+                ),
+                (start, end),
+            )
+            row = await cur.fetchone()
+            buckets = int(row[0]) if row is not None else 0
+            logger.info(
+                "backfill: %s materialised from %s to %s (%d rows)", relation, start, end, buckets
+            )
+            refreshed.append(RollupRefresh(relation, start, end, buckets))
+        return tuple(refreshed)

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
-import asyncpg
 import psycopg
 import pytest
 
@@ -13,6 +12,9 @@ from storage.backend import (
     MAINTENANCE_LOCK_KEY,
     MaintenanceReport,
     Retention,
+    admin_connection,
+    backfill_rollups,
+    backfill_start,
     detect_backend,
     maintenance_for,
 )
@@ -55,11 +57,8 @@ def _timestamps(conn: Conn, table: str) -> list[datetime]:
 async def _run(
     url: str, maintenance: PostgresMaintenance, retention: Retention
 ) -> MaintenanceReport:
-    conn = await asyncpg.connect(url)
-    try:
+    async with admin_connection(url) as conn:
         return await maintenance.run(conn, retention)
-    finally:
-        await conn.close()
 
 
 async def test_partition_retention_removes_exactly_the_rows_past_the_horizon(pg_db: str) -> None:
@@ -191,12 +190,9 @@ async def test_expired_operations_audit_and_analytics_are_deleted(migrated_db: s
                 (plugin, now - age),
             )
 
-    conn_async = await asyncpg.connect(migrated_db)
-    try:
+    async with admin_connection(migrated_db) as conn_async:
         backend = await detect_backend(conn_async)
         report = await maintenance_for(backend, clock=lambda: now).run(conn_async, Retention())
-    finally:
-        await conn_async.close()
 
     assert report.ran
     assert report.removed("plugin_operations") == 2
@@ -210,14 +206,12 @@ async def test_expired_operations_audit_and_analytics_are_deleted(migrated_db: s
 
 
 async def test_maintenance_skips_while_another_daemon_holds_the_lock(pg_db: str) -> None:
-    holder = await asyncpg.connect(pg_db)
-    try:
-        assert await holder.fetchval("SELECT pg_try_advisory_lock($1)", MAINTENANCE_LOCK_KEY)
+    async with admin_connection(pg_db) as holder:
+        cur = await holder.execute("SELECT pg_try_advisory_lock(%s)", (MAINTENANCE_LOCK_KEY,))
+        assert await cur.fetchone() == (True,)
         report = await _run(pg_db, PostgresMaintenance(clock=lambda: NOW), Retention())
         assert not report.ran
         assert report.partitions_created == ()
-    finally:
-        await holder.close()
     report = await _run(pg_db, PostgresMaintenance(clock=lambda: NOW), Retention())
     assert report.ran
 
@@ -238,8 +232,7 @@ async def test_rollup_refresh_is_incremental_and_matches_group_by(pg_db: str) ->
             ),
         )
 
-    conn_async = await asyncpg.connect(pg_db)
-    try:
+    async with admin_connection(pg_db) as conn_async:
         at = start + timedelta(hours=2, seconds=30)
         first = await refresh_rollup(conn_async, spec_1m, at)
         await refresh_rollup(conn_async, spec_1h, at)
@@ -318,8 +311,109 @@ async def test_rollup_refresh_is_incremental_and_matches_group_by(pg_db: str) ->
                 "SELECT watermark FROM rollup_watermarks WHERE rollup = 'rollup_samples_1m'"
             ).fetchone()
         assert watermark == (start + timedelta(hours=3),)
-    finally:
-        await conn_async.close()
+
+
+async def test_backfill_puts_rows_older_than_the_lookback_into_both_rollups(pg_db: str) -> None:
+    """A spool replayed after a 3-hour outage: the regular refresh never looks that far back;
+    ``backfill`` from the oldest replayed timestamp makes both rollups equal raw again."""
+    start = NOW - timedelta(hours=6)
+    with psycopg.connect(pg_db, autocommit=True) as conn:
+        plugins = [
+            ("acme", add_plugin(conn, "acme", "resizer")),
+            ("globex", add_plugin(conn, "globex", "indexer")),
+        ]
+        insert_samples(conn, samples_series(start, NOW, timedelta(seconds=20), plugins, seed=11))
+    first = await _run(pg_db, PostgresMaintenance(clock=lambda: NOW), Retention())
+    assert [r.window_end for r in first.rollups] == [NOW, NOW]
+
+    # Rows from three hours back arrive after the watermarks moved on.
+    late_start = NOW - timedelta(hours=3, minutes=7, seconds=30)
+    with psycopg.connect(pg_db, autocommit=True) as conn:
+        late = samples_series(
+            late_start, late_start + timedelta(minutes=20), timedelta(seconds=5), plugins, seed=12
+        )
+        insert_samples(conn, late)
+    later = NOW + timedelta(minutes=2)
+    await _run(pg_db, PostgresMaintenance(clock=lambda: later), Retention())
+    with psycopg.connect(pg_db) as conn:
+        # The defect being fixed: the regular refresh leaves the late rows out.
+        assert rollup_rows(conn, "plugin_samples_1m") != group_by_rollup(conn, "1 minute")
+        assert rollup_rows(conn, "plugin_samples_1h") != group_by_rollup(conn, "1 hour")
+
+    refreshed = await backfill_rollups(pg_db, late_start, Retention(), clock=lambda: later)
+
+    spec_1m, spec_1h = ROLLUPS
+    assert [(r.rollup, r.window_start, r.window_end) for r in refreshed] == [
+        (spec_1m.relation, NOW - timedelta(hours=3, minutes=8), later),
+        (spec_1h.relation, NOW - timedelta(hours=4), NOW),
+    ]
+    with psycopg.connect(pg_db) as conn:
+        assert_rollups_equal(
+            rollup_rows(conn, "plugin_samples_1m"), group_by_rollup(conn, "1 minute")
+        )
+        assert_rollups_equal(
+            rollup_rows(conn, "plugin_samples_1h"), group_by_rollup(conn, "1 hour")
+        )
+        late_rows = rollup_rows(
+            conn, "plugin_samples_1m", "bucket = timestamptz '2026-03-20 08:55+00'"
+        )
+        # 20 s base rows plus 5 s late rows in that minute, for each plugin.
+        assert sorted(v[0] for v in late_rows.values()) == [15, 15]
+        marks = conn.execute(
+            "SELECT rollup, watermark FROM rollup_watermarks ORDER BY 1"
+        ).fetchall()
+    assert marks == [("rollup_samples_1h", NOW), ("rollup_samples_1m", later)]
+
+
+async def test_backfill_leaves_buckets_past_the_raw_retention_alone(pg_db: str) -> None:
+    """Rollups outlive raw rows: a back-fill from before the raw horizon must not erase them."""
+    with psycopg.connect(pg_db, autocommit=True) as conn:
+        plugin = add_plugin(conn, "acme", "resizer")
+        insert_samples(
+            conn,
+            samples_series(NOW - timedelta(hours=2), NOW, timedelta(minutes=1), [("acme", plugin)]),
+        )
+    await _run(pg_db, PostgresMaintenance(clock=lambda: NOW), Retention())
+    old_bucket = NOW - timedelta(days=200)
+    with psycopg.connect(pg_db, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO rollup_samples_1h (bucket, tenant_id, plugin_id, environment, sample_count)"
+            " VALUES (%s, 'acme', %s, 'prod', 360)",
+            (old_bucket, plugin),
+        )
+
+    async with admin_connection(pg_db) as conn_async:
+        refreshed = await PostgresMaintenance(clock=lambda: NOW).backfill(
+            conn_async, NOW - timedelta(days=365), Retention()
+        )
+
+    horizon = NOW - Retention().samples
+    assert [r.window_start for r in refreshed] == [horizon, horizon]
+    with psycopg.connect(pg_db) as conn:
+        kept = conn.execute(
+            "SELECT sample_count FROM rollup_samples_1h WHERE bucket = %s", (old_bucket,)
+        ).fetchall()
+        assert kept == [(360,)]
+        assert_rollups_equal(
+            rollup_rows(conn, "plugin_samples_1m"), group_by_rollup(conn, "1 minute")
+        )
+
+
+def test_backfill_start_is_the_first_bucket_raw_retention_still_holds() -> None:
+    retention = Retention(samples=timedelta(days=10))
+    minute, hour = timedelta(minutes=1), timedelta(hours=1)
+    since = NOW - timedelta(hours=3, seconds=10)
+    assert backfill_start(since, minute, NOW, retention) == NOW - timedelta(hours=3, minutes=1)
+    assert backfill_start(since, hour, NOW, retention) == NOW - timedelta(hours=4)
+    # The horizon falls mid-bucket: that bucket's older rows may be gone already.
+    now = NOW + timedelta(minutes=30, seconds=15)
+    horizon = now - retention.samples
+    assert backfill_start(NOW - timedelta(days=40), hour, now, retention) == horizon + timedelta(
+        minutes=29, seconds=45
+    )
+    assert backfill_start(NOW - timedelta(days=40), minute, now, retention) == horizon + timedelta(
+        seconds=45
+    )
 
 
 async def test_expired_rollup_buckets_are_deleted(pg_db: str) -> None:

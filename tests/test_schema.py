@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 from collections.abc import Callable, Iterator
 
 import asyncpg
@@ -11,8 +12,8 @@ import psycopg
 import pytest
 from psycopg import errors
 
-from storage.backend import detect_backend
-from storage.migrate import Backend, migrate
+from storage.backend import Retention, admin_connection, detect_backend, prepare_database
+from storage.migrate import Backend, applied_versions, migrate
 from storage.queries import ensure_tenant_and_plugin, set_tenant
 from tests.dbutil import create_database, drop_database, with_database
 from tests.schema_helpers import (
@@ -562,6 +563,37 @@ async def test_set_tenant_and_detect_backend(migrated_db: str) -> None:
         await set_tenant(conn, None)
         assert await conn.fetchval("SELECT pluginmon_current_tenant()") is None
         recorded = await conn.fetchval("SELECT min(backend) FROM schema_migrations")
-        assert (await detect_backend(conn)).value == recorded
     finally:
         await conn.close()
+    async with admin_connection(migrated_db) as admin:
+        assert (await detect_backend(admin)).value == recorded
+
+
+@pytest.fixture
+def silent_server_url() -> Iterator[str]:
+    """A URL whose server completes the TCP handshake and then never answers (a black hole
+    as far as libpq can tell): without connect_timeout, connecting would wait forever."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        port = listener.getsockname()[1]
+        yield f"postgresql://pluginmon@127.0.0.1:{port}/pluginmon"
+
+
+def test_admin_plane_gives_up_on_a_server_that_never_answers(silent_server_url: str) -> None:
+    with pytest.raises(psycopg.OperationalError, match="timeout"):
+        migrate(silent_server_url, connect_timeout_seconds=2)
+    with pytest.raises(psycopg.OperationalError, match="timeout"):
+        prepare_database(silent_server_url, Retention(), connect_timeout_seconds=1)
+    with pytest.raises(psycopg.OperationalError, match="timeout"):
+        list(applied_versions(silent_server_url, connect_timeout_seconds=2))
+    with pytest.raises(ValueError, match="positive"):
+        migrate(silent_server_url, connect_timeout_seconds=0)
+
+
+async def test_admin_connection_gives_up_on_a_server_that_never_answers(
+    silent_server_url: str,
+) -> None:
+    with pytest.raises(psycopg.OperationalError, match="timeout"):
+        async with admin_connection(silent_server_url, connect_timeout_seconds=2):
+            pass

@@ -6,12 +6,19 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import asyncpg
 import psycopg
 import pytest
 
 from storage import timescale
-from storage.backend import Retention, detect_backend, maintenance_for, prepare_database
+from storage.backend import (
+    Retention,
+    admin_connection,
+    backfill_rollups,
+    bucket_floor,
+    detect_backend,
+    maintenance_for,
+    prepare_database,
+)
 from storage.migrate import Backend
 from storage.partitions import ROLLUPS, refresh_rollup
 from storage.timescale import TimescaleMaintenance
@@ -268,17 +275,13 @@ async def test_continuous_aggregates_equal_the_postgres_rollups(
 
 
 async def _refresh_postgres(url: str, now: datetime) -> None:
-    conn = await asyncpg.connect(url)
-    try:
+    async with admin_connection(url) as conn:
         for spec in ROLLUPS:
             await refresh_rollup(conn, spec, now)
-    finally:
-        await conn.close()
 
 
 async def test_backend_detection_and_maintenance_choice(tsdb_url: str) -> None:
-    conn = await asyncpg.connect(tsdb_url)
-    try:
+    async with admin_connection(tsdb_url) as conn:
         backend = await detect_backend(conn)
         assert backend is Backend.TIMESCALEDB
         maintenance = maintenance_for(backend)
@@ -286,5 +289,49 @@ async def test_backend_detection_and_maintenance_choice(tsdb_url: str) -> None:
         report = await maintenance.run(conn, CONFIGURED)
         assert report.ran
         assert report.backend is Backend.TIMESCALEDB
-    finally:
-        await conn.close()
+
+
+async def test_backfill_materialises_late_rows_outside_the_policy_windows(tsdb_url: str) -> None:
+    """Rows replayed three hours late: no refresh policy window reaches them (the 1-minute one
+    starts 2 h back); ``backfill`` from the oldest replayed timestamp does."""
+    end = bucket_floor(datetime.now(UTC), timedelta(hours=1)) - timedelta(hours=1)
+    start = end - timedelta(hours=5)
+    with psycopg.connect(tsdb_url, autocommit=True) as conn:
+        plugins = [
+            ("acme", add_plugin(conn, "acme", "resizer")),
+            ("globex", add_plugin(conn, "globex", "indexer")),
+        ]
+        insert_samples(conn, samples_series(start, end, timedelta(seconds=20), plugins, seed=21))
+        timescale.refresh_rollups(conn, start, end)
+        assert_rollups_equal(
+            rollup_rows(conn, "plugin_samples_1m"), group_by_rollup(conn, "1 minute")
+        )
+        late_start = end - timedelta(hours=3, minutes=7, seconds=30)
+        insert_samples(
+            conn,
+            samples_series(
+                late_start,
+                late_start + timedelta(minutes=20),
+                timedelta(seconds=5),
+                plugins,
+                seed=22,
+            ),
+        )
+        # Not materialised yet: the continuous aggregates are materialized_only.
+        assert rollup_rows(conn, "plugin_samples_1m") != group_by_rollup(conn, "1 minute")
+        assert rollup_rows(conn, "plugin_samples_1h") != group_by_rollup(conn, "1 hour")
+
+    refreshed = await backfill_rollups(tsdb_url, late_start, CONFIGURED)
+
+    assert [(r.rollup, r.window_start) for r in refreshed] == [
+        ("rollup_samples_1m", bucket_floor(late_start, timedelta(minutes=1))),
+        ("rollup_samples_1h", bucket_floor(late_start, timedelta(hours=1))),
+    ]
+    assert refreshed[1].window_end == end
+    with psycopg.connect(tsdb_url) as conn:
+        assert_rollups_equal(
+            rollup_rows(conn, "plugin_samples_1m"), group_by_rollup(conn, "1 minute")
+        )
+        assert_rollups_equal(
+            rollup_rows(conn, "plugin_samples_1h"), group_by_rollup(conn, "1 hour")
+        )
