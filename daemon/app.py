@@ -498,17 +498,18 @@ async def build(daemon: Daemon, stack: AsyncExitStack, stop: asyncio.Event) -> N
 def _maintenance_job(daemon: Daemon) -> Callable[[], Awaitable[None]]:
     """Partitions, retention and rollups; storage takes the advisory lock, so one of many
     daemons sharing the database does the work and the others return at once."""
-    from storage.backend import Maintenance, detect_backend, maintenance_for
+    from storage.backend import Maintenance, admin_connection, detect_backend, maintenance_for
 
     maintenance: Maintenance | None = None
     retention = daemon.config.retention
 
     async def run() -> None:
         nonlocal maintenance
-        pool = daemon.pool
-        if pool is None:
+        url = daemon.database_url
+        if url is None:
             return
-        async with pool.acquire() as conn:
+        # Admin plane: its own psycopg connection (connect_timeout 10 s), not one of the pool's.
+        async with admin_connection(url) as conn:
             if maintenance is None:
                 maintenance = maintenance_for(await detect_backend(conn))
             report = await maintenance.run(conn, retention)
