@@ -8,7 +8,6 @@ import logging
 import os
 import signal
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack
 
@@ -32,9 +31,22 @@ from daemon.exporter import (
 from daemon.http import BasicAuth, HttpServer, Readiness, tls_context
 from daemon.logs import redact
 from daemon.scheduling import Scheduler
+from daemon.spools import (
+    DROP_BUFFER_FULL,
+    DROP_INVALID_PLUGIN,
+    DROP_REJECTED,
+    DROP_SPOOL_DISCARDED,
+    CountingSpool,
+    DataDirLock,
+    DataDirLockedError,
+    UnresolvedSpool,
+    resolved_row,
+    row_key,
+    unresolved_row,
+)
 from storage.backend import Retention
 from storage.queries import ensure_tenant_and_plugin
-from storage.spool import Spool, SpoolLockedError
+from storage.spool import SpoolCodecError, SpoolFullError, SpoolLockedError
 from storage.writer import (
     PLUGIN_SAMPLES_COLUMNS,
     PLUGIN_SAMPLES_TABLE,
@@ -54,8 +66,38 @@ class DaemonFailedError(RuntimeError):
     """A component the daemon cannot run without stopped; the cause is chained."""
 
 
-# Samples of plugins whose id is not known yet (database away at start) wait here.
-MAX_UNRESOLVED_SAMPLES = 100_000
+# How long one sampling tick may wait for plugin ids (a slow or unreachable database must
+# not stall sampling: the samples go to the unresolved spool instead).
+RESOLVE_TIMEOUT_SECONDS = 3.0
+# After a failed id lookup, how long new plugins' samples go straight to the spool.
+RESOLVE_RETRY_SECONDS = 5.0
+
+
+class ShutdownBudget:
+    """One deadline shared by every shutdown stage, started by the first signal.
+
+    Each stage asks for at most ``fraction`` of the whole deadline and leaves ``reserve``
+    of it for the stages after it, so the stages together never exceed the deadline.
+    """
+
+    def __init__(self, total_seconds: float) -> None:
+        self.total_seconds = total_seconds
+        self._deadline: float | None = None
+
+    def start(self) -> None:
+        if self._deadline is None:
+            self._deadline = time.monotonic() + self.total_seconds
+
+    def remaining(self) -> float:
+        if self._deadline is None:
+            return self.total_seconds
+        return max(0.0, self._deadline - time.monotonic())
+
+    def share(self, fraction: float, *, reserve: float = 0.0) -> float:
+        return max(
+            0.0,
+            min(fraction * self.total_seconds, self.remaining() - reserve * self.total_seconds),
+        )
 
 
 def sample_row(sample: PluginSample, plugin_id: int, host: str) -> tuple[object, ...]:
@@ -110,23 +152,27 @@ class Daemon:
         self.exporter = ExporterState(grace_seconds=self.settings.plugin_grace_seconds)
         self.plugins = PluginCollector(self.exporter)
         self.renderer = MetricsRenderer(self.registry, self.plugins)
+        self.shutdown_budget = ShutdownBudget(self.settings.shutdown_deadline_seconds)
         self.scheduler = Scheduler(
             misfire_grace_seconds=self.settings.misfire_grace_seconds,
-            drain_seconds=self.settings.shutdown_deadline_seconds / 4,
+            drain_seconds=lambda: self.shutdown_budget.share(0.2, reserve=0.7),
         )
         self.database_url: str | None = None
         self.pool: asyncpg.Pool | None = None
         self.writer: BatchWriter | None = None
-        self.spool: Spool | None = None
+        self.spool: CountingSpool | None = None
+        self.unresolved: UnresolvedSpool | None = None
+        self.schema_ready = False
         self.sampler: Sampler | None = None
         self.engine: AlertEngine | None = None
         self.outbox: OutboxDeliverer | None = None
         self.maintenance: Callable[[], Awaitable[None]] | None = None
         self.http: HttpServer | None = None
         self._plugin_ids: dict[PluginKey, int] = {}
-        self._unresolved: deque[PluginSample] = deque()
         self._invalid: set[PluginKey] = set()
-        self._dropped: dict[str, int] = {"unresolved_plugin": 0, "invalid_plugin": 0}
+        self._resolve_retry_at = 0.0
+        self._unresolved_failing = False
+        self._dropped: dict[str, int] = {DROP_INVALID_PLUGIN: 0}
         self._latest: Snapshot | None = None
         self._evaluated: Snapshot | None = None
         self._last_sample_monotonic: float | None = None
@@ -181,14 +227,23 @@ class Daemon:
         self.exporter.update_snapshot(snapshot)
         return snapshot
 
-    async def _resolve_ids(self, keys: Sequence[PluginKey]) -> None:
+    async def _resolve_ids(self, keys: Sequence[PluginKey]) -> bool:
+        """Learn the plugin ids of ``keys`` not known yet; False when the database did not
+        answer within RESOLVE_TIMEOUT_SECONDS (the caller spools what is unresolved).
+
+        Bounded, so a slow or unreachable database never stalls sampling; after a failure
+        the database is not asked again for RESOLVE_RETRY_SECONDS.
+        """
         missing = [
             k for k in dict.fromkeys(keys) if k not in self._plugin_ids and k not in self._invalid
         ]
-        if not missing or self.pool is None:
-            return
+        if not missing:
+            return True
+        pool = self.pool
+        if pool is None or not self.schema_ready or time.monotonic() < self._resolve_retry_at:
+            return False
         try:
-            async with self.pool.acquire() as conn:
+            async with asyncio.timeout(RESOLVE_TIMEOUT_SECONDS), pool.acquire() as conn:
                 for key in missing:
                     try:
                         self._plugin_ids[key] = await ensure_tenant_and_plugin(
@@ -204,29 +259,102 @@ class Daemon:
                             key.environment,
                             exc,
                         )
-        except DATABASE_ERRORS as exc:
+        except (*DATABASE_ERRORS, asyncpg.PostgresError) as exc:
+            self._resolve_retry_at = time.monotonic() + RESOLVE_RETRY_SECONDS
             self._database_state(False, exc)
+            return False
+        return True
 
     async def _write(self, snapshot: Snapshot) -> None:
-        pending = list(self._unresolved) + list(snapshot.samples)
-        self._unresolved.clear()
-        await self._resolve_ids([s.key for s in pending])
+        """Rows of known plugins to the writer; samples of plugins without an id yet (or
+        with older samples still waiting) to the unresolved spool, on disk."""
+        await self._drain_unresolved()
+        unresolved = self.unresolved
+        waiting_keys = unresolved.keys if unresolved is not None else set()
+        await self._resolve_ids([s.key for s in snapshot.samples if s.key not in waiting_keys])
         rows: list[tuple[object, ...]] = []
-        for sample in pending:
-            plugin_id = self._plugin_ids.get(sample.key)
-            if plugin_id is not None:
-                rows.append(sample_row(sample, plugin_id, snapshot.host))
-            elif sample.key in self._invalid:
-                self._dropped["invalid_plugin"] = self._dropped.get("invalid_plugin", 0) + 1
-            elif len(self._unresolved) >= MAX_UNRESOLVED_SAMPLES:
-                self._dropped["unresolved_plugin"] = self._dropped.get("unresolved_plugin", 0) + 1
+        waiting: list[tuple[object, ...]] = []
+        for sample in snapshot.samples:
+            key = sample.key
+            plugin_id = self._plugin_ids.get(key)
+            if key in self._invalid:
+                self._dropped[DROP_INVALID_PLUGIN] += 1
+            elif plugin_id is None or key in waiting_keys:
+                # Behind this plugin's older samples, which are still on disk.
+                waiting.append(unresolved_row(sample, snapshot.host))
             else:
-                self._unresolved.append(sample)
+                rows.append(sample_row(sample, plugin_id, snapshot.host))
+        self._put(rows)
+        if waiting:
+            await self._spool_unresolved(waiting)
+
+    def _put(self, rows: list[tuple[object, ...]]) -> None:
         if rows and self.writer is not None:
             try:
                 self.writer.put(rows)
             except (WriterFailedError, WriterClosedError) as exc:
                 self._fail(exc)
+
+    async def _spool_unresolved(self, rows: list[tuple[object, ...]]) -> None:
+        unresolved = self.unresolved
+        if unresolved is None:
+            return
+        try:
+            await asyncio.to_thread(unresolved.append, rows)
+        except (SpoolFullError, SpoolCodecError, OSError) as exc:
+            # Counted by the spool under its own reason; logged once per episode.
+            if not self._unresolved_failing:
+                self._unresolved_failing = True
+                logger.error(
+                    "dropping %d samples of plugins without an id yet: %s (later drops are "
+                    "counted, not logged)",
+                    len(rows),
+                    exc,
+                )
+            return
+        self._unresolved_failing = False
+
+    async def _drain_unresolved(self) -> None:
+        """Replay the unresolved spool into the writer, oldest first, once ids resolve.
+
+        Time-boxed (half a sample interval, at least 1 s) so sampling goes on; what is left
+        is replayed at the next tick, still before that plugin's newer samples.
+        """
+        unresolved, writer = self.unresolved, self.writer
+        if unresolved is None or writer is None or unresolved.rows == 0 or not self.schema_ready:
+            return
+        until = time.monotonic() + max(1.0, self.settings.sample_interval_seconds / 2)
+        replayed = 0
+        while time.monotonic() < until:
+            try:
+                pending = await asyncio.to_thread(unresolved.peek)
+            except OSError:
+                logger.exception("cannot read the unresolved spool; retrying at the next tick")
+                return
+            if pending is None:
+                break
+            if not await self._resolve_ids(list(pending.keys)):
+                break
+            rows: list[tuple[object, ...]] = []
+            for row in pending.batch.rows:
+                plugin_id = self._plugin_ids.get(row_key(row))
+                if plugin_id is None:  # the schema refused this plugin
+                    self._dropped[DROP_INVALID_PLUGIN] += 1
+                else:
+                    rows.append(resolved_row(row, plugin_id))
+            self._put(rows)
+            try:
+                await asyncio.shield(asyncio.to_thread(unresolved.ack, pending))
+            except OSError:
+                logger.exception("cannot update the unresolved spool; retrying at the next tick")
+                return
+            replayed += len(rows)
+        if replayed:
+            logger.info(
+                "replayed %d spooled samples of plugins whose id is now known (%d left)",
+                replayed,
+                unresolved.rows,
+            )
 
     async def job_flush(self) -> None:
         """Nudge the writer to write partial batches now (it also flushes on its own)."""
@@ -288,6 +416,8 @@ class Daemon:
             await self.probe_database()
             if not self._database_up:
                 reasons.append("database unreachable")
+            elif not self.schema_ready:
+                reasons.append("database schema not ready yet")
         limit = 3 * self.settings.sample_interval_seconds
         last = self._last_sample_monotonic
         if last is None:
@@ -308,12 +438,15 @@ class Daemon:
             ws = self.writer.stats()
             rows_written[PLUGIN_SAMPLES_TABLE] = ws.rows_written
             spool_rows = ws.spool_rows
-            dropped["rejected_by_database"] = ws.rows_rejected
-            dropped["buffer_full"] = ws.rows_dropped - ws.rows_rejected
             buckets = ws.flush_seconds_buckets
             write_sum = ws.flush_seconds_sum
             database_up = database_up and ws.database_available
-        dropped.update(self._dropped)
+            dropped.update(self._drop_reasons(ws.rows_dropped, ws.rows_rejected))
+        if self.unresolved is not None:
+            spool_rows += self.unresolved.rows
+            for reason, count in self._unresolved_drops().items():
+                dropped[reason] = dropped.get(reason, 0) + count
+        dropped[DROP_INVALID_PLUGIN] = self._dropped[DROP_INVALID_PLUGIN]
         notifications: dict[tuple[str, str], int] = {}
         outbox_pending = 0
         if self.outbox is not None:
@@ -334,24 +467,52 @@ class Daemon:
             )
         )
 
+    def _drop_reasons(self, rows_dropped: int, rows_rejected: int) -> dict[str, int]:
+        """The writer's one ``rows_dropped`` split by cause: rows the database refused, spool
+        appends that failed (counted by the spool, by exception), undecodable spooled batches
+        discarded at replay, and the rest: the in-memory queue overflowing."""
+        dropped = {DROP_REJECTED: rows_rejected}
+        accounted = rows_rejected
+        spool = self.spool
+        if spool is not None:
+            dropped[DROP_SPOOL_DISCARDED] = spool.discarded_rows
+            accounted += spool.discarded_rows
+            for reason, count in spool.failed_rows.items():
+                dropped[reason] = count
+                accounted += count
+        dropped[DROP_BUFFER_FULL] = max(0, rows_dropped - accounted)
+        return dropped
+
+    def _unresolved_drops(self) -> dict[str, int]:
+        if self.unresolved is None:
+            return {}
+        spool = self.unresolved.spool
+        return {**spool.failed_rows, DROP_SPOOL_DISCARDED: spool.discarded_rows}
+
     # -- lifecycle ------------------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
         self._stop = stop
         async with AsyncExitStack() as stack:
-            await build(self, stack, stop)
-            if stop.is_set():
-                return
-            logger.info(
-                "pluginmon running: %d configured plugin(s)%s, sample every %g s",
-                len(self.config.plugins),
-                " + label discovery" if self.settings.label_discovery else "",
-                self.settings.sample_interval_seconds,
-            )
-            await stop.wait()
-            logger.info("shutting down (deadline %g s)", self.settings.shutdown_deadline_seconds)
-            # Stop sampling first; the rest unwinds in reverse order on the stack.
-            self.scheduler.pause()
+            try:
+                # Returns early when stop is set while it waits for the database.
+                await build(self, stack, stop)
+                if not stop.is_set():
+                    logger.info(
+                        "pluginmon running: %d configured plugin(s)%s, sample every %g s",
+                        len(self.config.plugins),
+                        " + label discovery" if self.settings.label_discovery else "",
+                        self.settings.sample_interval_seconds,
+                    )
+                    await stop.wait()
+                logger.info(
+                    "shutting down (deadline %g s)", self.settings.shutdown_deadline_seconds
+                )
+            finally:
+                # One deadline for every stage from here; stop sampling first, the rest
+                # unwinds in reverse order on the stack.
+                self.shutdown_budget.start()
+                self.scheduler.pause()
         self._log_final_counts()
         if self._failure is not None:
             raise DaemonFailedError("the batch writer stopped") from self._failure
@@ -368,12 +529,17 @@ class Daemon:
     def _log_final_counts(self) -> None:
         """One line with what this run took and where it went (tests and operators read it)."""
         stats = self.writer.stats() if self.writer is not None else None
+        unresolved = self.unresolved.rows if self.unresolved is not None else 0
+        unresolved_dropped = sum(self._unresolved_drops().values())
         counts = {
             "samples_taken": self.samples_taken,
             "rows_written": stats.rows_written if stats else 0,
-            "rows_in_spool": stats.spool_rows if stats else 0,
-            "rows_dropped": (stats.rows_dropped if stats else 0) + sum(self._dropped.values()),
-            "samples_unresolved": len(self._unresolved),
+            # Both spools: rows with a plugin id, and samples still waiting for one.
+            "rows_in_spool": (stats.spool_rows if stats else 0) + unresolved,
+            "rows_dropped": (stats.rows_dropped if stats else 0)
+            + sum(self._dropped.values())
+            + unresolved_dropped,
+            "samples_unresolved": unresolved,
         }
         logger.info(
             "final counts: %d plugin samples taken, %d rows written, %d rows left in the "
@@ -389,12 +555,31 @@ class Daemon:
 async def build(daemon: Daemon, stack: AsyncExitStack, stop: asyncio.Event) -> None:
     """Start every component in dependency order, registering each one's cleanup.
 
-    HTTP comes first, so /healthz answers (and /readyz says why not ready) while the
-    database is awaited. The exit stack unwinds in reverse: scheduler (drain running jobs),
-    outbox (final delivery), writer (final flush or spool), pool, embedded server, HTTP.
+    The data_dir lock comes first: a second daemon on the same data_dir leaves before it
+    touches the embedded server or a spool. HTTP next, so /healthz answers (and /readyz
+    says why not ready) while the database is awaited. Sampling starts before the database
+    is reachable or migrated: rows wait in the disk spools until it is. The exit stack
+    unwinds in reverse, every stage within one shared deadline (ShutdownBudget): jobs
+    drained, final outbox delivery, alert engine, scheduler, final writer flush, writer
+    close (the rest to the spool), spools, pool, HTTP; then the embedded server stops (its
+    own bounded time, after the deadline) and the lock is released.
     """
     settings = daemon.settings
+    budget = daemon.shutdown_budget
     deadline = settings.shutdown_deadline_seconds
+
+    lock = DataDirLock(settings.data_dir)
+    await asyncio.to_thread(lock.acquire)
+    stack.callback(lock.release)
+    # Registered before HTTP so that it runs after HTTP has stopped, outside the deadline.
+    embedded: list[Callable[[], None]] = []
+
+    async def stop_embedded() -> None:
+        for stop_server in embedded:
+            await asyncio.to_thread(stop_server)
+
+    stack.push_async_callback(stop_embedded)
+
     auth = None
     if settings.http_auth_username:
         auth = BasicAuth(
@@ -419,43 +604,64 @@ async def build(daemon: Daemon, stack: AsyncExitStack, stop: asyncio.Event) -> N
             readiness=daemon.readiness,
             before_render=daemon.refresh_stats,
             auth=auth,
+            auth_probes=settings.http_auth_probes,
             ssl_context=ssl_context,
+            shutdown_timeout_seconds=0.05 * deadline,
         )
     )
 
-    url = await _database_url(daemon, stack)
+    url = await _database_url(daemon, embedded)
     daemon.database_url = url
-    await _migrate_until_done(url, settings.backend, daemon.config.retention, stop)
-    if stop.is_set():
-        return
 
     from storage.pool import close_pool, open_pool
 
-    # min_size=0: the pool opens without a connection, so a database that goes away later
-    # (or is slow now) never blocks start-up; the writer spools meanwhile.
-    daemon.pool = await open_pool(url, min_size=0, max_size=settings.database_pool_max_size)
-    stack.push_async_callback(close_pool, daemon.pool, timeout_seconds=max(1.0, deadline / 4))
-    await daemon.probe_database()
+    # min_size=0: the pool opens without a connection, so a database that is away (now or
+    # later) never blocks start-up; the writer spools meanwhile.
+    pool = daemon.pool = await open_pool(url, min_size=0, max_size=settings.database_pool_max_size)
 
-    # Replays whatever a crashed or killed predecessor left, before any new row.
-    daemon.spool = await asyncio.to_thread(
-        Spool, settings.spool_dir, max_bytes=settings.spool_max_bytes
+    async def close_pool_in_budget() -> None:
+        await close_pool(pool, timeout_seconds=budget.share(1.0, reserve=0.05))
+
+    stack.push_async_callback(close_pool_in_budget)
+
+    # Both spools replay whatever a crashed or killed predecessor left, before new rows.
+    spool = daemon.spool = await asyncio.to_thread(
+        CountingSpool, settings.spool_dir, max_bytes=settings.spool_max_bytes
     )
-    stack.push_async_callback(asyncio.to_thread, daemon.spool.close)
-    if daemon.spool.rows:
-        logger.info("disk spool holds %d sample rows from before; replaying", daemon.spool.rows)
-    daemon.writer = await stack.enter_async_context(
+    stack.push_async_callback(asyncio.to_thread, spool.close)
+    unresolved = daemon.unresolved = await asyncio.to_thread(
+        UnresolvedSpool, settings.unresolved_spool_dir, max_bytes=settings.spool_max_bytes
+    )
+    stack.push_async_callback(asyncio.to_thread, unresolved.close)
+    if spool.rows or unresolved.rows:
+        logger.info(
+            "disk spools hold %d sample rows and %d samples of plugins without an id yet "
+            "from before; replaying",
+            spool.rows,
+            unresolved.rows,
+        )
+    writer = daemon.writer = await stack.enter_async_context(
         BatchWriter(
-            daemon.pool,
+            pool,
             table=PLUGIN_SAMPLES_TABLE,
             columns=PLUGIN_SAMPLES_COLUMNS,
             max_rows=settings.flush_max_rows,
             max_delay_seconds=settings.flush_interval_seconds,
             max_queue_rows=max(settings.writer_queue_max_rows, 2 * settings.flush_max_rows),
-            spool=daemon.spool,
-            close_timeout_seconds=deadline / 2,
+            spool=spool,
+            # Used only when the final flush below ran out of its share of the deadline.
+            close_timeout_seconds=0.25 * deadline,
         )
     )
+
+    async def final_flush() -> None:
+        # Everything queued to the database, or to the spool while it is away; leaves a
+        # quarter of the deadline for the writer's close and a little for the pool.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(budget.share(1.0, reserve=0.35)):
+                await writer.flush()
+
+    stack.push_async_callback(final_flush)
 
     daemon.sampler = Sampler(
         daemon.config.plugins,
@@ -465,13 +671,24 @@ async def build(daemon: Daemon, stack: AsyncExitStack, stop: asyncio.Event) -> N
         host=settings.host,
     )
 
-    await _build_alerts(daemon, stack)
-    daemon.maintenance = _maintenance_job(daemon)
-
     scheduler = daemon.scheduler
     interval = settings.sample_interval_seconds
     scheduler.add_job("sample", daemon.job_sample, interval_seconds=interval)
     scheduler.add_job("flush", daemon.job_flush, interval_seconds=settings.flush_interval_seconds)
+    # The writer notices an outage on its own at the next COPY; the probe is for /readyz and
+    # the once-per-change log lines while nothing is written.
+    scheduler.add_job("database_probe", daemon.probe_database, interval_seconds=5.0)
+    await stack.enter_async_context(scheduler)
+
+    # Sampling runs meanwhile; its rows spool until the schema is there.
+    await _migrate_until_done(url, settings.backend, daemon.config.retention, stop)
+    if stop.is_set():
+        return
+    daemon.schema_ready = True
+    await daemon.probe_database()
+
+    await _build_alerts(daemon, stack)
+    daemon.maintenance = _maintenance_job(daemon)
     scheduler.add_job(
         "evaluate",
         daemon.job_evaluate,
@@ -483,16 +700,14 @@ async def build(daemon: Daemon, stack: AsyncExitStack, stop: asyncio.Event) -> N
         scheduler.add_job(
             "outbox", daemon.job_outbox, interval_seconds=settings.outbox_interval_seconds
         )
-    # The writer notices an outage on its own at the next COPY; the probe is for /readyz and
-    # the once-per-change log lines while nothing is written.
-    scheduler.add_job("database_probe", daemon.probe_database, interval_seconds=5.0)
     scheduler.add_job(
         "maintenance",
         daemon.job_maintenance,
         interval_seconds=settings.maintenance_interval_seconds,
         first_run_in_seconds=min(5.0, settings.maintenance_interval_seconds),
     )
-    await stack.enter_async_context(scheduler)
+    # Running jobs finish (or are cancelled) before the alert components close.
+    stack.push_async_callback(scheduler.aclose)
 
 
 def _maintenance_job(daemon: Daemon) -> Callable[[], Awaitable[None]]:
@@ -531,7 +746,7 @@ def _sample_fields(optional: Sequence[str]) -> frozenset[str]:
     return DEFAULT_FIELDS | frozenset(optional)
 
 
-async def _database_url(daemon: Daemon, stack: AsyncExitStack) -> str:
+async def _database_url(daemon: Daemon, embedded: list[Callable[[], None]]) -> str:
     settings = daemon.settings
     if settings.database_url is not None:
         return settings.database_url.get_secret_value()
@@ -541,8 +756,8 @@ async def _database_url(daemon: Daemon, stack: AsyncExitStack) -> str:
     logger.info("no database_url: using the embedded PostgreSQL under %s", settings.data_dir)
     url = await asyncio.to_thread(server.start)
     # The daemon owns the embedded server: stop it on exit even if an earlier daemon that
-    # was killed had started it.
-    stack.push_async_callback(asyncio.to_thread, server.stop)
+    # was killed had started it (the data_dir lock says no live daemon uses it).
+    embedded.append(server.stop)
     return url
 
 
@@ -591,6 +806,7 @@ async def _build_alerts(daemon: Daemon, stack: AsyncExitStack) -> None:
         webhooks=config.webhooks,
         alertmanager=config.alertmanager,
         spool_dir=settings.data_dir / "alert-spool",
+        instance=settings.host,
     )
     stack.push_async_callback(daemon.engine.aclose)
     try:
@@ -599,13 +815,13 @@ async def _build_alerts(daemon: Daemon, stack: AsyncExitStack) -> None:
         # Evaluation works in memory meanwhile; state is loaded and persisted once it is back.
         logger.warning("alert state not loaded yet: %s", redact(str(exc)))
     outbox = daemon.outbox = await stack.enter_async_context(
-        OutboxDeliverer(daemon.pool, config.webhooks, config.alertmanager)
+        OutboxDeliverer(daemon.pool, config.webhooks, config.alertmanager, instance=settings.host)
     )
 
     async def final_delivery() -> None:
         # Last chance for notifications queued just before the signal; bounded.
         with contextlib.suppress(TimeoutError, *DATABASE_ERRORS):
-            async with asyncio.timeout(settings.shutdown_deadline_seconds / 4):
+            async with asyncio.timeout(daemon.shutdown_budget.share(0.15, reserve=0.55)):
                 await outbox.deliver_due()
 
     stack.push_async_callback(final_delivery)
@@ -617,7 +833,8 @@ async def _build_alerts(daemon: Daemon, stack: AsyncExitStack) -> None:
 def install_signal_handlers(
     loop: asyncio.AbstractEventLoop, stop: asyncio.Event, *, on_second: Callable[[int], None]
 ) -> None:
-    """First SIGTERM/SIGINT: graceful stop. Second: ``on_second(signum)`` (exit at once)."""
+    """First SIGTERM/SIGINT: graceful stop (exit 0). Second: ``on_second(signum)``, which
+    exits at once with status 1 (DESIGN allows 0, 1 and 2 only)."""
 
     def handle(signum: int) -> None:
         if stop.is_set():
@@ -631,9 +848,13 @@ def install_signal_handlers(
         loop.add_signal_handler(signum, handle, signum)
 
 
+EXIT_FORCED = 1  # a forced stop is a runtime failure: what was in memory may be lost
+
+
 def _exit_now(signum: int) -> None:
     logging.shutdown()
-    os._exit(128 + signum)  # 143 for SIGTERM, 130 for SIGINT, as shells report them
+    # Whatever the spools hold is replayed on the next start; memory is not.
+    os._exit(EXIT_FORCED)
 
 
 async def _main(config: DaemonConfig, version: str) -> None:
@@ -650,8 +871,11 @@ def run_daemon(config: DaemonConfig, *, version: str) -> int:
     try:
         asyncio.run(_main(config, version))
     except KeyboardInterrupt:
-        return 130
-    except (MigrationError, EmbeddedPostgresError, SpoolLockedError) as exc:
+        # Only a SIGINT before the handlers are installed (or one the loop could not route
+        # to them) gets here: not a graceful stop.
+        logger.error("pluginmon interrupted before it could shut down gracefully")
+        return EXIT_FORCED
+    except (MigrationError, EmbeddedPostgresError, SpoolLockedError, DataDirLockedError) as exc:
         logger.error("pluginmon cannot start: %s", redact(str(exc)))
         return 1
     except Exception:

@@ -22,6 +22,8 @@ logger = logging.getLogger(__name__)
 
 # Below this size compressing costs more than it saves.
 _GZIP_MIN_BYTES = 64 * 1024
+# Served without basic auth unless ``auth_probes``: they reveal nothing but liveness.
+_PROBE_PATHS = frozenset({"/healthz", "/readyz"})
 
 
 class MetricsSource(Protocol):
@@ -86,8 +88,10 @@ class HttpServer:
         readiness: Callable[[], Awaitable[Readiness]],
         before_render: Callable[[], None] | None = None,
         auth: BasicAuth | None = None,
+        auth_probes: bool = False,
         ssl_context: ssl.SSLContext | None = None,
         max_concurrent_renders: int = 2,
+        shutdown_timeout_seconds: float = 5.0,
     ) -> None:
         self._host = host
         self._port = port
@@ -95,6 +99,9 @@ class HttpServer:
         self._readiness = readiness
         self._before_render = before_render
         self._auth = auth
+        # Orchestrator probes (kubelet, systemd, load balancers) rarely carry credentials.
+        self._auth_exempt = frozenset() if auth_probes else _PROBE_PATHS
+        self._shutdown_timeout = shutdown_timeout_seconds
         self._ssl_context = ssl_context
         self._render_slots = asyncio.Semaphore(max_concurrent_renders)
         self._runner: web.AppRunner | None = None
@@ -116,7 +123,9 @@ class HttpServer:
         handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
     ) -> web.StreamResponse:
         assert self._auth is not None
-        if not self._auth.check(request.headers.get("Authorization")):
+        if request.path not in self._auth_exempt and not self._auth.check(
+            request.headers.get("Authorization")
+        ):
             return web.Response(
                 status=401,
                 text="unauthorized\n",
@@ -162,7 +171,12 @@ class HttpServer:
         )
 
     async def __aenter__(self) -> HttpServer:
-        runner = web.AppRunner(self._app(), access_log=None, handle_signals=False)
+        runner = web.AppRunner(
+            self._app(),
+            access_log=None,
+            handle_signals=False,
+            shutdown_timeout=self._shutdown_timeout,
+        )
         await runner.setup()
         try:
             site = web.TCPSite(runner, self._host, self._port, ssl_context=self._ssl_context)
@@ -180,7 +194,9 @@ class HttpServer:
             "https" if self._ssl_context else "http",
             self._host,
             self.port,
-            ", basic auth" if self._auth else "",
+            (", basic auth" + ("" if not self._auth_exempt else " except the probes"))
+            if self._auth
+            else "",
         )
         return self
 

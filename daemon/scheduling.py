@@ -26,14 +26,15 @@ class Scheduler:
     Each run is wrapped: an exception is logged with its traceback once when the job starts
     failing (then only counted) and "recovered" is logged when it succeeds again; cancellation
     is never swallowed. ``async with`` starts the scheduler; leaving pauses it, waits up to
-    ``drain_seconds`` for running jobs, then cancels what is left.
+    ``drain_seconds`` for running jobs (a callable is asked at that moment, so a shared
+    shutdown deadline can decide), then cancels what is left.
     """
 
     def __init__(
         self,
         *,
         misfire_grace_seconds: float = 30.0,
-        drain_seconds: float = 5.0,
+        drain_seconds: float | Callable[[], float] = 5.0,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self._scheduler = AsyncIOScheduler(timezone=UTC)
@@ -167,11 +168,19 @@ class Scheduler:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Stop scheduling, let running jobs finish within the drain time, cancel the rest.
+        Idempotent."""
         if not self._started:
             return
         self._scheduler.pause()
-        if not await asyncio.shield(self.drain(self._drain_seconds)):
-            logger.warning("jobs still running after %.1f s; cancelling them", self._drain_seconds)
+        drain_seconds = (
+            self._drain_seconds() if callable(self._drain_seconds) else self._drain_seconds
+        )
+        if not await asyncio.shield(self.drain(drain_seconds)):
+            logger.warning("jobs still running after %.1f s; cancelling them", drain_seconds)
         self._scheduler.shutdown(wait=False)
         self._started = False
         leftovers = [t for t in self._running if not t.done()]

@@ -175,6 +175,8 @@ class Settings(BaseSettings):
     http_auth_username: str | None = None
     http_auth_password: SecretStr | None = None  # environment only
     http_auth_password_sha256: str | None = None  # hex digest, may live in the file
+    # Basic auth on /healthz and /readyz too (orchestrator probes then need credentials).
+    http_auth_probes: bool = False
     http_tls_cert_file: Path | None = None
     http_tls_key_file: Path | None = None
 
@@ -298,6 +300,11 @@ class Settings(BaseSettings):
     @property
     def spool_dir(self) -> Path:
         return self.data_dir / "spool"
+
+    @property
+    def unresolved_spool_dir(self) -> Path:
+        """Samples of plugins whose id the database has not given yet."""
+        return self.data_dir / "spool-unresolved"
 
     @property
     def embedded(self) -> bool:

@@ -53,6 +53,7 @@ async def test_dead_writer_stops_the_daemon(migrated_db: str) -> None:
         writer = BatchWriter(pool, table=PLUGIN_SAMPLES_TABLE, columns=PLUGIN_SAMPLES_COLUMNS)
         await writer.close()  # closed before use: put() raises WriterClosedError
         daemon.pool = pool
+        daemon.schema_ready = True
         daemon.writer = writer
         await daemon._write(snapshot())  # resolves the plugin id for real, then put()
         assert KEY in daemon._plugin_ids

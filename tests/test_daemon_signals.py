@@ -58,7 +58,7 @@ def test_sigint_while_waiting_for_the_database_exits_0(tmp_path: Path) -> None:
         assert daemon.get("/healthz")[0] == 200  # alive while it waits
         status, text = daemon.get("/readyz")
         assert status == 503
-        assert "database not connected yet" in text
+        assert "database unreachable" in text
         daemon.signal(signal.SIGINT)
         assert daemon.wait_exit(timeout=30) == 0
     finally:
@@ -106,10 +106,9 @@ def test_basic_auth_and_tls_from_settings(tmp_path: Path) -> None:
         extra_env={"PLUGINMON_HTTP_AUTH_PASSWORD": "s3cret-pw"},
     ).start()
     context = ssl.create_default_context(cafile=str(cert))
-    url = f"https://127.0.0.1:{daemon.port}/healthz"
 
-    def get(headers: dict[str, str]) -> int:
-        request = urllib.request.Request(url, headers=headers)
+    def get(headers: dict[str, str], path: str = "/metrics") -> int:
+        request = urllib.request.Request(f"https://127.0.0.1:{daemon.port}{path}", headers=headers)
         try:
             with urllib.request.urlopen(request, timeout=5, context=context) as response:  # noqa: S310
                 return int(response.status)
@@ -124,8 +123,46 @@ def test_basic_auth_and_tls_from_settings(tmp_path: Path) -> None:
         assert get({"Authorization": f"Basic {token}"}) == 200
         wrong = base64.b64encode(b"prom:nope").decode()
         assert get({"Authorization": f"Basic {wrong}"}) == 401
+        # Probes answer without credentials (http_auth_probes = false by default).
+        assert get({}, "/healthz") == 200
+        assert get({}, "/readyz") == 503  # no database: not ready, but not 401
         assert daemon.get("/healthz")[0] == 0  # plain HTTP is not served
     finally:
         daemon.signal(signal.SIGTERM)
         assert daemon.wait_exit(timeout=30) == 0
     assert "s3cret-pw" not in daemon.log_text()
+
+
+def test_second_signal_exits_1_at_once(tmp_path: Path) -> None:
+    """DESIGN allows exit codes 0, 1, 2: a forced stop (second signal) is 1, not 128+n."""
+    daemon = DaemonProcess(
+        tmp_path=tmp_path,
+        database_url="postgresql://pluginmon:x@127.0.0.1:1/pluginmon?connect_timeout=2",
+        config_text="",
+    ).start()
+    try:
+        wait_for("/healthz", lambda: daemon.get("/healthz")[0] == 200, timeout=30)
+        assert daemon.proc is not None
+        # Two different signals never merge into one pending signal: both are handled.
+        os.kill(daemon.proc.pid, signal.SIGTERM)
+        os.kill(daemon.proc.pid, signal.SIGINT)
+        assert daemon.wait_exit(timeout=30) == 1
+    finally:
+        daemon.kill()
+    messages = [r.get("message", "") for r in daemon.log_records()]
+    assert any(m.startswith("second SIG") and m.endswith("exiting now") for m in messages), messages
+
+
+def test_first_sigint_is_a_graceful_exit_0(tmp_path: Path) -> None:
+    daemon = DaemonProcess(
+        tmp_path=tmp_path,
+        database_url="postgresql://pluginmon:x@127.0.0.1:1/pluginmon?connect_timeout=2",
+        config_text="",
+    ).start()
+    try:
+        wait_for("/healthz", lambda: daemon.get("/healthz")[0] == 200, timeout=30)
+        daemon.signal(signal.SIGINT)
+        assert daemon.wait_exit(timeout=30) == 0
+    finally:
+        daemon.kill()
+    assert "final counts" in daemon.log_text()

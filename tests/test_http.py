@@ -143,6 +143,37 @@ async def test_basic_auth(hashed: bool) -> None:
             assert "pluginmon_plugin_up" in await resp.text()
 
 
+@pytest.mark.parametrize("auth_probes", [False, True])
+async def test_probes_exempt_from_basic_auth_unless_asked(auth_probes: bool) -> None:
+    """Orchestrator probes carry no credentials: /healthz and /readyz skip auth by default."""
+    renderer, _ = make_renderer()
+    ready = Ready()
+    ready.value = Readiness(ready=True)
+    async with (
+        HttpServer(
+            host="127.0.0.1",
+            port=0,
+            metrics=renderer,
+            readiness=ready,
+            auth=BasicAuth("prom", password="s3cret"),
+            auth_probes=auth_probes,
+        ) as server,
+        aiohttp.ClientSession() as client,
+    ):
+        base = f"http://127.0.0.1:{server.port}"
+        probe_status = 401 if auth_probes else 200
+        for path in ("/healthz", "/readyz"):
+            async with client.get(base + path) as resp:
+                assert resp.status == probe_status, path
+            async with client.get(base + path, headers=basic("prom", "s3cret")) as resp:
+                assert resp.status == 200, path
+        # /metrics always needs the credentials.
+        async with client.get(base + "/metrics") as resp:
+            assert resp.status == 401
+        async with client.get(base + "/metrics", headers=basic("prom", "s3cret")) as resp:
+            assert resp.status == 200
+
+
 @pytest.fixture
 def self_signed(tmp_path: Path) -> tuple[Path, Path]:
     if shutil.which("openssl") is None:
