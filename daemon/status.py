@@ -28,9 +28,15 @@ SELECT p.tenant_id, p.name, p.environment, p.health_score, p.last_health_check,
          ORDER BY "timestamp" DESC
          LIMIT 1) h ON true
   LEFT JOIN LATERAL (
-        SELECT array_agg(rule_name || '/' || severity ORDER BY rule_name) AS firing
+        -- Acknowledged and silenced alerts are still active: shown, marked as such.
+        SELECT array_agg(
+                   rule_name || '/' || severity
+                   || CASE status WHEN 'firing' THEN '' ELSE ' (' || status || ')' END
+                   ORDER BY rule_name, status) AS firing
           FROM plugin_alerts
-         WHERE plugin_id = p.id AND status = 'firing' AND NOT inhibited) a ON true
+         WHERE plugin_id = p.id
+           AND status IN ('firing', 'acknowledged', 'silenced')
+           AND NOT inhibited) a ON true
  WHERE (%(tenant)s::text IS NULL OR p.tenant_id = %(tenant)s::text)
  ORDER BY p.tenant_id, p.name, p.environment
 """

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from tests.daemon_helpers import run_cli
@@ -159,3 +161,43 @@ def test_status_before_any_schema_says_so(fresh_db: str) -> None:
     result = run_cli("status", env={"PLUGINMON_DATABASE_URL": fresh_db})
     assert result.returncode == 1
     assert "no pluginmon schema yet" in result.stderr
+
+
+def test_status_shows_acknowledged_and_silenced_alerts(migrated_db: str) -> None:
+    """Active alerts someone acknowledged or silenced still show, marked; resolved ones do not."""
+    with psycopg.connect(migrated_db) as conn:
+        conn.execute("INSERT INTO tenants (id, name) VALUES ('st', 'St')")
+        row = conn.execute(
+            "INSERT INTO plugins (tenant_id, name, environment) VALUES ('st', 'svc', 'test') "
+            "RETURNING id"
+        ).fetchone()
+        assert row is not None
+        plugin_id = row[0]
+        for rule, status, inhibited in [
+            ("CpuHigh", "firing", False),
+            ("MemHigh", "acknowledged", False),
+            ("FdsHigh", "silenced", False),
+            ("Down", "resolved", False),
+            ("Restarts", "pending", False),
+            ("Hidden", "firing", True),
+        ]:
+            conn.execute(
+                "INSERT INTO plugin_alerts (tenant_id, plugin_id, environment, rule_name, "
+                "fingerprint, severity, status, inhibited, resolved_at) "
+                "VALUES ('st', %s, 'test', %s, %s, 'warning', %s, %s, "
+                "CASE WHEN %s = 'resolved' THEN now() END)",
+                (plugin_id, rule, f"fp-{rule}", status, inhibited, status),
+            )
+    env = {"PLUGINMON_DATABASE_URL": migrated_db}
+    result = run_cli("status", "--json", "--tenant", "st", env=env)
+    assert result.returncode == 0, result.stderr
+    (status_row,) = json.loads(result.stdout)
+    assert status_row["firing_alerts"] == [
+        "CpuHigh/warning",
+        "FdsHigh/warning (silenced)",
+        "MemHigh/warning (acknowledged)",
+    ]
+    table = run_cli("status", "--tenant", "st", env=env)
+    assert table.returncode == 0, table.stderr
+    assert "MemHigh/warning (acknowledged)" in table.stdout
+    assert "FdsHigh/warning (silenced)" in table.stdout
