@@ -80,18 +80,21 @@ class ShutdownBudget:
     of it for the stages after it, so the stages together never exceed the deadline.
     """
 
-    def __init__(self, total_seconds: float) -> None:
+    def __init__(
+        self, total_seconds: float, *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.total_seconds = total_seconds
+        self._clock = clock
         self._deadline: float | None = None
 
     def start(self) -> None:
         if self._deadline is None:
-            self._deadline = time.monotonic() + self.total_seconds
+            self._deadline = self._clock() + self.total_seconds
 
     def remaining(self) -> float:
         if self._deadline is None:
             return self.total_seconds
-        return max(0.0, self._deadline - time.monotonic())
+        return max(0.0, self._deadline - self._clock())
 
     def share(self, fraction: float, *, reserve: float = 0.0) -> float:
         return max(
