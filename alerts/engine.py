@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import socket
 import time
 import uuid
 from collections import defaultdict
@@ -164,6 +165,10 @@ class AlertEngine:
     reaches the database writes all of it in one transaction. With ``spool_dir`` set, what
     could not be written is also appended to a disk journal (fsync'ed) after each cycle, and
     ``start()`` replays a journal left by a process that died during an outage.
+
+    ``instance`` names this daemon (its ``host`` setting; default the hostname). Several
+    daemons can share one database: each one's alerts and notifications are recorded with
+    its instance, and an engine loads, resolves and queues only its own.
     """
 
     def __init__(
@@ -184,7 +189,9 @@ class AlertEngine:
         max_backlog_notifications: int = 10_000,
         spool_dir: Path | None = None,
         journal_max_bytes: int = alert_store.JOURNAL_MAX_BYTES,
+        instance: str | None = None,
     ) -> None:
+        self.instance = instance or socket.gethostname()
         self._pool = pool
         self._evaluator = RuleEvaluator(rules)
         self._health_config = health_config or HealthConfig()
@@ -215,7 +222,7 @@ class AlertEngine:
         self._metrics: dict[PluginKey, dict[str, float]] = {}
         self._silences: list[_Silence] = []
         self._acked: set[str] = set()
-        self._deps: dict[int, tuple[int, ...]] = {}
+        self._deps: dict[int, tuple[int, ...]] = {}  # plugin id -> plugin ids it needs
         self._deps_loaded_at: float | None = None
         self._db_ok = True
 
@@ -237,14 +244,23 @@ class AlertEngine:
     # --- public API ---------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Replay the journal a previous process left (if any), then load open alerts and the
-        last notification times from the database."""
+        """Replay the journal a previous process left (if any), then load this instance's
+        open alerts and last notification times from the database (adopting rows that have
+        no owner yet: written before owners were recorded)."""
         now = self._clock().timestamp()
         await self._open_journal()
         async with asyncio.timeout(self._db_timeout), self._pool.acquire() as conn:
             await self._replay_inherited(conn)
-            stored = await alert_store.load_open_alerts(conn)
-            last = await alert_store.last_notified(conn)
+            adopted = await alert_store.adopt_unowned(conn, self.instance)
+            if any(adopted):
+                logger.info(
+                    "instance %s adopted %d open alert(s) and %d pending notification(s) "
+                    "that had no owner",
+                    self.instance,
+                    *adopted,
+                )
+            stored = await alert_store.load_open_alerts(conn, self.instance)
+            last = await alert_store.last_notified(conn, self.instance)
         self._last_sent = {k: v.timestamp() for k, v in last.items()}
         for row in stored:
             self._restore(row, now)
@@ -300,7 +316,9 @@ class AlertEngine:
         changes += self._resolve_stale(now)
         self._apply(changes, plugin_ids, now)
         self._refresh_open(touched, now)
-        down = {plugin_ids[s.key] for s in samples if not s.up}
+        # (plugin id, environment): one plugins row serves every environment of a plugin,
+        # and a plugin down in staging inhibits nothing in production
+        down = {(plugin_ids[s.key], s.key.environment) for s in samples if not s.up}
         self._apply_inhibition_and_silences(down, now)
         queued = self._queue_notifications(now)
 
@@ -507,10 +525,11 @@ class AlertEngine:
                 alert.value = state.value
                 alert.last_active_at = state.last_active_at
 
-    def _apply_inhibition_and_silences(self, down_plugin_ids: set[int], now: float) -> None:
+    def _apply_inhibition_and_silences(self, down: set[tuple[int, str]], now: float) -> None:
         self._silences = [s for s in self._silences if s.ends_at > now]
         for alert in self._open.values():
-            inhibited = any(d in down_plugin_ids for d in self._deps.get(alert.plugin_id, ()))
+            env = alert.key.environment
+            inhibited = any((d, env) in down for d in self._deps.get(alert.plugin_id, ()))
             if inhibited != alert.inhibited:
                 alert.inhibited = inhibited
                 alert.dirty = True
@@ -535,6 +554,15 @@ class AlertEngine:
                 alert.acknowledged = True
                 alert.dirty = True
 
+    def _silenced_at(self, alert: _Alert, now: float) -> bool:
+        """A silence matches the alert at ``now`` (checked against the current silences, so
+        one added in this very cycle counts too)."""
+        if alert.silenced_until is not None and alert.silenced_until > now:
+            return True
+        return any(
+            s.ends_at > now and s.matches(alert.key.tenant, alert.labels) for s in self._silences
+        )
+
     # --- notifications ------------------------------------------------------------------------
 
     def _queue_notifications(self, now: float) -> int:
@@ -550,6 +578,21 @@ class AlertEngine:
             if alert.notifiable:
                 by_key[alert.key].append(alert)
         resolved = self._resolved_unsent
+        for key, closed in list(resolved.items()):
+            # Alertmanager semantics: a silenced alert sends nothing, its resolution included.
+            kept = [a for a in closed if not self._silenced_at(a, now)]
+            if len(kept) < len(closed):
+                logger.info(
+                    "resolution of %d silenced alert(s) for %s/%s/%s not sent",
+                    len(closed) - len(kept),
+                    key.tenant,
+                    key.plugin,
+                    key.environment,
+                )
+            if kept:
+                resolved[key] = kept
+            else:
+                del resolved[key]
         queued = 0
         for key in set(by_key) | set(resolved):
             firing = sorted(by_key.get(key, ()), key=lambda a: a.seq)
@@ -604,11 +647,9 @@ class AlertEngine:
             resend_due = bool(firing) and (last is None or now - last >= am.resend_interval_seconds)
             if new or just_resolved or resend_due:
                 alerts = [self._notified(a, now) for a in (*firing, *just_resolved)]
-                body = alertmanager_body(
-                    alerts,
-                    generator_url=self._external_url,
-                    firing_ends_at=now_dt + timedelta(seconds=4 * am.resend_interval_seconds),
-                )
+                # Firing alerts get their endsAt when the deliverer sends them (send time +
+                # 4 resend intervals): a push retried after an outage must not arrive expired.
+                body = alertmanager_body(alerts, generator_url=self._external_url)
                 self._enqueue(key, plugin_id, am.name, "alertmanager", gkey, body, alerts, now_dt)
                 queued += 1
         return queued
@@ -649,6 +690,7 @@ class AlertEngine:
                 body=body,
                 fingerprints=tuple(a.fingerprint for a in alerts),
                 created_at=now_dt,
+                instance=self.instance,
             )
         )
         self._last_sent[(receiver, gkey)] = now_dt.timestamp()
@@ -668,7 +710,9 @@ class AlertEngine:
                     self._deps = await alert_store.runtime_dependencies(conn)
                     self._deps_loaded_at = ts
                 if want_metrics and self._metric_names:
-                    by_id = {v: k for k, v in plugin_ids.items()}
+                    # (plugin id, environment): the same plugin in two environments shares
+                    # one plugins.id, and each environment has its own series
+                    by_id = {(v, k.environment): k for k, v in plugin_ids.items()}
                     values = await alert_store.latest_metric_values(
                         conn,
                         list(by_id),
@@ -676,8 +720,8 @@ class AlertEngine:
                         now - timedelta(seconds=self._metrics_max_age),
                     )
                     metrics: dict[PluginKey, dict[str, float]] = defaultdict(dict)
-                    for (pid, name), value in values.items():
-                        metrics[by_id[pid]][name] = value
+                    for (pid, env, name), value in values.items():
+                        metrics[by_id[(pid, env)]][name] = value
                     self._metrics = dict(metrics)
         except TRANSIENT_DB_ERRORS as exc:
             return f"{type(exc).__name__}: {exc}"
@@ -808,6 +852,7 @@ class AlertEngine:
             last_active_at=_dt(a.last_active_at),
             last_evaluated_at=now,
             notified_at=now if a.notified else None,
+            instance=self.instance,
         )
 
     @staticmethod
@@ -867,7 +912,7 @@ class AlertEngine:
         if journal is None or not self._journal_inherited:
             return
         batches = await asyncio.to_thread(journal.read, self._journal_inherited)
-        result = await alert_store.replay_journal(conn, batches)
+        result = await alert_store.replay_journal(conn, batches, instance=self.instance)
         await asyncio.to_thread(journal.ack, batches)
         self._journal_inherited = 0
         logger.info(

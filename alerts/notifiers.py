@@ -99,24 +99,45 @@ def webhook_body(
 
 
 def alertmanager_body(
-    alerts: Sequence[NotifiedAlert], *, generator_url: str, firing_ends_at: datetime
+    alerts: Sequence[NotifiedAlert],
+    *,
+    generator_url: str,
+    firing_ends_at: datetime | None = None,
 ) -> str:
-    """``POST /api/v2/alerts`` body: postable alerts; firing ones end at ``firing_ends_at``
-    unless re-sent, resolved ones carry their resolve time as ``endsAt``."""
-    return json.dumps(
-        [
-            {
-                "labels": dict(sorted(a.labels.items())),
-                "annotations": dict(sorted(a.annotations.items())),
-                "startsAt": rfc3339(a.starts_at),
-                "endsAt": rfc3339(firing_ends_at if a.ends_at is None else a.ends_at),
-                "generatorURL": generator_url,
-            }
-            for a in alerts
-        ],
-        separators=(",", ":"),
-        ensure_ascii=False,
-    )
+    """``POST /api/v2/alerts`` body: postable alerts; resolved ones carry their resolve time
+    as ``endsAt``. Firing ones end at ``firing_ends_at``; when it is None (what the engine
+    queues) they carry no ``endsAt`` and the deliverer stamps one at send time
+    (:func:`stamp_alertmanager_body`), so a push retried after an outage is not expired."""
+    out: list[dict[str, object]] = []
+    for a in alerts:
+        item: dict[str, object] = {
+            "labels": dict(sorted(a.labels.items())),
+            "annotations": dict(sorted(a.annotations.items())),
+            "startsAt": rfc3339(a.starts_at),
+        }
+        ends = firing_ends_at if a.ends_at is None else a.ends_at
+        if ends is not None:
+            item["endsAt"] = rfc3339(ends)
+        item["generatorURL"] = generator_url
+        out.append(item)
+    return json.dumps(out, separators=(",", ":"), ensure_ascii=False)
+
+
+def stamp_alertmanager_body(body: str, firing_ends_at: datetime) -> str:
+    """The body with ``endsAt = firing_ends_at`` on every alert that has none (firing ones);
+    resolved alerts keep their resolve time. Called by the deliverer right before a POST."""
+    alerts = json.loads(body)
+    if not isinstance(alerts, list):
+        return body
+    ends = rfc3339(firing_ends_at)
+    changed = False
+    for item in alerts:
+        if isinstance(item, dict) and not item.get("endsAt"):
+            item["endsAt"] = ends
+            changed = True
+    if not changed:
+        return body
+    return json.dumps(alerts, separators=(",", ":"), ensure_ascii=False)
 
 
 @dataclass(frozen=True, slots=True)

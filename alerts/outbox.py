@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import socket
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ from typing import Any
 import aiohttp
 
 from alerts.engine import Clock, utc_now
-from alerts.notifiers import SendResult, post
+from alerts.notifiers import SendResult, post, stamp_alertmanager_body
 from alerts.rules import AlertmanagerConfig, WebhookConfig
 from storage import alert_store
 from storage.alert_store import TRANSIENT_DB_ERRORS, ClaimedNotification, DeliveryOutcome
@@ -57,6 +58,11 @@ class OutboxDeliverer:
     records the idempotency key in alert_notifications_sent before anything else happens
     to the row; outcomes that could not be recorded (database down) are kept and recorded
     before the next claim, so a delivered key is never POSTed again by this process.
+
+    ``instance`` (default the hostname; the daemon passes its ``host`` setting) must match
+    the engine's: a deliverer claims only its own instance's rows, and only for receivers it
+    has configured. A row whose receiver is no longer configured stays pending (logged once).
+    Retryable failures are retried until the notification is ``give_up_after_seconds`` old.
     """
 
     def __init__(
@@ -73,7 +79,10 @@ class OutboxDeliverer:
         session: aiohttp.ClientSession | None = None,
         keep_finished_seconds: float = 7 * 86400.0,
         prune_interval_seconds: float = 3600.0,
+        instance: str | None = None,
+        unconfigured_check_seconds: float = 60.0,
     ) -> None:
+        self.instance = instance or socket.gethostname()
         self._pool = pool
         self._webhooks = {w.name: w for w in webhooks}
         self._alertmanager = alertmanager
@@ -96,6 +105,9 @@ class OutboxDeliverer:
         self._keep_finished = timedelta(seconds=keep_finished_seconds)
         self._prune_interval = timedelta(seconds=prune_interval_seconds)
         self._pruned_at: datetime | None = None
+        self._unconfigured_every = timedelta(seconds=unconfigured_check_seconds)
+        self._unconfigured_at: datetime | None = None
+        self._unconfigured_logged: set[tuple[str, str]] = set()
 
     async def __aenter__(self) -> OutboxDeliverer:
         return self
@@ -142,7 +154,13 @@ class OutboxDeliverer:
                     await alert_store.record_outcomes(conn, self._unrecorded)
                     self._unrecorded.clear()
                 claimed = await alert_store.claim_due(
-                    conn, now, limit=self._batch_size, lease_seconds=self._lease_seconds
+                    conn,
+                    now,
+                    limit=self._batch_size,
+                    lease_seconds=self._lease_seconds,
+                    instance=self.instance,
+                    webhooks=list(self._webhooks),
+                    alertmanager=None if self._alertmanager is None else self._alertmanager.name,
                 )
                 sent = await alert_store.already_sent(conn, (c.idempotency_key for c in claimed))
         except TRANSIENT_DB_ERRORS as exc:
@@ -168,7 +186,13 @@ class OutboxDeliverer:
             async with asyncio.timeout(self._db_timeout), self._pool.acquire() as conn:
                 await alert_store.record_outcomes(conn, self._unrecorded)
                 self._unrecorded.clear()
-                self._pending = await alert_store.pending_count(conn)
+                self._pending = await alert_store.pending_count(conn, self.instance)
+                if (
+                    self._unconfigured_at is None
+                    or now - self._unconfigured_at >= self._unconfigured_every
+                ):
+                    self._unconfigured_at = now
+                    await self._note_unconfigured(conn)
                 if self._pruned_at is None or now - self._pruned_at >= self._prune_interval:
                     self._pruned_at = now
                     pruned = await alert_store.prune_outbox(
@@ -204,22 +228,31 @@ class OutboxDeliverer:
         else:
             receiver = self._webhooks.get(n.receiver)
         if receiver is None:
-            logger.warning(
-                "notification %d for receiver %r dropped: receiver no longer configured",
-                n.id,
-                n.receiver,
+            # claim_due only claims configured receivers; the configuration changed between
+            # the claim and now (not in this process): leave the row pending.
+            return DeliveryOutcome(
+                n,
+                "retry",
+                self._clock(),
+                error="receiver not configured",
+                next_attempt_at=self._clock() + timedelta(seconds=60),
             )
-            return DeliveryOutcome(n, "failed", self._clock(), error="receiver not configured")
+        body = n.body
         if isinstance(receiver, AlertmanagerConfig):
             url = receiver.url + "/api/v2/alerts"
             secret = None
+            # endsAt from the send time, not the queue time: Alertmanager keeps a firing
+            # alert for 4 resend intervals from now, however long the push waited.
+            body = stamp_alertmanager_body(
+                body, self._clock() + timedelta(seconds=4 * receiver.resend_interval_seconds)
+            )
         else:
             url = receiver.url
             secret = receiver.secret
         result = await post(
             session,
             url,
-            n.body.encode(),
+            body.encode(),
             idempotency_key=n.idempotency_key,
             secret=secret,
             timeout_seconds=receiver.timeout_seconds,
@@ -235,7 +268,8 @@ class OutboxDeliverer:
         now = self._clock()
         if result.outcome == "delivered":
             return DeliveryOutcome(n, "delivered", now, status_code=result.status_code)
-        if result.outcome == "retry" and n.attempts < receiver.max_attempts:
+        give_up = self._give_up_reason(n, receiver, now) if result.outcome == "retry" else None
+        if result.outcome == "retry" and give_up is None:
             delay = backoff_seconds(
                 n.attempts,
                 initial=receiver.backoff_initial_seconds,
@@ -244,12 +278,11 @@ class OutboxDeliverer:
             if result.retry_after_seconds is not None:
                 delay = max(delay, min(result.retry_after_seconds, receiver.backoff_max_seconds))
             logger.info(
-                "notification %d to %s: %s; attempt %d of %d, retrying in %.1fs",
+                "notification %d to %s: %s; attempt %d, retrying in %.1fs",
                 n.id,
                 receiver.name,
                 result.error,
                 n.attempts,
-                receiver.max_attempts,
                 delay,
             )
             return DeliveryOutcome(
@@ -261,12 +294,48 @@ class OutboxDeliverer:
                 next_attempt_at=now + timedelta(seconds=delay),
             )
         why = (
-            f"gave up after {n.attempts} attempt(s): {result.error}"
+            f"gave up after {n.attempts} attempt(s) ({give_up}): {result.error}"
             if result.outcome == "retry"
             else f"rejected: {result.error}"
         )
         logger.warning("notification %d to %s failed, %s", n.id, receiver.name, why)
         return DeliveryOutcome(n, "failed", now, status_code=result.status_code, error=why)
+
+    @staticmethod
+    def _give_up_reason(
+        n: ClaimedNotification, receiver: WebhookConfig | AlertmanagerConfig, now: datetime
+    ) -> str | None:
+        """Why a retryable failure is final: too old, or the optional attempt cap; else None."""
+        if receiver.max_attempts is not None and n.attempts >= receiver.max_attempts:
+            return f"max_attempts {receiver.max_attempts}"
+        limit = receiver.give_up_after_seconds
+        if limit > 0 and n.created_at is not None:
+            age = (now - n.created_at).total_seconds()
+            if age >= limit:
+                return f"queued {age:.0f}s ago, give_up_after_seconds {limit:g}"
+        return None
+
+    async def _note_unconfigured(self, conn: Any) -> None:
+        """Log, once per receiver, pending rows of this instance that wait for a receiver
+        that is not configured (the configuration changed); they are kept, not failed."""
+        waiting = await alert_store.unconfigured_receivers(
+            conn,
+            self.instance,
+            list(self._webhooks),
+            None if self._alertmanager is None else self._alertmanager.name,
+        )
+        for (kind, name), count in sorted(waiting.items()):
+            if (kind, name) in self._unconfigured_logged:
+                continue
+            self._unconfigured_logged.add((kind, name))
+            logger.warning(
+                "outbox: %d pending notification(s) for %s receiver %r, which is not "
+                "configured; kept pending until it is configured again",
+                count,
+                kind,
+                name,
+            )
+        self._unconfigured_logged &= set(waiting)
 
     # --- plumbing -----------------------------------------------------------------------------
 

@@ -678,7 +678,10 @@ class WebhookConfig:
     secret: str | None = field(default=None, repr=False)
     timeout_seconds: float = 10.0
     send_resolved: bool = True
-    max_attempts: int = 10
+    # Retryable failures (connection errors, timeouts, 429, 5xx) are retried until the
+    # notification is this old (0 = never give up); max_attempts, when set, also caps them.
+    give_up_after_seconds: float = 86400.0
+    max_attempts: int | None = None
     repeat_interval_seconds: float = 4 * 3600.0
     backoff_initial_seconds: float = 1.0
     backoff_max_seconds: float = 300.0
@@ -696,7 +699,8 @@ class AlertmanagerConfig:
     name: str = "alertmanager"
     timeout_seconds: float = 10.0
     resend_interval_seconds: float = 60.0
-    max_attempts: int = 10
+    give_up_after_seconds: float = 86400.0  # as for webhooks; 0 = never
+    max_attempts: int | None = None
     backoff_initial_seconds: float = 1.0
     backoff_max_seconds: float = 60.0
 
@@ -723,7 +727,15 @@ def parse_webhooks(raw: Sequence[Mapping[str, object]] | None) -> tuple[WebhookC
             problems.append((where, "must be a table"))
             continue
         before = len(problems)
-        allowed = {"name", "url", "secret", "send_resolved", "max_attempts", *_WEBHOOK_FLOATS}
+        allowed = {
+            "name",
+            "url",
+            "secret",
+            "send_resolved",
+            "max_attempts",
+            "give_up_after_seconds",
+            *_WEBHOOK_FLOATS,
+        }
         for key in entry:
             if key not in allowed:
                 problems.append((f"{where}.{key}", "unknown field"))
@@ -741,14 +753,12 @@ def parse_webhooks(raw: Sequence[Mapping[str, object]] | None) -> tuple[WebhookC
         send_resolved = entry.get("send_resolved", True)
         if not isinstance(send_resolved, bool):
             problems.append((f"{where}.send_resolved", "must be true or false"))
-        max_attempts = entry.get("max_attempts", 10)
-        if not isinstance(max_attempts, int) or isinstance(max_attempts, bool) or max_attempts < 1:
-            problems.append((f"{where}.max_attempts", "must be an integer >= 1"))
+        max_attempts = _parse_max_attempts(entry, where, problems)
+        give_up = _parse_give_up(entry, where, problems)
         if len(problems) > before:
             continue
         assert isinstance(name, str)
         assert isinstance(url, str)
-        assert isinstance(max_attempts, int)
         names.add(name)
         out.append(
             WebhookConfig(
@@ -757,6 +767,7 @@ def parse_webhooks(raw: Sequence[Mapping[str, object]] | None) -> tuple[WebhookC
                 secret=secret or None,  # type: ignore[arg-type]
                 send_resolved=bool(send_resolved),
                 max_attempts=max_attempts,
+                give_up_after_seconds=give_up,
                 **floats,
             )
         )
@@ -780,23 +791,50 @@ def parse_alertmanager(raw: Mapping[str, object] | None) -> AlertmanagerConfig |
         "backoff_max_seconds",
     )
     for key in raw:
-        if key not in {"url", "name", "max_attempts", *floats_names}:
+        if key not in {"url", "name", "max_attempts", "give_up_after_seconds", *floats_names}:
             problems.append((f"{where}.{key}", "unknown field"))
     url = raw.get("url")
     _check_url(url, f"{where}.url", problems)
     name = raw.get("name", "alertmanager")
     if not isinstance(name, str) or not name:
         problems.append((f"{where}.name", "must be a non-empty string"))
-    max_attempts = raw.get("max_attempts", 10)
-    if not isinstance(max_attempts, int) or isinstance(max_attempts, bool) or max_attempts < 1:
-        problems.append((f"{where}.max_attempts", "must be an integer >= 1"))
+    max_attempts = _parse_max_attempts(raw, where, problems)
+    give_up = _parse_give_up(raw, where, problems)
     floats = _parse_positive_floats(raw, floats_names, where, problems)
     if problems:
         raise RuleError(problems)
     assert isinstance(url, str)
     assert isinstance(name, str)
-    assert isinstance(max_attempts, int)
-    return AlertmanagerConfig(url=url.rstrip("/"), name=name, max_attempts=max_attempts, **floats)
+    return AlertmanagerConfig(
+        url=url.rstrip("/"),
+        name=name,
+        max_attempts=max_attempts,
+        give_up_after_seconds=give_up,
+        **floats,
+    )
+
+
+def _parse_max_attempts(
+    entry: Mapping[str, object], where: str, problems: list[tuple[str, str]]
+) -> int | None:
+    """Optional cap on attempts (absent = unlimited: give_up_after_seconds decides)."""
+    value = entry.get("max_attempts")
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        problems.append((f"{where}.max_attempts", "must be an integer >= 1"))
+        return None
+    return value
+
+
+def _parse_give_up(
+    entry: Mapping[str, object], where: str, problems: list[tuple[str, str]]
+) -> float:
+    value = entry.get("give_up_after_seconds", 86400.0)
+    if not _is_number(value) or value < 0:
+        problems.append((f"{where}.give_up_after_seconds", "must be a number >= 0 (0 = never)"))
+        return 86400.0
+    return float(value)
 
 
 def _check_url(url: object, where: str, problems: list[tuple[str, str]]) -> None:

@@ -55,6 +55,7 @@ class StoredAlert:
     silenced_until: datetime | None
     last_active_at: datetime | None
     notified_at: datetime | None
+    instance: str = ""  # the daemon that owns it ('' = written before owners were recorded)
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +81,7 @@ class AlertWrite:
     last_active_at: datetime | None
     last_evaluated_at: datetime
     notified_at: datetime | None
+    instance: str = ""  # the owning daemon (its `host` setting)
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +96,7 @@ class OutboxWrite:
     body: str
     fingerprints: tuple[str, ...]
     created_at: datetime
+    instance: str = ""  # the owning daemon: only its deliverer sends this row
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +109,7 @@ class ClaimedNotification:
     idempotency_key: str
     body: str
     attempts: int  # including the attempt being made now
+    created_at: datetime | None = None  # when it was queued (give_up_after_seconds counts from it)
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,9 +139,10 @@ _SELECT_ALERTS = """
 SELECT id, tenant_id, plugin_id, environment, rule_name, fingerprint, severity, status,
     inhibited, value, labels::text AS labels, annotations::text AS annotations, started_at,
     fired_at, resolved_at, acknowledged_at, acknowledged_by, silenced_until, last_active_at,
-    notified_at
+    notified_at, instance
   FROM plugin_alerts
  WHERE (NOT $1 OR status <> 'resolved') AND ($2::bigint IS NULL OR plugin_id = $2)
+   AND ($3::text IS NULL OR instance = $3)
  ORDER BY id
 """
 
@@ -164,19 +169,45 @@ def _stored(row: Any) -> StoredAlert:
         silenced_until=row["silenced_until"],
         last_active_at=row["last_active_at"],
         notified_at=row["notified_at"],
+        instance=row["instance"],
     )
 
 
-async def load_open_alerts(conn: Connection) -> list[StoredAlert]:
-    return await load_alerts(conn, open_only=True)
+async def load_open_alerts(conn: Connection, instance: str | None = None) -> list[StoredAlert]:
+    """Open alerts, oldest first: those owned by ``instance``, or every daemon's when None."""
+    return await load_alerts(conn, open_only=True, instance=instance)
 
 
 async def load_alerts(
-    conn: Connection, *, open_only: bool = False, plugin_id: int | None = None
+    conn: Connection,
+    *,
+    open_only: bool = False,
+    plugin_id: int | None = None,
+    instance: str | None = None,
 ) -> list[StoredAlert]:
-    """Alert rows, oldest first (all of them, or only those not resolved)."""
-    rows = await conn.fetch(_SELECT_ALERTS, open_only, plugin_id, timeout=QUERY_TIMEOUT_SECONDS)
+    """Alert rows, oldest first (all of them, or only those not resolved; only one owner's
+    when ``instance`` is given)."""
+    rows = await conn.fetch(
+        _SELECT_ALERTS, open_only, plugin_id, instance, timeout=QUERY_TIMEOUT_SECONDS
+    )
     return [_stored(r) for r in rows]
+
+
+async def adopt_unowned(conn: Connection, instance: str) -> tuple[int, int]:
+    """Give ``instance`` the open alerts and pending notifications that have no owner yet
+    (written before sql/022); returns (alerts, notifications) adopted."""
+    async with conn.transaction():
+        alerts = await conn.execute(
+            "UPDATE plugin_alerts SET instance = $1 WHERE instance = '' AND status <> 'resolved'",
+            instance,
+            timeout=QUERY_TIMEOUT_SECONDS,
+        )
+        outbox = await conn.execute(
+            "UPDATE notification_outbox SET instance = $1 WHERE instance = '' AND status = 'pending'",
+            instance,
+            timeout=QUERY_TIMEOUT_SECONDS,
+        )
+    return int(alerts.split()[-1]), int(outbox.split()[-1])
 
 
 # The engine never writes acknowledged_at/by (acknowledge() does); a firing alert that someone
@@ -186,10 +217,11 @@ _INSERT_ALERT = """
 INSERT INTO plugin_alerts AS plugin_alerts (
     tenant_id, plugin_id, environment, rule_name, fingerprint, severity, status, inhibited,
     value, labels, annotations, started_at, fired_at, resolved_at, silenced_until,
-    last_active_at, last_evaluated_at, notified_at, updated_at)
+    last_active_at, last_evaluated_at, notified_at, updated_at, instance)
 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10::jsonb, $11::jsonb, $12, $13, $14, $15, $16,
-        $17, $18, $17)
+        $17, $18, $17, $19)
 ON CONFLICT (fingerprint) WHERE status <> 'resolved' DO UPDATE SET
+    instance = $19,
     status = CASE WHEN $7 = 'firing' AND plugin_alerts.acknowledged_at IS NOT NULL
                   THEN 'acknowledged' ELSE $7 END, inhibited = $8, value = $9, annotations = $11::jsonb,
     fired_at = $13, resolved_at = $14, silenced_until = $15, last_active_at = $16,
@@ -230,6 +262,7 @@ async def save_alert(conn: Connection, alert: AlertWrite) -> int:
         alert.last_active_at,
         alert.last_evaluated_at,
         alert.notified_at,
+        alert.instance,
     )
     if alert.id is not None:
         updated = await conn.fetchval(
@@ -358,23 +391,31 @@ async def runtime_dependencies(conn: Connection) -> dict[int, tuple[int, ...]]:
 
 
 async def latest_metric_values(
-    conn: Connection, plugin_ids: Sequence[int], names: Sequence[str], since: datetime
-) -> dict[tuple[int, str], float]:
-    """The newest plugin_metrics value per (plugin, metric name) since ``since``."""
-    if not plugin_ids or not names:
+    conn: Connection,
+    plugins: Sequence[tuple[int, str]],
+    names: Sequence[str],
+    since: datetime,
+) -> dict[tuple[int, str, str], float]:
+    """The newest plugin_metrics value per (plugin id, environment, metric name) since
+    ``since``, for the given (plugin id, environment) pairs. The environment matters: one
+    plugins row (tenant, name) serves every environment the plugin runs in."""
+    if not plugins or not names:
         return {}
     rows = await conn.fetch(
-        """SELECT DISTINCT ON (plugin_id, metric_name) plugin_id, metric_name, value
-             FROM plugin_metrics
-            WHERE plugin_id = ANY($1::bigint[]) AND metric_name = ANY($2::text[])
-              AND "timestamp" >= $3
-            ORDER BY plugin_id, metric_name, "timestamp" DESC""",
-        list(plugin_ids),
+        """SELECT DISTINCT ON (m.plugin_id, m.environment, m.metric_name)
+                  m.plugin_id, m.environment, m.metric_name, m.value
+             FROM plugin_metrics m
+             JOIN unnest($1::bigint[], $2::text[]) AS w(plugin_id, environment)
+               ON m.plugin_id = w.plugin_id AND m.environment = w.environment
+            WHERE m.metric_name = ANY($3::text[]) AND m."timestamp" >= $4
+            ORDER BY m.plugin_id, m.environment, m.metric_name, m."timestamp" DESC""",
+        [p[0] for p in plugins],
+        [p[1] for p in plugins],
         list(names),
         since,
         timeout=QUERY_TIMEOUT_SECONDS,
     )
-    return {(r["plugin_id"], r["metric_name"]): r["value"] for r in rows}
+    return {(r["plugin_id"], r["environment"], r["metric_name"]): r["value"] for r in rows}
 
 
 # --- health -----------------------------------------------------------------------------------
@@ -434,8 +475,8 @@ async def insert_outbox(conn: Connection, rows: Sequence[OutboxWrite]) -> None:
     await conn.executemany(
         """INSERT INTO notification_outbox (tenant_id, plugin_id, environment, receiver,
                receiver_kind, group_key, idempotency_key, body, fingerprints, next_attempt_at,
-               created_at, updated_at)
-           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $10, $10)
+               created_at, updated_at, instance)
+           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $10, $10, $11)
            ON CONFLICT (idempotency_key) DO NOTHING""",
         [
             (
@@ -449,6 +490,7 @@ async def insert_outbox(conn: Connection, rows: Sequence[OutboxWrite]) -> None:
                 r.body,
                 list(r.fingerprints),
                 r.created_at,
+                r.instance,
             )
             for r in rows
         ],
@@ -456,11 +498,16 @@ async def insert_outbox(conn: Connection, rows: Sequence[OutboxWrite]) -> None:
     )
 
 
-async def last_notified(conn: Connection) -> dict[tuple[str, str], datetime]:
-    """(receiver, group_key) -> when its latest notification was queued."""
+async def last_notified(
+    conn: Connection, instance: str | None = None
+) -> dict[tuple[str, str], datetime]:
+    """(receiver, group_key) -> when its latest notification was queued (by ``instance``,
+    or by any daemon when None)."""
     rows = await conn.fetch(
         """SELECT receiver, group_key, max(created_at) AS at FROM notification_outbox
+            WHERE $1::text IS NULL OR instance = $1
             GROUP BY receiver, group_key""",
+        instance,
         timeout=QUERY_TIMEOUT_SECONDS,
     )
     return {(r["receiver"], r["group_key"]): r["at"] for r in rows}
@@ -470,10 +517,17 @@ _CLAIM = """
 WITH due AS (
     SELECT o.id FROM notification_outbox o
      WHERE o.status = 'pending' AND o.next_attempt_at <= $1
+       -- only this daemon's rows, and only for receivers it has configured: another
+       -- daemon's "webhook-0" is not ours, and a row whose receiver was removed from the
+       -- configuration waits (pending) instead of being sent anywhere else
+       AND o.instance = $4
+       AND ((o.receiver_kind = 'webhook' AND o.receiver = ANY($5::text[]))
+            OR (o.receiver_kind = 'alertmanager' AND o.receiver = $6::text))
        -- one at a time per receiver and group, oldest first: a resolved never overtakes
        -- the firing it resolves, even while that one is being retried
        AND NOT EXISTS (SELECT 1 FROM notification_outbox p
-                        WHERE p.status = 'pending' AND p.receiver = o.receiver
+                        WHERE p.status = 'pending' AND p.instance = o.instance
+                          AND p.receiver = o.receiver AND p.receiver_kind = o.receiver_kind
                           AND p.group_key = o.group_key AND p.id < o.id)
      ORDER BY o.next_attempt_at, o.id
      LIMIT $2
@@ -486,17 +540,34 @@ UPDATE notification_outbox o
        updated_at = $1
   FROM due WHERE o.id = due.id
 RETURNING o.id, o.tenant_id, o.receiver, o.receiver_kind, o.group_key, o.idempotency_key,
-          o.body, o.attempts
+          o.body, o.attempts, o.created_at
 """
 
 
 async def claim_due(
-    conn: Connection, now: datetime, *, limit: int, lease_seconds: float
+    conn: Connection,
+    now: datetime,
+    *,
+    limit: int,
+    lease_seconds: float,
+    instance: str,
+    webhooks: Sequence[str],
+    alertmanager: str | None,
 ) -> list[ClaimedNotification]:
-    """Claim up to ``limit`` due notifications (``FOR UPDATE SKIP LOCKED``: several daemons
-    can share the outbox) and lease them for ``lease_seconds``."""
+    """Claim up to ``limit`` due notifications of ``instance`` for the named receivers
+    (``FOR UPDATE SKIP LOCKED``: several deliverers of one instance can share its rows) and
+    lease them for ``lease_seconds``."""
     async with conn.transaction():
-        rows = await conn.fetch(_CLAIM, now, limit, lease_seconds, timeout=QUERY_TIMEOUT_SECONDS)
+        rows = await conn.fetch(
+            _CLAIM,
+            now,
+            limit,
+            lease_seconds,
+            instance,
+            list(webhooks),
+            alertmanager,
+            timeout=QUERY_TIMEOUT_SECONDS,
+        )
     claimed = [
         ClaimedNotification(
             id=r["id"],
@@ -507,6 +578,7 @@ async def claim_due(
             idempotency_key=r["idempotency_key"],
             body=r["body"],
             attempts=r["attempts"],
+            created_at=r["created_at"],
         )
         for r in rows
     ]
@@ -593,13 +665,35 @@ async def record_outcomes(conn: Connection, outcomes: Sequence[DeliveryOutcome])
             )
 
 
-async def pending_count(conn: Connection) -> int:
+async def pending_count(conn: Connection, instance: str | None = None) -> int:
+    """Pending notifications (of ``instance``, or of every daemon when None)."""
     return int(
         await conn.fetchval(
-            "SELECT count(*) FROM notification_outbox WHERE status = 'pending'",
+            """SELECT count(*) FROM notification_outbox
+                WHERE status = 'pending' AND ($1::text IS NULL OR instance = $1)""",
+            instance,
             timeout=QUERY_TIMEOUT_SECONDS,
         )
     )
+
+
+async def unconfigured_receivers(
+    conn: Connection, instance: str, webhooks: Sequence[str], alertmanager: str | None
+) -> dict[tuple[str, str], int]:
+    """(receiver kind, receiver name) -> pending rows of ``instance`` for a receiver that is
+    not (or no longer) configured: they wait instead of being claimed."""
+    rows = await conn.fetch(
+        """SELECT receiver_kind, receiver, count(*) AS n FROM notification_outbox
+            WHERE status = 'pending' AND instance = $1
+              AND NOT ((receiver_kind = 'webhook' AND receiver = ANY($2::text[]))
+                       OR (receiver_kind = 'alertmanager' AND receiver IS NOT DISTINCT FROM $3::text))
+            GROUP BY receiver_kind, receiver""",
+        instance,
+        list(webhooks),
+        alertmanager,
+        timeout=QUERY_TIMEOUT_SECONDS,
+    )
+    return {(r["receiver_kind"], r["receiver"]): int(r["n"]) for r in rows}
 
 
 async def prune_outbox(conn: Connection, *, delivered_before: datetime) -> int:
@@ -682,6 +776,7 @@ def encode_alert_write(write: AlertWrite) -> str:
             "last_active_at": _iso(write.last_active_at),
             "last_evaluated_at": _iso(write.last_evaluated_at),
             "notified_at": _iso(write.notified_at),
+            "instance": write.instance,
         },
         sort_keys=True,
         allow_nan=True,
@@ -721,6 +816,9 @@ def decode_alert_write(text: str) -> AlertWrite:
             last_active_at=_from_iso(raw["last_active_at"]),
             last_evaluated_at=_required_iso(raw["last_evaluated_at"]),
             notified_at=_from_iso(raw["notified_at"]),
+            # absent in entries written before owners were recorded: '' (the replaying
+            # engine's instance, see replay_journal)
+            instance=str(raw.get("instance", "")),
         )
     except (KeyError, TypeError, AttributeError) as exc:
         raise JournalFormatError(f"malformed alert entry: {exc!r}") from exc
@@ -740,6 +838,7 @@ def encode_outbox_write(write: OutboxWrite) -> str:
             "body": write.body,
             "fingerprints": list(write.fingerprints),
             "created_at": _iso(write.created_at),
+            "instance": write.instance,
         },
         sort_keys=True,
     )
@@ -759,6 +858,7 @@ def decode_outbox_write(text: str) -> OutboxWrite:
             body=str(raw["body"]),
             fingerprints=tuple(str(f) for f in raw["fingerprints"]),
             created_at=_required_iso(raw["created_at"]),
+            instance=str(raw.get("instance", "")),
         )
     except (KeyError, TypeError, AttributeError) as exc:
         raise JournalFormatError(f"malformed outbox entry: {exc!r}") from exc
@@ -879,8 +979,14 @@ class ReplayResult:
     refused: int  # refused by the database (say, the plugin was deleted), logged
 
 
-async def replay_journal(conn: Connection, batches: Sequence[JournalBatch]) -> ReplayResult:
+async def replay_journal(
+    conn: Connection, batches: Sequence[JournalBatch], *, instance: str = ""
+) -> ReplayResult:
     """Write journaled batches in order, in one transaction; safe to repeat.
+
+    Each entry keeps the owner instance it was journaled with; an entry without one (written
+    before owners were recorded) gets ``instance``, the replaying engine's: the journal lives
+    in that daemon's data directory.
 
     Alert rows are upserted per instance (:func:`replay_alert`), outbox rows are inserted
     with ``ON CONFLICT (idempotency_key) DO NOTHING``, so a notification that was already
@@ -891,6 +997,8 @@ async def replay_journal(conn: Connection, batches: Sequence[JournalBatch]) -> R
     async with conn.transaction():
         for batch in batches:
             for entry in batch.entries:
+                if not entry.instance and instance:
+                    entry = replace(entry, instance=instance)
                 try:
                     async with conn.transaction():  # a savepoint
                         if isinstance(entry, AlertWrite):

@@ -80,7 +80,11 @@ def hook_for(receiver: Receiver) -> WebhookConfig:
 
 
 def engine_for(
-    pool: asyncpg.Pool, clock: FakeClock, receiver: Receiver, spool_dir: Path
+    pool: asyncpg.Pool,
+    clock: FakeClock,
+    receiver: Receiver,
+    spool_dir: Path,
+    instance: str | None = None,
 ) -> AlertEngine:
     return AlertEngine(
         pool,
@@ -89,6 +93,7 @@ def engine_for(
         webhooks=[hook_for(receiver)],
         database_timeout_seconds=3,
         spool_dir=spool_dir,
+        instance=instance,
     )
 
 
@@ -115,13 +120,14 @@ async def outage_run(
     spool_dir: Path,
     ids: dict[PluginKey, int],
     cpus: Sequence[float],
+    instance: str | None = None,
 ) -> list[str]:
     """An engine that starts with the database up, loses it, evaluates ``cpus`` and dies
     (its journal lock released, nothing else written) before the database is back."""
     async with asyncpg.create_pool(
         proxied_url(migrated_db, proxy), min_size=1, max_size=2
     ) as flaky:
-        engine = engine_for(flaky, clock, receiver, spool_dir)
+        engine = engine_for(flaky, clock, receiver, spool_dir, instance)
         await engine.start()
         await proxy.down()
         kinds, report = await run_cycles(engine, clock, ids, cpus)
@@ -181,6 +187,84 @@ async def test_alert_fired_during_outage_survives_a_kill(
     assert sent["fingerprint"] == alerts[0].fingerprint
     assert sent["labels"]["alertname"] == "CpuHigh"
     await engine.aclose()
+
+
+async def test_journal_replay_keeps_the_owner_instance(
+    pool: asyncpg.Pool,
+    migrated_db: str,
+    proxy: TcpProxy,
+    receiver: Receiver,
+    tmp_path: Path,
+) -> None:
+    spool_dir = tmp_path / "alert-spool"
+    clock = FakeClock()
+    ids = await plugin_ids(pool, [KEY])
+    kinds = await outage_run(
+        migrated_db, proxy, clock, receiver, spool_dir, ids, [90, 90], instance="host-a"
+    )
+    assert kinds == ["pending", "firing"]
+    # Replayed by the same daemon (same host setting) after a restart.
+    engine = engine_for(pool, clock, receiver, spool_dir, "host-a")
+    await engine.start()
+    async with pool.acquire() as conn:
+        alert_owners = await conn.fetch("SELECT instance, status FROM plugin_alerts")
+        outbox_owners = await conn.fetch("SELECT instance FROM notification_outbox")
+    assert [(r["instance"], r["status"]) for r in alert_owners] == [("host-a", "firing")]
+    assert [r["instance"] for r in outbox_owners] == ["host-a"]
+    assert [a.status for a in engine.alerts()] == ["firing"]
+    await engine.aclose()
+    # Only host-a's deliverer sends it, to its receiver.
+    async with (
+        OutboxDeliverer(pool, [hook_for(receiver)], clock=clock, instance="host-b") as other,
+        OutboxDeliverer(pool, [hook_for(receiver)], clock=clock, instance="host-a") as owner,
+    ):
+        assert (await other.deliver_due()).claimed == 0
+        assert (await owner.deliver_due()).delivered == 1
+    assert [r.json["status"] for r in receiver.received] == ["firing"]
+
+
+async def test_journal_entries_without_an_owner_get_the_replaying_instance(
+    pool: asyncpg.Pool, tmp_path: Path
+) -> None:
+    """Entries journaled before owners were recorded carry no "instance": the replaying
+    engine's instance is used (the journal lives in that daemon's data directory)."""
+    clock = FakeClock()
+    ids = await plugin_ids(pool, [KEY])
+    write = alert_store.AlertWrite(
+        id=None,
+        tenant_id=KEY.tenant,
+        plugin_id=ids[KEY],
+        environment=KEY.environment,
+        rule_name="CpuHigh",
+        fingerprint="0123456789abcdef",
+        severity="critical",
+        status="firing",
+        inhibited=False,
+        value=90.0,
+        labels={"alertname": "CpuHigh", "plugin": KEY.plugin},
+        annotations={},
+        started_at=clock(),
+        fired_at=clock(),
+        resolved_at=None,
+        silenced_until=None,
+        last_active_at=clock(),
+        last_evaluated_at=clock(),
+        notified_at=None,
+    )
+    old_format = json.loads(alert_store.encode_alert_write(write))
+    assert old_format.pop("instance") == ""
+    decoded = alert_store.decode_alert_write(json.dumps(old_format))
+    assert decoded.instance == ""
+    journal = alert_store.AlertJournal(tmp_path / "j")
+    try:
+        journal.append([decoded], [])
+        async with pool.acquire() as conn:
+            result = await alert_store.replay_journal(conn, journal.read(), instance="host-a")
+            owner = await conn.fetchval("SELECT instance FROM plugin_alerts")
+    finally:
+        journal.close()
+    assert result.alerts == 1
+    assert owner == "host-a"
 
 
 async def test_replaying_a_journal_twice_does_not_duplicate(

@@ -148,6 +148,30 @@ def test_parse_webhooks_and_alertmanager() -> None:
     assert parse_alertmanager(None) is None
 
 
+def test_give_up_policy_is_time_based_by_default() -> None:
+    (default, never, capped) = parse_webhooks(
+        [
+            {"url": "http://127.0.0.1:9/a"},
+            {"url": "http://127.0.0.1:9/b", "give_up_after_seconds": 0},
+            {"url": "http://127.0.0.1:9/c", "give_up_after_seconds": 600, "max_attempts": 5},
+        ]
+    )
+    assert (default.give_up_after_seconds, default.max_attempts) == (86400.0, None)
+    assert (never.give_up_after_seconds, never.max_attempts) == (0.0, None)
+    assert (capped.give_up_after_seconds, capped.max_attempts) == (600.0, 5)
+    with pytest.raises(RuleError) as info:
+        parse_webhooks([{"url": "http://127.0.0.1:9/a", "give_up_after_seconds": -1}])
+    assert dict(info.value.problems) == {
+        "alerts.webhooks[0].give_up_after_seconds": "must be a number >= 0 (0 = never)"
+    }
+    am = parse_alertmanager({"url": "http://127.0.0.1:9093", "give_up_after_seconds": 0})
+    assert am is not None
+    assert (am.give_up_after_seconds, am.max_attempts) == (0.0, None)
+    with pytest.raises(RuleError) as info:
+        parse_alertmanager({"url": "http://127.0.0.1:9093", "give_up_after_seconds": "x"})
+    assert "alerts.alertmanager.give_up_after_seconds" in dict(info.value.problems)
+
+
 def test_fingerprint_is_stable_and_label_order_free() -> None:
     rule = builtin_rules()[1]
     labels = alert_labels(rule, KEY)

@@ -32,14 +32,21 @@ SECRET = "whsec-7f3a9c-must-never-be-logged"
 
 
 def fast_hook(
-    name: str, url: str, *, secret: str | None = None, max_attempts: int = 10
+    name: str,
+    url: str,
+    *,
+    secret: str | None = None,
+    max_attempts: int | None = None,
+    give_up_after_seconds: float = 86400.0,
 ) -> WebhookConfig:
-    """A webhook with test-sized backoff (0.05 s doubling up to 0.3 s) and timeout."""
+    """A webhook with test-sized backoff (0.05 s doubling up to 0.3 s) and timeout; the
+    give-up policy is the default one (retry for a day, no attempt cap) unless given."""
     return WebhookConfig(
         name=name,
         url=url,
         secret=secret,
         max_attempts=max_attempts,
+        give_up_after_seconds=give_up_after_seconds,
         backoff_initial_seconds=0.05,
         backoff_max_seconds=0.3,
         timeout_seconds=2.0,
@@ -160,7 +167,8 @@ async def test_receiver_down_then_up_every_notification_arrives_once(
     await receiver.start()
     port = receiver.port
     await receiver.stop()  # down: connection refused
-    hook = fast_hook("ops", f"http://127.0.0.1:{port}/hook", secret=SECRET, max_attempts=50)
+    # The default give-up policy (no attempt cap, a day), only the backoff is test-sized.
+    hook = fast_hook("ops", f"http://127.0.0.1:{port}/hook", secret=SECRET)
     clock = FakeClock(datetime.now(UTC))
     keys = [PluginKey("acme", f"p{i}") for i in range(5)]
     ids = await plugin_ids(pool, keys)
@@ -175,8 +183,14 @@ async def test_receiver_down_then_up_every_notification_arrives_once(
     async with OutboxDeliverer(pool, [hook], None) as deliverer:
         task = await run_in_background(deliverer)
         try:
-            await asyncio.sleep(1.0)  # a few failed rounds against the closed port
-            assert deliverer.stats().notifications.get(("ops", "retry"), 0) >= 5
+            # Failed rounds against the closed port: more than the old cap of 10 attempts
+            # per notification (60 retries over the 5 groups' first notifications), and
+            # none is given up.
+            for _ in range(300):
+                if deliverer.stats().notifications.get(("ops", "retry"), 0) >= 60:
+                    break
+                await asyncio.sleep(0.1)
+            assert deliverer.stats().notifications.get(("ops", "failed"), 0) == 0
             assert receiver.received == []
             receiver.port = port
             await receiver.start()
@@ -195,6 +209,7 @@ async def test_receiver_down_then_up_every_notification_arrives_once(
         per_group.setdefault(r.json["groupLabels"]["plugin"], []).append(r.json["status"])
     assert per_group == {k.plugin: ["firing", "resolved"] for k in keys}
     assert stats.notifications[("ops", "delivered")] == 10
+    assert ("ops", "failed") not in stats.notifications  # nothing given up
     assert stats.pending == 0
     async with pool.acquire() as conn:
         sent = await conn.fetch("SELECT idempotency_key FROM alert_notifications_sent")
@@ -205,7 +220,7 @@ async def test_receiver_down_then_up_every_notification_arrives_once(
         r.idempotency_key for r in receiver.received
     )
     assert {o["status"] for o in outbox} == {"delivered"}
-    assert max(o["attempts"] for o in outbox) > 1
+    assert max(o["attempts"] for o in outbox) > 10
     assert "retrying in" in caplog.text  # the retries were logged...
     assert SECRET not in caplog.text  # ...without the secret
 
@@ -253,6 +268,76 @@ async def test_retry_only_on_5xx_429_and_give_up_on_4xx(pool: asyncpg.Pool) -> N
         ("failed", 1, 400),
     ]
     assert rows[1]["last_error"] == "rejected: HTTP 400"
+
+
+async def test_retryable_failures_are_retried_until_give_up_after_seconds(
+    pool: asyncpg.Pool,
+) -> None:
+    receiver = Receiver(responses=[503] * 40)
+    await receiver.start()
+    hook = WebhookConfig(name="ops", url=receiver.url, give_up_after_seconds=3600)
+    forever = WebhookConfig(name="forever", url=receiver.url, give_up_after_seconds=0)
+    clock = FakeClock(datetime.now(UTC))
+    ids = await plugin_ids(pool, [KEY])
+    rule = Rule(name="Hot", metric="cpu_percent", op=">", threshold=50)
+    engine = AlertEngine(pool, [rule], webhooks=[hook, forever], clock=clock)
+    await engine.start()
+    await engine.process(snapshot(clock(), [plugin_sample(KEY, clock(), cpu=90)]), ids)
+    try:
+        async with OutboxDeliverer(pool, [hook, forever], None, clock=clock) as deliverer:
+            # 15 rounds 301 s apart (past the 300 s backoff cap), 4515 s in all: "ops"
+            # (give up after 1 h) gives up at the first attempt 3600 s after it was queued.
+            outcomes: list[tuple[int, int, int]] = []
+            for _ in range(15):
+                report = await deliverer.deliver_due()
+                outcomes.append((report.claimed, report.retried, report.failed))
+                clock.advance(301)
+            stats = deliverer.stats()
+    finally:
+        await receiver.stop()
+    gave_up_at = next(i for i, o in enumerate(outcomes) if o[2])
+    assert gave_up_at == 12  # 12 * 301 s = 3612 s >= 3600 s after it was queued
+    assert all(o == (2, 2, 0) for o in outcomes[:12])  # beyond the old cap of 10 attempts
+    assert outcomes[12] == (2, 1, 1)
+    assert all(o == (1, 1, 0) for o in outcomes[13:])  # "forever" never gives up
+    assert stats.notifications[("ops", "failed")] == 1
+    assert ("forever", "failed") not in stats.notifications
+    async with pool.acquire() as conn:
+        rows = {
+            r["receiver"]: r
+            for r in await conn.fetch(
+                "SELECT receiver, status, attempts, last_error FROM notification_outbox"
+            )
+        }
+    assert (rows["ops"]["status"], rows["ops"]["attempts"]) == ("failed", 13)
+    assert "give_up_after_seconds 3600" in rows["ops"]["last_error"]
+    assert (rows["forever"]["status"], rows["forever"]["attempts"]) == ("pending", 15)
+
+
+async def test_max_attempts_still_caps_when_set(pool: asyncpg.Pool) -> None:
+    receiver = Receiver(responses=[503] * 5)
+    await receiver.start()
+    hook = fast_hook("ops", receiver.url, max_attempts=3)
+    clock = FakeClock(datetime.now(UTC))
+    ids = await plugin_ids(pool, [KEY])
+    engine = AlertEngine(
+        pool,
+        [Rule(name="Hot", metric="cpu_percent", op=">", threshold=50)],
+        webhooks=[hook],
+        clock=clock,
+    )
+    await engine.start()
+    await engine.process(snapshot(clock(), [plugin_sample(KEY, clock(), cpu=90)]), ids)
+    try:
+        async with OutboxDeliverer(pool, [hook], None, clock=clock) as deliverer:
+            for _ in range(5):
+                await deliverer.deliver_due()
+                clock.advance(1)
+            stats = deliverer.stats()
+    finally:
+        await receiver.stop()
+    assert receiver.attempts == 3
+    assert stats.notifications == {("ops", "retry"): 2, ("ops", "failed"): 1}
 
 
 async def test_two_deliverers_share_the_outbox(pool: asyncpg.Pool) -> None:
