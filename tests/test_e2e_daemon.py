@@ -195,9 +195,9 @@ def _metric(daemon: DaemonProcess, name: str) -> float:
 
 
 @pytest.mark.slow
-def test_database_outage_then_sigkill_loses_nothing(tmp_path: Path) -> None:
+def test_database_outage_then_sigkill_loses_nothing(tmp_path: Path, server_tmp_dir: Path) -> None:
     """30 s without PostgreSQL: rows spool and replay; a SIGKILLed daemon's spool replays."""
-    server = EmbeddedPostgres(tmp_path / "pg")
+    server = EmbeddedPostgres(server_tmp_dir / "pg")
     url = server.start()
     data_dir = tmp_path / "data"
     try:
@@ -260,8 +260,13 @@ def test_database_outage_then_sigkill_loses_nothing(tmp_path: Path) -> None:
                 second.wait_metric("rows in the spool", lambda v: v >= 4, "pluginmon_spool_samples")
             finally:
                 second.kill()
-            with Spool(data_dir / "spool") as spool:
-                spooled = spool.rows
+            # Rows with a plugin id, plus samples taken before the ids were known (the
+            # daemon may have been killed before it replayed those).
+            with (
+                Spool(data_dir / "spool") as spool,
+                Spool(data_dir / "spool-unresolved") as unresolved,
+            ):
+                spooled = spool.rows + unresolved.rows
             assert spooled >= 4
 
             server.start()
@@ -288,9 +293,9 @@ def test_database_outage_then_sigkill_loses_nothing(tmp_path: Path) -> None:
         server.stop(mode="immediate")
 
 
-def test_embedded_default_starts_and_stops_its_server(tmp_path: Path) -> None:
+def test_embedded_default_starts_and_stops_its_server(tmp_path: Path, server_tmp_dir: Path) -> None:
     """The README's path: no database URL, a private PostgreSQL under data_dir."""
-    data_dir = tmp_path / "state"
+    data_dir = server_tmp_dir / "state"
     with plugin_processes() as plugins:
         daemon = DaemonProcess(
             tmp_path=tmp_path,
@@ -320,3 +325,112 @@ def test_embedded_default_starts_and_stops_its_server(tmp_path: Path) -> None:
     assert rows["sleeper"]["processes"] == 2
     assert not server.is_running()
     assert counts["rows_in_spool"] == 0
+
+
+@pytest.mark.slow
+def test_daemon_started_while_database_down_loses_nothing(
+    tmp_path: Path, server_tmp_dir: Path
+) -> None:
+    """The daemon boots with PostgreSQL down and plugins it has never seen: it samples at
+    once, every sample goes to disk; SIGTERM while still down leaves them all in the spools;
+    the next daemon (started while still down) replays them once the database comes up."""
+    server = EmbeddedPostgres(server_tmp_dir / "pg")
+    url = server.start()
+    server.stop(mode="fast")
+    data_dir = tmp_path / "data"
+    try:
+        with plugin_processes() as plugins:
+            config = plugins.config(tenant="fresh")  # no plugins row for these yet
+            first = DaemonProcess(
+                tmp_path=tmp_path, database_url=url, config_text=config, data_dir=data_dir
+            ).start()
+            try:
+                first.wait_metric(
+                    "samples while the database is down",
+                    lambda v: v >= 6,
+                    "pluginmon_samples_total",
+                )
+                first.wait_metric("samples on disk", lambda v: v >= 6, "pluginmon_spool_samples")
+                assert first.get("/readyz")[0] == 503
+            except BaseException:
+                first.kill()
+                raise
+            first.signal(signal.SIGTERM)
+            assert first.wait_exit(timeout=60) == 0, first.log_text()[-3000:]
+            down = first.final_counts()
+            assert down["samples_taken"] >= 6
+            # Nothing written, nothing dropped, nothing only in memory: all of it on disk.
+            assert down["rows_written"] == 0
+            assert down["rows_dropped"] == 0
+            assert down["rows_in_spool"] == down["samples_taken"]
+
+            second = DaemonProcess(
+                tmp_path=tmp_path,
+                database_url=url,
+                config_text=config,
+                data_dir=data_dir,
+                name="second",
+            ).start()
+            try:
+                second.wait_metric(
+                    "samples while still down", lambda v: v >= 4, "pluginmon_samples_total"
+                )
+                server.start()
+                second.wait_metric(
+                    "the spools to drain", lambda v: v == 0, "pluginmon_spool_samples", timeout=120
+                )
+                second.wait_ready(timeout=60)
+            except BaseException:
+                second.kill()
+                raise
+            second.signal(signal.SIGTERM)
+            assert second.wait_exit(timeout=60) == 0, second.log_text()[-3000:]
+            up = second.final_counts()
+            assert up["rows_in_spool"] == 0
+            assert up["rows_dropped"] == 0
+            # Every sample either daemon took is in plugin_samples, exactly once.
+            assert sample_rows(url) == down["samples_taken"] + up["samples_taken"]
+            with psycopg.connect(url) as conn:
+                names = conn.execute(
+                    "SELECT DISTINCT p.name FROM plugin_samples s "
+                    "JOIN plugins p ON p.id = s.plugin_id WHERE p.tenant_id = 'fresh'"
+                ).fetchall()
+            assert {n for (n,) in names} == {"burner", "sleeper"}
+    finally:
+        server.stop(mode="immediate")
+
+
+def test_second_daemon_on_the_same_data_dir_exits_1_and_leaves_the_first_alone(
+    tmp_path: Path,
+    server_tmp_dir: Path,
+) -> None:
+    """The data_dir lock is taken before the embedded server is started or adopted."""
+    data_dir = server_tmp_dir / "state"
+
+    def daemon(name: str) -> DaemonProcess:
+        process = DaemonProcess(
+            tmp_path=tmp_path, database_url="", config_text="", data_dir=data_dir, name=name
+        )
+        del process.env["PLUGINMON_DATABASE_URL"]  # the embedded default
+        return process
+
+    first = daemon("first").start()
+    try:
+        first.wait_ready(timeout=90)
+        second = daemon("second").start()
+        try:
+            assert second.wait_exit(timeout=60) == 1
+        finally:
+            second.kill()
+        assert "in use by another pluginmon" in second.log_text()
+        assert "embedded PostgreSQL" not in second.log_text()  # it never got that far
+        # The first daemon's server is untouched: still up, still ready.
+        assert EmbeddedPostgres(data_dir).is_running()
+        assert first.get("/readyz")[0] == 200
+    except BaseException:
+        first.kill()
+        EmbeddedPostgres(data_dir).stop(mode="immediate")
+        raise
+    first.signal(signal.SIGTERM)
+    assert first.wait_exit(timeout=60) == 0, first.log_text()[-3000:]
+    assert not EmbeddedPostgres(data_dir).is_running()
