@@ -12,7 +12,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from collectors.models import PluginKey, PluginSample, Snapshot
-from daemon.app import Daemon, ShutdownBudget, sample_row
+from daemon.app import RESOLVE_TIMEOUT_SECONDS, Daemon, ShutdownBudget, sample_row
 from daemon.config import resolve
 from daemon.settings import Settings
 from daemon.spools import CountingSpool, DataDirLock, DataDirLockedError, UnresolvedSpool
@@ -227,3 +227,36 @@ def test_data_dir_lock_is_exclusive(tmp_path: Path) -> None:
     again = DataDirLock(tmp_path)
     again.acquire()  # released: free again
     again.release()
+
+
+async def test_id_lookup_against_a_silent_database_is_bounded(tmp_path: Path) -> None:
+    """A server that accepts connections and never answers (a hung database): the id lookup
+    gives up after RESOLVE_TIMEOUT_SECONDS, the samples go to disk, and the next tick does
+    not wait again (it spools at once until RESOLVE_RETRY_SECONDS have passed)."""
+    accepted: list[asyncio.StreamWriter] = []
+
+    async def hold(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer)  # say nothing, close nothing
+
+    silent = await asyncio.start_server(hold, "127.0.0.1", 0)
+    port = silent.sockets[0].getsockname()[1]
+    daemon = make_daemon(tmp_path)
+    pool = await open_pool(f"postgresql://pluginmon:x@127.0.0.1:{port}/pluginmon", min_size=0)
+    unresolved = UnresolvedSpool(tmp_path / "spool-unresolved", max_bytes=1 << 20)
+    try:
+        daemon.pool, daemon.unresolved, daemon.schema_ready = pool, unresolved, True
+        # Without the bound this waits for asyncpg's 60 s connect timeout.
+        await asyncio.wait_for(daemon._write(snapshot_at(0)), RESOLVE_TIMEOUT_SECONDS + 20)
+        assert unresolved.rows == 1
+        assert accepted  # it really did try the silent server
+        tries = len(accepted)
+        await asyncio.wait_for(daemon._write(snapshot_at(1)), 20)
+        assert unresolved.rows == 2
+        assert len(accepted) == tries  # backed off: no second connection attempt
+    finally:
+        unresolved.close()
+        pool.terminate()
+        for writer in accepted:
+            writer.close()
+        silent.close()
+        await silent.wait_closed()
