@@ -15,6 +15,7 @@ from storage.backend import (
     Retention,
     RollupRefresh,
     backfill_start,
+    bucket_floor,
     delete_expired,
     maintenance_lock,
     require_autocommit,
@@ -39,6 +40,9 @@ ROLLUPS: tuple[RollupSpec, ...] = (
     RollupSpec("rollup_samples_1m", timedelta(minutes=1), timedelta(minutes=10), "rollup_1m"),
     RollupSpec("rollup_samples_1h", timedelta(hours=1), timedelta(hours=1), "rollup_1h"),
 )
+
+# A back-fill recomputes this much per transaction (1,000 plugins at 10 s: ~2M raw rows).
+BACKFILL_CHUNK = timedelta(hours=6)
 
 # Time-partitioned tables and the retention field that governs each.
 PARTITIONED: tuple[tuple[str, str], ...] = (
@@ -69,10 +73,18 @@ class PostgresMaintenance:
         days_ahead: int = 7,
         lock_timeout: timedelta = timedelta(seconds=5),
         rollups: tuple[RollupSpec, ...] = ROLLUPS,
+        backfill_chunk: timedelta = BACKFILL_CHUNK,
         clock: Clock = utc_now,
     ) -> None:
         if days_ahead < 1:
             raise ValueError(f"days_ahead must be at least 1, got {days_ahead}")
+        for spec in rollups:
+            if backfill_chunk <= timedelta(0) or backfill_chunk % spec.width:
+                raise ValueError(
+                    f"backfill_chunk must be a positive multiple of {spec.relation}'s "
+                    f"{spec.width}, got {backfill_chunk}"
+                )
+        self._backfill_chunk = backfill_chunk
         self._days_ahead = days_ahead
         self._lock_timeout_ms = int(lock_timeout.total_seconds() * 1000)
         self._rollups = rollups
@@ -169,7 +181,10 @@ class PostgresMaintenance:
                 if mark is None or mark[0] is None
                 else backfill_start(since, spec.width, now, retention)
             )
-            refresh = await refresh_rollup(conn, spec, now, refresh_from=start)
+            if start is None:
+                refresh = await refresh_rollup(conn, spec, now)
+            else:
+                refresh = await self._backfill_rollup(conn, spec, start, now)
             logger.info(
                 "backfill: %s recomputed from %s to %s (%d rows)",
                 spec.relation,
@@ -179,6 +194,23 @@ class PostgresMaintenance:
             )
             refreshed.append(refresh)
         return tuple(refreshed)
+
+    async def _backfill_rollup(
+        self, conn: AdminConnection, spec: RollupSpec, start: datetime, now: datetime
+    ) -> RollupRefresh:
+        """Recompute [start, last complete bucket) one ``backfill_chunk`` per transaction, so
+        a long back-fill never holds the watermark lock (and the regular refresh) for long."""
+        end = bucket_floor(now, spec.width)
+        if start >= end:
+            return RollupRefresh(spec.relation, start, start, 0)
+        buckets = 0
+        chunk_start = start
+        while chunk_start < end:
+            chunk_end = min(chunk_start + self._backfill_chunk, end)
+            part = await refresh_rollup(conn, spec, chunk_end, refresh_from=chunk_start)
+            buckets += part.buckets
+            chunk_start = chunk_end
+        return RollupRefresh(spec.relation, start, end, buckets)
 
     async def _maintain_partitions(
         self, conn: AdminConnection, parent: str, retention: timedelta, now: datetime

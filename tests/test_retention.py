@@ -313,7 +313,10 @@ async def test_rollup_refresh_is_incremental_and_matches_group_by(pg_db: str) ->
         assert watermark == (start + timedelta(hours=3),)
 
 
-async def test_backfill_puts_rows_older_than_the_lookback_into_both_rollups(pg_db: str) -> None:
+@pytest.mark.parametrize("chunk", [None, timedelta(hours=1)], ids=["helper", "hourly-chunks"])
+async def test_backfill_puts_rows_older_than_the_lookback_into_both_rollups(
+    pg_db: str, chunk: timedelta | None
+) -> None:
     """A spool replayed after a 3-hour outage: the regular refresh never looks that far back;
     ``backfill`` from the oldest replayed timestamp makes both rollups equal raw again."""
     start = NOW - timedelta(hours=6)
@@ -340,13 +343,20 @@ async def test_backfill_puts_rows_older_than_the_lookback_into_both_rollups(pg_d
         assert rollup_rows(conn, "plugin_samples_1m") != group_by_rollup(conn, "1 minute")
         assert rollup_rows(conn, "plugin_samples_1h") != group_by_rollup(conn, "1 hour")
 
-    refreshed = await backfill_rollups(pg_db, late_start, Retention(), clock=lambda: later)
+    if chunk is None:
+        refreshed = await backfill_rollups(pg_db, late_start, Retention(), clock=lambda: later)
+    else:
+        async with admin_connection(pg_db) as conn_async:
+            maintenance = PostgresMaintenance(clock=lambda: later, backfill_chunk=chunk)
+            refreshed = await maintenance.backfill(conn_async, late_start, Retention())
 
     spec_1m, spec_1h = ROLLUPS
     assert [(r.rollup, r.window_start, r.window_end) for r in refreshed] == [
         (spec_1m.relation, NOW - timedelta(hours=3, minutes=8), later),
         (spec_1h.relation, NOW - timedelta(hours=4), NOW),
     ]
+    # Every minute from 08:52 to 12:00 and every hour from 08:00, for both plugins.
+    assert [r.buckets for r in refreshed] == [188 * 2, 4 * 2]
     with psycopg.connect(pg_db) as conn:
         assert_rollups_equal(
             rollup_rows(conn, "plugin_samples_1m"), group_by_rollup(conn, "1 minute")
@@ -383,9 +393,9 @@ async def test_backfill_leaves_buckets_past_the_raw_retention_alone(pg_db: str) 
         )
 
     async with admin_connection(pg_db) as conn_async:
-        refreshed = await PostgresMaintenance(clock=lambda: NOW).backfill(
-            conn_async, NOW - timedelta(days=365), Retention()
-        )
+        refreshed = await PostgresMaintenance(
+            clock=lambda: NOW, backfill_chunk=timedelta(days=30)
+        ).backfill(conn_async, NOW - timedelta(days=365), Retention())
 
     horizon = NOW - Retention().samples
     assert [r.window_start for r in refreshed] == [horizon, horizon]

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 
 import asyncpg
@@ -597,3 +599,16 @@ async def test_admin_connection_gives_up_on_a_server_that_never_answers(
     with pytest.raises(psycopg.OperationalError, match="timeout"):
         async with admin_connection(silent_server_url, connect_timeout_seconds=2):
             pass
+
+
+def test_admin_plane_modules_do_not_import_asyncpg() -> None:
+    """DESIGN.md: the admin plane is psycopg 3 and the data plane asyncpg; neither leaks."""
+    code = (
+        "import sys\n"
+        "import storage.backend, storage.migrate, storage.partitions, storage.timescale\n"
+        "print('asyncpg' in sys.modules)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert done.stdout.strip() == "False"
