@@ -484,7 +484,7 @@ class AlertEngine:
             if kind in (TransitionKind.PENDING, TransitionKind.FIRING) and alert is None:
                 state = change.state
                 assert state is not None
-                labels = alert_labels(change.rule, change.key)
+                labels = alert_labels(change.rule, change.key, self.instance)
                 self._seq += 1
                 alert = _Alert(
                     rule=change.rule,

@@ -334,7 +334,9 @@ class RuleEvaluator:
 # --- labels, fingerprints and templates -------------------------------------------------------
 
 
-def alert_labels(rule: Rule, key: PluginKey) -> dict[str, str]:
+def alert_labels(rule: Rule, key: PluginKey, instance: str | None = None) -> dict[str, str]:
+    """The alert's identity labels. ``instance`` (the daemon's host) keeps one plugin running
+    on several hosts, each watched by its own daemon, as separate alerts, as Prometheus does."""
     labels = dict(rule.labels)
     labels.update(
         alertname=rule.name,
@@ -343,6 +345,8 @@ def alert_labels(rule: Rule, key: PluginKey) -> dict[str, str]:
         environment=key.environment,
         severity=rule.severity,
     )
+    if instance:
+        labels["instance"] = instance
     return dict(sorted(labels.items()))
 
 

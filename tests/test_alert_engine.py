@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from urllib.parse import urlsplit, urlunsplit
@@ -136,6 +137,7 @@ async def test_fire_persist_deliver_resolve(pool: asyncpg.Pool, receiver: Receiv
     labels = {
         "alertname": "CpuHigh",
         "environment": "production",
+        "instance": socket.gethostname(),  # the engine's default instance
         "plugin": "resizer",
         "severity": "critical",
         "team": "imaging",

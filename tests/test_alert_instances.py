@@ -385,3 +385,41 @@ async def test_retried_alertmanager_push_gets_endsat_from_send_time(
     async with pool.acquire() as conn:
         stored = json.loads(await conn.fetchval("SELECT body FROM notification_outbox"))
     assert "endsAt" not in stored[0]  # the queued body leaves it to the send time
+
+
+async def test_one_plugin_on_two_hosts_gives_two_alerts(
+    pool: asyncpg.Pool, receivers: tuple[Receiver, Receiver]
+) -> None:
+    # The same plugin runs on two hosts, each watched by its own daemon: one alert per host.
+    rx_a, rx_b = receivers
+    clock = FakeClock()
+    key = PluginKey("acme", "everywhere")
+    ids = await plugin_ids(pool, [key])
+    hook_a, hook_b = hook(rx_a.url, "secret-a"), hook(rx_b.url, "secret-b")
+    engine_a = AlertEngine(pool, [HOT], clock=clock, webhooks=[hook_a], instance="host-a")
+    engine_b = AlertEngine(pool, [HOT], clock=clock, webhooks=[hook_b], instance="host-b")
+    await engine_a.start()
+    await engine_b.start()
+    await engine_a.process(snapshot(clock(), [plugin_sample(key, clock(), cpu=90)]), ids)
+    await engine_b.process(snapshot(clock(), [plugin_sample(key, clock(), cpu=95)]), ids)
+    clock.advance(1)
+    # Host a recovers, host b stays hot: only a's alert resolves.
+    await engine_a.process(snapshot(clock(), [plugin_sample(key, clock(), cpu=1)]), ids)
+    await engine_b.process(snapshot(clock(), [plugin_sample(key, clock(), cpu=96)]), ids)
+    async with pool.acquire() as conn:
+        rows = await conn.fetch(
+            "SELECT instance, status, labels->>'instance' AS label FROM plugin_alerts"
+            " ORDER BY instance"
+        )
+    assert [(r["instance"], r["status"], r["label"]) for r in rows] == [
+        ("host-a", "resolved", "host-a"),
+        ("host-b", "firing", "host-b"),
+    ]
+    async with (
+        OutboxDeliverer(pool, [hook_a], clock=clock, instance="host-a") as deliver_a,
+        OutboxDeliverer(pool, [hook_b], clock=clock, instance="host-b") as deliver_b,
+    ):
+        await drain(deliver_a, deliver_b)
+    assert [r.json["status"] for r in rx_a.received] == ["firing", "resolved"]
+    assert [r.json["status"] for r in rx_b.received] == ["firing"]
+    assert rx_b.received[0].json["alerts"][0]["labels"]["instance"] == "host-b"

@@ -117,6 +117,7 @@ async def test_push_to_real_alertmanager_and_read_back(
         assert alert["labels"] == {
             "alertname": "PluginCpuHigh",
             "environment": "production",
+            "instance": socket.gethostname(),  # the engine's default instance
             "plugin": "resizer",
             "severity": "critical",
             "team": "imaging",

@@ -186,6 +186,9 @@ def test_fingerprint_is_stable_and_label_order_free() -> None:
     assert fp == fingerprint(dict(reversed(list(labels.items()))))
     assert len(fp) == 16
     assert fp != fingerprint(alert_labels(rule, PluginKey("acme", "resizer", "staging")))
+    on_a, on_b = alert_labels(rule, KEY, "host-a"), alert_labels(rule, KEY, "host-b")
+    assert on_a["instance"] == "host-a"
+    assert len({fp, fingerprint(on_a), fingerprint(on_b)}) == 3
 
 
 def test_for_and_resolution() -> None:
