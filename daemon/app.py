@@ -716,10 +716,38 @@ async def build(daemon: Daemon, stack: AsyncExitStack, stop: asyncio.Event) -> N
 def _maintenance_job(daemon: Daemon) -> Callable[[], Awaitable[None]]:
     """Partitions, retention and rollups; storage takes the advisory lock, so one of many
     daemons sharing the database does the work and the others return at once."""
-    from storage.backend import Maintenance, admin_connection, detect_backend, maintenance_for
+    from storage.backend import (
+        Maintenance,
+        admin_connection,
+        backfill_rollups,
+        detect_backend,
+        maintenance_for,
+    )
 
     maintenance: Maintenance | None = None
     retention = daemon.config.retention
+
+    async def backfill_after_replay(url: str) -> None:
+        # Rows replayed from the spools after an outage may be older than the rollups'
+        # regular refresh looks back: recompute the rollups from the oldest of them.
+        spools = [daemon.spool, daemon.unresolved.spool if daemon.unresolved else None]
+        # `is not None`: a Spool has a length, and an emptied one is falsy.
+        taken = [(s, s.take_late_rows_since()) for s in spools if s is not None]
+        since = min((t for _, t in taken if t is not None), default=None)
+        if since is None:
+            return
+        try:
+            refreshed = await backfill_rollups(url, since, retention)
+        except BaseException:
+            for spool, when in taken:
+                if when is not None:
+                    spool.note_late_rows(when)  # try again on the next run
+            raise
+        logger.info(
+            "rollups back-filled from %s after a spool replay (%d refresh(es))",
+            since.isoformat(),
+            len(refreshed),
+        )
 
     async def run() -> None:
         nonlocal maintenance
@@ -731,6 +759,7 @@ def _maintenance_job(daemon: Daemon) -> Callable[[], Awaitable[None]]:
             if maintenance is None:
                 maintenance = maintenance_for(await detect_backend(conn))
             report = await maintenance.run(conn, retention)
+        await backfill_after_replay(url)
         if report.ran:
             logger.info(
                 "maintenance: %d partition(s) created, %d dropped, %d row(s) removed%s",

@@ -6,8 +6,10 @@ import contextlib
 import fcntl
 import logging
 import os
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 from collectors.models import PluginKey, PluginSample
@@ -40,6 +42,27 @@ class CountingSpool(Spool):
             DROP_SPOOL_IO: 0,
             DROP_SPOOL_CODEC: 0,
         }
+        self._oldest_acked: datetime | None = None
+        self._oldest_lock = threading.Lock()
+
+    def ack(self, batch: SpooledBatch) -> None:
+        super().ack(batch)
+        # Rows leaving a spool are late: older than the rollups' regular refresh may look
+        # back. Remember the oldest, so maintenance back-fills the rollups from there.
+        oldest = min((row[0] for row in batch.rows if isinstance(row[0], datetime)), default=None)
+        if oldest is not None:
+            self.note_late_rows(oldest)
+
+    def note_late_rows(self, since: datetime) -> None:
+        with self._oldest_lock:
+            if self._oldest_acked is None or since < self._oldest_acked:
+                self._oldest_acked = since
+
+    def take_late_rows_since(self) -> datetime | None:
+        """The oldest timestamp acked since the last call (None: nothing), and forget it."""
+        with self._oldest_lock:
+            oldest, self._oldest_acked = self._oldest_acked, None
+            return oldest
 
     def append(self, rows: Sequence[Row]) -> None:
         try:
