@@ -42,6 +42,7 @@ from daemon.spools import (
     UnresolvedSpool,
     resolved_row,
     row_key,
+    sample_values,
     unresolved_row,
 )
 from storage.backend import Retention
@@ -105,27 +106,7 @@ class ShutdownBudget:
 
 def sample_row(sample: PluginSample, plugin_id: int, host: str) -> tuple[object, ...]:
     """One plugin_samples row, in the writer's PLUGIN_SAMPLES_COLUMNS order."""
-    return (
-        sample.timestamp,
-        sample.key.tenant,
-        plugin_id,
-        sample.key.environment,
-        host,
-        max(sample.cpu_percent, 0.0),
-        sample.rss_bytes,
-        sample.vms_bytes,
-        sample.uss_bytes,
-        sample.swap_bytes,
-        sample.threads,
-        sample.fds,
-        sample.read_bytes,
-        sample.write_bytes,
-        sample.ctx_switches_voluntary,
-        sample.ctx_switches_involuntary,
-        sample.process_count,
-        max(sample.restarts, 0),
-        sample.up,
-    )
+    return sample_values(sample, plugin_id, host)
 
 
 class Daemon:

@@ -78,12 +78,13 @@ class CountingSpool(Spool):
             raise
 
 
-def unresolved_row(sample: PluginSample, host: str) -> Row:
-    """A sample keyed by (tenant, plugin, environment) instead of a plugin id."""
+def sample_values(sample: PluginSample, plugin: int | str, host: str) -> Row:
+    """One plugin_samples row in the writer's PLUGIN_SAMPLES_COLUMNS order, with ``plugin``
+    (a plugin id, or a plugin name while the id is not known yet) in the plugin column."""
     return (
         sample.timestamp,
         sample.key.tenant,
-        sample.key.plugin,
+        plugin,
         sample.key.environment,
         host,
         max(sample.cpu_percent, 0.0),
@@ -101,6 +102,11 @@ def unresolved_row(sample: PluginSample, host: str) -> Row:
         max(sample.restarts, 0),
         sample.up,
     )
+
+
+def unresolved_row(sample: PluginSample, host: str) -> Row:
+    """A sample keyed by (tenant, plugin, environment) instead of a plugin id."""
+    return sample_values(sample, sample.key.plugin, host)
 
 
 def row_key(row: Row) -> PluginKey:
