@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 from alerts.errors import RuleError
 from alerts.health import MEMORY_LIMIT, HealthScore
 from alerts.matchers import PluginMatcher, parse_matcher
-from collectors.models import PluginKey, PluginSample
+from collectors.models import SAMPLE_MEASUREMENTS, PluginKey, PluginSample
 
 __all__ = [
     "AlertState",
@@ -48,24 +48,7 @@ OPS: Final[Mapping[str, Callable[[float, float], bool]]] = {
 SEVERITIES: Final = ("info", "warning", "critical")
 
 # Values a rule's `metric` can name besides plugin_metrics names.
-SAMPLE_FIELDS: Final = frozenset(
-    {
-        "up",
-        "cpu_percent",
-        "rss_bytes",
-        "vms_bytes",
-        "uss_bytes",
-        "swap_bytes",
-        "threads",
-        "fds",
-        "process_count",
-        "restarts",
-        "read_bytes",
-        "write_bytes",
-        "ctx_switches_voluntary",
-        "ctx_switches_involuntary",
-    }
-)
+SAMPLE_FIELDS: Final = frozenset(SAMPLE_MEASUREMENTS)
 HEALTH_SCORE: Final = "health_score"
 # Derived from the health score's components.
 DERIVED_METRICS: Final = frozenset(

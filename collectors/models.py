@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Final
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -63,6 +64,26 @@ class PluginSample:
     ctx_switches_voluntary: int | None = None
     ctx_switches_involuntary: int | None = None
     pids: tuple[int, ...] = ()
+
+
+# The measured PluginSample attributes, in plugin_samples column order: each is also the name
+# of its plugin_samples column (storage.writer) and a metric an alert rule can name (alerts.rules).
+SAMPLE_MEASUREMENTS: Final[tuple[str, ...]] = (
+    "cpu_percent",
+    "rss_bytes",
+    "vms_bytes",
+    "uss_bytes",
+    "swap_bytes",
+    "threads",
+    "fds",
+    "read_bytes",
+    "write_bytes",
+    "ctx_switches_voluntary",
+    "ctx_switches_involuntary",
+    "process_count",
+    "restarts",
+    "up",
+)
 
 
 @dataclass(frozen=True, slots=True)

@@ -53,6 +53,7 @@ from typing import Any, Final
 
 import asyncpg
 
+from collectors.models import SAMPLE_MEASUREMENTS
 from storage.spool import Spool, SpoolCodecError, SpoolFullError
 
 logger = logging.getLogger(__name__)
@@ -67,20 +68,7 @@ PLUGIN_SAMPLES_COLUMNS: Final = (
     "plugin_id",
     "environment",
     "host",
-    "cpu_percent",
-    "rss_bytes",
-    "vms_bytes",
-    "uss_bytes",
-    "swap_bytes",
-    "threads",
-    "fds",
-    "read_bytes",
-    "write_bytes",
-    "ctx_switches_voluntary",
-    "ctx_switches_involuntary",
-    "process_count",
-    "restarts",
-    "up",
+    *SAMPLE_MEASUREMENTS,
 )
 
 # Errors that say "the database cannot take this now", not "these rows are wrong": the batch
