@@ -8,12 +8,17 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-import psycopg
 import pytest
 
 from storage.embedded import EmbeddedPostgres
 from storage.migrate import migrate
-from tests.dbutil import create_database, drop_database, has_timescaledb, with_database
+from tests.dbutil import (
+    create_database,
+    drop_database,
+    has_timescaledb,
+    migrated_copy,
+    with_database,
+)
 
 TIMESCALEDB_SKIP_REASON = (
     "the test database has no timescaledb extension "
@@ -75,16 +80,8 @@ def migrated_template(pg_admin_url: str) -> Iterator[str]:
 @pytest.fixture
 def migrated_db(pg_admin_url: str, migrated_template: str) -> Iterator[str]:
     """URL of a new database with every migration applied, dropped after the test."""
-    try:
-        name = create_database(pg_admin_url, template=migrated_template, prefix="mig")
-    except psycopg.errors.ObjectInUse:
-        # TimescaleDB's background workers may hold the template open: migrate from scratch.
-        name = create_database(pg_admin_url, prefix="mig")
-        migrate(with_database(pg_admin_url, name))
-    try:
-        yield with_database(pg_admin_url, name)
-    finally:
-        drop_database(pg_admin_url, name)
+    with migrated_copy(pg_admin_url, migrated_template, prefix="mig") as url:
+        yield url
 
 
 @pytest.fixture

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 from psycopg import sql
+
+from storage.migrate import migrate
 
 
 def with_database(url: str, database: str) -> str:
@@ -34,6 +38,24 @@ def drop_database(admin_url: str, name: str) -> None:
         conn.execute(
             sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
         )
+
+
+@contextmanager
+def migrated_copy(admin_url: str, template: str, *, prefix: str) -> Iterator[str]:
+    """URL of a new database copied from the migrated database ``template``, dropped on exit.
+
+    TimescaleDB's background workers may hold the template open: then the new database is
+    migrated from scratch instead.
+    """
+    try:
+        name = create_database(admin_url, template=template, prefix=prefix)
+    except psycopg.errors.ObjectInUse:
+        name = create_database(admin_url, prefix=prefix)
+        migrate(with_database(admin_url, name))
+    try:
+        yield with_database(admin_url, name)
+    finally:
+        drop_database(admin_url, name)
 
 
 def has_timescaledb(url: str) -> bool:

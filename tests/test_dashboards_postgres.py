@@ -31,7 +31,7 @@ from tests.dashboards_helpers import (
     dashboard_queries,
     grafana_sql,
 )
-from tests.dbutil import create_database, drop_database, with_database
+from tests.dbutil import migrated_copy
 
 FLEET = DASHBOARDS_DIR / "postgres" / "pluginmon-fleet.json"
 PLUGIN = DASHBOARDS_DIR / "postgres" / "pluginmon-plugin.json"
@@ -281,17 +281,8 @@ def _load(url: str) -> Loaded:
 @pytest.fixture(scope="module")
 def loaded(pg_admin_url: str, migrated_template: str) -> Iterator[Loaded]:
     """One migrated database with the data above, shared by the module's read-only tests."""
-    try:
-        name = create_database(pg_admin_url, template=migrated_template, prefix="dash")
-    except psycopg.errors.ObjectInUse:
-        from storage.migrate import migrate
-
-        name = create_database(pg_admin_url, prefix="dash")
-        migrate(with_database(pg_admin_url, name))
-    try:
-        yield _load(with_database(pg_admin_url, name))
-    finally:
-        drop_database(pg_admin_url, name)
+    with migrated_copy(pg_admin_url, migrated_template, prefix="dash") as url:
+        yield _load(url)
 
 
 @pytest.fixture(scope="module")

@@ -13,8 +13,8 @@ import pytest
 from psycopg import errors, sql
 
 from storage import timescale
-from storage.migrate import Backend, migrate
-from tests.dbutil import create_database, drop_database, with_database
+from storage.migrate import Backend
+from tests.dbutil import migrated_copy
 from tests.schema_helpers import (
     TENANT_TABLES,
     Conn,
@@ -106,13 +106,7 @@ def _seed_tenant(conn: Conn, tenant: str) -> None:
 @pytest.fixture(scope="module")
 def seeded_db(pg_admin_url: str, migrated_template: str) -> Iterator[str]:
     """One database with rows for tenants 'a' and 'b' in every tenant table and rollup."""
-    try:
-        name = create_database(pg_admin_url, template=migrated_template, prefix="rls")
-    except psycopg.errors.ObjectInUse:
-        name = create_database(pg_admin_url, prefix="rls")
-        migrate(with_database(pg_admin_url, name))
-    url = with_database(pg_admin_url, name)
-    try:
+    with migrated_copy(pg_admin_url, migrated_template, prefix="rls") as url:
         with psycopg.connect(url, autocommit=True) as conn:
             with conn.transaction():
                 _seed_tenant(conn, "a")
@@ -129,8 +123,6 @@ def seeded_db(pg_admin_url: str, migrated_template: str) -> Iterator[str]:
                         (rollup, width),
                     )
         yield url
-    finally:
-        drop_database(pg_admin_url, name)
 
 
 class Roles:

@@ -17,7 +17,7 @@ from psycopg import errors
 from storage.backend import Retention, admin_connection, detect_backend, prepare_database
 from storage.migrate import Backend, applied_versions, migrate
 from storage.queries import ensure_tenant_and_plugin, set_tenant
-from tests.dbutil import create_database, drop_database, with_database
+from tests.dbutil import migrated_copy
 from tests.schema_helpers import (
     SAMPLE_COLUMNS,
     TENANT_TABLES,
@@ -64,15 +64,8 @@ def _fingerprint(url: str) -> list[str]:
 @pytest.fixture(scope="module")
 def shared_db(pg_admin_url: str, migrated_template: str) -> Iterator[str]:
     """One migrated database for the module; ``conn`` rolls every test back."""
-    try:
-        name = create_database(pg_admin_url, template=migrated_template, prefix="schema")
-    except psycopg.errors.ObjectInUse:
-        name = create_database(pg_admin_url, prefix="schema")
-        migrate(with_database(pg_admin_url, name))
-    try:
-        yield with_database(pg_admin_url, name)
-    finally:
-        drop_database(pg_admin_url, name)
+    with migrated_copy(pg_admin_url, migrated_template, prefix="schema") as url:
+        yield url
 
 
 @pytest.fixture
