@@ -28,19 +28,14 @@ import asyncio
 import random
 import statistics
 import sys
-import tempfile
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import suppress
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
-import psycopg
 from aiohttp import web
-from psycopg import sql
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -48,41 +43,10 @@ from alerts.engine import AlertEngine
 from alerts.health import HealthScore, HealthSettings, PluginHistory, score_health
 from alerts.outbox import OutboxDeliverer
 from alerts.rules import Rule, RuleEvaluator, WebhookConfig, builtin_rules
+from bench.scratch import scratch_database
 from collectors.models import PluginKey, PluginSample, Snapshot
-from storage.embedded import EmbeddedPostgres
-from storage.migrate import migrate
 
 MIB = 1 << 20
-
-
-def with_database(url: str, database: str) -> str:
-    return urlunsplit(urlsplit(url)._replace(path="/" + database))
-
-
-@contextmanager
-def scratch_database(database_url: str | None) -> Iterator[str]:
-    if database_url is None:
-        with tempfile.TemporaryDirectory(prefix="pluginmon-bench-alerts-") as directory:
-            server = EmbeddedPostgres(Path(directory))
-            url = server.start()
-            try:
-                migrate(url)
-                yield url
-            finally:
-                server.stop()
-        return
-    name = f"pluginmon_bench_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(database_url, autocommit=True) as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    try:
-        url = with_database(database_url, name)
-        migrate(url)
-        yield url
-    finally:
-        with psycopg.connect(database_url, autocommit=True) as conn:
-            conn.execute(
-                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-            )
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -295,7 +259,7 @@ def main() -> None:
         f"score: {args.plugins} plugins (history + 6 components): median "
         f"{statistics.median(score):.1f} ms per cycle"
     )
-    with scratch_database(args.database_url) as url:
+    with scratch_database(args.database_url, server_dir_prefix="pluginmon-bench-alerts-") as url:
         process = asyncio.run(bench_process(url, args.plugins, args.process_cycles))
         print(
             f"process (real database): {args.plugins} plugins: median {statistics.median(process):.0f} ms, "

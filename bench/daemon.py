@@ -33,10 +33,6 @@ import urllib.request
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
-
-import psycopg
-from psycopg import sql
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -48,6 +44,7 @@ from prometheus_client import (
     generate_latest,
 )
 
+from bench.scratch import scratch_database
 from collectors.models import PluginKey, PluginSample, Snapshot
 from daemon.exporter import (
     DaemonMetrics,
@@ -58,7 +55,6 @@ from daemon.exporter import (
     PluginCollector,
 )
 from daemon.http import HttpServer, Readiness
-from storage.embedded import EmbeddedPostgres
 
 REPO = Path(__file__).resolve().parent.parent
 OPENMETRICS = "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5"
@@ -257,20 +253,6 @@ def free_port() -> int:
         return port
 
 
-def scratch_database(admin_url: str) -> tuple[str, str]:
-    name = f"pluginmon_bench_daemon_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(admin_url, autocommit=True) as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    return urlunsplit(urlsplit(admin_url)._replace(path="/" + name)), name
-
-
-def drop_database(admin_url: str, name: str) -> None:
-    with psycopg.connect(admin_url, autocommit=True) as conn:
-        conn.execute(
-            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-        )
-
-
 def start_processes(count: int, plugins: int, tenant: str) -> list[subprocess.Popen[bytes]]:
     procs = []
     for i in range(count):
@@ -402,34 +384,20 @@ def main() -> None:
     render_ms = bench_render(args.render_plugins, args.render_rounds)
 
     if not args.skip_sustained:
-        if args.database_url:
-            url, name = scratch_database(args.database_url)
-            try:
-                bench_sustained(
-                    url,
-                    processes=args.processes,
-                    plugins=args.plugins,
-                    warmup=args.warmup,
-                    duration=args.duration,
-                    evaluate_interval=args.evaluate_interval,
-                )
-            finally:
-                drop_database(args.database_url, name)
-        else:
-            with tempfile.TemporaryDirectory(prefix="pluginmon-bench-pg-") as directory:
-                server = EmbeddedPostgres(Path(directory))
-                url = server.start()
-                try:
-                    bench_sustained(
-                        url,
-                        processes=args.processes,
-                        plugins=args.plugins,
-                        warmup=args.warmup,
-                        duration=args.duration,
-                        evaluate_interval=args.evaluate_interval,
-                    )
-                finally:
-                    server.stop()
+        with scratch_database(
+            args.database_url or None,
+            server_dir_prefix="pluginmon-bench-pg-",
+            database_prefix="pluginmon_bench_daemon",
+            migrated=False,
+        ) as url:
+            bench_sustained(
+                url,
+                processes=args.processes,
+                plugins=args.plugins,
+                warmup=args.warmup,
+                duration=args.duration,
+                evaluate_interval=args.evaluate_interval,
+            )
     print(f"metrics_render_10k_ms={render_ms:.1f}")
 
 

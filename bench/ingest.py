@@ -26,23 +26,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-import tempfile
 import time
-import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
-import psycopg
-from psycopg import sql
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from storage.embedded import EmbeddedPostgres
-from storage.migrate import migrate
+from bench.scratch import scratch_database
 from storage.pool import pool_context, redact_url
 from storage.writer import (
     PLUGIN_SAMPLES_COLUMNS,
@@ -51,37 +43,6 @@ from storage.writer import (
 )
 
 Row = tuple[object, ...]
-
-
-def with_database(url: str, database: str) -> str:
-    return urlunsplit(urlsplit(url)._replace(path="/" + database))
-
-
-@contextmanager
-def scratch_database(database_url: str | None) -> Iterator[str]:
-    """URL of a freshly migrated database, removed (or its server stopped) afterwards."""
-    if database_url is None:
-        with tempfile.TemporaryDirectory(prefix="pluginmon-bench-") as directory:
-            server = EmbeddedPostgres(Path(directory))
-            url = server.start()
-            try:
-                migrate(url)
-                yield url
-            finally:
-                server.stop()
-        return
-    name = f"pluginmon_bench_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(database_url, autocommit=True) as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    url = with_database(database_url, name)
-    try:
-        migrate(url)
-        yield url
-    finally:
-        with psycopg.connect(database_url, autocommit=True) as conn:
-            conn.execute(
-                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-            )
 
 
 async def create_plugins(connection: asyncpg.Connection, count: int) -> list[int]:
@@ -222,7 +183,7 @@ def main() -> None:
     parser.add_argument("--timestamps", type=int, default=1000)
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
-    with scratch_database(args.database_url) as url:
+    with scratch_database(args.database_url, server_dir_prefix="pluginmon-bench-") as url:
         ratio = asyncio.run(main_async(args, url))
     print(f"writer_vs_raw_copy={ratio:.2f}")
 
