@@ -5,18 +5,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
-import shutil
 import signal
 import ssl
-import subprocess
 import urllib.error
 import urllib.request
 from pathlib import Path
 
-import pytest
-
 from daemon.app import install_signal_handlers
-from tests.daemon_helpers import DaemonProcess, wait_for
+from tests.daemon_helpers import DaemonProcess, self_signed_certificate, wait_for
 
 
 async def test_first_signal_stops_second_calls_exit() -> None:
@@ -73,31 +69,7 @@ def test_sigint_while_waiting_for_the_database_exits_0(tmp_path: Path) -> None:
 
 def test_basic_auth_and_tls_from_settings(tmp_path: Path) -> None:
     """The daemon's endpoint with http_auth_* and http_tls_* set, over real HTTPS."""
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl is not installed: cannot make a test certificate")
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            str(key),
-            "-out",
-            str(cert),
-            "-days",
-            "1",
-            "-subj",
-            "/CN=localhost",
-            "-addext",
-            "subjectAltName=IP:127.0.0.1",
-        ],
-        check=True,
-        capture_output=True,
-    )
+    cert, key = self_signed_certificate(tmp_path)
     daemon = DaemonProcess(
         tmp_path=tmp_path,
         database_url="postgresql://pluginmon:x@127.0.0.1:1/pluginmon?connect_timeout=2",

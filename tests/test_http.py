@@ -5,9 +5,7 @@ from __future__ import annotations
 import base64
 import gzip
 import hashlib
-import shutil
 import ssl
-import subprocess
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -19,6 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from collectors.models import PluginKey, PluginSample, Snapshot
 from daemon.exporter import DaemonMetrics, ExporterState, MetricsRenderer, PluginCollector
 from daemon.http import BasicAuth, HttpServer, Readiness, tls_context
+from tests.daemon_helpers import self_signed_certificate
 
 KEY = PluginKey("acme", "resizer", "production")
 
@@ -176,32 +175,7 @@ async def test_probes_exempt_from_basic_auth_unless_asked(auth_probes: bool) -> 
 
 @pytest.fixture
 def self_signed(tmp_path: Path) -> tuple[Path, Path]:
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl is not installed: cannot make a test certificate")
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            str(key),
-            "-out",
-            str(cert),
-            "-days",
-            "1",
-            "-subj",
-            "/CN=localhost",
-            "-addext",
-            "subjectAltName=IP:127.0.0.1",
-        ],
-        check=True,
-        capture_output=True,
-    )
-    return cert, key
+    return self_signed_certificate(tmp_path)
 
 
 async def test_tls(self_signed: tuple[Path, Path]) -> None:
