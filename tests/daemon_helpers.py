@@ -6,7 +6,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,8 @@ from typing import Any, TypeVar
 import psycopg
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+
+from tests.net_helpers import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 T = TypeVar("T")
@@ -43,13 +44,6 @@ try:
 finally:
     child.kill()
 """
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def wait_for(

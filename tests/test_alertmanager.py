@@ -20,15 +20,10 @@ from alerts.outbox import OutboxDeliverer
 from alerts.rules import AlertmanagerConfig, Rule
 from collectors.models import PluginKey
 from tests.alerts_helpers import FakeClock, plugin_ids, plugin_sample, snapshot
+from tests.net_helpers import free_port
 
 BINARY = shutil.which("prometheus-alertmanager") or shutil.which("alertmanager")
 KEY = PluginKey("acme", "resizer", "production")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture

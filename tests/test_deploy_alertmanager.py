@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import threading
 import time
@@ -23,6 +22,7 @@ import pytest
 import yaml
 
 from tests.dashboards_helpers import DEPLOY_DIR, load_yaml
+from tests.net_helpers import free_port
 
 ALERTMANAGER = shutil.which("prometheus-alertmanager") or shutil.which("alertmanager")
 pytestmark = pytest.mark.skipif(
@@ -84,13 +84,6 @@ def receiver() -> Iterator[_Receiver]:
         running.close()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 def _test_config(tmp_path: Path, receiver_url: str) -> Path:
     config = load_yaml(DEPLOY_DIR / "alertmanager.yml")
 
@@ -133,7 +126,7 @@ def _alert(alertname: str, severity: str, **labels: str) -> dict[str, Any]:
 
 def test_routes_inhibitions_and_webhook_body(receiver: _Receiver, tmp_path: Path) -> None:
     assert ALERTMANAGER is not None
-    port = _free_port()
+    port = free_port()
     log = (tmp_path / "alertmanager.log").open("w")
     process = subprocess.Popen(
         [

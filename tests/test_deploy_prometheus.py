@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import threading
 import time
@@ -49,6 +48,7 @@ from tests.dashboards_helpers import (
     promql_metric_names,
     rule_files,
 )
+from tests.net_helpers import free_port
 
 PROMETHEUS = shutil.which("prometheus")
 needs_prometheus = pytest.mark.skipif(
@@ -192,13 +192,6 @@ def test_rules_and_dashboards_name_only_served_metrics(exporter: _Exporter) -> N
     assert not missing, f"named by rules/dashboards but not served: {missing}"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 def _get(url: str) -> Any:
     with urllib.request.urlopen(url, timeout=5) as response:  # noqa: S310 (http://127.0.0.1 only)
         return json.loads(response.read())
@@ -247,7 +240,7 @@ def test_real_prometheus_scrapes_and_evaluates_the_rules(
 ) -> None:
     assert PROMETHEUS is not None
     config = _test_config(tmp_path, exporter.port)
-    port = _free_port()
+    port = free_port()
     api = f"http://127.0.0.1:{port}/api/v1"
     log = (tmp_path / "prometheus.log").open("w")
     process = subprocess.Popen(

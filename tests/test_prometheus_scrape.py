@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.daemon_helpers import DaemonProcess, free_port, plugin_processes, wait_for
+from tests.daemon_helpers import DaemonProcess, plugin_processes, wait_for
 from tests.dbutil import create_database, drop_database, with_database
+from tests.net_helpers import free_port
 
 PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
 

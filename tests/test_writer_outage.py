@@ -20,7 +20,8 @@ from storage.migrate import migrate
 from storage.pool import pool_context
 from storage.spool import Spool
 from storage.writer import PLUGIN_SAMPLES_COLUMNS, PLUGIN_SAMPLES_TABLE, BatchWriter
-from tests.writer_helpers import create_plugins, sample_rows, sequence_of, unused_port
+from tests.net_helpers import free_port
+from tests.writer_helpers import create_plugins, sample_rows, sequence_of
 
 # Fast retries: the tests wait for recovery, not for production backoff.
 FAST_RETRY: dict[str, Any] = {"retry_initial_seconds": 0.05, "retry_max_seconds": 0.3}
@@ -185,7 +186,7 @@ async def test_a_killed_writer_leaves_its_spool_to_the_next_one(
 async def test_spool_cap_drops_are_counted_and_logged_once(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    dead = f"postgresql://nobody:secret@127.0.0.1:{unused_port()}/nothing"
+    dead = f"postgresql://nobody:secret@127.0.0.1:{free_port()}/nothing"
     caplog.set_level(logging.WARNING, logger="storage.writer")
     total = 6000
     with Spool(tmp_path / "spool", max_bytes=128 * 1024) as spool:
@@ -266,7 +267,7 @@ async def test_rows_not_written_by_the_shutdown_deadline_go_to_the_spool(
 async def test_without_a_spool_the_deadline_drops_and_counts(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    dead = f"postgresql://nobody:secret@127.0.0.1:{unused_port()}/nothing"
+    dead = f"postgresql://nobody:secret@127.0.0.1:{free_port()}/nothing"
     caplog.set_level(logging.WARNING, logger="storage.writer")
     async with (
         pool_context(dead, min_size=0) as pool,

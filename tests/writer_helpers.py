@@ -8,7 +8,6 @@ in the spool, and then waits to be killed.
 from __future__ import annotations
 
 import asyncio
-import socket
 import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -18,6 +17,7 @@ import asyncpg
 from storage.pool import close_pool, open_pool
 from storage.spool import Spool
 from storage.writer import PLUGIN_SAMPLES_COLUMNS, PLUGIN_SAMPLES_TABLE, BatchWriter
+from tests.net_helpers import free_port
 
 Row = tuple[object, ...]
 
@@ -83,17 +83,10 @@ def sequence_of(timestamp: datetime) -> int:
     return (timestamp - BASE_TIME) // timedelta(milliseconds=1)
 
 
-def unused_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 async def _spool_and_wait(spool_dir: Path, rows: int) -> None:
     # Nothing listens on this port: every write fails with a transient error.
     pool = await open_pool(
-        f"postgresql://nobody:secret@127.0.0.1:{unused_port()}/nothing", min_size=0
+        f"postgresql://nobody:secret@127.0.0.1:{free_port()}/nothing", min_size=0
     )
     spool = Spool(spool_dir)
     writer = BatchWriter(
