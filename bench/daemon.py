@@ -23,7 +23,6 @@ import asyncio
 import os
 import resource
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -44,7 +43,7 @@ from prometheus_client import (
     generate_latest,
 )
 
-from bench.scratch import scratch_database
+from bench.scratch import free_port, scratch_database
 from collectors.models import PluginKey, PluginSample, Snapshot
 from daemon.exporter import (
     DaemonMetrics,
@@ -244,13 +243,6 @@ def bench_render(plugins: int, rounds: int) -> float:
 
 
 # -- sustained run ---------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def start_processes(count: int, plugins: int, tenant: str) -> list[subprocess.Popen[bytes]]:

@@ -25,7 +25,6 @@ import argparse
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -39,6 +38,7 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.scratch import free_port
 from collectors.procfs import CLOCK_TICKS_PER_SECOND, ProcfsSource
 from collectors.psutil_source import PsutilSource
 from collectors.sampler import Sampler
@@ -144,12 +144,6 @@ def sampler_reader(sampler: Sampler) -> Callable[[], int]:
         return sampler.sample().processes_seen
 
     return read_all
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _ticks(pid: int) -> int:

@@ -1,7 +1,9 @@
-"""A scratch PostgreSQL database for one benchmark run (shared by the bench scripts)."""
+"""Scratch resources for one benchmark run: a PostgreSQL database, a free TCP port (shared by
+the bench scripts)."""
 
 from __future__ import annotations
 
+import socket
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -58,3 +60,11 @@ def scratch_database(
             conn.execute(
                 sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
             )
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on at the moment of the call."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
