@@ -21,7 +21,7 @@ import psycopg
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.net_helpers import free_port
+from tests.net_helpers import ServerThread, free_port
 
 REPO = Path(__file__).resolve().parent.parent
 T = TypeVar("T")
@@ -286,7 +286,6 @@ class WebhookReceiver:
 
     def __init__(self) -> None:
         import http.server
-        import threading
 
         self.requests: list[tuple[dict[str, str], bytes]] = []
         receiver = self
@@ -302,22 +301,19 @@ class WebhookReceiver:
             def log_message(self, format: str, *args: object) -> None:
                 return
 
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.port = int(self.server.server_address[1])
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self._serving = ServerThread(Handler)
+        self.port = self._serving.port
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}/hook"
 
     def __enter__(self) -> WebhookReceiver:
-        self.thread.start()
+        self._serving.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(timeout=10)
+        self._serving.stop()
 
 
 def self_signed_certificate(directory: Path) -> tuple[Path, Path]:

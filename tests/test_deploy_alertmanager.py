@@ -14,7 +14,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from tests.dashboards_helpers import DEPLOY_DIR, load_yaml
-from tests.net_helpers import free_port
+from tests.net_helpers import ServerThread, free_port
 
 ALERTMANAGER = shutil.which("prometheus-alertmanager") or shutil.which("alertmanager")
 pytestmark = pytest.mark.skipif(
@@ -51,15 +51,12 @@ class _Receiver:
             def log_message(self, format: str, *args: Any) -> None:
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
+        self._serving = ServerThread(Handler)
+        self.url = f"http://127.0.0.1:{self._serving.port}"
+        self._serving.start()
 
     def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(timeout=10)
+        self._serving.stop()
 
     def alerts_by_receiver(self) -> dict[str, set[tuple[str, str]]]:
         """receiver path -> {(alertname, plugin)} delivered as firing."""

@@ -11,13 +11,12 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import threading
 import time
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +47,7 @@ from tests.dashboards_helpers import (
     promql_metric_names,
     rule_files,
 )
-from tests.net_helpers import free_port
+from tests.net_helpers import ServerThread, free_port
 
 PROMETHEUS = shutil.which("prometheus")
 needs_prometheus = pytest.mark.skipif(
@@ -142,18 +141,15 @@ class _Exporter:
             def log_message(self, format: str, *args: Any) -> None:
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.port = self.server.server_address[1]
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self._serving = ServerThread(Handler)
+        self.port = self._serving.port
 
     def __enter__(self) -> _Exporter:
-        self.thread.start()
+        self._serving.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(timeout=10)
+        self._serving.stop()
 
     def text(self) -> str:
         with urllib.request.urlopen(
