@@ -1,8 +1,9 @@
-"""Network helpers shared by the tests that start real servers."""
+"""Helpers shared by the tests that start real servers: ports, HTTP servers, processes."""
 
 from __future__ import annotations
 
 import socket
+import subprocess
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -30,3 +31,18 @@ class ServerThread:
         self.server.shutdown()
         self.server.server_close()
         self._thread.join(timeout=10)
+
+
+def stop_process(
+    process: subprocess.Popen[bytes],
+    *,
+    grace_seconds: float = 20.0,
+    kill_wait_seconds: float | None = 10.0,
+) -> None:
+    """SIGTERM ``process``; SIGKILL it if it has not exited after ``grace_seconds``."""
+    process.terminate()
+    try:
+        process.wait(timeout=grace_seconds)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=kill_wait_seconds)

@@ -20,7 +20,7 @@ from alerts.outbox import OutboxDeliverer
 from alerts.rules import AlertmanagerConfig, Rule
 from collectors.models import PluginKey
 from tests.alerts_helpers import FakeClock, plugin_ids, plugin_sample, snapshot
-from tests.net_helpers import free_port
+from tests.net_helpers import free_port, stop_process
 
 BINARY = shutil.which("prometheus-alertmanager") or shutil.which("alertmanager")
 KEY = PluginKey("acme", "resizer", "production")
@@ -49,12 +49,7 @@ def alertmanager(tmp_path: Path) -> Iterator[str]:
     try:
         yield f"http://127.0.0.1:{port}"
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, grace_seconds=10, kill_wait_seconds=None)
 
 
 @pytest.fixture

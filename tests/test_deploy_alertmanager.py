@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from tests.dashboards_helpers import DEPLOY_DIR, load_yaml
-from tests.net_helpers import ServerThread, free_port
+from tests.net_helpers import ServerThread, free_port, stop_process
 
 ALERTMANAGER = shutil.which("prometheus-alertmanager") or shutil.which("alertmanager")
 pytestmark = pytest.mark.skipif(
@@ -201,10 +201,5 @@ def test_routes_inhibitions_and_webhook_body(receiver: _Receiver, tmp_path: Path
         assert states["PluginHealthLow"] == "suppressed"
         assert states["PluginDown"] == "active"
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
+        stop_process(process)
         log.close()

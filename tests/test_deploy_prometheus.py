@@ -47,7 +47,7 @@ from tests.dashboards_helpers import (
     promql_metric_names,
     rule_files,
 )
-from tests.net_helpers import ServerThread, free_port
+from tests.net_helpers import ServerThread, free_port, stop_process
 
 PROMETHEUS = shutil.which("prometheus")
 needs_prometheus = pytest.mark.skipif(
@@ -338,10 +338,5 @@ def test_real_prometheus_scrapes_and_evaluates_the_rules(
         }
         assert components == {"up": 0.0, "cpu": 80.0}
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
+        stop_process(process)
         log.close()
