@@ -24,8 +24,6 @@ OPTIONAL_FIELDS = frozenset({FIELD_FDS, FIELD_IO, FIELD_CTX_SWITCHES, FIELD_USS,
 #                      notice exec (cheaper than cutting it), see comm_of()
 #   state              raw state letter from /proc/PID/stat (b"Z" = zombie)
 StatRow = tuple[int, int, float, float, float, int, int, int, bytes, bytes]
-ROW_PID, ROW_PPID, ROW_START, ROW_CPU, ROW_CHILD_CPU = 0, 1, 2, 3, 4
-ROW_THREADS, ROW_VMS, ROW_RSS, ROW_COMM_RAW, ROW_STATE = 5, 6, 7, 8, 9
 
 
 def comm_of(comm_raw: bytes) -> bytes:

@@ -138,7 +138,6 @@ class ExporterState:
         self._health: Mapping[PluginKey, HealthView] = {}
         self._health_by_label: Mapping[str, HealthView] = {}
         self._alerts: tuple[FiringAlert, ...] = ()
-        self.last_snapshot: Snapshot | None = None
 
     def update_snapshot(self, snapshot: Snapshot) -> None:
         """Fold a snapshot in; safe to call from the sampling worker thread.
@@ -194,7 +193,6 @@ class ExporterState:
                 )
             )
         self._plugins = current
-        self.last_snapshot = snapshot
         plugins = tuple(rows)
         with self._lock:
             self._view = ExportView(
