@@ -17,16 +17,16 @@ from typing import Any
 
 import asyncpg
 
-from alerts.health import (
+from pluginmon.alerts.health import (
     HealthConfig,
     HealthScore,
     HealthSettings,
     PluginHistory,
     score_health,
 )
-from alerts.matchers import _glob
-from alerts.notifiers import NotifiedAlert, alertmanager_body, group_key, webhook_body
-from alerts.rules import (
+from pluginmon.alerts.matchers import _glob
+from pluginmon.alerts.notifiers import NotifiedAlert, alertmanager_body, group_key, webhook_body
+from pluginmon.alerts.rules import (
     AlertmanagerConfig,
     AlertState,
     Phase,
@@ -41,16 +41,16 @@ from alerts.rules import (
     render_annotations,
     uses_plugin_metrics,
 )
-from collectors.models import PluginKey, Snapshot
-from storage import alert_store
-from storage.alert_store import (
+from pluginmon.collectors.models import PluginKey, Snapshot
+from pluginmon.storage import alert_store
+from pluginmon.storage.alert_store import (
     TRANSIENT_DB_ERRORS,
     AlertJournal,
     AlertWrite,
     HealthWrite,
     OutboxWrite,
 )
-from storage.spool import SpoolError
+from pluginmon.storage.spool import SpoolError
 
 logger = logging.getLogger(__name__)
 

@@ -10,9 +10,9 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, TypeGuard
 
-from alerts.errors import RuleError
-from alerts.matchers import PluginMatcher, parse_matcher
-from collectors.models import PluginKey, PluginSample
+from pluginmon.alerts.errors import RuleError
+from pluginmon.alerts.matchers import PluginMatcher, parse_matcher
+from pluginmon.collectors.models import PluginKey, PluginSample
 
 # Component names, also the `component` label of pluginmon_plugin_health_component_score.
 UP = "up"

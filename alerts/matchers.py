@@ -6,7 +6,7 @@ import fnmatch
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from collectors.models import PluginKey
+from pluginmon.collectors.models import PluginKey
 
 MATCHER_FIELDS = ("tenant", "plugin", "environment")
 

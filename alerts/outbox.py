@@ -16,11 +16,11 @@ from typing import Any
 
 import aiohttp
 
-from alerts.engine import Clock, utc_now
-from alerts.notifiers import SendResult, post, stamp_alertmanager_body
-from alerts.rules import AlertmanagerConfig, WebhookConfig
-from storage import alert_store
-from storage.alert_store import TRANSIENT_DB_ERRORS, ClaimedNotification, DeliveryOutcome
+from pluginmon.alerts.engine import Clock, utc_now
+from pluginmon.alerts.notifiers import SendResult, post, stamp_alertmanager_body
+from pluginmon.alerts.rules import AlertmanagerConfig, WebhookConfig
+from pluginmon.storage import alert_store
+from pluginmon.storage.alert_store import TRANSIENT_DB_ERRORS, ClaimedNotification, DeliveryOutcome
 
 logger = logging.getLogger(__name__)
 

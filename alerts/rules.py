@@ -13,10 +13,10 @@ from enum import StrEnum
 from typing import Final, TypeGuard
 from urllib.parse import urlsplit
 
-from alerts.errors import RuleError
-from alerts.health import MEMORY_LIMIT, HealthScore
-from alerts.matchers import PluginMatcher, parse_matcher
-from collectors.models import SAMPLE_MEASUREMENTS, PluginKey, PluginSample
+from pluginmon.alerts.errors import RuleError
+from pluginmon.alerts.health import MEMORY_LIMIT, HealthScore
+from pluginmon.alerts.matchers import PluginMatcher, parse_matcher
+from pluginmon.collectors.models import SAMPLE_MEASUREMENTS, PluginKey, PluginSample
 
 __all__ = [
     "AlertState",

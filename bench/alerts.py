@@ -39,12 +39,12 @@ from aiohttp import web
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from alerts.engine import AlertEngine
-from alerts.health import HealthScore, HealthSettings, PluginHistory, score_health
-from alerts.outbox import OutboxDeliverer
-from alerts.rules import Rule, RuleEvaluator, WebhookConfig, builtin_rules
 from bench.scratch import scratch_database
-from collectors.models import PluginKey, PluginSample, Snapshot
+from pluginmon.alerts.engine import AlertEngine
+from pluginmon.alerts.health import HealthScore, HealthSettings, PluginHistory, score_health
+from pluginmon.alerts.outbox import OutboxDeliverer
+from pluginmon.alerts.rules import Rule, RuleEvaluator, WebhookConfig, builtin_rules
+from pluginmon.collectors.models import PluginKey, PluginSample, Snapshot
 
 MIB = 1 << 20
 

@@ -44,8 +44,8 @@ from prometheus_client import (
 )
 
 from bench.scratch import free_port, scratch_database
-from collectors.models import PluginKey, PluginSample, Snapshot
-from daemon.exporter import (
+from pluginmon.collectors.models import PluginKey, PluginSample, Snapshot
+from pluginmon.daemon.exporter import (
     DaemonMetrics,
     ExporterState,
     FiringAlert,
@@ -53,7 +53,7 @@ from daemon.exporter import (
     MetricsRenderer,
     PluginCollector,
 )
-from daemon.http import HttpServer, Readiness
+from pluginmon.daemon.http import HttpServer, Readiness
 
 REPO = Path(__file__).resolve().parent.parent
 OPENMETRICS = "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5"
@@ -299,7 +299,7 @@ def bench_sustained(
         log = Path(data_dir) / "daemon.log"
         with log.open("wb") as log_file:
             daemon = subprocess.Popen(
-                [sys.executable, "-m", "daemon.cli", "run"],
+                [sys.executable, "-m", "pluginmon.daemon.cli", "run"],
                 env=env,
                 cwd=REPO,
                 stdin=subprocess.DEVNULL,

@@ -35,8 +35,8 @@ import asyncpg
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.scratch import scratch_database
-from storage.pool import pool_context, redact_url
-from storage.writer import (
+from pluginmon.storage.pool import pool_context, redact_url
+from pluginmon.storage.writer import (
     PLUGIN_SAMPLES_COLUMNS,
     PLUGIN_SAMPLES_TABLE,
     BatchWriter,

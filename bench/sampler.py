@@ -39,10 +39,10 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.scratch import free_port
-from collectors.procfs import CLOCK_TICKS_PER_SECOND, ProcfsSource
-from collectors.psutil_source import PsutilSource
-from collectors.sampler import Sampler
-from collectors.specs import parse_plugin_specs
+from pluginmon.collectors.procfs import CLOCK_TICKS_PER_SECOND, ProcfsSource
+from pluginmon.collectors.psutil_source import PsutilSource
+from pluginmon.collectors.sampler import Sampler
+from pluginmon.collectors.specs import parse_plugin_specs
 
 EXPORTER = "prometheus-process-exporter"
 # Unique per run, so two runs at once (or other processes) never join each other's groups.

@@ -14,8 +14,8 @@ from urllib.parse import urlsplit, urlunsplit
 import psycopg
 from psycopg import sql
 
-from storage.embedded import EmbeddedPostgres
-from storage.migrate import migrate
+from pluginmon.storage.embedded import EmbeddedPostgres
+from pluginmon.storage.migrate import migrate
 
 
 def with_database(url: str, database: str) -> str:

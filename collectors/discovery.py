@@ -8,9 +8,9 @@ import os
 import re
 from dataclasses import dataclass
 
-from collectors.models import PluginKey, PluginSpec
-from collectors.source import ProcessAccessDenied, ProcessGone, ProcessSource, comm_of
-from collectors.specs import DEFAULT_ENVIRONMENT, TENANT_SLUG
+from pluginmon.collectors.models import PluginKey, PluginSpec
+from pluginmon.collectors.source import ProcessAccessDenied, ProcessGone, ProcessSource, comm_of
+from pluginmon.collectors.specs import DEFAULT_ENVIRONMENT, TENANT_SLUG
 
 logger = logging.getLogger(__name__)
 

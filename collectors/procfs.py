@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import time
 
-from collectors.source import (
+from pluginmon.collectors.source import (
     FIELD_CTX_SWITCHES,
     FIELD_FDS,
     FIELD_IO,

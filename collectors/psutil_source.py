@@ -7,8 +7,8 @@ from collections.abc import Iterator
 
 import psutil
 
-from collectors.procfs import parse_cgroup
-from collectors.source import (
+from pluginmon.collectors.procfs import parse_cgroup
+from pluginmon.collectors.source import (
     FIELD_CTX_SWITCHES,
     FIELD_FDS,
     FIELD_IO,

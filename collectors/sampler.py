@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
 
-from collectors.discovery import (
+from pluginmon.collectors.discovery import (
     LABEL_PLUGIN,
     CompiledSpec,
     ProcessFacts,
@@ -20,8 +20,8 @@ from collectors.discovery import (
     matches_static,
     read_pidfile,
 )
-from collectors.models import PluginKey, PluginSample, PluginSpec, Snapshot
-from collectors.source import (
+from pluginmon.collectors.models import PluginKey, PluginSample, PluginSpec, Snapshot
+from pluginmon.collectors.source import (
     FIELD_CTX_SWITCHES,
     FIELD_FDS,
     FIELD_IO,
@@ -68,12 +68,12 @@ def utc_now() -> datetime:
 def default_source(proc_root: str = "/proc") -> ProcessSource:
     """The /proc fast path on Linux, psutil elsewhere."""
     if sys.platform.startswith("linux"):
-        from collectors.procfs import ProcfsSource
+        from pluginmon.collectors.procfs import ProcfsSource
 
         return ProcfsSource(proc_root)
     if proc_root != "/proc":
         raise ValueError("proc_root is only supported on Linux")
-    from collectors.psutil_source import PsutilSource
+    from pluginmon.collectors.psutil_source import PsutilSource
 
     return PsutilSource()
 

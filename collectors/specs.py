@@ -7,7 +7,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import fields
 
-from collectors.models import Match, PluginKey, PluginSpec
+from pluginmon.collectors.models import Match, PluginKey, PluginSpec
 
 TENANT_SLUG = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 DEFAULT_ENVIRONMENT = "production"

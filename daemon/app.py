@@ -14,12 +14,12 @@ from contextlib import AsyncExitStack
 import asyncpg
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
 
-from alerts.engine import AlertEngine
-from alerts.outbox import OutboxDeliverer
-from collectors.models import PluginKey, PluginSample, Snapshot
-from collectors.sampler import DEFAULT_FIELDS, Sampler
-from daemon.config import DaemonConfig
-from daemon.exporter import (
+from pluginmon.alerts.engine import AlertEngine
+from pluginmon.alerts.outbox import OutboxDeliverer
+from pluginmon.collectors.models import PluginKey, PluginSample, Snapshot
+from pluginmon.collectors.sampler import DEFAULT_FIELDS, Sampler
+from pluginmon.daemon.config import DaemonConfig
+from pluginmon.daemon.exporter import (
     DaemonMetrics,
     DaemonStats,
     ExporterState,
@@ -28,10 +28,10 @@ from daemon.exporter import (
     MetricsRenderer,
     PluginCollector,
 )
-from daemon.http import BasicAuth, HttpServer, Readiness, tls_context
-from daemon.logs import redact
-from daemon.scheduling import Scheduler
-from daemon.spools import (
+from pluginmon.daemon.http import BasicAuth, HttpServer, Readiness, tls_context
+from pluginmon.daemon.logs import redact
+from pluginmon.daemon.scheduling import Scheduler
+from pluginmon.daemon.spools import (
     DROP_BUFFER_FULL,
     DROP_INVALID_PLUGIN,
     DROP_REJECTED,
@@ -45,10 +45,12 @@ from daemon.spools import (
     sample_values,
     unresolved_row,
 )
-from storage.backend import Retention
-from storage.queries import ensure_tenant_and_plugin
-from storage.spool import SpoolCodecError, SpoolFullError, SpoolLockedError
-from storage.writer import (
+from pluginmon.storage.backend import (
+    Retention,
+)
+from pluginmon.storage.queries import ensure_tenant_and_plugin
+from pluginmon.storage.spool import SpoolCodecError, SpoolFullError, SpoolLockedError
+from pluginmon.storage.writer import (
     PLUGIN_SAMPLES_COLUMNS,
     PLUGIN_SAMPLES_TABLE,
     TRANSIENT_ERRORS,
@@ -597,7 +599,7 @@ async def build(daemon: Daemon, stack: AsyncExitStack, stop: asyncio.Event) -> N
     url = await _database_url(daemon, embedded)
     daemon.database_url = url
 
-    from storage.pool import close_pool, open_pool
+    from pluginmon.storage.pool import close_pool, open_pool
 
     # min_size=0: the pool opens without a connection, so a database that is away (now or
     # later) never blocks start-up; the writer spools meanwhile.
@@ -697,11 +699,13 @@ async def build(daemon: Daemon, stack: AsyncExitStack, stop: asyncio.Event) -> N
 def _maintenance_job(daemon: Daemon) -> Callable[[], Awaitable[None]]:
     """Partitions, retention and rollups; storage takes the advisory lock, so one of many
     daemons sharing the database does the work and the others return at once."""
-    from storage.backend import (
+    from pluginmon.storage.backend import (
         Maintenance,
         admin_connection,
-        backfill_rollups,
         detect_backend,
+    )
+    from pluginmon.storage.engines import (
+        backfill_rollups,
         maintenance_for,
     )
 
@@ -763,7 +767,7 @@ async def _database_url(daemon: Daemon, embedded: list[Callable[[], None]]) -> s
     settings = daemon.settings
     if settings.database_url is not None:
         return settings.database_url.get_secret_value()
-    from storage.embedded import EmbeddedPostgres
+    from pluginmon.storage.embedded import EmbeddedPostgres
 
     server = EmbeddedPostgres(settings.data_dir)
     logger.info("no database_url: using the embedded PostgreSQL under %s", settings.data_dir)
@@ -780,8 +784,10 @@ async def _migrate_until_done(
     """Apply migrations and policies (admin plane, in a thread); retry while the database is away."""
     import psycopg
 
-    from storage.backend import prepare_database
-    from storage.migrate import Backend
+    from pluginmon.storage.engines import (
+        prepare_database,
+    )
+    from pluginmon.storage.migrate import Backend
 
     wanted = None if backend == "auto" else Backend(backend)
     delay = 0.5
@@ -878,8 +884,8 @@ async def _main(config: DaemonConfig, version: str) -> None:
 
 def run_daemon(config: DaemonConfig, *, version: str) -> int:
     """Run until SIGTERM/SIGINT; 0 after a clean shutdown, 1 on a runtime failure."""
-    from storage.embedded import EmbeddedPostgresError
-    from storage.migrate import MigrationError
+    from pluginmon.storage.embedded import EmbeddedPostgresError
+    from pluginmon.storage.migrate import MigrationError
 
     try:
         asyncio.run(_main(config, version))

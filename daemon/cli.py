@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 
-from daemon.settings import ConfigError, Settings
+from pluginmon.daemon.settings import ConfigError, Settings
 
 logger = logging.getLogger("pluginmon")
 
@@ -60,7 +60,7 @@ def _database_url(settings: Settings) -> Iterator[str]:
     if settings.database_url is not None:
         yield settings.database_url.get_secret_value()
         return
-    from storage.embedded import EmbeddedPostgres
+    from pluginmon.storage.embedded import EmbeddedPostgres
 
     server = EmbeddedPostgres(settings.data_dir)
     url = server.start()
@@ -72,7 +72,7 @@ def _database_url(settings: Settings) -> Iterator[str]:
 
 
 def _check_config(config: Path | None) -> int:
-    from daemon.config import load
+    from pluginmon.daemon.config import load
 
     try:
         resolved = load(config)
@@ -92,10 +92,15 @@ def _check_config(config: Path | None) -> int:
 
 
 def _migrate(config: Path | None) -> int:
-    from daemon.logs import configure_logging
-    from daemon.settings import load_settings
-    from storage.backend import Retention, prepare_database
-    from storage.migrate import Backend, MigrationError
+    from pluginmon.daemon.logs import configure_logging
+    from pluginmon.daemon.settings import load_settings
+    from pluginmon.storage.backend import (
+        Retention,
+    )
+    from pluginmon.storage.engines import (
+        prepare_database,
+    )
+    from pluginmon.storage.migrate import Backend, MigrationError
 
     try:
         settings = load_settings(config)
@@ -116,7 +121,7 @@ def _migrate(config: Path | None) -> int:
         print(f"pluginmon migrate: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     except Exception as exc:
-        from daemon.logs import redact
+        from pluginmon.daemon.logs import redact
 
         print(f"pluginmon migrate: {redact(str(exc))}", file=sys.stderr)
         return EXIT_FAILURE
@@ -130,9 +135,9 @@ def _migrate(config: Path | None) -> int:
 
 
 def _status(config: Path | None, as_json: bool, tenant: str | None) -> int:
-    from daemon.logs import configure_logging, redact
-    from daemon.settings import load_settings
-    from daemon.status import fetch_status, format_table
+    from pluginmon.daemon.logs import configure_logging, redact
+    from pluginmon.daemon.settings import load_settings
+    from pluginmon.daemon.status import fetch_status, format_table
 
     try:
         settings = load_settings(config)
@@ -163,9 +168,9 @@ def _status(config: Path | None, as_json: bool, tenant: str | None) -> int:
 
 
 def _run(config: Path | None) -> int:
-    from daemon.app import run_daemon
-    from daemon.config import load
-    from daemon.logs import configure_logging
+    from pluginmon.daemon.app import run_daemon
+    from pluginmon.daemon.config import load
+    from pluginmon.daemon.logs import configure_logging
 
     try:
         resolved = load(config)

@@ -9,9 +9,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from alerts.errors import RuleError
-from alerts.health import HealthConfig, parse_health_config
-from alerts.rules import (
+from pluginmon.alerts.errors import RuleError
+from pluginmon.alerts.health import HealthConfig, parse_health_config
+from pluginmon.alerts.rules import (
     AlertmanagerConfig,
     Rule,
     WebhookConfig,
@@ -19,10 +19,10 @@ from alerts.rules import (
     parse_rules,
     parse_webhooks,
 )
-from collectors.models import PluginSpec
-from collectors.specs import SpecError, parse_plugin_specs
-from daemon.settings import ConfigError, Settings, load_settings, read_config_file
-from storage.backend import Retention
+from pluginmon.collectors.models import PluginSpec
+from pluginmon.collectors.specs import SpecError, parse_plugin_specs
+from pluginmon.daemon.settings import ConfigError, Settings, load_settings, read_config_file
+from pluginmon.storage.backend import Retention
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,7 +26,7 @@ from prometheus_client.core import (
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
-from collectors.models import PluginKey, PluginSample, Snapshot
+from pluginmon.collectors.models import PluginKey, PluginSample, Snapshot
 
 PLUGIN_LABELS = ("tenant", "plugin", "environment")
 

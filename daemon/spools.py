@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from collectors.models import PluginKey, PluginSample
-from storage.spool import Row, Spool, SpoolCodecError, SpooledBatch, SpoolFullError
+from pluginmon.collectors.models import PluginKey, PluginSample
+from pluginmon.storage.spool import Row, Spool, SpoolCodecError, SpooledBatch, SpoolFullError
 
 logger = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import asyncpg
 
-from storage.spool import Spool, SpooledBatch
+from pluginmon.storage.spool import Spool, SpooledBatch
 
 logger = logging.getLogger(__name__)
 

@@ -7,17 +7,14 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any, Protocol
 
 import psycopg
 
-from storage.migrate import (
+from pluginmon.storage.migrate import (
     DEFAULT_CONNECT_TIMEOUT_SECONDS,
     Backend,
-    MigrationResult,
     connect_timeout_param,
-    migrate,
 )
 
 logger = logging.getLogger(__name__)
@@ -172,36 +169,6 @@ async def detect_backend(conn: AdminConnection) -> Backend:
     return Backend.TIMESCALEDB if offered is not None and offered[0] else Backend.POSTGRES
 
 
-def maintenance_for(backend: Backend, *, clock: Clock = utc_now) -> Maintenance:
-    # Imported here: both modules import this one.
-    if backend is Backend.TIMESCALEDB:
-        from storage.timescale import TimescaleMaintenance
-
-        return TimescaleMaintenance(clock=clock)
-    from storage.partitions import PostgresMaintenance
-
-    return PostgresMaintenance(clock=clock)
-
-
-async def backfill_rollups(
-    database_url: str,
-    since: datetime,
-    retention: Retention,
-    *,
-    connect_timeout_seconds: float = DEFAULT_CONNECT_TIMEOUT_SECONDS,
-    clock: Clock = utc_now,
-) -> tuple[RollupRefresh, ...]:
-    """``Maintenance.backfill`` on its own connection, for whichever backend the database has.
-
-    The daemon calls this after replaying its spool, with the oldest replayed timestamp.
-    """
-    async with admin_connection(
-        database_url, connect_timeout_seconds=connect_timeout_seconds
-    ) as conn:
-        maintenance = maintenance_for(await detect_backend(conn), clock=clock)
-        return await maintenance.backfill(conn, since, retention)
-
-
 def bucket_floor(moment: datetime, width: timedelta) -> datetime:
     """Start of the ``width`` bucket holding ``moment`` (TimescaleDB's time_bucket)."""
     return BUCKET_ORIGIN + ((moment - BUCKET_ORIGIN) // width) * width
@@ -265,51 +232,3 @@ async def delete_expired(
             )
         removed.append((relation, count))
     return removed
-
-
-# -- schema and policies at start-up or on `pluginmon migrate` (blocking psycopg) ----------
-
-
-@dataclass(frozen=True, slots=True)
-class PreparedDatabase:
-    migrations: MigrationResult
-    # TimescaleDB policies registered or re-registered now ("relation: policy"), empty on
-    # PostgreSQL and when every policy already had the configured intervals.
-    policy_changes: tuple[str, ...]
-
-    @property
-    def backend(self) -> Backend:
-        return self.migrations.backend
-
-
-def prepare_database(
-    database_url: str,
-    retention: Retention,
-    *,
-    sql_dir: Path | None = None,
-    backend: Backend | None = None,
-    connect_timeout_seconds: float = DEFAULT_CONNECT_TIMEOUT_SECONDS,
-) -> PreparedDatabase:
-    """Apply pending migrations, then (TimescaleDB) register policies with ``retention``.
-
-    Blocking: call through ``asyncio.to_thread`` from async code. Each connection attempt
-    gives up after ``connect_timeout_seconds`` (``psycopg.OperationalError``).
-    """
-    result = migrate(
-        database_url,
-        sql_dir=sql_dir,
-        backend=backend,
-        connect_timeout_seconds=connect_timeout_seconds,
-    )
-    changes: tuple[str, ...] = ()
-    if result.backend is Backend.TIMESCALEDB:
-        from storage.timescale import apply_policies
-
-        conn: psycopg.Connection[Any]
-        with psycopg.connect(
-            database_url,
-            autocommit=True,
-            connect_timeout=connect_timeout_param(connect_timeout_seconds),
-        ) as conn:
-            changes = tuple(str(change) for change in apply_policies(conn, retention))
-    return PreparedDatabase(migrations=result, policy_changes=changes)

@@ -8,7 +8,7 @@ from datetime import datetime, timedelta
 
 from psycopg import errors, sql
 
-from storage.backend import (
+from pluginmon.storage.backend import (
     AdminConnection,
     Clock,
     MaintenanceReport,
@@ -21,7 +21,7 @@ from storage.backend import (
     require_autocommit,
     utc_now,
 )
-from storage.migrate import Backend
+from pluginmon.storage.migrate import Backend
 
 logger = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from storage.backend import (
+from pluginmon.storage.backend import (
     AdminConnection,
     Clock,
     MaintenanceReport,
@@ -23,7 +23,7 @@ from storage.backend import (
     require_autocommit,
     utc_now,
 )
-from storage.migrate import Backend
+from pluginmon.storage.migrate import Backend
 
 logger = logging.getLogger(__name__)
 

@@ -53,8 +53,8 @@ from typing import Any, Final
 
 import asyncpg
 
-from collectors.models import SAMPLE_MEASUREMENTS
-from storage.spool import Spool, SpoolCodecError, SpoolFullError
+from pluginmon.collectors.models import SAMPLE_MEASUREMENTS
+from pluginmon.storage.spool import Spool, SpoolCodecError, SpoolFullError
 
 logger = logging.getLogger(__name__)
 

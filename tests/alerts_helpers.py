@@ -12,9 +12,9 @@ from typing import Any
 
 from aiohttp import web
 
-from alerts.notifiers import IDEMPOTENCY_HEADER, SIGNATURE_HEADER, verify_signature
-from collectors.models import PluginKey, PluginSample, Snapshot
-from storage.queries import ensure_tenant_and_plugin
+from pluginmon.alerts.notifiers import IDEMPOTENCY_HEADER, SIGNATURE_HEADER, verify_signature
+from pluginmon.collectors.models import PluginKey, PluginSample, Snapshot
+from pluginmon.storage.queries import ensure_tenant_and_plugin
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 MIB = 1 << 20

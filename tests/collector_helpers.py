@@ -12,8 +12,8 @@ import uuid
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from collectors.models import PluginKey, PluginSample, PluginSpec, Snapshot
-from collectors.specs import parse_plugin_specs
+from pluginmon.collectors.models import PluginKey, PluginSample, PluginSpec, Snapshot
+from pluginmon.collectors.specs import parse_plugin_specs
 
 PY = sys.executable
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from storage.embedded import EmbeddedPostgres
-from storage.migrate import migrate
+from pluginmon.storage.embedded import EmbeddedPostgres
+from pluginmon.storage.migrate import migrate
 from tests.dbutil import (
     create_database,
     drop_database,

@@ -152,7 +152,14 @@ class DaemonProcess:
     def start(self) -> DaemonProcess:
         self._log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "daemon.cli", "run", "--config", str(self.config_path)],
+            [
+                sys.executable,
+                "-m",
+                "pluginmon.daemon.cli",
+                "run",
+                "--config",
+                str(self.config_path),
+            ],
             env=self.env,
             cwd=REPO,
             stdin=subprocess.DEVNULL,
@@ -264,7 +271,7 @@ def run_cli(
     base = {k: v for k, v in os.environ.items() if not k.startswith("PLUGINMON_")}
     base.setdefault("XDG_STATE_HOME", "/tmp/pluginmon-cli-test-state")
     return subprocess.run(
-        [sys.executable, "-m", "daemon.cli", *args],
+        [sys.executable, "-m", "pluginmon.daemon.cli", *args],
         env={**base, **(env or {})},
         cwd=REPO,
         capture_output=True,

@@ -10,7 +10,7 @@ from urllib.parse import urlsplit, urlunsplit
 import psycopg
 from psycopg import sql
 
-from storage.migrate import migrate
+from pluginmon.storage.migrate import migrate
 
 
 def with_database(url: str, database: str) -> str:

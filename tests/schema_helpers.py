@@ -10,7 +10,7 @@ from typing import Any
 
 import psycopg
 
-from storage.migrate import Backend, migrate
+from pluginmon.storage.migrate import Backend, migrate
 from tests.dbutil import create_database, drop_database, with_database
 
 SAMPLE_COLUMNS: tuple[str, ...] = (

@@ -11,12 +11,12 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import pytest
 
-from alerts.engine import AlertEngine
-from alerts.health import parse_health_config
-from alerts.outbox import OutboxDeliverer
-from alerts.rules import Rule, WebhookConfig, parse_rules
-from collectors.models import PluginKey
-from storage import alert_store
+from pluginmon.alerts.engine import AlertEngine
+from pluginmon.alerts.health import parse_health_config
+from pluginmon.alerts.outbox import OutboxDeliverer
+from pluginmon.alerts.rules import Rule, WebhookConfig, parse_rules
+from pluginmon.collectors.models import PluginKey
+from pluginmon.storage import alert_store
 from tests.alerts_helpers import (
     T0,
     FakeClock,

@@ -11,11 +11,11 @@ from datetime import datetime, timedelta
 import asyncpg
 import pytest
 
-from alerts.engine import AlertEngine
-from alerts.outbox import OutboxDeliverer
-from alerts.rules import AlertmanagerConfig, Rule, WebhookConfig
-from collectors.models import PluginKey
-from storage import alert_store
+from pluginmon.alerts.engine import AlertEngine
+from pluginmon.alerts.outbox import OutboxDeliverer
+from pluginmon.alerts.rules import AlertmanagerConfig, Rule, WebhookConfig
+from pluginmon.collectors.models import PluginKey
+from pluginmon.storage import alert_store
 from tests.alerts_helpers import FakeClock, Receiver, plugin_ids, plugin_sample, snapshot
 
 HOT = Rule(name="Hot", metric="cpu_percent", op=">", threshold=50, severity="warning")
@@ -114,7 +114,7 @@ async def test_unconfigured_receiver_row_stays_pending_and_is_logged_once(
     await engine.process(snapshot(clock(), [plugin_sample(key, clock(), cpu=90)]), ids)
     # The configuration changed: "oncall" is gone, another receiver took its place.
     new = hook(rx_a.url, "secret-a", name="pager")
-    caplog.set_level(logging.WARNING, logger="alerts.outbox")
+    caplog.set_level(logging.WARNING, logger="pluginmon.alerts.outbox")
     async with OutboxDeliverer(
         pool, [new], clock=clock, instance="host-a", unconfigured_check_seconds=0
     ) as deliverer:

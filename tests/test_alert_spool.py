@@ -15,11 +15,11 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import pytest
 
-from alerts.engine import AlertEngine, EvaluationReport
-from alerts.outbox import OutboxDeliverer
-from alerts.rules import WebhookConfig, parse_rules
-from collectors.models import PluginKey
-from storage import alert_store
+from pluginmon.alerts.engine import AlertEngine, EvaluationReport
+from pluginmon.alerts.outbox import OutboxDeliverer
+from pluginmon.alerts.rules import WebhookConfig, parse_rules
+from pluginmon.collectors.models import PluginKey
+from pluginmon.storage import alert_store
 from tests.alerts_helpers import FakeClock, Receiver, TcpProxy, plugin_ids, plugin_sample, snapshot
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -450,8 +450,8 @@ from pathlib import Path
 
 import asyncpg
 
-from alerts.engine import AlertEngine
-from alerts.rules import WebhookConfig
+from pluginmon.alerts.engine import AlertEngine
+from pluginmon.alerts.rules import WebhookConfig
 from tests.alerts_helpers import FakeClock, plugin_sample, snapshot
 from tests.test_alert_spool import KEY, RULES
 

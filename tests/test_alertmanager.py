@@ -15,10 +15,10 @@ import aiohttp
 import asyncpg
 import pytest
 
-from alerts.engine import AlertEngine
-from alerts.outbox import OutboxDeliverer
-from alerts.rules import AlertmanagerConfig, Rule
-from collectors.models import PluginKey
+from pluginmon.alerts.engine import AlertEngine
+from pluginmon.alerts.outbox import OutboxDeliverer
+from pluginmon.alerts.rules import AlertmanagerConfig, Rule
+from pluginmon.collectors.models import PluginKey
 from tests.alerts_helpers import FakeClock, plugin_ids, plugin_sample, snapshot
 from tests.net_helpers import free_port, stop_process
 

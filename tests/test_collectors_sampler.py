@@ -12,11 +12,11 @@ from pathlib import Path
 import psutil
 import pytest
 
-from collectors.models import PluginKey, PluginSpec, Snapshot
-from collectors.psutil_source import PsutilSource
-from collectors.sampler import ALL_FIELDS, DEFAULT_FIELDS, Sampler
-from collectors.source import OPTIONAL_FIELDS, ProcessGone
-from collectors.specs import parse_plugin_specs
+from pluginmon.collectors.models import PluginKey, PluginSpec, Snapshot
+from pluginmon.collectors.psutil_source import PsutilSource
+from pluginmon.collectors.sampler import ALL_FIELDS, DEFAULT_FIELDS, Sampler
+from pluginmon.collectors.source import OPTIONAL_FIELDS, ProcessGone
+from pluginmon.collectors.specs import parse_plugin_specs
 from tests.collector_helpers import (
     IDLE,
     PY,

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from collectors.discovery import CompiledSpec, ProcessFacts, label_key, matches_static
-from collectors.models import Match, PluginKey, PluginSpec
-from collectors.specs import SpecError, parse_plugin_specs
+from pluginmon.collectors.discovery import CompiledSpec, ProcessFacts, label_key, matches_static
+from pluginmon.collectors.models import Match, PluginKey, PluginSpec
+from pluginmon.collectors.specs import SpecError, parse_plugin_specs
 
 
 def test_valid_specs_in_order_with_default_environment() -> None:
@@ -178,7 +178,7 @@ def test_collectors_import_nothing_from_the_other_layers() -> None:
 
 
 def test_cmdline_prefilter_only_covers_patterns_it_can_combine() -> None:
-    from collectors.discovery import cmdline_prefilter
+    from pluginmon.collectors.discovery import cmdline_prefilter
 
     def compiled(*patterns: str) -> tuple[CompiledSpec, ...]:
         raw = [

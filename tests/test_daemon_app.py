@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 
-from collectors.models import PluginKey, PluginSample, Snapshot
-from daemon.app import RESOLVE_TIMEOUT_SECONDS, Daemon, ShutdownBudget, sample_row
-from daemon.config import resolve
-from daemon.settings import Settings
-from daemon.spools import CountingSpool, DataDirLock, DataDirLockedError, UnresolvedSpool
-from storage.pool import close_pool, open_pool
-from storage.writer import PLUGIN_SAMPLES_COLUMNS, PLUGIN_SAMPLES_TABLE, BatchWriter
+from pluginmon.collectors.models import PluginKey, PluginSample, Snapshot
+from pluginmon.daemon.app import RESOLVE_TIMEOUT_SECONDS, Daemon, ShutdownBudget, sample_row
+from pluginmon.daemon.config import resolve
+from pluginmon.daemon.settings import Settings
+from pluginmon.daemon.spools import CountingSpool, DataDirLock, DataDirLockedError, UnresolvedSpool
+from pluginmon.storage.pool import close_pool, open_pool
+from pluginmon.storage.writer import PLUGIN_SAMPLES_COLUMNS, PLUGIN_SAMPLES_TABLE, BatchWriter
 
 KEY = PluginKey("apptest", "worker", "test")
 

@@ -8,10 +8,10 @@ from pathlib import Path
 import psycopg
 from prometheus_client import CollectorRegistry
 
-from daemon.app import Daemon, _maintenance_job
-from daemon.config import resolve
-from daemon.settings import Settings
-from daemon.spools import CountingSpool
+from pluginmon.daemon.app import Daemon, _maintenance_job
+from pluginmon.daemon.config import resolve
+from pluginmon.daemon.settings import Settings
+from pluginmon.daemon.spools import CountingSpool
 from tests.schema_helpers import (
     add_plugin,
     assert_rollups_equal,

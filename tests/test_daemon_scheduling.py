@@ -7,7 +7,7 @@ import logging
 
 import pytest
 
-from daemon.scheduling import Scheduler
+from pluginmon.daemon.scheduling import Scheduler
 
 
 async def test_jobs_run_and_failures_are_counted_and_logged_once(
@@ -26,7 +26,7 @@ async def test_jobs_run_and_failures_are_counted_and_logged_once(
             fail_times -= 1
             raise RuntimeError("boom")
 
-    caplog.set_level(logging.DEBUG, logger="daemon.scheduling")
+    caplog.set_level(logging.DEBUG, logger="pluginmon.daemon.scheduling")
     async with Scheduler(drain_seconds=1) as scheduler:
         scheduler.add_job("good", good, interval_seconds=0.05)
         scheduler.add_job("flaky", flaky, interval_seconds=0.05)
@@ -106,7 +106,7 @@ async def test_skipped_runs_are_counted_and_logged_once(caplog: pytest.LogCaptur
         runs += 1
         await asyncio.sleep(0.35)
 
-    caplog.set_level(logging.INFO, logger="daemon.scheduling")
+    caplog.set_level(logging.INFO, logger="pluginmon.daemon.scheduling")
     async with Scheduler(drain_seconds=2) as scheduler:
         scheduler.add_job("slow", slow, interval_seconds=0.05)
         for _ in range(100):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.settings import ConfigError, Settings, load_settings, parse_duration
+from pluginmon.daemon.settings import ConfigError, Settings, load_settings, parse_duration
 
 
 @pytest.fixture(autouse=True)

@@ -16,10 +16,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.dashboards_helpers import (
-    CONTRACT_LABELS,
-    DASHBOARDS_DIR,
-    DEPLOY_DIR,
+from dashboards.grafana_queries import (
     GrafanaContext,
     Variable,
     dashboard_files,
@@ -28,11 +25,16 @@ from tests.dashboards_helpers import (
     go_float,
     grafana_promql,
     interpolate_variables,
-    is_contract_metric,
     iter_panels,
     load_dashboard,
-    load_yaml,
     prometheus_context,
+)
+from tests.dashboards_helpers import (
+    CONTRACT_LABELS,
+    DASHBOARDS_DIR,
+    DEPLOY_DIR,
+    is_contract_metric,
+    load_yaml,
     promql_label_names,
     promql_metric_names,
     recorded_names,

@@ -22,14 +22,16 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from tests.dashboards_helpers import (
-    DASHBOARDS_DIR,
+from dashboards.grafana_queries import (
     DashboardQuery,
     GrafanaContext,
     Variable,
     dashboard_files,
     dashboard_queries,
     grafana_sql,
+)
+from tests.dashboards_helpers import (
+    DASHBOARDS_DIR,
 )
 from tests.dbutil import migrated_copy
 

@@ -507,7 +507,7 @@ def test_unit_explains_its_capabilities() -> None:
 
 
 def test_unit_stop_timeout_exceeds_shutdown_deadline() -> None:
-    from daemon.settings import Settings
+    from pluginmon.daemon.settings import Settings
 
     deadline = Settings.model_fields["shutdown_deadline_seconds"].default
     timeout = _service()["TimeoutStopSec"][0]
@@ -551,7 +551,7 @@ def test_unit_security_exposure_is_low(tmp_path: Path) -> None:
 
 
 def test_unit_and_env_file_name_real_settings(monkeypatch: pytest.MonkeyPatch) -> None:
-    from daemon.settings import ENV_PREFIX, Settings
+    from pluginmon.daemon.settings import ENV_PREFIX, Settings
 
     assignments: dict[str, str] = {}
     for value in _service()["Environment"]:

@@ -25,8 +25,14 @@ import yaml
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from collectors.models import PluginKey, PluginSample, Snapshot
-from daemon.exporter import (
+from dashboards.grafana_queries import (
+    dashboard_files,
+    dashboard_queries,
+    grafana_promql,
+    prometheus_context,
+)
+from pluginmon.collectors.models import PluginKey, PluginSample, Snapshot
+from pluginmon.daemon.exporter import (
     DaemonMetrics,
     DaemonStats,
     ExporterState,
@@ -38,12 +44,8 @@ from daemon.exporter import (
 from tests.dashboards_helpers import (
     DEPLOY_DIR,
     PLUGIN_METRICS,
-    dashboard_files,
-    dashboard_queries,
-    grafana_promql,
     iter_rules,
     load_yaml,
-    prometheus_context,
     promql_metric_names,
     rule_files,
 )

@@ -14,8 +14,8 @@ from urllib.parse import urlsplit
 import psycopg
 import pytest
 
-from storage.embedded import EmbeddedPostgres
-from storage.spool import Spool
+from pluginmon.storage.embedded import EmbeddedPostgres
+from pluginmon.storage.spool import Spool
 from tests.daemon_helpers import (
     DaemonProcess,
     WebhookReceiver,

@@ -11,8 +11,8 @@ from prometheus_client.openmetrics.parser import (
 )
 from prometheus_client.parser import text_string_to_metric_families as parse_text
 
-from collectors.models import PluginKey, PluginSample, Snapshot
-from daemon.exporter import (
+from pluginmon.collectors.models import PluginKey, PluginSample, Snapshot
+from pluginmon.daemon.exporter import (
     DaemonMetrics,
     DaemonStats,
     ExporterState,

@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from alerts.health import (
+from pluginmon.alerts.health import (
     CPU,
     LEAK,
     MEMORY,
@@ -21,8 +21,8 @@ from alerts.health import (
     parse_health_config,
     score_health,
 )
-from alerts.rules import RuleError
-from collectors.models import PluginKey, PluginSample
+from pluginmon.alerts.rules import RuleError
+from pluginmon.collectors.models import PluginKey, PluginSample
 
 KEY = PluginKey("acme", "resizer", "production")
 T0 = datetime(2026, 1, 1, tzinfo=UTC)

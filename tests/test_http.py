@@ -14,9 +14,9 @@ import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from collectors.models import PluginKey, PluginSample, Snapshot
-from daemon.exporter import DaemonMetrics, ExporterState, MetricsRenderer, PluginCollector
-from daemon.http import BasicAuth, HttpServer, Readiness, tls_context
+from pluginmon.collectors.models import PluginKey, PluginSample, Snapshot
+from pluginmon.daemon.exporter import DaemonMetrics, ExporterState, MetricsRenderer, PluginCollector
+from pluginmon.daemon.http import BasicAuth, HttpServer, Readiness, tls_context
 from tests.daemon_helpers import self_signed_certificate
 
 KEY = PluginKey("acme", "resizer", "production")

@@ -8,7 +8,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from storage.migrate import Backend, MigrationError, discover, migrate
+from pluginmon.storage.migrate import Backend, MigrationError, discover, migrate
 
 
 def _write(directory: Path, files: dict[str, str]) -> Path:

@@ -8,18 +8,20 @@ from datetime import UTC, datetime, timedelta
 import psycopg
 import pytest
 
-from storage.backend import (
+from pluginmon.storage.backend import (
     MAINTENANCE_LOCK_KEY,
     MaintenanceReport,
     Retention,
     admin_connection,
-    backfill_rollups,
     backfill_start,
     detect_backend,
+)
+from pluginmon.storage.engines import (
+    backfill_rollups,
     maintenance_for,
 )
-from storage.migrate import Backend
-from storage.partitions import ROLLUPS, PostgresMaintenance, refresh_rollup
+from pluginmon.storage.migrate import Backend
+from pluginmon.storage.partitions import ROLLUPS, PostgresMaintenance, refresh_rollup
 from tests.schema_helpers import (
     Conn,
     add_plugin,

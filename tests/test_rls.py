@@ -12,8 +12,8 @@ import psycopg
 import pytest
 from psycopg import errors, sql
 
-from storage import timescale
-from storage.migrate import Backend
+from pluginmon.storage import timescale
+from pluginmon.storage.migrate import Backend
 from tests.dbutil import migrated_copy
 from tests.schema_helpers import (
     TENANT_TABLES,

@@ -6,8 +6,8 @@ from datetime import UTC, datetime
 
 import pytest
 
-from alerts.matchers import PluginMatcher
-from alerts.rules import (
+from pluginmon.alerts.matchers import PluginMatcher
+from pluginmon.alerts.rules import (
     AlertState,
     Phase,
     Rule,
@@ -23,7 +23,7 @@ from alerts.rules import (
     render_annotations,
     step,
 )
-from collectors.models import PluginKey, PluginSample
+from pluginmon.collectors.models import PluginKey, PluginSample
 
 KEY = PluginKey("acme", "resizer", "production")
 

@@ -14,9 +14,16 @@ import psycopg
 import pytest
 from psycopg import errors
 
-from storage.backend import Retention, admin_connection, detect_backend, prepare_database
-from storage.migrate import Backend, applied_versions, migrate
-from storage.queries import ensure_tenant_and_plugin, set_tenant
+from pluginmon.storage.backend import (
+    Retention,
+    admin_connection,
+    detect_backend,
+)
+from pluginmon.storage.engines import (
+    prepare_database,
+)
+from pluginmon.storage.migrate import Backend, applied_versions, migrate
+from pluginmon.storage.queries import ensure_tenant_and_plugin, set_tenant
 from tests.dbutil import migrated_copy
 from tests.schema_helpers import (
     SAMPLE_COLUMNS,

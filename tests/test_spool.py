@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from storage.spool import (
+from pluginmon.storage.spool import (
     Spool,
     SpoolCodecError,
     SpoolFullError,
@@ -191,7 +191,10 @@ def test_torn_tail_is_truncated_and_logged(
     # A crash in the middle of writing the third record: cut it short.
     os.truncate(segment, intact_size - 7)
 
-    with caplog.at_level(logging.WARNING, logger="storage.spool"), Spool(directory) as reopened:
+    with (
+        caplog.at_level(logging.WARNING, logger="pluginmon.storage.spool"),
+        Spool(directory) as reopened,
+    ):
         assert reopened.rows == 20
         assert "torn record" in caplog.text
         assert "truncating" in caplog.text
@@ -217,7 +220,10 @@ def test_garbage_and_checksum_mismatch_truncate_from_the_bad_record(
     data[second_record] ^= 0xFF
     segment.write_bytes(bytes(data) + b"\x01\x02\x03")
 
-    with caplog.at_level(logging.WARNING, logger="storage.spool"), Spool(directory) as reopened:
+    with (
+        caplog.at_level(logging.WARNING, logger="pluginmon.storage.spool"),
+        Spool(directory) as reopened,
+    ):
         assert "checksum mismatch" in caplog.text
         assert drain(reopened) == batch(0, 10)
 
@@ -228,7 +234,10 @@ def test_foreign_file_is_quarantined_not_replayed(
     directory = tmp_path / "spool"
     directory.mkdir()
     (directory / "00000000000000000001.seg").write_bytes(b"not a spool segment at all")
-    with caplog.at_level(logging.ERROR, logger="storage.spool"), Spool(directory) as spool:
+    with (
+        caplog.at_level(logging.ERROR, logger="pluginmon.storage.spool"),
+        Spool(directory) as spool,
+    ):
         assert spool.rows == 0
         spool.append(batch(0, 3))
         assert drain(spool) == batch(0, 3)

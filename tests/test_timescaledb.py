@@ -9,19 +9,21 @@ from typing import Any
 import psycopg
 import pytest
 
-from storage import timescale
-from storage.backend import (
+from pluginmon.storage import timescale
+from pluginmon.storage.backend import (
     Retention,
     admin_connection,
-    backfill_rollups,
     bucket_floor,
     detect_backend,
+)
+from pluginmon.storage.engines import (
+    backfill_rollups,
     maintenance_for,
     prepare_database,
 )
-from storage.migrate import Backend
-from storage.partitions import ROLLUPS, refresh_rollup
-from storage.timescale import TimescaleMaintenance
+from pluginmon.storage.migrate import Backend
+from pluginmon.storage.partitions import ROLLUPS, refresh_rollup
+from pluginmon.storage.timescale import TimescaleMaintenance
 from tests.dbutil import create_database, drop_database, with_database
 from tests.schema_helpers import (
     Conn,

@@ -18,13 +18,13 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from alerts.engine import AlertEngine
-from alerts.notifiers import classify_status, sign, verify_signature
-from alerts.outbox import OutboxDeliverer, backoff_seconds
-from alerts.rules import Rule, WebhookConfig
-from collectors.models import Match, PluginKey, PluginSpec
-from collectors.sampler import Sampler
-from storage import alert_store
+from pluginmon.alerts.engine import AlertEngine
+from pluginmon.alerts.notifiers import classify_status, sign, verify_signature
+from pluginmon.alerts.outbox import OutboxDeliverer, backoff_seconds
+from pluginmon.alerts.rules import Rule, WebhookConfig
+from pluginmon.collectors.models import Match, PluginKey, PluginSpec
+from pluginmon.collectors.sampler import Sampler
+from pluginmon.storage import alert_store
 from tests.alerts_helpers import FakeClock, Receiver, plugin_ids, plugin_sample, snapshot
 
 KEY = PluginKey("acme", "burner", "production")

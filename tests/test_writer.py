@@ -11,9 +11,9 @@ from urllib.parse import urlsplit
 import asyncpg
 import pytest
 
-from storage.pool import close_pool, open_pool, pool_context, redact_url
-from storage.spool import Spool
-from storage.writer import (
+from pluginmon.storage.pool import close_pool, open_pool, pool_context, redact_url
+from pluginmon.storage.spool import Spool
+from pluginmon.storage.writer import (
     PLUGIN_SAMPLES_COLUMNS,
     PLUGIN_SAMPLES_TABLE,
     BatchWriter,
@@ -138,7 +138,7 @@ async def test_bad_rows_are_isolated_and_the_good_rows_of_their_batch_written(
         # in an integer column fails in the client's binary encoder.
         row[column] = -1.0 if column == 5 else (-5 if column == 6 else "ten")
         rows[sequence] = tuple(row)
-    with caplog.at_level(logging.WARNING, logger="storage.writer"):
+    with caplog.at_level(logging.WARNING, logger="pluginmon.storage.writer"):
         async with writer_for(pool, max_rows=1000) as writer:
             writer.put(rows)
             await writer.flush()
@@ -173,7 +173,7 @@ async def test_identifiers_and_row_widths_are_validated(pool: asyncpg.Pool) -> N
 async def test_queue_overflow_without_a_spool_drops_the_oldest_and_counts(
     pool: asyncpg.Pool, plugin_ids: list[int], caplog: pytest.LogCaptureFixture
 ) -> None:
-    with caplog.at_level(logging.ERROR, logger="storage.writer"):
+    with caplog.at_level(logging.ERROR, logger="pluginmon.storage.writer"):
         async with writer_for(
             pool, max_rows=100, max_queue_rows=1000, max_delay_seconds=60.0
         ) as writer:
@@ -290,7 +290,7 @@ async def test_close_pool_terminates_connections_still_held_after_its_timeout(
     pool = await open_pool(migrated_db, min_size=1, max_size=2)
     held = await pool.acquire()
     assert await held.fetchval("SELECT 1") == 1
-    with caplog.at_level(logging.WARNING, logger="storage.pool"):
+    with caplog.at_level(logging.WARNING, logger="pluginmon.storage.pool"):
         # Graceful close would wait for `held` forever; the timeout terminates instead.
         await close_pool(pool, timeout_seconds=0.2)
     assert "terminating" in caplog.text

@@ -15,11 +15,11 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import pytest
 
-from storage.embedded import EmbeddedPostgres
-from storage.migrate import migrate
-from storage.pool import pool_context
-from storage.spool import Spool
-from storage.writer import PLUGIN_SAMPLES_COLUMNS, PLUGIN_SAMPLES_TABLE, BatchWriter
+from pluginmon.storage.embedded import EmbeddedPostgres
+from pluginmon.storage.migrate import migrate
+from pluginmon.storage.pool import pool_context
+from pluginmon.storage.spool import Spool
+from pluginmon.storage.writer import PLUGIN_SAMPLES_COLUMNS, PLUGIN_SAMPLES_TABLE, BatchWriter
 from tests.net_helpers import free_port
 from tests.writer_helpers import create_plugins, sample_rows, sequence_of
 
@@ -80,7 +80,7 @@ async def test_database_outage_spools_then_replays_every_row_once_in_order(
 ) -> None:
     server, url = own_server
     plugin_ids = await create_plugins(url, tenant="acme", count=10)
-    caplog.set_level(logging.INFO, logger="storage.writer")
+    caplog.set_level(logging.INFO, logger="pluginmon.storage.writer")
     with Spool(tmp_path / "spool") as spool:
         async with (
             pool_context(url, min_size=1, max_size=4) as pool,
@@ -187,7 +187,7 @@ async def test_spool_cap_drops_are_counted_and_logged_once(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     dead = f"postgresql://nobody:secret@127.0.0.1:{free_port()}/nothing"
-    caplog.set_level(logging.WARNING, logger="storage.writer")
+    caplog.set_level(logging.WARNING, logger="pluginmon.storage.writer")
     total = 6000
     with Spool(tmp_path / "spool", max_bytes=128 * 1024) as spool:
         async with (
@@ -222,7 +222,7 @@ async def test_spool_cap_drops_are_counted_and_logged_once(
 async def test_rows_not_written_by_the_shutdown_deadline_go_to_the_spool(
     black_hole: str, migrated_db: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="storage.writer")
+    caplog.set_level(logging.WARNING, logger="pluginmon.storage.writer")
     with Spool(tmp_path / "spool") as spool:
         async with (
             pool_context(black_hole, min_size=0) as pool,
@@ -268,7 +268,7 @@ async def test_without_a_spool_the_deadline_drops_and_counts(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     dead = f"postgresql://nobody:secret@127.0.0.1:{free_port()}/nothing"
-    caplog.set_level(logging.WARNING, logger="storage.writer")
+    caplog.set_level(logging.WARNING, logger="pluginmon.storage.writer")
     async with (
         pool_context(dead, min_size=0) as pool,
         BatchWriter(
@@ -305,7 +305,7 @@ async def test_a_refused_login_is_an_outage_not_bad_rows(
     refused = urlunsplit(
         parts._replace(netloc=f"{credentials}@{parts.hostname}:{parts.port or 5432}")
     )
-    caplog.set_level(logging.WARNING, logger="storage.writer")
+    caplog.set_level(logging.WARNING, logger="pluginmon.storage.writer")
     with Spool(tmp_path / "spool") as spool:
         async with (
             pool_context(refused, min_size=0) as pool,

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import asyncpg
 
-from storage.pool import close_pool, open_pool
-from storage.spool import Spool
-from storage.writer import PLUGIN_SAMPLES_COLUMNS, PLUGIN_SAMPLES_TABLE, BatchWriter
+from pluginmon.storage.pool import close_pool, open_pool
+from pluginmon.storage.spool import Spool
+from pluginmon.storage.writer import PLUGIN_SAMPLES_COLUMNS, PLUGIN_SAMPLES_TABLE, BatchWriter
 from tests.net_helpers import free_port
 
 Row = tuple[object, ...]

@@ -1,6 +1,6 @@
 """Times every PostgreSQL dashboard query on a synthetic fleet, as owner and as a tenant reader.
 
-Run by hand: ``python dashboards/bench_queries.py [--plugins 1000] [--hours 6]``. It starts a
+Run by hand: ``python bench/dashboard_queries.py [--plugins 1000] [--hours 6]``. It starts a
 private embedded PostgreSQL, migrates it, writes ``--hours`` of raw samples and health rows
 (one per plugin every 10 s, the daemon's defaults) for ``--plugins`` plugins (90 % in tenant
 acme), refreshes the rollups with the schema's own function, then runs each query of
@@ -25,15 +25,15 @@ from psycopg import sql
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from storage.embedded import EmbeddedPostgres
-from storage.migrate import migrate
-from tests.dashboards_helpers import (
+from dashboards.grafana_queries import (
     GrafanaContext,
     Variable,
     dashboard_files,
     dashboard_queries,
     grafana_sql,
 )
+from pluginmon.storage.embedded import EmbeddedPostgres
+from pluginmon.storage.migrate import migrate
 
 
 def _load(url: str, plugins: int, start: datetime, end: datetime) -> dict[str, int]:

@@ -1,0 +1,117 @@
+"""The built wheel owns one import name, ``pluginmon``, and installs beside python-daemon."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import sysconfig
+import venv
+import zipfile
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("wheel")
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q"]
+        + ["-w", str(out), str(REPO_ROOT)],
+        check=True,
+        timeout=300,
+    )
+    (built,) = out.glob("pluginmon-*.whl")
+    return built
+
+
+def test_wheel_holds_only_the_pluginmon_package(wheel: Path) -> None:
+    with zipfile.ZipFile(wheel) as archive:
+        tops = {name.split("/", 1)[0] for name in archive.namelist()}
+        names = set(archive.namelist())
+    dist_info = {top for top in tops if top.endswith(".dist-info")}
+    assert tops - dist_info == {"pluginmon"}
+    assert "pluginmon/daemon/cli.py" in names
+    assert "pluginmon/sql/001_core.sql" in names
+    assert "pluginmon/storage/writer.py" in names
+
+
+def test_wheel_installs_beside_python_daemon(wheel: Path, tmp_path: Path) -> None:
+    # Nothing from this checkout may leak in through the environment.
+    clean = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+    env_dir = tmp_path / "venv"
+    venv.create(env_dir, with_pip=True)
+    python = env_dir / "bin" / "python"
+    # python-daemon (and its one dependency) really installed from the index; pluginmon's own
+    # dependencies are borrowed from the test environment through a path entry, which puts
+    # them after the new venv's site-packages and does not run that environment's .pth hooks
+    # (so the editable install of this checkout is not what gets imported).
+    subprocess.run(
+        [str(python), "-m", "pip", "install", "-q", "python-daemon"], check=True, timeout=300, env=clean
+    )
+    subprocess.run(
+        [str(python), "-m", "pip", "install", "-q", "--no-deps", str(wheel)],
+        check=True,
+        timeout=300,
+        env=clean,
+    )
+    site = Path(
+        subprocess.run(
+            [str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+    )
+    (site / "_pluginmon_test_deps.pth").write_text(sysconfig.get_path("purelib") + "\n")
+
+    probe = subprocess.run(
+        [
+            str(python),
+            "-c",
+            "import daemon, daemon.pidfile, pluginmon.daemon.cli, pluginmon.storage.writer;"
+            "print(daemon.DaemonContext.__module__);"
+            "print(pluginmon.daemon.cli.__file__)",
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=clean,
+        timeout=120,
+    )
+    daemon_module, cli_file = probe.stdout.split()
+    assert daemon_module == "daemon.daemon"  # python-daemon's, untouched by pluginmon
+    assert Path(cli_file).is_relative_to(site / "pluginmon")
+
+    version = subprocess.run(
+        [str(env_dir / "bin" / "pluginmon"), "--version"],
+        check=True,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=clean,
+        timeout=120,
+    )
+    assert version.stdout.strip().startswith("pluginmon 0.")
+    record = subprocess.run(
+        [
+            str(python),
+            "-c",
+            "import importlib.metadata as m;"
+            "print('\\n'.join(sorted({str(f).split('/')[0] for f in m.files('pluginmon')})))",
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=clean,
+        timeout=120,
+    )
+    installed_tops = set(record.stdout.split()) - {"..", "../.."}
+    assert {top for top in installed_tops if not top.endswith(".dist-info")} == {"pluginmon"}
