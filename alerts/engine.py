@@ -44,12 +44,12 @@ from pluginmon.alerts.rules import (
 from pluginmon.collectors.models import PluginKey, Snapshot
 from pluginmon.storage import alert_store
 from pluginmon.storage.alert_store import (
-    TRANSIENT_DB_ERRORS,
     AlertJournal,
     AlertWrite,
     HealthWrite,
     OutboxWrite,
 )
+from pluginmon.storage.errors import TRANSIENT_ERRORS
 from pluginmon.storage.spool import SpoolError
 
 logger = logging.getLogger(__name__)
@@ -723,7 +723,7 @@ class AlertEngine:
                     for (pid, env, name), value in values.items():
                         metrics[by_id[(pid, env)]][name] = value
                     self._metrics = dict(metrics)
-        except TRANSIENT_DB_ERRORS as exc:
+        except TRANSIENT_ERRORS as exc:
             return f"{type(exc).__name__}: {exc}"
         self._silences = [
             _Silence(s.tenant_id, s.matchers, s.ends_at.timestamp()) for s in silences
@@ -753,7 +753,7 @@ class AlertEngine:
                         await alert_store.touch_alerts(
                             conn, [a.db_id for a in clean if a.db_id], [a.value for a in clean], now
                         )
-                except TRANSIENT_DB_ERRORS:
+                except TRANSIENT_ERRORS:
                     raise
                 except asyncpg.PostgresError:
                     # One bad row (say, its plugin was deleted) must not block every other
@@ -786,12 +786,12 @@ class AlertEngine:
                     for key, w in zip(health_keys, health, strict=True):
                         if w.update_plugin:
                             self._plugin_written[key] = (w.score, ts)
-                except TRANSIENT_DB_ERRORS:
+                except TRANSIENT_ERRORS:
                     raise
                 except Exception:
                     # Health rows are derived data: never let them block alert persistence.
                     logger.exception("could not write health scores")
-        except TRANSIENT_DB_ERRORS as exc:
+        except TRANSIENT_ERRORS as exc:
             return f"{type(exc).__name__}: {exc}"
         return None
 
@@ -804,7 +804,7 @@ class AlertEngine:
                 try:
                     async with conn.transaction():  # a savepoint
                         ids.append(await alert_store.save_alert(conn, self._write(alert, now)))
-                except TRANSIENT_DB_ERRORS:
+                except TRANSIENT_ERRORS:
                     raise
                 except asyncpg.PostgresError as exc:
                     logger.error(
@@ -819,7 +819,7 @@ class AlertEngine:
                 try:
                     async with conn.transaction():
                         await alert_store.insert_outbox(conn, [row])
-                except TRANSIENT_DB_ERRORS:
+                except TRANSIENT_ERRORS:
                     raise
                 except asyncpg.PostgresError as exc:
                     logger.error(

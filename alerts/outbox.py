@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import socket
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -20,7 +19,8 @@ from pluginmon.alerts.engine import Clock, utc_now
 from pluginmon.alerts.notifiers import SendResult, post, stamp_alertmanager_body
 from pluginmon.alerts.rules import AlertmanagerConfig, WebhookConfig
 from pluginmon.storage import alert_store
-from pluginmon.storage.alert_store import TRANSIENT_DB_ERRORS, ClaimedNotification, DeliveryOutcome
+from pluginmon.storage.alert_store import ClaimedNotification, DeliveryOutcome
+from pluginmon.storage.errors import TRANSIENT_ERRORS, backoff_seconds
 
 logger = logging.getLogger(__name__)
 
@@ -42,13 +42,6 @@ class DeliveryStats:
 
     notifications: Mapping[tuple[str, str], int] = field(default_factory=dict)
     pending: int = 0
-
-
-def backoff_seconds(attempt: int, *, initial: float, maximum: float) -> float:
-    """Capped exponential backoff with jitter: a random point in the upper half of
-    ``min(maximum, initial * 2**(attempt-1))``, so retries from many alerts spread out."""
-    ceiling = min(maximum, initial * (2.0 ** max(0, attempt - 1)))
-    return random.uniform(ceiling / 2.0, ceiling)
 
 
 class OutboxDeliverer:
@@ -163,7 +156,7 @@ class OutboxDeliverer:
                     alertmanager=None if self._alertmanager is None else self._alertmanager.name,
                 )
                 sent = await alert_store.already_sent(conn, (c.idempotency_key for c in claimed))
-        except TRANSIENT_DB_ERRORS as exc:
+        except TRANSIENT_ERRORS as exc:
             return self._database_down(now, exc)
         self._database_up()
 
@@ -200,7 +193,7 @@ class OutboxDeliverer:
                     )
                     if pruned:
                         logger.info("outbox: pruned %d finished notification(s)", pruned)
-        except TRANSIENT_DB_ERRORS as exc:
+        except TRANSIENT_ERRORS as exc:
             database_error = f"{type(exc).__name__}: {exc}"
             self._database_down(self._clock(), exc)
 
@@ -271,9 +264,9 @@ class OutboxDeliverer:
         give_up = self._give_up_reason(n, receiver, now) if result.outcome == "retry" else None
         if result.outcome == "retry" and give_up is None:
             delay = backoff_seconds(
-                n.attempts,
-                initial=receiver.backoff_initial_seconds,
-                maximum=receiver.backoff_max_seconds,
+                max(0, n.attempts - 1),
+                initial_seconds=receiver.backoff_initial_seconds,
+                max_seconds=receiver.backoff_max_seconds,
             )
             if result.retry_after_seconds is not None:
                 delay = max(delay, min(result.retry_after_seconds, receiver.backoff_max_seconds))
@@ -348,7 +341,9 @@ class OutboxDeliverer:
         self._db_failures += 1
         if self._db_failures == 1:
             logger.warning("outbox: database unreachable (%s); backing off", type(exc).__name__)
-        delay = backoff_seconds(self._db_failures, initial=0.5, maximum=self._db_backoff_max)
+        delay = backoff_seconds(
+            self._db_failures - 1, initial_seconds=0.5, max_seconds=self._db_backoff_max
+        )
         self._db_retry_at = now + timedelta(seconds=delay)
         return DeliveryReport(database_error=f"{type(exc).__name__}: {exc}")
 

@@ -48,21 +48,18 @@ from pluginmon.daemon.spools import (
 from pluginmon.storage.backend import (
     Retention,
 )
+from pluginmon.storage.errors import TRANSIENT_ERRORS
 from pluginmon.storage.queries import ensure_tenant_and_plugin
 from pluginmon.storage.spool import SpoolCodecError, SpoolFullError, SpoolLockedError
 from pluginmon.storage.writer import (
     PLUGIN_SAMPLES_COLUMNS,
     PLUGIN_SAMPLES_TABLE,
-    TRANSIENT_ERRORS,
     BatchWriter,
     WriterClosedError,
     WriterFailedError,
 )
 
 logger = logging.getLogger(__name__)
-
-# Errors that mean "the database is away", as opposed to a bug: retried, logged on change.
-DATABASE_ERRORS = TRANSIENT_ERRORS
 
 
 class DaemonFailedError(RuntimeError):
@@ -188,7 +185,7 @@ class Daemon:
         try:
             async with asyncio.timeout(5):
                 await self.pool.fetchval("SELECT 1")
-        except DATABASE_ERRORS as exc:
+        except TRANSIENT_ERRORS as exc:
             self._database_state(False, exc)
             return
         self._database_state(True)
@@ -245,7 +242,7 @@ class Daemon:
                             key.environment,
                             exc,
                         )
-        except (*DATABASE_ERRORS, asyncpg.PostgresError) as exc:
+        except (*TRANSIENT_ERRORS, asyncpg.PostgresError) as exc:
             self._resolve_retry_at = time.monotonic() + RESOLVE_RETRY_SECONDS
             self._database_state(False, exc)
             return False
@@ -830,7 +827,7 @@ async def _build_alerts(daemon: Daemon, stack: AsyncExitStack) -> None:
     stack.push_async_callback(daemon.engine.aclose)
     try:
         await daemon.engine.start()
-    except DATABASE_ERRORS as exc:
+    except TRANSIENT_ERRORS as exc:
         # Evaluation works in memory meanwhile; state is loaded and persisted once it is back.
         logger.warning("alert state not loaded yet: %s", redact(str(exc)))
     outbox = daemon.outbox = await stack.enter_async_context(
@@ -839,7 +836,7 @@ async def _build_alerts(daemon: Daemon, stack: AsyncExitStack) -> None:
 
     async def final_delivery() -> None:
         # Last chance for notifications queued just before the signal; bounded.
-        with contextlib.suppress(TimeoutError, *DATABASE_ERRORS):
+        with contextlib.suppress(TimeoutError, *TRANSIENT_ERRORS):
             async with asyncio.timeout(daemon.shutdown_budget.share(0.15, reserve=0.55)):
                 await outbox.deliver_due()
 

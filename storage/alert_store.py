@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 from collections.abc import Iterable, Mapping, Sequence
@@ -13,20 +12,11 @@ from typing import Any
 
 import asyncpg
 
+from pluginmon.storage.errors import TRANSIENT_ERRORS
 from pluginmon.storage.spool import Spool, SpooledBatch
 
 logger = logging.getLogger(__name__)
 
-# Errors that mean "the database is not reachable right now": retry later, keep state.
-TRANSIENT_DB_ERRORS: tuple[type[BaseException], ...] = (
-    OSError,
-    TimeoutError,
-    asyncio.TimeoutError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.InterfaceError,
-    asyncpg.CannotConnectNowError,
-    asyncpg.TooManyConnectionsError,
-)
 
 QUERY_TIMEOUT_SECONDS = 10.0
 
@@ -1010,7 +1000,7 @@ async def replay_journal(
                             await insert_outbox(conn, [entry])
                             notifications += 1
                 except asyncpg.PostgresError as exc:
-                    if isinstance(exc, TRANSIENT_DB_ERRORS):
+                    if isinstance(exc, TRANSIENT_ERRORS):
                         raise
                     refused += 1
                     logger.error(

@@ -17,7 +17,7 @@ Back-pressure policy (also in docs/writer.md):
   fit), or if the spool's disk cannot absorb the excess before the queue doubles from its
   high-water mark to the bound (in practice never: one fsync'ed append takes all of it). Drops are counted in ``rows_dropped`` and logged once per state
   change, not once per batch.
-* Transient errors (TRANSIENT_ERRORS: connection loss, timeouts, server shutting down or
+* Transient errors (storage.errors.TRANSIENT_ERRORS: connection loss, timeouts, server shutting down or
   starting, too many connections, a read-only standby, a table not migrated yet) put the
   writer in "database unavailable" (logged once): the batch goes to the spool (or back to
   the queue without one), and the database is retried with capped exponential backoff and
@@ -42,7 +42,6 @@ import asyncio
 import bisect
 import logging
 import math
-import random
 import re
 import time
 from collections import deque
@@ -54,6 +53,7 @@ from typing import Any, Final
 import asyncpg
 
 from pluginmon.collectors.models import SAMPLE_MEASUREMENTS
+from pluginmon.storage.errors import TRANSIENT_ERRORS, backoff_seconds
 from pluginmon.storage.spool import Spool, SpoolCodecError, SpoolFullError
 
 logger = logging.getLogger(__name__)
@@ -71,22 +71,6 @@ PLUGIN_SAMPLES_COLUMNS: Final = (
     *SAMPLE_MEASUREMENTS,
 )
 
-# Errors that say "the database cannot take this now", not "these rows are wrong": the batch
-# is kept (spool or queue) and retried later.
-TRANSIENT_ERRORS: Final[tuple[type[BaseException], ...]] = (
-    OSError,  # connection refused/reset, DNS, network unreachable
-    TimeoutError,  # pool acquire or COPY over its timeout
-    asyncpg.exceptions.PostgresConnectionError,  # class 08, connection lost mid-operation
-    asyncpg.exceptions.InterfaceError,  # connection closed under us, pool closing
-    asyncpg.exceptions.OperatorInterventionError,  # 57: shutdown, CannotConnectNow, canceled
-    asyncpg.exceptions.InsufficientResourcesError,  # 53: too many connections, disk full
-    asyncpg.exceptions.TransactionRollbackError,  # 40: deadlock, serialization failure
-    asyncpg.exceptions.ReadOnlySQLTransactionError,  # 25006: failed over to a standby
-    asyncpg.exceptions.PostgresSystemError,  # 58: I/O error on the server
-    asyncpg.exceptions.UndefinedTableError,  # not migrated yet: keep the rows until it is
-    asyncpg.exceptions.UndefinedColumnError,
-    asyncpg.exceptions.InsufficientPrivilegeError,  # grants being fixed
-)
 # Errors caused by some rows of a batch: isolate and reject those rows. Checked after
 # TRANSIENT_ERRORS (which holds some PostgresError subclasses).
 ROW_ERRORS: Final[tuple[type[BaseException], ...]] = (
@@ -258,7 +242,7 @@ class BatchWriter:
 
         self._available = True
         self._unavailable_since = 0.0
-        self._backoff = 0.0
+        self._failed_attempts = 0  # consecutive, while unavailable
         self._retry_at = 0.0
         self._replay_not_before = 0.0  # after a spool I/O error
         self._dropping = False
@@ -723,7 +707,7 @@ class BatchWriter:
         if self._available:
             self._available = False
             self._unavailable_since = now
-            self._backoff = self._retry_initial
+            self._failed_attempts = 0
             logger.warning(
                 "database unavailable for %s (%s: %s); %s until it is back",
                 self._table,
@@ -731,10 +715,12 @@ class BatchWriter:
                 cause,
                 "spooling rows to disk" if self._spool is not None else "holding rows in memory",
             )
-        else:
-            self._backoff = min(self._backoff * 2, self._retry_max)
-        # Equal jitter: half fixed, half random, so many daemons do not retry in step.
-        self._retry_at = now + self._backoff * (0.5 + random.random() / 2)
+        self._retry_at = now + backoff_seconds(
+            self._failed_attempts,
+            initial_seconds=self._retry_initial,
+            max_seconds=self._retry_max,
+        )
+        self._failed_attempts += 1
         self._wakeup.set()
 
     def _mark_available(self) -> None:

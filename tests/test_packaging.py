@@ -21,8 +21,7 @@ pytestmark = pytest.mark.slow
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("wheel")
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q"]
-        + ["-w", str(out), str(REPO_ROOT)],
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(out), str(REPO_ROOT)],
         check=True,
         timeout=300,
     )
@@ -52,7 +51,10 @@ def test_wheel_installs_beside_python_daemon(wheel: Path, tmp_path: Path) -> Non
     # them after the new venv's site-packages and does not run that environment's .pth hooks
     # (so the editable install of this checkout is not what gets imported).
     subprocess.run(
-        [str(python), "-m", "pip", "install", "-q", "python-daemon"], check=True, timeout=300, env=clean
+        [str(python), "-m", "pip", "install", "-q", "python-daemon"],
+        check=True,
+        timeout=300,
+        env=clean,
     )
     subprocess.run(
         [str(python), "-m", "pip", "install", "-q", "--no-deps", str(wheel)],

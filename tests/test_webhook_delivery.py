@@ -20,11 +20,12 @@ import pytest
 
 from pluginmon.alerts.engine import AlertEngine
 from pluginmon.alerts.notifiers import classify_status, sign, verify_signature
-from pluginmon.alerts.outbox import OutboxDeliverer, backoff_seconds
+from pluginmon.alerts.outbox import OutboxDeliverer
 from pluginmon.alerts.rules import Rule, WebhookConfig
 from pluginmon.collectors.models import Match, PluginKey, PluginSpec
 from pluginmon.collectors.sampler import Sampler
 from pluginmon.storage import alert_store
+from pluginmon.storage.errors import backoff_seconds
 from tests.alerts_helpers import FakeClock, Receiver, plugin_ids, plugin_sample, snapshot
 
 KEY = PluginKey("acme", "burner", "production")
@@ -406,10 +407,22 @@ async def test_recorded_key_is_never_posted_again(pool: asyncpg.Pool) -> None:
 
 
 def test_backoff_is_capped_exponential_with_jitter() -> None:
-    for attempt, ceiling in [(1, 1.0), (2, 2.0), (3, 4.0), (6, 30.0), (20, 30.0)]:
-        values = [backoff_seconds(attempt, initial=1.0, maximum=30.0) for _ in range(200)]
+    for attempt, ceiling in [(0, 1.0), (1, 2.0), (2, 4.0), (5, 30.0), (19, 30.0), (5000, 30.0)]:
+        values = [
+            backoff_seconds(attempt, initial_seconds=1.0, max_seconds=30.0) for _ in range(200)
+        ]
         assert ceiling / 2 <= min(values) <= max(values) <= ceiling
         assert len(set(values)) > 100  # jittered
+        # The jitter's two ends, injected: never below half the ceiling, never above it.
+        low = backoff_seconds(
+            attempt, initial_seconds=1.0, max_seconds=30.0, random_fraction=lambda: 0.0
+        )
+        high = backoff_seconds(
+            attempt, initial_seconds=1.0, max_seconds=30.0, random_fraction=lambda: 1.0
+        )
+        assert (low, high) == (ceiling / 2, ceiling)
+    with pytest.raises(ValueError, match="attempt"):
+        backoff_seconds(-1, initial_seconds=1.0, max_seconds=30.0)
 
 
 async def test_alert_store_acknowledge_unknown(pool: asyncpg.Pool) -> None:

@@ -1,0 +1,74 @@
+"""Which database errors mean "not now" (keep the data, retry later), and the one backoff.
+
+Every retry loop that talks to the database (the batch writer, the alert store and its
+journal, the notification outbox, the daemon's id lookup and readiness probe) uses these two
+things, so that they agree on what a failover or an outage looks like.
+
+Transient, with the SQLSTATE class where there is one, and why:
+
+* ``OSError``: connection refused or reset, DNS, network unreachable.
+* ``TimeoutError``: a pool acquire, query or COPY over its timeout (a silent server).
+* class 08 ``PostgresConnectionError``: the connection was lost mid-operation.
+* ``InterfaceError``: the connection was closed under us or the pool is closing.
+* class 57 ``OperatorInterventionError``: admin shutdown, crash shutdown, "cannot connect
+  now" while the server starts, a cancelled query.
+* class 53 ``InsufficientResourcesError``: too many connections, disk full, out of memory.
+* class 40 ``TransactionRollbackError``: deadlock or serialization failure; run it again.
+* 25006 ``ReadOnlySQLTransactionError``: connected to a standby (after a failover, or a
+  multi-host URL that reached the wrong host); a primary comes back.
+* class 58 ``PostgresSystemError``: an I/O error on the server.
+* 42P01/42703 ``UndefinedTableError``/``UndefinedColumnError``: the schema is not migrated
+  yet (another daemon or ``pluginmon migrate`` is on it).
+* 42501 ``InsufficientPrivilegeError``: grants being fixed; the data is kept meanwhile.
+
+Anything else (a constraint violation, a value a column refuses) is about the data, not the
+database: callers isolate or report it and never retry it in silence.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from typing import Final
+
+import asyncpg
+
+TRANSIENT_ERRORS: Final[tuple[type[BaseException], ...]] = (
+    OSError,
+    TimeoutError,
+    asyncpg.exceptions.PostgresConnectionError,
+    asyncpg.exceptions.InterfaceError,
+    asyncpg.exceptions.OperatorInterventionError,
+    asyncpg.exceptions.InsufficientResourcesError,
+    asyncpg.exceptions.TransactionRollbackError,
+    asyncpg.exceptions.ReadOnlySQLTransactionError,
+    asyncpg.exceptions.PostgresSystemError,
+    asyncpg.exceptions.UndefinedTableError,
+    asyncpg.exceptions.UndefinedColumnError,
+    asyncpg.exceptions.InsufficientPrivilegeError,
+)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True when ``exc`` says the database cannot take the work now (see the module doc)."""
+    return isinstance(exc, TRANSIENT_ERRORS)
+
+
+def backoff_seconds(
+    attempt: int,
+    *,
+    initial_seconds: float,
+    max_seconds: float,
+    random_fraction: Callable[[], float] = random.random,
+) -> float:
+    """Capped exponential backoff with equal jitter, for retry ``attempt`` (0 = the first).
+
+    The ceiling doubles from ``initial_seconds`` per attempt up to ``max_seconds``; the delay
+    is a random point in the upper half of it, so many daemons that lost the same database
+    do not come back in step, and no delay is ever shorter than half the ceiling.
+    """
+    if attempt < 0:
+        raise ValueError("attempt must be >= 0")
+    # 2**attempt overflows a float past ~1024 attempts; the cap is reached long before.
+    ceiling = min(max_seconds, initial_seconds * 2.0 ** min(attempt, 64))
+    return ceiling * (0.5 + random_fraction() / 2.0)
