@@ -66,7 +66,7 @@ def connect_timeout_param(seconds: float) -> int:
 
 
 def default_sql_dir() -> Path:
-    return Path(str(resources.files("sql")))
+    return Path(str(resources.files("pluginmon.sql")))
 
 
 def discover(sql_dir: Path, backend: Backend) -> list[Migration]:

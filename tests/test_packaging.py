@@ -77,8 +77,10 @@ def test_wheel_installs_beside_python_daemon(wheel: Path, tmp_path: Path) -> Non
             str(python),
             "-c",
             "import daemon, daemon.pidfile, pluginmon.daemon.cli, pluginmon.storage.writer;"
+            "from pluginmon.storage.migrate import default_sql_dir;"
             "print(daemon.DaemonContext.__module__);"
-            "print(pluginmon.daemon.cli.__file__)",
+            "print(pluginmon.daemon.cli.__file__);"
+            "print(default_sql_dir())",
         ],
         check=True,
         capture_output=True,
@@ -87,9 +89,12 @@ def test_wheel_installs_beside_python_daemon(wheel: Path, tmp_path: Path) -> Non
         env=clean,
         timeout=120,
     )
-    daemon_module, cli_file = probe.stdout.split()
+    daemon_module, cli_file, sql_dir = probe.stdout.split()
     assert daemon_module == "daemon.daemon"  # python-daemon's, untouched by pluginmon
     assert Path(cli_file).is_relative_to(site / "pluginmon")
+    # The migrations ship inside the package and are found there, not in a checkout.
+    assert Path(sql_dir) == site / "pluginmon" / "sql"
+    assert (Path(sql_dir) / "001_core.sql").is_file()
 
     version = subprocess.run(
         [str(env_dir / "bin" / "pluginmon"), "--version"],
