@@ -3,20 +3,14 @@
 from __future__ import annotations
 
 import fnmatch
-import logging
 import os
-import re
 from dataclasses import dataclass
 
+from pluginmon.collectors.labels import LabelRejection, parse_labels
 from pluginmon.collectors.models import PluginKey, PluginSpec
+from pluginmon.collectors.patterns import Pattern, cmdline_text, compile_pattern, compile_union
 from pluginmon.collectors.source import ProcessAccessDenied, ProcessGone, ProcessSource, comm_of
-from pluginmon.collectors.specs import DEFAULT_ENVIRONMENT, TENANT_SLUG
-
-logger = logging.getLogger(__name__)
-
-LABEL_TENANT = "PLUGINMON_TENANT"
-LABEL_PLUGIN = "PLUGINMON_PLUGIN"
-LABEL_ENVIRONMENT = "PLUGINMON_ENVIRONMENT"
+from pluginmon.collectors.specs import DEFAULT_ENVIRONMENT
 
 # comm in /proc/PID/stat is cut at 15 bytes (TASK_COMM_LEN - 1).
 _COMM_MAX = 15
@@ -25,7 +19,7 @@ _COMM_MAX = 15
 @dataclass(frozen=True, slots=True)
 class CompiledSpec:
     spec: PluginSpec
-    cmdline_re: re.Pattern[str] | None
+    cmdline_re: Pattern | None
     env_pair: tuple[str, str] | None
     systemd_unit: str | None
     # True when the spec has criteria other than pidfile (those are matched once per identity;
@@ -47,7 +41,7 @@ class CompiledSpec:
         )
         return cls(
             spec=spec,
-            cmdline_re=re.compile(m.cmdline) if m.cmdline is not None else None,
+            cmdline_re=compile_pattern(m.cmdline) if m.cmdline is not None else None,
             env_pair=env_pair,
             systemd_unit=unit,
             has_static_criteria=static,
@@ -58,7 +52,8 @@ class ProcessFacts:
     """One process's metadata, each item read from the source at most once, on first use.
 
     Read failures make the criterion that needed them not match, and are remembered in
-    `gone` / `denied` for the cycle's error counts.
+    `gone` / `denied` for the cycle's error counts; `searches` counts the regex searches
+    made in the command line, for the cycle's match budget.
     """
 
     __slots__ = (
@@ -67,10 +62,11 @@ class ProcessFacts:
         "_comm",
         "_environ",
         "_exe",
-        "_joined",
+        "_text",
         "denied",
         "gone",
         "pid",
+        "searches",
         "source",
     )
 
@@ -79,12 +75,13 @@ class ProcessFacts:
         self.pid = pid
         self._comm = comm_of(comm_raw)
         self._cmdline: list[str] | None = None
-        self._joined: str | None = None
+        self._text: bytes | None = None
         self._exe: str | None = None
         self._environ: dict[str, str] | None = None
         self._cgroup: str | None = None
         self.gone = False
         self.denied = False
+        self.searches = 0
 
     def _failed(self, exc: Exception) -> None:
         if isinstance(exc, ProcessGone):
@@ -101,11 +98,12 @@ class ProcessFacts:
                 self._cmdline = []
         return self._cmdline
 
-    def joined_cmdline(self) -> str:
-        """The arguments joined by single spaces: what `cmdline` regexes search."""
-        if self._joined is None:
-            self._joined = " ".join(self.cmdline())
-        return self._joined
+    def search_cmdline(self, pattern: Pattern) -> bool:
+        """Whether ``pattern`` occurs in the command line as cmdline_text() gives it."""
+        if self._text is None:
+            self._text = cmdline_text(self.cmdline())
+        self.searches += 1
+        return pattern.search(self._text)
 
     def name(self) -> str:
         """Like psutil's name(): comm, extended from argv[0] when the kernel truncated it."""
@@ -151,7 +149,7 @@ def matches_static(compiled: CompiledSpec, facts: ProcessFacts) -> bool:
     m = compiled.spec.match
     if m.name is not None and facts.name() != m.name:
         return False
-    if compiled.cmdline_re is not None and not compiled.cmdline_re.search(facts.joined_cmdline()):
+    if compiled.cmdline_re is not None and not facts.search_cmdline(compiled.cmdline_re):
         return False
     if m.exe is not None and facts.exe() != m.exe:
         return False
@@ -170,39 +168,27 @@ def matches_static(compiled: CompiledSpec, facts: ProcessFacts) -> bool:
 
 def cmdline_prefilter(
     compiled: tuple[CompiledSpec, ...],
-) -> tuple[re.Pattern[str] | None, frozenset[int]]:
-    """One regex that finds any of the specs' cmdline patterns, and the specs it covers.
+) -> tuple[Pattern | None, frozenset[int]]:
+    """One pattern that finds any of the specs' cmdline patterns, and the specs it covers.
 
     Most new processes match no spec; one search then rules out every covered spec instead
-    of one search per spec. Patterns with groups are left out (a combined pattern would
-    renumber their back-references), as is everything if the union does not compile
-    (for example a pattern with inline global flags).
+    of one search per spec. With RE2 every pattern can take part (no back-references to
+    renumber, inline flags stay in their group); only a union too large for RE2's memory
+    budget means no prefilter.
     """
-    parts: list[str] = []
-    covered: set[int] = set()
-    for index, c in enumerate(compiled):
-        if c.cmdline_re is not None and c.cmdline_re.groups == 0:
-            parts.append(f"(?:{c.cmdline_re.pattern})")
-            covered.add(index)
-    if len(parts) < 2:
+    covered = [i for i, c in enumerate(compiled) if c.cmdline_re is not None]
+    if len(covered) < 2:
         return None, frozenset()
-    try:
-        return re.compile("|".join(parts)), frozenset(covered)
-    except re.error:
+    union = compile_union([c.cmdline_re.text for c in compiled if c.cmdline_re is not None])
+    if union is None:
         return None, frozenset()
+    return union, frozenset(covered)
 
 
-def label_key(environ: dict[str, str]) -> PluginKey | None:
-    """The plugin a process declares with PLUGINMON_* environment labels, if valid."""
-    tenant = environ.get(LABEL_TENANT)
-    plugin = environ.get(LABEL_PLUGIN)
-    if tenant is None or plugin is None:
-        return None
-    environment = environ.get(LABEL_ENVIRONMENT) or DEFAULT_ENVIRONMENT
-    if not TENANT_SLUG.match(tenant) or not plugin.strip():
-        logger.debug("ignoring invalid plugin labels tenant=%r plugin=%r", tenant, plugin)
-        return None
-    return PluginKey(tenant=tenant, plugin=plugin, environment=environment)
+def label_key(environ: dict[str, str]) -> PluginKey | LabelRejection | None:
+    """The plugin a process declares with PLUGINMON_* environment labels: its key, None when
+    it declares none, or why its labels are refused (collectors.labels)."""
+    return parse_labels(environ, default_environment=DEFAULT_ENVIRONMENT)
 
 
 def read_pidfile(path: str) -> int | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import time
 
+from pluginmon.collectors.patterns import CMDLINE_MATCH_MAX_BYTES
 from pluginmon.collectors.source import (
     FIELD_CTX_SWITCHES,
     FIELD_FDS,
@@ -25,8 +26,9 @@ _O_RDONLY = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
 _GONE_ERRORS = (FileNotFoundError, ProcessLookupError)
 
 
-def _read(path: str, size: int = 8192) -> bytes:
-    """Whole small /proc file; translates errors into ProcessGone / ProcessAccessDenied."""
+def _read(path: str, size: int = 8192, *, max_bytes: int | None = None) -> bytes:
+    """Whole small /proc file (or its first ``max_bytes`` or a little more); translates errors
+    into ProcessGone / ProcessAccessDenied."""
     try:
         fd = os.open(path, _O_RDONLY)
     except _GONE_ERRORS as exc:
@@ -37,12 +39,16 @@ def _read(path: str, size: int = 8192) -> bytes:
         raise ProcessGone(path) from exc
     try:
         chunks = []
+        total = 0
         while True:
             chunk = os.read(fd, size)
             if not chunk:
                 break
             chunks.append(chunk)
+            total += len(chunk)
             if len(chunk) < size:  # a short read from /proc means end of file
+                break
+            if max_bytes is not None and total >= max_bytes:
                 break
         return b"".join(chunks)
     except PermissionError as exc:
@@ -201,7 +207,13 @@ class ProcfsSource:
         return time.time() - time.clock_gettime(time.CLOCK_BOOTTIME)
 
     def cmdline(self, pid: int) -> list[str]:
-        data = _read(f"{self._root}/{pid}/cmdline")
+        # Only the start: patterns see CMDLINE_MATCH_MAX_BYTES, and a process can make its
+        # command line megabytes long.
+        data = _read(
+            f"{self._root}/{pid}/cmdline",
+            CMDLINE_MATCH_MAX_BYTES,
+            max_bytes=CMDLINE_MATCH_MAX_BYTES,
+        )
         if not data:
             return []
         if data.endswith(b"\0"):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import re
 import socket
 import sys
 import threading
@@ -12,7 +11,6 @@ from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
 
 from pluginmon.collectors.discovery import (
-    LABEL_PLUGIN,
     CompiledSpec,
     ProcessFacts,
     cmdline_prefilter,
@@ -21,6 +19,7 @@ from pluginmon.collectors.discovery import (
     read_pidfile,
 )
 from pluginmon.collectors.models import PluginKey, PluginSample, PluginSpec, Snapshot
+from pluginmon.collectors.patterns import MATCH_BUDGET_PER_CYCLE, Pattern
 from pluginmon.collectors.source import (
     FIELD_CTX_SWITCHES,
     FIELD_FDS,
@@ -33,6 +32,7 @@ from pluginmon.collectors.source import (
     ProcessSource,
     StatRow,
 )
+from pluginmon.collectors.stats import DiscoveryStats
 
 logger = logging.getLogger(__name__)
 
@@ -150,6 +150,7 @@ class _Proc:
         "credit_write",
         "ctx_invol",
         "ctx_vol",
+        "deferred",
         "direct",
         "owner",
         "pid",
@@ -171,6 +172,7 @@ class _Proc:
         self.row = row
         self.seen = -1
         self.recheck = True
+        self.deferred = False  # not matched yet: the cycle's match budget ran out first
         # Matching: `direct` = plugin this process itself matches (None: inherits from ancestors).
         self.config_matches: tuple[int, ...] = ()
         self.base: _PluginState | None = (
@@ -236,6 +238,12 @@ class Sampler:
     Configured plugins are always in the snapshot (up=False, zero usage, counters kept when
     nothing runs); label-discovered ones for `label_grace_cycles` cycles after their last
     process vanished, then dropped.
+
+    Untrusted process data is bounded: PLUGINMON_* labels are checked before use
+    (collectors.labels; a refused process is skipped and counted in `stats`), cmdline
+    patterns run on RE2 over at most the first 4096 bytes (collectors.patterns), and one
+    cycle makes at most `match_budget_per_cycle` regex searches: processes left when it runs
+    out are matched on a later cycle (counted in `stats` too).
     """
 
     def __init__(
@@ -251,6 +259,7 @@ class Sampler:
         source: ProcessSource | None = None,
         label_grace_cycles: int = LABEL_GRACE_CYCLES,
         optional_every_cycles: int = 1,
+        match_budget_per_cycle: int = MATCH_BUDGET_PER_CYCLE,
     ) -> None:
         unknown = set(fields) - ALL_FIELDS
         if unknown:
@@ -268,12 +277,19 @@ class Sampler:
             raise ValueError("optional_every_cycles must be >= 1")
         # Opt-in fields can be read on every Nth cycle only; in the others they are None.
         self._optional_every = optional_every_cycles
+        if match_budget_per_cycle < 1:
+            raise ValueError("match_budget_per_cycle must be >= 1")
+        self._match_budget = match_budget_per_cycle
+        self._budget_left = match_budget_per_cycle
+        self._deferred_this_cycle = 0
+        # Exported by the daemon (a prometheus-client Collector); read from any thread.
+        self.stats = DiscoveryStats()
         self._tps = float(self._source.ticks_per_second)
         self._boot_wall = self._source.boot_time()
         self._lock = threading.Lock()
         self._pending_specs: tuple[PluginSpec, ...] | None = None
         self._compiled: tuple[CompiledSpec, ...] = ()
-        self._prefilter: re.Pattern[str] | None = None
+        self._prefilter: Pattern | None = None
         self._prefiltered: frozenset[int] = frozenset()
         self._config_states: list[_PluginState] = []
         self._states_by_key: dict[PluginKey, _PluginState] = {}
@@ -334,11 +350,19 @@ class Sampler:
         return state
 
     def _match(self, proc: _Proc, row: StatRow, is_new: bool, errors: dict[str, int]) -> None:
+        if self._budget_left <= 0:
+            # Out of regex searches for this cycle: matched on a later one. Until then a new
+            # process belongs to no plugin (or inherits its parent's); an exec'd one keeps
+            # its old attribution.
+            proc.deferred = True
+            self._deferred_this_cycle += 1
+            return
+        proc.deferred = False
         facts = ProcessFacts(self._source, proc.pid, row[8])
         first: _PluginState | None = None
         matches: list[int] = []
         ruled_out: frozenset[int] = frozenset()
-        if self._prefilter is not None and not self._prefilter.search(facts.joined_cmdline()):
+        if self._prefilter is not None and not facts.search_cmdline(self._prefilter):
             ruled_out = self._prefiltered
         for index, compiled in enumerate(self._compiled):
             if not compiled.has_static_criteria or index in ruled_out:
@@ -352,11 +376,12 @@ class Sampler:
                 break  # a spec without pidfile always matches: later specs cannot win
         label: _PluginState | None = None
         if first is None and self._label_discovery:
-            env = facts.environ()
-            if LABEL_PLUGIN in env:
-                key = label_key(env)
-                if key is not None:
-                    label = self._label_state(key)
+            found = label_key(facts.environ())
+            if isinstance(found, PluginKey):
+                label = self._label_state(found)
+            elif found is not None:
+                self.stats.report_rejection(proc.pid, found, now=self._clock())
+        self._budget_left -= facts.searches
         proc.cmdline = facts.cmdline()  # kept to notice an exec on the second sighting
         proc.config_matches = tuple(matches)
         proc.base = proc.direct = first if first is not None else label
@@ -430,6 +455,8 @@ class Sampler:
         self._cycle += 1
         cycle = self._cycle
         errors = {"access_denied": scan.denied, "no_such_process": scan.gone, "zombie": 0}
+        self._budget_left = self._match_budget
+        self._deferred_this_cycle = 0
 
         # 1. Identities: reuse what we know about (pid, start); match new ones.
         old = self._known
@@ -444,6 +471,8 @@ class Sampler:
             if proc is None or proc.start != row[2]:
                 proc = _Proc(row)
                 self._match(proc, row, True, errors)
+            elif proc.deferred:
+                self._match(proc, row, True, errors)
             elif proc.comm != row[8]:
                 self._match(proc, row, False, errors)  # exec'd into another program
             elif proc.recheck:
@@ -452,6 +481,10 @@ class Sampler:
             proc.seen = cycle
             new[pid] = proc
         errors["zombie"] = zombies
+        if self._deferred_this_cycle:
+            self.stats.report_budget_exhausted(
+                deferred=self._deferred_this_cycle, budget=self._match_budget, now=self._clock()
+            )
 
         # 2. Vanished processes: what they last showed was already counted; when their
         # parent reaps them the kernel adds their totals to the parent's children-cpu and

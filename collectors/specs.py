@@ -8,6 +8,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import fields
 
 from pluginmon.collectors.models import Match, PluginKey, PluginSpec
+from pluginmon.collectors.patterns import compile_pattern
 
 TENANT_SLUG = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 DEFAULT_ENVIRONMENT = "production"
@@ -41,9 +42,9 @@ def _check_match_value(key: str, value: str) -> str | None:
         return "must not be empty"
     if key == "cmdline":
         try:
-            re.compile(value)
-        except re.error as exc:
-            return f"invalid regex: {exc}"
+            compile_pattern(value)
+        except ValueError as exc:
+            return str(exc)
     elif key == "env":
         env_key, sep, _ = value.partition("=")
         if not sep or not env_key:

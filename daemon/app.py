@@ -653,6 +653,7 @@ async def build(daemon: Daemon, stack: AsyncExitStack, stop: asyncio.Event) -> N
         fields=_sample_fields(settings.collect_fields),
         host=settings.host,
     )
+    daemon.registry.register(daemon.sampler.stats)
 
     scheduler = daemon.scheduler
     interval = settings.sample_interval_seconds

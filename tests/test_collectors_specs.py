@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from pluginmon.collectors.discovery import CompiledSpec, ProcessFacts, label_key, matches_static
+from pluginmon.collectors.labels import LabelRejection
 from pluginmon.collectors.models import Match, PluginKey, PluginSpec
 from pluginmon.collectors.specs import SpecError, parse_plugin_specs
 
@@ -158,7 +159,10 @@ def test_label_key() -> None:
         {"PLUGINMON_TENANT": "acme", "PLUGINMON_PLUGIN": "x", "PLUGINMON_ENVIRONMENT": "dev"}
     ) == PluginKey("acme", "x", "dev")
     assert label_key({"PLUGINMON_TENANT": "acme"}) is None
-    assert label_key({"PLUGINMON_TENANT": "Not A Slug", "PLUGINMON_PLUGIN": "x"}) is None
+    # Refused labels are no longer a silent None: the reason is counted (collectors.labels).
+    assert label_key({"PLUGINMON_TENANT": "Not A Slug", "PLUGINMON_PLUGIN": "x"}) == (
+        LabelRejection("PLUGINMON_TENANT", "bad_characters", "b'Not A Slug'")
+    )
 
 
 def test_collectors_import_nothing_from_the_other_layers() -> None:
@@ -177,7 +181,9 @@ def test_collectors_import_nothing_from_the_other_layers() -> None:
                 assert name.split(".")[0] not in {"storage", "alerts", "daemon"}, (path, name)
 
 
-def test_cmdline_prefilter_only_covers_patterns_it_can_combine() -> None:
+def test_cmdline_prefilter_covers_every_cmdline_pattern() -> None:
+    """With RE2 every pattern combines: groups have no back-references to renumber and
+    inline flags stay inside their group (Python's re could not combine either)."""
     from pluginmon.collectors.discovery import cmdline_prefilter
 
     def compiled(*patterns: str) -> tuple[CompiledSpec, ...]:
@@ -187,11 +193,14 @@ def test_cmdline_prefilter_only_covers_patterns_it_can_combine() -> None:
         ]
         return tuple(CompiledSpec.build(s) for s in parse_plugin_specs(raw))
 
-    pattern, covered = cmdline_prefilter(compiled(r"resizer\s+--port", r"(x)\1", "worker$"))
-    assert covered == {0, 2}  # the back-reference would be renumbered in a union
+    pattern, covered = cmdline_prefilter(
+        compiled(r"resizer\s+--port", r"(x|y)z", "(?i)worker$", "other")
+    )
+    assert covered == {0, 1, 2, 3}
     assert pattern is not None
-    assert pattern.search("/bin/resizer  --port 80")
-    assert pattern.search("python worker")
-    assert not pattern.search("python xx")  # spec 1 is still tried on its own
-    assert cmdline_prefilter(compiled("(?i)resizer", "worker")) == (None, frozenset())
+    assert pattern.search(b"/bin/resizer  --port 80")
+    assert pattern.search(b"python WORKER")
+    assert pattern.search(b"run yz")
+    assert not pattern.search(b"python xx")
+    assert not pattern.search(b"OTHER")  # (?i) of spec 2 does not leak into spec 3
     assert cmdline_prefilter(compiled("only-one")) == (None, frozenset())
