@@ -7,13 +7,14 @@ import contextlib
 import logging
 import socket
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from types import TracebackType
 from typing import Any
 
 import aiohttp
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from pluginmon.alerts.engine import Clock, utc_now
 from pluginmon.alerts.notifiers import SendResult, post, stamp_alertmanager_body
@@ -120,6 +121,22 @@ class OutboxDeliverer:
 
     def stats(self) -> DeliveryStats:
         return DeliveryStats(notifications=dict(self._counts), pending=self._pending)
+
+    def collect(self) -> Iterator[Metric]:
+        """prometheus-client's Collector: delivery attempts and the outbox backlog, read at
+        scrape time (from the render thread: reads only)."""
+        stats = self.stats()
+        notifications = CounterMetricFamily(
+            "pluginmon_notifications",
+            "Notification attempts by receiver and outcome",
+            labels=["receiver", "outcome"],
+        )
+        for (receiver, outcome), count in sorted(stats.notifications.items()):
+            notifications.add_metric([receiver, outcome], count)
+        yield notifications
+        yield GaugeMetricFamily(
+            "pluginmon_outbox_pending", "Notifications waiting in the outbox", value=stats.pending
+        )
 
     def wake(self) -> None:
         """Deliver now instead of at the next poll (call after the engine queued something)."""

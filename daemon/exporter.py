@@ -1,4 +1,9 @@
-"""Prometheus exporter: per-plugin families built at scrape time, plus the daemon's own metrics."""
+"""Prometheus exporter: per-plugin families built at scrape time, plus the daemon's own metrics.
+
+One module past the usual size on purpose: ``PluginCollector.collect()`` (prometheus-client)
+and its fast text renderer must write exactly the same families, HELP and TYPE; both read the
+one family table here, and tests/test_exporter.py compares their output.
+"""
 
 from __future__ import annotations
 
@@ -20,7 +25,6 @@ from prometheus_client import (
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
-    HistogramMetricFamily,
     Metric,
 )
 from prometheus_client.exposition import choose_encoder
@@ -44,23 +48,6 @@ class FiringAlert:
     key: PluginKey
     alertname: str
     severity: str
-
-
-@dataclass(frozen=True, slots=True)
-class DaemonStats:
-    """Counters owned by other components, copied on the event loop before each scrape."""
-
-    rows_written: Mapping[str, int] = field(default_factory=dict)  # table -> rows
-    spool_samples: int = 0
-    dropped: Mapping[str, int] = field(default_factory=dict)  # reason -> samples
-    database_up: bool = False
-    notifications: Mapping[tuple[str, str], int] = field(default_factory=dict)
-    outbox_pending: int = 0
-    job_last_success: Mapping[str, float] = field(default_factory=dict)  # job -> unix time
-    job_failures: Mapping[str, int] = field(default_factory=dict)
-    # One COPY batch's duration: cumulative (upper bound, count) ending with +Inf, and the sum.
-    write_buckets: tuple[tuple[float, int], ...] = ()
-    write_seconds_sum: float = 0.0
 
 
 class _PluginRow(NamedTuple):
@@ -552,84 +539,13 @@ def _fix_special_values(body: str) -> str:
 # -- the daemon's own metrics -----------------------------------------------------------------
 
 
-class DaemonStatsCollector(Collector):
-    """Counters held by the writer, outbox and scheduler, exported from a copied DaemonStats."""
-
-    def __init__(self) -> None:
-        self._stats = DaemonStats()
-        self._lock = threading.Lock()
-
-    def update(self, stats: DaemonStats) -> None:
-        with self._lock:
-            self._stats = stats
-
-    def collect(self) -> Iterator[Metric]:
-        with self._lock:
-            stats = self._stats
-        rows = CounterMetricFamily(
-            "pluginmon_rows_written", "Rows written to the database", labels=["table"]
-        )
-        for table, count in sorted(stats.rows_written.items()):
-            rows.add_metric([table], count)
-        yield rows
-        yield GaugeMetricFamily(
-            "pluginmon_spool_samples",
-            "Rows waiting in the disk spool for the database",
-            value=stats.spool_samples,
-        )
-        dropped = CounterMetricFamily(
-            "pluginmon_dropped_samples", "Samples dropped, by reason", labels=["reason"]
-        )
-        for reason, count in sorted(stats.dropped.items()):
-            dropped.add_metric([reason], count)
-        yield dropped
-        yield GaugeMetricFamily(
-            "pluginmon_database_up",
-            "1 when the database answered the last write or probe",
-            value=int(stats.database_up),
-        )
-        notifications = CounterMetricFamily(
-            "pluginmon_notifications",
-            "Notification attempts by receiver and outcome",
-            labels=["receiver", "outcome"],
-        )
-        for (receiver, outcome), count in sorted(stats.notifications.items()):
-            notifications.add_metric([receiver, outcome], count)
-        yield notifications
-        yield GaugeMetricFamily(
-            "pluginmon_outbox_pending",
-            "Notifications waiting in the outbox",
-            value=stats.outbox_pending,
-        )
-        last = GaugeMetricFamily(
-            "pluginmon_job_last_success_timestamp_seconds",
-            "Unix time of each job's last successful run",
-            # `task`, not `job`: Prometheus owns `job` and would rename ours to exported_job.
-            labels=["task"],
-        )
-        for job, when in sorted(stats.job_last_success.items()):
-            last.add_metric([job], when)
-        yield last
-        failures = CounterMetricFamily(
-            "pluginmon_job_failures", "Failed runs of each job", labels=["task"]
-        )
-        for job, count in sorted(stats.job_failures.items()):
-            failures.add_metric([job], count)
-        yield failures
-        if stats.write_buckets:
-            yield HistogramMetricFamily(
-                "pluginmon_write_duration_seconds",
-                "Duration of one COPY batch",
-                buckets=[
-                    ("+Inf" if math.isinf(bound) else repr(float(bound)), count)
-                    for bound, count in stats.write_buckets
-                ],
-                sum_value=stats.write_seconds_sum,
-            )
-
-
 class DaemonMetrics:
-    """The daemon's own instruments, registered in the registry the caller passes in."""
+    """The daemon's own instruments, registered in the registry the caller passes in.
+
+    The counters other components hold (the writer, the sample sink, the database watch,
+    the outbox, the scheduler) are not copied here: each one is registered in the same
+    registry as a prometheus-client Collector that reads its own state at scrape time.
+    """
 
     def __init__(self, registry: CollectorRegistry, *, version: str) -> None:
         self.samples_total = Counter("pluginmon_samples", "Plugin samples taken", registry=registry)
@@ -652,8 +568,6 @@ class DaemonMetrics:
             "pluginmon_build_info", "Always 1; the version label", ["version"], registry=registry
         )
         self.build_info.labels(version=version).set(1)
-        self.stats = DaemonStatsCollector()
-        registry.register(self.stats)
 
     def observe_snapshot(self, snapshot: Snapshot) -> None:
         self.samples_total.inc(len(snapshot.samples))

@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from datetime import UTC, datetime, timedelta
 from types import TracebackType
 
 from apscheduler.events import EVENT_JOB_MAX_INSTANCES, EVENT_JOB_MISSED, JobEvent
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.interval import IntervalTrigger
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 logger = logging.getLogger(__name__)
 
@@ -144,6 +145,25 @@ class Scheduler:
     @property
     def failures(self) -> Mapping[str, int]:
         return dict(self._failures)
+
+    def collect(self) -> Iterator[Metric]:
+        """prometheus-client's Collector: each job's last success and failures, read at
+        scrape time (from the render thread: dict copies, which the GIL keeps whole)."""
+        last = GaugeMetricFamily(
+            "pluginmon_job_last_success_timestamp_seconds",
+            "Unix time of each job's last successful run",
+            # `task`, not `job`: Prometheus owns `job` and would rename ours to exported_job.
+            labels=["task"],
+        )
+        for job, when in sorted(self.last_success.items()):
+            last.add_metric([job], when)
+        yield last
+        failures = CounterMetricFamily(
+            "pluginmon_job_failures", "Failed runs of each job", labels=["task"]
+        )
+        for job, count in sorted(self.failures.items()):
+            failures.add_metric([job], count)
+        yield failures
 
     def pause(self) -> None:
         if self._started:

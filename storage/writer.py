@@ -15,8 +15,9 @@ Back-pressure policy (also in docs/writer.md):
 * The queue never holds more than ``max_queue_rows``: past that, the oldest rows are dropped.
   With a spool, rows are dropped when the spool is at its size cap (the batch that does not
   fit), or if the spool's disk cannot absorb the excess before the queue doubles from its
-  high-water mark to the bound (in practice never: one fsync'ed append takes all of it). Drops are counted in ``rows_dropped`` and logged once per state
-  change, not once per batch.
+  high-water mark to the bound (in practice never: one fsync'ed append takes all of it).
+  Drops are counted in ``rows_dropped``, by reason (storage.drops) where each happens, and
+  logged once per state change, not once per batch.
 * Transient errors (storage.errors.TRANSIENT_ERRORS: connection loss, timeouts, server shutting down or
   starting, too many connections, a read-only standby, a table not migrated yet) put the
   writer in "database unavailable" (logged once): the batch goes to the spool (or back to
@@ -34,6 +35,10 @@ Back-pressure policy (also in docs/writer.md):
 
 Delivery is at least once: a COPY that times out after the server committed it, or a crash
 between a replayed batch's COPY and its ack, can write that batch twice.
+
+One module past the usual size on purpose: the queue, the COPY tasks, the spool hand-off,
+the replay and the shutdown salvage share one state machine, and each of the rules above
+is enforced by more than one of them.
 """
 
 from __future__ import annotations
@@ -45,14 +50,16 @@ import math
 import re
 import time
 from collections import deque
-from collections.abc import Coroutine, Sequence
+from collections.abc import Coroutine, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Final
 
 import asyncpg
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 
 from pluginmon.collectors.models import SAMPLE_MEASUREMENTS
+from pluginmon.storage.drops import DropCounts, DropReason
 from pluginmon.storage.errors import TRANSIENT_ERRORS, backoff_seconds
 from pluginmon.storage.spool import Spool, SpoolCodecError, SpoolFullError
 
@@ -101,14 +108,15 @@ class WriterStats:
     """A consistent snapshot of the writer's counters, for the exporter.
 
     ``rows_dropped`` counts every row that will never be written, including the
-    ``rows_rejected`` ones the database refused; ``rows_queued`` is in memory (queued or
-    being written), ``spool_rows`` on disk.
+    ``rows_rejected`` ones the database refused; ``dropped`` is the same by reason (zeros
+    included); ``rows_queued`` is in memory (queued or being written), ``spool_rows`` on disk.
     """
 
     rows_written: int
     batches_written: int
     rows_dropped: int
     rows_rejected: int
+    dropped: Mapping[DropReason, int]
     rows_queued: int
     rows_spooled: int  # appended to the spool, total
     rows_replayed: int  # written from the spool, total
@@ -249,7 +257,7 @@ class BatchWriter:
 
         self._rows_written = 0
         self._batches_written = 0
-        self._rows_dropped = 0
+        self._dropped = DropCounts()
         self._rows_rejected = 0
         self._rows_spooled = 0
         self._rows_replayed = 0
@@ -300,7 +308,9 @@ class BatchWriter:
         self._queued += len(batch)
         overflow = self._queued - self._max_queue_rows
         if overflow > 0:
-            self._drop(len(self._take(overflow)), "the in-memory queue is full")
+            self._drop(
+                len(self._take(overflow)), DropReason.BUFFER_FULL, "the in-memory queue is full"
+            )
         if was_empty or self._queued >= self._max_rows:
             self._wakeup.set()
 
@@ -351,14 +361,19 @@ class BatchWriter:
             buckets.append((bound, cumulative))
         buckets.append((math.inf, self._flush_seconds_count))
         spool = self._spool
+        dropped = dict(self._dropped.snapshot())
+        # Counted by the spool itself, when its replay meets a batch that no longer decodes.
+        dropped[DropReason.SPOOL_DISCARDED] += spool.discarded_rows if spool else 0
         return WriterStats(
             rows_written=self._rows_written,
             batches_written=self._batches_written,
-            rows_dropped=self._rows_dropped + (spool.discarded_rows if spool else 0),
+            rows_dropped=sum(dropped.values()),
             rows_rejected=self._rows_rejected,
+            dropped=dropped,
+            # tuple(): a scrape thread may call this while the loop changes the dict.
             rows_queued=self._queued
             + self._spooling_rows
-            + sum(len(b.rows) for b in self._in_flight.values()),
+            + sum(len(b.rows) for b in tuple(self._in_flight.values())),
             rows_spooled=self._rows_spooled,
             rows_replayed=self._rows_replayed,
             spool_rows=spool.rows if spool else 0,
@@ -373,6 +388,27 @@ class BatchWriter:
     @property
     def database_available(self) -> bool:
         return self._available
+
+    def collect(self) -> Iterator[Metric]:
+        """prometheus-client's Collector: rows written and the COPY durations, read now.
+
+        Called from a scrape's render thread: it only reads counters the loop updates.
+        """
+        stats = self.stats()
+        rows = CounterMetricFamily(
+            "pluginmon_rows_written", "Rows written to the database", labels=["table"]
+        )
+        rows.add_metric([self._table], stats.rows_written)
+        yield rows
+        yield HistogramMetricFamily(
+            "pluginmon_write_duration_seconds",
+            "Duration of one COPY batch",
+            buckets=[
+                ("+Inf" if math.isinf(bound) else repr(float(bound)), count)
+                for bound, count in stats.flush_seconds_buckets
+            ],
+            sum_value=stats.flush_seconds_sum,
+        )
 
     async def close(self) -> None:
         """Write what is queued within close_timeout_seconds, spool the rest, stop.
@@ -418,7 +454,9 @@ class BatchWriter:
         self._queued += len(batch.rows)
         overflow = self._queued - self._max_queue_rows
         if overflow > 0:
-            self._drop(len(self._take(overflow)), "the in-memory queue is full")
+            self._drop(
+                len(self._take(overflow)), DropReason.BUFFER_FULL, "the in-memory queue is full"
+            )
 
     def _batch_due(self, now: float, force: bool) -> bool:
         if self._queued >= self._max_rows:
@@ -647,7 +685,7 @@ class BatchWriter:
                     continue
                 rejected_in_batch += 1
                 self._rows_rejected += 1
-                self._rows_dropped += 1
+                self._dropped.add(DropReason.REJECTED, 1)
                 if rejected_in_batch <= _REJECTED_ROWS_LOGGED:
                     logger.warning(
                         "row rejected by %s and dropped: %s: %s; row: %r",
@@ -687,13 +725,13 @@ class BatchWriter:
         try:
             await asyncio.to_thread(spool.append, rows)
         except SpoolFullError as exc:
-            self._drop(len(rows), str(exc))
+            self._drop(len(rows), DropReason.SPOOL_FULL, str(exc))
             return
         except SpoolCodecError as exc:
-            self._drop(len(rows), f"the batch cannot be spooled: {exc}")
+            self._drop(len(rows), DropReason.SPOOL_CODEC, f"the batch cannot be spooled: {exc}")
             return
         except OSError as exc:
-            self._drop(len(rows), f"writing to the spool failed: {exc}")
+            self._drop(len(rows), DropReason.SPOOL_IO, f"writing to the spool failed: {exc}")
             return
         finally:
             self._spooling_rows -= len(rows)
@@ -736,17 +774,17 @@ class BatchWriter:
         )
         self._wakeup.set()
 
-    def _drop(self, count: int, reason: str) -> None:
+    def _drop(self, count: int, reason: DropReason, why: str) -> None:
         if count <= 0:
             return
-        self._rows_dropped += count
+        self._dropped.add(reason, count)
         if not self._dropping:
             self._dropping = True
             logger.error(
                 "dropping rows for %s: %s (%d rows now; later drops are counted, "
                 "not logged, until rows are stored again)",
                 self._table,
-                reason,
+                why,
                 count,
             )
 
@@ -756,7 +794,7 @@ class BatchWriter:
             logger.warning(
                 "rows for %s are being stored again; %d dropped so far",
                 self._table,
-                self._rows_dropped,
+                self._dropped.total,
             )
 
     # -- shutdown --------------------------------------------------------------------------
@@ -795,7 +833,9 @@ class BatchWriter:
         if not total:
             return
         if self._spool is None:
-            self._drop(total, "shutdown deadline passed with no spool configured")
+            self._drop(
+                total, DropReason.BUFFER_FULL, "shutdown deadline passed with no spool configured"
+            )
             return
         for rows in leftovers:
             await self._to_spool(rows)

@@ -6,12 +6,10 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import psycopg
-from prometheus_client import CollectorRegistry
 
-from pluginmon.daemon.app import Daemon, _maintenance_job
-from pluginmon.daemon.config import resolve
-from pluginmon.daemon.settings import Settings
-from pluginmon.daemon.spools import CountingSpool
+from pluginmon.storage.backend import Retention
+from pluginmon.storage.ingest import SampleSpool
+from pluginmon.storage.upkeep import Maintainer
 from tests.schema_helpers import (
     add_plugin,
     assert_rollups_equal,
@@ -23,7 +21,7 @@ from tests.schema_helpers import (
 
 
 def test_spool_remembers_the_oldest_acked_row(tmp_path: Path) -> None:
-    spool = CountingSpool(tmp_path / "spool", max_bytes=1 << 20)
+    spool = SampleSpool(tmp_path / "spool", max_bytes=1 << 20)
     at = datetime(2026, 1, 1, tzinfo=UTC)
     spool.append([(at + timedelta(minutes=5), "x"), (at + timedelta(minutes=1), "y")])
     spool.append([(at + timedelta(minutes=9), "z")])
@@ -46,10 +44,8 @@ async def test_maintenance_backfills_rollups_from_the_oldest_replayed_row(
             conn,
             samples_series(now - timedelta(minutes=12), now, timedelta(seconds=10), plugins),
         )
-    daemon = Daemon(resolve(Settings()), version="test", registry=CollectorRegistry())
-    daemon.database_url = migrated_db
-    spool = daemon.spool = CountingSpool(tmp_path / "spool", max_bytes=64 << 20)
-    job = _maintenance_job(daemon)
+    spool = SampleSpool(tmp_path / "spool", max_bytes=64 << 20)
+    job = Maintainer(migrated_db, retention=Retention(), spools=[spool]).run
     await job()  # the regular refresh: the watermarks move up to now
 
     # Three hours of outage later, the spool gives back rows from then; the regular refresh

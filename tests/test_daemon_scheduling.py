@@ -6,6 +6,7 @@ import asyncio
 import logging
 
 import pytest
+from prometheus_client import CollectorRegistry
 
 from pluginmon.daemon.scheduling import Scheduler
 
@@ -43,6 +44,14 @@ async def test_jobs_run_and_failures_are_counted_and_logged_once(
     assert len(errors) == 1  # once ...
     assert errors[0].exc_info is not None  # ... with its traceback
     assert any("recovered after 3 failed runs" in r.getMessage() for r in caplog.records)
+    # The same counters as prometheus-client families, read from the scheduler at scrape time.
+    registry = CollectorRegistry()
+    registry.register(scheduler)
+    get = registry.get_sample_value
+    assert get("pluginmon_job_failures_total", {"task": "flaky"}) == 3
+    assert get("pluginmon_job_failures_total", {"task": "good"}) == 0
+    last_good = get("pluginmon_job_last_success_timestamp_seconds", {"task": "good"})
+    assert last_good == scheduler.last_success["good"]
 
 
 async def test_exit_drains_running_job() -> None:

@@ -11,7 +11,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from pluginmon.daemon.app import install_signal_handlers
+from pluginmon.daemon.lifecycle import install_signal_handlers
 from tests.daemon_helpers import DaemonProcess, self_signed_certificate, wait_for
 
 

@@ -14,7 +14,7 @@ import subprocess
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
@@ -23,6 +23,12 @@ from typing import Any
 import pytest
 import yaml
 from prometheus_client import CollectorRegistry
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.parser import text_string_to_metric_families
 
 from dashboards.grafana_queries import (
@@ -34,7 +40,6 @@ from dashboards.grafana_queries import (
 from pluginmon.collectors.models import PluginKey, PluginSample, Snapshot
 from pluginmon.daemon.exporter import (
     DaemonMetrics,
-    DaemonStats,
     ExporterState,
     FiringAlert,
     HealthView,
@@ -84,6 +89,59 @@ def _sample(key: PluginKey, *, up: bool, cpu: float, rss: int, restarts: int = 0
     )
 
 
+class _ComponentCounters:
+    """Stand-in for the collectors the daemon's components register (writer, sink, database
+    watch, outbox, scheduler), with the same families and fixed values: a database down, a
+    failed flush, drops and notifications, so that every rule has something to evaluate."""
+
+    def collect(self) -> Iterable[Metric]:
+        rows = CounterMetricFamily(
+            "pluginmon_rows_written", "Rows written to the database", labels=["table"]
+        )
+        rows.add_metric(["plugin_samples"], 100)
+        yield rows
+        yield GaugeMetricFamily(
+            "pluginmon_spool_samples", "Rows waiting in the disk spool for the database", value=10
+        )
+        dropped = CounterMetricFamily(
+            "pluginmon_dropped_samples", "Samples dropped, by reason", labels=["reason"]
+        )
+        dropped.add_metric(["spool_full"], 3)
+        yield dropped
+        yield GaugeMetricFamily(
+            "pluginmon_database_up", "1 when the database answered the last write or probe", value=0
+        )
+        notifications = CounterMetricFamily(
+            "pluginmon_notifications",
+            "Notification attempts by receiver and outcome",
+            labels=["receiver", "outcome"],
+        )
+        notifications.add_metric(["ops", "delivered"], 1)
+        notifications.add_metric(["ops", "failed"], 1)
+        yield notifications
+        yield GaugeMetricFamily(
+            "pluginmon_outbox_pending", "Notifications waiting in the outbox", value=2
+        )
+        last = GaugeMetricFamily(
+            "pluginmon_job_last_success_timestamp_seconds",
+            "Unix time of each job's last successful run",
+            labels=["task"],
+        )
+        last.add_metric(["sample"], time.time())
+        yield last
+        failures = CounterMetricFamily(
+            "pluginmon_job_failures", "Failed runs of each job", labels=["task"]
+        )
+        failures.add_metric(["flush"], 1)
+        yield failures
+        yield HistogramMetricFamily(
+            "pluginmon_write_duration_seconds",
+            "Duration of one COPY batch",
+            buckets=[("0.1", 1), ("+Inf", 1)],
+            sum_value=0.05,
+        )
+
+
 class _Exporter:
     """pluginmon's registry and per-plugin collector behind a real HTTP server."""
 
@@ -112,20 +170,7 @@ class _Exporter:
             }
         )
         self.state.update_alerts([FiringAlert(RESIZER, "PluginDown", "critical")])
-        self.metrics.stats.update(
-            DaemonStats(
-                rows_written={"plugin_samples": 100},
-                spool_samples=10,
-                dropped={"spool_full": 3},
-                database_up=False,
-                notifications={("ops", "delivered"): 1, ("ops", "failed"): 1},
-                outbox_pending=2,
-                job_last_success={"sample": time.time()},
-                job_failures={"flush": 1},
-                write_buckets=((0.1, 1), (float("inf"), 1)),
-                write_seconds_sum=0.05,
-            )
-        )
+        self.registry.register(_ComponentCounters())
         renderer = self.renderer
 
         class Handler(BaseHTTPRequestHandler):

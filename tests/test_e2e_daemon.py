@@ -309,6 +309,9 @@ def test_embedded_default_starts_and_stops_its_server(tmp_path: Path, server_tmp
             daemon.wait_ready(timeout=90)
             daemon.wait_metric("samples", lambda v: v >= 4, "pluginmon_samples_total")
             assert daemon.metric("pluginmon_plugin_up", **labels("sleeper")) == 1
+            # Samples taken while the embedded server was still being migrated wait in the
+            # unresolved spool until the next tick replays them: let it, before SIGTERM.
+            daemon.wait_metric("the spools to drain", lambda v: v == 0, "pluginmon_spool_samples")
         except BaseException:
             daemon.kill()
             EmbeddedPostgres(data_dir).stop(mode="immediate")

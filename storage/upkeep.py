@@ -1,0 +1,125 @@
+"""The database's upkeep while the daemon runs: migrate until ready, periodic maintenance, rollup back-fill after a spool replay."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Protocol
+
+import psycopg
+
+from pluginmon.storage.backend import Maintenance, Retention, admin_connection, detect_backend
+from pluginmon.storage.engines import backfill_rollups, maintenance_for, prepare_database
+from pluginmon.storage.migrate import Backend
+
+logger = logging.getLogger(__name__)
+
+# Retry delays while the database is away at start-up: doubling from the first to the cap.
+MIGRATE_RETRY_FIRST_SECONDS = 0.5
+MIGRATE_RETRY_MAX_SECONDS = 30.0
+
+
+async def migrate_until_ready(
+    database_url: str,
+    *,
+    backend: Backend | None,
+    retention: Retention,
+    stop: asyncio.Event,
+) -> bool:
+    """Apply migrations and policies (admin plane, in a thread); retry while the database is
+    away. True once the schema is ready, False when ``stop`` was set first.
+
+    "database unreachable at start-up" is logged once, not on every retry; anything but an
+    unreachable database (a migration refused, a bad URL) is raised.
+    """
+    delay = MIGRATE_RETRY_FIRST_SECONDS
+    logged = False
+    while not stop.is_set():
+        try:
+            prepared = await asyncio.to_thread(
+                prepare_database, database_url, retention, backend=backend
+            )
+        except (OSError, psycopg.OperationalError) as exc:
+            if not logged:
+                # The log handler redacts URL passwords from the driver's message.
+                logger.warning("database unreachable at start-up (%s); retrying", exc)
+                logged = True
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await stop.wait()
+            delay = min(delay * 2, MIGRATE_RETRY_MAX_SECONDS)
+            continue
+        logger.info(
+            "schema ready (backend %s, %d migration(s) applied now%s)",
+            prepared.backend.value,
+            len(prepared.migrations.applied),
+            f", policies: {', '.join(prepared.policy_changes)}" if prepared.policy_changes else "",
+        )
+        return True
+    return False
+
+
+class LateRows(Protocol):
+    """A spool that remembers the oldest row it gave back (storage.ingest.SampleSpool)."""
+
+    def take_late_rows_since(self) -> datetime | None: ...
+
+    def note_late_rows(self, since: datetime) -> None: ...
+
+
+class Maintainer:
+    """The periodic maintenance job: partitions, retention and rollups, then the rollups
+    back-filled from the oldest row the spools gave back since the last run.
+
+    Storage takes the advisory lock, so one of many daemons sharing the database does the
+    work and the others return at once. Each run uses its own admin-plane (psycopg)
+    connection, not one of the pool's.
+    """
+
+    def __init__(
+        self, database_url: str, *, retention: Retention, spools: Sequence[LateRows]
+    ) -> None:
+        self._url = database_url
+        self._retention = retention
+        self._spools = tuple(spools)
+        self._maintenance: Maintenance | None = None  # known after the first connection
+
+    async def run(self) -> None:
+        async with admin_connection(self._url) as conn:
+            if self._maintenance is None:
+                self._maintenance = maintenance_for(await detect_backend(conn))
+            report = await self._maintenance.run(conn, self._retention)
+        await self.backfill_after_replay()
+        if report.ran:
+            logger.info(
+                "maintenance: %d partition(s) created, %d dropped, %d row(s) removed%s",
+                len(report.partitions_created),
+                len(report.partitions_dropped),
+                sum(rows for _, rows in report.rows_removed),
+                "; failed steps: " + ", ".join(f"{s} ({why})" for s, why in report.failed_steps)
+                if report.failed_steps
+                else "",
+            )
+
+    async def backfill_after_replay(self) -> None:
+        """Rows replayed from the spools after an outage may be older than the rollups'
+        regular refresh looks back: recompute the rollups from the oldest of them."""
+        taken = [(spool, spool.take_late_rows_since()) for spool in self._spools]
+        since = min((when for _, when in taken if when is not None), default=None)
+        if since is None:
+            return
+        try:
+            refreshed = await backfill_rollups(self._url, since, self._retention)
+        except BaseException:
+            for spool, when in taken:
+                if when is not None:
+                    spool.note_late_rows(when)  # try again on the next run
+            raise
+        logger.info(
+            "rollups back-filled from %s after a spool replay (%d refresh(es))",
+            since.isoformat(),
+            len(refreshed),
+        )
