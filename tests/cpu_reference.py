@@ -7,7 +7,9 @@ really got over the same interval, so the test compares the reading with the tru
 
 from __future__ import annotations
 
+import bisect
 import os
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -68,3 +70,46 @@ def share_bounds(first: Bracket, second: Bracket) -> tuple[float, float]:
     longest = second.after.monotonic_seconds - first.before.monotonic_seconds
     shortest = second.before.monotonic_seconds - first.after.monotonic_seconds
     return 100.0 * least_cpu / longest, 100.0 * most_cpu / shortest
+
+
+class CpuRecorder:
+    """Reads a process's CPU counter every ``interval_seconds`` in a thread, with the wall
+    time of each reading, so CPU used between two wall-clock instants chosen later (the
+    timestamps of another program's samples) can be bounded from both sides."""
+
+    def __init__(self, pid: int, *, interval_seconds: float = 0.01) -> None:
+        self.pid = pid
+        self.interval_seconds = interval_seconds
+        self.readings: list[tuple[float, float]] = []  # (time.time(), cpu seconds)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.readings.append((time.time(), cpu_seconds(self.pid)))
+            self._stop.wait(self.interval_seconds)
+
+    def __enter__(self) -> CpuRecorder:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def cpu_between(self, start_wall: float, end_wall: float) -> tuple[float, float]:
+        """(least, most) CPU seconds the process can have used from ``start_wall`` to
+        ``end_wall``; both must lie inside the recording."""
+        times = [wall for wall, _ in self.readings]
+        assert times, "nothing recorded"
+        assert times[0] <= start_wall < end_wall <= times[-1], (
+            f"[{start_wall}, {end_wall}] is not inside the recording [{times[0]}, {times[-1]}]"
+        )
+        cpu = [value for _, value in self.readings]
+        before_start = bisect.bisect_right(times, start_wall) - 1
+        after_start = bisect.bisect_left(times, start_wall)
+        before_end = bisect.bisect_right(times, end_wall) - 1
+        after_end = bisect.bisect_left(times, end_wall)
+        least = max(0.0, cpu[before_end] - cpu[after_start])
+        most = cpu[after_end] - cpu[before_start]
+        return least, most
