@@ -1,15 +1,15 @@
 """Polling that fails loudly: wait for a condition, return what satisfied it, or raise naming it.
 
 A poll that simply stops after its time is up lets the test go on to assertions about a state
-that was never reached (or, worse, pass on a stale one). These helpers raise AssertionError
-with ``what`` and the last value seen instead, so a timeout reads as the failure it is.
+that was never reached (or, worse, pass on a stale one). This helper raises AssertionError
+with ``what`` and the last value seen instead, so a timeout reads as the failure it is (the
+synchronous twin is ``tests.daemon_helpers.wait_for``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import inspect
-import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar, overload
 
@@ -59,23 +59,3 @@ async def wait_until(
                 f"timed out after {timeout_seconds:g} s waiting for {what} (last: {value!r})"
             )
         await asyncio.sleep(interval_seconds)
-
-
-def wait_until_sync(
-    probe: Callable[[], T | None],
-    *,
-    timeout_seconds: float,
-    what: str,
-    interval_seconds: float = 0.02,
-) -> T:
-    """:func:`wait_until` for code without an event loop (threads, subprocesses)."""
-    deadline = time.monotonic() + timeout_seconds
-    while True:
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(
-                f"timed out after {timeout_seconds:g} s waiting for {what} (last: {value!r})"
-            )
-        time.sleep(interval_seconds)
