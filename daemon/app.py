@@ -30,6 +30,7 @@ from pluginmon.daemon.lifecycle import (
     run_until_signalled,
 )
 from pluginmon.daemon.scheduling import Scheduler
+from pluginmon.storage.drops import SpoolLosses
 from pluginmon.storage.errors import TRANSIENT_ERRORS
 from pluginmon.storage.ingest import SampleSink, SampleSpool, UnresolvedSpool
 from pluginmon.storage.migrate import Backend
@@ -241,7 +242,8 @@ class Daemon:
             flush_timeout_seconds=max(10.0, 5 * settings.flush_interval_seconds),
             stop=stop,
         )
-        for component in (writer, sink, database, outbox, sampler.stats):
+        spool_losses = SpoolLosses({"samples": spool, "unresolved": unresolved.spool})
+        for component in (writer, sink, database, outbox, sampler.stats, spool_losses):
             self.registry.register(component)
 
         scheduler = self.scheduler

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from enum import StrEnum
 
-from pluginmon.storage.spool import SpoolCodecError, SpoolFullError
+from prometheus_client.core import CounterMetricFamily, Metric
+
+from pluginmon.storage.spool import Spool, SpoolCodecError, SpoolFullError
 
 
 class DropReason(StrEnum):
@@ -53,3 +55,26 @@ class DropCounts:
     def total(self) -> int:
         with self._lock:
             return sum(self._counts.values())
+
+
+class SpoolLosses:
+    """prometheus-client Collector: records each spool lost to damage on disk, by reason.
+
+    One collector over every spool (a ``spool`` label names each), since one registry can
+    hold each family only once. Counted in records, not rows: a damaged record's row count
+    cannot be trusted. Reads ``Spool.stats()``, which takes no lock, at scrape time.
+    """
+
+    def __init__(self, spools: Mapping[str, Spool]) -> None:
+        self._spools = dict(spools)
+
+    def collect(self) -> Iterator[Metric]:
+        lost = CounterMetricFamily(
+            "pluginmon_spool_lost_records",
+            "Spool records lost to damage on disk (torn tail, bad header, checksum), by reason",
+            labels=["spool", "reason"],
+        )
+        for name, spool in sorted(self._spools.items()):
+            for reason, records in sorted(spool.stats().lost_records.items()):
+                lost.add_metric([name, reason], records)
+        yield lost

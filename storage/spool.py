@@ -1,17 +1,30 @@
 """The disk spool: batches of rows kept in append-only, checksummed segment files until acked.
 
+Over 500 lines on purpose: the batch codec, the segment format and the spool share private
+constants and are read together when the on-disk format changes.
+
 Layout of ``directory``::
 
     lock                        flock(2) held while a Spool is open (one owner per directory)
     00000000000000000001.seg    segments, oldest first
     cursor                      {"segment": n, "offset": o}: records before it are acked
 
-A segment starts with ``PLMSPOOL`` and a format version (u16). Each record is a u32 payload
-length, a u32 CRC-32 of the payload, and the payload: one batch of rows in the codec below.
-Every append is fsync'ed before it returns, and the directory is fsync'ed when a segment is
-created, so an appended batch survives a crash of the process or the machine. A torn or
-corrupt record (a crash mid-write) and everything after it in that segment are truncated
-when the spool is opened, and logged.
+A segment starts with ``PLMSPOOL`` and a format version (u16). In format 2 each record is a
+16-byte header (the magic ``RECORD_MAGIC``, a u32 payload length, a u32 CRC-32 of the
+payload, a u32 CRC-32 of the first 12 header bytes) and the payload: one batch of rows in the
+codec below. Format 1 (no magic, no header checksum: a u32 length and a u32 CRC-32) is still
+read, never written. Every append is fsync'ed before it returns, and the directory is
+fsync'ed when a segment is created, so an appended batch survives a crash of the process or
+the machine.
+
+Opening checks every record. A record whose header or checksum is wrong, or whose payload
+claims a layout it does not hold (a forged row count, say), loses only itself: the scan
+resynchronises on the next record whose magic, header checksum and payload checksum are all
+valid, and the records after it replay. A segment that ends in a record with nothing valid
+after it (a crash mid-write, a "torn tail") is truncated there. Every lost record is logged
+and counted by reason in :attr:`SpoolStats.lost_records` (records, not rows: the row count of
+a corrupt record cannot be trusted). Format 1 segments cannot resynchronise past a record
+whose length is damaged: the rest of such a segment is truncated and counted once.
 
 All methods block on file I/O; async callers run them through ``asyncio.to_thread``. They are
 safe to call from several threads.
@@ -29,9 +42,10 @@ import struct
 import threading
 import zlib
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from enum import StrEnum
 from pathlib import Path
 from types import TracebackType
 
@@ -41,10 +55,18 @@ MiB = 1024 * 1024
 DEFAULT_MAX_BYTES = 512 * MiB
 
 SEGMENT_MAGIC = b"PLMSPOOL"
-SEGMENT_FORMAT_VERSION = 1
+SEGMENT_FORMAT_VERSION = 2
+_LEGACY_FORMAT_VERSION = 1  # read, never written
 SEGMENT_SUFFIX = ".seg"
 _SEGMENT_HEADER = struct.Struct("<8sH")
-_RECORD_HEADER = struct.Struct("<II")  # payload length, crc32(payload)
+# Format 2: magic, payload length, crc32(payload), crc32(the 12 bytes before it). The magic
+# lets a scan find the next record after a corrupt one; the header checksum lets it reject a
+# false match (the magic inside a payload) without trusting its length.
+RECORD_MAGIC = b"\xa5PLR"
+_RECORD_HEADER = struct.Struct("<4sIII")
+_RECORD_HEADER_CHECKED = struct.Struct("<4sII")
+RECORD_HEADER_BYTES = _RECORD_HEADER.size
+_LEGACY_RECORD_HEADER = struct.Struct("<II")  # format 1: payload length, crc32(payload)
 # A record larger than this is certainly garbage (a batch of rows is at most a few MiB).
 _MAX_RECORD_BYTES = 256 * MiB
 
@@ -204,13 +226,78 @@ def _encode_tagged(value: object) -> bytes:
 
 
 def payload_row_count(payload: bytes | memoryview) -> int:
-    """Rows in an encoded batch, from its header alone."""
-    if len(payload) < _PAYLOAD_HEADER.size:
+    """Rows in an encoded batch, after checking that the payload really holds that many.
+
+    Walks the column headers and sizes without decoding values, so a header claiming more
+    rows than its columns carry (a forged or damaged count) is refused here, before the
+    count is trusted anywhere. Raises SpoolCodecError.
+    """
+    data = bytes(payload)
+    if len(data) < _PAYLOAD_HEADER.size:
         raise SpoolCodecError("payload shorter than its header")
-    version, _columns, rows = _PAYLOAD_HEADER.unpack_from(payload, 0)
+    version, columns, count = _PAYLOAD_HEADER.unpack_from(data, 0)
     if version != CODEC_VERSION:
         raise SpoolCodecError(f"unknown spool codec version {version}")
-    return int(rows)
+    if count > _MAX_ROWS_PER_BATCH:
+        raise SpoolCodecError(f"implausible row count {count}")
+    pos = _PAYLOAD_HEADER.size
+    try:
+        for _ in range(columns):
+            pos = _skip_column(data, pos, count)
+    except (IndexError, struct.error) as exc:
+        raise SpoolCodecError(f"malformed payload: {exc}") from exc
+    if pos != len(data):
+        raise SpoolCodecError(
+            f"payload of {len(data)} bytes does not hold {count} rows of {columns} columns"
+        )
+    return int(count)
+
+
+# Bytes per value of the fixed-width column kinds and value tags (the NULL flags come first).
+_KIND_WIDTH = {_KIND_INT: 8, _KIND_FLOAT: 8, _KIND_DATETIME_UTC: 8, _KIND_BOOL: 1, _KIND_NULL: 0}
+_TAG_WIDTH = {
+    _TAG_NONE: 0,
+    _TAG_FALSE: 0,
+    _TAG_TRUE: 0,
+    _TAG_INT: 8,
+    _TAG_FLOAT: 8,
+    _TAG_DATETIME_UTC: 8,
+    _TAG_DATETIME_NAIVE: 8,
+}
+
+
+def _skip_column(data: bytes | memoryview, pos: int, count: int) -> int:
+    """Where the column at ``pos`` ends, as :func:`_decode_column` would read it."""
+    kind, has_nulls = _COLUMN_HEADER.unpack_from(data, pos)
+    pos += _COLUMN_HEADER.size
+    if has_nulls:
+        pos += count
+    width = _KIND_WIDTH.get(kind)
+    if width is not None:
+        pos += width * count
+    elif kind == _KIND_STR:
+        if pos + 4 * count > len(data):
+            raise SpoolCodecError("string lengths run past the end of the payload")
+        pos += 4 * count + sum(struct.unpack_from(f"<{count}I", data, pos))
+    elif kind == _KIND_MIXED:
+        for _ in range(count):
+            if pos >= len(data):
+                raise SpoolCodecError("values run past the end of the payload")
+            tag = data[pos]
+            pos += 1
+            tag_width = _TAG_WIDTH.get(tag)
+            if tag_width is not None:
+                pos += tag_width
+            elif tag in (_TAG_STR, _TAG_BYTES):
+                (length,) = _U32.unpack_from(data, pos)
+                pos += 4 + length
+            else:
+                raise SpoolCodecError(f"unknown value tag {tag} at byte {pos - 1}")
+    else:
+        raise SpoolCodecError(f"unknown column kind {kind} at byte {pos - 2}")
+    if pos > len(data):
+        raise SpoolCodecError("column runs past the end of the payload")
+    return pos
 
 
 def decode_rows(payload: bytes | memoryview) -> list[Row]:
@@ -333,16 +420,115 @@ class SpooledBatch:
     rows: tuple[Row, ...]
 
 
+class SpoolLoss(StrEnum):
+    """Why a stored record was lost: the keys of :attr:`SpoolStats.lost_records`."""
+
+    # The segment ends in a record that is cut short or unreadable with no valid record after
+    # it (a crash mid-write): truncated.
+    TORN_TAIL = "torn_tail"
+    # No record magic, a wrong header checksum or an absurd size, with valid records after it.
+    BAD_HEADER = "bad_header"
+    CHECKSUM_MISMATCH = "checksum_mismatch"  # the payload's CRC-32 does not match
+    # The checksums match but the payload cannot hold what its header claims (a forged row
+    # count, an unknown codec version).
+    MALFORMED_PAYLOAD = "malformed_payload"
+    UNDECODABLE = "undecodable"  # passed the checks at open, failed to decode on replay
+
+
+@dataclass(frozen=True, slots=True)
+class SpoolStats:
+    """What a spool holds and what it lost since it was opened."""
+
+    rows: int  # stored, not yet acknowledged
+    batches: int
+    bytes: int  # disk space of the segment files
+    discarded_rows: int  # rows of undecodable batches dropped on replay
+    # SpoolLoss value -> records lost (every reason present, 0 when none). Records, not rows:
+    # the row count of a corrupt record cannot be trusted.
+    lost_records: Mapping[str, int]
+
+
 @dataclass(frozen=True, slots=True)
 class _Record:
     segment: int
-    offset: int
+    offset: int  # of the record header
+    header_bytes: int  # depends on the segment's format version
     length: int  # payload bytes
     row_count: int
 
     @property
+    def payload_offset(self) -> int:
+        return self.offset + self.header_bytes
+
+    @property
     def end_offset(self) -> int:
-        return self.offset + _RECORD_HEADER.size + self.length
+        return self.offset + self.header_bytes + self.length
+
+
+@dataclass(frozen=True, slots=True)
+class _Framed:
+    """A record whose header and payload checksum are intact."""
+
+    header_bytes: int
+    length: int
+
+
+@dataclass(frozen=True, slots=True)
+class _Damage:
+    reason: SpoolLoss
+    detail: str
+    # The payload length the header claims, when the header itself can be trusted (format 2:
+    # magic and header checksum match; format 1: always a guess, checked by the next record).
+    claimed_length: int | None
+
+
+def _frame_at(data: bytes, pos: int, version: int) -> _Framed | _Damage:
+    """Check the record framing at ``pos`` (header, size bounds, payload checksum)."""
+    end = len(data)
+    view = memoryview(data)
+    if version == _LEGACY_FORMAT_VERSION:
+        header_bytes = _LEGACY_RECORD_HEADER.size
+        if pos + header_bytes > end:
+            return _Damage(SpoolLoss.TORN_TAIL, "torn record header", None)
+        length, checksum = _LEGACY_RECORD_HEADER.unpack_from(data, pos)
+    else:
+        header_bytes = _RECORD_HEADER.size
+        if pos + header_bytes > end:
+            return _Damage(SpoolLoss.TORN_TAIL, "torn record header", None)
+        magic, length, checksum, header_checksum = _RECORD_HEADER.unpack_from(data, pos)
+        if magic != RECORD_MAGIC:
+            return _Damage(SpoolLoss.BAD_HEADER, "no record magic", None)
+        if zlib.crc32(view[pos : pos + _RECORD_HEADER_CHECKED.size]) != header_checksum:
+            return _Damage(SpoolLoss.BAD_HEADER, "record header checksum mismatch", None)
+    if not _PAYLOAD_HEADER.size <= length <= _MAX_RECORD_BYTES:
+        return _Damage(SpoolLoss.BAD_HEADER, f"implausible record size {length}", None)
+    body = pos + header_bytes
+    if body + length > end:
+        return _Damage(SpoolLoss.TORN_TAIL, "torn record", length)
+    if zlib.crc32(view[body : body + length]) != checksum:
+        return _Damage(SpoolLoss.CHECKSUM_MISMATCH, "checksum mismatch", length)
+    return _Framed(header_bytes, length)
+
+
+def _next_frame(data: bytes, pos: int, version: int, damage: _Damage) -> int | None:
+    """Offset of the first intact record after the damaged one at ``pos``, or None."""
+    header_bytes = (
+        _LEGACY_RECORD_HEADER.size if version == _LEGACY_FORMAT_VERSION else _RECORD_HEADER.size
+    )
+    if damage.claimed_length is not None:
+        # Damage inside the payload (the usual bit flip): the next record is where the
+        # header says, and finding it there rules out a false match inside this payload.
+        candidate = pos + header_bytes + damage.claimed_length
+        if candidate < len(data) and isinstance(_frame_at(data, candidate, version), _Framed):
+            return candidate
+    if version == _LEGACY_FORMAT_VERSION:
+        return None  # no magic to search for
+    candidate = data.find(RECORD_MAGIC, pos + 1)
+    while candidate != -1:
+        if isinstance(_frame_at(data, candidate, version), _Framed):
+            return candidate
+        candidate = data.find(RECORD_MAGIC, candidate + 1)
+    return None
 
 
 def _segment_name(sequence: int) -> str:
@@ -400,6 +586,7 @@ class Spool:
         self._closed = False
         # Rows of CRC-valid batches that could not be decoded, discarded by peek().
         self.discarded_rows = 0
+        self._lost: dict[SpoolLoss, int] = dict.fromkeys(SpoolLoss, 0)
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._lock_fd = os.open(self.directory / "lock", os.O_RDWR | os.O_CREAT, 0o600)
         try:
@@ -433,6 +620,16 @@ class Spool:
 
     def __len__(self) -> int:
         return len(self._records)
+
+    def stats(self) -> SpoolStats:
+        """Counts for metrics; lock-free (an append holds the lock through its fsync)."""
+        return SpoolStats(
+            rows=self._rows,
+            batches=len(self._records),
+            bytes=self._bytes,
+            discarded_rows=self.discarded_rows,
+            lost_records={reason.value: count for reason, count in self._lost.items()},
+        )
 
     # -- opening ---------------------------------------------------------------------------
 
@@ -476,16 +673,22 @@ class Spool:
             cursor = None
         highest = max([*sequences, cursor[0] if cursor else 0], default=0)
         self._next_segment = highest + 1
+        versions: dict[int, int | None] = {}
         for sequence in sequences:
             if cursor is not None and sequence < cursor[0]:
                 # Fully acked before a crash, not yet deleted.
                 self._delete_segment(sequence)
                 continue
             skip_before = cursor[1] if cursor is not None and sequence == cursor[0] else 0
-            self._scan_segment(sequence, skip_before)
+            versions[sequence] = self._scan_segment(sequence, skip_before)
         if sequences and self._segment_sizes:
             last = max(self._segment_sizes)
-            if self._segment_sizes[last] < self.segment_bytes:
+            # Appends go on in the newest segment only if it has room and is in the format
+            # written today (records of two formats never share a segment).
+            if (
+                self._segment_sizes[last] < self.segment_bytes
+                and versions.get(last) == SEGMENT_FORMAT_VERSION
+            ):
                 self._active_segment = last
                 self._active_fd = os.open(self._segment_path(last), os.O_WRONLY | os.O_APPEND)
         # Segments with nothing left to replay (except the one still being appended to).
@@ -503,7 +706,8 @@ class Spool:
                 len(self._records),
             )
 
-    def _scan_segment(self, sequence: int, skip_before: int) -> None:
+    def _scan_segment(self, sequence: int, skip_before: int) -> int | None:
+        """Index the records of one segment; its format version, or None if it is gone."""
         path = self._segment_path(sequence)
         data = path.read_bytes()
         header_size = _SEGMENT_HEADER.size
@@ -511,9 +715,12 @@ class Spool:
             # Crashed while creating it: nothing was ever stored in it.
             logger.warning("spool %s: removing incomplete segment %s", self.directory, path.name)
             path.unlink()
-            return
+            return None
         magic, version = _SEGMENT_HEADER.unpack_from(data, 0)
-        if magic != SEGMENT_MAGIC or version != SEGMENT_FORMAT_VERSION:
+        if magic != SEGMENT_MAGIC or version not in (
+            _LEGACY_FORMAT_VERSION,
+            SEGMENT_FORMAT_VERSION,
+        ):
             quarantined = path.with_name(path.name + ".unreadable")
             logger.error(
                 "spool %s: %s is not a pluginmon spool segment (version %s); moved to %s",
@@ -523,46 +730,66 @@ class Spool:
                 quarantined.name,
             )
             path.rename(quarantined)
-            return
+            return None
         pos = header_size
         end = len(data)
-        problem: str | None = None
         while pos < end:
-            if pos + _RECORD_HEADER.size > end:
-                problem = "torn record header"
+            frame = _frame_at(data, pos, version)
+            if isinstance(frame, _Framed):
+                next_pos = pos + frame.header_bytes + frame.length
+                try:
+                    row_count = payload_row_count(
+                        memoryview(data)[pos + frame.header_bytes : next_pos]
+                    )
+                except SpoolCodecError as exc:
+                    # Framed and checksummed, so only this record is in doubt.
+                    self._lose(
+                        path, pos, next_pos, skip_before, SpoolLoss.MALFORMED_PAYLOAD, str(exc)
+                    )
+                else:
+                    if pos >= skip_before:
+                        self._records.append(
+                            _Record(sequence, pos, frame.header_bytes, frame.length, row_count)
+                        )
+                        self._rows += row_count
+                pos = next_pos
+                continue
+            resume = _next_frame(data, pos, version, frame)
+            if resume is None:
+                self._lose(path, pos, end, skip_before, SpoolLoss.TORN_TAIL, frame.detail)
+                with path.open("r+b") as handle:
+                    handle.truncate(pos)
+                    handle.flush()
+                    os.fsync(handle.fileno())
                 break
-            length, checksum = _RECORD_HEADER.unpack_from(data, pos)
-            body_start = pos + _RECORD_HEADER.size
-            if length > _MAX_RECORD_BYTES or body_start + length > end:
-                problem = "torn record"
-                break
-            payload = memoryview(data)[body_start : body_start + length]
-            if zlib.crc32(payload) != checksum:
-                problem = "checksum mismatch"
-                break
-            try:
-                row_count = payload_row_count(payload)
-            except SpoolCodecError as exc:
-                problem = str(exc)
-                break
-            if pos >= skip_before:
-                self._records.append(_Record(sequence, pos, length, row_count))
-                self._rows += row_count
-            pos = body_start + length
-        if problem is not None:
-            logger.warning(
-                "spool %s: %s in %s at byte %d; truncating %d bytes after it",
-                self.directory,
-                problem,
-                path.name,
-                pos,
-                end - pos,
-            )
-            with path.open("r+b") as handle:
-                handle.truncate(pos)
-                handle.flush()
-                os.fsync(handle.fileno())
+            # A header claiming more bytes than there are, with a valid record inside them,
+            # is a damaged header, not a crash.
+            reason = SpoolLoss.BAD_HEADER if frame.reason is SpoolLoss.TORN_TAIL else frame.reason
+            self._lose(path, pos, resume, skip_before, reason, frame.detail)
+            pos = resume
         self._set_segment_size(sequence, pos)
+        return int(version)
+
+    def _lose(
+        self, path: Path, start: int, stop: int, skip_before: int, reason: SpoolLoss, detail: str
+    ) -> None:
+        """Count and log the damaged bytes [start, stop) of a segment as one lost record."""
+        if stop <= skip_before:
+            # Inside records acknowledged before: nothing pending was lost.
+            logger.debug("spool %s: damage in acked part of %s", self.directory, path.name)
+            return
+        self._lost[reason] += 1
+        action = "truncating" if reason is SpoolLoss.TORN_TAIL else "skipping"
+        logger.warning(
+            "spool %s: lost a record in %s at byte %d (%s: %s); %s %d bytes",
+            self.directory,
+            path.name,
+            start,
+            reason.value,
+            detail,
+            action,
+            stop - start,
+        )
 
     # -- appending -------------------------------------------------------------------------
 
@@ -575,7 +802,8 @@ class Spool:
         if not rows:
             return
         payload = encode_rows(rows)
-        record = _RECORD_HEADER.pack(len(payload), zlib.crc32(payload)) + payload
+        head = _RECORD_HEADER_CHECKED.pack(RECORD_MAGIC, len(payload), zlib.crc32(payload))
+        record = head + _U32.pack(zlib.crc32(head)) + payload
         with self._lock:
             self._check_open()
             new_segment = (
@@ -605,7 +833,7 @@ class Spool:
                 raise
             self._set_segment_size(sequence, offset + len(record))
             self._records.append(
-                _Record(sequence, offset, len(record) - _RECORD_HEADER.size, len(rows))
+                _Record(sequence, offset, _RECORD_HEADER.size, len(payload), len(rows))
             )
             self._rows += len(rows)
 
@@ -634,7 +862,7 @@ class Spool:
 
     def _read(self, record: _Record) -> SpooledBatch:
         with self._segment_path(record.segment).open("rb") as handle:
-            handle.seek(record.offset + _RECORD_HEADER.size)
+            handle.seek(record.payload_offset)
             payload = handle.read(record.length)
         if len(payload) != record.length:
             raise SpoolCodecError(f"segment {record.segment} shorter than its index")
@@ -666,6 +894,7 @@ class Spool:
                         exc,
                     )
                     self.discarded_rows += record.row_count
+                    self._lost[SpoolLoss.UNDECODABLE] += 1
                     self._ack_head_locked()
             return None
 

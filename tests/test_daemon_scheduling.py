@@ -9,6 +9,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from pluginmon.daemon.scheduling import Scheduler
+from tests.waiting import wait_until
 
 
 async def test_jobs_run_and_failures_are_counted_and_logged_once(
@@ -31,10 +32,11 @@ async def test_jobs_run_and_failures_are_counted_and_logged_once(
     async with Scheduler(drain_seconds=1) as scheduler:
         scheduler.add_job("good", good, interval_seconds=0.05)
         scheduler.add_job("flaky", flaky, interval_seconds=0.05)
-        for _ in range(200):
-            await asyncio.sleep(0.02)
-            if runs.count("flaky") >= 5:
-                break
+        await wait_until(
+            lambda: runs.count("flaky") >= 5,
+            timeout_seconds=10,
+            what="the flaky job to run 5 times (3 failures, then successes)",
+        )
     assert runs.count("good") >= 2
     assert scheduler.failures["flaky"] == 3
     assert scheduler.failures["good"] == 0

@@ -1,9 +1,10 @@
-"""deploy/ rules on a real Prometheus scraping the daemon's real exporter over HTTP.
+"""deploy/ rules on a real Prometheus scraping real `pluginmon run` daemons over HTTP.
 
-The exporter is pluginmon's own (daemon.exporter) fed with a synthetic snapshot; Prometheus
-runs deploy/prometheus.yml with only its target, timings and paths changed for the test.
-Also checks the contract from the other side: every pluginmon metric the rules and the
-Prometheus dashboards name is one the exporter really serves.
+Two daemons run as subprocesses (as in the end-to-end tests): one with a real database, a
+plugin whose real process burns CPU and a configured plugin with no process (down), and one
+whose database is unreachable. Prometheus runs deploy/prometheus.yml with only its targets,
+timings and paths changed for the test. Also checks the contract from the other side: every
+pluginmon metric the rules and the Prometheus dashboards name is one the daemon really serves.
 """
 
 from __future__ import annotations
@@ -11,24 +12,15 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import time
 import urllib.parse
 import urllib.request
-from collections.abc import Iterable, Iterator
-from datetime import UTC, datetime, timedelta
-from http.server import BaseHTTPRequestHandler
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from prometheus_client import CollectorRegistry
-from prometheus_client.core import (
-    CounterMetricFamily,
-    GaugeMetricFamily,
-    HistogramMetricFamily,
-    Metric,
-)
 from prometheus_client.parser import text_string_to_metric_families
 
 from dashboards.grafana_queries import (
@@ -37,15 +29,7 @@ from dashboards.grafana_queries import (
     grafana_promql,
     prometheus_context,
 )
-from pluginmon.collectors.models import PluginKey, PluginSample, Snapshot
-from pluginmon.daemon.exporter import (
-    DaemonMetrics,
-    ExporterState,
-    FiringAlert,
-    HealthView,
-    MetricsRenderer,
-    PluginCollector,
-)
+from tests.daemon_helpers import BURNER, DaemonProcess, PluginProcesses, WebhookReceiver, wait_for
 from tests.dashboards_helpers import (
     DEPLOY_DIR,
     PLUGIN_METRICS,
@@ -54,161 +38,104 @@ from tests.dashboards_helpers import (
     promql_metric_names,
     rule_files,
 )
-from tests.net_helpers import ServerThread, free_port, stop_process
+from tests.dbutil import create_database, drop_database, with_database
+from tests.net_helpers import free_port, stop_process
 
 PROMETHEUS = shutil.which("prometheus")
 needs_prometheus = pytest.mark.skipif(
     PROMETHEUS is None, reason="prometheus is not installed (Debian package: prometheus)"
 )
 
-RESIZER = PluginKey("acme", "resizer", "production")
-THUMBS = PluginKey("acme", "thumbs", "production")
+# The plugins the dashboards' test context selects (tenant acme, plugin resizer).
+TENANT, ENVIRONMENT = "acme", "production"
+UP_PLUGIN, DOWN_PLUGIN = "resizer", "thumbs"
 
 
-def _sample(key: PluginKey, *, up: bool, cpu: float, rss: int, restarts: int = 0) -> PluginSample:
-    return PluginSample(
-        key=key,
-        timestamp=datetime.now(UTC),
-        up=up,
-        process_count=1 if up else 0,
-        cpu_percent=cpu,
-        rss_bytes=rss,
-        vms_bytes=rss * 4,
-        threads=4 if up else 0,
-        restarts=restarts,
-        oldest_start_time=datetime.now(UTC) - timedelta(hours=1) if up else None,
-        # every optional field collected, so every family appears
-        uss_bytes=rss // 2,
-        swap_bytes=0,
-        fds=12,
-        read_bytes=1000,
-        write_bytes=2000,
-        ctx_switches_voluntary=50,
-        ctx_switches_involuntary=5,
-        pids=(4242,) if up else (),
+@dataclass(frozen=True, slots=True)
+class Daemons:
+    main: DaemonProcess  # database up, one plugin up and burning, one down
+    no_database: DaemonProcess  # database unreachable, no plugins
+    receiver: WebhookReceiver
+
+
+def _main_config(plugins: PluginProcesses, receiver: WebhookReceiver) -> str:
+    plugin_tables = "".join(
+        f"""
+[[plugins]]
+tenant = "{TENANT}"
+name = "{name}"
+environment = "{ENVIRONMENT}"
+match = {{ cmdline = "{plugins.marker}-{name}$" }}
+"""
+        for name in (UP_PLUGIN, DOWN_PLUGIN)
+    )
+    # Every optional field, so every per-plugin family is served; the built-in PluginDown
+    # without its 30 s `for`, so a firing alert and a delivered notification come quickly.
+    return (
+        'collect_fields = ["uss", "swap", "fds", "io", "ctx_switches"]\n'
+        + plugin_tables
+        + f"""
+[[alerts.rules]]
+name = "PluginDown"
+metric = "up"
+op = "=="
+threshold = 0
+for_seconds = 0
+severity = "critical"
+
+[[alerts.webhooks]]
+name = "ops"
+url = "{receiver.url}"
+"""
     )
 
 
-class _ComponentCounters:
-    """Stand-in for the collectors the daemon's components register (writer, sink, database
-    watch, outbox, scheduler), with the same families and fixed values: a database down, a
-    failed flush, drops and notifications, so that every rule has something to evaluate."""
-
-    def collect(self) -> Iterable[Metric]:
-        rows = CounterMetricFamily(
-            "pluginmon_rows_written", "Rows written to the database", labels=["table"]
-        )
-        rows.add_metric(["plugin_samples"], 100)
-        yield rows
-        yield GaugeMetricFamily(
-            "pluginmon_spool_samples", "Rows waiting in the disk spool for the database", value=10
-        )
-        dropped = CounterMetricFamily(
-            "pluginmon_dropped_samples", "Samples dropped, by reason", labels=["reason"]
-        )
-        dropped.add_metric(["spool_full"], 3)
-        yield dropped
-        yield GaugeMetricFamily(
-            "pluginmon_database_up", "1 when the database answered the last write or probe", value=0
-        )
-        notifications = CounterMetricFamily(
-            "pluginmon_notifications",
-            "Notification attempts by receiver and outcome",
-            labels=["receiver", "outcome"],
-        )
-        notifications.add_metric(["ops", "delivered"], 1)
-        notifications.add_metric(["ops", "failed"], 1)
-        yield notifications
-        yield GaugeMetricFamily(
-            "pluginmon_outbox_pending", "Notifications waiting in the outbox", value=2
-        )
-        last = GaugeMetricFamily(
-            "pluginmon_job_last_success_timestamp_seconds",
-            "Unix time of each job's last successful run",
-            labels=["task"],
-        )
-        last.add_metric(["sample"], time.time())
-        yield last
-        failures = CounterMetricFamily(
-            "pluginmon_job_failures", "Failed runs of each job", labels=["task"]
-        )
-        failures.add_metric(["flush"], 1)
-        yield failures
-        yield HistogramMetricFamily(
-            "pluginmon_write_duration_seconds",
-            "Duration of one COPY batch",
-            buckets=[("0.1", 1), ("+Inf", 1)],
-            sum_value=0.05,
-        )
-
-
-class _Exporter:
-    """pluginmon's registry and per-plugin collector behind a real HTTP server."""
-
-    def __init__(self) -> None:
-        self.registry = CollectorRegistry()
-        self.metrics = DaemonMetrics(self.registry, version="0.0.test")
-        self.state = ExporterState(grace_seconds=300)
-        self.renderer = MetricsRenderer(self.registry, PluginCollector(self.state))
-        snapshot = Snapshot(
-            timestamp=datetime.now(UTC),
-            host="test-host",
-            samples=(
-                _sample(RESIZER, up=False, cpu=0.0, rss=0, restarts=2),
-                _sample(THUMBS, up=True, cpu=50.0, rss=200_000_000),
-            ),
-            duration_seconds=0.02,
-            processes_seen=10,
-            errors=(("access_denied", 1),),
-        )
-        self.state.update_snapshot(snapshot)
-        self.metrics.observe_snapshot(snapshot)
-        self.state.update_health(
-            {
-                RESIZER: HealthView(score=30.0, components=(("up", 0.0), ("cpu", 80.0))),
-                THUMBS: HealthView(score=95.0, components=(("up", 100.0), ("cpu", 90.0))),
-            }
-        )
-        self.state.update_alerts([FiringAlert(RESIZER, "PluginDown", "critical")])
-        self.registry.register(_ComponentCounters())
-        renderer = self.renderer
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                if self.path != "/metrics":
-                    self.send_error(404)
-                    return
-                body, content_type = renderer.render(self.headers.get("Accept"))
-                self.send_response(200)
-                self.send_header("Content-Type", content_type)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-        self._serving = ServerThread(Handler)
-        self.port = self._serving.port
-
-    def __enter__(self) -> _Exporter:
-        self._serving.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._serving.stop()
-
-    def text(self) -> str:
-        with urllib.request.urlopen(
-            f"http://127.0.0.1:{self.port}/metrics", timeout=10
-        ) as response:
-            return str(response.read().decode("utf-8"))
-
-
-@pytest.fixture
-def exporter() -> Iterator[_Exporter]:
-    with _Exporter() as running:
-        yield running
+@pytest.fixture(scope="module")
+def daemons(pg_admin_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemons]:
+    tmp_path = tmp_path_factory.mktemp("deploy-prometheus")
+    database = create_database(pg_admin_url, prefix="deployprom")
+    plugins = PluginProcesses()
+    started: list[DaemonProcess] = []
+    try:
+        plugins.start(UP_PLUGIN, BURNER)  # DOWN_PLUGIN has no process
+        with WebhookReceiver() as receiver:
+            main = DaemonProcess(
+                tmp_path=tmp_path,
+                database_url=with_database(pg_admin_url, database),
+                config_text=_main_config(plugins, receiver),
+                data_dir=tmp_path / "main-data",
+                name="main",
+            )
+            unreachable = f"postgresql://pluginmon:x@127.0.0.1:{free_port()}/pluginmon"
+            no_database = DaemonProcess(
+                tmp_path=tmp_path,
+                database_url=unreachable + "?connect_timeout=2",
+                config_text="",
+                data_dir=tmp_path / "no-database-data",
+                name="no-database",
+            )
+            for daemon in (main, no_database):
+                started.append(daemon.start())
+            main.wait_ready()
+            # Everything the tests look at has happened once: samples, health, the firing
+            # alert and its delivered notification, a write.
+            wait_for(
+                "the daemon to deliver its first notification",
+                lambda: main.metric(
+                    "pluginmon_notifications_total", receiver="ops", outcome="delivered"
+                ),
+                timeout=60,
+            )
+            wait_for(
+                "the daemon without a database to serve metrics",
+                lambda: no_database.get("/metrics")[0] == 200,
+            )
+            yield Daemons(main, no_database, receiver)
+    finally:
+        for daemon in started:
+            daemon.kill()
+        plugins.stop()
+        drop_database(pg_admin_url, database)
 
 
 def _served_names(text: str) -> set[str]:
@@ -218,10 +145,12 @@ def _served_names(text: str) -> set[str]:
     return names
 
 
-def test_rules_and_dashboards_name_only_served_metrics(exporter: _Exporter) -> None:
-    served = _served_names(exporter.text())
-    # Sanity: the exporter serves every per-plugin family of the contract here.
-    assert served >= PLUGIN_METRICS
+def test_rules_and_dashboards_name_only_served_metrics(daemons: Daemons) -> None:
+    status, text = daemons.main.get("/metrics")
+    assert status == 200, text
+    served = _served_names(text)
+    # Sanity: the daemon serves every per-plugin family of the contract here.
+    assert served >= PLUGIN_METRICS, sorted(PLUGIN_METRICS - served)
     named: set[str] = set()
     for _path, rule in iter_rules():
         named |= promql_metric_names(str(rule["expr"]))
@@ -240,8 +169,8 @@ def _get(url: str) -> Any:
         return json.loads(response.read())
 
 
-def _test_config(tmp_path: Path, target_port: int) -> Path:
-    """deploy/prometheus.yml and its rules with the target, timings and paths made local."""
+def _test_config(tmp_path: Path, target_ports: list[int]) -> Path:
+    """deploy/prometheus.yml and its rules with the targets, timings and paths made local."""
     config = load_yaml(DEPLOY_DIR / "prometheus.yml")
     config["global"]["scrape_interval"] = "1s"
     config["global"]["evaluation_interval"] = "1s"
@@ -249,7 +178,7 @@ def _test_config(tmp_path: Path, target_port: int) -> Path:
     job = next(job for job in config["scrape_configs"] if job["job_name"] == "pluginmon")
     job["scrape_interval"] = "1s"
     job["scrape_timeout"] = "1s"
-    job["static_configs"][0]["targets"] = [f"127.0.0.1:{target_port}"]
+    job["static_configs"][0]["targets"] = [f"127.0.0.1:{port}" for port in target_ports]
     rules_dir = tmp_path / "rules"
     rules_dir.mkdir()
     for path in rule_files():
@@ -263,26 +192,21 @@ def _test_config(tmp_path: Path, target_port: int) -> Path:
     return path
 
 
-def _wait_for(check: Any, timeout: float = 30.0) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            last = check()
-            if last:
-                return last
-        except OSError as error:
-            last = error
-        time.sleep(0.25)
-    raise AssertionError(f"gave up waiting; last result: {last!r}")
+def _or_none(probe: Any) -> Any:
+    """``probe()``, or None while Prometheus is not answering yet."""
+    try:
+        return probe()
+    except OSError:
+        return None
 
 
 @needs_prometheus
-def test_real_prometheus_scrapes_and_evaluates_the_rules(
-    exporter: _Exporter, tmp_path: Path
-) -> None:
+def test_real_prometheus_scrapes_and_evaluates_the_rules(daemons: Daemons, tmp_path: Path) -> None:
     assert PROMETHEUS is not None
-    config = _test_config(tmp_path, exporter.port)
+    main, no_database = daemons.main, daemons.no_database
+    instance = f"127.0.0.1:{main.port}"
+    cut_off = f"127.0.0.1:{no_database.port}"
+    config = _test_config(tmp_path, [main.port, no_database.port])
     port = free_port()
     api = f"http://127.0.0.1:{port}/api/v1"
     log = (tmp_path / "prometheus.log").open("w")
@@ -298,11 +222,13 @@ def test_real_prometheus_scrapes_and_evaluates_the_rules(
         stderr=log,
     )
     try:
-        _wait_for(
-            lambda: (
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/-/ready", timeout=2).status == 200
-            )
-        )
+
+        def ready() -> bool:
+            url = f"http://127.0.0.1:{port}/-/ready"
+            with urllib.request.urlopen(url, timeout=2) as response:
+                return bool(response.status == 200)
+
+        wait_for("Prometheus to be ready", lambda: _or_none(ready))
 
         def query(expr: str) -> list[dict[str, Any]]:
             answer = _get(f"{api}/query?query={urllib.parse.quote(expr)}")
@@ -310,50 +236,76 @@ def test_real_prometheus_scrapes_and_evaluates_the_rules(
             result: list[dict[str, Any]] = answer["data"]["result"]
             return result
 
-        targets = _wait_for(
-            lambda: [
-                t for t in _get(f"{api}/targets")["data"]["activeTargets"] if t["health"] == "up"
-            ]
-        )
-        assert targets[0]["labels"]["job"] == "pluginmon"
+        def up_targets() -> dict[str, dict[str, Any]] | None:
+            active = _get(f"{api}/targets")["data"]["activeTargets"]
+            up = {t["labels"]["instance"]: t for t in active if t["health"] == "up"}
+            return up if len(up) == 2 else None
+
+        targets = wait_for("both daemons to be scraped", lambda: _or_none(up_targets))
+        assert set(targets) == {instance, cut_off}
+        assert {t["labels"]["job"] for t in targets.values()} == {"pluginmon"}
+
         # Recording rules on the scraped series.
-        cpu = _wait_for(lambda: query("tenant:pluginmon_plugin_cpu_percent:sum"))
-        assert cpu[0]["metric"] == {
-            "__name__": "tenant:pluginmon_plugin_cpu_percent:sum",
-            "tenant": "acme",
-            "environment": "production",
+        plugins_count = wait_for(
+            "tenant:pluginmon_plugins:count", lambda: query("tenant:pluginmon_plugins:count")
+        )
+        assert plugins_count[0]["metric"] == {
+            "__name__": "tenant:pluginmon_plugins:count",
+            "tenant": TENANT,
+            "environment": ENVIRONMENT,
         }
-        assert float(cpu[0]["value"][1]) == pytest.approx(50.0)  # resizer is down: 0 %
-        ratio = _wait_for(lambda: query("tenant:pluginmon_plugin_up:ratio"))
-        assert float(ratio[0]["value"][1]) == pytest.approx(0.5)
-        low = _wait_for(lambda: query("tenant:pluginmon_plugin_health_score:min"))
-        assert float(low[0]["value"][1]) == pytest.approx(30.0)
-        firing = _wait_for(lambda: query("tenant:pluginmon_alerts_firing:sum"))
-        assert firing[0]["metric"]["severity"] == "critical"
+        assert float(plugins_count[0]["value"][1]) == 2
+        ratio = wait_for("the up ratio", lambda: query("tenant:pluginmon_plugin_up:ratio"))
+        assert float(ratio[0]["value"][1]) == pytest.approx(0.5)  # resizer up, thumbs down
+        cpu = wait_for("tenant CPU", lambda: query("tenant:pluginmon_plugin_cpu_percent:sum"))
+        assert cpu[0]["metric"]["tenant"] == TENANT
+        # The burner is the only process: more than nothing, at most one core (it is
+        # single-threaded). Its exact share is the sampler tests' business.
+        assert 0 < float(cpu[0]["value"][1]) <= 100
+        low = wait_for(
+            "the lowest health", lambda: query("tenant:pluginmon_plugin_health_score:min")
+        )
+        assert float(low[0]["value"][1]) == 0.0  # a down plugin scores 0
+        firing = wait_for("firing alerts", lambda: query("tenant:pluginmon_alerts_firing:sum"))
+        assert [(f["metric"]["severity"], float(f["value"][1])) for f in firing] == [
+            ("critical", 1.0)
+        ]
         # The daemon's scheduler job is the `task` label; Prometheus's own `job` is untouched.
-        failures = _wait_for(lambda: query("pluginmon_job_failures_total"))
-        assert failures[0]["metric"]["task"] == "flush"
-        assert "exported_job" not in failures[0]["metric"]
-        assert failures[0]["metric"]["job"] == "pluginmon"
+        successes = wait_for(
+            "job successes", lambda: query("pluginmon_job_last_success_timestamp_seconds")
+        )
+        assert {"sample", "flush"} <= {s["metric"]["task"] for s in successes}
+        assert all(s["metric"]["job"] == "pluginmon" for s in successes)
+        assert not any("exported_job" in s["metric"] for s in successes)
 
         # Alerting rules: those whose condition holds are at least pending (their `for:`
         # clauses are minutes long and kept as shipped).
-        def alerts() -> dict[tuple[str, str], str]:
+        def alerts() -> dict[tuple[str, str, str], str]:
             found = _get(f"{api}/alerts")["data"]["alerts"]
             return {
-                (a["labels"]["alertname"], a["labels"].get("plugin", "")): a["state"] for a in found
+                (
+                    a["labels"]["alertname"],
+                    a["labels"].get("plugin", ""),
+                    a["labels"]["instance"],
+                ): a["state"]
+                for a in found
             }
 
         expected = {
-            ("PluginDown", "resizer"),
-            ("PluginHealthLow", "resizer"),
-            ("PluginmonDatabaseDown", ""),
+            ("PluginDown", DOWN_PLUGIN, instance),
+            ("PluginHealthLow", DOWN_PLUGIN, instance),
+            ("PluginHealthCritical", DOWN_PLUGIN, instance),
+            ("PluginmonDatabaseDown", "", cut_off),
         }
-        state = _wait_for(lambda: (a := alerts()) and expected <= a.keys() and a)
-        assert ("PluginDown", "thumbs") not in state
-        assert ("PluginHealthLow", "thumbs") not in state
-        assert ("PluginmonScrapeDown", "") not in state
+        state = wait_for(
+            "the rules whose condition holds to be pending",
+            lambda: a if expected <= (a := alerts()).keys() else None,
+        )
         assert all(value in {"pending", "firing"} for value in state.values())
+        assert ("PluginDown", UP_PLUGIN, instance) not in state
+        assert ("PluginHealthLow", UP_PLUGIN, instance) not in state
+        assert ("PluginmonDatabaseDown", "", instance) not in state
+        assert not any(name == "PluginmonScrapeDown" for name, _, _ in state)
 
         # Every Prometheus dashboard query runs on the real scrape; the main panels have data
         # (rates need two scrapes in their window, hence the wait).
@@ -378,12 +330,16 @@ def test_real_prometheus_scrapes_and_evaluates_the_rules(
                     results.setdefault(key, []).extend(query(expr))
             return results if all(results[panel] for panel in main_panels) else None
 
-        results = _wait_for(dashboard_results)
+        results = wait_for("every main panel to have data", dashboard_results)
         components = {
             r["metric"]["component"]: float(r["value"][1])
             for r in results["pluginmon-plugin Health components now"]
         }
-        assert components == {"up": 0.0, "cpu": 80.0}
+        # The selected plugin is the one that runs: its `up` gate is 100, and each
+        # component is a score.
+        assert components["up"] == 100.0
+        assert "cpu" in components
+        assert all(0.0 <= value <= 100.0 for value in components.values()), components
     finally:
         stop_process(process)
         log.close()

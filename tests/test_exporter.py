@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import sys
+import threading
+import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 import pytest
@@ -279,18 +283,116 @@ def test_nan_and_infinities_spelled_as_the_formats_want(state: ExporterState) ->
     assert lines["pluginmon_plugin_memory_rss_bytes"] == str(200 * 1024 * 1024)
 
 
-def test_update_from_a_thread_keeps_health(state: ExporterState) -> None:
-    """The sampling thread folds snapshots in while the loop publishes health: neither
-    update loses the other's part of the view."""
-    import threading
+def test_concurrent_updates_and_scrapes_keep_every_part_of_the_view(
+    state: ExporterState,
+) -> None:
+    """The sampling thread folds snapshots in while the loop publishes health and alerts and
+    a render thread scrapes, all at the same time (a barrier starts them together; a tiny
+    GIL switch interval makes them interleave within each update). Each writer publishes an
+    increasing value, so a scrape must never see one go backwards (an update that rebuilt
+    the view from a stale copy of another's part) or vanish once published, and the final
+    view holds the last value of each."""
+    rounds = 1000
+    barrier = threading.Barrier(4)
+    writers_done = threading.Event()
+    failures: list[BaseException] = []
+    texts: list[str] = []
+    collector = PluginCollector(state)
 
-    state.update_health({RESIZER: HealthView(score=50.0)})
-    worker = threading.Thread(target=state.update_snapshot, args=(snapshot(sample(RESIZER)),))
-    worker.start()
-    worker.join()
+    def run(target: Callable[[], None]) -> Callable[[], None]:
+        def wrapped() -> None:
+            try:
+                barrier.wait(timeout=30)
+                target()
+            except BaseException as exc:  # reported by the main thread
+                failures.append(exc)
+
+        return wrapped
+
+    # 300 other plugins make each snapshot fold take a while, and health and alert update i
+    # are published once snapshot fold i has begun: they land in the middle of it, where a
+    # fold that rebuilt the view from a stale copy would lose them.
+    others = [sample(PluginKey("acme", f"other-{j}", "production")) for j in range(300)]
+    folds_begun = [0]
+
+    def snapshots() -> None:
+        for i in range(1, rounds + 1):
+            folds_begun[0] = i
+            state.update_snapshot(snapshot(sample(RESIZER, cpu_percent=float(i)), *others))
+
+    def fold_begun(i: int) -> None:
+        deadline = time.monotonic() + 30
+        while folds_begun[0] < i:
+            assert time.monotonic() < deadline, f"snapshot fold {i} never began"
+            time.sleep(0)
+
+    def health() -> None:
+        for i in range(1, rounds + 1):
+            fold_begun(i)
+            state.update_health({RESIZER: HealthView(score=100.0 * i / rounds)})
+
+    def alerts() -> None:
+        for i in range(1, rounds + 1):
+            fold_begun(i)
+            state.update_alerts([FiringAlert(RESIZER, f"Alert{i:05d}", "warning")])
+
+    def scrape() -> None:
+        # Bounded: the writers end after `rounds` updates each; one last scrape after them.
+        # Parsed afterwards, so scrapes come as often as renders can.
+        while not writers_done.is_set() and len(texts) < 20_000:
+            texts.append(collector.render_text())
+        texts.append(collector.render_text())
+
+    writers = [threading.Thread(target=run(f)) for f in (snapshots, health, alerts)]
+    scraper = threading.Thread(target=run(scrape))
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)
+    try:
+        for thread in (*writers, scraper):
+            thread.start()
+        for thread in writers:
+            thread.join(timeout=60)
+        writers_done.set()
+        scraper.join(timeout=60)
+    finally:
+        sys.setswitchinterval(interval)
+    assert not failures, failures
+    assert not any(t.is_alive() for t in (*writers, scraper))
+    scrapes = [scraped(text) for text in texts]
+
+    # The scrapes really overlapped the updates: some saw a state in the middle.
+    assert any(cpu is not None and 1 < cpu < rounds for cpu, _, _ in scrapes), scrapes[:5]
+    for column, name in enumerate(("cpu", "health", "alert")):
+        seen = [values[column] for values in scrapes]
+        published = [value for value in seen if value is not None]
+        first = seen.index(published[0]) if published else len(seen)
+        assert None not in seen[first:], f"{name} vanished from the view after it was published"
+        assert published == sorted(published), f"{name} went backwards: {published}"
+    assert scrapes[-1] == (float(rounds), 100.0, rounds)
+
     view = state.view()
-    assert view.health[RESIZER].score == 50.0
-    assert [row.key for row in view.plugins] == [RESIZER]
+    assert view.health[RESIZER].score == 100.0
+    assert [row.sample.cpu_percent for row in view.plugins if row.key == RESIZER] == [float(rounds)]
+    assert len(view.plugins) == 1 + len(others)
+    assert [alert.alertname for alert in view.alerts] == [f"Alert{rounds:05d}"]
+
+
+def scraped(text: str) -> tuple[float | None, float | None, int | None]:
+    """(cpu, health score, number in the firing alert's name) of RESIZER in one scrape."""
+    cpu = health = None
+    alert = None
+    mark = 'plugin="image-resizer"'
+    for line in text.splitlines():
+        if mark not in line:
+            continue
+        name, value = line.split("{", 1)[0], line.rsplit(" ", 1)[1]
+        if name == "pluginmon_plugin_cpu_percent":
+            cpu = float(value)
+        elif name == "pluginmon_plugin_health_score":
+            health = float(value)
+        elif name == "pluginmon_alerts_firing" and float(value) == 1:
+            alert = int(line.split('alertname="Alert', 1)[1].split('"', 1)[0])
+    return cpu, health, alert
 
 
 def generate_openmetrics(registry: CollectorRegistry) -> bytes:

@@ -5,19 +5,27 @@ from __future__ import annotations
 import logging
 import math
 import os
+import struct
+import zlib
 from datetime import UTC, datetime, timedelta, timezone
 from enum import IntEnum
 from pathlib import Path
 
 import pytest
+from prometheus_client import CollectorRegistry
 
+from pluginmon.storage.drops import SpoolLosses
 from pluginmon.storage.spool import (
+    RECORD_HEADER_BYTES,
+    RECORD_MAGIC,
     Spool,
     SpoolCodecError,
     SpoolFullError,
     SpoolLockedError,
+    SpoolLoss,
     decode_rows,
     encode_rows,
+    payload_row_count,
 )
 
 Row = tuple[object, ...]
@@ -179,6 +187,32 @@ def test_the_directory_is_locked_by_one_spool(tmp_path: Path) -> None:
     Spool(directory).close()
 
 
+def lost(spool: Spool) -> dict[str, int]:
+    """The spool's lost-record counters that are not zero."""
+    return {reason: count for reason, count in spool.stats().lost_records.items() if count}
+
+
+def three_records(directory: Path, middle: list[Row] | None = None) -> tuple[Path, list[int]]:
+    """A closed spool with batches 0-9, ``middle`` (default 10-19) and 20-29 in one segment;
+    the segment and the offset of each record."""
+    with Spool(directory) as spool:
+        for rows in (batch(0, 10), middle or batch(10, 10), batch(20, 10)):
+            spool.append(rows)
+        offsets = [item.offset for item in spool.replay()]
+    (segment,) = segment_files(directory)
+    return segment, offsets
+
+
+def forge(data: bytearray, offset: int, payload: bytes) -> bytes:
+    """Replace the record at ``offset`` by one carrying ``payload`` with valid checksums, as
+    someone who knows the format would write it."""
+    (length,) = struct.unpack_from("<I", data, offset + 4)
+    head = struct.pack("<4sII", RECORD_MAGIC, len(payload), zlib.crc32(payload))
+    record = head + struct.pack("<I", zlib.crc32(head)) + payload
+    end = offset + RECORD_HEADER_BYTES + length
+    return bytes(data[:offset]) + record + bytes(data[end:])
+
+
 def test_torn_tail_is_truncated_and_logged(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -198,34 +232,181 @@ def test_torn_tail_is_truncated_and_logged(
         assert reopened.rows == 20
         assert "torn record" in caplog.text
         assert "truncating" in caplog.text
+        assert lost(reopened) == {"torn_tail": 1}
         truncated_size = segment.stat().st_size
         assert truncated_size < intact_size - 7
         # Appends continue cleanly after the truncation point.
         reopened.append(batch(100, 5))
         rows = drain(reopened)
     assert [row[2] for row in rows] == [*range(20), *range(100, 105)]
+    # The truncation is durable: nothing is found or counted again.
+    with Spool(directory) as again:
+        assert again.rows == 0
+        assert lost(again) == {}
 
 
-def test_garbage_and_checksum_mismatch_truncate_from_the_bad_record(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+# Where in the middle record one byte is flipped, and how the loss is counted.
+CORRUPTIONS = {
+    "payload byte": (RECORD_HEADER_BYTES + 20, SpoolLoss.CHECKSUM_MISMATCH),
+    "record magic": (0, SpoolLoss.BAD_HEADER),
+    "length field": (5, SpoolLoss.BAD_HEADER),
+    # The header checksum covers the payload checksum too.
+    "payload checksum": (9, SpoolLoss.BAD_HEADER),
+    "header checksum": (13, SpoolLoss.BAD_HEADER),
+}
+
+
+@pytest.mark.parametrize("where", CORRUPTIONS)
+def test_a_corrupt_middle_record_loses_only_itself(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, where: str
 ) -> None:
     directory = tmp_path / "spool"
-    with Spool(directory) as spool:
-        for start in (0, 10, 20):
-            spool.append(batch(start, 10))
-    (segment,) = segment_files(directory)
+    segment, offsets = three_records(directory)
     data = bytearray(segment.read_bytes())
-    # Flip one byte inside the second record's payload.
-    second_record = 10 + (len(data) - 10) // 3 + 20
-    data[second_record] ^= 0xFF
-    segment.write_bytes(bytes(data) + b"\x01\x02\x03")
+    at, reason = CORRUPTIONS[where]
+    data[offsets[1] + at] ^= 0xFF
+    segment.write_bytes(bytes(data))
 
     with (
         caplog.at_level(logging.WARNING, logger="pluginmon.storage.spool"),
         Spool(directory) as reopened,
     ):
-        assert "checksum mismatch" in caplog.text
-        assert drain(reopened) == batch(0, 10)
+        assert reopened.rows == 20
+        assert lost(reopened) == {reason.value: 1}
+        assert f"lost a record in {segment.name} at byte {offsets[1]}" in caplog.text
+        assert drain(reopened) == batch(0, 10) + batch(20, 10)
+        assert reopened.stats().discarded_rows == 0
+
+
+def test_resync_rejects_the_magic_inside_a_payload(tmp_path: Path) -> None:
+    """The middle batch carries the record magic and a would-be header in a bytes value;
+    with its real header destroyed, the scan passes over that false match (its header
+    checksum is wrong) and resumes at the third record."""
+    fake_header = RECORD_MAGIC + struct.pack("<III", 40, 0, 0)
+    middle: list[Row] = [(i, fake_header * 3) for i in range(10)]
+    directory = tmp_path / "spool"
+    segment, offsets = three_records(directory, middle)
+    data = bytearray(segment.read_bytes())
+    assert data.count(RECORD_MAGIC) == 3 + 30
+    data[offsets[1] : offsets[1] + RECORD_HEADER_BYTES] = bytes(RECORD_HEADER_BYTES)
+    segment.write_bytes(bytes(data))
+    with Spool(directory) as reopened:
+        assert lost(reopened) == {"bad_header": 1}
+        assert drain(reopened) == batch(0, 10) + batch(20, 10)
+
+
+def test_a_forged_row_count_is_one_lost_record_not_four_billion_rows(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    directory = tmp_path / "spool"
+    segment, offsets = three_records(directory)
+    payload = bytearray(encode_rows(batch(10, 10)))
+    struct.pack_into("<I", payload, 3, 0xFFFFFFFF)  # u8 version, u16 columns, u32 rows
+    segment.write_bytes(forge(bytearray(segment.read_bytes()), offsets[1], bytes(payload)))
+
+    with (
+        caplog.at_level(logging.WARNING, logger="pluginmon.storage.spool"),
+        Spool(directory) as reopened,
+    ):
+        stats = reopened.stats()
+        assert (stats.rows, stats.batches, stats.discarded_rows) == (20, 2, 0)
+        assert lost(reopened) == {"malformed_payload": 1}
+        assert "implausible row count 4294967295" in caplog.text
+        assert drain(reopened) == batch(0, 10) + batch(20, 10)
+        assert reopened.stats().discarded_rows == 0
+
+
+def test_a_row_count_its_payload_cannot_hold_is_refused(tmp_path: Path) -> None:
+    """Plausible but wrong: 11 rows claimed, 10 encoded. Caught at open by the layout walk,
+    so the count never reaches the rows gauge or a drop counter."""
+    payload = bytearray(encode_rows(batch(10, 10)))
+    struct.pack_into("<I", payload, 3, 11)
+    assert payload_row_count(encode_rows(batch(10, 10))) == 10
+    with pytest.raises(SpoolCodecError):  # which check trips depends on where the walk drifts
+        payload_row_count(bytes(payload))
+    directory = tmp_path / "spool"
+    segment, offsets = three_records(directory)
+    segment.write_bytes(forge(bytearray(segment.read_bytes()), offsets[1], bytes(payload)))
+    with Spool(directory) as reopened:
+        assert reopened.rows == 20
+        assert lost(reopened) == {"malformed_payload": 1}
+        assert drain(reopened) == batch(0, 10) + batch(20, 10)
+
+
+def test_a_header_claiming_an_absurd_size_is_skipped(tmp_path: Path) -> None:
+    directory = tmp_path / "spool"
+    segment, offsets = three_records(directory)
+    data = bytearray(segment.read_bytes())
+    # 4 GiB claimed, with a header checksum that matches the forged header.
+    head = struct.pack("<4sII", RECORD_MAGIC, 0xFFFFFFF0, 0)
+    data[offsets[1] : offsets[1] + RECORD_HEADER_BYTES] = head + struct.pack("<I", zlib.crc32(head))
+    segment.write_bytes(bytes(data))
+    with Spool(directory) as reopened:
+        assert lost(reopened) == {"bad_header": 1}
+        assert drain(reopened) == batch(0, 10) + batch(20, 10)
+
+
+def test_damage_in_acknowledged_records_is_not_counted(tmp_path: Path) -> None:
+    directory = tmp_path / "spool"
+    with Spool(directory) as spool:
+        for start in (0, 10, 20):
+            spool.append(batch(start, 10))
+        first = spool.peek()
+        assert first is not None
+        spool.ack(first)
+    (segment,) = segment_files(directory)
+    data = bytearray(segment.read_bytes())
+    data[first.offset + RECORD_HEADER_BYTES + 20] ^= 0xFF
+    segment.write_bytes(bytes(data))
+    with Spool(directory) as reopened:
+        assert lost(reopened) == {}
+        assert drain(reopened) == batch(10, 20)
+
+
+def test_format_1_segments_are_still_read_and_never_appended_to(tmp_path: Path) -> None:
+    """A spool written before record headers had a magic: replayed after an upgrade (one
+    corrupt payload byte loses only its record, found again by the record's length), and
+    new batches go to a new segment in today's format."""
+    directory = tmp_path / "spool"
+    directory.mkdir()
+    records = b""
+    offsets = []
+    for start in (0, 10, 20):
+        payload = encode_rows(batch(start, 10))
+        offsets.append(10 + len(records))
+        records += struct.pack("<II", len(payload), zlib.crc32(payload)) + payload
+    data = bytearray(b"PLMSPOOL" + struct.pack("<H", 1) + records)
+    data[offsets[1] + 8 + 20] ^= 0xFF
+    old = directory / "00000000000000000001.seg"
+    old.write_bytes(bytes(data))
+
+    with Spool(directory) as spool:
+        assert spool.rows == 20
+        assert lost(spool) == {"checksum_mismatch": 1}
+        spool.append(batch(100, 5))
+        assert [path.name for path in segment_files(directory)] == [
+            old.name,
+            "00000000000000000002.seg",
+        ]
+        assert old.read_bytes() == bytes(data)  # untouched
+        assert drain(spool) == batch(0, 10) + batch(20, 10) + batch(100, 5)
+
+
+def test_undecodable_batch_is_counted_on_replay(tmp_path: Path) -> None:
+    """Checksums and layout fine, content not (invalid UTF-8 in a string column): dropped
+    when it comes up, its rows in discarded_rows and the record in lost_records."""
+    directory = tmp_path / "spool"
+    segment, offsets = three_records(directory)
+    payload = bytearray(encode_rows([("ab",)] * 4))
+    payload[-1] = 0xFF  # the last string's second byte: not UTF-8
+    segment.write_bytes(forge(bytearray(segment.read_bytes()), offsets[1], bytes(payload)))
+    with Spool(directory) as reopened:
+        assert (reopened.rows, lost(reopened)) == (24, {})
+        assert drain(reopened) == batch(0, 10) + batch(20, 10)
+        stats = reopened.stats()
+        assert stats.discarded_rows == 4
+        assert lost(reopened) == {"undecodable": 1}
+        assert set(stats.lost_records) == {reason.value for reason in SpoolLoss}
 
 
 def test_foreign_file_is_quarantined_not_replayed(
@@ -249,7 +430,7 @@ def test_cap_is_enforced_with_a_clear_error(tmp_path: Path) -> None:
     directory = tmp_path / "spool"
     with Spool(directory, max_bytes=64 * 1024) as spool:
         stored = 0
-        record_bytes = len(encode_rows(batch(0, 100))) + 8
+        record_bytes = len(encode_rows(batch(0, 100))) + RECORD_HEADER_BYTES
         while spool.bytes + record_bytes + 10 <= 64 * 1024:
             spool.append(batch(stored, 100))
             stored += 100
@@ -268,3 +449,25 @@ def test_cap_is_enforced_with_a_clear_error(tmp_path: Path) -> None:
         assert [row[2] for row in rows] == list(range(stored))
         reopened.append(batch(0, 100))
         assert reopened.rows == 100
+
+
+def test_lost_records_are_exported_by_spool_and_reason(tmp_path: Path) -> None:
+    damaged, offsets = three_records(tmp_path / "damaged")
+    data = bytearray(damaged.read_bytes())
+    data[offsets[1] + RECORD_HEADER_BYTES + 1] ^= 0xFF  # inside the middle payload
+    damaged.write_bytes(bytes(data))
+    three_records(tmp_path / "intact")
+    registry = CollectorRegistry()
+    with Spool(tmp_path / "damaged") as first, Spool(tmp_path / "intact") as second:
+        registry.register(SpoolLosses({"samples": first, "unresolved": second}))
+
+        def value(spool: str, reason: str) -> float | None:
+            return registry.get_sample_value(
+                "pluginmon_spool_lost_records_total", {"spool": spool, "reason": reason}
+            )
+
+        assert value("samples", "checksum_mismatch") == 1
+        assert value("unresolved", "checksum_mismatch") == 0
+        for reason in SpoolLoss:
+            if reason is not SpoolLoss.CHECKSUM_MISMATCH:
+                assert value("samples", reason.value) == 0

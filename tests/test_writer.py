@@ -19,6 +19,7 @@ from pluginmon.storage.writer import (
     BatchWriter,
     WriterClosedError,
 )
+from tests.waiting import wait_until
 from tests.writer_helpers import create_plugins, sample_row, sample_rows, sequence_of
 
 
@@ -117,12 +118,12 @@ async def test_a_partial_batch_is_written_when_it_is_old_enough(
     async with writer_for(pool, max_rows=1000, max_delay_seconds=0.1) as writer:
         writer.put(sample_rows(0, 10, plugin_ids))
         # No flush(): the age of the oldest row triggers the write.
-        for _ in range(500):
-            if writer.stats().rows_written == 10:
-                break
-            await asyncio.sleep(0.02)
-        assert writer.stats().rows_written == 10
-        assert writer.stats().batches_written == 1
+        stats = await wait_until(
+            lambda: stats if (stats := writer.stats()).rows_written else None,
+            timeout_seconds=10,
+            what="the partial batch to be written without a flush",
+        )
+        assert (stats.rows_written, stats.batches_written, stats.rows_queued) == (10, 1, 0)
     async with pool.acquire() as connection:
         assert await connection.fetchval("SELECT count(*) FROM plugin_samples") == 10
 
@@ -258,12 +259,14 @@ async def test_a_blocked_table_spills_the_queue_to_the_spool_and_catches_up(
                 for start in range(0, 5000, 100):
                     writer.put(sample_rows(start, start + 100, plugin_ids))
                     await asyncio.sleep(0.002)
-                for _ in range(500):
-                    # All but the two batches stuck in flight end up on disk.
-                    if writer.stats().spool_rows >= 5000 - 200:
-                        break
-                    await asyncio.sleep(0.01)
-                during = writer.stats()
+                # Memory drains to the two batches stuck in flight (concurrency 2 x max_rows
+                # 100); everything else must reach the disk. The stats that met the condition
+                # are the ones asserted below.
+                during = await wait_until(
+                    lambda: stats if (stats := writer.stats()).rows_queued <= 200 else None,
+                    timeout_seconds=20,
+                    what="the queue to spill to the spool",
+                )
                 await transaction.rollback()
                 await writer.flush()
                 after = writer.stats()

@@ -21,6 +21,7 @@ from pluginmon.storage.pool import pool_context
 from pluginmon.storage.spool import Spool
 from pluginmon.storage.writer import PLUGIN_SAMPLES_COLUMNS, PLUGIN_SAMPLES_TABLE, BatchWriter
 from tests.net_helpers import free_port
+from tests.waiting import wait_until
 from tests.writer_helpers import create_plugins, sample_rows, sequence_of
 
 # Fast retries: the tests wait for recovery, not for production backoff.
@@ -282,12 +283,13 @@ async def test_without_a_spool_the_deadline_drops_and_counts(
         ) as writer,
     ):
         writer.put(sample_rows(0, 1000, [1]))
-        for _ in range(500):
-            if not writer.stats().database_available:
-                break
-            await asyncio.sleep(0.01)
+        down = await wait_until(
+            lambda: None if (stats := writer.stats()).database_available else stats,
+            timeout_seconds=10,
+            what="the writer to notice the database is unreachable",
+        )
         # Without a spool, rows wait in memory for the database.
-        assert not writer.stats().database_available
+        assert down.rows_queued == 1000
         assert writer.stats().rows_queued == 1000
     stats = writer.stats()
     assert stats.rows_dropped == 1000
