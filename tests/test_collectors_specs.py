@@ -6,7 +6,8 @@ import pytest
 
 from pluginmon.collectors.discovery import CompiledSpec, ProcessFacts, label_key, matches_static
 from pluginmon.collectors.models import Match, PluginKey, PluginSpec
-from pluginmon.collectors.specs import SpecError, parse_plugin_specs
+from pluginmon.daemon.config_schema import ConfigError
+from pluginmon.daemon.config_sections import parse_plugin_specs
 
 
 def test_valid_specs_in_order_with_default_environment() -> None:
@@ -49,9 +50,9 @@ def test_errors_name_plugin_and_field_and_all_are_listed() -> None:
         {"tenant": "acme", "match": {"name": "x"}},
         {"tenant": "acme", "name": "extra", "match": {"name": "x"}, "tenent": "a"},
     ]
-    with pytest.raises(SpecError) as caught:
+    with pytest.raises(ConfigError) as caught:
         parse_plugin_specs(raw)
-    problems = dict(caught.value.problems)
+    problems = dict(caught.value.located)
     assert problems["plugins[1] (acme/empty).match"].startswith("empty")
     assert problems["plugins[2] (acme/image-resizer).match.cmdline"].startswith("invalid regex:")
     assert problems["plugins[3] (acme/typo).match.cmdlien"].startswith("unknown match key")
@@ -61,9 +62,9 @@ def test_errors_name_plugin_and_field_and_all_are_listed() -> None:
     assert problems["plugins[7] (acme/nomatch).match"].startswith("required")
     assert problems["plugins[8].name"].startswith("required")
     assert problems["plugins[9] (acme/extra).tenent"].startswith("unknown key")
-    assert len(caught.value.problems) == 9
+    assert len(caught.value.located) == 9
     text = str(caught.value)
-    for location, message in caught.value.problems:
+    for location, message in caught.value.located:
         assert f"{location}: {message}" in text
 
 
@@ -78,9 +79,9 @@ def test_errors_name_plugin_and_field_and_all_are_listed() -> None:
     ],
 )
 def test_bad_match_values(match: dict[str, object], field: str, message: str) -> None:
-    with pytest.raises(SpecError) as caught:
+    with pytest.raises(ConfigError) as caught:
         parse_plugin_specs([{"tenant": "t", "name": "p", "match": match}])
-    ((location, problem),) = caught.value.problems
+    ((location, problem),) = caught.value.located
     assert location == f"plugins[0] (t/p).match.{field}"
     assert problem.startswith(message)
 
@@ -89,7 +90,7 @@ def test_tenant_slug_limits() -> None:
     ok = "a" + "b" * 62
     assert parse_plugin_specs([{"tenant": ok, "name": "p", "match": {"name": "p"}}])
     for bad in ["a" + "b" * 63, "-a", "_a", "A", "a.b", ""]:
-        with pytest.raises(SpecError):
+        with pytest.raises(ConfigError):
             parse_plugin_specs([{"tenant": bad, "name": "p", "match": {"name": "p"}}])
 
 

@@ -81,7 +81,7 @@ threshold = 80
     assert settings.retention.audit == timedelta(weeks=2)  # file, same section kept
     assert settings.retention.operations == timedelta(days=30)  # default
     assert settings.alerts.external_url == "http://from-env"
-    assert settings.alerts.rules[0]["name"] == "PluginCpuHigh"  # file, same section kept
+    assert settings.alerts.rules[0].name == "PluginCpuHigh"  # file, same section kept
     assert settings.http_host == "0.0.0.0"  # noqa: S104 (the default)
 
 
