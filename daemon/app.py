@@ -28,7 +28,7 @@ from pluginmon.daemon.exporter import (
     MetricsRenderer,
     PluginCollector,
 )
-from pluginmon.daemon.http import BasicAuth, HttpServer, Readiness, tls_context
+from pluginmon.daemon.http import BasicAuth, HttpServer, ListenError, Readiness, tls_context
 from pluginmon.daemon.logs import redact
 from pluginmon.daemon.scheduling import Scheduler
 from pluginmon.daemon.spools import (
@@ -891,7 +891,13 @@ def run_daemon(config: DaemonConfig, *, version: str) -> int:
         # to them) gets here: not a graceful stop.
         logger.error("pluginmon interrupted before it could shut down gracefully")
         return EXIT_FORCED
-    except (MigrationError, EmbeddedPostgresError, SpoolLockedError, DataDirLockedError) as exc:
+    except (
+        MigrationError,
+        EmbeddedPostgresError,
+        SpoolLockedError,
+        DataDirLockedError,
+        ListenError,
+    ) as exc:
         logger.error("pluginmon cannot start: %s", redact(str(exc)))
         return 1
     except Exception:

@@ -1,4 +1,5 @@
-"""The daemon's whole configuration: settings and their sections as the collaborators' dataclasses."""
+"""The daemon's whole configuration: settings, their sections as the collaborators' dataclasses,
+and the checks of the machine that ``run`` would otherwise fail on at start."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from pathlib import Path
 from pluginmon.alerts.health import HealthConfig
 from pluginmon.alerts.rules import AlertmanagerConfig, Rule, WebhookConfig
 from pluginmon.collectors.models import PluginSpec
+from pluginmon.daemon.config_schema import ConfigError
+from pluginmon.daemon.preflight import preflight
 from pluginmon.daemon.settings import Settings, load_settings
 from pluginmon.storage.backend import Retention
 
@@ -39,5 +42,14 @@ def resolve(settings: Settings) -> DaemonConfig:
 
 
 def load(config_path: Path | None) -> DaemonConfig:
-    """Everything ``run`` needs; ConfigError lists every problem, each naming its field."""
-    return resolve(load_settings(config_path))
+    """Everything ``run`` needs, checked as ``run`` would: ConfigError lists every problem,
+    each naming its field; ``check-config`` and ``run`` share this one function."""
+    settings = load_settings(config_path)
+    problems = preflight(settings)
+    try:
+        config = resolve(settings)
+    except ConfigError as exc:
+        problems = [*exc.located, *problems]
+    if problems:
+        raise ConfigError(problems)
+    return config
