@@ -95,7 +95,8 @@ _PLAIN = {
 }
 
 
-def _number(value: object) -> str:
+def number_text(value: object) -> str:
+    """``86400`` for 86400.0, as a person writes it in the file."""
     if isinstance(value, float) and value.is_integer() and abs(value) < 1e15:
         return str(int(value))
     return str(value)
@@ -114,9 +115,9 @@ def _field_words(
     lower = None
     for m in field.metadata:
         if isinstance(m, Ge):
-            lower = f">= {_number(m.ge)}"
+            lower = f">= {number_text(m.ge)}"
         elif isinstance(m, Gt):
-            lower = f"> {_number(m.gt)}"
+            lower = f"> {number_text(m.gt)}"
     return expect, note, kind, lower
 
 
@@ -150,8 +151,8 @@ def word(error: ErrorDetails, owner: type[BaseModel] | None = None) -> str:
     if kind_of in _BOUNDS:
         bound = next(iter((error.get("ctx") or {}).values()), "?")
         if kind_of.startswith("greater"):
-            return f"must be {kind} {_BOUNDS[kind_of]} {_number(bound)}{hint}"
-        return f"must be {kind} {_BOUNDS[kind_of]} {_number(bound)}"
+            return f"must be {kind} {_BOUNDS[kind_of]} {number_text(bound)}{hint}"
+        return f"must be {kind} {_BOUNDS[kind_of]} {number_text(bound)}"
     if kind_of in _PLAIN:
         return _PLAIN[kind_of]
     return error["msg"]

@@ -37,6 +37,7 @@ from pluginmon.daemon.config_schema import (
     Location,
     Table,
     format_errors,
+    number_text,
     problems_error,
     word,
 )
@@ -141,7 +142,7 @@ def positive_up_to(high: float) -> AfterValidator:
         if not value > 0:
             raise ValueError("must be > 0")
         if value > high:
-            raise ValueError(f"must be <= {high:g}")
+            raise ValueError(f"must be <= {number_text(high)}")
         return value
 
     return AfterValidator(check)
