@@ -102,9 +102,7 @@ def number_text(value: object) -> str:
     return str(value)
 
 
-def _field_words(
-    error: ErrorDetails, field: FieldInfo | None
-) -> tuple[Expect | None, Note | None, str, str | None]:
+def _field_words(field: FieldInfo | None) -> tuple[Expect | None, Note | None, str, str | None]:
     """The field's markers, "a number" or "an integer", and its lower bound as text."""
     if field is None:
         return None, None, "a number", None
@@ -140,7 +138,7 @@ def word(error: ErrorDetails, owner: type[BaseModel] | None = None) -> str:
     if kind_of == "literal_error":
         expected = str((error.get("ctx") or {}).get("expected", ""))
         return "must be one of " + expected.replace("'", "").replace(" or ", ", ")
-    expect, note, kind, lower = _field_words(error, field)
+    expect, note, kind, lower = _field_words(field)
     hint = f" ({note.text})" if note is not None else ""
     if expect is not None and (
         kind_of in _NUMBER_TYPES or (kind_of in _PLAIN and kind_of != "finite_number")

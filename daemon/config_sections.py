@@ -92,7 +92,7 @@ class MatchTable(Table):
 
     @model_validator(mode="after")
     def _not_empty(self) -> MatchTable:
-        if not self.model_fields_set:
+        if all(getattr(self, key) is None for key in MATCH_KEYS):
             raise ValueError(f"empty: give at least one of {', '.join(MATCH_KEYS)}")
         return self
 

@@ -39,7 +39,7 @@ from pluginmon.daemon.config_schema import (
     format_errors,
     number_text,
     problems_error,
-    word,
+    reword,
 )
 from pluginmon.daemon.config_sections import AlertsTable, PluginTables
 from pluginmon.storage.backend import Retention
@@ -273,7 +273,7 @@ class Settings(BaseSettings):
         try:
             return handler(data)
         except ValidationError as exc:
-            raise problems_error((e["loc"], word(e, cls)) for e in exc.errors()) from None
+            raise reword(exc, cls) from None
 
     @field_validator("http_port")
     @classmethod

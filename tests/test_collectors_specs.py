@@ -196,3 +196,30 @@ def test_cmdline_prefilter_only_covers_patterns_it_can_combine() -> None:
     assert not pattern.search("python xx")  # spec 1 is still tried on its own
     assert cmdline_prefilter(compiled("(?i)resizer", "worker")) == (None, frozenset())
     assert cmdline_prefilter(compiled("only-one")) == (None, frozenset())
+
+
+def test_the_schema_knows_every_match_key_and_null_is_no_criterion() -> None:
+    from pluginmon.collectors.specs import MATCH_KEYS
+    from pluginmon.daemon.config_sections import MatchTable
+
+    assert tuple(MatchTable.model_fields) == MATCH_KEYS
+    with pytest.raises(ConfigError) as caught:  # JSON null (PLUGINMON_PLUGINS) matches nothing
+        parse_plugin_specs([{"tenant": "t", "name": "p", "match": {"name": None}}])
+    assert dict(caught.value.located)["plugins[0] (t/p).match"].startswith("empty")
+
+
+def test_collectors_and_alerts_keep_their_dataclasses_free_of_pydantic() -> None:
+    import ast
+    from pathlib import Path
+
+    # The config schema (daemon/) builds these dataclasses; the packages own no schema.
+    root = Path(__file__).resolve().parent.parent
+    configured = [root / "alerts" / f"{name}.py" for name in ("rules", "health", "matchers")]
+    for path in [*(root / "collectors").glob("*.py"), *configured]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            names: list[str] = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            assert not any(n.split(".")[0].startswith("pydantic") for n in names), (path, names)
