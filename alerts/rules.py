@@ -1,21 +1,18 @@
-"""Alert rules and receivers: parsing, built-in defaults, templating, and the pure rule state machine."""
+"""Alert rules and receivers: built-in defaults, templating, and the pure rule state machine."""
 
 from __future__ import annotations
 
 import hashlib
 import math
 import operator
-import re
 import string
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Final, TypeGuard
-from urllib.parse import urlsplit
+from typing import Final
 
-from pluginmon.alerts.errors import RuleError
 from pluginmon.alerts.health import MEMORY_LIMIT, HealthScore
-from pluginmon.alerts.matchers import PluginMatcher, parse_matcher
+from pluginmon.alerts.matchers import PluginMatcher
 from pluginmon.collectors.models import SAMPLE_MEASUREMENTS, PluginKey, PluginSample
 
 __all__ = [
@@ -23,18 +20,16 @@ __all__ = [
     "AlertmanagerConfig",
     "Phase",
     "Rule",
-    "RuleError",
     "Transition",
     "TransitionKind",
     "WebhookConfig",
     "alert_labels",
     "builtin_rules",
     "fingerprint",
-    "parse_alertmanager",
-    "parse_rules",
-    "parse_webhooks",
+    "merge_with_builtins",
     "render_annotations",
     "step",
+    "template_problem",
 ]
 
 OPS: Final[Mapping[str, Callable[[float, float], bool]]] = {
@@ -59,10 +54,6 @@ TEMPLATE_FIELDS: Final = frozenset(
 )
 # Labels the engine sets itself; a rule may not override them.
 RESERVED_LABELS: Final = frozenset({"alertname", "tenant", "plugin", "environment", "severity"})
-
-_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_LABEL_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_METRIC_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.:-]*$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -375,8 +366,8 @@ def render_annotations(rule: Rule, key: PluginKey, value: float | None) -> dict[
     return out
 
 
-def _check_template(template: str) -> str | None:
-    """Why ``template`` is not allowed, or None."""
+def template_problem(template: str) -> str | None:
+    """Why ``template`` cannot be an annotation, or None (render_annotations must not fail)."""
     try:
         fields = list(string.Formatter().parse(template))
     except ValueError as exc:
@@ -483,176 +474,6 @@ def merge_with_builtins(rules: Iterable[Rule]) -> tuple[Rule, ...]:
     return tuple(r for r in builtin_rules() if r.name not in names) + tuple(user)
 
 
-# --- parsing ----------------------------------------------------------------------------------
-
-_RULE_FIELDS: Final = frozenset(
-    {
-        "name",
-        "metric",
-        "op",
-        "threshold",
-        "clear_threshold",
-        "for_seconds",
-        "keep_firing_for_seconds",
-        "severity",
-        "labels",
-        "annotations",
-        "matchers",
-    }
-)
-
-
-def parse_rules(
-    raw: Sequence[Mapping[str, object]] | None, *, include_builtins: bool = True
-) -> tuple[Rule, ...]:
-    """``[[alerts.rules]]`` tables as Rules, merged over the built-in defaults.
-
-    Raises RuleError listing every problem, located like ``alerts.rules[1] (PluginCpuHigh).op``
-    (indexes count from 0, as in the TOML array).
-    """
-    problems: list[tuple[str, str]] = []
-    rules: list[Rule] = []
-    seen: dict[str, int] = {}
-    entries: Sequence[object] = [] if raw is None else raw
-    if isinstance(raw, str | bytes) or not isinstance(entries, Sequence):
-        raise RuleError([("alerts.rules", "must be an array of tables")])
-    for i, entry in enumerate(entries):
-        name = entry.get("name") if isinstance(entry, Mapping) else None
-        where = f"alerts.rules[{i}]" + (f" ({name})" if isinstance(name, str) and name else "")
-        if not isinstance(entry, Mapping):
-            problems.append((where, "must be a table"))
-            continue
-        rule = _parse_rule(entry, where, problems)
-        if rule is None:
-            continue
-        if rule.name in seen:
-            problems.append((f"{where}.name", f"duplicate of alerts.rules[{seen[rule.name]}]"))
-            continue
-        seen[rule.name] = i
-        rules.append(rule)
-    if problems:
-        raise RuleError(problems)
-    return merge_with_builtins(rules) if include_builtins else tuple(rules)
-
-
-def _parse_rule(
-    entry: Mapping[str, object], where: str, problems: list[tuple[str, str]]
-) -> Rule | None:
-    before = len(problems)
-    for key in entry:
-        if key not in _RULE_FIELDS:
-            problems.append((f"{where}.{key}", "unknown field"))
-    name = entry.get("name")
-    if not isinstance(name, str) or not _NAME_RE.match(name):
-        problems.append(
-            (f"{where}.name", "required: letters, digits and _, not starting with a digit")
-        )
-    metric = entry.get("metric")
-    if not isinstance(metric, str) or not _METRIC_RE.match(metric):
-        problems.append(
-            (
-                f"{where}.metric",
-                "required: a sample field (e.g. cpu_percent, rss_bytes, up), health_score, "
-                "or a plugin_metrics metric_name",
-            )
-        )
-    op = entry.get("op")
-    if op not in OPS:
-        problems.append((f"{where}.op", "must be one of " + " ".join(OPS)))
-    threshold = entry.get("threshold")
-    if not _is_number(threshold):
-        problems.append((f"{where}.threshold", "required number"))
-    clear = entry.get("clear_threshold")
-    if clear is not None:
-        if not _is_number(clear):
-            problems.append((f"{where}.clear_threshold", "must be a number"))
-        elif _is_number(threshold) and op in OPS:
-            if op in ("==", "!="):
-                problems.append((f"{where}.clear_threshold", f"not meaningful with op {op}"))
-            elif op in (">", ">=") and clear > threshold:
-                problems.append(
-                    (
-                        f"{where}.clear_threshold",
-                        f"must be <= threshold ({threshold:g}) for op {op}",
-                    )
-                )
-            elif op in ("<", "<=") and clear < threshold:
-                problems.append(
-                    (
-                        f"{where}.clear_threshold",
-                        f"must be >= threshold ({threshold:g}) for op {op}",
-                    )
-                )
-    durations: dict[str, float] = {}
-    for key in ("for_seconds", "keep_firing_for_seconds"):
-        value = entry.get(key, 0)
-        if not _is_number(value) or value < 0:
-            problems.append((f"{where}.{key}", "must be a number of seconds >= 0"))
-        else:
-            durations[key] = float(value)
-    severity = entry.get("severity", "warning")
-    if severity not in SEVERITIES:
-        problems.append((f"{where}.severity", "must be one of " + ", ".join(SEVERITIES)))
-    labels = _parse_str_table(entry.get("labels", {}), f"{where}.labels", problems, labels=True)
-    annotations = _parse_str_table(
-        entry.get("annotations", {}), f"{where}.annotations", problems, labels=False
-    )
-    for aname, template in annotations.items():
-        why = _check_template(template)
-        if why is not None:
-            problems.append((f"{where}.annotations.{aname}", why))
-    matchers: list[PluginMatcher] = []
-    raw_matchers = entry.get("matchers", [])
-    if isinstance(raw_matchers, Mapping):
-        raw_matchers = [raw_matchers]
-    if not isinstance(raw_matchers, Sequence) or isinstance(raw_matchers, str):
-        problems.append(
-            (f"{where}.matchers", "must be an array of {tenant, plugin, environment} globs")
-        )
-    else:
-        for j, m in enumerate(raw_matchers):
-            matchers.append(parse_matcher(m, f"{where}.matchers[{j}]", problems))
-    if len(problems) > before:
-        return None
-    assert isinstance(name, str)
-    assert isinstance(metric, str)
-    assert isinstance(op, str)
-    assert _is_number(threshold)
-    assert isinstance(severity, str)
-    return Rule(
-        name=name,
-        metric=metric,
-        op=op,
-        threshold=float(threshold),
-        clear_threshold=None if clear is None else float(clear),  # type: ignore[arg-type]
-        for_seconds=durations["for_seconds"],
-        keep_firing_for_seconds=durations["keep_firing_for_seconds"],
-        severity=severity,
-        labels=labels,
-        annotations=annotations,
-        matchers=tuple(matchers),
-    )
-
-
-def _parse_str_table(
-    value: object, where: str, problems: list[tuple[str, str]], *, labels: bool
-) -> dict[str, str]:
-    if not isinstance(value, Mapping):
-        problems.append((where, 'must be a table of name = "string"'))
-        return {}
-    out: dict[str, str] = {}
-    for k, v in value.items():
-        if not isinstance(k, str) or not _LABEL_RE.match(k):
-            problems.append((f"{where}.{k}", "name must be letters, digits and _"))
-        elif labels and k in RESERVED_LABELS:
-            problems.append((f"{where}.{k}", "is set by pluginmon and cannot be overridden"))
-        elif not isinstance(v, str):
-            problems.append((f"{where}.{k}", "must be a string"))
-        else:
-            out[k] = v
-    return out
-
-
 # --- receivers --------------------------------------------------------------------------------
 
 
@@ -690,176 +511,3 @@ class AlertmanagerConfig:
     max_attempts: int | None = None
     backoff_initial_seconds: float = 1.0
     backoff_max_seconds: float = 60.0
-
-
-_WEBHOOK_FLOATS: Final = (
-    "timeout_seconds",
-    "repeat_interval_seconds",
-    "backoff_initial_seconds",
-    "backoff_max_seconds",
-)
-
-
-def parse_webhooks(raw: Sequence[Mapping[str, object]] | None) -> tuple[WebhookConfig, ...]:
-    """``[[alerts.webhooks]]`` tables. ``secret`` may be a str or a pydantic SecretStr.
-
-    Raises RuleError listing every problem (the secret's value is never included).
-    """
-    problems: list[tuple[str, str]] = []
-    out: list[WebhookConfig] = []
-    names: set[str] = set()
-    for i, entry in enumerate(raw or ()):
-        where = f"alerts.webhooks[{i}]"
-        if not isinstance(entry, Mapping):
-            problems.append((where, "must be a table"))
-            continue
-        before = len(problems)
-        allowed = {
-            "name",
-            "url",
-            "secret",
-            "send_resolved",
-            "max_attempts",
-            "give_up_after_seconds",
-            *_WEBHOOK_FLOATS,
-        }
-        for key in entry:
-            if key not in allowed:
-                problems.append((f"{where}.{key}", "unknown field"))
-        url = entry.get("url")
-        _check_url(url, f"{where}.url", problems)
-        name = entry.get("name", f"webhook-{i}")
-        if not isinstance(name, str) or not name:
-            problems.append((f"{where}.name", "must be a non-empty string"))
-        elif name in names:
-            problems.append((f"{where}.name", f"duplicate receiver name {name!r}"))
-        secret = _secret_value(entry.get("secret"))
-        if secret is False:
-            problems.append((f"{where}.secret", "must be a string"))
-        floats = _parse_positive_floats(entry, _WEBHOOK_FLOATS, where, problems)
-        send_resolved = entry.get("send_resolved", True)
-        if not isinstance(send_resolved, bool):
-            problems.append((f"{where}.send_resolved", "must be true or false"))
-        max_attempts = _parse_max_attempts(entry, where, problems)
-        give_up = _parse_give_up(entry, where, problems)
-        if len(problems) > before:
-            continue
-        assert isinstance(name, str)
-        assert isinstance(url, str)
-        names.add(name)
-        out.append(
-            WebhookConfig(
-                name=name,
-                url=url,
-                secret=secret or None,  # type: ignore[arg-type]
-                send_resolved=bool(send_resolved),
-                max_attempts=max_attempts,
-                give_up_after_seconds=give_up,
-                **floats,
-            )
-        )
-    if problems:
-        raise RuleError(problems)
-    return tuple(out)
-
-
-def parse_alertmanager(raw: Mapping[str, object] | None) -> AlertmanagerConfig | None:
-    """``[alerts.alertmanager]`` (None or a table without url = no Alertmanager push)."""
-    if raw is None or (isinstance(raw, Mapping) and not raw):
-        return None
-    where = "alerts.alertmanager"
-    if not isinstance(raw, Mapping):
-        raise RuleError([(where, "must be a table with url")])
-    problems: list[tuple[str, str]] = []
-    floats_names = (
-        "timeout_seconds",
-        "resend_interval_seconds",
-        "backoff_initial_seconds",
-        "backoff_max_seconds",
-    )
-    for key in raw:
-        if key not in {"url", "name", "max_attempts", "give_up_after_seconds", *floats_names}:
-            problems.append((f"{where}.{key}", "unknown field"))
-    url = raw.get("url")
-    _check_url(url, f"{where}.url", problems)
-    name = raw.get("name", "alertmanager")
-    if not isinstance(name, str) or not name:
-        problems.append((f"{where}.name", "must be a non-empty string"))
-    max_attempts = _parse_max_attempts(raw, where, problems)
-    give_up = _parse_give_up(raw, where, problems)
-    floats = _parse_positive_floats(raw, floats_names, where, problems)
-    if problems:
-        raise RuleError(problems)
-    assert isinstance(url, str)
-    assert isinstance(name, str)
-    return AlertmanagerConfig(
-        url=url.rstrip("/"),
-        name=name,
-        max_attempts=max_attempts,
-        give_up_after_seconds=give_up,
-        **floats,
-    )
-
-
-def _parse_max_attempts(
-    entry: Mapping[str, object], where: str, problems: list[tuple[str, str]]
-) -> int | None:
-    """Optional cap on attempts (absent = unlimited: give_up_after_seconds decides)."""
-    value = entry.get("max_attempts")
-    if value is None:
-        return None
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        problems.append((f"{where}.max_attempts", "must be an integer >= 1"))
-        return None
-    return value
-
-
-def _parse_give_up(
-    entry: Mapping[str, object], where: str, problems: list[tuple[str, str]]
-) -> float:
-    value = entry.get("give_up_after_seconds", 86400.0)
-    if not _is_number(value) or value < 0:
-        problems.append((f"{where}.give_up_after_seconds", "must be a number >= 0 (0 = never)"))
-        return 86400.0
-    return float(value)
-
-
-def _check_url(url: object, where: str, problems: list[tuple[str, str]]) -> None:
-    if not isinstance(url, str) or not url:
-        problems.append((where, "required: an http:// or https:// URL"))
-        return
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        problems.append((where, "must be an http:// or https:// URL"))
-
-
-def _parse_positive_floats(
-    entry: Mapping[str, object],
-    names: Iterable[str],
-    where: str,
-    problems: list[tuple[str, str]],
-) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for key in names:
-        if key not in entry:
-            continue
-        value = entry[key]
-        if not _is_number(value) or value <= 0:
-            problems.append((f"{where}.{key}", "must be a number > 0"))
-        else:
-            out[key] = float(value)
-    return out
-
-
-def _secret_value(value: object) -> str | bool | None:
-    """The secret as str, None when unset, False when it has the wrong type."""
-    if value is None:
-        return None
-    getter = getattr(value, "get_secret_value", None)
-    if callable(getter):
-        value = getter()
-    return value if isinstance(value, str) else False
-
-
-def _is_number(value: object) -> TypeGuard[int | float]:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)

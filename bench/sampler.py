@@ -42,7 +42,7 @@ from bench.scratch import free_port
 from pluginmon.collectors.procfs import CLOCK_TICKS_PER_SECOND, ProcfsSource
 from pluginmon.collectors.psutil_source import PsutilSource
 from pluginmon.collectors.sampler import Sampler
-from pluginmon.collectors.specs import parse_plugin_specs
+from pluginmon.daemon.config_sections import parse_plugin_specs
 
 EXPORTER = "prometheus-process-exporter"
 # Unique per run, so two runs at once (or other processes) never join each other's groups.

@@ -16,7 +16,7 @@ from pluginmon.collectors.sampler import DEFAULT_FIELDS, Sampler
 from pluginmon.daemon.config import DaemonConfig
 from pluginmon.daemon.coordinator import Coordinator, Heartbeat
 from pluginmon.daemon.exporter import DaemonMetrics, ExporterState, MetricsRenderer, PluginCollector
-from pluginmon.daemon.http import BasicAuth, HttpServer, Readiness, tls_context
+from pluginmon.daemon.http import BasicAuth, HttpServer, ListenError, Readiness, tls_context
 from pluginmon.daemon.lifecycle import (
     DRAIN_JOBS,
     FINAL_DELIVERY,
@@ -357,5 +357,11 @@ def run_daemon(config: DaemonConfig, *, version: str) -> int:
     return run_until_signalled(
         # Built inside the event loop run_until_signalled starts (the scheduler binds to it).
         lambda stop: Daemon(config, version=version).run(stop),
-        cannot_start=(MigrationError, EmbeddedPostgresError, SpoolLockedError, DataDirLockedError),
+        cannot_start=(
+            MigrationError,
+            EmbeddedPostgresError,
+            SpoolLockedError,
+            DataDirLockedError,
+            ListenError,
+        ),
     )

@@ -94,20 +94,12 @@ def _check_config(config: Path | None) -> int:
 def _migrate(config: Path | None) -> int:
     from pluginmon.daemon.logs import configure_logging
     from pluginmon.daemon.settings import load_settings
-    from pluginmon.storage.backend import (
-        Retention,
-    )
-    from pluginmon.storage.engines import (
-        prepare_database,
-    )
+    from pluginmon.storage.engines import prepare_database
     from pluginmon.storage.migrate import Backend, MigrationError
 
     try:
         settings = load_settings(config)
-        try:
-            retention = Retention(**dict(settings.retention))
-        except ValueError as exc:
-            raise ConfigError([str(exc)]) from None
+        retention = settings.retention.to_retention()
     except ConfigError as exc:
         _print_problems(exc)
         return EXIT_CONFIG

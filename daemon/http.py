@@ -8,6 +8,7 @@ import binascii
 import hashlib
 import hmac
 import logging
+import os
 import ssl
 import zlib
 from collections.abc import Awaitable, Callable
@@ -30,6 +31,10 @@ class MetricsSource(Protocol):
     def render_chunks(self, accept: str | None) -> tuple[list[bytes], str]:
         """Blocking: the exposition body, in chunks, and its content type."""
         ...
+
+
+class ListenError(RuntimeError):
+    """The server cannot listen on its host:port (in use, not an address of this machine)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,6 +186,11 @@ class HttpServer:
         try:
             site = web.TCPSite(runner, self._host, self._port, ssl_context=self._ssl_context)
             await site.start()
+        except OSError as exc:
+            await runner.cleanup()
+            # One line for the operator, not asyncio's "error while attempting to bind ...".
+            reason = os.strerror(exc.errno) if exc.errno else str(exc)
+            raise ListenError(f"cannot listen on {self._host}:{self._port}: {reason}") from exc
         except BaseException:
             await runner.cleanup()
             raise

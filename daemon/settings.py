@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import ipaddress
+import math
 import os
 import re
 import socket
 import tomllib
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, ClassVar, Literal, Self
 
 from pydantic import (
-    BaseModel,
-    ConfigDict,
+    AfterValidator,
+    BeforeValidator,
     Field,
+    ModelWrapValidatorHandler,
     SecretStr,
     ValidationError,
     field_validator,
@@ -26,6 +29,32 @@ from pydantic_settings import (
     SettingsError,
 )
 
+from pluginmon.daemon.config_health import HealthTable
+from pluginmon.daemon.config_schema import (
+    DAY,
+    HOUR,
+    ConfigError,
+    Location,
+    Table,
+    format_errors,
+    number_text,
+    problems_error,
+    reword,
+)
+from pluginmon.daemon.config_sections import AlertsTable, PluginTables
+from pluginmon.storage.backend import Retention
+
+__all__ = [
+    "ENV_PREFIX",
+    "OPTIONAL_FIELDS",
+    "ConfigError",
+    "RetentionSettings",
+    "Settings",
+    "load_settings",
+    "parse_duration",
+    "read_config_file",
+]
+
 ENV_PREFIX = "PLUGINMON_"
 
 # Settings that hold a secret must come from the environment, never from a file that is
@@ -36,33 +65,31 @@ OPTIONAL_FIELDS = ("uss", "swap", "fds", "io", "ctx_switches")
 
 _DURATION_RE = re.compile(r"^\s*(?P<value>\d+(?:\.\d+)?)\s*(?P<unit>s|m|h|d|w)?\s*$")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-
-
-class ConfigError(Exception):
-    """The configuration is invalid; ``problems`` lists every problem, each naming its field."""
-
-    def __init__(self, problems: list[str] | tuple[str, ...]) -> None:
-        self.problems = tuple(problems)
-        super().__init__("; ".join(self.problems))
+_MAX_DURATION = timedelta(days=36500)  # a century: beyond it a retention is a typo
+_DURATION = "must be a duration such as '90d', '12h' or a number of seconds"
 
 
 def parse_duration(value: object) -> timedelta:
     """``"90d"``, ``"12h"``, ``"30m"``, ``"45s"``, ``"2w"`` or a number of seconds."""
     if isinstance(value, timedelta):
-        return value
-    if isinstance(value, bool):
-        raise ValueError("must be a duration such as '90d', '12h' or a number of seconds")
-    if isinstance(value, int | float):
+        seconds = value.total_seconds()
+    elif isinstance(value, bool):
+        raise ValueError(_DURATION)
+    elif isinstance(value, int | float):
         seconds = float(value)
     elif isinstance(value, str):
         match = _DURATION_RE.match(value)
         if match is None:
-            raise ValueError("must be a duration such as '90d', '12h' or a number of seconds")
+            raise ValueError(_DURATION)
         seconds = float(match["value"]) * _UNIT_SECONDS[match["unit"] or "s"]
     else:
-        raise ValueError("must be a duration such as '90d', '12h' or a number of seconds")
+        raise ValueError(_DURATION)
+    if not math.isfinite(seconds):
+        raise ValueError("must be a finite duration")
     if seconds <= 0:
         raise ValueError("must be > 0")
+    if seconds > _MAX_DURATION.total_seconds():
+        raise ValueError(f"must be at most {_MAX_DURATION.days}d")
     return timedelta(seconds=seconds)
 
 
@@ -72,12 +99,10 @@ def default_data_dir() -> Path:
     return base / "pluginmon"
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class RetentionSettings(_Section):
+class RetentionSettings(Table):
     """How long each kind of data is kept (seed defaults)."""
+
+    unknown_key: ClassVar[str] = "unknown setting"
 
     samples: timedelta = timedelta(days=90)
     metrics: timedelta = timedelta(days=90)
@@ -93,126 +118,162 @@ class RetentionSettings(_Section):
     def _duration(cls, value: object) -> timedelta:
         return parse_duration(value)
 
-
-class WebhookSettings(_Section):
-    """One webhook receiver; the secret signs the body (HMAC-SHA256) and is never printed."""
-
-    model_config = ConfigDict(extra="allow", frozen=True)
-
-    # Validated (with every other webhook field) by alerts.rules.parse_webhooks.
-    url: str | None = None
-    secret: SecretStr | None = None
-
-    def as_table(self) -> dict[str, Any]:
-        """The table for parse_webhooks; the secret stays a SecretStr."""
-        table = {k: v for k, v in self.model_dump().items() if v is not None}
-        if self.secret is not None:
-            table["secret"] = self.secret
-        return table
+    def to_retention(self) -> Retention:
+        """The storage layer's Retention, which has rules of its own; ConfigError names the field."""
+        try:
+            return Retention(**dict(self))
+        except ValueError as exc:
+            # "retention.samples must be at least 2 day(s) ...": the field, then the problem
+            match = re.match(r"^(retention\.\w+) (.*)$", str(exc), re.DOTALL)
+            raise ConfigError(
+                [(match[1], match[2]) if match else ("retention", str(exc))]
+            ) from None
 
 
-class AlertsSettings(_Section):
-    # Rules are validated by alerts.rules.parse_rules (errors name the rule and field).
-    rules: list[dict[str, Any]] = Field(default_factory=list)
-    webhooks: list[WebhookSettings] = Field(default_factory=list)
-    alertmanager: dict[str, Any] | None = None  # parsed by alerts.rules.parse_alertmanager
-    builtin_rules: bool = True
-    external_url: str | None = None
+# -- numbers, paths and hosts ------------------------------------------------------------------
+
+
+def positive_up_to(high: float) -> AfterValidator:
+    """> 0 and at most ``high``: a zero interval spins, 1e308 s overflows the scheduler."""
+
+    def check(value: float | None) -> float | None:
+        if value is None:
+            return None
+        if not value > 0:
+            raise ValueError("must be > 0")
+        if value > high:
+            raise ValueError(f"must be <= {number_text(high)}")
+        return value
+
+    return AfterValidator(check)
+
+
+Finite = Field(allow_inf_nan=False)
+
+
+def _path(value: object) -> object:
+    """A path from the file or the environment; "" would silently mean the working directory."""
+    if isinstance(value, str):
+        if not value.strip():
+            raise ValueError("must not be empty")
+        return Path(value)
+    return value
+
+
+def _data_dir(value: Path) -> Path:
+    # The environment's "" arrives as Path("") == Path("."): refused the same way.
+    if value == Path():
+        raise ValueError('must not be empty or "." (the working directory)')
+    return value
+
+
+_HOST_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
+
+
+def check_host(value: str) -> str:
+    """An IP address or a DNS name (RFC 1123); whether it resolves is checked before start."""
+    if not value:
+        raise ValueError('must not be empty ("0.0.0.0" listens on every interface)')
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        labels = value.removesuffix(".").split(".")
+        if (
+            len(value) > 253
+            or not all(_HOST_LABEL.match(label) for label in labels)
+            or labels[-1].isdigit()  # "999.1.1.1" is neither an address nor a name
+        ):
+            raise ValueError(f"{value!r} is not an IP address or a host name") from None
+    return value
+
+
+PathSetting = Annotated[Path, BeforeValidator(_path)]
 
 
 class Settings(BaseSettings):
-    """Every daemon setting. Precedence: environment > TOML file > defaults."""
+    """Every daemon setting. Precedence: environment > TOML file > defaults.
+
+    Types are strict: the file's values must have the type of their setting (``http_port =
+    true`` is an error, not 1). The environment is text: pydantic-settings converts it to the
+    setting's type first (strict mode does that), so ``PLUGINMON_HTTP_PORT=9500`` is a number.
+    """
 
     model_config = SettingsConfigDict(
         env_prefix=ENV_PREFIX,
         env_nested_delimiter="__",
         extra="forbid",
         frozen=True,
+        strict=True,
         validate_default=True,
     )
+    unknown_key: ClassVar[str] = "unknown setting"
 
     # -- database ----------------------------------------------------------------------------
     database_url: SecretStr | None = None  # unset = the embedded server under data_dir
     backend: Literal["auto", "postgres", "timescaledb"] = "auto"
-    data_dir: Path = Field(default_factory=default_data_dir)
+    data_dir: Annotated[PathSetting, AfterValidator(_data_dir)] = Field(
+        default_factory=default_data_dir
+    )
     # The pool opens with no connection (min size 0), so start-up never waits on it.
-    database_pool_max_size: int = Field(default=4, ge=1)
+    database_pool_max_size: Annotated[int, positive_up_to(100)] = 4
 
     # -- sampling ----------------------------------------------------------------------------
-    sample_interval_seconds: float = 10.0
+    sample_interval_seconds: Annotated[float, Finite, positive_up_to(HOUR)] = 10.0
     label_discovery: bool = True
     collect_fields: tuple[str, ...] = ()  # opt-in costlier fields, see OPTIONAL_FIELDS
     host: str = Field(default_factory=socket.gethostname)
-    proc_root: Path = Path("/proc")
-    plugins: list[dict[str, Any]] = Field(default_factory=list)  # parsed by collectors.specs
-    plugin_grace_seconds: float = 300.0  # a plugin unseen this long leaves /metrics
+    proc_root: PathSetting = Path("/proc")
+    plugins: PluginTables = ()
+    # A plugin unseen this long leaves /metrics.
+    plugin_grace_seconds: Annotated[float, Finite, positive_up_to(7 * DAY)] = 300.0
 
     # -- writer and spool --------------------------------------------------------------------
-    flush_interval_seconds: float = 2.0  # a batch waits at most this long before COPY
-    flush_max_rows: int = 5000  # ... or is written as soon as it holds this many rows
-    writer_queue_max_rows: int = 100_000  # bounded memory queue in front of the COPY
-    spool_max_bytes: int = 1024 * 1024 * 1024  # disk spool cap while the database is away
+    # A batch waits at most this long before its COPY, or is written as soon as it is full.
+    flush_interval_seconds: Annotated[float, Finite, positive_up_to(HOUR)] = 2.0
+    flush_max_rows: Annotated[int, positive_up_to(1_000_000)] = 5000
+    # The bounded memory queue in front of the COPY, and the disk spool while the database is away.
+    writer_queue_max_rows: Annotated[int, positive_up_to(10_000_000)] = 100_000
+    spool_max_bytes: Annotated[int, positive_up_to(1 << 40)] = 1024 * 1024 * 1024
 
     # -- jobs ----------------------------------------------------------------------------------
-    evaluate_interval_seconds: float | None = None  # default: the sample interval
+    # Default: the sample interval.
+    evaluate_interval_seconds: Annotated[float | None, Finite, positive_up_to(HOUR)] = None
     # Poll for due notifications (retries); fresh ones are delivered right after evaluation.
-    outbox_interval_seconds: float = 5.0
+    outbox_interval_seconds: Annotated[float, Finite, positive_up_to(HOUR)] = 5.0
     # Rollups on PostgreSQL lag raw samples by at most this; an idle pass takes ~0.1 s.
-    maintenance_interval_seconds: float = 60.0
-    misfire_grace_seconds: float = 30.0
+    maintenance_interval_seconds: Annotated[float, Finite, positive_up_to(DAY)] = 60.0
+    misfire_grace_seconds: Annotated[float, Finite, positive_up_to(DAY)] = 30.0
     retention: RetentionSettings = Field(default_factory=RetentionSettings)
 
     # -- health and alerts ---------------------------------------------------------------------
-    # Weights and thresholds for the health score; validated by the alerts package.
-    health: dict[str, Any] = Field(default_factory=dict)
-    alerts: AlertsSettings = Field(default_factory=AlertsSettings)
+    health: HealthTable = Field(default_factory=HealthTable)
+    alerts: AlertsTable = Field(default_factory=AlertsTable)
 
     # -- HTTP ------------------------------------------------------------------------------------
     # All interfaces, as Prometheus exporters do: Prometheus usually scrapes from another host.
     # Set 127.0.0.1 to keep the endpoint local.
-    http_host: str = "0.0.0.0"  # noqa: S104
+    http_host: Annotated[str, AfterValidator(check_host)] = "0.0.0.0"  # noqa: S104
     http_port: int = 9464
     http_auth_username: str | None = None
     http_auth_password: SecretStr | None = None  # environment only
     http_auth_password_sha256: str | None = None  # hex digest, may live in the file
     # Basic auth on /healthz and /readyz too (orchestrator probes then need credentials).
     http_auth_probes: bool = False
-    http_tls_cert_file: Path | None = None
-    http_tls_key_file: Path | None = None
+    http_tls_cert_file: PathSetting | None = None
+    http_tls_key_file: PathSetting | None = None
 
     # -- process ---------------------------------------------------------------------------------
     log_format: Literal["text", "json"] = "text"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
-    shutdown_deadline_seconds: float = 10.0
+    shutdown_deadline_seconds: Annotated[float, Finite, positive_up_to(HOUR)] = 10.0
 
-    @field_validator(
-        "sample_interval_seconds",
-        "plugin_grace_seconds",
-        "flush_interval_seconds",
-        "outbox_interval_seconds",
-        "maintenance_interval_seconds",
-        "misfire_grace_seconds",
-        "shutdown_deadline_seconds",
-    )
+    @model_validator(mode="wrap")
     @classmethod
-    def _positive(cls, value: float) -> float:
-        if not value > 0:
-            raise ValueError("must be > 0")
-        return value
-
-    @field_validator("evaluate_interval_seconds")
-    @classmethod
-    def _positive_or_none(cls, value: float | None) -> float | None:
-        if value is not None and not value > 0:
-            raise ValueError("must be > 0")
-        return value
-
-    @field_validator("flush_max_rows", "writer_queue_max_rows", "spool_max_bytes")
-    @classmethod
-    def _positive_int(cls, value: int) -> int:
-        if value <= 0:
-            raise ValueError("must be > 0")
-        return value
+    def _worded(cls, data: Any, handler: ModelWrapValidatorHandler[Self]) -> Self:
+        try:
+            return handler(data)
+        except ValidationError as exc:
+            raise reword(exc, cls) from None
 
     @field_validator("http_port")
     @classmethod
@@ -237,6 +298,7 @@ class Settings(BaseSettings):
                 raise ValueError(
                     f"unknown field(s) {', '.join(unknown)}; choose from {', '.join(OPTIONAL_FIELDS)}"
                 )
+            return tuple(value)
         return value
 
     @field_validator("database_url")
@@ -261,22 +323,23 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _cross_field(self) -> Settings:
-        problems: list[str] = []
+        problems: list[tuple[Location, str]] = []
         has_password = self.http_auth_password is not None or self.http_auth_password_sha256
         if self.http_auth_username and not has_password:
             problems.append(
-                "http_auth_username: needs PLUGINMON_HTTP_AUTH_PASSWORD or http_auth_password_sha256"
+                (
+                    ("http_auth_username",),
+                    "needs PLUGINMON_HTTP_AUTH_PASSWORD or http_auth_password_sha256",
+                )
             )
         if has_password and not self.http_auth_username:
-            problems.append("http_auth_password: set http_auth_username too")
+            problems.append((("http_auth_password",), "set http_auth_username too"))
         if (self.http_tls_cert_file is None) != (self.http_tls_key_file is None):
-            problems.append("http_tls_cert_file: set both http_tls_cert_file and http_tls_key_file")
-        for name in ("http_tls_cert_file", "http_tls_key_file"):
-            path = getattr(self, name)
-            if path is not None and not Path(path).is_file():
-                problems.append(f"{name}: no such file: {path}")
+            problems.append(
+                (("http_tls_cert_file",), "set both http_tls_cert_file and http_tls_key_file")
+            )
         if problems:
-            raise ValueError("\n".join(problems))
+            raise problems_error(problems)
         return self
 
     @classmethod
@@ -311,38 +374,7 @@ class Settings(BaseSettings):
         return self.database_url is None
 
 
-def _format_location(loc: tuple[int | str, ...]) -> str:
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        else:
-            out += ("." if out else "") + str(part)
-    return out or "config"
-
-
-def _format_errors(error: ValidationError) -> list[str]:
-    problems: list[str] = []
-    for item in error.errors(include_url=False, include_input=False):
-        loc = tuple(
-            p for p in item["loc"] if not (isinstance(p, str) and p.startswith("function-"))
-        )
-        where = _format_location(loc)
-        kind = item["type"]
-        message = str(item["msg"])
-        if kind == "extra_forbidden":
-            message = "unknown setting"
-        elif kind == "missing":
-            message = "required"
-        elif message.startswith("Value error, "):
-            message = message.removeprefix("Value error, ")
-        for line in message.splitlines():
-            # Cross-field problems already carry their field name.
-            if loc == () and ":" in line:
-                problems.append(line)
-            else:
-                problems.append(f"{where}: {line}")
-    return problems
+# -- loading -------------------------------------------------------------------------------------
 
 
 def read_config_file(path: Path) -> dict[str, Any]:
@@ -351,15 +383,26 @@ def read_config_file(path: Path) -> dict[str, Any]:
         with Path(path).open("rb") as handle:
             data = tomllib.load(handle)
     except FileNotFoundError:
-        raise ConfigError([f"--config: no such file: {path}"]) from None
+        raise ConfigError([("--config", f"no such file: {path}")]) from None
     except IsADirectoryError:
-        raise ConfigError([f"--config: is a directory: {path}"]) from None
+        raise ConfigError([("--config", f"is a directory: {path}")]) from None
     except PermissionError:
-        raise ConfigError([f"--config: permission denied: {path}"]) from None
+        raise ConfigError([("--config", f"permission denied: {path}")]) from None
+    except OSError as exc:
+        raise ConfigError([("--config", f"cannot read {path}: {exc.strerror}")]) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            [
+                (
+                    "--config",
+                    f"{path}: not UTF-8 (byte 0x{exc.object[exc.start]:02x} at offset {exc.start})",
+                )
+            ]
+        ) from None
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError([f"--config: {path}: invalid TOML: {exc}"]) from None
+        raise ConfigError([("--config", f"{path}: invalid TOML: {exc}")]) from None
     problems = [
-        f"{name}: must not be set in the config file; set {ENV_PREFIX}{name.upper()} instead"
+        (name, f"must not be set in the config file; set {ENV_PREFIX}{name.upper()} instead")
         for name in _ENV_ONLY
         if name in data
     ]
@@ -374,10 +417,10 @@ def load_settings(config_path: Path | None = None) -> Settings:
     try:
         return Settings(**file_values)
     except ValidationError as exc:
-        raise ConfigError(_format_errors(exc)) from None
+        raise ConfigError(format_errors(exc)) from None
     except SettingsError as exc:
         match = re.search(r'field "(?P<field>[^"]+)"', str(exc))
         field = match["field"] if match else "environment"
         raise ConfigError(
-            [f"{field}: cannot parse {ENV_PREFIX}{field.upper()} (complex values must be JSON)"]
+            [(field, f"cannot parse {ENV_PREFIX}{field.upper()} (complex values must be JSON)")]
         ) from None

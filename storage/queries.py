@@ -28,7 +28,7 @@ SELECT id FROM existing UNION ALL SELECT id FROM created
 
 
 def check_tenant_slug(tenant: str) -> str:
-    if not TENANT_SLUG_RE.match(tenant):
+    if not TENANT_SLUG_RE.fullmatch(tenant):
         raise ValueError(
             f"tenant {tenant!r} is not a valid slug (lower-case letters, digits, '_' and '-', "
             "starting with a letter or digit, at most 63 characters)"

@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from pluginmon.collectors.models import PluginKey, PluginSample, PluginSpec, Snapshot
-from pluginmon.collectors.specs import parse_plugin_specs
+from pluginmon.daemon.config_sections import parse_plugin_specs
 
 PY = sys.executable
 

@@ -12,10 +12,11 @@ import asyncpg
 import pytest
 
 from pluginmon.alerts.engine import AlertEngine
-from pluginmon.alerts.health import parse_health_config
 from pluginmon.alerts.outbox import OutboxDeliverer
-from pluginmon.alerts.rules import Rule, WebhookConfig, parse_rules
+from pluginmon.alerts.rules import Rule, WebhookConfig
 from pluginmon.collectors.models import PluginKey
+from pluginmon.daemon.config_health import parse_health_config
+from pluginmon.daemon.config_sections import parse_rules
 from pluginmon.storage import alert_store
 from tests.alerts_helpers import (
     T0,

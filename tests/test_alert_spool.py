@@ -17,8 +17,9 @@ import pytest
 
 from pluginmon.alerts.engine import AlertEngine, EvaluationReport
 from pluginmon.alerts.outbox import OutboxDeliverer
-from pluginmon.alerts.rules import WebhookConfig, parse_rules
+from pluginmon.alerts.rules import WebhookConfig
 from pluginmon.collectors.models import PluginKey
+from pluginmon.daemon.config_sections import parse_rules
 from pluginmon.storage import alert_store
 from pluginmon.storage.errors import TRANSIENT_ERRORS
 from tests.alerts_helpers import FakeClock, Receiver, TcpProxy, plugin_ids, plugin_sample, snapshot

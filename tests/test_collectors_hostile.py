@@ -45,8 +45,9 @@ from pluginmon.collectors.patterns import (
 )
 from pluginmon.collectors.psutil_source import PsutilSource
 from pluginmon.collectors.sampler import Sampler
-from pluginmon.collectors.specs import SpecError, parse_plugin_specs
 from pluginmon.collectors.stats import DISCOVERY_LOG_INTERVAL_SECONDS, DiscoveryStats, LogRateLimit
+from pluginmon.daemon.config_schema import ConfigError
+from pluginmon.daemon.config_sections import parse_plugin_specs
 from tests.collector_helpers import IDLE, PY, cmdline_spec, sample_of
 
 # -- real hostile processes ---------------------------------------------------------------------
@@ -260,9 +261,9 @@ def test_re2_refuses_what_it_cannot_run_in_linear_time_with_a_clear_message() ->
             compile_pattern(pattern)
         assert hint in str(caught.value), (pattern, str(caught.value))
         assert "RE2" in str(caught.value)
-    with pytest.raises(SpecError) as caught_spec:
+    with pytest.raises(ConfigError) as caught_spec:
         parse_plugin_specs([{"tenant": "t", "name": "p", "match": {"cmdline": r"(x)\1"}}])
-    ((location, problem),) = caught_spec.value.problems
+    ((location, problem),) = caught_spec.value.located
     assert location == "plugins[0] (t/p).match.cmdline"
     assert problem.startswith("invalid regex:")
     assert "backreferences" in problem

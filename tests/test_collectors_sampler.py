@@ -16,7 +16,7 @@ from pluginmon.collectors.models import PluginKey, PluginSpec, Snapshot
 from pluginmon.collectors.psutil_source import PsutilSource
 from pluginmon.collectors.sampler import ALL_FIELDS, DEFAULT_FIELDS, Sampler
 from pluginmon.collectors.source import OPTIONAL_FIELDS, ProcessGone
-from pluginmon.collectors.specs import parse_plugin_specs
+from pluginmon.daemon.config_sections import parse_plugin_specs
 from tests.collector_helpers import (
     IDLE,
     PY,

@@ -7,7 +7,8 @@ import pytest
 from pluginmon.collectors.discovery import CompiledSpec, ProcessFacts, label_key, matches_static
 from pluginmon.collectors.labels import LabelRejection
 from pluginmon.collectors.models import Match, PluginKey, PluginSpec
-from pluginmon.collectors.specs import SpecError, parse_plugin_specs
+from pluginmon.daemon.config_schema import ConfigError
+from pluginmon.daemon.config_sections import parse_plugin_specs
 
 
 def test_valid_specs_in_order_with_default_environment() -> None:
@@ -50,9 +51,9 @@ def test_errors_name_plugin_and_field_and_all_are_listed() -> None:
         {"tenant": "acme", "match": {"name": "x"}},
         {"tenant": "acme", "name": "extra", "match": {"name": "x"}, "tenent": "a"},
     ]
-    with pytest.raises(SpecError) as caught:
+    with pytest.raises(ConfigError) as caught:
         parse_plugin_specs(raw)
-    problems = dict(caught.value.problems)
+    problems = dict(caught.value.located)
     assert problems["plugins[1] (acme/empty).match"].startswith("empty")
     assert problems["plugins[2] (acme/image-resizer).match.cmdline"].startswith("invalid regex:")
     assert problems["plugins[3] (acme/typo).match.cmdlien"].startswith("unknown match key")
@@ -62,9 +63,9 @@ def test_errors_name_plugin_and_field_and_all_are_listed() -> None:
     assert problems["plugins[7] (acme/nomatch).match"].startswith("required")
     assert problems["plugins[8].name"].startswith("required")
     assert problems["plugins[9] (acme/extra).tenent"].startswith("unknown key")
-    assert len(caught.value.problems) == 9
+    assert len(caught.value.located) == 9
     text = str(caught.value)
-    for location, message in caught.value.problems:
+    for location, message in caught.value.located:
         assert f"{location}: {message}" in text
 
 
@@ -79,9 +80,9 @@ def test_errors_name_plugin_and_field_and_all_are_listed() -> None:
     ],
 )
 def test_bad_match_values(match: dict[str, object], field: str, message: str) -> None:
-    with pytest.raises(SpecError) as caught:
+    with pytest.raises(ConfigError) as caught:
         parse_plugin_specs([{"tenant": "t", "name": "p", "match": match}])
-    ((location, problem),) = caught.value.problems
+    ((location, problem),) = caught.value.located
     assert location == f"plugins[0] (t/p).match.{field}"
     assert problem.startswith(message)
 
@@ -90,7 +91,7 @@ def test_tenant_slug_limits() -> None:
     ok = "a" + "b" * 62
     assert parse_plugin_specs([{"tenant": ok, "name": "p", "match": {"name": "p"}}])
     for bad in ["a" + "b" * 63, "-a", "_a", "A", "a.b", ""]:
-        with pytest.raises(SpecError):
+        with pytest.raises(ConfigError):
             parse_plugin_specs([{"tenant": bad, "name": "p", "match": {"name": "p"}}])
 
 
@@ -204,3 +205,30 @@ def test_cmdline_prefilter_covers_every_cmdline_pattern() -> None:
     assert not pattern.search(b"python xx")
     assert not pattern.search(b"OTHER")  # (?i) of spec 2 does not leak into spec 3
     assert cmdline_prefilter(compiled("only-one")) == (None, frozenset())
+
+
+def test_the_schema_knows_every_match_key_and_null_is_no_criterion() -> None:
+    from pluginmon.collectors.specs import MATCH_KEYS
+    from pluginmon.daemon.config_sections import MatchTable
+
+    assert tuple(MatchTable.model_fields) == MATCH_KEYS
+    with pytest.raises(ConfigError) as caught:  # JSON null (PLUGINMON_PLUGINS) matches nothing
+        parse_plugin_specs([{"tenant": "t", "name": "p", "match": {"name": None}}])
+    assert dict(caught.value.located)["plugins[0] (t/p).match"].startswith("empty")
+
+
+def test_collectors_and_alerts_keep_their_dataclasses_free_of_pydantic() -> None:
+    import ast
+    from pathlib import Path
+
+    # The config schema (daemon/) builds these dataclasses; the packages own no schema.
+    root = Path(__file__).resolve().parent.parent
+    configured = [root / "alerts" / f"{name}.py" for name in ("rules", "health", "matchers")]
+    for path in [*(root / "collectors").glob("*.py"), *configured]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            names: list[str] = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            assert not any(n.split(".")[0].startswith("pydantic") for n in names), (path, names)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
+from typing import get_args
 
 import pytest
+from pydantic import BaseModel, ValidationError
 
 from pluginmon.daemon.settings import ConfigError, Settings, load_settings, parse_duration
 
@@ -81,7 +84,7 @@ threshold = 80
     assert settings.retention.audit == timedelta(weeks=2)  # file, same section kept
     assert settings.retention.operations == timedelta(days=30)  # default
     assert settings.alerts.external_url == "http://from-env"
-    assert settings.alerts.rules[0]["name"] == "PluginCpuHigh"  # file, same section kept
+    assert settings.alerts.rules[0].name == "PluginCpuHigh"  # file, same section kept
     assert settings.http_host == "0.0.0.0"  # noqa: S104 (the default)
 
 
@@ -192,3 +195,76 @@ def test_settings_is_frozen() -> None:
     settings = Settings()
     with pytest.raises(ValueError, match="frozen"):
         settings.http_port = 1
+
+
+def _numbers(model: type[BaseModel]) -> list[tuple[str, type]]:
+    """The model's int and float fields (optional ones too)."""
+    out: list[tuple[str, type]] = []
+    for name, field in model.model_fields.items():
+        types = get_args(field.annotation) or (field.annotation,)
+        for kind in (int, float):
+            if kind in types:
+                out.append((name, kind))
+                break
+    return out
+
+
+# Thresholds are only compared with measurements: finite is their limit, any size is a wish.
+_COMPARED_ONLY = {"threshold", "clear_threshold", "warn", "critical"}
+
+
+def test_every_numeric_setting_has_an_upper_bound() -> None:
+    """1e308 (or the largest TOML integer) is refused for every number, naming the field."""
+    from pluginmon.daemon.config_health import HealthChanges, MetricThresholdTable, WeightsTable
+    from pluginmon.daemon.config_schema import format_errors
+    from pluginmon.daemon.config_sections import AlertmanagerTable, RuleTable, WebhookTable
+
+    rule = {"name": "R", "metric": "cpu_percent", "op": ">", "threshold": 1}
+    metric = {"name": "q", "warn": 1, "critical": 2}
+    sections: list[tuple[type[BaseModel], Callable[[dict[str, object]], dict[str, object]], str]]
+    sections = [
+        (Settings, lambda v: v, ""),
+        (WebhookTable, lambda v: {"alerts": {"webhooks": [{"url": "http://x/", **v}]}}, "alerts.webhooks[0]."),
+        (AlertmanagerTable, lambda v: {"alerts": {"alertmanager": {"url": "http://x/", **v}}}, "alerts.alertmanager."),
+        (RuleTable, lambda v: {"alerts": {"rules": [{**rule, **v}]}}, "alerts.rules[0] (R)."),
+        (HealthChanges, lambda v: {"health": v}, "health."),
+        (WeightsTable, lambda v: {"health": {"weights": v}}, "health.weights."),
+        (MetricThresholdTable, lambda v: {"health": {"metrics": [{**metric, **v}]}}, "health.metrics[0]."),
+    ]  # fmt: skip
+    checked = []
+    for model, values, prefix in sections:
+        for name, kind in _numbers(model):
+            if name in _COMPARED_ONLY:
+                continue
+            huge: float = 1e308 if kind is float else 2**63 - 1
+            with pytest.raises(ValidationError) as info:
+                Settings.model_validate(values({name: huge}))
+            located = dict(format_errors(info.value))
+            assert f"{prefix}{name}" in located, (name, located)
+            assert "must be" in located[f"{prefix}{name}"]
+            checked.append(f"{prefix}{name}")
+    assert {"sample_interval_seconds", "database_pool_max_size", "spool_max_bytes"} <= set(checked)
+    assert "alerts.webhooks[0].timeout_seconds" in checked
+    assert "health.memory_limit_bytes" in checked
+    assert len(checked) >= 40
+
+
+def test_file_types_are_strict_and_the_environment_is_converted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = write(
+        tmp_path, 'http_port = true\nlabel_discovery = 1\n[alerts]\nbuiltin_rules = "no"\n'
+    )
+    with pytest.raises(ConfigError) as info:
+        load_settings(path)
+    assert dict(info.value.located) == {
+        "http_port": "must be an integer",
+        "label_discovery": "must be true or false",
+        "alerts.builtin_rules": "must be true or false",
+    }
+    monkeypatch.setenv("PLUGINMON_HTTP_PORT", "9500")
+    monkeypatch.setenv("PLUGINMON_ALERTS__BUILTIN_RULES", "false")
+    monkeypatch.setenv("PLUGINMON_HEALTH__CPU_WARN_PERCENT", "50")
+    settings = load_settings(None)
+    assert (settings.http_port, settings.alerts.builtin_rules) == (9500, False)
+    assert settings.health.cpu_warn_percent == 50.0

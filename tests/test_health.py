@@ -18,11 +18,11 @@ from pluginmon.alerts.health import (
     PluginHistory,
     least_squares_slope,
     linear_score,
-    parse_health_config,
     score_health,
 )
-from pluginmon.alerts.rules import RuleError
 from pluginmon.collectors.models import PluginKey, PluginSample
+from pluginmon.daemon.config_health import parse_health_config
+from pluginmon.daemon.config_schema import ConfigError
 
 KEY = PluginKey("acme", "resizer", "production")
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
@@ -219,7 +219,7 @@ def test_parse_health_config_with_overrides() -> None:
     special = config.settings_for(KEY)
     assert special.memory_limit_bytes == 512 * MIB
     assert (special.weights.cpu, special.weights.memory) == (2, 3)
-    with pytest.raises(RuleError) as info:
+    with pytest.raises(ConfigError) as info:
         parse_health_config(
             {
                 "cpu_warn_percent": -1,
@@ -227,7 +227,7 @@ def test_parse_health_config_with_overrides() -> None:
                 "plugins": [{"memory_limit_bytes": "lots"}],
             }
         )
-    problems = dict(info.value.problems)
+    problems = dict(info.value.located)
     assert problems["health.cpu_warn_percent"] == "must be a number >= 0"
     assert problems["health.weights.disk"].startswith("unknown component")
     assert "health.plugins[0]" in problems

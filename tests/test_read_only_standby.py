@@ -16,8 +16,9 @@ import pytest
 
 from pluginmon.alerts.engine import AlertEngine
 from pluginmon.alerts.outbox import OutboxDeliverer
-from pluginmon.alerts.rules import WebhookConfig, parse_rules
+from pluginmon.alerts.rules import WebhookConfig
 from pluginmon.collectors.models import PluginKey
+from pluginmon.daemon.config_sections import parse_rules
 from pluginmon.storage import alert_store
 from pluginmon.storage.errors import is_transient
 from tests.alerts_helpers import FakeClock, Receiver, plugin_ids, plugin_sample, snapshot

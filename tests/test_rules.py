@@ -11,19 +11,17 @@ from pluginmon.alerts.rules import (
     AlertState,
     Phase,
     Rule,
-    RuleError,
     RuleEvaluator,
     TransitionKind,
     alert_labels,
     builtin_rules,
     fingerprint,
-    parse_alertmanager,
-    parse_rules,
-    parse_webhooks,
     render_annotations,
     step,
 )
 from pluginmon.collectors.models import PluginKey, PluginSample
+from pluginmon.daemon.config_schema import ConfigError
+from pluginmon.daemon.config_sections import parse_alertmanager, parse_rules, parse_webhooks
 
 KEY = PluginKey("acme", "resizer", "production")
 
@@ -82,7 +80,7 @@ def test_parse_rules_merges_over_builtins() -> None:
 
 
 def test_parse_rules_lists_every_problem_by_rule_and_field() -> None:
-    with pytest.raises(RuleError) as info:
+    with pytest.raises(ConfigError) as info:
         parse_rules(
             [
                 {"name": "Ok", "metric": "cpu_percent", "op": ">", "threshold": 1},
@@ -102,7 +100,7 @@ def test_parse_rules_lists_every_problem_by_rule_and_field() -> None:
                 {"metric": "cpu_percent", "op": ">", "threshold": "high"},
             ]
         )
-    problems = dict(info.value.problems)
+    problems = dict(info.value.located)
     assert problems["alerts.rules[1] (PluginCpuHigh).op"] == "must be one of > >= < <= == !="
     assert problems["alerts.rules[2] (Bad).clear_threshold"] == "must be <= threshold (80) for op >"
     assert problems["alerts.rules[2] (Bad).severity"] == "must be one of info, warning, critical"
@@ -117,17 +115,13 @@ def test_parse_rules_lists_every_problem_by_rule_and_field() -> None:
     assert problems["alerts.rules[2] (Bad).colour"] == "unknown field"
     assert "alerts.rules[3].name" in problems
     assert problems["alerts.rules[3].threshold"] == "required number"
-    assert not any(where.startswith("alerts.rules[0]") for where, _ in info.value.problems)
+    assert not any(where.startswith("alerts.rules[0]") for where, _ in info.value.located)
 
 
 def test_parse_webhooks_and_alertmanager() -> None:
-    class Secret:
-        def get_secret_value(self) -> str:
-            return "s3cret"
-
     hooks = parse_webhooks(
         [
-            {"url": "https://hooks.example/a", "secret": Secret(), "timeout_seconds": 2},
+            {"url": "https://hooks.example/a", "secret": "s3cret", "timeout_seconds": 2},
             {"name": "ops", "url": "http://127.0.0.1:9/x", "send_resolved": False},
         ]
     )
@@ -136,9 +130,9 @@ def test_parse_webhooks_and_alertmanager() -> None:
     assert "s3cret" not in repr(hooks[0])
     assert hooks[0].timeout_seconds == 2.0
     assert hooks[1].send_resolved is False
-    with pytest.raises(RuleError) as info:
+    with pytest.raises(ConfigError) as info:
         parse_webhooks([{"url": "ftp://x", "secret": "zzz-never-shown", "max_attempts": 0}])
-    problems = dict(info.value.problems)
+    problems = dict(info.value.located)
     assert problems["alerts.webhooks[0].url"] == "must be an http:// or https:// URL"
     assert "alerts.webhooks[0].max_attempts" in problems
     assert "zzz-never-shown" not in str(info.value)
@@ -159,17 +153,17 @@ def test_give_up_policy_is_time_based_by_default() -> None:
     assert (default.give_up_after_seconds, default.max_attempts) == (86400.0, None)
     assert (never.give_up_after_seconds, never.max_attempts) == (0.0, None)
     assert (capped.give_up_after_seconds, capped.max_attempts) == (600.0, 5)
-    with pytest.raises(RuleError) as info:
+    with pytest.raises(ConfigError) as info:
         parse_webhooks([{"url": "http://127.0.0.1:9/a", "give_up_after_seconds": -1}])
-    assert dict(info.value.problems) == {
+    assert dict(info.value.located) == {
         "alerts.webhooks[0].give_up_after_seconds": "must be a number >= 0 (0 = never)"
     }
     am = parse_alertmanager({"url": "http://127.0.0.1:9093", "give_up_after_seconds": 0})
     assert am is not None
     assert (am.give_up_after_seconds, am.max_attempts) == (0.0, None)
-    with pytest.raises(RuleError) as info:
+    with pytest.raises(ConfigError) as info:
         parse_alertmanager({"url": "http://127.0.0.1:9093", "give_up_after_seconds": "x"})
-    assert "alerts.alertmanager.give_up_after_seconds" in dict(info.value.problems)
+    assert "alerts.alertmanager.give_up_after_seconds" in dict(info.value.located)
 
 
 def test_fingerprint_is_stable_and_label_order_free() -> None:

@@ -1,0 +1,132 @@
+"""Checks of the machine against valid settings: what ``run`` would fail on at start.
+
+The schema says whether a value is well formed; these say whether this machine can use it:
+``http_host`` resolves to an address of this machine, the TLS certificate and key load and
+belong together, ``data_dir`` is (or can be made) a writable directory, ``proc_root`` exists.
+``check-config`` and ``run`` both call ``preflight``, so a configuration that check-config passes
+does not fail at start for one of these reasons, and ``run`` refuses it with exit 2, not a
+traceback. They touch nothing: the probe file in ``data_dir`` is anonymous and gone at once.
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import tempfile
+from pathlib import Path
+
+from pluginmon.daemon.settings import Settings
+
+
+def preflight(settings: Settings) -> list[tuple[str, str]]:
+    """Every problem found, as ``(field, problem)``; empty when ``run`` can start."""
+    problems: list[tuple[str, str]] = []
+    host = _host_problem(settings.http_host)
+    if host is not None:
+        problems.append(("http_host", host))
+    if settings.http_tls_cert_file is not None and settings.http_tls_key_file is not None:
+        problems += _tls_problems(settings.http_tls_cert_file, settings.http_tls_key_file)
+    data_dir = _writable_dir_problem(settings.data_dir)
+    if data_dir is not None:
+        problems.append(("data_dir", data_dir))
+    if not _is_dir(settings.proc_root):
+        problems.append(("proc_root", f"no such directory: {settings.proc_root}"))
+    return problems
+
+
+def _host_problem(host: str) -> str | None:
+    """Why the HTTP server could not listen on ``host`` (any port), or None.
+
+    Binds port 0 on every address the name resolves to, as asyncio's create_server binds
+    them all; a port in use is a runtime matter, reported when ``run`` binds the real port.
+    """
+    try:
+        infos = socket.getaddrinfo(
+            host, None, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE | socket.AI_ADDRCONFIG
+        )
+    except (socket.gaierror, UnicodeError) as exc:
+        reason = exc.strerror if isinstance(exc, socket.gaierror) else str(exc)
+        return f"{host!r} does not resolve ({reason})"
+    for family, kind, proto, _, address in infos:
+        try:
+            sock = socket.socket(family, kind, proto)
+        except OSError:
+            continue  # an address family this machine lacks; asyncio skips it too
+        with sock:
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                sock.bind((address[0], 0, *address[2:]))
+            except OSError as exc:
+                return f"cannot listen on {address[0]} ({exc.strerror})"
+    return None
+
+
+def _tls_problems(cert_file: Path, key_file: Path) -> list[tuple[str, str]]:
+    """The certificate and key as daemon.http loads them, each failure named by its file."""
+    for field, path in (("http_tls_cert_file", cert_file), ("http_tls_key_file", key_file)):
+        try:
+            with path.open("rb"):
+                pass
+        except OSError as exc:
+            return [(field, f"cannot read {path}: {exc.strerror}")]
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_verify_locations(cafile=str(cert_file))
+    except ssl.SSLError:
+        return [("http_tls_cert_file", f"{cert_file} holds no PEM certificate")]
+    try:
+        # A key with a passphrase would make OpenSSL prompt on the terminal: refuse it instead.
+        context.load_cert_chain(str(cert_file), str(key_file), password=_no_passphrase)
+    except _EncryptedKeyError:
+        return [
+            ("http_tls_key_file", f"{key_file} is encrypted; give the key without a passphrase")
+        ]
+    except ssl.SSLError as exc:
+        if exc.reason == "KEY_VALUES_MISMATCH":
+            return [
+                ("http_tls_key_file", f"{key_file} does not match the certificate in {cert_file}")
+            ]
+        return [
+            (
+                "http_tls_key_file",
+                f"{key_file} holds no usable PEM private key (unencrypted, matching the certificate)",
+            )
+        ]
+    return []
+
+
+class _EncryptedKeyError(Exception):
+    pass
+
+
+def _no_passphrase() -> bytes:
+    raise _EncryptedKeyError
+
+
+def _writable_dir_problem(path: Path) -> str | None:
+    """Why ``path`` is not, and cannot become, a directory pluginmon writes to; or None."""
+    existing = path
+    try:
+        while not existing.exists():
+            if existing.parent == existing:
+                break
+            existing = existing.parent
+        if not existing.is_dir():
+            if existing == path:
+                return f"{path} is not a directory"
+            return f"cannot be created: {existing} is not a directory"
+        # Creating a file is the only true test (a read-only mount, an ACL, root or not).
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as exc:
+        verb = "cannot write to" if existing == path else f"cannot create {path}: cannot write to"
+        return f"{verb} {existing} ({exc.strerror})"
+    return None
+
+
+def _is_dir(path: Path) -> bool:
+    try:
+        return path.is_dir()
+    except OSError:
+        return False
