@@ -29,9 +29,10 @@ FAST_RETRY: dict[str, Any] = {"retry_initial_seconds": 0.05, "retry_max_seconds"
 
 
 @pytest.fixture
-def own_server(tmp_path: Path) -> Iterator[tuple[EmbeddedPostgres, str]]:
+def own_server(server_tmp_dir: Path) -> Iterator[tuple[EmbeddedPostgres, str]]:
     """A migrated PostgreSQL of this test's own, so the test can stop and start it."""
-    server = EmbeddedPostgres(tmp_path / "pg")
+    # Outside pytest's basetemp, which any pytest start resets to 0700 (conftest.py says why).
+    server = EmbeddedPostgres(server_tmp_dir / "pg")
     url = server.start()
     migrate(url)
     try:
