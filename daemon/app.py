@@ -48,6 +48,7 @@ from pluginmon.daemon.spools import (
 from pluginmon.storage.backend import (
     Retention,
 )
+from pluginmon.storage.dsn import describe_database_error
 from pluginmon.storage.errors import TRANSIENT_ERRORS
 from pluginmon.storage.queries import ensure_tenant_and_plugin
 from pluginmon.storage.spool import SpoolCodecError, SpoolFullError, SpoolLockedError
@@ -180,15 +181,28 @@ class Daemon:
             )
 
     async def probe_database(self) -> None:
+        await self._probe()
+
+    async def _probe(self) -> str | None:
+        """None when the database answers; else why not, in fixed words (no host, no user,
+        no secret) that /readyz can show to anyone."""
         if self.pool is None:
-            return
+            return "database not connected yet"
         try:
             async with asyncio.timeout(5):
                 await self.pool.fetchval("SELECT 1")
-        except TRANSIENT_ERRORS as exc:
+        except (
+            *TRANSIENT_ERRORS,
+            asyncpg.PostgresError,
+            asyncpg.InterfaceError,
+            ValueError,
+        ) as exc:
+            # A refused password (class 28) or a URL the driver cannot use is not transient,
+            # but for readiness it is the same thing: no database.
             self._database_state(False, exc)
-            return
+            return f"database unreachable: {describe_database_error(exc)}"
         self._database_state(True)
+        return None
 
     # -- jobs --------------------------------------------------------------------------------
 
@@ -393,14 +407,14 @@ class Daemon:
 
     async def readiness(self) -> Readiness:
         reasons: list[str] = []
-        if self.pool is None:
-            reasons.append("database not connected yet")
-        else:
-            await self.probe_database()
-            if not self._database_up:
-                reasons.append("database unreachable")
-            elif not self.schema_ready:
-                reasons.append("database schema not ready yet")
+        try:
+            problem = await self._probe()
+        except Exception as exc:  # /readyz says 503 and why, never 500
+            problem = f"database probe failed: {describe_database_error(exc)}"
+        if problem is not None:
+            reasons.append(problem)
+        elif not self.schema_ready:
+            reasons.append("database schema not ready yet")
         limit = 3 * self.settings.sample_interval_seconds
         last = self._last_sample_monotonic
         if last is None:
@@ -590,6 +604,7 @@ async def build(daemon: Daemon, stack: AsyncExitStack, stop: asyncio.Event) -> N
             auth_probes=settings.http_auth_probes,
             ssl_context=ssl_context,
             shutdown_timeout_seconds=0.05 * deadline,
+            registry=daemon.registry,
         )
     )
 
