@@ -43,6 +43,8 @@ _SECRET_KEY_SUFFIX = "password"  # noqa: S105 - a key name, not a password
 # Where a URL in free text ends: whitespace, quotes and angle brackets.
 _URL_END_RE = re.compile(r"[\s\"'<>`]")
 _PASSWORD_KEY_RE = re.compile(r"password\s*[=:]\s*", re.IGNORECASE)
+_USERINFO_SECRET_RE = re.compile(r"[:/?#]")
+_QUERY_SECRET_RE = re.compile(r"[?&][^=&@?]*password=", re.IGNORECASE)
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 
 
@@ -64,15 +66,19 @@ def redacted_dsn(url: str) -> str:
 def dsn_secrets(url: str) -> tuple[str, ...]:
     """The strings of ``url`` that must never be printed, longest first; never raises."""
     try:
-        raw = _raw_secrets(url)
+        return _secret_forms(_raw_secrets(url))
     except Exception:  # same reason as in redacted_dsn
-        raw = [url]
+        return (url,)
+
+
+def _secret_forms(raw: list[str]) -> tuple[str, ...]:
     found: set[str] = set()
     for secret in raw:
         if not secret:
             continue
         decoded = unquote(secret, errors="replace")
-        for form in (secret, decoded, quote(decoded, safe=""), quote(decoded, safe="@:")):
+        encoded = (quote(decoded, safe="", errors="replace"), quote(decoded, errors="replace"))
+        for form in (secret, decoded, *encoded):
             found.add(form)
             # Pieces between special characters, and runs of ASCII letters and digits (what
             # is left of a piece when a driver escapes or re-encodes its unicode).
@@ -184,15 +190,32 @@ def _redact_rest(rest: str) -> str:
     at = rest.rfind("@")
     if at < 0:
         return _redact_query(rest)
-    user, colon, _password = rest[:at].partition(":")
-    return (f"{user}:{REDACTED}@" if colon else f"{user}@") + _redact_query(rest[at + 1 :])
+    userinfo = rest[:at]
+    cut = _secret_start(userinfo)
+    if cut < 0:
+        return f"{userinfo}@{_redact_query(rest[at + 1 :])}"
+    if _QUERY_SECRET_RE.search(userinfo):
+        # "?password=a@b": the '@' may be inside the value; what follows it may be too.
+        return f"{userinfo[:cut]}{REDACTED}"
+    return f"{userinfo[:cut]}{REDACTED}@{_redact_query(rest[at + 1 :])}"
+
+
+def _secret_start(userinfo: str) -> int:
+    """Where the secret part of a userinfo starts, or -1 when it is a user name alone.
+
+    After the first ``:`` (the password), or after the first ``/ ? #``: a user name has
+    those percent-encoded, so the ``@`` is in a password or a query value (``?password=``).
+    """
+    cut = _USERINFO_SECRET_RE.search(userinfo)
+    return -1 if cut is None else cut.end()
 
 
 def _redact_query(rest: str) -> str:
     """``host/db?query#fragment`` with secret query values hidden."""
     before, q, query_and_fragment = rest.partition("?")
     if not q:
-        return rest
+        before, hash_, fragment = rest.partition("#")
+        return f"{before}{hash_}{REDACTED if fragment else ''}"
     query, hash_, fragment = query_and_fragment.partition("#")
     params = []
     for param in query.split("&"):
@@ -201,7 +224,8 @@ def _redact_query(rest: str) -> str:
             params.append(f"{key}={REDACTED}")
         else:
             params.append(param)
-    return f"{before}?{'&'.join(params)}{hash_}{fragment}"
+    # A database URL has no use for a fragment; a raw '#' in a query password starts one.
+    return f"{before}?{'&'.join(params)}{hash_}{REDACTED if fragment else ''}"
 
 
 def _keyword_pairs(text: str) -> list[tuple[str, str, str]] | None:
@@ -265,9 +289,11 @@ def _raw_secrets(url: str) -> list[str]:
     secrets = []
     at = rest.rfind("@")
     if at >= 0:
-        _, colon, password = rest[:at].partition(":")
-        if colon:
-            secrets.append(password)
+        cut = _secret_start(rest[:at])
+        if cut >= 0 and _QUERY_SECRET_RE.search(rest[:at]):
+            return [rest[cut:]]  # as redacted: everything from the cut on
+        if cut >= 0:
+            secrets.append(rest[cut:at])
         rest = rest[at + 1 :]
     _, q, query = rest.partition("?")
     if q:
