@@ -417,14 +417,12 @@ def test_readyz_says_why_when_the_password_is_refused(
     role = roles["all"]
     daemon = start_daemon(tmp_path, "refused", role.url(password=ALL + "-wrong"))
     try:
-        answers = [
-            wait_for(
-                "/readyz to answer",
-                lambda: (r := daemon.get("/readyz"))[0] and r,
-                timeout=60,
-            )
-            for _ in range(5)
-        ]
+
+        def answer() -> tuple[int, str] | None:
+            status, body = daemon.get("/readyz")
+            return (status, body) if status else None  # 0: not listening yet
+
+        answers = [wait_for("/readyz to answer", answer, timeout=60) for _ in range(5)]
         assert daemon.get("/healthz")[0] == 200
     finally:
         log = stop_daemon(daemon)
