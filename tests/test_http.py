@@ -503,7 +503,7 @@ def fd_starved_server() -> Iterator[subprocess.Popen[str]]:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        preexec_fn=_low_descriptor_limit,  # noqa: PLW1509 - only setrlimit, no locks taken
+        preexec_fn=_low_descriptor_limit,
     )
     try:
         yield proc
@@ -537,7 +537,9 @@ def test_out_of_descriptors_is_counted_logged_once_and_recovers(
     started = json.loads(proc.stdout.readline())
     port = int(started["port"])
     assert started["limit"] == 16  # a quarter of the 64 descriptors
-    assert int(_ask(proc, "fill")["filled"]) > 0
+    filled = _ask(proc, "fill")["filled"]
+    assert isinstance(filled, int)
+    assert filled > 0
     began = time.monotonic()
     clients = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(20)]
     try:
@@ -551,13 +553,13 @@ def test_out_of_descriptors_is_counted_logged_once_and_recovers(
     def healthz() -> bool:
         with (
             suppress(OSError),
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as resp,  # noqa: S310
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as resp,
         ):
             return bool(resp.status == 200)
         return False
 
     wait_for("the server to answer again", healthz, timeout=60)
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:  # noqa: S310
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
         metrics = resp.read().decode()
     counted = [
         float(line.rsplit(" ", 1)[1])
