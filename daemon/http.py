@@ -215,7 +215,8 @@ class _Connections:
         held = self.log_throttles[reason].ready()
         if held is not None:
             logger.warning(
-                "HTTP: %s (%s: %d in all; logged at most once a minute, %d since the last line)",
+                "HTTP: %s (%s: %d so far, %d since the previous such line; logged at most "
+                "once a minute)",
                 what,
                 reason,
                 self.rejected[reason],
@@ -476,7 +477,8 @@ class HttpServer:
             if held is not None:
                 logger.error(
                     "HTTP: cannot accept connections: %s (%s); retrying every second "
-                    "(%d failures in all; logged at most once a minute, %d since the last line)",
+                    "(%d failures so far, %d since the previous such line; logged at most once "
+                    "a minute)",
                     exc.strerror,
                     reason,
                     sum(errors.values()),
