@@ -12,8 +12,9 @@ password back as a host, a port or a query parameter in their error messages. So
 * :func:`dsn_secrets` lists the strings of a URL that must never be printed (the password
   raw, percent-decoded and re-encoded, and its pieces between special characters), and
   :class:`SecretScrubber` replaces them in any text (a driver's exception message, a
-  traceback) in time linear in the text. Pieces shorter than ``MIN_PIECE_CHARS`` are not
-  replaced on their own (they would garble every message); the whole password always is.
+  traceback) in time linear in the text. A password or a piece shorter than
+  ``MIN_PIECE_CHARS`` is not replaced in free text (a password "x" would garble every
+  message); in a URL it is hidden like any other.
 * :func:`redact_urls` hides userinfo passwords and ``password=`` values in free text (a log
   line), in one pass; :func:`describe_database_error` says why a connection failed in
   fixed words, for places such as ``/readyz`` that show it to anyone.
@@ -30,7 +31,7 @@ from urllib.parse import quote, unquote
 
 REDACTED = "***"
 UNPARSABLE = "<database URL hidden: not parsable>"
-# Below this, a piece of a password between special characters is not scrubbed on its own.
+# Below this, a password or a piece of one is not scrubbed from free text.
 MIN_PIECE_CHARS = 4
 # A longer scheme is not a URL scheme (the text is then secret as a whole).
 _MAX_SCHEME_CHARS = 32
@@ -79,10 +80,9 @@ def _secret_forms(raw: list[str]) -> tuple[str, ...]:
         decoded = unquote(secret, errors="replace")
         encoded = (quote(decoded, safe="", errors="replace"), quote(decoded, errors="replace"))
         for form in (secret, decoded, *encoded):
-            found.add(form)
             # Pieces between special characters, and runs of ASCII letters and digits (what
             # is left of a piece when a driver escapes or re-encodes its unicode).
-            pieces = (*_SPLIT_RE.split(form), *_ASCII_RUN_RE.findall(form))
+            pieces = (form, *_SPLIT_RE.split(form), *_ASCII_RUN_RE.findall(form))
             found.update(piece for piece in pieces if len(piece) >= MIN_PIECE_CHARS)
     return tuple(sorted(found, key=lambda s: (-len(s), s)))
 

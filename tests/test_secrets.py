@@ -154,6 +154,15 @@ def test_secrets_and_scrubber_cover_what_drivers_echo() -> None:
     )
 
 
+def test_a_very_short_password_is_hidden_in_urls_but_not_scrubbed_from_prose() -> None:
+    url = "postgresql://u:x@h/db"
+    assert redacted_dsn(url) == "postgresql://u:***@h/db"
+    assert dsn_secrets(url) == ()  # replacing every "x" would garble every message
+    assert SecretScrubber(dsn_secrets(url)).scrub("second SIGINT: exiting now") == (
+        "second SIGINT: exiting now"
+    )
+
+
 def test_describe_database_error_names_no_host_or_secret() -> None:
     assert describe_database_error(ConnectionRefusedError(111, "refused")) == "connection refused"
     assert describe_database_error(TimeoutError()) == "no answer in time"
