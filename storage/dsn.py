@@ -37,8 +37,10 @@ MIN_PIECE_CHARS = 4
 _MAX_SCHEME_CHARS = 32
 _SCHEME_CHARS = frozenset(string.ascii_letters + string.digits + "+.-")
 # Characters at which a driver may split a URL or a password (and so echo a piece of it).
-_SPLIT_RE = re.compile(r"[/@:#?%&=,;\s\[\]'\"\\]+")
-_ASCII_RUN_RE = re.compile(r"[A-Za-z0-9]+")
+_SPECIALS = r"/@:#?%&=,;\s\[\]'\"\\"
+_SPLIT_RE = re.compile(f"[{_SPECIALS}]+")
+# ... and at non-ASCII characters: what is left of a piece that a driver escaped or re-encoded.
+_SPLIT_OR_NON_ASCII_RE = re.compile(f"[{_SPECIALS}\\x80-\\U0010ffff]+")
 # Query keys whose values are secrets (libpq: password, sslpassword).
 _SECRET_KEY_SUFFIX = "password"  # noqa: S105 - a key name, not a password
 # Where a URL in free text ends: whitespace, quotes and angle brackets.
@@ -70,21 +72,6 @@ def dsn_secrets(url: str) -> tuple[str, ...]:
         return _secret_forms(_raw_secrets(url))
     except Exception:  # same reason as in redacted_dsn
         return (url,)
-
-
-def _secret_forms(raw: list[str]) -> tuple[str, ...]:
-    found: set[str] = set()
-    for secret in raw:
-        if not secret:
-            continue
-        decoded = unquote(secret, errors="replace")
-        encoded = (quote(decoded, safe="", errors="replace"), quote(decoded, errors="replace"))
-        for form in (secret, decoded, *encoded):
-            # Pieces between special characters, and runs of ASCII letters and digits (what
-            # is left of a piece when a driver escapes or re-encodes its unicode).
-            pieces = (form, *_SPLIT_RE.split(form), *_ASCII_RUN_RE.findall(form))
-            found.update(piece for piece in pieces if len(piece) >= MIN_PIECE_CHARS)
-    return tuple(sorted(found, key=lambda s: (-len(s), s)))
 
 
 class SecretScrubber:
@@ -302,6 +289,20 @@ def _raw_secrets(url: str) -> list[str]:
             if eq and unquote(key).strip().lower().endswith(_SECRET_KEY_SUFFIX):
                 secrets.append(value)
     return secrets
+
+
+def _secret_forms(raw: list[str]) -> tuple[str, ...]:
+    found: set[str] = set()
+    for secret in raw:
+        if not secret:
+            continue
+        decoded = unquote(secret, errors="replace")
+        encoded = (quote(decoded, safe="", errors="replace"), quote(decoded, errors="replace"))
+        for form in (secret, decoded, *encoded):
+            # Pieces between special characters, with and without their non-ASCII ones.
+            pieces = (form, *_SPLIT_RE.split(form), *_SPLIT_OR_NON_ASCII_RE.split(form))
+            found.update(piece for piece in pieces if len(piece) >= MIN_PIECE_CHARS)
+    return tuple(sorted(found, key=lambda s: (-len(s), s)))
 
 
 def _redact_urls_in_text(text: str) -> str:
