@@ -3,7 +3,8 @@
 Limits, as nginx sets them (see docs/operations.md for what each looks like when it bites):
 
 * A new connection must deliver its first complete request head within
-  ``header_timeout_seconds`` (the TLS handshake too), or it is closed and counted
+  ``header_timeout_seconds`` (with TLS: the handshake, then the head, each within it), or
+  it is closed and counted
   (``pluginmon_http_connections_rejected_total{reason="header_timeout"}``).
 * A kept-alive connection is closed once no complete request head arrived within
   ``keepalive_timeout_seconds`` of the previous response (aiohttp's own keep-alive timer).
