@@ -385,6 +385,46 @@ async def test_slow_headers_are_cut_after_the_header_timeout() -> None:
             assert resp.status == 200
 
 
+async def test_tls_handshake_and_head_each_get_the_header_timeout(
+    self_signed: tuple[Path, Path],
+) -> None:
+    cert, key = self_signed
+    renderer, _ = make_renderer()
+    client_ctx = ssl.create_default_context(cafile=str(cert))
+    limits = HttpLimits(header_timeout_seconds=1.0)
+    async with HttpServer(
+        host="127.0.0.1",
+        port=0,
+        metrics=renderer,
+        readiness=Ready(),
+        ssl_context=tls_context(cert, key),
+        limits=limits,
+    ) as server:
+        # Plain TCP, no handshake ever started.
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        opened = time.monotonic()
+        try:
+            assert await read_until_closed(reader, 30) == b""
+            assert time.monotonic() - opened >= 0.9
+        finally:
+            writer.close()
+        # Handshake done, then silence.
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", server.port, ssl=client_ctx, server_hostname="127.0.0.1"
+        )
+        opened = time.monotonic()
+        try:
+            assert await read_until_closed(reader, 30) == b""
+            assert time.monotonic() - opened >= 0.9
+        finally:
+            writer.close()
+        async with (
+            aiohttp.ClientSession() as client,
+            client.get(f"https://127.0.0.1:{server.port}/healthz", ssl=client_ctx) as resp,
+        ):
+            assert resp.status == 200
+
+
 async def test_idle_keep_alive_connection_is_closed() -> None:
     renderer, _ = make_renderer()
     limits = HttpLimits(header_timeout_seconds=5.0, keepalive_timeout_seconds=1.0)
