@@ -88,7 +88,12 @@ class Daemon:
         self._database_reasons: Callable[[], Awaitable[list[str]]] = _database_not_connected
 
     async def readiness(self) -> Readiness:
-        reasons = [*await self._database_reasons(), *self.heartbeat.reasons()]
+        try:
+            database = await self._database_reasons()
+        except Exception as exc:  # /readyz says why; it never answers 500
+            logger.exception("readiness check failed")
+            database = [f"readiness check failed: {type(exc).__name__}"]
+        reasons = [*database, *self.heartbeat.reasons()]
         return Readiness(ready=not reasons, reasons=tuple(reasons))
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -332,6 +337,7 @@ class Daemon:
             auth_probes=settings.http_auth_probes,
             ssl_context=ssl_context,
             shutdown_timeout_seconds=self.shutdown_budget.seconds(HTTP_STOP),
+            registry=self.registry,
         )
 
     async def _database_url(self, embedded: list[Callable[[], None]]) -> str:

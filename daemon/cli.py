@@ -54,6 +54,16 @@ def _print_problems(exc: ConfigError) -> None:
         print(f"  {problem}", file=sys.stderr)
 
 
+def _secrets(settings: Settings) -> tuple[str, ...]:
+    """What of the configured database URL must never be printed (scrubbed from logs and
+    from the errors printed here, whatever a driver echoes of a mis-parsed URL)."""
+    from pluginmon.storage.dsn import dsn_secrets
+
+    if settings.database_url is None:
+        return ()
+    return dsn_secrets(settings.database_url.get_secret_value())
+
+
 @contextmanager
 def _database_url(settings: Settings) -> Iterator[str]:
     """The configured URL, or the embedded server's (started for the command if not running)."""
@@ -95,7 +105,7 @@ def _migrate(config: Path | None) -> int:
     from pluginmon.daemon.logs import configure_logging
     from pluginmon.daemon.settings import load_settings
     from pluginmon.storage.engines import prepare_database
-    from pluginmon.storage.migrate import Backend, MigrationError
+    from pluginmon.storage.migrate import Backend
 
     try:
         settings = load_settings(config)
@@ -103,16 +113,16 @@ def _migrate(config: Path | None) -> int:
     except ConfigError as exc:
         _print_problems(exc)
         return EXIT_CONFIG
-    configure_logging(log_format=settings.log_format, log_level=settings.log_level)
+    configure_logging(
+        log_format=settings.log_format, log_level=settings.log_level, secrets=_secrets(settings)
+    )
     backend = None if settings.backend == "auto" else Backend(settings.backend)
     try:
         with _database_url(settings) as url:
             prepared = prepare_database(url, retention, backend=backend)
             result = prepared.migrations
-    except MigrationError as exc:
-        print(f"pluginmon migrate: {exc}", file=sys.stderr)
-        return EXIT_FAILURE
     except Exception as exc:
+        # MigrationError included: any message may quote what a driver made of the URL.
         from pluginmon.daemon.logs import redact
 
         print(f"pluginmon migrate: {redact(str(exc))}", file=sys.stderr)
@@ -136,7 +146,9 @@ def _status(config: Path | None, as_json: bool, tenant: str | None) -> int:
     except ConfigError as exc:
         _print_problems(exc)
         return EXIT_CONFIG
-    configure_logging(log_format=settings.log_format, log_level="WARNING")
+    configure_logging(
+        log_format=settings.log_format, log_level="WARNING", secrets=_secrets(settings)
+    )
     import psycopg
 
     try:
@@ -170,7 +182,9 @@ def _run(config: Path | None) -> int:
         _print_problems(exc)
         return EXIT_CONFIG
     settings = resolved.settings
-    configure_logging(log_format=settings.log_format, log_level=settings.log_level)
+    configure_logging(
+        log_format=settings.log_format, log_level=settings.log_level, secrets=_secrets(settings)
+    )
     logger.info("pluginmon %s starting", version())
     return run_daemon(resolved, version=version())
 

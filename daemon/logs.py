@@ -1,40 +1,67 @@
-"""Logging set-up: text or JSON lines on stderr, with credentials in URLs redacted."""
+"""Logging set-up: text or JSON lines on stderr, with secrets and URL passwords redacted."""
 
 from __future__ import annotations
 
 import json
 import logging
-import re
 import sys
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
-# user:password@ in any URL-looking text; the password is replaced, the user kept.
-_URL_PASSWORD = re.compile(r"(?P<head>[a-zA-Z][a-zA-Z0-9+.-]*://[^/\s:@]*:)[^@\s/]*@")
-_PASSWORD_PARAM = re.compile(r"(?P<head>\bpassword=)[^\s&]+", re.IGNORECASE)
+from pluginmon.storage.dsn import SecretScrubber, redact_urls
+
+# One log message (or traceback) is cut beyond this: a 100 KB process label logged on
+# every discovery must not flood the log. Redaction runs before the cut, so a secret is
+# never half-printed.
+MAX_MESSAGE_CHARS = 64 * 1024
 
 _RESERVED = frozenset(
     logging.LogRecord("", 0, "", 0, "", (), None).__dict__.keys() | {"message", "asctime"}
 )
 
+# Process-wide, like the root logger configure_logging() sets up: the secrets it was told
+# about (the database password) are scrubbed from every line, and from redact()'s result.
+_scrubber = SecretScrubber()
+
 
 def redact(text: str) -> str:
-    """``text`` with URL passwords and ``password=`` values replaced by ``***``."""
-    text = _URL_PASSWORD.sub(r"\g<head>***@", text)
-    return _PASSWORD_PARAM.sub(r"\g<head>***", text)
+    """``text`` without the known secrets, URL passwords and ``password=`` values.
+
+    Linear in ``len(text)``: known secrets are replaced literally, and URLs are looked for
+    only where ``://`` occurs (see :func:`pluginmon.storage.dsn.redact_urls`).
+    """
+    if _scrubber:
+        text = _scrubber.scrub(text)
+    return redact_urls(text)
+
+
+def _bounded(text: str) -> str:
+    if len(text) <= MAX_MESSAGE_CHARS:
+        return text
+    return f"{text[:MAX_MESSAGE_CHARS]}... [{len(text) - MAX_MESSAGE_CHARS} more characters cut]"
 
 
 class RedactingFilter(logging.Filter):
-    """Last line of defence: renders the message once and redacts it (args included)."""
+    """Last line of defence: renders the message once and redacts it (args, traceback and
+    string extras included), then bounds its length."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        cleaned = redact(message)
-        if cleaned != message:
-            record.msg = cleaned
-            record.args = None
+        try:
+            message = record.getMessage()
+        except Exception as exc:  # a bad format must not print raw args
+            record.msg, record.args = f"<unformattable log message: {type(exc).__name__}>", None
+        else:
+            cleaned = _bounded(redact(message))
+            if cleaned != message:
+                record.msg, record.args = cleaned, None
         if record.exc_info and not record.exc_text:
-            record.exc_text = redact(logging.Formatter().formatException(record.exc_info))
+            record.exc_text = _bounded(redact(logging.Formatter().formatException(record.exc_info)))
+        if record.stack_info:
+            record.stack_info = _bounded(redact(record.stack_info))
+        for key, value in list(record.__dict__.items()):
+            if key not in _RESERVED and isinstance(value, str):
+                setattr(record, key, _bounded(redact(value)))
         return True
 
 
@@ -55,19 +82,32 @@ class JsonFormatter(logging.Formatter):
             payload["exception"] = record.exc_text or self.formatException(record.exc_info)
         return json.dumps(payload, ensure_ascii=False)
 
+    def formatException(self, ei: Any) -> str:
+        return _bounded(redact(super().formatException(ei)))
+
 
 class TextFormatter(logging.Formatter):
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
 
     def formatException(self, ei: Any) -> str:
-        return redact(super().formatException(ei))
+        return _bounded(redact(super().formatException(ei)))
 
 
 def configure_logging(
-    *, log_format: str = "text", log_level: str = "INFO", stream: TextIO | None = None
+    *,
+    log_format: str = "text",
+    log_level: str = "INFO",
+    stream: TextIO | None = None,
+    secrets: Iterable[str] = (),
 ) -> None:
-    """Replace the root logger's handlers with one stderr handler in the chosen format."""
+    """Replace the root logger's handlers with one stderr handler in the chosen format.
+
+    ``secrets`` (see :func:`pluginmon.storage.dsn.dsn_secrets`) are scrubbed from every
+    line, whatever prints them: a driver that echoes a mis-parsed URL, a traceback.
+    """
+    global _scrubber
+    _scrubber = SecretScrubber(secrets)
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
     handler.addFilter(RedactingFilter())

@@ -1,52 +1,20 @@
-"""The data-plane asyncpg pool: opening, graceful-then-forced closing, and URL redaction."""
+"""The data-plane asyncpg pool: opening (logged without the password), graceful-then-forced closing."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import asyncpg
 
+from pluginmon.storage.dsn import redacted_dsn
+
 logger = logging.getLogger(__name__)
 
-REDACTED = "***"
-
-# libpq keyword/value DSNs ("host=db password=secret") have no URL structure to parse.
-_KEYWORD_PASSWORD_RE = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE)
-
-
-def redact_url(url: str) -> str:
-    """``url`` with any password replaced by ``***``, safe to log.
-
-    Handles ``postgresql://user:secret@host/db``, ``?password=secret`` query parameters and
-    keyword/value DSNs (``host=db password=secret``). Anything unparsable is redacted whole
-    rather than risk leaking it.
-    """
-    if "://" not in url:
-        return _KEYWORD_PASSWORD_RE.sub(lambda m: m.group(1) + REDACTED, url)
-    try:
-        parts = urlsplit(url)
-        netloc = parts.netloc
-        if "@" in netloc:
-            userinfo, _, hostinfo = netloc.rpartition("@")
-            if ":" in userinfo:
-                user = userinfo.split(":", 1)[0]
-                netloc = f"{user}:{REDACTED}@{hostinfo}"
-        query = parts.query
-        if query:
-            pairs = parse_qsl(query, keep_blank_values=True)
-            if any(key.lower() == "password" for key, _ in pairs):
-                query = urlencode(
-                    [(k, REDACTED if k.lower() == "password" else v) for k, v in pairs],
-                    safe="*",
-                )
-        return urlunsplit(parts._replace(netloc=netloc, query=query))
-    except ValueError:
-        return "<unparsable database URL>"
+# Kept under its old name for callers and tests; the parser lives in storage.dsn.
+redact_url = redacted_dsn
 
 
 async def open_pool(
@@ -65,7 +33,7 @@ async def open_pool(
     """
     logger.info(
         "opening database pool to %s (min %d, max %d connections)",
-        redact_url(database_url),
+        redacted_dsn(database_url),
         min_size,
         max_size,
     )

@@ -10,6 +10,7 @@ from typing import Protocol
 import asyncpg
 from prometheus_client.core import GaugeMetricFamily, Metric
 
+from pluginmon.storage.dsn import describe_database_error
 from pluginmon.storage.errors import TRANSIENT_ERRORS
 
 logger = logging.getLogger(__name__)
@@ -45,6 +46,8 @@ class DatabaseWatch:
         self._probe_timeout = probe_timeout_seconds
         self.up: bool | None = None
         self.schema_ready = False
+        # Why the last probe failed, in fixed words (no host, user or secret): for /readyz.
+        self.reason: str | None = None
 
     def mark_schema_ready(self) -> None:
         """Migrations are applied: plugin ids may be looked up from now on."""
@@ -64,20 +67,26 @@ class DatabaseWatch:
         self.up = False
 
     async def probe(self) -> bool:
-        """``SELECT 1`` within the probe timeout; True when it answered."""
+        """``SELECT 1`` within the probe timeout; True when it answered.
+
+        Any database error counts as "not answering" here (a refused password is a
+        PostgresError, a malformed URL a ValueError): the probe reports, it never raises.
+        """
         try:
             async with asyncio.timeout(self._probe_timeout):
                 await self._pool.fetchval("SELECT 1")
-        except TRANSIENT_ERRORS as exc:
+        except (*TRANSIENT_ERRORS, asyncpg.PostgresError, asyncpg.InterfaceError, ValueError) as exc:
+            self.reason = describe_database_error(exc)
             self.failed(exc)
             return False
+        self.reason = None
         self.answered()
         return True
 
     async def readiness_reasons(self) -> list[str]:
         """Why the database is not ready for the daemon (empty when it is); probes now."""
         if not await self.probe():
-            return ["database unreachable"]
+            return [f"database unreachable: {self.reason or 'no answer'}"]
         if not self.schema_ready:
             return ["database schema not ready yet"]
         return []
