@@ -16,7 +16,7 @@ from pluginmon.alerts.health import parse_health_config
 from pluginmon.alerts.outbox import OutboxDeliverer
 from pluginmon.alerts.rules import Rule, WebhookConfig, parse_rules
 from pluginmon.collectors.models import PluginKey
-from pluginmon.storage import alert_store
+from pluginmon.storage import alert_state
 from tests.alerts_helpers import (
     T0,
     FakeClock,
@@ -98,7 +98,7 @@ async def test_fire_persist_deliver_resolve(pool: asyncpg.Pool, receiver: Receiv
         ]
 
         async with pool.acquire() as conn:
-            rows = await alert_store.load_alerts(conn)
+            rows = await alert_state.load_alerts(conn)
             outbox = await conn.fetch("SELECT status, receiver FROM notification_outbox")
         assert [(r.status, r.value, r.fired_at, r.started_at) for r in rows] == [
             ("firing", 95.0, clock(), clock() - timedelta(seconds=10))
@@ -159,7 +159,7 @@ async def test_fire_persist_deliver_resolve(pool: asyncpg.Pool, receiver: Receiv
     assert resolved["alerts"][0]["fingerprint"] == alert["fingerprint"]
 
     async with pool.acquire() as conn:
-        rows = await alert_store.load_alerts(conn)
+        rows = await alert_state.load_alerts(conn)
         sent = await conn.fetch(
             "SELECT idempotency_key, receiver, status_code FROM alert_notifications_sent ORDER BY delivered_at"
         )
@@ -208,7 +208,7 @@ async def test_repeat_interval_and_acknowledge(pool: asyncpg.Pool, receiver: Rec
         assert report.notifications_queued == 0
         clock.advance(10)
     async with pool.acquire() as conn:
-        (row,) = await alert_store.load_open_alerts(conn)
+        (row,) = await alert_state.load_open_alerts(conn)
     assert (row.status, row.acknowledged_by) == ("acknowledged", "alice")
     report = await engine.process(snapshot(clock(), [plugin_sample(KEY, clock(), cpu=1)]), ids)
     assert report.notifications_queued == 1  # the resolution is still sent
@@ -271,7 +271,7 @@ async def test_restart_keeps_pending_start_time(pool: asyncpg.Pool) -> None:
     clock.advance(4)  # 10 s after the condition first held, across the restart
     assert await cycle(engine2, clock, ids, resizer=90) == ["CpuHigh:firing"]
     async with pool.acquire() as conn:
-        rows = await alert_store.load_alerts(conn)
+        rows = await alert_state.load_alerts(conn)
     assert [(r.status, r.started_at, r.fired_at) for r in rows] == [
         ("firing", clock() - timedelta(seconds=10), clock())
     ]
@@ -337,7 +337,7 @@ async def test_inhibition_through_dependency(pool: asyncpg.Pool, receiver: Recei
     async with pool.acquire() as conn:
         stored = {
             (r.labels["plugin"], r.rule_name): r.inhibited
-            for r in await alert_store.load_open_alerts(conn)
+            for r in await alert_state.load_open_alerts(conn)
         }
         outbox = await conn.fetch("SELECT body FROM notification_outbox")
     assert stored == {
@@ -389,7 +389,7 @@ async def test_silence_mutes_until_it_ends(pool: asyncpg.Pool, receiver: Receive
     assert engine.firing() == []
     assert [a.status for a in engine.alerts()] == ["silenced"]
     async with pool.acquire() as conn:
-        (row,) = await alert_store.load_open_alerts(conn)
+        (row,) = await alert_state.load_open_alerts(conn)
     assert row.status == "silenced"
     assert row.silenced_until == clock() + timedelta(seconds=20)
     clock.advance(25)
@@ -438,7 +438,7 @@ async def test_database_outage_keeps_state_and_outbox_in_memory(
     finally:
         await proxy.down()
     async with pool.acquire() as conn:
-        rows = await alert_store.load_alerts(conn)
+        rows = await alert_state.load_alerts(conn)
         outbox = await conn.fetch("SELECT body, created_at FROM notification_outbox ORDER BY id")
     assert [(r.status, r.started_at - T0) for r in rows] == [
         ("resolved", timedelta(0)),
@@ -470,7 +470,7 @@ async def test_plugin_gone_for_good_resolves_its_alerts(
     assert kinds == ["CpuHigh:resolved"]
     assert engine.alerts() == []
     async with pool.acquire() as conn:
-        (row,) = await alert_store.load_alerts(conn)
+        (row,) = await alert_state.load_alerts(conn)
         bodies = [
             json.loads(b)
             for b in await conn.fetchval(
@@ -561,7 +561,7 @@ async def test_refused_row_does_not_block_the_others(
     assert report.persisted
     assert report.unpersisted_alerts == report.unpersisted_notifications == 0
     async with pool.acquire() as conn:
-        rows = await alert_store.load_alerts(conn)
+        rows = await alert_state.load_alerts(conn)
         outbox = await conn.fetch("SELECT body FROM notification_outbox")
     assert [(r.labels["plugin"], r.status) for r in rows] == [("other", "firing")]
     assert [json.loads(o["body"])["groupLabels"]["plugin"] for o in outbox] == ["other"]
