@@ -139,8 +139,10 @@ class AlertBook:
 
     Each :meth:`evaluate` runs the rules, opens, fires and resolves instances, and applies
     inhibition (a runtime dependency of the plugin is down in the same environment),
-    silences and acknowledgements. A plugin absent from the samples for
-    ``stale_after_seconds`` has its alerts resolved.
+    silences and acknowledgements. A plugin absent from the samples loses its pending
+    alerts at once (they have announced nothing; a label-discovered plugin that went away
+    would otherwise leave them pending) and its firing ones after ``stale_after_seconds``
+    (their resolution is announced).
     """
 
     def __init__(
@@ -283,7 +285,9 @@ class AlertBook:
                 self._last_seen[key] = now
                 continue
             seen = self._last_seen.get(key)
-            if seen is None:
+            if alert.fired_at is None:
+                why = "plugin gone, it never fired"
+            elif seen is None:
                 # restored at start and not seen since: give it the grace period from now
                 self._last_seen[key] = now
                 continue

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import json
+import os
 import socket
+import sys
+import uuid
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from urllib.parse import urlsplit, urlunsplit
@@ -16,6 +21,7 @@ from pluginmon.alerts.health import parse_health_config
 from pluginmon.alerts.outbox import OutboxDeliverer
 from pluginmon.alerts.rules import Rule, WebhookConfig, parse_rules
 from pluginmon.collectors.models import PluginKey
+from pluginmon.collectors.sampler import Sampler
 from pluginmon.storage import alert_state
 from tests.alerts_helpers import (
     T0,
@@ -565,3 +571,63 @@ async def test_refused_row_does_not_block_the_others(
         outbox = await conn.fetch("SELECT body FROM notification_outbox")
     assert [(r.labels["plugin"], r.status) for r in rows] == [("other", "firing")]
     assert [json.loads(o["body"])["groupLabels"]["plugin"] for o in outbox] == ["other"]
+
+
+async def test_vanished_label_discovered_plugin_leaves_no_pending_alert(pool: asyncpg.Pool) -> None:
+    """Issue 15: a label-discovered plugin that went away left its pending alerts pending in
+    plugin_alerts. A real process declares a plugin with PLUGINMON_* labels, the real sampler
+    discovers it, the process dies: the plugin is down (pending, for_seconds is long) for the
+    sampler's grace cycles, then gone from the snapshots, and its pending alert is cancelled
+    in the first cycle without it."""
+    name = f"vanishing-{uuid.uuid4().hex[:8]}"
+    key = PluginKey("acme", name, "production")
+    child = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        "import time; time.sleep(120)",
+        env={**os.environ, "PLUGINMON_TENANT": "acme", "PLUGINMON_PLUGIN": name},
+    )
+    try:
+        sampler = Sampler([], label_discovery=True, host="test-host", label_grace_cycles=2)
+        rule = Rule(name="Down", metric="up", op="==", threshold=0, for_seconds=600)
+        engine = AlertEngine(pool, [rule], instance="h")  # the real clock
+        await engine.start()
+        ids = await plugin_ids(pool, [key])
+
+        async def run() -> tuple[bool | None, list[tuple[str, str]]]:
+            """One sample and one evaluation of our plugin only (other processes on the
+            machine may carry labels too): (its up, or None when absent; transitions)."""
+            snap = await asyncio.to_thread(sampler.sample)
+            mine = tuple(s for s in snap.samples if s.key == key)
+            report = await engine.process(dataclasses.replace(snap, samples=mine), ids)
+            assert report.persisted, report.database_error
+            kinds = [(rule_name, kind) for rule_name, k, kind in report.transitions if k == key]
+            return (mine[0].up if mine else None), kinds
+
+        async with asyncio.timeout(30):
+            while (seen := await run()) != (True, []):  # discovered, running
+                assert seen[0] is None, seen  # not discovered yet
+                await asyncio.sleep(0.1)
+        child.kill()
+        await child.wait()
+        assert await run() == (False, [("Down", "pending")])
+        async with pool.acquire() as conn:
+            rows = await alert_state.load_alerts(conn, plugin_id=ids[key])
+        assert [(r.rule_name, r.status) for r in rows] == [("Down", "pending")]
+        states: list[tuple[bool | None, list[tuple[str, str]]]] = []
+        for _ in range(5):  # grace cycles, then gone
+            states.append(await run())
+            if states[-1][0] is None:
+                break
+        assert states[-1] == (None, [("Down", "cancelled")]), states
+        assert all(up is False and kinds == [] for up, kinds in states[:-1]), states
+    finally:
+        if child.returncode is None:
+            child.kill()
+            await child.wait()
+    assert [a for a in engine.alerts() if a.key == key] == []
+    async with pool.acquire() as conn:
+        rows = await alert_state.load_alerts(conn, plugin_id=ids[key])
+        outbox = await conn.fetchval("SELECT count(*) FROM notification_outbox")
+    assert [(r.rule_name, r.status, r.fired_at) for r in rows] == [("Down", "resolved", None)]
+    assert outbox == 0
