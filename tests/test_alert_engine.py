@@ -16,7 +16,7 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import pytest
 
-from pluginmon.alerts.engine import AlertEngine
+from pluginmon.alerts.engine import AlertEngine, EvaluationReport
 from pluginmon.alerts.health import parse_health_config
 from pluginmon.alerts.outbox import OutboxDeliverer
 from pluginmon.alerts.rules import Rule, WebhookConfig, parse_rules
@@ -631,3 +631,51 @@ async def test_vanished_label_discovered_plugin_leaves_no_pending_alert(pool: as
         outbox = await conn.fetchval("SELECT count(*) FROM notification_outbox")
     assert [(r.rule_name, r.status, r.fired_at) for r in rows] == [("Down", "resolved", None)]
     assert outbox == 0
+
+
+async def test_a_plugin_without_an_id_is_evaluated_and_written_once_it_has_one(
+    pool: asyncpg.Pool, receiver: Receiver
+) -> None:
+    """Scoring and evaluation are keyed by plugin key; database ids matter only to
+    persistence. Here the ids come from a source given to the constructor (a dict the
+    "ingest side" fills in later), and process() is called without ids."""
+    clock = FakeClock()
+    hook = hook_for(receiver)
+    known: dict[PluginKey, int] = {}
+    engine = AlertEngine(pool, RULES, clock=clock, webhooks=[hook], plugin_ids=known)
+    await engine.start()
+
+    async def run(cpu: float) -> EvaluationReport:
+        report = await engine.process(snapshot(clock(), [plugin_sample(KEY, clock(), cpu=cpu)]))
+        clock.advance(10)
+        return report
+
+    report = await run(90)
+    assert report.transitions == (("CpuHigh", KEY, "pending"),)
+    assert report.persisted  # nothing failed: the alert waits for its plugin's id
+    assert (report.unpersisted_alerts, report.unpersisted_notifications) == (1, 0)
+    assert KEY in engine.latest_health()
+    report = await run(95)
+    assert report.transitions == (("CpuHigh", KEY, "firing"),)
+    assert report.notifications_queued == 1
+    assert (report.unpersisted_alerts, report.unpersisted_notifications) == (1, 1)
+    assert [a.status for a in engine.firing()] == ["firing"]
+    async with pool.acquire() as conn:
+        assert await alert_state.load_alerts(conn) == []
+        assert await conn.fetchval("SELECT count(*) FROM notification_outbox") == 0
+
+    known.update(await plugin_ids(pool, [KEY]))
+    report = await run(96)
+    assert report.transitions == ()
+    assert report.persisted
+    assert (report.unpersisted_alerts, report.unpersisted_notifications) == (0, 0)
+    async with pool.acquire() as conn:
+        rows = await alert_state.load_alerts(conn)
+    assert [(r.plugin_id, r.status, r.started_at, r.value) for r in rows] == [
+        (known[KEY], "firing", T0, 96.0)
+    ]
+    async with OutboxDeliverer(pool, [hook], clock=clock) as deliverer:
+        for _ in range(2):
+            await deliverer.deliver_due()
+    assert [r.json["status"] for r in receiver.received] == ["firing"]
+    assert receiver.received[0].json["alerts"][0]["fingerprint"] == rows[0].fingerprint
