@@ -19,9 +19,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from pluginmon.alerts.engine import Clock, utc_now
 from pluginmon.alerts.notifiers import SendResult, post, stamp_alertmanager_body
 from pluginmon.alerts.rules import AlertmanagerConfig, WebhookConfig
-from pluginmon.storage import alert_store
-from pluginmon.storage.alert_store import ClaimedNotification, DeliveryOutcome
+from pluginmon.storage import outbox_store
 from pluginmon.storage.errors import TRANSIENT_ERRORS, backoff_seconds
+from pluginmon.storage.outbox_store import ClaimedNotification, DeliveryOutcome
 
 logger = logging.getLogger(__name__)
 
@@ -161,9 +161,9 @@ class OutboxDeliverer:
         try:
             async with asyncio.timeout(self._db_timeout), self._pool.acquire() as conn:
                 if self._unrecorded:
-                    await alert_store.record_outcomes(conn, self._unrecorded)
+                    await outbox_store.record_outcomes(conn, self._unrecorded)
                     self._unrecorded.clear()
-                claimed = await alert_store.claim_due(
+                claimed = await outbox_store.claim_due(
                     conn,
                     now,
                     limit=self._batch_size,
@@ -172,7 +172,7 @@ class OutboxDeliverer:
                     webhooks=list(self._webhooks),
                     alertmanager=None if self._alertmanager is None else self._alertmanager.name,
                 )
-                sent = await alert_store.already_sent(conn, (c.idempotency_key for c in claimed))
+                sent = await outbox_store.already_sent(conn, (c.idempotency_key for c in claimed))
         except TRANSIENT_ERRORS as exc:
             return self._database_down(now, exc)
         self._database_up()
@@ -194,9 +194,9 @@ class OutboxDeliverer:
         database_error: str | None = None
         try:
             async with asyncio.timeout(self._db_timeout), self._pool.acquire() as conn:
-                await alert_store.record_outcomes(conn, self._unrecorded)
+                await outbox_store.record_outcomes(conn, self._unrecorded)
                 self._unrecorded.clear()
-                self._pending = await alert_store.pending_count(conn, self.instance)
+                self._pending = await outbox_store.pending_count(conn, self.instance)
                 if (
                     self._unconfigured_at is None
                     or now - self._unconfigured_at >= self._unconfigured_every
@@ -205,7 +205,7 @@ class OutboxDeliverer:
                     await self._note_unconfigured(conn)
                 if self._pruned_at is None or now - self._pruned_at >= self._prune_interval:
                     self._pruned_at = now
-                    pruned = await alert_store.prune_outbox(
+                    pruned = await outbox_store.prune_outbox(
                         conn, delivered_before=now - self._keep_finished
                     )
                     if pruned:
@@ -328,7 +328,7 @@ class OutboxDeliverer:
     async def _note_unconfigured(self, conn: Any) -> None:
         """Log, once per receiver, pending rows of this instance that wait for a receiver
         that is not configured (the configuration changed); they are kept, not failed."""
-        waiting = await alert_store.unconfigured_receivers(
+        waiting = await outbox_store.unconfigured_receivers(
             conn,
             self.instance,
             list(self._webhooks),

@@ -88,7 +88,7 @@ PLUGIN_WHERE = f"tenant_id = {TENANT} AND plugin_id = {PLUGIN}"
 
 # The health engine writes one plugin_metrics row per evaluation: metric_name 'health_score',
 # the score as value, and in labels the components ({"components": {"up": 100, "cpu": 80, ...},
-# "weakest": "cpu", "weakest_score": 80, "weakest_detail": "..."}), see alerts/engine.py.
+# "weakest": "cpu", "weakest_score": 80, "weakest_detail": "..."}), see alerts/scoring.py health_labels_json().
 HEALTH_METRIC = "health_score"
 # The components object, or NULL (no rows from jsonb_each_text) when a row has none.
 COMPONENTS = (

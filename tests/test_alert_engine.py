@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import json
+import os
 import socket
+import sys
+import uuid
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from urllib.parse import urlsplit, urlunsplit
@@ -12,12 +17,14 @@ import asyncpg
 import pytest
 
 from pluginmon.alerts.engine import AlertEngine
+from pluginmon.alerts.engine import AlertEngine, EvaluationReport
 from pluginmon.alerts.outbox import OutboxDeliverer
 from pluginmon.alerts.rules import Rule, WebhookConfig
 from pluginmon.collectors.models import PluginKey
 from pluginmon.daemon.config_health import parse_health_config
 from pluginmon.daemon.config_sections import parse_rules
-from pluginmon.storage import alert_store
+from pluginmon.collectors.sampler import Sampler
+from pluginmon.storage import alert_state
 from tests.alerts_helpers import (
     T0,
     FakeClock,
@@ -99,7 +106,7 @@ async def test_fire_persist_deliver_resolve(pool: asyncpg.Pool, receiver: Receiv
         ]
 
         async with pool.acquire() as conn:
-            rows = await alert_store.load_alerts(conn)
+            rows = await alert_state.load_alerts(conn)
             outbox = await conn.fetch("SELECT status, receiver FROM notification_outbox")
         assert [(r.status, r.value, r.fired_at, r.started_at) for r in rows] == [
             ("firing", 95.0, clock(), clock() - timedelta(seconds=10))
@@ -160,7 +167,7 @@ async def test_fire_persist_deliver_resolve(pool: asyncpg.Pool, receiver: Receiv
     assert resolved["alerts"][0]["fingerprint"] == alert["fingerprint"]
 
     async with pool.acquire() as conn:
-        rows = await alert_store.load_alerts(conn)
+        rows = await alert_state.load_alerts(conn)
         sent = await conn.fetch(
             "SELECT idempotency_key, receiver, status_code FROM alert_notifications_sent ORDER BY delivered_at"
         )
@@ -209,7 +216,7 @@ async def test_repeat_interval_and_acknowledge(pool: asyncpg.Pool, receiver: Rec
         assert report.notifications_queued == 0
         clock.advance(10)
     async with pool.acquire() as conn:
-        (row,) = await alert_store.load_open_alerts(conn)
+        (row,) = await alert_state.load_open_alerts(conn)
     assert (row.status, row.acknowledged_by) == ("acknowledged", "alice")
     report = await engine.process(snapshot(clock(), [plugin_sample(KEY, clock(), cpu=1)]), ids)
     assert report.notifications_queued == 1  # the resolution is still sent
@@ -272,7 +279,7 @@ async def test_restart_keeps_pending_start_time(pool: asyncpg.Pool) -> None:
     clock.advance(4)  # 10 s after the condition first held, across the restart
     assert await cycle(engine2, clock, ids, resizer=90) == ["CpuHigh:firing"]
     async with pool.acquire() as conn:
-        rows = await alert_store.load_alerts(conn)
+        rows = await alert_state.load_alerts(conn)
     assert [(r.status, r.started_at, r.fired_at) for r in rows] == [
         ("firing", clock() - timedelta(seconds=10), clock())
     ]
@@ -338,7 +345,7 @@ async def test_inhibition_through_dependency(pool: asyncpg.Pool, receiver: Recei
     async with pool.acquire() as conn:
         stored = {
             (r.labels["plugin"], r.rule_name): r.inhibited
-            for r in await alert_store.load_open_alerts(conn)
+            for r in await alert_state.load_open_alerts(conn)
         }
         outbox = await conn.fetch("SELECT body FROM notification_outbox")
     assert stored == {
@@ -390,7 +397,7 @@ async def test_silence_mutes_until_it_ends(pool: asyncpg.Pool, receiver: Receive
     assert engine.firing() == []
     assert [a.status for a in engine.alerts()] == ["silenced"]
     async with pool.acquire() as conn:
-        (row,) = await alert_store.load_open_alerts(conn)
+        (row,) = await alert_state.load_open_alerts(conn)
     assert row.status == "silenced"
     assert row.silenced_until == clock() + timedelta(seconds=20)
     clock.advance(25)
@@ -439,7 +446,7 @@ async def test_database_outage_keeps_state_and_outbox_in_memory(
     finally:
         await proxy.down()
     async with pool.acquire() as conn:
-        rows = await alert_store.load_alerts(conn)
+        rows = await alert_state.load_alerts(conn)
         outbox = await conn.fetch("SELECT body, created_at FROM notification_outbox ORDER BY id")
     assert [(r.status, r.started_at - T0) for r in rows] == [
         ("resolved", timedelta(0)),
@@ -471,7 +478,7 @@ async def test_plugin_gone_for_good_resolves_its_alerts(
     assert kinds == ["CpuHigh:resolved"]
     assert engine.alerts() == []
     async with pool.acquire() as conn:
-        (row,) = await alert_store.load_alerts(conn)
+        (row,) = await alert_state.load_alerts(conn)
         bodies = [
             json.loads(b)
             for b in await conn.fetchval(
@@ -562,7 +569,115 @@ async def test_refused_row_does_not_block_the_others(
     assert report.persisted
     assert report.unpersisted_alerts == report.unpersisted_notifications == 0
     async with pool.acquire() as conn:
-        rows = await alert_store.load_alerts(conn)
+        rows = await alert_state.load_alerts(conn)
         outbox = await conn.fetch("SELECT body FROM notification_outbox")
     assert [(r.labels["plugin"], r.status) for r in rows] == [("other", "firing")]
     assert [json.loads(o["body"])["groupLabels"]["plugin"] for o in outbox] == ["other"]
+
+
+async def test_vanished_label_discovered_plugin_leaves_no_pending_alert(pool: asyncpg.Pool) -> None:
+    """Issue 15: a label-discovered plugin that went away left its pending alerts pending in
+    plugin_alerts. A real process declares a plugin with PLUGINMON_* labels, the real sampler
+    discovers it, the process dies: the plugin is down (pending, for_seconds is long) for the
+    sampler's grace cycles, then gone from the snapshots, and its pending alert is cancelled
+    in the first cycle without it."""
+    name = f"vanishing-{uuid.uuid4().hex[:8]}"
+    key = PluginKey("acme", name, "production")
+    child = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        "import time; time.sleep(120)",
+        env={**os.environ, "PLUGINMON_TENANT": "acme", "PLUGINMON_PLUGIN": name},
+    )
+    try:
+        sampler = Sampler([], label_discovery=True, host="test-host", label_grace_cycles=2)
+        rule = Rule(name="Down", metric="up", op="==", threshold=0, for_seconds=600)
+        engine = AlertEngine(pool, [rule], instance="h")  # the real clock
+        await engine.start()
+        ids = await plugin_ids(pool, [key])
+
+        async def run() -> tuple[bool | None, list[tuple[str, str]]]:
+            """One sample and one evaluation of our plugin only (other processes on the
+            machine may carry labels too): (its up, or None when absent; transitions)."""
+            snap = await asyncio.to_thread(sampler.sample)
+            mine = tuple(s for s in snap.samples if s.key == key)
+            report = await engine.process(dataclasses.replace(snap, samples=mine), ids)
+            assert report.persisted, report.database_error
+            kinds = [(rule_name, kind) for rule_name, k, kind in report.transitions if k == key]
+            return (mine[0].up if mine else None), kinds
+
+        async with asyncio.timeout(30):
+            while (seen := await run()) != (True, []):  # discovered, running
+                assert seen[0] is None, seen  # not discovered yet
+                await asyncio.sleep(0.1)
+        child.kill()
+        await child.wait()
+        assert await run() == (False, [("Down", "pending")])
+        async with pool.acquire() as conn:
+            rows = await alert_state.load_alerts(conn, plugin_id=ids[key])
+        assert [(r.rule_name, r.status) for r in rows] == [("Down", "pending")]
+        states: list[tuple[bool | None, list[tuple[str, str]]]] = []
+        for _ in range(5):  # grace cycles, then gone
+            states.append(await run())
+            if states[-1][0] is None:
+                break
+        assert states[-1] == (None, [("Down", "cancelled")]), states
+        assert all(up is False and kinds == [] for up, kinds in states[:-1]), states
+    finally:
+        if child.returncode is None:
+            child.kill()
+            await child.wait()
+    assert [a for a in engine.alerts() if a.key == key] == []
+    async with pool.acquire() as conn:
+        rows = await alert_state.load_alerts(conn, plugin_id=ids[key])
+        outbox = await conn.fetchval("SELECT count(*) FROM notification_outbox")
+    assert [(r.rule_name, r.status, r.fired_at) for r in rows] == [("Down", "resolved", None)]
+    assert outbox == 0
+
+
+async def test_a_plugin_without_an_id_is_evaluated_and_written_once_it_has_one(
+    pool: asyncpg.Pool, receiver: Receiver
+) -> None:
+    """Scoring and evaluation are keyed by plugin key; database ids matter only to
+    persistence. Here the ids come from a source given to the constructor (a dict the
+    "ingest side" fills in later), and process() is called without ids."""
+    clock = FakeClock()
+    hook = hook_for(receiver)
+    known: dict[PluginKey, int] = {}
+    engine = AlertEngine(pool, RULES, clock=clock, webhooks=[hook], plugin_ids=known)
+    await engine.start()
+
+    async def run(cpu: float) -> EvaluationReport:
+        report = await engine.process(snapshot(clock(), [plugin_sample(KEY, clock(), cpu=cpu)]))
+        clock.advance(10)
+        return report
+
+    report = await run(90)
+    assert report.transitions == (("CpuHigh", KEY, "pending"),)
+    assert report.persisted  # nothing failed: the alert waits for its plugin's id
+    assert (report.unpersisted_alerts, report.unpersisted_notifications) == (1, 0)
+    assert KEY in engine.latest_health()
+    report = await run(95)
+    assert report.transitions == (("CpuHigh", KEY, "firing"),)
+    assert report.notifications_queued == 1
+    assert (report.unpersisted_alerts, report.unpersisted_notifications) == (1, 1)
+    assert [a.status for a in engine.firing()] == ["firing"]
+    async with pool.acquire() as conn:
+        assert await alert_state.load_alerts(conn) == []
+        assert await conn.fetchval("SELECT count(*) FROM notification_outbox") == 0
+
+    known.update(await plugin_ids(pool, [KEY]))
+    report = await run(96)
+    assert report.transitions == ()
+    assert report.persisted
+    assert (report.unpersisted_alerts, report.unpersisted_notifications) == (0, 0)
+    async with pool.acquire() as conn:
+        rows = await alert_state.load_alerts(conn)
+    assert [(r.plugin_id, r.status, r.started_at, r.value) for r in rows] == [
+        (known[KEY], "firing", T0, 96.0)
+    ]
+    async with OutboxDeliverer(pool, [hook], clock=clock) as deliverer:
+        for _ in range(2):
+            await deliverer.deliver_due()
+    assert [r.json["status"] for r in receiver.received] == ["firing"]
+    assert receiver.received[0].json["alerts"][0]["fingerprint"] == rows[0].fingerprint

@@ -15,7 +15,7 @@ from pluginmon.alerts.engine import AlertEngine
 from pluginmon.alerts.outbox import OutboxDeliverer
 from pluginmon.alerts.rules import AlertmanagerConfig, Rule, WebhookConfig
 from pluginmon.collectors.models import PluginKey
-from pluginmon.storage import alert_store
+from pluginmon.storage import alert_inputs, alert_state
 from tests.alerts_helpers import FakeClock, Receiver, plugin_ids, plugin_sample, snapshot
 
 HOT = Rule(name="Hot", metric="cpu_percent", op=">", threshold=50, severity="warning")
@@ -158,7 +158,7 @@ async def test_a_daemon_does_not_resolve_another_daemons_alerts(pool: asyncpg.Po
         clock.advance(120)
         await restarted.process(snapshot(clock(), [plugin_sample(key_a, clock(), cpu=90)]), ids)
     async with pool.acquire() as conn:
-        rows = await alert_store.load_alerts(conn)
+        rows = await alert_state.load_alerts(conn)
         bodies = await conn.fetch("SELECT instance, body FROM notification_outbox ORDER BY id")
     assert sorted((r.instance, r.labels["plugin"], r.status) for r in rows) == [
         ("host-a", "on-host-a", "firing"),
@@ -313,7 +313,7 @@ async def test_no_resolved_for_an_alert_silenced_when_it_resolves(
         await drain(deliverer)
     assert [r.json["status"] for r in rx.received] == ["firing", "firing", "resolved"]
     async with pool.acquire() as conn:
-        statuses = [r.status for r in await alert_store.load_alerts(conn)]
+        statuses = [r.status for r in await alert_state.load_alerts(conn)]
     assert statuses == ["resolved", "resolved"]
 
 
@@ -329,7 +329,7 @@ async def test_silence_added_in_the_resolving_cycle_also_mutes(
     await engine.start()
     await engine.process(snapshot(clock(), [plugin_sample(key, clock(), cpu=90)]), ids)
     async with pool.acquire() as conn:  # another process adds the silence
-        await alert_store.add_silence(
+        await alert_inputs.add_silence(
             conn,
             tenant_id="acme",
             matchers={"alertname": "Hot"},

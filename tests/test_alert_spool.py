@@ -20,7 +20,7 @@ from pluginmon.alerts.outbox import OutboxDeliverer
 from pluginmon.alerts.rules import WebhookConfig
 from pluginmon.collectors.models import PluginKey
 from pluginmon.daemon.config_sections import parse_rules
-from pluginmon.storage import alert_store
+from pluginmon.storage import alert_journal, alert_state
 from pluginmon.storage.errors import TRANSIENT_ERRORS
 from tests.alerts_helpers import FakeClock, Receiver, TcpProxy, plugin_ids, plugin_sample, snapshot
 
@@ -140,9 +140,9 @@ async def outage_run(
     return kinds
 
 
-async def stored(pool: asyncpg.Pool) -> tuple[list[alert_store.StoredAlert], list[str]]:
+async def stored(pool: asyncpg.Pool) -> tuple[list[alert_state.StoredAlert], list[str]]:
     async with pool.acquire() as conn:
-        alerts = await alert_store.load_alerts(conn)
+        alerts = await alert_state.load_alerts(conn)
         bodies = await conn.fetch("SELECT body FROM notification_outbox ORDER BY id")
     return alerts, [json.loads(b["body"])["status"] for b in bodies]
 
@@ -232,7 +232,7 @@ async def test_journal_entries_without_an_owner_get_the_replaying_instance(
     engine's instance is used (the journal lives in that daemon's data directory)."""
     clock = FakeClock()
     ids = await plugin_ids(pool, [KEY])
-    write = alert_store.AlertWrite(
+    write = alert_state.AlertWrite(
         id=None,
         tenant_id=KEY.tenant,
         plugin_id=ids[KEY],
@@ -253,15 +253,15 @@ async def test_journal_entries_without_an_owner_get_the_replaying_instance(
         last_evaluated_at=clock(),
         notified_at=None,
     )
-    old_format = json.loads(alert_store.encode_alert_write(write))
+    old_format = json.loads(alert_journal.encode_alert_write(write))
     assert old_format.pop("instance") == ""
-    decoded = alert_store.decode_alert_write(json.dumps(old_format))
+    decoded = alert_journal.decode_alert_write(json.dumps(old_format))
     assert decoded.instance == ""
-    journal = alert_store.AlertJournal(tmp_path / "j")
+    journal = alert_journal.AlertJournal(tmp_path / "j")
     try:
         journal.append([decoded], [])
         async with pool.acquire() as conn:
-            result = await alert_store.replay_journal(conn, journal.read(), instance="host-a")
+            result = await alert_journal.replay_journal(conn, journal.read(), instance="host-a")
             owner = await conn.fetchval("SELECT instance FROM plugin_alerts")
     finally:
         journal.close()

@@ -19,7 +19,7 @@ from pluginmon.alerts.outbox import OutboxDeliverer
 from pluginmon.alerts.rules import WebhookConfig
 from pluginmon.collectors.models import PluginKey
 from pluginmon.daemon.config_sections import parse_rules
-from pluginmon.storage import alert_store
+from pluginmon.storage import alert_state
 from pluginmon.storage.errors import is_transient
 from tests.alerts_helpers import FakeClock, Receiver, plugin_ids, plugin_sample, snapshot
 
@@ -103,7 +103,7 @@ async def test_read_only_database_loses_no_alert_state_or_notification(
                 clock.advance(10)
             assert kinds == ["pending", "firing"]
             async with pool.acquire() as conn:
-                assert await alert_store.load_alerts(conn) == []
+                assert await alert_state.load_alerts(conn) == []
 
             await set_read_only(admin, False)  # the primary is back
             await pool.expire_connections()
@@ -113,7 +113,7 @@ async def test_read_only_database_loses_no_alert_state_or_notification(
             assert report.persisted, report.database_error
 
             async with pool.acquire() as conn:
-                alerts = await alert_store.load_alerts(conn)
+                alerts = await alert_state.load_alerts(conn)
                 bodies = await conn.fetch("SELECT body FROM notification_outbox ORDER BY id")
             assert [(a.rule_name, a.status) for a in alerts] == [("CpuHigh", "firing")]
             assert [json.loads(b["body"])["status"] for b in bodies] == ["firing"]

@@ -25,7 +25,7 @@ from pluginmon.alerts.rules import Rule, WebhookConfig
 from pluginmon.collectors.models import Match, PluginKey, PluginSpec
 from pluginmon.collectors.sampler import Sampler
 from pluginmon.daemon.scheduling import Scheduler
-from pluginmon.storage import alert_store
+from pluginmon.storage import alert_state
 from pluginmon.storage.errors import backoff_seconds
 from tests.alerts_helpers import FakeClock, Receiver, plugin_ids, plugin_sample, snapshot
 from tests.cpu_reference import read_cpu
@@ -466,7 +466,7 @@ def test_backoff_is_capped_exponential_with_jitter() -> None:
 
 async def test_alert_store_acknowledge_unknown(pool: asyncpg.Pool) -> None:
     async with pool.acquire() as conn:
-        assert not await alert_store.acknowledge(conn, "0" * 16, "x", datetime.now(UTC))
+        assert not await alert_state.acknowledge(conn, "0" * 16, "x", datetime.now(UTC))
 
 
 def test_signature_is_hmac_sha256_of_the_exact_body() -> None:

@@ -1,0 +1,283 @@
+"""notification_outbox (asyncpg): queueing notifications, claiming due ones, recording outcomes."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+from pluginmon.storage.alert_state import QUERY_TIMEOUT_SECONDS, Connection
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxWrite:
+    """One notification to queue (also the outbox entry of the disk journal, storage.alert_journal)."""
+
+    tenant_id: str
+    plugin_id: int
+    environment: str
+    receiver: str
+    receiver_kind: str  # "webhook" | "alertmanager"
+    group_key: str
+    idempotency_key: str
+    body: str
+    fingerprints: tuple[str, ...]
+    created_at: datetime
+    instance: str = ""  # the owning daemon: only its deliverer sends this row
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimedNotification:
+    id: int
+    tenant_id: str
+    receiver: str
+    receiver_kind: str
+    group_key: str
+    idempotency_key: str
+    body: str
+    attempts: int  # including the attempt being made now
+    created_at: datetime | None = None  # when it was queued (give_up_after_seconds counts from it)
+
+
+async def insert_outbox(conn: Connection, rows: Sequence[OutboxWrite]) -> None:
+    if not rows:
+        return
+    await conn.executemany(
+        """INSERT INTO notification_outbox (tenant_id, plugin_id, environment, receiver,
+               receiver_kind, group_key, idempotency_key, body, fingerprints, next_attempt_at,
+               created_at, updated_at, instance)
+           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $10, $10, $11)
+           ON CONFLICT (idempotency_key) DO NOTHING""",
+        [
+            (
+                r.tenant_id,
+                r.plugin_id,
+                r.environment,
+                r.receiver,
+                r.receiver_kind,
+                r.group_key,
+                r.idempotency_key,
+                r.body,
+                list(r.fingerprints),
+                r.created_at,
+                r.instance,
+            )
+            for r in rows
+        ],
+        timeout=QUERY_TIMEOUT_SECONDS,
+    )
+
+
+async def last_notified(
+    conn: Connection, instance: str | None = None
+) -> dict[tuple[str, str], datetime]:
+    """(receiver, group_key) -> when its latest notification was queued (by ``instance``,
+    or by any daemon when None)."""
+    rows = await conn.fetch(
+        """SELECT receiver, group_key, max(created_at) AS at FROM notification_outbox
+            WHERE $1::text IS NULL OR instance = $1
+            GROUP BY receiver, group_key""",
+        instance,
+        timeout=QUERY_TIMEOUT_SECONDS,
+    )
+    return {(r["receiver"], r["group_key"]): r["at"] for r in rows}
+
+
+_CLAIM = """
+WITH due AS (
+    SELECT o.id FROM notification_outbox o
+     WHERE o.status = 'pending' AND o.next_attempt_at <= $1
+       -- only this daemon's rows, and only for receivers it has configured: another
+       -- daemon's "webhook-0" is not ours, and a row whose receiver was removed from the
+       -- configuration waits (pending) instead of being sent anywhere else
+       AND o.instance = $4
+       AND ((o.receiver_kind = 'webhook' AND o.receiver = ANY($5::text[]))
+            OR (o.receiver_kind = 'alertmanager' AND o.receiver = $6::text))
+       -- one at a time per receiver and group, oldest first: a resolved never overtakes
+       -- the firing it resolves, even while that one is being retried
+       AND NOT EXISTS (SELECT 1 FROM notification_outbox p
+                        WHERE p.status = 'pending' AND p.instance = o.instance
+                          AND p.receiver = o.receiver AND p.receiver_kind = o.receiver_kind
+                          AND p.group_key = o.group_key AND p.id < o.id)
+     ORDER BY o.next_attempt_at, o.id
+     LIMIT $2
+     FOR UPDATE SKIP LOCKED
+)
+UPDATE notification_outbox o
+   SET attempts = o.attempts + 1,
+       -- a lease: if this deliverer dies mid-POST, another one retries after it
+       next_attempt_at = $1 + make_interval(secs => $3),
+       updated_at = $1
+  FROM due WHERE o.id = due.id
+RETURNING o.id, o.tenant_id, o.receiver, o.receiver_kind, o.group_key, o.idempotency_key,
+          o.body, o.attempts, o.created_at
+"""
+
+
+async def claim_due(
+    conn: Connection,
+    now: datetime,
+    *,
+    limit: int,
+    lease_seconds: float,
+    instance: str,
+    webhooks: Sequence[str],
+    alertmanager: str | None,
+) -> list[ClaimedNotification]:
+    """Claim up to ``limit`` due notifications of ``instance`` for the named receivers
+    (``FOR UPDATE SKIP LOCKED``: several deliverers of one instance can share its rows) and
+    lease them for ``lease_seconds``."""
+    async with conn.transaction():
+        rows = await conn.fetch(
+            _CLAIM,
+            now,
+            limit,
+            lease_seconds,
+            instance,
+            list(webhooks),
+            alertmanager,
+            timeout=QUERY_TIMEOUT_SECONDS,
+        )
+    claimed = [
+        ClaimedNotification(
+            id=r["id"],
+            tenant_id=r["tenant_id"],
+            receiver=r["receiver"],
+            receiver_kind=r["receiver_kind"],
+            group_key=r["group_key"],
+            idempotency_key=r["idempotency_key"],
+            body=r["body"],
+            attempts=r["attempts"],
+            created_at=r["created_at"],
+        )
+        for r in rows
+    ]
+    claimed.sort(key=lambda c: c.id)
+    return claimed
+
+
+async def already_sent(conn: Connection, keys: Iterable[str]) -> set[str]:
+    keys = list(keys)
+    if not keys:
+        return set()
+    rows = await conn.fetch(
+        "SELECT idempotency_key FROM alert_notifications_sent WHERE idempotency_key = ANY($1::text[])",
+        keys,
+        timeout=QUERY_TIMEOUT_SECONDS,
+    )
+    return {r["idempotency_key"] for r in rows}
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryOutcome:
+    notification: ClaimedNotification
+    outcome: str  # "delivered" | "retry" | "failed"
+    at: datetime
+    status_code: int | None = None
+    error: str | None = None
+    next_attempt_at: datetime | None = None
+
+
+async def record_outcomes(conn: Connection, outcomes: Sequence[DeliveryOutcome]) -> None:
+    """Mark delivered/retry/failed in one transaction; delivered keys go to
+    alert_notifications_sent so they are never POSTed again."""
+    if not outcomes:
+        return
+    async with conn.transaction():
+        delivered = [o for o in outcomes if o.outcome == "delivered"]
+        if delivered:
+            await conn.executemany(
+                """UPDATE notification_outbox SET status = 'delivered', delivered_at = $2,
+                          last_status_code = $3, last_error = NULL, updated_at = $2
+                    WHERE id = $1""",
+                [(o.notification.id, o.at, o.status_code) for o in delivered],
+                timeout=QUERY_TIMEOUT_SECONDS,
+            )
+            await conn.executemany(
+                """INSERT INTO alert_notifications_sent (idempotency_key, tenant_id, outbox_id,
+                          receiver, status_code, attempts, delivered_at)
+                   VALUES ($1, $2, $3, $4, $5, $6, $7)
+                   ON CONFLICT (idempotency_key) DO NOTHING""",
+                [
+                    (
+                        o.notification.idempotency_key,
+                        o.notification.tenant_id,
+                        o.notification.id,
+                        o.notification.receiver,
+                        o.status_code if o.status_code is not None else 0,
+                        o.notification.attempts,
+                        o.at,
+                    )
+                    for o in delivered
+                ],
+                timeout=QUERY_TIMEOUT_SECONDS,
+            )
+        retries = [o for o in outcomes if o.outcome == "retry"]
+        if retries:
+            await conn.executemany(
+                """UPDATE notification_outbox SET next_attempt_at = $2, last_status_code = $3,
+                          last_error = $4, updated_at = $5
+                    WHERE id = $1 AND status = 'pending'""",
+                [
+                    (o.notification.id, o.next_attempt_at, o.status_code, o.error, o.at)
+                    for o in retries
+                ],
+                timeout=QUERY_TIMEOUT_SECONDS,
+            )
+        failed = [o for o in outcomes if o.outcome == "failed"]
+        if failed:
+            await conn.executemany(
+                """UPDATE notification_outbox SET status = 'failed', last_status_code = $2,
+                          last_error = $3, updated_at = $4
+                    WHERE id = $1 AND status = 'pending'""",
+                [(o.notification.id, o.status_code, o.error, o.at) for o in failed],
+                timeout=QUERY_TIMEOUT_SECONDS,
+            )
+
+
+async def pending_count(conn: Connection, instance: str | None = None) -> int:
+    """Pending notifications (of ``instance``, or of every daemon when None)."""
+    return int(
+        await conn.fetchval(
+            """SELECT count(*) FROM notification_outbox
+                WHERE status = 'pending' AND ($1::text IS NULL OR instance = $1)""",
+            instance,
+            timeout=QUERY_TIMEOUT_SECONDS,
+        )
+    )
+
+
+async def unconfigured_receivers(
+    conn: Connection, instance: str, webhooks: Sequence[str], alertmanager: str | None
+) -> dict[tuple[str, str], int]:
+    """(receiver kind, receiver name) -> pending rows of ``instance`` for a receiver that is
+    not (or no longer) configured: they wait instead of being claimed."""
+    rows = await conn.fetch(
+        """SELECT receiver_kind, receiver, count(*) AS n FROM notification_outbox
+            WHERE status = 'pending' AND instance = $1
+              AND NOT ((receiver_kind = 'webhook' AND receiver = ANY($2::text[]))
+                       OR (receiver_kind = 'alertmanager' AND receiver IS NOT DISTINCT FROM $3::text))
+            GROUP BY receiver_kind, receiver""",
+        instance,
+        list(webhooks),
+        alertmanager,
+        timeout=QUERY_TIMEOUT_SECONDS,
+    )
+    return {(r["receiver_kind"], r["receiver"]): int(r["n"]) for r in rows}
+
+
+async def prune_outbox(conn: Connection, *, delivered_before: datetime) -> int:
+    """Delete finished (delivered or failed) outbox rows and delivered keys older than that."""
+    async with conn.transaction():
+        status = await conn.execute(
+            """DELETE FROM notification_outbox
+                WHERE status <> 'pending' AND updated_at < $1""",
+            delivered_before,
+            timeout=QUERY_TIMEOUT_SECONDS,
+        )
+        await conn.execute(
+            "DELETE FROM alert_notifications_sent WHERE delivered_at < $1",
+            delivered_before,
+            timeout=QUERY_TIMEOUT_SECONDS,
+        )
+    return int(status.split()[-1])
