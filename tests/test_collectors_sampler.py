@@ -644,15 +644,19 @@ def test_systemd_unit_and_cgroup_from_proc(spawner: Spawner, tmp_path: Path) -> 
 
 
 CHURNER = """
-import subprocess, sys
+import os, subprocess, sys
 print('ready', flush=True)
 sys.stdin.readline()
 pids = []
-for _ in range(int(sys.argv[2])):
+batches = 0
+# At least the given number of batches, then on until the test has seen enough (the stop
+# file): on a loaded machine one sampling cycle can outlast a fixed number of batches.
+while batches < int(sys.argv[2]) or not os.path.exists(sys.argv[3]):
     batch = [subprocess.Popen(['sleep', '0.02']) for _ in range(10)]
     pids += [p.pid for p in batch]
     for p in batch:
         p.wait()
+    batches += 1
 with open(sys.argv[1], 'w') as f:
     f.write(' '.join(map(str, pids)))
 print('done', flush=True)
@@ -667,19 +671,31 @@ def test_churn_of_short_lived_processes_is_attributed_correctly(
     spec_a = cmdline_spec("acme", "churn-a", tag_a)
     spec_b = cmdline_spec("acme", "churn-b", tag_b)
     sampler = Sampler([spec_a, spec_b], label_discovery=True)
-    batches = "25"  # 250 children each, 750 in all
-    a, _ = spawner.python(CHURNER, str(tmp_path / "a"), batches, tag_a)
-    b, _ = spawner.python(CHURNER, str(tmp_path / "b"), batches, tag_b)
-    unrelated, _ = spawner.python(CHURNER, str(tmp_path / "u"), batches)
+    batches = "25"  # at least 250 children each, 750 in all
+    stop = tmp_path / "stop"
+    a, _ = spawner.python(CHURNER, str(tmp_path / "a"), batches, str(stop), tag_a)
+    b, _ = spawner.python(CHURNER, str(tmp_path / "b"), batches, str(stop), tag_b)
+    unrelated, _ = spawner.python(CHURNER, str(tmp_path / "u"), batches, str(stop))
     for child in (a, b, unrelated):
         assert child.stdin is not None
         child.stdin.write(b"go\n")
         child.stdin.flush()
-    snapshots = []
+    snapshots: list[Snapshot] = []
 
     def done() -> bool:
         return all((tmp_path / n).exists() for n in "abu")
 
+    def children_seen(snap: Snapshot) -> int:
+        return len(sample_of(snap, spec_a.key).pids) + len(sample_of(snap, spec_b.key).pids) - 2
+
+    # Sample until at least 5 cycles saw the churn and one of them a child (bounded), then
+    # let the churners finish; every snapshot is checked below.
+    deadline = time.monotonic() + 120
+    while len(snapshots) < 5 or not any(children_seen(snap) for snap in snapshots):
+        assert time.monotonic() < deadline, "the sampler never saw a churning child in 120 s"
+        snapshots.append(sampler.sample())
+        time.sleep(0.01)
+    stop.touch()
     while not done():
         snapshots.append(sampler.sample())
         time.sleep(0.01)
