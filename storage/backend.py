@@ -13,8 +13,13 @@ import psycopg
 
 from pluginmon.storage.migrate import (
     DEFAULT_CONNECT_TIMEOUT_SECONDS,
+    OFFER_SQL,
+    PRELOAD_SQL,
     Backend,
+    TimescaleOffer,
+    choose_backend,
     connect_timeout_param,
+    parse_preload_libraries,
 )
 
 logger = logging.getLogger(__name__)
@@ -154,7 +159,9 @@ def require_autocommit(conn: AdminConnection) -> None:
 
 
 async def detect_backend(conn: AdminConnection) -> Backend:
-    """The backend the database was migrated for, else what the server offers."""
+    """The backend the database was migrated for, else what auto would choose
+    (``storage.migrate.choose_backend``: TimescaleDB only when offered, preloaded and new
+    enough)."""
     cur = await conn.execute(
         "SELECT CASE WHEN to_regclass('schema_migrations') IS NOT NULL THEN"
         " (SELECT min(backend) FROM schema_migrations) END"
@@ -162,11 +169,26 @@ async def detect_backend(conn: AdminConnection) -> Backend:
     row = await cur.fetchone()
     if row is not None and row[0] is not None:
         return Backend(str(row[0]))
-    cur = await conn.execute(
-        "SELECT EXISTS (SELECT 1 FROM pg_available_extensions WHERE name = 'timescaledb')"
+    return choose_backend(None, await read_timescale_offer(conn)).backend
+
+
+async def read_timescale_offer(conn: AdminConnection) -> TimescaleOffer:
+    """``storage.migrate.read_timescale_offer`` on an async (autocommit) connection."""
+    cur = await conn.execute(OFFER_SQL)
+    row = await cur.fetchone()
+    assert row is not None
+    preload: tuple[str, ...] | None
+    try:
+        shown = await (await conn.execute(PRELOAD_SQL)).fetchone()
+        preload = parse_preload_libraries(str(shown[0]) if shown else "")
+    except psycopg.errors.InsufficientPrivilege:
+        preload = None  # the loader's settings answer instead
+    return TimescaleOffer(
+        default_version=None if row[0] is None else str(row[0]),
+        installed_version=None if row[1] is None else str(row[1]),
+        loader_loaded=bool(row[2]),
+        preload_libraries=preload,
     )
-    offered = await cur.fetchone()
-    return Backend.TIMESCALEDB if offered is not None and offered[0] else Backend.POSTGRES
 
 
 def bucket_floor(moment: datetime, width: timedelta) -> datetime:

@@ -1,4 +1,10 @@
-"""The data-plane asyncpg pool: opening, graceful-then-forced closing, and URL redaction."""
+"""The data-plane asyncpg pool: opening, graceful-then-forced closing, and URL redaction.
+
+A URL may name several hosts (``postgresql://u@db1:5432,db2:5432/pluginmon?
+target_session_attrs=read-write``): asyncpg (this pool) and libpq (psycopg, the admin plane)
+both try them in order and take the first that matches ``target_session_attrs``, so a
+daemon follows a failover to the promoted standby on its next connection.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +23,8 @@ REDACTED = "***"
 
 # libpq keyword/value DSNs ("host=db password=secret") have no URL structure to parse.
 _KEYWORD_PASSWORD_RE = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE)
+# user:password@ inside any URL-looking text (a driver's message may echo the DSN).
+_URL_PASSWORD_RE = re.compile(r"(?P<head>[a-zA-Z][a-zA-Z0-9+.-]*://[^/\s:@]*:)[^@\s/]*@")
 
 
 def redact_url(url: str) -> str:
@@ -47,6 +55,12 @@ def redact_url(url: str) -> str:
         return urlunsplit(parts._replace(netloc=netloc, query=query))
     except ValueError:
         return "<unparsable database URL>"
+
+
+def redact_text(text: str) -> str:
+    """Free text (an error message) with URL passwords and ``password=`` values replaced."""
+    text = _URL_PASSWORD_RE.sub(lambda m: m.group("head") + REDACTED + "@", text)
+    return _KEYWORD_PASSWORD_RE.sub(lambda m: m.group(1) + REDACTED, text)
 
 
 async def open_pool(
