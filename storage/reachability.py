@@ -400,7 +400,8 @@ class DatabaseWatch:
         elif was_up:
             self._runtime_log.due(failure.reason)
             logger.warning(
-                "database unreachable (%s): %s; samples go to the disk spool until it returns",
+                "%s (%s): %s; samples go to the disk spool until it returns",
+                known.summary,
                 failure.reason,
                 failure.message,
                 extra={"reason": failure.reason},
