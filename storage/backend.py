@@ -19,7 +19,7 @@ from pluginmon.storage.migrate import (
     TimescaleOffer,
     choose_backend,
     connect_timeout_param,
-    parse_preload_libraries,
+    offer_from,
 )
 
 logger = logging.getLogger(__name__)
@@ -162,33 +162,23 @@ async def detect_backend(conn: AdminConnection) -> Backend:
     """The backend the database was migrated for, else what auto would choose
     (``storage.migrate.choose_backend``: TimescaleDB only when offered, preloaded and new
     enough)."""
-    cur = await conn.execute(
-        "SELECT CASE WHEN to_regclass('schema_migrations') IS NOT NULL THEN"
-        " (SELECT min(backend) FROM schema_migrations) END"
-    )
-    row = await cur.fetchone()
-    if row is not None and row[0] is not None:
-        return Backend(str(row[0]))
+    # Two statements: a CASE around the subquery still needs the table to exist to plan it.
+    exists = await (await conn.execute("SELECT to_regclass('schema_migrations')")).fetchone()
+    if exists is not None and exists[0] is not None:
+        row = await (await conn.execute("SELECT min(backend) FROM schema_migrations")).fetchone()
+        if row is not None and row[0] is not None:
+            return Backend(str(row[0]))
     return choose_backend(None, await read_timescale_offer(conn)).backend
 
 
 async def read_timescale_offer(conn: AdminConnection) -> TimescaleOffer:
     """``storage.migrate.read_timescale_offer`` on an async (autocommit) connection."""
-    cur = await conn.execute(OFFER_SQL)
-    row = await cur.fetchone()
-    assert row is not None
-    preload: tuple[str, ...] | None
+    offer_row = await (await conn.execute(OFFER_SQL)).fetchone()
     try:
-        shown = await (await conn.execute(PRELOAD_SQL)).fetchone()
-        preload = parse_preload_libraries(str(shown[0]) if shown else "")
+        preload_row = await (await conn.execute(PRELOAD_SQL)).fetchone()
     except psycopg.errors.InsufficientPrivilege:
-        preload = None  # the loader's settings answer instead
-    return TimescaleOffer(
-        default_version=None if row[0] is None else str(row[0]),
-        installed_version=None if row[1] is None else str(row[1]),
-        loader_loaded=bool(row[2]),
-        preload_libraries=preload,
-    )
+        return offer_from(offer_row, None, shown=False)  # the loader's setting answers
+    return offer_from(offer_row, preload_row, shown=True)
 
 
 def bucket_floor(moment: datetime, width: timedelta) -> datetime:

@@ -274,22 +274,30 @@ def choose_backend(requested: Backend | None, offer: TimescaleOffer) -> BackendC
     )
 
 
-def read_timescale_offer(conn: psycopg.Connection[tuple[object, ...]]) -> TimescaleOffer:
-    """``TimescaleOffer`` of the server and database ``conn`` (autocommit) is connected to."""
-    row = conn.execute(OFFER_SQL).fetchone()
-    assert row is not None
-    preload: tuple[str, ...] | None
-    try:
-        shown = conn.execute(PRELOAD_SQL).fetchone()
-        preload = parse_preload_libraries(str(shown[0]) if shown else "")
-    except psycopg.errors.InsufficientPrivilege:
-        preload = None  # the loader's settings answer instead
+def offer_from(
+    offer_row: tuple[object, ...] | None, preload_row: tuple[object, ...] | None, *, shown: bool
+) -> TimescaleOffer:
+    """The offer from OFFER_SQL's row and PRELOAD_SQL's (``shown`` False: it was refused)."""
+    assert offer_row is not None
+    default_version, installed_version, loader_loaded = offer_row
+    preload = None
+    if shown:
+        preload = parse_preload_libraries(str(preload_row[0]) if preload_row else "")
     return TimescaleOffer(
-        default_version=None if row[0] is None else str(row[0]),
-        installed_version=None if row[1] is None else str(row[1]),
-        loader_loaded=bool(row[2]),
+        default_version=None if default_version is None else str(default_version),
+        installed_version=None if installed_version is None else str(installed_version),
+        loader_loaded=bool(loader_loaded),
         preload_libraries=preload,
     )
+
+
+def read_timescale_offer(conn: psycopg.Connection[tuple[object, ...]]) -> TimescaleOffer:
+    """``TimescaleOffer`` of the server and database ``conn`` (autocommit) is connected to."""
+    offer_row = conn.execute(OFFER_SQL).fetchone()
+    try:
+        return offer_from(offer_row, conn.execute(PRELOAD_SQL).fetchone(), shown=True)
+    except psycopg.errors.InsufficientPrivilege:
+        return offer_from(offer_row, None, shown=False)  # the loader's setting answers
 
 
 def detect_backend(

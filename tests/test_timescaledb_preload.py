@@ -10,6 +10,7 @@ same server gets the TimescaleDB backend. Skipped where the packages are not ins
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -18,7 +19,9 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from pluginmon.storage.migrate import Backend, read_timescale_offer
+from pluginmon.storage.backend import admin_connection, detect_backend
+from pluginmon.storage.backend import read_timescale_offer as read_offer_async
+from pluginmon.storage.migrate import Backend, TimescaleOffer, read_timescale_offer
 from tests.daemon_helpers import DaemonProcess, run_cli, wait_for
 from tests.pg_cluster import Cluster, extension_control_file, system_postgres_bin_dir
 
@@ -158,6 +161,15 @@ def test_offer_seen_by_a_user_who_may_not_read_shared_preload_libraries(
     assert offer.loader_loaded is False
     assert offer.preloaded is False
     assert offer.default_version is not None
+
+    async def read_async(url: str) -> tuple[TimescaleOffer, Backend]:
+        async with admin_connection(url) as conn:
+            return await read_offer_async(conn), await detect_backend(conn)
+
+    # The maintenance plane (async) reads the same, and auto would not choose TimescaleDB.
+    assert asyncio.run(read_async(plain_role(cluster))) == (offer, Backend.POSTGRES)
+    superuser_offer, _ = asyncio.run(read_async(cluster.url()))
+    assert superuser_offer.preload_libraries == ()
 
 
 def test_preloaded_server_gets_the_timescaledb_backend(cluster: Cluster) -> None:
