@@ -26,13 +26,21 @@ from pluginmon.storage.outbox_store import ClaimedNotification, DeliveryOutcome
 logger = logging.getLogger(__name__)
 
 
+# deliver_due waits this long for its POSTs; slower ones finish in the background and are
+# recorded by a later call, so a receiver that never answers holds up no other receiver.
+SEND_WAIT_SECONDS = 1.0
+
+
 @dataclass(frozen=True, slots=True)
 class DeliveryReport:
     claimed: int = 0
+    # Outcomes recorded by this call: its own POSTs that finished within the send wait,
+    # and slower ones of earlier calls that finished since.
     delivered: int = 0
     retried: int = 0
     failed: int = 0
     already_delivered: int = 0  # key found in alert_notifications_sent: not POSTed again
+    in_flight: int = 0  # POSTs still waiting for their receiver (each within its timeout)
     database_error: str | None = None
     backing_off: bool = False  # the database was down recently; this call did nothing
 
@@ -52,6 +60,13 @@ class OutboxDeliverer:
     records the idempotency key in alert_notifications_sent before anything else happens
     to the row; outcomes that could not be recorded (database down) are kept and recorded
     before the next claim, so a delivered key is never POSTed again by this process.
+
+    No head-of-line blocking: every POST is its own task bounded by its receiver's
+    ``timeout_seconds``; ``deliver_due`` waits for them at most ``send_wait_seconds`` and
+    leaves the slower ones running. A receiver that accepts and never answers keeps only
+    its own rows leased (claim_due leases a claimed row for longer than any timeout) while
+    the next calls claim and send everything else; its outcome (a retry, "timed out") is
+    recorded by the first call after it finished.
 
     ``instance`` (default the hostname; the daemon passes its ``host`` setting) must match
     the engine's: a deliverer claims only its own instance's rows, and only for receivers it
@@ -75,6 +90,7 @@ class OutboxDeliverer:
         prune_interval_seconds: float = 3600.0,
         instance: str | None = None,
         unconfigured_check_seconds: float = 60.0,
+        send_wait_seconds: float = SEND_WAIT_SECONDS,
     ) -> None:
         self.instance = instance or socket.gethostname()
         self._pool = pool
@@ -91,6 +107,10 @@ class OutboxDeliverer:
         self._session = session
         self._own_session = session is None
         self._unrecorded: list[DeliveryOutcome] = []
+        self._send_wait = send_wait_seconds
+        # POSTs under way, and the outcomes of those that finished after their call returned.
+        self._in_flight: set[asyncio.Task[DeliveryOutcome]] = set()
+        self._finished_late: list[DeliveryOutcome] = []
         self._counts: Counter[tuple[str, str]] = Counter()
         self._pending = 0
         self._db_failures = 0
@@ -115,6 +135,12 @@ class OutboxDeliverer:
         await self.aclose()
 
     async def aclose(self) -> None:
+        # A POST cut short here stays leased and pending: it is retried after the lease.
+        for task in list(self._in_flight):
+            task.cancel()
+        if self._in_flight:
+            await asyncio.gather(*self._in_flight, return_exceptions=True)
+        self._in_flight.clear()
         if self._session is not None and self._own_session:
             await self._session.close()
             self._session = None
@@ -177,20 +203,22 @@ class OutboxDeliverer:
             return self._database_down(now, exc)
         self._database_up()
 
-        outcomes: list[DeliveryOutcome] = []
+        skipped: list[DeliveryOutcome] = []
         to_send: list[ClaimedNotification] = []
         for c in claimed:
             if c.idempotency_key in sent:
-                outcomes.append(DeliveryOutcome(c, "delivered", now, status_code=None))
+                skipped.append(DeliveryOutcome(c, "delivered", now, status_code=None))
             else:
                 to_send.append(c)
-        if to_send:
-            session = self._client()
-            async with asyncio.TaskGroup() as tg:
-                tasks = [tg.create_task(self._send(session, c)) for c in to_send]
-            outcomes.extend(t.result() for t in tasks)
+        sent_now = await self._send_all(to_send)
+        # Earlier calls' slow POSTs that finished since, then this call's.
+        finished, self._finished_late = self._finished_late, []
+        finished.extend(sent_now)
+        for o in finished:
+            self._counts[(o.notification.receiver, o.outcome)] += 1
 
-        self._unrecorded.extend(outcomes)
+        self._unrecorded.extend(skipped)
+        self._unrecorded.extend(finished)
         database_error: str | None = None
         try:
             async with asyncio.timeout(self._db_timeout), self._pool.acquire() as conn:
@@ -214,17 +242,57 @@ class OutboxDeliverer:
             database_error = f"{type(exc).__name__}: {exc}"
             self._database_down(self._clock(), exc)
 
-        counted = Counter(o.outcome for o in outcomes[len(claimed) - len(to_send) :])
-        for o in outcomes[len(claimed) - len(to_send) :]:
-            self._counts[(o.notification.receiver, o.outcome)] += 1
+        counted = Counter(o.outcome for o in finished)
         return DeliveryReport(
             claimed=len(claimed),
             delivered=counted["delivered"],
             retried=counted["retry"],
             failed=counted["failed"],
-            already_delivered=len(claimed) - len(to_send),
+            already_delivered=len(skipped),
+            in_flight=len(self._in_flight),
             database_error=database_error,
         )
+
+    async def _send_all(self, to_send: Sequence[ClaimedNotification]) -> list[DeliveryOutcome]:
+        """Start one POST task per notification; the outcomes of those done within the send
+        wait. The rest keep running and land in ``_finished_late`` when done."""
+        if not to_send:
+            return []
+        session = self._client()
+        tasks = [asyncio.create_task(self._send_safely(session, c)) for c in to_send]
+        self._in_flight.update(tasks)
+        await asyncio.wait(tasks, timeout=self._send_wait)
+        outcomes: list[DeliveryOutcome] = []
+        for task in tasks:
+            if task.done():
+                self._in_flight.discard(task)
+                outcomes.append(task.result())
+            else:
+                task.add_done_callback(self._finished_in_background)
+        return outcomes
+
+    def _finished_in_background(self, task: asyncio.Task[DeliveryOutcome]) -> None:
+        self._in_flight.discard(task)
+        if not task.cancelled():
+            self._finished_late.append(task.result())
+
+    async def _send_safely(
+        self, session: aiohttp.ClientSession, n: ClaimedNotification
+    ) -> DeliveryOutcome:
+        """``_send``, with anything unexpected (a bug, a body that does not parse) turned
+        into a retry of this one notification instead of an exception nobody awaits."""
+        try:
+            return await self._send(session, n)
+        except Exception as exc:
+            logger.exception("notification %d to %s: unexpected error", n.id, n.receiver)
+            now = self._clock()
+            return DeliveryOutcome(
+                n,
+                "retry",
+                now,
+                error=f"{type(exc).__name__}: {exc}"[:300],
+                next_attempt_at=now + timedelta(seconds=60),
+            )
 
     # --- one notification ---------------------------------------------------------------------
 

@@ -193,7 +193,9 @@ class Daemon:
                 close_timeout_seconds=budget.seconds(WRITER_CLOSE),
             )
         )
-        database = DatabaseWatch(pool, writer=writer)
+        database = DatabaseWatch(
+            pool, writer=writer, log_interval_seconds=2 * settings.database_retry_max_seconds
+        )
         self._database_reasons = database.readiness_reasons
         sink = SampleSink(
             pool=pool,
@@ -273,6 +275,8 @@ class Daemon:
             backend=None if settings.backend == "auto" else Backend(settings.backend),
             retention=self.config.retention,
             stop=stop,
+            report=coordinator.database,
+            retry_max_seconds=settings.database_retry_max_seconds,
         )
         if not ready:
             return

@@ -81,6 +81,18 @@ def _database_url(settings: Settings) -> Iterator[str]:
             server.stop()
 
 
+def _database_failure(command: str, exc: Exception) -> int:
+    """Exit 1 with the server's own message, then the condition's name and what to do."""
+    from pluginmon.daemon.logs import redact
+    from pluginmon.storage.reachability import condition, failure_message, failure_reason
+
+    reason = failure_reason(exc)
+    print(f"pluginmon {command}: {redact(failure_message(exc))}", file=sys.stderr)
+    if reason != "error":
+        print(f"pluginmon {command}: {reason}: {condition(reason).action}", file=sys.stderr)
+    return EXIT_FAILURE
+
+
 def _check_config(config: Path | None) -> int:
     from pluginmon.daemon.config import load
 
@@ -122,11 +134,7 @@ def _migrate(config: Path | None) -> int:
             prepared = prepare_database(url, retention, backend=backend)
             result = prepared.migrations
     except Exception as exc:
-        # MigrationError included: any message may quote what a driver made of the URL.
-        from pluginmon.daemon.logs import redact
-
-        print(f"pluginmon migrate: {redact(str(exc))}", file=sys.stderr)
-        return EXIT_FAILURE
+        return _database_failure("migrate", exc)
     print(
         f"backend {result.backend.value}: applied {len(result.applied)} migration(s)"
         f"{': ' + ', '.join(result.applied) if result.applied else ''}; "
@@ -137,7 +145,7 @@ def _migrate(config: Path | None) -> int:
 
 
 def _status(config: Path | None, as_json: bool, tenant: str | None) -> int:
-    from pluginmon.daemon.logs import configure_logging, redact
+    from pluginmon.daemon.logs import configure_logging
     from pluginmon.daemon.settings import load_settings
     from pluginmon.daemon.status import fetch_status, format_table
 
@@ -162,8 +170,7 @@ def _status(config: Path | None, as_json: bool, tenant: str | None) -> int:
         )
         return EXIT_FAILURE
     except Exception as exc:
-        print(f"pluginmon status: {redact(str(exc))}", file=sys.stderr)
-        return EXIT_FAILURE
+        return _database_failure("status", exc)
     if as_json:
         print(json.dumps([row.as_dict() for row in rows], indent=2))
     else:

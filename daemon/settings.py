@@ -216,6 +216,9 @@ class Settings(BaseSettings):
     )
     # The pool opens with no connection (min size 0), so start-up never waits on it.
     database_pool_max_size: Annotated[int, positive_up_to(100)] = 4
+    # While the database cannot be used at start-up, retries back off (with jitter) up to
+    # this; the reason is logged at most once per two of these (at once when it changes).
+    database_retry_max_seconds: Annotated[float, Finite, positive_up_to(HOUR)] = 30.0
 
     # -- sampling ----------------------------------------------------------------------------
     sample_interval_seconds: Annotated[float, Finite, positive_up_to(HOUR)] = 10.0

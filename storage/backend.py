@@ -13,8 +13,13 @@ import psycopg
 
 from pluginmon.storage.migrate import (
     DEFAULT_CONNECT_TIMEOUT_SECONDS,
+    OFFER_SQL,
+    PRELOAD_SQL,
     Backend,
+    TimescaleOffer,
+    choose_backend,
     connect_timeout_param,
+    offer_from,
 )
 
 logger = logging.getLogger(__name__)
@@ -154,19 +159,26 @@ def require_autocommit(conn: AdminConnection) -> None:
 
 
 async def detect_backend(conn: AdminConnection) -> Backend:
-    """The backend the database was migrated for, else what the server offers."""
-    cur = await conn.execute(
-        "SELECT CASE WHEN to_regclass('schema_migrations') IS NOT NULL THEN"
-        " (SELECT min(backend) FROM schema_migrations) END"
-    )
-    row = await cur.fetchone()
-    if row is not None and row[0] is not None:
-        return Backend(str(row[0]))
-    cur = await conn.execute(
-        "SELECT EXISTS (SELECT 1 FROM pg_available_extensions WHERE name = 'timescaledb')"
-    )
-    offered = await cur.fetchone()
-    return Backend.TIMESCALEDB if offered is not None and offered[0] else Backend.POSTGRES
+    """The backend the database was migrated for, else what auto would choose
+    (``storage.migrate.choose_backend``: TimescaleDB only when offered, preloaded and new
+    enough)."""
+    # Two statements: a CASE around the subquery still needs the table to exist to plan it.
+    exists = await (await conn.execute("SELECT to_regclass('schema_migrations')")).fetchone()
+    if exists is not None and exists[0] is not None:
+        row = await (await conn.execute("SELECT min(backend) FROM schema_migrations")).fetchone()
+        if row is not None and row[0] is not None:
+            return Backend(str(row[0]))
+    return choose_backend(None, await read_timescale_offer(conn)).backend
+
+
+async def read_timescale_offer(conn: AdminConnection) -> TimescaleOffer:
+    """``storage.migrate.read_timescale_offer`` on an async (autocommit) connection."""
+    offer_row = await (await conn.execute(OFFER_SQL)).fetchone()
+    try:
+        preload_row = await (await conn.execute(PRELOAD_SQL)).fetchone()
+    except psycopg.errors.InsufficientPrivilege:
+        return offer_from(offer_row, None, shown=False)  # the loader's setting answers
+    return offer_from(offer_row, preload_row, shown=True)
 
 
 def bucket_floor(moment: datetime, width: timedelta) -> datetime:

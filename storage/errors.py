@@ -16,6 +16,9 @@ Transient, with the SQLSTATE class where there is one, and why:
 * class 40 ``TransactionRollbackError``: deadlock or serialization failure; run it again.
 * 25006 ``ReadOnlySQLTransactionError``: connected to a standby (after a failover, or a
   multi-host URL that reached the wrong host); a primary comes back.
+* ``TargetServerAttributeNotMatched`` (asyncpg, no SQLSTATE): no host of a multi-host URL
+  with ``target_session_attrs=read-write`` accepts writes, i.e. only a standby answers
+  until one is promoted.
 * class 58 ``PostgresSystemError``: an I/O error on the server.
 * 42P01/42703 ``UndefinedTableError``/``UndefinedColumnError``: the schema is not migrated
   yet (another daemon or ``pluginmon migrate`` is on it).
@@ -42,6 +45,7 @@ TRANSIENT_ERRORS: Final[tuple[type[BaseException], ...]] = (
     asyncpg.exceptions.InsufficientResourcesError,
     asyncpg.exceptions.TransactionRollbackError,
     asyncpg.exceptions.ReadOnlySQLTransactionError,
+    asyncpg.exceptions.TargetServerAttributeNotMatched,
     asyncpg.exceptions.PostgresSystemError,
     asyncpg.exceptions.UndefinedTableError,
     asyncpg.exceptions.UndefinedColumnError,

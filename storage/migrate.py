@@ -1,4 +1,8 @@
-"""Migrations runner (admin plane, psycopg): sql/NNN_name[.backend].sql applied in order, once each."""
+"""Migrations runner (admin plane, psycopg): sql/NNN_name[.backend].sql applied in order, once each.
+
+Also the one place that decides which backend a database gets (``choose_backend``): TimescaleDB
+only when the server offers it, preloads it and its version is one the migrations run on.
+"""
 
 from __future__ import annotations
 
@@ -36,6 +40,40 @@ class Backend(StrEnum):
 
 class MigrationError(RuntimeError):
     """A migration cannot be applied; the message names the file."""
+
+
+class DatabaseRefusedError(MigrationError):
+    """The database cannot take this pluginmon's schema until an operator acts.
+
+    ``reason`` is a short stable word (the ``reason`` label of
+    ``pluginmon_database_error_info``); the message says what to do.
+    """
+
+    reason = "refused"
+
+
+class NotPreloadedError(DatabaseRefusedError):
+    """TimescaleDB is installed but not in ``shared_preload_libraries``."""
+
+    reason = "not_preloaded"
+
+
+class ExtensionMissingError(DatabaseRefusedError):
+    """``backend = "timescaledb"`` on a server that does not offer the extension."""
+
+    reason = "extension_missing"
+
+
+class ExtensionTooOldError(DatabaseRefusedError):
+    """The server's (or the database's) TimescaleDB is older than the migrations need."""
+
+    reason = "extension_too_old"
+
+
+class NewerSchemaError(DatabaseRefusedError):
+    """The database was migrated by a newer pluginmon than this one."""
+
+    reason = "newer_schema"
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,12 +152,162 @@ def discover(sql_dir: Path, backend: Backend) -> list[Migration]:
     return migrations
 
 
-def detect_backend(conn: psycopg.Connection[tuple[object, ...]]) -> Backend:
-    """TimescaleDB when the server offers the extension, PostgreSQL otherwise."""
-    row = conn.execute(
-        "SELECT 1 FROM pg_available_extensions WHERE name = 'timescaledb'"
-    ).fetchone()
-    return Backend.TIMESCALEDB if row is not None else Backend.POSTGRES
+# -- which backend: TimescaleDB offered, preloaded and new enough, or PostgreSQL -----------------
+
+# The migrations use create_hypertable(..., by_range(...)), new in TimescaleDB 2.13.
+TIMESCALEDB_MIN_VERSION = (2, 13)
+
+PRELOAD_HOW_TO = (
+    "add timescaledb to shared_preload_libraries in postgresql.conf "
+    "(shared_preload_libraries = 'timescaledb', appended to any libraries already listed) "
+    "and restart PostgreSQL"
+)
+
+# What any user may read: the extension on offer, the one installed in this database, and
+# whether the loader is in the server (it defines this setting only when preloaded; a
+# placeholder from postgresql.conf without the preload is a string, not an integer).
+OFFER_SQL = """
+SELECT (SELECT default_version FROM pg_available_extensions WHERE name = 'timescaledb'),
+       (SELECT extversion FROM pg_extension WHERE extname = 'timescaledb'),
+       EXISTS (SELECT 1 FROM pg_settings
+                WHERE name = 'timescaledb.max_background_workers' AND vartype = 'integer')
+"""
+# Readable by superusers and pg_read_all_settings members only (42501 otherwise).
+PRELOAD_SQL = "SHOW shared_preload_libraries"
+
+
+@dataclass(frozen=True, slots=True)
+class TimescaleOffer:
+    """What a server says about TimescaleDB, read by ``read_timescale_offer``."""
+
+    default_version: str | None  # None: the server does not offer the extension
+    installed_version: str | None = None  # in this database, when it is created there
+    loader_loaded: bool = False  # the timescaledb loader's settings exist
+    # SHOW shared_preload_libraries, parsed; None when this user may not read it.
+    preload_libraries: tuple[str, ...] | None = None
+
+    @property
+    def preloaded(self) -> bool:
+        if self.preload_libraries is not None:
+            return "timescaledb" in self.preload_libraries
+        return self.loader_loaded
+
+
+@dataclass(frozen=True, slots=True)
+class BackendChoice:
+    backend: Backend
+    # Why TimescaleDB was not chosen although the server offers it (auto only), else None.
+    warning: str | None = None
+
+
+def parse_preload_libraries(value: str) -> tuple[str, ...]:
+    """``shared_preload_libraries`` as library names: quotes, ``$libdir/`` and ``.so`` dropped."""
+    names: list[str] = []
+    for item in value.split(","):
+        name = item.strip().strip("'\"").strip()
+        name = name.rsplit("/", 1)[-1].removesuffix(".so")
+        if name:
+            names.append(name)
+    return tuple(names)
+
+
+def version_tuple(version: str) -> tuple[int, ...]:
+    """``"2.28.3"`` -> ``(2, 28, 3)``; a suffix such as ``-dev`` ends the number."""
+    parts: list[int] = []
+    for piece in version.split("."):
+        digits = re.match(r"\d+", piece)
+        if digits is None:
+            break
+        parts.append(int(digits.group()))
+    return tuple(parts)
+
+
+def choose_backend(requested: Backend | None, offer: TimescaleOffer) -> BackendChoice:
+    """The backend for a database: ``requested`` (None = auto) checked against ``offer``.
+
+    Auto takes TimescaleDB only when the server offers a version the migrations run on and
+    preloads it; otherwise PostgreSQL, with a warning when TimescaleDB is there but unusable.
+    ``Backend.TIMESCALEDB`` on a server that cannot run it raises a DatabaseRefusedError
+    that names what to change (``shared_preload_libraries``, the version).
+    """
+    if requested is Backend.POSTGRES:
+        return BackendChoice(Backend.POSTGRES)
+    minimum = ".".join(map(str, TIMESCALEDB_MIN_VERSION))
+    problem: DatabaseRefusedError | None = None
+    if offer.default_version is None:
+        if requested is None:
+            return BackendChoice(Backend.POSTGRES)
+        problem = ExtensionMissingError(
+            'backend = "timescaledb" but this server does not offer the timescaledb extension '
+            "(not in pg_available_extensions): install TimescaleDB "
+            f'{minimum} or newer, or set backend = "postgres"'
+        )
+    elif version_tuple(offer.default_version) < TIMESCALEDB_MIN_VERSION or (
+        offer.installed_version is not None
+        and version_tuple(offer.installed_version) < TIMESCALEDB_MIN_VERSION
+    ):
+        found = offer.installed_version or offer.default_version
+        problem = ExtensionTooOldError(
+            f"TimescaleDB {found} is older than the {minimum} pluginmon needs: install a newer "
+            "TimescaleDB (and ALTER EXTENSION timescaledb to it in a database that has it), "
+            'or set backend = "postgres"'
+        )
+    elif not offer.preloaded:
+        listed = (
+            f" (it is now '{', '.join(offer.preload_libraries)}')"
+            if offer.preload_libraries
+            else ""
+        )
+        problem = NotPreloadedError(
+            f"TimescaleDB {offer.default_version} is installed but not preloaded: "
+            f"{PRELOAD_HOW_TO}{listed}"
+        )
+    if problem is None:
+        return BackendChoice(Backend.TIMESCALEDB)
+    if requested is Backend.TIMESCALEDB:
+        raise problem
+    return BackendChoice(
+        Backend.POSTGRES,
+        warning=f"{problem}; using the PostgreSQL backend instead (recorded in "
+        'schema_migrations: this database stays on it). Set backend = "timescaledb" to '
+        "refuse to start instead of falling back.",
+    )
+
+
+def offer_from(
+    offer_row: tuple[object, ...] | None, preload_row: tuple[object, ...] | None, *, shown: bool
+) -> TimescaleOffer:
+    """The offer from OFFER_SQL's row and PRELOAD_SQL's (``shown`` False: it was refused)."""
+    assert offer_row is not None
+    default_version, installed_version, loader_loaded = offer_row
+    preload = None
+    if shown:
+        preload = parse_preload_libraries(str(preload_row[0]) if preload_row else "")
+    return TimescaleOffer(
+        default_version=None if default_version is None else str(default_version),
+        installed_version=None if installed_version is None else str(installed_version),
+        loader_loaded=bool(loader_loaded),
+        preload_libraries=preload,
+    )
+
+
+def read_timescale_offer(conn: psycopg.Connection[tuple[object, ...]]) -> TimescaleOffer:
+    """``TimescaleOffer`` of the server and database ``conn`` (autocommit) is connected to."""
+    offer_row = conn.execute(OFFER_SQL).fetchone()
+    try:
+        return offer_from(offer_row, conn.execute(PRELOAD_SQL).fetchone(), shown=True)
+    except psycopg.errors.InsufficientPrivilege:
+        return offer_from(offer_row, None, shown=False)  # the loader's setting answers
+
+
+def detect_backend(
+    conn: psycopg.Connection[tuple[object, ...]], requested: Backend | None = None
+) -> Backend:
+    """``choose_backend`` for the server ``conn`` is connected to; the warning is logged."""
+    choice = choose_backend(requested, read_timescale_offer(conn))
+    if choice.warning is not None:
+        logger.warning("%s", choice.warning)
+    return choice.backend
 
 
 _BOOKKEEPING_DDL = """
@@ -179,12 +367,22 @@ def _migrate_locked(
                 f"database was migrated for backend {recorded.value}, not {backend.value}"
             )
         backend = recorded
-    elif backend is None:
-        backend = detect_backend(conn)
+        if backend is Backend.TIMESCALEDB:
+            # Migrated for TimescaleDB: only usable while the server still preloads it.
+            choose_backend(Backend.TIMESCALEDB, read_timescale_offer(conn))
+    else:
+        backend = detect_backend(conn, backend)
 
     migrations = discover(directory, backend)
     known = {m.version: m for m in migrations}
     applied = {int(str(row[0])): row for row in applied_rows}
+    newest_known = max(known, default=0)
+    newer = sorted(str(row[1]) for version, row in applied.items() if version > newest_known)
+    if newer:
+        raise NewerSchemaError(
+            f"this database was migrated by a newer pluginmon ({', '.join(newer)} applied; "
+            f"this pluginmon knows migrations up to {newest_known:03d}): upgrade pluginmon"
+        )
     for version, row in applied.items():
         migration = known.get(version)
         if migration is None:

@@ -1,20 +1,105 @@
-"""The data-plane asyncpg pool: opening (logged without the password), graceful-then-forced closing."""
+"""The data-plane asyncpg pool: opening (logged without the password), graceful-then-forced closing.
+
+A URL may name several hosts (``postgresql://u@db1:5432,db2:5432/pluginmon?
+target_session_attrs=read-write``): libpq (psycopg, the admin plane) and this pool both try
+them in order, each within its own connect timeout, and take the first that matches
+``target_session_attrs``, so a daemon follows a failover to the promoted standby on its next
+connection. asyncpg's own multi-host support spends one timeout on all hosts together (a
+hung first host, SIGSTOPped or black-holed, would hide the standby behind it for good), so
+the pool connects host by host itself (``connect_host_by_host``).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
+from typing import Any
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 import asyncpg
 
-from pluginmon.storage.dsn import redacted_dsn
+from pluginmon.storage.dsn import redact_urls, redacted_dsn
 
 logger = logging.getLogger(__name__)
 
-# Kept under its old name for callers and tests; the parser lives in storage.dsn.
+# One host that does not answer is given up on after this long (libpq's connect_timeout
+# does the same for the admin plane; storage.migrate uses the same default).
+DEFAULT_CONNECT_TIMEOUT_SECONDS = 10.0
+
+# Failures after which libpq tries the next host too: nothing listening or answering, a
+# server that refuses connections for now (starting, shutting down), a read-only server
+# when read-write was asked for. A refused login (class 28) or a missing database (3D000)
+# ends the attempt, as in libpq.
+_NEXT_HOST_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    asyncpg.exceptions.TargetServerAttributeNotMatched,
+    asyncpg.exceptions.PostgresConnectionError,
+    asyncpg.exceptions.OperatorInterventionError,
+)
+
+# The parser and scrubber live in storage.dsn (linear, never raises, every character a
+# password may hold); kept here under the names callers and tests use.
 redact_url = redacted_dsn
+redact_text = redact_urls
+
+
+def split_hosts(url: str) -> tuple[str, ...]:
+    """One URL per host of a multi-host ``postgresql://`` URL, in the order libpq tries them.
+
+    ``(url,)`` for a single host, and for forms left to the driver (a keyword/value DSN,
+    hosts or ports given as query parameters).
+    """
+    if "://" not in url:
+        return (url,)
+    try:
+        parts = urlsplit(url)
+        query = parse_qsl(parts.query, keep_blank_values=True)
+    except ValueError:
+        return (url,)
+    userinfo, at, hostlist = parts.netloc.rpartition("@")
+    if "," not in hostlist or any(k.lower() in ("host", "hostaddr", "port") for k, _ in query):
+        return (url,)
+    # An IPv6 address is bracketed ("[::1]:5432") and holds no comma.
+    hosts = [host for host in hostlist.split(",") if host]
+    return tuple(urlunsplit(parts._replace(netloc=f"{userinfo}{at}{host}")) for host in hosts)
+
+
+ConnectFunction = Callable[..., Awaitable[asyncpg.Connection]]
+
+
+def connect_host_by_host(
+    host_urls: Sequence[str], *, connect_timeout_seconds: float
+) -> ConnectFunction:
+    """asyncpg.connect over ``host_urls`` in order, each within ``connect_timeout_seconds``.
+
+    Each URL keeps the query (``target_session_attrs`` included), so every host is checked
+    on its own. When none fits, the "no host accepts writes" error wins over the others (it
+    is the one an operator needs: only a standby answers); else the last host's error.
+    """
+    if not host_urls:
+        raise ValueError("no host to connect to")
+
+    async def connect(*_args: Any, **kwargs: Any) -> asyncpg.Connection:
+        kwargs.pop("dsn", None)
+        kwargs["timeout"] = connect_timeout_seconds
+        read_only: BaseException | None = None
+        last: BaseException | None = None
+        for url in host_urls:
+            try:
+                connection: asyncpg.Connection = await asyncpg.connect(url, **kwargs)
+            except asyncpg.exceptions.TargetServerAttributeNotMatched as exc:
+                read_only = last = exc
+            except _NEXT_HOST_ERRORS as exc:
+                last = exc
+            else:
+                return connection
+        assert last is not None
+        raise read_only or last
+
+    return connect
 
 
 async def open_pool(
@@ -23,26 +108,35 @@ async def open_pool(
     min_size: int = 1,
     max_size: int = 4,
     command_timeout_seconds: float = 30.0,
+    connect_timeout_seconds: float = DEFAULT_CONNECT_TIMEOUT_SECONDS,
     application_name: str = "pluginmon",
 ) -> asyncpg.Pool:
     """Open an asyncpg pool; close it with :func:`close_pool` (or use :func:`pool_context`).
 
     ``min_size=0`` opens without connecting, so a daemon can start while the database is
     away (its writer then spools); with ``min_size >= 1`` an unreachable database raises
-    ``OSError`` or an asyncpg error here.
+    ``OSError`` or an asyncpg error here. Each host gets ``connect_timeout_seconds`` to
+    answer; the hosts of a multi-host URL are tried in order (see the module docstring).
     """
+    hosts = split_hosts(database_url)
     logger.info(
-        "opening database pool to %s (min %d, max %d connections)",
-        redacted_dsn(database_url),
+        "opening database pool to %s (min %d, max %d connections%s)",
+        redact_url(database_url),
         min_size,
         max_size,
+        f", {len(hosts)} hosts tried in order" if len(hosts) > 1 else "",
+    )
+    target: dict[str, Any] = (
+        {"connect": connect_host_by_host(hosts, connect_timeout_seconds=connect_timeout_seconds)}
+        if len(hosts) > 1
+        else {"dsn": database_url, "timeout": connect_timeout_seconds}
     )
     pool: asyncpg.Pool = await asyncpg.create_pool(
-        dsn=database_url,
         min_size=min_size,
         max_size=max_size,
         command_timeout=command_timeout_seconds,
         server_settings={"application_name": application_name},
+        **target,
     )
     return pool
 

@@ -13,13 +13,24 @@ import psycopg
 
 from pluginmon.storage.backend import Maintenance, Retention, admin_connection, detect_backend
 from pluginmon.storage.engines import backfill_rollups, maintenance_for, prepare_database
-from pluginmon.storage.migrate import Backend
+from pluginmon.storage.errors import backoff_seconds
+from pluginmon.storage.migrate import Backend, MigrationError
+from pluginmon.storage.reachability import RETRIED_AT_START, failure_reason
 
 logger = logging.getLogger(__name__)
 
-# Retry delays while the database is away at start-up: doubling from the first to the cap.
+# Retry delays while the database cannot be used at start-up: doubling from the first to
+# the cap (the daemon's database_retry_max_seconds), with jitter.
 MIGRATE_RETRY_FIRST_SECONDS = 0.5
 MIGRATE_RETRY_MAX_SECONDS = 30.0
+
+
+class StartupReport(Protocol):
+    """Who hears about each failed start-up attempt (storage.reachability.DatabaseWatch)."""
+
+    def startup_failed(
+        self, error: BaseException, *, attempt: int, retry_in_seconds: float
+    ) -> object: ...
 
 
 async def migrate_until_ready(
@@ -28,29 +39,37 @@ async def migrate_until_ready(
     backend: Backend | None,
     retention: Retention,
     stop: asyncio.Event,
+    report: StartupReport,
+    retry_first_seconds: float = MIGRATE_RETRY_FIRST_SECONDS,
+    retry_max_seconds: float = MIGRATE_RETRY_MAX_SECONDS,
 ) -> bool:
-    """Apply migrations and policies (admin plane, in a thread); retry while the database is
-    away. True once the schema is ready, False when ``stop`` was set first.
+    """Apply migrations and policies (admin plane, in a thread); retry while the database
+    cannot be used. True once the schema is ready, False when ``stop`` was set first.
 
-    "database unreachable at start-up" is logged once, not on every retry; anything but an
-    unreachable database (a migration refused, a bad URL) is raised.
+    Every failed attempt goes to ``report`` with its attempt number and the next delay
+    (it decides what to log, and how often). Retried: an unreachable or read-only server,
+    and the conditions only an operator fixes (a wrong password, a missing database or
+    privilege, TimescaleDB not preloaded, a schema from a newer pluginmon) so the daemon
+    picks the fix up without a restart. Raised: a migration refused (a changed file, bad
+    SQL), and anything unexpected.
     """
-    delay = MIGRATE_RETRY_FIRST_SECONDS
-    logged = False
+    attempt = 0
     while not stop.is_set():
         try:
             prepared = await asyncio.to_thread(
                 prepare_database, database_url, retention, backend=backend
             )
-        except (OSError, psycopg.OperationalError) as exc:
-            if not logged:
-                # The log handler redacts URL passwords from the driver's message.
-                logger.warning("database unreachable at start-up (%s); retrying", exc)
-                logged = True
+        except (OSError, psycopg.Error, MigrationError) as exc:
+            if failure_reason(exc) not in RETRIED_AT_START:
+                raise
+            delay = backoff_seconds(
+                attempt, initial_seconds=retry_first_seconds, max_seconds=retry_max_seconds
+            )
+            attempt += 1
+            report.startup_failed(exc, attempt=attempt, retry_in_seconds=delay)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(delay):
                     await stop.wait()
-            delay = min(delay * 2, MIGRATE_RETRY_MAX_SECONDS)
             continue
         logger.info(
             "schema ready (backend %s, %d migration(s) applied now%s)",

@@ -437,7 +437,7 @@ def test_readyz_says_why_when_the_password_is_refused(
         log = stop_daemon(daemon)
     for status, body in answers:
         assert status == 503, body
-        assert "database unreachable: authentication failed" in body
+        assert "database authentication_failed: password authentication failed" in body
         assert_no_secret(body, ALL + "-wrong", "/readyz")
     assert "Traceback" not in log
     assert_no_secret(log, ALL + "-wrong", "log")
