@@ -397,6 +397,80 @@ class AlertEngine:
         self._silences.append(_Silence(tenant, dict(matchers), ends_at.timestamp()))
         return silence_id
 
+    def reconfigure(
+        self,
+        rules: Sequence[Rule],
+        *,
+        health_config: HealthConfig,
+        webhooks: Sequence[WebhookConfig],
+        alertmanager: AlertmanagerConfig | None,
+        external_url: str,
+    ) -> int:
+        """Swap the rules, receivers and health thresholds (a configuration reload); returns
+        how many open alerts it closed. Call it between ``process()`` cycles, never during one.
+
+        An open alert keeps its state (pending since, firing since, acknowledged, notified)
+        when its rule is still there, with the same labels and severity (its identity), and
+        still applies to its plugin; its new threshold decides at the next cycle. Otherwise
+        it closes, like an alert whose rule is gone at ``start()``: resolved (the resolution
+        is sent at the next cycle) or, if it was pending, cancelled. A plugin's leak history
+        starts over only if its leak window or minimum points changed.
+        """
+        now = self._clock().timestamp()
+        old = self._evaluator
+        evaluator = RuleEvaluator(rules)
+        closed = 0
+        for (rule_name, key), alert in list(self._open.items()):
+            rule = evaluator.rule(rule_name)
+            if (
+                rule is not None
+                and rule.applies_to(key)
+                and rule.severity == alert.rule.severity
+                and dict(rule.labels) == dict(alert.rule.labels)
+            ):
+                alert.rule = rule
+                state = old.state(rule_name, key)
+                if state is not None:
+                    evaluator.restore(rule_name, key, state)
+                continue
+            del self._open[(rule_name, key)]
+            alert.resolved_at = now
+            alert.dirty = True
+            self._acked.discard(alert.fingerprint)
+            self._closing.append(alert)
+            if alert.notified:
+                self._resolved_unsent[key].append(alert)
+            closed += 1
+            logger.info(
+                "alert %s for %s/%s/%s %s: its rule was %s by a configuration reload",
+                rule_name,
+                key.tenant,
+                key.plugin,
+                key.environment,
+                "resolved" if alert.fired_at is not None else "cancelled",
+                "removed" if rule is None else "changed",
+            )
+        self._evaluator = evaluator
+        for key, before in self._settings.items():
+            after = health_config.settings_for(key)
+            if (after.leak_window_seconds, after.leak_min_points) != (
+                before.leak_window_seconds,
+                before.leak_min_points,
+            ):
+                self._history.pop(key, None)
+        self._settings.clear()
+        self._health_config = health_config
+        self._webhooks = tuple(webhooks)
+        self._alertmanager = alertmanager
+        self._external_url = external_url
+        names = {r.metric for r in evaluator.rules if uses_plugin_metrics(r)}
+        names |= {m.name for m in health_config.defaults.metrics}
+        for override in health_config.overrides:
+            for m in override.changes.get("metrics", ()) or ():  # type: ignore[attr-defined]
+                names.add(m.name)
+        self._metric_names = tuple(sorted(names))
+        return closed
+
     # --- evaluation bookkeeping ---------------------------------------------------------------
 
     def _restore(self, row: alert_store.StoredAlert, now: float) -> None:
