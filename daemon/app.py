@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from pathlib import Path
@@ -47,6 +48,11 @@ if TYPE_CHECKING:
     from pluginmon.storage.embedded import EmbeddedPostgres
 
 logger = logging.getLogger(__name__)
+
+
+# A forced stop (second signal) during the embedded server's start waits this long for the
+# start to finish, then stops the server: initdb and pg_ctl's start take seconds, not more.
+EMBEDDED_START_WAIT_SECONDS = 20.0
 
 
 class DaemonFailedError(RuntimeError):
@@ -103,6 +109,7 @@ class Daemon:
         self._stop: asyncio.Event | None = None
         self._coordinator: Coordinator | None = None
         self._embedded: EmbeddedPostgres | None = None  # this daemon runs it
+        self._embedded_start_done = threading.Event()
 
     # -- signals (daemon.lifecycle.Signalled) -------------------------------------------------
 
@@ -126,10 +133,18 @@ class Daemon:
 
     def before_forced_exit(self) -> None:
         """A forced stop leaves no embedded server behind: stopped in immediate mode (a
-        crash to PostgreSQL, recovered from its WAL at the next start), a few seconds at most."""
+        crash to PostgreSQL, recovered from its WAL at the next start). One that is still
+        starting is waited for first: pg_ctl, left alone, would start it after we are gone."""
         server = self._embedded
-        if server is not None:
-            server.stop(mode="immediate", timeout_seconds=5)
+        if server is None:
+            return
+        if not self._embedded_start_done.is_set():
+            logger.warning(
+                "waiting for the embedded PostgreSQL to finish starting, to stop it (at most %g s)",
+                EMBEDDED_START_WAIT_SECONDS,
+            )
+            self._embedded_start_done.wait(EMBEDDED_START_WAIT_SECONDS)
+        server.stop(mode="immediate", timeout_seconds=5)
 
     async def readiness(self) -> Readiness:
         reasons = [*await self._database_reasons(), *self.heartbeat.reasons()]
@@ -409,7 +424,14 @@ class Daemon:
         # was killed had started it (the data_dir lock says no live daemon uses it). Owned
         # from before it starts, so that a forced stop during its start stops it too.
         self._embedded = server
-        url = await asyncio.to_thread(server.start)
+
+        def start() -> str:
+            try:
+                return server.start()
+            finally:
+                self._embedded_start_done.set()
+
+        url = await asyncio.to_thread(start)
         embedded.append(server.stop)
         return url
 
