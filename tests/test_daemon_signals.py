@@ -560,11 +560,18 @@ def test_sighup_with_an_invalid_file_keeps_the_running_configuration(
             assert daemon.metric("pluginmon_plugin_up", **LABELS_SLEEPER) == 1
             assert daemon.metric("pluginmon_plugin_up", **LABELS_BURNER) == 1
 
-            # Fixed: the next SIGHUP succeeds, and the metric says so.
-            daemon.config_path.write_text(config)
+            # Fixed, without the sleeper: the next SIGHUP succeeds, the metric says so, and
+            # the sleeper leaves /metrics at once instead of showing as down for minutes.
+            daemon.config_path.write_text(_plugin(plugins, "burner"))
             daemon.signal(signal.SIGHUP)
-            _wait_message(daemon, "configuration reloaded: no changes applied")
+            _wait_message(daemon, "configuration reloaded: plugins -e2e/sleeper/test")
             assert daemon.metric("pluginmon_config_last_reload_successful") == 1
+            wait_for(
+                "the removed plugin to leave /metrics",
+                lambda: daemon.metric("pluginmon_plugin_up", **LABELS_SLEEPER) is None,
+                timeout=10,  # plugin_grace_seconds is 300: this is not the grace period
+            )
+            assert daemon.metric("pluginmon_plugin_up", **LABELS_BURNER) == 1
         except BaseException:
             daemon.kill()
             raise
