@@ -167,6 +167,46 @@ class AlertBook:
     def rules(self) -> tuple[Rule, ...]:
         return self._evaluator.rules
 
+    def reconfigure(self, rules: Sequence[Rule], *, now: float) -> int:
+        """Swap the rules (a configuration reload); returns how many open alerts it closed.
+
+        An open alert keeps its state (pending since, firing since, acknowledged, notified)
+        when its rule is still there with the same labels and severity (its identity) and
+        still applies to its plugin; the new threshold decides at the next evaluation.
+        Otherwise it closes, like an alert whose rule is gone at start: resolved (the
+        resolution is announced) or, if it was pending, cancelled.
+        """
+        old = self._evaluator
+        evaluator = RuleEvaluator(rules)
+        closed = 0
+        for (rule_name, key), alert in list(self._open.items()):
+            rule = evaluator.rule(rule_name)
+            if (
+                rule is not None
+                and rule.applies_to(key)
+                and rule.severity == alert.rule.severity
+                and dict(rule.labels) == dict(alert.rule.labels)
+            ):
+                alert.rule = rule
+                state = old.state(rule_name, key)
+                if state is not None:
+                    evaluator.restore(rule_name, key, state)
+                continue
+            del self._open[(rule_name, key)]
+            self._close(alert, now)
+            closed += 1
+            logger.info(
+                "alert %s for %s/%s/%s %s: its rule was %s by a configuration reload",
+                rule_name,
+                key.tenant,
+                key.plugin,
+                key.environment,
+                "resolved" if alert.fired_at is not None else "cancelled",
+                "removed" if rule is None else "changed",
+            )
+        self._evaluator = evaluator
+        return closed
+
     # --- inputs ---------------------------------------------------------------------------
 
     def set_silences(self, silences: Iterable[SilenceRule]) -> None:

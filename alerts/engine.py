@@ -123,8 +123,7 @@ class AlertEngine:
             spool_dir=spool_dir,
             journal_max_bytes=journal_max_bytes,
         )
-        names = {r.metric for r in self._book.rules if uses_plugin_metrics(r)}
-        self._metric_names = tuple(sorted(names | set(self._scores.metric_names)))
+        self._metric_names = self._plugin_metric_names()
         # The latest plugin_metrics values read; kept while the database is away.
         self._metrics: Mapping[PluginKey, Mapping[str, float]] = {}
 
@@ -211,6 +210,30 @@ class AlertEngine:
             database_error=database_error,
             journal_batches=persistence.journal_batches,
         )
+
+    def reconfigure(
+        self,
+        rules: Sequence[Rule],
+        *,
+        health_config: HealthConfig,
+        webhooks: Sequence[WebhookConfig],
+        alertmanager: AlertmanagerConfig | None,
+        external_url: str,
+    ) -> int:
+        """Swap the rules, receivers and health thresholds (a configuration reload); returns
+        how many open alerts it closed (see :meth:`AlertBook.reconfigure`). Call it between
+        ``process()`` cycles, never during one."""
+        closed = self._book.reconfigure(rules, now=self._clock().timestamp())
+        self._scores.reconfigure(health_config)
+        self._planner.reconfigure(
+            webhooks=webhooks, alertmanager=alertmanager, external_url=external_url
+        )
+        self._metric_names = self._plugin_metric_names()
+        return closed
+
+    def _plugin_metric_names(self) -> tuple[str, ...]:
+        names = {r.metric for r in self._book.rules if uses_plugin_metrics(r)}
+        return tuple(sorted(names | set(self._scores.metric_names)))
 
     def _take_inputs(self, inputs: Inputs) -> None:
         self._book.set_silences(

@@ -145,6 +145,28 @@ class OutboxDeliverer:
             await self._session.close()
             self._session = None
 
+    def set_receivers(
+        self, webhooks: Sequence[WebhookConfig], alertmanager: AlertmanagerConfig | None
+    ) -> None:
+        """Deliver to these receivers from the next claim on (a configuration reload).
+
+        Rows queued for a receiver that is gone stay pending until it is configured again,
+        as they do after a restart; one already claimed is put back for a minute (``_send``).
+        """
+        self._webhooks = {w.name: w for w in webhooks}
+        self._alertmanager = alertmanager
+        # A claim must outlive the slowest send; a lease never shrinks (it may be explicit).
+        timeouts = [w.timeout_seconds for w in webhooks]
+        if alertmanager is not None:
+            timeouts.append(alertmanager.timeout_seconds)
+        self._lease_seconds = max(self._lease_seconds, max(timeouts, default=0.0) + 30.0)
+
+    @property
+    def receivers(self) -> tuple[str, ...]:
+        """The names of the receivers this deliverer sends to (none: nothing to deliver)."""
+        names = tuple(self._webhooks)
+        return names if self._alertmanager is None else (*names, self._alertmanager.name)
+
     def stats(self) -> DeliveryStats:
         return DeliveryStats(notifications=dict(self._counts), pending=self._pending)
 

@@ -75,6 +75,18 @@ class NotificationPlanner:
     def has_receivers(self) -> bool:
         return bool(self._webhooks) or self._alertmanager is not None
 
+    def reconfigure(
+        self,
+        *,
+        webhooks: Sequence[WebhookConfig],
+        alertmanager: AlertmanagerConfig | None,
+        external_url: str,
+    ) -> None:
+        """New receivers (a configuration reload); repeat timers of kept receivers stay."""
+        self._webhooks = tuple(webhooks)
+        self._alertmanager = alertmanager
+        self._external_url = external_url
+
     def restore_last_sent(self, last_sent: Mapping[tuple[str, str], float]) -> None:
         """When each (receiver, group) was last queued, as a previous process left it."""
         self._last_sent.update(last_sent)

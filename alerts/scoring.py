@@ -33,12 +33,22 @@ class HealthTracker:
         self._settings: dict[PluginKey, HealthSettings] = {}
         self._latest: dict[PluginKey, HealthScore] = {}
         self._swept_at: float | None = None
-        names = {m.name for m in config.defaults.metrics}
-        for override in config.overrides:
-            for m in override.changes.get("metrics", ()) or ():  # type: ignore[attr-defined]
-                names.add(m.name)
-        self.metric_names: tuple[str, ...] = tuple(sorted(names))
+        self.metric_names: tuple[str, ...] = _metric_names(config)
         """The plugin_metrics names the configured health thresholds score."""
+
+    def reconfigure(self, config: HealthConfig) -> None:
+        """New thresholds and weights (a configuration reload). A plugin's leak history
+        starts over only if its leak window or minimum points changed."""
+        for key, before in self._settings.items():
+            after = config.settings_for(key)
+            if (after.leak_window_seconds, after.leak_min_points) != (
+                before.leak_window_seconds,
+                before.leak_min_points,
+            ):
+                self._history.pop(key, None)
+        self._settings.clear()
+        self._config = config
+        self.metric_names = _metric_names(config)
 
     def score(
         self,
@@ -94,6 +104,14 @@ class HealthTracker:
             del self._latest[key]
             self._history.pop(key, None)
             self._settings.pop(key, None)
+
+
+def _metric_names(config: HealthConfig) -> tuple[str, ...]:
+    names = {m.name for m in config.defaults.metrics}
+    for override in config.overrides:
+        for m in override.changes.get("metrics", ()) or ():  # type: ignore[attr-defined]
+            names.add(m.name)
+    return tuple(sorted(names))
 
 
 def health_labels_json(score: HealthScore) -> str:

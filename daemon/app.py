@@ -5,8 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
 
@@ -29,7 +32,9 @@ from pluginmon.daemon.lifecycle import (
     ShutdownBudget,
     run_until_signalled,
 )
+from pluginmon.daemon.reload import ConfigChanges, ConfigReloader
 from pluginmon.daemon.scheduling import Scheduler
+from pluginmon.daemon.signal_guard import SignalGuard
 from pluginmon.storage.drops import SpoolLosses
 from pluginmon.storage.errors import TRANSIENT_ERRORS
 from pluginmon.storage.ingest import SampleSink, SampleSpool, UnresolvedSpool
@@ -39,7 +44,15 @@ from pluginmon.storage.spool import SpoolLockedError
 from pluginmon.storage.upkeep import Maintainer, migrate_until_ready
 from pluginmon.storage.writer import PLUGIN_SAMPLES_COLUMNS, PLUGIN_SAMPLES_TABLE, BatchWriter
 
+if TYPE_CHECKING:
+    from pluginmon.storage.embedded import EmbeddedPostgres
+
 logger = logging.getLogger(__name__)
+
+
+# A forced stop (second signal) during the embedded server's start waits this long for the
+# start to finish, then stops the server: initdb and pg_ctl's start take seconds, not more.
+EMBEDDED_START_WAIT_SECONDS = 20.0
 
 
 class DaemonFailedError(RuntimeError):
@@ -56,7 +69,10 @@ class Daemon:
     ``run`` builds the components that need the database (or the disk) on one
     AsyncExitStack, hands them to a Coordinator, runs until ``stop`` is set and leaves in
     order: stop sampling, flush the writer and the outbox within the shutdown deadline, stop
-    HTTP, close the pool, stop the embedded server.
+    HTTP, close the pool, stop the embedded server. A stop during start-up skips what is not
+    built yet. The other signals (daemon.lifecycle.Signalled): ``reload`` (SIGHUP) re-reads
+    ``config_path`` and applies what can change while running, ``log_summary`` (SIGUSR1) logs
+    the state.
     """
 
     def __init__(
@@ -64,6 +80,7 @@ class Daemon:
         config: DaemonConfig,
         *,
         version: str,
+        config_path: Path | None = None,
         registry: CollectorRegistry | None = None,
     ) -> None:
         self.config = config
@@ -86,6 +103,48 @@ class Daemon:
         self.heartbeat = Heartbeat(stale_after_seconds=3 * settings.sample_interval_seconds)
         # Until the pool is open there is nothing to probe; then the DatabaseWatch answers.
         self._database_reasons: Callable[[], Awaitable[list[str]]] = _database_not_connected
+        self.reloader = ConfigReloader(config_path=config_path, running=config)
+        self.registry.register(self.reloader)
+        # Set while run() builds and runs: what the signals act on.
+        self._stop: asyncio.Event | None = None
+        self._coordinator: Coordinator | None = None
+        self._embedded: EmbeddedPostgres | None = None  # this daemon runs it
+        self._embedded_start_done = threading.Event()
+
+    # -- signals (daemon.lifecycle.Signalled) -------------------------------------------------
+
+    def reload(self) -> None:
+        if self._stop is not None and self._stop.is_set():
+            logger.info("SIGHUP received while stopping: not reloading")
+            return
+        logger.info("SIGHUP received: reloading the configuration")
+        self.reloader.request()
+
+    def log_summary(self) -> None:
+        coordinator = self._coordinator
+        if coordinator is None:
+            logger.info("state (SIGUSR1): starting up, not sampling yet")
+            return
+        coordinator.log_summary(
+            config_reload="last reload ok"
+            if self.reloader.last_reload_successful
+            else "last reload refused, running on the previous configuration"
+        )
+
+    def before_forced_exit(self) -> None:
+        """A forced stop leaves no embedded server behind: stopped in immediate mode (a
+        crash to PostgreSQL, recovered from its WAL at the next start). One that is still
+        starting is waited for first: pg_ctl, left alone, would start it after we are gone."""
+        server = self._embedded
+        if server is None:
+            return
+        if not self._embedded_start_done.is_set():
+            logger.warning(
+                "waiting for the embedded PostgreSQL to finish starting, to stop it (at most %g s)",
+                EMBEDDED_START_WAIT_SECONDS,
+            )
+            self._embedded_start_done.wait(EMBEDDED_START_WAIT_SECONDS)
+        server.stop(mode="immediate", timeout_seconds=5)
 
     async def readiness(self) -> Readiness:
         try:
@@ -97,11 +156,18 @@ class Daemon:
         return Readiness(ready=not reasons, reasons=tuple(reasons))
 
     async def run(self, stop: asyncio.Event) -> None:
+        self._stop = stop
+        built: tuple[Coordinator, str] | None = None
         async with AsyncExitStack() as stack:
             try:
-                coordinator, url = await self._build(stack, stop)
-                # Returns early when stop is set while it waits for the database.
-                await self._when_schema_ready(stack, coordinator, url, stop)
+                built = await self._build(stack, stop)
+                if built is not None:
+                    coordinator, url = built
+                    self._coordinator = coordinator
+                    stack.push_async_callback(self.reloader.aclose)
+                    self.reloader.attach(self._reconfigure)
+                    # Returns early when stop is set while it waits for the database.
+                    await self._when_schema_ready(stack, coordinator, url, stop)
                 if not stop.is_set():
                     logger.info(
                         "pluginmon running: %d configured plugin(s)%s, sample every %g s",
@@ -118,13 +184,26 @@ class Daemon:
                 # unwinds in reverse order on the stack.
                 self.shutdown_budget.start()
                 self.scheduler.pause()
+        if built is None:
+            logger.info("stopped during start-up, before sampling began: nothing to flush")
+            return
+        coordinator = built[0]
         coordinator.log_final_counts()
         if coordinator.failure is not None:
             raise DaemonFailedError("the batch writer stopped") from coordinator.failure
 
-    async def _build(self, stack: AsyncExitStack, stop: asyncio.Event) -> tuple[Coordinator, str]:
+    async def _reconfigure(self, config: DaemonConfig, changes: ConfigChanges) -> None:
+        coordinator = self._coordinator
+        assert coordinator is not None  # attached only once it is built
+        await coordinator.reconfigure(config, changes)
+        self.config = config
+
+    async def _build(
+        self, stack: AsyncExitStack, stop: asyncio.Event
+    ) -> tuple[Coordinator, str] | None:
         """Start every component in dependency order, registering each one's cleanup, and
-        start sampling; the coordinator and the database URL.
+        start sampling; the coordinator and the database URL, or None when ``stop`` was set
+        before sampling could start (a SIGTERM during start-up: nothing is left running).
 
         The data_dir lock comes first: a second daemon on the same data_dir leaves before it
         touches the embedded server or a spool. HTTP next, so /healthz answers (and /readyz
@@ -138,6 +217,8 @@ class Daemon:
         """
         settings = self.settings
         budget = self.shutdown_budget
+        if stop.is_set():
+            return None
 
         lock = DataDirLock(settings.data_dir)
         await asyncio.to_thread(lock.acquire)
@@ -153,6 +234,8 @@ class Daemon:
         await stack.enter_async_context(self._http_server())
 
         url = await self._database_url(embedded)
+        if stop.is_set():
+            return None  # the embedded server, if it was started, stops as the stack unwinds
         from pluginmon.storage.pool import close_pool, open_pool
 
         # min_size=0: the pool opens without a connection, so a database that is away (now or
@@ -248,6 +331,7 @@ class Daemon:
             heartbeat=self.heartbeat,
             flush_timeout_seconds=max(10.0, 5 * settings.flush_interval_seconds),
             stop=stop,
+            outbox_interval_seconds=settings.outbox_interval_seconds,
         )
         spool_losses = SpoolLosses({"samples": spool, "unresolved": unresolved.spool})
         for component in (writer, sink, database, outbox, sampler.stats, spool_losses):
@@ -282,6 +366,7 @@ class Daemon:
             return
         coordinator.database.mark_schema_ready()
         await coordinator.database.probe()
+        # Also starts polling the outbox, if a receiver is configured (now or by a reload).
         await coordinator.start_alerts()
         budget = self.shutdown_budget
 
@@ -298,13 +383,6 @@ class Daemon:
             interval_seconds=settings.evaluate_every_seconds,
             first_run_in_seconds=min(1.0, settings.sample_interval_seconds / 2),
         )
-        if self.config.webhooks or self.config.alertmanager is not None:
-            # No receivers, no deliveries: no poll every second for nothing.
-            scheduler.add_job(
-                "outbox",
-                coordinator.job_outbox,
-                interval_seconds=settings.outbox_interval_seconds,
-            )
         scheduler.add_job(
             "maintenance",
             coordinator.job_maintenance,
@@ -352,21 +430,40 @@ class Daemon:
 
         server = EmbeddedPostgres(settings.data_dir)
         logger.info("no database_url: using the embedded PostgreSQL under %s", settings.data_dir)
-        url = await asyncio.to_thread(server.start)
         # The daemon owns the embedded server: stop it on exit even if an earlier daemon that
-        # was killed had started it (the data_dir lock says no live daemon uses it).
+        # was killed had started it (the data_dir lock says no live daemon uses it). Owned
+        # from before it starts, so that a forced stop during its start stops it too.
+        self._embedded = server
+
+        def start() -> str:
+            try:
+                return server.start()
+            finally:
+                self._embedded_start_done.set()
+
+        url = await asyncio.to_thread(start)
         embedded.append(server.stop)
         return url
 
 
-def run_daemon(config: DaemonConfig, *, version: str) -> int:
-    """Run until SIGTERM/SIGINT; 0 after a clean shutdown, 1 on a runtime failure."""
+def run_daemon(
+    config: DaemonConfig,
+    *,
+    version: str,
+    config_path: Path | None = None,
+    guard: SignalGuard | None = None,
+) -> int:
+    """Run until SIGTERM/SIGINT; 0 after a clean shutdown, 1 on a runtime failure.
+
+    ``config_path`` is what SIGHUP reloads; ``guard`` holds the signals that arrived before
+    (see daemon.signal_guard)."""
     from pluginmon.storage.embedded import EmbeddedPostgresError
     from pluginmon.storage.migrate import MigrationError
 
     return run_until_signalled(
         # Built inside the event loop run_until_signalled starts (the scheduler binds to it).
-        lambda stop: Daemon(config, version=version).run(stop),
+        lambda: Daemon(config, version=version, config_path=config_path),
+        guard=guard,
         cannot_start=(
             MigrationError,
             EmbeddedPostgresError,

@@ -8,10 +8,17 @@ import logging
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from importlib import metadata
 from pathlib import Path
+from typing import TYPE_CHECKING, NoReturn
 
-from pluginmon.daemon.settings import ConfigError, Settings
+# Only what `run` needs before its signal guard is in place is imported at the top: the
+# settings (pydantic) and the rest take a few hundred milliseconds, during which a signal
+# would otherwise find the kernel's default disposition (see daemon.signal_guard).
+from pluginmon.daemon.signal_guard import SignalGuard
+
+if TYPE_CHECKING:
+    from pluginmon.daemon.config_schema import ConfigError
+    from pluginmon.daemon.settings import Settings
 
 logger = logging.getLogger("pluginmon")
 
@@ -21,17 +28,32 @@ EXIT_CONFIG = 2
 
 
 def version() -> str:
+    from importlib import metadata
+
     try:
         return metadata.version("pluginmon")
     except metadata.PackageNotFoundError:
         return "0+unknown"
 
 
+class _VersionAction(argparse.Action):
+    """``--version``, the version looked up only when asked (importlib.metadata is slow)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: object) -> None:
+        super().__init__(
+            option_strings, dest, nargs=0, default=argparse.SUPPRESS, help="show the version"
+        )
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: object) -> NoReturn:
+        print(f"pluginmon {version()}")  # on stdout, as argparse's own version action
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pluginmon", description="Plugin health-monitoring daemon."
     )
-    parser.add_argument("--version", action="version", version=f"pluginmon {version()}")
+    parser.add_argument("--version", action=_VersionAction)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     helps = {
         "run": "run the daemon until SIGTERM/SIGINT",
@@ -95,6 +117,7 @@ def _database_failure(command: str, exc: Exception) -> int:
 
 def _check_config(config: Path | None) -> int:
     from pluginmon.daemon.config import load
+    from pluginmon.daemon.config_schema import ConfigError
 
     try:
         resolved = load(config)
@@ -114,6 +137,7 @@ def _check_config(config: Path | None) -> int:
 
 
 def _migrate(config: Path | None) -> int:
+    from pluginmon.daemon.config_schema import ConfigError
     from pluginmon.daemon.logs import configure_logging
     from pluginmon.daemon.settings import load_settings
     from pluginmon.storage.engines import prepare_database
@@ -145,6 +169,7 @@ def _migrate(config: Path | None) -> int:
 
 
 def _status(config: Path | None, as_json: bool, tenant: str | None) -> int:
+    from pluginmon.daemon.config_schema import ConfigError
     from pluginmon.daemon.logs import configure_logging
     from pluginmon.daemon.settings import load_settings
     from pluginmon.daemon.status import fetch_status, format_table
@@ -179,8 +204,12 @@ def _status(config: Path | None, as_json: bool, tenant: str | None) -> int:
 
 
 def _run(config: Path | None) -> int:
+    # First, before anything slow: from here no signal kills the daemon without a flush.
+    guard = SignalGuard()
+    guard.install()
     from pluginmon.daemon.app import run_daemon
     from pluginmon.daemon.config import load
+    from pluginmon.daemon.config_schema import ConfigError
     from pluginmon.daemon.logs import configure_logging
 
     try:
@@ -193,7 +222,7 @@ def _run(config: Path | None) -> int:
         log_format=settings.log_format, log_level=settings.log_level, secrets=_secrets(settings)
     )
     logger.info("pluginmon %s starting", version())
-    return run_daemon(resolved, version=version())
+    return run_daemon(resolved, version=version(), config_path=config, guard=guard)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,10 +1,14 @@
 """The daemon's whole configuration: settings, their sections as the collaborators' dataclasses,
-and the checks of the machine that ``run`` would otherwise fail on at start."""
+the checks of the machine that ``run`` would otherwise fail on at start, and which settings a
+reload (SIGHUP) applies."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Final
+
+from pydantic import BaseModel
 
 from pluginmon.alerts.health import HealthConfig
 from pluginmon.alerts.rules import AlertmanagerConfig, Rule, WebhookConfig
@@ -53,3 +57,50 @@ def load(config_path: Path | None) -> DaemonConfig:
     if problems:
         raise ConfigError(problems)
     return config
+
+
+# -- reload ---------------------------------------------------------------------------------------
+
+# The settings a reload applies to the running daemon: the plugins to sample, the alert rules
+# and receivers ([alerts] as a whole), the health score's thresholds and weights. Every other
+# setting is read once, by components built at start (the pool, the spools, the HTTP server,
+# the scheduler's intervals): changing one needs a restart.
+LIVE_SETTINGS: Final = frozenset({"plugins", "alerts", "health"})
+
+
+def restart_needed(old: Settings, new: Settings) -> tuple[str, ...]:
+    """The settings outside LIVE_SETTINGS whose value differs, one level deep
+    (``retention.samples``), in declaration order. Only names: values may be secrets."""
+    changed: list[str] = []
+    for name in Settings.model_fields:
+        if name in LIVE_SETTINGS:
+            continue
+        before, after = getattr(old, name), getattr(new, name)
+        if before == after:
+            continue
+        if isinstance(before, BaseModel) and type(before) is type(after):
+            changed += [
+                f"{name}.{field}"
+                for field in type(before).model_fields
+                if getattr(before, field) != getattr(after, field)
+            ]
+        else:
+            changed.append(name)
+    return tuple(changed)
+
+
+def with_live_sections(current: DaemonConfig, loaded: DaemonConfig) -> DaemonConfig:
+    """What the daemon runs on after a reload: ``loaded``'s live sections (LIVE_SETTINGS),
+    ``current``'s value for every other setting."""
+    settings = current.settings.model_copy(
+        update={name: getattr(loaded.settings, name) for name in LIVE_SETTINGS}
+    )
+    return DaemonConfig(
+        settings=settings,
+        plugins=loaded.plugins,
+        rules=loaded.rules,
+        webhooks=loaded.webhooks,
+        alertmanager=loaded.alertmanager,
+        health=loaded.health,
+        retention=current.retention,
+    )

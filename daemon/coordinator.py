@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 
 from pluginmon.alerts.engine import AlertEngine
 from pluginmon.alerts.outbox import OutboxDeliverer
-from pluginmon.collectors.models import Snapshot
+from pluginmon.collectors.models import PluginKey, PluginSpec, Snapshot
 from pluginmon.collectors.sampler import Sampler
+from pluginmon.daemon.config import DaemonConfig
 from pluginmon.daemon.exporter import DaemonMetrics, ExporterState, FiringAlert, HealthView
 from pluginmon.daemon.logs import redact
+from pluginmon.daemon.reload import ConfigChanges
 from pluginmon.daemon.scheduling import Scheduler
 from pluginmon.storage.errors import TRANSIENT_ERRORS
 from pluginmon.storage.ingest import SampleSink
@@ -60,6 +63,11 @@ class Coordinator:
     A component the daemon cannot run without (the writer) dying sets ``stop`` and keeps
     the cause in ``failure``: the daemon shuts down and exits 1, and the service manager
     restarts it (the spools are replayed on start).
+
+    ``reconfigure`` hands a reloaded configuration to the same components: the plugin specs
+    to the sampler at its next cycle, rules, receivers and thresholds to the alert engine
+    between two evaluations, receivers to the deliverer. Nothing sampled or evaluated is lost
+    on the way.
     """
 
     def __init__(
@@ -77,6 +85,7 @@ class Coordinator:
         heartbeat: Heartbeat,
         flush_timeout_seconds: float,
         stop: asyncio.Event,
+        outbox_interval_seconds: float = 5.0,
     ) -> None:
         self._sampler = sampler
         self._exporter = exporter
@@ -97,6 +106,16 @@ class Coordinator:
         self._evaluated = self._latest
         self.samples_taken = 0
         self.failure: BaseException | None = None
+        self._outbox_interval = outbox_interval_seconds
+        self._alerts_started = False
+        self._outbox_scheduled = False
+        # The engine is evaluated and reconfigured one at a time (process() awaits the
+        # database half-way through a cycle).
+        self._alerts_lock = asyncio.Lock()
+        # Reloaded plugin specs, and the configured plugins they drop, for the sampling
+        # thread to apply right before its next cycle (both at once, see _sample_and_export).
+        self._plugins_lock = threading.Lock()
+        self._pending_plugins: tuple[tuple[PluginSpec, ...], frozenset[PluginKey]] | None = None
 
     # -- jobs -------------------------------------------------------------------------------
 
@@ -105,7 +124,15 @@ class Coordinator:
 
     def _sample_and_export(self) -> Snapshot:
         """Worker thread: one snapshot, folded into the exporter's view."""
+        with self._plugins_lock:
+            pending, self._pending_plugins = self._pending_plugins, None
+        if pending is not None:
+            self._sampler.update_specs(pending[0])  # applied as this cycle starts
         snapshot = self._sampler.sample()
+        if pending is not None and pending[1]:
+            # A plugin dropped from the configuration leaves /metrics now, not after a
+            # grace period as "down" (unless its processes' labels still name it).
+            self._exporter.forget(pending[1] - {s.key for s in snapshot.samples})
         self._exporter.update_snapshot(snapshot)
         return snapshot
 
@@ -134,15 +161,16 @@ class Coordinator:
         if snapshot is self._evaluated:
             return
         self._evaluated = snapshot
-        try:
-            report = await self._engine.process(snapshot, self.sink.plugin_ids)
-            if report.notifications_queued:
-                # Deliver now rather than at the next poll (which is for retries).
-                self._scheduler.run_soon("outbox")
-        finally:
-            # Scores and alert states live in memory first: export them even when
-            # persisting them failed this time.
-            self._publish_alert_state()
+        async with self._alerts_lock:
+            try:
+                report = await self._engine.process(snapshot, self.sink.plugin_ids)
+                if report.notifications_queued:
+                    # Deliver now rather than at the next poll (which is for retries).
+                    self._scheduler.run_soon("outbox")
+            finally:
+                # Scores and alert states live in memory first: export them even when
+                # persisting them failed this time.
+                self._publish_alert_state()
 
     def _publish_alert_state(self) -> None:
         self._exporter.update_health(
@@ -172,10 +200,44 @@ class Coordinator:
     async def start_alerts(self) -> None:
         """Load alert state once the schema is there; evaluation works in memory meanwhile
         and the state is loaded and persisted once the database is back."""
-        try:
-            await self._engine.start()
-        except TRANSIENT_ERRORS as exc:
-            logger.warning("alert state not loaded yet: %s", redact(str(exc)))
+        async with self._alerts_lock:
+            try:
+                await self._engine.start()
+            except TRANSIENT_ERRORS as exc:
+                logger.warning("alert state not loaded yet: %s", redact(str(exc)))
+        self._alerts_started = True
+        self.schedule_outbox()
+
+    def schedule_outbox(self) -> None:
+        """Poll the outbox for due deliveries (retries) once alerts run and a receiver is
+        configured: without a receiver there is nothing to deliver, so no poll for nothing."""
+        if self._outbox_scheduled or not self._alerts_started or not self._outbox.receivers:
+            return
+        self._scheduler.add_job("outbox", self.job_outbox, interval_seconds=self._outbox_interval)
+        self._outbox_scheduled = True
+
+    async def reconfigure(self, config: DaemonConfig, changes: ConfigChanges) -> None:
+        """Hand a reloaded configuration to the components it changed (see the class doc)."""
+        if changes.plugins:
+            with self._plugins_lock:
+                dropped = changes.removed_plugins
+                if self._pending_plugins is not None:  # two reloads before one cycle
+                    dropped |= self._pending_plugins[1]
+                configured = {spec.key for spec in config.plugins}
+                self._pending_plugins = (config.plugins, frozenset(dropped - configured))
+        if changes.alerting:
+            async with self._alerts_lock:
+                self._engine.reconfigure(
+                    config.rules,
+                    health_config=config.health,
+                    webhooks=config.webhooks,
+                    alertmanager=config.alertmanager,
+                    external_url=config.settings.alerts.external_url or "",
+                )
+                self._publish_alert_state()
+        if changes.receivers:
+            self._outbox.set_receivers(config.webhooks, config.alertmanager)
+            self.schedule_outbox()
 
     async def deliver_now(self) -> None:
         """Last chance for notifications queued just before the signal (caller bounds it)."""
@@ -186,6 +248,54 @@ class Coordinator:
             logger.error("%s; shutting down to restart clean", exc, exc_info=exc)
             self.failure = exc
         self._stop.set()
+
+    def log_summary(self, *, config_reload: str) -> None:
+        """SIGUSR1: one INFO line with the daemon's state, read from memory (nothing is
+        probed, flushed or sampled for it); the same values as fields in JSON logs."""
+        latest = self._latest
+        stats = self.sink.stats()
+        database = self.database
+        state = {None: "not answered yet", True: "up", False: "down"}[database.up]
+        if database.up and not database.schema_ready:
+            state = "up, schema not ready yet"
+        now = time.time()  # the scheduler records last successes in Unix time
+        ages = self._scheduler.last_success
+        failures = self._scheduler.failures
+        jobs = ", ".join(
+            f"{name} {'never' if name not in ages else f'{now - ages[name]:.1f} s ago'}"
+            + (f" ({failures[name]} failed)" if failures.get(name) else "")
+            for name in sorted(set(ages) | set(failures))
+        )
+        fields: dict[str, object] = {
+            "plugins_sampled": len(latest.samples),
+            "plugins_up": sum(1 for s in latest.samples if s.up),
+            "samples_so_far": self.samples_taken,
+            "database": state,
+            "spool_rows": stats.rows_in_spool,
+            "rows_written": stats.rows_written,
+            "rows_dropped": stats.rows_dropped,
+            "alerts_firing": len(self._engine.firing()),
+            "alerts_open": len(self._engine.alerts()),
+            "jobs_failed": ",".join(sorted(n for n, c in failures.items() if c)),
+            "config_reload": config_reload,
+        }
+        logger.info(
+            "state (SIGUSR1): %d plugin(s) in the last sample, %d up, %d samples taken; "
+            "database %s; %d rows written, %d in the disk spools, %d dropped; %d alert(s) "
+            "firing, %d open; jobs' last success: %s; configuration: %s",
+            fields["plugins_sampled"],
+            fields["plugins_up"],
+            self.samples_taken,
+            state,
+            stats.rows_written,
+            stats.rows_in_spool,
+            stats.rows_dropped,
+            fields["alerts_firing"],
+            fields["alerts_open"],
+            jobs or "none yet",
+            config_reload,
+            extra=fields,
+        )
 
     def log_final_counts(self) -> None:
         """One line with what this run took and where it went (tests and operators read it)."""

@@ -11,7 +11,7 @@ import dataclasses
 import math
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from operator import attrgetter
 from typing import Any, NamedTuple
@@ -188,6 +188,15 @@ class ExporterState:
                 alerts=self._alerts,
                 health_by_label=self._health_by_label,
             )
+
+    def forget(self, keys: Collection[PluginKey]) -> None:
+        """Drop these plugins now rather than after the grace period (they were removed
+        from the configuration, not stopped: a plugin_up of 0 would say they are down).
+        Takes effect at the next ``update_snapshot``; call it from the thread that calls
+        that, before it, never concurrently with it."""
+        self._plugins = {k: v for k, v in self._plugins.items() if k not in keys}
+        for key in keys:
+            self._labels.pop(key, None)
 
     def update_health(self, health: Mapping[PluginKey, HealthView]) -> None:
         health = dict(health)

@@ -9,19 +9,26 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import Final, Protocol
 
 from pluginmon.daemon.logs import redact
+from pluginmon.daemon.signal_guard import (
+    HANDLED_SIGNALS,
+    RELOAD_SIGNAL,
+    STOP_SIGNALS,
+    SUMMARY_SIGNAL,
+    SignalGuard,
+)
 
 logger = logging.getLogger(__name__)
 
 EXIT_OK: Final = 0
 # A runtime failure; also a forced stop (a second signal): what was in memory may be lost.
 # DESIGN allows 0, 1 and 2 only, so never 128+n.
-EXIT_FAILURE: Final = 1
+EXIT_FAILURE: Final = 1  # also signal_guard.FORCED_EXIT
 
 
 # -- the data_dir lock ----------------------------------------------------------------------------
@@ -144,22 +151,56 @@ class ShutdownBudget:
 # -- signals and exit codes -----------------------------------------------------------------------
 
 
+class Signalled(Protocol):
+    """What ``run_until_signalled`` runs: ``run(stop)`` and what the other signals ask of it."""
+
+    async def run(self, stop: asyncio.Event) -> None: ...
+
+    def reload(self) -> None:
+        """SIGHUP: reload the configuration (never blocks: the work runs as a task)."""
+
+    def log_summary(self) -> None:
+        """SIGUSR1: log one line with the daemon's state, and do nothing else."""
+
+    def before_forced_exit(self) -> None:
+        """A second stop signal: the last, quick, cleanup before ``os._exit`` (blocking)."""
+
+
 def install_signal_handlers(
-    loop: asyncio.AbstractEventLoop, stop: asyncio.Event, *, on_second: Callable[[int], None]
-) -> None:
-    """First SIGTERM/SIGINT: graceful stop (exit 0). Second: ``on_second(signum)``, which
-    exits at once with status 1."""
+    loop: asyncio.AbstractEventLoop,
+    stop: asyncio.Event,
+    *,
+    on_second: Callable[[int], None],
+    on_reload: Callable[[], None] | None = None,
+    on_summary: Callable[[], None] | None = None,
+) -> Callable[[int], None]:
+    """Route every signal in ``signal_guard.HANDLED_SIGNALS`` through ``loop``.
+
+    First SIGTERM/SIGINT/SIGQUIT: graceful stop (exit 0). Second: ``on_second(signum)``,
+    which exits at once with status 1. SIGHUP: ``on_reload()``; SIGUSR1: ``on_summary()``
+    (without them: logged and ignored); SIGUSR2: ignored. Returns the handler, which also
+    replays signals recorded before the loop ran (``SignalGuard.take()``).
+    """
 
     def handle(signum: int) -> None:
-        if stop.is_set():
-            logger.warning("second %s: exiting now", signal.Signals(signum).name)
-            on_second(signum)
-            return
-        logger.info("%s received: stopping", signal.Signals(signum).name)
-        stop.set()
+        name = signal.Signals(signum).name
+        if signum in STOP_SIGNALS:
+            if stop.is_set():
+                logger.warning("second %s: exiting now", name)
+                on_second(signum)
+                return
+            logger.info("%s received: stopping", name)
+            stop.set()
+        elif signum == RELOAD_SIGNAL and on_reload is not None:
+            on_reload()
+        elif signum == SUMMARY_SIGNAL and on_summary is not None:
+            on_summary()
+        else:
+            logger.info("%s received: ignored", name)
 
-    for signum in (signal.SIGTERM, signal.SIGINT):
+    for signum in HANDLED_SIGNALS:
         loop.add_signal_handler(signum, handle, signum)
+    return handle
 
 
 def _exit_now(signum: int) -> None:
@@ -169,11 +210,17 @@ def _exit_now(signum: int) -> None:
 
 
 def run_until_signalled(
-    main: Callable[[asyncio.Event], Awaitable[None]],
+    build: Callable[[], Signalled],
     *,
     cannot_start: tuple[type[BaseException], ...],
+    guard: SignalGuard | None = None,
 ) -> int:
-    """Run ``main(stop)`` on a new event loop, ``stop`` set by the first SIGTERM/SIGINT.
+    """Run ``build().run(stop)`` on a new event loop, ``stop`` set by the first stop signal.
+
+    ``build`` is called inside the loop (components bind to it). ``guard``, installed by the
+    caller before anything slow, held the signals until now: what it recorded is replayed
+    through the loop's handlers (a SIGTERM during start-up is a graceful stop), and it takes
+    over again when the loop is gone, so that no signal kills the process on its way out.
 
     The exit code: 0 after a clean shutdown; 1 on a runtime failure, logged with its
     traceback, or without one for ``cannot_start`` errors (their message says it all: a
@@ -182,8 +229,26 @@ def run_until_signalled(
 
     async def signalled() -> None:
         stop = asyncio.Event()
-        install_signal_handlers(asyncio.get_running_loop(), stop, on_second=_exit_now)
-        await main(stop)
+        target = build()
+
+        def forced(signum: int) -> None:
+            try:
+                target.before_forced_exit()
+            except Exception:
+                logger.exception("cleanup before the forced exit failed")
+            _exit_now(signum)
+
+        handle = install_signal_handlers(
+            asyncio.get_running_loop(),
+            stop,
+            on_second=forced,
+            on_reload=target.reload,
+            on_summary=target.log_summary,
+        )
+        for signum in guard.take() if guard is not None else ():
+            logger.info("%s arrived during start-up", signal.Signals(signum).name)
+            handle(signum)
+        await target.run(stop)
 
     try:
         asyncio.run(signalled())
@@ -198,5 +263,9 @@ def run_until_signalled(
     except Exception:
         logger.exception("pluginmon stopped by an error")
         return EXIT_FAILURE
+    finally:
+        # Closing the loop reset its signals to the kernel's defaults.
+        if guard is not None:
+            guard.install()
     logger.info("pluginmon stopped")
     return EXIT_OK

@@ -6,9 +6,15 @@ symlinks beside this file give the same view to tools that read the source tree 
 (mypy, import-linter, pytest from a checkout without an install).
 """
 
-from importlib.metadata import PackageNotFoundError, version
 
-try:
-    __version__ = version("pluginmon")
-except PackageNotFoundError:  # a source checkout that was never installed
-    __version__ = "0.0.0+unknown"
+def __getattr__(name: str) -> str:
+    # ``__version__`` is looked up when asked: importlib.metadata costs tens of milliseconds
+    # at every start, and `pluginmon run` guards its signals only after this import.
+    if name != "__version__":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("pluginmon")
+    except PackageNotFoundError:  # a source checkout that was never installed
+        return "0.0.0+unknown"
