@@ -36,6 +36,7 @@ from pluginmon.daemon.reload import ConfigChanges, ConfigReloader
 from pluginmon.daemon.scheduling import Scheduler
 from pluginmon.daemon.signal_guard import SignalGuard
 from pluginmon.storage.drops import SpoolLosses
+from pluginmon.storage.dsn import SecretScrubber, dsn_secrets
 from pluginmon.storage.errors import TRANSIENT_ERRORS
 from pluginmon.storage.ingest import SampleSink, SampleSpool, UnresolvedSpool
 from pluginmon.storage.migrate import Backend
@@ -277,7 +278,10 @@ class Daemon:
             )
         )
         database = DatabaseWatch(
-            pool, writer=writer, log_interval_seconds=2 * settings.database_retry_max_seconds
+            pool,
+            writer=writer,
+            log_interval_seconds=2 * settings.database_retry_max_seconds,
+            scrubber=SecretScrubber(dsn_secrets(url)),
         )
         self._database_reasons = database.readiness_reasons
         sink = SampleSink(

@@ -41,6 +41,7 @@ import asyncpg
 import psycopg
 from prometheus_client.core import GaugeMetricFamily, Metric
 
+from pluginmon.storage.dsn import SecretScrubber
 from pluginmon.storage.errors import TRANSIENT_ERRORS
 from pluginmon.storage.migrate import DatabaseRefusedError, MigrationError
 from pluginmon.storage.pool import redact_text
@@ -319,9 +320,13 @@ class DatabaseWatch:
         probe_timeout_seconds: float = PROBE_TIMEOUT_SECONDS,
         log_interval_seconds: float = LOG_INTERVAL_SECONDS,
         clock: Callable[[], float] = time.monotonic,
+        scrubber: SecretScrubber | None = None,
     ) -> None:
         self._pool = pool
         self._writer = writer
+        # /readyz is no log line (the log filter scrubs those): its text is scrubbed here of
+        # the URL's password, which a driver may echo (a raw '@' makes it part of the host).
+        self._scrubber = scrubber or SecretScrubber()
         self._probe_timeout = probe_timeout_seconds
         self._clock = clock
         self.up: bool | None = None
@@ -438,7 +443,7 @@ class DatabaseWatch:
         answered = await self.probe()
         failure = self.failure
         if failure is not None:
-            return [failure.readiness_text()]
+            return [self._scrubber.scrub(failure.readiness_text())]
         if not answered:
             return ["database unreachable"]
         if not self.schema_ready:
