@@ -1,6 +1,6 @@
 """Prometheus exporter: per-plugin families built at scrape time, plus the daemon's own metrics.
 
-One module past the usual size on purpose: ``PluginCollector.collect()`` (prometheus-client)
+Over 500 lines on purpose: ``PluginCollector.collect()`` (prometheus-client)
 and its fast text renderer must write exactly the same families, HELP and TYPE; both read the
 one family table here, and tests/test_exporter.py compares their output.
 """

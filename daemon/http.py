@@ -1,5 +1,8 @@
 """HTTP endpoints on one port: /metrics, /healthz, /readyz; basic auth, TLS, connection limits.
 
+Over 500 lines on purpose: the connection guard (header timeout, connection limit, accept
+errors) wraps aiohttp's protocol and is only correct read beside the server it guards.
+
 Limits, as nginx sets them (see docs/operations.md for what each looks like when it bites):
 
 * A new connection must deliver its first complete request head within

@@ -1,5 +1,8 @@
 """The batched writer: rows in memory, binary COPY to the database, the disk spool when it is away.
 
+Over 500 lines on purpose: the back-pressure policy below is one state machine (queue,
+batches in flight, spool, retry) whose parts are only correct together.
+
 Back-pressure policy (also in docs/writer.md):
 
 * ``put()`` only appends to an in-memory queue; it never waits for the database.

@@ -1,0 +1,43 @@
+"""The shape of the tree: one docstring line per module, and no large module without a reason."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = ("daemon", "collectors", "storage", "alerts", "registry")
+# "No production module over about 500 lines without a reason written at its top."
+LINES_WITHOUT_A_REASON = 520
+REASON = "Over 500 lines on purpose"
+
+
+def production_modules() -> list[Path]:
+    return sorted(
+        path
+        for package in PACKAGES
+        if (REPO_ROOT / package).is_dir()
+        for path in (REPO_ROOT / package).glob("*.py")
+    )
+
+
+def test_every_module_starts_with_a_docstring_saying_what_it_owns() -> None:
+    missing = [
+        str(path.relative_to(REPO_ROOT))
+        for path in production_modules()
+        if path.name != "__init__.py" and not ast.get_docstring(ast.parse(path.read_text()))
+    ]
+    assert missing == []
+
+
+def test_large_modules_say_why_at_their_top() -> None:
+    modules = production_modules()
+    assert len(modules) > 40  # the glob really found the tree
+    unexplained = []
+    for path in modules:
+        text = path.read_text()
+        lines = text.count("\n")
+        docstring = ast.get_docstring(ast.parse(text)) or ""
+        if lines > LINES_WITHOUT_A_REASON and REASON not in docstring:
+            unexplained.append(f"{path.relative_to(REPO_ROOT)} ({lines} lines)")
+    assert unexplained == []
