@@ -25,6 +25,7 @@ from pluginmon.alerts.health import (
     score_health,
 )
 from pluginmon.alerts.matchers import _glob
+from pluginmon.alerts.metric_values import plugin_metric_values
 from pluginmon.alerts.notifiers import NotifiedAlert, alertmanager_body, group_key, webhook_body
 from pluginmon.alerts.rules import (
     AlertmanagerConfig,
@@ -713,11 +714,13 @@ class AlertEngine:
                     # (plugin id, environment): the same plugin in two environments shares
                     # one plugins.id, and each environment has its own series
                     by_id = {(v, k.environment): k for k, v in plugin_ids.items()}
-                    values = await alert_store.latest_metric_values(
+                    # Gauges as their value, counters as rates, name:pNN as quantiles.
+                    values = await plugin_metric_values(
                         conn,
                         list(by_id),
                         self._metric_names,
                         now - timedelta(seconds=self._metrics_max_age),
+                        now=now,
                     )
                     metrics: dict[PluginKey, dict[str, float]] = defaultdict(dict)
                     for (pid, env, name), value in values.items():

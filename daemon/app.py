@@ -8,6 +8,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 
+import asyncpg
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
 
 from pluginmon.alerts.engine import AlertEngine
@@ -29,13 +30,19 @@ from pluginmon.daemon.lifecycle import (
     ShutdownBudget,
     run_until_signalled,
 )
+from pluginmon.daemon.plugin_metrics import PluginMetricsService
 from pluginmon.daemon.scheduling import Scheduler
 from pluginmon.storage.drops import SpoolLosses
 from pluginmon.storage.errors import TRANSIENT_ERRORS
 from pluginmon.storage.ingest import SampleSink, SampleSpool, UnresolvedSpool
 from pluginmon.storage.migrate import Backend
+from pluginmon.storage.plugin_metrics import (
+    PLUGIN_METRICS_COLUMNS,
+    PLUGIN_METRICS_TABLE,
+    MetricSink,
+)
 from pluginmon.storage.reachability import DatabaseWatch
-from pluginmon.storage.spool import SpoolLockedError
+from pluginmon.storage.spool import Spool, SpoolLockedError
 from pluginmon.storage.upkeep import Maintainer, migrate_until_ready
 from pluginmon.storage.writer import PLUGIN_SAMPLES_COLUMNS, PLUGIN_SAMPLES_TABLE, BatchWriter
 
@@ -242,8 +249,22 @@ class Daemon:
             flush_timeout_seconds=max(10.0, 5 * settings.flush_interval_seconds),
             stop=stop,
         )
-        spool_losses = SpoolLosses({"samples": spool, "unresolved": unresolved.spool})
-        for component in (writer, sink, database, outbox, sampler.stats, spool_losses):
+        metrics_spool, metric_sink, plugin_metrics = await self._plugin_metrics(
+            stack, pool, database, sampler
+        )
+        spool_losses = SpoolLosses(
+            {"samples": spool, "unresolved": unresolved.spool, "plugin_metrics": metrics_spool}
+        )
+        for component in (
+            writer,
+            sink,
+            database,
+            outbox,
+            sampler.stats,
+            spool_losses,
+            metric_sink,
+            plugin_metrics,
+        ):
             self.registry.register(component)
 
         scheduler = self.scheduler
@@ -256,6 +277,39 @@ class Daemon:
         scheduler.add_job("database_probe", coordinator.job_probe, interval_seconds=5.0)
         await stack.enter_async_context(scheduler)
         return coordinator, url
+
+    async def _plugin_metrics(
+        self, stack: AsyncExitStack, pool: asyncpg.Pool, database: DatabaseWatch, sampler: Sampler
+    ) -> tuple[Spool, MetricSink, PluginMetricsService]:
+        """Plugins' own metrics: their writer (own spool) and the scraper and pushes, which
+        stop before the writer closes (the exit stack unwinds in reverse)."""
+        settings = self.settings
+        spool = await asyncio.to_thread(
+            Spool, settings.data_dir / "spool-metrics", max_bytes=settings.spool_max_bytes
+        )
+        stack.push_async_callback(asyncio.to_thread, spool.close)
+        writer = await stack.enter_async_context(
+            BatchWriter(
+                pool,
+                table=PLUGIN_METRICS_TABLE,
+                columns=PLUGIN_METRICS_COLUMNS,
+                max_rows=settings.flush_max_rows,
+                max_delay_seconds=settings.flush_interval_seconds,
+                max_queue_rows=max(settings.writer_queue_max_rows, 2 * settings.flush_max_rows),
+                spool=spool,
+                close_timeout_seconds=self.shutdown_budget.seconds(WRITER_CLOSE),
+            )
+        )
+        sink = MetricSink(pool=pool, writer=writer, database=database)
+        service = await stack.enter_async_context(
+            PluginMetricsService(
+                scrape=self.config.scrape,
+                push=self.config.push,
+                sink=sink,
+                discovered=lambda: sampler.metrics_endpoints,
+            )
+        )
+        return spool, sink, service
 
     async def _when_schema_ready(
         self, stack: AsyncExitStack, coordinator: Coordinator, url: str, stop: asyncio.Event

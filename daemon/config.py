@@ -9,6 +9,8 @@ from pathlib import Path
 from pluginmon.alerts.health import HealthConfig
 from pluginmon.alerts.rules import AlertmanagerConfig, Rule, WebhookConfig
 from pluginmon.collectors.models import PluginSpec
+from pluginmon.collectors.push import PushConfig
+from pluginmon.collectors.scrape import ScrapeConfig
 from pluginmon.daemon.config_schema import ConfigError
 from pluginmon.daemon.preflight import preflight
 from pluginmon.daemon.settings import Settings, load_settings
@@ -24,6 +26,8 @@ class DaemonConfig:
     alertmanager: AlertmanagerConfig | None
     health: HealthConfig
     retention: Retention
+    scrape: ScrapeConfig
+    push: PushConfig
 
 
 def resolve(settings: Settings) -> DaemonConfig:
@@ -38,6 +42,10 @@ def resolve(settings: Settings) -> DaemonConfig:
         alertmanager=alerts.to_alertmanager(),
         health=settings.health.to_config(),
         retention=settings.retention.to_retention(),
+        scrape=settings.plugin_metrics.to_scrape(
+            settings.plugins, sample_interval_seconds=settings.sample_interval_seconds
+        ),
+        push=settings.plugin_metrics.to_push(),
     )
 
 

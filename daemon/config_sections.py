@@ -10,10 +10,11 @@ as part of ``Settings``. Either way ``ConfigError`` lists every problem, each at
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from collections.abc import Mapping
-from typing import Annotated, ClassVar, Literal
+from typing import Annotated, ClassVar, Final, Literal
 from urllib.parse import urlsplit
 
 from pydantic import (
@@ -28,6 +29,7 @@ from pydantic import (
 )
 
 from pluginmon.alerts.matchers import PluginMatcher
+from pluginmon.alerts.metric_values import metric_ref_problem
 from pluginmon.alerts.rules import (
     OPS,
     RESERVED_LABELS,
@@ -37,7 +39,10 @@ from pluginmon.alerts.rules import (
     merge_with_builtins,
     template_problem,
 )
+from pluginmon.collectors.exposition import ExpositionLimits
 from pluginmon.collectors.models import Match, PluginKey, PluginSpec
+from pluginmon.collectors.push import PushConfig
+from pluginmon.collectors.scrape import ScrapeConfig, ScrapeTarget
 from pluginmon.collectors.specs import (
     DEFAULT_ENVIRONMENT,
     MATCH_KEYS,
@@ -118,15 +123,60 @@ def _criterion_problem(key: str, value: str) -> str | None:
     return None
 
 
+# -- a plugin's own metrics: shared field types -----------------------------------------------
+
+MIB: Final = 1024 * 1024
+MAX_SCRAPE_BODY_BYTES: Final = 1024 * MIB
+MAX_SCRAPE_SERIES: Final = 1_000_000
+_METRICS_URL = "must be an http:// or https:// URL, on loopback unless metrics_allow_remote = true"
+
+ScrapeInterval = Annotated[float, seconds(gt=0, le=HOUR)]
+ScrapeBodyBytes = Annotated[int, Field(ge=1024, le=MAX_SCRAPE_BODY_BYTES)]
+ScrapeSeries = Annotated[int, Field(ge=1, le=MAX_SCRAPE_SERIES)]
+
+
+def _globs(value: list[str]) -> list[str]:
+    if not value:
+        raise ValueError('must not be empty (["*"] keeps every series)')
+    if any(not pattern for pattern in value):
+        raise ValueError("must hold non-empty glob strings")
+    return value
+
+
+AllowList = Annotated[list[str], Expect("must be an array of glob strings"), AfterValidator(_globs)]
+
+
+def is_loopback(host: str) -> bool:
+    """``localhost`` or a loopback address (127.0.0.0/8, ::1)."""
+    if host.lower().rstrip(".") == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 class PluginTable(Table):
     """One ``[[plugins]]`` table."""
 
-    unknown_key: ClassVar[str] = "unknown key; expected one of tenant, name, environment, match"
+    unknown_key: ClassVar[str] = (
+        "unknown key; expected one of tenant, name, environment, match, metrics_url, "
+        "metrics_allow_remote, metrics_interval_seconds, metrics_timeout_seconds, "
+        "metrics_max_body_bytes, metrics_max_series, metrics_allow"
+    )
 
     tenant: Annotated[str, Expect("required, a string")]
     name: Annotated[str, Expect("required, a non-empty string")]
     environment: Annotated[str, Expect("must be a non-empty string")] = DEFAULT_ENVIRONMENT
     match: Annotated[MatchTable, Expect(f"required, with any of: {', '.join(MATCH_KEYS)}")]
+    # The plugin's own metrics endpoint; unset limits take [plugin_metrics]'s.
+    metrics_url: Annotated[str | None, Expect(_METRICS_URL)] = None
+    metrics_allow_remote: bool = False
+    metrics_interval_seconds: ScrapeInterval | None = None
+    metrics_timeout_seconds: ScrapeInterval | None = None
+    metrics_max_body_bytes: ScrapeBodyBytes | None = None
+    metrics_max_series: ScrapeSeries | None = None
+    metrics_allow: AllowList | None = None
 
     @classmethod
     def label(cls, raw: object) -> str | None:
@@ -157,12 +207,67 @@ class PluginTable(Table):
             raise ValueError("must be a non-empty string")
         return value
 
+    @field_validator("metrics_url")
+    @classmethod
+    def _metrics_url(cls, value: str | None) -> str | None:
+        if value is not None:
+            _http_url(value)
+        return value
+
+    @model_validator(mode="after")
+    def _metrics(self) -> PluginTable:
+        problems: list[tuple[Location, str]] = []
+        if self.metrics_url is None:
+            problems += [
+                ((name,), "needs metrics_url")
+                for name in type(self).model_fields
+                if name.startswith("metrics_")
+                and name != "metrics_url"
+                and getattr(self, name) not in (None, False)
+            ]
+        elif not self.metrics_allow_remote and not is_loopback(
+            urlsplit(self.metrics_url).hostname or ""
+        ):
+            problems.append(
+                (
+                    ("metrics_url",),
+                    "must be on loopback (localhost, 127.0.0.1, ::1); set "
+                    "metrics_allow_remote = true to scrape another host",
+                )
+            )
+        if problems:
+            raise problems_error(problems)
+        return self
+
     @property
     def key(self) -> PluginKey:
         return PluginKey(tenant=self.tenant, plugin=self.name, environment=self.environment)
 
     def to_spec(self) -> PluginSpec:
         return PluginSpec(key=self.key, match=self.match.to_match(), origin="config")
+
+    def to_target(self, defaults: ScrapeConfig) -> ScrapeTarget | None:
+        """The plugin's scrape target, its unset limits from ``defaults``; None without a
+        metrics_url."""
+        if self.metrics_url is None:
+            return None
+        interval = self.metrics_interval_seconds or defaults.interval_seconds
+        limits = defaults.limits
+        return ScrapeTarget(
+            key=self.key,
+            url=self.metrics_url,
+            interval_seconds=interval,
+            # Like Prometheus's scrape_timeout, never longer than the interval.
+            timeout_seconds=min(self.metrics_timeout_seconds or defaults.timeout_seconds, interval),
+            limits=ExpositionLimits(
+                max_body_bytes=self.metrics_max_body_bytes or limits.max_body_bytes,
+                max_series=self.metrics_max_series or limits.max_series,
+                max_labels_per_series=limits.max_labels_per_series,
+                max_name_chars=limits.max_name_chars,
+                max_label_value_chars=limits.max_label_value_chars,
+                allow=tuple(self.metrics_allow) if self.metrics_allow else limits.allow,
+            ),
+        )
 
 
 # Order matters: a process matched by several specs belongs to the first.
@@ -258,6 +363,9 @@ class RuleTable(Table):
     def _metric(cls, value: str) -> str:
         if not _METRIC_RE.match(value):
             raise ValueError(_RULE_METRIC)
+        problem = metric_ref_problem(value)
+        if problem is not None:
+            raise ValueError(problem)
         return value
 
     @field_validator("op")
@@ -427,6 +535,84 @@ class AlertsTable(Table):
 
     def to_alertmanager(self) -> AlertmanagerConfig | None:
         return None if self.alertmanager is None else self.alertmanager.to_config()
+
+
+# -- [plugin_metrics] ----------------------------------------------------------------------------
+
+
+class PluginMetricsTable(Table):
+    """``[plugin_metrics]``: scraping plugins' own /metrics endpoints and accepting pushes;
+    the defaults of every plugin's ``metrics_*`` keys."""
+
+    unknown_key: ClassVar[str] = "unknown setting"
+
+    enabled: bool = True
+    # Scrape the endpoints label-discovered plugins declare (PLUGINMON_METRICS_PORT/PATH).
+    discovered: bool = True
+    interval_seconds: ScrapeInterval | None = None  # default: sample_interval_seconds
+    timeout_seconds: ScrapeInterval = 5.0
+    max_body_bytes: ScrapeBodyBytes = 4 * MIB
+    max_series: ScrapeSeries = 2000
+    max_labels_per_series: Annotated[int, Field(ge=1, le=1000)] = 30
+    max_label_value_chars: Annotated[int, Field(ge=1, le=65536)] = 1024
+    allow: AllowList = Field(default_factory=lambda: ["*"])
+    max_concurrent_scrapes: Annotated[int, Field(ge=1, le=10_000)] = 32
+    push_ttl_seconds: Annotated[float, seconds(gt=0, le=YEAR)] = 600.0
+    push_max_ttl_seconds: Annotated[float, seconds(gt=0, le=YEAR)] = DAY
+
+    @model_validator(mode="after")
+    def _ttl(self) -> PluginMetricsTable:
+        if self.push_ttl_seconds > self.push_max_ttl_seconds:
+            raise problems_error(
+                [
+                    (
+                        ("push_ttl_seconds",),
+                        f"must be <= push_max_ttl_seconds ({self.push_max_ttl_seconds:g})",
+                    )
+                ]
+            )
+        return self
+
+    @property
+    def limits(self) -> ExpositionLimits:
+        return ExpositionLimits(
+            max_body_bytes=self.max_body_bytes,
+            max_series=self.max_series,
+            max_labels_per_series=self.max_labels_per_series,
+            max_label_value_chars=self.max_label_value_chars,
+            allow=tuple(self.allow),
+        )
+
+    def to_scrape(
+        self, plugins: tuple[PluginTable, ...], *, sample_interval_seconds: float
+    ) -> ScrapeConfig:
+        """What to scrape; nothing when disabled."""
+        interval = self.interval_seconds or sample_interval_seconds
+        defaults = ScrapeConfig(
+            discovered=self.enabled and self.discovered,
+            interval_seconds=interval,
+            timeout_seconds=min(self.timeout_seconds, interval),
+            limits=self.limits,
+            max_concurrent=self.max_concurrent_scrapes,
+        )
+        if not self.enabled:
+            return defaults
+        targets = tuple(t for t in (p.to_target(defaults) for p in plugins) if t is not None)
+        return ScrapeConfig(
+            targets=targets,
+            discovered=defaults.discovered,
+            interval_seconds=defaults.interval_seconds,
+            timeout_seconds=defaults.timeout_seconds,
+            limits=defaults.limits,
+            max_concurrent=defaults.max_concurrent,
+        )
+
+    def to_push(self) -> PushConfig:
+        return PushConfig(
+            default_ttl_seconds=self.push_ttl_seconds,
+            max_ttl_seconds=self.push_max_ttl_seconds,
+            limits=self.limits,
+        )
 
 
 # -- one section at a time -----------------------------------------------------------------------

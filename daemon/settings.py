@@ -41,7 +41,7 @@ from pluginmon.daemon.config_schema import (
     problems_error,
     reword,
 )
-from pluginmon.daemon.config_sections import AlertsTable, PluginTables
+from pluginmon.daemon.config_sections import AlertsTable, PluginMetricsTable, PluginTables
 from pluginmon.storage.backend import Retention
 
 __all__ = [
@@ -226,6 +226,8 @@ class Settings(BaseSettings):
     plugins: PluginTables = ()
     # A plugin unseen this long leaves /metrics.
     plugin_grace_seconds: Annotated[float, Finite, positive_up_to(7 * DAY)] = 300.0
+    # Plugins' own metrics: scraping their endpoints, pushes (daemon.plugin_metrics).
+    plugin_metrics: PluginMetricsTable = Field(default_factory=PluginMetricsTable)
 
     # -- writer and spool --------------------------------------------------------------------
     # A batch waits at most this long before its COPY, or is written as soon as it is full.
