@@ -212,18 +212,18 @@ class SeriesWindow:
     rate_seconds: float
 
 
-# One row per series: its newest value, and over the rate window ($5 on) the increase with
-# counter resets handled (a drop means the counter started again from 0) and its time span.
-SERIES_WINDOWS_SQL: Final = """
+# One row per series: its newest value, and over the rate window ({rate_since} on) the increase
+# with counter resets handled (a drop means the counter started again from 0) and its time
+# span. The placeholders are filled from code below, never from input; values stay parameters.
+_SERIES_SQL: Final = """
 WITH points AS (
     SELECT m.plugin_id, m.environment, m.metric_name, m.metric_kind, m.labels,
            m."timestamp" AS at, m.value,
            lag(m.value) OVER series AS previous_value,
            lag(m."timestamp") OVER series AS previous_at
       FROM plugin_metrics m
-      JOIN unnest($1::bigint[], $2::text[]) AS w(plugin_id, environment)
-        ON m.plugin_id = w.plugin_id AND m.environment = w.environment
-     WHERE m.metric_name = ANY($3::text[]) AND m."timestamp" >= $4
+      {join}
+     WHERE {where}
     WINDOW series AS (PARTITION BY m.plugin_id, m.environment, m.metric_name, m.labels
                       ORDER BY m."timestamp")
 )
@@ -231,13 +231,31 @@ SELECT plugin_id, environment, metric_name, labels::text AS labels,
        (array_agg(metric_kind ORDER BY at DESC))[1] AS kind,
        (array_agg(value ORDER BY at DESC))[1] AS last_value,
        max(at) AS last_at,
-       count(*) FILTER (WHERE at >= $5) AS rate_points,
+       count(*) FILTER (WHERE at >= {rate_since}) AS rate_points,
        COALESCE(sum(CASE WHEN value >= previous_value THEN value - previous_value
-                         ELSE value END) FILTER (WHERE previous_at >= $5), 0) AS increase,
-       COALESCE(extract(epoch FROM max(at) - min(at) FILTER (WHERE at >= $5)), 0) AS rate_seconds
+                         ELSE value END) FILTER (WHERE previous_at >= {rate_since}), 0) AS increase,
+       COALESCE(extract(epoch FROM max(at) - min(at) FILTER (WHERE at >= {rate_since})), 0)
+           AS rate_seconds
   FROM points
  GROUP BY plugin_id, environment, metric_name, labels
 """
+
+# asyncpg: the named series of the given (plugin id, environment) pairs.
+SERIES_WINDOWS_SQL: Final = _SERIES_SQL.format(
+    join="""JOIN unnest($1::bigint[], $2::text[]) AS w(plugin_id, environment)
+        ON m.plugin_id = w.plugin_id AND m.environment = w.environment""",
+    where='m.metric_name = ANY($3::text[]) AND m."timestamp" >= $4',
+    rate_since="$5",
+)
+
+# psycopg (`pluginmon status`): every series of every plugin (of one tenant) but pluginmon's
+# own health_score.
+STATUS_SERIES_SQL: Final = _SERIES_SQL.format(
+    join="JOIN plugins p ON p.id = m.plugin_id",
+    where="""m."timestamp" >= %(since)s AND m.metric_name <> 'health_score'
+       AND (%(tenant)s::text IS NULL OR p.tenant_id = %(tenant)s::text)""",
+    rate_since="%(rate_since)s",
+)
 
 
 def series_window(record: Any) -> SeriesWindow:
