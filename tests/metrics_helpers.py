@@ -113,9 +113,18 @@ sys.stdin.read()
 )
 
 
-def start_plugin(spawner: Spawner, mode: str, port: int = 0) -> tuple[Any, str]:
-    """A child serving ``mode`` on loopback; (process, its /metrics URL)."""
-    child, line = spawner.python(PLUGIN_CHILD, mode, str(port))
+def start_plugin(
+    spawner: Spawner,
+    mode: str,
+    port: int = 0,
+    *,
+    marker: str = "",
+    env: dict[str, str] | None = None,
+) -> tuple[Any, str]:
+    """A child serving ``mode`` on loopback; (process, its /metrics URL). ``marker`` ends its
+    command line (for a cmdline match); ``env`` adds to its environment."""
+    args = (mode, str(port), marker) if marker else (mode, str(port))
+    child, line = spawner.python(PLUGIN_CHILD, *args, env=env)
     return child, f"http://127.0.0.1:{int(line)}/metrics"
 
 
