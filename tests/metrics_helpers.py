@@ -27,6 +27,8 @@ REQUESTS_PER_SECOND = 10.0
 LATENCY_BUCKETS = tuple(round(0.1 * i, 1) for i in range(1, 11))
 LATENCY_VALUES = tuple((i + 0.5) / 100 for i in range(100))
 TRUE_P95 = sorted(LATENCY_VALUES)[94]
+# Series of the "big" child: enough that parsing takes a good fraction of a second.
+BIG_SERIES = 60_000
 
 # argv: mode, port ("0": any). Prints the port it serves on, then serves until stdin closes.
 #   plugin: prometheus-client's own start_http_server with a gauge, a counter (growing at
@@ -34,6 +36,8 @@ TRUE_P95 = sorted(LATENCY_VALUES)[94]
 #           pass for pluginmon's own (tenant, plugin, environment) and a health_score gauge.
 #   hang:   accepts, reads the request and never answers.
 #   huge:   answers 200 with 10 MB of valid text format, no Content-Length.
+#   declared: the same, announcing its 10 MB in Content-Length.
+#   big:    answers 200 with BIG_SERIES valid gauge series (about 1.5 MB), Content-Length set.
 PLUGIN_CHILD = (
     r"""
 import sys, threading, time
@@ -86,6 +90,14 @@ else:
                 return
             self.send_response(200)
             self.send_header("Content-Type", "text/plain; version=0.0.4")
+            if mode == "big":
+                body = b"".join(b"big_gauge{i=\"%d\"} %d\n" % (i, i) for i in range(BIG_SERIES))
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+                return
+            if mode == "declared":
+                self.send_header("Content-Length", str(10 * 1024 * 1024))
             self.end_headers()
             line = b"huge_gauge{i=\"%d\"} 1\n"
             sent = 0
@@ -107,7 +119,8 @@ else:
     threading.Thread(target=server.serve_forever, daemon=True).start()
 print(server.server_port, flush=True)
 sys.stdin.read()
-""".replace("RATE", repr(REQUESTS_PER_SECOND))
+""".replace("BIG_SERIES", repr(BIG_SERIES))
+    .replace("RATE", repr(REQUESTS_PER_SECOND))
     .replace("BUCKETS", repr(LATENCY_BUCKETS))
     .replace("VALUES", repr(LATENCY_VALUES))
 )

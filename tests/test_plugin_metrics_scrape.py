@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
@@ -26,6 +27,7 @@ from pluginmon.daemon.status import fetch_status, format_metrics
 from tests.alerts_helpers import FakeClock, plugin_sample, snapshot
 from tests.collector_helpers import IDLE, Spawner, unique_tag
 from tests.metrics_helpers import (
+    BIG_SERIES,
     REQUESTS_PER_SECOND,
     TRUE_P95,
     metric_storage,
@@ -211,20 +213,23 @@ async def test_a_hanging_and_a_huge_endpoint_do_not_hold_up_the_others(
 ) -> None:
     _, hang_url = start_plugin(spawner, "hang")
     _, huge_url = start_plugin(spawner, "huge")
+    _, declared_url = start_plugin(spawner, "declared")
     _, a_url = start_plugin(spawner, "plugin")
     _, b_url = start_plugin(spawner, "plugin")
-    hang, huge, a, b = key("hangs"), key("huge"), key("a"), key("b")
+    hang, huge, declared = key("hangs"), key("huge"), key("declared")
+    a, b = key("a"), key("b")
     limit = 1024 * 1024
     targets = [
         target(hang, hang_url, max_body_bytes=limit),
         target(huge, huge_url, max_body_bytes=limit),
+        target(declared, declared_url, max_body_bytes=limit),
         target(a, a_url, max_body_bytes=limit),
         target(b, b_url, max_body_bytes=limit),
     ]
     registry = CollectorRegistry()
     async with (
         metric_storage(migrated_db) as storage,
-        # Two slots for four targets: a hanging request may hold one slot, never both for long.
+        # Two slots for five targets: a hanging request holds one for one timeout at most.
         Scraper(targets=lambda: targets, consume=storage.sink.put, max_concurrent=2) as scraper,
     ):
         registry.register(scraper.stats)
@@ -235,13 +240,14 @@ async def test_a_hanging_and_a_huge_endpoint_do_not_hold_up_the_others(
             refused = (
                 scraper.stats.rejected(hang)["timeout"],
                 scraper.stats.rejected(huge)["too_large"],
+                scraper.stats.rejected(declared)["too_large"],
             )
             return min(counts) >= 4 and min(refused) >= 3
 
         await wait_until(
             others_stored, timeout_seconds=45, what="a and b stored, hang and huge refused"
         )
-        for k, reason in ((hang, "timeout"), (huge, "too_large")):
+        for k, reason in ((hang, "timeout"), (huge, "too_large"), (declared, "too_large")):
             labels = {"tenant": k.tenant, "plugin": k.plugin, "environment": k.environment}
             assert registry.get_sample_value("pluginmon_plugin_scrape_up", labels) == 0.0
             refused = registry.get_sample_value(
@@ -412,3 +418,42 @@ async def test_status_shows_each_kind_as_rules_read_it(migrated_db: str) -> None
     text = format_metrics([row])
     assert "jobs_total/s" in text
     assert "2" in text
+
+
+async def test_parsing_a_large_body_leaves_the_event_loop_free(spawner: Spawner) -> None:
+    """60,000 series take a good part of a second to parse: in a worker thread, so a ticker
+    on the event loop keeps running meanwhile (late by a GIL switch or two, not by the parse)."""
+    _, url = start_plugin(spawner, "big")
+    k = key("big")
+    big = ScrapeTarget(
+        key=k,
+        url=url,
+        interval_seconds=3600,
+        timeout_seconds=60,
+        limits=ExpositionLimits(max_body_bytes=4 * 1024 * 1024, max_series=100_000),
+    )
+    stored: list[PluginMetrics] = []
+
+    async def consume(metrics: PluginMetrics) -> None:
+        stored.append(metrics)
+
+    late: list[float] = []
+    done = asyncio.Event()
+
+    async def ticker() -> None:
+        while not done.is_set():
+            before = time.perf_counter()
+            await asyncio.sleep(0.01)
+            late.append(time.perf_counter() - before - 0.01)
+
+    async with Scraper(targets=lambda: [], consume=consume) as scraper:
+        ticking = asyncio.create_task(ticker())
+        outcome = await scraper.scrape(big)
+        done.set()
+        await ticking
+    assert outcome.rejected is None, outcome.rejected
+    assert len(stored[0].points) == BIG_SERIES
+    assert outcome.duration_seconds > 0.2, outcome.duration_seconds  # a real parse happened
+    # Parsed on the loop, one tick would be late by the whole parse.
+    assert len(late) >= 5
+    assert max(late) < outcome.duration_seconds / 2, (max(late), outcome.duration_seconds)
