@@ -170,6 +170,9 @@ def _select(
     allow_all = "*" in allow
     kept: list[MetricPoint] = []
     seen: set[tuple[str, str]] = set()
+    # Names repeat across a body's series: each is checked once (the hot loop of a scrape).
+    names_ok: set[str] = set()
+    label_names_ok: set[str] = set()
     dropped = 0
     for family, name, kind, labels, value in points:
         if not allow_all and not any(
@@ -178,8 +181,10 @@ def _select(
         ):
             dropped += 1
             continue
-        _check_name(name, limits)
-        labels_json = _labels_json(labels, limits)
+        if name not in names_ok:
+            _check_name(name, limits)
+            names_ok.add(name)
+        labels_json = _labels_json(labels, limits, label_names_ok) if labels else "{}"
         if name in RESERVED_NAMES:
             name = EXPORTED_PREFIX + name
         identity = (name, labels_json)
@@ -205,27 +210,34 @@ def _check_name(name: str, limits: ExpositionLimits) -> None:
         raise _Refused(RejectReason.PARSE_ERROR, f"not a Prometheus metric name: {_short(name)}")
 
 
-def _labels_json(labels: Mapping[str, str], limits: ExpositionLimits) -> str:
+def _labels_json(labels: Mapping[str, str], limits: ExpositionLimits, names_ok: set[str]) -> str:
+    """The labels as canonical JSON, checked, with pluginmon's own names renamed; ``names_ok``
+    holds the label names already checked in this body."""
     if len(labels) > limits.max_labels_per_series:
         raise _Refused(
             RejectReason.LABEL_LIMIT,
             f"a series has {len(labels)} labels (max_labels_per_series {limits.max_labels_per_series})",
         )
-    out: dict[str, str] = {}
+    max_value = limits.max_label_value_chars
     for label, value in labels.items():
-        if len(label) > limits.max_name_chars or _LABEL_NAME_RE.fullmatch(label) is None:
-            raise _Refused(RejectReason.LABEL_LIMIT, f"not a label name: {_short(label)}")
+        if label not in names_ok:
+            if len(label) > limits.max_name_chars or _LABEL_NAME_RE.fullmatch(label) is None:
+                raise _Refused(RejectReason.LABEL_LIMIT, f"not a label name: {_short(label)}")
+            names_ok.add(label)
         if not isinstance(value, str):
             raise _Refused(RejectReason.LABEL_LIMIT, f"label {label}: value is not a string")
-        if len(value) > limits.max_label_value_chars:
+        if len(value) > max_value:
             raise _Refused(
                 RejectReason.LABEL_LIMIT,
-                f"label {label}: value longer than {limits.max_label_value_chars} characters",
+                f"label {label}: value longer than {max_value} characters",
             )
         if "\x00" in value:
             raise _Refused(RejectReason.LABEL_LIMIT, f"label {label}: value holds a NUL character")
-        out[label] = value
-    for label in TARGET_LABELS & out.keys():
+    clashes = TARGET_LABELS.intersection(labels)
+    if not clashes:
+        return json.dumps(labels, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    out = dict(labels)
+    for label in clashes:
         # honor_labels=false: the plugin's value is kept under another name, never used as
         # pluginmon's own label. Prefixed again while that name is taken too.
         renamed = EXPORTED_PREFIX + label
