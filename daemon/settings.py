@@ -30,6 +30,7 @@ from pydantic_settings import (
 )
 
 from pluginmon.daemon.config_health import HealthTable
+from pluginmon.daemon.config_plugin_metrics import PluginMetricsTable
 from pluginmon.daemon.config_schema import (
     DAY,
     HOUR,
@@ -41,7 +42,7 @@ from pluginmon.daemon.config_schema import (
     problems_error,
     reword,
 )
-from pluginmon.daemon.config_sections import AlertsTable, PluginMetricsTable, PluginTables
+from pluginmon.daemon.config_sections import AlertsTable, PluginTables
 from pluginmon.storage.backend import Retention
 
 __all__ = [
