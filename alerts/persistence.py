@@ -29,6 +29,7 @@ import asyncpg
 from pluginmon.alerts.book import AlertRecord
 from pluginmon.alerts.health import HealthScore
 from pluginmon.alerts.journaling import OutageJournal
+from pluginmon.alerts.metric_values import plugin_metric_values
 from pluginmon.alerts.planner import Notification
 from pluginmon.alerts.scoring import health_labels_json
 from pluginmon.collectors.models import PluginKey
@@ -207,8 +208,9 @@ class AlertPersistence:
             pid = self.plugin_id(key)
             if pid is not None:
                 by_id[(pid, key.environment)] = key
-        values = await alert_inputs.latest_metric_values(
-            conn, list(by_id), names, now - self._metrics_max_age
+        # Gauges as their value, counters as rates, name:pNN as quantiles (metric_values).
+        values = await plugin_metric_values(
+            conn, list(by_id), names, now - self._metrics_max_age, now=now
         )
         metrics: dict[PluginKey, dict[str, float]] = defaultdict(dict)
         for (pid, env, name), value in values.items():

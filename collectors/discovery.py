@@ -6,7 +6,7 @@ import fnmatch
 import os
 from dataclasses import dataclass
 
-from pluginmon.collectors.labels import LabelRejection, parse_labels
+from pluginmon.collectors.labels import LabelRejection, parse_labels, parse_metrics_url
 from pluginmon.collectors.models import PluginKey, PluginSpec
 from pluginmon.collectors.patterns import Pattern, cmdline_text, compile_pattern, compile_union
 from pluginmon.collectors.source import ProcessAccessDenied, ProcessGone, ProcessSource, comm_of
@@ -189,6 +189,12 @@ def label_key(environ: dict[str, str]) -> PluginKey | LabelRejection | None:
     """The plugin a process declares with PLUGINMON_* environment labels: its key, None when
     it declares none, or why its labels are refused (collectors.labels)."""
     return parse_labels(environ, default_environment=DEFAULT_ENVIRONMENT)
+
+
+def metrics_url_label(environ: dict[str, str]) -> str | LabelRejection | None:
+    """The loopback URL of the metrics endpoint a process declares with
+    PLUGINMON_METRICS_PORT/PATH, None when it declares none, or why it is refused."""
+    return parse_metrics_url(environ)
 
 
 def read_pidfile(path: str) -> int | None:

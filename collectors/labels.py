@@ -13,6 +13,12 @@ all of them pass. The checks run cheapest first, so a 100 KB value costs one len
 The tenant must be a tenant slug, the rule of the tenants.id CHECK in sql/001_core.sql; the
 plugin and environment names follow NAME_RULE. Both rules are ASCII, so characters and bytes
 count the same.
+
+A plugin may also declare where it serves its own metrics: PLUGINMON_METRICS_PORT (a TCP
+port, digits only, 1-65535) and PLUGINMON_METRICS_PATH (default /metrics; PATH_RULE). They
+are checked the same way, but a refused one only leaves the plugin unscraped: its processes
+are still sampled. The address is always the loopback interface: a process cannot send
+pluginmon's requests anywhere else.
 """
 
 from __future__ import annotations
@@ -27,6 +33,8 @@ from pluginmon.collectors.models import PluginKey
 LABEL_TENANT: Final = "PLUGINMON_TENANT"
 LABEL_PLUGIN: Final = "PLUGINMON_PLUGIN"
 LABEL_ENVIRONMENT: Final = "PLUGINMON_ENVIRONMENT"
+LABEL_METRICS_PORT: Final = "PLUGINMON_METRICS_PORT"
+LABEL_METRICS_PATH: Final = "PLUGINMON_METRICS_PATH"
 
 # tenants.id CHECK (id ~ '^[a-z0-9][a-z0-9_-]{0,62}$') in sql/001_core.sql.
 TENANT_RULE: Final = "[a-z0-9][a-z0-9_-]{0,62}"
@@ -35,6 +43,14 @@ TENANT_MAX_CHARS: Final = 63
 # without escaping.
 NAME_RULE: Final = "[A-Za-z0-9][A-Za-z0-9._-]{0,127}"
 NAME_MAX_CHARS: Final = 128
+# The metrics endpoint: a port, and a URL path of plain segments (no query, no "..", nothing
+# to escape), so that the URL built from it is exactly what the process declared.
+PORT_RULE: Final = "[1-9][0-9]{0,4}"
+PORT_MAX_CHARS: Final = 5
+PATH_RULE: Final = "(/[A-Za-z0-9_~-][A-Za-z0-9._~-]*)+/?|/"
+PATH_MAX_CHARS: Final = 256
+DEFAULT_METRICS_PATH: Final = "/metrics"
+LOOPBACK_HOST: Final = "127.0.0.1"
 
 REASON_EMPTY: Final = "empty"
 REASON_TOO_LONG: Final = "too_long"
@@ -47,6 +63,13 @@ PREVIEW_MAX_CHARS: Final = 64
 
 _TENANT_RE: Final = re.compile(TENANT_RULE)
 _NAME_RE: Final = re.compile(NAME_RULE)
+_PORT_RE: Final = re.compile(PORT_RULE)
+_PATH_RE: Final = re.compile(PATH_RULE)
+_RULES: Final = {
+    LABEL_TENANT: TENANT_RULE,
+    LABEL_METRICS_PORT: f"{PORT_RULE} (1-65535)",
+    LABEL_METRICS_PATH: PATH_RULE,
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,7 +87,7 @@ class LabelRejection:
             REASON_NOT_UTF8: "is not valid UTF-8",
             REASON_BAD_CHARACTERS: "has characters outside the allowed set",
         }[self.reason]
-        rule = TENANT_RULE if self.variable == LABEL_TENANT else NAME_RULE
+        rule = _RULES.get(self.variable, NAME_RULE)
         return f"{self.variable} {what} ({self.reason}, must match {rule}): {self.preview}"
 
 
@@ -119,3 +142,23 @@ def parse_labels(
         if reason is not None:
             return LabelRejection(variable, reason, escaped_preview(value))
     return PluginKey(tenant=tenant, plugin=plugin, environment=environment)
+
+
+def parse_metrics_url(environ: Mapping[str, str]) -> str | LabelRejection | None:
+    """The loopback URL of the metrics endpoint a process declares with
+    PLUGINMON_METRICS_PORT (and PLUGINMON_METRICS_PATH); None when it declares no port; a
+    LabelRejection naming the label at fault."""
+    port = environ.get(LABEL_METRICS_PORT)
+    if port is None:
+        return None
+    path = environ.get(LABEL_METRICS_PATH) or DEFAULT_METRICS_PATH
+    for variable, value, max_chars, rule in (
+        (LABEL_METRICS_PORT, port, PORT_MAX_CHARS, _PORT_RE),
+        (LABEL_METRICS_PATH, path, PATH_MAX_CHARS, _PATH_RE),
+    ):
+        reason = check_label(value, max_chars=max_chars, rule=rule)
+        if reason is None and variable == LABEL_METRICS_PORT and int(value) > 65535:
+            reason = REASON_BAD_CHARACTERS
+        if reason is not None:
+            return LabelRejection(variable, reason, escaped_preview(value))
+    return f"http://{LOOPBACK_HOST}:{int(port)}{path}"

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from datetime import datetime
+from enum import StrEnum
 from typing import Final
 
 
@@ -97,3 +99,49 @@ class Snapshot:
     processes_seen: int = 0
     # per-process read failures this cycle, by kind ("no_such_process", "zombie", "access_denied")
     errors: tuple[tuple[str, int], ...] = field(default=())
+
+
+# -- a plugin's own metrics (scraped from its /metrics or pushed) ------------------------------
+
+
+class MetricKind(StrEnum):
+    """The ``metric_kind`` of a plugin_metrics row: what its value means over time.
+
+    ``counter``: cumulative, only grows until the plugin restarts (read as a rate);
+    ``histogram``: a ``_bucket`` (cumulative count per ``le``), ``_sum`` or ``_count`` series;
+    ``summary``: a quantile series (``quantile`` label), ``_sum`` or ``_count``;
+    ``gauge``: any value at an instant (also untyped, info and stateset series).
+    """
+
+    GAUGE = "gauge"
+    COUNTER = "counter"
+    HISTOGRAM = "histogram"
+    SUMMARY = "summary"
+
+
+@dataclass(frozen=True, slots=True)
+class MetricPoint:
+    """One series' value at one scrape or push.
+
+    ``name`` is the series name as exposed (``http_requests_total``, ``latency_bucket``);
+    ``labels_json`` its labels as canonical JSON text (sorted keys): what the plugin_metrics
+    ``labels`` column holds, serialised once, off the event loop, where the body is parsed.
+    """
+
+    name: str
+    kind: MetricKind
+    labels_json: str
+    value: float
+
+    def labels(self) -> dict[str, str]:
+        loaded: dict[str, str] = json.loads(self.labels_json)
+        return loaded
+
+
+@dataclass(frozen=True, slots=True)
+class PluginMetrics:
+    """What one scrape or push of one plugin yielded: its points, all stamped ``timestamp``."""
+
+    key: PluginKey
+    timestamp: datetime  # timezone-aware, UTC
+    points: tuple[MetricPoint, ...]

@@ -21,6 +21,7 @@ from pluginmon.collectors.discovery import (
     cmdline_prefilter,
     label_key,
     matches_static,
+    metrics_url_label,
     read_pidfile,
 )
 from pluginmon.collectors.models import PluginKey, PluginSample, PluginSpec, Snapshot
@@ -94,6 +95,7 @@ class _PluginState:
         "fds",
         "key",
         "last_root",
+        "metrics_url",
         "missing_cycles",
         "oldest_cache",
         "oldest_start",
@@ -120,6 +122,8 @@ class _PluginState:
         self.last_root: tuple[int, float] | None = None
         self.missing_cycles = 0
         self.oldest_cache: tuple[float, datetime] | None = None
+        # The metrics endpoint a label-discovered plugin's processes declare (the latest).
+        self.metrics_url: str | None = None
         self.cycle = -1
         self._reset_cycle()
 
@@ -299,6 +303,8 @@ class Sampler:
         self._config_states: list[_PluginState] = []
         self._states_by_key: dict[PluginKey, _PluginState] = {}
         self._label_states: dict[PluginKey, _PluginState] = {}
+        # Published whole at the end of each cycle: read from other threads without a lock.
+        self._metrics_endpoints: tuple[tuple[PluginKey, str], ...] = ()
         self._known: dict[int, _Proc] = {}
         self._cycle = 0
         self._prev_now: float | None = None
@@ -307,6 +313,12 @@ class Sampler:
     @property
     def fields(self) -> frozenset[str]:
         return DEFAULT_FIELDS | self._optional
+
+    @property
+    def metrics_endpoints(self) -> tuple[tuple[PluginKey, str], ...]:
+        """(plugin, loopback URL) of the metrics endpoints that label-discovered plugins
+        declare (PLUGINMON_METRICS_PORT/PATH), as of the last cycle; safe from any thread."""
+        return self._metrics_endpoints
 
     def update_specs(self, specs: Sequence[PluginSpec]) -> None:
         """Replace the plugin specs (config reload); applied at the start of the next sample().
@@ -384,6 +396,11 @@ class Sampler:
             found = label_key(facts.environ())
             if isinstance(found, PluginKey):
                 label = self._label_state(found)
+                endpoint = metrics_url_label(facts.environ())
+                if isinstance(endpoint, str):
+                    label.metrics_url = endpoint
+                elif endpoint is not None:  # the plugin is sampled; only its endpoint is refused
+                    self.stats.report_rejection(proc.pid, endpoint, now=self._clock())
             elif found is not None:
                 self.stats.report_rejection(proc.pid, found, now=self._clock())
         self._budget_left -= facts.searches
@@ -627,6 +644,11 @@ class Sampler:
                     )
                     continue
             samples.append(make(state, state.cycle == cycle, wall, cpu_scale, optional))
+        self._metrics_endpoints = tuple(
+            (key, state.metrics_url)
+            for key, state in self._label_states.items()
+            if state.metrics_url is not None
+        )
 
         self._known = new
         self._prev_now = now

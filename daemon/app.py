@@ -32,6 +32,7 @@ from pluginmon.daemon.lifecycle import (
     ShutdownBudget,
     run_until_signalled,
 )
+from pluginmon.daemon.plugin_metrics import open_plugin_metrics
 from pluginmon.daemon.reload import ConfigChanges, ConfigReloader
 from pluginmon.daemon.scheduling import Scheduler
 from pluginmon.daemon.signal_guard import SignalGuard
@@ -337,8 +338,27 @@ class Daemon:
             stop=stop,
             outbox_interval_seconds=settings.outbox_interval_seconds,
         )
-        spool_losses = SpoolLosses({"samples": spool, "unresolved": unresolved.spool})
-        for component in (writer, sink, database, outbox, sampler.stats, spool_losses):
+        metrics_spool, metric_sink, plugin_metrics = await open_plugin_metrics(
+            stack,
+            self.config,
+            pool=pool,
+            database=database,
+            discovered=lambda: sampler.metrics_endpoints,
+            writer_close_seconds=self.shutdown_budget.seconds(WRITER_CLOSE),
+        )
+        spool_losses = SpoolLosses(
+            {"samples": spool, "unresolved": unresolved.spool, "plugin_metrics": metrics_spool}
+        )
+        for component in (
+            writer,
+            sink,
+            database,
+            outbox,
+            sampler.stats,
+            spool_losses,
+            metric_sink,
+            plugin_metrics,
+        ):
             self.registry.register(component)
 
         scheduler = self.scheduler

@@ -67,6 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "status":
             cmd.add_argument("--json", action="store_true", help="JSON instead of a table")
             cmd.add_argument("--tenant", help="only this tenant's plugins")
+            cmd.add_argument(
+                "--metrics",
+                action="store_true",
+                help="also each plugin's own metrics (gauges, counter rates, quantiles)",
+            )
     return parser
 
 
@@ -168,11 +173,11 @@ def _migrate(config: Path | None) -> int:
     return EXIT_OK
 
 
-def _status(config: Path | None, as_json: bool, tenant: str | None) -> int:
+def _status(config: Path | None, as_json: bool, tenant: str | None, metrics: bool = False) -> int:
     from pluginmon.daemon.config_schema import ConfigError
     from pluginmon.daemon.logs import configure_logging
     from pluginmon.daemon.settings import load_settings
-    from pluginmon.daemon.status import fetch_status, format_table
+    from pluginmon.daemon.status import fetch_status, format_metrics, format_table
 
     try:
         settings = load_settings(config)
@@ -186,7 +191,7 @@ def _status(config: Path | None, as_json: bool, tenant: str | None) -> int:
 
     try:
         with _database_url(settings) as url:
-            rows = fetch_status(url, tenant=tenant)
+            rows = fetch_status(url, tenant=tenant, metrics=metrics)
     except psycopg.errors.UndefinedTable:
         print(
             "pluginmon status: the database has no pluginmon schema yet; "
@@ -200,6 +205,9 @@ def _status(config: Path | None, as_json: bool, tenant: str | None) -> int:
         print(json.dumps([row.as_dict() for row in rows], indent=2))
     else:
         print(format_table(rows))
+        if metrics:
+            print()
+            print(format_metrics(rows))
     return EXIT_OK
 
 
@@ -233,7 +241,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "migrate":
         return _migrate(config)
     if args.command == "status":
-        return _status(config, args.json, args.tenant)
+        return _status(config, args.json, args.tenant, args.metrics)
     return _run(config)
 
 

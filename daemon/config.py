@@ -13,6 +13,8 @@ from pydantic import BaseModel
 from pluginmon.alerts.health import HealthConfig
 from pluginmon.alerts.rules import AlertmanagerConfig, Rule, WebhookConfig
 from pluginmon.collectors.models import PluginSpec
+from pluginmon.collectors.push import PushConfig
+from pluginmon.collectors.scrape import ScrapeConfig
 from pluginmon.daemon.config_schema import ConfigError
 from pluginmon.daemon.preflight import preflight
 from pluginmon.daemon.settings import Settings, load_settings
@@ -28,6 +30,8 @@ class DaemonConfig:
     alertmanager: AlertmanagerConfig | None
     health: HealthConfig
     retention: Retention
+    scrape: ScrapeConfig
+    push: PushConfig
 
 
 def resolve(settings: Settings) -> DaemonConfig:
@@ -42,6 +46,10 @@ def resolve(settings: Settings) -> DaemonConfig:
         alertmanager=alerts.to_alertmanager(),
         health=settings.health.to_config(),
         retention=settings.retention.to_retention(),
+        scrape=settings.plugin_metrics.to_scrape(
+            settings.plugins, sample_interval_seconds=settings.sample_interval_seconds
+        ),
+        push=settings.plugin_metrics.to_push(),
     )
 
 
@@ -103,4 +111,8 @@ def with_live_sections(current: DaemonConfig, loaded: DaemonConfig) -> DaemonCon
         alertmanager=loaded.alertmanager,
         health=loaded.health,
         retention=current.retention,
+        # Scrape targets and push limits are built once at start (the scraper's loops):
+        # a reload keeps them; a restart applies changed metrics_url / [plugin_metrics].
+        scrape=current.scrape,
+        push=current.push,
     )

@@ -2,6 +2,9 @@
 pydantic models that turn into the frozen dataclasses of ``collectors`` and ``alerts``, which
 stay free of pydantic. ``[health]`` has its own module, config_health.
 
+Over 500 lines on purpose: each model carries the exact wording of its problems (the messages
+check-config prints and its tests pin), which is most of its length.
+
 ``parse_plugin_specs``, ``parse_rules``, ``parse_webhooks`` and ``parse_alertmanager`` validate
 one section on its own (tests, benchmarks, tools); the daemon validates every section at once
 as part of ``Settings``. Either way ``ConfigError`` lists every problem, each at its field:
@@ -28,6 +31,7 @@ from pydantic import (
 )
 
 from pluginmon.alerts.matchers import PluginMatcher
+from pluginmon.alerts.metric_values import metric_ref_problem
 from pluginmon.alerts.rules import (
     OPS,
     RESERVED_LABELS,
@@ -37,12 +41,22 @@ from pluginmon.alerts.rules import (
     merge_with_builtins,
     template_problem,
 )
+from pluginmon.collectors.exposition import ExpositionLimits
 from pluginmon.collectors.models import Match, PluginKey, PluginSpec
+from pluginmon.collectors.scrape import ScrapeConfig, ScrapeTarget
 from pluginmon.collectors.specs import (
     DEFAULT_ENVIRONMENT,
     MATCH_KEYS,
     TENANT_SLUG,
     cmdline_pattern_problem,
+)
+from pluginmon.daemon.config_plugin_metrics import (
+    METRICS_URL_PROBLEM,
+    AllowList,
+    ScrapeBodyBytes,
+    ScrapeInterval,
+    ScrapeSeries,
+    is_loopback,
 )
 from pluginmon.daemon.config_schema import (
     DAY,
@@ -121,12 +135,24 @@ def _criterion_problem(key: str, value: str) -> str | None:
 class PluginTable(Table):
     """One ``[[plugins]]`` table."""
 
-    unknown_key: ClassVar[str] = "unknown key; expected one of tenant, name, environment, match"
+    unknown_key: ClassVar[str] = (
+        "unknown key; expected one of tenant, name, environment, match, metrics_url, "
+        "metrics_allow_remote, metrics_interval_seconds, metrics_timeout_seconds, "
+        "metrics_max_body_bytes, metrics_max_series, metrics_allow"
+    )
 
     tenant: Annotated[str, Expect("required, a string")]
     name: Annotated[str, Expect("required, a non-empty string")]
     environment: Annotated[str, Expect("must be a non-empty string")] = DEFAULT_ENVIRONMENT
     match: Annotated[MatchTable, Expect(f"required, with any of: {', '.join(MATCH_KEYS)}")]
+    # The plugin's own metrics endpoint; unset limits take [plugin_metrics]'s.
+    metrics_url: Annotated[str | None, Expect(METRICS_URL_PROBLEM)] = None
+    metrics_allow_remote: bool = False
+    metrics_interval_seconds: ScrapeInterval | None = None
+    metrics_timeout_seconds: ScrapeInterval | None = None
+    metrics_max_body_bytes: ScrapeBodyBytes | None = None
+    metrics_max_series: ScrapeSeries | None = None
+    metrics_allow: AllowList | None = None
 
     @classmethod
     def label(cls, raw: object) -> str | None:
@@ -157,12 +183,67 @@ class PluginTable(Table):
             raise ValueError("must be a non-empty string")
         return value
 
+    @field_validator("metrics_url")
+    @classmethod
+    def _metrics_url(cls, value: str | None) -> str | None:
+        if value is not None:
+            _http_url(value)
+        return value
+
+    @model_validator(mode="after")
+    def _metrics(self) -> PluginTable:
+        problems: list[tuple[Location, str]] = []
+        if self.metrics_url is None:
+            problems += [
+                ((name,), "needs metrics_url")
+                for name in type(self).model_fields
+                if name.startswith("metrics_")
+                and name != "metrics_url"
+                and getattr(self, name) not in (None, False)
+            ]
+        elif not self.metrics_allow_remote and not is_loopback(
+            urlsplit(self.metrics_url).hostname or ""
+        ):
+            problems.append(
+                (
+                    ("metrics_url",),
+                    "must be on loopback (localhost, 127.0.0.1, ::1); set "
+                    "metrics_allow_remote = true to scrape another host",
+                )
+            )
+        if problems:
+            raise problems_error(problems)
+        return self
+
     @property
     def key(self) -> PluginKey:
         return PluginKey(tenant=self.tenant, plugin=self.name, environment=self.environment)
 
     def to_spec(self) -> PluginSpec:
         return PluginSpec(key=self.key, match=self.match.to_match(), origin="config")
+
+    def to_target(self, defaults: ScrapeConfig) -> ScrapeTarget | None:
+        """The plugin's scrape target, its unset limits from ``defaults``; None without a
+        metrics_url."""
+        if self.metrics_url is None:
+            return None
+        interval = self.metrics_interval_seconds or defaults.interval_seconds
+        limits = defaults.limits
+        return ScrapeTarget(
+            key=self.key,
+            url=self.metrics_url,
+            interval_seconds=interval,
+            # Like Prometheus's scrape_timeout, never longer than the interval.
+            timeout_seconds=min(self.metrics_timeout_seconds or defaults.timeout_seconds, interval),
+            limits=ExpositionLimits(
+                max_body_bytes=self.metrics_max_body_bytes or limits.max_body_bytes,
+                max_series=self.metrics_max_series or limits.max_series,
+                max_labels_per_series=limits.max_labels_per_series,
+                max_name_chars=limits.max_name_chars,
+                max_label_value_chars=limits.max_label_value_chars,
+                allow=tuple(self.metrics_allow) if self.metrics_allow else limits.allow,
+            ),
+        )
 
 
 # Order matters: a process matched by several specs belongs to the first.
@@ -258,6 +339,9 @@ class RuleTable(Table):
     def _metric(cls, value: str) -> str:
         if not _METRIC_RE.match(value):
             raise ValueError(_RULE_METRIC)
+        problem = metric_ref_problem(value)
+        if problem is not None:
+            raise ValueError(problem)
         return value
 
     @field_validator("op")

@@ -30,6 +30,7 @@ from pydantic_settings import (
 )
 
 from pluginmon.daemon.config_health import HealthTable
+from pluginmon.daemon.config_plugin_metrics import PluginMetricsTable
 from pluginmon.daemon.config_schema import (
     DAY,
     HOUR,
@@ -229,6 +230,8 @@ class Settings(BaseSettings):
     plugins: PluginTables = ()
     # A plugin unseen this long leaves /metrics.
     plugin_grace_seconds: Annotated[float, Finite, positive_up_to(7 * DAY)] = 300.0
+    # Plugins' own metrics: scraping their endpoints, pushes (daemon.plugin_metrics).
+    plugin_metrics: PluginMetricsTable = Field(default_factory=PluginMetricsTable)
 
     # -- writer and spool --------------------------------------------------------------------
     # A batch waits at most this long before its COPY, or is written as soon as it is full.

@@ -1,19 +1,28 @@
-"""`pluginmon status`: per-plugin health from the database (admin plane, psycopg)."""
+"""`pluginmon status`: per-plugin health from the database, and with ``--metrics`` each plugin's own metrics as rules read them (admin plane, psycopg)."""
 
 from __future__ import annotations
 
 import json
+from collections import defaultdict
 from dataclasses import asdict, dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import psycopg
+from psycopg.rows import dict_row
+
+from pluginmon.alerts.metric_values import DEFAULT_RATE_WINDOW_SECONDS, describe
+from pluginmon.storage.plugin_metrics import STATUS_SERIES_SQL, SeriesWindow, series_window
+
+# Series older than this are not shown (the alert engine's default metrics max age).
+METRICS_MAX_AGE_SECONDS = 600.0
 
 _STATUS_SQL = """
 SELECT p.tenant_id, p.name, p.environment, p.health_score, p.last_health_check,
        s."timestamp", s.up, s.cpu_percent, s.rss_bytes, s.process_count,
        h.labels::text,
-       COALESCE(a.firing, '{}'::text[])
+       COALESCE(a.firing, '{}'::text[]),
+       p.id
   FROM plugins p
   LEFT JOIN LATERAL (
         SELECT "timestamp", up, cpu_percent, rss_bytes, process_count
@@ -57,6 +66,9 @@ class PluginStatus:
     weakest_score: float | None
     weakest_detail: str | None
     firing_alerts: tuple[str, ...]
+    # The plugin's own metrics as rules read them (gauge values, counter rates "name/s",
+    # histogram quantiles "name:pNN"); None unless asked for.
+    metrics: dict[str, float | None] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -110,9 +122,27 @@ def _weakest(labels_text: str | None) -> tuple[str | None, float | None, str | N
     )
 
 
-def fetch_status(database_url: str, *, tenant: str | None = None) -> list[PluginStatus]:
+def fetch_status(
+    database_url: str, *, tenant: str | None = None, metrics: bool = False
+) -> list[PluginStatus]:
+    series: dict[tuple[int, str], list[SeriesWindow]] = defaultdict(list)
     with psycopg.connect(database_url, connect_timeout=10) as conn:
         rows = conn.execute(_STATUS_SQL, {"tenant": tenant}).fetchall()
+        if metrics:
+            now = datetime.now(UTC)
+            since = now - timedelta(seconds=METRICS_MAX_AGE_SECONDS)
+            with conn.cursor(row_factory=dict_row) as cursor:
+                cursor.execute(
+                    STATUS_SERIES_SQL,
+                    {
+                        "since": since,
+                        "rate_since": now - timedelta(seconds=DEFAULT_RATE_WINDOW_SECONDS),
+                        "tenant": tenant,
+                    },
+                )
+                for record in cursor:
+                    window = series_window(record)
+                    series[(window.plugin_id, window.environment)].append(window)
     out: list[PluginStatus] = []
     for row in rows:
         name, score, detail = _weakest(row[10])
@@ -131,6 +161,7 @@ def fetch_status(database_url: str, *, tenant: str | None = None) -> list[Plugin
                 weakest_score=score,
                 weakest_detail=detail,
                 firing_alerts=tuple(row[11]),
+                metrics=describe(series.get((row[12], str(row[2])), [])) if metrics else None,
             )
         )
     return out
@@ -175,3 +206,16 @@ def format_table(rows: list[PluginStatus]) -> str:
     return "\n".join(
         "  ".join(cell.ljust(widths[i]) for i, cell in enumerate(line)).rstrip() for line in lines
     )
+
+
+def format_metrics(rows: list[PluginStatus]) -> str:
+    """Each plugin's own metrics, one line each, under the plugin."""
+    lines: list[str] = []
+    for r in rows:
+        if not r.metrics:
+            continue
+        lines.append(f"{r.tenant}/{r.plugin} ({r.environment})")
+        width = max(len(name) for name in r.metrics)
+        for name, value in r.metrics.items():
+            lines.append(f"  {name.ljust(width)}  {'-' if value is None else f'{value:.6g}'}")
+    return "\n".join(lines) or "no plugin metrics in the last 10 minutes"

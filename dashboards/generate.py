@@ -711,6 +711,42 @@ def _dashboard_link(title: str, uid: str) -> dict[str, Any]:
     }
 
 
+def own_metrics_sql() -> str:
+    """A plugin's own plugin_metrics series (not pluginmon's health_score): gauges as values,
+    cumulative series as per-second rates between points, a drop counted from 0 (a restart)."""
+    where = (
+        f"m.{PLUGIN_WHERE.replace(' AND ', ' AND m.')}\n"
+        f"    AND m.metric_name <> '{HEALTH_METRIC}' AND $__timeFilter(m.\"timestamp\")"
+    )
+    series_name = (
+        "m.metric_name || CASE WHEN m.labels = '{}'::jsonb THEN '' ELSE ' ' || m.labels::text END"
+    )
+    return (
+        "SELECT $__timeGroupAlias(p.at, $__interval), p.metric, avg(p.value) AS value\n"
+        "FROM (\n"
+        f'  SELECT m."timestamp" AS at, {series_name} AS metric, m.value\n'
+        "  FROM plugin_metrics m\n"
+        f"  WHERE {where}\n"
+        "    AND m.metric_kind = 'gauge'\n"
+        "  UNION ALL\n"
+        "  SELECT r.at, r.metric || ' /s', r.rate FROM (\n"
+        f'    SELECT m."timestamp" AS at, {series_name} AS metric,\n'
+        "      (CASE WHEN m.value >= lag(m.value) OVER w THEN m.value - lag(m.value) OVER w\n"
+        "            ELSE m.value END)\n"
+        '        / nullif(extract(epoch FROM m."timestamp" - lag(m."timestamp") OVER w), 0) AS rate\n'
+        "    FROM plugin_metrics m\n"
+        f"    WHERE {where}\n"
+        "      AND (m.metric_kind = 'counter' OR (m.metric_kind IN ('histogram', 'summary')\n"
+        "           AND m.metric_name LIKE '%\\_count'))\n"
+        '    WINDOW w AS (PARTITION BY m.environment, m.metric_name, m.labels ORDER BY m."timestamp")\n'
+        "  ) r\n"
+        "  WHERE r.rate IS NOT NULL\n"
+        ") p\n"
+        "GROUP BY 1, 2\n"
+        "ORDER BY 1, 2"
+    )
+
+
 def plugin_postgres() -> dict[str, Any]:
 
     def series(values: str) -> str:
@@ -927,6 +963,18 @@ def plugin_postgres() -> dict[str, Any]:
                 "textMode": "value",
                 "colorMode": "none",
             },
+        ),
+        Panel(
+            "Plugin's own metrics",
+            "timeseries",
+            24,
+            8,
+            (Query(own_metrics_sql()),),
+            description="What the plugin exposes on its own /metrics endpoint or pushes "
+            "(plugin_metrics): gauges as their value, counters (and histogram/summary "
+            "_count series) as their rate per second ('/s'), counter resets handled. "
+            "Histogram quantiles are in `pluginmon status --metrics` and in alert rules "
+            '(metric = "name:p95").',
         ),
         Panel(
             "Availability",

@@ -187,6 +187,23 @@ def _load(url: str) -> Loaded:
                 "metric_name, metric_kind, value, labels) VALUES (%s, %s, %s, %s, %s, 'gauge', %s, %s)",
                 [(*row[:6], json.dumps(row[6])) for row in metrics],
             )
+            # A counter the plugin exposes itself: 60 a minute, restarted (from 0) at minute 5.
+            cur.executemany(
+                'INSERT INTO plugin_metrics ("timestamp", tenant_id, plugin_id, environment, '
+                "metric_name, metric_kind, value, labels) "
+                "VALUES (%s, %s, %s, 'production', 'jobs_total', 'counter', %s, %s)",
+                [
+                    (
+                        t0 + timedelta(minutes=minute),
+                        tenant,
+                        ids[f"{tenant}/resizer"],
+                        60.0 * minute if minute < 5 else 30.0 + 60.0 * (minute - 5),
+                        json.dumps({"queue": "a"}),
+                    )
+                    for minute in range(10)
+                    for tenant in ("acme", "zeta")
+                ],
+            )
             alerts = [
                 # (plugin, rule, severity, status, inhibited, started, fired, resolved, fingerprint)
                 (
@@ -641,6 +658,17 @@ def test_plugin_health_and_components(loaded: Loaded) -> None:
     )
     assert set(thumbs) == {"score", "up"}
     assert thumbs["score"][_minute(loaded, 0)] == 95.0
+
+
+def test_plugin_own_metrics(loaded: Loaded) -> None:
+    own = _series(_panel(loaded.url, PLUGIN, "Plugin's own metrics", _context(loaded)))
+    assert set(own) == {"queue_depth", 'jobs_total {"queue": "a"} /s'}
+    assert own["queue_depth"][_minute(loaded, 3)] == 7.0
+    rates = own['jobs_total {"queue": "a"} /s']
+    # One a second; the minute of the restart counts from 0 (30 in 60 s), never negative.
+    assert rates == {
+        _minute(loaded, m): pytest.approx(0.5 if m == 5 else 1.0) for m in range(1, 10)
+    }
 
 
 def test_plugin_alerts_table_and_annotations(loaded: Loaded) -> None:

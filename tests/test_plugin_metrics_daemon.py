@@ -1,0 +1,141 @@
+"""End to end: `pluginmon run` scrapes a configured and a discovered plugin's own /metrics, alerts on a counter's rate, and `pluginmon status --metrics` shows it."""
+
+from __future__ import annotations
+
+import json
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from tests.collector_helpers import Spawner, unique_tag
+from tests.daemon_helpers import DaemonProcess, run_cli, wait_for
+from tests.dbutil import create_database, drop_database, with_database
+from tests.metrics_helpers import REQUESTS_PER_SECOND, start_plugin
+from tests.net_helpers import free_port
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def e2e_db(pg_admin_url: str) -> Iterator[str]:
+    name = create_database(pg_admin_url, prefix="e2e_pm")
+    try:
+        yield with_database(pg_admin_url, name)
+    finally:
+        drop_database(pg_admin_url, name)
+
+
+@pytest.fixture
+def spawner() -> Iterator[Spawner]:
+    s = Spawner()
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+def test_run_scrapes_plugins_alerts_on_a_rate_and_status_shows_it(
+    e2e_db: str, tmp_path: Path, spawner: Spawner
+) -> None:
+    marker = unique_tag("pm-e2e")
+    tenant = "e2e_metrics"
+    _, configured_url = start_plugin(spawner, "plugin", marker=f"{marker}-api")
+    # A plugin nobody configured: its environment says who it is and where its metrics are.
+    port = free_port()
+    start_plugin(
+        spawner,
+        "plugin",
+        port,
+        marker=f"{marker}-worker",
+        env={
+            "PLUGINMON_TENANT": tenant,
+            "PLUGINMON_PLUGIN": "worker",
+            "PLUGINMON_METRICS_PORT": str(port),
+        },
+    )
+    config = f"""
+[[plugins]]
+tenant = "{tenant}"
+name = "api"
+environment = "test"
+match = {{ cmdline = "{marker}-api$" }}
+metrics_url = "{configured_url}"
+metrics_interval_seconds = 0.5
+
+[plugin_metrics]
+interval_seconds = 0.5
+timeout_seconds = 0.4
+
+[[alerts.rules]]
+name = "ApiBusy"
+metric = "requests_total"
+op = ">"
+threshold = {REQUESTS_PER_SECOND / 2}
+severity = "info"
+"""
+    daemon = DaemonProcess(
+        tmp_path=tmp_path,
+        database_url=e2e_db,
+        config_text=config,
+        extra_env={"PLUGINMON_LABEL_DISCOVERY": "true"},
+    )
+    daemon.start()
+    try:
+        daemon.wait_ready()
+        api = {"tenant": tenant, "plugin": "api", "environment": "test"}
+        worker = {"tenant": tenant, "plugin": "worker", "environment": "production"}
+        for labels in (api, worker):
+            wait_for(
+                f"{labels['plugin']} scraped",
+                lambda labels=labels: daemon.metric("pluginmon_plugin_scrape_up", **labels) == 1.0,  # type: ignore[misc]
+                timeout=40,
+            )
+        assert daemon.metric("pluginmon_plugin_scrape_samples", **api) == 18.0
+        assert daemon.metric("pluginmon_plugin_metrics_rows_written_total") is not None
+
+        # The rule on the counter fires on its rate (about 10/s), not on its raw value.
+        wait_for(
+            "ApiBusy firing",
+            lambda: (
+                daemon.metric(
+                    "pluginmon_alerts_firing", **api, alertname="ApiBusy", severity="info"
+                )
+                == 1.0
+            ),
+            timeout=60,
+        )
+
+        def stored() -> list[str]:
+            with psycopg.connect(e2e_db) as conn:
+                rows = conn.execute(
+                    """SELECT DISTINCT p.name FROM plugin_metrics m
+                         JOIN plugins p ON p.id = m.plugin_id
+                        WHERE p.tenant_id = %s AND m.metric_name = 'queue_depth'
+                        ORDER BY p.name""",
+                    (tenant,),
+                ).fetchall()
+            names = [name for (name,) in rows]
+            return names if names == ["api", "worker"] else []
+
+        try:
+            wait_for("both plugins' rows", stored, timeout=30)
+        except AssertionError:
+            dropped = {k: v for k, v in daemon.metrics().items() if "plugin_metrics" in k[0]}
+            raise AssertionError(f"{dropped}\n{daemon.log_text()[-3000:]}") from None
+
+        shown = run_cli(
+            "status", "--metrics", "--json", "--tenant", tenant,
+            env={"PLUGINMON_DATABASE_URL": e2e_db, "PLUGINMON_DATA_DIR": str(tmp_path / "cli")},
+        )  # fmt: skip
+        assert shown.returncode == 0, shown.stderr
+        rows = {row["plugin"]: row for row in json.loads(shown.stdout)}
+        rate = rows["api"]["metrics"]["requests_total/s"]
+        assert REQUESTS_PER_SECOND * 0.6 < rate < REQUESTS_PER_SECOND * 1.4
+        assert rows["api"]["metrics"]["queue_depth"] == 7.0
+        assert rows["api"]["metrics"]["request_duration_seconds:p95"] is not None
+    finally:
+        daemon.signal(signal.SIGTERM)
+        assert daemon.wait_exit() == 0, daemon.log_text()[-4000:]
