@@ -126,9 +126,15 @@ match = {{ cmdline = "(a+)+$" }}
         assert rejected("bad_characters") >= 1
         backtrack = {"tenant": tenant, "plugin": "backtrack", "environment": "test"}
         assert value("pluginmon_plugin_up", **backtrack) == 1
-        # No failed sample job, no false "database unreachable".
+        # No failed sample job, no false "database unreachable". A probe on a loaded machine
+        # may time out now and then (a real, transient outage, which the log names as such),
+        # so the database must come back up, and no database error may be about the data.
         assert value("pluginmon_job_failures_total", task="sample") == 0
-        assert value("pluginmon_database_up") == 1
+        wait_for(
+            "pluginmon_database_up to be 1",
+            lambda: daemon.metric("pluginmon_database_up") == 1,
+            timeout=30,
+        )
         # Nothing of the refused processes is exported under our tenant.
         ours = {
             dict(labels).get("plugin")
@@ -160,6 +166,9 @@ match = {{ cmdline = "(a+)+$" }}
     log = daemon.log_text()
     # The refused labels were logged escaped: no forged line, no raw undecodable byte.
     assert not any(line.startswith("ERROR forged line") for line in log.splitlines())
+    # The old defect: the bad name reached asyncpg, whose encoding error read as an outage.
+    unreachable = [line for line in log.splitlines() if "database unreachable" in line]
+    assert not [line for line in unreachable if "encod" in line or "UTF" in line], unreachable
     messages = [str(r.get("message", "")) for r in daemon.log_records()]
     refusals = [m for m in messages if m.startswith("ignoring the labels of process")]
     assert refusals, log[-3000:]
