@@ -99,9 +99,6 @@ CREATE TABLE plugin_environments (
 CREATE INDEX idx_plugin_environments_tenant_environment
     ON plugin_environments (tenant_id, environment, status);
 
-CREATE TRIGGER plugin_environments_touch BEFORE UPDATE ON plugin_environments
-    FOR EACH ROW EXECUTE FUNCTION pluginmon_touch_updated_at();
-
 SELECT pluginmon_enable_tenant_rls('plugin_environments');
 
 -- Operations ------------------------------------------------------------------------------------
@@ -109,7 +106,8 @@ SELECT pluginmon_enable_tenant_rls('plugin_environments');
 -- started_at: when the current (or last) attempt started running (the creation time until
 -- then); duration_ms: finished_at - started_at of the last attempt, set with finished_at.
 -- deadline_at: first start + deadline_seconds; past it the daemon fails the operation with
--- status_reason 'deadline_exceeded'. not_before: a retry waits for its backoff.
+-- status_reason 'deadline_exceeded'. not_before: a retry waits for its backoff. updated_at is
+-- set by the writer (registry.operations), whose clock the tests control: no touch trigger.
 ALTER TABLE plugin_operations
     ADD COLUMN requested_by_token_id bigint,
     ADD COLUMN target_version        text,
@@ -131,9 +129,6 @@ CREATE INDEX idx_plugin_operations_active_deadline
     WHERE status IN ('pending', 'running', 'awaiting_approval');
 CREATE INDEX idx_plugin_operations_tenant_created
     ON plugin_operations (tenant_id, created_at DESC);
-
-CREATE TRIGGER plugin_operations_touch BEFORE UPDATE ON plugin_operations
-    FOR EACH ROW EXECUTE FUNCTION pluginmon_touch_updated_at();
 
 -- Approvals ----------------------------------------------------------------------------------------
 
