@@ -312,6 +312,15 @@ class Dispatcher:
                 response = error_response(
                     ApiError(_STATUS_OF.get(type(exc), 422), exc.code, exc.message, field=exc.field)
                 )
+            except asyncpg.InsufficientPrivilegeError:
+                # Row-level security refused a row (a bug in a handler, or a grant missing
+                # from sql/): the database is the isolation, and it held.
+                logger.warning(
+                    "api: the database refused %s %s (privilege)", request.method, template
+                )
+                response = error_response(
+                    ApiError(403, "forbidden", "the database refused this change for this tenant")
+                )
             except TRANSIENT_ERRORS as exc:
                 logger.warning(
                     "api: database unavailable for %s %s: %s",
