@@ -285,13 +285,17 @@ class Dispatcher:
 
     def __init__(
         self,
-        pool: asyncpg.Pool,
+        pool: asyncpg.Pool | Callable[[], asyncpg.Pool | None],
         *,
         clock: Callable[[], datetime],
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
         metrics: ApiMetrics | None = None,
     ) -> None:
-        self._pool = pool
+        # A callable: the daemon serves HTTP before its pool exists and its schema is
+        # migrated; until then requests get 503.
+        self._pool_source: Callable[[], asyncpg.Pool | None] = (
+            pool if callable(pool) else lambda: pool
+        )
         self._clock = clock
         self._max_body_bytes = max_body_bytes
         self._metrics = metrics
@@ -364,7 +368,10 @@ class Dispatcher:
 
     async def _run(self, route: Route, request: web.Request, rid: str) -> tuple[Call, BaseModel]:
         raw = await read_body(request, self._max_body_bytes) if route.body is not None else b""
-        async with self._pool.acquire() as conn, conn.transaction():
+        pool = self._pool_source()
+        if pool is None:
+            raise ApiError(503, "database_unavailable", "the database is not ready yet; retry")
+        async with pool.acquire() as conn, conn.transaction():
             principal = await authenticate(conn, request)
             if not principal.role.allows(route.role):
                 raise ApiError(

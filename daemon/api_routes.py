@@ -331,7 +331,7 @@ def api_routes(h: ApiHandlers) -> list[Route]:
 
 
 def build_api_app(
-    pool: asyncpg.Pool,
+    pool: asyncpg.Pool | Callable[[], asyncpg.Pool | None],
     *,
     version: str,
     policies: Sequence[ApprovalPolicy] = (),

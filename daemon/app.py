@@ -18,6 +18,8 @@ from pluginmon.alerts.engine import AlertEngine
 from pluginmon.alerts.outbox import OutboxDeliverer
 from pluginmon.collectors.models import PluginKey, PluginSample, Snapshot
 from pluginmon.collectors.sampler import DEFAULT_FIELDS, Sampler
+from pluginmon.daemon.api_metrics import ApiMetrics
+from pluginmon.daemon.api_wiring import api_subapps, registry_job
 from pluginmon.daemon.config import DaemonConfig
 from pluginmon.daemon.exporter import (
     DaemonMetrics,
@@ -579,6 +581,13 @@ async def build(daemon: Daemon, stack: AsyncExitStack, stop: asyncio.Event) -> N
         if settings.http_tls_cert_file and settings.http_tls_key_file
         else None
     )
+    # The management API (/api/v1) shares the port; it answers 503 until the pool is open
+    # and the schema migrated.
+    api_metrics = ApiMetrics(daemon.registry)
+
+    def api_pool() -> asyncpg.Pool | None:
+        return daemon.pool if daemon.schema_ready else None
+
     daemon.http = await stack.enter_async_context(
         HttpServer(
             host=settings.http_host,
@@ -590,6 +599,7 @@ async def build(daemon: Daemon, stack: AsyncExitStack, stop: asyncio.Event) -> N
             auth_probes=settings.http_auth_probes,
             ssl_context=ssl_context,
             shutdown_timeout_seconds=0.05 * deadline,
+            subapps=api_subapps(settings, api_pool, version=daemon.version, metrics=api_metrics),
         )
     )
 
@@ -686,6 +696,15 @@ async def build(daemon: Daemon, stack: AsyncExitStack, stop: asyncio.Event) -> N
     scheduler.add_job(
         "maintenance",
         daemon.job_maintenance,
+        interval_seconds=settings.maintenance_interval_seconds,
+        first_run_in_seconds=min(5.0, settings.maintenance_interval_seconds),
+    )
+    # Approvals expire, operations past their deadline fail, usage columns and operation
+    # gauges refresh: once per database (advisory lock), whether or not this daemon serves
+    # the API.
+    scheduler.add_job(
+        "registry",
+        registry_job(api_pool, metrics=api_metrics, usage_window_seconds=max(30.0, 3 * interval)),
         interval_seconds=settings.maintenance_interval_seconds,
         first_run_in_seconds=min(5.0, settings.maintenance_interval_seconds),
     )

@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 
+from pluginmon.daemon.cli_api import API_COMMANDS, add_api_commands, run_api_command
 from pluginmon.daemon.settings import ConfigError, Settings
 
 logger = logging.getLogger("pluginmon")
@@ -45,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "status":
             cmd.add_argument("--json", action="store_true", help="JSON instead of a table")
             cmd.add_argument("--tenant", help="only this tenant's plugins")
+    add_api_commands(sub)  # token, audit, api (daemon/cli_api.py)
     return parser
 
 
@@ -185,6 +187,8 @@ def _run(config: Path | None) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in API_COMMANDS:
+        return run_api_command(args, database_url=_database_url)
     config: Path | None = args.config
     if args.command == "check-config":
         return _check_config(config)

@@ -26,6 +26,8 @@ from pydantic_settings import (
     SettingsError,
 )
 
+from pluginmon.registry.policies import policies_from_config
+
 ENV_PREFIX = "PLUGINMON_"
 
 # Settings that hold a secret must come from the environment, never from a file that is
@@ -120,6 +122,27 @@ class AlertsSettings(_Section):
     external_url: str | None = None
 
 
+class ApiSettings(_Section):
+    """The management API (/api/v1) served by ``pluginmon run`` and ``pluginmon api``."""
+
+    enabled: bool = True
+    max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
+    # Backoff before an operation's retry n: up to initial * 2**n, capped, with jitter.
+    retry_initial_seconds: float = Field(default=10.0, gt=0)
+    retry_max_seconds: float = Field(default=600.0, gt=0)
+
+
+class ApprovalsSettings(_Section):
+    # [[approvals.policies]] tables, checked by registry.policies (errors name table and field).
+    policies: list[dict[str, Any]] = Field(default_factory=list)
+
+    @field_validator("policies")
+    @classmethod
+    def _policies(cls, value: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        policies_from_config(value, prefix="")
+        return value
+
+
 class Settings(BaseSettings):
     """Every daemon setting. Precedence: environment > TOML file > defaults."""
 
@@ -166,6 +189,10 @@ class Settings(BaseSettings):
     # Weights and thresholds for the health score; validated by the alerts package.
     health: dict[str, Any] = Field(default_factory=dict)
     alerts: AlertsSettings = Field(default_factory=AlertsSettings)
+
+    # -- management API ------------------------------------------------------------------------
+    api: ApiSettings = Field(default_factory=ApiSettings)
+    approvals: ApprovalsSettings = Field(default_factory=ApprovalsSettings)
 
     # -- HTTP ------------------------------------------------------------------------------------
     # All interfaces, as Prometheus exporters do: Prometheus usually scrapes from another host.

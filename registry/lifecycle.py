@@ -183,8 +183,8 @@ def transition(
             error=error,
             status_reason=REASON_RETRY_SCHEDULED,
         )
-    reason = REASON_RETRIES_EXHAUSTED if state.retry_limit > 0 else "failed"
-    return replace(_finish(state, Status.FAILED, now, reason), error=error)
+    # (With retry_limit 0 there were no retries to exhaust; the reason reads the same.)
+    return replace(_finish(state, Status.FAILED, now, REASON_RETRIES_EXHAUSTED), error=error)
 
 
 def approved(state: OperationState) -> OperationState:

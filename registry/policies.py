@@ -65,12 +65,15 @@ def requirement(
     )
 
 
-def policies_from_config(tables: Sequence[dict[str, object]]) -> tuple[ApprovalPolicy, ...]:
-    """``[[approvals.policies]]`` tables to policies; ValueError names the table and field."""
+def policies_from_config(
+    tables: Sequence[dict[str, object]], *, prefix: str = "approvals.policies"
+) -> tuple[ApprovalPolicy, ...]:
+    """``[[approvals.policies]]`` tables to policies; ValueError names the table and field
+    (``<prefix>[i].<field>: ...``)."""
     known = {"operation_types", "environments", "required_approvals", "expires_after_seconds"}
     policies: list[ApprovalPolicy] = []
     for i, table in enumerate(tables):
-        where = f"approvals.policies[{i}]"
+        where = f"{prefix}[{i}]"
         unknown = sorted(set(table) - known)
         if unknown:
             raise ValueError(f"{where}.{unknown[0]}: unknown setting")
