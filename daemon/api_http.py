@@ -220,6 +220,8 @@ _UNAUTHORIZED_HEADERS = {"WWW-Authenticate": 'Bearer realm="pluginmon"'}
 
 
 async def authenticate(conn: asyncpg.Connection, request: web.Request) -> Principal:
+    """The request's token; the transaction then runs as the API role with the tenant set
+    (the operator's tenant header is checked afterwards, in :func:`tenant_of`)."""
     header = request.headers.get("Authorization")
     if not header:
         raise ApiError(
@@ -236,7 +238,13 @@ async def authenticate(conn: asyncpg.Connection, request: web.Request) -> Princi
             "the Authorization header must be 'Bearer <token>'",
             headers=_UNAUTHORIZED_HEADERS,
         )
-    principal = await tokens.authenticate(conn, value.strip())
+    named = request.headers.get(TENANT_HEADER)
+    principal = await tokens.authenticate(
+        conn,
+        value.strip(),
+        enter_role=API_DATABASE_ROLE,
+        operator_tenant=named if named and tokens.TENANT_SLUG_RE.match(named) else None,
+    )
     if principal is None:
         raise ApiError(
             401, "unauthorized", "invalid or revoked token", headers=_UNAUTHORIZED_HEADERS
@@ -268,16 +276,6 @@ def tenant_of(principal: Principal, request: web.Request) -> str:
             field=TENANT_HEADER,
         )
     return principal.tenant_id
-
-
-async def enter_tenant(conn: asyncpg.Connection, tenant_id: str) -> None:
-    """From here to the end of the transaction: the API role, row-level security on, the
-    tenant set. (set_config(..., true) is SET LOCAL.)"""
-    await conn.execute(
-        "SELECT set_config('role', $1, true), set_config('pluginmon.tenant_id', $2, true)",
-        API_DATABASE_ROLE,
-        tenant_id,
-    )
 
 
 class Dispatcher:
@@ -379,8 +377,8 @@ class Dispatcher:
                     "forbidden",
                     f"this needs a {route.role.value} token; this one is {principal.role.value}",
                 )
+            # (authenticate() has switched to the API role with the tenant set already.)
             tenant_id = tenant_of(principal, request)
-            await enter_tenant(conn, tenant_id)
             if principal.operator and not await conn.fetchval(
                 "SELECT EXISTS (SELECT 1 FROM tenants WHERE id = $1)", tenant_id
             ):

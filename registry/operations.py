@@ -8,6 +8,7 @@ the plugin's per-environment state (an install or update sets the version).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -186,9 +187,10 @@ async def create_operation(
     """Record an operation: ``pending``, or ``awaiting_approval`` with its approval request
     when a policy names its type and environment. Audited (one entry, the approval in it)."""
     _check_new(operation_type, retry_limit, deadline_seconds, environment)
-    plugin = await plugins.get_plugin(conn, plugin_name)
+    plugin_id = await plugins.plugin_id(conn, plugin_name)
     needs = requirement(policies, operation_type, environment)
     status = initial_status(needs_approval=needs is not None)
+    stored_details = audit.redact(dict(details or {}))
     operation_id = await conn.fetchval(
         """INSERT INTO plugin_operations (tenant_id, plugin_id, environment, operation_type, status,
                                           retry_limit, user_id, requested_by_token_id,
@@ -197,7 +199,7 @@ async def create_operation(
            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11::jsonb, $12, $12, $12)
            RETURNING id""",
         tenant_id,
-        plugin.id,
+        plugin_id,
         environment,
         operation_type,
         status.value,
@@ -206,7 +208,7 @@ async def create_operation(
         actor.token_id,
         version,
         deadline_seconds,
-        json.dumps(audit.redact(dict(details or {}))),
+        json.dumps(stored_details),
         now,
     )
     approval_id: int | None = None
@@ -219,7 +221,7 @@ async def create_operation(
                                              operation_id, required_approvals)
                VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) RETURNING id""",
             tenant_id,
-            plugin.id,
+            plugin_id,
             environment,
             operation_type,
             version,
@@ -230,7 +232,29 @@ async def create_operation(
             operation_id,
             needs.required_approvals,
         )
-    operation = await get_operation(conn, operation_id)
+    # Built from what was just written: one query fewer per request than reading it back.
+    operation = Operation(
+        id=operation_id,
+        tenant_id=tenant_id,
+        plugin_id=plugin_id,
+        plugin=plugin_name,
+        type=operation_type,
+        environment=environment,
+        version=version,
+        requested_by=actor.name,
+        requested_by_token_id=actor.token_id,
+        approval_id=approval_id,
+        state=OperationState(
+            status=status,
+            retry_count=0,
+            retry_limit=retry_limit,
+            started_at=now,
+            deadline_seconds=deadline_seconds,
+        ),
+        details=stored_details,
+        created_at=now,
+        updated_at=now,
+    )
     await audit.append(
         conn,
         tenant_id=tenant_id,
@@ -238,8 +262,8 @@ async def create_operation(
         action="operation.create",
         entity_type="operation",
         entity_id=str(operation_id),
-        plugin_id=plugin.id,
-        plugin_name=plugin.name,
+        plugin_id=plugin_id,
+        plugin_name=plugin_name,
         environment=environment,
         occurred_at=now,
         after={
@@ -297,7 +321,7 @@ async def save_state(
             before.id,
             after.status_reason,
         )
-    operation = await get_operation(conn, before.id)
+    operation = dataclasses.replace(before, state=after, updated_at=now)
     if not audited:
         return operation
     await audit.append(

@@ -8,6 +8,7 @@ policies' WITH CHECK refuses any other.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from collections.abc import Mapping
@@ -212,7 +213,8 @@ def _plugin(row: asyncpg.Record) -> Plugin:
         status=row["status"],
         enabled=row["enabled"],
         dependencies=tuple(row["dependencies"]),
-        health_score=row["health_score"],
+        # real (float4) in the table: 66.67 would read back as 66.66999816894531
+        health_score=None if row["health_score"] is None else round(row["health_score"], 2),
         last_health_check=row["last_health_check"],
         cpu_usage=row["cpu_usage"],
         memory_usage=row["memory_usage"],
@@ -229,6 +231,14 @@ async def get_plugin(conn: asyncpg.Connection, name: str, *, for_update: bool = 
     if row is None:
         raise NotFoundError(f"no plugin named {name!r}", field="name")
     return _plugin(row)
+
+
+async def plugin_id(conn: asyncpg.Connection, name: str) -> int:
+    """The id of the plugin ``name`` (NotFoundError when this tenant has none)."""
+    found = await conn.fetchval("SELECT id FROM plugins WHERE name = $1", name)
+    if found is None:
+        raise NotFoundError(f"no plugin named {name!r}", field="name")
+    return int(found)
 
 
 async def get_plugin_by_id(conn: asyncpg.Connection, plugin_id: int) -> Plugin:
@@ -362,7 +372,8 @@ async def update_plugin(
         list(merged["dependencies"]),
         now,
     )
-    after = await get_plugin(conn, name)
+    merged["dependencies"] = tuple(merged["dependencies"])
+    after = dataclasses.replace(before, updated_at=now, **merged)
     await audit.append(
         conn,
         tenant_id=tenant_id,

@@ -133,16 +133,42 @@ def _info(row: asyncpg.Record) -> TokenInfo:
     )
 
 
-async def authenticate(conn: asyncpg.Connection, text: str) -> Principal | None:
-    """The live token ``text`` stands for, or None (malformed, unknown, wrong, revoked)."""
+async def authenticate(
+    conn: asyncpg.Connection,
+    text: str,
+    *,
+    enter_role: str | None = None,
+    operator_tenant: str | None = None,
+) -> Principal | None:
+    """The live token ``text`` stands for, or None (malformed, unknown, wrong, revoked).
+
+    With ``enter_role``, the same statement also switches the transaction to that role and
+    sets ``pluginmon.tenant_id`` to the token's tenant (``operator_tenant`` for an operator
+    token), saving a round trip per request. The caller must roll back when the result is
+    None or not allowed in: the switch happened whatever the token was.
+    """
     token = parse(text)
     if token is None:
         return None
-    row = await conn.fetchrow(
-        """SELECT id, name, tenant_id, role, secret_sha256, revoked_at
-             FROM api_tokens WHERE key_id = $1""",
-        token.key_id,
-    )
+    if enter_role is None:
+        row = await conn.fetchrow(
+            """SELECT id, name, tenant_id, role, secret_sha256, revoked_at
+                 FROM api_tokens WHERE key_id = $1""",
+            token.key_id,
+        )
+    else:
+        # The table is read (and its privileges checked) as the current role before the
+        # select list switches roles.
+        row = await conn.fetchrow(
+            """SELECT id, name, tenant_id, role, secret_sha256, revoked_at,
+                      set_config('role', $2, true) AS entered_role,
+                      set_config('pluginmon.tenant_id', coalesce(tenant_id, $3, ''), true)
+                          AS entered_tenant
+                 FROM api_tokens WHERE key_id = $1""",
+            token.key_id,
+            enter_role,
+            operator_tenant,
+        )
     stored = _DUMMY_DIGEST if row is None else bytes(row["secret_sha256"])
     matches = hmac.compare_digest(digest(token.secret), stored)
     if row is None or not matches or row["revoked_at"] is not None:
