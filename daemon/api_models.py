@@ -449,6 +449,7 @@ class AuditListQuery(Query):
 
 class AuditEntryOut(Response):
     id: int
+    lane: int
     seq: int
     occurred_at: datetime
     actor: str
@@ -467,6 +468,7 @@ class AuditEntryOut(Response):
     def of(cls, e: audit.AuditEntry) -> AuditEntryOut:
         return cls(
             id=e.id,
+            lane=e.lane,
             seq=e.seq,
             occurred_at=e.occurred_at,
             actor=e.actor,

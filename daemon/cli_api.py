@@ -237,24 +237,25 @@ async def _audit_verify(conn: asyncpg.Connection, tenant: str | None) -> int:
     from pluginmon.registry.audit import verify
 
     verdicts = await verify(conn, tenant_id=tenant)
-    if not verdicts or (
-        tenant is not None and verdicts[0].head_seq == 0 and verdicts[0].checked == 0
-    ):
+    if not any(v.lanes for v in verdicts):
         print(f"no audit entries{' for tenant ' + tenant if tenant else ''}")
         return EXIT_OK
     broken = 0
     for v in verdicts:
         if v.problem is None:
-            anchored = f", after the retention anchor at seq={v.anchor_seq}" if v.anchor_seq else ""
+            anchored = sum(1 for lane in v.lanes if lane.anchor_seq)
+            after = f", {anchored} continuing from a retention anchor" if anchored else ""
             print(
-                f"tenant {v.tenant_id}: intact, {v.checked} entries up to seq={v.head_seq}{anchored}"
+                f"tenant {v.tenant_id}: intact, {v.checked} entries in "
+                f"{len(v.lanes)} chain(s){after}"
             )
         else:
             broken += 1
             print(f"tenant {v.tenant_id}: BROKEN: {v.problem.message}")
     if broken:
         print(
-            f"audit trail NOT intact: {broken} of {len(verdicts)} chain(s) broken", file=sys.stderr
+            f"audit trail NOT intact: {broken} of {len(verdicts)} tenant(s) broken",
+            file=sys.stderr,
         )
         return EXIT_FAILURE
     return EXIT_OK

@@ -1,8 +1,10 @@
-"""The audit trail: appending entries, reading them back, and verifying each tenant's hash chain.
+"""The audit trail: appending entries, reading them back, and verifying each tenant's hash chains.
 
-The database chains entries as they are inserted (sql/030_api.sql): per tenant, ``seq``
-counts 1, 2, 3..., ``prev_hash`` is the previous entry's ``entry_hash`` (or the retention
-anchor's), and ``entry_hash`` is SHA-256 over a canonical encoding of every column. This
+The database chains entries as they are inserted (sql/030_api.sql): each entry takes a lane
+of its tenant (concurrent writers chain side by side, sequential ones all use lane 0); per
+(tenant, lane) ``seq`` counts 1, 2, 3..., ``prev_hash`` is the previous entry's
+``entry_hash`` (or the retention anchor's), and ``entry_hash`` is SHA-256 over a canonical
+encoding of every column. This
 module recomputes that hash independently, in Python, from the columns as the database
 renders them as text, so ``pluginmon audit verify`` does not trust the database's own
 function: an entry changed, removed or reordered behind the triggers' back (by a superuser or
@@ -38,7 +40,7 @@ _SECRET_KEY_RE = re.compile(
 
 # The columns of the canonical encoding, in order, as text (mirrors pluginmon_audit_entry_hash).
 _CANONICAL_SELECT = """
-    seq::text AS c_seq, id::text AS c_id, tenant_id AS c_tenant_id,
+    lane::text AS c_lane, seq::text AS c_seq, id::text AS c_id, tenant_id AS c_tenant_id,
     ((extract(epoch FROM occurred_at) * 1000000)::bigint)::text AS c_occurred_us,
     actor AS c_actor, action AS c_action, entity_type AS c_entity_type,
     entity_id AS c_entity_id, plugin_id::text AS c_plugin_id, plugin_name AS c_plugin_name,
@@ -47,6 +49,7 @@ _CANONICAL_SELECT = """
     before_state::text AS c_before_state, after_state::text AS c_after_state
 """
 _CANONICAL_COLUMNS = (
+    "c_lane",
     "c_seq",
     "c_id",
     "c_tenant_id",
@@ -149,6 +152,7 @@ async def append(
 @dataclass(frozen=True, slots=True)
 class AuditEntry:
     id: int
+    lane: int
     seq: int
     tenant_id: str
     occurred_at: datetime
@@ -195,7 +199,7 @@ async def query(conn: asyncpg.Connection, filters: AuditQuery) -> list[AuditEntr
         entity_type, sep, rest = filters.target.partition("/")
         entity_id = rest if sep else None
     rows = await conn.fetch(
-        """SELECT id, seq, tenant_id, occurred_at, actor, action, entity_type, entity_id,
+        """SELECT id, lane, seq, tenant_id, occurred_at, actor, action, entity_type, entity_id,
                   plugin_name, environment, outcome, request_id, source_address,
                   details::text AS details, before_state::text AS before_state,
                   after_state::text AS after_state
@@ -221,6 +225,7 @@ async def query(conn: asyncpg.Connection, filters: AuditQuery) -> list[AuditEntr
     return [
         AuditEntry(
             id=r["id"],
+            lane=r["lane"],
             seq=r["seq"],
             tenant_id=r["tenant_id"],
             occurred_at=r["occurred_at"],
@@ -254,22 +259,44 @@ class Breach(StrEnum):
 @dataclass(frozen=True, slots=True)
 class ChainProblem:
     kind: Breach
+    lane: int
     seq: int
     entry_id: int | None
     message: str
 
 
 @dataclass(frozen=True, slots=True)
-class ChainVerdict:
-    tenant_id: str
+class LaneVerdict:
+    lane: int
     checked: int
     anchor_seq: int
     head_seq: int
     problem: ChainProblem | None
 
+
+@dataclass(frozen=True, slots=True)
+class ChainVerdict:
+    """One tenant: each of its lanes checked from its anchor to its head."""
+
+    tenant_id: str
+    lanes: tuple[LaneVerdict, ...]
+
+    @property
+    def checked(self) -> int:
+        return sum(lane.checked for lane in self.lanes)
+
+    @property
+    def problem(self) -> ChainProblem | None:
+        return next((lane.problem for lane in self.lanes if lane.problem is not None), None)
+
     @property
     def intact(self) -> bool:
         return self.problem is None
+
+
+def _entry(seq: int, entry_id: int | None, lane: int) -> str:
+    where = f"entry seq={seq}" + ("" if entry_id is None else f" id={entry_id}")
+    return where + ("" if lane == 0 else f" in lane {lane}")
 
 
 async def _chain_tenants(conn: asyncpg.Connection, tenant_id: str | None) -> list[str]:
@@ -283,61 +310,57 @@ async def _chain_tenants(conn: asyncpg.Connection, tenant_id: str | None) -> lis
     return [r["tenant_id"] for r in rows]
 
 
-async def _verify_tenant(conn: asyncpg.Connection, tenant_id: str) -> ChainVerdict:
-    head = await conn.fetchrow(
-        "SELECT head_seq, head_hash, anchor_seq, anchor_hash FROM audit_chain WHERE tenant_id = $1",
-        tenant_id,
-    )
+async def _verify_lane(
+    conn: asyncpg.Connection, tenant_id: str, lane: int, head: asyncpg.Record | None
+) -> LaneVerdict:
     anchor_seq = 0 if head is None else int(head["anchor_seq"])
     head_seq = 0 if head is None else int(head["head_seq"])
     previous = GENESIS_HASH if head is None else bytes(head["anchor_hash"])
     expected = anchor_seq + 1
     checked = 0
 
-    def verdict(problem: ChainProblem | None) -> ChainVerdict:
-        return ChainVerdict(tenant_id, checked, anchor_seq, head_seq, problem)
+    def verdict(kind: Breach, seq: int, entry_id: int | None, message: str) -> LaneVerdict:
+        problem = ChainProblem(kind, lane, seq, entry_id, message)
+        return LaneVerdict(lane, checked, anchor_seq, head_seq, problem)
 
     last_id: int | None = None
     cursor = conn.cursor(
         f"SELECT {_CANONICAL_SELECT}, id, seq, prev_hash, entry_hash"  # noqa: S608 - constant
-        " FROM audit_log WHERE tenant_id = $1 ORDER BY seq, id",
+        " FROM audit_log WHERE tenant_id = $1 AND lane = $2 ORDER BY seq, id",
         tenant_id,
+        lane,
         prefetch=1000,
     )
     async for row in cursor:
         seq = int(row["seq"])
         entry_id = int(row["id"])
         if head is None:
-            return verdict(
-                ChainProblem(
-                    Breach.NO_HEAD,
-                    seq,
-                    entry_id,
-                    f"entry seq={seq} id={entry_id} exists but the tenant has no chain head "
-                    "(audit_chain row removed)",
-                )
+            message = (
+                f"{_entry(seq, entry_id, lane)} exists but its chain has no head "
+                "(audit_chain row removed)"
             )
+            return verdict(Breach.NO_HEAD, seq, entry_id, message)
         if seq != expected:
             if seq > expected:
                 message = (
-                    f"entry seq={expected} is missing (removed); the next entry present is "
-                    f"seq={seq} id={entry_id}"
+                    f"{_entry(expected, None, lane)} is missing (removed); the next entry "
+                    f"present is seq={seq} id={entry_id}"
                 )
-                return verdict(ChainProblem(Breach.REMOVED, expected, None, message))
-            message = f"entry seq={seq} id={entry_id} is out of sequence (expected seq={expected})"
-            return verdict(ChainProblem(Breach.REORDERED, seq, entry_id, message))
+                return verdict(Breach.REMOVED, expected, None, message)
+            message = f"{_entry(seq, entry_id, lane)} is out of sequence (expected seq={expected})"
+            return verdict(Breach.REORDERED, seq, entry_id, message)
         if bytes(row["prev_hash"]) != previous:
             message = (
-                f"entry seq={seq} id={entry_id} does not follow entry seq={seq - 1}: "
+                f"{_entry(seq, entry_id, lane)} does not follow entry seq={seq - 1}: "
                 "reordered, or the entry before it was replaced"
             )
-            return verdict(ChainProblem(Breach.REORDERED, seq, entry_id, message))
+            return verdict(Breach.REORDERED, seq, entry_id, message)
         computed = entry_hash([row[c] for c in _CANONICAL_COLUMNS], previous)
         if computed != bytes(row["entry_hash"]):
             message = (
-                f"entry seq={seq} id={entry_id} was changed: its content does not match its hash"
+                f"{_entry(seq, entry_id, lane)} was changed: its content does not match its hash"
             )
-            return verdict(ChainProblem(Breach.CHANGED, seq, entry_id, message))
+            return verdict(Breach.CHANGED, seq, entry_id, message)
         previous = computed
         expected += 1
         checked += 1
@@ -345,21 +368,46 @@ async def _verify_tenant(conn: asyncpg.Connection, tenant_id: str) -> ChainVerdi
     last_seq = expected - 1
     if head is not None and last_seq != head_seq:
         message = (
-            f"entries seq={last_seq + 1}..{head_seq} are missing (removed): the chain head is "
-            f"seq={head_seq} but the last entry present is seq={last_seq}"
+            f"entries seq={last_seq + 1}..{head_seq}{'' if lane == 0 else f' in lane {lane}'} "
+            f"are missing (removed): the chain head is seq={head_seq} but the last entry "
+            f"present is seq={last_seq}"
         )
-        return verdict(ChainProblem(Breach.REMOVED, last_seq + 1, None, message))
+        return verdict(Breach.REMOVED, last_seq + 1, None, message)
     if head is not None and checked and previous != bytes(head["head_hash"]):
-        message = f"entry seq={last_seq} id={last_id} does not match the chain head's hash"
-        return verdict(ChainProblem(Breach.CHANGED, last_seq, last_id, message))
-    return verdict(None)
+        message = f"{_entry(last_seq, last_id, lane)} does not match the chain head's hash"
+        return verdict(Breach.CHANGED, last_seq, last_id, message)
+    return LaneVerdict(lane, checked, anchor_seq, head_seq, None)
+
+
+async def _verify_tenant(conn: asyncpg.Connection, tenant_id: str) -> ChainVerdict:
+    heads = {
+        int(r["lane"]): r
+        for r in await conn.fetch(
+            """SELECT lane, head_seq, head_hash, anchor_seq, anchor_hash FROM audit_chain
+                WHERE tenant_id = $1""",
+            tenant_id,
+        )
+    }
+    present = {
+        int(r["lane"])
+        for r in await conn.fetch(
+            "SELECT DISTINCT lane FROM audit_log WHERE tenant_id = $1", tenant_id
+        )
+    }
+    # Lanes never written to (head 0, no rows) are not chains yet.
+    used = {lane for lane, head in heads.items() if head["head_seq"] > 0}
+    lanes = [
+        await _verify_lane(conn, tenant_id, lane, heads.get(lane))
+        for lane in sorted(used | present)
+    ]
+    return ChainVerdict(tenant_id, tuple(lanes))
 
 
 async def verify(conn: asyncpg.Connection, *, tenant_id: str | None = None) -> list[ChainVerdict]:
-    """Check every tenant's chain (or one tenant's) from its anchor to its head.
+    """Check every tenant's chains (or one tenant's), each from its anchor to its head.
 
     Runs in one repeatable-read, read-only transaction, so entries appended meanwhile do not
-    make the head and the rows disagree. Needs a role that sees every row (the owner).
+    make the heads and the rows disagree. Needs a role that sees every row (the owner).
     """
     async with conn.transaction(isolation="repeatable_read", readonly=True):
         return [await _verify_tenant(conn, t) for t in await _chain_tenants(conn, tenant_id)]

@@ -199,28 +199,40 @@ SELECT pluginmon_enable_tenant_rls('plugin_approval_decisions');
 
 -- Audit: hash chain -----------------------------------------------------------------------------------
 
--- Each tenant's entries form a chain: seq counts 1, 2, 3...; prev_hash is the previous entry's
--- entry_hash (the anchor's for the first kept entry); entry_hash is SHA-256 over a canonical,
--- length-prefixed encoding of every column (pluginmon_audit_entry_hash; registry/audit.py
--- recomputes it independently). A changed row breaks its own hash, a removed or reordered
--- row breaks the sequence and the links, a removed tail no longer meets the head.
+-- Each tenant's entries form hash chains: an entry takes a lane (0, 1, 2...) of its tenant;
+-- within a (tenant, lane) chain seq counts 1, 2, 3..., prev_hash is the previous entry's
+-- entry_hash (the anchor's for the first kept entry) and entry_hash is SHA-256 over a
+-- canonical, length-prefixed encoding of every column (pluginmon_audit_entry_hash;
+-- registry/audit.py recomputes it independently). A changed row breaks its own hash, a
+-- removed or reordered row breaks the sequence and the links, a removed tail no longer meets
+-- the head.
+--
+-- Why lanes: appending locks the lane's head until commit, and a commit waits for the WAL
+-- flush. With one chain per tenant, a tenant's writes would commit strictly one after another
+-- (about one per flush). An entry takes the first lane no other transaction holds (SKIP
+-- LOCKED), so concurrent requests chain side by side; sequential ones all use lane 0.
+-- Verification checks each lane from its anchor to its head.
 ALTER TABLE audit_log
     ADD COLUMN source_address text,
     ADD COLUMN before_state   jsonb,
     ADD COLUMN after_state    jsonb,
+    ADD COLUMN lane           smallint,
     ADD COLUMN seq            bigint,
     ADD COLUMN prev_hash      bytea,
     ADD COLUMN entry_hash     bytea;
 
--- Per tenant: the head (last entry) and the anchor (last entry removed by retention). Only
--- the owner and the retention role touch it.
+-- Per (tenant, lane): the head (last entry) and the anchor (last entry removed by retention).
+-- Only the owner and the retention role touch it.
 CREATE TABLE audit_chain (
-    tenant_id   text        PRIMARY KEY,
+    tenant_id   text        NOT NULL,
+    lane        smallint    NOT NULL DEFAULT 0
+                            CONSTRAINT audit_chain_lane_range CHECK (lane >= 0 AND lane < 64),
     head_seq    bigint      NOT NULL DEFAULT 0 CONSTRAINT audit_chain_head_nonnegative CHECK (head_seq >= 0),
     head_hash   bytea       NOT NULL DEFAULT '\x0000000000000000000000000000000000000000000000000000000000000000'::bytea,
     anchor_seq  bigint      NOT NULL DEFAULT 0 CONSTRAINT audit_chain_anchor_nonnegative CHECK (anchor_seq >= 0),
     anchor_hash bytea       NOT NULL DEFAULT '\x0000000000000000000000000000000000000000000000000000000000000000'::bytea,
     anchored_at timestamptz,
+    CONSTRAINT audit_chain_pkey PRIMARY KEY (tenant_id, lane),
     CONSTRAINT audit_chain_anchor_not_past_head CHECK (anchor_seq <= head_seq)
 );
 ALTER TABLE audit_chain ENABLE ROW LEVEL SECURITY;
@@ -239,6 +251,7 @@ LANGUAGE sql STABLE
 AS $$
     SELECT sha256(convert_to(
         'pluginmon-audit-v1;'
+        || pluginmon_audit_field(entry.lane::text)
         || pluginmon_audit_field(entry.seq::text)
         || pluginmon_audit_field(entry.id::text)
         || pluginmon_audit_field(entry.tenant_id)
@@ -260,7 +273,7 @@ AS $$
         'UTF8'))
 $$;
 
--- Chain the entries that exist already, per tenant in time order.
+-- Chain the entries that exist already: lane 0 of their tenant, in time order.
 DO $$
 DECLARE
     entry audit_log;
@@ -272,50 +285,72 @@ BEGIN
     FOR entry IN SELECT * FROM audit_log ORDER BY tenant_id, occurred_at, id LOOP
         IF previous_tenant IS DISTINCT FROM entry.tenant_id THEN
             IF previous_tenant IS NOT NULL THEN
-                INSERT INTO audit_chain (tenant_id, head_seq, head_hash)
-                    VALUES (previous_tenant, position, previous);
+                INSERT INTO audit_chain (tenant_id, lane, head_seq, head_hash)
+                    VALUES (previous_tenant, 0, position, previous);
             END IF;
             previous_tenant := entry.tenant_id;
             position := 0;
             previous := genesis;
         END IF;
         position := position + 1;
+        entry.lane := 0;
         entry.seq := position;
         entry.prev_hash := previous;
         entry.entry_hash := pluginmon_audit_entry_hash(entry);
-        UPDATE audit_log SET seq = entry.seq, prev_hash = entry.prev_hash, entry_hash = entry.entry_hash
+        UPDATE audit_log
+           SET lane = 0, seq = entry.seq, prev_hash = entry.prev_hash, entry_hash = entry.entry_hash
          WHERE id = entry.id;
         previous := entry.entry_hash;
     END LOOP;
     IF previous_tenant IS NOT NULL THEN
-        INSERT INTO audit_chain (tenant_id, head_seq, head_hash) VALUES (previous_tenant, position, previous);
+        INSERT INTO audit_chain (tenant_id, lane, head_seq, head_hash)
+            VALUES (previous_tenant, 0, position, previous);
     END IF;
 END
 $$;
 
 ALTER TABLE audit_log
+    ALTER COLUMN lane SET NOT NULL,
     ALTER COLUMN seq SET NOT NULL,
     ALTER COLUMN prev_hash SET NOT NULL,
     ALTER COLUMN entry_hash SET NOT NULL,
-    ADD CONSTRAINT audit_log_tenant_seq_key UNIQUE (tenant_id, seq),
+    ADD CONSTRAINT audit_log_tenant_lane_seq_key UNIQUE (tenant_id, lane, seq),
     ADD CONSTRAINT audit_log_seq_positive CHECK (seq >= 1);
 
--- Every insert takes the next link, whatever the inserter supplied for seq and the hashes.
--- SECURITY DEFINER: the chain head is the owner's; an API request (pluginmon_api) or the
--- retention role appends through it. The row lock on the tenant's head serialises appends.
+-- Every insert takes the next link of a lane, whatever the inserter supplied for lane, seq
+-- and the hashes. SECURITY DEFINER: the chain heads are the owner's; an API request
+-- (pluginmon_api) or the retention role appends through it. The lane: one this transaction
+-- holds already, or the first one nobody holds. A tenant's 16 lanes are created together
+-- when none is free (its first entry; or lane 0 alone, from before lanes, is busy): lanes
+-- created one at a time would be invisible to concurrent writers until commit, and those would
+-- queue on the creating transaction instead of taking another lane. When all 16 are held, it
+-- waits for one. A transaction that holds a lane of the tenant never waits for another.
 CREATE FUNCTION pluginmon_audit_log_chain() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER
 AS $$
 DECLARE
     head audit_chain;
 BEGIN
-    INSERT INTO audit_chain (tenant_id) VALUES (NEW.tenant_id) ON CONFLICT (tenant_id) DO NOTHING;
-    SELECT * INTO head FROM audit_chain WHERE tenant_id = NEW.tenant_id FOR UPDATE;
+    SELECT * INTO head FROM audit_chain WHERE tenant_id = NEW.tenant_id
+     ORDER BY lane LIMIT 1 FOR UPDATE SKIP LOCKED;
+    IF NOT FOUND THEN
+        INSERT INTO audit_chain (tenant_id, lane)
+        SELECT NEW.tenant_id, lane FROM generate_series(0, 15) AS lane
+            ON CONFLICT (tenant_id, lane) DO NOTHING;
+        SELECT * INTO head FROM audit_chain WHERE tenant_id = NEW.tenant_id
+         ORDER BY lane LIMIT 1 FOR UPDATE SKIP LOCKED;
+        IF NOT FOUND THEN
+            SELECT * INTO head FROM audit_chain
+             WHERE tenant_id = NEW.tenant_id AND lane = floor(random() * 16)::smallint
+               FOR UPDATE;
+        END IF;
+    END IF;
+    NEW.lane := head.lane;
     NEW.seq := head.head_seq + 1;
     NEW.prev_hash := head.head_hash;
     NEW.entry_hash := pluginmon_audit_entry_hash(NEW);
     UPDATE audit_chain SET head_seq = NEW.seq, head_hash = NEW.entry_hash
-     WHERE tenant_id = NEW.tenant_id;
+     WHERE tenant_id = NEW.tenant_id AND lane = head.lane;
     RETURN NEW;
 END
 $$;
@@ -345,11 +380,11 @@ CREATE TRIGGER audit_log_no_truncate
     BEFORE TRUNCATE ON audit_log
     FOR EACH STATEMENT EXECUTE FUNCTION pluginmon_audit_log_append_only();
 
--- Retention: per tenant, delete the longest prefix of the chain older than ``horizon`` (never
--- a hole in the middle: entries are chained in insertion order, not by occurred_at), move the
--- anchor to the last removed entry, and record the run as an entry of that tenant's chain.
--- A chain whose cut entry is missing is left alone with a warning: retention must not erase
--- evidence of tampering. Returns the number of entries removed.
+-- Retention: per (tenant, lane) chain, delete the longest prefix older than ``horizon``
+-- (never a hole in the middle: entries are chained in insertion order, not by occurred_at),
+-- move the anchor to the last removed entry, and record the run as one entry of each tenant
+-- whose entries it removed. A chain whose cut entry is missing is left alone with a warning:
+-- retention must not erase evidence of tampering. Returns the number of entries removed.
 CREATE FUNCTION pluginmon_audit_expire(horizon timestamptz) RETURNS bigint
 LANGUAGE plpgsql SECURITY DEFINER
 AS $$
@@ -358,32 +393,54 @@ DECLARE
     cut bigint;
     cut_hash bytea;
     removed bigint;
+    tenant_removed bigint := 0;
+    tenant_lanes jsonb := '{}';
+    current_tenant text := NULL;
     total bigint := 0;
 BEGIN
-    FOR chain IN SELECT c.tenant_id, c.anchor_seq, c.head_seq FROM audit_chain c
-                  ORDER BY c.tenant_id FOR UPDATE LOOP
+    -- Every head is locked first, in one order, so that appends wait rather than deadlock.
+    PERFORM 1 FROM audit_chain ORDER BY tenant_id, lane FOR UPDATE;
+    FOR chain IN SELECT c.tenant_id, c.lane, c.anchor_seq, c.head_seq FROM audit_chain c
+                  ORDER BY c.tenant_id, c.lane LOOP
+        IF current_tenant IS DISTINCT FROM chain.tenant_id THEN
+            IF tenant_removed > 0 THEN
+                INSERT INTO audit_log (tenant_id, actor, action, entity_type, details)
+                VALUES (current_tenant, 'daemon', 'audit.expire', 'audit_log',
+                        jsonb_build_object('removed', tenant_removed, 'anchors', tenant_lanes,
+                                           'horizon', horizon));
+            END IF;
+            current_tenant := chain.tenant_id;
+            tenant_removed := 0;
+            tenant_lanes := '{}';
+        END IF;
         SELECT min(l.seq) - 1 INTO cut FROM audit_log l
-         WHERE l.tenant_id = chain.tenant_id AND l.occurred_at >= horizon;
+         WHERE l.tenant_id = chain.tenant_id AND l.lane = chain.lane AND l.occurred_at >= horizon;
         IF cut IS NULL THEN
             cut := chain.head_seq;
         END IF;
         CONTINUE WHEN cut <= chain.anchor_seq;
         SELECT l.entry_hash INTO cut_hash FROM audit_log l
-         WHERE l.tenant_id = chain.tenant_id AND l.seq = cut;
+         WHERE l.tenant_id = chain.tenant_id AND l.lane = chain.lane AND l.seq = cut;
         IF cut_hash IS NULL THEN
-            RAISE WARNING 'audit retention: tenant % has no entry % in its chain; nothing removed (run pluginmon audit verify)',
-                chain.tenant_id, cut;
+            RAISE WARNING 'audit retention: tenant % lane % has no entry % in its chain; nothing removed (run pluginmon audit verify)',
+                chain.tenant_id, chain.lane, cut;
             CONTINUE;
         END IF;
-        DELETE FROM audit_log l WHERE l.tenant_id = chain.tenant_id AND l.seq <= cut;
+        DELETE FROM audit_log l
+         WHERE l.tenant_id = chain.tenant_id AND l.lane = chain.lane AND l.seq <= cut;
         GET DIAGNOSTICS removed = ROW_COUNT;
         UPDATE audit_chain SET anchor_seq = cut, anchor_hash = cut_hash, anchored_at = now()
-         WHERE tenant_id = chain.tenant_id;
-        INSERT INTO audit_log (tenant_id, actor, action, entity_type, details)
-        VALUES (chain.tenant_id, 'daemon', 'audit.expire', 'audit_log',
-                jsonb_build_object('removed', removed, 'anchor_seq', cut, 'horizon', horizon));
+         WHERE tenant_id = chain.tenant_id AND lane = chain.lane;
+        tenant_removed := tenant_removed + removed;
+        tenant_lanes := tenant_lanes || jsonb_build_object(chain.lane::text, cut);
         total := total + removed;
     END LOOP;
+    IF tenant_removed > 0 THEN
+        INSERT INTO audit_log (tenant_id, actor, action, entity_type, details)
+        VALUES (current_tenant, 'daemon', 'audit.expire', 'audit_log',
+                jsonb_build_object('removed', tenant_removed, 'anchors', tenant_lanes,
+                                   'horizon', horizon));
+    END IF;
     RETURN total;
 END
 $$;

@@ -156,7 +156,9 @@ async def test_retention_cuts_a_prefix_keeps_an_anchor_and_the_chain_verifies(
         assert removed == (2,)
         left = owner.execute("SELECT seq, action FROM audit_log ORDER BY seq").fetchall()
         assert left == [(3, "act3"), (4, "act4"), (5, "act5"), (6, "audit.expire")]
-        chain = owner.execute("SELECT anchor_seq, head_seq FROM audit_chain").fetchone()
+        chain = owner.execute(
+            "SELECT anchor_seq, head_seq FROM audit_chain WHERE lane = 0"
+        ).fetchone()
         assert chain == (2, 6)
         # Nothing more is old enough to go past entry 3: a second run removes nothing.
         assert owner.execute(
@@ -164,7 +166,8 @@ async def test_retention_cuts_a_prefix_keeps_an_anchor_and_the_chain_verifies(
         ).fetchone() == (0,)
     verdict = await _verdict(conn, "a")
     assert verdict.intact, verdict.problem
-    assert (verdict.anchor_seq, verdict.checked, verdict.head_seq) == (2, 4, 6)
+    (lane,) = verdict.lanes
+    assert (lane.lane, lane.anchor_seq, lane.checked, lane.head_seq) == (0, 2, 4, 6)
 
 
 def _tamper(url: str, *statements: str) -> None:
@@ -263,3 +266,50 @@ async def test_query_filters(conn: asyncpg.Connection) -> None:
     page = await audit.query(conn, audit.AuditQuery(limit=2))
     older = await audit.query(conn, audit.AuditQuery(before_id=page[-1].id, limit=2))
     assert [e.seq for e in page + older] == [4, 3, 2, 1]
+
+
+async def test_concurrent_writers_chain_side_by_side(
+    conn: asyncpg.Connection, migrated_db: str
+) -> None:
+    """Open transactions of one tenant do not wait for each other: each takes a free lane."""
+    await _append(conn, "a", 1)  # the tenant's first entry creates its lanes
+    writers = [await asyncpg.connect(migrated_db) for _ in range(3)]
+    try:
+        transactions = [w.transaction() for w in writers]
+        lanes = []
+        for i, (writer, transaction) in enumerate(zip(writers, transactions, strict=True)):
+            await transaction.start()
+            # Waiting for another writer's lane would fail here instead of hanging.
+            await writer.execute("SET LOCAL lock_timeout = '2s'")
+            await audit.append(
+                writer,
+                tenant_id="a",
+                actor=Actor(name=f"w{i}", request_id=f"r{i}"),
+                action="plugin.update",
+                entity_type="plugin",
+                occurred_at=NOW,
+            )
+            lanes.append(
+                await writer.fetchval("SELECT lane FROM audit_log WHERE request_id = $1", f"r{i}")
+            )
+        assert lanes == [0, 1, 2]
+        for transaction in transactions:
+            await transaction.commit()
+    finally:
+        for writer in writers:
+            await writer.close()
+    await _append(conn, "a", 2)  # one at a time: lane 0 again
+    (verdict,) = await audit.verify(conn, tenant_id="a")
+    assert verdict.intact, verdict.problem
+    assert [(lane.lane, lane.checked) for lane in verdict.lanes] == [(0, 4), (1, 1), (2, 1)]
+    _tamper(
+        migrated_db, "UPDATE audit_log SET actor = 'mallory' WHERE tenant_id = 'a' AND lane = 1"
+    )
+    (verdict,) = await audit.verify(conn, tenant_id="a")
+    assert verdict.problem is not None
+    assert (verdict.problem.lane, verdict.problem.seq, verdict.problem.kind) == (
+        1,
+        1,
+        Breach.CHANGED,
+    )
+    assert "in lane 1 was changed" in verdict.problem.message

@@ -165,7 +165,7 @@ def test_audit_verify_names_the_first_bad_entry(
     _token(_create(migrated_db, "--tenant", "other", "--role", "reader", "--name", "four"))
     intact = run_cli("audit", "verify", env=_env(migrated_db))
     assert intact.returncode == 0, intact.stdout + intact.stderr
-    assert "tenant acme: intact, 4 entries up to seq=4" in intact.stdout
+    assert "tenant acme: intact, 4 entries in 1 chain(s)" in intact.stdout
     with psycopg.connect(migrated_db) as conn:
         rows = conn.execute("SELECT seq, id FROM audit_log WHERE tenant_id = 'acme'").fetchall()
     ids = {int(seq): int(entry_id) for seq, entry_id in rows}
