@@ -304,6 +304,9 @@ def bench(
             wall = time.monotonic() - wall_before
             daemon_cpu = (cpu_seconds(daemon.pid) - cpu_before) / wall
             client_cpu = (time.process_time() - own_before) / wall
+        except Exception:
+            print(f"--- daemon log ---\n{log.read_text(errors='replace')[-4000:]}", file=sys.stderr)
+            raise
         finally:
             daemon.send_signal(signal.SIGTERM)
             code = daemon.wait(timeout=60)

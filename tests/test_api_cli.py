@@ -256,3 +256,36 @@ expires_after_seconds = 3600
             stop_process(process)
         if process.stderr is not None:
             process.stderr.close()
+
+
+@pytest.mark.parametrize(
+    ("toml", "needle"),
+    [
+        (
+            '[[approvals.policies]]\noperation_types = ["explode"]\n',
+            "approvals.policies: [0].operation_types: unknown type 'explode'",
+        ),
+        (
+            "[[approvals.policies]]\nrequired_approvals = 0\n",
+            "approvals.policies: [0].required_approvals: must be >= 1",
+        ),
+        ("[api]\nmax_body_bytes = 10\n", "api.max_body_bytes"),
+        ("[api]\nenable = true\n", "api.enable: unknown setting"),
+    ],
+)
+def test_check_config_names_bad_api_settings(tmp_path: Any, toml: str, needle: str) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(toml)
+    result = run_cli("check-config", "--config", str(path))
+    assert result.returncode == 2, result.stdout
+    assert needle in result.stderr
+
+
+def test_api_enabled_false_mounts_nothing() -> None:
+    from pluginmon.daemon.api_wiring import api_subapps
+    from pluginmon.daemon.settings import Settings
+
+    off = Settings(api={"enabled": False})  # type: ignore[arg-type]
+    assert api_subapps(off, lambda: None, version="t", metrics=None) == []
+    on = api_subapps(Settings(), lambda: None, version="t", metrics=None)
+    assert [prefix for prefix, _ in on] == ["/api/v1"]
