@@ -239,3 +239,23 @@ async def test_a_handler_that_forgets_the_where_clause_still_cannot_leak(
     rows = await api.fetch("SELECT enabled FROM plugins WHERE id = $1", b_plugin["id"])
     assert rows[0]["enabled"] is True
     assert await api.fetch("SELECT 1 FROM plugins WHERE name = 'planted'") == []
+
+
+async def test_a_statement_prepared_as_the_owner_is_replanned_under_the_api_role(
+    two: tuple[ApiHarness, Seeded, Seeded],
+) -> None:
+    """asyncpg caches prepared statements per connection, and the daemon's own jobs use the
+    same pool as the API: a plan made as the owner (no row security) must not serve a request."""
+    api, _a, _b = two
+    query = "SELECT DISTINCT tenant_id FROM plugin_operations ORDER BY 1"
+    async with api.pool.acquire() as conn:
+        as_owner = [r["tenant_id"] for r in await conn.fetch(query)]
+        assert as_owner == ["a", "b"]
+        async with conn.transaction():
+            await conn.execute(
+                "SELECT set_config('role', 'pluginmon_api', true),"
+                " set_config('pluginmon.tenant_id', 'b', true)"
+            )
+            assert [r["tenant_id"] for r in await conn.fetch(query)] == ["b"]
+        # And back: the transaction's role ended with it.
+        assert [r["tenant_id"] for r in await conn.fetch(query)] == ["a", "b"]
