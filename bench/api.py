@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import random
 import re
@@ -35,6 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 import uuid
 from dataclasses import dataclass, field
@@ -85,8 +87,13 @@ def scrape(port: int) -> str:
 
 
 def sample_cycles(port: int) -> tuple[float, float]:
-    """(cycles, seconds spent sampling) from the daemon's histogram."""
-    text = scrape(port)
+    """(cycles, seconds spent sampling) from the daemon's histogram; NaN when /metrics fails
+    (the exposition is not what this measures)."""
+    try:
+        text = scrape(port)
+    except urllib.error.HTTPError as exc:
+        print(f"(cannot count sample cycles: /metrics answered {exc.code})", file=sys.stderr)
+        return float("nan"), float("nan")
     count = re.search(r"^pluginmon_sample_duration_seconds_count (\S+)$", text, re.MULTILINE)
     total = re.search(r"^pluginmon_sample_duration_seconds_sum (\S+)$", text, re.MULTILINE)
     assert count is not None
@@ -107,17 +114,34 @@ def cli(env: dict[str, str], *args: str) -> str:
     return done.stdout
 
 
+def wait_for_plugins(port: int, token: str, names: set[str], *, timeout_seconds: float) -> None:
+    """Until the daemon has registered every plugin it samples (label discovery)."""
+    deadline = time.monotonic() + timeout_seconds
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/api/v1/plugins?limit=1000",
+        headers={"Authorization": "Bearer " + token},
+    )
+    seen: set[str] = set()
+    while time.monotonic() < deadline:
+        with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310
+            seen = {p["name"] for p in json.loads(response.read())["items"]}
+        if names <= seen:
+            return
+        time.sleep(1)
+    raise RuntimeError(f"the daemon registered {len(names & seen)} of {len(names)} plugins")
+
+
 @dataclass
 class Results:
     latencies: list[float] = field(default_factory=list)
     errors: dict[str, int] = field(default_factory=dict)
     by_kind: dict[str, list[float]] = field(default_factory=dict)
 
-    def record(self, kind: str, seconds: float, status: int, expected: int) -> None:
+    def record(self, kind: str, seconds: float, status: int, expected: int, code: str = "") -> None:
         self.latencies.append(seconds)
         self.by_kind.setdefault(kind, []).append(seconds)
         if status != expected:
-            key = f"{kind}:{status}"
+            key = f"{kind}:{status}:{code}"
             self.errors[key] = self.errors.get(key, 0) + 1
 
 
@@ -136,7 +160,8 @@ async def client(
     next_at = time.monotonic() + rng.random() * interval
     open_operation: int | None = None
     step = 0
-    while next_at < until:
+    # Ends at ``until`` even when behind: the duration is fixed, the number of requests not.
+    while next_at < until and time.monotonic() < until:
         delay = next_at - time.monotonic()
         if delay > 0:
             await asyncio.sleep(delay)
@@ -183,7 +208,10 @@ async def client(
             results.record(kind, time.perf_counter() - started, 0, expected)
             results.errors[type(exc).__name__] = results.errors.get(type(exc).__name__, 0) + 1
             continue
-        results.record(kind, time.perf_counter() - started, status_code, expected)
+        code = ""
+        if status_code != expected and isinstance(payload, dict):
+            code = str(payload.get("error", {}).get("code", ""))
+        results.record(kind, time.perf_counter() - started, status_code, expected, code)
         if kind == "operation" and status_code == expected:
             if open_operation is None:
                 open_operation, step = int(payload["id"]), 1
@@ -285,8 +313,9 @@ def bench(
             token = cli(
                 env, "token", "create", "--tenant", tenant, "--role", "writer", "--name", tenant
             ).splitlines()[-1]
-            time.sleep(warmup)  # the daemon registers the plugins it finds
             names = [f"plugin-{i:04d}" for i in range(plugins)]
+            wait_for_plugins(port, token, set(names), timeout_seconds=300)
+            time.sleep(warmup)
             cycles_before, sampling_before = sample_cycles(port)
             wall_before = time.monotonic()
             cpu_before, own_before = cpu_seconds(daemon.pid), time.process_time()
