@@ -20,6 +20,8 @@ MEMORY_LIMIT = "memory_limit"
 RESTARTS = "restarts"
 LEAK = "leak"
 METRIC_PREFIX = "metric:"
+# The plugin_metrics gauge the registry writes per (plugin, environment) (registry/usage.py).
+OPERATIONS_FAILED = "operations_failed"
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,7 +67,11 @@ class HealthSettings:
     leak_warn_seconds: float = 24 * 3600.0
     leak_critical_seconds: float = 3600.0
     weights: HealthWeights = field(default_factory=HealthWeights)
-    metrics: tuple[MetricThreshold, ...] = ()
+    # Built in: operations that failed in the last hour (the registry's plugin_metrics gauge)
+    # cost health, all of it at three. Configured [health] metrics replace this default.
+    metrics: tuple[MetricThreshold, ...] = (
+        MetricThreshold(OPERATIONS_FAILED, warn=0.0, critical=3.0),
+    )
 
     @property
     def leak_limit_bytes(self) -> int | None:

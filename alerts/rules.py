@@ -458,6 +458,32 @@ def builtin_rules() -> tuple[Rule, ...]:
                 "description": "Run `pluginmon status` to see the weakest component.",
             },
         ),
+        # The registry's operation gauges (plugin_metrics, written by the daemon's registry job).
+        Rule(
+            name="PluginOperationFailed",
+            metric="operations_failed",
+            op=">",
+            threshold=0,
+            severity="warning",
+            annotations={
+                "summary": "{value:.0f} operation(s) of plugin {plugin} ({tenant}/{environment}) "
+                "failed in the last hour",
+                "description": "Retries exhausted or deadline exceeded; see "
+                "GET /api/v1/plugins/{plugin}/operations?status=failed",
+            },
+        ),
+        Rule(
+            name="PluginOperationStuck",
+            metric="operations_stuck",
+            op=">",
+            threshold=0,
+            for_seconds=300,
+            severity="warning",
+            annotations={
+                "summary": "{value:.0f} operation(s) of plugin {plugin} ({tenant}/{environment}) "
+                "stuck: running, or due to run, for over 30 minutes",
+            },
+        ),
         Rule(
             name="PluginMemoryLeakForecast",
             metric="memory_leak_forecast_seconds",

@@ -11,11 +11,14 @@ from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import asyncpg
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
 
 from pluginmon.alerts.engine import AlertEngine
 from pluginmon.alerts.outbox import OutboxDeliverer
 from pluginmon.collectors.sampler import DEFAULT_FIELDS, Sampler
+from pluginmon.daemon.api_metrics import ApiMetrics
+from pluginmon.daemon.api_wiring import api_subapps, registry_job
 from pluginmon.daemon.config import DaemonConfig
 from pluginmon.daemon.coordinator import Coordinator, Heartbeat
 from pluginmon.daemon.exporter import DaemonMetrics, ExporterState, MetricsRenderer, PluginCollector
@@ -103,6 +106,11 @@ class Daemon:
         )
         self.registry.register(self.scheduler)
         self.heartbeat = Heartbeat(stale_after_seconds=3 * settings.sample_interval_seconds)
+        # The management API (/api/v1) shares the port; it answers 503 until the pool is
+        # open and the schema migrated (then _ready_pool is set).
+        self.api_metrics = ApiMetrics(self.registry)
+        self._open_pool: asyncpg.Pool | None = None
+        self._ready_pool: asyncpg.Pool | None = None
         # Until the pool is open there is nothing to probe; then the DatabaseWatch answers.
         self._database_reasons: Callable[[], Awaitable[list[str]]] = _database_not_connected
         self.reloader = ConfigReloader(config_path=config_path, running=config)
@@ -243,6 +251,7 @@ class Daemon:
         # min_size=0: the pool opens without a connection, so a database that is away (now or
         # later) never blocks start-up; the writer spools meanwhile.
         pool = await open_pool(url, min_size=0, max_size=settings.database_pool_max_size)
+        self._open_pool = pool  # handed to the API once the schema is ready
 
         async def close_pool_in_budget() -> None:
             await close_pool(pool, timeout_seconds=budget.seconds(POOL_CLOSE))
@@ -389,6 +398,7 @@ class Daemon:
         if not ready:
             return
         coordinator.database.mark_schema_ready()
+        self._ready_pool = self._open_pool
         await coordinator.database.probe()
         # Also starts polling the outbox, if a receiver is configured (now or by a reload).
         await coordinator.start_alerts()
@@ -413,8 +423,24 @@ class Daemon:
             interval_seconds=settings.maintenance_interval_seconds,
             first_run_in_seconds=min(5.0, settings.maintenance_interval_seconds),
         )
+        # Approvals expire, operations past their deadline fail, the operation gauges and
+        # the plugins' usage columns refresh: once per database (advisory lock), whether or
+        # not this daemon serves the API.
+        scheduler.add_job(
+            "registry",
+            registry_job(
+                self._api_pool,
+                metrics=self.api_metrics,
+                usage_window_seconds=max(30.0, 3 * settings.sample_interval_seconds),
+            ),
+            interval_seconds=settings.maintenance_interval_seconds,
+            first_run_in_seconds=min(5.0, settings.maintenance_interval_seconds),
+        )
         # Running jobs finish (or are cancelled) before the alert components close.
         stack.push_async_callback(scheduler.aclose)
+
+    def _api_pool(self) -> asyncpg.Pool | None:
+        return self._ready_pool
 
     def _http_server(self) -> HttpServer:
         settings = self.settings
@@ -444,6 +470,9 @@ class Daemon:
             ssl_context=ssl_context,
             shutdown_timeout_seconds=self.shutdown_budget.seconds(HTTP_STOP),
             registry=self.registry,
+            subapps=api_subapps(
+                settings, self._api_pool, version=self.version, metrics=self.api_metrics
+            ),
         )
 
     async def _database_url(self, embedded: list[Callable[[], None]]) -> str:

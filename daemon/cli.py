@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, NoReturn
 # Only what `run` needs before its signal guard is in place is imported at the top: the
 # settings (pydantic) and the rest take a few hundred milliseconds, during which a signal
 # would otherwise find the kernel's default disposition (see daemon.signal_guard).
+# daemon.cli_api is light at import too (its commands import what they need).
+from pluginmon.daemon.cli_api import API_COMMANDS, add_api_commands, run_api_command
 from pluginmon.daemon.signal_guard import SignalGuard
 
 if TYPE_CHECKING:
@@ -72,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
                 action="store_true",
                 help="also each plugin's own metrics (gauges, counter rates, quantiles)",
             )
+    add_api_commands(sub)  # token, audit, api (daemon/cli_api.py)
     return parser
 
 
@@ -235,6 +238,8 @@ def _run(config: Path | None) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in API_COMMANDS:
+        return run_api_command(args, database_url=_database_url)
     config: Path | None = args.config
     if args.command == "check-config":
         return _check_config(config)

@@ -35,7 +35,7 @@ import resource
 import ssl
 import time
 import zlib
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -374,6 +374,7 @@ class HttpServer:
         shutdown_timeout_seconds: float = 5.0,
         limits: HttpLimits | None = None,
         registry: CollectorRegistry | None = None,
+        subapps: Sequence[tuple[str, web.Application]] = (),
     ) -> None:
         self._host = host
         self._port = port
@@ -383,6 +384,9 @@ class HttpServer:
         self._auth = auth
         # Orchestrator probes (kubelet, systemd, load balancers) rarely carry credentials.
         self._auth_exempt = frozenset() if auth_probes else _PROBE_PATHS
+        # Mounted applications (/api/v1) authenticate their own requests (bearer tokens).
+        self._subapps = tuple(subapps)
+        self._own_auth_prefixes = tuple(prefix.rstrip("/") + "/" for prefix, _ in self._subapps)
         self._shutdown_timeout = shutdown_timeout_seconds
         self._ssl_context = ssl_context
         self._render_slots = asyncio.Semaphore(max_concurrent_renders)
@@ -406,6 +410,8 @@ class HttpServer:
         app.router.add_get("/healthz", self._handle_healthz)
         app.router.add_get("/readyz", self._handle_readyz)
         app.router.add_get("/", self._handle_index)
+        for prefix, subapp in self._subapps:
+            app.add_subapp(prefix, subapp)
         return app
 
     @web.middleware
@@ -415,8 +421,11 @@ class HttpServer:
         handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
     ) -> web.StreamResponse:
         assert self._auth is not None
-        if request.path not in self._auth_exempt and not self._auth.check(
-            request.headers.get("Authorization")
+        own_auth = self._own_auth_prefixes and request.path.startswith(self._own_auth_prefixes)
+        if (
+            not own_auth
+            and request.path not in self._auth_exempt
+            and not self._auth.check(request.headers.get("Authorization"))
         ):
             return web.Response(
                 status=401,

@@ -43,6 +43,7 @@ from pluginmon.daemon.config_schema import (
     reword,
 )
 from pluginmon.daemon.config_sections import AlertsTable, PluginTables
+from pluginmon.registry.policies import policies_from_config
 from pluginmon.storage.backend import Retention
 
 __all__ = [
@@ -191,6 +192,29 @@ def check_host(value: str) -> str:
 PathSetting = Annotated[Path, BeforeValidator(_path)]
 
 
+class ApiSettings(Table):
+    """The management API (/api/v1) served by ``pluginmon run`` and ``pluginmon api``."""
+
+    enabled: bool = True
+    max_body_bytes: Annotated[int, Field(ge=1024), positive_up_to(64 << 20)] = 1024 * 1024
+    # Backoff before an operation's retry n: up to initial * 2**n, capped, with jitter.
+    retry_initial_seconds: Annotated[float, Finite, positive_up_to(DAY)] = 10.0
+    retry_max_seconds: Annotated[float, Finite, positive_up_to(7 * DAY)] = 600.0
+
+
+class ApprovalsSettings(Table):
+    """``[[approvals.policies]]``: which operations need approval (DESIGN.md key names)."""
+
+    # Checked by registry.policies (errors name the table and field).
+    policies: list[dict[str, Any]] = Field(default_factory=list)
+
+    @field_validator("policies")
+    @classmethod
+    def _policies(cls, value: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        policies_from_config(value, prefix="")
+        return value
+
+
 class Settings(BaseSettings):
     """Every daemon setting. Precedence: environment > TOML file > defaults.
 
@@ -254,6 +278,10 @@ class Settings(BaseSettings):
     # -- health and alerts ---------------------------------------------------------------------
     health: HealthTable = Field(default_factory=HealthTable)
     alerts: AlertsTable = Field(default_factory=AlertsTable)
+    api: ApiSettings = Field(default_factory=ApiSettings)
+    approvals: ApprovalsSettings = Field(default_factory=ApprovalsSettings)
+
+    # -- management API ------------------------------------------------------------------------
 
     # -- HTTP ------------------------------------------------------------------------------------
     # All interfaces, as Prometheus exporters do: Prometheus usually scrapes from another host.

@@ -1,7 +1,7 @@
 """pluginmon: the one import name of this distribution.
 
 The code lives in the repository's top-level folders (daemon/, collectors/, storage/,
-alerts/, sql/); setuptools' package-dir installs each as ``pluginmon.<folder>``. The
+alerts/, registry/, sql/); setuptools' package-dir installs each as ``pluginmon.<folder>``. The
 symlinks beside this file give the same view to tools that read the source tree directly
 (mypy, import-linter, pytest from a checkout without an install).
 """

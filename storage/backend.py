@@ -222,7 +222,9 @@ _EXPIRY: tuple[tuple[str, str, str], ...] = (
         " WHERE status IN ('succeeded', 'failed', 'cancelled') AND finished_at < %s",
         "operations",
     ),
-    ("audit_log", "DELETE FROM audit_log WHERE occurred_at < %s", "audit"),
+    # Audit entries leave only through this function (sql/030_api.sql): it removes the
+    # oldest part of each tenant's hash chain, keeps an anchor and records the run.
+    ("audit_log", "SELECT pluginmon_audit_expire(%s)", "audit"),
     ("plugin_analytics", "DELETE FROM plugin_analytics WHERE period_start < %s", "analytics"),
 )
 
@@ -237,7 +239,8 @@ async def delete_expired(
         horizon = now - getattr(retention, retention_field)
         async with conn.transaction():
             cur = await conn.execute(statement.encode(), (horizon,))
-        count = max(cur.rowcount, 0)
+            row = await cur.fetchone() if statement.startswith("SELECT") else None
+        count = int(row[0]) if row is not None else max(cur.rowcount, 0)
         if count:
             logger.info(
                 "retention: deleted %d rows from %s older than %s", count, relation, horizon

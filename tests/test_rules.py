@@ -64,6 +64,8 @@ def test_parse_rules_merges_over_builtins() -> None:
         "PluginMemoryHigh",
         "PluginHealthLow",
         "PluginMemoryLeakForecast",
+        "PluginOperationFailed",
+        "PluginOperationStuck",
         "QueueDeep",
     }
     cpu = by_name["PluginCpuHigh"]

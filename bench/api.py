@@ -1,0 +1,406 @@
+"""Management API benchmark: 50 concurrent clients against `pluginmon run` while it samples
+1,000 processes at 1 s.
+
+PROCESSES real processes (`sleep`) in PLUGINS plugins (label discovery) are sampled every
+1 s by `pluginmon run` on a real PostgreSQL (embedded in a temporary directory unless
+--database-url). CLIENTS aiohttp clients in this process, each paced at RATE / CLIENTS
+requests per second (an open loop: a late request is sent at once, never skipped), run a
+realistic mix with their tenant's writer token for DURATION seconds after WARMUP:
+
+  60%  reads          GET /plugins, GET /plugins/{name}, GET /operations?status=pending
+  20%  config writes  PATCH /plugins/{name} (description and version)
+  20%  operations     POST /plugins/{name}/operations, then PATCH running, then succeeded
+
+Every request is one transaction as pluginmon_api under row-level security with an audit
+entry per write, as in production. Reported: requests/s achieved, p50/p99/max latency (the
+client's clock, so it includes this process's own scheduling on the loaded 2-core host),
+errors, and the sampling cycle meanwhile: cycles counted by the daemon's
+pluginmon_sample_duration_seconds histogram against the seconds elapsed, its mean, and the
+scheduler's "run(s) skipped" warnings for the sample job in the daemon's log.
+
+Run: .venv/bin/python bench/api.py [--processes 1000] [--clients 50] [--rate 500] [--duration 60]
+Last line: api_p99_ms=<p99 latency in ms>.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import aiohttp
+
+from bench.scratch import free_port, scratch_database
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def start_processes(count: int, plugins: int, tenant: str) -> list[subprocess.Popen[bytes]]:
+    procs = []
+    for i in range(count):
+        env = {
+            "PATH": "/usr/bin:/bin",
+            "PLUGINMON_TENANT": tenant,
+            "PLUGINMON_PLUGIN": f"plugin-{i % plugins:04d}",
+            "PLUGINMON_ENVIRONMENT": "bench",
+        }
+        procs.append(
+            subprocess.Popen(
+                ["sleep", "3600"],
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        )
+    return procs
+
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        body: bytes = response.read()
+        return body.decode()
+
+
+def sample_cycles(port: int) -> tuple[float, float]:
+    """(cycles, seconds spent sampling) from the daemon's histogram; NaN when /metrics fails
+    (the exposition is not what this measures)."""
+    try:
+        text = scrape(port)
+    except urllib.error.HTTPError as exc:
+        print(f"(cannot count sample cycles: /metrics answered {exc.code})", file=sys.stderr)
+        return float("nan"), float("nan")
+    count = re.search(r"^pluginmon_sample_duration_seconds_count (\S+)$", text, re.MULTILINE)
+    total = re.search(r"^pluginmon_sample_duration_seconds_sum (\S+)$", text, re.MULTILINE)
+    assert count is not None
+    assert total is not None
+    return float(count[1]), float(total[1])
+
+
+def cli(env: dict[str, str], *args: str) -> str:
+    done = subprocess.run(
+        [sys.executable, "-m", "pluginmon.daemon.cli", *args],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    )
+    return done.stdout
+
+
+def wait_for_plugins(port: int, token: str, names: set[str], *, timeout_seconds: float) -> None:
+    """Until the daemon has registered every plugin it samples (label discovery)."""
+    deadline = time.monotonic() + timeout_seconds
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/api/v1/plugins?limit=1000",
+        headers={"Authorization": "Bearer " + token},
+    )
+    seen: set[str] = set()
+    while time.monotonic() < deadline:
+        with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310
+            seen = {p["name"] for p in json.loads(response.read())["items"]}
+        if names <= seen:
+            return
+        time.sleep(1)
+    raise RuntimeError(f"the daemon registered {len(names & seen)} of {len(names)} plugins")
+
+
+@dataclass
+class Results:
+    latencies: list[float] = field(default_factory=list)
+    errors: dict[str, int] = field(default_factory=dict)
+    by_kind: dict[str, list[float]] = field(default_factory=dict)
+
+    def record(self, kind: str, seconds: float, status: int, expected: int, code: str = "") -> None:
+        self.latencies.append(seconds)
+        self.by_kind.setdefault(kind, []).append(seconds)
+        if status != expected:
+            key = f"{kind}:{status}:{code}"
+            self.errors[key] = self.errors.get(key, 0) + 1
+
+
+async def client(
+    session: aiohttp.ClientSession,
+    base: str,
+    token: str,
+    plugins: list[str],
+    *,
+    interval: float,
+    until: float,
+    results: Results,
+    rng: random.Random,
+) -> None:
+    headers = {"Authorization": "Bearer " + token}
+    next_at = time.monotonic() + rng.random() * interval
+    open_operation: int | None = None
+    step = 0
+    # Ends at ``until`` even when behind: the duration is fixed, the number of requests not.
+    while next_at < until and time.monotonic() < until:
+        delay = next_at - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        next_at += interval
+        plugin = rng.choice(plugins)
+        roll = rng.random()
+        if open_operation is not None or roll >= 0.8:
+            kind = "operation"
+            if open_operation is None:
+                method, path, body, expected = (
+                    "POST",
+                    f"/api/v1/plugins/{plugin}/operations",
+                    {"type": "configure", "environment": "bench"},
+                    201,
+                )
+            else:
+                status = "running" if step == 1 else "succeeded"
+                method, path, body, expected = (
+                    "PATCH",
+                    f"/api/v1/operations/{open_operation}",
+                    {"status": status},
+                    200,
+                )
+        elif roll < 0.6:
+            kind = "read"
+            path = rng.choice(
+                [
+                    "/api/v1/plugins?limit=100",
+                    f"/api/v1/plugins/{plugin}",
+                    "/api/v1/operations?status=pending&limit=50",
+                ]
+            )
+            method, body, expected = "GET", None, 200
+        else:
+            kind = "config"
+            method, path, expected = "PATCH", f"/api/v1/plugins/{plugin}", 200
+            body = {"description": f"tuned {rng.randrange(10**6)}", "version": "1.0.0"}
+        started = time.perf_counter()
+        try:
+            async with session.request(method, base + path, json=body, headers=headers) as reply:
+                payload = await reply.json()
+                status_code = reply.status
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            results.record(kind, time.perf_counter() - started, 0, expected)
+            results.errors[type(exc).__name__] = results.errors.get(type(exc).__name__, 0) + 1
+            continue
+        code = ""
+        if status_code != expected and isinstance(payload, dict):
+            code = str(payload.get("error", {}).get("code", ""))
+        results.record(kind, time.perf_counter() - started, status_code, expected, code)
+        if kind == "operation" and status_code == expected:
+            if open_operation is None:
+                open_operation, step = int(payload["id"]), 1
+            elif step == 1:
+                step = 2
+            else:
+                open_operation, step = None, 0
+        elif kind == "operation":
+            open_operation, step = None, 0
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def load(
+    base: str,
+    token: str,
+    plugins: list[str],
+    *,
+    clients: int,
+    rate: float,
+    duration: float,
+) -> tuple[Results, float]:
+    results = Results()
+    connector = aiohttp.TCPConnector(limit=clients)
+    async with aiohttp.ClientSession(
+        connector=connector, timeout=aiohttp.ClientTimeout(total=30)
+    ) as session:
+        started = time.monotonic()
+        until = started + duration
+        await asyncio.gather(
+            *(
+                client(
+                    session,
+                    base,
+                    token,
+                    plugins,
+                    interval=clients / rate,
+                    until=until,
+                    results=results,
+                    rng=random.Random(i),
+                )
+                for i in range(clients)
+            )
+        )
+        elapsed = time.monotonic() - started
+    return results, elapsed
+
+
+def bench(
+    database_url: str,
+    *,
+    processes: int,
+    plugins: int,
+    clients: int,
+    rate: float,
+    warmup: float,
+    duration: float,
+) -> float:
+    tenant = f"bench-{uuid.uuid4().hex[:6]}"
+    procs = start_processes(processes, plugins, tenant)
+    port = free_port()
+    with tempfile.TemporaryDirectory(prefix="pluginmon-bench-api-") as data_dir:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PLUGINMON_")}
+        env.update(
+            PLUGINMON_DATABASE_URL=database_url,
+            PLUGINMON_DATA_DIR=data_dir,
+            PLUGINMON_HTTP_HOST="127.0.0.1",
+            PLUGINMON_HTTP_PORT=str(port),
+            PLUGINMON_SAMPLE_INTERVAL_SECONDS="1",
+            PLUGINMON_LABEL_DISCOVERY="true",
+            PLUGINMON_LOG_LEVEL="WARNING",
+            PLUGINMON_DATABASE_POOL_MAX_SIZE="8",
+        )
+        log = Path(data_dir) / "daemon.log"
+        with log.open("wb") as log_file:
+            daemon = subprocess.Popen(
+                [sys.executable, "-m", "pluginmon.daemon.cli", "run"],
+                env=env,
+                cwd=REPO,
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+            )
+        try:
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5):
+                        break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(
+                            f"daemon not ready:\n{log.read_text()[-3000:]}"
+                        ) from None
+                    time.sleep(0.5)
+            token = cli(
+                env, "token", "create", "--tenant", tenant, "--role", "writer", "--name", tenant
+            ).splitlines()[-1]
+            names = [f"plugin-{i:04d}" for i in range(plugins)]
+            wait_for_plugins(port, token, set(names), timeout_seconds=300)
+            time.sleep(warmup)
+            cycles_before, sampling_before = sample_cycles(port)
+            wall_before = time.monotonic()
+            cpu_before, own_before = cpu_seconds(daemon.pid), time.process_time()
+            results, elapsed = asyncio.run(
+                load(
+                    f"http://127.0.0.1:{port}",
+                    token,
+                    names,
+                    clients=clients,
+                    rate=rate,
+                    duration=duration,
+                )
+            )
+            cycles_after, sampling_after = sample_cycles(port)
+            wall = time.monotonic() - wall_before
+            daemon_cpu = (cpu_seconds(daemon.pid) - cpu_before) / wall
+            client_cpu = (time.process_time() - own_before) / wall
+        except Exception:
+            print(f"--- daemon log ---\n{log.read_text(errors='replace')[-4000:]}", file=sys.stderr)
+            raise
+        finally:
+            daemon.send_signal(signal.SIGTERM)
+            code = daemon.wait(timeout=60)
+            for proc in procs:
+                proc.kill()
+            for proc in procs:
+                proc.wait()
+        skipped = [
+            line
+            for line in log.read_text(errors="replace").splitlines()
+            if "job sample" in line and "skipped" in line
+        ]
+    lat = results.latencies
+    cycles = cycles_after - cycles_before
+    mean_cycle = (sampling_after - sampling_before) / cycles if cycles else float("nan")
+    p99 = percentile(lat, 0.99) * 1000
+    print(
+        f"api: {clients} clients, target {rate:.0f} req/s, {elapsed:.1f} s: {len(lat)} requests "
+        f"= {len(lat) / elapsed:.0f} req/s; latency p50 {statistics.median(lat) * 1000:.1f} ms, "
+        f"p99 {p99:.1f} ms, max {max(lat) * 1000:.1f} ms; errors {results.errors or 'none'}"
+    )
+    for kind, values in sorted(results.by_kind.items()):
+        print(
+            f"  {kind:9s} {len(values):6d} requests: p50 {statistics.median(values) * 1000:.1f} ms, "
+            f"p99 {percentile(values, 0.99) * 1000:.1f} ms"
+        )
+    print(
+        f"sampling meanwhile: {processes} processes in {plugins} plugins at 1 s: {cycles:.0f} "
+        f"cycles in {wall:.1f} s (expected {int(wall)}), mean cycle {mean_cycle * 1000:.0f} ms; "
+        f"'sample' runs skipped: {len(skipped)}; daemon exit code {code}"
+    )
+    print(
+        f"CPU: daemon {daemon_cpu * 100:.0f}% of one core, load generator {client_cpu * 100:.0f}%, "
+        f"host load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
+    )
+    return p99
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--database-url", help="admin URL of a server to create a database on")
+    parser.add_argument("--processes", type=int, default=1000)
+    parser.add_argument("--plugins", type=int, default=100)
+    parser.add_argument("--clients", type=int, default=50)
+    parser.add_argument("--rate", type=float, default=500.0, help="requests per second, in all")
+    parser.add_argument("--warmup", type=float, default=10.0)
+    parser.add_argument("--duration", type=float, default=60.0)
+    args = parser.parse_args()
+    with scratch_database(
+        args.database_url or None,
+        server_dir_prefix="pluginmon-bench-pg-",
+        database_prefix="pluginmon_bench_api",
+        migrated=True,
+    ) as url:
+        p99 = bench(
+            url,
+            processes=args.processes,
+            plugins=args.plugins,
+            clients=args.clients,
+            rate=args.rate,
+            warmup=args.warmup,
+            duration=args.duration,
+        )
+    print(f"api_p99_ms={p99:.1f}")
+
+
+if __name__ == "__main__":
+    main()

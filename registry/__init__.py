@@ -1,0 +1,1 @@
+"""The plugin-management domain: tokens, catalogue, operations, approvals, alert actions, audit."""

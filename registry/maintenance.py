@@ -1,0 +1,57 @@
+"""The registry's periodic duties, run by the daemon (and by ``pluginmon api``): expire
+approvals past their time, fail operations past their deadline, and refresh the catalogue's
+usage columns and the operation gauges (registry.usage).
+
+Once per database, like the storage maintenance: the work runs in one transaction holding a
+transaction-scoped advisory lock, so of many daemons sharing a database one does it and the
+others return at once. The connection is the daemon's own role, which sees every tenant.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+import asyncpg
+
+from pluginmon.registry import approvals, operations, usage
+
+# Any constant works as long as every pluginmon process uses the same one ("plregi").
+REGISTRY_LOCK_KEY = 0x706C_7265_6769
+
+
+@dataclass(frozen=True, slots=True)
+class RegistryMaintenanceReport:
+    # False when another process held the lock and this run did nothing.
+    ran: bool
+    approvals_expired: tuple[approvals.Approval, ...] = ()
+    deadline_failed: tuple[operations.Operation, ...] = ()
+    usage_refreshed: int = 0
+
+
+async def run(
+    conn: asyncpg.Connection,
+    *,
+    now: datetime,
+    usage_window_seconds: float = 120.0,
+    stuck_after_seconds: float = 1800.0,
+    failed_window_seconds: float = 3600.0,
+) -> RegistryMaintenanceReport:
+    async with conn.transaction():
+        if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", REGISTRY_LOCK_KEY):
+            return RegistryMaintenanceReport(ran=False)
+        expired = await approvals.expire_due(conn, now=now)
+        failed = await operations.fail_overdue(conn, now=now)
+        refreshed = await usage.refresh(
+            conn,
+            now=now,
+            window_seconds=usage_window_seconds,
+            stuck_after_seconds=stuck_after_seconds,
+            failed_window_seconds=failed_window_seconds,
+        )
+    return RegistryMaintenanceReport(
+        ran=True,
+        approvals_expired=tuple(expired),
+        deadline_failed=tuple(failed),
+        usage_refreshed=refreshed,
+    )

@@ -1,0 +1,315 @@
+"""The audit trail in the database: the hash chain, append-only enforcement, retention with an
+anchor, and verification catching rows changed, removed or reordered behind the triggers."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+
+import asyncpg
+import psycopg
+import pytest
+
+from pluginmon.registry import audit
+from pluginmon.registry.actor import Actor
+from pluginmon.registry.audit import Breach
+
+NOW = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
+ANN = Actor(name="ann", token_id=1, request_id="req-1", source_address="127.0.0.1")
+
+
+@pytest.fixture
+async def conn(migrated_db: str) -> AsyncIterator[asyncpg.Connection]:
+    connection = await asyncpg.connect(migrated_db)
+    try:
+        yield connection
+    finally:
+        await connection.close()
+
+
+async def _append(conn: asyncpg.Connection, tenant: str, n: int, *, start: int = 0) -> None:
+    for i in range(start, start + n):
+        await audit.append(
+            conn,
+            tenant_id=tenant,
+            actor=ANN,
+            action="plugin.update",
+            entity_type="plugin",
+            entity_id=f"p{i}",
+            occurred_at=NOW + timedelta(seconds=i),
+            before={"version": f"1.{i}"},
+            after={"version": f"1.{i + 1}", "api_token": "pmt_should_not_appear"},
+        )
+
+
+def _owner(url: str) -> psycopg.Connection[tuple[object, ...]]:
+    return psycopg.connect(url, autocommit=True)
+
+
+async def _verdict(conn: asyncpg.Connection, tenant: str) -> audit.ChainVerdict:
+    (verdict,) = await audit.verify(conn, tenant_id=tenant)
+    return verdict
+
+
+async def test_entries_are_chained_per_tenant_and_verify(conn: asyncpg.Connection) -> None:
+    await _append(conn, "a", 3)
+    await _append(conn, "b", 2)
+    rows = await conn.fetch(
+        "SELECT tenant_id, seq, prev_hash, entry_hash FROM audit_log ORDER BY tenant_id, seq"
+    )
+    assert [(r["tenant_id"], r["seq"]) for r in rows] == [
+        ("a", 1),
+        ("a", 2),
+        ("a", 3),
+        ("b", 1),
+        ("b", 2),
+    ]
+    assert bytes(rows[0]["prev_hash"]) == audit.GENESIS_HASH
+    assert bytes(rows[1]["prev_hash"]) == bytes(rows[0]["entry_hash"])
+    assert bytes(rows[3]["prev_hash"]) == audit.GENESIS_HASH  # b's chain is its own
+    verdicts = await audit.verify(conn)
+    assert [(v.tenant_id, v.checked, v.intact) for v in verdicts] == [
+        ("a", 3, True),
+        ("b", 2, True),
+    ]
+    # Redaction happened before hashing and storing.
+    after = await conn.fetchval(
+        "SELECT after_state::text FROM audit_log WHERE seq = 1 AND tenant_id = 'a'"
+    )
+    assert "pmt_should_not_appear" not in after
+    assert '"api_token": "***"' in after
+
+
+async def test_python_hash_matches_the_database_function(conn: asyncpg.Connection) -> None:
+    """Two independent implementations of one encoding (non-ASCII text included)."""
+    await audit.append(
+        conn,
+        tenant_id="a",
+        actor=Actor(name="zoë", request_id=None),
+        action="plugin.create",
+        entity_type="plugin",
+        entity_id="résumé",
+        occurred_at=NOW,
+        details={"note": "ünïcode ✓", "n": 1.5},
+    )
+    row = await conn.fetchrow(
+        f"SELECT {audit._CANONICAL_SELECT}, prev_hash, entry_hash,"  # noqa: S608 - constant
+        " pluginmon_audit_entry_hash(l) AS db_hash FROM audit_log l"
+    )
+    assert row is not None
+    python_hash = audit.entry_hash(
+        [row[c] for c in audit._CANONICAL_COLUMNS], bytes(row["prev_hash"])
+    )
+    assert python_hash == bytes(row["entry_hash"]) == bytes(row["db_hash"])
+
+
+async def test_append_only_for_everyone_including_the_owner(
+    conn: asyncpg.Connection, migrated_db: str
+) -> None:
+    await _append(conn, "a", 2)
+    with _owner(migrated_db) as owner:
+        for statement in (
+            "UPDATE audit_log SET actor = 'mallory'",
+            "DELETE FROM audit_log WHERE seq = 1",
+            "TRUNCATE audit_log",
+        ):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege, match="append-only"):
+                owner.execute(statement)
+        # The API role has neither the grant nor the function.
+        with owner.transaction():
+            owner.execute("SET LOCAL ROLE pluginmon_api")
+            owner.execute("SELECT set_config('pluginmon.tenant_id', 'a', true)")
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                owner.execute("SELECT pluginmon_audit_expire(now())")
+        with owner.transaction():
+            owner.execute("SET LOCAL ROLE pluginmon_api")
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                owner.execute("DELETE FROM audit_log")
+        # Supplied chain columns are ignored: the trigger takes the next link.
+        owner.execute(
+            "INSERT INTO audit_log (tenant_id, actor, action, entity_type, seq, prev_hash, entry_hash)"
+            " VALUES ('a', 'x', 'forged', 'plugin', 1, '\\x00', '\\x00')"
+        )
+        assert owner.execute("SELECT seq FROM audit_log WHERE action = 'forged'").fetchone() == (3,)
+        assert owner.execute("SELECT count(*) FROM audit_log").fetchone() == (3,)
+    assert (await _verdict(conn, "a")).intact
+
+
+async def test_retention_cuts_a_prefix_keeps_an_anchor_and_the_chain_verifies(
+    conn: asyncpg.Connection, migrated_db: str
+) -> None:
+    # Entries 1, 2 and 4 are old, 3 is not: the cut stops before 3, never leaves a hole.
+    old = NOW - timedelta(days=800)
+    for i, when in enumerate((old, old, NOW, old, NOW)):
+        await audit.append(
+            conn,
+            tenant_id="a",
+            actor=ANN,
+            action=f"act{i + 1}",
+            entity_type="plugin",
+            occurred_at=when,
+        )
+    with _owner(migrated_db) as owner:
+        removed = owner.execute(
+            "SELECT pluginmon_audit_expire(%s)", (NOW - timedelta(days=730),)
+        ).fetchone()
+        assert removed == (2,)
+        left = owner.execute("SELECT seq, action FROM audit_log ORDER BY seq").fetchall()
+        assert left == [(3, "act3"), (4, "act4"), (5, "act5"), (6, "audit.expire")]
+        chain = owner.execute(
+            "SELECT anchor_seq, head_seq FROM audit_chain WHERE lane = 0"
+        ).fetchone()
+        assert chain == (2, 6)
+        # Nothing more is old enough to go past entry 3: a second run removes nothing.
+        assert owner.execute(
+            "SELECT pluginmon_audit_expire(%s)", (NOW - timedelta(days=730),)
+        ).fetchone() == (0,)
+    verdict = await _verdict(conn, "a")
+    assert verdict.intact, verdict.problem
+    (lane,) = verdict.lanes
+    assert (lane.lane, lane.anchor_seq, lane.checked, lane.head_seq) == (0, 2, 4, 6)
+
+
+def _tamper(url: str, *statements: str) -> None:
+    """As the table owner, with the append-only trigger switched off for the moment."""
+    with _owner(url) as owner, owner.transaction():
+        owner.execute("ALTER TABLE audit_log DISABLE TRIGGER audit_log_append_only")
+        for statement in statements:
+            owner.execute(statement)
+        owner.execute("ALTER TABLE audit_log ENABLE TRIGGER audit_log_append_only")
+
+
+async def test_verify_names_an_updated_entry(conn: asyncpg.Connection, migrated_db: str) -> None:
+    await _append(conn, "a", 5)
+    await _append(conn, "b", 2)
+    _tamper(migrated_db, "UPDATE audit_log SET actor = 'mallory' WHERE tenant_id = 'a' AND seq = 3")
+    verdicts = {v.tenant_id: v for v in await audit.verify(conn)}
+    assert verdicts["b"].intact
+    problem = verdicts["a"].problem
+    assert problem is not None
+    assert (problem.kind, problem.seq) == (Breach.CHANGED, 3)
+    entry_id = await conn.fetchval("SELECT id FROM audit_log WHERE tenant_id = 'a' AND seq = 3")
+    assert problem.entry_id == entry_id
+    assert f"seq=3 id={entry_id} was changed" in problem.message
+
+
+async def test_verify_names_a_deleted_entry(conn: asyncpg.Connection, migrated_db: str) -> None:
+    await _append(conn, "a", 5)
+    _tamper(migrated_db, "DELETE FROM audit_log WHERE tenant_id = 'a' AND seq = 2")
+    problem = (await _verdict(conn, "a")).problem
+    assert problem is not None
+    assert (problem.kind, problem.seq) == (Breach.REMOVED, 2)
+    assert "entry seq=2 is missing" in problem.message
+
+
+async def test_verify_notices_a_removed_tail(conn: asyncpg.Connection, migrated_db: str) -> None:
+    await _append(conn, "a", 4)
+    _tamper(migrated_db, "DELETE FROM audit_log WHERE tenant_id = 'a' AND seq >= 3")
+    problem = (await _verdict(conn, "a")).problem
+    assert problem is not None
+    assert (problem.kind, problem.seq) == (Breach.REMOVED, 3)
+    assert "chain head is seq=4" in problem.message
+
+
+async def test_verify_names_a_swapped_pair(conn: asyncpg.Connection, migrated_db: str) -> None:
+    await _append(conn, "a", 5)
+    # Entries 2 and 3 trade places (the unique (tenant, seq) needs a parking value).
+    _tamper(
+        migrated_db,
+        "UPDATE audit_log SET seq = 1000000 WHERE tenant_id = 'a' AND seq = 2",
+        "UPDATE audit_log SET seq = 2 WHERE tenant_id = 'a' AND seq = 3",
+        "UPDATE audit_log SET seq = 3 WHERE tenant_id = 'a' AND seq = 1000000",
+    )
+    problem = (await _verdict(conn, "a")).problem
+    assert problem is not None
+    assert (problem.kind, problem.seq) == (Breach.REORDERED, 2)
+    assert "does not follow entry seq=1" in problem.message
+
+
+async def test_verify_catches_a_recomputed_hash(conn: asyncpg.Connection, migrated_db: str) -> None:
+    """A forger who also recomputes the changed entry's own hash breaks the next link."""
+    await _append(conn, "a", 4)
+    _tamper(
+        migrated_db,
+        "UPDATE audit_log SET actor = 'mallory' WHERE tenant_id = 'a' AND seq = 2",
+        "UPDATE audit_log l SET entry_hash = pluginmon_audit_entry_hash(l)"
+        " WHERE tenant_id = 'a' AND seq = 2",
+    )
+    problem = (await _verdict(conn, "a")).problem
+    assert problem is not None
+    assert (problem.kind, problem.seq) == (Breach.REORDERED, 3)
+
+
+async def test_query_filters(conn: asyncpg.Connection) -> None:
+    await _append(conn, "a", 3)
+    await audit.append(
+        conn,
+        tenant_id="a",
+        actor=Actor(name="bob"),
+        action="operation.create",
+        entity_type="operation",
+        entity_id="7",
+        occurred_at=NOW + timedelta(hours=1),
+    )
+    everything = await audit.query(conn, audit.AuditQuery())
+    assert [e.seq for e in everything] == [4, 3, 2, 1]
+    by_bob = await audit.query(conn, audit.AuditQuery(actor="bob"))
+    assert [(e.action, e.target) for e in by_bob] == [("operation.create", "operation/7")]
+    one_plugin = await audit.query(conn, audit.AuditQuery(target="plugin/p1"))
+    assert [e.entity_id for e in one_plugin] == ["p1"]
+    plugins_only = await audit.query(conn, audit.AuditQuery(target="plugin"))
+    assert len(plugins_only) == 3
+    window = await audit.query(
+        conn, audit.AuditQuery(since=NOW + timedelta(seconds=1), until=NOW + timedelta(seconds=2))
+    )
+    assert [e.entity_id for e in window] == ["p1"]
+    page = await audit.query(conn, audit.AuditQuery(limit=2))
+    older = await audit.query(conn, audit.AuditQuery(before_id=page[-1].id, limit=2))
+    assert [e.seq for e in page + older] == [4, 3, 2, 1]
+
+
+async def test_concurrent_writers_chain_side_by_side(
+    conn: asyncpg.Connection, migrated_db: str
+) -> None:
+    """Open transactions of one tenant do not wait for each other: each takes a free lane."""
+    await _append(conn, "a", 1)  # the tenant's first entry creates its lanes
+    writers = [await asyncpg.connect(migrated_db) for _ in range(3)]
+    try:
+        transactions = [w.transaction() for w in writers]
+        lanes = []
+        for i, (writer, transaction) in enumerate(zip(writers, transactions, strict=True)):
+            await transaction.start()
+            # Waiting for another writer's lane would fail here instead of hanging.
+            await writer.execute("SET LOCAL lock_timeout = '2s'")
+            await audit.append(
+                writer,
+                tenant_id="a",
+                actor=Actor(name=f"w{i}", request_id=f"r{i}"),
+                action="plugin.update",
+                entity_type="plugin",
+                occurred_at=NOW,
+            )
+            lanes.append(
+                await writer.fetchval("SELECT lane FROM audit_log WHERE request_id = $1", f"r{i}")
+            )
+        assert lanes == [0, 1, 2]
+        for transaction in transactions:
+            await transaction.commit()
+    finally:
+        for writer in writers:
+            await writer.close()
+    await _append(conn, "a", 2)  # one at a time: lane 0 again
+    (verdict,) = await audit.verify(conn, tenant_id="a")
+    assert verdict.intact, verdict.problem
+    assert [(lane.lane, lane.checked) for lane in verdict.lanes] == [(0, 4), (1, 1), (2, 1)]
+    _tamper(
+        migrated_db, "UPDATE audit_log SET actor = 'mallory' WHERE tenant_id = 'a' AND lane = 1"
+    )
+    (verdict,) = await audit.verify(conn, tenant_id="a")
+    assert verdict.problem is not None
+    assert (verdict.problem.lane, verdict.problem.seq, verdict.problem.kind) == (
+        1,
+        1,
+        Breach.CHANGED,
+    )
+    assert "in lane 1 was changed" in verdict.problem.message
