@@ -75,7 +75,12 @@ class DatabaseWatch:
         try:
             async with asyncio.timeout(self._probe_timeout):
                 await self._pool.fetchval("SELECT 1")
-        except (*TRANSIENT_ERRORS, asyncpg.PostgresError, asyncpg.InterfaceError, ValueError) as exc:
+        except (
+            *TRANSIENT_ERRORS,
+            asyncpg.PostgresError,
+            asyncpg.InterfaceError,
+            ValueError,
+        ) as exc:
             self.reason = describe_database_error(exc)
             self.failed(exc)
             return False

@@ -16,14 +16,13 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import pytest
 
-from pluginmon.alerts.engine import AlertEngine
 from pluginmon.alerts.engine import AlertEngine, EvaluationReport
 from pluginmon.alerts.outbox import OutboxDeliverer
 from pluginmon.alerts.rules import Rule, WebhookConfig
 from pluginmon.collectors.models import PluginKey
+from pluginmon.collectors.sampler import Sampler
 from pluginmon.daemon.config_health import parse_health_config
 from pluginmon.daemon.config_sections import parse_rules
-from pluginmon.collectors.sampler import Sampler
 from pluginmon.storage import alert_state
 from tests.alerts_helpers import (
     T0,
