@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from datetime import datetime
 from pathlib import Path
 
 from pluginmon.storage.alert_journal import AlertJournal, JournalBatch, replay_journal
@@ -13,6 +15,47 @@ from pluginmon.storage.outbox_store import DeliveryRecord, OutboxWrite
 from pluginmon.storage.spool import SpoolError
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class JournalContents:
+    """What journal batches hold, folded: the state to take back without the database."""
+
+    # The latest write of each alert instance ((fingerprint, started_at)), in the order of
+    # their latest writes.
+    alerts: list[AlertWrite]
+    # Every notification, oldest first, with its delivery mark if it has one.
+    notifications: list[tuple[OutboxWrite, DeliveryRecord | None]]
+    last_sent: dict[tuple[str, str], float]  # (receiver, group key) -> unix seconds queued
+
+
+def read_back(batches: Sequence[JournalBatch], *, instance: str) -> JournalContents:
+    """Fold journal batches (oldest first) into :class:`JournalContents` (pure). Entries
+    without an owner (journaled before owners were recorded) get ``instance``."""
+    latest: dict[tuple[str, datetime], AlertWrite] = {}
+    marks: dict[str, DeliveryRecord] = {}
+    notifications: list[OutboxWrite] = []
+    for batch in batches:
+        for entry in batch.entries:
+            if isinstance(entry, DeliveryRecord):
+                marks[entry.idempotency_key] = entry
+                continue
+            if not entry.instance:
+                entry = replace(entry, instance=instance)
+            if isinstance(entry, AlertWrite):
+                latest.pop((entry.fingerprint, entry.started_at), None)  # later writes win
+                latest[(entry.fingerprint, entry.started_at)] = entry
+            else:
+                notifications.append(entry)
+    last_sent: dict[tuple[str, str], float] = {}
+    for write in notifications:
+        group = (write.receiver, write.group_key)
+        last_sent[group] = max(last_sent.get(group, 0.0), write.created_at.timestamp())
+    return JournalContents(
+        alerts=list(latest.values()),
+        notifications=[(n, marks.get(n.idempotency_key)) for n in notifications],
+        last_sent=last_sent,
+    )
 
 
 class OutageJournal:

@@ -1,5 +1,10 @@
 """Alert persistence: alert state, queued notifications and health scores to the database, the disk journal while it is away.
 
+Over 500 lines on purpose: the alert row ids, the notification backlog and the journal's
+outbox are one state, changed by the database write (one transaction, item by item when it
+is refused), by the hand-over to the journal and by the journal's rewrite; they are read
+together when any of them changes.
+
 The only part of the engine that knows database ids: plugin ids come from the mapping the
 caller passes each cycle (or a :class:`PluginIds` source, or the rows loaded at start), and
 the id of each alert's plugin_alerts row is kept here by the alert's ``seq``. An alert or a
@@ -40,7 +45,7 @@ import asyncpg
 from pluginmon.alerts.book import AlertRecord
 from pluginmon.alerts.health import HealthScore
 from pluginmon.alerts.journal_outbox import JournaledNotification, JournalOutbox
-from pluginmon.alerts.journaling import OutageJournal
+from pluginmon.alerts.journaling import OutageJournal, read_back
 from pluginmon.alerts.planner import Notification
 from pluginmon.alerts.scoring import health_labels_json
 from pluginmon.collectors.models import PluginKey
@@ -235,43 +240,23 @@ class AlertPersistence:
 
     def _take_batches(self, batches: Sequence[JournalBatch]) -> Absorbed:
         assert self.journal_outbox is not None
-        latest: dict[tuple[str, datetime], AlertWrite] = {}
-        marks: dict[str, DeliveryRecord] = {}
-        notifications: list[OutboxWrite] = []
-        for batch in batches:
-            for entry in batch.entries:
-                if isinstance(entry, DeliveryRecord):
-                    marks[entry.idempotency_key] = entry
-                    continue
-                if not entry.instance:
-                    entry = replace(entry, instance=self.instance)
-                if isinstance(entry, AlertWrite):
-                    # one instance of one alert: (fingerprint, started_at); later writes win
-                    latest.pop((entry.fingerprint, entry.started_at), None)
-                    latest[(entry.fingerprint, entry.started_at)] = entry
-                else:
-                    notifications.append(entry)
-        last_sent: dict[tuple[str, str], float] = {}
-        for write in notifications:
+        contents = read_back(batches, instance=self.instance)
+        for write, mark in contents.notifications:
             key = PluginKey(write.tenant_id, entry_plugin(write), write.environment)
             if write.plugin_id is not None:
                 self._known_ids.setdefault(key, write.plugin_id)
-            self.journal_outbox.add(
-                write, key, journaled=True, record=marks.get(write.idempotency_key)
-            )
-            group = (write.receiver, write.group_key)
-            last_sent[group] = max(last_sent.get(group, 0.0), write.created_at.timestamp())
-        self._absorbed = [(w, None) for w in latest.values()]
-        open_alerts = [w for w in latest.values() if w.resolved_at is None]
+            self.journal_outbox.add(write, key, journaled=True, record=mark)
+        self._absorbed = [(w, None) for w in contents.alerts]
+        open_alerts = [w for w in contents.alerts if w.resolved_at is None]
         logger.info(
             "alert journal read without the database: %d alert instance(s) (%d open), "
             "%d notification(s) (%d already delivered or given up)",
-            len(latest),
+            len(contents.alerts),
             len(open_alerts),
-            len(notifications),
-            sum(1 for n in notifications if n.idempotency_key in marks),
+            len(contents.notifications),
+            sum(1 for _, mark in contents.notifications if mark is not None),
         )
-        return Absorbed(open_alerts, last_sent)
+        return Absorbed(open_alerts, contents.last_sent)
 
     def adopt_absorbed(self, alert: AlertRecord, write: AlertWrite) -> None:
         """``alert`` is the book's record of the journaled ``write`` (it takes the row id
