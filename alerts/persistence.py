@@ -109,6 +109,8 @@ def _error(exc: BaseException) -> str:
 
 
 NOT_STARTED = "the alert engine has not been started on the database yet (schema not ready)"
+# How long a cycle waits for a database it already knows to be away (see _attempt_timeout).
+OUTAGE_PROBE_SECONDS = 3.0
 
 
 class AlertPersistence:
@@ -161,11 +163,19 @@ class AlertPersistence:
         # Alert writes read from a previous process's journal (absorb_journal), to replay
         # into the database before anything newer; the seq of the book's record of each
         # open one, which takes the row id.
-        self._absorbed: list[tuple[AlertWrite, int | None]] = []
+        self._absorbed: list[AlertWrite] = []
+        self._absorbed_seq: dict[int, int] = {}  # id() of an absorbed write -> book seq
         self._compacted_batches: int | None = None  # journal batches after the last rewrite
         # (score, unix seconds) last written to plugins.health_score, per plugin
         self._plugin_written: dict[PluginKey, tuple[float, float]] = {}
         self._db_ok = True
+
+    @property
+    def _attempt_timeout(self) -> float:
+        # While the database is known to be away, a cycle only probes it, briefly: a
+        # database that accepts connections and never answers must not hold up evaluation
+        # (and so every alert) for the whole timeout each cycle.
+        return self._db_timeout if self._db_ok else min(self._db_timeout, OUTAGE_PROBE_SECONDS)
 
     @property
     def unpersisted_alerts(self) -> int:
@@ -205,7 +215,7 @@ class AlertPersistence:
         propagate."""
         if self._journal is not None:
             await self._journal.open()
-        async with asyncio.timeout(self._db_timeout), self._pool.acquire() as conn:
+        async with asyncio.timeout(self._attempt_timeout), self._pool.acquire() as conn:
             if self._journal is not None:
                 await self._journal.replay_inherited(conn)
             adopted = await alert_state.adopt_unowned(conn, self.instance)
@@ -246,7 +256,7 @@ class AlertPersistence:
             if write.plugin_id is not None:
                 self._known_ids.setdefault(key, write.plugin_id)
             self.journal_outbox.add(write, key, journaled=True, record=mark)
-        self._absorbed = [(w, None) for w in contents.alerts]
+        self._absorbed = list(contents.alerts)
         open_alerts = [w for w in contents.alerts if w.resolved_at is None]
         logger.info(
             "alert journal read without the database: %d alert instance(s) (%d open), "
@@ -263,7 +273,7 @@ class AlertPersistence:
         when the write reaches the database)."""
         if write.plugin_id is not None:
             self._known_ids.setdefault(alert.key, write.plugin_id)
-        self._absorbed = [(w, alert.seq if w is write else seq) for w, seq in self._absorbed]
+        self._absorbed_seq[id(write)] = alert.seq
 
     # --- inputs -------------------------------------------------------------------------------
 
@@ -274,7 +284,7 @@ class AlertPersistence:
         ``dependencies_refresh_seconds``) and, when ``metric_names`` is not empty, the latest
         plugin_metrics values of ``keys``; a transient database error as a string."""
         try:
-            async with asyncio.timeout(self._db_timeout), self._pool.acquire() as conn:
+            async with asyncio.timeout(self._attempt_timeout), self._pool.acquire() as conn:
                 silences = await alert_inputs.active_silences(conn, now)
                 acked = await alert_state.acknowledged(conn)
                 deps = None
@@ -401,8 +411,8 @@ class AlertPersistence:
                     # A journal this process could not replay at start goes in first, in order.
                     await self._journal.replay_inherited(conn)
                 absorbed = [
-                    (replace(w, plugin_id=pid), seq)
-                    for w, seq in self._absorbed
+                    (replace(w, plugin_id=pid), self._absorbed_seq.get(id(w)))
+                    for w in self._absorbed
                     if (pid := w.plugin_id or self.plugin_id(self._write_key(w))) is not None
                 ]
                 alerts: list[tuple[AlertRecord, int]] = []
@@ -450,10 +460,12 @@ class AlertPersistence:
                 written = True
                 # those still without a plugin id wait for one
                 self._absorbed = [
-                    (w, seq)
-                    for w, seq in self._absorbed
+                    w
+                    for w in self._absorbed
                     if (w.plugin_id or self.plugin_id(self._write_key(w))) is None
                 ]
+                kept = {id(w) for w in self._absorbed}
+                self._absorbed_seq = {k: v for k, v in self._absorbed_seq.items() if k in kept}
                 for (alert, _), row_id in zip(alerts, ids, strict=True):
                     del unsaved[alert.seq]
                     self._unjournaled.pop(alert.seq, None)
@@ -596,7 +608,7 @@ class AlertPersistence:
             return
         alerts = sorted(self._unsaved.values(), key=lambda a: a.seq)
         entries = [] if self.journal_outbox is None else self.journal_outbox.entries()
-        absorbed = [w for w, _ in self._absorbed]
+        absorbed = list(self._absorbed)
         if (alerts or entries or absorbed) and journal.batches == self._compacted_batches:
             return  # nothing appended since the last rewrite
         if await journal.rewrite(
