@@ -35,6 +35,9 @@ def test_rss_plateaus_through_a_two_minute_outage_at_2000_plugins() -> None:
             "0.5",
             "--spool-max-gib",
             "1",
+            # the leak forecast's bounded RSS history full within the first half
+            "--leak-window-seconds",
+            "40",
         ],
         cwd=REPO,
         env={**os.environ, "PYTHONPATH": str(REPO)},
