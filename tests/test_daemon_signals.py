@@ -457,7 +457,12 @@ def test_sighup_reloads_plugins_and_rules_and_keeps_restart_settings(
                 lambda: all(_firing(daemon, n) == 1 for n in ("E2EUp", "E2ECpu", "E2EGone")),
             )
             assert daemon.metric("pluginmon_plugin_up", **LABELS_SLEEPER) is None
-            before = _alert_rows(e2e_db)
+            # Alerts are evaluated from the first sample, before the plugin has a database
+            # id; their rows follow once it has one (a cycle or so later).
+            before = wait_for(
+                "the three alerts' rows in plugin_alerts",
+                lambda: rows if len(rows := _alert_rows(e2e_db)) == 3 else None,
+            )
             assert {r: before[r][1] for r in before} == {
                 "E2EUp": "firing",
                 "E2ECpu": "firing",
