@@ -1,4 +1,9 @@
-"""Composition root: builds every component on one AsyncExitStack, starts the jobs, shuts down in order."""
+"""Composition root: builds every component on one AsyncExitStack, starts the jobs, shuts down in order.
+
+Over 500 lines on purpose: it is the one place that states the start-up order (what runs
+before migrations, what waits for them) and its mirror, the shutdown order; the parts it
+wires are built elsewhere (coordinator, ingest, upkeep, plugin_metrics, api_wiring).
+"""
 
 from __future__ import annotations
 

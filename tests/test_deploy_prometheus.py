@@ -286,7 +286,7 @@ def test_real_prometheus_scrapes_and_evaluates_the_rules(daemons: Daemons, tmp_p
                 (
                     a["labels"]["alertname"],
                     a["labels"].get("plugin", ""),
-                    a["labels"]["instance"],
+                    a["labels"].get("instance", ""),
                 ): a["state"]
                 for a in found
             }
