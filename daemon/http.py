@@ -32,6 +32,7 @@ import logging
 import math
 import os
 import resource
+import socket
 import ssl
 import time
 import zlib
@@ -39,7 +40,7 @@ from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
@@ -64,6 +65,7 @@ _OVER_LIMIT_RESPONSE = (
 # accept() errors that mean "out of descriptors or memory" (asyncio retries them each second).
 _ACCEPT_RESOURCE_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 REJECT_CONNECTION_LIMIT = "connection_limit"
+LISTEN_QUEUE: Final = 100  # asyncio's default backlog
 REJECT_HEADER_TIMEOUT = "header_timeout"
 
 
@@ -108,6 +110,23 @@ def connection_limit(max_connections: int, *, open_files_limit: int | None = Non
     if open_files_limit == resource.RLIM_INFINITY or open_files_limit <= 0:
         return max_connections
     return max(1, min(max_connections, open_files_limit // 4))
+
+
+def accept_batch(open_files_limit: int | None = None) -> int:
+    """How many connections asyncio accepts in one go (its ``backlog``): 100, but at most a
+    quarter of the descriptor limit.
+
+    asyncio accepts up to ``backlog`` sockets per readiness event before any of them reaches
+    the limit check and is closed; with the default of 100 a flood against a low descriptor
+    limit exhausts it (EMFILE) for a moment although the connection limit holds. The
+    kernel's listen queue is set back to ``LISTEN_QUEUE`` once the server listens.
+    """
+    if open_files_limit is None:
+        soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        open_files_limit = soft
+    if open_files_limit == resource.RLIM_INFINITY or open_files_limit <= 0:
+        return 100
+    return max(1, min(100, open_files_limit // 4))
 
 
 def _qvalue(params: list[str]) -> float:
@@ -528,6 +547,7 @@ class HttpServer:
                 self._port,
                 ssl=self._ssl_context,
                 reuse_address=True,
+                backlog=accept_batch(),
                 ssl_handshake_timeout=(
                     limits.header_timeout_seconds if self._ssl_context is not None else None
                 ),
@@ -540,6 +560,12 @@ class HttpServer:
         except BaseException:
             await runner.cleanup()
             raise
+        for listening in self._server.sockets:
+            # The kernel's queue stays at 100 although asyncio accepts fewer at a time.
+            with socket.socket(
+                listening.family, listening.type, listening.proto, fileno=os.dup(listening.fileno())
+            ) as same:
+                same.listen(LISTEN_QUEUE)
         self._runner = runner
         self._loop = loop
         self._previous_exception_handler = loop.get_exception_handler()

@@ -33,6 +33,7 @@ from pluginmon.daemon.http import (
     HttpServer,
     Readiness,
     Throttle,
+    accept_batch,
     connection_limit,
     tls_context,
     wants_gzip,
@@ -326,6 +327,10 @@ def test_connection_limit_is_a_quarter_of_the_descriptor_limit() -> None:
     assert connection_limit(256, open_files_limit=128) == 32
     assert connection_limit(256, open_files_limit=2) == 1
     assert connection_limit(10, open_files_limit=resource.RLIM_INFINITY) == 10
+    assert accept_batch(1024) == 100
+    assert accept_batch(128) == 32
+    assert accept_batch(2) == 1
+    assert accept_batch(resource.RLIM_INFINITY) == 100
     with pytest.raises(ValueError, match="header_timeout_seconds"):
         HttpLimits(header_timeout_seconds=float("inf"))
     with pytest.raises(ValueError, match="max_connections"):
