@@ -19,6 +19,8 @@ from pathlib import Path
 
 import psycopg
 
+from pluginmon.storage.cluster_roles import prepare_cluster_roles
+
 logger = logging.getLogger(__name__)
 
 # Every admin-plane connection gives up after this long when the server does not answer (a
@@ -68,6 +70,12 @@ class ExtensionTooOldError(DatabaseRefusedError):
     """The server's (or the database's) TimescaleDB is older than the migrations need."""
 
     reason = "extension_too_old"
+
+
+class MissingPrivilegeError(DatabaseRefusedError):
+    """The migrating user may not create or grant a cluster role a pending file needs."""
+
+    reason = "missing_privilege"
 
 
 class NewerSchemaError(DatabaseRefusedError):
@@ -393,6 +401,13 @@ def _migrate_locked(
                 f"(checksum {str(row[3])[:12]} recorded, {migration.checksum[:12]} on disk); "
                 "add a new migration instead of editing an applied one"
             )
+
+    # Before any file: a pending file that could not create or grant its cluster roles would
+    # fail half-way with the server's words; this names the roles and the statement to run.
+    pending = {m.filename for m in migrations if m.version not in applied}
+    problem = prepare_cluster_roles(conn, pending_files=pending)
+    if problem is not None:
+        raise MissingPrivilegeError(problem)
 
     newly_applied: list[str] = []
     for migration in migrations:

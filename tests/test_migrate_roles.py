@@ -1,0 +1,214 @@
+"""Migrating as a non-superuser database owner: the cluster-wide roles on a server of the test's own.
+
+Roles are cluster-wide, so the session's shared server (whose roles a superuser created when
+it migrated the template) cannot show a first migration: these tests start their own
+embedded PostgreSQL (18, from the pip package), where no pluginmon role exists yet.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import quote, urlsplit, urlunsplit
+
+import psycopg
+import pytest
+from psycopg import sql
+
+from pluginmon.storage.cluster_roles import (
+    CLUSTER_ROLES,
+    Migrator,
+    RoleState,
+    missing_privileges,
+    tenant_group_warning,
+)
+from pluginmon.storage.embedded import EmbeddedPostgres
+from pluginmon.storage.migrate import MissingPrivilegeError, applied_versions, migrate
+from pluginmon.storage.reachability import failure_reason
+from tests.daemon_helpers import run_cli
+
+API_ROLES = "pluginmon_api, pluginmon_audit_retention"
+
+# -- the pure decision ----------------------------------------------------------------------
+
+
+def _states(
+    *, exists: bool, has_admin: bool, admins: tuple[str, ...] = ()
+) -> tuple[RoleState, ...]:
+    return tuple(
+        RoleState(role=role, exists=exists, has_admin=has_admin, admins=admins)
+        for role in CLUSTER_ROLES
+    )
+
+
+def _migrator(
+    *, superuser: bool = False, createrole: bool = True, version: int = 180000
+) -> Migrator:
+    return Migrator(
+        user="pm_owner", superuser=superuser, createrole=createrole, server_version_num=version
+    )
+
+
+def test_superusers_and_role_admins_pass_and_others_get_the_statement_to_run() -> None:
+    assert (
+        missing_privileges(_migrator(superuser=True), _states(exists=False, has_admin=False))
+        is None
+    )
+    assert missing_privileges(_migrator(), _states(exists=True, has_admin=True)) is None
+    # Before PostgreSQL 16 CREATEROLE may grant any non-superuser role.
+    old = _migrator(version=150008)
+    assert missing_privileges(old, _states(exists=True, has_admin=False)) is None
+    assert (
+        missing_privileges(
+            _migrator(createrole=False, version=150008), _states(exists=True, has_admin=False)
+        )
+        is not None
+    )
+
+    lacking = missing_privileges(
+        _migrator(), _states(exists=True, has_admin=False, admins=("pm_first",))
+    )
+    assert lacking is not None
+    assert f"GRANT {API_ROLES} TO pm_owner WITH ADMIN TRUE, INHERIT FALSE, SET FALSE" in lacking
+    assert "(pm_first may)" in lacking
+    assert "PostgreSQL 16+" in lacking
+    # The tenant groups are not granted by a migration: only the two API roles are named.
+    assert "pluginmon_tenant_reader" not in lacking
+
+    absent = missing_privileges(_migrator(createrole=False), _states(exists=False, has_admin=False))
+    assert absent is not None
+    assert "pm_owner may not create them (no CREATEROLE)" in absent
+    assert "ALTER ROLE pm_owner CREATEROLE" in absent
+    assert "CREATE ROLE pluginmon_api NOLOGIN" in absent
+
+    warned = tenant_group_warning(_migrator(), _states(exists=True, has_admin=False))
+    assert warned is not None
+    assert "pluginmon_bind_tenant_role" in warned
+    assert tenant_group_warning(_migrator(), _states(exists=True, has_admin=True)) is None
+
+
+# -- a server of the test's own -----------------------------------------------------------------
+
+
+@pytest.fixture
+def own_admin_url(server_tmp_dir: Path) -> Iterator[str]:
+    server = EmbeddedPostgres(server_tmp_dir / "pg")
+    server.start()
+    try:
+        yield server.url("postgres")
+    finally:
+        server.stop(mode="immediate")
+
+
+def _login(admin_url: str, user: str, *, createrole: bool, database: str) -> str:
+    """A login role (with or without CREATEROLE) owning a new ``database``; its URL."""
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute(
+            sql.SQL("CREATE ROLE {} LOGIN {} PASSWORD {}").format(
+                sql.Identifier(user),
+                sql.SQL("CREATEROLE" if createrole else "NOCREATEROLE"),
+                sql.Literal(f"pw-{user}"),
+            )
+        )
+    return _database(admin_url, user, database)
+
+
+def _database(admin_url: str, user: str, database: str) -> str:
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute(
+            sql.SQL("CREATE DATABASE {} OWNER {}").format(
+                sql.Identifier(database), sql.Identifier(user)
+            )
+        )
+    parts = urlsplit(admin_url)
+    netloc = f"{user}:{quote(f'pw-{user}', safe='')}@{parts.hostname}:{parts.port}"
+    return urlunsplit(parts._replace(netloc=netloc, path="/" + database))
+
+
+def _roles_exist(admin_url: str) -> list[str]:
+    with psycopg.connect(admin_url) as conn:
+        rows = conn.execute(
+            "SELECT rolname FROM pg_roles WHERE rolname LIKE 'pluginmon\\_%' ORDER BY 1"
+        ).fetchall()
+    return [str(r[0]) for r in rows]
+
+
+def _api_works(url: str) -> None:
+    """What the daemon does with the roles: requests as pluginmon_api, audit retention."""
+    with psycopg.connect(url) as conn:
+        conn.execute("SET LOCAL ROLE pluginmon_api")
+        assert conn.execute("SELECT current_user, count(*) FROM plugins").fetchone() == (
+            "pluginmon_api",
+            0,
+        )
+        conn.rollback()
+        conn.execute("INSERT INTO tenants (id, name) VALUES ('acme', 'acme')")
+        conn.execute(
+            "INSERT INTO audit_log (tenant_id, actor, action, entity_type, occurred_at)"
+            " VALUES ('acme', 'test', 'probe', 'test', now() - interval '2 days')"
+        )
+        # Only the retention role deletes audit rows: its function must have been handed over.
+        expired = conn.execute("SELECT pluginmon_audit_expire(now() - interval '1 day')")
+        assert expired.fetchone() == (1,)
+        conn.commit()
+        # The daemon's role acts as pluginmon_api, never as the retention role (which alone
+        # deletes audit rows).
+        user = conn.execute("SELECT session_user").fetchone()
+        assert user is not None
+        row = conn.execute(
+            "SELECT pg_has_role(session_user, 'pluginmon_api', 'SET'),"
+            " pg_has_role(session_user, 'pluginmon_audit_retention', 'SET'),"
+            " pg_has_role(session_user, 'pluginmon_audit_retention', 'USAGE')"
+        ).fetchone()
+        assert row == (True, False, False), user
+
+
+def test_a_createrole_owner_migrates_a_fresh_server_and_a_second_database(
+    own_admin_url: str,
+) -> None:
+    assert _roles_exist(own_admin_url) == []
+
+    # No CREATEROLE and no roles yet: refused before any file, with what to do.
+    plain = _login(own_admin_url, "pm_plain", createrole=False, database="pm_plain_db")
+    with pytest.raises(MissingPrivilegeError) as refused:
+        migrate(plain)
+    assert failure_reason(refused.value) == "missing_privilege"
+    assert "pm_plain may not create them (no CREATEROLE)" in str(refused.value)
+    assert list(applied_versions(plain)) == []
+    assert _roles_exist(own_admin_url) == []
+
+    # A CREATEROLE owner: creates the roles, holds ADMIN on them, migrates.
+    first = _login(own_admin_url, "pm_first", createrole=True, database="pm_first_db")
+    result = migrate(first)
+    assert {"030_api.sql", "031_audit_expire_execute.sql"} <= set(result.applied)
+    assert _roles_exist(own_admin_url) == sorted(role.name for role in CLUSTER_ROLES)
+    _api_works(first)
+
+    # A second pluginmon database on the same server, same owner: the roles exist already.
+    second = _database(own_admin_url, "pm_first", "pm_second_db")
+    assert "031_audit_expire_execute.sql" in migrate(second).applied
+    _api_works(second)
+    assert migrate(second).applied == ()  # and nothing to do again
+
+
+def test_another_owner_on_the_same_server_is_told_who_can_grant_and_then_migrates(
+    own_admin_url: str,
+) -> None:
+    first = _login(own_admin_url, "pm_first", createrole=True, database="pm_first_db")
+    migrate(first)  # creates the cluster roles: pm_first holds ADMIN on them
+
+    other = _login(own_admin_url, "pm_other", createrole=True, database="pm_other_db")
+    result = run_cli("migrate", env={"PLUGINMON_DATABASE_URL": other})
+    assert result.returncode == 1, result.stderr
+    assert "missing_privilege" in result.stderr
+    grant = f"GRANT {API_ROLES} TO pm_other WITH ADMIN TRUE, INHERIT FALSE, SET FALSE"
+    assert grant in result.stderr
+    assert "(pm_first may)" in result.stderr
+    assert "pw-pm_other" not in result.stderr + result.stdout
+    assert list(applied_versions(other)) == []  # refused before any file ran
+
+    # What the message says, done by pm_first (no superuser needed): now it migrates.
+    with psycopg.connect(first, autocommit=True) as conn:
+        conn.execute(grant)
+    assert "031_audit_expire_execute.sql" in migrate(other).applied
+    _api_works(other)
