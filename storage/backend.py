@@ -214,33 +214,63 @@ async def maintenance_lock(conn: AdminConnection) -> AsyncIterator[bool]:
             await conn.execute("SELECT pg_advisory_unlock(%s)", (MAINTENANCE_LOCK_KEY,))
 
 
+def _expire_audited(relation: str, condition: str) -> str:
+    """DELETE from a tenant table and, in the same statement, record the run as one audit
+    entry (actor ``daemon``, action ``retention.run``, target the table) in each tenant whose
+    rows it removed, like ``pluginmon_audit_expire`` does for the audit trail itself. The
+    entries are plain inserts: the audit trigger chains them (storage may not import the
+    registry's helpers). Returns the number of rows removed."""
+    return f"""
+WITH removed AS (
+    DELETE FROM {relation} WHERE {condition} RETURNING tenant_id
+), per_tenant AS (
+    SELECT tenant_id, count(*) AS rows_removed FROM removed GROUP BY tenant_id
+), recorded AS (
+    INSERT INTO audit_log (tenant_id, actor, action, entity_type, details)
+    SELECT tenant_id, 'daemon', 'retention.run', '{relation}',
+           jsonb_build_object('removed', rows_removed, 'horizon', %(horizon)s::timestamptz)
+      FROM per_tenant ORDER BY tenant_id
+    RETURNING 1
+)
+SELECT coalesce(sum(rows_removed), 0)::bigint FROM per_tenant
+"""  # noqa: S608 - constants of this module, never input
+
+
 # Plain tables with time-based retention on both backends: (relation, SQL, retention field).
+# Each statement returns the number of rows it removed.
 _EXPIRY: tuple[tuple[str, str, str], ...] = (
     (
         "plugin_operations",
-        "DELETE FROM plugin_operations"
-        " WHERE status IN ('succeeded', 'failed', 'cancelled') AND finished_at < %s",
+        _expire_audited(
+            "plugin_operations",
+            "status IN ('succeeded', 'failed', 'cancelled') AND finished_at < %(horizon)s",
+        ),
         "operations",
     ),
     # Audit entries leave only through this function (sql/030_api.sql): it removes the
     # oldest part of each tenant's hash chain, keeps an anchor and records the run.
-    ("audit_log", "SELECT pluginmon_audit_expire(%s)", "audit"),
-    ("plugin_analytics", "DELETE FROM plugin_analytics WHERE period_start < %s", "analytics"),
+    ("audit_log", "SELECT pluginmon_audit_expire(%(horizon)s)", "audit"),
+    (
+        "plugin_analytics",
+        _expire_audited("plugin_analytics", "period_start < %(horizon)s"),
+        "analytics",
+    ),
 )
 
 
 async def delete_expired(
     conn: AdminConnection, retention: Retention, now: datetime
 ) -> list[tuple[str, int]]:
-    """Delete completed operations, audit entries and analytics past their horizons."""
+    """Delete completed operations, audit entries and analytics past their horizons; each
+    run that removes a tenant's rows leaves an audit entry in that tenant's chain."""
     require_autocommit(conn)
     removed: list[tuple[str, int]] = []
     for relation, statement, retention_field in _EXPIRY:
         horizon = now - getattr(retention, retention_field)
         async with conn.transaction():
-            cur = await conn.execute(statement.encode(), (horizon,))
-            row = await cur.fetchone() if statement.startswith("SELECT") else None
-        count = int(row[0]) if row is not None else max(cur.rowcount, 0)
+            cur = await conn.execute(statement.encode(), {"horizon": horizon})
+            row = await cur.fetchone()
+        count = int(row[0]) if row is not None and row[0] is not None else 0
         if count:
             logger.info(
                 "retention: deleted %d rows from %s older than %s", count, relation, horizon

@@ -203,11 +203,29 @@ async def test_expired_operations_audit_and_analytics_are_deleted(migrated_db: s
     with psycopg.connect(migrated_db) as conn:
         left = conn.execute("SELECT status FROM plugin_operations ORDER BY id").fetchall()
         assert [r[0] for r in left] == [op[0] for op in operations if op[3]]
-        # The kept entry, and the retention run's own record in the tenant's chain.
-        assert conn.execute(
-            "SELECT action FROM audit_log WHERE tenant_id = 'acme' ORDER BY seq"
-        ).fetchall() == [("update",), ("audit.expire",)]
+        # The kept entry, and each retention run's own record in the tenant's chain: the
+        # operations' and the analytics' (retention.run, by the daemon, target the table,
+        # with the count) around the audit trail's own.
+        entries = conn.execute(
+            "SELECT actor, action, entity_type, details->>'removed', details ? 'horizon'"
+            " FROM audit_log WHERE tenant_id = 'acme' ORDER BY seq"
+        ).fetchall()
+        assert entries == [
+            ("ann", "update", "plugin", None, False),
+            ("daemon", "retention.run", "plugin_operations", "2", True),
+            ("daemon", "audit.expire", "audit_log", "1", True),
+            ("daemon", "retention.run", "plugin_analytics", "1", True),
+        ]
         assert conn.execute("SELECT count(*) FROM plugin_analytics").fetchone() == (1,)
+
+    # A run that removes nothing records nothing.
+    async with admin_connection(migrated_db) as conn_async:
+        again = await maintenance_for(backend, clock=lambda: now).run(conn_async, Retention())
+    assert again.removed("plugin_operations") == 0
+    with psycopg.connect(migrated_db) as conn:
+        assert conn.execute(
+            "SELECT count(*) FROM audit_log WHERE action = 'retention.run'"
+        ).fetchone() == (2,)
 
 
 async def test_maintenance_skips_while_another_daemon_holds_the_lock(pg_db: str) -> None:
