@@ -9,6 +9,8 @@ A thin facade over four parts (docs/alerts.md, "Where the code lives"):
 - :class:`~pluginmon.alerts.persistence.AlertPersistence`: the database and the journal.
 
 The first three are pure and keyed by plugin key; only persistence needs database ids.
+Acknowledgements and silences come in one way only, registry.alert_actions (the API), which
+audits them; the engine reads them back from the database at every cycle.
 """
 
 from __future__ import annotations
@@ -260,31 +262,3 @@ class AlertEngine:
         """Release the journal (its directory lock). Writes nothing: every journal append
         is already on disk, and in-memory state is persisted by the cycles, not here."""
         await self._persistence.aclose()
-
-    async def acknowledge(self, fingerprint_: str, by: str) -> bool:
-        """Acknowledge an open alert: no repeat notifications; its resolution is still sent."""
-        found = await self._persistence.acknowledge(fingerprint_, by, self._clock())
-        if found:
-            self._book.acknowledge(fingerprint_)
-        return found
-
-    async def silence(
-        self,
-        *,
-        tenant: str,
-        matchers: Mapping[str, str],
-        ends_at: datetime,
-        created_by: str,
-        comment: str = "",
-    ) -> int:
-        """Mute a tenant's alerts whose labels match every glob in ``matchers`` until ``ends_at``."""
-        silence_id = await self._persistence.add_silence(
-            tenant=tenant,
-            matchers=matchers,
-            starts_at=self._clock(),
-            ends_at=ends_at,
-            created_by=created_by,
-            comment=comment,
-        )
-        self._book.add_silence(SilenceRule(tenant, dict(matchers), ends_at.timestamp()))
-        return silence_id

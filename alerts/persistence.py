@@ -217,31 +217,6 @@ class AlertPersistence:
             metrics[by_id[(pid, env)]][name] = value
         return dict(metrics)
 
-    async def acknowledge(self, fingerprint: str, by: str, at: datetime) -> bool:
-        async with asyncio.timeout(self._db_timeout), self._pool.acquire() as conn:
-            return await alert_state.acknowledge(conn, fingerprint, by, at)
-
-    async def add_silence(
-        self,
-        *,
-        tenant: str,
-        matchers: Mapping[str, str],
-        starts_at: datetime,
-        ends_at: datetime,
-        created_by: str,
-        comment: str,
-    ) -> int:
-        async with asyncio.timeout(self._db_timeout), self._pool.acquire() as conn:
-            return await alert_inputs.add_silence(
-                conn,
-                tenant_id=tenant,
-                matchers=matchers,
-                ends_at=ends_at,
-                created_by=created_by,
-                comment=comment,
-                starts_at=starts_at,
-            )
-
     # --- what to write ------------------------------------------------------------------------
 
     def track(self, changed: Iterable[AlertRecord]) -> None:

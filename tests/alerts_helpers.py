@@ -10,10 +10,13 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import asyncpg
 from aiohttp import web
 
 from pluginmon.alerts.notifiers import IDEMPOTENCY_HEADER, SIGNATURE_HEADER, verify_signature
 from pluginmon.collectors.models import PluginKey, PluginSample, Snapshot
+from pluginmon.registry import alert_actions
+from pluginmon.registry.actor import Actor
 from pluginmon.storage.queries import ensure_tenant_and_plugin
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
@@ -181,3 +184,47 @@ class TcpProxy:
         await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
         self._writers.discard(writer)
         self._writers.discard(up_writer)
+
+
+# Acknowledgements and silences have one way in: registry.alert_actions (the API's), which
+# audits them; the engine reads them back on its next cycle.
+
+
+async def acknowledge_as(pool: asyncpg.Pool, fingerprint: str, *, by: str, now: datetime) -> bool:
+    """Acknowledge through the registry, as ``by``; whether this changed the alert."""
+    async with pool.acquire() as conn, conn.transaction():
+        _alert, changed = await alert_actions.acknowledge(
+            conn, fingerprint, actor=Actor(name=by), now=now
+        )
+    return changed
+
+
+async def silence_as(
+    pool: asyncpg.Pool,
+    *,
+    tenant: str,
+    matchers: dict[str, str],
+    ends_at: datetime,
+    by: str,
+    now: datetime,
+    comment: str = "",
+) -> int:
+    """Create a silence through the registry, as ``by``; its id."""
+    async with pool.acquire() as conn, conn.transaction():
+        silence = await alert_actions.create_silence(
+            conn,
+            tenant_id=tenant,
+            actor=Actor(name=by),
+            now=now,
+            matchers=matchers,
+            ends_at=ends_at,
+            comment=comment,
+        )
+    return silence.id
+
+
+async def audit_actions(pool: asyncpg.Pool) -> list[tuple[str, str, str]]:
+    """(tenant, actor, action) of every audit entry, oldest first."""
+    async with pool.acquire() as conn:
+        rows = await conn.fetch("SELECT tenant_id, actor, action FROM audit_log ORDER BY id")
+    return [(r["tenant_id"], r["actor"], r["action"]) for r in rows]

@@ -29,8 +29,11 @@ from tests.alerts_helpers import (
     FakeClock,
     Receiver,
     TcpProxy,
+    acknowledge_as,
+    audit_actions,
     plugin_ids,
     plugin_sample,
+    silence_as,
     snapshot,
 )
 
@@ -209,7 +212,9 @@ async def test_repeat_interval_and_acknowledge(pool: asyncpg.Pool, receiver: Rec
         clock.advance(10)
     assert queued == [1, 0, 0, 0, 0, 0, 1, 0]
     (alert,) = engine.firing()
-    assert await engine.acknowledge(alert.fingerprint, "alice")
+    assert await acknowledge_as(pool, alert.fingerprint, by="alice", now=clock())
+    assert not await acknowledge_as(pool, alert.fingerprint, by="carol", now=clock())
+    assert await audit_actions(pool) == [("acme", "alice", "alert.acknowledge")]
     for _ in range(8):
         report = await engine.process(snapshot(clock(), [plugin_sample(KEY, clock(), cpu=90)]), ids)
         assert report.notifications_queued == 0
@@ -382,13 +387,16 @@ async def test_silence_mutes_until_it_ends(pool: asyncpg.Pool, receiver: Receive
     engine = AlertEngine(pool, RULES, clock=clock, webhooks=[hook])
     await engine.start()
     ids = await plugin_ids(pool, [KEY])
-    await engine.silence(
+    await silence_as(
+        pool,
         tenant="acme",
         matchers={"alertname": "Cpu*", "plugin": "resizer"},
         ends_at=clock() + timedelta(seconds=30),
-        created_by="bob",
+        by="bob",
+        now=clock(),
         comment="deploying",
     )
+    assert await audit_actions(pool) == [("acme", "bob", "silence.create")]
     await cycle(engine, clock, ids, resizer=90)
     clock.advance(10)
     report = await engine.process(snapshot(clock(), [plugin_sample(KEY, clock(), cpu=90)]), ids)

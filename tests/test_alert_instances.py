@@ -16,7 +16,14 @@ from pluginmon.alerts.outbox import OutboxDeliverer
 from pluginmon.alerts.rules import AlertmanagerConfig, Rule, WebhookConfig
 from pluginmon.collectors.models import PluginKey
 from pluginmon.storage import alert_inputs, alert_state
-from tests.alerts_helpers import FakeClock, Receiver, plugin_ids, plugin_sample, snapshot
+from tests.alerts_helpers import (
+    FakeClock,
+    Receiver,
+    plugin_ids,
+    plugin_sample,
+    silence_as,
+    snapshot,
+)
 
 HOT = Rule(name="Hot", metric="cpu_percent", op=">", threshold=50, severity="warning")
 
@@ -294,11 +301,13 @@ async def test_no_resolved_for_an_alert_silenced_when_it_resolves(
         await drain(deliverer)
         assert [r.json["status"] for r in rx.received] == ["firing"]
         # Silenced while firing, and it resolves while the silence holds.
-        await engine.silence(
+        await silence_as(
+            pool,
             tenant="acme",
             matchers={"plugin": "quiet"},
             ends_at=clock() + timedelta(minutes=10),
-            created_by="bob",
+            by="bob",
+            now=clock(),
         )
         clock.advance(1)
         report = await engine.process(snapshot(clock(), [plugin_sample(key, clock(), cpu=1)]), ids)
