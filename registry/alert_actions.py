@@ -20,6 +20,8 @@ import asyncpg
 from pluginmon.registry import audit
 from pluginmon.registry.actor import Actor
 from pluginmon.registry.errors import ConflictError, InvalidError, NotFoundError
+from pluginmon.storage import alert_inputs, alert_state
+from pluginmon.storage.alert_inputs import SILENCE_COLUMNS, Silence, silence_of
 
 ALERT_STATUSES: Final = ("pending", "firing", "resolved", "acknowledged", "silenced")
 SEVERITIES: Final = ("info", "warning", "critical")
@@ -134,16 +136,8 @@ async def acknowledge(
     before = _alert(row)
     if before.acknowledged_at is not None:
         return before, False
-    tenant_id = await conn.fetchval(
-        """UPDATE plugin_alerts
-              SET acknowledged_at = $2, acknowledged_by = $3,
-                  status = CASE WHEN status = 'firing' THEN 'acknowledged' ELSE status END,
-                  updated_at = $2
-            WHERE id = $1 RETURNING tenant_id""",
-        before.id,
-        now,
-        actor.name,
-    )
+    tenant_id = await alert_state.acknowledge(conn, fingerprint, actor.name, now)
+    assert tenant_id is not None  # the row is locked above
     after_row = await conn.fetchrow(_ALERT_SELECT + " WHERE a.id = $1", before.id)
     assert after_row is not None
     after = _alert(after_row)
@@ -164,21 +158,25 @@ async def acknowledge(
     return after, True
 
 
-_SILENCE_SELECT = """
-SELECT id, matchers::text AS matchers, starts_at, ends_at, created_by, comment, created_at
-  FROM alert_silences
-"""
+_SILENCE_SELECT = f"SELECT {SILENCE_COLUMNS} FROM alert_silences"  # noqa: S608 - constant
+
+
+_EXPIRE_SILENCE = f"UPDATE alert_silences SET ends_at = $2, starts_at = $3 WHERE id = $1 RETURNING {SILENCE_COLUMNS}"  # noqa: S608 - a constant column list
 
 
 def _silence(row: asyncpg.Record) -> SilenceItem:
+    return _silence_item(silence_of(row))
+
+
+def _silence_item(silence: Silence) -> SilenceItem:
     return SilenceItem(
-        id=row["id"],
-        matchers={str(k): str(v) for k, v in json.loads(row["matchers"]).items()},
-        starts_at=row["starts_at"],
-        ends_at=row["ends_at"],
-        created_by=row["created_by"],
-        comment=row["comment"],
-        created_at=row["created_at"],
+        id=silence.id,
+        matchers=silence.matchers,
+        starts_at=silence.starts_at,
+        ends_at=silence.ends_at,
+        created_by=silence.created_by,
+        comment=silence.comment,
+        created_at=silence.created_at,
     )
 
 
@@ -224,22 +222,18 @@ async def create_silence(
         raise InvalidError(
             f"comment must be at most {MAX_COMMENT_CHARS} characters", field="comment"
         )
-    row = await conn.fetchrow(
-        """INSERT INTO alert_silences (tenant_id, matchers, starts_at, ends_at, created_by, comment,
-                                       created_at)
-           VALUES ($1, $2::jsonb, $3, $4, $5, $6, $7)
-           RETURNING id, matchers::text AS matchers, starts_at, ends_at, created_by, comment,
-                     created_at""",
-        tenant_id,
-        json.dumps(dict(matchers), sort_keys=True),
-        start,
-        ends_at,
-        actor.name,
-        comment,
-        now,
+    silence = _silence_item(
+        await alert_inputs.add_silence(
+            conn,
+            tenant_id=tenant_id,
+            matchers=matchers,
+            ends_at=ends_at,
+            created_by=actor.name,
+            comment=comment,
+            starts_at=start,
+            created_at=now,
+        )
     )
-    assert row is not None
-    silence = _silence(row)
     await audit.append(
         conn,
         tenant_id=tenant_id,
@@ -289,9 +283,7 @@ async def expire_silence(
     # ends_at > starts_at is a constraint: a silence that has not started yet ends as it starts.
     starts_at = min(before.starts_at, now - timedelta(milliseconds=1))
     updated = await conn.fetchrow(
-        """UPDATE alert_silences SET ends_at = $2, starts_at = $3 WHERE id = $1
-           RETURNING id, matchers::text AS matchers, starts_at, ends_at, created_by, comment,
-                     created_at""",
+        _EXPIRE_SILENCE,
         silence_id,
         now,
         starts_at,

@@ -6,6 +6,7 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from pluginmon.storage.alert_state import QUERY_TIMEOUT_SECONDS, Connection
 
@@ -19,6 +20,26 @@ class Silence:
     ends_at: datetime
     created_by: str
     comment: str
+    created_at: datetime
+
+
+SILENCE_COLUMNS = (
+    "id, tenant_id, matchers::text AS matchers, starts_at, ends_at, created_by, comment, created_at"
+)
+
+
+def silence_of(row: Mapping[str, Any]) -> Silence:
+    """A row selected (or returned) with ``SILENCE_COLUMNS``."""
+    return Silence(
+        id=row["id"],
+        tenant_id=row["tenant_id"],
+        matchers={str(k): str(v) for k, v in json.loads(row["matchers"]).items()},
+        starts_at=row["starts_at"],
+        ends_at=row["ends_at"],
+        created_by=row["created_by"],
+        comment=row["comment"],
+        created_at=row["created_at"],
+    )
 
 
 async def add_silence(
@@ -30,41 +51,35 @@ async def add_silence(
     created_by: str,
     comment: str = "",
     starts_at: datetime | None = None,
-) -> int:
-    return int(
-        await conn.fetchval(
-            """INSERT INTO alert_silences (tenant_id, matchers, starts_at, ends_at, created_by, comment)
-               VALUES ($1, $2::jsonb, coalesce($3, now()), $4, $5, $6) RETURNING id""",
-            tenant_id,
-            json.dumps(dict(matchers), sort_keys=True),
-            starts_at,
-            ends_at,
-            created_by,
-            comment,
-            timeout=QUERY_TIMEOUT_SECONDS,
-        )
+    created_at: datetime | None = None,
+) -> Silence:
+    """The one write of a new silence (registry.alert_actions validates and audits it)."""
+    row = await conn.fetchrow(
+        f"""INSERT INTO alert_silences (tenant_id, matchers, starts_at, ends_at, created_by,
+                                        comment, created_at)
+            VALUES ($1, $2::jsonb, coalesce($3, now()), $4, $5, $6, coalesce($7, now()))
+            RETURNING {SILENCE_COLUMNS}""",  # noqa: S608 - a constant column list
+        tenant_id,
+        json.dumps(dict(matchers), sort_keys=True),
+        starts_at,
+        ends_at,
+        created_by,
+        comment,
+        created_at,
+        timeout=QUERY_TIMEOUT_SECONDS,
     )
+    assert row is not None
+    return silence_of(row)
 
 
 async def active_silences(conn: Connection, now: datetime) -> list[Silence]:
     rows = await conn.fetch(
-        """SELECT id, tenant_id, matchers::text AS matchers, starts_at, ends_at, created_by, comment
-             FROM alert_silences WHERE starts_at <= $1 AND ends_at > $1 ORDER BY id""",
+        f"SELECT {SILENCE_COLUMNS} FROM alert_silences"  # noqa: S608 - a constant column list
+        " WHERE starts_at <= $1 AND ends_at > $1 ORDER BY id",
         now,
         timeout=QUERY_TIMEOUT_SECONDS,
     )
-    return [
-        Silence(
-            id=r["id"],
-            tenant_id=r["tenant_id"],
-            matchers={str(k): str(v) for k, v in json.loads(r["matchers"]).items()},
-            starts_at=r["starts_at"],
-            ends_at=r["ends_at"],
-            created_by=r["created_by"],
-            comment=r["comment"],
-        )
-        for r in rows
-    ]
+    return [silence_of(r) for r in rows]
 
 
 async def runtime_dependencies(conn: Connection) -> dict[tuple[str, str], tuple[str, ...]]:

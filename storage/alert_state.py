@@ -240,21 +240,23 @@ async def touch_alerts(
     )
 
 
-async def acknowledge(conn: Connection, fingerprint: str, by: str, at: datetime) -> bool:
-    """Acknowledge the open alert with ``fingerprint``; False if there is none."""
+async def acknowledge(conn: Connection, fingerprint: str, by: str, at: datetime) -> str | None:
+    """Acknowledge the open alert with ``fingerprint``: its tenant, or None if there is none.
+
+    The one write of an acknowledgement (registry.alert_actions audits it around this)."""
     row = await conn.fetchval(
         """UPDATE plugin_alerts
               SET acknowledged_at = $3, acknowledged_by = $2,
                   status = CASE WHEN status = 'firing' THEN 'acknowledged' ELSE status END,
                   updated_at = $3
             WHERE fingerprint = $1 AND status <> 'resolved'
-        RETURNING id""",
+        RETURNING tenant_id""",
         fingerprint,
         by,
         at,
         timeout=QUERY_TIMEOUT_SECONDS,
     )
-    return row is not None
+    return None if row is None else str(row)
 
 
 async def acknowledged(conn: Connection) -> dict[str, tuple[datetime, str | None]]:
