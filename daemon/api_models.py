@@ -453,6 +453,8 @@ class AuditEntryOut(Response):
     seq: int
     occurred_at: datetime
     actor: str
+    # True: the actor is an operator (cross-tenant) token acting on this tenant's object.
+    actor_operator: bool
     action: str
     target: str
     plugin: str | None
@@ -472,6 +474,7 @@ class AuditEntryOut(Response):
             seq=e.seq,
             occurred_at=e.occurred_at,
             actor=e.actor,
+            actor_operator=e.actor_operator,
             action=e.action,
             target=e.target,
             plugin=e.plugin_name,

@@ -28,9 +28,12 @@ from pluginmon.registry.actor import Actor
 
 GENESIS_HASH = bytes(32)
 HASH_VERSION = b"pluginmon-audit-v1;"
-# Entries that belong to no tenant (operator tokens, cross-tenant actions). Tenant slugs start
-# with a letter or digit, so this never collides with one.
+# Entries that belong to no tenant: changes to operator tokens themselves. An operator acting
+# on a tenant's object writes to that tenant's chain, marked with OPERATOR_MARK. Tenant slugs
+# start with a letter or digit, so this never collides with one.
 SYSTEM_TENANT = "_system"
+# In ``details`` of an entry written by an operator (cross-tenant) token: hashed with the rest.
+OPERATOR_MARK = "actor_operator"
 REDACTED = "***"
 
 # Keys whose values never reach an audit entry (config secrets, tokens, credentials).
@@ -119,7 +122,11 @@ async def append(
     """Append one entry in the caller's transaction; returns its position in the chain.
 
     Call it last in a transaction: the chain head of the tenant stays locked until commit.
+    ``tenant_id`` is the tenant whose object changed, whoever acts; an operator actor is
+    marked in ``details`` (OPERATOR_MARK), so the tenant's trail shows who came from outside.
     """
+    if actor.operator:
+        details = {**(details or {}), OPERATOR_MARK: True}
     seq = await conn.fetchval(
         """INSERT INTO audit_log (tenant_id, occurred_at, actor, action, entity_type, entity_id,
                                   plugin_id, plugin_name, environment, outcome, request_id,
@@ -168,6 +175,11 @@ class AuditEntry:
     before: Any
     after: Any
     details: Any
+
+    @property
+    def actor_operator(self) -> bool:
+        """Written by an operator (cross-tenant) token."""
+        return isinstance(self.details, dict) and self.details.get(OPERATOR_MARK) is True
 
     @property
     def target(self) -> str:

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from openapi_spec_validator import validate
 
-from pluginmon.registry import tokens
+from pluginmon.registry import audit, tokens
 from pluginmon.registry.actor import Actor
 from pluginmon.registry.tokens import Role
 from tests.api_helpers import ApiHarness, api_server
@@ -155,6 +155,59 @@ async def test_operator_token_names_its_tenant(api: ApiHarness) -> None:
         "GET", "/api/v1/plugins", token="writer-a", headers={"X-Pluginmon-Tenant": "b"}
     )
     assert (reply.status, reply.error["code"]) == (403, "tenant_mismatch")
+
+
+async def test_operator_writes_are_audited_in_the_tenants_chain_marked_as_operator(
+    api: ApiHarness,
+) -> None:
+    as_b = {"X-Pluginmon-Tenant": "b"}
+    reply = await api.call(
+        "POST", "/api/v1/plugins", token="ops", headers=as_b, body={"name": "codec"}
+    )
+    assert reply.status == 201, reply.body
+    reply = await api.call(
+        "PATCH", "/api/v1/plugins/codec", token="writer-b", body={"version": "1.2.0"}
+    )
+    assert reply.status == 200, reply.body
+
+    # In tenant b's chain (not _system), the operator marked, the tenant's own token not.
+    rows = await api.fetch(
+        "SELECT tenant_id, actor, action, details->'actor_operator' AS mark FROM audit_log"
+        " WHERE entity_type = 'plugin' ORDER BY id"
+    )
+    assert [(r["tenant_id"], r["actor"], r["action"], r["mark"]) for r in rows] == [
+        ("a", "writer-a", "plugin.create", None),
+        ("b", "ops", "plugin.create", "true"),
+        ("b", "writer-b", "plugin.update", None),
+    ]
+    for token, headers in (("ops", as_b), ("writer-b", {})):
+        reply = await api.call("GET", "/api/v1/audit?target=plugin", token=token, headers=headers)
+        assert reply.status == 200, reply.body
+        assert [(e["actor"], e["actor_operator"]) for e in reply.body["items"]] == [
+            ("writer-b", False),
+            ("ops", True),
+        ]
+    # Only the operator token's own creation is in _system.
+    system = await api.fetch(
+        "SELECT actor, action, entity_id FROM audit_log WHERE tenant_id = '_system'"
+    )
+    assert [(r["action"], r["entity_id"]) for r in system] == [("token.create", "ops")]
+
+    # The mark is hashed with the entry: the chains verify, and removing it is caught.
+    async with api.pool.acquire() as conn:
+        verdicts = {v.tenant_id: v for v in await audit.verify(conn)}
+        assert all(v.intact for v in verdicts.values()), verdicts
+        assert {"a", "b", "_system"} <= set(verdicts)
+        async with conn.transaction():
+            await conn.execute("ALTER TABLE audit_log DISABLE TRIGGER audit_log_append_only")
+            await conn.execute(
+                "UPDATE audit_log SET details = details - 'actor_operator'"
+                " WHERE tenant_id = 'b' AND actor = 'ops'"
+            )
+            await conn.execute("ALTER TABLE audit_log ENABLE TRIGGER audit_log_append_only")
+        (verdict,) = await audit.verify(conn, tenant_id="b")
+    assert verdict.problem is not None
+    assert verdict.problem.kind is audit.Breach.CHANGED
 
 
 async def test_bodies_over_the_limit_get_413_and_change_nothing(api: ApiHarness) -> None:
