@@ -46,44 +46,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import aiohttp
 
+from bench.processes import cpu_seconds, scrape, start_processes
 from bench.scratch import free_port, scratch_database
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def start_processes(count: int, plugins: int, tenant: str) -> list[subprocess.Popen[bytes]]:
-    procs = []
-    for i in range(count):
-        env = {
-            "PATH": "/usr/bin:/bin",
-            "PLUGINMON_TENANT": tenant,
-            "PLUGINMON_PLUGIN": f"plugin-{i % plugins:04d}",
-            "PLUGINMON_ENVIRONMENT": "bench",
-        }
-        procs.append(
-            subprocess.Popen(
-                ["sleep", "3600"],
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
-        )
-    return procs
-
-
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
-
-
-def scrape(port: int) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
-        body: bytes = response.read()
-        return body.decode()
 
 
 def sample_cycles(port: int) -> tuple[float, float]:

@@ -43,6 +43,7 @@ from prometheus_client import (
     generate_latest,
 )
 
+from bench.processes import cpu_seconds, rss_mib, scrape, start_processes
 from bench.scratch import free_port, scratch_database
 from pluginmon.collectors.models import PluginKey, PluginSample, Snapshot
 from pluginmon.daemon.exporter import (
@@ -57,20 +58,6 @@ from pluginmon.daemon.http import HttpServer, Readiness
 
 REPO = Path(__file__).resolve().parent.parent
 OPENMETRICS = "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5"
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def rss_mib(pid: int | str = "self") -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    # utime and stime are fields 14 and 15 of stat; after ")" the list starts at field 3.
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
 # -- render ---------------------------------------------------------------------------------
@@ -243,32 +230,6 @@ def bench_render(plugins: int, rounds: int) -> float:
 
 
 # -- sustained run ---------------------------------------------------------------------------
-
-
-def start_processes(count: int, plugins: int, tenant: str) -> list[subprocess.Popen[bytes]]:
-    procs = []
-    for i in range(count):
-        env = {
-            "PATH": "/usr/bin:/bin",
-            "PLUGINMON_TENANT": tenant,
-            "PLUGINMON_PLUGIN": f"plugin-{i % plugins:04d}",
-            "PLUGINMON_ENVIRONMENT": "bench",
-        }
-        procs.append(
-            subprocess.Popen(
-                ["sleep", "3600"],
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
-        )
-    return procs
-
-
-def scrape(port: int) -> int:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
-        return len(response.read())
 
 
 def bench_sustained(

@@ -1,0 +1,53 @@
+"""Shared bench helpers for real processes: labelled sleepers to sample, CPU and RSS from /proc, /metrics text."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import urllib.request
+from pathlib import Path
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def start_processes(count: int, plugins: int, tenant: str) -> list[subprocess.Popen[bytes]]:
+    """``count`` sleeping processes spread over ``plugins`` plugins of ``tenant`` (environment
+    ``bench``), labelled the way label discovery finds them."""
+    procs = []
+    for i in range(count):
+        env = {
+            "PATH": "/usr/bin:/bin",
+            "PLUGINMON_TENANT": tenant,
+            "PLUGINMON_PLUGIN": f"plugin-{i % plugins:04d}",
+            "PLUGINMON_ENVIRONMENT": "bench",
+        }
+        procs.append(
+            subprocess.Popen(
+                ["sleep", "3600"],
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        )
+    return procs
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    # utime and stime are fields 14 and 15 of stat; after ")" the list starts at field 3.
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def rss_mib(pid: int | str = "self") -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def scrape(port: int) -> str:
+    """The daemon's /metrics text on 127.0.0.1:``port``."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        body: bytes = response.read()
+        return body.decode()
