@@ -19,7 +19,7 @@ from pluginmon.daemon.api_models import (
     Response,
 )
 from pluginmon.registry import config_values
-from pluginmon.registry.config_values import ConfigValue, MissingKeyringError
+from pluginmon.registry.config_values import ConfigValue, missing_keyring_error
 from pluginmon.registry.crypto import Keyring, KeyringError
 from pluginmon.registry.errors import ForbiddenError
 from pluginmon.registry.keyring import KeyringHolder
@@ -90,13 +90,13 @@ class ConfigHandlers:
 
     async def _keys(self) -> Keyring:
         if self._keyring is None:
-            raise MissingKeyringError("this server has no secret keyring configured")
+            raise missing_keyring_error("this server has no secret keyring configured")
         try:
             return await self._keyring.get()
         except KeyringError as exc:
             # The detail (a path, a key id) is the operator's, not the caller's.
             logger.error("secret keyring unusable: %s", exc)
-            raise MissingKeyringError(
+            raise missing_keyring_error(
                 "the server's secret keyring is unusable (the daemon's log says why)"
             ) from None
 

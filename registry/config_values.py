@@ -62,8 +62,9 @@ class ConfigValue:
         return view
 
 
-class MissingKeyringError(ConflictError):
-    code = "no_keyring"
+def missing_keyring_error(message: str, *, field: str | None = None) -> ConflictError:
+    """No keyring configured or usable (a ConflictError: the HTTP glue maps classes exactly)."""
+    return ConflictError(message, field=field, code="no_keyring")
 
 
 def check_key(key: str) -> str:
@@ -275,7 +276,7 @@ def _decrypt(
     plugin: str,
 ) -> Any:
     if keyring is None:
-        raise MissingKeyringError("this server has no secret keyring configured")
+        raise missing_keyring_error("this server has no secret keyring configured")
     plaintext = crypto.decrypt(
         keyring,
         bytes(row["secret_ciphertext"]),
@@ -430,7 +431,7 @@ async def set_values(
             key_id: str | None = None
             if secret:
                 if keyring is None:
-                    raise MissingKeyringError(
+                    raise missing_keyring_error(
                         "this server has no secret keyring configured; secrets cannot be stored",
                         field="secret",
                     )

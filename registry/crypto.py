@@ -50,16 +50,19 @@ class KeyringError(Exception):
     id, never key material."""
 
 
-class SecretKeyUnavailableError(ConflictError):
-    """A value is encrypted under a KEK this keyring lacks or has retired."""
+# Plain ConflictErrors with their own codes (the HTTP glue maps error classes exactly):
+# a value under a KEK this keyring lacks or has retired, and a ciphertext that does not
+# authenticate for its row (moved, altered, or a wrong key).
+KEY_UNAVAILABLE: Final = "secret_key_unavailable"
+UNDECRYPTABLE: Final = "secret_undecryptable"
 
-    code = "secret_key_unavailable"
+
+def key_unavailable_error(message: str, *, field: str) -> ConflictError:
+    return ConflictError(message, field=field, code=KEY_UNAVAILABLE)
 
 
-class SecretDecryptionError(ConflictError):
-    """The ciphertext does not authenticate for its row (moved, altered, or a wrong key)."""
-
-    code = "secret_undecryptable"
+def undecryptable_error(message: str, *, field: str) -> ConflictError:
+    return ConflictError(message, field=field, code=UNDECRYPTABLE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,13 +103,13 @@ class Keyring:
     def for_decryption(self, key_id: str, *, where: str) -> KeyEncryptionKey:
         found = self.key(key_id)
         if found is None:
-            raise SecretKeyUnavailableError(
+            raise key_unavailable_error(
                 f"{where} is encrypted under key {key_id!r}, which is not in the keyring "
                 f"({self.source}); add that key back to decrypt it",
                 field="secret_key_id",
             )
         if found.retired:
-            raise SecretKeyUnavailableError(
+            raise key_unavailable_error(
                 f"{where} is encrypted under key {key_id!r}, which is retired in the keyring "
                 f"({self.source}); un-retire it and run `pluginmon secrets rewrap`",
                 field="secret_key_id",
@@ -138,7 +141,7 @@ def encrypt(keyring: Keyring, plaintext: bytes, *, aad: bytes) -> tuple[bytes, s
 
 def _split(blob: bytes, *, where: str) -> tuple[bytes, bytes, bytes, bytes]:
     if len(blob) < HEADER_BYTES + TAG_BYTES or blob[0] != FORMAT_V1:
-        raise SecretDecryptionError(
+        raise undecryptable_error(
             f"{where}: the stored ciphertext is not in a known format", field="secret_ciphertext"
         )
     at = 1
@@ -157,7 +160,7 @@ def _unwrap(keyring: Keyring, blob: bytes, *, key_id: str, aad: bytes, where: st
     try:
         return AESGCM(kek.material).decrypt(wrap_nonce, wrapped, _wrap_aad(key_id, aad))
     except InvalidTag:
-        raise SecretDecryptionError(
+        raise undecryptable_error(
             f"{where} does not decrypt under key {key_id!r}: the ciphertext was altered, "
             "belongs to another row, or the key material under that id changed",
             field="secret_ciphertext",
@@ -165,14 +168,14 @@ def _unwrap(keyring: Keyring, blob: bytes, *, key_id: str, aad: bytes, where: st
 
 
 def decrypt(keyring: Keyring, blob: bytes, *, key_id: str, aad: bytes, where: str) -> bytes:
-    """The plaintext; SecretKeyUnavailableError or SecretDecryptionError naming ``where`` (a
+    """The plaintext; key_unavailable_error or undecryptable_error naming ``where`` (a
     location such as "plugin 'x' production/api_key") and the key id."""
     data_key = _unwrap(keyring, blob, key_id=key_id, aad=aad, where=where)
     _, _, value_nonce, sealed = _split(blob, where=where)
     try:
         return AESGCM(data_key).decrypt(value_nonce, sealed, aad)
     except InvalidTag:
-        raise SecretDecryptionError(
+        raise undecryptable_error(
             f"{where}: the value's ciphertext does not authenticate", field="secret_ciphertext"
         ) from None
 
