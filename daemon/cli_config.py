@@ -341,7 +341,11 @@ async def _secrets(
         if location is None:
             await _keyring_of(location)  # raises, naming what to configure
         assert location is not None
-        before = (await _keyring_of(location)).primary_id
+        before = (
+            (await _keyring_of(location)).primary_id
+            if location.inline or (location.path is not None and location.path.exists())
+            else None
+        )
         keyring = await asyncio.to_thread(rotate_key_file, location, now=_now(), key_id=args.key_id)
         async with conn.transaction():
             await audit.append(
@@ -358,7 +362,8 @@ async def _secrets(
         pending = sum(
             u.values for u in await secrets.key_usage(conn) if u.key_id != keyring.primary_id
         )
-        print(f"new primary key {keyring.primary_id} in {keyring.source} (was {before})")
+        was = f" (was {before})" if before else " (a new keyring)"
+        print(f"new primary key {keyring.primary_id} in {keyring.source}{was}")
         print(
             f"{pending} secret(s) are under older keys: restart or wait for the daemons to "
             "pick up the key file, then run `pluginmon secrets rewrap`"

@@ -149,9 +149,16 @@ def _writable(location: KeyringLocation) -> Path:
 def rotate_key_file(
     location: KeyringLocation, *, now: datetime, key_id: str | None = None
 ) -> Keyring:
-    """Add a new primary key to the key file; returns the new keyring."""
+    """Add a new primary key to the key file (creating the file, 0600, with its first key
+    when there is none); returns the new keyring."""
     path = _writable(location)
     with _locked(path):
+        if not path.exists():
+            key = generate_key(key_id=key_id or "k1", now=now)
+            keyring = Keyring(primary_id=key.key_id, keys=(key,), source=_source(path))
+            write_key_file(path, keyring, exclusive=True)
+            logger.warning("created a new secret keyring %s (mode 0600)", path)
+            return keyring
         keyring = rotated(read_key_file(path), now=now, key_id=key_id)
         write_key_file(path, keyring)
     logger.info("secret keyring %s: new primary key %s", path, keyring.primary_id)
