@@ -148,3 +148,35 @@ def test_key_file_create_rotate_retire(tmp_path: Path, caplog: pytest.LogCapture
     assert "***" in repr(inline)
     with pytest.raises(crypto.KeyringError, match="PLUGINMON_SECRET_KEYS, which pluginmon cannot"):
         rotate_key_file(inline, now=NOW)
+
+
+def test_keyring_settings_precedence_and_env_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pluginmon.daemon.api_wiring import keyring_location
+    from pluginmon.daemon.config_schema import ConfigError
+    from pluginmon.daemon.settings import Settings, load_settings
+
+    for name in ("PLUGINMON_SECRET_KEYS", "PLUGINMON_SECRET_KEYS_FILE", "PLUGINMON_DATABASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    embedded = keyring_location(Settings(data_dir=tmp_path))
+    assert embedded == KeyringLocation(tmp_path / "secret-keys.json", create=True)
+    monkeypatch.setenv("PLUGINMON_DATABASE_URL", "postgresql://db/x")
+    external = Settings(data_dir=tmp_path)
+    assert keyring_location(external) is None
+    monkeypatch.delenv("PLUGINMON_DATABASE_URL")
+    monkeypatch.setenv("PLUGINMON_SECRET_KEYS_FILE", "/etc/pluginmon/keys")
+    assert keyring_location(Settings(data_dir=tmp_path)) == KeyringLocation(
+        Path("/etc/pluginmon/keys")
+    )
+    monkeypatch.setenv("PLUGINMON_SECRET_KEYS", "k1:" + base64.b64encode(bytes(32)).decode())
+    inline = keyring_location(Settings(data_dir=tmp_path))
+    assert inline is not None
+    assert inline.inline is not None
+    assert inline.describe == "PLUGINMON_SECRET_KEYS"
+    config = tmp_path / "c.toml"
+    config.write_text('secret_keys = "k1:AAAA"\n')
+    with pytest.raises(ConfigError) as refused:
+        load_settings(config)
+    assert "secret_keys" in str(refused.value.problems)
+    assert "PLUGINMON_SECRET_KEYS" in str(refused.value.problems)
