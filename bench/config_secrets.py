@@ -1,5 +1,6 @@
 """Config secrets benchmark: secret writes and reads per second through /api/v1, and
-`pluginmon secrets rewrap` of 100,000 secrets.
+`pluginmon secrets rewrap` of 100,000 secrets. (Not named bench/secrets.py: run as a script, it
+would shadow the standard library's ``secrets`` module.)
 
 1. API: the /api/v1 app (in this process, on a loopback port, as in the tests) over a real
    PostgreSQL; CLIENTS aiohttp clients send WRITES `PUT .../config/{key}` with secret true
@@ -12,7 +13,7 @@
    audit entry per batch) until none is left under k1. Baseline: the same re-wraps in memory
    only (no database), the ceiling the database round trips are measured against.
 
-Run: .venv/bin/python bench/secrets.py [--database-url URL] [--values 100000]
+Run: .venv/bin/python bench/config_secrets.py [--database-url URL] [--values 100000]
 Last line: rewrap_values_per_s=<values re-wrapped per second>.
 """
 
