@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 import asyncpg
 from aiohttp import web
 
+from pluginmon.daemon.api_config import ConfigHandlers, config_routes
 from pluginmon.daemon.api_http import (
     DEFAULT_MAX_BODY_BYTES,
     Call,
@@ -44,6 +45,7 @@ from pluginmon.daemon.api_models import (
 )
 from pluginmon.daemon.api_openapi import openapi_document
 from pluginmon.registry import alert_actions, approvals, audit, operations, plugins
+from pluginmon.registry.keyring import KeyringHolder
 from pluginmon.registry.lifecycle import RetryPolicy
 from pluginmon.registry.policies import ApprovalPolicy
 from pluginmon.registry.tokens import Role
@@ -339,9 +341,12 @@ def build_api_app(
     clock: Callable[[], datetime] = utc_now,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     metrics: ApiMetrics | None = None,
+    keyring: KeyringHolder | None = None,
 ) -> web.Application:
-    """The /api/v1 application, to mount with ``root.add_subapp("/api/v1", app)``."""
+    """The /api/v1 application, to mount with ``root.add_subapp("/api/v1", app)``.
+    ``keyring``: where config secrets are encrypted (none: secrets are refused)."""
     routes = api_routes(ApiHandlers(policies=policies, retry=retry or RetryPolicy()))
+    routes += config_routes(ConfigHandlers(keyring))
     dispatcher = Dispatcher(
         pool,
         clock=clock,

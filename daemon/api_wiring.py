@@ -19,6 +19,8 @@ from pluginmon.daemon.api_routes import build_api_app
 from pluginmon.daemon.http import HttpServer, Readiness, tls_context
 from pluginmon.daemon.settings import Settings
 from pluginmon.registry import maintenance
+from pluginmon.registry.crypto import KeyringError
+from pluginmon.registry.keyring import DEFAULT_KEY_FILE_NAME, KeyringHolder, KeyringLocation
 from pluginmon.registry.lifecycle import RetryPolicy
 from pluginmon.registry.policies import ApprovalPolicy, policies_from_config
 from pluginmon.storage.errors import TRANSIENT_ERRORS
@@ -44,17 +46,57 @@ def retry_policy(settings: Settings) -> RetryPolicy:
     )
 
 
+def keyring_location(settings: Settings) -> KeyringLocation | None:
+    """PLUGINMON_SECRET_KEYS, else secret_keys_file, else (embedded database only) a key
+    file under data_dir created on first start. None: secrets are refused, since keys made up
+    on each host of a shared database would leave each host unable to read the others'."""
+    if settings.secret_keys is not None and settings.secret_keys.get_secret_value().strip():
+        return KeyringLocation(path=None, inline=settings.secret_keys.get_secret_value())
+    if settings.secret_keys_file is not None:
+        return KeyringLocation(path=settings.secret_keys_file)
+    if settings.embedded:
+        return KeyringLocation(path=settings.data_dir / DEFAULT_KEY_FILE_NAME, create=True)
+    return None
+
+
 def api_app(
     settings: Settings, pool: PoolSource, *, version: str, metrics: ApiMetrics | None
 ) -> web.Application:
-    return build_api_app(
+    location = keyring_location(settings)
+    keyring = None if location is None else KeyringHolder(location, clock=utc_now)
+    app = build_api_app(
         pool,
         version=version,
         policies=approval_policies(settings),
         retry=retry_policy(settings),
         max_body_bytes=settings.api.max_body_bytes,
         metrics=metrics,
+        keyring=keyring,
     )
+
+    async def load_keyring(_: web.Application) -> None:
+        # At start, so the embedded default's key file is created (and said so) on first
+        # start, and a broken keyring is reported now rather than at the first secret.
+        if keyring is None:
+            logger.warning(
+                "no secret keyring (secret_keys_file or PLUGINMON_SECRET_KEYS): config "
+                "secrets are refused"
+            )
+            return
+        try:
+            loaded = await keyring.get()
+        except KeyringError as exc:
+            logger.error("secret keyring unusable, config secrets are refused: %s", exc)
+            return
+        logger.info(
+            "secret keyring from %s: primary key %s, %d key(s)",
+            loaded.source,
+            loaded.primary_id,
+            len(loaded.keys),
+        )
+
+    app.on_startup.append(load_keyring)
+    return app
 
 
 def api_subapps(

@@ -61,7 +61,7 @@ ENV_PREFIX = "PLUGINMON_"
 
 # Settings that hold a secret must come from the environment, never from a file that is
 # typically world-readable and checked into configuration management.
-_ENV_ONLY = ("http_auth_password",)
+_ENV_ONLY = ("http_auth_password", "secret_keys")
 
 OPTIONAL_FIELDS = ("uss", "swap", "fds", "io", "ctx_switches")
 
@@ -282,6 +282,11 @@ class Settings(BaseSettings):
     approvals: ApprovalsSettings = Field(default_factory=ApprovalsSettings)
 
     # -- management API ------------------------------------------------------------------------
+    # The keyring of config secrets (registry/keyring.py): a key file, or the keys themselves
+    # in PLUGINMON_SECRET_KEYS (environment only). Neither: data_dir/secret-keys.json, created
+    # on first start.
+    secret_keys_file: PathSetting | None = None
+    secret_keys: SecretStr | None = None  # environment only
 
     # -- HTTP ------------------------------------------------------------------------------------
     # All interfaces, as Prometheus exporters do: Prometheus usually scrapes from another host.
