@@ -62,6 +62,16 @@ _STATUS_OF: Final[dict[type[RegistryError], int]] = {
 }
 
 
+def status_of(exc: RegistryError) -> int:
+    """The HTTP status of a domain error, by its nearest class in the table (a subclass of
+    ConflictError is still a 409); 422 for any other RegistryError."""
+    for cls in type(exc).__mro__:
+        status = _STATUS_OF.get(cls)
+        if status is not None:
+            return status
+    return 422
+
+
 class ApiError(Exception):
     """An HTTP error in the contract's shape."""
 
@@ -312,7 +322,7 @@ class Dispatcher:
                 response = error_response(exc)
             except RegistryError as exc:
                 response = error_response(
-                    ApiError(_STATUS_OF.get(type(exc), 422), exc.code, exc.message, field=exc.field)
+                    ApiError(status_of(exc), exc.code, exc.message, field=exc.field)
                 )
             except asyncpg.InsufficientPrivilegeError:
                 # Row-level security refused a row (a bug in a handler, or a grant missing

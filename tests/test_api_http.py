@@ -359,3 +359,19 @@ async def test_bad_input_gets_its_named_error_and_changes_nothing(api: ApiHarnes
         assert reply.error["field"] == field, (case, reply.body)
         assert reply.error["message"], case
     assert await _counts(api) == before
+
+
+def test_a_subclass_of_a_domain_error_keeps_its_status() -> None:
+    from pluginmon.daemon.api_http import status_of
+    from pluginmon.registry.errors import ConflictError, NotFoundError, RegistryError
+
+    class KeyGone(ConflictError):
+        code = "key_gone"
+
+    class Missing(NotFoundError):
+        pass
+
+    assert status_of(KeyGone("the key k1 is retired")) == 409
+    assert status_of(Missing("no such plugin")) == 404
+    assert status_of(ConflictError("x")) == 409
+    assert status_of(RegistryError("anything else")) == 422
