@@ -196,7 +196,8 @@ async def test_live_pushed_series_count_toward_max_series(api: ApiHarness) -> No
     assert (await _push(api, TEXT))[0] == 200  # 3 live
     more = b"".join(b'jobs{n="%d"} 1\n' % i for i in range(6))
     status, body = await _push(api, more)
-    assert status == 422 and isinstance(body, dict), body
+    assert status == 422, body
+    assert isinstance(body, dict)
     assert body["error"]["code"] == "too_many_series"
     # The same three again replace themselves: still within the limit.
     status, body = await _push(api, TEXT)
