@@ -41,7 +41,7 @@ from pluginmon.daemon.lifecycle import (
     ShutdownBudget,
     run_until_signalled,
 )
-from pluginmon.daemon.plugin_metrics import open_plugin_metrics
+from pluginmon.daemon.plugin_metrics import PluginMetricsService, open_plugin_metrics
 from pluginmon.daemon.reload import ConfigChanges, ConfigReloader
 from pluginmon.daemon.scheduling import Scheduler
 from pluginmon.daemon.signal_guard import SignalGuard
@@ -127,6 +127,7 @@ class Daemon:
         # Set while run() builds and runs: what the signals act on.
         self._stop: asyncio.Event | None = None
         self._coordinator: Coordinator | None = None
+        self._plugin_metrics: PluginMetricsService | None = None
         self._embedded: EmbeddedPostgres | None = None  # this daemon runs it
         self._embedded_start_done = threading.Event()
 
@@ -215,6 +216,8 @@ class Daemon:
         coordinator = self._coordinator
         assert coordinator is not None  # attached only once it is built
         await coordinator.reconfigure(config, changes)
+        if self._plugin_metrics is not None:
+            self._plugin_metrics.reconfigure(scrape=config.scrape, push=config.push)
         self.config = config
 
     async def _build(
@@ -365,6 +368,7 @@ class Daemon:
             writer_close_seconds=self.shutdown_budget.seconds(WRITER_CLOSE),
             pushes=self.pushes,
         )
+        self._plugin_metrics = plugin_metrics
         spool_losses = SpoolLosses(
             {"samples": spool, "unresolved": unresolved.spool, "plugin_metrics": metrics_spool}
         )

@@ -139,3 +139,86 @@ severity = "info"
     finally:
         daemon.signal(signal.SIGTERM)
         assert daemon.wait_exit() == 0, daemon.log_text()[-4000:]
+
+
+def _log_messages(daemon: DaemonProcess) -> list[str]:
+    return [str(r.get("message", "")) for r in daemon.log_records()]
+
+
+def test_sighup_starts_and_stops_scraping_a_plugin(
+    e2e_db: str, tmp_path: Path, spawner: Spawner
+) -> None:
+    marker = unique_tag("pm-hup")
+    tenant = "e2e_reload"
+    _, url = start_plugin(spawner, "plugin", marker=f"{marker}-api")
+    head = """
+[plugin_metrics]
+interval_seconds = 0.5
+timeout_seconds = 0.4
+"""
+    plugin = f"""
+[[plugins]]
+tenant = "{tenant}"
+name = "api"
+environment = "test"
+match = {{ cmdline = "{marker}-api$" }}
+"""
+    labels = {"tenant": tenant, "plugin": "api", "environment": "test"}
+    daemon = DaemonProcess(tmp_path=tmp_path, database_url=e2e_db, config_text=head + plugin)
+    daemon.start()
+    try:
+        daemon.wait_ready()
+        # (Whether its process matches does not matter: a scrape target is the plugin's URL.)
+        wait_for(
+            "the plugin in /metrics",
+            lambda: daemon.metric("pluginmon_plugin_up", **labels) is not None,
+        )
+        assert daemon.metric("pluginmon_plugin_scrape_up", **labels) is None  # no metrics_url
+
+        # The plugin gains a metrics_url: scraped without a restart.
+        daemon.config_path.write_text(head + plugin + f'metrics_url = "{url}"\n')
+        daemon.signal(signal.SIGHUP)
+        wait_for(
+            "the reload line",
+            lambda: [m for m in _log_messages(daemon) if m.startswith("configuration reloaded:")],
+        )
+        reloaded = [m for m in _log_messages(daemon) if m.startswith("configuration reloaded:")]
+        assert reloaded == [f"configuration reloaded: scrape targets +{tenant}/api/test"]
+        wait_for(
+            "the plugin scraped",
+            lambda: daemon.metric("pluginmon_plugin_scrape_up", **labels) == 1.0,
+            timeout=40,
+        )
+        assert daemon.metric("pluginmon_plugin_scrape_samples", **labels) == 18.0
+
+        # A changed limit applies at once (the scrape is refused), then losing the URL stops it.
+        daemon.config_path.write_text(
+            head + "max_series = 5\n" + plugin + f'metrics_url = "{url}"\n'
+        )
+        daemon.signal(signal.SIGHUP)
+        wait_for(
+            "the scrape refused for too many series",
+            lambda: (
+                (
+                    daemon.metric(
+                        "pluginmon_plugin_scrape_rejected_total", **labels, reason="too_many_series"
+                    )
+                    or 0
+                )
+                >= 1
+            ),
+            timeout=40,
+        )
+        assert daemon.metric("pluginmon_plugin_scrape_up", **labels) == 0.0
+        daemon.config_path.write_text(head + plugin)
+        daemon.signal(signal.SIGHUP)
+        wait_for(
+            "the plugin no longer a scrape target",
+            lambda: daemon.metric("pluginmon_plugin_scrape_up", **labels) is None,
+            timeout=40,
+        )
+        assert daemon.metric("pluginmon_plugin_up", **labels) is not None  # still a plugin
+        assert daemon.metric("pluginmon_config_last_reload_successful") == 1
+    finally:
+        daemon.signal(signal.SIGTERM)
+        assert daemon.wait_exit() == 0, daemon.log_text()[-4000:]
