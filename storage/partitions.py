@@ -21,6 +21,7 @@ from pluginmon.storage.backend import (
     require_autocommit,
     utc_now,
 )
+from pluginmon.storage.metric_rollups import maintain_metric_rollups
 from pluginmon.storage.migrate import Backend
 
 logger = logging.getLogger(__name__)
@@ -140,6 +141,12 @@ class PostgresMaintenance:
                         (horizon,),
                     )
                 removed.append((spec.relation, max(cur.rowcount, 0)))
+
+            # Plugins' own metrics: their own rollups, refresh function and watermarks.
+            metrics = await maintain_metric_rollups(conn, retention, now)
+            refreshed.extend(metrics.refreshed)
+            removed.extend(metrics.removed)
+            failed.extend(metrics.failed)
 
             removed.extend(await delete_expired(conn, retention, now))
 
