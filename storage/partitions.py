@@ -144,7 +144,6 @@ class PostgresMaintenance:
 
             # Plugins' own metrics: their own rollups, refresh function and watermarks.
             metrics = await maintain_metric_rollups(conn, retention, now)
-            refreshed.extend(metrics.refreshed)
             removed.extend(metrics.removed)
             failed.extend(metrics.failed)
 
@@ -164,6 +163,7 @@ class PostgresMaintenance:
             rows_removed=tuple((name, rows) for name, rows in removed if rows),
             rollups=tuple(refreshed),
             failed_steps=tuple(failed),
+            metric_rollups=metrics.refreshed,
         )
 
     async def backfill(

@@ -137,7 +137,7 @@ async def test_postgres_rollups_keep_each_kind_and_equal_a_group_by(postgres_url
         # The daemon's maintenance pass refreshes them (and the samples' rollups).
         report = await PostgresMaintenance(clock=lambda: now).run(conn_async, Retention())
         assert report.ran
-        refreshed = {r.rollup: r for r in report.rollups}
+        refreshed = {r.rollup: r for r in report.metric_rollups}
         assert refreshed["rollup_metrics_1m"].buckets == 120 * 4 * 2
         assert refreshed["rollup_metrics_1h"].buckets == 2 * 4 * 2
         # Nothing completed since: the next pass recomputes nothing.
