@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import json
 import signal
+import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -219,6 +223,94 @@ match = {{ cmdline = "{marker}-api$" }}
         )
         assert daemon.metric("pluginmon_plugin_up", **labels) is not None  # still a plugin
         assert daemon.metric("pluginmon_config_last_reload_successful") == 1
+    finally:
+        daemon.signal(signal.SIGTERM)
+        assert daemon.wait_exit() == 0, daemon.log_text()[-4000:]
+
+
+def _http(
+    url: str, *, token: str, data: bytes | None = None, method: str = "GET"
+) -> tuple[int, Any]:
+    request = urllib.request.Request(url, data=data, method=method)  # noqa: S310 - loopback
+    request.add_header("Authorization", "Bearer " + token)
+    if data is not None:
+        request.add_header("Content-Type", "text/plain; version=0.0.4")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"null")
+
+
+def test_run_takes_a_push_and_writes_it_again_until_it_expires(e2e_db: str, tmp_path: Path) -> None:
+    tenant = "e2e_push"
+    daemon = DaemonProcess(
+        tmp_path=tmp_path,
+        database_url=e2e_db,
+        config_text="[plugin_metrics]\ninterval_seconds = 0.5\n",
+    )
+    daemon.start()
+    try:
+        daemon.wait_ready()
+        wait_for("the API ready", lambda: daemon.get("/readyz")[0] == 200)
+        created = run_cli(
+            "token", "create", "--tenant", tenant, "--role", "writer", "--name", "batch",
+            env={"PLUGINMON_DATABASE_URL": e2e_db},
+        )  # fmt: skip
+        assert created.returncode == 0, created.stderr
+        token = created.stdout.splitlines()[-1]
+        base = daemon.url + "/api/v1/plugins"
+        status, _ = _http(
+            base, token=token, method="POST", data=json.dumps({"name": "exporter"}).encode()
+        )
+        # (The catalogue route parses its body as JSON whatever the Content-Type.)
+        assert status == 201
+        status, body = _http(
+            base + "/exporter/metrics?ttl_seconds=3",
+            token=token,
+            method="POST",
+            data=b"# TYPE rows_exported_total counter\nrows_exported_total 1200\n",
+        )
+        assert status == 200, body
+        assert body["series"] == 1
+
+        def rows() -> int:
+            with psycopg.connect(e2e_db) as conn:
+                row = conn.execute(
+                    "SELECT count(*) FROM plugin_metrics WHERE tenant_id = %s"
+                    " AND metric_name = 'rows_exported_total' AND value = 1200",
+                    (tenant,),
+                ).fetchone()
+            assert row is not None
+            return int(row[0])
+
+        # Written at the push, then again by the daemon every 0.5 s until 3 s after it.
+        wait_for("the pushed series re-emitted", lambda: rows() >= 3, timeout=30)
+        wait_for(
+            "the pushed series expired",
+            lambda: daemon.metric("pluginmon_plugin_push_expired_series_total") == 1.0,
+            timeout=30,
+        )
+        settled = rows()
+        assert daemon.metric("pluginmon_plugin_push_live_series") == 0.0
+        assert daemon.metric("pluginmon_plugin_pushes_total") == 1.0
+        # Nothing re-writes an expired series (allowing for re-emissions queued in the writer
+        # before the expiry, flushed every 0.5 s).
+        time.sleep(1.5)
+        assert rows() <= settled + 2
+        status, body = _http(base + "/exporter/metrics", token=token)
+        assert status == 200, body
+        (item,) = body["items"]
+        assert (item["metric"], item["kind"], item["value"]) == (
+            "rows_exported_total",
+            "counter",
+            1200.0,
+        )
+        assert item["rate_per_second"] == 0.0  # pushed again unchanged: a rate of 0
+        audit = run_cli(
+            "audit", "verify", "--tenant", tenant, env={"PLUGINMON_DATABASE_URL": e2e_db}
+        )
+        assert audit.returncode == 0, audit.stderr
     finally:
         daemon.signal(signal.SIGTERM)
         assert daemon.wait_exit() == 0, daemon.log_text()[-4000:]
