@@ -5,8 +5,16 @@ the read with rates and quantiles, and the re-emission until a pushed series exp
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import urllib.error
+import urllib.request
 from collections.abc import AsyncIterator
+from pathlib import Path
 
+import psycopg
 import pytest
 from openapi_spec_validator import validate
 
@@ -15,6 +23,8 @@ from pluginmon.collectors.push import PushConfig, PushStore
 from pluginmon.daemon.api_plugin_metrics import PluginMetricsHandlers, reemit_job
 from pluginmon.registry.tokens import Role
 from tests.api_helpers import ApiHarness, api_server
+from tests.daemon_helpers import REPO, run_cli, wait_for
+from tests.net_helpers import free_port, stop_process
 
 TEXT = b"""# HELP requests_total Requests served
 # TYPE requests_total counter
@@ -302,3 +312,72 @@ async def test_openapi_document_has_both_routes_and_stays_valid(api: ApiHarness)
     assert "ttl_seconds" in post["description"]
     assert {p["name"] for p in post["parameters"]} >= {"name", "environment", "ttl_seconds"}
     assert {p["name"] for p in path["get"]["parameters"]} >= {"metric", "since", "environment"}
+
+
+def _request(url: str, *, token: str | None = None, data: bytes | None = None) -> tuple[int, bytes]:
+    request = urllib.request.Request(url, data=data, method="POST" if data else "GET")  # noqa: S310
+    if token is not None:
+        request.add_header("Authorization", "Bearer " + token)
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310 - loopback
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+    except OSError:
+        return 0, b""
+
+
+def test_pluginmon_api_stores_pushes_and_re_emits_them_itself(
+    migrated_db: str, tmp_path: Path
+) -> None:
+    """The central deployment samples nothing: the API process keeps the live set."""
+    port = free_port()
+    config = tmp_path / "api.toml"
+    config.write_text(
+        f'http_host = "127.0.0.1"\nhttp_port = {port}\n'
+        "[plugin_metrics]\ninterval_seconds = 0.5\npush_ttl_seconds = 60\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PLUGINMON_")}
+    env.update({"PLUGINMON_DATABASE_URL": migrated_db, "PYTHONPATH": str(REPO)})
+    created = run_cli(
+        "token", "create", "--tenant", "acme", "--role", "writer", "--name", "job",
+        env={"PLUGINMON_DATABASE_URL": migrated_db},
+    )  # fmt: skip
+    assert created.returncode == 0, created.stderr
+    token = created.stdout.splitlines()[-1]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pluginmon.daemon.cli", "api", "--config", str(config)],
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_for("pluginmon api ready", lambda: _request(base + "/readyz")[0] == 200, timeout=60)
+        status, _ = _request(
+            base + "/api/v1/plugins", token=token, data=json.dumps({"name": "job"}).encode()
+        )
+        assert status == 201
+        status, body = _request(base + "/api/v1/plugins/job/metrics", token=token, data=TEXT)
+        assert status == 200, body
+
+        def stored() -> int:
+            with psycopg.connect(migrated_db) as conn:
+                row = conn.execute(
+                    'SELECT count(DISTINCT "timestamp") FROM plugin_metrics'
+                    " WHERE tenant_id = 'acme' AND metric_name = 'queue_depth'"
+                ).fetchone()
+            assert row is not None
+            return int(row[0])
+
+        wait_for("the push written again by pluginmon api", lambda: stored() >= 3, timeout=30)
+        status, metrics = _request(base + "/metrics")
+        assert status == 200
+        assert b"pluginmon_plugin_pushes_total 1.0" in metrics
+        assert b"pluginmon_plugin_push_live_series 3.0" in metrics
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+    finally:
+        if process.poll() is None:
+            stop_process(process)
