@@ -76,6 +76,38 @@ class PushStore:
         self._lock = threading.Lock()
         self._live: dict[PluginKey, dict[tuple[str, str], _Live]] = {}
         self.expired_series = 0  # series that expired since the start
+        self.accepted = 0  # pushes taken since the start
+        self.rejected = dict.fromkeys(RejectReason, 0)  # pushes refused, by reason
+
+    def count(self, outcome: PushAccepted | Rejected) -> None:
+        """Count one push's outcome (the pluginmon_plugin_push* metrics read them)."""
+        with self._lock:
+            if isinstance(outcome, Rejected):
+                self.rejected[outcome.reason] += 1
+            else:
+                self.accepted += 1
+
+    def counts(self) -> tuple[int, dict[RejectReason, int]]:
+        """(accepted, rejected by reason) so far."""
+        with self._lock:
+            return self.accepted, dict(self.rejected)
+
+    def check(self, key: PluginKey, parsed: Parsed, *, now: datetime) -> Rejected | None:
+        """Why ``accept`` would refuse this push now (too many live series), without
+        recording it: the API checks before it stores the rows, and records after commit."""
+        with self._lock:
+            live = self._drop_expired(key, now)
+            new = {(p.name, p.labels_json) for p in parsed.points} - live.keys()
+            return self._too_many(len(live), len(new))
+
+    def _too_many(self, live: int, new: int) -> Rejected | None:
+        if live + new > self.config.limits.max_series:
+            return Rejected(
+                RejectReason.TOO_MANY_SERIES,
+                f"{live} live pushed series and {new} new ones pass max_series "
+                f"{self.config.limits.max_series}",
+            )
+        return None
 
     def ttl_seconds(self, requested: float | None) -> float:
         """The TTL a push gets: ``requested`` (capped at max_ttl_seconds) or the default.
@@ -101,12 +133,9 @@ class PushStore:
         with self._lock:
             live = self._drop_expired(key, now)
             new = {(p.name, p.labels_json) for p in parsed.points} - live.keys()
-            if len(live) + len(new) > self.config.limits.max_series:
-                return Rejected(
-                    RejectReason.TOO_MANY_SERIES,
-                    f"{len(live)} live pushed series and {len(new)} new ones pass max_series "
-                    f"{self.config.limits.max_series}",
-                )
+            refused = self._too_many(len(live), len(new))
+            if refused is not None:
+                return refused
             for point in parsed.points:
                 live[(point.name, point.labels_json)] = _Live(point, expires_at)
             if live:
@@ -144,6 +173,12 @@ class PushStore:
         """How many pushed series of ``key`` are live at ``now``."""
         with self._lock:
             return sum(1 for item in self._live.get(key, {}).values() if item.expires_at > now)
+
+    def series_after(self, key: PluginKey, parsed: Parsed, *, now: datetime) -> int:
+        """How many pushed series of ``key`` are live at ``now`` once ``parsed`` is taken."""
+        with self._lock:
+            live = {i for i, item in self._live.get(key, {}).items() if item.expires_at > now}
+            return len(live | {(p.name, p.labels_json) for p in parsed.points})
 
     def live_series(self, *, now: datetime) -> int:
         """How many pushed series of all plugins are live at ``now``."""

@@ -122,6 +122,12 @@ class Call:
     query: Any
     # Operations whose status this request changed, counted in the metrics after commit.
     operations: list[Operation] = field(default_factory=list)
+    # A raw-body route's body (Route.raw_body) and its Content-Type.
+    raw: bytes = b""
+    content_type: str = ""
+    # Run after the transaction committed, in order (in-memory state that must follow only
+    # a committed write, such as the live set of pushed series).
+    after_commit: list[Callable[[], None]] = field(default_factory=list)
 
     def param_int(self, name: str) -> int:
         # The route's pattern admits digits only; this guards the int's range.
@@ -151,6 +157,14 @@ class Route:
     tag: str = ""
     # The status codes this route can answer besides its success, for the document.
     errors: tuple[int, ...] = ()
+    # The body is handed over as bytes (Call.raw), not parsed as JSON into ``body``: the push
+    # of plugin metrics takes the Prometheus text format, OpenMetrics or JSON. Its size limit
+    # (413 past it) is ``max_body_bytes()`` when given, else the API's; ``body_doc``
+    # documents the JSON shape in the OpenAPI document.
+    raw_body: bool = False
+    max_body_bytes: Callable[[], int] | None = None
+    body_doc: type[BaseModel] | None = None
+    description: str = ""  # the OpenAPI operation's description, when a summary is not enough
 
 
 M = TypeVar("M", bound=BaseModel)
@@ -375,7 +389,12 @@ class Dispatcher:
         return handle
 
     async def _run(self, route: Route, request: web.Request, rid: str) -> tuple[Call, BaseModel]:
-        raw = await read_body(request, self._max_body_bytes) if route.body is not None else b""
+        raw = b""
+        if route.raw_body:
+            limit = route.max_body_bytes() if route.max_body_bytes else self._max_body_bytes
+            raw = await read_body(request, limit)
+        elif route.body is not None:
+            raw = await read_body(request, self._max_body_bytes)
         pool = self._pool_source()
         if pool is None:
             raise ApiError(503, "database_unavailable", "the database is not ready yet; retry")
@@ -415,8 +434,12 @@ class Dispatcher:
                 params=request.match_info,
                 body=body,
                 query=query,
+                raw=raw if route.raw_body else b"",
+                content_type=request.headers.get("Content-Type", ""),
             )
             model = await route.handler(call)
+        for after in call.after_commit:
+            after()
         return call, model
 
 

@@ -56,6 +56,8 @@ def openapi_document(routes: Sequence[Route], *, version: str) -> dict[str, Any]
         wanted.append((route.response, "serialization"))
         if route.body is not None:
             wanted.append((route.body, "validation"))
+        if route.body_doc is not None:
+            wanted.append((route.body_doc, "validation"))
     unique = list(dict.fromkeys(wanted))
     refs, definitions = models_json_schema(unique, ref_template="#/components/schemas/{model}")
     error_ref = refs[(ErrorOut, "serialization")]
@@ -101,6 +103,23 @@ def openapi_document(routes: Sequence[Route], *, version: str) -> dict[str, Any]
                 "required": True,
                 "content": {"application/json": {"schema": refs[(route.body, "validation")]}},
             }
+        elif route.raw_body:
+            text = {"schema": {"type": "string"}}
+            json_schema = (
+                refs[(route.body_doc, "validation")]
+                if route.body_doc is not None
+                else {"type": "object"}
+            )
+            operation["requestBody"] = {
+                "required": True,
+                "content": {
+                    "text/plain": text,
+                    "application/openmetrics-text": text,
+                    "application/json": {"schema": json_schema},
+                },
+            }
+        if route.description:
+            operation["description"] = route.description
         paths.setdefault(path, {})[route.method.lower()] = operation
     return {
         "openapi": "3.1.0",

@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 import asyncpg
 from aiohttp import web
 
+from pluginmon.collectors.push import PushConfig, PushStore
 from pluginmon.daemon.api_config import ConfigHandlers, config_routes
 from pluginmon.daemon.api_http import (
     DEFAULT_MAX_BODY_BYTES,
@@ -44,6 +45,7 @@ from pluginmon.daemon.api_models import (
     SilenceOut,
 )
 from pluginmon.daemon.api_openapi import openapi_document
+from pluginmon.daemon.api_plugin_metrics import PluginMetricsHandlers, metrics_routes
 from pluginmon.registry import alert_actions, approvals, audit, operations, plugins
 from pluginmon.registry.keyring import KeyringHolder
 from pluginmon.registry.lifecycle import RetryPolicy
@@ -342,11 +344,21 @@ def build_api_app(
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     metrics: ApiMetrics | None = None,
     keyring: KeyringHolder | None = None,
+    plugin_metrics: PluginMetricsHandlers | None = None,
 ) -> web.Application:
     """The /api/v1 application, to mount with ``root.add_subapp("/api/v1", app)``.
-    ``keyring``: where config secrets are encrypted (none: secrets are refused)."""
-    routes = api_routes(ApiHandlers(policies=policies, retry=retry or RetryPolicy()))
-    routes += config_routes(ConfigHandlers(keyring))
+
+    ``keyring``: where config secrets are encrypted (none: secrets are refused).
+    ``plugin_metrics`` holds the live set of pushed series; whoever builds the app re-emits
+    it (daemon.api_plugin_metrics). Without one, pushes get the default limits and TTLs.
+    """
+    if plugin_metrics is None:
+        plugin_metrics = PluginMetricsHandlers(PushStore(PushConfig()))
+    routes = [
+        *api_routes(ApiHandlers(policies=policies, retry=retry or RetryPolicy())),
+        *config_routes(ConfigHandlers(keyring)),
+        *metrics_routes(plugin_metrics),
+    ]
     dispatcher = Dispatcher(
         pool,
         clock=clock,

@@ -4,19 +4,24 @@ and ``pluginmon api`` (the API, its probes and metrics, without sampling)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, datetime
 
 import asyncpg
 from aiohttp import web
 from prometheus_client import CollectorRegistry
+from prometheus_client.core import Metric
 from prometheus_client.exposition import choose_encoder
 
+from pluginmon.collectors.push import PushStore
 from pluginmon.daemon.api_http import API_PREFIX
 from pluginmon.daemon.api_metrics import ApiMetrics
+from pluginmon.daemon.api_plugin_metrics import PluginMetricsHandlers, reemit_job
 from pluginmon.daemon.api_routes import build_api_app
 from pluginmon.daemon.http import HttpServer, Readiness, tls_context
+from pluginmon.daemon.plugin_metrics import push_families
 from pluginmon.daemon.settings import Settings
 from pluginmon.registry import maintenance
 from pluginmon.registry.crypto import KeyringError
@@ -60,7 +65,12 @@ def keyring_location(settings: Settings) -> KeyringLocation | None:
 
 
 def api_app(
-    settings: Settings, pool: PoolSource, *, version: str, metrics: ApiMetrics | None
+    settings: Settings,
+    pool: PoolSource,
+    *,
+    version: str,
+    metrics: ApiMetrics | None,
+    plugin_metrics: PluginMetricsHandlers,
 ) -> web.Application:
     location = keyring_location(settings)
     keyring = None if location is None else KeyringHolder(location, clock=utc_now)
@@ -72,6 +82,7 @@ def api_app(
         max_body_bytes=settings.api.max_body_bytes,
         metrics=metrics,
         keyring=keyring,
+        plugin_metrics=plugin_metrics,
     )
 
     async def load_keyring(_: web.Application) -> None:
@@ -100,12 +111,56 @@ def api_app(
 
 
 def api_subapps(
-    settings: Settings, pool: PoolSource, *, version: str, metrics: ApiMetrics | None
+    settings: Settings,
+    pool: PoolSource,
+    *,
+    version: str,
+    metrics: ApiMetrics | None,
+    pushes: PushStore | None = None,
 ) -> list[tuple[str, web.Application]]:
-    """What ``pluginmon run`` mounts on its HTTP server: /api/v1 when ``api.enabled``."""
+    """What ``pluginmon run`` mounts on its HTTP server: /api/v1 when ``api.enabled``.
+    ``pushes`` is the plugin-metrics service's live set: the service re-emits what the push
+    route records in it (a new one with the configured limits when not given)."""
     if not settings.api.enabled:
         return []
-    return [(API_PREFIX, api_app(settings, pool, version=version, metrics=metrics))]
+    if pushes is None:
+        pushes = PushStore(settings.plugin_metrics.to_push())
+    app = api_app(
+        settings,
+        pool,
+        version=version,
+        metrics=metrics,
+        plugin_metrics=PluginMetricsHandlers(pushes),
+    )
+    return [(API_PREFIX, app)]
+
+
+class _PushCounts:
+    """The push metrics of ``pluginmon api`` (prometheus-client Collector)."""
+
+    def __init__(self, pushes: PushStore) -> None:
+        self._pushes = pushes
+
+    def collect(self) -> Iterator[Metric]:
+        return push_families(self._pushes, now=utc_now())
+
+
+async def _reemit_loop(
+    job: Callable[[], Awaitable[int]], *, interval_seconds: float, stop: asyncio.Event
+) -> None:
+    while not stop.is_set():
+        try:
+            async with asyncio.timeout(interval_seconds):
+                await stop.wait()
+            return
+        except TimeoutError:
+            pass
+        try:
+            await job()
+        except Exception:
+            logger.exception(
+                "re-emitting pushed metrics failed; next try in %.0f s", interval_seconds
+            )
 
 
 def registry_job(
@@ -180,6 +235,12 @@ async def serve_api(
         logger.info("applied %d migration(s): %s", len(result.applied), ", ".join(result.applied))
     registry = CollectorRegistry()
     metrics = ApiMetrics(registry)
+    # Pushed series are stored by the route; this process re-emits them until they expire
+    # (no sampler runs here to do it): daemon.api_plugin_metrics.
+    pushes = PushStore(settings.plugin_metrics.to_push())
+    registry.register(_PushCounts(pushes))
+    plugin_metrics = PluginMetricsHandlers(pushes)
+    reemit_seconds = settings.plugin_metrics.interval_seconds or settings.sample_interval_seconds
     async with pool_context(
         database_url, min_size=1, max_size=settings.database_pool_max_size
     ) as pool:
@@ -197,26 +258,45 @@ async def serve_api(
             if settings.http_tls_cert_file and settings.http_tls_key_file
             else None
         )
-        app = api_app(settings, lambda: pool, version=version, metrics=metrics)
+        app = api_app(
+            settings,
+            lambda: pool,
+            version=version,
+            metrics=metrics,
+            plugin_metrics=plugin_metrics,
+        )
         job = registry_job(lambda: pool, metrics=metrics)
-        async with HttpServer(
-            host=settings.http_host,
-            port=settings.http_port,
-            metrics=_RegistryExposition(registry),
-            readiness=readiness,
-            ssl_context=ssl_context,
-            subapps=[(API_PREFIX, app)],
-        ):
-            while not stop.is_set():
-                try:
-                    await job()
-                except Exception:
-                    logger.exception(
-                        "registry maintenance failed; next run in %.0f s",
-                        settings.maintenance_interval_seconds,
-                    )
-                try:
-                    async with asyncio.timeout(settings.maintenance_interval_seconds):
-                        await stop.wait()
-                except TimeoutError:
-                    pass
+        reemit = asyncio.create_task(
+            _reemit_loop(
+                reemit_job(lambda: pool, pushes, plugin_metrics, clock=utc_now),
+                interval_seconds=reemit_seconds,
+                stop=stop,
+            ),
+            name="pushed-metrics",
+        )
+        try:
+            async with HttpServer(
+                host=settings.http_host,
+                port=settings.http_port,
+                metrics=_RegistryExposition(registry),
+                readiness=readiness,
+                ssl_context=ssl_context,
+                subapps=[(API_PREFIX, app)],
+            ):
+                while not stop.is_set():
+                    try:
+                        await job()
+                    except Exception:
+                        logger.exception(
+                            "registry maintenance failed; next run in %.0f s",
+                            settings.maintenance_interval_seconds,
+                        )
+                    try:
+                        async with asyncio.timeout(settings.maintenance_interval_seconds):
+                            await stop.wait()
+                    except TimeoutError:
+                        pass
+        finally:
+            reemit.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reemit

@@ -21,6 +21,7 @@ from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector,
 
 from pluginmon.alerts.engine import AlertEngine
 from pluginmon.alerts.outbox import OutboxDeliverer
+from pluginmon.collectors.push import PushStore
 from pluginmon.collectors.sampler import DEFAULT_FIELDS, Sampler
 from pluginmon.daemon.api_metrics import ApiMetrics
 from pluginmon.daemon.api_wiring import api_subapps, registry_job
@@ -40,7 +41,7 @@ from pluginmon.daemon.lifecycle import (
     ShutdownBudget,
     run_until_signalled,
 )
-from pluginmon.daemon.plugin_metrics import open_plugin_metrics
+from pluginmon.daemon.plugin_metrics import PluginMetricsService, open_plugin_metrics
 from pluginmon.daemon.reload import ConfigChanges, ConfigReloader
 from pluginmon.daemon.scheduling import Scheduler
 from pluginmon.daemon.signal_guard import SignalGuard
@@ -118,11 +119,15 @@ class Daemon:
         self._ready_pool: asyncpg.Pool | None = None
         # Until the pool is open there is nothing to probe; then the DatabaseWatch answers.
         self._database_reasons: Callable[[], Awaitable[list[str]]] = _database_not_connected
+        # The live set of pushed plugin metrics: the API's push route records into it from
+        # the start, the plugin-metrics service (built later) re-emits it.
+        self.pushes = PushStore(config.push)
         self.reloader = ConfigReloader(config_path=config_path, running=config)
         self.registry.register(self.reloader)
         # Set while run() builds and runs: what the signals act on.
         self._stop: asyncio.Event | None = None
         self._coordinator: Coordinator | None = None
+        self._plugin_metrics: PluginMetricsService | None = None
         self._embedded: EmbeddedPostgres | None = None  # this daemon runs it
         self._embedded_start_done = threading.Event()
 
@@ -211,6 +216,8 @@ class Daemon:
         coordinator = self._coordinator
         assert coordinator is not None  # attached only once it is built
         await coordinator.reconfigure(config, changes)
+        if self._plugin_metrics is not None:
+            self._plugin_metrics.reconfigure(scrape=config.scrape, push=config.push)
         self.config = config
 
     async def _build(
@@ -359,7 +366,9 @@ class Daemon:
             database=database,
             discovered=lambda: sampler.metrics_endpoints,
             writer_close_seconds=self.shutdown_budget.seconds(WRITER_CLOSE),
+            pushes=self.pushes,
         )
+        self._plugin_metrics = plugin_metrics
         spool_losses = SpoolLosses(
             {"samples": spool, "unresolved": unresolved.spool, "plugin_metrics": metrics_spool}
         )
@@ -476,7 +485,11 @@ class Daemon:
             shutdown_timeout_seconds=self.shutdown_budget.seconds(HTTP_STOP),
             registry=self.registry,
             subapps=api_subapps(
-                settings, self._api_pool, version=self.version, metrics=self.api_metrics
+                settings,
+                self._api_pool,
+                version=self.version,
+                metrics=self.api_metrics,
+                pushes=self.pushes,
             ),
         )
 

@@ -69,11 +69,15 @@ def load(config_path: Path | None) -> DaemonConfig:
 
 # -- reload ---------------------------------------------------------------------------------------
 
-# The settings a reload applies to the running daemon: the plugins to sample, the alert rules
-# and receivers ([alerts] as a whole), the health score's thresholds and weights. Every other
-# setting is read once, by components built at start (the pool, the spools, the HTTP server,
-# the scheduler's intervals): changing one needs a restart.
-LIVE_SETTINGS: Final = frozenset({"plugins", "alerts", "health"})
+# The settings a reload applies to the running daemon: the plugins to sample (and their
+# metrics_* scrape settings), the alert rules and receivers ([alerts] as a whole), the health
+# score's thresholds and weights, [plugin_metrics] (scrape defaults, limits, push TTLs) but
+# for RESTART_ONLY. Every other setting is read once, by components built at start (the
+# pool, the spools, the HTTP server, the scheduler's intervals): changing one needs a restart.
+LIVE_SETTINGS: Final = frozenset({"plugins", "alerts", "health", "plugin_metrics"})
+# Fields of live sections that components still read once at start: the scraper's connection
+# pool is sized by max_concurrent_scrapes.
+RESTART_ONLY: Final = (("plugin_metrics", "max_concurrent_scrapes"),)
 
 
 def restart_needed(old: Settings, new: Settings) -> tuple[str, ...]:
@@ -94,6 +98,9 @@ def restart_needed(old: Settings, new: Settings) -> tuple[str, ...]:
             ]
         else:
             changed.append(name)
+    for section, field in RESTART_ONLY:
+        if getattr(getattr(old, section), field) != getattr(getattr(new, section), field):
+            changed.append(f"{section}.{field}")
     return tuple(changed)
 
 
@@ -103,6 +110,10 @@ def with_live_sections(current: DaemonConfig, loaded: DaemonConfig) -> DaemonCon
     settings = current.settings.model_copy(
         update={name: getattr(loaded.settings, name) for name in LIVE_SETTINGS}
     )
+    for section, field in RESTART_ONLY:
+        kept = getattr(getattr(current.settings, section), field)
+        updated = getattr(settings, section).model_copy(update={field: kept})
+        settings = settings.model_copy(update={section: updated})
     return DaemonConfig(
         settings=settings,
         plugins=loaded.plugins,
@@ -111,8 +122,10 @@ def with_live_sections(current: DaemonConfig, loaded: DaemonConfig) -> DaemonCon
         alertmanager=loaded.alertmanager,
         health=loaded.health,
         retention=current.retention,
-        # Scrape targets and push limits are built once at start (the scraper's loops):
-        # a reload keeps them; a restart applies changed metrics_url / [plugin_metrics].
-        scrape=current.scrape,
-        push=current.push,
+        # Scrape targets from the reloaded plugins and [plugin_metrics], with the running
+        # sample interval (their default interval) and scraper size.
+        scrape=settings.plugin_metrics.to_scrape(
+            settings.plugins, sample_interval_seconds=settings.sample_interval_seconds
+        ),
+        push=settings.plugin_metrics.to_push(),
     )

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AsyncExitStack
@@ -15,7 +14,7 @@ from types import TracebackType
 import asyncpg
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from pluginmon.collectors.exposition import Rejected, RejectReason
+from pluginmon.collectors.exposition import Rejected
 from pluginmon.collectors.models import PluginKey, PluginMetrics
 from pluginmon.collectors.push import PushAccepted, PushConfig, PushStore, parse_push
 from pluginmon.collectors.scrape import ScrapeConfig, Scraper, ScrapeStats, utc_now
@@ -50,13 +49,17 @@ class PluginMetricsService:
         discovered: Callable[[], Iterable[tuple[PluginKey, str]]],
         refresh_seconds: float = 5.0,
         wall_clock: Callable[[], datetime] = utc_now,
+        pushes: PushStore | None = None,
     ) -> None:
         self._scrape_config = scrape
         self._sink = sink
         self._wall_clock = wall_clock
-        self.pushes = PushStore(push)
+        # Given when the management API shares the live set (its push route records into it).
+        self.pushes = pushes if pushes is not None else PushStore(push)
+        self.pushes.config = push
         self.scraper = Scraper(
-            targets=lambda: scrape.all_targets(discovered()),
+            # Read at every refresh: a reload replaces _scrape_config (reconfigure()).
+            targets=lambda: self._scrape_config.all_targets(discovered()),
             consume=sink.put,
             max_concurrent=scrape.max_concurrent,
             refresh_seconds=refresh_seconds,
@@ -64,9 +67,6 @@ class PluginMetricsService:
             wall_clock=wall_clock,
         )
         self._reemit: asyncio.Task[None] | None = None
-        self._push_lock = threading.Lock()
-        self._push_rejected = dict.fromkeys(RejectReason, 0)
-        self._push_accepted = 0
 
     async def __aenter__(self) -> PluginMetricsService:
         await self.scraper.__aenter__()
@@ -116,11 +116,21 @@ class PluginMetricsService:
         return outcome
 
     def _count_push(self, outcome: PushAccepted | Rejected) -> None:
-        with self._push_lock:
-            if isinstance(outcome, Rejected):
-                self._push_rejected[outcome.reason] += 1
-            else:
-                self._push_accepted += 1
+        self.pushes.count(outcome)
+
+    @property
+    def scrape_config(self) -> ScrapeConfig:
+        return self._scrape_config
+
+    def reconfigure(self, *, scrape: ScrapeConfig, push: PushConfig) -> None:
+        """A reload's scrape targets and push limits, applied now: targets that appeared,
+        went or changed (URL, interval, timeout, limits) start, stop or restart at once
+        (Scraper.refresh); pushed series keep their expiry, new pushes get the new limits.
+        ``max_concurrent`` stays as built (the scraper's connection pool): a restart applies
+        it, and the reload says so."""
+        self._scrape_config = scrape
+        self.pushes.config = push
+        self.scraper.refresh()
 
     async def reemit_pushed(self) -> list[PluginMetrics]:
         """Write every live pushed series again, stamped now; expired ones are forgotten."""
@@ -145,29 +155,33 @@ class PluginMetricsService:
     def collect(self) -> Iterator[Metric]:
         """The scrape counts per plugin, and the pushes' (prometheus-client Collector)."""
         yield from self.scraper.stats.collect()
-        with self._push_lock:
-            accepted, rejected = self._push_accepted, dict(self._push_rejected)
-        yield CounterMetricFamily(
-            "pluginmon_plugin_pushes", "Pushes of plugin metrics accepted", value=accepted
-        )
-        family = CounterMetricFamily(
-            "pluginmon_plugin_push_rejected",
-            "Pushes of plugin metrics refused, by reason",
-            labels=["reason"],
-        )
-        for reason, count in sorted(rejected.items()):
-            family.add_metric([reason.value], count)
-        yield family
-        yield CounterMetricFamily(
-            "pluginmon_plugin_push_expired_series",
-            "Pushed series that expired (ttl_seconds after their last push)",
-            value=self.pushes.expired_series,
-        )
-        yield GaugeMetricFamily(
-            "pluginmon_plugin_push_live_series",
-            "Pushed series not expired yet, re-emitted every interval",
-            value=self.pushes.live_series(now=self._wall_clock()),
-        )
+        yield from push_families(self.pushes, now=self._wall_clock())
+
+
+def push_families(pushes: PushStore, *, now: datetime) -> Iterator[Metric]:
+    """The push counts of ``pushes`` (``pluginmon run`` and ``pluginmon api`` alike)."""
+    accepted, rejected = pushes.counts()
+    yield CounterMetricFamily(
+        "pluginmon_plugin_pushes", "Pushes of plugin metrics accepted", value=accepted
+    )
+    family = CounterMetricFamily(
+        "pluginmon_plugin_push_rejected",
+        "Pushes of plugin metrics refused, by reason",
+        labels=["reason"],
+    )
+    for reason, count in sorted(rejected.items()):
+        family.add_metric([reason.value], count)
+    yield family
+    yield CounterMetricFamily(
+        "pluginmon_plugin_push_expired_series",
+        "Pushed series that expired (ttl_seconds after their last push)",
+        value=pushes.expired_series,
+    )
+    yield GaugeMetricFamily(
+        "pluginmon_plugin_push_live_series",
+        "Pushed series not expired yet, re-emitted every interval",
+        value=pushes.live_series(now=now),
+    )
 
 
 async def open_plugin_metrics(
@@ -178,6 +192,7 @@ async def open_plugin_metrics(
     database: DatabaseWatch,
     discovered: Callable[[], Sequence[tuple[PluginKey, str]]],
     writer_close_seconds: float,
+    pushes: PushStore | None = None,
 ) -> tuple[Spool, MetricSink, PluginMetricsService]:
     """Plugins' own metrics on ``stack``: their writer (with its own spool) and the scraper
     and pushes, which stop before the writer closes (the exit stack unwinds in reverse)."""
@@ -201,7 +216,11 @@ async def open_plugin_metrics(
     sink = MetricSink(pool=pool, writer=writer, database=database)
     service = await stack.enter_async_context(
         PluginMetricsService(
-            scrape=config.scrape, push=config.push, sink=sink, discovered=discovered
+            scrape=config.scrape,
+            push=config.push,
+            sink=sink,
+            discovered=discovered,
+            pushes=pushes,
         )
     )
     return spool, sink, service

@@ -76,6 +76,9 @@ class ConfigChanges:
     health: bool  # thresholds, weights, per-plugin overrides
     external_url: bool
     needs_restart: tuple[str, ...]  # changed, not applied: see config.restart_needed
+    # Scrape targets (by plugin) or push limits/TTLs of plugins' own metrics.
+    scrape_targets: NamedChanges = NamedChanges()
+    push: bool = False
 
     @property
     def alerting(self) -> bool:
@@ -90,6 +93,8 @@ class ConfigChanges:
             self.receivers.describe("receivers"),
             "health thresholds changed" if self.health else None,
             "alerts.external_url changed" if self.external_url else None,
+            self.scrape_targets.describe("scrape targets"),
+            "push limits changed" if self.push else None,
         ]
         applied = "; ".join(p for p in parts if p is not None) or "no changes applied"
         if self.needs_restart:
@@ -108,11 +113,25 @@ def _receivers(config: DaemonConfig) -> dict[str, object]:
     return out
 
 
+def _targets(config: DaemonConfig) -> dict[str, object]:
+    # Discovered endpoints follow the processes; the settings they are scraped with count.
+    out: dict[str, object] = {_plugin_name(t.key): t for t in config.scrape.targets}
+    scrape = config.scrape
+    out["(discovered endpoints)"] = (
+        scrape.discovered,
+        scrape.interval_seconds,
+        scrape.timeout_seconds,
+        scrape.limits,
+    )
+    return out
+
+
 def config_changes(running: DaemonConfig, loaded: DaemonConfig) -> ConfigChanges:
     """How ``loaded`` differs from ``running`` (pure: two configurations in, names out)."""
     old_plugins = {_plugin_name(p.key): p for p in running.plugins}
     new_plugins = {_plugin_name(p.key): p for p in loaded.plugins}
     new_keys = {p.key for p in loaded.plugins}
+    effective = with_live_sections(running, loaded)
     return ConfigChanges(
         plugins=named_changes(old_plugins, new_plugins),
         removed_plugins=frozenset(p.key for p in running.plugins if p.key not in new_keys),
@@ -121,6 +140,9 @@ def config_changes(running: DaemonConfig, loaded: DaemonConfig) -> ConfigChanges
         health=running.health != loaded.health,
         external_url=running.settings.alerts.external_url != loaded.settings.alerts.external_url,
         needs_restart=restart_needed(running.settings, loaded.settings),
+        # As they would run: the reload keeps the running sample interval (their default).
+        scrape_targets=named_changes(_targets(running), _targets(effective)),
+        push=running.push != effective.push,
     )
 
 

@@ -105,6 +105,8 @@ class MaintenanceReport:
     rollups: tuple[RollupRefresh, ...] = ()
     # Steps that could not run this time (lock timeout, ...), with the reason.
     failed_steps: tuple[tuple[str, str], ...] = field(default=())
+    # The plugin_metrics rollups (storage.metric_rollups), apart from the samples' ``rollups``.
+    metric_rollups: tuple[RollupRefresh, ...] = ()
 
     def removed(self, relation: str) -> int:
         return sum(rows for name, rows in self.rows_removed if name == relation)

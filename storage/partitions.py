@@ -21,6 +21,7 @@ from pluginmon.storage.backend import (
     require_autocommit,
     utc_now,
 )
+from pluginmon.storage.metric_rollups import maintain_metric_rollups
 from pluginmon.storage.migrate import Backend
 
 logger = logging.getLogger(__name__)
@@ -141,6 +142,11 @@ class PostgresMaintenance:
                     )
                 removed.append((spec.relation, max(cur.rowcount, 0)))
 
+            # Plugins' own metrics: their own rollups, refresh function and watermarks.
+            metrics = await maintain_metric_rollups(conn, retention, now)
+            removed.extend(metrics.removed)
+            failed.extend(metrics.failed)
+
             removed.extend(await delete_expired(conn, retention, now))
 
         if created or dropped:
@@ -157,6 +163,7 @@ class PostgresMaintenance:
             rows_removed=tuple((name, rows) for name, rows in removed if rows),
             rollups=tuple(refreshed),
             failed_steps=tuple(failed),
+            metric_rollups=metrics.refreshed,
         )
 
     async def backfill(

@@ -221,7 +221,7 @@ WITH points AS (
            m."timestamp" AS at, m.value,
            lag(m.value) OVER series AS previous_value,
            lag(m."timestamp") OVER series AS previous_at
-      FROM plugin_metrics m
+      FROM {source} m
       {join}
      WHERE {where}
     WINDOW series AS (PARTITION BY m.plugin_id, m.environment, m.metric_name, m.labels
@@ -242,6 +242,7 @@ SELECT plugin_id, environment, metric_name, labels::text AS labels,
 
 # asyncpg: the named series of the given (plugin id, environment) pairs.
 SERIES_WINDOWS_SQL: Final = _SERIES_SQL.format(
+    source="plugin_metrics",
     join="""JOIN unnest($1::bigint[], $2::text[]) AS w(plugin_id, environment)
         ON m.plugin_id = w.plugin_id AND m.environment = w.environment""",
     where='m.metric_name = ANY($3::text[]) AND m."timestamp" >= $4',
@@ -251,10 +252,25 @@ SERIES_WINDOWS_SQL: Final = _SERIES_SQL.format(
 # psycopg (`pluginmon status`): every series of every plugin (of one tenant) but pluginmon's
 # own health_score.
 STATUS_SERIES_SQL: Final = _SERIES_SQL.format(
+    source="plugin_metrics",
     join="JOIN plugins p ON p.id = m.plugin_id",
     where="""m."timestamp" >= %(since)s AND m.metric_name <> 'health_score'
        AND (%(tenant)s::text IS NULL OR p.tenant_id = %(tenant)s::text)""",
     rate_since="%(rate_since)s",
+)
+
+
+# asyncpg, as the API role (registry.plugin_metrics): one plugin's series in one environment
+# through the tenant-checked view (sql/003, granted in sql/050), so row-level security (or,
+# on TimescaleDB, the view's tenant check) decides what is seen. $3: the metric_name values
+# wanted, NULL for all but pluginmon's own health_score.
+TENANT_SERIES_SQL: Final = _SERIES_SQL.format(
+    source="pluginmon_tenant.plugin_metrics",
+    join="",
+    where="""m.plugin_id = $1 AND m.environment = $2 AND m."timestamp" >= $4
+       AND ($3::text[] IS NULL AND m.metric_name <> 'health_score'
+            OR m.metric_name = ANY($3::text[]))""",
+    rate_since="$5",
 )
 
 

@@ -23,6 +23,7 @@ from pluginmon.storage.backend import (
     require_autocommit,
     utc_now,
 )
+from pluginmon.storage.metric_rollups import metric_rollup_policies
 from pluginmon.storage.migrate import Backend
 
 logger = logging.getLogger(__name__)
@@ -118,6 +119,9 @@ def _desired_policies(retention: Retention) -> list[_Desired]:
         ("plugin_samples", COMPRESSION_PROC, {"compress_after": retention.compress_after}, None),
         ("plugin_metrics", COMPRESSION_PROC, {"compress_after": retention.compress_after}, None),
     ]
+    desired.extend(
+        metric_rollup_policies(retention, retention_proc=RETENTION_PROC, refresh_proc=REFRESH_PROC)
+    )
     for name, window in REFRESH_WINDOWS.items():
         desired.append(
             (

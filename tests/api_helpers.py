@@ -17,6 +17,7 @@ from multidict import CIMultiDict
 from prometheus_client import CollectorRegistry
 
 from pluginmon.daemon.api_metrics import ApiMetrics
+from pluginmon.daemon.api_plugin_metrics import PluginMetricsHandlers
 from pluginmon.daemon.api_routes import build_api_app
 from pluginmon.registry import tokens
 from pluginmon.registry.actor import Actor
@@ -121,6 +122,7 @@ async def api_server(
     retry: RetryPolicy | None = None,
     max_body_bytes: int = 64 * 1024,
     clock: Clock | None = None,
+    plugin_metrics: PluginMetricsHandlers | None = None,
 ) -> AsyncIterator[ApiHarness]:
     pool = await asyncpg.create_pool(database_url, min_size=1, max_size=4)
     clock = clock or Clock()
@@ -136,6 +138,7 @@ async def api_server(
             clock=clock,
             max_body_bytes=max_body_bytes,
             metrics=ApiMetrics(registry),
+            plugin_metrics=plugin_metrics,
         ),
     )
     runner = web.AppRunner(root, access_log=None)

@@ -55,7 +55,8 @@ def tsdb_url(requires_timescaledb: None, pg_admin_url: str) -> Iterator[str]:
     try:
         prepared = prepare_database(url, CONFIGURED, backend=Backend.TIMESCALEDB)
         assert prepared.backend is Backend.TIMESCALEDB
-        assert len(prepared.policy_changes) == 8
+        # 8 for the samples and raw metrics, 4 for the metrics rollups (sql/051).
+        assert len(prepared.policy_changes) == 12
         yield url
     finally:
         drop_database(pg_admin_url, name)
@@ -85,7 +86,12 @@ def _interval(conn: Conn, text: str) -> timedelta:
 def test_hypertables_continuous_aggregates_and_compression(tsdb_url: str) -> None:
     with psycopg.connect(tsdb_url) as conn:
         assert timescale.hypertables(conn) == ["plugin_metrics", "plugin_samples"]
-        assert timescale.continuous_aggregates(conn) == ["rollup_samples_1h", "rollup_samples_1m"]
+        assert timescale.continuous_aggregates(conn) == [
+            "rollup_metrics_1h",
+            "rollup_metrics_1m",
+            "rollup_samples_1h",
+            "rollup_samples_1m",
+        ]
         chunk_intervals = conn.execute(
             "SELECT hypertable_name, time_interval FROM timescaledb_information.dimensions"
             " WHERE hypertable_schema = 'public' ORDER BY 1"
@@ -104,7 +110,12 @@ def test_hypertables_continuous_aggregates_and_compression(tsdb_url: str) -> Non
             "SELECT view_name, materialized_only FROM timescaledb_information.continuous_aggregates"
             " ORDER BY 1"
         ).fetchall()
-        assert materialized_only == [("rollup_samples_1h", True), ("rollup_samples_1m", True)]
+        assert materialized_only == [
+            ("rollup_metrics_1h", True),
+            ("rollup_metrics_1m", True),
+            ("rollup_samples_1h", True),
+            ("rollup_samples_1m", True),
+        ]
 
 
 def test_policies_have_the_configured_intervals(tsdb_url: str) -> None:
@@ -119,6 +130,10 @@ def test_policies_have_the_configured_intervals(tsdb_url: str) -> None:
             ("plugin_metrics", "policy_compression"),
             ("rollup_samples_1m", "policy_refresh_continuous_aggregate"),
             ("rollup_samples_1h", "policy_refresh_continuous_aggregate"),
+            ("rollup_metrics_1m", "policy_retention"),
+            ("rollup_metrics_1h", "policy_retention"),
+            ("rollup_metrics_1m", "policy_refresh_continuous_aggregate"),
+            ("rollup_metrics_1h", "policy_refresh_continuous_aggregate"),
         }
         drop = {
             relation: _interval(conn, config["drop_after"])
@@ -130,6 +145,8 @@ def test_policies_have_the_configured_intervals(tsdb_url: str) -> None:
             "plugin_metrics": timedelta(days=45),
             "rollup_samples_1m": timedelta(days=14),
             "rollup_samples_1h": timedelta(days=400),
+            "rollup_metrics_1m": timedelta(days=14),
+            "rollup_metrics_1h": timedelta(days=400),
         }
         for relation in ("plugin_samples", "plugin_metrics"):
             compress = jobs[(relation, "policy_compression")]["compress_after"]
@@ -158,6 +175,8 @@ def test_default_retention_is_the_seeds(requires_timescaledb: None, pg_admin_url
             "plugin_metrics": timedelta(days=90),
             "rollup_samples_1m": timedelta(days=30),
             "rollup_samples_1h": timedelta(days=365),
+            "rollup_metrics_1m": timedelta(days=30),
+            "rollup_metrics_1h": timedelta(days=365),
         }
 
 

@@ -1,0 +1,155 @@
+"""Rollups of plugins' own metrics (plugin_metrics -> rollup_metrics_1m / _1h, read through the views plugin_metrics_1m / _1h) on both backends.
+
+Kept apart from the plugin_samples rollups: their own tables or continuous aggregates, own
+watermarks and refresh function (sql/051), called from the same maintenance pass. What each
+kind keeps in a bucket (see sql/051): every series gets sample_count and
+value_avg/min/max/first/last; gauges are read as avg/min/max/last, counters and histogram
+buckets as value_last per bucket (a rate or a quantile over a period comes from consecutive
+buckets, resets handled as on raw rows).
+
+PostgreSQL: ``maintain_metric_rollups`` refreshes each table from its watermark (minus a
+lookback for late rows) and deletes buckets past retention (``rollup_1m`` / ``rollup_1h``,
+as for the samples). TimescaleDB: ``metric_rollup_policies`` lists the refresh and
+retention policies storage.timescale registers with the others.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Final
+
+from psycopg import errors, sql
+
+from pluginmon.storage.backend import AdminConnection, Retention, RollupRefresh
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class MetricRollup:
+    """One rollup of plugin_metrics and how it is kept fresh on either backend."""
+
+    relation: str
+    width: timedelta
+    # PostgreSQL: buckets this far behind the watermark are recomputed for late rows.
+    lookback: timedelta
+    retention_field: str  # the Retention field its buckets expire by
+    # TimescaleDB: the refresh policy materialises [now - start_offset, now - end_offset).
+    start_offset: timedelta
+    end_offset: timedelta
+    schedule_interval: timedelta
+
+
+METRIC_ROLLUPS: Final = (
+    MetricRollup(
+        relation="rollup_metrics_1m",
+        width=timedelta(minutes=1),
+        lookback=timedelta(minutes=10),
+        retention_field="rollup_1m",
+        start_offset=timedelta(hours=2),
+        end_offset=timedelta(minutes=1),
+        schedule_interval=timedelta(minutes=1),
+    ),
+    MetricRollup(
+        relation="rollup_metrics_1h",
+        width=timedelta(hours=1),
+        lookback=timedelta(hours=1),
+        retention_field="rollup_1h",
+        start_offset=timedelta(days=1),
+        end_offset=timedelta(hours=1),
+        schedule_interval=timedelta(minutes=30),
+    ),
+)
+
+# Transient failures of one step: the next maintenance run tries again.
+_STEP_ERRORS: tuple[type[Exception], ...] = (
+    errors.LockNotAvailable,
+    errors.QueryCanceled,
+    errors.TransactionRollback,
+)
+
+
+async def refresh_metric_rollup(
+    conn: AdminConnection,
+    rollup: MetricRollup,
+    now: datetime,
+    *,
+    refresh_from: datetime | None = None,
+) -> RollupRefresh:
+    """PostgreSQL: recompute ``rollup``'s buckets from its watermark (minus lookback), or
+    from ``refresh_from``, up to the last complete bucket before ``now``. ``conn``: autocommit."""
+    async with conn.transaction():
+        cur = await conn.execute(
+            "SELECT window_start, window_end, buckets"
+            " FROM pluginmon_refresh_metrics_rollup(%s::text::regclass, %s::interval,"
+            " %s::interval, %s::timestamptz, %s::timestamptz)",
+            (rollup.relation, rollup.width, rollup.lookback, now, refresh_from),
+        )
+        row = await cur.fetchone()
+    assert row is not None
+    return RollupRefresh(
+        rollup=rollup.relation, window_start=row[0], window_end=row[1], buckets=int(row[2])
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class MetricRollupReport:
+    refreshed: tuple[RollupRefresh, ...]
+    removed: tuple[tuple[str, int], ...]  # (relation, buckets deleted for retention)
+    failed: tuple[tuple[str, str], ...]  # (step, reason) postponed to the next run
+
+
+async def maintain_metric_rollups(
+    conn: AdminConnection,
+    retention: Retention,
+    now: datetime,
+    *,
+    rollups: tuple[MetricRollup, ...] = METRIC_ROLLUPS,
+) -> MetricRollupReport:
+    """PostgreSQL: one maintenance pass over the metrics rollups (the caller holds the
+    maintenance lock): each refreshed, then its buckets past retention deleted."""
+    refreshed: list[RollupRefresh] = []
+    removed: list[tuple[str, int]] = []
+    failed: list[tuple[str, str]] = []
+    for rollup in rollups:
+        try:
+            refreshed.append(await refresh_metric_rollup(conn, rollup, now))
+        except _STEP_ERRORS as exc:
+            logger.warning("maintenance: refresh of %s postponed: %s", rollup.relation, exc)
+            failed.append((f"refresh:{rollup.relation}", str(exc)))
+        horizon = now - getattr(retention, rollup.retention_field)
+        async with conn.transaction():
+            cur = await conn.execute(
+                sql.SQL("DELETE FROM {} WHERE bucket < %s").format(sql.Identifier(rollup.relation)),
+                (horizon,),
+            )
+        removed.append((rollup.relation, max(cur.rowcount, 0)))
+    return MetricRollupReport(tuple(refreshed), tuple(removed), tuple(failed))
+
+
+def metric_rollup_policies(
+    retention: Retention, *, retention_proc: str, refresh_proc: str
+) -> list[tuple[str, str, dict[str, timedelta], timedelta | None]]:
+    """TimescaleDB: (relation, policy procedure, config, schedule) of each continuous
+    aggregate's retention and refresh policy, in storage.timescale's form."""
+    out: list[tuple[str, str, dict[str, timedelta], timedelta | None]] = []
+    for rollup in METRIC_ROLLUPS:
+        out.append(
+            (
+                rollup.relation,
+                retention_proc,
+                {"drop_after": getattr(retention, rollup.retention_field)},
+                None,
+            )
+        )
+        out.append(
+            (
+                rollup.relation,
+                refresh_proc,
+                {"start_offset": rollup.start_offset, "end_offset": rollup.end_offset},
+                rollup.schedule_interval,
+            )
+        )
+    return out
