@@ -508,11 +508,15 @@ def test_config_required_keys_versions_and_secrets(own_conn: Conn) -> None:
     ).fetchall()
     assert rows == [(1, 4, False), (2, 8, True)]
 
-    conn.execute(
+    insert_secret = (
         "INSERT INTO plugin_config (tenant_id, plugin_id, environment, key, is_secret,"
-        " secret_ciphertext, secret_key_id) VALUES ('acme', %s, 'prod', 'api_token', true, %s, 'kms:1')",
-        (plugin_id, b"\x8f\x01ciphertext"),
+        " secret_ciphertext, secret_key_id) VALUES ('acme', %s, 'prod', 'api_token', true, %s, 'kms:1')"
     )
+    # Bytes that are not pluginmon's envelope (format 1, at least 89 bytes: sql/070) are refused.
+    with pytest.raises(errors.CheckViolation) as caught:
+        conn.execute(insert_secret, (plugin_id, b"\x8f\x01ciphertext"))
+    assert caught.value.diag.constraint_name == "plugin_config_secret_format"
+    conn.execute(insert_secret, (plugin_id, b"\x01" + bytes(88)))
     plain = conn.execute(
         "SELECT key FROM plugin_config WHERE is_current AND NOT is_secret ORDER BY key"
     ).fetchall()
