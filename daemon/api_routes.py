@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 import asyncpg
 from aiohttp import web
 
+from pluginmon.daemon.api_dependencies import dependency_routes, with_dependency_recompute
 from pluginmon.daemon.api_http import (
     DEFAULT_MAX_BODY_BYTES,
     Call,
@@ -342,6 +343,8 @@ def build_api_app(
 ) -> web.Application:
     """The /api/v1 application, to mount with ``root.add_subapp("/api/v1", app)``."""
     routes = api_routes(ApiHandlers(policies=policies, retry=retry or RetryPolicy()))
+    # Dependencies (daemon/api_dependencies.py): their routes, and a recompute after writes.
+    routes = with_dependency_recompute(routes) + dependency_routes()
     dispatcher = Dispatcher(
         pool,
         clock=clock,
