@@ -6,6 +6,7 @@ in the same transaction."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Literal
@@ -140,6 +141,7 @@ def _moves_results(route: Route) -> bool:
 
 
 def _recomputing(handler: Handler) -> Handler:
+    @functools.wraps(handler)  # the OpenAPI operationId is the handler's name
     async def handle(call: Call) -> BaseModel:
         result = await handler(call)
         # Cheap for a tenant without dependencies: one indexed EXISTS.
