@@ -18,13 +18,14 @@ Definitions (issue 10):
 
 from __future__ import annotations
 
+import itertools
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 
 from pluginmon.registry.errors import InvalidError
-from pluginmon.registry.semver import Range, common_version, parse_range, try_version
+from pluginmon.registry.semver import Range, have_common_version, parse_range, try_version
 
 RUNTIME = "runtime"
 DEV = "dev"
@@ -89,6 +90,7 @@ class EdgeState:
     # The conflict's other wants (empty otherwise) and the cycle's path (dependent first).
     conflicting: tuple[Want, ...] = ()
     cycle: tuple[str, ...] = ()
+    conflicting_total: int = 0  # the wants in conflict (``conflicting`` shows the first few)
 
     @property
     def gating(self) -> bool:
@@ -118,6 +120,9 @@ class EdgeState:
                 f'{_at(w.dependent, w.dependent_version)} wants {e.dependency}@"{w.version_range}"'
                 for w in self.conflicting
             )
+            more = self.conflicting_total - len(self.conflicting)
+            if more > 0:
+                others += f"; and {more} more"
             return (
                 f"{wants}; conflicts with: {others}; no version of {e.dependency} satisfies "
                 f"them together; found {found}"
@@ -213,20 +218,23 @@ def _evaluate_environment(
         base[e.id] = (_problem(ranges[e.version_range], found), found)
 
     # 2. runtime ranges of one plugin that no version satisfies together
-    conflicts: dict[int, tuple[Want, ...]] = {}
+    conflicts: dict[int, tuple[tuple[Want, ...], int]] = {}
     by_dependency: dict[str, list[Edge]] = defaultdict(list)
     for e in edges:
         if e.kind == RUNTIME and ranges[e.version_range] is not None:
             by_dependency[e.dependency].append(e)
     for dependency, asks in by_dependency.items():
-        if len(asks) < 2 or len({a.version_range for a in asks}) < 2:
+        distinct = {a.version_range for a in asks}
+        if len(asks) < 2 or len(distinct) < 2:
             continue
-        parsed = [r for a in asks if (r := ranges[a.version_range]) is not None]
+        texts = tuple(sorted(distinct))
         installed = try_version(version_of(dependency))
         # The common case: what is installed satisfies everyone.
-        if installed is not None and all(r.satisfied_by(installed) for r in parsed):
+        if installed is not None and all(
+            r is not None and r.satisfied_by(installed) for t in texts if (r := ranges[t])
+        ):
             continue
-        if common_version(parsed) is not None:
+        if have_common_version(texts):
             continue
         conflicts.update(_conflicting(asks, ranges, version_of))
 
@@ -237,11 +245,13 @@ def _evaluate_environment(
     for e in edges:
         problem, found = base[e.id]
         conflicting: tuple[Want, ...] = ()
+        conflicting_total = 0
         cycle: tuple[str, ...] = ()
         if e.id in cycles:
             problem, cycle = Problem.CYCLE, cycles[e.id]
         elif e.id in conflicts:
-            problem, conflicting = Problem.CONFLICT, conflicts[e.id]
+            problem = Problem.CONFLICT
+            conflicting, conflicting_total = conflicts[e.id]
         out.append(
             EdgeState(
                 edge=e,
@@ -252,6 +262,7 @@ def _evaluate_environment(
                 found=found,
                 dependent_version=version_of(e.dependent),
                 conflicting=conflicting,
+                conflicting_total=conflicting_total,
                 cycle=cycle,
             )
         )
@@ -273,36 +284,45 @@ def _problem(range_: Range | None, found: Deployment | None) -> Problem | None:
     return None if range_.satisfied_by(version) else Problem.OUT_OF_RANGE
 
 
+# A conflict's reason names at most this many of the other dependents ("and N more").
+MAX_WANTS_SHOWN = 5
+
+
 def _conflicting(
     asks: Sequence[Edge],
     ranges: Mapping[str, Range | None],
     version_of: _VersionOf,
-) -> dict[int, tuple[Want, ...]]:
-    """Edge id -> the wants it cannot be satisfied together with. Pairs first (the usual
-    ERESOLVE case, two dependents); when every pair is compatible but all together are not,
-    every edge conflicts with all the others."""
-    out: dict[int, list[Want]] = defaultdict(list)
-    for i, a in enumerate(asks):
-        ra = ranges[a.version_range]
-        for b in asks[i + 1 :]:
-            rb = ranges[b.version_range]
-            if ra is None or rb is None or a.version_range == b.version_range:
+) -> dict[int, tuple[tuple[Want, ...], int]]:
+    """Edge id -> (the first wants it cannot be satisfied together with, how many there are).
+    Pairs of distinct ranges first (the usual ERESOLVE case, two dependents); when every pair
+    is compatible but all together are not, every edge conflicts with all the others.
+    Compared by range text: fifty dependents asking for three ranges cost three pairs."""
+    by_text: dict[str, list[Edge]] = defaultdict(list)
+    for a in asks:
+        by_text[a.version_range].append(a)
+    texts = sorted(by_text)
+    disjoint: dict[str, list[str]] = defaultdict(list)
+    for i, ta in enumerate(texts):
+        for tb in texts[i + 1 :]:
+            if not have_common_version((ta, tb)):
+                disjoint[ta].append(tb)
+                disjoint[tb].append(ta)
+
+    def want(b: Edge) -> Want:
+        return Want(b.dependent, version_of(b.dependent), b.version_range, b.kind)
+
+    out: dict[int, tuple[tuple[Want, ...], int]] = {}
+    for a in asks:
+        if disjoint:
+            if a.version_range not in disjoint:
                 continue
-            if common_version([ra, rb]) is None:
-                out[a.id].append(
-                    Want(b.dependent, version_of(b.dependent), b.version_range, b.kind)
-                )
-                out[b.id].append(
-                    Want(a.dependent, version_of(a.dependent), a.version_range, a.kind)
-                )
-    if not out:
-        for a in asks:
-            out[a.id] = [
-                Want(b.dependent, version_of(b.dependent), b.version_range, b.kind)
-                for b in asks
-                if b.id != a.id
-            ]
-    return {k: tuple(v) for k, v in out.items()}
+            others: Iterable[Edge] = (b for t in disjoint[a.version_range] for b in by_text[t])
+            total = sum(len(by_text[t]) for t in disjoint[a.version_range])
+        else:
+            others = (b for b in asks if b.id != a.id)
+            total = len(asks) - 1
+        out[a.id] = (tuple(want(b) for b in itertools.islice(others, MAX_WANTS_SHOWN)), total)
+    return out
 
 
 def _cycles(edges: Sequence[Edge]) -> dict[int, tuple[str, ...]]:

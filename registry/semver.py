@@ -17,10 +17,12 @@ comparator set only if some comparator of the set names a prerelease of the same
 from __future__ import annotations
 
 import functools
+import itertools
+import operator
 import re
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
-from typing import Final
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final
 
 from pluginmon.registry.errors import InvalidError
 
@@ -55,6 +57,11 @@ class Version:
     minor: int
     patch: int
     prerelease: tuple[Identifier, ...] = ()
+    # Precedence as a plain tuple, computed once: comparisons are the hot path of a recompute.
+    sort_key: tuple[object, ...] = field(init=False, repr=False, compare=False, hash=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sort_key", _key(self))
 
     @property
     def release(self) -> tuple[int, int, int]:
@@ -69,7 +76,7 @@ class Version:
     def __lt__(self, other: object) -> bool:
         if not isinstance(other, Version):
             return NotImplemented
-        return _key(self) < _key(other)
+        return self.sort_key < other.sort_key
 
 
 def _key(v: Version) -> tuple[object, ...]:
@@ -114,20 +121,19 @@ class Comparator:
     version: Version
 
     def test(self, v: Version) -> bool:
-        op, c = self.op, self.version
-        if op == "=":
-            return v == c
-        if op == "<":
-            return v < c
-        if op == "<=":
-            return v <= c
-        if op == ">":
-            return v > c
-        return v >= c
+        return _OPS[self.op](v.sort_key, self.version.sort_key)
 
     def __str__(self) -> str:
         return f"{'' if self.op == '=' else self.op}{self.version}"
 
+
+_OPS: Final[dict[str, Callable[[Any, Any], bool]]] = {
+    "=": operator.eq,
+    "<": operator.lt,
+    "<=": operator.le,
+    ">": operator.gt,
+    ">=": operator.ge,
+}
 
 # A comparator set: every comparator must hold. () is "any version" (node-semver's ``*``).
 ComparatorSet = tuple[Comparator, ...]
@@ -333,10 +339,66 @@ def _candidates(ranges: Iterable[Range]) -> set[Version]:
     return out
 
 
+def _release_witness(sets: Sequence[ComparatorSet]) -> Version | None:
+    """The smallest release (no prerelease) that every comparator of ``sets`` admits, when
+    one exists: the bounds of an intersection of intervals, in O(comparators). None means
+    "look further" (only prereleases may be left), not "none"."""
+    lowest: Version | None = None
+    for s in sets:
+        for c in s:
+            if c.op in (">", ">=", "="):
+                v = c.version
+                if v.prerelease:
+                    candidate = _v(v.major, v.minor, v.patch)
+                elif c.op == ">":
+                    candidate = _v(v.major, v.minor, v.patch + 1)
+                else:
+                    candidate = v
+                if lowest is None or candidate.sort_key > lowest.sort_key:
+                    lowest = candidate
+    witness = lowest or Version(0, 0, 0)
+    return witness if all(_test_set(s, witness) for s in sets) else None
+
+
+def _admits_prereleases(r: Range) -> bool:
+    """Whether any prerelease can satisfy ``r``: only through a comparator naming one, and an
+    upper bound ``<X.Y.Z-0`` (what ^, ~ and x-ranges end with) admits none."""
+    return any(
+        c.version.prerelease and not (c.op == "<" and c.version.prerelease == _ZERO_PRE)
+        for s in r.sets
+        for c in s
+    )
+
+
+# Past this many combinations of ||-alternatives, the candidate search alone decides.
+_MAX_COMBINATIONS = 256
+
+
 def common_version(ranges: Sequence[Range]) -> Version | None:
-    """The smallest version that satisfies every range in ``ranges``, or None when no version
-    does (the ranges conflict)."""
-    for candidate in sorted(_candidates(ranges)):
+    """A version that satisfies every range in ``ranges`` (the smallest release when there is
+    one, else the smallest prerelease), or None when no version does (the ranges conflict)."""
+    combinations = 1
+    for r in ranges:
+        combinations *= len(r.sets)
+    if combinations <= _MAX_COMBINATIONS:
+        # One interval per alternative: a release in an intersection is found directly.
+        best: Version | None = None
+        for chosen in itertools.product(*(r.sets for r in ranges)):
+            found = _release_witness(chosen)
+            if found is not None and (best is None or found.sort_key < best.sort_key):
+                best = found
+        if best is not None:
+            return best
+        if not any(_admits_prereleases(r) for r in ranges):
+            return None
+    for candidate in sorted(_candidates(ranges), key=_key):
         if all(r.satisfied_by(candidate) for r in ranges):
             return candidate
     return None
+
+
+@functools.lru_cache(maxsize=65536)
+def have_common_version(texts: tuple[str, ...]) -> bool:
+    """Whether some version satisfies every range in ``texts`` (valid ranges, by text; a
+    recompute asks the same few questions of thousands of dependents)."""
+    return common_version([parse_range(t) for t in texts]) is not None

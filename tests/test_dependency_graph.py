@@ -181,3 +181,17 @@ def test_a_long_chain_does_not_recurse() -> None:
     assert all(s.problem == Problem.CYCLE for s in result.states)
     cycle = by(result, 0, "p").cycle
     assert (len(cycle), cycle[:3], cycle[-2:]) == (12, ("p0", "p1", "p2"), ("…", "p0"))
+
+
+def test_a_conflict_with_many_dependents_names_the_first_few() -> None:
+    edges = [edge(i, f"app{i:02d}", "db", "^1.0.0") for i in range(8)]
+    edges.append(edge(99, "new", "db", "^2.0.0"))
+    deployments = [dep(e.dependent, "p", "1.0.0") for e in edges] + [dep("db", "p", "1.2.0")]
+    result = evaluate(edges, deployments)
+    new = by(result, 99, "p")
+    assert (new.problem, new.conflicting_total, len(new.conflicting)) == (Problem.CONFLICT, 8, 5)
+    assert new.reason.endswith(
+        'app04@1.0.0 wants db@"^1.0.0"; and 3 more; no version of db satisfies them together; '
+        "found db@1.2.0 in p"
+    )
+    assert [w.dependent for w in by(result, 0, "p").conflicting] == ["new"]
