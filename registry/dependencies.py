@@ -276,7 +276,8 @@ async def list_problems(
 # --- recomputing ----------------------------------------------------------------------------
 
 _EDGES_SQL = """
-SELECT x.tenant_id, x.id, p.name AS dependent, d.name AS dependency, x.version_range, x.kind
+SELECT x.tenant_id, x.id, p.name AS dependent, d.name AS dependency, x.version_range, x.kind,
+       x.satisfied, x.conflict, x.conflict_reason, x.resolved_version, x.in_cycle
   FROM plugin_dependencies x
   JOIN plugins p ON p.id = x.plugin_id
   JOIN plugins d ON d.id = x.depends_on_plugin_id
@@ -295,34 +296,29 @@ SELECT p.tenant_id, p.id, p.name, p.environment, p.version, p.status, p.enabled
    AND NOT EXISTS (SELECT 1 FROM plugin_environments e WHERE e.plugin_id = p.id)
 """
 
-# Only changed results are written: a maintenance run over an unchanged graph writes nothing.
-_STORE_SQL = """
-WITH new AS (
-    SELECT * FROM unnest($2::bigint[], $3::text[], $4::text[], $5::boolean[], $6::boolean[],
-                         $7::text[], $8::text[], $9::text[])
-             AS n(dependency_id, tenant_id, environment, satisfied, conflict, problem, reason,
-                  installed_version)
-), gone AS (
-    DELETE FROM plugin_dependency_states s
-     WHERE s.tenant_id = ANY($1::text[])
-       AND NOT EXISTS (SELECT 1 FROM new n
-                        WHERE n.dependency_id = s.dependency_id AND n.environment = s.environment)
-    RETURNING 1
-), written AS (
-    INSERT INTO plugin_dependency_states AS s (dependency_id, tenant_id, environment, satisfied,
-                                               conflict, problem, reason, installed_version,
-                                               changed_at)
-    SELECT n.*, $10 FROM new n
-    ON CONFLICT (dependency_id, environment) DO UPDATE
-       SET satisfied = EXCLUDED.satisfied, conflict = EXCLUDED.conflict,
-           problem = EXCLUDED.problem, reason = EXCLUDED.reason,
-           installed_version = EXCLUDED.installed_version, changed_at = EXCLUDED.changed_at
-     WHERE (s.satisfied, s.conflict, s.problem, s.reason, s.installed_version)
-           IS DISTINCT FROM (EXCLUDED.satisfied, EXCLUDED.conflict, EXCLUDED.problem,
-                             EXCLUDED.reason, EXCLUDED.installed_version)
-    RETURNING 1
-)
-SELECT (SELECT count(*) FROM gone) AS removed, (SELECT count(*) FROM written) AS written
+_STATES_SQL = """
+SELECT dependency_id, environment, satisfied, conflict, problem, reason, installed_version
+  FROM plugin_dependency_states
+ WHERE ($1::text IS NULL OR tenant_id = $1)
+"""
+
+# Only changed results are written (compared in Python against _STATES_SQL): a maintenance
+# run over an unchanged graph writes nothing.
+_UPSERT_SQL = """
+INSERT INTO plugin_dependency_states (dependency_id, tenant_id, environment, satisfied, conflict,
+                                      problem, reason, installed_version, changed_at)
+SELECT n.*, $9 FROM unnest($1::bigint[], $2::text[], $3::text[], $4::boolean[], $5::boolean[],
+                           $6::text[], $7::text[], $8::text[]) AS n
+ON CONFLICT (dependency_id, environment) DO UPDATE
+   SET satisfied = EXCLUDED.satisfied, conflict = EXCLUDED.conflict, problem = EXCLUDED.problem,
+       reason = EXCLUDED.reason, installed_version = EXCLUDED.installed_version,
+       changed_at = EXCLUDED.changed_at
+"""
+
+_DELETE_SQL = """
+DELETE FROM plugin_dependency_states s
+ USING unnest($1::bigint[], $2::text[]) AS g(dependency_id, environment)
+ WHERE s.dependency_id = g.dependency_id AND s.environment = g.environment
 """
 
 _SUMMARY_SQL = """
@@ -332,8 +328,6 @@ UPDATE plugin_dependencies x
   FROM unnest($1::bigint[], $2::boolean[], $3::boolean[], $4::text[], $5::text[], $6::boolean[])
        AS n(id, satisfied, conflict, reason, resolved, in_cycle)
  WHERE x.id = n.id
-   AND (x.satisfied, x.conflict, x.conflict_reason, x.resolved_version, x.in_cycle)
-       IS DISTINCT FROM (n.satisfied, n.conflict, n.reason, n.resolved, n.in_cycle)
 """
 
 # Every edge's dependency is named in plugins.dependencies (sorted, each once).
@@ -384,7 +378,15 @@ async def refresh(
             after={"dependencies": list(r["dependencies"])},
         )
     edges_by_tenant: dict[str, list[Edge]] = defaultdict(list)
+    summary_before: dict[int, tuple[Any, ...]] = {}
     for r in await conn.fetch(_EDGES_SQL, tenant_id):
+        summary_before[r["id"]] = (
+            r["satisfied"],
+            r["conflict"],
+            r["conflict_reason"],
+            r["resolved_version"],
+            r["in_cycle"],
+        )
         edges_by_tenant[r["tenant_id"]].append(
             Edge(r["id"], r["dependent"], r["dependency"], r["version_range"], r["kind"])
         )
@@ -422,11 +424,25 @@ async def refresh(
         summaries.extend(_summaries(edges, result))
         for (plugin, environment), count in result.unsatisfied.items():
             unsatisfied[(tenant, plugin, environment)] = count
-    columns = list(zip(*rows, strict=True)) if rows else [()] * 8
-    stored = await conn.fetchrow(_STORE_SQL, tenants, *(list(c) for c in columns), now)
-    assert stored is not None
-    summary_columns = list(zip(*summaries, strict=True)) if summaries else [()] * 6
-    changed = await conn.execute(_SUMMARY_SQL, *(list(c) for c in summary_columns), now)
+    current = {
+        (r["dependency_id"], r["environment"]): tuple(r)[2:]
+        for r in await conn.fetch(_STATES_SQL, tenant_id)
+    }
+    changed_rows = []
+    for row in rows:
+        key = (row[0], row[2])
+        if current.pop(key, None) != row[3:]:
+            changed_rows.append(row)
+    if changed_rows:
+        columns = list(zip(*changed_rows, strict=True))
+        await conn.execute(_UPSERT_SQL, *(list(c) for c in columns), now)
+    if current:  # results of environments (or edges) that are gone
+        gone = sorted(current)
+        await conn.execute(_DELETE_SQL, [g[0] for g in gone], [g[1] for g in gone])
+    changed_summaries = [t for t in summaries if summary_before.get(t[0]) != t[1:]]
+    if changed_summaries:
+        summary_columns = list(zip(*changed_summaries, strict=True))
+        await conn.execute(_SUMMARY_SQL, *(list(c) for c in summary_columns), now)
     if write_gauge and unsatisfied:
         keys = sorted(unsatisfied)
         await conn.execute(
@@ -439,9 +455,9 @@ async def refresh(
             [float(unsatisfied[k]) for k in keys],
         )
     return Refresh(
-        states_written=int(stored["written"]),
-        states_removed=int(stored["removed"]),
-        edges_changed=int(changed.split()[-1]),
+        states_written=len(changed_rows),
+        states_removed=len(current),
+        edges_changed=len(changed_summaries),
         names_repaired=len(repaired),
         unsatisfied=unsatisfied,
     )

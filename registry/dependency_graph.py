@@ -25,7 +25,13 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from pluginmon.registry.errors import InvalidError
-from pluginmon.registry.semver import Range, have_common_version, parse_range, try_version
+from pluginmon.registry.semver import (
+    Range,
+    Version,
+    have_common_version,
+    parse_range,
+    try_version,
+)
 
 RUNTIME = "runtime"
 DEV = "dev"
@@ -207,15 +213,29 @@ def _evaluate_environment(
     deployed: Mapping[str, Deployment],
     ranges: Mapping[str, Range | None],
 ) -> list[EdgeState]:
-    def version_of(plugin: str) -> str | None:
-        d = deployed.get(plugin)
-        return None if d is None else d.version
+    # Each version read and parsed once per environment, not once per edge.
+    versions = {p: d.version for p, d in deployed.items()}
+    parsed: dict[str, Version | None] = {}
+    version_of = versions.get
+
+    def installed_version(plugin: str) -> Version | None:
+        if plugin not in parsed:
+            parsed[plugin] = try_version(versions.get(plugin))
+        return parsed[plugin]
 
     # 1. each edge on its own
     base: dict[int, tuple[Problem | None, Deployment | None]] = {}
     for e in edges:
         found = deployed.get(e.dependency)
-        base[e.id] = (_problem(ranges[e.version_range], found), found)
+        problem = _problem(ranges[e.version_range], found)
+        if problem is None:
+            version = installed_version(e.dependency)
+            range_ = ranges[e.version_range]
+            if version is None:
+                problem = Problem.NO_VERSION
+            elif range_ is not None and not range_.satisfied_by(version):
+                problem = Problem.OUT_OF_RANGE
+        base[e.id] = (problem, found)
 
     # 2. runtime ranges of one plugin that no version satisfies together
     conflicts: dict[int, tuple[tuple[Want, ...], int]] = {}
@@ -228,7 +248,7 @@ def _evaluate_environment(
         if len(asks) < 2 or len(distinct) < 2:
             continue
         texts = tuple(sorted(distinct))
-        installed = try_version(version_of(dependency))
+        installed = installed_version(dependency)
         # The common case: what is installed satisfies everyone.
         if installed is not None and all(
             r is not None and r.satisfied_by(installed) for t in texts if (r := ranges[t])
@@ -270,6 +290,7 @@ def _evaluate_environment(
 
 
 def _problem(range_: Range | None, found: Deployment | None) -> Problem | None:
+    """What is wrong before the version is looked at (None: compare the version)."""
     if range_ is None:
         return Problem.INVALID_RANGE
     if found is None:
@@ -278,10 +299,7 @@ def _problem(range_: Range | None, found: Deployment | None) -> Problem | None:
         return Problem.NOT_INSTALLED
     if not found.enabled:
         return Problem.DISABLED
-    version = try_version(found.version)
-    if version is None:
-        return Problem.NO_VERSION
-    return None if range_.satisfied_by(version) else Problem.OUT_OF_RANGE
+    return None
 
 
 # A conflict's reason names at most this many of the other dependents ("and N more").
