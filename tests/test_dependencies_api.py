@@ -6,12 +6,15 @@ the Prometheus metric, the built-in rule and inhibition."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from datetime import timedelta
 from typing import Any
 
 import asyncpg
+import psycopg
 import pytest
 from prometheus_client import CollectorRegistry
 
+from dashboards.grafana_queries import GrafanaContext, Variable, dashboard_queries, grafana_sql
 from pluginmon.alerts.engine import AlertEngine
 from pluginmon.alerts.health import DEPENDENCIES_UNSATISFIED, METRIC_PREFIX
 from pluginmon.alerts.rules import Rule, builtin_rules
@@ -24,6 +27,7 @@ from pluginmon.registry.tokens import Role
 from tests.alerts_helpers import FakeClock, plugin_ids, plugin_sample, snapshot
 from tests.api_helpers import START, ApiHarness, api_server
 from tests.daemon_helpers import run_cli
+from tests.dashboards_helpers import DASHBOARDS_DIR
 
 
 @pytest.fixture
@@ -384,3 +388,43 @@ async def test_inhibition_skips_edges_on_a_cycle(migrated_db: str) -> None:
         inhibited = {a.key.plugin: a.inhibited for a in engine.alerts()}
         # api -> db still inhibits; db <-> cache, both down, are both told
         assert inhibited == {"api": True, "db": False, "cache": False}
+
+
+async def test_the_plugin_dashboard_dependencies_table(api: ApiHarness) -> None:
+    await plugin(api, "db", production="1.9.0", staging="2.1.0")
+    await plugin(api, "api", production="1.4.0", staging="1.4.0")
+    await plugin(api, "lint", production="0.1.0")
+    await depend(api, "api", "db", "^2.0.0")
+    await depend(api, "api", "lint", "^1", kind="dev")
+    [query] = [
+        q
+        for q in dashboard_queries(DASHBOARDS_DIR / "postgres" / "pluginmon-plugin.json")
+        if q.title == "Dependencies"
+    ]
+    [api_id] = [r["id"] for r in await api.fetch("SELECT id FROM plugins WHERE name = 'api'")]
+    context = GrafanaContext(
+        time_from=START - timedelta(hours=1),
+        time_to=START,
+        interval="1m",
+        variables={
+            "tenant": Variable(("a",)),
+            "environment": Variable(("production", "staging"), multi=True),
+            "plugin": Variable((str(api_id),)),
+        },
+    )
+    with psycopg.connect(api.database_url) as conn:
+        cur = conn.execute(grafana_sql(query.text, context).encode())
+        columns = [c.name for c in cur.description or ()]
+        rows = [dict(zip(columns, r, strict=True)) for r in cur.fetchall()]
+    # problems first (runtime before dev), then the satisfied ones
+    assert [(r["environment"], r["dependency"], r["kind"], r["satisfied"]) for r in rows] == [
+        ("production", "db", "runtime", False),
+        ("production", "lint", "dev", False),
+        ("staging", "lint", "dev", False),
+        ("staging", "db", "runtime", True),
+    ]
+    assert rows[0]["reason"] == (
+        'api@1.4.0 wants db@"^2.0.0" (runtime); found db@1.9.0 in production'
+    )
+    assert (rows[2]["installed_version"], rows[2]["problem"]) == (None, "not_deployed")
+    assert (rows[3]["installed_version"], rows[3]["problem"]) == ("2.1.0", None)
