@@ -146,7 +146,9 @@ def _recomputing(handler: Handler) -> Handler:
         result = await handler(call)
         # Cheap for a tenant without dependencies: one indexed EXISTS.
         if await call.conn.fetchval("SELECT EXISTS (SELECT 1 FROM plugin_dependencies)"):
-            await dependencies.refresh(call.conn, now=call.now, tenant_id=call.tenant_id)
+            await dependencies.refresh(
+                call.conn, now=call.now, tenant_id=call.tenant_id, actor=call.actor
+            )
         return result
 
     return handle

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 if TYPE_CHECKING:
-
     from pluginmon.daemon.settings import Settings
     from pluginmon.registry.dependencies import DependencyItem
 

@@ -132,6 +132,17 @@ async def set_dependency(
         kind,
         now,
     )
+    # The seed's name list, in the same audited change (sorted, each name once).
+    await conn.execute(
+        """UPDATE plugins
+              SET dependencies = (SELECT array_agg(DISTINCT n ORDER BY n)
+                                    FROM unnest(dependencies || $2::text) n),
+                  updated_at = $3
+            WHERE id = $1 AND NOT ($2 = ANY (dependencies))""",
+        plugin.id,
+        dependency_name,
+        now,
+    )
     await audit.append(
         conn,
         tenant_id=tenant_id,
@@ -145,7 +156,7 @@ async def set_dependency(
         before=None if before is None else dict(before),
         after={"version_range": version_range, "kind": kind},
     )
-    await refresh(conn, now=now, tenant_id=tenant_id)
+    await refresh(conn, now=now, tenant_id=tenant_id, actor=actor)
     [item] = [
         i
         for i in await list_dependencies(conn, plugin_name, environment=plugins.DEFAULT_ENVIRONMENT)
@@ -196,7 +207,7 @@ async def remove_dependency(
         occurred_at=now,
         before={"version_range": removed[0]["version_range"], "kind": removed[0]["kind"]},
     )
-    await refresh(conn, now=now, tenant_id=tenant_id)
+    await refresh(conn, now=now, tenant_id=tenant_id, actor=actor)
 
 
 # --- reading --------------------------------------------------------------------------------

@@ -171,6 +171,16 @@ async def test_declaring_validates_audits_and_keeps_the_name_list(api: ApiHarnes
     names = await api.fetch("SELECT dependencies FROM plugins WHERE name = 'api'")
     assert names[0]["dependencies"] == ["db", "later"]
 
+    patched = await api.call(
+        "PATCH", "/api/v1/plugins/api", token="ci", body={"dependencies": ["later"]}
+    )
+    assert patched.status == 200
+    names = await api.fetch("SELECT dependencies FROM plugins WHERE name = 'api'")
+    assert names[0]["dependencies"] == ["db", "later"]  # the edge keeps its name listed
+    repaired = await api.fetch(
+        "SELECT actor FROM audit_log WHERE action = 'plugin.dependencies.sync'"
+    )
+    assert [r["actor"] for r in repaired] == ["ci"]
     removed = await api.call("DELETE", "/api/v1/plugins/api/dependencies/db", token="ci")
     assert (removed.status, removed.body["removed"]) == (200, True)
     again = await api.call("DELETE", "/api/v1/plugins/api/dependencies/db", token="ci")
@@ -179,11 +189,12 @@ async def test_declaring_validates_audits_and_keeps_the_name_list(api: ApiHarnes
     assert names[0]["dependencies"] == ["later"]
     audit = await api.fetch(
         "SELECT action, entity_id, before_state, after_state FROM audit_log "
-        "WHERE action LIKE 'plugin.dependency.%' ORDER BY seq"
+        "WHERE action LIKE 'plugin.dependenc%' ORDER BY seq"
     )
     assert [(r["action"], r["entity_id"]) for r in audit] == [
         ("plugin.dependency.set", "api->db"),
         ("plugin.dependency.set", "api->db"),
+        ("plugin.dependencies.sync", "api"),  # after the PATCH that dropped the name
         ("plugin.dependency.remove", "api->db"),
     ]
     assert '"~1.0"' in audit[1]["before_state"]
