@@ -14,10 +14,14 @@ interval).
 edge's dependency is named in it (added when an edge is declared, repaired by maintenance),
 and removing the last edge to a plugin removes the name. Names of plugins that are not
 registered (a catalogue entry may name them before they exist) stay, as they were written.
+
+A little over 500 lines: its eight SQL statements are written out beside the code that runs
+them; the pure evaluation lives in registry.dependency_graph.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -413,28 +417,11 @@ async def refresh(
             Deployment(r["name"], r["environment"], r["version"], r["status"], r["enabled"])
         )
     tenants = sorted(set(edges_by_tenant) | ({tenant_id} if tenant_id else set()))
-    rows: list[tuple[Any, ...]] = []
-    summaries: list[tuple[Any, ...]] = []
-    unsatisfied: dict[tuple[str, str, str], int] = {}
-    for tenant in tenants:
-        edges = edges_by_tenant.get(tenant, [])
-        result = evaluate(edges, deployments.get(tenant, ()))
-        for s in result.states:
-            rows.append(
-                (
-                    s.edge.id,
-                    tenant,
-                    s.environment,
-                    s.satisfied,
-                    s.conflict,
-                    None if s.problem is None else s.problem.value,
-                    s.reason,
-                    None if s.found is None else s.found.version,
-                )
-            )
-        summaries.extend(_summaries(edges, result))
-        for (plugin, environment), count in result.unsatisfied.items():
-            unsatisfied[(tenant, plugin, environment)] = count
+    # Pure CPU (about a second at 50,000 edges): off the event loop, which serves /metrics
+    # and the API meanwhile.
+    rows, summaries, unsatisfied = await asyncio.to_thread(
+        _evaluate_tenants, tenants, edges_by_tenant, deployments
+    )
     current = {
         (r["dependency_id"], r["environment"]): tuple(r)[2:]
         for r in await conn.fetch(_STATES_SQL, tenant_id)
@@ -472,6 +459,37 @@ async def refresh(
         names_repaired=len(repaired),
         unsatisfied=unsatisfied,
     )
+
+
+def _evaluate_tenants(
+    tenants: Sequence[str],
+    edges_by_tenant: Mapping[str, Sequence[Edge]],
+    deployments: Mapping[str, Sequence[Deployment]],
+) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]], dict[tuple[str, str, str], int]]:
+    """Result rows, edge summaries and unsatisfied counts of ``tenants``."""
+    rows: list[tuple[Any, ...]] = []
+    summaries: list[tuple[Any, ...]] = []
+    unsatisfied: dict[tuple[str, str, str], int] = {}
+    for tenant in tenants:
+        edges = edges_by_tenant.get(tenant, [])
+        result = evaluate(edges, deployments.get(tenant, ()))
+        for s in result.states:
+            rows.append(
+                (
+                    s.edge.id,
+                    tenant,
+                    s.environment,
+                    s.satisfied,
+                    s.conflict,
+                    None if s.problem is None else s.problem.value,
+                    s.reason,
+                    None if s.found is None else s.found.version,
+                )
+            )
+        summaries.extend(_summaries(edges, result))
+        for (plugin, environment), count in result.unsatisfied.items():
+            unsatisfied[(tenant, plugin, environment)] = count
+    return rows, summaries, unsatisfied
 
 
 def _summaries(edges: Sequence[Edge], result: Evaluation) -> list[tuple[Any, ...]]:
