@@ -5,6 +5,7 @@ the Prometheus metric, the built-in rule and inhibition."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import Any
@@ -305,6 +306,14 @@ async def test_deps_cli_sets_checks_and_exits_1_on_a_runtime_problem(api: ApiHar
         '  runtime db@"^1.0.0" from web',
         '    web@3.0.0 wants db@"^1.0.0" (runtime); conflicts with: api@1.4.0 wants '
         'db@"^2.0.0"; no version of db satisfies them together; found db@1.9.0 in production',
+    ]
+    everyone = run_cli("deps", "check", "--json", env=env)  # every tenant (a CI over all)
+    assert everyone.returncode == 1, everyone.stderr
+    assert sorted(
+        (p["tenant"], p["plugin"], p["problem"]) for p in json.loads(everyone.stdout)
+    ) == [
+        ("a", "api", "conflict"),
+        ("a", "web", "conflict"),
     ]
     listed = run_cli("deps", "list", "api", "--tenant", "a", "--environment", "staging", env=env)
     assert listed.stdout.strip() == (
