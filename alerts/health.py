@@ -22,6 +22,9 @@ LEAK = "leak"
 METRIC_PREFIX = "metric:"
 # The plugin_metrics gauge the registry writes per (plugin, environment) (registry/usage.py).
 OPERATIONS_FAILED = "operations_failed"
+# The registry's gauge of runtime dependencies that are unsatisfied or conflicting, per
+# (plugin, environment) (registry/dependencies.py); dev dependencies never count.
+DEPENDENCIES_UNSATISFIED = "dependencies_unsatisfied"
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +74,9 @@ class HealthSettings:
     # cost health, all of it at three. Configured [health] metrics replace this default.
     metrics: tuple[MetricThreshold, ...] = (
         MetricThreshold(OPERATIONS_FAILED, warn=0.0, critical=3.0),
+        # One runtime dependency missing, out of range, conflicting or on a cycle costs the
+        # whole component, weighted double: a plugin without what it needs is not healthy.
+        MetricThreshold(DEPENDENCIES_UNSATISFIED, warn=0.0, critical=1.0, weight=2.0),
     )
 
     @property
@@ -144,6 +150,8 @@ class HealthComponent:
             if v is None:
                 return f"rss not growing ({_mib(slope * 3600)}/h)"
             return f"rss growing {_mib(slope * 3600)}/h, reaches the limit in {_duration(v)}"
+        if self.name == METRIC_PREFIX + DEPENDENCIES_UNSATISFIED:
+            return f"{v or 0:.0f} runtime dependenc{'y' if v == 1 else 'ies'} unsatisfied or conflicting"
         return f"{self.name.removeprefix(METRIC_PREFIX)} = {v or 0:g} (warn {w or 0:g}, critical {c or 0:g})"
 
 

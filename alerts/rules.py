@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Final
 
-from pluginmon.alerts.health import MEMORY_LIMIT, HealthScore
+from pluginmon.alerts.health import DEPENDENCIES_UNSATISFIED, MEMORY_LIMIT, HealthScore
 from pluginmon.alerts.matchers import PluginMatcher
 from pluginmon.collectors.models import SAMPLE_MEASUREMENTS, PluginKey, PluginSample
 
@@ -482,6 +482,21 @@ def builtin_rules() -> tuple[Rule, ...]:
             annotations={
                 "summary": "{value:.0f} operation(s) of plugin {plugin} ({tenant}/{environment}) "
                 "stuck: running, or due to run, for over 30 minutes",
+            },
+        ),
+        # The registry's dependency gauge (registry/dependencies.py, runtime edges only).
+        Rule(
+            name="PluginDependencyUnsatisfied",
+            metric=DEPENDENCIES_UNSATISFIED,
+            op=">",
+            threshold=0,
+            severity="warning",
+            annotations={
+                "summary": "{value:.0f} runtime dependenc(ies) of plugin {plugin} "
+                "({tenant}/{environment}) unsatisfied or conflicting",
+                "description": "See `pluginmon deps check --tenant {tenant} --environment "
+                "{environment}` or GET /api/v1/plugins/{plugin}/dependencies?environment="
+                "{environment}",
             },
         ),
         Rule(

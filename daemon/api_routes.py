@@ -12,6 +12,7 @@ from aiohttp import web
 
 from pluginmon.collectors.push import PushConfig, PushStore
 from pluginmon.daemon.api_config import ConfigHandlers, config_routes
+from pluginmon.daemon.api_dependencies import dependency_routes, with_dependency_recompute
 from pluginmon.daemon.api_http import (
     DEFAULT_MAX_BODY_BYTES,
     Call,
@@ -354,8 +355,13 @@ def build_api_app(
     """
     if plugin_metrics is None:
         plugin_metrics = PluginMetricsHandlers(PushStore(PushConfig()))
+    # Dependencies (daemon/api_dependencies.py): their routes, and a recompute after the
+    # catalogue's writes that can move a result.
     routes = [
-        *api_routes(ApiHandlers(policies=policies, retry=retry or RetryPolicy())),
+        *with_dependency_recompute(
+            api_routes(ApiHandlers(policies=policies, retry=retry or RetryPolicy()))
+        ),
+        *dependency_routes(),
         *config_routes(ConfigHandlers(keyring)),
         *metrics_routes(plugin_metrics),
     ]

@@ -192,6 +192,7 @@ def registry_job(
             )
             return
         if metrics is not None:
+            metrics.dependencies.update(report.dependencies_unsatisfied)
             for op in report.deadline_failed:
                 metrics.operation(op)
             for approval in report.approvals_expired:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, NoReturn
 # daemon.cli_api is light at import too (its commands import what they need).
 from pluginmon.daemon.cli_api import API_COMMANDS, add_api_commands, run_api_command
 from pluginmon.daemon.cli_config import CONFIG_COMMANDS, add_config_commands, run_config_command
+from pluginmon.daemon.cli_deps import DEPS_COMMAND, add_deps_commands, run_deps_command
 from pluginmon.daemon.signal_guard import SignalGuard
 
 if TYPE_CHECKING:
@@ -77,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
             )
     add_api_commands(sub)  # token, audit, api (daemon/cli_api.py)
     add_config_commands(sub)  # config, secrets (daemon/cli_config.py)
+    add_deps_commands(sub)  # deps set|remove|list|check (daemon/cli_deps.py)
     return parser
 
 
@@ -244,6 +246,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_api_command(args, database_url=_database_url)
     if args.command in CONFIG_COMMANDS:
         return run_config_command(args, database_url=_database_url)
+    if args.command == DEPS_COMMAND:
+        return run_deps_command(args, database_url=_database_url)
     config: Path | None = args.config
     if args.command == "check-config":
         return _check_config(config)

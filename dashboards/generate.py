@@ -1008,6 +1008,30 @@ def plugin_postgres() -> dict[str, Any]:
             ),
         ),
         Panel(
+            "Dependencies",
+            "table",
+            24,
+            6,
+            (
+                Query(
+                    "SELECT s.environment, d.name AS dependency, x.version_range, x.kind,\n"
+                    "  s.installed_version, s.satisfied, s.conflict, s.problem, s.reason,\n"
+                    "  s.changed_at\n"
+                    "FROM plugin_dependencies x\n"
+                    "JOIN plugins d ON d.id = x.depends_on_plugin_id\n"
+                    "JOIN plugin_dependency_states s ON s.dependency_id = x.id\n"
+                    f"WHERE x.tenant_id = {TENANT} AND x.plugin_id = {PLUGIN}\n"
+                    f"  AND s.environment IN ({ENVIRONMENT})\n"
+                    "ORDER BY s.satisfied, x.kind DESC, s.environment, d.name",
+                    "table",
+                ),
+            ),
+            description="The plugin's declared dependencies in each environment: the npm semver "
+            "range, what is installed, and why a dependency is not satisfied (ERESOLVE-style). "
+            "Runtime problems lower health and raise PluginDependencyUnsatisfied; dev ones "
+            "never do.",
+        ),
+        Panel(
             "Alerts",
             "table",
             24,
@@ -1533,6 +1557,35 @@ def plugin_prometheus() -> dict[str, Any]:
                     legend="restarts",
                 ),
             ),
+        ),
+        Panel(
+            "Unsatisfied runtime dependencies",
+            "timeseries",
+            12,
+            6,
+            (
+                Query(
+                    f"pluginmon_plugin_dependencies_unsatisfied{{{PROM_PLUGIN}}}",
+                    legend="{{environment}}",
+                ),
+            ),
+            min_value=0,
+            description="Runtime dependencies missing, disabled, out of their npm semver range, "
+            "conflicting or on a cycle (dev ones never count); details: the PostgreSQL "
+            "dashboard's Dependencies table or `pluginmon deps check`.",
+        ),
+        Panel(
+            "Dependencies unsatisfied now",
+            "stat",
+            12,
+            6,
+            (
+                Query(
+                    f"sum(pluginmon_plugin_dependencies_unsatisfied{{{PROM_PLUGIN}}}) or vector(0)",
+                    instant=True,
+                ),
+            ),
+            thresholds=ALERT_STEPS,
         ),
         Panel(
             "Alerts firing now",

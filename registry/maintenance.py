@@ -1,6 +1,7 @@
 """The registry's periodic duties, run by the daemon (and by ``pluginmon api``): expire
 approvals past their time, fail operations past their deadline, and refresh the catalogue's
-usage columns and the operation gauges (registry.usage).
+usage columns and the operation gauges (registry.usage), and recompute every tenant's
+dependency results with their health gauge (registry.dependencies).
 
 Once per database, like the storage maintenance: the work runs in one transaction holding a
 transaction-scoped advisory lock, so of many daemons sharing a database one does it and the
@@ -9,12 +10,13 @@ others return at once. The connection is the daemon's own role, which sees every
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from datetime import datetime
 
 import asyncpg
 
-from pluginmon.registry import approvals, operations, usage
+from pluginmon.registry import approvals, dependencies, operations, usage
 
 # Any constant works as long as every pluginmon process uses the same one ("plregi").
 REGISTRY_LOCK_KEY = 0x706C_7265_6769
@@ -27,6 +29,8 @@ class RegistryMaintenanceReport:
     approvals_expired: tuple[approvals.Approval, ...] = ()
     deadline_failed: tuple[operations.Operation, ...] = ()
     usage_refreshed: int = 0
+    # Unsatisfied runtime dependencies per (tenant, plugin, environment), zeros included.
+    dependencies_unsatisfied: Mapping[tuple[str, str, str], int] = field(default_factory=dict)
 
 
 async def run(
@@ -49,9 +53,11 @@ async def run(
             stuck_after_seconds=stuck_after_seconds,
             failed_window_seconds=failed_window_seconds,
         )
+        deps = await dependencies.refresh(conn, now=now, write_gauge=True)
     return RegistryMaintenanceReport(
         ran=True,
         approvals_expired=tuple(expired),
         deadline_failed=tuple(failed),
         usage_refreshed=refreshed,
+        dependencies_unsatisfied=deps.unsatisfied,
     )

@@ -87,14 +87,16 @@ async def runtime_dependencies(conn: Connection) -> dict[tuple[str, str], tuple[
     (plugin_dependencies, kind 'runtime'; both ends are in the same tenant by 001's keys).
 
     By name, not by id: alerting is keyed by (tenant, plugin, environment), and a plugin's
-    name is unique in its tenant.
+    name is unique in its tenant. Edges the dependency evaluation found on a cycle
+    (``in_cycle``, sql/075) are left out: along a cycle, plugins that are all down would
+    inhibit each other and nobody would be told.
     """
     rows = await conn.fetch(
         """SELECT p.tenant_id, p.name, array_agg(d.name ORDER BY d.name) AS deps
              FROM plugin_dependencies x
              JOIN plugins p ON p.id = x.plugin_id
              JOIN plugins d ON d.id = x.depends_on_plugin_id
-            WHERE x.kind = 'runtime'
+            WHERE x.kind = 'runtime' AND NOT x.in_cycle
             GROUP BY p.tenant_id, p.name""",
         timeout=QUERY_TIMEOUT_SECONDS,
     )

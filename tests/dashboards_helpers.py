@@ -34,6 +34,7 @@ PLUGIN_METRICS = frozenset(
         "pluginmon_plugin_start_time_seconds",
         "pluginmon_plugin_health_score",
         "pluginmon_plugin_health_component_score",
+        "pluginmon_plugin_dependencies_unsatisfied",
         "pluginmon_alerts_firing",
     }
 )
