@@ -10,7 +10,9 @@ from pluginmon.registry.semver import common_version, parse_range, parse_version
 
 # node-semver README, "Advanced Range Syntax": every range in the hyphen, x-range, tilde and
 # caret sections with the primitive comparators it is documented to mean (node-semver 7 form,
-# upper bounds ending in -0).
+# upper bounds ending in -0). Checked line by line against npm/node-semver's README at commit
+# 6e05b76 (2026-06): every `X := Y` entry of those sections is here; its `*` := `>=0.0.0`
+# (any release) is kept as `*`, which parse_range treats the same way.
 README_TABLE = [
     # Hyphen Ranges X.Y.Z - A.B.C
     ("1.2.3 - 2.3.4", ">=1.2.3 <=2.3.4"),
