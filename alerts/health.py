@@ -22,6 +22,10 @@ LEAK = "leak"
 METRIC_PREFIX = "metric:"
 # The plugin_metrics gauge the registry writes per (plugin, environment) (registry/usage.py).
 OPERATIONS_FAILED = "operations_failed"
+# The registry's backup gauges (registry/backup_schedule.py): 1 when no backup of the plugin
+# verified within its limit; the number of live backups whose latest verification failed.
+BACKUP_STALE = "backup_stale"
+BACKUP_VERIFICATION_FAILED = "backup_verification_failed"
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +75,9 @@ class HealthSettings:
     # cost health, all of it at three. Configured [health] metrics replace this default.
     metrics: tuple[MetricThreshold, ...] = (
         MetricThreshold(OPERATIONS_FAILED, warn=0.0, critical=3.0),
+        # Backups: a failed verification costs all of the component, a stale one half.
+        MetricThreshold(BACKUP_VERIFICATION_FAILED, warn=0.0, critical=1.0),
+        MetricThreshold(BACKUP_STALE, warn=0.0, critical=2.0),
     )
 
     @property

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
+from pluginmon.daemon.backup_metrics import BackupMetrics
 from pluginmon.registry.lifecycle import REASON_RETRY_SCHEDULED
 from pluginmon.registry.operations import Operation
 
@@ -43,6 +44,7 @@ class ApiMetrics:
             buckets=OPERATION_BUCKETS_SECONDS,
             registry=registry,
         )
+        self.backups = BackupMetrics(registry)
 
     def operation(self, op: Operation) -> None:
         """Count ``op`` in the status it has now; observe its duration when an attempt ended."""

@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 import asyncpg
 from aiohttp import web
 
+from pluginmon.daemon.api_backups import backup_routes
 from pluginmon.daemon.api_http import (
     DEFAULT_MAX_BODY_BYTES,
     Call,
@@ -44,6 +45,7 @@ from pluginmon.daemon.api_models import (
 )
 from pluginmon.daemon.api_openapi import openapi_document
 from pluginmon.registry import alert_actions, approvals, audit, operations, plugins
+from pluginmon.registry.backup_readers import Readers
 from pluginmon.registry.lifecycle import RetryPolicy
 from pluginmon.registry.policies import ApprovalPolicy
 from pluginmon.registry.tokens import Role
@@ -339,9 +341,13 @@ def build_api_app(
     clock: Callable[[], datetime] = utc_now,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     metrics: ApiMetrics | None = None,
+    backup_readers: Readers | None = None,
 ) -> web.Application:
     """The /api/v1 application, to mount with ``root.add_subapp("/api/v1", app)``."""
     routes = api_routes(ApiHandlers(policies=policies, retry=retry or RetryPolicy()))
+    routes += backup_routes(
+        readers=backup_readers, metrics=None if metrics is None else metrics.backups
+    )
     dispatcher = Dispatcher(
         pool,
         clock=clock,

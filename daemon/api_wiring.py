@@ -13,6 +13,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
+from pluginmon.daemon.api_backups import backup_job
 from pluginmon.daemon.api_http import API_PREFIX
 from pluginmon.daemon.api_metrics import ApiMetrics
 from pluginmon.daemon.api_routes import build_api_app
@@ -54,6 +55,7 @@ def api_app(
         retry=retry_policy(settings),
         max_body_bytes=settings.api.max_body_bytes,
         metrics=metrics,
+        backup_readers=settings.backups.readers(),
     )
 
 
@@ -66,12 +68,24 @@ def api_subapps(
     return [(API_PREFIX, api_app(settings, pool, version=version, metrics=metrics))]
 
 
+def backups_duty(
+    settings: Settings, metrics: ApiMetrics | None
+) -> Callable[[asyncpg.Pool], Awaitable[None]]:
+    """Backup retention and scheduled verification for the registry job ([backups])."""
+    return backup_job(
+        readers=settings.backups.readers(),
+        schedule=settings.backups.schedule(),
+        metrics=None if metrics is None else metrics.backups,
+    )
+
+
 def registry_job(
     pool: PoolSource,
     *,
     metrics: ApiMetrics | None,
     clock: Callable[[], datetime] = utc_now,
     usage_window_seconds: float = 120.0,
+    backups: Callable[[asyncpg.Pool], Awaitable[None]] | None = None,
 ) -> Callable[[], Awaitable[None]]:
     """The periodic registry duties: approvals expire, operations past their deadline fail,
     operation health gauges and the plugins' usage columns are refreshed. Once per database
@@ -87,6 +101,9 @@ def registry_job(
                 report = await maintenance.run(
                     conn, now=now, usage_window_seconds=usage_window_seconds
                 )
+            if backups is not None:
+                # its own advisory lock: artifacts are read outside the transaction above
+                await backups(source)
             if not report.ran:
                 return
         except TRANSIENT_ERRORS as exc:
@@ -156,7 +173,7 @@ async def serve_api(
             else None
         )
         app = api_app(settings, lambda: pool, version=version, metrics=metrics)
-        job = registry_job(lambda: pool, metrics=metrics)
+        job = registry_job(lambda: pool, metrics=metrics, backups=backups_duty(settings, metrics))
         async with HttpServer(
             host=settings.http_host,
             port=settings.http_port,

@@ -29,6 +29,7 @@ from pydantic_settings import (
     SettingsError,
 )
 
+from pluginmon.daemon.config_backups import BackupSettings
 from pluginmon.daemon.config_health import HealthTable
 from pluginmon.daemon.config_plugin_metrics import PluginMetricsTable
 from pluginmon.daemon.config_schema import (
@@ -280,6 +281,7 @@ class Settings(BaseSettings):
     alerts: AlertsTable = Field(default_factory=AlertsTable)
     api: ApiSettings = Field(default_factory=ApiSettings)
     approvals: ApprovalsSettings = Field(default_factory=ApprovalsSettings)
+    backups: BackupSettings = Field(default_factory=BackupSettings)
 
     # -- management API ------------------------------------------------------------------------
 
