@@ -20,6 +20,7 @@ from pluginmon.daemon.api_metrics import ApiMetrics
 from pluginmon.daemon.api_routes import build_api_app
 from pluginmon.registry import tokens
 from pluginmon.registry.actor import Actor
+from pluginmon.registry.backup_readers import Readers
 from pluginmon.registry.lifecycle import RetryPolicy
 from pluginmon.registry.policies import ApprovalPolicy
 
@@ -121,6 +122,7 @@ async def api_server(
     retry: RetryPolicy | None = None,
     max_body_bytes: int = 64 * 1024,
     clock: Clock | None = None,
+    backup_readers: Readers | None = None,
 ) -> AsyncIterator[ApiHarness]:
     pool = await asyncpg.create_pool(database_url, min_size=1, max_size=4)
     clock = clock or Clock()
@@ -136,6 +138,7 @@ async def api_server(
             clock=clock,
             max_body_bytes=max_body_bytes,
             metrics=ApiMetrics(registry),
+            backup_readers=backup_readers,
         ),
     )
     runner = web.AppRunner(root, access_log=None)
