@@ -139,4 +139,4 @@ def test_rules_and_health_read_the_registry_gauges() -> None:
     assert rules["PluginOperationStuck"].metric == usage.OPERATIONS_STUCK
     assert rules["PluginOperationFailed"].compare(1.0, rules["PluginOperationFailed"].threshold)
     assert not rules["PluginOperationFailed"].compare(0.0, rules["PluginOperationFailed"].threshold)
-    assert [m.name for m in HealthSettings().metrics][0] == OPERATIONS_FAILED
+    assert HealthSettings().metrics[0].name == OPERATIONS_FAILED

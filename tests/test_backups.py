@@ -9,6 +9,7 @@ import os
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
@@ -62,11 +63,11 @@ def _artifact(path: Path, size: int = SIZE) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-async def _register(api: ApiHarness, path: Path, sha: str, **extra: object) -> dict[str, object]:
+async def _register(api: ApiHarness, path: Path, sha: str, **extra: object) -> dict[str, Any]:
     body = {
         "provider": "local",
         "location": str(path),
-        "size_bytes": path.stat().st_size if path.exists() else SIZE,
+        "size_bytes": SIZE,
         "checksum_sha256": sha,
         "environment": "production",
         **extra,
@@ -296,7 +297,7 @@ async def test_scheduled_verification_writes_gauges_and_retries_transient_sooner
 ) -> None:
     path = roots["local"] / "resizer-4.tar"
     sha = _artifact(path, 10_000)
-    good = await _register(api, path, sha)
+    good = await _register(api, path, sha, size_bytes=10_000)
     broken = await _register(api, roots["local"] / "missing.tar", sha, size_bytes=10_000)
     away = await _register(
         api, roots["nfs"] / "x.tar", sha, provider="nfs", size_bytes=10_000, environment="staging"
@@ -407,4 +408,5 @@ def test_rules_and_health_read_the_backup_gauges() -> None:
     assert rules["PluginBackupVerificationFailed"].metric == BACKUP_VERIFICATION_FAILED
     assert rules["PluginBackupVerificationFailed"].severity == "critical"
     names = [m.name for m in HealthSettings().metrics]
-    assert BACKUP_STALE in names and BACKUP_VERIFICATION_FAILED in names
+    assert BACKUP_STALE in names
+    assert BACKUP_VERIFICATION_FAILED in names
