@@ -15,6 +15,7 @@ Every write leaves one audit entry in the caller's transaction.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
@@ -342,7 +343,7 @@ async def verify_backup(
     readers: Readers,
     actor: Actor,
     now: datetime,
-    elapsed_ms: Any,
+    elapsed_ms: Callable[[], float],
 ) -> tuple[Backup, Verification]:
     """Re-read backup ``backup_id`` now and record the outcome. ``elapsed_ms`` is a callable
     returning milliseconds since it was first called (a monotonic clock, injected)."""
