@@ -66,6 +66,8 @@ def test_parse_rules_merges_over_builtins() -> None:
         "PluginMemoryLeakForecast",
         "PluginOperationFailed",
         "PluginOperationStuck",
+        "PluginBackupStale",
+        "PluginBackupVerificationFailed",
         "QueueDeep",
     }
     cpu = by_name["PluginCpuHigh"]
