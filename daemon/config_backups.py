@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, ClassVar
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import BeforeValidator, Field, SecretStr, field_validator
 
 from pluginmon.daemon.config_schema import DAY, Table
 from pluginmon.registry.backup_readers import (
@@ -19,6 +19,36 @@ from pluginmon.registry.backup_readers import (
 from pluginmon.registry.backup_schedule import BackupSchedule
 from pluginmon.registry.backups import Provider
 
+# Where the S3 secret key must come from: the environment, never the (world-readable) file.
+S3_SECRET_ENV = "PLUGINMON_BACKUPS__PROVIDERS__S3__SECRET_ACCESS_KEY"  # noqa: S105 - a name
+
+
+def file_secret_problems(data: dict[str, object]) -> list[tuple[str, str]]:
+    """The config file's ``[backups.providers.s3] secret_access_key``, refused by name."""
+    backups = data.get("backups")
+    providers = backups.get("providers") if isinstance(backups, dict) else None
+    s3 = providers.get("s3") if isinstance(providers, dict) else None
+    if isinstance(s3, dict) and "secret_access_key" in s3:
+        return [
+            (
+                "backups.providers.s3.secret_access_key",
+                f"must not be set in the config file; set {S3_SECRET_ENV} instead",
+            )
+        ]
+    return []
+
+
+def _path(value: object) -> object:
+    # Strict mode takes a Path only; TOML and the environment give text ("" is refused: it
+    # would silently mean the working directory).
+    if isinstance(value, str):
+        if not value.strip():
+            raise ValueError("must not be empty")
+        return Path(value)
+    return value
+
+
+PathValue = Annotated[Path, BeforeValidator(_path)]
 Seconds = Annotated[float, Field(gt=0, le=365 * DAY, allow_inf_nan=False)]
 
 
@@ -30,11 +60,11 @@ class ProviderSettings(Table):
     enabled: bool = True  # false: scheduled verification skips this provider
     verify_interval_seconds: Seconds | None = None
     # local, nfs: the directories backups may be read from (nothing else is ever read)
-    roots: tuple[Path, ...] = ()
+    roots: list[PathValue] = Field(default_factory=list)
     # sftp
     username: str | None = None
-    private_key_file: Path | None = None
-    known_hosts_file: Path | None = None
+    private_key_file: PathValue | None = None
+    known_hosts_file: PathValue | None = None
     connect_timeout_seconds: Seconds = 10.0
     # s3 (an S3-compatible endpoint); the secret key from the environment
     # (PLUGINMON_BACKUPS__PROVIDERS__S3__SECRET_ACCESS_KEY) rather than the file
@@ -67,13 +97,12 @@ class BackupSettings(Table):
 
     def schedule(self) -> BackupSchedule:
         intervals = {
-            name: (p.verify_interval_seconds or self.verify_interval_seconds)
-            if p.enabled
-            else 365 * DAY * 100
+            name: p.verify_interval_seconds or self.verify_interval_seconds
             for name, p in self.providers.items()
         }
         return BackupSchedule(
             interval_seconds=intervals,
+            disabled=frozenset(name for name, p in self.providers.items() if not p.enabled),
             default_interval_seconds=self.verify_interval_seconds,
             retry_seconds=self.retry_after_transient_seconds,
             batch=self.verify_batch,

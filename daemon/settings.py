@@ -29,7 +29,7 @@ from pydantic_settings import (
     SettingsError,
 )
 
-from pluginmon.daemon.config_backups import BackupSettings
+from pluginmon.daemon.config_backups import BackupSettings, file_secret_problems
 from pluginmon.daemon.config_health import HealthTable
 from pluginmon.daemon.config_plugin_metrics import PluginMetricsTable
 from pluginmon.daemon.config_schema import (
@@ -442,6 +442,7 @@ def read_config_file(path: Path) -> dict[str, Any]:
         for name in _ENV_ONLY
         if name in data
     ]
+    problems += file_secret_problems(data)
     if problems:
         raise ConfigError(problems)
     return data

@@ -44,6 +44,8 @@ class BackupSchedule:
 
     interval_seconds: Mapping[str, float] = field(default_factory=dict)
     default_interval_seconds: float = 86400.0
+    # Providers the schedule leaves alone (the verify endpoint still reads them).
+    disabled: frozenset[str] = frozenset()
     # After a transient failure (host unreachable): try again sooner than the interval.
     retry_seconds: float = 900.0
     batch: int = 20
@@ -143,7 +145,7 @@ async def due_for_verification(
 ) -> list[backups.Backup]:
     """Completed, unexpired backups whose last verification is older than their provider's
     interval (or the retry delay after a transient failure), never-verified ones first."""
-    providers = [p.value for p in backups.Provider]
+    providers = [p.value for p in backups.Provider if p.value not in schedule.disabled]
     intervals = [schedule.interval_for(p) for p in providers]
     rows = await conn.fetch(
         backups._BACKUP_SELECT

@@ -355,6 +355,16 @@ async def test_scheduled_verification_writes_gauges_and_retries_transient_sooner
         [good["id"], broken["id"], away["id"]]
     )
 
+    # A provider the schedule is told to leave alone is not read, however due.
+    clock.advance(7200)
+    quiet = await backup_schedule.run(
+        api.pool,
+        readers=_readers(roots),
+        schedule=BackupSchedule(disabled=frozenset({"local", "nfs"})),
+        clock=clock,
+    )
+    assert (quiet.ran, quiet.verified) == (True, ())
+
     # Another process holding the lock: this one skips and still reports last_verified.
     async with api.pool.acquire() as holder:
         assert await holder.fetchval(
