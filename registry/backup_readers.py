@@ -186,8 +186,12 @@ class PathReader:
             )
         raw = location.removeprefix("file://")
         path = Path(raw)
-        if not path.is_absolute():
-            return Outcome(ReadResult.BAD_LOCATION, "location must be an absolute path")
+        if not path.is_absolute() or ".." in path.parts:
+            # ".." would be judged against the roots before resolving, and "not found" versus
+            # "outside the roots" would then tell whether a file exists anywhere.
+            return Outcome(
+                ReadResult.BAD_LOCATION, "location must be an absolute path without '..'"
+            )
         root = next((r for r in self.roots if path.is_relative_to(r)), None)
         if root is None:
             return Outcome(
@@ -348,8 +352,8 @@ class S3Reader:
 
     def _verify(self, bucket: str, key: str, expected: Expected) -> Outcome:
         try:
-            import boto3  # type: ignore[import-not-found, unused-ignore]
-            import botocore.exceptions  # type: ignore[import-not-found, unused-ignore]
+            import boto3  # type: ignore[import-not-found, import-untyped, unused-ignore]
+            import botocore.exceptions  # type: ignore[import-not-found, import-untyped, unused-ignore]
         except ImportError:
             return Outcome(ReadResult.NOT_CONFIGURED, "provider s3 needs boto3 (pip install boto3)")
         where = f"s3 bucket {bucket}"

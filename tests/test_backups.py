@@ -63,6 +63,14 @@ def _artifact(path: Path, size: int = SIZE) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def _escape_link(root: Path, target: Path) -> Path:
+    """A symlink inside the root to a file outside it."""
+    target.write_bytes(b"outside")
+    link = root / "escape.tar"
+    link.symlink_to(target)
+    return link
+
+
 async def _register(api: ApiHarness, path: Path, sha: str, **extra: object) -> dict[str, Any]:
     body = {
         "provider": "local",
@@ -154,16 +162,19 @@ async def test_each_failure_is_named_and_transient_told_from_permanent(
     outside = await _register(api, tmp_path / "elsewhere.tar", sha)
     nfs = await _register(api, roots["nfs"] / "resizer.tar", sha, provider="nfs", size_bytes=10)
     gcs = await _register(api, Path("/bucket/x"), sha, provider="gcs", location="gs://b/x")
-    results = {
-        name: await _verify(api, b["id"])
-        for name, b in {"missing": missing, "outside": outside, "nfs": nfs, "gcs": gcs}.items()
-    }
+    dotdot = await _register(api, roots["local"] / ".." / "elsewhere.tar", sha)
+    link = await _register(api, _escape_link(roots["local"], tmp_path / "elsewhere.tar"), sha)
+    cases = {"missing": missing, "outside": outside, "nfs": nfs, "gcs": gcs}
+    cases |= {"dotdot": dotdot, "symlink": link}
+    results = {name: await _verify(api, b["id"]) for name, b in cases.items()}
     got = {n: (r["status"], r["result"], r["transient"]) for n, r in results.items()}
     assert got == {
         "missing": ("failed", "not_found", False),
         "outside": ("unverifiable", "outside_roots", False),
         "nfs": ("unverifiable", "unreachable", True),
         "gcs": ("unverifiable", "unsupported_provider", False),
+        "dotdot": ("unverifiable", "bad_location", False),
+        "symlink": ("unverifiable", "outside_roots", False),
     }
     assert "gcs" in str(results["gcs"]["reason"])
     # Never "verified" without reading.
