@@ -16,7 +16,15 @@ from pathlib import Path
 
 import pytest
 
-from pluginmon.registry.backup_readers import Expected, ReadResult, SftpReader, VerifyStatus
+from pluginmon.registry.backup_readers import (
+    Expected,
+    Readers,
+    ReadResult,
+    SftpReader,
+    VerifyStatus,
+)
+from pluginmon.registry.tokens import Role
+from tests.api_helpers import api_server
 from tests.net_helpers import free_port
 
 SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
@@ -187,3 +195,43 @@ async def test_sftp_failures_are_named(sshd: Sshd, tmp_path: Path) -> None:
         f"sftp://127.0.0.1:{sshd.port}/x", expected
     )
     assert no_known_hosts.result is ReadResult.NOT_CONFIGURED
+
+
+def _write(path: Path, data: bytes) -> None:
+    path.write_bytes(data)
+
+
+async def test_sftp_backup_through_the_api(sshd: Sshd, migrated_db: str) -> None:
+    data = os.urandom(2 * (1 << 20) + 3)
+    path = sshd.data / "mailer.tar"
+    await asyncio.to_thread(_write, path, data)
+    readers = Readers(by_provider={"sftp": _reader(sshd)}, timeout_seconds=60)
+    async with api_server(migrated_db, backup_readers=readers) as api:
+        await api.token("ci", tenant="a", role=Role.WRITER)
+        assert (
+            await api.call("POST", "/api/v1/plugins", token="ci", body={"name": "mailer"})
+        ).status == 201
+        reply = await api.call(
+            "POST",
+            "/api/v1/plugins/mailer/backups",
+            token="ci",
+            body={
+                "provider": "sftp",
+                "location": f"sftp://127.0.0.1:{sshd.port}{path}",
+                "size_bytes": len(data),
+                "checksum_sha256": hashlib.sha256(data).hexdigest(),
+            },
+        )
+        assert reply.status == 201, reply.body
+        url = f"/api/v1/backups/{reply.body['id']}/verify"
+        good = await api.call("POST", url, token="ci")
+        assert good.body["verification"]["result"] == "verified", good.body
+        corrupted = bytearray(data)
+        corrupted[12345] ^= 0xFF
+        await asyncio.to_thread(_write, path, bytes(corrupted))
+        bad = await api.call("POST", url, token="ci")
+        assert (bad.body["verification"]["status"], bad.body["verification"]["result"]) == (
+            "failed",
+            "checksum_mismatch",
+        )
+        assert bad.body["backup"]["verified_at"] == good.body["verification"]["started_at"]
