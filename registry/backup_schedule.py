@@ -148,7 +148,7 @@ async def due_for_verification(
     providers = [p.value for p in backups.Provider if p.value not in schedule.disabled]
     intervals = [schedule.interval_for(p) for p in providers]
     rows = await conn.fetch(
-        backups._BACKUP_SELECT
+        backups.BACKUP_SELECT
         + """ JOIN unnest($2::text[], $3::float8[]) AS s(provider, interval_seconds)
                 ON s.provider = b.provider
              WHERE b.status = 'completed'

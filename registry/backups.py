@@ -109,7 +109,7 @@ class RestorePoint:
     created_at: datetime
 
 
-_BACKUP_SELECT = """
+BACKUP_SELECT = """
 SELECT b.id, b.tenant_id, b.plugin_id, p.name AS plugin, b.environment, b.provider, b.location,
        b.size_bytes, b.checksum, b.plugin_version, b.status, b.created_by, b.created_at,
        b.completed_at, b.verified_at, b.expires_at, b.last_verification_at,
@@ -172,7 +172,7 @@ def _audit_view(backup: Backup) -> dict[str, Any]:
 
 
 async def get_backup(conn: asyncpg.Connection, backup_id: int) -> Backup:
-    row = await conn.fetchrow(_BACKUP_SELECT + " WHERE b.id = $1", backup_id)
+    row = await conn.fetchrow(BACKUP_SELECT + " WHERE b.id = $1", backup_id)
     if row is None:
         raise NotFoundError(f"no backup with id {backup_id}", field="id")
     return backup_of(row)
@@ -182,7 +182,7 @@ async def list_backups(
     conn: asyncpg.Connection, plugin_name: str, *, environment: str | None, limit: int
 ) -> list[Backup]:
     rows = await conn.fetch(
-        _BACKUP_SELECT
+        BACKUP_SELECT
         + """ WHERE p.name = $1 AND ($2::text IS NULL OR b.environment = $2)
               ORDER BY b.created_at DESC, b.id DESC LIMIT $3""",
         plugin_name,
