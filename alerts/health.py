@@ -25,6 +25,10 @@ OPERATIONS_FAILED = "operations_failed"
 # The registry's gauge of runtime dependencies that are unsatisfied or conflicting, per
 # (plugin, environment) (registry/dependencies.py); dev dependencies never count.
 DEPENDENCIES_UNSATISFIED = "dependencies_unsatisfied"
+# The registry's backup gauges (registry/backup_schedule.py): 1 when no backup of the plugin
+# verified within its limit; the number of live backups whose latest verification failed.
+BACKUP_STALE = "backup_stale"
+BACKUP_VERIFICATION_FAILED = "backup_verification_failed"
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +81,9 @@ class HealthSettings:
         # One runtime dependency missing, out of range, conflicting or on a cycle costs the
         # whole component, weighted double: a plugin without what it needs is not healthy.
         MetricThreshold(DEPENDENCIES_UNSATISFIED, warn=0.0, critical=1.0, weight=2.0),
+        # Backups: a failed verification costs all of the component, a stale one half.
+        MetricThreshold(BACKUP_VERIFICATION_FAILED, warn=0.0, critical=1.0),
+        MetricThreshold(BACKUP_STALE, warn=0.0, critical=2.0),
     )
 
     @property

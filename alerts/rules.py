@@ -499,6 +499,31 @@ def builtin_rules() -> tuple[Rule, ...]:
                 "{environment}",
             },
         ),
+        # The registry's backup gauges (plugin_metrics, written by the registry job).
+        Rule(
+            name="PluginBackupStale",
+            metric="backup_stale",
+            op=">",
+            threshold=0,
+            severity="warning",
+            annotations={
+                "summary": "Plugin {plugin} ({tenant}/{environment}) has no verified backup "
+                "within its limit",
+                "description": "See GET /api/v1/plugins/{plugin}/backups and the "
+                "verification results.",
+            },
+        ),
+        Rule(
+            name="PluginBackupVerificationFailed",
+            metric="backup_verification_failed",
+            op=">",
+            threshold=0,
+            severity="critical",
+            annotations={
+                "summary": "{value:.0f} backup(s) of plugin {plugin} ({tenant}/{environment}) "
+                "failed verification (missing, truncated or corrupted)",
+            },
+        ),
         Rule(
             name="PluginMemoryLeakForecast",
             metric="memory_leak_forecast_seconds",

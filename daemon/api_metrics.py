@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
+from pluginmon.daemon.backup_metrics import BackupMetrics
 from pluginmon.daemon.dependency_metrics import DependencyGauge
 from pluginmon.registry.lifecycle import REASON_RETRY_SCHEDULED
 from pluginmon.registry.operations import Operation
@@ -46,6 +47,7 @@ class ApiMetrics:
         )
         # Set by the registry job after each dependency recompute (daemon/api_wiring.py).
         self.dependencies = DependencyGauge(registry)
+        self.backups = BackupMetrics(registry)
 
     def operation(self, op: Operation) -> None:
         """Count ``op`` in the status it has now; observe its duration when an attempt ended."""

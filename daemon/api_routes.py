@@ -11,6 +11,7 @@ import asyncpg
 from aiohttp import web
 
 from pluginmon.collectors.push import PushConfig, PushStore
+from pluginmon.daemon.api_backups import backup_routes
 from pluginmon.daemon.api_config import ConfigHandlers, config_routes
 from pluginmon.daemon.api_dependencies import dependency_routes, with_dependency_recompute
 from pluginmon.daemon.api_http import (
@@ -48,6 +49,7 @@ from pluginmon.daemon.api_models import (
 from pluginmon.daemon.api_openapi import openapi_document
 from pluginmon.daemon.api_plugin_metrics import PluginMetricsHandlers, metrics_routes
 from pluginmon.registry import alert_actions, approvals, audit, operations, plugins
+from pluginmon.registry.backup_readers import Readers
 from pluginmon.registry.keyring import KeyringHolder
 from pluginmon.registry.lifecycle import RetryPolicy
 from pluginmon.registry.policies import ApprovalPolicy
@@ -346,12 +348,14 @@ def build_api_app(
     metrics: ApiMetrics | None = None,
     keyring: KeyringHolder | None = None,
     plugin_metrics: PluginMetricsHandlers | None = None,
+    backup_readers: Readers | None = None,
 ) -> web.Application:
     """The /api/v1 application, to mount with ``root.add_subapp("/api/v1", app)``.
 
     ``keyring``: where config secrets are encrypted (none: secrets are refused).
     ``plugin_metrics`` holds the live set of pushed series; whoever builds the app re-emits
     it (daemon.api_plugin_metrics). Without one, pushes get the default limits and TTLs.
+    ``backup_readers``: how backups are read back for verification, per provider.
     """
     if plugin_metrics is None:
         plugin_metrics = PluginMetricsHandlers(PushStore(PushConfig()))
@@ -364,6 +368,9 @@ def build_api_app(
         *dependency_routes(),
         *config_routes(ConfigHandlers(keyring)),
         *metrics_routes(plugin_metrics),
+        *backup_routes(
+            readers=backup_readers, metrics=None if metrics is None else metrics.backups
+        ),
     ]
     dispatcher = Dispatcher(
         pool,

@@ -16,6 +16,7 @@ from prometheus_client.core import Metric
 from prometheus_client.exposition import choose_encoder
 
 from pluginmon.collectors.push import PushStore
+from pluginmon.daemon.api_backups import backup_job
 from pluginmon.daemon.api_http import API_PREFIX
 from pluginmon.daemon.api_metrics import ApiMetrics
 from pluginmon.daemon.api_plugin_metrics import PluginMetricsHandlers, reemit_job
@@ -83,6 +84,7 @@ def api_app(
         metrics=metrics,
         keyring=keyring,
         plugin_metrics=plugin_metrics,
+        backup_readers=settings.backups.readers(),
     )
 
     async def load_keyring(_: web.Application) -> None:
@@ -163,12 +165,24 @@ async def _reemit_loop(
             )
 
 
+def backups_duty(
+    settings: Settings, metrics: ApiMetrics | None
+) -> Callable[[asyncpg.Pool], Awaitable[None]]:
+    """Backup retention and scheduled verification for the registry job ([backups])."""
+    return backup_job(
+        readers=settings.backups.readers(),
+        schedule=settings.backups.schedule(),
+        metrics=None if metrics is None else metrics.backups,
+    )
+
+
 def registry_job(
     pool: PoolSource,
     *,
     metrics: ApiMetrics | None,
     clock: Callable[[], datetime] = utc_now,
     usage_window_seconds: float = 120.0,
+    backups: Callable[[asyncpg.Pool], Awaitable[None]] | None = None,
 ) -> Callable[[], Awaitable[None]]:
     """The periodic registry duties: approvals expire, operations past their deadline fail,
     operation health gauges and the plugins' usage columns are refreshed. Once per database
@@ -184,6 +198,9 @@ def registry_job(
                 report = await maintenance.run(
                     conn, now=now, usage_window_seconds=usage_window_seconds
                 )
+            if backups is not None:
+                # its own advisory lock: artifacts are read outside the transaction above
+                await backups(source)
             if not report.ran:
                 return
         except TRANSIENT_ERRORS as exc:
@@ -266,7 +283,7 @@ async def serve_api(
             metrics=metrics,
             plugin_metrics=plugin_metrics,
         )
-        job = registry_job(lambda: pool, metrics=metrics)
+        job = registry_job(lambda: pool, metrics=metrics, backups=backups_duty(settings, metrics))
         reemit = asyncio.create_task(
             _reemit_loop(
                 reemit_job(lambda: pool, pushes, plugin_metrics, clock=utc_now),

@@ -24,7 +24,7 @@ from pluginmon.alerts.outbox import OutboxDeliverer
 from pluginmon.collectors.push import PushStore
 from pluginmon.collectors.sampler import DEFAULT_FIELDS, Sampler
 from pluginmon.daemon.api_metrics import ApiMetrics
-from pluginmon.daemon.api_wiring import api_subapps, registry_job
+from pluginmon.daemon.api_wiring import api_subapps, backups_duty, registry_job
 from pluginmon.daemon.config import DaemonConfig
 from pluginmon.daemon.coordinator import Coordinator, Heartbeat
 from pluginmon.daemon.exporter import DaemonMetrics, ExporterState, MetricsRenderer, PluginCollector
@@ -446,6 +446,7 @@ class Daemon:
                 self._api_pool,
                 metrics=self.api_metrics,
                 usage_window_seconds=max(30.0, 3 * settings.sample_interval_seconds),
+                backups=backups_duty(settings, self.api_metrics),
             ),
             interval_seconds=settings.maintenance_interval_seconds,
             first_run_in_seconds=min(5.0, settings.maintenance_interval_seconds),

@@ -29,6 +29,7 @@ from pydantic_settings import (
     SettingsError,
 )
 
+from pluginmon.daemon.config_backups import BackupSettings, file_secret_problems
 from pluginmon.daemon.config_health import HealthTable
 from pluginmon.daemon.config_plugin_metrics import PluginMetricsTable
 from pluginmon.daemon.config_schema import (
@@ -280,6 +281,7 @@ class Settings(BaseSettings):
     alerts: AlertsTable = Field(default_factory=AlertsTable)
     api: ApiSettings = Field(default_factory=ApiSettings)
     approvals: ApprovalsSettings = Field(default_factory=ApprovalsSettings)
+    backups: BackupSettings = Field(default_factory=BackupSettings)
 
     # -- management API ------------------------------------------------------------------------
     # The keyring of config secrets (registry/keyring.py): a key file, or the keys themselves
@@ -445,6 +447,7 @@ def read_config_file(path: Path) -> dict[str, Any]:
         for name in _ENV_ONLY
         if name in data
     ]
+    problems += file_secret_problems(data)
     if problems:
         raise ConfigError(problems)
     return data

@@ -21,6 +21,7 @@ from pluginmon.daemon.api_plugin_metrics import PluginMetricsHandlers
 from pluginmon.daemon.api_routes import build_api_app
 from pluginmon.registry import tokens
 from pluginmon.registry.actor import Actor
+from pluginmon.registry.backup_readers import Readers
 from pluginmon.registry.lifecycle import RetryPolicy
 from pluginmon.registry.policies import ApprovalPolicy
 
@@ -123,6 +124,7 @@ async def api_server(
     max_body_bytes: int = 64 * 1024,
     clock: Clock | None = None,
     plugin_metrics: PluginMetricsHandlers | None = None,
+    backup_readers: Readers | None = None,
 ) -> AsyncIterator[ApiHarness]:
     pool = await asyncpg.create_pool(database_url, min_size=1, max_size=4)
     clock = clock or Clock()
@@ -139,6 +141,7 @@ async def api_server(
             max_body_bytes=max_body_bytes,
             metrics=ApiMetrics(registry),
             plugin_metrics=plugin_metrics,
+            backup_readers=backup_readers,
         ),
     )
     runner = web.AppRunner(root, access_log=None)

@@ -9,7 +9,13 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 import pytest
 
-from pluginmon.alerts.health import DEPENDENCIES_UNSATISFIED, OPERATIONS_FAILED, HealthSettings
+from pluginmon.alerts.health import (
+    BACKUP_STALE,
+    BACKUP_VERIFICATION_FAILED,
+    DEPENDENCIES_UNSATISFIED,
+    OPERATIONS_FAILED,
+    HealthSettings,
+)
 from pluginmon.alerts.rules import builtin_rules
 from pluginmon.registry import maintenance, usage
 
@@ -142,4 +148,6 @@ def test_rules_and_health_read_the_registry_gauges() -> None:
     assert [m.name for m in HealthSettings().metrics] == [
         OPERATIONS_FAILED,
         DEPENDENCIES_UNSATISFIED,
+        BACKUP_VERIFICATION_FAILED,
+        BACKUP_STALE,
     ]

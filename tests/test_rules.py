@@ -67,6 +67,8 @@ def test_parse_rules_merges_over_builtins() -> None:
         "PluginOperationFailed",
         "PluginOperationStuck",
         "PluginDependencyUnsatisfied",
+        "PluginBackupStale",
+        "PluginBackupVerificationFailed",
         "QueueDeep",
     }
     cpu = by_name["PluginCpuHigh"]
