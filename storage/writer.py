@@ -480,7 +480,7 @@ class BatchWriter:
         return self._available
 
     def collect(self) -> Iterator[Metric]:
-        """prometheus-client's Collector: rows written and the COPY durations, read now.
+        """prometheus-client's Collector: rows written and skipped, the COPY durations, read now.
 
         Called from a scrape's render thread: it only reads counters the loop updates.
         """
@@ -490,6 +490,14 @@ class BatchWriter:
         )
         rows.add_metric([self._table], stats.rows_written)
         yield rows
+        deduplicated = CounterMetricFamily(
+            "pluginmon_rows_deduplicated",
+            "Rows of batches found in the ingest ledger (written before: a replay or a retry "
+            "after a commit the client did not see) and skipped",
+            labels=["table"],
+        )
+        deduplicated.add_metric([self._table], stats.rows_deduplicated)
+        yield deduplicated
         yield HistogramMetricFamily(
             "pluginmon_write_duration_seconds",
             "Duration of one COPY batch",

@@ -107,14 +107,14 @@ match = {{ cmdline = "{plugins.marker}-{name}$" }}
                     daemon.assert_alive()
                     return bool(cycles_of(daemon))
 
-                wait_for("a first sampling cycle", sampled, timeout=60, interval=0.05)
+                wait_for("a first sampling cycle", sampled, timeout=120, interval=0.05)
                 # A random moment within the next eight cycles: during the start-up replay
                 # of both spools, an id lookup, a COPY, an ack, or between them.
                 time.sleep(rng.uniform(0.0, 8 * INTERVAL_SECONDS))
             finally:
                 daemon.kill()  # SIGKILL
             assert daemon.proc is not None
-            assert daemon.proc.returncode == -signal.SIGKILL
+            assert daemon.proc.returncode == -signal.SIGKILL, daemon.log_text()[-3000:]
             # After each kill nothing is doubled, whatever the next start replays.
             assert duplicated_rows(e2e_db) == []
 
@@ -126,7 +126,7 @@ match = {{ cmdline = "{plugins.marker}-{name}$" }}
                 # Every spool replayed, and this run has sampled a while.
                 return final.metric("pluginmon_spool_samples") == 0 and len(cycles_of(final)) > 8
 
-            wait_for("the spools to drain", drained, timeout=60)
+            wait_for("the spools to drain", drained, timeout=120)
         except BaseException:
             final.kill()
             raise

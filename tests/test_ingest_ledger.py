@@ -17,6 +17,7 @@ from pathlib import Path
 import asyncpg
 import psycopg
 import pytest
+from prometheus_client import CollectorRegistry
 
 from pluginmon.storage.backend import MAINTENANCE_LOCK_KEY, Retention, admin_connection
 from pluginmon.storage.ledger import LedgerBatch, copy_batches
@@ -29,6 +30,7 @@ from pluginmon.storage.spool import (
 )
 from pluginmon.storage.upkeep import Maintainer, prune_ingest_ledger
 from pluginmon.storage.writer import PLUGIN_SAMPLES_COLUMNS, PLUGIN_SAMPLES_TABLE, BatchWriter
+from tests.waiting import wait_until
 from tests.writer_helpers import create_plugins, sample_row, sample_rows, sequence_of
 
 Row = tuple[object, ...]
@@ -209,6 +211,8 @@ async def test_a_batch_put_again_under_its_id_is_written_once(
     rows = sample_rows(0, 300, plugin_ids)
     with Spool(tmp_path / "spool") as spool:
         async with writer_for(pool, spool) as writer:
+            registry = CollectorRegistry()
+            registry.register(writer)
             writer.put(rows, batch_id=batch_id)
             await writer.flush()
             writer.put(rows, batch_id=batch_id)  # a caller replaying its own record
@@ -216,6 +220,9 @@ async def test_a_batch_put_again_under_its_id_is_written_once(
             await writer.flush()
             stats = writer.stats()
         assert spool.rows == 0
+    labels = {"table": "plugin_samples"}
+    assert registry.get_sample_value("pluginmon_rows_deduplicated_total", labels) == 300
+    assert registry.get_sample_value("pluginmon_rows_written_total", labels) == 310
     assert stats.rows_written == 310
     assert stats.rows_deduplicated == 300
     assert stats.rows_spooled == 610  # every batch written ahead, the repeated one too
@@ -286,11 +293,13 @@ async def test_a_commit_the_client_timed_out_on_is_not_written_twice(
                 pool, spool if with_spool else None, max_delay_seconds=0.05, **FAST_RETRY
             ) as writer:
                 writer.put(sample_rows(0, 7, plugin_ids))
-                for _ in range(400):
-                    stats = writer.stats()
-                    if stats.rows_deduplicated and stats.database_available:
-                        break
-                    await asyncio.sleep(0.05)
+                await wait_until(
+                    lambda: (
+                        (stats := writer.stats()).rows_deduplicated and stats.database_available
+                    ),
+                    timeout_seconds=60,
+                    what="the retried batch to be found in the ledger",
+                )
                 await asyncio.wait_for(writer.flush(), 30)
                 stats = writer.stats()
             assert spool.rows == 0
