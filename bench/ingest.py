@@ -14,6 +14,10 @@ plugin_samples, with its indexes, in a scratch database created and migrated for
           appended to the spool (encoded, fsync'ed) before it is written and acked there
           after its commit (the write-ahead that makes a SIGKILL lose at most the cycle in
           flight)
+  ledger  the ledger's own cost, apart from the writer's concurrency (which makes the
+          rounds above swing): on one connection, 5,000-row batches alternately copied in
+          a plain transaction and through storage.ledger.copy_batches (the ledger insert in
+          the same transaction); the medians per batch are compared
 
 The table is truncated before every run. Each is run ROUNDS times, interleaved, and the best
 of each is compared (the machine is shared; the best run is the least disturbed one). The
@@ -23,16 +27,19 @@ Run: .venv/bin/python bench/ingest.py [--database-url URL] [--rounds 5]
 Without --database-url an embedded PostgreSQL is started in a temporary directory; with it,
 a scratch database is created on that server (e.g. TimescaleDB at
 postgresql://postgres@127.0.0.1:5433/postgres) and dropped afterwards.
-Last lines: writer_with_spool_vs_raw_copy=<ratio>, then writer_vs_raw_copy=<ratio>.
+Last lines: the ledger's cost per batch, writer_with_spool_vs_raw_copy=<ratio>, then
+writer_vs_raw_copy=<ratio>.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import statistics
 import sys
 import tempfile
 import time
+import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -41,6 +48,7 @@ import asyncpg
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.scratch import scratch_database
+from pluginmon.storage.ledger import LedgerBatch, copy_batches
 from pluginmon.storage.pool import pool_context, redact_url
 from pluginmon.storage.spool import Spool
 from pluginmon.storage.writer import (
@@ -154,6 +162,42 @@ async def run_writer(url: str, ticks: list[list[Row]], *, with_spool: bool) -> f
     return elapsed
 
 
+async def run_ledger_overhead(
+    url: str, rows: list[Row], *, batch_rows: int = 5000
+) -> tuple[float, float, int]:
+    """(median seconds per batch in a plain transaction, ... through copy_batches, batches
+    of each), alternating on one connection so both see the same load."""
+    plain: list[float] = []
+    ledger: list[float] = []
+    connection = await asyncpg.connect(url)
+    try:
+        for number, start in enumerate(range(0, len(rows), batch_rows)):
+            batch = rows[start : start + batch_rows]
+            started = time.perf_counter()
+            if number % 2:
+                await copy_batches(
+                    connection,
+                    table=PLUGIN_SAMPLES_TABLE,
+                    columns=PLUGIN_SAMPLES_COLUMNS,
+                    batches=[LedgerBatch(uuid.uuid4(), batch)],
+                    timeout_seconds=600,
+                    isolate_rejected=False,
+                )
+                ledger.append(time.perf_counter() - started)
+            else:
+                async with connection.transaction():
+                    await connection.copy_records_to_table(
+                        PLUGIN_SAMPLES_TABLE,
+                        records=batch,
+                        columns=PLUGIN_SAMPLES_COLUMNS,
+                        timeout=600,
+                    )
+                plain.append(time.perf_counter() - started)
+    finally:
+        await connection.close()
+    return statistics.median(plain), statistics.median(ledger), min(len(plain), len(ledger))
+
+
 async def main_async(args: argparse.Namespace, url: str) -> float:
     connection = await asyncpg.connect(url)
     try:
@@ -197,6 +241,14 @@ async def main_async(args: argparse.Namespace, url: str) -> float:
         f"{total / best_writer:,.0f} rows/s"
     )
     print(f"best writer with a spool (write-ahead + ledger): {total / best_spool:,.0f} rows/s")
+    await truncate(url)
+    plain, ledger, batches = await run_ledger_overhead(url, flat)
+    assert await count_rows(url) == total
+    print(
+        f"ingest ledger, one connection, {batches} batches of 5,000 rows each way: median "
+        f"{plain * 1000:.1f} ms per batch in a plain transaction, {ledger * 1000:.1f} ms with "
+        f"the ledger insert ({(ledger - plain) * 1000:+.1f} ms, {ledger / plain - 1:+.1%})"
+    )
     print(f"writer_with_spool_vs_raw_copy={best_raw / best_spool:.2f}")
     return best_raw / best_writer
 
