@@ -16,11 +16,11 @@ codec below. Format 3 (written today) differs from format 2 only in its payloads
 headed by the batch's id, a UUID the writer's ingest ledger knows it by, so a batch replayed
 after it was written is recognised and skipped. The version is bumped with the payload so
 that an older pluginmon quarantines a format-3 segment whole, by name, instead of losing its
-records one by one as malformed. Formats 2 and 1 (no magic, no header checksum: a u32 length
-and a u32 CRC-32) are still read, never written; their batches have no stored id and get one
-derived from their bytes (the same at every replay). Every append is fsync'ed before it returns, and the directory is
-fsync'ed when a segment is created, so an appended batch survives a crash of the process or
-the machine.
+records one by one as malformed. Format 2 and format 1 (no magic, no header checksum: a u32
+length and a u32 CRC-32) are still read, never written; their batches have no stored id and
+get one derived from their bytes (the same at every replay). Every append is fsync'ed before
+it returns, and the directory is fsync'ed when a segment is created, so an appended batch
+survives a crash of the process or the machine.
 
 Opening checks every record. A record whose header or checksum is wrong, or whose payload
 claims a layout it does not hold (a forged row count, say), loses only itself: the scan
@@ -72,9 +72,9 @@ _READABLE_FORMAT_VERSIONS = (
 )
 SEGMENT_SUFFIX = ".seg"
 _SEGMENT_HEADER = struct.Struct("<8sH")
-# Formats 2 and 3: magic, payload length, crc32(payload), crc32(the 12 bytes before it). The magic
-# lets a scan find the next record after a corrupt one; the header checksum lets it reject a
-# false match (the magic inside a payload) without trusting its length.
+# Formats 2 and 3: magic, payload length, crc32(payload), crc32(the 12 bytes before it). The
+# magic lets a scan find the next record after a corrupt one; the header checksum lets it
+# reject a false match (the magic inside a payload) without trusting its length.
 RECORD_MAGIC = b"\xa5PLR"
 _RECORD_HEADER = struct.Struct("<4sIII")
 _RECORD_HEADER_CHECKED = struct.Struct("<4sII")
@@ -105,12 +105,12 @@ class SpoolCodecError(SpoolError, ValueError):
 # -- codec -------------------------------------------------------------------------------
 #
 # Payload v3: u8 codec version, u16 columns, u32 rows, the batch id (16 bytes), then the
-# batch column by column. v2 (segment formats 1 and 2) is the same without the batch id (still
-# read: a v2 batch's id is derived from its bytes, so it is the same at every replay); v1 was
-# row by row. Each column is a u8 kind, a u8 "has NULLs" flag, then (if set) one byte per row
-# (1 = NULL), then its values. Plain columns (all int, all float, ...) are packed arrays, decoded at C
-# speed; a column mixing types falls back to a u8 type tag per value. Typed on purpose (no
-# pickle): a spool file is data, never code.
+# batch column by column. v2 (segment formats 1 and 2) is the same without the batch id
+# (still read: a v2 batch's id is derived from its bytes, so it is the same at every replay);
+# v1 was row by row. Each column is a u8 kind, a u8 "has NULLs" flag, then (if set) one byte
+# per row (1 = NULL), then its values. Plain columns (all int, all float, ...) are packed
+# arrays, decoded at C speed; a column mixing types falls back to a u8 type tag per value.
+# Typed on purpose (no pickle): a spool file is data, never code.
 
 CODEC_VERSION = 3
 _CODEC_VERSION_WITHOUT_ID = 2
