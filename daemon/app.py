@@ -13,6 +13,7 @@ import logging
 import threading
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
+from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -351,7 +352,10 @@ class Daemon:
             outbox=outbox,
             database=database,
             maintainer=Maintainer(
-                url, retention=config.retention, spools=[spool, unresolved.spool]
+                url,
+                retention=config.retention,
+                spools=[spool, unresolved.spool],
+                ledger_retention=timedelta(hours=settings.ingest_ledger_retention_hours),
             ),
             scheduler=self.scheduler,
             heartbeat=self.heartbeat,

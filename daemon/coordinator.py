@@ -140,6 +140,14 @@ class Coordinator:
         """The loop-side consumers of a fresh snapshot: counters, readiness, the sink (the
         alert engine takes it at its own pace, in ``job_evaluate``)."""
         self.samples_taken += len(snapshot.samples)
+        # One line per cycle (at debug level): what was taken, to compare with what is
+        # stored (the crash tests do; a SIGKILL may lose at most the cycle in flight).
+        logger.debug(
+            "sampled %d plugins at %s",
+            len(snapshot.samples),
+            snapshot.timestamp,
+            extra={"cycle_samples": len(snapshot.samples), "cycle_timestamp": snapshot.timestamp},
+        )
         self._heartbeat.beat()
         self._latest = snapshot
         self._metrics.observe_snapshot(snapshot)

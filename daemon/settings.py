@@ -265,6 +265,10 @@ class Settings(BaseSettings):
     # The bounded memory queue in front of the COPY, and the disk spool while the database is away.
     writer_queue_max_rows: Annotated[int, positive_up_to(10_000_000)] = 100_000
     spool_max_bytes: Annotated[int, positive_up_to(1 << 40)] = 1024 * 1024 * 1024
+    # How long the ingest ledger remembers a written batch (a batch replayed after a crash
+    # within this time is skipped, never written twice): above the longest time a crashed
+    # daemon may stay down before it is restarted.
+    ingest_ledger_retention_hours: Annotated[float, Finite, positive_up_to(24 * 366)] = 168.0
 
     # -- jobs ----------------------------------------------------------------------------------
     # Default: the sample interval.

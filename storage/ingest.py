@@ -3,10 +3,14 @@
 A snapshot's way in: ``SampleSink.put(snapshot)`` first replays older samples still waiting
 for their plugin's id, then looks up the ids of plugins it has not seen (bounded: a slow
 database never stalls sampling), turns each sample into a ``plugin_samples`` row and hands
-the rows to the ``BatchWriter``. Samples of a plugin whose id is not known yet go to the
-unresolved spool on disk (fsync'ed, never only in memory), keyed by (tenant, plugin,
-environment), and are replayed oldest first once the id resolves. Every row that is lost is
-counted under its reason (storage.drops) at the place where it is lost.
+the rows to the ``BatchWriter``, and returns once they are in the writer's spool (fsync'ed):
+a SIGKILL loses at most the snapshot in flight. Samples of a plugin whose id is not known
+yet go to the unresolved spool on disk (fsync'ed, never only in memory), keyed by (tenant,
+plugin, environment), and are replayed oldest first once the id resolves: each spooled
+batch goes to the writer under its own id (so it reaches the database exactly once even if
+the process dies between handing it over and acking it) and is acked once the writer has
+it on disk. Every row that is lost is counted under its reason (storage.drops) at the place
+where it is lost.
 """
 
 from __future__ import annotations
@@ -41,6 +45,9 @@ logger = logging.getLogger(__name__)
 RESOLVE_TIMEOUT_SECONDS: Final = 3.0
 # After a failed id lookup, how long new plugins' samples go straight to the spool.
 RESOLVE_RETRY_SECONDS: Final = 5.0
+# How long one put() waits for the writer to have its rows on disk (a hung disk must not
+# stall sampling for good; the rows then stay queued in the writer).
+LOG_TIMEOUT_SECONDS: Final = 5.0
 
 # -- plugin_samples rows, by column name ------------------------------------------------------
 
@@ -227,6 +234,7 @@ class SampleSink:
         self._invalid: set[PluginKey] = set()
         self._resolve_retry_at = 0.0
         self._unresolved_failing = False
+        self._log_slow = False
         self._dropped = DropCounts()
 
     @property
@@ -263,6 +271,24 @@ class SampleSink:
             await self._spool_unresolved(waiting)
         if rows:
             self._writer.put(rows)
+            await self._wait_logged(LOG_TIMEOUT_SECONDS)
+
+    async def _wait_logged(self, timeout_seconds: float) -> bool:
+        """Wait until the writer has every row put so far on disk; False on timeout."""
+        try:
+            async with asyncio.timeout(max(timeout_seconds, 0.0)):
+                await self._writer.wait_logged()
+        except TimeoutError:
+            if not self._log_slow:
+                self._log_slow = True
+                logger.warning(
+                    "the writer's spool did not take a snapshot's rows within %.1f s; they "
+                    "stay queued in memory meanwhile",
+                    timeout_seconds,
+                )
+            return False
+        self._log_slow = False
+        return True
 
     async def flush(self, *, timeout_seconds: float) -> None:
         """Nudge the writer to write partial batches now (it also flushes on its own)."""
@@ -356,8 +382,12 @@ class SampleSink:
             if invalid:
                 self._dropped.add(DropReason.INVALID_PLUGIN, invalid)
             # A writer that cannot take them raises before the ack: the batch stays on disk.
+            # Its id goes along: put again after a crash before the ack below, the batch is
+            # still written once. Acked only once the writer has it on disk.
             if rows:
-                self._writer.put(rows)
+                self._writer.put(rows, batch_id=pending.batch.batch_id)
+                if not await self._wait_logged(max(until - self._clock(), 1.0)):
+                    return
             try:
                 await asyncio.shield(asyncio.to_thread(unresolved.ack, pending))
             except OSError:

@@ -9,13 +9,18 @@ Layout of ``directory``::
     00000000000000000001.seg    segments, oldest first
     cursor                      {"segment": n, "offset": o}: records before it are acked
 
-A segment starts with ``PLMSPOOL`` and a format version (u16). In format 2 each record is a
-16-byte header (the magic ``RECORD_MAGIC``, a u32 payload length, a u32 CRC-32 of the
+A segment starts with ``PLMSPOOL`` and a format version (u16). In formats 2 and 3 each record
+is a 16-byte header (the magic ``RECORD_MAGIC``, a u32 payload length, a u32 CRC-32 of the
 payload, a u32 CRC-32 of the first 12 header bytes) and the payload: one batch of rows in the
-codec below. Format 1 (no magic, no header checksum: a u32 length and a u32 CRC-32) is still
-read, never written. Every append is fsync'ed before it returns, and the directory is
-fsync'ed when a segment is created, so an appended batch survives a crash of the process or
-the machine.
+codec below. Format 3 (written today) differs from format 2 only in its payloads: each is
+headed by the batch's id, a UUID the writer's ingest ledger knows it by, so a batch replayed
+after it was written is recognised and skipped. The version is bumped with the payload so
+that an older pluginmon quarantines a format-3 segment whole, by name, instead of losing its
+records one by one as malformed. Format 2 and format 1 (no magic, no header checksum: a u32
+length and a u32 CRC-32) are still read, never written; their batches have no stored id and
+get one derived from their bytes (the same at every replay). Every append is fsync'ed before
+it returns, and the directory is fsync'ed when a segment is created, so an appended batch
+survives a crash of the process or the machine.
 
 Opening checks every record. A record whose header or checksum is wrong, or whose payload
 claims a layout it does not hold (a forged row count, say), loses only itself: the scan
@@ -35,11 +40,13 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import hashlib
 import json
 import logging
 import os
 import struct
 import threading
+import uuid
 import zlib
 from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
@@ -55,13 +62,19 @@ MiB = 1024 * 1024
 DEFAULT_MAX_BYTES = 512 * MiB
 
 SEGMENT_MAGIC = b"PLMSPOOL"
-SEGMENT_FORMAT_VERSION = 2
+SEGMENT_FORMAT_VERSION = 3
+_FORMAT_WITHOUT_BATCH_IDS = 2  # read, never written
 _LEGACY_FORMAT_VERSION = 1  # read, never written
+_READABLE_FORMAT_VERSIONS = (
+    _LEGACY_FORMAT_VERSION,
+    _FORMAT_WITHOUT_BATCH_IDS,
+    SEGMENT_FORMAT_VERSION,
+)
 SEGMENT_SUFFIX = ".seg"
 _SEGMENT_HEADER = struct.Struct("<8sH")
-# Format 2: magic, payload length, crc32(payload), crc32(the 12 bytes before it). The magic
-# lets a scan find the next record after a corrupt one; the header checksum lets it reject a
-# false match (the magic inside a payload) without trusting its length.
+# Formats 2 and 3: magic, payload length, crc32(payload), crc32(the 12 bytes before it). The
+# magic lets a scan find the next record after a corrupt one; the header checksum lets it
+# reject a false match (the magic inside a payload) without trusting its length.
 RECORD_MAGIC = b"\xa5PLR"
 _RECORD_HEADER = struct.Struct("<4sIII")
 _RECORD_HEADER_CHECKED = struct.Struct("<4sII")
@@ -91,14 +104,20 @@ class SpoolCodecError(SpoolError, ValueError):
 
 # -- codec -------------------------------------------------------------------------------
 #
-# Payload v2 (v1 was row by row): u8 codec version, u16 columns, u32 rows, then the batch
-# column by column. Each column is a u8 kind, a u8 "has NULLs" flag, then (if set) one byte per row (1 = NULL),
-# then its values. Plain columns (all int, all float, ...) are packed arrays, decoded at C
-# speed; a column mixing types falls back to a u8 type tag per value. Typed on purpose (no
-# pickle): a spool file is data, never code.
+# Payload v3: u8 codec version, u16 columns, u32 rows, the batch id (16 bytes), then the
+# batch column by column. v2 (segment formats 1 and 2) is the same without the batch id
+# (still read: a v2 batch's id is derived from its bytes, so it is the same at every replay);
+# v1 was row by row. Each column is a u8 kind, a u8 "has NULLs" flag, then (if set) one byte
+# per row (1 = NULL), then its values. Plain columns (all int, all float, ...) are packed
+# arrays, decoded at C speed; a column mixing types falls back to a u8 type tag per value.
+# Typed on purpose (no pickle): a spool file is data, never code.
 
-CODEC_VERSION = 2
+CODEC_VERSION = 3
+_CODEC_VERSION_WITHOUT_ID = 2
 _PAYLOAD_HEADER = struct.Struct("<BHI")
+BATCH_ID_BYTES = 16
+# Ids of v2 batches (written before batches carried one): a UUID from the payload's hash.
+_LEGACY_BATCH_NAMESPACE = uuid.UUID("5b0f2c8e-52a6-4c1e-9a43-6f0d3c1e7a21")
 _COLUMN_HEADER = struct.Struct("<BB")
 # Column kinds.
 _KIND_MIXED = 0  # a tagged value per row (tags below)
@@ -138,14 +157,16 @@ def _is_aware(value: datetime) -> bool:
     return value.tzinfo is not None and value.utcoffset() is not None
 
 
-def encode_rows(rows: Sequence[Row]) -> bytes:
-    """Encode a batch; every row must have the same number of columns."""
+def encode_rows(rows: Sequence[Row], *, batch_id: uuid.UUID | None = None) -> bytes:
+    """Encode a batch under ``batch_id`` (a new random id when None); every row must have
+    the same number of columns."""
     count = len(rows)
     columns = len(rows[0]) if rows else 0
     widths = set(map(len, rows))
     if len(widths) > 1:
         raise SpoolCodecError(f"rows have {sorted(widths)} values, expected {columns} in each")
     out = bytearray(_PAYLOAD_HEADER.pack(CODEC_VERSION, columns, count))
+    out += (batch_id or uuid.uuid4()).bytes
     for values in zip(*rows, strict=True) if rows else ():
         out += _encode_column(values)
     return bytes(out)
@@ -233,14 +254,7 @@ def payload_row_count(payload: bytes | memoryview) -> int:
     count is trusted anywhere. Raises SpoolCodecError.
     """
     data = bytes(payload)
-    if len(data) < _PAYLOAD_HEADER.size:
-        raise SpoolCodecError("payload shorter than its header")
-    version, columns, count = _PAYLOAD_HEADER.unpack_from(data, 0)
-    if version != CODEC_VERSION:
-        raise SpoolCodecError(f"unknown spool codec version {version}")
-    if count > _MAX_ROWS_PER_BATCH:
-        raise SpoolCodecError(f"implausible row count {count}")
-    pos = _PAYLOAD_HEADER.size
+    _version, columns, count, pos = _payload_header(data)
     try:
         for _ in range(columns):
             pos = _skip_column(data, pos, count)
@@ -251,6 +265,24 @@ def payload_row_count(payload: bytes | memoryview) -> int:
             f"payload of {len(data)} bytes does not hold {count} rows of {columns} columns"
         )
     return int(count)
+
+
+def _payload_header(data: bytes) -> tuple[int, int, int, int]:
+    """(codec version, columns, rows, offset of the first column) of an encoded batch."""
+    if len(data) < _PAYLOAD_HEADER.size:
+        raise SpoolCodecError("payload shorter than its header")
+    version, columns, count = _PAYLOAD_HEADER.unpack_from(data, 0)
+    if version == CODEC_VERSION:
+        start = _PAYLOAD_HEADER.size + BATCH_ID_BYTES
+        if len(data) < start:
+            raise SpoolCodecError("payload shorter than its header")
+    elif version == _CODEC_VERSION_WITHOUT_ID:
+        start = _PAYLOAD_HEADER.size
+    else:
+        raise SpoolCodecError(f"unknown spool codec version {version}")
+    if count > _MAX_ROWS_PER_BATCH:
+        raise SpoolCodecError(f"implausible row count {count}")
+    return int(version), int(columns), int(count), start
 
 
 # Bytes per value of the fixed-width column kinds and value tags (the NULL flags come first).
@@ -302,15 +334,21 @@ def _skip_column(data: bytes | memoryview, pos: int, count: int) -> int:
 
 def decode_rows(payload: bytes | memoryview) -> list[Row]:
     """Inverse of :func:`encode_rows`; raises SpoolCodecError on anything malformed."""
+    return decode_batch(payload)[1]
+
+
+def decode_batch(payload: bytes | memoryview) -> tuple[uuid.UUID, list[Row]]:
+    """(batch id, rows) of an encoded batch; raises SpoolCodecError on anything malformed.
+
+    A v2 batch has no id of its own: it gets one derived from its bytes (the same each time
+    it is read).
+    """
     data = bytes(payload)
-    if len(data) < _PAYLOAD_HEADER.size:
-        raise SpoolCodecError("payload shorter than its header")
-    version, columns, count = _PAYLOAD_HEADER.unpack_from(data, 0)
-    if version != CODEC_VERSION:
-        raise SpoolCodecError(f"unknown spool codec version {version}")
-    if count > _MAX_ROWS_PER_BATCH:
-        raise SpoolCodecError(f"implausible row count {count}")
-    pos = _PAYLOAD_HEADER.size
+    version, columns, count, pos = _payload_header(data)
+    if version == CODEC_VERSION:
+        batch_id = uuid.UUID(bytes=data[_PAYLOAD_HEADER.size : pos])
+    else:
+        batch_id = uuid.uuid5(_LEGACY_BATCH_NAMESPACE, hashlib.sha256(data).hexdigest())
     decoded: list[list[object]] = []
     try:
         for _ in range(columns):
@@ -323,8 +361,8 @@ def decode_rows(payload: bytes | memoryview) -> list[Row]:
     if pos != len(data):
         raise SpoolCodecError(f"{len(data) - pos} trailing bytes after {count} rows")
     if not columns:
-        return [() for _ in range(count)]
-    return list(zip(*decoded, strict=True))
+        return batch_id, [() for _ in range(count)]
+    return batch_id, list(zip(*decoded, strict=True))
 
 
 def _take_bytes(data: bytes, pos: int, size: int) -> bytes:
@@ -418,6 +456,7 @@ class SpooledBatch:
     offset: int  # of the record header in the segment file
     end_offset: int
     rows: tuple[Row, ...]
+    batch_id: uuid.UUID  # stored with the batch: the same at every replay
 
 
 class SpoolLoss(StrEnum):
@@ -558,7 +597,7 @@ class Spool:
     ``Spool`` on the same directory (after a restart or a crash) sees every batch that was
     appended and not yet acked. Acks are durable too, so a batch acked before a crash is not
     replayed after it; a batch written to the database but not yet acked when the process
-    died is replayed again (at-least-once at that one edge).
+    died is replayed again, under the same batch id (the writer's ingest ledger skips it).
     """
 
     def __init__(
@@ -717,10 +756,7 @@ class Spool:
             path.unlink()
             return None
         magic, version = _SEGMENT_HEADER.unpack_from(data, 0)
-        if magic != SEGMENT_MAGIC or version not in (
-            _LEGACY_FORMAT_VERSION,
-            SEGMENT_FORMAT_VERSION,
-        ):
+        if magic != SEGMENT_MAGIC or version not in _READABLE_FORMAT_VERSIONS:
             quarantined = path.with_name(path.name + ".unreadable")
             logger.error(
                 "spool %s: %s is not a pluginmon spool segment (version %s); moved to %s",
@@ -793,29 +829,55 @@ class Spool:
 
     # -- appending -------------------------------------------------------------------------
 
-    def append(self, rows: Sequence[Row]) -> None:
-        """Store one batch durably (fsync'ed) or raise; an empty batch is a no-op.
+    def append(
+        self, rows: Sequence[Row], *, batch_id: uuid.UUID | None = None
+    ) -> SpooledBatch | None:
+        """Store one batch durably (fsync'ed) or raise; an empty batch is a no-op (None).
 
+        The batch is stored with ``batch_id`` (a new random id when None). Returns its
+        handle for :meth:`ack`, with empty ``rows`` (the caller holds them; a handle kept
+        until the ack should not keep them in memory too).
         Raises SpoolFullError at the size cap, SpoolCodecError for a value the codec does
         not carry, OSError when the disk refuses; in every case nothing was stored.
         """
-        if not rows:
-            return
-        payload = encode_rows(rows)
-        head = _RECORD_HEADER_CHECKED.pack(RECORD_MAGIC, len(payload), zlib.crc32(payload))
-        record = head + _U32.pack(zlib.crc32(head)) + payload
+        handles = self.append_many([(rows, batch_id)])
+        return handles[0] if handles else None
+
+    def append_many(
+        self, batches: Sequence[tuple[Sequence[Row], uuid.UUID | None]]
+    ) -> list[SpooledBatch]:
+        """Store several batches (rows, batch id or None) with one write and one fsync: all
+        of them or none; empty batches are skipped.
+
+        Returns their handles for :meth:`ack`, in order (``rows`` empty, as from
+        :meth:`append`). Raises like :meth:`append`, and then nothing was stored.
+        """
+        named = [(rows, batch_id or uuid.uuid4()) for rows, batch_id in batches if rows]
+        if not named:
+            return []
+        records: list[tuple[bytes, int]] = []  # (record, payload length)
+        for rows, batch_id in named:
+            payload = encode_rows(rows, batch_id=batch_id)
+            head = _RECORD_HEADER_CHECKED.pack(RECORD_MAGIC, len(payload), zlib.crc32(payload))
+            records.append((head + _U32.pack(zlib.crc32(head)) + payload, len(payload)))
+        data = b"".join(record for record, _ in records)
         with self._lock:
             self._check_open()
             new_segment = (
                 self._active_segment is None
-                or self._segment_sizes[self._active_segment] + len(record) > self.segment_bytes
+                or self._segment_sizes[self._active_segment] + len(data) > self.segment_bytes
             )
-            needed = len(record) + (_SEGMENT_HEADER.size if new_segment else 0)
+            needed = len(data) + (_SEGMENT_HEADER.size if new_segment else 0)
             used = self.bytes
             if used + needed > self.max_bytes:
+                what = (
+                    f"a batch of {len(named[0][0])} rows"
+                    if len(named) == 1
+                    else f"{len(named)} batches of {sum(len(r) for r, _ in named)} rows"
+                )
                 raise SpoolFullError(
                     f"spool {self.directory} is at its cap: {used} of {self.max_bytes} bytes "
-                    f"used, a batch of {len(rows)} rows needs {needed} more"
+                    f"used, {what} needs {needed} more"
                 )
             if new_segment:
                 self._open_new_segment()
@@ -824,18 +886,30 @@ class Spool:
             sequence = self._active_segment
             offset = self._segment_sizes[sequence]
             try:
-                _write_all(self._active_fd, record)
+                _write_all(self._active_fd, data)
                 os.fsync(self._active_fd)
             except OSError:
                 # Leave no partial record behind for the next append to follow.
                 with contextlib.suppress(OSError):
                     os.ftruncate(self._active_fd, offset)
                 raise
-            self._set_segment_size(sequence, offset + len(record))
-            self._records.append(
-                _Record(sequence, offset, _RECORD_HEADER.size, len(payload), len(rows))
-            )
-            self._rows += len(rows)
+            self._set_segment_size(sequence, offset + len(data))
+            handles: list[SpooledBatch] = []
+            for (rows, batch_id), (_, length) in zip(named, records, strict=True):
+                stored = _Record(sequence, offset, _RECORD_HEADER.size, length, len(rows))
+                self._records.append(stored)
+                self._rows += len(rows)
+                handles.append(
+                    SpooledBatch(
+                        segment=sequence,
+                        offset=offset,
+                        end_offset=stored.end_offset,
+                        rows=(),
+                        batch_id=batch_id,
+                    )
+                )
+                offset = stored.end_offset
+        return handles
 
     def _open_new_segment(self) -> None:
         if self._active_fd is not None:
@@ -866,11 +940,13 @@ class Spool:
             payload = handle.read(record.length)
         if len(payload) != record.length:
             raise SpoolCodecError(f"segment {record.segment} shorter than its index")
+        batch_id, rows = decode_batch(payload)
         return SpooledBatch(
             segment=record.segment,
             offset=record.offset,
             end_offset=record.end_offset,
-            rows=tuple(decode_rows(payload)),
+            rows=tuple(rows),
+            batch_id=batch_id,
         )
 
     def peek(self) -> SpooledBatch | None:
@@ -941,6 +1017,38 @@ class Spool:
                     f"{head.offset}, got segment {batch.segment} byte {batch.offset}"
                 )
             self._ack_head_locked()
+
+    def ack_many(self, batches: Sequence[SpooledBatch]) -> None:
+        """:meth:`ack` for several batches, oldest first, with one cursor write.
+
+        Raises ValueError (and acks none of them) unless they are the oldest batches, in
+        order.
+        """
+        if not batches:
+            return
+        with self._lock:
+            self._check_open()
+            if len(batches) > len(self._records):
+                raise ValueError(f"ack of {len(batches)} batches, {len(self._records)} stored")
+            for record, batch in zip(self._records, batches, strict=False):
+                if (record.segment, record.offset) != (batch.segment, batch.offset):
+                    raise ValueError(
+                        f"acks must be in order: next is segment {record.segment} byte "
+                        f"{record.offset}, got segment {batch.segment} byte {batch.offset}"
+                    )
+            done: list[_Record] = [self._records.popleft() for _ in batches]
+            self._rows -= sum(record.row_count for record in done)
+            if not self._records:
+                self._reset_empty()
+                return
+            head_segment = self._records[0].segment
+            for sequence in sorted({record.segment for record in done}):
+                # Segments left behind (and no longer appended to) are done.
+                if sequence != head_segment and sequence != self._active_segment:
+                    self._delete_segment(sequence)
+            last = done[-1]
+            if last.segment == head_segment:
+                self._write_cursor(last.segment, last.end_offset)
 
     def _ack_head_locked(self) -> None:
         head = self._records.popleft()

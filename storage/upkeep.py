@@ -1,4 +1,4 @@
-"""The database's upkeep while the daemon runs: migrate until ready, periodic maintenance, rollup back-fill after a spool replay."""
+"""The database's upkeep while the daemon runs: migrate until ready, periodic maintenance, the ingest ledger pruned, rollup back-fill after a spool replay."""
 
 from __future__ import annotations
 
@@ -6,12 +6,20 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Sequence
-from datetime import datetime
-from typing import Protocol
+from datetime import datetime, timedelta
+from typing import Final, Protocol
 
 import psycopg
 
-from pluginmon.storage.backend import Maintenance, Retention, admin_connection, detect_backend
+from pluginmon.storage.backend import (
+    AdminConnection,
+    Maintenance,
+    Retention,
+    admin_connection,
+    detect_backend,
+    maintenance_lock,
+    require_autocommit,
+)
 from pluginmon.storage.engines import backfill_rollups, maintenance_for, prepare_database
 from pluginmon.storage.errors import backoff_seconds
 from pluginmon.storage.migrate import Backend, MigrationError
@@ -23,6 +31,11 @@ logger = logging.getLogger(__name__)
 # the cap (the daemon's database_retry_max_seconds), with jitter.
 MIGRATE_RETRY_FIRST_SECONDS = 0.5
 MIGRATE_RETRY_MAX_SECONDS = 30.0
+
+# How long the ingest ledger remembers a written batch unless the daemon says otherwise.
+DEFAULT_LEDGER_RETENTION: Final = timedelta(days=7)
+# Horizon in the server's clock, so that daemons with skewed clocks agree.
+_PRUNE_LEDGER = "DELETE FROM ingest_ledger WHERE committed_at < now() - %s::interval"
 
 
 class StartupReport(Protocol):
@@ -89,9 +102,28 @@ class LateRows(Protocol):
     def note_late_rows(self, since: datetime) -> None: ...
 
 
+async def prune_ingest_ledger(conn: AdminConnection, *, older_than: timedelta) -> int | None:
+    """Delete ingest ledger rows committed more than ``older_than`` ago, under the
+    database-wide maintenance lock (one of many daemons does it); rows deleted, or None when
+    another session held the lock. ``conn``: autocommit (``admin_connection``).
+
+    A batch replayed after its ledger row is gone would be written again: ``older_than``
+    must outlast the longest time a crashed daemon stays down (its spool may hold batches
+    that were committed and not yet acked).
+    """
+    require_autocommit(conn)
+    async with maintenance_lock(conn) as acquired:
+        if not acquired:
+            return None
+        async with conn.transaction():
+            cur = await conn.execute(_PRUNE_LEDGER, (older_than,))
+        return max(cur.rowcount, 0)
+
+
 class Maintainer:
-    """The periodic maintenance job: partitions, retention and rollups, then the rollups
-    back-filled from the oldest row the spools gave back since the last run.
+    """The periodic maintenance job: partitions, retention and rollups, the ingest ledger
+    pruned by age, then the rollups back-filled from the oldest row the spools gave back
+    since the last run.
 
     Storage takes the advisory lock, so one of many daemons sharing the database does the
     work and the others return at once. Each run uses its own admin-plane (psycopg)
@@ -99,11 +131,19 @@ class Maintainer:
     """
 
     def __init__(
-        self, database_url: str, *, retention: Retention, spools: Sequence[LateRows]
+        self,
+        database_url: str,
+        *,
+        retention: Retention,
+        spools: Sequence[LateRows],
+        ledger_retention: timedelta = DEFAULT_LEDGER_RETENTION,
     ) -> None:
+        if ledger_retention <= timedelta(0):
+            raise ValueError(f"ledger_retention must be positive, got {ledger_retention}")
         self._url = database_url
         self._retention = retention
         self._spools = tuple(spools)
+        self._ledger_retention = ledger_retention
         self._maintenance: Maintenance | None = None  # known after the first connection
 
     async def run(self) -> None:
@@ -111,13 +151,14 @@ class Maintainer:
             if self._maintenance is None:
                 self._maintenance = maintenance_for(await detect_backend(conn))
             report = await self._maintenance.run(conn, self._retention)
+            pruned = await prune_ingest_ledger(conn, older_than=self._ledger_retention)
         await self.backfill_after_replay()
         if report.ran:
             logger.info(
                 "maintenance: %d partition(s) created, %d dropped, %d row(s) removed%s",
                 len(report.partitions_created),
                 len(report.partitions_dropped),
-                sum(rows for _, rows in report.rows_removed),
+                sum(rows for _, rows in report.rows_removed) + (pruned or 0),
                 "; failed steps: " + ", ".join(f"{s} ({why})" for s, why in report.failed_steps)
                 if report.failed_steps
                 else "",

@@ -150,6 +150,8 @@ CONTRACT_HEADERS = """\
 # TYPE pluginmon_build_info gauge
 # HELP pluginmon_rows_written_total Rows written to the database
 # TYPE pluginmon_rows_written_total counter
+# HELP pluginmon_rows_deduplicated_total Rows of batches found in the ingest ledger (written before: a replay or a retry after a commit the client did not see) and skipped
+# TYPE pluginmon_rows_deduplicated_total counter
 # HELP pluginmon_spool_samples Rows waiting in the disk spool for the database
 # TYPE pluginmon_spool_samples gauge
 # HELP pluginmon_dropped_samples_total Samples dropped, by reason
@@ -205,6 +207,7 @@ async def test_each_component_exports_its_own_metrics_under_the_contract(
         await daemon.writer.flush()
         # Read at scrape time: no refresh step in between.
         assert get("pluginmon_rows_written_total", {"table": "plugin_samples"}) == 1
+        assert get("pluginmon_rows_deduplicated_total", {"table": "plugin_samples"}) == 0
         assert get("pluginmon_write_duration_seconds_count") == 1
         assert get("pluginmon_samples_total") == 1
         assert get("pluginmon_spool_samples") == 0

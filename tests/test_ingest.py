@@ -4,12 +4,14 @@ disk and replayed in order, bounded id lookups, and drops counted by reason wher
 from __future__ import annotations
 
 import asyncio
+import shutil
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import asyncpg
+import psycopg
 from prometheus_client import CollectorRegistry
 
 from pluginmon.collectors.models import SAMPLE_MEASUREMENTS, PluginKey, PluginSample, Snapshot
@@ -257,3 +259,51 @@ async def test_id_lookup_against_a_silent_database_is_bounded(tmp_path: Path) ->
             stream.close()
         silent.close()
         await silent.wait_closed()
+
+
+async def test_unresolved_samples_replayed_twice_are_stored_once(
+    migrated_db: str, tmp_path: Path
+) -> None:
+    """A crash after the unresolved spool's batches went to the writer and before they were
+    acked replays them again: each keeps its id into the writer, so the ledger skips them."""
+    pool = await open_pool(UNREACHABLE, min_size=0)
+    unresolved_dir = tmp_path / "spool-unresolved"
+    unresolved = UnresolvedSpool(unresolved_dir, max_bytes=1 << 20)
+    try:
+        async with writer_on(pool) as writer:
+            sink = make_sink(pool, writer, unresolved, schema_ready=True)
+            await sink.put(snapshot_at(0))
+            await sink.put(snapshot_at(1))
+    finally:
+        unresolved.close()
+        await close_pool(pool)
+    before_ack = tmp_path / "before-ack"
+    shutil.copytree(unresolved_dir, before_ack)
+
+    async def run(offset_seconds: float) -> tuple[int, int]:
+        pool = await open_pool(migrated_db, min_size=0)
+        unresolved = UnresolvedSpool(unresolved_dir, max_bytes=1 << 20)
+        try:
+            with SampleSpool(tmp_path / "spool", max_bytes=1 << 20) as spool:
+                async with writer_on(pool, spool) as writer:
+                    sink = make_sink(pool, writer, unresolved, schema_ready=True)
+                    await sink.put(snapshot_at(offset_seconds))
+                    await writer.flush()
+                    stats = writer.stats()
+            assert unresolved.rows == 0
+        finally:
+            unresolved.close()
+            await close_pool(pool)
+        return stats.rows_written, stats.rows_deduplicated
+
+    assert await run(2) == (3, 0)
+    # As if the process had died before the acks: the unresolved spool as it was.
+    shutil.rmtree(unresolved_dir)
+    shutil.copytree(before_ack, unresolved_dir)
+    assert await run(3) == (1, 2)
+    with psycopg.connect(migrated_db) as conn:
+        stored = conn.execute(
+            "SELECT s.timestamp, count(*) FROM plugin_samples s GROUP BY s.timestamp ORDER BY 1"
+        ).fetchall()
+    base = datetime(2026, 1, 1, tzinfo=UTC)
+    assert stored == [(base + timedelta(seconds=i), 1) for i in range(4)]
