@@ -22,6 +22,8 @@ LEAK = "leak"
 METRIC_PREFIX = "metric:"
 # The plugin_metrics gauge the registry writes per (plugin, environment) (registry/usage.py).
 OPERATIONS_FAILED = "operations_failed"
+# Open critical vulnerability findings (registry/vulnerabilities.py writes the gauge).
+VULNERABILITIES_CRITICAL = "vulnerabilities_critical"
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,7 +73,11 @@ class HealthSettings:
     # cost health, all of it at three. Configured [health] metrics replace this default.
     metrics: tuple[MetricThreshold, ...] = (
         MetricThreshold(OPERATIONS_FAILED, warn=0.0, critical=3.0),
+        MetricThreshold(VULNERABILITIES_CRITICAL, warn=0.0, critical=1.0),
     )
+    # An open critical vulnerability caps the score here, however well the plugin runs
+    # (applies whatever the configured metrics are).
+    vulnerability_critical_cap: float = 40.0
 
     @property
     def leak_limit_bytes(self) -> int | None:
@@ -331,6 +337,8 @@ def score_health(
             weight_sum += c.weight
             weighted += c.score * c.weight
         total = 100.0 if weight_sum <= 0.0 else weighted / weight_sum
+        if metrics and metrics.get(VULNERABILITIES_CRITICAL, 0.0) > 0.0:
+            total = min(total, settings.vulnerability_critical_cap)
     return HealthScore(
         key=sample.key,
         timestamp=now,

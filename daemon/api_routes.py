@@ -43,6 +43,7 @@ from pluginmon.daemon.api_models import (
     SilenceOut,
 )
 from pluginmon.daemon.api_openapi import openapi_document
+from pluginmon.daemon.api_vulns import vulnerability_routes
 from pluginmon.registry import alert_actions, approvals, audit, operations, plugins
 from pluginmon.registry.lifecycle import RetryPolicy
 from pluginmon.registry.policies import ApprovalPolicy
@@ -342,6 +343,7 @@ def build_api_app(
 ) -> web.Application:
     """The /api/v1 application, to mount with ``root.add_subapp("/api/v1", app)``."""
     routes = api_routes(ApiHandlers(policies=policies, retry=retry or RetryPolicy()))
+    routes += vulnerability_routes()
     dispatcher = Dispatcher(
         pool,
         clock=clock,

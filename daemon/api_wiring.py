@@ -7,6 +7,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
+from pathlib import Path
 
 import asyncpg
 from aiohttp import web
@@ -21,6 +22,7 @@ from pluginmon.daemon.settings import Settings
 from pluginmon.registry import maintenance
 from pluginmon.registry.lifecycle import RetryPolicy
 from pluginmon.registry.policies import ApprovalPolicy, policies_from_config
+from pluginmon.registry.vulnerabilities import VulnerabilityDatabase
 from pluginmon.storage.errors import TRANSIENT_ERRORS
 
 logger = logging.getLogger(__name__)
@@ -72,10 +74,13 @@ def registry_job(
     metrics: ApiMetrics | None,
     clock: Callable[[], datetime] = utc_now,
     usage_window_seconds: float = 120.0,
+    vulnerability_db: Path | None = None,
 ) -> Callable[[], Awaitable[None]]:
     """The periodic registry duties: approvals expire, operations past their deadline fail,
     operation health gauges and the plugins' usage columns are refreshed. Once per database
-    (an advisory lock); the others skip."""
+    (an advisory lock); the others skip. With ``vulnerability_db``, SBOMs are matched offline
+    when they or the database change."""
+    advisories = None if vulnerability_db is None else VulnerabilityDatabase(vulnerability_db)
 
     async def run() -> None:
         source = pool()
@@ -85,7 +90,10 @@ def registry_job(
         try:
             async with source.acquire() as conn:
                 report = await maintenance.run(
-                    conn, now=now, usage_window_seconds=usage_window_seconds
+                    conn,
+                    now=now,
+                    usage_window_seconds=usage_window_seconds,
+                    vulnerability_db=advisories,
                 )
             if not report.ran:
                 return
@@ -94,7 +102,17 @@ def registry_job(
                 "registry maintenance skipped: database unavailable (%s)", type(exc).__name__
             )
             return
+        for scan in report.vulnerability_scans:
+            logger.info(
+                "offline scan of %s/%s: %d finding(s), %d new, %d fixed",
+                scan.plugin,
+                scan.environment,
+                scan.sync.findings,
+                scan.sync.opened,
+                scan.sync.fixed,
+            )
         if metrics is not None:
+            metrics.vulnerabilities.set(report.vulnerability_counts)
             for op in report.deadline_failed:
                 metrics.operation(op)
             for approval in report.approvals_expired:
@@ -156,7 +174,9 @@ async def serve_api(
             else None
         )
         app = api_app(settings, lambda: pool, version=version, metrics=metrics)
-        job = registry_job(lambda: pool, metrics=metrics)
+        job = registry_job(
+            lambda: pool, metrics=metrics, vulnerability_db=settings.vulnerability_db
+        )
         async with HttpServer(
             host=settings.http_host,
             port=settings.http_port,

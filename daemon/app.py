@@ -437,6 +437,7 @@ class Daemon:
                 self._api_pool,
                 metrics=self.api_metrics,
                 usage_window_seconds=max(30.0, 3 * settings.sample_interval_seconds),
+                vulnerability_db=settings.vulnerability_db,
             ),
             interval_seconds=settings.maintenance_interval_seconds,
             first_run_in_seconds=min(5.0, settings.maintenance_interval_seconds),

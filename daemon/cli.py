@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, NoReturn
 # would otherwise find the kernel's default disposition (see daemon.signal_guard).
 # daemon.cli_api is light at import too (its commands import what they need).
 from pluginmon.daemon.cli_api import API_COMMANDS, add_api_commands, run_api_command
+from pluginmon.daemon.cli_vulns import VULNS_COMMAND, add_vulns_commands, run_vulns_command
 from pluginmon.daemon.signal_guard import SignalGuard
 
 if TYPE_CHECKING:
@@ -75,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
                 help="also each plugin's own metrics (gauges, counter rates, quantiles)",
             )
     add_api_commands(sub)  # token, audit, api (daemon/cli_api.py)
+    add_vulns_commands(sub)  # vulns (daemon/cli_vulns.py)
     return parser
 
 
@@ -240,6 +242,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command in API_COMMANDS:
         return run_api_command(args, database_url=_database_url)
+    if args.command == VULNS_COMMAND:
+        return run_vulns_command(args, database_url=_database_url)
     config: Path | None = args.config
     if args.command == "check-config":
         return _check_config(config)

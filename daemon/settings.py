@@ -282,6 +282,9 @@ class Settings(BaseSettings):
     approvals: ApprovalsSettings = Field(default_factory=ApprovalsSettings)
 
     # -- management API ------------------------------------------------------------------------
+    # OSV advisories for offline SBOM matching: a directory of per-ecosystem zips or JSON
+    # records (as osv.dev publishes them), or one zip. Unset: no offline scans.
+    vulnerability_db: PathSetting | None = None
 
     # -- HTTP ------------------------------------------------------------------------------------
     # All interfaces, as Prometheus exporters do: Prometheus usually scrapes from another host.

@@ -66,6 +66,7 @@ def test_parse_rules_merges_over_builtins() -> None:
         "PluginMemoryLeakForecast",
         "PluginOperationFailed",
         "PluginOperationStuck",
+        "PluginVulnerabilityCritical",
         "QueueDeep",
     }
     cpu = by_name["PluginCpuHigh"]
