@@ -249,8 +249,9 @@ def _grype(doc: Mapping[str, Any]) -> Iterator[Finding]:
         best = _best(cvss)
         fix = _opt_obj(vuln.get("fix"))
         fixed = [str(x) for x in fix.get("versions") or []]
-        related = _list(match.get("relatedVulnerabilities"), f"{where}.relatedVulnerabilities",
-                        required=False)
+        related = _list(
+            match.get("relatedVulnerabilities"), f"{where}.relatedVulnerabilities", required=False
+        )
         aliases = tuple(str(r["id"]) for r in related if isinstance(r, Mapping) and r.get("id"))
         yield Finding(
             vulnerability_id=_str(vuln.get("id"), f"{where}.vulnerability.id"),

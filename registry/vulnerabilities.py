@@ -668,7 +668,7 @@ async def write_gauges(conn: asyncpg.Connection, *, now: datetime) -> int:
                       FILTER (WHERE severity = 'critical' AND status = ANY($3::text[])),
                   '{}'
              FROM plugin_vulnerabilities
-            WHERE status <> 'fixed' OR resolved_at > $1 - interval '1 hour'
+            WHERE status <> 'fixed' OR resolved_at > $1::timestamptz - interval '1 hour'
             GROUP BY tenant_id, plugin_id, environment""",
         now,
         VULNERABILITIES_CRITICAL,

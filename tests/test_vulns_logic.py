@@ -214,9 +214,14 @@ def test_an_open_critical_caps_the_health_score() -> None:
         rss_bytes=1 << 20, vms_bytes=1 << 20, threads=1, process_count=1,
     )  # fmt: skip
     settings = HealthSettings()
-    healthy = score_health(sample, settings=settings, now=now, metrics={VULNERABILITIES_CRITICAL: 0})
+    healthy = score_health(
+        sample, settings=settings, now=now, metrics={VULNERABILITIES_CRITICAL: 0}
+    )
     assert healthy.score == 100.0
-    critical = score_health(sample, settings=settings, now=now, metrics={VULNERABILITIES_CRITICAL: 1})
+    critical = score_health(
+        sample, settings=settings, now=now, metrics={VULNERABILITIES_CRITICAL: 1}
+    )
     assert critical.score == settings.vulnerability_critical_cap == 40.0
     component = critical.component("metric:" + VULNERABILITIES_CRITICAL)
-    assert component is not None and component.score == 0.0
+    assert component is not None
+    assert component.score == 0.0
