@@ -11,7 +11,7 @@ from pydantic import AwareDatetime, ConfigDict, Field
 
 from pluginmon.daemon.api_http import Call, Route
 from pluginmon.daemon.api_models import ENVIRONMENT_PATTERN, Items, Query, Request, Response
-from pluginmon.registry import vulnerabilities
+from pluginmon.registry import sboms, vulnerabilities
 from pluginmon.registry.scan_reports import ReportFormat
 from pluginmon.registry.tokens import Role
 from pluginmon.registry.vulnerabilities import MAX_REASON_CHARS
@@ -62,7 +62,7 @@ class SbomOut(Response):
     uploaded_at: datetime
 
     @classmethod
-    def of(cls, s: vulnerabilities.SbomInfo) -> SbomOut:
+    def of(cls, s: sboms.SbomInfo) -> SbomOut:
         return cls(
             plugin=s.plugin,
             environment=s.environment,
@@ -127,7 +127,7 @@ class VulnerabilityOut(Response):
 async def put_sbom(call: Call) -> SbomOut:
     body: JsonDocument = call.body
     query: EnvironmentQuery = call.query
-    info = await vulnerabilities.put_sbom(
+    info = await sboms.put_sbom(
         call.conn,
         tenant_id=call.tenant_id,
         actor=call.actor,

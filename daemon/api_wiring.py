@@ -22,7 +22,7 @@ from pluginmon.daemon.settings import Settings
 from pluginmon.registry import maintenance
 from pluginmon.registry.lifecycle import RetryPolicy
 from pluginmon.registry.policies import ApprovalPolicy, policies_from_config
-from pluginmon.registry.vulnerabilities import VulnerabilityDatabase
+from pluginmon.registry.sboms import VulnerabilityDatabase
 from pluginmon.storage.errors import TRANSIENT_ERRORS
 
 logger = logging.getLogger(__name__)

@@ -164,7 +164,7 @@ def _command(
     args: argparse.Namespace, settings: Settings
 ) -> Callable[[asyncpg.Connection], Coroutine[Any, Any, int]]:
     """The work of the command; arguments are checked here, before any connection."""
-    from pluginmon.registry import vulnerabilities
+    from pluginmon.registry import sboms, vulnerabilities
     from pluginmon.registry.actor import cli_actor
     from pluginmon.registry.scan_reports import ReportFormat
 
@@ -203,13 +203,13 @@ def _command(
 
         async def do_scan(conn: asyncpg.Connection) -> int:
             try:
-                snapshot = await vulnerabilities.VulnerabilityDatabase(db).current()
+                snapshot = await sboms.VulnerabilityDatabase(db).current()
             except OSError as exc:
                 raise _Exit(EXIT_USAGE, f"--db: {exc}") from None
             async with conn.transaction():
                 if args.tenant:
                     await _as_tenant(conn, args.tenant)
-                results = await vulnerabilities.scan_sboms(
+                results = await sboms.scan_sboms(
                     conn,
                     index=snapshot.index,
                     digest=snapshot.digest,

@@ -18,7 +18,7 @@ from datetime import datetime
 
 import asyncpg
 
-from pluginmon.registry import approvals, operations, usage, vulnerabilities
+from pluginmon.registry import approvals, operations, sboms, usage, vulnerabilities
 from pluginmon.registry.actor import DAEMON
 
 logger = logging.getLogger(__name__)
@@ -35,7 +35,7 @@ class RegistryMaintenanceReport:
     deadline_failed: tuple[operations.Operation, ...] = ()
     usage_refreshed: int = 0
     acceptances_expired: tuple[vulnerabilities.VulnerabilityFinding, ...] = ()
-    vulnerability_scans: tuple[vulnerabilities.ScanResult, ...] = ()
+    vulnerability_scans: tuple[sboms.ScanResult, ...] = ()
     vulnerability_counts: tuple[vulnerabilities.OpenCount, ...] = ()
 
 
@@ -46,7 +46,7 @@ async def run(
     usage_window_seconds: float = 120.0,
     stuck_after_seconds: float = 1800.0,
     failed_window_seconds: float = 3600.0,
-    vulnerability_db: vulnerabilities.VulnerabilityDatabase | None = None,
+    vulnerability_db: sboms.VulnerabilityDatabase | None = None,
 ) -> RegistryMaintenanceReport:
     snapshot = None
     if vulnerability_db is not None:
@@ -73,7 +73,7 @@ async def run(
         )
         reopened = await vulnerabilities.expire_acceptances(conn, now=now)
         scans = (
-            await vulnerabilities.scan_sboms(
+            await sboms.scan_sboms(
                 conn, index=snapshot.index, digest=snapshot.digest, now=now, actor=DAEMON
             )
             if snapshot is not None

@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 import pytest
 
-from pluginmon.alerts.health import OPERATIONS_FAILED, HealthSettings
+from pluginmon.alerts.health import OPERATIONS_FAILED, VULNERABILITIES_CRITICAL, HealthSettings
 from pluginmon.alerts.rules import builtin_rules
 from pluginmon.registry import maintenance, usage
 
@@ -139,4 +139,7 @@ def test_rules_and_health_read_the_registry_gauges() -> None:
     assert rules["PluginOperationStuck"].metric == usage.OPERATIONS_STUCK
     assert rules["PluginOperationFailed"].compare(1.0, rules["PluginOperationFailed"].threshold)
     assert not rules["PluginOperationFailed"].compare(0.0, rules["PluginOperationFailed"].threshold)
-    assert [m.name for m in HealthSettings().metrics] == [OPERATIONS_FAILED]
+    assert [m.name for m in HealthSettings().metrics] == [
+        OPERATIONS_FAILED,
+        VULNERABILITIES_CRITICAL,
+    ]

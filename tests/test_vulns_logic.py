@@ -16,6 +16,7 @@ from pluginmon.alerts.health import VULNERABILITIES_CRITICAL, HealthSettings, sc
 from pluginmon.collectors.models import PluginKey, PluginSample
 from pluginmon.registry import osv
 from pluginmon.registry.cvss import CvssError, Severity, base_score
+from pluginmon.registry.sboms import match_findings
 from pluginmon.registry.scan_reports import (
     ReportError,
     ReportFormat,
@@ -23,7 +24,6 @@ from pluginmon.registry.scan_reports import (
     parse_sbom,
     parse_vex,
 )
-from pluginmon.registry.vulnerabilities import match_findings
 
 FIXTURES = Path(__file__).parent / "fixtures" / "vulns"
 
