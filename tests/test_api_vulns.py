@@ -18,7 +18,7 @@ from pluginmon.daemon.api_wiring import registry_job
 from pluginmon.registry.tokens import Role
 from tests.api_helpers import ApiHarness, api_server
 from tests.daemon_helpers import run_cli
-from tests.test_vulns_logic import FIXTURES, load, write_osv_database
+from tests.vulns_helpers import FIXTURES, load, write_osv_database
 
 BASE = "/api/v1/plugins/resizer"
 
@@ -321,3 +321,25 @@ def test_cli_imports_a_report_and_scans_offline(migrated_db: str, tmp_path: Path
     no_db = run_cli("vulns", "scan", env=env)
     assert no_db.returncode == 2
     assert "--db" in no_db.stderr
+    offline_id = next(f["id"] for f in json.loads(listed.stdout) if f["scanner"] == "osv-offline")
+    no_zone = run_cli(
+        "vulns", "accept", "--tenant", "acme", str(offline_id), "--reason", "r",
+        "--until", "2030-01-01T00:00:00", env=env,
+    )  # fmt: skip
+    assert no_zone.returncode == 2
+    assert "--until" in no_zone.stderr
+    accepted = run_cli(
+        "vulns", "accept", "--tenant", "acme", str(offline_id), "--reason", "vendored, patched",
+        "--until", "2030-01-01T00:00:00Z", env=env,
+    )  # fmt: skip
+    assert accepted.returncode == 0, accepted.stderr
+    with psycopg.connect(migrated_db) as conn:
+        row = conn.execute(
+            "SELECT v.status, v.accepted_reason, a.actor FROM plugin_vulnerabilities v "
+            "JOIN audit_log a ON a.entity_id = v.id::text AND a.action = 'vulnerability.accept' "
+            "WHERE v.id = %s",
+            (offline_id,),
+        ).fetchone()
+    assert row is not None
+    assert row[:2] == ("accepted", "vendored, patched")
+    assert row[2].startswith("cli:")

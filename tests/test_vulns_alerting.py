@@ -17,7 +17,7 @@ from pluginmon.registry import maintenance, vulnerabilities
 from pluginmon.registry.actor import Actor
 from pluginmon.registry.scan_reports import ReportFormat
 from tests.alerts_helpers import FakeClock, plugin_ids, plugin_sample, snapshot
-from tests.test_vulns_logic import load
+from tests.vulns_helpers import load
 
 KEY = PluginKey("acme", "resizer", "production")
 
