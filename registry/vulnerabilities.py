@@ -13,6 +13,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from enum import StrEnum
 from typing import Any, Final
 
 import asyncpg
@@ -33,12 +34,28 @@ from pluginmon.registry.scan_reports import (
 )
 
 OFFLINE_SCANNER: Final = "osv-offline"
-# (VULNERABILITIES_CRITICAL: the plugin_metrics gauge the health component and the rule
-# PluginVulnerabilityCritical read.)
 MAX_REASON_CHARS: Final = 2000
-# Statuses in which a finding still counts against the plugin.
-ACTIVE_STATUSES: Final = ("open", "acknowledged")
-_LIVE_STATUSES: Final = ["open", "acknowledged", "mitigated", "accepted", "suppressed"]
+
+
+class FindingStatus(StrEnum):
+    """plugin_vulnerabilities.status (acknowledged, mitigated and false_positive are the
+    seed's, kept for rows written by others; this module sets the other four)."""
+
+    OPEN = "open"
+    ACKNOWLEDGED = "acknowledged"
+    MITIGATED = "mitigated"
+    FIXED = "fixed"
+    FALSE_POSITIVE = "false_positive"
+    ACCEPTED = "accepted"
+    SUPPRESSED = "suppressed"
+
+
+# Statuses in which a finding counts against the plugin (health, rule, metric).
+ACTIVE_STATUSES: Final = (FindingStatus.OPEN, FindingStatus.ACKNOWLEDGED)
+# Statuses a finding leaves for "fixed" when its source no longer reports it.
+_LIVE_STATUSES: Final = [
+    str(s) for s in FindingStatus if s not in (FindingStatus.FIXED, FindingStatus.FALSE_POSITIVE)
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,7 +71,7 @@ class VulnerabilityFinding:
     severity: str
     cvss_score: float | None
     cvss_vector: str | None
-    status: str
+    status: FindingStatus
     title: str | None
     affected_range: str | None
     fixed_version: str | None
@@ -99,7 +116,13 @@ SELECT v.id, p.name AS plugin, v.environment, v.vulnerability_id, v.aliases, v.p
 
 
 def _finding(row: asyncpg.Record) -> VulnerabilityFinding:
-    return VulnerabilityFinding(**{**dict(row), "aliases": tuple(row["aliases"] or ())})
+    return VulnerabilityFinding(
+        **{
+            **dict(row),
+            "aliases": tuple(row["aliases"] or ()),
+            "status": FindingStatus(row["status"]),
+        }
+    )
 
 
 # --- findings -----------------------------------------------------------------------------------
@@ -198,7 +221,7 @@ async def apply_vex(
     rows = await conn.fetch(
         _APPLY_VEX, plugin, environment, now, sorted(SUPPRESSING_STATES), sorted(RESOLVING_STATES)
     )
-    return sum(1 for r in rows if r["status"] == "suppressed")
+    return sum(1 for r in rows if r["status"] == FindingStatus.SUPPRESSED)
 
 
 async def sync_findings(
@@ -465,7 +488,7 @@ async def open_counts(conn: asyncpg.Connection) -> list[OpenCount]:
              FROM plugin_vulnerabilities v JOIN plugins p ON p.id = v.plugin_id
             WHERE v.status = ANY($1::text[])
             GROUP BY 1, 2, 3, 4 ORDER BY 1, 2, 3, 4""",
-        list(ACTIVE_STATUSES),
+        [str(s) for s in ACTIVE_STATUSES],
     )
     return [OpenCount(**dict(r)) for r in rows]
 
@@ -485,6 +508,6 @@ async def write_gauges(conn: asyncpg.Connection, *, now: datetime) -> int:
             GROUP BY tenant_id, plugin_id, environment""",
         now,
         VULNERABILITIES_CRITICAL,
-        list(ACTIVE_STATUSES),
+        [str(s) for s in ACTIVE_STATUSES],
     )
     return int(status.split()[-1])
