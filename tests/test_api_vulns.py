@@ -312,6 +312,17 @@ def test_cli_imports_a_report_and_scans_offline(migrated_db: str, tmp_path: Path
     assert scanned.returncode == 0, scanned.stderr
     assert "4 advisories, 1 SBOM(s) scanned" in scanned.stdout
     assert "resizer/production: 1 finding(s), 1 new" in scanned.stdout
+    # One tenant's plugin, as in the README: re-matched (forced), nothing new.
+    again = run_cli(
+        "vulns", "scan", "--tenant", "acme", "--plugin", "resizer", "--db", str(db), env=env
+    )  # fmt: skip
+    assert again.returncode == 0, again.stderr
+    assert "resizer/production: 1 finding(s), 0 new, 0 fixed" in again.stdout
+    elsewhere = run_cli(
+        "vulns", "scan", "--tenant", "globex", "--plugin", "resizer", "--db", str(db), env=env
+    )  # fmt: skip
+    assert elsewhere.returncode == 1
+    assert "no plugin named 'resizer'" in elsewhere.stderr
     listed = run_cli("vulns", "list", "--tenant", "acme", "--plugin", "resizer", "--json", env=env)
     assert listed.returncode == 0, listed.stderr
     found = {(f["vulnerability_id"], f["scanner"]) for f in json.loads(listed.stdout)}
