@@ -29,6 +29,8 @@ DEPENDENCIES_UNSATISFIED = "dependencies_unsatisfied"
 # verified within its limit; the number of live backups whose latest verification failed.
 BACKUP_STALE = "backup_stale"
 BACKUP_VERIFICATION_FAILED = "backup_verification_failed"
+# Open critical vulnerability findings (registry/vulnerabilities.py writes the gauge).
+VULNERABILITIES_CRITICAL = "vulnerabilities_critical"
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,7 +86,11 @@ class HealthSettings:
         # Backups: a failed verification costs all of the component, a stale one half.
         MetricThreshold(BACKUP_VERIFICATION_FAILED, warn=0.0, critical=1.0),
         MetricThreshold(BACKUP_STALE, warn=0.0, critical=2.0),
+        MetricThreshold(VULNERABILITIES_CRITICAL, warn=0.0, critical=1.0),
     )
+    # An open critical vulnerability caps the score here, however well the plugin runs
+    # (applies whatever the configured metrics are).
+    vulnerability_critical_cap: float = 40.0
 
     @property
     def leak_limit_bytes(self) -> int | None:
@@ -346,6 +352,8 @@ def score_health(
             weight_sum += c.weight
             weighted += c.score * c.weight
         total = 100.0 if weight_sum <= 0.0 else weighted / weight_sum
+        if metrics and metrics.get(VULNERABILITIES_CRITICAL, 0.0) > 0.0:
+            total = min(total, settings.vulnerability_critical_cap)
     return HealthScore(
         key=sample.key,
         timestamp=now,

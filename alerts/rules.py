@@ -524,6 +524,20 @@ def builtin_rules() -> tuple[Rule, ...]:
                 "failed verification (missing, truncated or corrupted)",
             },
         ),
+        # The registry's vulnerability gauge (open critical findings per plugin/environment).
+        Rule(
+            name="PluginVulnerabilityCritical",
+            metric="vulnerabilities_critical",
+            op=">",
+            threshold=0,
+            severity="critical",
+            annotations={
+                "summary": "Plugin {plugin} ({tenant}/{environment}) has {value:.0f} open "
+                "critical vulnerability finding(s)",
+                "description": "See GET /api/v1/plugins/{plugin}/vulnerabilities?status=open"
+                "&severity=critical; fix, or accept with a reason and an expiry.",
+            },
+        ),
         Rule(
             name="PluginMemoryLeakForecast",
             metric="memory_leak_forecast_seconds",

@@ -2,12 +2,38 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
+
 from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
 
 from pluginmon.daemon.backup_metrics import BackupMetrics
 from pluginmon.daemon.dependency_metrics import DependencyGauge
 from pluginmon.registry.lifecycle import REASON_RETRY_SCHEDULED
 from pluginmon.registry.operations import Operation
+from pluginmon.registry.vulnerabilities import OpenCount
+
+
+class VulnerabilityGauges:
+    """``pluginmon_plugin_vulnerabilities``: open findings per plugin and severity, as the
+    registry job last counted them; a plugin with none left has no series."""
+
+    def __init__(self) -> None:
+        self._counts: tuple[OpenCount, ...] = ()
+
+    def set(self, counts: Sequence[OpenCount]) -> None:
+        self._counts = tuple(counts)
+
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily(
+            "pluginmon_plugin_vulnerabilities",
+            "Open vulnerability findings (distinct vulnerability and package) by severity.",
+            labels=["tenant", "plugin", "environment", "severity"],
+        )
+        for c in self._counts:
+            family.add_metric([c.tenant_id, c.plugin, c.environment, c.severity], float(c.count))
+        yield family
+
 
 # Operations run from seconds (a restart) to hours (a large install).
 OPERATION_BUCKETS_SECONDS = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600)
@@ -48,6 +74,8 @@ class ApiMetrics:
         # Set by the registry job after each dependency recompute (daemon/api_wiring.py).
         self.dependencies = DependencyGauge(registry)
         self.backups = BackupMetrics(registry)
+        self.vulnerabilities = VulnerabilityGauges()
+        registry.register(self.vulnerabilities)
 
     def operation(self, op: Operation) -> None:
         """Count ``op`` in the status it has now; observe its duration when an attempt ended."""

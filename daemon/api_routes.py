@@ -48,6 +48,7 @@ from pluginmon.daemon.api_models import (
 )
 from pluginmon.daemon.api_openapi import openapi_document
 from pluginmon.daemon.api_plugin_metrics import PluginMetricsHandlers, metrics_routes
+from pluginmon.daemon.api_vulns import vulnerability_routes
 from pluginmon.registry import alert_actions, approvals, audit, operations, plugins
 from pluginmon.registry.backup_readers import Readers
 from pluginmon.registry.keyring import KeyringHolder
@@ -371,6 +372,7 @@ def build_api_app(
         *backup_routes(
             readers=backup_readers, metrics=None if metrics is None else metrics.backups
         ),
+        *vulnerability_routes(),
     ]
     dispatcher = Dispatcher(
         pool,

@@ -8,6 +8,7 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, datetime
+from pathlib import Path
 
 import asyncpg
 from aiohttp import web
@@ -29,6 +30,7 @@ from pluginmon.registry.crypto import KeyringError
 from pluginmon.registry.keyring import DEFAULT_KEY_FILE_NAME, KeyringHolder, KeyringLocation
 from pluginmon.registry.lifecycle import RetryPolicy
 from pluginmon.registry.policies import ApprovalPolicy, policies_from_config
+from pluginmon.registry.sboms import VulnerabilityDatabase
 from pluginmon.storage.errors import TRANSIENT_ERRORS
 
 logger = logging.getLogger(__name__)
@@ -183,10 +185,13 @@ def registry_job(
     clock: Callable[[], datetime] = utc_now,
     usage_window_seconds: float = 120.0,
     backups: Callable[[asyncpg.Pool], Awaitable[None]] | None = None,
+    vulnerability_db: Path | None = None,
 ) -> Callable[[], Awaitable[None]]:
     """The periodic registry duties: approvals expire, operations past their deadline fail,
     operation health gauges and the plugins' usage columns are refreshed. Once per database
-    (an advisory lock); the others skip."""
+    (an advisory lock); the others skip. With ``vulnerability_db``, SBOMs are matched offline
+    when they or the database change."""
+    advisories = None if vulnerability_db is None else VulnerabilityDatabase(vulnerability_db)
 
     async def run() -> None:
         source = pool()
@@ -196,7 +201,10 @@ def registry_job(
         try:
             async with source.acquire() as conn:
                 report = await maintenance.run(
-                    conn, now=now, usage_window_seconds=usage_window_seconds
+                    conn,
+                    now=now,
+                    usage_window_seconds=usage_window_seconds,
+                    vulnerability_db=advisories,
                 )
             if backups is not None:
                 # its own advisory lock: artifacts are read outside the transaction above
@@ -208,8 +216,18 @@ def registry_job(
                 "registry maintenance skipped: database unavailable (%s)", type(exc).__name__
             )
             return
+        for scan in report.vulnerability_scans:
+            logger.info(
+                "offline scan of %s/%s: %d finding(s), %d new, %d fixed",
+                scan.plugin,
+                scan.environment,
+                scan.sync.findings,
+                scan.sync.opened,
+                scan.sync.fixed,
+            )
         if metrics is not None:
             metrics.dependencies.update(report.dependencies_unsatisfied)
+            metrics.vulnerabilities.set(report.vulnerability_counts)
             for op in report.deadline_failed:
                 metrics.operation(op)
             for approval in report.approvals_expired:
@@ -283,7 +301,12 @@ async def serve_api(
             metrics=metrics,
             plugin_metrics=plugin_metrics,
         )
-        job = registry_job(lambda: pool, metrics=metrics, backups=backups_duty(settings, metrics))
+        job = registry_job(
+            lambda: pool,
+            metrics=metrics,
+            backups=backups_duty(settings, metrics),
+            vulnerability_db=settings.vulnerability_db,
+        )
         reemit = asyncio.create_task(
             _reemit_loop(
                 reemit_job(lambda: pool, pushes, plugin_metrics, clock=utc_now),

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, NoReturn
 from pluginmon.daemon.cli_api import API_COMMANDS, add_api_commands, run_api_command
 from pluginmon.daemon.cli_config import CONFIG_COMMANDS, add_config_commands, run_config_command
 from pluginmon.daemon.cli_deps import DEPS_COMMAND, add_deps_commands, run_deps_command
+from pluginmon.daemon.cli_vulns import VULNS_COMMAND, add_vulns_commands, run_vulns_command
 from pluginmon.daemon.signal_guard import SignalGuard
 
 if TYPE_CHECKING:
@@ -79,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_api_commands(sub)  # token, audit, api (daemon/cli_api.py)
     add_config_commands(sub)  # config, secrets (daemon/cli_config.py)
     add_deps_commands(sub)  # deps set|remove|list|check (daemon/cli_deps.py)
+    add_vulns_commands(sub)  # vulns (daemon/cli_vulns.py)
     return parser
 
 
@@ -248,6 +250,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_config_command(args, database_url=_database_url)
     if args.command == DEPS_COMMAND:
         return run_deps_command(args, database_url=_database_url)
+    if args.command == VULNS_COMMAND:
+        return run_vulns_command(args, database_url=_database_url)
     config: Path | None = args.config
     if args.command == "check-config":
         return _check_config(config)

@@ -104,6 +104,10 @@ class HealthChanges(Table):
     leak_min_points: Annotated[int | None, Field(ge=1, le=10_000)] = None
     leak_warn_seconds: Window = None
     leak_critical_seconds: Window = None
+    # The most an open critical vulnerability finding leaves of the score.
+    vulnerability_critical_cap: Annotated[
+        float | None, Field(ge=0, le=100, allow_inf_nan=False)
+    ] = None
     weights: WeightsTable | None = None
     metrics: list[MetricThresholdTable] | None = None
 

@@ -293,6 +293,9 @@ class Settings(BaseSettings):
     # on first start.
     secret_keys_file: PathSetting | None = None
     secret_keys: SecretStr | None = None  # environment only
+    # OSV advisories for offline SBOM matching: a directory of per-ecosystem zips or JSON
+    # records (as osv.dev publishes them), or one zip. Unset: no offline scans.
+    vulnerability_db: PathSetting | None = None
 
     # -- HTTP ------------------------------------------------------------------------------------
     # All interfaces, as Prometheus exporters do: Prometheus usually scrapes from another host.

@@ -1,7 +1,9 @@
 """The registry's periodic duties, run by the daemon (and by ``pluginmon api``): expire
 approvals past their time, fail operations past their deadline, and refresh the catalogue's
-usage columns and the operation gauges (registry.usage), and recompute every tenant's
-dependency results with their health gauge (registry.dependencies).
+usage columns and the operation gauges (registry.usage), recompute every tenant's
+dependency results with their health gauge (registry.dependencies); and for vulnerabilities
+(registry.vulnerabilities): reopen acceptances past their expiry, match SBOMs that changed (or
+all of them when the advisory database changed) offline, and write the critical-findings gauge.
 
 Once per database, like the storage maintenance: the work runs in one transaction holding a
 transaction-scoped advisory lock, so of many daemons sharing a database one does it and the
@@ -10,13 +12,18 @@ others return at once. The connection is the daemon's own role, which sees every
 
 from __future__ import annotations
 
+import logging
+import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 
 import asyncpg
 
-from pluginmon.registry import approvals, dependencies, operations, usage
+from pluginmon.registry import approvals, dependencies, operations, sboms, usage, vulnerabilities
+from pluginmon.registry.actor import DAEMON
+
+logger = logging.getLogger(__name__)
 
 # Any constant works as long as every pluginmon process uses the same one ("plregi").
 REGISTRY_LOCK_KEY = 0x706C_7265_6769
@@ -31,6 +38,9 @@ class RegistryMaintenanceReport:
     usage_refreshed: int = 0
     # Unsatisfied runtime dependencies per (tenant, plugin, environment), zeros included.
     dependencies_unsatisfied: Mapping[tuple[str, str, str], int] = field(default_factory=dict)
+    acceptances_expired: tuple[vulnerabilities.VulnerabilityFinding, ...] = ()
+    vulnerability_scans: tuple[sboms.ScanResult, ...] = ()
+    vulnerability_counts: tuple[vulnerabilities.OpenCount, ...] = ()
 
 
 async def run(
@@ -40,7 +50,19 @@ async def run(
     usage_window_seconds: float = 120.0,
     stuck_after_seconds: float = 1800.0,
     failed_window_seconds: float = 3600.0,
+    vulnerability_db: sboms.VulnerabilityDatabase | None = None,
 ) -> RegistryMaintenanceReport:
+    snapshot = None
+    if vulnerability_db is not None:
+        # Loaded (in a thread) before the lock is taken; reloaded only when its files change.
+        try:
+            snapshot = await vulnerability_db.current()
+        except (OSError, zipfile.BadZipFile) as exc:
+            logger.warning(
+                "vulnerability_db %s unusable, offline scans skipped: %s",
+                vulnerability_db.path,
+                exc,
+            )
     async with conn.transaction():
         if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", REGISTRY_LOCK_KEY):
             return RegistryMaintenanceReport(ran=False)
@@ -54,10 +76,23 @@ async def run(
             failed_window_seconds=failed_window_seconds,
         )
         deps = await dependencies.refresh(conn, now=now, write_gauge=True)
+        reopened = await vulnerabilities.expire_acceptances(conn, now=now)
+        scans = (
+            await sboms.scan_sboms(
+                conn, index=snapshot.index, digest=snapshot.digest, now=now, actor=DAEMON
+            )
+            if snapshot is not None
+            else []
+        )
+        await vulnerabilities.write_gauges(conn, now=now)
+        counts = await vulnerabilities.open_counts(conn)
     return RegistryMaintenanceReport(
         ran=True,
         approvals_expired=tuple(expired),
         deadline_failed=tuple(failed),
         usage_refreshed=refreshed,
         dependencies_unsatisfied=deps.unsatisfied,
+        acceptances_expired=tuple(reopened),
+        vulnerability_scans=tuple(scans),
+        vulnerability_counts=tuple(counts),
     )

@@ -14,6 +14,7 @@ from pluginmon.alerts.health import (
     BACKUP_VERIFICATION_FAILED,
     DEPENDENCIES_UNSATISFIED,
     OPERATIONS_FAILED,
+    VULNERABILITIES_CRITICAL,
     HealthSettings,
 )
 from pluginmon.alerts.rules import builtin_rules
@@ -150,4 +151,5 @@ def test_rules_and_health_read_the_registry_gauges() -> None:
         DEPENDENCIES_UNSATISFIED,
         BACKUP_VERIFICATION_FAILED,
         BACKUP_STALE,
+        VULNERABILITIES_CRITICAL,
     ]

@@ -69,6 +69,7 @@ def test_parse_rules_merges_over_builtins() -> None:
         "PluginDependencyUnsatisfied",
         "PluginBackupStale",
         "PluginBackupVerificationFailed",
+        "PluginVulnerabilityCritical",
         "QueueDeep",
     }
     cpu = by_name["PluginCpuHigh"]
