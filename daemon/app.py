@@ -20,6 +20,7 @@ import asyncpg
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
 
 from pluginmon.alerts.engine import AlertEngine
+from pluginmon.alerts.journal_delivery import JournalDeliverer
 from pluginmon.alerts.outbox import OutboxDeliverer
 from pluginmon.collectors.sampler import DEFAULT_FIELDS, Sampler
 from pluginmon.daemon.api_metrics import ApiMetrics
@@ -328,6 +329,12 @@ class Daemon:
         outbox = await stack.enter_async_context(
             OutboxDeliverer(pool, config.webhooks, config.alertmanager, instance=settings.host)
         )
+        # What the outbox table cannot take (no database yet) is sent from the journal;
+        # closed before the engine, which owns the journal its delivery marks go to.
+        assert engine.journal_outbox is not None  # spool_dir is set
+        journal_delivery = await stack.enter_async_context(
+            JournalDeliverer(engine.journal_outbox, config.webhooks, config.alertmanager)
+        )
         sampler = Sampler(
             config.plugins,
             proc_root=str(settings.proc_root),
@@ -342,6 +349,7 @@ class Daemon:
             sink=sink,
             engine=engine,
             outbox=outbox,
+            journal_delivery=journal_delivery,
             database=database,
             maintainer=Maintainer(
                 url, retention=config.retention, spools=[spool, unresolved.spool]
@@ -368,6 +376,7 @@ class Daemon:
             sink,
             database,
             outbox,
+            journal_delivery,
             sampler.stats,
             spool_losses,
             metric_sink,
@@ -383,6 +392,21 @@ class Daemon:
             "flush", coordinator.job_flush, interval_seconds=settings.flush_interval_seconds
         )
         scheduler.add_job("database_probe", coordinator.job_probe, interval_seconds=5.0)
+        # Alerting needs no database: evaluation runs from the first sample (the engine
+        # journals until it is started on a migrated schema), and what cannot reach the
+        # outbox table is delivered from the journal.
+        scheduler.add_job(
+            "evaluate",
+            coordinator.job_evaluate,
+            interval_seconds=settings.evaluate_every_seconds,
+            first_run_in_seconds=min(1.0, settings.sample_interval_seconds / 2),
+        )
+        if config.webhooks or config.alertmanager is not None:
+            scheduler.add_job(
+                "journal_delivery",
+                coordinator.job_journal_delivery,
+                interval_seconds=min(1.0, settings.outbox_interval_seconds),
+            )
         await stack.enter_async_context(scheduler)
         return coordinator, url
 
@@ -416,12 +440,6 @@ class Daemon:
 
         stack.push_async_callback(final_delivery)
         scheduler = self.scheduler
-        scheduler.add_job(
-            "evaluate",
-            coordinator.job_evaluate,
-            interval_seconds=settings.evaluate_every_seconds,
-            first_run_in_seconds=min(1.0, settings.sample_interval_seconds / 2),
-        )
         scheduler.add_job(
             "maintenance",
             coordinator.job_maintenance,

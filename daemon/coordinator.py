@@ -10,6 +10,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 
 from pluginmon.alerts.engine import AlertEngine
+from pluginmon.alerts.journal_delivery import JournalDeliverer
 from pluginmon.alerts.outbox import OutboxDeliverer
 from pluginmon.collectors.models import PluginKey, PluginSpec, Snapshot
 from pluginmon.collectors.sampler import Sampler
@@ -86,6 +87,7 @@ class Coordinator:
         flush_timeout_seconds: float,
         stop: asyncio.Event,
         outbox_interval_seconds: float = 5.0,
+        journal_delivery: JournalDeliverer | None = None,  # None: the engine has no journal
     ) -> None:
         self._sampler = sampler
         self._exporter = exporter
@@ -93,6 +95,7 @@ class Coordinator:
         self.sink = sink
         self._engine = engine
         self._outbox = outbox
+        self._journal_delivery = journal_delivery
         self.database = database
         self._maintainer = maintainer
         self._scheduler = scheduler
@@ -167,6 +170,8 @@ class Coordinator:
                 if report.notifications_queued:
                     # Deliver now rather than at the next poll (which is for retries).
                     self._scheduler.run_soon("outbox")
+                if report.notifications_journaled:
+                    self._scheduler.run_soon("journal_delivery")
             finally:
                 # Scores and alert states live in memory first: export them even when
                 # persisting them failed this time.
@@ -192,14 +197,20 @@ class Coordinator:
     async def job_outbox(self) -> None:
         await self._outbox.deliver_due()
 
+    async def job_journal_delivery(self) -> None:
+        # Starts the due POSTs and returns: each runs (and times out) on its own.
+        if self._journal_delivery is not None:
+            await self._journal_delivery.deliver_due()
+
     async def job_maintenance(self) -> None:
         await self._maintainer.run()
 
     # -- start and stop -------------------------------------------------------------------------
 
     async def start_alerts(self) -> None:
-        """Load alert state once the schema is there; evaluation works in memory meanwhile
-        and the state is loaded and persisted once the database is back."""
+        """Load alert state once the schema is there; evaluation runs from the first sample
+        (in memory and in the journal) and the state is merged with the database's and
+        persisted once the database answers (the engine retries every cycle)."""
         async with self._alerts_lock:
             try:
                 await self._engine.start()
