@@ -5,7 +5,9 @@ system must page exactly when things are broken, the database included, so what 
 could not write to the outbox table is journaled (fsync'ed) and handed to a
 :class:`~pluginmon.alerts.journal_outbox.JournalOutbox`; this deliverer POSTs it from there
 with the same bytes, idempotency key, HMAC signature, per-receiver timeout, backoff with
-jitter, ``Retry-After``, give-up rules and per-group order as the outbox deliverer, and
+jitter, ``Retry-After``, give-up rules (all of them :mod:`pluginmon.alerts.delivery_rules`,
+shared with the outbox deliverer) and per-group order as the outbox deliverer, counts each
+attempt in the outbox deliverer's ``pluginmon_notifications_total`` too, and
 appends each final outcome to the journal before anything else (so a receiver that got a
 2xx is never sent the key again by this process, nor, once reconciled, by the outbox).
 
@@ -19,79 +21,29 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import timedelta
 from types import TracebackType
 
 import aiohttp
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from pluginmon.alerts.delivery_rules import (
+    AttemptCounts,
+    Receiver,
+    find_receiver,
+    next_step,
+    request_for,
+)
 from pluginmon.alerts.engine import Clock, utc_now
 from pluginmon.alerts.journal_outbox import JournaledNotification, JournalOutbox
-from pluginmon.alerts.notifiers import SendResult, post, stamp_alertmanager_body
+from pluginmon.alerts.notifiers import post
 from pluginmon.alerts.rules import AlertmanagerConfig, WebhookConfig
-from pluginmon.storage.errors import backoff_seconds
 from pluginmon.storage.outbox_store import DeliveryRecord
 
 logger = logging.getLogger(__name__)
-
-Receiver = WebhookConfig | AlertmanagerConfig
-
-
-@dataclass(frozen=True, slots=True)
-class Step:
-    """What follows one POST: ``delivered``, ``failed`` (``why``), or ``retry`` at
-    ``next_attempt_at``."""
-
-    outcome: str
-    next_attempt_at: datetime | None = None
-    why: str | None = None
-
-
-def next_step(
-    result: SendResult,
-    *,
-    receiver: Receiver,
-    attempts: int,
-    created_at: datetime,
-    now: datetime,
-    random_fraction: Callable[[], float] = random.random,
-) -> Step:
-    """The outbox's rules (docs/alerts.md, "Delivery") for one POST's ``result``, after
-    ``attempts`` attempts of a notification queued at ``created_at`` (pure).
-
-    2xx: delivered. A connection error, timeout, 429 or 5xx: retried after capped
-    exponential backoff with jitter (``Retry-After`` honoured up to the cap) until the
-    notification is ``give_up_after_seconds`` old or ``max_attempts`` is reached. Any other
-    status: failed at once.
-    """
-    if result.outcome == "delivered":
-        return Step("delivered")
-    if result.outcome != "retry":
-        return Step("failed", why=f"rejected: {result.error}")
-    give_up: str | None = None
-    if receiver.max_attempts is not None and attempts >= receiver.max_attempts:
-        give_up = f"max_attempts {receiver.max_attempts}"
-    limit = receiver.give_up_after_seconds
-    age = (now - created_at).total_seconds()
-    if give_up is None and limit > 0 and age >= limit:
-        give_up = f"queued {age:.0f}s ago, give_up_after_seconds {limit:g}"
-    if give_up is not None:
-        return Step(
-            "failed", why=f"gave up after {attempts} attempt(s) ({give_up}): {result.error}"
-        )
-    delay = backoff_seconds(
-        max(0, attempts - 1),
-        initial_seconds=receiver.backoff_initial_seconds,
-        max_seconds=receiver.backoff_max_seconds,
-        random_fraction=random_fraction,
-    )
-    if result.retry_after_seconds is not None:
-        delay = max(delay, min(result.retry_after_seconds, receiver.backoff_max_seconds))
-    return Step("retry", next_attempt_at=now + timedelta(seconds=delay), why=result.error)
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +73,7 @@ class JournalDeliverer:
         clock: Clock = utc_now,
         session: aiohttp.ClientSession | None = None,
         max_in_flight: int = 64,
+        attempts: AttemptCounts | None = None,
     ) -> None:
         self._outbox = outbox
         self._webhooks = {w.name: w for w in webhooks}
@@ -130,7 +83,9 @@ class JournalDeliverer:
         self._own_session = session is None
         self._max_in_flight = max_in_flight
         self._tasks: set[asyncio.Task[None]] = set()
-        self._counts: Counter[tuple[str, str]] = Counter()
+        self._counts: Counter[tuple[str, str]] = Counter()  # this path's share
+        # pluginmon_notifications_total: the outbox deliverer's (the daemon passes it)
+        self._attempts = attempts if attempts is not None else AttemptCounts()
         self._closed = False
 
     async def __aenter__(self) -> JournalDeliverer:
@@ -144,11 +99,22 @@ class JournalDeliverer:
     ) -> None:
         await self.aclose()
 
+    @property
+    def receivers(self) -> tuple[str, ...]:
+        """The names of the receivers this deliverer sends to (none: nothing to deliver)."""
+        names = tuple(self._webhooks)
+        return names if self._alertmanager is None else (*names, self._alertmanager.name)
+
+    def set_receivers(
+        self, webhooks: Sequence[WebhookConfig], alertmanager: AlertmanagerConfig | None
+    ) -> None:
+        """Deliver to these receivers from the next :meth:`deliver_due` on (a reload); a
+        notification for a receiver that is gone waits, as at start."""
+        self._webhooks = {w.name: w for w in webhooks}
+        self._alertmanager = alertmanager
+
     def _receiver(self, kind: str, name: str) -> Receiver | None:
-        if kind == "alertmanager":
-            am = self._alertmanager
-            return am if am is not None and am.name == name else None
-        return self._webhooks.get(name)
+        return find_receiver(self._webhooks, self._alertmanager, kind=kind, name=name)
 
     def _configured(self, kind: str, name: str) -> bool:
         return self._receiver(kind, name) is not None
@@ -200,7 +166,8 @@ class JournalDeliverer:
         attempts = CounterMetricFamily(
             "pluginmon_journal_notifications",
             "Notification attempts made from the alert journal while the outbox table could "
-            "not take them, by receiver and outcome",
+            "not take them, by receiver and outcome (also counted in "
+            "pluginmon_notifications_total)",
             labels=["receiver", "outcome"],
         )
         for (receiver, outcome), count in sorted(stats.notifications.items()):
@@ -231,24 +198,14 @@ class JournalDeliverer:
         receiver = self._receiver(w.receiver_kind, w.receiver)
         if receiver is None:
             return  # the configuration lost it between due() and now: it waits
-        body = w.body
-        if isinstance(receiver, AlertmanagerConfig):
-            url = receiver.url + "/api/v2/alerts"
-            secret = None
-            # endsAt from the send time, as the outbox deliverer does.
-            body = stamp_alertmanager_body(
-                body, self._clock() + timedelta(seconds=4 * receiver.resend_interval_seconds)
-            )
-        else:
-            url = receiver.url
-            secret = receiver.secret
+        request = request_for(receiver, w.body, now=self._clock())
         entry.attempts += 1
         result = await post(
             self._client(),
-            url,
-            body.encode(),
+            request.url,
+            request.body,
             idempotency_key=w.idempotency_key,
-            secret=secret,
+            secret=request.secret,
             timeout_seconds=receiver.timeout_seconds,
         )
         now = self._clock()
@@ -256,6 +213,7 @@ class JournalDeliverer:
             result, receiver=receiver, attempts=entry.attempts, created_at=w.created_at, now=now
         )
         self._counts[(receiver.name, step.outcome)] += 1
+        self._attempts.add(receiver.name, step.outcome)
         if step.outcome == "retry":
             entry.next_attempt_at = step.next_attempt_at
             entry.last_status_code = result.status_code

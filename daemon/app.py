@@ -333,7 +333,13 @@ class Daemon:
         # closed before the engine, which owns the journal its delivery marks go to.
         assert engine.journal_outbox is not None  # spool_dir is set
         journal_delivery = await stack.enter_async_context(
-            JournalDeliverer(engine.journal_outbox, config.webhooks, config.alertmanager)
+            JournalDeliverer(
+                engine.journal_outbox,
+                config.webhooks,
+                config.alertmanager,
+                # one pluginmon_notifications_total, whichever path sent it
+                attempts=outbox.attempts,
+            )
         )
         sampler = Sampler(
             config.plugins,
@@ -401,12 +407,7 @@ class Daemon:
             interval_seconds=settings.evaluate_every_seconds,
             first_run_in_seconds=min(1.0, settings.sample_interval_seconds / 2),
         )
-        if config.webhooks or config.alertmanager is not None:
-            scheduler.add_job(
-                "journal_delivery",
-                coordinator.job_journal_delivery,
-                interval_seconds=min(1.0, settings.outbox_interval_seconds),
-            )
+        coordinator.schedule_journal_delivery()
         await stack.enter_async_context(scheduler)
         return coordinator, url
 

@@ -67,7 +67,7 @@ class Coordinator:
 
     ``reconfigure`` hands a reloaded configuration to the same components: the plugin specs
     to the sampler at its next cycle, rules, receivers and thresholds to the alert engine
-    between two evaluations, receivers to the deliverer. Nothing sampled or evaluated is lost
+    between two evaluations, receivers to both deliverers. Nothing sampled or evaluated is lost
     on the way.
     """
 
@@ -112,6 +112,8 @@ class Coordinator:
         self._outbox_interval = outbox_interval_seconds
         self._alerts_started = False
         self._outbox_scheduled = False
+        self._journal_delivery_scheduled = False
+        self._journal_delivery_interval = min(1.0, outbox_interval_seconds)
         # The engine is evaluated and reconfigured one at a time (process() awaits the
         # database half-way through a cycle).
         self._alerts_lock = asyncio.Lock()
@@ -219,6 +221,19 @@ class Coordinator:
         self._alerts_started = True
         self.schedule_outbox()
 
+    def schedule_journal_delivery(self) -> None:
+        """Poll the journal's notifications from the start (no database needed) once a
+        receiver is configured (at start, or by a reload that adds the first one)."""
+        journal = self._journal_delivery
+        if self._journal_delivery_scheduled or journal is None or not journal.receivers:
+            return
+        self._scheduler.add_job(
+            "journal_delivery",
+            self.job_journal_delivery,
+            interval_seconds=self._journal_delivery_interval,
+        )
+        self._journal_delivery_scheduled = True
+
     def schedule_outbox(self) -> None:
         """Poll the outbox for due deliveries (retries) once alerts run and a receiver is
         configured: without a receiver there is nothing to deliver, so no poll for nothing."""
@@ -249,6 +264,9 @@ class Coordinator:
         if changes.receivers:
             self._outbox.set_receivers(config.webhooks, config.alertmanager)
             self.schedule_outbox()
+            if self._journal_delivery is not None:
+                self._journal_delivery.set_receivers(config.webhooks, config.alertmanager)
+                self.schedule_journal_delivery()
 
     async def deliver_now(self) -> None:
         """Last chance for notifications queued just before the signal (caller bounds it)."""

@@ -16,9 +16,11 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import pytest
 from aiohttp import web
+from prometheus_client import CollectorRegistry
 
+from pluginmon.alerts.delivery_rules import next_step
 from pluginmon.alerts.engine import AlertEngine, EvaluationReport
-from pluginmon.alerts.journal_delivery import JournalDeliverer, next_step
+from pluginmon.alerts.journal_delivery import JournalDeliverer
 from pluginmon.alerts.notifiers import SendResult
 from pluginmon.alerts.outbox import OutboxDeliverer
 from pluginmon.alerts.persistence import NOT_STARTED
@@ -419,6 +421,41 @@ async def test_a_post_in_flight_when_the_database_returns_is_not_sent_twice(
         await engine.aclose()
     finally:
         await gated.stop()
+
+
+async def test_journal_attempts_count_in_pluginmon_notifications_total_and_a_reload_adds_one(
+    pool: asyncpg.Pool, receiver: Receiver, tmp_path: Path
+) -> None:
+    """The database is up but the engine is not started yet (the daemon migrates meanwhile):
+    the first notification goes out from the journal, and it is a notification like any
+    other in pluginmon_notifications_total (the metric deploy/ alerts on and the CI run
+    waited for). A receiver configured by a reload is used by the journal's deliverer."""
+    clock = FakeClock()
+    hook = hook_for(receiver.url)
+    engine = engine_for(pool, clock, hook, tmp_path / "alert-spool")
+    registry = CollectorRegistry()
+    async with OutboxDeliverer(pool, [hook], clock=clock) as outbox:
+        registry.register(outbox)
+        async with JournalDeliverer(
+            engine.journal_outbox,  # type: ignore[arg-type]
+            [],  # configured by the "reload" below
+            clock=clock,
+            attempts=outbox.attempts,
+        ) as deliverer:
+            registry.register(deliverer)
+            await cycle(engine, clock, up=False)
+            report = await cycle(engine, clock, up=False)
+            assert (report.database_error, report.notifications_journaled) == (NOT_STARTED, 1)
+            assert not deliverer.receivers
+            assert await deliver(deliverer) == 0  # its receiver is not configured: it waits
+            deliverer.set_receivers([hook], None)
+            assert deliverer.receivers == ("ops",)
+            assert await deliver(deliverer) == 1
+    assert [r.json["status"] for r in receiver.received] == ["firing"]
+    labels = {"receiver": "ops", "outcome": "delivered"}
+    assert registry.get_sample_value("pluginmon_notifications_total", labels) == 1
+    assert registry.get_sample_value("pluginmon_journal_notifications_total", labels) == 1
+    await engine.aclose()
 
 
 def test_retry_rules_are_the_outboxes() -> None:

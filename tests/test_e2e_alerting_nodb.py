@@ -1,4 +1,4 @@
-"""End to end: `pluginmon run` alerts with the database down from start to finish, then reconciles.
+"""End to end: `pluginmon run` alerts with the database down from start to finish, then reconciles; and with it up from the start, sends, counts and records the first notification once.
 
 A real plugin process is killed while PostgreSQL has never been reachable; the signed
 PluginDown webhook must arrive in time, straight from the alert journal. Then the database
@@ -25,6 +25,7 @@ import pytest
 
 from pluginmon.storage.embedded import EmbeddedPostgres
 from tests.daemon_helpers import DaemonProcess, WebhookReceiver, wait_for
+from tests.dbutil import create_database, drop_database, with_database
 
 SECRET = "nodb-webhook-secret-value"
 INTERVAL = 0.5
@@ -203,3 +204,109 @@ name = "oncall"
         if victim.poll() is None:
             victim.kill()
         server.stop(mode="immediate")
+
+
+@pytest.mark.slow
+def test_with_the_database_up_the_first_notification_is_counted_recorded_and_sent_once(
+    tmp_path: Path, pg_admin_url: str
+) -> None:
+    """The case the first merge of this work broke on CI: the database is up, an alert fires
+    at the first sample (before migrations end, before the plugin has an id), so its
+    notification goes out from the journal. It must be counted where every delivery is
+    (pluginmon_notifications_total), its alert written to plugin_alerts and its row to the
+    outbox as delivered once the plugin has an id, and it must not be sent again."""
+    database = create_database(pg_admin_url, prefix="nodbup")
+    url = with_database(pg_admin_url, database)
+    marker = f"pluginmon-nodb-up-{uuid.uuid4().hex[:10]}"
+    config = f"""
+[[plugins]]
+tenant = "nodb"
+name = "victim"
+environment = "test"
+match = {{ cmdline = "{marker}$" }}
+
+[[alerts.rules]]
+name = "PluginDown"
+metric = "up"
+op = "=="
+threshold = 0
+for_seconds = 0
+severity = "critical"
+
+[[alerts.webhooks]]
+name = "oncall"
+"""
+    try:
+        with WebhookReceiver() as receiver:
+            config += f'url = "{receiver.url}"\nsecret = "{SECRET}"\n'
+            daemon = DaemonProcess(
+                tmp_path=tmp_path, database_url=url, config_text=config, interval=INTERVAL
+            ).start()
+            try:
+                daemon.wait_ready()
+                delivered = wait_for(
+                    "the first notification counted as delivered",
+                    lambda: metric(
+                        daemon,
+                        "pluginmon_notifications_total",
+                        receiver="oncall",
+                        outcome="delivered",
+                    ),
+                    timeout=60,
+                )
+                assert delivered == 1
+                (headers, body, _payload), *_ = wait_for(
+                    "the signed PluginDown webhook", lambda: firing_down(receiver), timeout=10
+                )
+                expected = "sha256=" + hmac.new(SECRET.encode(), body, hashlib.sha256).hexdigest()
+                assert headers["x-pluginmon-signature"] == expected
+                key = headers["idempotency-key"]
+                rows = wait_for(
+                    "PluginDown in plugin_alerts", lambda: stored_alerts(url), timeout=60
+                )
+                assert rows == [("firing", True, "victim")]
+                outbox = wait_for(
+                    "the notification reconciled into the outbox",
+                    lambda: _outbox_rows(url) or None,
+                    timeout=60,
+                )
+                assert outbox == [(key, "delivered", 1, key)]
+                polled = daemon.metric(
+                    "pluginmon_job_last_success_timestamp_seconds", task="outbox"
+                )
+                wait_for(
+                    "the outbox job to run a few times after the reconciliation",
+                    lambda: (
+                        (
+                            metric(
+                                daemon,
+                                "pluginmon_job_last_success_timestamp_seconds",
+                                task="outbox",
+                            )
+                            or 0
+                        )
+                        >= (polled or time.time()) + 3
+                    ),
+                    timeout=60,
+                )
+                assert (
+                    daemon.metric(
+                        "pluginmon_notifications_total", receiver="oncall", outcome="delivered"
+                    )
+                    == 1
+                )
+            finally:
+                daemon.kill()
+            by_key = Counter(h["idempotency-key"] for h, _ in receiver.requests)
+            assert by_key == {key: 1}, by_key
+    finally:
+        drop_database(pg_admin_url, database)
+
+
+def _outbox_rows(url: str) -> list[tuple[Any, ...]]:
+    with psycopg.connect(url, connect_timeout=3) as conn:
+        return conn.execute(
+            """SELECT o.idempotency_key, o.status, o.attempts, s.idempotency_key
+                 FROM notification_outbox o
+                 LEFT JOIN alert_notifications_sent s USING (idempotency_key)"""
+        ).fetchall()
