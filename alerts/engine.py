@@ -11,10 +11,16 @@ A thin facade over four parts (docs/alerts.md, "Where the code lives"):
 The first three are pure and keyed by plugin key; only persistence needs database ids.
 Acknowledgements and silences come in one way only, registry.alert_actions (the API), which
 audits them; the engine reads them back from the database at every cycle.
+
+Evaluation does not need the database at all: before ``start()`` (the daemon calls it once
+the schema is migrated) and while the database is away, every cycle is evaluated in memory,
+journaled, and its notifications are delivered from the journal
+(:mod:`pluginmon.alerts.journal_delivery`); the database gets it all when it is back.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
 import time
@@ -24,9 +30,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from pluginmon.alerts.book import AlertBook, AlertView, SilenceRule
+from pluginmon.alerts.book import AlertBook, AlertRecord, AlertView, SilenceRule
 from pluginmon.alerts.health import HealthConfig, HealthScore
-from pluginmon.alerts.persistence import AlertPersistence, Inputs, PluginIds
+from pluginmon.alerts.journal_outbox import JournalOutbox
+from pluginmon.alerts.persistence import NOT_STARTED, AlertPersistence, Inputs, PluginIds
 from pluginmon.alerts.planner import NotificationPlanner
 from pluginmon.alerts.rules import (
     AlertmanagerConfig,
@@ -36,7 +43,9 @@ from pluginmon.alerts.rules import (
 )
 from pluginmon.alerts.scoring import HealthTracker
 from pluginmon.collectors.models import PluginKey, Snapshot
-from pluginmon.storage.alert_journal import JOURNAL_MAX_BYTES
+from pluginmon.storage.alert_journal import JOURNAL_MAX_BYTES, entry_plugin
+from pluginmon.storage.alert_state import AlertWrite, StoredAlert
+from pluginmon.storage.errors import TRANSIENT_ERRORS
 
 __all__ = ["AlertEngine", "AlertView", "Clock", "EvaluationReport", "PluginIds", "utc_now"]
 
@@ -61,6 +70,8 @@ class EvaluationReport:
     duration_seconds: float
     database_error: str | None = None
     journal_batches: int = 0  # unpersisted changes on disk in the journal (spool_dir set)
+    # handed to the journal's outbox this cycle (the outbox table could not take them)
+    notifications_journaled: int = 0
 
 
 class AlertEngine:
@@ -78,7 +89,15 @@ class AlertEngine:
 
     Every sample is scored and evaluated, keyed by its plugin key. Database plugin ids come
     from ``process(snapshot, plugin_ids)`` or from the ``plugin_ids`` source given here; an
-    alert or notification of a plugin without one waits in memory until it has one.
+    alert or notification of a plugin without one waits in memory (and in the journal) until
+    it has one.
+
+    Until ``start()`` is called the engine never touches the database (its schema may not
+    exist yet): ``process()`` reads a journal a previous process left into memory (its open
+    alerts restored, its notifications delivered from the journal) and journals every
+    cycle. ``start()`` loads this instance's state from the database and merges it with
+    what is in memory; when the database does not answer it raises, and every later
+    ``process()`` tries again first.
     """
 
     def __init__(
@@ -128,38 +147,127 @@ class AlertEngine:
         self._metric_names = self._plugin_metric_names()
         # The latest plugin_metrics values read; kept while the database is away.
         self._metrics: Mapping[PluginKey, Mapping[str, float]] = {}
+        self._start_requested = False  # start() was called: the schema is there
+        self._loaded = False  # this instance's database state is merged into the book
+        self._absorbed = False  # a journal left by a previous process was read
+        # One cycle or one start at a time: both change the book and persistence's ids.
+        self._lock = asyncio.Lock()
+
+    @property
+    def journal_outbox(self) -> JournalOutbox | None:
+        """Notifications the outbox table could not take, for a
+        :class:`~pluginmon.alerts.journal_delivery.JournalDeliverer` (None without
+        ``spool_dir``)."""
+        return self._persistence.journal_outbox
 
     # --- public API ---------------------------------------------------------------------------
 
     async def start(self) -> None:
         """Replay the journal a previous process left (if any), then load this instance's
         open alerts and last notification times from the database (adopting rows that have
-        no owner yet: written before owners were recorded)."""
+        no owner yet: written before owners were recorded), merged with what is in memory.
+
+        Transient database errors propagate, after a journal a previous process left is
+        read into memory instead; every later ``process()`` tries to load again."""
+        async with self._lock:
+            self._start_requested = True
+            await self._load()
+
+    async def _load(self) -> None:
+        try:
+            state = await self._persistence.start()
+        except TRANSIENT_ERRORS:
+            await self._absorb()
+            raise
         now = self._clock().timestamp()
-        state = await self._persistence.start()
         self._planner.restore_last_sent(state.last_sent)
+        in_memory = {a.fingerprint: a for a in self._book.open_alerts()}
+        held = {(a.rule.name, a.key) for a in self._book.open_alerts()}
+        restored = 0
         for row in state.open_alerts:
-            alert = self._book.restore(
-                rule_name=row.rule_name,
-                key=PluginKey(row.tenant_id, row.labels.get("plugin", ""), row.environment),
-                labels=row.labels,
-                fingerprint_=row.fingerprint,
-                severity=row.severity,
-                started_at=row.started_at.timestamp(),
-                last_active_at=(row.last_active_at or row.started_at).timestamp(),
-                fired_at=None if row.fired_at is None else row.fired_at.timestamp(),
-                value=row.value,
-                annotations=row.annotations,
-                inhibited=row.inhibited,
-                silenced_until=None
-                if row.silenced_until is None
-                else row.silenced_until.timestamp(),
-                acknowledged=row.acknowledged_at is not None,
-                notified=row.notified_at is not None,
-                now=now,
-            )
-            self._persistence.adopt(alert, row)
-        logger.info("alert engine started with %d open alert(s)", len(self._book.alerts()))
+            key = PluginKey(row.tenant_id, row.labels.get("plugin", ""), row.environment)
+            alert = in_memory.get(row.fingerprint)
+            if alert is not None:
+                # Evaluated (or read from the journal) before the database answered: the same
+                # alert; its row is the one to update.
+                self._persistence.adopt(alert, row)
+                if row.acknowledged_at is not None:
+                    self._book.acknowledge(row.fingerprint)
+                continue
+            if (row.rule_name, key) in held:
+                logger.warning(
+                    "alert %s for %s/%s: the stored instance %s has other labels than the "
+                    "one evaluated meanwhile; keeping the evaluated one",
+                    row.rule_name,
+                    key.tenant,
+                    key.plugin,
+                    row.fingerprint,
+                )
+                continue
+            self._persistence.adopt(self._restore_row(row, key, now), row)
+            restored += 1
+        self._loaded = True
+        logger.info(
+            "alert engine started with %d open alert(s) (%d loaded from the database)",
+            len(self._book.alerts()),
+            restored,
+        )
+
+    def _restore_row(self, row: StoredAlert, key: PluginKey, now: float) -> AlertRecord:
+        return self._book.restore(
+            rule_name=row.rule_name,
+            key=key,
+            labels=row.labels,
+            fingerprint_=row.fingerprint,
+            severity=row.severity,
+            started_at=row.started_at.timestamp(),
+            last_active_at=(row.last_active_at or row.started_at).timestamp(),
+            fired_at=None if row.fired_at is None else row.fired_at.timestamp(),
+            value=row.value,
+            annotations=row.annotations,
+            inhibited=row.inhibited,
+            silenced_until=None if row.silenced_until is None else row.silenced_until.timestamp(),
+            acknowledged=row.acknowledged_at is not None,
+            notified=row.notified_at is not None,
+            now=now,
+        )
+
+    async def _absorb(self) -> None:
+        """Once: the state a previous process journaled, into memory (no database)."""
+        if self._absorbed:
+            return
+        self._absorbed = True
+        absorbed = await self._persistence.absorb_journal()
+        if absorbed is None:
+            return
+        now = self._clock().timestamp()
+        self._planner.restore_last_sent(absorbed.last_sent)
+        for write in absorbed.open_alerts:
+            self._persistence.adopt_absorbed(self._restore_write(write, now), write)
+        logger.info(
+            "alert engine restored %d open alert(s) from the journal", len(absorbed.open_alerts)
+        )
+
+    def _restore_write(self, write: AlertWrite, now: float) -> AlertRecord:
+        return self._book.restore(
+            rule_name=write.rule_name,
+            key=PluginKey(write.tenant_id, entry_plugin(write), write.environment),
+            labels=write.labels,
+            fingerprint_=write.fingerprint,
+            severity=write.severity,
+            started_at=write.started_at.timestamp(),
+            last_active_at=(write.last_active_at or write.started_at).timestamp(),
+            fired_at=None if write.fired_at is None else write.fired_at.timestamp(),
+            value=write.value,
+            annotations=write.annotations,
+            inhibited=write.inhibited,
+            silenced_until=None
+            if write.silenced_until is None
+            else write.silenced_until.timestamp(),
+            acknowledged=False,
+            notified=write.notified_at is not None,
+            now=now,
+        )
 
     async def process(
         self,
@@ -173,6 +281,15 @@ class AlertEngine:
         ``plugin_ids`` are the database ids the caller knows (a mapping will do); ``metrics``
         overrides the plugin_metrics values otherwise read from the database.
         """
+        async with self._lock:
+            return await self._process(snapshot, plugin_ids, metrics)
+
+    async def _process(
+        self,
+        snapshot: Snapshot,
+        plugin_ids: PluginIds | None,
+        metrics: Mapping[PluginKey, Mapping[str, float]] | None,
+    ) -> EvaluationReport:
         started = time.perf_counter()
         now_dt = self._clock()
         now = now_dt.timestamp()
@@ -180,8 +297,22 @@ class AlertEngine:
         persistence = self._persistence
         persistence.use_ids(plugin_ids)
 
+        offline: str | None = None
+        if not self._loaded:
+            if self._start_requested:
+                try:
+                    await self._load()
+                except TRANSIENT_ERRORS as exc:
+                    offline = f"{type(exc).__name__}: {exc}"
+            else:
+                await self._absorb()
+                offline = NOT_STARTED
         names = self._metric_names if metrics is None else ()
-        inputs = await persistence.read_inputs(now_dt, (s.key for s in samples), names)
+        inputs: Inputs | str
+        if offline is None:
+            inputs = await persistence.read_inputs(now_dt, (s.key for s in samples), names)
+        else:
+            inputs = offline
         if isinstance(inputs, Inputs):
             self._take_inputs(inputs)
         metric_values = self._metrics if metrics is None else metrics
@@ -194,7 +325,7 @@ class AlertEngine:
         persistence.queue(plan.notifications)
         persistence.track(book.take_changed())
 
-        database_error = await persistence.save(
+        database_error, journaled = await persistence.save(
             now_dt,
             book.open_alerts(),
             healths,
@@ -211,6 +342,7 @@ class AlertEngine:
             duration_seconds=time.perf_counter() - started,
             database_error=database_error,
             journal_batches=persistence.journal_batches,
+            notifications_journaled=journaled,
         )
 
     def reconfigure(

@@ -16,8 +16,15 @@ from typing import Any
 import aiohttp
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from pluginmon.alerts.delivery_rules import (
+    AttemptCounts,
+    Receiver,
+    find_receiver,
+    next_step,
+    request_for,
+)
 from pluginmon.alerts.engine import Clock, utc_now
-from pluginmon.alerts.notifiers import SendResult, post, stamp_alertmanager_body
+from pluginmon.alerts.notifiers import SendResult, post
 from pluginmon.alerts.rules import AlertmanagerConfig, WebhookConfig
 from pluginmon.storage import outbox_store
 from pluginmon.storage.errors import TRANSIENT_ERRORS, backoff_seconds
@@ -47,7 +54,8 @@ class DeliveryReport:
 
 @dataclass(frozen=True, slots=True)
 class DeliveryStats:
-    """Cumulative counters for pluginmon_notifications_total and pluginmon_outbox_pending."""
+    """Cumulative counters for pluginmon_notifications_total (every deliverer's attempts,
+    see ``attempts``) and pluginmon_outbox_pending."""
 
     notifications: Mapping[tuple[str, str], int] = field(default_factory=dict)
     pending: int = 0
@@ -91,6 +99,7 @@ class OutboxDeliverer:
         instance: str | None = None,
         unconfigured_check_seconds: float = 60.0,
         send_wait_seconds: float = SEND_WAIT_SECONDS,
+        attempts: AttemptCounts | None = None,
     ) -> None:
         self.instance = instance or socket.gethostname()
         self._pool = pool
@@ -111,7 +120,9 @@ class OutboxDeliverer:
         # POSTs under way, and the outcomes of those that finished after their call returned.
         self._in_flight: set[asyncio.Task[DeliveryOutcome]] = set()
         self._finished_late: list[DeliveryOutcome] = []
-        self._counts: Counter[tuple[str, str]] = Counter()
+        self.attempts = attempts if attempts is not None else AttemptCounts()
+        """Every attempt by (receiver, outcome): pluginmon_notifications_total. Hand it to
+        the journal deliverer, whose attempts count here too."""
         self._pending = 0
         self._db_failures = 0
         self._db_retry_at: datetime | None = None
@@ -168,7 +179,7 @@ class OutboxDeliverer:
         return names if self._alertmanager is None else (*names, self._alertmanager.name)
 
     def stats(self) -> DeliveryStats:
-        return DeliveryStats(notifications=dict(self._counts), pending=self._pending)
+        return DeliveryStats(notifications=self.attempts.snapshot(), pending=self._pending)
 
     def collect(self) -> Iterator[Metric]:
         """prometheus-client's Collector: delivery attempts and the outbox backlog, read at
@@ -237,7 +248,7 @@ class OutboxDeliverer:
         finished, self._finished_late = self._finished_late, []
         finished.extend(sent_now)
         for o in finished:
-            self._counts[(o.notification.receiver, o.outcome)] += 1
+            self.attempts.add(o.notification.receiver, o.outcome)
 
         self._unrecorded.extend(skipped)
         self._unrecorded.extend(finished)
@@ -321,12 +332,9 @@ class OutboxDeliverer:
     async def _send(
         self, session: aiohttp.ClientSession, n: ClaimedNotification
     ) -> DeliveryOutcome:
-        receiver: WebhookConfig | AlertmanagerConfig | None
-        if n.receiver_kind == "alertmanager":
-            am = self._alertmanager
-            receiver = am if am is not None and am.name == n.receiver else None
-        else:
-            receiver = self._webhooks.get(n.receiver)
+        receiver = find_receiver(
+            self._webhooks, self._alertmanager, kind=n.receiver_kind, name=n.receiver
+        )
         if receiver is None:
             # claim_due only claims configured receivers; the configuration changed between
             # the claim and now (not in this process): leave the row pending.
@@ -337,53 +345,35 @@ class OutboxDeliverer:
                 error="receiver not configured",
                 next_attempt_at=self._clock() + timedelta(seconds=60),
             )
-        body = n.body
-        if isinstance(receiver, AlertmanagerConfig):
-            url = receiver.url + "/api/v2/alerts"
-            secret = None
-            # endsAt from the send time, not the queue time: Alertmanager keeps a firing
-            # alert for 4 resend intervals from now, however long the push waited.
-            body = stamp_alertmanager_body(
-                body, self._clock() + timedelta(seconds=4 * receiver.resend_interval_seconds)
-            )
-        else:
-            url = receiver.url
-            secret = receiver.secret
+        request = request_for(receiver, n.body, now=self._clock())
         result = await post(
             session,
-            url,
-            body.encode(),
+            request.url,
+            request.body,
             idempotency_key=n.idempotency_key,
-            secret=secret,
+            secret=request.secret,
             timeout_seconds=receiver.timeout_seconds,
         )
         return self._outcome(n, receiver, result)
 
     def _outcome(
-        self,
-        n: ClaimedNotification,
-        receiver: WebhookConfig | AlertmanagerConfig,
-        result: SendResult,
+        self, n: ClaimedNotification, receiver: Receiver, result: SendResult
     ) -> DeliveryOutcome:
         now = self._clock()
-        if result.outcome == "delivered":
+        step = next_step(
+            result, receiver=receiver, attempts=n.attempts, created_at=n.created_at, now=now
+        )
+        if step.outcome == "delivered":
             return DeliveryOutcome(n, "delivered", now, status_code=result.status_code)
-        give_up = self._give_up_reason(n, receiver, now) if result.outcome == "retry" else None
-        if result.outcome == "retry" and give_up is None:
-            delay = backoff_seconds(
-                max(0, n.attempts - 1),
-                initial_seconds=receiver.backoff_initial_seconds,
-                max_seconds=receiver.backoff_max_seconds,
-            )
-            if result.retry_after_seconds is not None:
-                delay = max(delay, min(result.retry_after_seconds, receiver.backoff_max_seconds))
+        if step.outcome == "retry":
+            assert step.next_attempt_at is not None
             logger.info(
                 "notification %d to %s: %s; attempt %d, retrying in %.1fs",
                 n.id,
                 receiver.name,
                 result.error,
                 n.attempts,
-                delay,
+                (step.next_attempt_at - now).total_seconds(),
             )
             return DeliveryOutcome(
                 n,
@@ -391,29 +381,10 @@ class OutboxDeliverer:
                 now,
                 status_code=result.status_code,
                 error=result.error,
-                next_attempt_at=now + timedelta(seconds=delay),
+                next_attempt_at=step.next_attempt_at,
             )
-        why = (
-            f"gave up after {n.attempts} attempt(s) ({give_up}): {result.error}"
-            if result.outcome == "retry"
-            else f"rejected: {result.error}"
-        )
-        logger.warning("notification %d to %s failed, %s", n.id, receiver.name, why)
-        return DeliveryOutcome(n, "failed", now, status_code=result.status_code, error=why)
-
-    @staticmethod
-    def _give_up_reason(
-        n: ClaimedNotification, receiver: WebhookConfig | AlertmanagerConfig, now: datetime
-    ) -> str | None:
-        """Why a retryable failure is final: too old, or the optional attempt cap; else None."""
-        if receiver.max_attempts is not None and n.attempts >= receiver.max_attempts:
-            return f"max_attempts {receiver.max_attempts}"
-        limit = receiver.give_up_after_seconds
-        if limit > 0 and n.created_at is not None:
-            age = (now - n.created_at).total_seconds()
-            if age >= limit:
-                return f"queued {age:.0f}s ago, give_up_after_seconds {limit:g}"
-        return None
+        logger.warning("notification %d to %s failed, %s", n.id, receiver.name, step.why)
+        return DeliveryOutcome(n, "failed", now, status_code=result.status_code, error=step.why)
 
     async def _note_unconfigured(self, conn: Any) -> None:
         """Log, once per receiver, pending rows of this instance that wait for a receiver

@@ -88,8 +88,12 @@ class NotificationPlanner:
         self._external_url = external_url
 
     def restore_last_sent(self, last_sent: Mapping[tuple[str, str], float]) -> None:
-        """When each (receiver, group) was last queued, as a previous process left it."""
-        self._last_sent.update(last_sent)
+        """When each (receiver, group) was last queued, as a previous process left it (the
+        later of that and what this process queued, which may have run before it was read)."""
+        mine = self._last_sent
+        for group, at in last_sent.items():
+            if at > mine.get(group, float("-inf")):
+                mine[group] = at
 
     def plan(
         self,

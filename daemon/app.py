@@ -21,6 +21,7 @@ import asyncpg
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
 
 from pluginmon.alerts.engine import AlertEngine
+from pluginmon.alerts.journal_delivery import JournalDeliverer
 from pluginmon.alerts.outbox import OutboxDeliverer
 from pluginmon.collectors.push import PushStore
 from pluginmon.collectors.sampler import DEFAULT_FIELDS, Sampler
@@ -336,6 +337,18 @@ class Daemon:
         outbox = await stack.enter_async_context(
             OutboxDeliverer(pool, config.webhooks, config.alertmanager, instance=settings.host)
         )
+        # What the outbox table cannot take (no database yet) is sent from the journal;
+        # closed before the engine, which owns the journal its delivery marks go to.
+        assert engine.journal_outbox is not None  # spool_dir is set
+        journal_delivery = await stack.enter_async_context(
+            JournalDeliverer(
+                engine.journal_outbox,
+                config.webhooks,
+                config.alertmanager,
+                # one pluginmon_notifications_total, whichever path sent it
+                attempts=outbox.attempts,
+            )
+        )
         sampler = Sampler(
             config.plugins,
             proc_root=str(settings.proc_root),
@@ -350,6 +363,7 @@ class Daemon:
             sink=sink,
             engine=engine,
             outbox=outbox,
+            journal_delivery=journal_delivery,
             database=database,
             maintainer=Maintainer(
                 url,
@@ -381,6 +395,7 @@ class Daemon:
             sink,
             database,
             outbox,
+            journal_delivery,
             sampler.stats,
             spool_losses,
             metric_sink,
@@ -396,6 +411,16 @@ class Daemon:
             "flush", coordinator.job_flush, interval_seconds=settings.flush_interval_seconds
         )
         scheduler.add_job("database_probe", coordinator.job_probe, interval_seconds=5.0)
+        # Alerting needs no database: evaluation runs from the first sample (the engine
+        # journals until it is started on a migrated schema), and what cannot reach the
+        # outbox table is delivered from the journal.
+        scheduler.add_job(
+            "evaluate",
+            coordinator.job_evaluate,
+            interval_seconds=settings.evaluate_every_seconds,
+            first_run_in_seconds=min(1.0, settings.sample_interval_seconds / 2),
+        )
+        coordinator.schedule_journal_delivery()
         await stack.enter_async_context(scheduler)
         return coordinator, url
 
@@ -429,12 +454,6 @@ class Daemon:
 
         stack.push_async_callback(final_delivery)
         scheduler = self.scheduler
-        scheduler.add_job(
-            "evaluate",
-            coordinator.job_evaluate,
-            interval_seconds=settings.evaluate_every_seconds,
-            first_run_in_seconds=min(1.0, settings.sample_interval_seconds / 2),
-        )
         scheduler.add_job(
             "maintenance",
             coordinator.job_maintenance,

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 
 from pluginmon.alerts.engine import AlertEngine
+from pluginmon.alerts.journal_delivery import JournalDeliverer
 from pluginmon.alerts.outbox import OutboxDeliverer
 from pluginmon.collectors.models import PluginKey, PluginSpec, Snapshot
 from pluginmon.collectors.sampler import Sampler
@@ -66,7 +67,7 @@ class Coordinator:
 
     ``reconfigure`` hands a reloaded configuration to the same components: the plugin specs
     to the sampler at its next cycle, rules, receivers and thresholds to the alert engine
-    between two evaluations, receivers to the deliverer. Nothing sampled or evaluated is lost
+    between two evaluations, receivers to both deliverers. Nothing sampled or evaluated is lost
     on the way.
     """
 
@@ -86,6 +87,7 @@ class Coordinator:
         flush_timeout_seconds: float,
         stop: asyncio.Event,
         outbox_interval_seconds: float = 5.0,
+        journal_delivery: JournalDeliverer | None = None,  # None: the engine has no journal
     ) -> None:
         self._sampler = sampler
         self._exporter = exporter
@@ -93,6 +95,7 @@ class Coordinator:
         self.sink = sink
         self._engine = engine
         self._outbox = outbox
+        self._journal_delivery = journal_delivery
         self.database = database
         self._maintainer = maintainer
         self._scheduler = scheduler
@@ -109,6 +112,8 @@ class Coordinator:
         self._outbox_interval = outbox_interval_seconds
         self._alerts_started = False
         self._outbox_scheduled = False
+        self._journal_delivery_scheduled = False
+        self._journal_delivery_interval = min(1.0, outbox_interval_seconds)
         # The engine is evaluated and reconfigured one at a time (process() awaits the
         # database half-way through a cycle).
         self._alerts_lock = asyncio.Lock()
@@ -175,6 +180,8 @@ class Coordinator:
                 if report.notifications_queued:
                     # Deliver now rather than at the next poll (which is for retries).
                     self._scheduler.run_soon("outbox")
+                if report.notifications_journaled:
+                    self._scheduler.run_soon("journal_delivery")
             finally:
                 # Scores and alert states live in memory first: export them even when
                 # persisting them failed this time.
@@ -200,14 +207,20 @@ class Coordinator:
     async def job_outbox(self) -> None:
         await self._outbox.deliver_due()
 
+    async def job_journal_delivery(self) -> None:
+        # Starts the due POSTs and returns: each runs (and times out) on its own.
+        if self._journal_delivery is not None:
+            await self._journal_delivery.deliver_due()
+
     async def job_maintenance(self) -> None:
         await self._maintainer.run()
 
     # -- start and stop -------------------------------------------------------------------------
 
     async def start_alerts(self) -> None:
-        """Load alert state once the schema is there; evaluation works in memory meanwhile
-        and the state is loaded and persisted once the database is back."""
+        """Load alert state once the schema is there; evaluation runs from the first sample
+        (in memory and in the journal) and the state is merged with the database's and
+        persisted once the database answers (the engine retries every cycle)."""
         async with self._alerts_lock:
             try:
                 await self._engine.start()
@@ -215,6 +228,19 @@ class Coordinator:
                 logger.warning("alert state not loaded yet: %s", redact(str(exc)))
         self._alerts_started = True
         self.schedule_outbox()
+
+    def schedule_journal_delivery(self) -> None:
+        """Poll the journal's notifications from the start (no database needed) once a
+        receiver is configured (at start, or by a reload that adds the first one)."""
+        journal = self._journal_delivery
+        if self._journal_delivery_scheduled or journal is None or not journal.receivers:
+            return
+        self._scheduler.add_job(
+            "journal_delivery",
+            self.job_journal_delivery,
+            interval_seconds=self._journal_delivery_interval,
+        )
+        self._journal_delivery_scheduled = True
 
     def schedule_outbox(self) -> None:
         """Poll the outbox for due deliveries (retries) once alerts run and a receiver is
@@ -246,6 +272,9 @@ class Coordinator:
         if changes.receivers:
             self._outbox.set_receivers(config.webhooks, config.alertmanager)
             self.schedule_outbox()
+            if self._journal_delivery is not None:
+                self._journal_delivery.set_receivers(config.webhooks, config.alertmanager)
+                self.schedule_journal_delivery()
 
     async def deliver_now(self) -> None:
         """Last chance for notifications queued just before the signal (caller bounds it)."""

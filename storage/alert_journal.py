@@ -1,18 +1,23 @@
-"""The alerts' disk journal: alert writes and outbox rows the database could not take yet, and their replay.
+"""The alerts' disk journal: alert writes, outbox rows and delivery outcomes the database could not take yet, and their replay.
 
-While the database is away the engine appends what it could not persist (alert writes and
-outbox rows) to this journal, so a crash during the outage loses neither. The journal is a
-storage.spool.Spool (length + CRC-32 records, fsync per append, torn tail truncated on open,
-a directory lock); each batch is rows of (kind, JSON document), kind "alert" or "outbox", in
-the order the engine would have written them. JSON, not pickle: data, never code.
+While the database is away (or before it is migrated, or while a plugin has no database id
+yet) the engine appends what it could not persist (alert writes and outbox rows) to this
+journal, so a crash loses neither; notifications delivered from the journal meanwhile get a
+delivery mark when they are delivered or given up. The journal is a storage.spool.Spool
+(length + CRC-32 records, fsync per append, torn tail truncated on open, a directory lock);
+each batch is rows of (kind, JSON document), kind "alert", "outbox" or "delivery", in the
+order the engine would have written them. JSON, not pickle: data, never code.
 
 The JSON documents are the models themselves: pydantic ``TypeAdapter``s over the frozen
-:class:`~pluginmon.storage.alert_state.AlertWrite` and
-:class:`~pluginmon.storage.outbox_store.OutboxWrite` dataclasses encode and validate them,
-plus a format version ``"v": 1``. Version 1 is the document the hand-written codec before it
-wrote (field names, ISO 8601 timestamps with a zone, ``NaN`` kept as ``NaN``), so journals
-written by earlier versions replay unchanged; the timestamps it writes now end in ``Z``
-instead of ``+00:00``, which both readers accept.
+:class:`~pluginmon.storage.alert_state.AlertWrite`,
+:class:`~pluginmon.storage.outbox_store.OutboxWrite` and
+:class:`~pluginmon.storage.outbox_store.DeliveryRecord` dataclasses encode and validate
+them, plus a format version ``"v"``. Version 2 (written now) adds ``plugin`` (the plugin's
+name) and lets ``plugin_id`` be null: entries journaled before the plugin had a database id.
+Version 1 is the document the hand-written codec before it wrote (field names, ISO 8601
+timestamps with a zone, ``NaN`` kept as ``NaN``), so journals written by earlier versions
+replay unchanged; the timestamps written now end in ``Z`` instead of ``+00:00``, which both
+readers accept.
 """
 
 from __future__ import annotations
@@ -31,20 +36,30 @@ from pydantic import TypeAdapter, ValidationError
 
 from pluginmon.storage.alert_state import QUERY_TIMEOUT_SECONDS, AlertWrite, Connection, save_alert
 from pluginmon.storage.errors import TRANSIENT_ERRORS
-from pluginmon.storage.outbox_store import OutboxWrite, insert_outbox
+from pluginmon.storage.outbox_store import (
+    DeliveryRecord,
+    OutboxWrite,
+    ReconciledNotification,
+    insert_outbox,
+    reconcile_outbox,
+)
+from pluginmon.storage.queries import ensure_tenant_and_plugin
 from pluginmon.storage.spool import Spool, SpooledBatch
 
 logger = logging.getLogger(__name__)
 
-JOURNAL_FORMAT_VERSION: Final = 1
+JOURNAL_FORMAT_VERSION: Final = 2
+_READABLE_VERSIONS: Final = frozenset({1, 2})
 JOURNAL_MAX_BYTES: Final = 64 * 1024 * 1024
 _KIND_ALERT: Final = "alert"
 _KIND_OUTBOX: Final = "outbox"
+_KIND_DELIVERY: Final = "delivery"
 
 _ALERT_WRITE: Final = TypeAdapter(AlertWrite)
 _OUTBOX_WRITE: Final = TypeAdapter(OutboxWrite)
+_DELIVERY_RECORD: Final = TypeAdapter(DeliveryRecord)
 
-JournalEntry = AlertWrite | OutboxWrite
+JournalEntry = AlertWrite | OutboxWrite | DeliveryRecord
 
 
 class JournalFormatError(ValueError):
@@ -67,7 +82,7 @@ def _decode(adapter: TypeAdapter[Any], text: str, what: str) -> Any:
     if not isinstance(raw, dict):
         raise JournalFormatError(f"{what} entry is not a JSON object")
     version = raw.pop("v", None)
-    if version != JOURNAL_FORMAT_VERSION:
+    if version not in _READABLE_VERSIONS or isinstance(version, bool):
         raise JournalFormatError(f"{what} entry format {version!r} is not supported")
     try:
         write = adapter.validate_python(raw)
@@ -103,6 +118,17 @@ def decode_outbox_write(text: str) -> OutboxWrite:
     return write
 
 
+def encode_delivery(record: DeliveryRecord) -> str:
+    return _encode(_DELIVERY_RECORD, record)
+
+
+def decode_delivery(text: str) -> DeliveryRecord:
+    record: DeliveryRecord = _decode(_DELIVERY_RECORD, text, "delivery")
+    if record.outcome not in ("delivered", "failed"):
+        raise JournalFormatError(f"malformed delivery entry: outcome: {record.outcome!r}")
+    return record
+
+
 @dataclass(frozen=True, slots=True)
 class JournalBatch:
     """One appended batch, decoded; ``handle`` is what :meth:`AlertJournal.ack` needs."""
@@ -130,10 +156,16 @@ class AlertJournal:
     def entries(self) -> int:
         return self._spool.rows
 
-    def append(self, alerts: Sequence[AlertWrite], outbox: Sequence[OutboxWrite]) -> None:
+    def append(
+        self,
+        alerts: Sequence[AlertWrite],
+        outbox: Sequence[OutboxWrite],
+        deliveries: Sequence[DeliveryRecord] = (),
+    ) -> None:
         """One batch, fsync'ed before returning (SpoolFullError at the cap, OSError)."""
         rows: list[tuple[object, ...]] = [(_KIND_ALERT, encode_alert_write(a)) for a in alerts]
         rows += [(_KIND_OUTBOX, encode_outbox_write(o)) for o in outbox]
+        rows += [(_KIND_DELIVERY, encode_delivery(d)) for d in deliveries]
         self._spool.append(rows)
 
     def read(self, max_batches: int | None = None) -> list[JournalBatch]:
@@ -153,6 +185,8 @@ class AlertJournal:
                         entries.append(decode_alert_write(text))
                     elif kind == _KIND_OUTBOX and isinstance(text, str):
                         entries.append(decode_outbox_write(text))
+                    elif kind == _KIND_DELIVERY and isinstance(text, str):
+                        entries.append(decode_delivery(text))
                     else:
                         raise JournalFormatError(f"unknown entry kind {kind!r}")
                 except JournalFormatError as exc:
@@ -168,11 +202,18 @@ class AlertJournal:
 
     def ack_all(self) -> int:
         """Forget every batch; returns how many there were."""
-        count = 0
-        while (head := self._spool.peek()) is not None:
+        return self.ack_oldest(None)
+
+    def ack_oldest(self, count: int | None) -> int:
+        """Forget the ``count`` oldest batches (all when None); returns how many were."""
+        acked = 0
+        while count is None or acked < count:
+            head = self._spool.peek()
+            if head is None:
+                break
             self._spool.ack(head)
-            count += 1
-        return count
+            acked += 1
+        return acked
 
     def close(self) -> None:
         self._spool.close()
@@ -215,6 +256,34 @@ class ReplayResult:
     notifications: int  # outbox rows offered (a key already in the outbox is kept as is)
     skipped: int  # older than the stored row
     refused: int  # refused by the database (say, the plugin was deleted), logged
+    delivered: int = 0  # notifications the journal delivered, recorded as delivered
+
+
+def entry_plugin(entry: AlertWrite | OutboxWrite) -> str:
+    """The plugin's name of an entry (v1 alert entries name it in their labels only)."""
+    if entry.plugin:
+        return entry.plugin
+    if isinstance(entry, AlertWrite):
+        return entry.labels.get("plugin", "")
+    return ""
+
+
+class PluginIdResolver:
+    """Plugin ids of journal entries journaled before their plugin had one, looked up (and
+    the plugin created, as the sample sink would) by (tenant, name) once per replay."""
+
+    def __init__(self) -> None:
+        self._ids: dict[tuple[str, str, str], int] = {}
+
+    async def resolve(self, conn: Connection, entry: AlertWrite | OutboxWrite) -> int:
+        """The entry's plugin id; ValueError when the schema refuses the plugin."""
+        if entry.plugin_id is not None:
+            return entry.plugin_id
+        key = (entry.tenant_id, entry_plugin(entry), entry.environment)
+        found = self._ids.get(key)
+        if found is None:
+            found = self._ids[key] = await ensure_tenant_and_plugin(conn, *key)
+        return found
 
 
 async def replay_journal(
@@ -224,38 +293,54 @@ async def replay_journal(
 
     Each entry keeps the owner instance it was journaled with; an entry without one (written
     before owners were recorded) gets ``instance``, the replaying engine's: the journal lives
-    in that daemon's data directory.
+    in that daemon's data directory. An entry without a plugin id gets it now (by name).
 
     Alert rows are upserted per instance (:func:`replay_alert`), outbox rows are inserted
     with ``ON CONFLICT (idempotency_key) DO NOTHING``, so a notification that was already
-    written (or delivered) is not queued twice. Entries the database refuses for good are
-    dropped one by one (savepoints) and logged; connection errors propagate.
+    written (or delivered) is not queued twice; one the journal has a delivery mark for is
+    written with that outcome (delivered: its key in alert_notifications_sent, so it is
+    never POSTed again). Entries the database refuses for good are dropped one by one
+    (savepoints) and logged; connection errors propagate.
     """
-    alerts = notifications = skipped = refused = 0
+    marks = {
+        e.idempotency_key: e
+        for batch in batches
+        for e in batch.entries
+        if isinstance(e, DeliveryRecord)
+    }
+    ids = PluginIdResolver()
+    alerts = notifications = skipped = refused = delivered = 0
     async with conn.transaction():
         for batch in batches:
             for entry in batch.entries:
+                if isinstance(entry, DeliveryRecord):
+                    continue
                 if not entry.instance and instance:
                     entry = replace(entry, instance=instance)
                 try:
                     async with conn.transaction():  # a savepoint
+                        entry = replace(entry, plugin_id=await ids.resolve(conn, entry))
                         if isinstance(entry, AlertWrite):
                             if await replay_alert(conn, entry) is None:
                                 skipped += 1
                             else:
                                 alerts += 1
+                        elif (mark := marks.get(entry.idempotency_key)) is not None:
+                            await reconcile_outbox(conn, [ReconciledNotification(entry, mark)])
+                            notifications += 1
+                            delivered += mark.outcome == "delivered"
                         else:
                             await insert_outbox(conn, [entry])
                             notifications += 1
-                except asyncpg.PostgresError as exc:
+                except (asyncpg.PostgresError, ValueError) as exc:
                     if isinstance(exc, TRANSIENT_ERRORS):
                         raise
                     refused += 1
                     logger.error(
-                        "alert journal: dropping %s for tenant %s plugin %d: %s",
+                        "alert journal: dropping %s for tenant %s plugin %s: %s",
                         "alert state" if isinstance(entry, AlertWrite) else "notification",
                         entry.tenant_id,
-                        entry.plugin_id,
+                        entry.plugin_id if entry.plugin_id is not None else entry_plugin(entry),
                         exc,
                     )
-    return ReplayResult(alerts, notifications, skipped, refused)
+    return ReplayResult(alerts, notifications, skipped, refused, delivered)

@@ -42,12 +42,15 @@ class StoredAlert:
 class AlertWrite:
     """The whole persisted state of one alert instance (``id`` None = not stored yet).
 
-    Also the alert entry of the disk journal (storage.alert_journal encodes it as it is).
+    Also the alert entry of the disk journal (storage.alert_journal encodes it as it is),
+    where ``plugin_id`` is None while the plugin has no database id yet (evaluated before
+    migrations or during an outage): ``plugin`` names it, and the id is looked up when the
+    entry reaches the database.
     """
 
     id: int | None
     tenant_id: str
-    plugin_id: int
+    plugin_id: int | None
     environment: str
     rule_name: str
     fingerprint: str
@@ -65,6 +68,7 @@ class AlertWrite:
     last_evaluated_at: datetime
     notified_at: datetime | None
     instance: str = ""  # the owning daemon (its `host` setting)
+    plugin: str = ""  # the plugin's name ('' in entries journaled before names were kept)
 
 
 _SELECT_ALERTS = """
@@ -174,7 +178,9 @@ RETURNING id
 
 
 async def save_alert(conn: Connection, alert: AlertWrite) -> int:
-    """Insert or update one alert instance; returns its id."""
+    """Insert or update one alert instance; returns its id (ValueError without a plugin id)."""
+    if alert.plugin_id is None:
+        raise ValueError(f"alert {alert.rule_name} of plugin {alert.plugin!r} has no plugin id")
     annotations = json.dumps(dict(alert.annotations), sort_keys=True)
     if alert.id is not None:
         updated = await conn.fetchval(

@@ -1,4 +1,4 @@
-"""notification_outbox (asyncpg): queueing notifications, claiming due ones, recording outcomes."""
+"""notification_outbox (asyncpg): queueing notifications, claiming due ones, recording outcomes, reconciling those delivered from the alert journal."""
 
 from __future__ import annotations
 
@@ -11,10 +11,11 @@ from pluginmon.storage.alert_state import QUERY_TIMEOUT_SECONDS, Connection
 
 @dataclass(frozen=True, slots=True)
 class OutboxWrite:
-    """One notification to queue (also the outbox entry of the disk journal, storage.alert_journal)."""
+    """One notification to queue (also the outbox entry of the disk journal, storage.alert_journal,
+    where ``plugin_id`` is None while the plugin has no database id yet: ``plugin`` names it)."""
 
     tenant_id: str
-    plugin_id: int
+    plugin_id: int | None
     environment: str
     receiver: str
     receiver_kind: str  # "webhook" | "alertmanager"
@@ -24,6 +25,39 @@ class OutboxWrite:
     fingerprints: tuple[str, ...]
     created_at: datetime
     instance: str = ""  # the owning daemon: only its deliverer sends this row
+    plugin: str = ""  # the plugin's name ('' in entries journaled before names were kept)
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryRecord:
+    """How a notification delivered outside the outbox table (from the alert journal, while
+    the database was away) ended: the journal's mark, and what reconciliation writes.
+
+    ``outcome`` is "delivered" (a 2xx: its key goes to alert_notifications_sent) or
+    "failed" (given up); ``attempts`` counts the POSTs made.
+    """
+
+    idempotency_key: str
+    receiver: str
+    outcome: str  # "delivered" | "failed"
+    attempts: int
+    at: datetime
+    status_code: int | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ReconciledNotification:
+    """A notification the database has not seen yet, with how far its delivery got:
+    ``record`` None = still to deliver (queued as pending, after ``attempts`` attempts, due
+    at ``next_attempt_at``)."""
+
+    write: OutboxWrite
+    record: DeliveryRecord | None = None
+    attempts: int = 0
+    next_attempt_at: datetime | None = None
+    last_status_code: int | None = None
+    last_error: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,7 +73,17 @@ class ClaimedNotification:
     created_at: datetime | None = None  # when it was queued (give_up_after_seconds counts from it)
 
 
+def _plugin_id(row: OutboxWrite) -> int:
+    if row.plugin_id is None:
+        raise ValueError(
+            f"notification {row.idempotency_key} about plugin {row.plugin!r} has no plugin id"
+        )
+    return row.plugin_id
+
+
 async def insert_outbox(conn: Connection, rows: Sequence[OutboxWrite]) -> None:
+    """Queue notifications (a key already in the outbox is kept as it is); ValueError for a
+    row without a plugin id."""
     if not rows:
         return
     await conn.executemany(
@@ -51,7 +95,7 @@ async def insert_outbox(conn: Connection, rows: Sequence[OutboxWrite]) -> None:
         [
             (
                 r.tenant_id,
-                r.plugin_id,
+                _plugin_id(r),
                 r.environment,
                 r.receiver,
                 r.receiver_kind,
@@ -66,6 +110,81 @@ async def insert_outbox(conn: Connection, rows: Sequence[OutboxWrite]) -> None:
         ],
         timeout=QUERY_TIMEOUT_SECONDS,
     )
+
+
+# A key the outbox already holds as pending takes the journal's outcome (its delivery
+# happened outside the table); a finished row is left as it is.
+_RECONCILE = """
+INSERT INTO notification_outbox AS o (tenant_id, plugin_id, environment, receiver,
+       receiver_kind, group_key, idempotency_key, body, fingerprints, status, attempts,
+       next_attempt_at, last_status_code, last_error, created_at, delivered_at, updated_at,
+       instance)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)
+ON CONFLICT (idempotency_key) DO UPDATE SET
+    status = EXCLUDED.status, attempts = GREATEST(o.attempts, EXCLUDED.attempts),
+    last_status_code = EXCLUDED.last_status_code, last_error = EXCLUDED.last_error,
+    delivered_at = EXCLUDED.delivered_at, updated_at = EXCLUDED.updated_at
+ WHERE o.status = 'pending' AND EXCLUDED.status <> 'pending'
+"""
+
+_RECORD_SENT = """
+INSERT INTO alert_notifications_sent (idempotency_key, tenant_id, outbox_id, receiver,
+       status_code, attempts, delivered_at)
+SELECT $1, $2, o.id, $3, $4, $5, $6 FROM notification_outbox o WHERE o.idempotency_key = $1
+ON CONFLICT (idempotency_key) DO NOTHING
+"""
+
+
+async def reconcile_outbox(conn: Connection, rows: Sequence[ReconciledNotification]) -> None:
+    """Write notifications the journal held into the outbox, in order, with their delivery
+    so far: delivered ones as 'delivered' (their keys in alert_notifications_sent, so no
+    deliverer POSTs them again), given-up ones as 'failed', the rest as 'pending' with their
+    attempts. Idempotent: a key already there is only moved from pending to its outcome.
+    ValueError for a row without a plugin id. Run it inside the caller's transaction."""
+    if not rows:
+        return
+    args = []
+    sent = []
+    for r in rows:
+        w, record = r.write, r.record
+        status = "pending" if record is None else record.outcome
+        at = w.created_at if record is None else record.at
+        args.append(
+            (
+                w.tenant_id,
+                _plugin_id(w),
+                w.environment,
+                w.receiver,
+                w.receiver_kind,
+                w.group_key,
+                w.idempotency_key,
+                w.body,
+                list(w.fingerprints),
+                status,
+                r.attempts if record is None else record.attempts,
+                r.next_attempt_at or w.created_at,
+                r.last_status_code if record is None else record.status_code,
+                r.last_error if record is None else record.error,
+                w.created_at,
+                at if status == "delivered" else None,
+                at,
+                w.instance,
+            )
+        )
+        if record is not None and record.outcome == "delivered":
+            sent.append(
+                (
+                    w.idempotency_key,
+                    w.tenant_id,
+                    w.receiver,
+                    record.status_code if record.status_code is not None else 0,
+                    record.attempts,
+                    record.at,
+                )
+            )
+    await conn.executemany(_RECONCILE, args, timeout=QUERY_TIMEOUT_SECONDS)
+    if sent:
+        await conn.executemany(_RECORD_SENT, sent, timeout=QUERY_TIMEOUT_SECONDS)
 
 
 async def last_notified(

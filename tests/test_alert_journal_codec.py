@@ -1,5 +1,6 @@
-"""The alert journal's codec (pydantic TypeAdapters over AlertWrite/OutboxWrite): round trips,
-journals written by the hand-written codec before it, and clear errors (no database)."""
+"""The alert journal's codec (pydantic TypeAdapters over AlertWrite/OutboxWrite/DeliveryRecord):
+round trips, journals written by the hand-written codec before it, and clear errors (no
+database)."""
 
 from __future__ import annotations
 
@@ -16,12 +17,14 @@ from pluginmon.storage.alert_journal import (
     AlertJournal,
     JournalFormatError,
     decode_alert_write,
+    decode_delivery,
     decode_outbox_write,
     encode_alert_write,
+    encode_delivery,
     encode_outbox_write,
 )
 from pluginmon.storage.alert_state import AlertWrite
-from pluginmon.storage.outbox_store import OutboxWrite
+from pluginmon.storage.outbox_store import DeliveryRecord, OutboxWrite
 
 DATA = Path(__file__).resolve().parent / "data"
 T = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
@@ -86,7 +89,7 @@ def test_round_trip_keeps_every_field_nan_and_none() -> None:
     pending = replace(FIRING, status="pending", value=math.nan, fired_at=None, notified_at=None)
     for write in (FIRING, replace(FIRING, id=41, value=None), pending):
         text = encode_alert_write(write)
-        assert json.loads(text)["v"] == 1
+        assert json.loads(text)["v"] == 2
         decoded = decode_alert_write(text)
         if write.value is not None and math.isnan(write.value):
             assert decoded.value is not None
@@ -98,8 +101,11 @@ def test_round_trip_keeps_every_field_nan_and_none() -> None:
 
 
 def test_the_document_keeps_the_v1_shape() -> None:
-    new = json.loads(encode_alert_write(FIRING))
+    """v2 is v1 plus the plugin's name (v1 named it in the labels only)."""
+    new = json.loads(encode_alert_write(replace(FIRING, plugin="resizer")))
     old = json.loads(V1_ALERT)
+    assert new.pop("plugin") == "resizer"
+    assert (new.pop("v"), old.pop("v")) == (2, 1)
     assert sorted(new) == sorted(old)
     # timestamps now end in Z rather than +00:00; both name the same instant
     assert new["started_at"] == "2026-03-01T12:00:00Z"
@@ -107,6 +113,32 @@ def test_the_document_keeps_the_v1_shape() -> None:
         k: v for k, v in old.items() if not k.endswith("_at")
     }
     assert decode_alert_write(V1_ALERT) == FIRING
+
+
+def test_entries_of_plugins_without_an_id_keep_the_plugin_name() -> None:
+    """Journaled before the plugin had a database id (evaluated before migrations or during
+    an outage): plugin_id null, the name kept for the lookup at replay."""
+    alert = replace(FIRING, plugin_id=None, plugin="resizer")
+    assert decode_alert_write(encode_alert_write(alert)) == alert
+    note = replace(NOTIFICATION, plugin_id=None, plugin="resizer")
+    assert decode_outbox_write(encode_outbox_write(note)) == note
+    document = json.loads(encode_outbox_write(note))
+    assert (document["plugin_id"], document["plugin"], document["v"]) == (None, "resizer", 2)
+
+
+def test_delivery_marks_round_trip_and_refuse_unknown_outcomes() -> None:
+    mark = DeliveryRecord(
+        idempotency_key="0f" * 16,
+        receiver="ops",
+        outcome="delivered",
+        attempts=3,
+        at=T + timedelta(seconds=12),
+        status_code=200,
+    )
+    assert decode_delivery(encode_delivery(mark)) == mark
+    bad = encode_delivery(replace(mark, outcome="maybe"))
+    with pytest.raises(JournalFormatError, match="outcome: 'maybe'"):
+        decode_delivery(bad)
 
 
 def test_entries_without_an_owner_decode_with_an_empty_instance() -> None:
@@ -136,7 +168,7 @@ def test_a_journal_written_by_the_v1_codec_replays(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ('{"v": 2}', "alert entry format 2 is not supported"),
+        ('{"v": 3}', "alert entry format 3 is not supported"),
         ("[1, 2]", "alert entry is not a JSON object"),
         ("{not json", "alert entry is not JSON"),
         (

@@ -197,6 +197,10 @@ async def test_rules_and_health_read_a_counters_rate_across_a_restart_and_a_hist
         )
         engine = AlertEngine(storage.pool, rules, health_config=health)
         try:
+            # Started on the migrated schema, as the daemon does: before start() the engine
+            # evaluates without touching the database (its schema may not exist yet), so it
+            # would read no plugin_metrics values.
+            await engine.start()
             report = await engine.process(snapshot(now, [plugin_sample(k, now)]), {k: pid})
         finally:
             await engine.aclose()
