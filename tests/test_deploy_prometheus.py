@@ -139,9 +139,14 @@ def daemons(pg_admin_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iter
 
 
 def _served_names(text: str) -> set[str]:
+    """Sample names on the page, and the names of families declared (HELP/TYPE) without
+    series yet: a per-plugin gauge of the registry (dependencies, backups) has none until a
+    plugin has such data, but the daemon serves it and a rule or panel may name it."""
     names: set[str] = set()
     for family in text_string_to_metric_families(text):
         names.update(sample.name for sample in family.samples)
+        if not family.samples:
+            names.add(family.name + "_total" if family.type == "counter" else family.name)
     return names
 
 
