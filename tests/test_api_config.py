@@ -106,6 +106,112 @@ async def test_secret_value_is_validated_without_echoing_it(api: ApiHarness) -> 
     assert '"short"' not in json.dumps(reply.body)
 
 
+MAP_SCHEMA = {
+    "type": "object",
+    "properties": {
+        # A map of token name -> token: both the names and the tokens are the secret.
+        "tokens": {"type": "object", "additionalProperties": {"type": "string", "minLength": 8}},
+        "vault": {
+            "type": "object",
+            "patternProperties": {"^ghp_": {"type": "string", "pattern": "^[a-f0-9]+$"}},
+        },
+        "creds": {
+            "type": "object",
+            "properties": {"user": {"type": "object", "properties": {"uid": {"type": "integer"}}}},
+            "additionalProperties": {"type": "integer"},
+        },
+    },
+}
+
+
+async def test_secret_object_keys_are_masked_in_error_paths(
+    api: ApiHarness, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    created = await api.call(
+        "POST", "/api/v1/plugins", token="ci", body={"name": "maps", "config_schema": MAP_SCHEMA}
+    )
+    assert created.status == 201, created.body
+    own_key, own_value = "ghp_Kx81TokenNameCanary", "tokvalue"
+    cases = [
+        ("tokens", {own_key: "sh0rtX"}, "$.tokens[<key>] must be at least 8", "value[<key>]"),
+        (
+            "vault",
+            {own_key: own_value},
+            '$.vault[<key>] must match the pattern "^[a-f0-9]+$"',
+            None,
+        ),
+        ("creds", {own_key: own_value}, "$.creds[<key>] must be of type integer", "value[<key>]"),
+        # A name the schema declares is not the value's: it stays in the path.
+        (
+            "creds",
+            {"user": {"uid": own_value}},
+            "$.creds.user.uid must be of type",
+            "value.user.uid",
+        ),
+    ]
+    bodies = []
+    for key, value, words, field in cases:
+        reply = await api.call(
+            "PUT",
+            f"/api/v1/plugins/maps/config/{key}",
+            token="ci",
+            body={"value": value, "secret": True},
+        )
+        bodies.append(reply.body)
+        assert reply.status == 422, reply.body
+        assert words in reply.error["message"], reply.error
+        if field is not None:
+            assert reply.error["field"] == field
+    audit_rows = await api.fetch("SELECT to_jsonb(a)::text AS row FROM audit_log a")
+    stored = await api.fetch("SELECT count(*) AS n FROM plugin_config")
+    assert stored[0]["n"] == 0
+    seen = {
+        "responses": json.dumps(bodies),
+        "log": "\n".join(r.getMessage() for r in caplog.records),
+        "audit": "\n".join(r["row"] for r in audit_rows),
+    }
+    for where, text in seen.items():
+        for secret in (own_key, own_value, "sh0rtX"):
+            assert secret not in text, (where, secret)
+    # A plain value's own keys are not secret: its path names them.
+    plain = await api.call(
+        "PUT", "/api/v1/plugins/maps/config/tokens", token="ci", body={"value": {own_key: "x"}}
+    )
+    assert (plain.status, plain.error["field"]) == (422, f"value.{own_key}")
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "where"),
+    [
+        ("ref", {"tok_1": "x"}, "$.ref[<key>]"),  # through a $ref
+        ("all", {"tok_1": "x"}, "$.all[<key>]"),  # inside allOf[0]
+        ("tuple", [{"tok_1": "x"}], "$.tuple[0][<key>]"),  # prefixItems keeps the index
+        ("dep", {"tok_1": 1, "uid": "x"}, "$.dep.uid"),  # dependentSchemas' own properties
+        ("properties", {"properties": "x"}, "$.properties.properties"),  # a key named so
+    ],
+)
+def test_secret_path_masks_only_the_values_own_keys(key: str, value: Any, where: str) -> None:
+    from pluginmon.registry.config_validation import secret_path, validate_value
+    from pluginmon.registry.errors import InvalidError
+
+    schema = {
+        "$defs": {"map": {"type": "object", "additionalProperties": {"type": "integer"}}},
+        "properties": {
+            "ref": {"$ref": "#/$defs/map"},
+            "all": {"allOf": [{"additionalProperties": {"type": "integer"}}]},
+            "tuple": {"prefixItems": [{"additionalProperties": {"type": "integer"}}]},
+            "dep": {"dependentSchemas": {"tok_1": {"properties": {"uid": {"type": "integer"}}}}},
+            "properties": {"properties": {"properties": {"type": "integer"}}},
+        },
+    }
+    with pytest.raises(InvalidError) as refused:
+        validate_value(schema, key, value, secret=True)
+    assert refused.value.message == f"config {where} must be of type integer"
+    # Paths that cannot be matched step for step are masked whole (fail closed).
+    assert [str(p) for p in secret_path(["a", 0, "b"], ["type"])] == ["<key>", "0", "<key>"]
+
+
 async def test_history_and_rollback(api: ApiHarness) -> None:
     for n in (2, 4, 8):
         api.clock.advance(60)
