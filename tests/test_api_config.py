@@ -271,6 +271,58 @@ async def test_environments_are_isolated(api: ApiHarness) -> None:
     assert foreign.status == 404
 
 
+async def test_listing_reads_plain_values_through_the_non_secret_partial_index(
+    api: ApiHarness,
+) -> None:
+    from pluginmon.registry.config_values import LIST_CURRENT_SQL
+
+    for key, value, secret in [
+        ("workers", 4, False),
+        ("password", PLAINTEXT, True),
+        ("mode", "fast", False),
+        ("api_key", "0123456789", True),
+    ]:
+        assert (await _put(api, key, value, secret=secret)).status == 200
+    assert (await _put(api, "workers", 5)).status == 200  # a second version: only it is listed
+    listed = await api.call("GET", "/api/v1/plugins/gw/config", token="viewer")
+    assert [(i["key"], i["value"], i["secret"], i["version"]) for i in listed.body["items"]] == [
+        ("api_key", "***", True, 1),
+        ("mode", "fast", False, 1),
+        ("password", "***", True, 1),
+        ("workers", 5, False, 2),
+    ]
+    first = await api.call("GET", "/api/v1/plugins/gw/config?limit=2", token="viewer")
+    assert [i["key"] for i in first.body["items"]] == ["api_key", "mode"]
+    # The planner can answer the plain branch from idx_plugin_config_non_secret: with the
+    # other candidate index gone (rolled back) and sequential scans priced out, it does, for
+    # the API's role under row-level security.
+    async with api.pool.acquire() as conn:
+        transaction = conn.transaction()
+        await transaction.start()
+        try:
+            plugin_id = await conn.fetchval("SELECT id FROM plugins WHERE name = 'gw'")
+            await conn.execute("DROP INDEX idx_plugin_config_current")
+            await conn.execute(
+                "SELECT set_config('enable_seqscan', 'off', true),"
+                " set_config('role', 'pluginmon_api', true),"
+                " set_config('pluginmon.tenant_id', 'a', true)"
+            )
+            plan = await conn.fetchval(
+                "EXPLAIN (FORMAT JSON) " + LIST_CURRENT_SQL, plugin_id, "production", 100
+            )
+        finally:
+            await transaction.rollback()
+
+    def scans(node: dict[str, Any]) -> list[tuple[str, str]]:
+        found = [(node["Node Type"], node.get("Index Name", ""))]
+        for child in node.get("Plans", []):
+            found += scans(child)
+        return found
+
+    used = scans(json.loads(plan)[0]["Plan"])
+    assert any(index == "idx_plugin_config_non_secret" for _, index in used), used
+
+
 async def test_required_keys_are_set_together(api: ApiHarness) -> None:
     schema = {
         "type": "object",
