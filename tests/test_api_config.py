@@ -386,7 +386,20 @@ async def test_secret_round_trip_masking_reveal_and_audit(
     ]
     audit_api = await api.call("GET", "/api/v1/audit", token="boss")
     responses.append(audit_api.body)
-    # The plaintext is nowhere: responses other than the reveal, audit rows, logs, the dump.
+    # /metrics after the write and the reveal, in both formats: the requests are counted (by
+    # route template, never by key or value) and the plaintext is not there.
+    scraped = b""
+    for accept in ("text/plain", "application/openmetrics-text; version=1.0.0"):
+        async with api.session.get(api.base_url + "/metrics", headers={"Accept": accept}) as scrape:
+            assert scrape.status == 200
+            scraped += await scrape.read()
+    assert (
+        b'pluginmon_api_requests_total{code="200",method="PUT",'
+        b'route="/api/v1/plugins/{name}/config/{key}"} 1.0'
+    ) in scraped
+    assert b"api_key" not in scraped
+    # The plaintext is nowhere: responses other than the reveal, audit rows, logs, the dump,
+    # the metrics.
     everything = json.dumps(responses).encode() + json.dumps([dict(r) for r in audit_rows]).encode()
     logs = "\n".join(r.getMessage() for r in caplog.records).encode()
     dump = await asyncio.to_thread(pg_dump, api.database_url, tmp_path / "dump.sql")
@@ -395,6 +408,7 @@ async def test_secret_round_trip_masking_reveal_and_audit(
         assert form not in everything, form
         assert form not in logs, form
         assert form not in dump, form
+        assert form not in scraped, form
     stored = await api.fetch(
         "SELECT value, secret_ciphertext, secret_key_id FROM plugin_config WHERE key = 'api_key'"
     )
