@@ -27,7 +27,12 @@ from pluginmon.daemon.plugin_metrics import push_families
 from pluginmon.daemon.settings import Settings
 from pluginmon.registry import maintenance
 from pluginmon.registry.crypto import KeyringError
-from pluginmon.registry.keyring import DEFAULT_KEY_FILE_NAME, KeyringHolder, KeyringLocation
+from pluginmon.registry.keyring import (
+    DEFAULT_KEY_FILE_NAME,
+    KeyringHolder,
+    KeyringLocation,
+    environment_location,
+)
 from pluginmon.registry.lifecycle import RetryPolicy
 from pluginmon.registry.policies import ApprovalPolicy, policies_from_config
 from pluginmon.registry.sboms import VulnerabilityDatabase
@@ -55,11 +60,12 @@ def retry_policy(settings: Settings) -> RetryPolicy:
 
 
 def keyring_location(settings: Settings) -> KeyringLocation | None:
-    """PLUGINMON_SECRET_KEYS, else secret_keys_file, else (embedded database only) a key
+    """PLUGINMON_SECRET_KEYS (the key file's path, or the keys themselves: see
+    :func:`environment_location`), else secret_keys_file, else (embedded database only) a key
     file under data_dir created on first start. None: secrets are refused, since keys made up
     on each host of a shared database would leave each host unable to read the others'."""
     if settings.secret_keys is not None and settings.secret_keys.get_secret_value().strip():
-        return KeyringLocation(path=None, inline=settings.secret_keys.get_secret_value())
+        return environment_location(settings.secret_keys.get_secret_value(), cwd=Path.cwd())
     if settings.secret_keys_file is not None:
         return KeyringLocation(path=settings.secret_keys_file)
     if settings.embedded:

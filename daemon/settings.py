@@ -288,9 +288,10 @@ class Settings(BaseSettings):
     backups: BackupSettings = Field(default_factory=BackupSettings)
 
     # -- management API ------------------------------------------------------------------------
-    # The keyring of config secrets (registry/keyring.py): a key file, or the keys themselves
-    # in PLUGINMON_SECRET_KEYS (environment only). Neither: data_dir/secret-keys.json, created
-    # on first start.
+    # The keyring of config secrets (registry/keyring.py): a key file (secret_keys_file, or its
+    # path in PLUGINMON_SECRET_KEYS as DESIGN.md names it), or the keys themselves in
+    # PLUGINMON_SECRET_KEYS (environment only). None: data_dir/secret-keys.json, created on
+    # first start (embedded database only).
     secret_keys_file: PathSetting | None = None
     secret_keys: SecretStr | None = None  # environment only
     # OSV advisories for offline SBOM matching: a directory of per-ecosystem zips or JSON
@@ -360,6 +361,23 @@ class Settings(BaseSettings):
         if not text.startswith(("postgresql://", "postgres://")):
             # Never echo the value: it usually carries a password.
             raise ValueError("must be a postgresql:// URL")
+        return value
+
+    @field_validator("secret_keys")
+    @classmethod
+    def _secret_keys(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None or not value.get_secret_value().strip():
+            return value
+        # The key file's path or the keys themselves (registry/keyring.py says how it tells);
+        # its message never repeats the value. Imported here: loading settings should not
+        # load the cryptography library.
+        from pluginmon.registry.crypto import KeyringError
+        from pluginmon.registry.keyring import environment_location
+
+        try:
+            environment_location(value.get_secret_value(), cwd=Path.cwd())
+        except KeyringError as exc:
+            raise ValueError(str(exc)) from None
         return value
 
     @field_validator("http_auth_password_sha256")

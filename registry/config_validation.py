@@ -1,13 +1,14 @@
 """Validation of one plugin config value against the plugin's ``config_schema``: the full JSON
 Schema vocabulary (the ``jsonschema`` library, the schema's own draft, formats checked), errors
-naming the JSON path and the schema's rule, never the value (it may be a secret)."""
+naming the JSON path and the schema's rule, never the value (it may be a secret). In a secret's
+path, the object keys the value brought itself (not declared in a ``properties``) are masked."""
 
 from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Final
 
 import jsonschema
 import jsonschema.exceptions
@@ -18,11 +19,80 @@ from pluginmon.registry.errors import InvalidError
 _IDENTIFIER_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
+class _Masked:
+    """A path part that came from a secret value (an object key it brought itself)."""
+
+    def __repr__(self) -> str:
+        return "<key>"
+
+
+MASKED_KEY: Final = _Masked()
+
+# How the keywords of a schema path (jsonschema's ``absolute_schema_path``) step into the
+# instance: keywords that step into an object by a name the schema declares, by a key of the
+# value's own, or into an array; and keywords whose next schema-path part is only their
+# argument (a subschema's index or name) and does not step into the instance.
+_DECLARED_STEP: Final = frozenset({"properties"})
+_OWN_KEY_STEP: Final = frozenset({"additionalProperties", "unevaluatedProperties"})
+_OWN_KEY_STEP_WITH_ARGUMENT: Final = frozenset({"patternProperties"})
+_ITEM_STEP: Final = frozenset({"additionalItems", "unevaluatedItems", "contains"})
+_ITEM_STEP_WITH_ARGUMENT: Final = frozenset({"prefixItems"})
+_ARGUMENT_ONLY: Final = frozenset(
+    {"allOf", "anyOf", "oneOf", "dependentSchemas", "dependencies", "$defs", "definitions"}
+)
+
+
+def _steps(schema_path: Sequence[Any]) -> list[str | None]:
+    """For each step into the instance along ``schema_path``: the declared property name it
+    took, or None (a key of the value's own, or an array item)."""
+    steps: list[str | None] = []
+    parts = list(schema_path)
+    i = 0
+    while i < len(parts):
+        part = parts[i]
+        following = parts[i + 1] if i + 1 < len(parts) else None
+        if part in _DECLARED_STEP and following is not None:
+            steps.append(str(following))
+            i += 2
+        elif part in _OWN_KEY_STEP_WITH_ARGUMENT or part in _ITEM_STEP_WITH_ARGUMENT:
+            steps.append(None)
+            i += 2
+        elif part == "items":
+            steps.append(None)
+            i += 2 if isinstance(following, int) else 1  # the tuple form of drafts 4-2019
+        elif part in _OWN_KEY_STEP or part in _ITEM_STEP:
+            steps.append(None)
+            i += 1
+        elif part in _ARGUMENT_ONLY:
+            i += 2
+        else:
+            i += 1
+    return steps
+
+
+def secret_path(
+    instance_path: Sequence[str | int], schema_path: Sequence[Any]
+) -> list[str | int | _Masked]:
+    """``instance_path`` with every object key the value brought itself masked: a key is kept
+    only where the schema path stepped in through ``properties`` by that very name. When the
+    two paths cannot be matched step for step, every key is masked (fail closed)."""
+    steps = _steps(schema_path)
+    parts = list(instance_path)
+    if len(steps) != len(parts):
+        return [p if isinstance(p, int) else MASKED_KEY for p in parts]
+    return [
+        p if isinstance(p, int) or (step is not None and step == p) else MASKED_KEY
+        for p, step in zip(parts, steps, strict=True)
+    ]
+
+
 def json_path(parts: Any) -> str:
-    """``$.limits[0].max`` for the path ("limits", 0, "max")."""
+    """``$.limits[0].max`` for the path ("limits", 0, "max"); a masked part is ``[<key>]``."""
     text = "$"
     for part in parts:
-        if isinstance(part, int):
+        if isinstance(part, _Masked):
+            text += "[<key>]"
+        elif isinstance(part, int):
             text += f"[{part}]"
         elif _IDENTIFIER_RE.match(str(part)):
             text += f".{part}"
@@ -125,8 +195,14 @@ def validate_value(schema: Mapping[str, Any] | None, key: str, value: Any, *, se
         return
     best = jsonschema.exceptions.best_match(errors)
     assert best is not None
-    where = json_path([key, *best.absolute_path])
-    inner = json_path(best.absolute_path)[1:]
+    # A secret's own object keys may be secret too (a map of token name to token).
+    path: Sequence[str | int | _Masked] = (
+        secret_path(best.absolute_path, best.absolute_schema_path)
+        if secret
+        else list(best.absolute_path)
+    )
+    where = json_path([key, *path])
+    inner = json_path(path)[1:]
     more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
     raise InvalidError(
         f"config {where} {_rule(best)}{more}",

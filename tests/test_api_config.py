@@ -106,6 +106,112 @@ async def test_secret_value_is_validated_without_echoing_it(api: ApiHarness) -> 
     assert '"short"' not in json.dumps(reply.body)
 
 
+MAP_SCHEMA = {
+    "type": "object",
+    "properties": {
+        # A map of token name -> token: both the names and the tokens are the secret.
+        "tokens": {"type": "object", "additionalProperties": {"type": "string", "minLength": 8}},
+        "vault": {
+            "type": "object",
+            "patternProperties": {"^ghp_": {"type": "string", "pattern": "^[a-f0-9]+$"}},
+        },
+        "creds": {
+            "type": "object",
+            "properties": {"user": {"type": "object", "properties": {"uid": {"type": "integer"}}}},
+            "additionalProperties": {"type": "integer"},
+        },
+    },
+}
+
+
+async def test_secret_object_keys_are_masked_in_error_paths(
+    api: ApiHarness, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    created = await api.call(
+        "POST", "/api/v1/plugins", token="ci", body={"name": "maps", "config_schema": MAP_SCHEMA}
+    )
+    assert created.status == 201, created.body
+    own_key, own_value = "ghp_Kx81TokenNameCanary", "tokvalue"
+    cases = [
+        ("tokens", {own_key: "sh0rtX"}, "$.tokens[<key>] must be at least 8", "value[<key>]"),
+        (
+            "vault",
+            {own_key: own_value},
+            '$.vault[<key>] must match the pattern "^[a-f0-9]+$"',
+            None,
+        ),
+        ("creds", {own_key: own_value}, "$.creds[<key>] must be of type integer", "value[<key>]"),
+        # A name the schema declares is not the value's: it stays in the path.
+        (
+            "creds",
+            {"user": {"uid": own_value}},
+            "$.creds.user.uid must be of type",
+            "value.user.uid",
+        ),
+    ]
+    bodies = []
+    for key, value, words, field in cases:
+        reply = await api.call(
+            "PUT",
+            f"/api/v1/plugins/maps/config/{key}",
+            token="ci",
+            body={"value": value, "secret": True},
+        )
+        bodies.append(reply.body)
+        assert reply.status == 422, reply.body
+        assert words in reply.error["message"], reply.error
+        if field is not None:
+            assert reply.error["field"] == field
+    audit_rows = await api.fetch("SELECT to_jsonb(a)::text AS row FROM audit_log a")
+    stored = await api.fetch("SELECT count(*) AS n FROM plugin_config")
+    assert stored[0]["n"] == 0
+    seen = {
+        "responses": json.dumps(bodies),
+        "log": "\n".join(r.getMessage() for r in caplog.records),
+        "audit": "\n".join(r["row"] for r in audit_rows),
+    }
+    for where, text in seen.items():
+        for secret in (own_key, own_value, "sh0rtX"):
+            assert secret not in text, (where, secret)
+    # A plain value's own keys are not secret: its path names them.
+    plain = await api.call(
+        "PUT", "/api/v1/plugins/maps/config/tokens", token="ci", body={"value": {own_key: "x"}}
+    )
+    assert (plain.status, plain.error["field"]) == (422, f"value.{own_key}")
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "where"),
+    [
+        ("ref", {"tok_1": "x"}, "$.ref[<key>]"),  # through a $ref
+        ("all", {"tok_1": "x"}, "$.all[<key>]"),  # inside allOf[0]
+        ("tuple", [{"tok_1": "x"}], "$.tuple[0][<key>]"),  # prefixItems keeps the index
+        ("dep", {"tok_1": 1, "uid": "x"}, "$.dep.uid"),  # dependentSchemas' own properties
+        ("properties", {"properties": "x"}, "$.properties.properties"),  # a key named so
+    ],
+)
+def test_secret_path_masks_only_the_values_own_keys(key: str, value: Any, where: str) -> None:
+    from pluginmon.registry.config_validation import secret_path, validate_value
+    from pluginmon.registry.errors import InvalidError
+
+    schema = {
+        "$defs": {"map": {"type": "object", "additionalProperties": {"type": "integer"}}},
+        "properties": {
+            "ref": {"$ref": "#/$defs/map"},
+            "all": {"allOf": [{"additionalProperties": {"type": "integer"}}]},
+            "tuple": {"prefixItems": [{"additionalProperties": {"type": "integer"}}]},
+            "dep": {"dependentSchemas": {"tok_1": {"properties": {"uid": {"type": "integer"}}}}},
+            "properties": {"properties": {"properties": {"type": "integer"}}},
+        },
+    }
+    with pytest.raises(InvalidError) as refused:
+        validate_value(schema, key, value, secret=True)
+    assert refused.value.message == f"config {where} must be of type integer"
+    # Paths that cannot be matched step for step are masked whole (fail closed).
+    assert [str(p) for p in secret_path(["a", 0, "b"], ["type"])] == ["<key>", "0", "<key>"]
+
+
 async def test_history_and_rollback(api: ApiHarness) -> None:
     for n in (2, 4, 8):
         api.clock.advance(60)
@@ -163,6 +269,58 @@ async def test_environments_are_isolated(api: ApiHarness) -> None:
     # Another tenant sees no plugin at all.
     foreign = await api.call("GET", "/api/v1/plugins/gw/config", token="other")
     assert foreign.status == 404
+
+
+async def test_listing_reads_plain_values_through_the_non_secret_partial_index(
+    api: ApiHarness,
+) -> None:
+    from pluginmon.registry.config_values import LIST_CURRENT_SQL
+
+    for key, value, secret in [
+        ("workers", 4, False),
+        ("password", PLAINTEXT, True),
+        ("mode", "fast", False),
+        ("api_key", "0123456789", True),
+    ]:
+        assert (await _put(api, key, value, secret=secret)).status == 200
+    assert (await _put(api, "workers", 5)).status == 200  # a second version: only it is listed
+    listed = await api.call("GET", "/api/v1/plugins/gw/config", token="viewer")
+    assert [(i["key"], i["value"], i["secret"], i["version"]) for i in listed.body["items"]] == [
+        ("api_key", "***", True, 1),
+        ("mode", "fast", False, 1),
+        ("password", "***", True, 1),
+        ("workers", 5, False, 2),
+    ]
+    first = await api.call("GET", "/api/v1/plugins/gw/config?limit=2", token="viewer")
+    assert [i["key"] for i in first.body["items"]] == ["api_key", "mode"]
+    # The planner can answer the plain branch from idx_plugin_config_non_secret: with the
+    # other candidate index gone (rolled back) and sequential scans priced out, it does, for
+    # the API's role under row-level security.
+    async with api.pool.acquire() as conn:
+        transaction = conn.transaction()
+        await transaction.start()
+        try:
+            plugin_id = await conn.fetchval("SELECT id FROM plugins WHERE name = 'gw'")
+            await conn.execute("DROP INDEX idx_plugin_config_current")
+            await conn.execute(
+                "SELECT set_config('enable_seqscan', 'off', true),"
+                " set_config('role', 'pluginmon_api', true),"
+                " set_config('pluginmon.tenant_id', 'a', true)"
+            )
+            plan = await conn.fetchval(
+                "EXPLAIN (FORMAT JSON) " + LIST_CURRENT_SQL, plugin_id, "production", 100
+            )
+        finally:
+            await transaction.rollback()
+
+    def scans(node: dict[str, Any]) -> list[tuple[str, str]]:
+        found = [(node["Node Type"], node.get("Index Name", ""))]
+        for child in node.get("Plans", []):
+            found += scans(child)
+        return found
+
+    used = scans(json.loads(plan)[0]["Plan"])
+    assert any(index == "idx_plugin_config_non_secret" for _, index in used), used
 
 
 async def test_required_keys_are_set_together(api: ApiHarness) -> None:
@@ -228,7 +386,20 @@ async def test_secret_round_trip_masking_reveal_and_audit(
     ]
     audit_api = await api.call("GET", "/api/v1/audit", token="boss")
     responses.append(audit_api.body)
-    # The plaintext is nowhere: responses other than the reveal, audit rows, logs, the dump.
+    # /metrics after the write and the reveal, in both formats: the requests are counted (by
+    # route template, never by key or value) and the plaintext is not there.
+    scraped = b""
+    for accept in ("text/plain", "application/openmetrics-text; version=1.0.0"):
+        async with api.session.get(api.base_url + "/metrics", headers={"Accept": accept}) as scrape:
+            assert scrape.status == 200
+            scraped += await scrape.read()
+    assert (
+        b'pluginmon_api_requests_total{code="200",method="PUT",'
+        b'route="/api/v1/plugins/{name}/config/{key}"} 1.0'
+    ) in scraped
+    assert b"api_key" not in scraped
+    # The plaintext is nowhere: responses other than the reveal, audit rows, logs, the dump,
+    # the metrics.
     everything = json.dumps(responses).encode() + json.dumps([dict(r) for r in audit_rows]).encode()
     logs = "\n".join(r.getMessage() for r in caplog.records).encode()
     dump = await asyncio.to_thread(pg_dump, api.database_url, tmp_path / "dump.sql")
@@ -237,6 +408,7 @@ async def test_secret_round_trip_masking_reveal_and_audit(
         assert form not in everything, form
         assert form not in logs, form
         assert form not in dump, form
+        assert form not in scraped, form
     stored = await api.fetch(
         "SELECT value, secret_ciphertext, secret_key_id FROM plugin_config WHERE key = 'api_key'"
     )

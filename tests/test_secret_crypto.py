@@ -180,3 +180,71 @@ def test_keyring_settings_precedence_and_env_only(
         load_settings(config)
     assert "secret_keys" in str(refused.value.problems)
     assert "PLUGINMON_SECRET_KEYS" in str(refused.value.problems)
+
+
+def test_secret_keys_variable_names_the_key_file_or_holds_the_keys(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DESIGN.md names PLUGINMON_SECRET_KEYS as secret_keys_file's variable: it may hold the
+    key file's path; inline keys keep working; anything else is refused without an echo."""
+    from pluginmon.daemon.api_wiring import keyring_location
+    from pluginmon.daemon.config_schema import ConfigError
+    from pluginmon.daemon.settings import load_settings
+    from pluginmon.registry.keyring import environment_location
+
+    for name in ("PLUGINMON_SECRET_KEYS", "PLUGINMON_SECRET_KEYS_FILE", "PLUGINMON_DATABASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("PLUGINMON_DATABASE_URL", "postgresql://db/x")
+    key_file = tmp_path / "etc" / "keys"
+    made, _ = load_keyring(KeyringLocation(key_file, create=True), now=NOW)
+    material = base64.b64encode(made.keys[0].material).decode()
+
+    def located(value: str) -> KeyringLocation | None:
+        monkeypatch.setenv("PLUGINMON_SECRET_KEYS", value)
+        return keyring_location(load_settings(None))
+
+    # An absolute path: the key file, readable and rotatable (it is not read-only as keys are).
+    by_path = located(str(key_file))
+    assert by_path is not None
+    assert by_path == KeyringLocation(key_file)
+    assert by_path.describe == f"file {key_file}"
+    assert load_keyring(by_path, now=NOW)[0].keys == made.keys
+    assert rotate_key_file(by_path, now=NOW).primary_id == "k2"
+    # It wins over secret_keys_file, as the variable always did.
+    monkeypatch.setenv("PLUGINMON_SECRET_KEYS_FILE", str(tmp_path / "other"))
+    assert located(f"  {key_file}\n") == KeyringLocation(key_file)
+    monkeypatch.delenv("PLUGINMON_SECRET_KEYS_FILE")
+    # A relative path naming an existing file, taken from the working directory.
+    monkeypatch.chdir(tmp_path)
+    assert located("etc/keys") == KeyringLocation(key_file)
+    # Inline keys and the inline JSON still work.
+    for inline in (f"k1:{material}", f"k9:{material}, k1:{material}", key_file.read_text()):
+        found = located(inline)
+        assert found is not None
+        assert (found.path, found.inline) == (None, inline)
+        assert found.describe == "PLUGINMON_SECRET_KEYS"
+    two = located(f"k9:{material},k1:{material}")
+    assert two is not None
+    assert load_keyring(two, now=NOW)[0].primary_id == "k9"
+    # Neither form: a clear error naming the variable, never the value. A bare key (the
+    # "k1:" forgotten) may start with "/": it is not taken for a path.
+    bare = base64.b64encode(b"\xfc" * 32).decode()
+    assert bare.startswith("/")
+    for bad in (
+        "hunter2-not-a-keyring",
+        "relative/missing.json",
+        str(tmp_path / "nowhere.json"),
+        str(tmp_path),  # a directory
+        bare,
+        material,
+        "k1:",
+    ):
+        monkeypatch.setenv("PLUGINMON_SECRET_KEYS", bad)
+        with pytest.raises(ConfigError) as refused:
+            load_settings(None)
+        text = str(refused.value.problems)
+        assert "PLUGINMON_SECRET_KEYS names no existing file and is not inline keys" in text
+        assert bad not in text
+    with pytest.raises(crypto.KeyringError) as direct:
+        environment_location("k1:not base64!", cwd=tmp_path)
+    assert "not base64" not in str(direct.value)

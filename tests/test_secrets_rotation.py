@@ -20,6 +20,7 @@ import pytest
 
 from pluginmon.registry import crypto
 from pluginmon.registry.keyring import read_key_file
+from tests.config_helpers import encodings
 from tests.daemon_helpers import REPO, run_cli, wait_for
 from tests.net_helpers import free_port, stop_process
 
@@ -271,7 +272,9 @@ def test_rotate_rewrap_10000_secrets_resumes_after_kill(migrated_db: str, tmp_pa
     assert sample not in audit_text[0]
 
 
-def test_pluginmon_api_keeps_secrets_out_of_its_log(migrated_db: str, tmp_path: Path) -> None:
+def test_pluginmon_api_keeps_secrets_out_of_its_log_and_metrics(
+    migrated_db: str, tmp_path: Path
+) -> None:
     material = base64.b64encode(b"\x07" * 32).decode()
     port = free_port()
     config = tmp_path / "api.toml"
@@ -316,6 +319,15 @@ def test_pluginmon_api_keeps_secrets_out_of_its_log(migrated_db: str, tmp_path: 
         assert (status, put["value"], put["encryption_key_id"]) == (200, "***", "kA")
         status, shown = call("GET", base + "/password?reveal=true")
         assert (status, shown["value"]) == (200, plaintext)
+        # The process's own /metrics after the write and the reveal, in both formats.
+        scraped = b""
+        for accept in ("text/plain", "application/openmetrics-text; version=1.0.0"):
+            request = urllib.request.Request(
+                f"http://127.0.0.1:{port}/metrics", headers={"Accept": accept}
+            )
+            with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310
+                assert response.status == 200
+                scraped += response.read()
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=30) == 0
     finally:
@@ -325,4 +337,10 @@ def test_pluginmon_api_keeps_secrets_out_of_its_log(migrated_db: str, tmp_path: 
     assert "secret keyring from PLUGINMON_SECRET_KEYS: primary key kA, 1 key(s)" in text
     assert plaintext not in text
     assert material not in text
+    assert (
+        b'pluginmon_api_requests_total{code="200",method="GET",'
+        b'route="/api/v1/plugins/{name}/config/{key}"} 1.0'
+    ) in scraped  # the reveal was counted: the scrape saw the requests
+    for form in [*encodings(plaintext), material.encode(), material.rstrip("=").encode()]:
+        assert form not in scraped, form
     assert "pluginmon api stopped" in text
