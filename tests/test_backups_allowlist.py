@@ -261,7 +261,7 @@ def test_nothing_is_allowed_unless_configured(tmp_path: Path) -> None:
         ("s3", "s3://per-tenant/t/a/x.tar"),
         ("local", str(tmp_path / "a" / "x.tar")),
     }
-    refused = {
+    outside = {
         ("sftp", "sftp://backup.example:2222/srv/backups/a/x.tar"),  # port not allowed
         ("sftp", "sftp://[::1]/srv/backups/a/x.tar"),  # port 22 not allowed there
         ("sftp", "sftp://backup.example/srv/backups/b/x.tar"),  # tenant b's
@@ -269,11 +269,11 @@ def test_nothing_is_allowed_unless_configured(tmp_path: Path) -> None:
         ("s3", "s3://per-tenant/t/b/x.tar"),
         ("local", str(tmp_path / "b" / "x.tar")),
     }
-    got = {case: readers.refusal(*case, tenant="a") for case in allowed | refused}
+    got = {case: readers.refusal(*case, tenant="a") for case in allowed | outside}
     assert {case for case, outcome in got.items() if outcome is None} == allowed
     assert {
         case: outcome.result for case, outcome in got.items() if outcome is not None
-    } == dict.fromkeys(refused, ReadResult.OUTSIDE_ROOTS)
+    } == dict.fromkeys(outside, ReadResult.OUTSIDE_ROOTS)
 
 
 @pytest.mark.parametrize(
