@@ -12,13 +12,14 @@ from typing import Literal
 import asyncpg
 from pydantic import AwareDatetime, Field
 
-from pluginmon.daemon.api_http import Call, Route
+from pluginmon.daemon.api_http import Call, Deferred, Route
 from pluginmon.daemon.api_models import ENVIRONMENT_PATTERN, NAME_PATTERN, Items, Query, Request
 from pluginmon.daemon.api_models import Response as Out
 from pluginmon.daemon.backup_metrics import BackupMetrics
 from pluginmon.registry import backup_schedule, backups, plugins
-from pluginmon.registry.backup_readers import Readers
+from pluginmon.registry.backup_readers import Outcome, Readers
 from pluginmon.registry.backup_schedule import BackupSchedule
+from pluginmon.registry.errors import NotFoundError
 from pluginmon.registry.tokens import Role
 from pluginmon.storage.errors import TRANSIENT_ERRORS
 
@@ -203,6 +204,7 @@ class BackupHandlers:
             expires_at=body.expires_at,
             completed_at=body.completed_at,
             plugin_version=body.plugin_version,
+            readers=self._readers,
         )
         return BackupOut.of(backup)
 
@@ -218,19 +220,39 @@ class BackupHandlers:
     async def get_backup(self, call: Call) -> BackupOut:
         return BackupOut.of(await backups.get_backup(call.conn, call.param_int("id")))
 
-    async def verify(self, call: Call) -> VerifyOut:
+    async def verify(self, call: Call) -> Deferred:
+        # Three steps so that no transaction is open while the artifact is read: the row in
+        # the request's transaction, the read with no connection held, the result in a second
+        # short transaction (api_http.Deferred).
+        backup = await backups.backup_to_verify(call.conn, call.param_int("id"))
         started = time.monotonic()
-        backup, verification = await backups.verify_backup(
-            call.conn,
-            call.param_int("id"),
-            readers=self._readers,
-            actor=call.actor,
-            now=call.now,
-            elapsed_ms=lambda: (time.monotonic() - started) * 1000,
-        )
-        if self._metrics is not None:
-            self._metrics.verified(verification)
-        return VerifyOut(backup=BackupOut.of(backup), verification=VerificationOut.of(verification))
+
+        async def read() -> Outcome:
+            return await backups.read_artifact(backup, readers=self._readers)
+
+        async def record(call: Call, outcome: Outcome) -> VerifyOut:
+            try:
+                verification = await backups.record_verification(
+                    call.conn,
+                    backup,
+                    outcome,
+                    actor=call.actor,
+                    started_at=call.now,
+                    duration_ms=int((time.monotonic() - started) * 1000),
+                )
+            except NotFoundError:
+                raise NotFoundError(
+                    f"backup {backup.id} was removed while it was being read", field="id"
+                ) from None
+            if self._metrics is not None:
+                metrics = self._metrics
+                call.after_commit.append(lambda: metrics.verified(verification))
+            fresh = await backups.get_backup(call.conn, backup.id)
+            return VerifyOut(
+                backup=BackupOut.of(fresh), verification=VerificationOut.of(verification)
+            )
+
+        return Deferred(work=read, finish=record)
 
     async def list_verifications(self, call: Call) -> Items[VerificationOut]:
         query: Query = call.query

@@ -13,7 +13,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from pluginmon.daemon.api_http import Call, Handler, Route
+from pluginmon.daemon.api_http import Call, Deferred, Handler, Route
 from pluginmon.daemon.api_models import ENVIRONMENT_PATTERN, Items, Query, Request, Response
 from pluginmon.registry import dependencies, plugins
 from pluginmon.registry.semver import MAX_RANGE_CHARS
@@ -142,7 +142,7 @@ def _moves_results(route: Route) -> bool:
 
 def _recomputing(handler: Handler) -> Handler:
     @functools.wraps(handler)  # the OpenAPI operationId is the handler's name
-    async def handle(call: Call) -> BaseModel:
+    async def handle(call: Call) -> BaseModel | Deferred:
         result = await handler(call)
         # Cheap for a tenant without dependencies: one indexed EXISTS.
         if await call.conn.fetchval("SELECT EXISTS (SELECT 1 FROM plugin_dependencies)"):

@@ -9,6 +9,11 @@ ends with the transaction), the query string and the body (400 malformed JSON, 4
 or an unknown field, named), and finally the handler, whose writes and audit entries commit
 together or not at all. Any error rolls everything back: bad input changes nothing.
 
+A handler whose work is slow and needs no database (re-reading a backup artifact) answers
+:class:`Deferred`: the first transaction commits and its connection goes back to the pool,
+the slow part runs holding neither, and its result is written in a second short transaction
+(the token authenticated again, the same tenant and role checks).
+
 Errors are ``{"error": {"code": ..., "message": ..., "field": ...}}``; messages name fields
 and states, never echo a submitted value (it may be a secret) nor a database message.
 """
@@ -137,7 +142,17 @@ class Call:
         return value
 
 
-Handler = Callable[[Call], Awaitable[BaseModel]]
+@dataclass(frozen=True, slots=True)
+class Deferred:
+    """A handler's answer when part of its work must run outside any transaction: ``work``
+    runs after the request's transaction committed, holding no connection; ``finish`` runs
+    in a new transaction (same token, tenant and role checks) with ``work``'s result."""
+
+    work: Callable[[], Awaitable[Any]]
+    finish: Callable[[Call, Any], Awaitable[BaseModel]]
+
+
+Handler = Callable[[Call], Awaitable[BaseModel | Deferred]]
 PlainHandler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -437,10 +452,31 @@ class Dispatcher:
                 raw=raw if route.raw_body else b"",
                 content_type=request.headers.get("Content-Type", ""),
             )
-            model = await route.handler(call)
+            answer = await route.handler(call)
+        if isinstance(answer, Deferred):
+            answer = await self._finish(route, request, call, answer)
+        model = answer
         for after in call.after_commit:
             after()
         return call, model
+
+    async def _finish(
+        self, route: Route, request: web.Request, call: Call, deferred: Deferred
+    ) -> BaseModel:
+        result = await deferred.work()
+        pool = self._pool_source()
+        if pool is None:
+            raise ApiError(503, "database_unavailable", "the database is not ready yet; retry")
+        async with pool.acquire() as conn, conn.transaction():
+            # The token may have been revoked (or the tenant changed) while the work ran.
+            principal = await authenticate(conn, request)
+            if not principal.role.allows(route.role) or tenant_of(principal, request) != (
+                call.tenant_id
+            ):
+                raise ApiError(403, "forbidden", "the token no longer allows this")
+            call.conn = conn
+            call.principal = principal
+            return await deferred.finish(call, result)
 
 
 @web.middleware

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Annotated, ClassVar
+from urllib.parse import urlsplit
 
 from pydantic import BeforeValidator, Field, SecretStr, field_validator
 
@@ -59,19 +60,55 @@ class ProviderSettings(Table):
 
     enabled: bool = True  # false: scheduled verification skips this provider
     verify_interval_seconds: Seconds | None = None
+    # The allow-lists: nothing is allowed unless listed, and "{tenant}" in an entry stands for
+    # the backup's tenant (so tenant A cannot name tenant B's artifacts). Checked when a backup
+    # is registered (422 on location) and before every read (outside_roots, nothing touched).
     # local, nfs: the directories backups may be read from (nothing else is ever read)
     roots: list[PathValue] = Field(default_factory=list)
-    # sftp
+    # sftp: the hosts connected to ("host" is port 22, or "host:port") and the path prefixes read
+    allowed_hosts: list[str] = Field(default_factory=list)
+    path_prefixes: list[str] = Field(default_factory=list)
     username: str | None = None
     private_key_file: PathValue | None = None
     known_hosts_file: PathValue | None = None
     connect_timeout_seconds: Seconds = 10.0
     # s3 (an S3-compatible endpoint); the secret key from the environment
-    # (PLUGINMON_BACKUPS__PROVIDERS__S3__SECRET_ACCESS_KEY) rather than the file
+    # (PLUGINMON_BACKUPS__PROVIDERS__S3__SECRET_ACCESS_KEY) rather than the file; the objects
+    # read: "bucket" (all of it) or "bucket/prefix" (keys under the prefix)
+    buckets: list[str] = Field(default_factory=list)
     endpoint_url: str | None = None
     region: str | None = None
     access_key_id: str | None = None
     secret_access_key: SecretStr | None = None
+
+    @field_validator("path_prefixes")
+    @classmethod
+    def _absolute_prefixes(cls, value: list[str]) -> list[str]:
+        for prefix in value:
+            if not prefix.startswith("/") or ".." in prefix.split("/"):
+                raise ValueError(f"{prefix!r} must be an absolute path without '..'")
+        return value
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _host_ports(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            try:
+                parts = urlsplit("//" + entry.strip())
+                parts.port  # noqa: B018 - raises on a bad port
+            except ValueError:
+                raise ValueError(f"{entry!r} must be host or host:port") from None
+            if not parts.hostname or parts.username or parts.path:
+                raise ValueError(f"{entry!r} must be host or host:port")
+        return value
+
+    @field_validator("buckets")
+    @classmethod
+    def _bucket_entries(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            if not entry.split("/", 1)[0] or ".." in entry.split("/"):
+                raise ValueError(f"{entry!r} must be bucket or bucket/prefix")
+        return value
 
 
 class BackupSettings(Table):
@@ -121,14 +158,18 @@ class BackupSettings(Table):
             private_key_file=sftp.private_key_file,
             known_hosts_file=sftp.known_hosts_file,
             connect_timeout_seconds=sftp.connect_timeout_seconds,
+            allowed_hosts=tuple(sftp.allowed_hosts),
+            path_prefixes=tuple(sftp.path_prefixes),
         )
-        s3 = self.providers.get("s3")
-        if s3 is not None:
-            secret = s3.secret_access_key
-            by_provider["s3"] = S3Reader(
-                endpoint_url=s3.endpoint_url,
-                region=s3.region,
-                access_key_id=s3.access_key_id,
-                secret_access_key=lambda: None if secret is None else secret.get_secret_value(),
-            )
+        # Always an S3Reader, so that s3 without configuration allows nothing (not_configured)
+        # rather than registering any bucket as "unsupported".
+        s3 = self.providers.get("s3", ProviderSettings())
+        secret = s3.secret_access_key
+        by_provider["s3"] = S3Reader(
+            endpoint_url=s3.endpoint_url,
+            region=s3.region,
+            access_key_id=s3.access_key_id,
+            secret_access_key=lambda: None if secret is None else secret.get_secret_value(),
+            buckets=tuple(s3.buckets),
+        )
         return Readers(by_provider=by_provider, timeout_seconds=self.verify_timeout_seconds)

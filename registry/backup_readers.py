@@ -14,6 +14,16 @@ What a failure means is decided here, per provider, once:
   * ``unverifiable``, permanent: reading it needs a change of configuration (credentials, a
     host key, an allowed root) or the provider is one pluginmon cannot read.
 Reasons name the provider, host and condition; never a credential.
+
+Every reader has an allow-list (local/nfs roots, sftp hosts and path prefixes, s3 buckets and
+key prefixes), and a ``{tenant}`` placeholder in an entry makes it per tenant. The check is
+lexical (:meth:`Readers.refusal`): the registration endpoint refuses a location outside it,
+and a stored row outside it is ``outside_roots`` before any connection or file access, so a
+writer token can neither probe hosts and ports nor read another tenant's artifact. An empty
+allow-list allows nothing (``not_configured``).
+
+Over 500 lines on purpose: the four readers share the outcome vocabulary, the allow-list
+rules and the "what does this failure mean" decisions above, and are read together.
 """
 
 from __future__ import annotations
@@ -23,11 +33,12 @@ import errno
 import hashlib
 import logging
 import os
+import re
 import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Protocol
 from urllib.parse import unquote, urlsplit
 
@@ -152,10 +163,35 @@ def hash_file(path: Path, *, chunk_bytes: int = CHUNK_BYTES) -> tuple[int, str]:
     return size, digest.hexdigest()
 
 
-class ArtifactReader(Protocol):
-    """One provider: read ``location`` back and judge it against ``expected``."""
+TENANT_PLACEHOLDER = "{tenant}"
+_TENANT_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")  # registry.tokens.TENANT_SLUG_RE
 
-    async def verify(self, location: str, expected: Expected) -> Outcome: ...
+
+def for_tenant(entry: str, tenant: str | None) -> str | None:
+    """``entry`` with ``{tenant}`` replaced; None when it names a tenant and there is none
+    (or not a plain slug, which could otherwise climb out with "/" or "..")."""
+    if TENANT_PLACEHOLDER not in entry:
+        return entry
+    if tenant is None or not _TENANT_RE.match(tenant):
+        return None
+    return entry.replace(TENANT_PLACEHOLDER, tenant)
+
+
+def _outside(provider: str, what: str) -> Outcome:
+    return Outcome(ReadResult.OUTSIDE_ROOTS, f"location is outside the allowed {provider} {what}")
+
+
+class ArtifactReader(Protocol):
+    """One provider: read ``location`` back and judge it against ``expected``.
+
+    ``refusal`` is the allow-list check alone (lexical: no file or network access); ``verify``
+    applies it first. ``tenant`` fills a ``{tenant}`` placeholder in the allow-list."""
+
+    def refusal(self, location: str, *, tenant: str | None) -> Outcome | None: ...
+
+    async def verify(
+        self, location: str, expected: Expected, *, tenant: str | None = None
+    ) -> Outcome: ...
 
 
 # --- local and NFS paths ------------------------------------------------------------------------
@@ -174,29 +210,47 @@ class PathReader:
     roots: tuple[Path, ...]
     chunk_bytes: int = CHUNK_BYTES
 
-    async def verify(self, location: str, expected: Expected) -> Outcome:
-        return await asyncio.to_thread(self._verify, location, expected)
+    def _roots(self, tenant: str | None) -> list[Path]:
+        found = (for_tenant(str(r), tenant) for r in self.roots)
+        return [Path(r) for r in found if r is not None]
 
-    def _verify(self, location: str, expected: Expected) -> Outcome:
+    def refusal(self, location: str, *, tenant: str | None) -> Outcome | None:
+        return self._check(location, tenant)[0]
+
+    def _check(self, location: str, tenant: str | None) -> tuple[Outcome | None, Path, Path]:
+        path = Path(location.removeprefix("file://"))
         if not self.roots:
-            return Outcome(
-                ReadResult.NOT_CONFIGURED,
-                f"no allowed roots are configured for provider {self.provider} "
-                f"([backups.providers.{self.provider}] roots)",
+            return (
+                Outcome(
+                    ReadResult.NOT_CONFIGURED,
+                    f"no allowed roots are configured for provider {self.provider} "
+                    f"([backups.providers.{self.provider}] roots)",
+                ),
+                path,
+                path,
             )
-        raw = location.removeprefix("file://")
-        path = Path(raw)
         if not path.is_absolute() or ".." in path.parts:
             # ".." would be judged against the roots before resolving, and "not found" versus
             # "outside the roots" would then tell whether a file exists anywhere.
-            return Outcome(
-                ReadResult.BAD_LOCATION, "location must be an absolute path without '..'"
+            return (
+                Outcome(ReadResult.BAD_LOCATION, "location must be an absolute path without '..'"),
+                path,
+                path,
             )
-        root = next((r for r in self.roots if path.is_relative_to(r)), None)
+        root = next((r for r in self._roots(tenant) if path.is_relative_to(r)), None)
         if root is None:
-            return Outcome(
-                ReadResult.OUTSIDE_ROOTS, f"location is outside the {self.provider} roots"
-            )
+            return _outside(self.provider, "roots"), path, path
+        return None, path, root
+
+    async def verify(
+        self, location: str, expected: Expected, *, tenant: str | None = None
+    ) -> Outcome:
+        return await asyncio.to_thread(self._verify, location, expected, tenant)
+
+    def _verify(self, location: str, expected: Expected, tenant: str | None) -> Outcome:
+        refused, path, root = self._check(location, tenant)
+        if refused is not None:
+            return refused
         if not root.is_dir():
             # The mount (or directory) itself is away: nothing is known about the artifact.
             return Outcome(
@@ -206,7 +260,7 @@ class PathReader:
             )
         try:
             resolved = path.resolve(strict=True)
-            if not any(resolved.is_relative_to(r.resolve()) for r in self.roots):
+            if not any(resolved.is_relative_to(r.resolve()) for r in self._roots(tenant)):
                 return Outcome(
                     ReadResult.OUTSIDE_ROOTS,
                     f"location resolves outside the {self.provider} roots",
@@ -234,33 +288,68 @@ class PathReader:
 @dataclass(frozen=True, slots=True)
 class SftpReader:
     """``sftp://[user@]host[:port]/path`` through asyncssh, host keys checked against
-    ``known_hosts_file`` (never skipped), key authentication with ``private_key_file``."""
+    ``known_hosts_file`` (never skipped), key authentication with ``private_key_file``.
+
+    Only ``allowed_hosts`` (``host`` meaning port 22, or ``host:port``) are connected to, only
+    paths under ``path_prefixes`` read, and a user in the location must be ``username``: the
+    daemon's key must not be pointed at another host, port, account or tenant's directory."""
 
     username: str | None
     private_key_file: Path | None
     known_hosts_file: Path | None
     connect_timeout_seconds: float = 10.0
     chunk_bytes: int = CHUNK_BYTES
+    allowed_hosts: tuple[str, ...] = ()
+    path_prefixes: tuple[str, ...] = ()
 
-    async def verify(self, location: str, expected: Expected) -> Outcome:
-        import asyncssh  # the dependency is only needed where sftp backups are verified
-
+    def refusal(self, location: str, *, tenant: str | None) -> Outcome | None:
         parts = urlsplit(location)
         if parts.scheme != "sftp" or not parts.hostname or not parts.path:
             return Outcome(
                 ReadResult.BAD_LOCATION, "location must be sftp://[user@]host[:port]/path"
             )
+        try:
+            port = parts.port or 22
+        except ValueError:
+            return Outcome(ReadResult.BAD_LOCATION, "location has an invalid port")
+        path = PurePosixPath(unquote(parts.path))
+        if ".." in path.parts or parts.query or parts.fragment:
+            return Outcome(
+                ReadResult.BAD_LOCATION, "location must be a path without '..', '?' or '#'"
+            )
+        if not self.allowed_hosts or not self.path_prefixes:
+            return Outcome(
+                ReadResult.NOT_CONFIGURED,
+                "no sftp hosts or path prefixes are allowed "
+                "([backups.providers.sftp] allowed_hosts, path_prefixes)",
+            )
+        if (parts.hostname.lower(), port) not in {_host_port(h) for h in self.allowed_hosts}:
+            return _outside("sftp", "hosts")
+        if parts.username and unquote(parts.username) != self.username:
+            return _outside("sftp", "user (only the configured username)")
+        prefixes = (for_tenant(p, tenant) for p in self.path_prefixes)
+        if not any(p is not None and path.is_relative_to(p) for p in prefixes):
+            return _outside("sftp", "path prefixes")
+        return None
+
+    async def verify(
+        self, location: str, expected: Expected, *, tenant: str | None = None
+    ) -> Outcome:
+        refused = self.refusal(location, tenant=tenant)
+        if refused is not None:
+            return refused
+        import asyncssh  # the dependency is only needed where sftp backups are verified
+
+        parts = urlsplit(location)
         if self.known_hosts_file is None:
             return Outcome(
                 ReadResult.NOT_CONFIGURED,
                 "[backups.providers.sftp] known_hosts_file is not set (host keys are always checked)",
             )
         host = parts.hostname
-        try:
-            port = parts.port or 22
-        except ValueError:
-            return Outcome(ReadResult.BAD_LOCATION, "location has an invalid port")
-        username = unquote(parts.username) if parts.username else self.username
+        assert host is not None  # refusal() checked
+        port = parts.port or 22
+        username = self.username
         where = f"sftp host {host}:{port}"
         try:
             async with asyncio.timeout(self.connect_timeout_seconds):
@@ -328,24 +417,61 @@ class SftpReader:
         return judge(expected, size_bytes=size, sha256_hex=digest.hexdigest())
 
 
+def _host_port(entry: str) -> tuple[str, int]:
+    """An ``allowed_hosts`` entry: ``host``, ``host:port``, ``[v6]`` or ``[v6]:port``."""
+    parts = urlsplit("//" + entry.strip())
+    return (parts.hostname or "").lower(), parts.port or 22
+
+
 # --- S3 -------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
 class S3Reader:
     """``s3://bucket/key`` on an S3-compatible endpoint through boto3 (an optional
-    dependency: ``pip install boto3``), streamed and hashed in a worker thread."""
+    dependency: ``pip install boto3``), streamed and hashed in a worker thread.
+
+    Only objects under ``buckets`` are read: each entry is ``bucket`` (all of it) or
+    ``bucket/prefix`` (keys below that prefix, at a "/" boundary; ``{tenant}`` allowed)."""
 
     endpoint_url: str | None
     region: str | None
     access_key_id: str | None
     secret_access_key: Callable[[], str | None] = field(default=lambda: None)
     chunk_bytes: int = CHUNK_BYTES
+    buckets: tuple[str, ...] = ()
 
-    async def verify(self, location: str, expected: Expected) -> Outcome:
+    def refusal(self, location: str, *, tenant: str | None) -> Outcome | None:
         parts = urlsplit(location)
         if parts.scheme != "s3" or not parts.netloc or len(parts.path) < 2:
             return Outcome(ReadResult.BAD_LOCATION, "location must be s3://bucket/key")
+        key = unquote(parts.path[1:])
+        if {".", ".."} & set(key.split("/")) or parts.query or parts.fragment:
+            return Outcome(
+                ReadResult.BAD_LOCATION, "location's key must not hold '.', '..', '?' or '#'"
+            )
+        if not self.buckets:
+            return Outcome(
+                ReadResult.NOT_CONFIGURED,
+                "no s3 buckets are allowed ([backups.providers.s3] buckets)",
+            )
+        for entry in self.buckets:
+            allowed = for_tenant(entry, tenant)
+            if allowed is None:
+                continue
+            bucket, _, prefix = allowed.partition("/")
+            prefix = prefix.strip("/")
+            if bucket == parts.netloc and (not prefix or key.startswith(prefix + "/")):
+                return None
+        return _outside("s3", "buckets and prefixes")
+
+    async def verify(
+        self, location: str, expected: Expected, *, tenant: str | None = None
+    ) -> Outcome:
+        refused = self.refusal(location, tenant=tenant)
+        if refused is not None:
+            return refused
+        parts = urlsplit(location)
         return await asyncio.to_thread(
             self._verify, parts.netloc, unquote(parts.path[1:]), expected
         )
@@ -398,7 +524,12 @@ class S3Reader:
 class Unsupported:
     provider: str
 
-    async def verify(self, location: str, expected: Expected) -> Outcome:
+    def refusal(self, location: str, *, tenant: str | None) -> Outcome | None:
+        return None  # never read, so nothing to protect
+
+    async def verify(
+        self, location: str, expected: Expected, *, tenant: str | None = None
+    ) -> Outcome:
         return Outcome(
             ReadResult.UNSUPPORTED_PROVIDER,
             f"pluginmon cannot read provider {self.provider}; the backup stays unverified",
@@ -415,10 +546,16 @@ class Readers:
     def reader(self, provider: str) -> ArtifactReader:
         return self.by_provider.get(provider) or Unsupported(provider)
 
-    async def verify(self, provider: str, location: str, expected: Expected) -> Outcome:
+    def refusal(self, provider: str, location: str, *, tenant: str | None) -> Outcome | None:
+        """Why ``location`` is outside ``provider``'s allow-list for ``tenant``, or None."""
+        return self.reader(provider).refusal(location, tenant=tenant)
+
+    async def verify(
+        self, provider: str, location: str, expected: Expected, *, tenant: str | None
+    ) -> Outcome:
         try:
             async with asyncio.timeout(self.timeout_seconds):
-                return await self.reader(provider).verify(location, expected)
+                return await self.reader(provider).verify(location, expected, tenant=tenant)
         except TimeoutError:
             return Outcome(
                 ReadResult.TIMEOUT,

@@ -253,9 +253,7 @@ async def run(
             for backup in await due_for_verification(conn, now=clock(), schedule=schedule):
                 started_at = clock()
                 started = time.monotonic()
-                outcome = await readers.verify(
-                    backup.provider.value, backup.location, backup.expected
-                )
+                outcome = await backups.read_artifact(backup, readers=readers)
                 try:
                     verification = await backups.record_verification(
                         conn,

@@ -15,7 +15,6 @@ Every write leaves one audit entry in the caller's transaction.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
@@ -204,11 +203,13 @@ async def register_backup(
     size_bytes: int,
     checksum_sha256: str,
     environment: str,
+    readers: Readers,
     expires_at: datetime | None = None,
     completed_at: datetime | None = None,
     plugin_version: str | None = None,
 ) -> Backup:
-    """Record a finished backup (status ``completed``, not yet verified)."""
+    """Record a finished backup (status ``completed``, not yet verified). A location outside
+    the provider's allow-list for ``tenant_id`` is refused here, before anything is stored."""
     plugins.check_environment(environment)
     check_sha256(checksum_sha256)
     if size_bytes < 0:
@@ -217,6 +218,11 @@ async def register_backup(
         raise InvalidError("location must not be empty", field="location")
     if expires_at is not None and expires_at <= now:
         raise InvalidError("expires_at must be in the future", field="expires_at")
+    refused = readers.refusal(provider.value, location, tenant=tenant_id)
+    if refused is not None:
+        raise InvalidError(
+            f"location refused ({refused.result.value}): {refused.reason}", field="location"
+        )
     plugin = await plugins.get_plugin(conn, plugin_name)
     backup_id = await conn.fetchval(
         """INSERT INTO plugin_backups (tenant_id, plugin_id, environment, provider, location,
@@ -336,26 +342,21 @@ async def record_verification(
     )
 
 
-async def verify_backup(
-    conn: asyncpg.Connection,
-    backup_id: int,
-    *,
-    readers: Readers,
-    actor: Actor,
-    now: datetime,
-    elapsed_ms: Callable[[], float],
-) -> tuple[Backup, Verification]:
-    """Re-read backup ``backup_id`` now and record the outcome. ``elapsed_ms`` is a callable
-    returning milliseconds since it was first called (a monotonic clock, injected)."""
+async def backup_to_verify(conn: asyncpg.Connection, backup_id: int) -> Backup:
+    """The backup ``backup_id`` if it can be verified (409 otherwise)."""
     backup = await get_backup(conn, backup_id)
     if backup.status not in ("completed", "expired"):
         raise ConflictError(f"backup {backup_id} is {backup.status}, not completed", field="id")
-    elapsed_ms()
-    outcome = await readers.verify(backup.provider.value, backup.location, backup.expected)
-    verification = await record_verification(
-        conn, backup, outcome, actor=actor, started_at=now, duration_ms=int(elapsed_ms())
+    return backup
+
+
+async def read_artifact(backup: Backup, *, readers: Readers) -> Outcome:
+    """Re-read ``backup``'s artifact. Holds no connection: call it outside any transaction (an
+    artifact can take minutes to read, and an open transaction would hold back vacuum and a
+    pooled connection all that time)."""
+    return await readers.verify(
+        backup.provider.value, backup.location, backup.expected, tenant=backup.tenant_id
     )
-    return await get_backup(conn, backup_id), verification
 
 
 async def list_verifications(

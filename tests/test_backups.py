@@ -86,6 +86,22 @@ async def _register(api: ApiHarness, path: Path, sha: str, **extra: object) -> d
     return reply.body
 
 
+async def _store(api: ApiHarness, path: Path, sha: str) -> dict[str, Any]:
+    """A backup row written straight to the database (as one registered before the API
+    checked locations at registration), bypassing the API's checks."""
+    async with api.pool.acquire() as conn:
+        backup_id = await conn.fetchval(
+            """INSERT INTO plugin_backups (tenant_id, plugin_id, environment, provider, location,
+                   checksum, size_bytes, status, created_at, completed_at)
+               SELECT 'a', id, 'production', 'local', $1, $2, $3, 'completed', now(), now()
+                 FROM plugins WHERE tenant_id = 'a' AND name = 'resizer' RETURNING id""",
+            str(path),
+            "sha256:" + sha,
+            SIZE,
+        )
+    return {"id": backup_id}
+
+
 async def _verify(api: ApiHarness, backup_id: object) -> dict[str, object]:
     reply = await api.call("POST", f"/api/v1/backups/{backup_id}/verify", token="ci")
     assert reply.status == 200, reply.body
@@ -159,10 +175,12 @@ async def test_each_failure_is_named_and_transient_told_from_permanent(
 ) -> None:
     sha = "0" * 64
     missing = await _register(api, roots["local"] / "gone.tar", sha)
-    outside = await _register(api, tmp_path / "elsewhere.tar", sha)
+    # Outside the roots and ".." are refused when registered (tests/test_backups_allowlist.py);
+    # rows stored before the allow-list was checked at registration are judged when verified.
+    outside = await _store(api, tmp_path / "elsewhere.tar", sha)
     nfs = await _register(api, roots["nfs"] / "resizer.tar", sha, provider="nfs", size_bytes=10)
     gcs = await _register(api, Path("/bucket/x"), sha, provider="gcs", location="gs://b/x")
-    dotdot = await _register(api, roots["local"] / ".." / "elsewhere.tar", sha)
+    dotdot = await _store(api, roots["local"] / ".." / "elsewhere.tar", sha)
     link = await _register(api, _escape_link(roots["local"], tmp_path / "elsewhere.tar"), sha)
     cases = {"missing": missing, "outside": outside, "nfs": nfs, "gcs": gcs}
     cases |= {"dotdot": dotdot, "symlink": link}

@@ -49,6 +49,7 @@ def bucket() -> Bucket:
         region=region,
         access_key_id=key_id,
         secret_access_key=lambda: secret,
+        buckets=(name,),
     )
     return Bucket(client, name, reader)
 
@@ -92,6 +93,7 @@ def test_s3_unreachable_endpoint_is_transient() -> None:
         region="us-east-1",
         access_key_id="x",
         secret_access_key=lambda: "y",
+        buckets=("b",),
     )
     outcome = asyncio.run(reader.verify("s3://b/k", Expected(size_bytes=1, sha256_hex="0" * 64)))
     assert (outcome.result, outcome.status, outcome.transient) == (

@@ -121,6 +121,8 @@ def _reader(sshd: Sshd, **changes: object) -> SftpReader:
         "private_key_file": sshd.client_key,
         "known_hosts_file": sshd.known_hosts,
         "connect_timeout_seconds": 10.0,
+        "allowed_hosts": (f"127.0.0.1:{sshd.port}",),
+        "path_prefixes": (str(sshd.data),),
     }
     values.update(changes)
     return SftpReader(**values)  # type: ignore[arg-type]
@@ -165,7 +167,9 @@ async def test_sftp_failures_are_named(sshd: Sshd, tmp_path: Path) -> None:
     )
 
     closed = free_port()
-    unreachable = await _reader(sshd).verify(f"sftp://127.0.0.1:{closed}/x.tar", expected)
+    unreachable = await _reader(sshd, allowed_hosts=(f"127.0.0.1:{closed}",)).verify(
+        f"sftp://127.0.0.1:{closed}{sshd.data}/x.tar", expected
+    )
     assert (unreachable.result, unreachable.status, unreachable.transient) == (
         ReadResult.UNREACHABLE,
         VerifyStatus.UNVERIFIABLE,
@@ -192,7 +196,7 @@ async def test_sftp_failures_are_named(sshd: Sshd, tmp_path: Path) -> None:
     )
 
     no_known_hosts = await _reader(sshd, known_hosts_file=None).verify(
-        f"sftp://127.0.0.1:{sshd.port}/x", expected
+        f"sftp://127.0.0.1:{sshd.port}{sshd.data}/x", expected
     )
     assert no_known_hosts.result is ReadResult.NOT_CONFIGURED
 
