@@ -36,6 +36,7 @@ from tests.schema_helpers import (
     SAMPLE_COLUMNS,
     add_plugin,
     assert_rollups_equal,
+    backend_of,
     database_for_backend,
     group_by_rollup,
     rollup_rows,
@@ -405,6 +406,22 @@ match = {{ cmdline = "{processes.marker}-{name}$" }}
     assert applied is not None
     assert applied[0] == applied[1]  # each migration applied once
     assert shared_ids == (1, DAEMONS)
+    with psycopg.connect(empty_db) as conn:
+        backend = backend_of(conn)
+        hypertables = (
+            {
+                str(r[0])
+                for r in conn.execute(
+                    "SELECT hypertable_name FROM timescaledb_information.hypertables"
+                ).fetchall()
+            }
+            if backend is Backend.TIMESCALEDB
+            else set()
+        )
+    if backend is Backend.TIMESCALEDB:
+        # The daemons chose TimescaleDB (the test database offers it): chunks are its own.
+        assert {"plugin_samples", "plugin_metrics"} <= hypertables
+        return
     for parent in ("plugin_samples", "plugin_metrics"):
         names = partitions(empty_db, parent)
         assert len(names) == len(set(names))
