@@ -132,7 +132,8 @@ class FleetGenerator:
             kind = self._kinds[j]
             if kind == "jitter":
                 self._cpu[j] = max(0.0, min(60.0, self._cpu[j] + rng.uniform(-2.0, 2.0)))
-                self._rss[j] += int(rng.uniform(-1.0, 1.0) * MIB)
+                # a random walk, kept above 16 MiB (long runs walked it below zero)
+                self._rss[j] = max(16 * MIB, self._rss[j] + int(rng.uniform(-1.0, 1.0) * MIB))
             elif kind == "busy":
                 self._cpu[j] = max(0.0, self._busy_level[j] + rng.uniform(-8.0, 8.0))
                 self._rss[j] += int(rng.uniform(0.5, 3.0) * MIB) if self._leaking[j] else 0
