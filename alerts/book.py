@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from itertools import compress
+from operator import attrgetter, not_
 
 from pluginmon.alerts.health import HealthScore
 from pluginmon.alerts.matchers import _glob
@@ -32,6 +34,9 @@ from pluginmon.alerts.rules import (
 from pluginmon.collectors.models import PluginKey, PluginSample
 
 logger = logging.getLogger(__name__)
+
+_KEY = attrgetter("key")
+_UP = attrgetter("up")
 
 
 def _dt(t: float | None) -> datetime | None:
@@ -308,17 +313,18 @@ class AlertBook:
         resolve the alerts of plugins gone from the samples and apply inhibition, silences
         and acknowledgements. Returns the transitions, in order."""
         changes = self._evaluator.evaluate(samples, now, health, metrics)
-        present: set[PluginKey] = {s.key for s in samples} if self._open else set()
+        # key -> position, cached by the evaluator while the plugins stay the same
+        present: Mapping[PluginKey, int] = self._evaluator.index(samples) if self._open else {}
         changes += self._close_absent(present, now)
         self._apply(changes)
         self._refresh_open(present)
         # (tenant, plugin, environment) of the plugins that are down: a plugin down in
         # staging inhibits nothing in production
-        down = {s.key for s in samples if not s.up}
+        down = set(compress(map(_KEY, samples), map(not_, map(_UP, samples))))
         self._apply_inhibition_silences_acks(down, now)
         return changes
 
-    def _close_absent(self, present: set[PluginKey], now: float) -> list[RuleChange]:
+    def _close_absent(self, present: Container[PluginKey], now: float) -> list[RuleChange]:
         changes: list[RuleChange] = []
         for (rule_name, key), alert in list(self._open.items()):
             if key in present:
@@ -395,7 +401,7 @@ class AlertBook:
         if alert.notified:
             self._resolved_unsent[alert.key].append(alert)
 
-    def _refresh_open(self, present: set[PluginKey]) -> None:
+    def _refresh_open(self, present: Container[PluginKey]) -> None:
         for skey, alert in self._open.items():
             if alert.key not in present:
                 continue

@@ -113,6 +113,7 @@ class AlertEngine:
         metrics_max_age_seconds: float = 600.0,
         stale_after_seconds: float = 300.0,
         plugin_health_update_seconds: float = 60.0,
+        health_write_interval_seconds: float = 0.0,
         dependencies_refresh_seconds: float = 30.0,
         database_timeout_seconds: float = 10.0,
         max_backlog_notifications: int = 10_000,
@@ -139,6 +140,7 @@ class AlertEngine:
             database_timeout_seconds=database_timeout_seconds,
             max_backlog_notifications=max_backlog_notifications,
             plugin_health_update_seconds=plugin_health_update_seconds,
+            health_write_interval_seconds=health_write_interval_seconds,
             dependencies_refresh_seconds=dependencies_refresh_seconds,
             metrics_max_age_seconds=metrics_max_age_seconds,
             spool_dir=spool_dir,
@@ -389,6 +391,11 @@ class AlertEngine:
 
     def latest_health(self) -> Mapping[PluginKey, HealthScore]:
         return self._scores.latest()
+
+    def take_health_changes(self) -> tuple[dict[PluginKey, HealthScore], set[PluginKey]]:
+        """(plugins scored anew since the last call, plugins forgotten since): how a mirror
+        of :meth:`latest_health` (the exporter) follows it without a pass over every plugin."""
+        return self._scores.take_changed()
 
     async def aclose(self) -> None:
         """Release the journal (its directory lock). Writes nothing: every journal append

@@ -44,6 +44,7 @@ import asyncpg
 
 from pluginmon.alerts.book import AlertRecord
 from pluginmon.alerts.health import HealthScore
+from pluginmon.alerts.health_rows import HealthDue, HealthWriteSchedule
 from pluginmon.alerts.journal_outbox import JournaledNotification, JournalOutbox
 from pluginmon.alerts.journaling import OutageJournal, read_back
 from pluginmon.alerts.metric_values import plugin_metric_values
@@ -126,6 +127,7 @@ class AlertPersistence:
         database_timeout_seconds: float = 10.0,
         max_backlog_notifications: int = 10_000,
         plugin_health_update_seconds: float = 60.0,
+        health_write_interval_seconds: float = 0.0,
         dependencies_refresh_seconds: float = 30.0,
         metrics_max_age_seconds: float = 600.0,
         spool_dir: Path | None = None,
@@ -138,7 +140,6 @@ class AlertPersistence:
         self._known_ids: dict[PluginKey, int] = {}  # from the rows loaded at start
         self._db_timeout = database_timeout_seconds
         self._max_backlog = max_backlog_notifications
-        self._plugin_update_every = plugin_health_update_seconds
         self._deps_refresh = dependencies_refresh_seconds
         self._deps_loaded_at: float | None = None
         self._metrics_max_age = timedelta(seconds=metrics_max_age_seconds)
@@ -167,8 +168,11 @@ class AlertPersistence:
         self._absorbed: list[AlertWrite] = []
         self._absorbed_seq: dict[int, int] = {}  # id() of an absorbed write -> book seq
         self._compacted_batches: int | None = None  # journal batches after the last rewrite
-        # (score, unix seconds) last written to plugins.health_score, per plugin
-        self._plugin_written: dict[PluginKey, tuple[float, float]] = {}
+        # Which plugins' health_score rows and plugins.health_score to write each cycle.
+        self._health_writes = HealthWriteSchedule(
+            row_interval_seconds=health_write_interval_seconds,
+            plugin_interval_seconds=plugin_health_update_seconds,
+        )
         self._db_ok = True
 
     @property
@@ -514,31 +518,25 @@ class AlertPersistence:
 
     async def _write_health(self, conn: Any, now: datetime, health: Sequence[HealthScore]) -> None:
         ts = now.timestamp()
+        due: list[HealthDue] = []
         rows: list[HealthWrite] = []
-        keys: list[PluginKey] = []
-        written = self._plugin_written
-        for score in health:
-            key = score.key
+        for item in self._health_writes.due(health, ts):
+            key = item.score.key
             pid = self.plugin_id(key)
             if pid is None:
                 continue
-            last = written.get(key)
-            update = (
-                last is None
-                or abs(last[0] - score.score) >= 0.5
-                or ts - last[1] >= self._plugin_update_every
-            )
+            due.append(item)
             rows.append(
                 HealthWrite(
                     tenant_id=key.tenant,
                     plugin_id=pid,
                     environment=key.environment,
-                    score=score.score,
-                    labels_json=health_labels_json(score),
-                    update_plugin=update,
+                    score=item.score.score,
+                    labels_json=health_labels_json(item.score) if item.row else "",
+                    update_plugin=item.plugin,
+                    write_row=item.row,
                 )
             )
-            keys.append(key)
         try:
             await health_store.write_health(conn, rows, now)
         except TRANSIENT_ERRORS:
@@ -547,9 +545,7 @@ class AlertPersistence:
             # Health rows are derived data: never let them block alert persistence.
             logger.exception("could not write health scores")
             return
-        for key, row in zip(keys, rows, strict=True):
-            if row.update_plugin:
-                written[key] = (row.score, ts)
+        self._health_writes.written(due, ts)
 
     # --- the journal --------------------------------------------------------------------------
 

@@ -180,6 +180,26 @@ class RuleChange:
     state: AlertState | None
 
 
+_KEY = operator.attrgetter("key")
+# HealthScore attributes a rule can name directly.
+_HEALTH_FIELDS: Final = {
+    HEALTH_SCORE: "score",
+    "memory_leak_forecast_seconds": "leak_forecast_seconds",
+    "restarts_in_window": "restarts_in_window",
+}
+
+
+def _health_values(healths: Sequence[HealthScore | None], name: str) -> list[float | None]:
+    """One rule's values from the health scores: a C-level pass when every plugin has a
+    score (the engine's case), else one by one."""
+    get = operator.attrgetter(_HEALTH_FIELDS[name])
+    # (restarts_in_window stays an int here: it compares as it is, and step() gets float())
+    try:
+        return list(map(get, healths))
+    except AttributeError:  # a None among them
+        return [None if h is None else get(h) for h in healths]
+
+
 def _hits(op: str, values: list[float | None], threshold: float) -> list[int]:
     """Indexes whose value satisfies ``value <op> threshold`` (inline comparisons: this is
     the per-plugin hot loop, run once per rule and cycle)."""
@@ -211,6 +231,18 @@ class RuleEvaluator:
         self._by_name = {r.name: r for r in self.rules}
         self._states: dict[str, dict[PluginKey, AlertState]] = {r.name: {} for r in self.rules}
         self._applies: dict[tuple[str, PluginKey], bool] = {}
+        # The position of each plugin in the samples, rebuilt only when the plugins change
+        # (hashing 10,000 keys every cycle costs more than comparing the lists).
+        self._index_keys: list[PluginKey] = []
+        self._index: dict[PluginKey, int] = {}
+
+    def index(self, samples: Sequence[PluginSample]) -> Mapping[PluginKey, int]:
+        """Plugin key -> its position in ``samples`` (the last one, should a key repeat)."""
+        keys = list(map(_KEY, samples))
+        if keys != self._index_keys:
+            self._index = {k: i for i, k in enumerate(keys)}
+            self._index_keys = keys
+        return self._index
 
     def rule(self, name: str) -> Rule | None:
         return self._by_name.get(name)
@@ -253,19 +285,15 @@ class RuleEvaluator:
         else:
             healths = health
         metric_maps: list[Mapping[str, float] | None] | None = None
-        index: dict[PluginKey, int] | None = None
+        index: Mapping[PluginKey, int] | None = None
         for rule in self.rules:
             name = rule.metric
             values: list[float | None]
             if name in SAMPLE_FIELDS:
                 # bool `up` compares as 0/1; ints compare with float thresholds as they are
                 values = list(map(operator.attrgetter(name), samples))
-            elif name == HEALTH_SCORE:
-                values = [None if h is None else h.score for h in healths]
-            elif name == "memory_leak_forecast_seconds":
-                values = [None if h is None else h.leak_forecast_seconds for h in healths]
-            elif name == "restarts_in_window":
-                values = [None if h is None else float(h.restarts_in_window) for h in healths]
+            elif name in _HEALTH_FIELDS:
+                values = _health_values(healths, name)
             elif name == "memory_limit_ratio":
                 values = []
                 for h in healths:
@@ -281,7 +309,7 @@ class RuleEvaluator:
             done: set[PluginKey] = set()
             if states:
                 if index is None:
-                    index = {s.key: i for i, s in enumerate(samples)}
+                    index = self.index(samples)
                 for key, state in list(states.items()):
                     i = index.get(key)
                     if i is None:

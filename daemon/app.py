@@ -45,6 +45,7 @@ from pluginmon.daemon.lifecycle import (
 )
 from pluginmon.daemon.plugin_metrics import PluginMetricsService, open_plugin_metrics
 from pluginmon.daemon.reload import ConfigChanges, ConfigReloader
+from pluginmon.daemon.runtime import tune_process_memory
 from pluginmon.daemon.scheduling import Scheduler
 from pluginmon.daemon.signal_guard import SignalGuard
 from pluginmon.storage.drops import SpoolLosses
@@ -332,6 +333,7 @@ class Daemon:
             alertmanager=config.alertmanager,
             spool_dir=settings.data_dir / "alert-spool",
             instance=settings.host,
+            health_write_interval_seconds=settings.health_write_interval_seconds,
         )
         stack.push_async_callback(engine.aclose)
         outbox = await stack.enter_async_context(
@@ -556,6 +558,7 @@ def run_daemon(
     from pluginmon.storage.embedded import EmbeddedPostgresError
     from pluginmon.storage.migrate import MigrationError
 
+    tune_process_memory()  # daemon.runtime: why
     return run_until_signalled(
         # Built inside the event loop run_until_signalled starts (the scheduler binds to it).
         lambda: Daemon(config, version=version, config_path=config_path),

@@ -18,6 +18,7 @@ from pluginmon.daemon.config import DaemonConfig
 from pluginmon.daemon.exporter import DaemonMetrics, ExporterState, FiringAlert, HealthView
 from pluginmon.daemon.logs import redact
 from pluginmon.daemon.reload import ConfigChanges
+from pluginmon.daemon.runtime import HeapTrimmer
 from pluginmon.daemon.scheduling import Scheduler
 from pluginmon.storage.errors import TRANSIENT_ERRORS
 from pluginmon.storage.ingest import SampleSink
@@ -121,6 +122,7 @@ class Coordinator:
         # thread to apply right before its next cycle (both at once, see _sample_and_export).
         self._plugins_lock = threading.Lock()
         self._pending_plugins: tuple[tuple[PluginSpec, ...], frozenset[PluginKey]] | None = None
+        self._heap = HeapTrimmer()
 
     # -- jobs -------------------------------------------------------------------------------
 
@@ -128,7 +130,8 @@ class Coordinator:
         await self.consume(await asyncio.to_thread(self._sample_and_export))
 
     def _sample_and_export(self) -> Snapshot:
-        """Worker thread: one snapshot, folded into the exporter's view."""
+        """Worker thread: one snapshot, folded into the exporter's view (and, once a
+        minute, freed heap handed back to the system: daemon.runtime)."""
         with self._plugins_lock:
             pending, self._pending_plugins = self._pending_plugins, None
         if pending is not None:
@@ -139,6 +142,7 @@ class Coordinator:
             # grace period as "down" (unless its processes' labels still name it).
             self._exporter.forget(pending[1] - {s.key for s in snapshot.samples})
         self._exporter.update_snapshot(snapshot)
+        self._heap.maybe_trim()
         return snapshot
 
     async def consume(self, snapshot: Snapshot) -> None:
@@ -188,14 +192,17 @@ class Coordinator:
                 self._publish_alert_state()
 
     def _publish_alert_state(self) -> None:
-        self._exporter.update_health(
+        # Only the scores computed anew since the last cycle: most plugins' do not move.
+        changed, forgotten = self._engine.take_health_changes()
+        self._exporter.update_health_changes(
             {
                 key: HealthView(
                     score=float(score.score),
                     components=tuple((c.name, float(c.score)) for c in score.components),
                 )
-                for key, score in self._engine.latest_health().items()
-            }
+                for key, score in changed.items()
+            },
+            forgotten,
         )
         self._exporter.update_alerts(
             [

@@ -11,9 +11,11 @@ import dataclasses
 import math
 import threading
 import time
-from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from operator import attrgetter
+from datetime import datetime
+from itertools import compress, repeat
+from operator import attrgetter, is_not, lt
 from typing import Any, NamedTuple
 
 from prometheus_client import (
@@ -33,6 +35,12 @@ from prometheus_client.registry import Collector
 from pluginmon.collectors.models import PluginKey, PluginSample, Snapshot
 
 PLUGIN_LABELS = ("tenant", "plugin", "environment")
+
+_KEY = attrgetter("key")
+_RESTARTS = attrgetter("restarts")
+_UP = attrgetter("up")
+_OLDEST_START = attrgetter("oldest_start_time")
+_UNSET = object()  # a start time not read yet (never a sample's value)
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,16 +69,61 @@ class _PluginRow(NamedTuple):
     start_time: float | None  # seconds since the epoch
 
 
+class _PluginRows:
+    """The per-plugin rows of one view, built when a scrape first reads them: snapshots
+    come every sample interval, scrapes every 15 s or so, so most views are never
+    rendered. Built from columns nothing mutates afterwards (ExporterState copies a column
+    before it changes one); two renders racing only build them twice."""
+
+    __slots__ = ("_columns", "_rows")
+
+    def __init__(
+        self,
+        keys: Sequence[PluginKey] = (),
+        labels: Sequence[str] = (),
+        samples: Sequence[PluginSample] = (),
+        restarts: Sequence[int] = (),
+        starts: Sequence[float | None] = (),
+        vanished: Sequence[_PluginRow] = (),
+    ) -> None:
+        self._columns: tuple[Any, ...] | None = (keys, labels, samples, restarts, starts, vanished)
+        self._rows: tuple[_PluginRow, ...] | None = None
+
+    def rows(self) -> tuple[_PluginRow, ...]:
+        rows = self._rows
+        if rows is None:
+            columns = self._columns
+            assert columns is not None
+            keys, labels, samples, restarts, starts, vanished = columns
+            rows = (
+                *map(
+                    _PluginRow, keys, labels, samples, restarts, map(int, map(_UP, samples)), starts
+                ),
+                *vanished,
+            )
+            self._rows = rows
+        return rows
+
+
 @dataclass(frozen=True, slots=True)
 class ExportView:
     """Everything one scrape renders; immutable, so a render thread can read it safely."""
 
-    plugins: tuple[_PluginRow, ...]
+    rows: _PluginRows
     health: Mapping[PluginKey, HealthView]
     alerts: tuple[FiringAlert, ...]
     # The same health keyed by the plugin's label string: str hashes are cached, a
     # dataclass key's hash is computed in Python on every lookup.
     health_by_label: Mapping[str, HealthView] = field(default_factory=dict)
+    # This view rendered, by format (openmetrics: bool): several scrapers between two
+    # updates (HA Prometheus pairs, a curl) render once. Kept on the view, so the ~15 MB of
+    # a 10,000-plugin rendering goes with it when the next snapshot replaces it.
+    rendered: dict[bool, tuple[bytes, ...]] = field(default_factory=dict, compare=False)
+
+    @property
+    def plugins(self) -> tuple[_PluginRow, ...]:
+        """One row per plugin: this snapshot's, then the vanished ones in their grace."""
+        return self.rows.rows()
 
 
 def _escape(value: str) -> str:
@@ -115,13 +168,25 @@ class ExporterState:
     ) -> None:
         self._grace_seconds = grace_seconds
         self._clock = clock
-        # key -> (latest sample, monotonic time last seen, restarts so far, label string)
-        self._plugins: dict[PluginKey, tuple[PluginSample, float, int, str]] = {}
+        # The previous snapshot's plugins in its order, and per position what carries over
+        # from one snapshot to the next: the label string, the restarts so far, the start
+        # time (the sampler's datetime object, and its float).
+        self._keys: list[PluginKey] = []
+        self._samples: Sequence[PluginSample] = ()
+        self._label_col: list[str] = []
+        self._restart_col: list[int] = []
+        self._start_obj: list[object] = []
+        self._start_val: list[float | None] = []
+        # Plugins gone from the snapshots, exported as down during their grace period:
+        # key -> (the row exported, monotonic time last seen, restarts so far, label string)
+        self._vanished: dict[PluginKey, tuple[_PluginRow, float, int, str]] = {}
+        self._seen_at = 0.0  # monotonic time of the previous snapshot
+        self._forgotten: frozenset[PluginKey] = frozenset()  # see forget()
         # Updates may come from the sampling thread and the event loop: the fields that
         # make up a view are swapped together under this lock (held for microseconds).
         self._lock = threading.Lock()
         self._labels: dict[PluginKey, str] = {}
-        self._view = ExportView(plugins=(), health={}, alerts=())
+        self._view = ExportView(rows=_PluginRows(), health={}, alerts=())
         self._health: Mapping[PluginKey, HealthView] = {}
         self._health_by_label: Mapping[str, HealthView] = {}
         self._alerts: tuple[FiringAlert, ...] = ()
@@ -129,61 +194,50 @@ class ExporterState:
     def update_snapshot(self, snapshot: Snapshot) -> None:
         """Fold a snapshot in; safe to call from the sampling worker thread.
 
-        One pass, in snapshot order (no sort: Prometheus does not care about series
-        order), then vanished plugins: down during their grace period, gone after it.
+        In snapshot order (no sort: Prometheus does not care about series order), then
+        vanished plugins: down during their grace period, gone after it. With the same
+        plugins as the previous snapshot (the usual case) the rows are built by C-level
+        passes (label strings, restart totals and start times carry over by position);
+        a change of plugins realigns that state by key once.
         """
         now = self._clock()
-        previous = self._plugins
-        labels = self._labels
-        current: dict[PluginKey, tuple[PluginSample, float, int, str]] = {}
-        rows: list[_PluginRow] = []
-        for sample in snapshot.samples:
-            key = sample.key
-            before = previous.get(key)
-            if before is None:
-                label = labels.get(key)
-                if label is None:
-                    label = labels[key] = _label_string(key)
-                restarts = max(sample.restarts, 0)
-            else:
-                label = before[3]
-                restarts = before[2] + sample.restarts if sample.restarts > 0 else before[2]
-            current[key] = (sample, now, restarts, label)
-            started = sample.oldest_start_time
-            rows.append(
-                _PluginRow(
-                    key,
-                    label,
-                    sample,
-                    restarts,
-                    1 if sample.up else 0,
-                    started.timestamp() if started is not None else None,
-                )
-            )
-        for key, entry in previous.items():
-            if key in current:
-                continue
-            if now - entry[1] > self._grace_seconds:
-                labels.pop(key, None)
-                continue
-            current[key] = entry
-            down = _down(entry[0])
-            started = down.oldest_start_time
-            rows.append(
-                _PluginRow(
-                    key,
-                    entry[3],
-                    down,
-                    entry[2],
-                    0,
-                    started.timestamp() if started is not None else None,
-                )
-            )
-        self._plugins = current
-        plugins = tuple(rows)
+        samples = snapshot.samples
+        keys = list(map(_KEY, samples))
+        if keys != self._keys:
+            self._realign(keys, now)
+        if self._forgotten:
+            # Removed from the configuration: no grace period as "down" (forget()).
+            for key in self._forgotten:
+                self._vanished.pop(key, None)
+                self._labels.pop(key, None)
+            self._forgotten = frozenset()
+        self._samples = samples
+        self._seen_at = now
+        n = len(samples)
+        restarts = list(map(_RESTARTS, samples))
+        if n and max(restarts) > 0:
+            # A copy: the previous views keep reading the old column (rows are built lazily).
+            column = self._restart_col = self._restart_col.copy()
+            for i in compress(range(n), map(lt, repeat(0), restarts)):
+                column[i] += restarts[i]
+        starts: list[object] = list(map(_OLDEST_START, samples))
+        if starts != self._start_obj:
+            values = self._start_val = self._start_val.copy()
+            for i in compress(range(n), map(is_not, starts, self._start_obj)):
+                started = starts[i]
+                values[i] = started.timestamp() if isinstance(started, datetime) else None
+            self._start_obj = starts
+        rows = _PluginRows(
+            keys,
+            self._label_col,
+            samples,
+            self._restart_col,
+            self._start_val,
+            self._vanished_rows(now) if self._vanished else (),
+        )
         with self._lock:
             self._view = ExportView(
-                plugins=plugins,
+                rows=rows,
                 health=self._health,
                 alerts=self._alerts,
                 health_by_label=self._health_by_label,
@@ -194,9 +248,64 @@ class ExporterState:
         from the configuration, not stopped: a plugin_up of 0 would say they are down).
         Takes effect at the next ``update_snapshot``; call it from the thread that calls
         that, before it, never concurrently with it."""
-        self._plugins = {k: v for k, v in self._plugins.items() if k not in keys}
+        self._forgotten = frozenset(keys)
         for key in keys:
-            self._labels.pop(key, None)
+            self._vanished.pop(key, None)
+
+    def _realign(self, keys: list[PluginKey], now: float) -> None:
+        """The plugins changed: carry each one's label, restarts and start time to its new
+        position; plugins that left go to the vanished ones, returning ones come back."""
+        old = {k: i for i, k in enumerate(self._keys)}
+        current = set(keys)
+        for key, i in old.items():
+            if key not in current:
+                label, restarts = self._label_col[i], self._restart_col[i]
+                down = _down(self._samples[i])
+                self._vanished[key] = (
+                    _PluginRow(key, label, down, restarts, 0, self._start_val[i]),
+                    self._seen_at,
+                    restarts,
+                    label,
+                )
+        labels = self._labels
+        label_col: list[str] = []
+        restart_col: list[int] = []
+        start_obj: list[object] = []
+        start_val: list[float | None] = []
+        for key in keys:
+            at = old.get(key)
+            if at is not None:
+                label_col.append(self._label_col[at])
+                restart_col.append(self._restart_col[at])
+                start_obj.append(self._start_obj[at])
+                start_val.append(self._start_val[at])
+                continue
+            back = self._vanished.pop(key, None)
+            if back is not None:
+                label, restarts = back[3], back[2]
+            else:
+                label = labels.get(key) or _label_string(key)
+                restarts = 0
+            labels[key] = label
+            label_col.append(label)
+            restart_col.append(restarts)
+            start_obj.append(_UNSET)  # computed from the sample
+            start_val.append(None)
+        self._keys = keys
+        self._label_col = label_col
+        self._restart_col = restart_col
+        self._start_obj = start_obj
+        self._start_val = start_val
+
+    def _vanished_rows(self, now: float) -> list[_PluginRow]:
+        rows: list[_PluginRow] = []
+        for key, (row, seen_at, _restarts, _label) in list(self._vanished.items()):
+            if now - seen_at > self._grace_seconds:
+                del self._vanished[key]
+                self._labels.pop(key, None)
+            else:
+                rows.append(row)
+        return rows
 
     def update_health(self, health: Mapping[PluginKey, HealthView]) -> None:
         health = dict(health)
@@ -206,6 +315,34 @@ class ExporterState:
             label = labels.get(key)
             if label is None:
                 label = labels[key] = _label_string(key)
+            by_label[label] = value
+        with self._lock:
+            self._health = health
+            self._health_by_label = by_label
+            self._view = dataclasses.replace(
+                self._view, health=self._health, health_by_label=self._health_by_label
+            )
+
+    def update_health_changes(
+        self, changed: Mapping[PluginKey, HealthView], removed: Iterable[PluginKey] = ()
+    ) -> None:
+        """Apply what changed since the previous update (``update_health`` replaces all):
+        at 10,000 plugins most scores do not move from one cycle to the next."""
+        removed = tuple(removed)
+        if not changed and not removed:
+            return
+        # Copies (C-level, no rehashing): a render thread may be reading the current ones.
+        health = dict(self._health)
+        by_label = dict(self._health_by_label)
+        labels = self._labels
+        for key in removed:
+            if health.pop(key, None) is not None:
+                by_label.pop(labels.get(key) or _label_string(key), None)
+        for key, value in changed.items():
+            label = labels.get(key)
+            if label is None:
+                label = labels[key] = _label_string(key)
+            health[key] = value
             by_label[label] = value
         with self._lock:
             self._health = health
@@ -345,18 +482,14 @@ class PluginCollector(Collector):
 
     def __init__(self, state: ExporterState) -> None:
         self._state = state
-        # (view, openmetrics) -> text: scrapes between two state changes (several
-        # Prometheus replicas, a curl) reuse one rendering. Races only render twice.
-        self._cache: tuple[ExportView, bool, tuple[bytes, ...]] | None = None
 
     def cached_chunks(self, *, openmetrics: bool = False) -> tuple[bytes, ...]:
-        """``render_text()`` as UTF-8 chunks, reused while the state has not changed."""
+        """``render_text()`` as UTF-8 chunks, reused while the state has not changed (the
+        view holds them: races only render twice)."""
         view = self._state.view()
-        cache = self._cache
-        if cache is not None and cache[0] is view and cache[1] == openmetrics:
-            return cache[2]
-        chunks = tuple(self._render(view, openmetrics=openmetrics))
-        self._cache = (view, openmetrics, chunks)
+        chunks = view.rendered.get(openmetrics)
+        if chunks is None:
+            chunks = view.rendered[openmetrics] = tuple(self._render(view, openmetrics=openmetrics))
         return chunks
 
     def collect(self) -> Iterator[Metric]:

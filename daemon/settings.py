@@ -42,6 +42,7 @@ from pluginmon.daemon.config_schema import (
     number_text,
     problems_error,
     reword,
+    seconds,
 )
 from pluginmon.daemon.config_sections import AlertsTable, PluginTables
 from pluginmon.registry.policies import policies_from_config
@@ -278,6 +279,11 @@ class Settings(BaseSettings):
     # Rollups on PostgreSQL lag raw samples by at most this; an idle pass takes ~0.1 s.
     maintenance_interval_seconds: Annotated[float, Finite, positive_up_to(DAY)] = 60.0
     misfire_grace_seconds: Annotated[float, Finite, positive_up_to(DAY)] = 30.0
+    # A plugin's health_score row is written when its score moves by >= 0.5 or its weakest
+    # component changes, else every this many seconds (0: every evaluation, every plugin), so
+    # rows a second stay bounded at a 1 s interval (docs/scaling.md). plugins.health_score
+    # keeps its own rule: a move of 0.5, else every 60 s.
+    health_write_interval_seconds: Annotated[float, seconds(ge=0, le=DAY)] = 60.0
     retention: RetentionSettings = Field(default_factory=RetentionSettings)
 
     # -- health and alerts ---------------------------------------------------------------------

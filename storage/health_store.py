@@ -17,11 +17,12 @@ class HealthWrite:
     score: float
     labels_json: str  # the plugin_metrics row's labels, already serialised
     update_plugin: bool = True  # also set plugins.health_score / last_health_check
+    write_row: bool = True  # False: only the plugins update (the row is not due)
 
 
 async def write_health(conn: Connection, rows: Sequence[HealthWrite], at: datetime) -> None:
-    """One 'health_score' gauge row per plugin, and plugins.health_score/last_health_check
-    for the rows marked ``update_plugin``."""
+    """One 'health_score' gauge row per plugin marked ``write_row``, and
+    plugins.health_score/last_health_check for those marked ``update_plugin``."""
     if not rows:
         return
     updates = [r for r in rows if r.update_plugin]
@@ -35,6 +36,9 @@ async def write_health(conn: Connection, rows: Sequence[HealthWrite], at: dateti
             at,
             timeout=QUERY_TIMEOUT_SECONDS,
         )
+    written = [r for r in rows if r.write_row]
+    if not written:
+        return
     await conn.copy_records_to_table(
         "plugin_metrics",
         records=[
@@ -48,7 +52,7 @@ async def write_health(conn: Connection, rows: Sequence[HealthWrite], at: dateti
                 float(r.score),
                 r.labels_json,
             )
-            for r in rows
+            for r in written
         ],
         columns=[
             "timestamp",

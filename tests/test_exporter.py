@@ -158,6 +158,30 @@ def test_vanished_plugin_down_during_grace_then_gone(
     assert get("pluginmon_plugin_up", labels(RESIZER)) == 1
 
 
+def test_a_plugin_removed_from_the_configuration_skips_the_grace_period(
+    state: ExporterState, registry: CollectorRegistry, clock: FakeClock
+) -> None:
+    state.update_snapshot(snapshot(sample(RESIZER), sample(INDEXER)))
+    clock.now += 10
+    state.update_snapshot(snapshot(sample(RESIZER)))  # INDEXER stopped: down, in its grace
+    get = registry.get_sample_value
+    assert get("pluginmon_plugin_up", labels(INDEXER)) == 0
+    # Removed from the configuration while vanished, and while still sampled.
+    state.forget({INDEXER})
+    state.update_snapshot(snapshot(sample(RESIZER)))
+    assert get("pluginmon_plugin_up", labels(INDEXER)) is None
+    state.update_snapshot(snapshot(sample(RESIZER), sample(INDEXER)))
+    assert get("pluginmon_plugin_up", labels(INDEXER)) == 1
+    state.forget({INDEXER})
+    state.update_snapshot(snapshot(sample(RESIZER)))
+    assert get("pluginmon_plugin_up", labels(INDEXER)) is None
+    assert get("pluginmon_plugin_up", labels(RESIZER)) == 1
+    # forget() applies once: a plugin that stops later gets its grace period again.
+    state.update_snapshot(snapshot(sample(RESIZER), sample(INDEXER)))
+    state.update_snapshot(snapshot(sample(INDEXER)))
+    assert get("pluginmon_plugin_up", labels(RESIZER)) == 0
+
+
 def test_health_and_alerts(state: ExporterState, registry: CollectorRegistry) -> None:
     state.update_snapshot(snapshot(sample(RESIZER), sample(INDEXER)))
     state.update_health(

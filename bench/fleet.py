@@ -1,0 +1,854 @@
+"""Fleet benchmark: how many agents of 1,000 plugins at a 10 s interval one database on this
+machine takes.
+
+Each agent is the daemon's pipeline without the sampler: its own asyncpg pool, sample sink
+(plugin ids resolved once per plugin, the unresolved spool), BatchWriter with its disk spool,
+AlertEngine (the built-in rules, health rows every ``health_write_interval_seconds``, its
+journal), OutboxDeliverer with a real webhook receiver, the database probe and the
+maintenance job every 60 s (all agents contend for its advisory lock, as daemons sharing a
+database do). A generator stands in for the sampler (measured by bench/scale.py): 1,000
+plugins per agent, 60% idle with constant readings, 35% with CPU and RSS moving a little
+every cycle, 5% busy (some over the CPU alert threshold, some leaking memory), one in 500
+down now and then. Agents start at random phases of the interval, like hosts do.
+
+Agents run in WORKERS worker processes (one asyncio loop each). N grows in STEPS; at each
+step, once every agent has all its plugin ids and empty spools and after a warm-up, the
+fleet is measured for DURATION seconds:
+
+  rows/s             sample rows committed per second (the writers' counters)
+  DB CPU / 1k rows   the database server's CPU (postmaster, backends, exited backends:
+                     bench/procstat.py) per 1,000 sample rows, all its work included
+  p99 commit lag     sample time to the COPY holding it committed, per cycle of each agent
+  spool depth        rows in the agents' disk spools (both) at the end of the window
+  split              execution time of the statements of each kind (pg_stat_statements,
+                     top-level statements): samples, health + alerts, plugin ids,
+                     maintenance, other; and the server CPU outside all statements
+                     (commits, connections, WAL writer, checkpoints, autovacuum,
+                     TimescaleDB's background jobs)
+  agents' CPU        the worker processes' CPU: the agents share the 2 cores too
+
+The fleet stops growing when p99 lag exceeds one interval, a spool holds rows at the end of
+a window, or agents skip cycles. Before the fleet starts, the same rows are COPYed raw, as
+the writers send them (1,000-row batches, one COPY each) and nothing else: at each step's
+concurrency (N connections, each one batch per interval, at its own phase) and back-to-back on
+one connection (also after the fleet stops). The database CPU per sample row of the whole
+workload is compared with both. Steady state, before the warm-up, is when every agent has all
+its plugin ids, both its spools are empty and no rollup back-fill runs (agents that replayed
+their unresolved spool at start back-fill the rollups from their oldest row).
+
+Run: .venv/bin/python bench/fleet.py [--steps 25,50,100,150,200] [--database-url URL]
+Without --database-url an embedded PostgreSQL 18 is started with pg_stat_statements
+preloaded, max_connections 1000 and shared_buffers 1 GB. With one, the server must run on this host, have
+pg_stat_statements in shared_preload_libraries and enough max_connections (4 per agent).
+Last line: fleet_agents_1k_plugins_10s=<largest N within the limits>.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import math
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import psycopg
+from aiohttp import web
+from psycopg import sql
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.procstat import postmaster_of, server_cpu_seconds
+from bench.scratch import with_database
+from pluginmon.alerts.engine import AlertEngine
+from pluginmon.alerts.outbox import OutboxDeliverer
+from pluginmon.alerts.rules import WebhookConfig, builtin_rules
+from pluginmon.collectors.models import PluginKey, PluginSample, Snapshot
+from pluginmon.storage.backend import Retention
+from pluginmon.storage.embedded import EmbeddedPostgres
+from pluginmon.storage.engines import prepare_database
+from pluginmon.storage.ingest import SampleSink, SampleSpool, UnresolvedSpool, sample_row
+from pluginmon.storage.pool import close_pool, open_pool
+from pluginmon.storage.queries import ensure_tenant_and_plugin
+from pluginmon.storage.reachability import DatabaseWatch
+from pluginmon.storage.upkeep import Maintainer
+from pluginmon.storage.writer import PLUGIN_SAMPLES_COLUMNS, PLUGIN_SAMPLES_TABLE, BatchWriter
+
+MIB = 1 << 20
+PLUGINS_PER_AGENT = 1000
+TENANTS = 20
+HEALTH_WRITE_INTERVAL_SECONDS = 60.0  # the daemon's default
+MAINTENANCE_INTERVAL_SECONDS = 60.0
+FLUSH_INTERVAL_SECONDS = 2.0
+POOL_SIZE = 4  # the daemon's default database_pool_max_size
+
+
+# -- the generator -----------------------------------------------------------------------------
+
+
+class FleetGenerator:
+    """Realistic snapshots of one agent's plugins (see the module docstring)."""
+
+    def __init__(self, agent: int, plugins: int, rng: random.Random) -> None:
+        self.host = f"agent-{agent:04d}"
+        self._rng = rng
+        self.keys = [
+            PluginKey(f"t{(agent + j) % TENANTS:02d}", f"a{agent:04d}-p{j:04d}", "production")
+            for j in range(plugins)
+        ]
+        kinds = []
+        for _ in range(plugins):
+            r = rng.random()
+            kinds.append("idle" if r < 0.60 else "jitter" if r < 0.95 else "busy")
+        self._kinds = kinds
+        self._cpu = [0.0 if k == "idle" else rng.uniform(0.5, 20.0) for k in kinds]
+        self._rss = [int(rng.uniform(30, 600) * MIB) for _ in kinds]
+        self._busy_level = [rng.uniform(40.0, 99.0) for _ in kinds]
+        self._leaking = [k == "busy" and rng.random() < 0.3 for k in kinds]
+        self._down_until = [0.0] * plugins
+        self._threads = [rng.randint(1, 40) for _ in kinds]
+        self._started = datetime.now(UTC)
+
+    def snapshot(self, at: datetime) -> Snapshot:
+        rng = self._rng
+        t = at.timestamp()
+        samples = []
+        for j, key in enumerate(self.keys):
+            kind = self._kinds[j]
+            if kind == "jitter":
+                self._cpu[j] = max(0.0, min(60.0, self._cpu[j] + rng.uniform(-2.0, 2.0)))
+                # a random walk, kept above 16 MiB (long runs walked it below zero)
+                self._rss[j] = max(16 * MIB, self._rss[j] + int(rng.uniform(-1.0, 1.0) * MIB))
+            elif kind == "busy":
+                self._cpu[j] = max(0.0, self._busy_level[j] + rng.uniform(-8.0, 8.0))
+                self._rss[j] += int(rng.uniform(0.5, 3.0) * MIB) if self._leaking[j] else 0
+            if rng.random() < 0.0002:
+                self._down_until[j] = t + rng.uniform(20.0, 120.0)
+            up = self._down_until[j] <= t
+            samples.append(
+                PluginSample(
+                    key=key,
+                    timestamp=at,
+                    up=up,
+                    process_count=1 if up else 0,
+                    cpu_percent=round(self._cpu[j], 1) if up else 0.0,
+                    rss_bytes=max(self._rss[j], MIB) if up else 0,
+                    vms_bytes=4 * self._rss[j] if up else 0,
+                    threads=self._threads[j] if up else 0,
+                    oldest_start_time=self._started if up else None,
+                )
+            )
+        return Snapshot(timestamp=at, host=self.host, samples=tuple(samples), duration_seconds=0.01)
+
+
+# -- one agent ----------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class AgentCounters:
+    cycles: int = 0
+    skipped: int = 0
+    errors: int = 0
+    lags: list[float] = field(default_factory=list)
+    settled: bool = False
+
+
+class Agent:
+    """One daemon's pipeline minus the sampler and the exporter."""
+
+    def __init__(
+        self, index: int, *, url: str, workdir: Path, interval: float, hook: WebhookConfig
+    ) -> None:
+        self.index = index
+        self._url = url
+        self._dir = workdir / f"agent-{index:04d}"
+        self._interval = interval
+        self._hook = hook
+        self._gen = FleetGenerator(index, PLUGINS_PER_AGENT, random.Random(index))
+        self.counters = AgentCounters()
+        self.spool_rows = 0
+        self.rows_written = 0
+        self._put = 0  # rows handed to the writer so far, counted once settled
+        self._pending: deque[tuple[int, float]] = deque()  # (rows put so far, sample time)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        self._dir.mkdir(parents=True, exist_ok=True)
+        pool = await open_pool(self._url, min_size=0, max_size=POOL_SIZE)
+        try:
+            spool = SampleSpool(self._dir / "spool", max_bytes=1 << 30)
+            unresolved = UnresolvedSpool(self._dir / "unresolved", max_bytes=1 << 30)
+            try:
+                async with BatchWriter(
+                    pool,
+                    table=PLUGIN_SAMPLES_TABLE,
+                    columns=PLUGIN_SAMPLES_COLUMNS,
+                    max_rows=5000,
+                    max_delay_seconds=FLUSH_INTERVAL_SECONDS,
+                    max_queue_rows=100_000,
+                    spool=spool,
+                ) as writer:
+                    await self._run_pipeline(pool, writer, spool, unresolved, stop)
+            finally:
+                unresolved.close()
+                spool.close()
+        finally:
+            await close_pool(pool, timeout_seconds=10)
+
+    async def _run_pipeline(
+        self,
+        pool: asyncpg.Pool,
+        writer: BatchWriter,
+        spool: SampleSpool,
+        unresolved: UnresolvedSpool,
+        stop: asyncio.Event,
+    ) -> None:
+        database = DatabaseWatch(pool, writer=writer)
+        database.mark_schema_ready()
+        sink = SampleSink(
+            pool=pool,
+            writer=writer,
+            unresolved=unresolved,
+            database=database,
+            replay_seconds=max(1.0, self._interval / 2),
+        )
+        engine = AlertEngine(
+            pool,
+            builtin_rules(),
+            webhooks=[self._hook],
+            spool_dir=self._dir / "alert-spool",
+            instance=self._gen.host,
+            health_write_interval_seconds=HEALTH_WRITE_INTERVAL_SECONDS,
+        )
+        try:
+            await engine.start()
+            async with OutboxDeliverer(pool, [self._hook], None, instance=self._gen.host) as outbox:
+                maintainer = Maintainer(
+                    self._url, retention=Retention(), spools=[spool, unresolved.spool]
+                )
+                async with asyncio.TaskGroup() as group:
+                    group.create_task(
+                        self._every(
+                            stop,
+                            self._interval,
+                            self._cycle,
+                            sink,
+                            engine,
+                            outbox,
+                            writer,
+                            unresolved,
+                            counts_skips=True,
+                        )
+                    )
+                    group.create_task(self._every(stop, FLUSH_INTERVAL_SECONDS, self._flush, sink))
+                    group.create_task(self._every(stop, 5.0, self._probe, database))
+                    group.create_task(self._every(stop, 5.0, self._deliver, outbox))
+                    group.create_task(
+                        self._every(stop, MAINTENANCE_INTERVAL_SECONDS, self._maintain, maintainer)
+                    )
+                    group.create_task(self._watch(stop, writer, unresolved))
+        finally:
+            await engine.aclose()
+
+    async def _every(
+        self, stop: asyncio.Event, period: float, job: Any, *args: Any, counts_skips: bool = False
+    ) -> None:
+        """Run ``job`` every ``period`` from a random phase; runs that would start late
+        are skipped (coalesced), as the daemon's scheduler does."""
+        next_at = time.monotonic() + random.uniform(0, period)
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(max(0.0, next_at - time.monotonic())):
+                    await stop.wait()
+            if stop.is_set():
+                return
+            try:
+                await job(*args)
+            except Exception:  # counted; a benchmark keeps going
+                self.counters.errors += 1
+            next_at += period
+            now = time.monotonic()
+            if now > next_at:
+                missed = math.ceil((now - next_at) / period)
+                if counts_skips:
+                    self.counters.skipped += missed
+                next_at += missed * period
+
+    async def _cycle(
+        self,
+        sink: SampleSink,
+        engine: AlertEngine,
+        outbox: OutboxDeliverer,
+        writer: BatchWriter,
+        unresolved: UnresolvedSpool,
+    ) -> None:
+        at = datetime.now(UTC)
+        snapshot = await asyncio.to_thread(self._gen.snapshot, at)
+        settled = self.counters.settled
+        if not settled and unresolved.rows == 0 and len(sink.plugin_ids) >= PLUGINS_PER_AGENT:
+            stats = writer.stats()
+            if stats.spool_rows == 0:
+                # From now on every sample goes straight to the writer: its commit is
+                # the writer's counter passing this cycle's rows.
+                self.counters.settled = settled = True
+                self._put = stats.rows_written + stats.rows_queued
+        await sink.put(snapshot)
+        if settled:
+            self._put += len(snapshot.samples)
+            self._pending.append((self._put, at.timestamp()))
+        report = await engine.process(snapshot, sink.plugin_ids)
+        if report.notifications_queued:
+            await outbox.deliver_due()
+        self.counters.cycles += 1
+
+    async def _flush(self, sink: SampleSink) -> None:
+        await sink.flush(timeout_seconds=10.0)
+
+    async def _probe(self, database: DatabaseWatch) -> None:
+        await database.probe()
+
+    async def _deliver(self, outbox: OutboxDeliverer) -> None:
+        await outbox.deliver_due()
+
+    async def _maintain(self, maintainer: Maintainer) -> None:
+        await maintainer.run()
+
+    async def _watch(
+        self, stop: asyncio.Event, writer: BatchWriter, unresolved: UnresolvedSpool
+    ) -> None:
+        while not stop.is_set():
+            stats = writer.stats()
+            now = time.time()
+            pending = self._pending
+            while pending and pending[0][0] <= stats.rows_written:
+                self.counters.lags.append(now - pending.popleft()[1])
+            self.spool_rows = stats.spool_rows + unresolved.rows
+            self.rows_written = stats.rows_written
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(0.25):
+                    await stop.wait()
+
+
+# -- a worker process: many agents on one event loop ---------------------------------------------
+
+
+async def worker_main(url: str, interval: float) -> None:
+    """Reads commands on stdin (one JSON object a line), answers on stdout."""
+    workdir = Path(tempfile.mkdtemp(prefix="pluginmon-bench-fleet-agents-"))
+    received = 0
+
+    async def hook_handler(request: web.Request) -> web.Response:
+        nonlocal received
+        await request.read()
+        received += 1
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_post("/hook", hook_handler)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    hook = WebhookConfig(name="bench", url=f"http://127.0.0.1:{port}/hook")
+    stop = asyncio.Event()
+    agents: list[Agent] = []
+    tasks: list[asyncio.Task[None]] = []
+    try:
+        while True:
+            line = await asyncio.to_thread(sys.stdin.readline)
+            if not line:
+                break
+            command = json.loads(line)
+            if command["cmd"] == "add":
+                for index in command["agents"]:
+                    agent = Agent(index, url=url, workdir=workdir, interval=interval, hook=hook)
+                    agents.append(agent)
+                    tasks.append(asyncio.create_task(agent.run(stop)))
+                reply: dict[str, Any] = {"agents": len(agents)}
+            elif command["cmd"] == "report":
+                lags: list[float] = []
+                for agent in agents:
+                    lags.extend(agent.counters.lags)
+                    agent.counters.lags = []
+                reply = {
+                    "agents": len(agents),
+                    "settled": sum(a.counters.settled for a in agents),
+                    "cycles": sum(a.counters.cycles for a in agents),
+                    "skipped": sum(a.counters.skipped for a in agents),
+                    "errors": sum(a.counters.errors for a in agents),
+                    "spool_rows": sum(a.spool_rows for a in agents),
+                    "rows_written": sum(a.rows_written for a in agents),
+                    "failed": sum(1 for t in tasks if t.done()),
+                    "lags": lags,
+                    "webhooks": received,
+                    "cpu": time.process_time(),
+                }
+            else:
+                break
+            sys.stdout.write(json.dumps(reply) + "\n")
+            sys.stdout.flush()
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await runner.cleanup()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+class Worker:
+    def __init__(self, url: str, interval: float) -> None:
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                __file__,
+                "--worker",
+                "--worker-url",
+                url,
+                "--interval",
+                str(interval),
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
+        )
+
+    def ask(self, command: dict[str, Any]) -> dict[str, Any]:
+        assert self.proc.stdin is not None
+        assert self.proc.stdout is not None
+        self.proc.stdin.write(json.dumps(command) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"worker {self.proc.pid} exited with {self.proc.poll()}")
+        reply: dict[str, Any] = json.loads(line)
+        return reply
+
+    def stop(self) -> None:
+        """The worker stops its agents (each flushes its writer) and exits."""
+        if self.proc.poll() is None:
+            assert self.proc.stdin is not None
+            with contextlib.suppress(BrokenPipeError):
+                self.proc.stdin.write(json.dumps({"cmd": "stop"}) + "\n")
+                self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+# -- the database --------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def database_server(database_url: str | None) -> Iterator[str]:
+    """Admin URL of a server with pg_stat_statements loaded (started here without a URL)."""
+    if database_url is not None:
+        yield database_url
+        return
+    with tempfile.TemporaryDirectory(prefix="pluginmon-bench-fleet-pg-") as directory:
+        server = EmbeddedPostgres(Path(directory))
+        url = server.start()
+        try:
+            admin = with_database(url, "postgres")
+            with psycopg.connect(admin, autocommit=True) as conn:
+                conn.execute("ALTER SYSTEM SET shared_preload_libraries = 'pg_stat_statements'")
+                conn.execute("ALTER SYSTEM SET max_connections = 1000")
+                conn.execute("ALTER SYSTEM SET pg_stat_statements.max = 10000")
+                # The embedded default is 128 MB; a database for a fleet gets more.
+                conn.execute("ALTER SYSTEM SET shared_buffers = '1GB'")
+            server.stop()
+            server.start()
+            yield admin
+        finally:
+            server.stop()
+
+
+@contextlib.contextmanager
+def fresh_database(admin_url: str) -> Iterator[str]:
+    name = f"pluginmon_bench_fleet_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    url = with_database(admin_url, name)
+    try:
+        prepare_database(url, Retention())
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+        yield url
+    finally:
+        with psycopg.connect(admin_url, autocommit=True) as conn:
+            conn.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+            )
+
+
+def postmaster(url: str) -> int:
+    with psycopg.connect(url) as conn:
+        row = conn.execute("SELECT pg_backend_pid()").fetchone()
+        assert row is not None
+        return postmaster_of(int(row[0]))  # while the backend is there to be read
+
+
+# Statement text -> what it is part of, first match wins.
+CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("samples", ("plugin_samples",)),
+    (
+        "health+alerts",
+        (
+            "plugin_metrics",
+            "update plugins",
+            "plugin_alerts",
+            "notification_outbox",
+            "alert_silences",
+            "alert_notifications_sent",
+            "plugin_dependencies",
+        ),
+    ),
+    ("plugin ids", ("insert into plugins", "insert into tenants", "from plugins")),
+    (
+        "maintenance",
+        (
+            "rollup",
+            "partition",
+            "advisory",
+            "delete from",
+            "pg_inherits",
+            "create table",
+            "drop table",
+            "schema_migrations",
+            "pg_class",
+            "_timescaledb",
+            "timescaledb_information",
+            "policy",
+            "continuous",
+            "compress",
+            "chunk",
+        ),
+    ),
+)
+
+
+def category(query: str) -> str:
+    text = " ".join(query.lower().split())
+    for name, needles in CATEGORIES:
+        if any(n in text for n in needles):
+            return name
+    return "other"
+
+
+def statement_times(url: str) -> dict[str, float]:
+    """Execution seconds per category in this database since the last reset."""
+    with psycopg.connect(url) as conn:
+        rows = conn.execute(
+            "SELECT query, total_exec_time FROM pg_stat_statements"
+            " WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())"
+        ).fetchall()
+    out: dict[str, float] = {}
+    for query, total_ms in rows:
+        name = category(str(query))
+        out[name] = out.get(name, 0.0) + float(total_ms) / 1000
+    return out
+
+
+def reset_statements(url: str) -> None:
+    with psycopg.connect(url) as conn:
+        conn.execute("SELECT pg_stat_statements_reset()")
+
+
+# -- the raw COPY baseline -------------------------------------------------------------------------
+
+
+async def raw_copy_cpu_per_row(url: str, server: int, *, batches: int) -> float:
+    """Server CPU seconds per row for the same rows COPYed raw: 1,000-row batches (what
+    one agent writes per interval), one COPY each, on one connection."""
+    gen = FleetGenerator(9999, PLUGINS_PER_AGENT, random.Random(9999))
+    conn = await asyncpg.connect(url)
+    try:
+        ids = [
+            await ensure_tenant_and_plugin(conn, k.tenant, k.plugin, k.environment)
+            for k in gen.keys
+        ]
+        payloads = []
+        for _ in range(batches):
+            snap = gen.snapshot(datetime.now(UTC))
+            payloads.append(
+                [
+                    sample_row(s, plugin=pid, host=gen.host)
+                    for s, pid in zip(snap.samples, ids, strict=True)
+                ]
+            )
+        before = server_cpu_seconds(server)
+        for rows in payloads:
+            await conn.copy_records_to_table(
+                PLUGIN_SAMPLES_TABLE, records=rows, columns=PLUGIN_SAMPLES_COLUMNS, timeout=60
+            )
+        after = server_cpu_seconds(server)
+    finally:
+        await conn.close()
+    return (after - before) / (batches * PLUGINS_PER_AGENT)
+
+
+async def raw_fleet_cpu_per_row(
+    url: str, server: int, *, agents: int, interval: float, duration: float
+) -> float:
+    """Server CPU seconds per row when ``agents`` connections only COPY their 1,000 rows
+    every ``interval`` (each at its own phase), nothing else: the fleet's ingest alone, at
+    the fleet's concurrency and batch size."""
+    gen = FleetGenerator(9998, PLUGINS_PER_AGENT, random.Random(9998))
+    conns = [await asyncpg.connect(url) for _ in range(agents)]
+    try:
+        ids = [
+            await ensure_tenant_and_plugin(conns[0], k.tenant, k.plugin, k.environment)
+            for k in gen.keys
+        ]
+        snap = gen.snapshot(datetime.now(UTC))
+        base = [
+            sample_row(s, plugin=pid, host=gen.host)
+            for s, pid in zip(snap.samples, ids, strict=True)
+        ]
+        stop = asyncio.Event()
+        copied = 0
+        counting = False
+
+        async def agent(conn: asyncpg.Connection) -> None:
+            nonlocal copied
+            next_at = time.monotonic() + random.uniform(0, interval)
+            while not stop.is_set():
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(max(0.0, next_at - time.monotonic())):
+                        await stop.wait()
+                if stop.is_set():
+                    return
+                at = datetime.now(UTC)
+                await conn.copy_records_to_table(
+                    PLUGIN_SAMPLES_TABLE,
+                    records=[(at, *row[1:]) for row in base],
+                    columns=PLUGIN_SAMPLES_COLUMNS,
+                    timeout=60,
+                )
+                if counting:
+                    copied += len(base)
+                next_at += interval
+
+        tasks = [asyncio.create_task(agent(c)) for c in conns]
+        await asyncio.sleep(interval)  # every connection has started its rhythm
+        counting = True
+        before = server_cpu_seconds(server)
+        await asyncio.sleep(duration)
+        after = server_cpu_seconds(server)
+        counting = False
+        stop.set()
+        await asyncio.gather(*tasks)
+    finally:
+        for conn in conns:
+            await conn.close()
+    return (after - before) / max(copied, 1)
+
+
+def backfills_running(url: str) -> int:
+    """Rollup refreshes in progress: at a mass start, every agent that replayed its
+    unresolved spool back-fills the rollups from its oldest row (storage.upkeep)."""
+    with psycopg.connect(url) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+            " AND state = 'active' AND query ILIKE '%pluginmon_refresh_rollup%'"
+            " AND pid <> pg_backend_pid()"
+        ).fetchone()
+    return 0 if row is None else int(row[0])
+
+
+# -- the coordinator -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class StepResult:
+    agents: int
+    rows_per_second: float
+    db_cpu_percent: float
+    db_cpu_per_1k_rows: float
+    p50_lag: float
+    p99_lag: float
+    spool_rows: int
+    skipped: int
+    errors: int
+    agents_cpu_percent: float
+    split: dict[str, float]
+
+    def within(self, interval: float) -> bool:
+        return self.p99_lag <= interval and self.spool_rows == 0 and self.skipped == 0
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return math.inf
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def report_all(workers: list[Worker]) -> dict[str, Any]:
+    replies = [w.ask({"cmd": "report"}) for w in workers]
+    total: dict[str, Any] = {"lags": [], "cpu": 0.0}
+    for reply in replies:
+        for name, value in reply.items():
+            if name == "lags":
+                total["lags"].extend(value)
+            else:
+                total[name] = total.get(name, 0) + value
+    return total
+
+
+def run_fleet(args: argparse.Namespace, url: str, server: int) -> list[StepResult]:
+    workers = [Worker(url, args.interval) for _ in range(args.workers)]
+    results: list[StepResult] = []
+    added = 0
+    try:
+        for step in (int(s) for s in args.steps.split(",")):
+            for index in range(added, step):
+                workers[index % len(workers)].ask({"cmd": "add", "agents": [index]})
+                time.sleep(args.interval / max(1, step - added) / 2)  # spread the starts
+            added = step
+            added_at = time.monotonic()
+            deadline = added_at + args.settle_timeout
+            while True:
+                status = report_all(workers)
+                if status["failed"]:
+                    raise RuntimeError(f"{status['failed']} agent(s) stopped")
+                if (
+                    status["settled"] >= step
+                    and status["spool_rows"] == 0
+                    and backfills_running(url) == 0
+                ):
+                    break
+                if time.monotonic() > deadline:
+                    print(
+                        f"N={step}: not settled after {args.settle_timeout:.0f} s "
+                        f"({status['settled']} agents settled, {status['spool_rows']} rows "
+                        "in spools): stopping"
+                    )
+                    return results
+                time.sleep(5)
+            time.sleep(args.warmup)
+            before = report_all(workers)
+            reset_statements(url)
+            cpu0, wall0 = server_cpu_seconds(server), time.monotonic()
+            time.sleep(args.duration)
+            cpu1, wall1 = server_cpu_seconds(server), time.monotonic()
+            times = statement_times(url)
+            after = report_all(workers)
+            wall = wall1 - wall0
+            rows = after["rows_written"] - before["rows_written"]
+            db_cpu = cpu1 - cpu0
+            result = StepResult(
+                agents=step,
+                rows_per_second=rows / wall,
+                db_cpu_percent=100 * db_cpu / wall,
+                db_cpu_per_1k_rows=1000 * db_cpu / max(rows, 1),
+                p50_lag=percentile(after["lags"], 0.5),
+                p99_lag=percentile(after["lags"], 0.99),
+                spool_rows=after["spool_rows"],
+                skipped=after["skipped"] - before["skipped"],
+                errors=after["errors"] - before["errors"],
+                agents_cpu_percent=100 * (after["cpu"] - before["cpu"]) / wall,
+                split={
+                    **dict(sorted(times.items())),
+                    "outside statements": max(0.0, db_cpu - sum(times.values())),
+                },
+            )
+            results.append(result)
+            print_step(result, wall, time.monotonic() - added_at)
+            if not result.within(args.interval):
+                break
+    finally:
+        for worker in workers:
+            worker.stop()
+    return results
+
+
+def print_step(r: StepResult, wall: float, since_added: float) -> None:
+    split = ", ".join(f"{k} {100 * v / wall:.1f}%" for k, v in r.split.items())
+    # Execution time of the statements of each kind (pg_stat_statements, top level), as %
+    # of one core; "outside statements" is the server's CPU beyond all of them: commits,
+    # connections, the WAL writer, checkpoints, autovacuum, background jobs.
+    print(
+        f"N={r.agents}: {r.rows_per_second:,.0f} sample rows/s; database CPU {r.db_cpu_percent:.1f}% "
+        f"of one core = {1000 * r.db_cpu_per_1k_rows:.1f} ms per 1,000 rows; commit lag p50 "
+        f"{r.p50_lag:.2f} s, p99 {r.p99_lag:.2f} s; spool depth {r.spool_rows}; cycles skipped "
+        f"{r.skipped}; errors {r.errors}; agents' CPU {r.agents_cpu_percent:.1f}% "
+        f"(measured from {since_added - wall:.0f} s after the step's agents were added)"
+    )
+    print(f"  database time by kind (% of one core): {split}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--database-url", help="admin URL of a local server (see above)")
+    parser.add_argument("--steps", default="25,50,100,150,200,300")
+    parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--interval", type=float, default=10.0)
+    parser.add_argument("--warmup", type=float, default=30.0)
+    parser.add_argument("--duration", type=float, default=60.0)
+    parser.add_argument("--settle-timeout", type=float, default=600.0)
+    parser.add_argument("--raw-batches", type=int, default=200)
+    parser.add_argument("--raw-duration", type=float, default=30.0)
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--worker-url", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        asyncio.run(worker_main(args.worker_url, args.interval))
+        return
+
+    with database_server(args.database_url) as admin, fresh_database(admin) as url:
+        server = postmaster(url)
+        raw_before = asyncio.run(raw_copy_cpu_per_row(url, server, batches=args.raw_batches))
+        print(
+            f"raw COPY before the fleet: {1e6 * raw_before:.1f} us database CPU per row "
+            f"({args.raw_batches} COPYs of {PLUGINS_PER_AGENT} rows on one connection)"
+        )
+        raw_fleet: dict[int, float] = {}
+        for step in (int(s) for s in args.steps.split(",")):
+            raw_fleet[step] = asyncio.run(
+                raw_fleet_cpu_per_row(
+                    url, server, agents=step, interval=args.interval, duration=args.raw_duration
+                )
+            )
+            print(
+                f"raw COPY at N={step}: {1e6 * raw_fleet[step]:.1f} us database CPU per row "
+                f"({step} connections, {PLUGINS_PER_AGENT} rows each every "
+                f"{args.interval:g} s, nothing else)"
+            )
+        results = run_fleet(args, url, server)
+        raw_after = asyncio.run(raw_copy_cpu_per_row(url, server, batches=args.raw_batches))
+        print(f"raw COPY after the fleet: {1e6 * raw_after:.1f} us database CPU per row")
+    raw = statistics.mean([raw_before, raw_after])
+    passing = [r for r in results if r.within(args.interval)]
+    best = max(passing, key=lambda r: r.agents) if passing else None
+    for r in results:
+        per_row = r.db_cpu_per_1k_rows / 1000
+        print(
+            f"N={r.agents}: database CPU per sample row {1e6 * per_row:.1f} us = "
+            f"{per_row / raw_fleet[r.agents]:.2f}x the raw COPY at the same concurrency, "
+            f"{per_row / raw:.2f}x back-to-back COPYs on one connection"
+        )
+    print(f"fleet_agents_1k_plugins_10s={best.agents if best else 0}")
+
+
+if __name__ == "__main__":
+    main()
