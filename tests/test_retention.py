@@ -300,10 +300,23 @@ async def test_rollup_refresh_is_incremental_and_matches_group_by(pg_db: str) ->
         at = start + timedelta(hours=3, seconds=5)
         second = await refresh_rollup(conn_async, spec_1m, at)
         await refresh_rollup(conn_async, spec_1h, at)
-        assert second.window_start == start + timedelta(hours=2) - spec_1m.lookback
+        # Amortised (sql/061): a regular refresh looks back one bucket only...
+        assert second.window_start == start + timedelta(hours=2) - spec_1m.width
         assert second.window_end == start + timedelta(hours=3)
-        minutes = (timedelta(hours=1) + spec_1m.lookback) // timedelta(minutes=1)
-        assert second.buckets == minutes * len(plugins)
+        assert second.buckets == 61 * len(plugins)
+        late_bucket = late_at.replace(second=0)
+        with psycopg.connect(pg_db) as conn:
+            waiting = rollup_rows(conn, "plugin_samples_1m")
+            truth = group_by_rollup(conn, "1 minute")
+            late_key = next(k for k in truth if k[0] == late_bucket and k in waiting)
+            assert waiting[late_key] != truth[late_key]  # the late row is not in yet
+
+        # ...and once the watermark is a lookback past the last whole refresh, the whole
+        # lookback behind that mark is recomputed: the late row is folded in.
+        at = start + timedelta(hours=3, minutes=1, seconds=5)
+        third = await refresh_rollup(conn_async, spec_1m, at)
+        assert third.window_start == start + timedelta(hours=2) - spec_1m.lookback
+        assert third.window_end == start + timedelta(hours=3, minutes=1)
 
         with psycopg.connect(pg_db) as conn:
             expected = group_by_rollup(conn, "1 minute")
@@ -322,7 +335,7 @@ async def test_rollup_refresh_is_incremental_and_matches_group_by(pg_db: str) ->
         # Nothing completed since: an idle refresh does no work.
         idle = await refresh_rollup(conn_async, spec_1m, at + timedelta(seconds=20))
         assert idle.buckets == 0
-        assert idle.window_start == idle.window_end == start + timedelta(hours=3)
+        assert idle.window_start == idle.window_end == start + timedelta(hours=3, minutes=1)
 
         # An explicit back-fill recomputes from the given time, fixing everything.
         await refresh_rollup(conn_async, spec_1m, at, refresh_from=start)
@@ -333,7 +346,7 @@ async def test_rollup_refresh_is_incremental_and_matches_group_by(pg_db: str) ->
             watermark = conn.execute(
                 "SELECT watermark FROM rollup_watermarks WHERE rollup = 'rollup_samples_1m'"
             ).fetchone()
-        assert watermark == (start + timedelta(hours=3),)
+        assert watermark == (start + timedelta(hours=3, minutes=1),)
 
 
 @pytest.mark.parametrize("chunk", [None, timedelta(hours=1)], ids=["helper", "hourly-chunks"])
