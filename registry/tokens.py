@@ -104,7 +104,12 @@ def parse(text: str) -> IssuedToken | None:
         return None
     if len(secret) != SECRET_BYTES:
         return None
-    return IssuedToken(key_id=match["key_id"], secret=secret)
+    token = IssuedToken(key_id=match["key_id"], secret=secret)
+    # 32 bytes are 43 characters whose last one carries 2 unused bits: other spellings of
+    # the same bytes (a last character changed only in those bits) are not the token issued.
+    if not hmac.compare_digest(token.text, text):
+        return None
+    return token
 
 
 def digest(secret: bytes) -> bytes:

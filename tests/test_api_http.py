@@ -375,3 +375,20 @@ def test_a_subclass_of_a_domain_error_keeps_its_status() -> None:
     assert status_of(Missing("no such plugin")) == 404
     assert status_of(ConflictError("x")) == 409
     assert status_of(RegistryError("anything else")) == 422
+
+
+def test_only_the_issued_spelling_of_a_token_parses() -> None:
+    issued = tokens.issue()
+    text = issued.text
+    parsed = tokens.parse(text)
+    assert parsed is not None
+    assert parsed.secret == issued.secret
+    # The last of the 43 characters carries 2 unused bits: flipping them spells the same
+    # bytes, which must not be accepted as the token.
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+    last = alphabet.index(text[-1])
+    same_bytes = [alphabet[(last & ~0b11) | low] for low in range(4)]
+    others = [c for c in same_bytes if c != text[-1]]
+    assert len(others) == 3
+    for other in others:
+        assert tokens.parse(text[:-1] + other) is None
