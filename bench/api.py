@@ -46,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import aiohttp
 
-from bench.processes import cpu_seconds, scrape, start_processes
+from bench.processes import cpu_seconds, daemon_env, scrape, start_processes
 from bench.scratch import free_port, scratch_database
 
 REPO = Path(__file__).resolve().parent.parent
@@ -243,17 +243,7 @@ def bench(
     procs = start_processes(processes, plugins, tenant)
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="pluginmon-bench-api-") as data_dir:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PLUGINMON_")}
-        env.update(
-            PLUGINMON_DATABASE_URL=database_url,
-            PLUGINMON_DATA_DIR=data_dir,
-            PLUGINMON_HTTP_HOST="127.0.0.1",
-            PLUGINMON_HTTP_PORT=str(port),
-            PLUGINMON_SAMPLE_INTERVAL_SECONDS="1",
-            PLUGINMON_LABEL_DISCOVERY="true",
-            PLUGINMON_LOG_LEVEL="WARNING",
-            PLUGINMON_DATABASE_POOL_MAX_SIZE="8",
-        )
+        env = daemon_env(database_url, data_dir, port, PLUGINMON_DATABASE_POOL_MAX_SIZE="8")
         log = Path(data_dir) / "daemon.log"
         with log.open("wb") as log_file:
             daemon = subprocess.Popen(

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import resource
 import signal
 import statistics
@@ -43,7 +42,7 @@ from prometheus_client import (
     generate_latest,
 )
 
-from bench.processes import cpu_seconds, rss_mib, scrape, start_processes
+from bench.processes import cpu_seconds, daemon_env, rss_mib, scrape, start_processes
 from bench.scratch import free_port, scratch_database
 from pluginmon.collectors.models import PluginKey, PluginSample, Snapshot
 from pluginmon.daemon.exporter import (
@@ -245,16 +244,7 @@ def bench_sustained(
     procs = start_processes(processes, plugins, tenant)
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="pluginmon-bench-daemon-") as data_dir:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PLUGINMON_")}
-        env.update(
-            PLUGINMON_DATABASE_URL=database_url,
-            PLUGINMON_DATA_DIR=data_dir,
-            PLUGINMON_HTTP_HOST="127.0.0.1",
-            PLUGINMON_HTTP_PORT=str(port),
-            PLUGINMON_SAMPLE_INTERVAL_SECONDS="1",
-            PLUGINMON_LABEL_DISCOVERY="true",
-            PLUGINMON_LOG_LEVEL="WARNING",
-        )
+        env = daemon_env(database_url, data_dir, port)
         if evaluate_interval is not None:
             env["PLUGINMON_EVALUATE_INTERVAL_SECONDS"] = str(evaluate_interval)
         log = Path(data_dir) / "daemon.log"

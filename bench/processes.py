@@ -51,3 +51,21 @@ def scrape(port: int) -> str:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
         body: bytes = response.read()
         return body.decode()
+
+
+def daemon_env(database_url: str, data_dir: str, port: int, **extra: str) -> dict[str, str]:
+    """The environment of a bench's `pluginmon run`: this one without PLUGINMON_* settings,
+    then the database, data directory, loopback port, a 1 s interval, label discovery and
+    warnings only; ``extra`` adds or overrides PLUGINMON_* variables."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PLUGINMON_")}
+    env.update(
+        PLUGINMON_DATABASE_URL=database_url,
+        PLUGINMON_DATA_DIR=data_dir,
+        PLUGINMON_HTTP_HOST="127.0.0.1",
+        PLUGINMON_HTTP_PORT=str(port),
+        PLUGINMON_SAMPLE_INTERVAL_SECONDS="1",
+        PLUGINMON_LABEL_DISCOVERY="true",
+        PLUGINMON_LOG_LEVEL="WARNING",
+    )
+    env.update(extra)
+    return env

@@ -121,12 +121,7 @@ def accept_batch(open_files_limit: int | None = None) -> int:
     limit exhausts it (EMFILE) for a moment although the connection limit holds. The
     kernel's listen queue is set back to ``LISTEN_QUEUE`` once the server listens.
     """
-    if open_files_limit is None:
-        soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        open_files_limit = soft
-    if open_files_limit == resource.RLIM_INFINITY or open_files_limit <= 0:
-        return 100
-    return max(1, min(100, open_files_limit // 4))
+    return connection_limit(LISTEN_QUEUE, open_files_limit=open_files_limit)
 
 
 def _qvalue(params: list[str]) -> float:
