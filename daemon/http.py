@@ -113,15 +113,21 @@ def connection_limit(max_connections: int, *, open_files_limit: int | None = Non
 
 
 def accept_batch(open_files_limit: int | None = None) -> int:
-    """How many connections asyncio accepts in one go (its ``backlog``): 100, but at most a
-    quarter of the descriptor limit.
+    """How many connections asyncio accepts in one go (its ``backlog``): 100, but at most an
+    eighth of the descriptor limit (the connections held take up to a quarter, the daemon's
+    own files, pool and /proc reads need the rest).
 
     asyncio accepts up to ``backlog`` sockets per readiness event before any of them reaches
     the limit check and is closed; with the default of 100 a flood against a low descriptor
     limit exhausts it (EMFILE) for a moment although the connection limit holds. The
     kernel's listen queue is set back to ``LISTEN_QUEUE`` once the server listens.
     """
-    return connection_limit(LISTEN_QUEUE, open_files_limit=open_files_limit)
+    if open_files_limit is None:
+        soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        open_files_limit = soft
+    if open_files_limit == resource.RLIM_INFINITY or open_files_limit <= 0:
+        return LISTEN_QUEUE
+    return max(1, min(LISTEN_QUEUE, open_files_limit // 8))
 
 
 def _qvalue(params: list[str]) -> float:

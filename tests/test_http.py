@@ -328,7 +328,7 @@ def test_connection_limit_is_a_quarter_of_the_descriptor_limit() -> None:
     assert connection_limit(256, open_files_limit=2) == 1
     assert connection_limit(10, open_files_limit=resource.RLIM_INFINITY) == 10
     assert accept_batch(1024) == 100
-    assert accept_batch(128) == 32
+    assert accept_batch(128) == 16
     assert accept_batch(2) == 1
     assert accept_batch(resource.RLIM_INFINITY) == 100
     with pytest.raises(ValueError, match="header_timeout_seconds"):
