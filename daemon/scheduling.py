@@ -14,6 +14,8 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from pluginmon.storage.errors import is_transient
+
 logger = logging.getLogger(__name__)
 
 JobFunc = Callable[[], Awaitable[None]]
@@ -102,11 +104,20 @@ class Scheduler:
                 self._running.add(task)
             try:
                 await func()
-            except Exception:
+            except Exception as exc:
                 self._failures[name] = self._failures.get(name, 0) + 1
                 streak = self._consecutive_failures.get(name, 0) + 1
                 self._consecutive_failures[name] = streak
-                if streak == 1:
+                if streak == 1 and is_transient(exc):
+                    # An outage (database down, network gone) is weather, not a bug: one
+                    # line, no traceback.
+                    logger.warning(
+                        "job %s failed on a transient error (%s: %s); further failures are counted",
+                        name,
+                        type(exc).__name__,
+                        str(exc).strip().splitlines()[0] if str(exc).strip() else "no detail",
+                    )
+                elif streak == 1:
                     logger.exception("job %s failed; further failures are counted", name)
                 else:
                     logger.debug("job %s failed again (%d in a row)", name, streak, exc_info=True)

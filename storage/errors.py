@@ -24,6 +24,10 @@ Transient, with the SQLSTATE class where there is one, and why:
   yet (another daemon or ``pluginmon migrate`` is on it).
 * 42501 ``InsufficientPrivilegeError``: grants being fixed; the data is kept meanwhile.
 
+The admin plane (maintenance, migrations: psycopg) fails the same ways; ``psycopg``'s
+``OperationalError`` covers its classes 08, 53, 57 and 58 and its ``TransactionRollback``,
+and 25006 is named on its own.
+
 Anything else (a constraint violation, a value a column refuses) is about the data, not the
 database: callers isolate or report it and never retry it in silence.
 """
@@ -35,6 +39,7 @@ from collections.abc import Callable
 from typing import Final
 
 import asyncpg
+import psycopg
 
 TRANSIENT_ERRORS: Final[tuple[type[BaseException], ...]] = (
     OSError,
@@ -53,9 +58,19 @@ TRANSIENT_ERRORS: Final[tuple[type[BaseException], ...]] = (
 )
 
 
+ADMIN_TRANSIENT_ERRORS: Final[tuple[type[BaseException], ...]] = (
+    psycopg.OperationalError,
+    psycopg.errors.ReadOnlySqlTransaction,
+    psycopg.errors.UndefinedTable,
+    psycopg.errors.UndefinedColumn,
+    psycopg.errors.InsufficientPrivilege,
+)
+
+
 def is_transient(exc: BaseException) -> bool:
-    """True when ``exc`` says the database cannot take the work now (see the module doc)."""
-    return isinstance(exc, TRANSIENT_ERRORS)
+    """True when ``exc`` says the database cannot take the work now (see the module doc),
+    from either driver."""
+    return isinstance(exc, TRANSIENT_ERRORS + ADMIN_TRANSIENT_ERRORS)
 
 
 def backoff_seconds(

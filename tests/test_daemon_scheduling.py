@@ -9,6 +9,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from pluginmon.daemon.scheduling import Scheduler
+from tests.net_helpers import free_port
 from tests.waiting import wait_until
 
 
@@ -145,3 +146,36 @@ async def test_run_soon_brings_the_next_run_forward() -> None:
         scheduler.run_soon("job")
         await asyncio.wait_for(ran.wait(), 5)  # not an hour later
     assert len(runs) == 2
+
+
+async def test_a_transient_failure_is_one_warning_line_without_traceback(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A maintenance run during an outage fails with the admin plane's psycopg error: that is
+    logged once as a warning naming the error, not as a traceback."""
+    import psycopg
+
+    closed_port = free_port()
+    runs = 0
+
+    async def maintenance() -> None:
+        nonlocal runs
+        runs += 1
+        # A real connection attempt to a closed loopback port: psycopg.OperationalError.
+        await psycopg.AsyncConnection.connect(
+            f"postgresql://nobody@127.0.0.1:{closed_port}/x", connect_timeout=2
+        )
+
+    caplog.set_level(logging.DEBUG, logger="pluginmon.daemon.scheduling")
+    async with Scheduler(drain_seconds=1) as scheduler:
+        scheduler.add_job("maintenance", maintenance, interval_seconds=0.05)
+        await wait_until(
+            lambda: runs >= 3, timeout_seconds=20, what="three failed maintenance runs"
+        )
+    assert scheduler.failures["maintenance"] >= 3
+    first = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(first) == 1, [r.getMessage() for r in first]
+    assert first[0].levelno == logging.WARNING
+    assert first[0].exc_info is None
+    message = first[0].getMessage()
+    assert "job maintenance failed on a transient error (OperationalError:" in message
