@@ -29,7 +29,14 @@ from pluginmon.storage.migrate import Backend
 logger = logging.getLogger(__name__)
 
 HYPERTABLES: tuple[str, ...] = ("plugin_samples", "plugin_metrics")
-CONTINUOUS_AGGREGATES: tuple[str, ...] = ("rollup_samples_1m", "rollup_samples_1h")
+# The percentile aggregates (sql/090) sit beside the others: a continuous aggregate's query
+# cannot be altered, and the contract views plugin_samples_1m / _1h join each pair.
+CONTINUOUS_AGGREGATES: tuple[str, ...] = (
+    "rollup_samples_1m",
+    "rollup_samples_1h",
+    "rollup_samples_pct_1m",
+    "rollup_samples_pct_1h",
+)
 
 RETENTION_PROC = "policy_retention"
 COMPRESSION_PROC = "policy_compression"
@@ -62,6 +69,10 @@ REFRESH_WINDOWS: dict[str, RefreshWindow] = {
         schedule_interval=timedelta(minutes=30),
     ),
 }
+# The percentile aggregates refresh over the same windows as their siblings, so a bucket's
+# averages and percentiles appear together.
+REFRESH_WINDOWS["rollup_samples_pct_1m"] = REFRESH_WINDOWS["rollup_samples_1m"]
+REFRESH_WINDOWS["rollup_samples_pct_1h"] = REFRESH_WINDOWS["rollup_samples_1h"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +127,8 @@ def _desired_policies(retention: Retention) -> list[_Desired]:
         ("plugin_metrics", RETENTION_PROC, {"drop_after": retention.metrics}, None),
         ("rollup_samples_1m", RETENTION_PROC, {"drop_after": retention.rollup_1m}, None),
         ("rollup_samples_1h", RETENTION_PROC, {"drop_after": retention.rollup_1h}, None),
+        ("rollup_samples_pct_1m", RETENTION_PROC, {"drop_after": retention.rollup_1m}, None),
+        ("rollup_samples_pct_1h", RETENTION_PROC, {"drop_after": retention.rollup_1h}, None),
         ("plugin_samples", COMPRESSION_PROC, {"compress_after": retention.compress_after}, None),
         ("plugin_metrics", COMPRESSION_PROC, {"compress_after": retention.compress_after}, None),
     ]
