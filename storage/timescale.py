@@ -8,8 +8,9 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import psycopg
-from psycopg import sql
+from psycopg import errors, sql
 
+from pluginmon.storage.analytics import refresh_daily_analytics
 from pluginmon.storage.backend import (
     AdminConnection,
     Clock,
@@ -41,6 +42,13 @@ CONTINUOUS_AGGREGATES: tuple[str, ...] = (
 RETENTION_PROC = "policy_retention"
 COMPRESSION_PROC = "policy_compression"
 REFRESH_PROC = "policy_refresh_continuous_aggregate"
+
+# Transient failures of one step: the next maintenance run tries again.
+_STEP_ERRORS: tuple[type[Exception], ...] = (
+    errors.LockNotAvailable,
+    errors.QueryCanceled,
+    errors.TransactionRollback,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -279,7 +287,8 @@ class TimescaleMaintenance:
     """TimescaleDB's own jobs drop chunks, compress and refresh; this deletes the rest.
 
     Completed operations, audit entries and usage analytics are plain tables on both
-    backends, deleted here under the database-wide advisory lock.
+    backends, deleted here under the database-wide advisory lock; the daily analytics are
+    computed here too (storage.analytics).
     """
 
     def __init__(self, *, clock: Clock = utc_now) -> None:
@@ -294,11 +303,23 @@ class TimescaleMaintenance:
         async with maintenance_lock(conn) as acquired:
             if not acquired:
                 return MaintenanceReport(backend=self.backend, ran=False)
-            removed = await delete_expired(conn, retention, self._clock())
+            now = self._clock()
+            removed = await delete_expired(conn, retention, now)
+            analytics_days: tuple[datetime, ...] = ()
+            failed: list[tuple[str, str]] = []
+            try:
+                analytics_days = (
+                    await refresh_daily_analytics(conn, now=now, retention=retention)
+                ).days
+            except _STEP_ERRORS as exc:
+                logger.warning("maintenance: daily analytics postponed: %s", exc)
+                failed.append(("analytics", str(exc)))
         return MaintenanceReport(
             backend=self.backend,
             ran=True,
             rows_removed=tuple((name, rows) for name, rows in removed if rows),
+            failed_steps=tuple(failed),
+            analytics_days=analytics_days,
         )
 
     async def backfill(
