@@ -11,6 +11,7 @@ import asyncpg
 from aiohttp import web
 
 from pluginmon.collectors.push import PushConfig, PushStore
+from pluginmon.daemon.api_analytics import analytics_routes
 from pluginmon.daemon.api_backups import backup_routes
 from pluginmon.daemon.api_config import ConfigHandlers, config_routes
 from pluginmon.daemon.api_dependencies import dependency_routes, with_dependency_recompute
@@ -373,6 +374,7 @@ def build_api_app(
             readers=backup_readers, metrics=None if metrics is None else metrics.backups
         ),
         *vulnerability_routes(),
+        *analytics_routes(),
     ]
     dispatcher = Dispatcher(
         pool,
