@@ -11,7 +11,7 @@ from pydantic import AwareDatetime, ConfigDict, Field
 
 from pluginmon.daemon.api_http import Call, Route
 from pluginmon.daemon.api_models import ENVIRONMENT_PATTERN, Items, Query, Request, Response
-from pluginmon.registry import sboms, vulnerabilities
+from pluginmon.registry import sboms, vulnerabilities, vulnerability_imports
 from pluginmon.registry.scan_reports import ReportFormat
 from pluginmon.registry.tokens import Role
 from pluginmon.registry.vulnerabilities import MAX_REASON_CHARS
@@ -82,7 +82,7 @@ class ImportOut(Response):
     suppressed: int
 
     @classmethod
-    def of(cls, r: vulnerabilities.SyncResult) -> ImportOut:
+    def of(cls, r: vulnerability_imports.SyncResult) -> ImportOut:
         return cls(
             format=r.scanner,
             findings=r.findings,
@@ -142,7 +142,7 @@ async def put_sbom(call: Call) -> SbomOut:
 async def import_report(call: Call) -> ImportOut:
     body: JsonDocument = call.body
     query: ImportQuery = call.query
-    result = await vulnerabilities.import_report(
+    result = await vulnerability_imports.import_report(
         call.conn,
         tenant_id=call.tenant_id,
         actor=call.actor,
@@ -157,11 +157,12 @@ async def import_report(call: Call) -> ImportOut:
 
 async def list_findings(call: Call) -> Items[VulnerabilityOut]:
     query: FindingListQuery = call.query
-    # Expiry is a rule of time: apply it before answering what is open.
-    await vulnerabilities.expire_acceptances(call.conn, now=call.now)
+    # Read-only: an acceptance past its expiry reads as open (the maintenance job writes
+    # that down, audited).
     found = await vulnerabilities.list_findings(
         call.conn,
         call.params["name"],
+        now=call.now,
         environment=query.environment,
         status=query.status,
         severity=query.severity,
@@ -171,12 +172,14 @@ async def list_findings(call: Call) -> Items[VulnerabilityOut]:
 
 
 async def get_finding(call: Call) -> VulnerabilityOut:
-    await vulnerabilities.expire_acceptances(call.conn, now=call.now)
-    return VulnerabilityOut.of(await vulnerabilities.get_finding(call.conn, call.param_int("id")))
+    return VulnerabilityOut.of(
+        await vulnerabilities.get_finding(call.conn, call.param_int("id"), now=call.now)
+    )
 
 
 async def accept_finding(call: Call) -> VulnerabilityOut:
     body: AcceptRequest = call.body
+    # A write anyway: an expired acceptance is written down (audited) before the new one.
     await vulnerabilities.expire_acceptances(call.conn, now=call.now)
     finding = await vulnerabilities.accept(
         call.conn,

@@ -20,7 +20,7 @@ from pluginmon.registry.actor import Actor
 from pluginmon.registry.errors import InvalidError
 from pluginmon.registry.plugins import check_environment, plugin_id
 from pluginmon.registry.scan_reports import Finding, ReportError, Sbom, parse_sbom
-from pluginmon.registry.vulnerabilities import (
+from pluginmon.registry.vulnerability_imports import (
     OFFLINE_SCANNER,
     SyncResult,
     result_details,
