@@ -5,7 +5,7 @@ decides."""
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 from pydantic import AwareDatetime, ConfigDict, Field
 
@@ -15,6 +15,14 @@ from pluginmon.registry import sboms, vulnerabilities, vulnerability_imports
 from pluginmon.registry.scan_reports import ReportFormat
 from pluginmon.registry.tokens import Role
 from pluginmon.registry.vulnerabilities import MAX_REASON_CHARS
+
+# SBOMs and scanner reports ([api] max_document_bytes): real CycloneDX SBOMs pass the 1 MiB
+# of every other JSON body.
+DEFAULT_MAX_DOCUMENT_BYTES: Final = 32 * 1024 * 1024
+_DOCUMENT_LIMIT_NOTE: Final = (
+    "The body may be up to [api] max_document_bytes (32 MiB by default), not max_body_bytes; "
+    "larger bodies get 413 body_too_large."
+)
 
 FindingStatus = Literal[
     "open", "acknowledged", "mitigated", "fixed", "false_positive", "accepted", "suppressed"
@@ -193,20 +201,27 @@ async def accept_finding(call: Call) -> VulnerabilityOut:
     return VulnerabilityOut.of(finding)
 
 
-def vulnerability_routes() -> list[Route]:
+def vulnerability_routes(*, max_document_bytes: int = DEFAULT_MAX_DOCUMENT_BYTES) -> list[Route]:
+    """``max_document_bytes``: the body limit of the SBOM and report routes (413 past it)."""
     body_errors = (400, 404, 413, 422)
+
+    def document_limit() -> int:
+        return max_document_bytes
+
     # fmt: off
     return [
         Route("PUT", "/plugins/{name}/sbom",
               "Store the plugin's CycloneDX SBOM for an environment (matched offline against "
               "the OSV database by the maintenance job and `pluginmon vulns scan`)", SbomOut,
               put_sbom, role=Role.WRITER, body=JsonDocument, query=EnvironmentQuery,
-              tag="vulnerabilities", errors=body_errors),
+              tag="vulnerabilities", errors=body_errors, max_body_bytes=document_limit,
+              description=_DOCUMENT_LIMIT_NOTE),
         Route("POST", "/plugins/{name}/vulnerabilities/import",
               "Import an OSV-Scanner, Trivy or Grype JSON report (replaces that scanner's "
               "findings) or a CycloneDX VEX (suppresses not_affected, closes resolved)",
               ImportOut, import_report, role=Role.WRITER, body=JsonDocument, query=ImportQuery,
-              tag="vulnerabilities", errors=body_errors),
+              tag="vulnerabilities", errors=body_errors, max_body_bytes=document_limit,
+              description=_DOCUMENT_LIMIT_NOTE),
         Route("GET", "/plugins/{name}/vulnerabilities", "List a plugin's vulnerability findings",
               Items[VulnerabilityOut], list_findings, query=FindingListQuery,
               tag="vulnerabilities", errors=(404, 422)),
