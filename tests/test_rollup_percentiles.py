@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import shutil
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
 
 from pluginmon.storage import timescale
-from pluginmon.storage.backend import admin_connection
-from pluginmon.storage.migrate import Backend
+from pluginmon.storage.backend import Retention, admin_connection
+from pluginmon.storage.engines import backfill_rollups
+from pluginmon.storage.migrate import Backend, default_sql_dir, migrate
 from pluginmon.storage.partitions import ROLLUPS, refresh_rollup
+from tests.dbutil import create_database, drop_database, with_database
 from tests.schema_helpers import (
     Conn,
     add_plugin,
@@ -156,3 +160,68 @@ async def test_postgres_rollup_recomputes_percentiles_for_a_late_row(pg_admin_ur
         _assert_exact(after, _raw_percentiles(conn, "1 hour"))
         key = next(k for k in after if k[2] == plugin_id[0])
         assert after[key] != before[key]
+
+
+async def _check_upgrade(pg_admin_url: str, backend: Backend, tmp_path: Path) -> None:
+    """A database with rollups from before sql/090: its buckets keep their averages and read
+    NULL percentiles until a back-fill recomputes them from the raw rows."""
+    old_sql = tmp_path / "sql"
+    old_sql.mkdir()
+    for path in default_sql_dir().glob("*.sql"):
+        if int(path.name[:3]) < 90:
+            shutil.copy(path, old_sql / path.name)
+    start = datetime.now(UTC).replace(minute=0, second=0, microsecond=0) - timedelta(hours=4)
+    end = start + timedelta(hours=2)
+    name = create_database(pg_admin_url, prefix="pct_up")
+    url = with_database(pg_admin_url, name)
+    try:
+        migrate(url, sql_dir=old_sql, backend=backend)
+        with psycopg.connect(url, autocommit=True) as conn:
+            _load(conn, start, end)
+            if backend is Backend.TIMESCALEDB:
+                for relation in ("rollup_samples_1m", "rollup_samples_1h"):
+                    conn.execute(
+                        "CALL refresh_continuous_aggregate(%s::regclass, %s::timestamptz,"
+                        " %s::timestamptz)",
+                        (relation, start, end),
+                    )
+            else:
+                await _refresh_postgres(url, end)
+            before = conn.execute(
+                "SELECT count(*), sum(sample_count), sum(cpu_percent_avg) FROM plugin_samples_1h"
+            ).fetchone()
+        assert migrate(url).applied[:2] == (
+            f"090_rollup_percentiles.{backend.value}.sql",
+            "091_daily_analytics.sql",
+        )
+        with psycopg.connect(url, autocommit=True) as conn:
+            after = conn.execute(
+                "SELECT count(*), sum(sample_count), sum(cpu_percent_avg) FROM plugin_samples_1h"
+            ).fetchone()
+            assert after == before
+            assert before is not None
+            assert before[0] == 2 * 3
+            nulls = conn.execute(
+                "SELECT count(*) FILTER (WHERE cpu_percent_p95 IS NULL), count(*)"
+                " FROM plugin_samples_1m"
+            ).fetchone()
+            assert nulls == (120 * 3, 120 * 3)
+        await backfill_rollups(url, start, Retention())
+        with psycopg.connect(url, autocommit=True) as conn:
+            _assert_exact(_rollup_percentiles(conn, "plugin_samples_1m"), _raw_percentiles(conn, "1 minute"))  # fmt: skip
+            _assert_exact(_rollup_percentiles(conn, "plugin_samples_1h"), _raw_percentiles(conn, "1 hour"))  # fmt: skip
+    finally:
+        drop_database(pg_admin_url, name)
+
+
+async def test_postgres_upgrade_keeps_old_buckets_and_backfill_adds_percentiles(
+    pg_admin_url: str, tmp_path: Path
+) -> None:
+    await _check_upgrade(pg_admin_url, Backend.POSTGRES, tmp_path)
+
+
+@pytest.mark.timescaledb
+async def test_timescaledb_upgrade_keeps_old_buckets_and_backfill_adds_percentiles(
+    requires_timescaledb: None, pg_admin_url: str, tmp_path: Path
+) -> None:
+    await _check_upgrade(pg_admin_url, Backend.TIMESCALEDB, tmp_path)
