@@ -55,6 +55,13 @@ ROLLUP_COLUMNS = (
     "restarts_sum, cpu_percent_p95, rss_bytes_p95"
 )
 
+# Prometheus keeps the scraped gauge, not the samples behind it: its p95 is over the scraped
+# values in each window.
+PROM_P95_NOTE = (
+    "95th percentile of the values Prometheus scraped in each window ($__rate_interval); the "
+    "PostgreSQL dashboards show it over every sample, from the rollups."
+)
+
 # A p95 cannot be combined from the p95s of smaller buckets: where Grafana's interval spans
 # several rollup buckets the p95 panels show the highest bucket p95 in it (an upper bound of
 # the interval's own p95, exact when the interval is one bucket).
@@ -1286,6 +1293,38 @@ def fleet_prometheus() -> dict[str, Any]:
             min_value=0,
         ),
         Panel(
+            "CPU p95 by plugin",
+            "timeseries",
+            12,
+            8,
+            (
+                Query(
+                    "topk($top, quantile_over_time(0.95, "
+                    f"pluginmon_plugin_cpu_percent{{{PROM_FLEET}}}[$__rate_interval]))",
+                    legend="{{plugin}} {{environment}}",
+                ),
+            ),
+            unit="percent",
+            min_value=0,
+            description=PROM_P95_NOTE,
+        ),
+        Panel(
+            "Resident memory p95 by plugin",
+            "timeseries",
+            12,
+            8,
+            (
+                Query(
+                    "topk($top, quantile_over_time(0.95, "
+                    f"pluginmon_plugin_memory_rss_bytes{{{PROM_FLEET}}}[$__rate_interval]))",
+                    legend="{{plugin}} {{environment}}",
+                ),
+            ),
+            unit="bytes",
+            min_value=0,
+            description=PROM_P95_NOTE,
+        ),
+        Panel(
             "Availability by plugin",
             "timeseries",
             12,
@@ -1505,6 +1544,38 @@ def plugin_prometheus() -> dict[str, Any]:
             unit="bytes",
             min_value=0,
             description="USS and swap appear only when collected (collect_fields).",
+        ),
+        Panel(
+            "CPU p95",
+            "timeseries",
+            12,
+            8,
+            (
+                Query(
+                    "quantile_over_time(0.95, "
+                    f"pluginmon_plugin_cpu_percent{{{PROM_PLUGIN}}}[$__rate_interval])",
+                    legend="p95 {{environment}}",
+                ),
+            ),
+            unit="percent",
+            min_value=0,
+            description="100% = one core. " + PROM_P95_NOTE,
+        ),
+        Panel(
+            "Resident memory p95",
+            "timeseries",
+            12,
+            8,
+            (
+                Query(
+                    "quantile_over_time(0.95, "
+                    f"pluginmon_plugin_memory_rss_bytes{{{PROM_PLUGIN}}}[$__rate_interval])",
+                    legend="p95 {{environment}}",
+                ),
+            ),
+            unit="bytes",
+            min_value=0,
+            description=PROM_P95_NOTE,
         ),
         Panel(
             "Health score and components",

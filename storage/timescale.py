@@ -272,7 +272,8 @@ def continuous_aggregates(conn: psycopg.Connection[Any]) -> list[str]:
 def refresh_rollups(
     conn: psycopg.Connection[Any], window_start: datetime | None, window_end: datetime | None
 ) -> None:
-    """Materialise both continuous aggregates over the window now (autocommit ``conn``).
+    """Materialise the samples' continuous aggregates (the percentile ones too) over the
+    window now (autocommit ``conn``).
 
     The policies do this on their schedule; this is for back-fills and tests.
     """
@@ -325,8 +326,9 @@ class TimescaleMaintenance:
     async def backfill(
         self, conn: AdminConnection, since: datetime, retention: Retention
     ) -> tuple[RollupRefresh, ...]:
-        """Materialise both continuous aggregates from ``since``'s bucket up to where their
-        refresh policies stop (``now - end_offset``), whatever the policies' start offsets.
+        """Materialise the samples' continuous aggregates (the percentile ones too) from
+        ``since``'s bucket up to where their refresh policies stop (``now - end_offset``),
+        whatever the policies' start offsets.
 
         See ``Maintenance.backfill``. ``refresh_continuous_aggregate`` cannot run inside a
         transaction block, hence the autocommit connection.
