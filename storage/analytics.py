@@ -9,7 +9,8 @@ Each UTC day gets, per (tenant, plugin, environment) that had samples or operati
 * ``up_seconds`` (samples with ``up``) and ``uptime_ratio = up_seconds / observed_seconds``.
 * ``cpu_seconds``: the sum of ``cpu_percent / 100 x`` the seconds each sample stands for
   (cpu_percent is the average over the time since the previous sample).
-* ``rss_bytes_p50/p95/p99``: ``percentile_cont`` over the day's raw rss_bytes.
+* ``rss_bytes_p50/p95/p99``: ``percentile_cont`` over the day's raw rss_bytes of samples with
+  ``up`` (a down sample's 0 bytes is no usage).
 * ``restarts``: the sum of the samples' restart counts; ``operations`` and
   ``operation_failures``: plugin_operations started that day, and those of them ``failed``.
 
@@ -22,8 +23,8 @@ rows are therefore read about (hours left in the day) times plus once when it co
 interval that straddles midnight counts for the day of the sample that ends it.
 
 Missed days (the daemon was down) are caught up from where analytics_progress stopped, no
-further back than the raw retention; a database that never ran it starts ``FIRST_RUN_DAYS``
-back. The upsert touches only these columns, so the platform's usage columns stay as written.
+further back than the raw retention, ``MAX_DAYS_PER_RUN`` days per maintenance run; a
+database that never ran it starts ``FIRST_RUN_DAYS`` back. The upsert touches only these columns, so the platform's usage columns stay as written.
 """
 
 from __future__ import annotations
@@ -46,6 +47,9 @@ MAX_SAMPLE_GAP: Final = timedelta(minutes=5)
 LOOKBACK: Final = timedelta(hours=2)
 # How far back the first run ever (no analytics_progress yet) starts.
 FIRST_RUN_DAYS: Final = 7
+# Days one run computes at most: a catch-up (the first run, or after an outage) spreads over
+# several maintenance runs instead of holding one transaction over weeks of raw rows.
+MAX_DAYS_PER_RUN: Final = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,14 +79,21 @@ def day_floor(moment: datetime) -> datetime:
 
 
 def plan_days(
-    *, computed_through: datetime | None, now: datetime, raw_retention: timedelta
+    *,
+    computed_through: datetime | None,
+    now: datetime,
+    raw_retention: timedelta,
+    max_days: int = MAX_DAYS_PER_RUN,
 ) -> AnalyticsPlan | None:
     """Which days to (re)compute now, or None when no hour completed since the last run.
 
     Pure: ``now`` is the caller's clock. Days run from the one holding ``computed_through -
     LOOKBACK`` (or ``FIRST_RUN_DAYS`` back on the first run) to today, never before the first
-    whole day the raw retention still holds.
+    whole day the raw retention still holds; at most ``max_days`` of them, the plan's
+    ``through`` then being the end of the last (the next run goes on from there).
     """
+    if max_days < 2:
+        raise ValueError(f"max_days must be at least 2 (a day redone and one more), got {max_days}")
     through = bucket_floor(now, HOUR)
     if computed_through is not None and computed_through >= through:
         return None
@@ -96,9 +107,11 @@ def plan_days(
     first = max(first, oldest)
     windows: list[DayWindow] = []
     day = first
-    while day < through:
+    while day < through and len(windows) < max_days:
         windows.append(DayWindow(day=day, end=min(day + DAY, through)))
         day += DAY
+    if windows:
+        through = windows[-1].end
     return AnalyticsPlan(through=through, windows=tuple(windows))
 
 
@@ -124,9 +137,13 @@ WITH series AS (
            sum(seconds) AS observed_seconds,
            coalesce(sum(seconds) FILTER (WHERE up), 0) AS up_seconds,
            sum(cpu_percent / 100.0 * seconds) AS cpu_seconds,
-           percentile_cont(0.50) WITHIN GROUP (ORDER BY rss_bytes::double precision) AS p50,
-           percentile_cont(0.95) WITHIN GROUP (ORDER BY rss_bytes::double precision) AS p95,
-           percentile_cont(0.99) WITHIN GROUP (ORDER BY rss_bytes::double precision) AS p99,
+           -- Memory while the process ran: a down sample's rss_bytes is 0, not usage.
+           percentile_cont(0.50) WITHIN GROUP (ORDER BY rss_bytes::double precision)
+               FILTER (WHERE up) AS p50,
+           percentile_cont(0.95) WITHIN GROUP (ORDER BY rss_bytes::double precision)
+               FILTER (WHERE up) AS p95,
+           percentile_cont(0.99) WITHIN GROUP (ORDER BY rss_bytes::double precision)
+               FILTER (WHERE up) AS p99,
            sum(restarts) AS restarts
       FROM counted
      GROUP BY 1, 2, 3

@@ -9,7 +9,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from pluginmon.storage.analytics import FIRST_RUN_DAYS, DayWindow, plan_days
+from pluginmon.storage.analytics import FIRST_RUN_DAYS, MAX_DAYS_PER_RUN, DayWindow, plan_days
 from pluginmon.storage.backend import MaintenanceReport, Retention, admin_connection
 from pluginmon.storage.engines import maintenance_for
 from pluginmon.storage.migrate import Backend
@@ -60,7 +60,9 @@ async def _maintain(url: str, backend: Backend, now: datetime) -> MaintenanceRep
 
 def test_plan_days_first_run_catch_up_lookback_and_idle_hours() -> None:
     now = D + DAY + timedelta(minutes=30)
-    first = plan_days(computed_through=None, now=now, raw_retention=timedelta(days=90))
+    first = plan_days(
+        computed_through=None, now=now, raw_retention=timedelta(days=90), max_days=100
+    )
     assert first is not None
     assert first.through == D + DAY
     assert first.windows == tuple(
@@ -88,6 +90,28 @@ def test_plan_days_first_run_catch_up_lookback_and_idle_hours() -> None:
     assert missed is not None
     assert [w.day for w in missed.windows] == [D - 3 * DAY, D - 2 * DAY, D - DAY, D]
     assert missed.windows[-1].end == D + timedelta(hours=3)
+    assert missed.through == D + timedelta(hours=3)
+
+
+def test_plan_days_spreads_a_catch_up_over_runs() -> None:
+    now = D + timedelta(hours=3, minutes=10)
+    retention = timedelta(days=90)
+    mark: datetime | None = D - 10 * DAY
+    covered: list[datetime] = []
+    for _ in range(10):
+        plan = plan_days(computed_through=mark, now=now, raw_retention=retention, max_days=3)
+        if plan is None:
+            break
+        assert 1 <= len(plan.windows) <= 3
+        # The mark moves to the end of what this run computed, and always forward.
+        assert plan.through == plan.windows[-1].end
+        assert mark is None or plan.through > mark
+        covered.extend(w.day for w in plan.windows)
+        mark = plan.through
+    assert mark == D + timedelta(hours=3)
+    assert sorted(set(covered)) == [D - i * DAY for i in range(11, -1, -1)]
+    with pytest.raises(ValueError, match="max_days"):
+        plan_days(computed_through=None, now=now, raw_retention=retention, max_days=1)
 
 
 def _construct_day(conn: Conn) -> tuple[int, int, dict[str, Any]]:
@@ -109,7 +133,8 @@ def _construct_day(conn: Conn) -> tuple[int, int, dict[str, Any]]:
     for i in range(360):
         at = D + timedelta(hours=2, seconds=10 * i)
         rss = 3_000_000 + (i * 104_729) % 900_000
-        rss_values.append(rss)
+        if i < 180:
+            rss_values.append(rss)  # the percentiles are of samples with up: memory in use
         restarts = 1 if i in (0, 180) else 0
         rows.append(_sample(at, "acme", a, cpu=20.0, rss=rss, up=i < 180, restarts=restarts))
     insert_samples(conn, rows)
@@ -170,8 +195,17 @@ async def _check_backend(pg_admin_url: str, backend: Backend) -> None:
         psycopg.connect(url, autocommit=True) as conn,
     ):
         a, b, expected = _construct_day(conn)
-        first = await _maintain(url, backend, D + DAY + timedelta(minutes=30))
-        assert first.analytics_days == tuple(D - i * DAY for i in range(FIRST_RUN_DAYS - 1, -1, -1))
+        # The first run ever catches up FIRST_RUN_DAYS, MAX_DAYS_PER_RUN per maintenance run.
+        days: list[datetime] = []
+        for _ in range(FIRST_RUN_DAYS):
+            report = await _maintain(url, backend, D + DAY + timedelta(minutes=30))
+            if not report.analytics_days:
+                break
+            assert len(report.analytics_days) <= MAX_DAYS_PER_RUN
+            days.extend(report.analytics_days)
+        else:
+            pytest.fail(f"the catch-up did not finish: {days}")
+        assert sorted(set(days)) == [D - i * DAY for i in range(FIRST_RUN_DAYS - 1, -1, -1)]
         _assert_values(_analytics(conn, a, D), expected)
         only_ops = _analytics(conn, b, D)
         assert (only_ops["sample_count"], only_ops["observed_seconds"]) == (0, 0.0)
