@@ -175,9 +175,9 @@ class Route:
     # The status codes this route can answer besides its success, for the document.
     errors: tuple[int, ...] = ()
     # The body is handed over as bytes (Call.raw), not parsed as JSON into ``body``: the push
-    # of plugin metrics takes the Prometheus text format, OpenMetrics or JSON. Its size limit
-    # ``body_doc`` documents the JSON shape in the OpenAPI document. The size limit of
-    # either kind of body (413 past it) is ``max_body_bytes()`` when given, else the API's.
+    # of plugin metrics takes the Prometheus text format, OpenMetrics or JSON; ``body_doc``
+    # documents the JSON shape in the OpenAPI document. The size limit of either kind of
+    # body (413 past it) is ``max_body_bytes()`` when given, else the API's.
     raw_body: bool = False
     max_body_bytes: Callable[[], int] | None = None
     body_doc: type[BaseModel] | None = None
