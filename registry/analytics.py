@@ -59,7 +59,7 @@ def analytics_range(
 ) -> AnalyticsRange:
     """[start, end) of a read: ``end`` defaults to ``now``, ``start`` to ``DEFAULT_RANGE``
     before ``end``; InvalidError naming ``from`` or ``to`` for an empty, reversed or too long
-    range (the API's parameter names)."""
+    range (the API's parameter names; for a range too long, ``to`` when the caller gave it)."""
     until = end if end is not None else now
     since = start if start is not None else until - DEFAULT_RANGE
     if since >= until:
@@ -70,7 +70,8 @@ def analytics_range(
         raise InvalidError(
             f"the range from {since.isoformat()} to {until.isoformat()} is longer than "
             f"{MAX_RANGE.days} days",
-            field="to",
+            # The bound the caller gave: ``to`` defaulted to now, ``from`` is too early.
+            field="to" if end is not None else "from",
         )
     return AnalyticsRange(start=since, end=until)
 
