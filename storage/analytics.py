@@ -177,7 +177,8 @@ INSERT INTO plugin_analytics AS a (
     restarts, operations, operation_failures, computed_through)
 SELECT m.tenant_id, m.plugin_id, m.environment, 'day', %(day)s, m.sample_count,
        m.observed_seconds, m.up_seconds,
-       CASE WHEN m.observed_seconds > 0 THEN m.up_seconds / m.observed_seconds END,
+       -- least(): two float sums of the same seconds may differ in the last bit.
+       CASE WHEN m.observed_seconds > 0 THEN least(1.0, m.up_seconds / m.observed_seconds) END,
        m.cpu_seconds, m.p50, m.p95, m.p99, m.restarts, m.operations, m.failures, %(end)s
   FROM merged m
  -- Samples of a plugin deleted since have nowhere to go (the foreign key).
