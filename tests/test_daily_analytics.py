@@ -58,6 +58,19 @@ async def _maintain(url: str, backend: Backend, now: datetime) -> MaintenanceRep
     return report
 
 
+async def _catch_up(url: str, backend: Backend, now: datetime) -> list[datetime]:
+    """The first runs ever: FIRST_RUN_DAYS caught up, MAX_DAYS_PER_RUN per maintenance run,
+    until a run has nothing left; the days computed."""
+    days: list[datetime] = []
+    for _ in range(FIRST_RUN_DAYS):
+        report = await _maintain(url, backend, now)
+        if not report.analytics_days:
+            return days
+        assert len(report.analytics_days) <= MAX_DAYS_PER_RUN
+        days.extend(report.analytics_days)
+    pytest.fail(f"the catch-up did not finish: {days}")
+
+
 def test_plan_days_first_run_catch_up_lookback_and_idle_hours() -> None:
     now = D + DAY + timedelta(minutes=30)
     first = plan_days(
@@ -195,16 +208,7 @@ async def _check_backend(pg_admin_url: str, backend: Backend) -> None:
         psycopg.connect(url, autocommit=True) as conn,
     ):
         a, b, expected = _construct_day(conn)
-        # The first run ever catches up FIRST_RUN_DAYS, MAX_DAYS_PER_RUN per maintenance run.
-        days: list[datetime] = []
-        for _ in range(FIRST_RUN_DAYS):
-            report = await _maintain(url, backend, D + DAY + timedelta(minutes=30))
-            if not report.analytics_days:
-                break
-            assert len(report.analytics_days) <= MAX_DAYS_PER_RUN
-            days.extend(report.analytics_days)
-        else:
-            pytest.fail(f"the catch-up did not finish: {days}")
+        days = await _catch_up(url, backend, D + DAY + timedelta(minutes=30))
         assert sorted(set(days)) == [D - i * DAY for i in range(FIRST_RUN_DAYS - 1, -1, -1)]
         _assert_values(_analytics(conn, a, D), expected)
         only_ops = _analytics(conn, b, D)
@@ -268,3 +272,41 @@ async def test_daily_analytics_on_timescaledb(
     requires_timescaledb: None, pg_admin_url: str
 ) -> None:
     await _check_backend(pg_admin_url, Backend.TIMESCALEDB)
+
+
+async def test_rows_up_to_the_lookback_late_are_folded_in(pg_admin_url: str) -> None:
+    """Yesterday is recomputed by the hourly runs of the first LOOKBACK after midnight; a row
+    arriving later than that stays out (docs/storage.md)."""
+    with (
+        database_for_backend(pg_admin_url, Backend.POSTGRES) as url,
+        psycopg.connect(url, autocommit=True) as conn,
+    ):
+        a = add_plugin(conn, "acme", "resizer")
+        # 22:00 .. 23:58 every 60 s, up: 118 intervals of 60 s.
+        insert_samples(
+            conn,
+            [
+                _sample(D + timedelta(hours=22, minutes=m), "acme", a, cpu=0.0, rss=1, up=True)
+                for m in range(119)
+            ],
+        )
+        assert D in await _catch_up(url, Backend.POSTGRES, D + DAY + timedelta(minutes=30))
+        assert _analytics(conn, a, D)["observed_seconds"] == 118 * 60.0
+
+        # Late by less than the lookback: a down sample at 23:59, written at 00:50.
+        insert_samples(conn, [_sample(D + DAY - timedelta(minutes=1), "acme", a, cpu=0.0, rss=1,
+                                      up=False)])  # fmt: skip
+        report = await _maintain(url, Backend.POSTGRES, D + DAY + timedelta(hours=1, minutes=1))
+        assert D in report.analytics_days
+        folded = _analytics(conn, a, D)
+        assert (folded["observed_seconds"], folded["up_seconds"]) == (119 * 60.0, 118 * 60.0)
+        assert folded["uptime_ratio"] == pytest.approx(118 / 119, rel=1e-12)
+
+        # The last run that redoes D is the one at 02:xx (its mark, 01:00, minus 2 h is in D).
+        await _maintain(url, Backend.POSTGRES, D + DAY + timedelta(hours=2, minutes=1))
+        # Later than that: 23:59:30 written at 03:00 is not folded in any more.
+        insert_samples(conn, [_sample(D + DAY - timedelta(seconds=30), "acme", a, cpu=0.0,
+                                      rss=1, up=True)])  # fmt: skip
+        late = await _maintain(url, Backend.POSTGRES, D + DAY + timedelta(hours=3, minutes=1))
+        assert late.analytics_days == (D + DAY,)
+        assert _analytics(conn, a, D)["sample_count"] == 120
