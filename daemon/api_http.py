@@ -20,6 +20,7 @@ and states, never echo a submitted value (it may be a secret) nor a database mes
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
@@ -56,6 +57,7 @@ API_DATABASE_ROLE: Final = "pluginmon_api"
 TENANT_HEADER: Final = "X-Pluginmon-Tenant"
 REQUEST_ID_HEADER: Final = "X-Request-Id"
 DEFAULT_MAX_BODY_BYTES: Final = 1024 * 1024
+_PARSE_IN_THREAD_BYTES = 256 * 1024  # larger JSON bodies are parsed off the event loop
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _BODY_CHUNK_BYTES = 64 * 1024
 
@@ -173,9 +175,9 @@ class Route:
     # The status codes this route can answer besides its success, for the document.
     errors: tuple[int, ...] = ()
     # The body is handed over as bytes (Call.raw), not parsed as JSON into ``body``: the push
-    # of plugin metrics takes the Prometheus text format, OpenMetrics or JSON. Its size limit
-    # (413 past it) is ``max_body_bytes()`` when given, else the API's; ``body_doc``
-    # documents the JSON shape in the OpenAPI document.
+    # of plugin metrics takes the Prometheus text format, OpenMetrics or JSON; ``body_doc``
+    # documents the JSON shape in the OpenAPI document. The size limit of either kind of
+    # body (413 past it) is ``max_body_bytes()`` when given, else the API's.
     raw_body: bool = False
     max_body_bytes: Callable[[], int] | None = None
     body_doc: type[BaseModel] | None = None
@@ -210,11 +212,13 @@ def validation_error(exc: ValidationError, *, what: str = "body") -> ApiError:
     return ApiError(422, "invalid_value", f"{name}: {first['msg']}{more}", field=name)
 
 
-def parse_body(model: type[M], raw: bytes) -> M:
+async def parse_body(model: type[M], raw: bytes) -> M:
     # No body at all means no fields (an acknowledgement needs none).
-    if not raw.strip():
+    if not raw or raw.isspace():
         raw = b"{}"
     try:
+        if len(raw) > _PARSE_IN_THREAD_BYTES:
+            return await asyncio.to_thread(model.model_validate_json, raw)
         return model.model_validate_json(raw)
     except ValidationError as exc:
         raise validation_error(exc) from None
@@ -405,11 +409,9 @@ class Dispatcher:
 
     async def _run(self, route: Route, request: web.Request, rid: str) -> tuple[Call, BaseModel]:
         raw = b""
-        if route.raw_body:
+        if route.raw_body or route.body is not None:
             limit = route.max_body_bytes() if route.max_body_bytes else self._max_body_bytes
             raw = await read_body(request, limit)
-        elif route.body is not None:
-            raw = await read_body(request, self._max_body_bytes)
         pool = self._pool_source()
         if pool is None:
             raise ApiError(503, "database_unavailable", "the database is not ready yet; retry")
@@ -433,7 +435,7 @@ class Dispatcher:
                 raise ApiError(
                     422, "unknown_field", f"unknown query parameter {name!r}", field=name
                 )
-            body = parse_body(route.body, raw) if route.body is not None else None
+            body = None if route.body is None else await parse_body(route.body, raw)
             call = Call(
                 conn=conn,
                 principal=principal,

@@ -11,6 +11,7 @@ import asyncpg
 from aiohttp import web
 
 from pluginmon.collectors.push import PushConfig, PushStore
+from pluginmon.daemon.api_analytics import analytics_routes
 from pluginmon.daemon.api_backups import backup_routes
 from pluginmon.daemon.api_config import ConfigHandlers, config_routes
 from pluginmon.daemon.api_dependencies import dependency_routes, with_dependency_recompute
@@ -48,7 +49,7 @@ from pluginmon.daemon.api_models import (
 )
 from pluginmon.daemon.api_openapi import openapi_document
 from pluginmon.daemon.api_plugin_metrics import PluginMetricsHandlers, metrics_routes
-from pluginmon.daemon.api_vulns import vulnerability_routes
+from pluginmon.daemon.api_vulns import DEFAULT_MAX_DOCUMENT_BYTES, vulnerability_routes
 from pluginmon.registry import alert_actions, approvals, audit, operations, plugins
 from pluginmon.registry.backup_readers import Readers
 from pluginmon.registry.keyring import KeyringHolder
@@ -346,6 +347,7 @@ def build_api_app(
     retry: RetryPolicy | None = None,
     clock: Callable[[], datetime] = utc_now,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    max_document_bytes: int = DEFAULT_MAX_DOCUMENT_BYTES,
     metrics: ApiMetrics | None = None,
     keyring: KeyringHolder | None = None,
     plugin_metrics: PluginMetricsHandlers | None = None,
@@ -357,6 +359,8 @@ def build_api_app(
     ``plugin_metrics`` holds the live set of pushed series; whoever builds the app re-emits
     it (daemon.api_plugin_metrics). Without one, pushes get the default limits and TTLs.
     ``backup_readers``: how backups are read back for verification, per provider.
+    ``max_document_bytes``: the body limit of SBOM uploads and scanner report imports
+    (``max_body_bytes`` is every other JSON body's).
     """
     if plugin_metrics is None:
         plugin_metrics = PluginMetricsHandlers(PushStore(PushConfig()))
@@ -372,7 +376,8 @@ def build_api_app(
         *backup_routes(
             readers=backup_readers, metrics=None if metrics is None else metrics.backups
         ),
-        *vulnerability_routes(),
+        *vulnerability_routes(max_document_bytes=max_document_bytes),
+        *analytics_routes(),
     ]
     dispatcher = Dispatcher(
         pool,

@@ -5,16 +5,24 @@ decides."""
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 from pydantic import AwareDatetime, ConfigDict, Field
 
 from pluginmon.daemon.api_http import Call, Route
 from pluginmon.daemon.api_models import ENVIRONMENT_PATTERN, Items, Query, Request, Response
-from pluginmon.registry import sboms, vulnerabilities
+from pluginmon.registry import sboms, vulnerabilities, vulnerability_imports
 from pluginmon.registry.scan_reports import ReportFormat
 from pluginmon.registry.tokens import Role
 from pluginmon.registry.vulnerabilities import MAX_REASON_CHARS
+
+# SBOMs and scanner reports ([api] max_document_bytes): real CycloneDX SBOMs pass the 1 MiB
+# of every other JSON body.
+DEFAULT_MAX_DOCUMENT_BYTES: Final = 32 * 1024 * 1024
+_DOCUMENT_LIMIT_NOTE: Final = (
+    "The body may be up to [api] max_document_bytes (32 MiB by default), not max_body_bytes; "
+    "larger bodies get 413 body_too_large."
+)
 
 FindingStatus = Literal[
     "open", "acknowledged", "mitigated", "fixed", "false_positive", "accepted", "suppressed"
@@ -82,7 +90,7 @@ class ImportOut(Response):
     suppressed: int
 
     @classmethod
-    def of(cls, r: vulnerabilities.SyncResult) -> ImportOut:
+    def of(cls, r: vulnerability_imports.SyncResult) -> ImportOut:
         return cls(
             format=r.scanner,
             findings=r.findings,
@@ -142,7 +150,7 @@ async def put_sbom(call: Call) -> SbomOut:
 async def import_report(call: Call) -> ImportOut:
     body: JsonDocument = call.body
     query: ImportQuery = call.query
-    result = await vulnerabilities.import_report(
+    result = await vulnerability_imports.import_report(
         call.conn,
         tenant_id=call.tenant_id,
         actor=call.actor,
@@ -157,11 +165,12 @@ async def import_report(call: Call) -> ImportOut:
 
 async def list_findings(call: Call) -> Items[VulnerabilityOut]:
     query: FindingListQuery = call.query
-    # Expiry is a rule of time: apply it before answering what is open.
-    await vulnerabilities.expire_acceptances(call.conn, now=call.now)
+    # Read-only: an acceptance past its expiry reads as open (the maintenance job writes
+    # that down, audited).
     found = await vulnerabilities.list_findings(
         call.conn,
         call.params["name"],
+        now=call.now,
         environment=query.environment,
         status=query.status,
         severity=query.severity,
@@ -171,12 +180,14 @@ async def list_findings(call: Call) -> Items[VulnerabilityOut]:
 
 
 async def get_finding(call: Call) -> VulnerabilityOut:
-    await vulnerabilities.expire_acceptances(call.conn, now=call.now)
-    return VulnerabilityOut.of(await vulnerabilities.get_finding(call.conn, call.param_int("id")))
+    return VulnerabilityOut.of(
+        await vulnerabilities.get_finding(call.conn, call.param_int("id"), now=call.now)
+    )
 
 
 async def accept_finding(call: Call) -> VulnerabilityOut:
     body: AcceptRequest = call.body
+    # A write anyway: an expired acceptance is written down (audited) before the new one.
     await vulnerabilities.expire_acceptances(call.conn, now=call.now)
     finding = await vulnerabilities.accept(
         call.conn,
@@ -190,20 +201,27 @@ async def accept_finding(call: Call) -> VulnerabilityOut:
     return VulnerabilityOut.of(finding)
 
 
-def vulnerability_routes() -> list[Route]:
+def vulnerability_routes(*, max_document_bytes: int = DEFAULT_MAX_DOCUMENT_BYTES) -> list[Route]:
+    """``max_document_bytes``: the body limit of the SBOM and report routes (413 past it)."""
     body_errors = (400, 404, 413, 422)
+
+    def document_limit() -> int:
+        return max_document_bytes
+
     # fmt: off
     return [
         Route("PUT", "/plugins/{name}/sbom",
               "Store the plugin's CycloneDX SBOM for an environment (matched offline against "
               "the OSV database by the maintenance job and `pluginmon vulns scan`)", SbomOut,
               put_sbom, role=Role.WRITER, body=JsonDocument, query=EnvironmentQuery,
-              tag="vulnerabilities", errors=body_errors),
+              tag="vulnerabilities", errors=body_errors, max_body_bytes=document_limit,
+              description=_DOCUMENT_LIMIT_NOTE),
         Route("POST", "/plugins/{name}/vulnerabilities/import",
               "Import an OSV-Scanner, Trivy or Grype JSON report (replaces that scanner's "
               "findings) or a CycloneDX VEX (suppresses not_affected, closes resolved)",
               ImportOut, import_report, role=Role.WRITER, body=JsonDocument, query=ImportQuery,
-              tag="vulnerabilities", errors=body_errors),
+              tag="vulnerabilities", errors=body_errors, max_body_bytes=document_limit,
+              description=_DOCUMENT_LIMIT_NOTE),
         Route("GET", "/plugins/{name}/vulnerabilities", "List a plugin's vulnerability findings",
               Items[VulnerabilityOut], list_findings, query=FindingListQuery,
               tag="vulnerabilities", errors=(404, 422)),

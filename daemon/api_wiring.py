@@ -89,6 +89,7 @@ def api_app(
         policies=approval_policies(settings),
         retry=retry_policy(settings),
         max_body_bytes=settings.api.max_body_bytes,
+        max_document_bytes=settings.api.max_document_bytes,
         metrics=metrics,
         keyring=keyring,
         plugin_metrics=plugin_metrics,

@@ -164,7 +164,7 @@ def _command(
     args: argparse.Namespace, settings: Settings
 ) -> Callable[[asyncpg.Connection], Coroutine[Any, Any, int]]:
     """The work of the command; arguments are checked here, before any connection."""
-    from pluginmon.registry import sboms, vulnerabilities
+    from pluginmon.registry import sboms, vulnerabilities, vulnerability_imports
     from pluginmon.registry.actor import cli_actor
     from pluginmon.registry.scan_reports import ReportFormat
 
@@ -176,7 +176,7 @@ def _command(
         async def do_import(conn: asyncpg.Connection) -> int:
             async with conn.transaction():
                 await _as_tenant(conn, args.tenant)
-                r = await vulnerabilities.import_report(
+                r = await vulnerability_imports.import_report(
                     conn,
                     tenant_id=args.tenant,
                     actor=actor,
@@ -234,7 +234,11 @@ def _command(
             async with conn.transaction():
                 await _as_tenant(conn, args.tenant)
                 found = await vulnerabilities.list_findings(
-                    conn, args.plugin, environment=args.environment, status=args.status
+                    conn,
+                    args.plugin,
+                    now=now,
+                    environment=args.environment,
+                    status=args.status,
                 )
             if args.json:
                 print(json.dumps([_finding_json(f) for f in found], indent=2, default=str))

@@ -199,6 +199,8 @@ class ApiSettings(Table):
 
     enabled: bool = True
     max_body_bytes: Annotated[int, Field(ge=1024), positive_up_to(64 << 20)] = 1024 * 1024
+    # SBOM uploads and scanner report imports: real CycloneDX SBOMs exceed max_body_bytes.
+    max_document_bytes: Annotated[int, Field(ge=1024), positive_up_to(1 << 30)] = 32 << 20
     # Backoff before an operation's retry n: up to initial * 2**n, capped, with jitter.
     retry_initial_seconds: Annotated[float, Finite, positive_up_to(DAY)] = 10.0
     retry_max_seconds: Annotated[float, Finite, positive_up_to(7 * DAY)] = 600.0

@@ -52,7 +52,22 @@ ROLLUP_SWITCH = "interval '3 days'"
 ROLLUP_COLUMNS = (
     "bucket, tenant_id, plugin_id, environment, sample_count, cpu_percent_avg, cpu_percent_max, "
     "rss_bytes_avg, rss_bytes_max, vms_bytes_max, threads_max, process_count_max, up_ratio, "
-    "restarts_sum"
+    "restarts_sum, cpu_percent_p95, rss_bytes_p95"
+)
+
+# Prometheus keeps the scraped gauge, not the samples behind it: its p95 is over the scraped
+# values in each window.
+PROM_P95_NOTE = (
+    "95th percentile of the values Prometheus scraped in each window ($__rate_interval); the "
+    "PostgreSQL dashboards show it over every sample, from the rollups."
+)
+
+# A p95 cannot be combined from the p95s of smaller buckets: where Grafana's interval spans
+# several rollup buckets the p95 panels show the highest bucket p95 in it (an upper bound of
+# the interval's own p95, exact when the interval is one bucket).
+P95_NOTE = (
+    "95th percentile of the raw samples in each rollup bucket (1 minute up to 3 days, else 1 "
+    "hour); where a point spans several buckets, the highest of their p95s."
 )
 
 
@@ -593,6 +608,42 @@ def fleet_postgres() -> dict[str, Any]:
             min_value=0,
         ),
         Panel(
+            "CPU p95 by plugin",
+            "timeseries",
+            12,
+            8,
+            (
+                Query(
+                    per_plugin(
+                        "max(r.cpu_percent_p95) AS cpu_percent_p95",
+                        "max(r.cpu_percent_p95) DESC NULLS LAST",
+                    )
+                ),
+            ),
+            unit="percent",
+            description="CPU (100% = one core) of the $top plugins with the highest p95 in the "
+            "range. " + P95_NOTE,
+            min_value=0,
+        ),
+        Panel(
+            "Resident memory p95 by plugin",
+            "timeseries",
+            12,
+            8,
+            (
+                Query(
+                    per_plugin(
+                        "max(r.rss_bytes_p95) AS rss_bytes_p95",
+                        "max(r.rss_bytes_p95) DESC NULLS LAST",
+                    )
+                ),
+            ),
+            unit="bytes",
+            description="Resident memory of the $top plugins with the highest p95 in the "
+            "range. " + P95_NOTE,
+            min_value=0,
+        ),
+        Panel(
             "Availability by plugin",
             "timeseries",
             12,
@@ -872,6 +923,26 @@ def plugin_postgres() -> dict[str, Any]:
             ),
             unit="bytes",
             min_value=0,
+        ),
+        Panel(
+            "CPU p95",
+            "timeseries",
+            12,
+            8,
+            (Query(series(values="max(r.cpu_percent_p95) AS cpu_percent_p95")),),
+            unit="percent",
+            min_value=0,
+            description="100% = one core. " + P95_NOTE,
+        ),
+        Panel(
+            "Resident memory p95",
+            "timeseries",
+            12,
+            8,
+            (Query(series(values="max(r.rss_bytes_p95) AS rss_bytes_p95")),),
+            unit="bytes",
+            min_value=0,
+            description=P95_NOTE,
         ),
         Panel(
             "Health score and components",
@@ -1222,6 +1293,38 @@ def fleet_prometheus() -> dict[str, Any]:
             min_value=0,
         ),
         Panel(
+            "CPU p95 by plugin",
+            "timeseries",
+            12,
+            8,
+            (
+                Query(
+                    "topk($top, quantile_over_time(0.95, "
+                    f"pluginmon_plugin_cpu_percent{{{PROM_FLEET}}}[$__rate_interval]))",
+                    legend="{{plugin}} {{environment}}",
+                ),
+            ),
+            unit="percent",
+            min_value=0,
+            description=PROM_P95_NOTE,
+        ),
+        Panel(
+            "Resident memory p95 by plugin",
+            "timeseries",
+            12,
+            8,
+            (
+                Query(
+                    "topk($top, quantile_over_time(0.95, "
+                    f"pluginmon_plugin_memory_rss_bytes{{{PROM_FLEET}}}[$__rate_interval]))",
+                    legend="{{plugin}} {{environment}}",
+                ),
+            ),
+            unit="bytes",
+            min_value=0,
+            description=PROM_P95_NOTE,
+        ),
+        Panel(
             "Availability by plugin",
             "timeseries",
             12,
@@ -1441,6 +1544,38 @@ def plugin_prometheus() -> dict[str, Any]:
             unit="bytes",
             min_value=0,
             description="USS and swap appear only when collected (collect_fields).",
+        ),
+        Panel(
+            "CPU p95",
+            "timeseries",
+            12,
+            8,
+            (
+                Query(
+                    "quantile_over_time(0.95, "
+                    f"pluginmon_plugin_cpu_percent{{{PROM_PLUGIN}}}[$__rate_interval])",
+                    legend="p95 {{environment}}",
+                ),
+            ),
+            unit="percent",
+            min_value=0,
+            description="100% = one core. " + PROM_P95_NOTE,
+        ),
+        Panel(
+            "Resident memory p95",
+            "timeseries",
+            12,
+            8,
+            (
+                Query(
+                    "quantile_over_time(0.95, "
+                    f"pluginmon_plugin_memory_rss_bytes{{{PROM_PLUGIN}}}[$__rate_interval])",
+                    legend="p95 {{environment}}",
+                ),
+            ),
+            unit="bytes",
+            min_value=0,
+            description=PROM_P95_NOTE,
         ),
         Panel(
             "Health score and components",

@@ -20,7 +20,7 @@ from pluginmon.registry.actor import Actor
 from pluginmon.registry.errors import InvalidError
 from pluginmon.registry.plugins import check_environment, plugin_id
 from pluginmon.registry.scan_reports import Finding, ReportError, Sbom, parse_sbom
-from pluginmon.registry.vulnerabilities import (
+from pluginmon.registry.vulnerability_imports import (
     OFFLINE_SCANNER,
     SyncResult,
     result_details,
@@ -39,6 +39,23 @@ class SbomInfo:
     uploaded_at: datetime
 
 
+def _prepare_sbom(
+    document: Mapping[str, Any],
+) -> tuple[Sbom, str, str, list[dict[str, str | None]]]:
+    """The parsed SBOM, its canonical text, that text's SHA-256 and its components' rows."""
+    try:
+        sbom: Sbom = parse_sbom(document)
+    except ReportError as exc:
+        raise InvalidError(exc.message, field=exc.field) from None
+    text = json.dumps(document, sort_keys=True, separators=(",", ":"))
+    digest = hashlib.sha256(text.encode()).hexdigest()
+    components: list[dict[str, str | None]] = [
+        {"ecosystem": c.ecosystem, "name": c.name, "version": c.version, "purl": c.purl}
+        for c in sbom.components
+    ]
+    return sbom, text, digest, components
+
+
 async def put_sbom(
     conn: asyncpg.Connection,
     *,
@@ -52,16 +69,9 @@ async def put_sbom(
     """Store the plugin's CycloneDX SBOM for ``environment``; the next scan matches it."""
     check_environment(environment)
     plugin = await plugin_id(conn, plugin_name)
-    try:
-        sbom: Sbom = parse_sbom(document)
-    except ReportError as exc:
-        raise InvalidError(exc.message, field=exc.field) from None
-    text = json.dumps(document, sort_keys=True, separators=(",", ":"))
-    digest = hashlib.sha256(text.encode()).hexdigest()
-    components = [
-        {"ecosystem": c.ecosystem, "name": c.name, "version": c.version, "purl": c.purl}
-        for c in sbom.components
-    ]
+    # An SBOM may be tens of MiB (api.max_document_bytes): parsed, serialised and hashed in
+    # a thread, off the event loop.
+    sbom, text, digest, components = await asyncio.to_thread(_prepare_sbom, document)
     previous = await conn.fetchval(
         "SELECT sha256 FROM plugin_sboms WHERE plugin_id = $1 AND environment = $2",
         plugin,

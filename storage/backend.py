@@ -107,6 +107,8 @@ class MaintenanceReport:
     failed_steps: tuple[tuple[str, str], ...] = field(default=())
     # The plugin_metrics rollups (storage.metric_rollups), apart from the samples' ``rollups``.
     metric_rollups: tuple[RollupRefresh, ...] = ()
+    # UTC days whose plugin_analytics rows this run (re)computed (storage.analytics).
+    analytics_days: tuple[datetime, ...] = ()
 
     def removed(self, relation: str) -> int:
         return sum(rows for name, rows in self.rows_removed if name == relation)

@@ -8,6 +8,7 @@ from datetime import datetime, timedelta
 
 from psycopg import errors, sql
 
+from pluginmon.storage.analytics import refresh_daily_analytics
 from pluginmon.storage.backend import (
     AdminConnection,
     Clock,
@@ -64,7 +65,7 @@ class PostgresMaintenance:
 
     partitions created ``days_ahead`` and dropped (or trimmed, at the horizon) for retention,
     rollups refreshed from their watermarks, expired rollup buckets, completed operations,
-    audit entries and analytics deleted. DDL waits at most ``lock_timeout`` for the tables,
+    audit entries and analytics deleted, the daily analytics computed (storage.analytics). DDL waits at most ``lock_timeout`` for the tables,
     so a long COPY delays maintenance rather than the other way round.
     """
 
@@ -149,6 +150,16 @@ class PostgresMaintenance:
 
             removed.extend(await delete_expired(conn, retention, now))
 
+            # After the rollups and retention: the daily analytics (once an hour).
+            analytics_days: tuple[datetime, ...] = ()
+            try:
+                analytics_days = (
+                    await refresh_daily_analytics(conn, now=now, retention=retention)
+                ).days
+            except _STEP_ERRORS as exc:
+                logger.warning("maintenance: daily analytics postponed: %s", exc)
+                failed.append(("analytics", str(exc)))
+
         if created or dropped:
             logger.info(
                 "maintenance: created %d partitions, dropped %s",
@@ -164,6 +175,7 @@ class PostgresMaintenance:
             rollups=tuple(refreshed),
             failed_steps=tuple(failed),
             metric_rollups=metrics.refreshed,
+            analytics_days=analytics_days,
         )
 
     async def backfill(

@@ -8,8 +8,9 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import psycopg
-from psycopg import sql
+from psycopg import errors, sql
 
+from pluginmon.storage.analytics import refresh_daily_analytics
 from pluginmon.storage.backend import (
     AdminConnection,
     Clock,
@@ -29,11 +30,25 @@ from pluginmon.storage.migrate import Backend
 logger = logging.getLogger(__name__)
 
 HYPERTABLES: tuple[str, ...] = ("plugin_samples", "plugin_metrics")
-CONTINUOUS_AGGREGATES: tuple[str, ...] = ("rollup_samples_1m", "rollup_samples_1h")
+# The percentile aggregates (sql/090) sit beside the others: a continuous aggregate's query
+# cannot be altered, and the contract views plugin_samples_1m / _1h join each pair.
+CONTINUOUS_AGGREGATES: tuple[str, ...] = (
+    "rollup_samples_1m",
+    "rollup_samples_1h",
+    "rollup_samples_pct_1m",
+    "rollup_samples_pct_1h",
+)
 
 RETENTION_PROC = "policy_retention"
 COMPRESSION_PROC = "policy_compression"
 REFRESH_PROC = "policy_refresh_continuous_aggregate"
+
+# Transient failures of one step: the next maintenance run tries again.
+_STEP_ERRORS: tuple[type[Exception], ...] = (
+    errors.LockNotAvailable,
+    errors.QueryCanceled,
+    errors.TransactionRollback,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +77,10 @@ REFRESH_WINDOWS: dict[str, RefreshWindow] = {
         schedule_interval=timedelta(minutes=30),
     ),
 }
+# The percentile aggregates refresh over the same windows as their siblings, so a bucket's
+# averages and percentiles appear together.
+REFRESH_WINDOWS["rollup_samples_pct_1m"] = REFRESH_WINDOWS["rollup_samples_1m"]
+REFRESH_WINDOWS["rollup_samples_pct_1h"] = REFRESH_WINDOWS["rollup_samples_1h"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +135,8 @@ def _desired_policies(retention: Retention) -> list[_Desired]:
         ("plugin_metrics", RETENTION_PROC, {"drop_after": retention.metrics}, None),
         ("rollup_samples_1m", RETENTION_PROC, {"drop_after": retention.rollup_1m}, None),
         ("rollup_samples_1h", RETENTION_PROC, {"drop_after": retention.rollup_1h}, None),
+        ("rollup_samples_pct_1m", RETENTION_PROC, {"drop_after": retention.rollup_1m}, None),
+        ("rollup_samples_pct_1h", RETENTION_PROC, {"drop_after": retention.rollup_1h}, None),
         ("plugin_samples", COMPRESSION_PROC, {"compress_after": retention.compress_after}, None),
         ("plugin_metrics", COMPRESSION_PROC, {"compress_after": retention.compress_after}, None),
     ]
@@ -251,7 +272,8 @@ def continuous_aggregates(conn: psycopg.Connection[Any]) -> list[str]:
 def refresh_rollups(
     conn: psycopg.Connection[Any], window_start: datetime | None, window_end: datetime | None
 ) -> None:
-    """Materialise both continuous aggregates over the window now (autocommit ``conn``).
+    """Materialise the samples' continuous aggregates (the percentile ones too) over the
+    window now (autocommit ``conn``).
 
     The policies do this on their schedule; this is for back-fills and tests.
     """
@@ -266,7 +288,8 @@ class TimescaleMaintenance:
     """TimescaleDB's own jobs drop chunks, compress and refresh; this deletes the rest.
 
     Completed operations, audit entries and usage analytics are plain tables on both
-    backends, deleted here under the database-wide advisory lock.
+    backends, deleted here under the database-wide advisory lock; the daily analytics are
+    computed here too (storage.analytics).
     """
 
     def __init__(self, *, clock: Clock = utc_now) -> None:
@@ -281,18 +304,31 @@ class TimescaleMaintenance:
         async with maintenance_lock(conn) as acquired:
             if not acquired:
                 return MaintenanceReport(backend=self.backend, ran=False)
-            removed = await delete_expired(conn, retention, self._clock())
+            now = self._clock()
+            removed = await delete_expired(conn, retention, now)
+            analytics_days: tuple[datetime, ...] = ()
+            failed: list[tuple[str, str]] = []
+            try:
+                analytics_days = (
+                    await refresh_daily_analytics(conn, now=now, retention=retention)
+                ).days
+            except _STEP_ERRORS as exc:
+                logger.warning("maintenance: daily analytics postponed: %s", exc)
+                failed.append(("analytics", str(exc)))
         return MaintenanceReport(
             backend=self.backend,
             ran=True,
             rows_removed=tuple((name, rows) for name, rows in removed if rows),
+            failed_steps=tuple(failed),
+            analytics_days=analytics_days,
         )
 
     async def backfill(
         self, conn: AdminConnection, since: datetime, retention: Retention
     ) -> tuple[RollupRefresh, ...]:
-        """Materialise both continuous aggregates from ``since``'s bucket up to where their
-        refresh policies stop (``now - end_offset``), whatever the policies' start offsets.
+        """Materialise the samples' continuous aggregates (the percentile ones too) from
+        ``since``'s bucket up to where their refresh policies stop (``now - end_offset``),
+        whatever the policies' start offsets.
 
         See ``Maintenance.backfill``. ``refresh_continuous_aggregate`` cannot run inside a
         transaction block, hence the autocommit connection.

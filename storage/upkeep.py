@@ -155,10 +155,12 @@ class Maintainer:
         await self.backfill_after_replay()
         if report.ran:
             logger.info(
-                "maintenance: %d partition(s) created, %d dropped, %d row(s) removed%s",
+                "maintenance: %d partition(s) created, %d dropped, %d row(s) removed, "
+                "analytics of %d day(s) computed%s",
                 len(report.partitions_created),
                 len(report.partitions_dropped),
                 sum(rows for _, rows in report.rows_removed) + (pruned or 0),
+                len(report.analytics_days),
                 "; failed steps: " + ", ".join(f"{s} ({why})" for s, why in report.failed_steps)
                 if report.failed_steps
                 else "",

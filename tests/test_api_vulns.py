@@ -210,6 +210,18 @@ async def test_accepted_finding_returns_to_open_at_expiry(api: ApiHarness) -> No
     api.clock.advance(3601)
     reopened = await api.call("GET", f"/api/v1/vulnerabilities/{minimist['id']}", token="reader-acme")  # fmt: skip
     assert reopened.body["status"] == "open"
+    # Reads are read-only: the status in effect is open, in the list and its filter too, but
+    # nothing is written until the registry job runs.
+    assert minimist["id"] in {f["id"] for f in await _findings(api, "?status=open")}
+    assert minimist["id"] not in {f["id"] for f in await _findings(api, "?status=accepted")}
+    stored = await api.fetch("SELECT status FROM plugin_vulnerabilities WHERE id = $1", minimist["id"])  # fmt: skip
+    assert stored[0]["status"] == "accepted"
+    assert [r["action"] for r in await api.fetch(
+        "SELECT action FROM audit_log WHERE entity_type = 'vulnerability' ORDER BY id")] == [
+        "vulnerability.accept"]  # fmt: skip
+    await registry_job(lambda: api.pool, metrics=None, clock=api.clock)()
+    stored = await api.fetch("SELECT status FROM plugin_vulnerabilities WHERE id = $1", minimist["id"])  # fmt: skip
+    assert stored[0]["status"] == "open"
     rows = await api.fetch(
         "SELECT actor, action, before_state, after_state FROM audit_log "
         "WHERE entity_type = 'vulnerability' ORDER BY id"

@@ -132,6 +132,8 @@ def test_dashboards_cover_the_brief() -> None:
             "Health components now",
         } <= detail
         assert any("alert" in title.lower() for title in detail - {"Firing alerts"})
+        assert {"CPU p95 by plugin", "Resident memory p95 by plugin"} <= fleet
+        assert {"CPU p95", "Resident memory p95"} <= detail
 
 
 def _provisioned_datasources() -> dict[str, dict[str, Any]]:
@@ -350,6 +352,68 @@ def test_prometheus_dashboard_values_on_synthetic_series(tmp_path: Path) -> None
         ],
     }
     path = tmp_path / "dashboard_values_test.yml"
+    path.write_text(yaml.safe_dump(tests, sort_keys=False))
+    result = subprocess.run(
+        ["promtool", "test", "rules", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@needs_promtool
+def test_prometheus_p95_panels_on_synthetic_series(tmp_path: Path) -> None:
+    """quantile_over_time over a 10-minute $__rate_interval, evaluated by promtool, against
+    percentile_cont's arithmetic done by hand. The series are chosen so that the answer does
+    not depend on whether the window includes its left edge (Prometheus 3 excludes it,
+    earlier releases include it)."""
+    labels = 'tenant="acme",environment="production",instance="h1:9464",job="pluginmon"'
+    series = [
+        (f'pluginmon_plugin_cpu_percent{{{labels},plugin="resizer"}}', "20x20 0x20"),
+        (f'pluginmon_plugin_cpu_percent{{{labels},plugin="thumbs"}}', "50x40"),
+        (f'pluginmon_plugin_memory_rss_bytes{{{labels},plugin="resizer"}}', "100+10x25 350x15"),
+        (f'pluginmon_plugin_memory_rss_bytes{{{labels},plugin="thumbs"}}', "7x40"),
+    ]
+    context = replace(prometheus_context(), rate_interval="10m")
+
+    def query(dashboard: str, title: str) -> str:
+        path = DASHBOARDS_DIR / "prometheus" / dashboard
+        (match,) = [q for q in dashboard_queries(path) if q.title == title]
+        return grafana_promql(match.text, context)
+
+    resizer, thumbs = f'{{{labels},plugin="resizer"}}', f'{{{labels},plugin="thumbs"}}'
+    fleet, plugin = "pluginmon-fleet.json", "pluginmon-plugin.json"
+    # CPU at 25m: five or six samples of 20 (16 or 15..20m) and five of 0 (21..25m); the
+    # 0.95 rank (8.55 of 10, 9.5 of 11) falls among the 20s: 20, where the mean is about 10.
+    # Memory at 30m: 300 or 310 .. 350, then 350 from 25m; the rank falls on the 350s.
+    expectations: list[tuple[str, str, list[tuple[str, float]]]] = [
+        (query(plugin, "CPU p95"), "25m", [(resizer, 20)]),
+        (query(plugin, "CPU p95"), "35m", [(resizer, 0)]),
+        (query(plugin, "Resident memory p95"), "30m", [(resizer, 350)]),
+        (query(fleet, "CPU p95 by plugin"), "25m", [(resizer, 20), (thumbs, 50)]),
+        (query(fleet, "Resident memory p95 by plugin"), "30m", [(resizer, 350), (thumbs, 7)]),
+    ]
+    tests = {
+        "rule_files": [],
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": [{"series": name, "values": values} for name, values in series],
+                "promql_expr_test": [
+                    {
+                        "expr": expr,
+                        "eval_time": at,
+                        "exp_samples": [{"labels": l_, "value": v} for l_, v in samples],
+                    }
+                    for expr, at, samples in expectations
+                ],
+            }
+        ],
+    }
+    path = tmp_path / "p95_test.yml"
     path.write_text(yaml.safe_dump(tests, sort_keys=False))
     result = subprocess.run(
         ["promtool", "test", "rules", str(path)],

@@ -86,7 +86,12 @@ def _sample_rows(
 def _refresh_rollups(conn: psycopg.Connection[Any], since: datetime) -> None:
     timescale = conn.execute("SELECT 1 FROM pg_extension WHERE extname = 'timescaledb'").fetchone()
     if timescale:
-        for rollup in ("rollup_samples_1m", "rollup_samples_1h"):
+        for rollup in (
+            "rollup_samples_1m",
+            "rollup_samples_1h",
+            "rollup_samples_pct_1m",
+            "rollup_samples_pct_1h",
+        ):
             conn.execute(
                 sql.SQL("CALL refresh_continuous_aggregate({}, NULL, NULL)").format(
                     sql.Literal(rollup)
@@ -627,6 +632,20 @@ def test_plugin_cpu_and_memory_series(loaded: Loaded) -> None:
     assert availability["up_ratio"][_minute(loaded, 9)] == 0.0
 
 
+def test_plugin_p95_series(loaded: Loaded) -> None:
+    """resizer: each minute 10, 30, 10, 30, 10, 30 % CPU (p95 = 30), (100 + m) MB; down in
+    minute 9."""
+    context = _context(loaded)
+    cpu = _columns(_panel(loaded.url, PLUGIN, "CPU p95", context))
+    assert cpu == {
+        "cpu_percent_p95": {_minute(loaded, m): 30.0 if m < 9 else 0.0 for m in range(10)}
+    }
+    memory = _columns(_panel(loaded.url, PLUGIN, "Resident memory p95", context))
+    assert memory == {
+        "rss_bytes_p95": {_minute(loaded, m): (100 + m) * MB if m < 9 else 0.0 for m in range(10)}
+    }
+
+
 def test_plugin_health_and_components(loaded: Loaded) -> None:
     context = _context(loaded)
     health = _series(_panel(loaded.url, PLUGIN, "Health score and components", context))
@@ -719,6 +738,15 @@ def test_fleet_per_plugin_panels_show_the_top_plugins(loaded: Loaded) -> None:
     top1 = replace(base, variables={**base.variables, "top": Variable(("1",))})
     assert set(_series(_panel(loaded.url, FLEET, "CPU by plugin", top1))) == {"thumbs"}
     assert set(_series(_panel(loaded.url, FLEET, "Resident memory by plugin", top1))) == {"thumbs"}
+    assert set(_series(_panel(loaded.url, FLEET, "CPU p95 by plugin", top1))) == {"thumbs"}
+    assert set(_series(_panel(loaded.url, FLEET, "Resident memory p95 by plugin", top1))) == {
+        "thumbs"
+    }
+    # thumbs: 50% CPU and 200 MB in every sample, so every p95 is exactly that.
+    p95 = _series(_panel(loaded.url, FLEET, "CPU p95 by plugin", top1))["thumbs"]
+    assert set(p95.values()) == {50.0}
+    rss95 = _series(_panel(loaded.url, FLEET, "Resident memory p95 by plugin", top1))["thumbs"]
+    assert set(rss95.values()) == {200.0 * MB}
     assert set(_series(_panel(loaded.url, FLEET, "Availability by plugin", top1))) == {"resizer"}
     assert set(_series(_panel(loaded.url, FLEET, "Health score by plugin", top1))) == {"resizer"}
     assert [row[0] for row in _panel(loaded.url, FLEET, "Top CPU", top1).rows] == ["thumbs"]

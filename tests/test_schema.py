@@ -204,6 +204,13 @@ def test_rollup_views_have_the_contract_columns(conn: Conn) -> None:
             ("process_count_max", "integer"),
             ("up_ratio", "double precision"),
             ("restarts_sum", "bigint"),
+            # sql/090: percentiles over the bucket's raw rows.
+            ("cpu_percent_p50", "double precision"),
+            ("cpu_percent_p95", "double precision"),
+            ("cpu_percent_p99", "double precision"),
+            ("rss_bytes_p50", "double precision"),
+            ("rss_bytes_p95", "double precision"),
+            ("rss_bytes_p99", "double precision"),
         ], view
 
 

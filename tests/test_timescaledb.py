@@ -55,8 +55,9 @@ def tsdb_url(requires_timescaledb: None, pg_admin_url: str) -> Iterator[str]:
     try:
         prepared = prepare_database(url, CONFIGURED, backend=Backend.TIMESCALEDB)
         assert prepared.backend is Backend.TIMESCALEDB
-        # 8 for the samples and raw metrics, 4 for the metrics rollups (sql/051).
-        assert len(prepared.policy_changes) == 12
+        # 8 for the samples and raw metrics, 4 for the metrics rollups (sql/051), 4 for the
+        # samples' percentile aggregates (sql/090).
+        assert len(prepared.policy_changes) == 16
         yield url
     finally:
         drop_database(pg_admin_url, name)
@@ -91,6 +92,8 @@ def test_hypertables_continuous_aggregates_and_compression(tsdb_url: str) -> Non
             "rollup_metrics_1m",
             "rollup_samples_1h",
             "rollup_samples_1m",
+            "rollup_samples_pct_1h",
+            "rollup_samples_pct_1m",
         ]
         chunk_intervals = conn.execute(
             "SELECT hypertable_name, time_interval FROM timescaledb_information.dimensions"
@@ -115,6 +118,8 @@ def test_hypertables_continuous_aggregates_and_compression(tsdb_url: str) -> Non
             ("rollup_metrics_1m", True),
             ("rollup_samples_1h", True),
             ("rollup_samples_1m", True),
+            ("rollup_samples_pct_1h", True),
+            ("rollup_samples_pct_1m", True),
         ]
 
 
@@ -134,6 +139,10 @@ def test_policies_have_the_configured_intervals(tsdb_url: str) -> None:
             ("rollup_metrics_1h", "policy_retention"),
             ("rollup_metrics_1m", "policy_refresh_continuous_aggregate"),
             ("rollup_metrics_1h", "policy_refresh_continuous_aggregate"),
+            ("rollup_samples_pct_1m", "policy_retention"),
+            ("rollup_samples_pct_1h", "policy_retention"),
+            ("rollup_samples_pct_1m", "policy_refresh_continuous_aggregate"),
+            ("rollup_samples_pct_1h", "policy_refresh_continuous_aggregate"),
         }
         drop = {
             relation: _interval(conn, config["drop_after"])
@@ -147,6 +156,8 @@ def test_policies_have_the_configured_intervals(tsdb_url: str) -> None:
             "rollup_samples_1h": timedelta(days=400),
             "rollup_metrics_1m": timedelta(days=14),
             "rollup_metrics_1h": timedelta(days=400),
+            "rollup_samples_pct_1m": timedelta(days=14),
+            "rollup_samples_pct_1h": timedelta(days=400),
         }
         for relation in ("plugin_samples", "plugin_metrics"):
             compress = jobs[(relation, "policy_compression")]["compress_after"]
@@ -177,6 +188,8 @@ def test_default_retention_is_the_seeds(requires_timescaledb: None, pg_admin_url
             "rollup_samples_1h": timedelta(days=365),
             "rollup_metrics_1m": timedelta(days=30),
             "rollup_metrics_1h": timedelta(days=365),
+            "rollup_samples_pct_1m": timedelta(days=30),
+            "rollup_samples_pct_1h": timedelta(days=365),
         }
 
 
@@ -347,6 +360,8 @@ async def test_backfill_materialises_late_rows_outside_the_policy_windows(tsdb_u
     assert [(r.rollup, r.window_start) for r in refreshed] == [
         ("rollup_samples_1m", bucket_floor(late_start, timedelta(minutes=1))),
         ("rollup_samples_1h", bucket_floor(late_start, timedelta(hours=1))),
+        ("rollup_samples_pct_1m", bucket_floor(late_start, timedelta(minutes=1))),
+        ("rollup_samples_pct_1h", bucket_floor(late_start, timedelta(hours=1))),
     ]
     assert refreshed[1].window_end == end
     with psycopg.connect(tsdb_url) as conn:

@@ -13,7 +13,7 @@ import pytest
 from pluginmon.alerts.engine import AlertEngine
 from pluginmon.collectors.models import PluginKey
 from pluginmon.daemon.config_sections import parse_rules
-from pluginmon.registry import maintenance, vulnerabilities
+from pluginmon.registry import maintenance, vulnerabilities, vulnerability_imports
 from pluginmon.registry.actor import Actor
 from pluginmon.registry.scan_reports import ReportFormat
 from tests.alerts_helpers import FakeClock, plugin_ids, plugin_sample, snapshot
@@ -43,7 +43,7 @@ async def test_open_critical_fires_the_rule_and_caps_health_until_accepted(
     clock = FakeClock()
     ids = await plugin_ids(pool, [KEY])
     async with pool.acquire() as conn, conn.transaction():
-        await vulnerabilities.import_report(
+        await vulnerability_imports.import_report(
             conn,
             tenant_id="acme",
             actor=Actor(name="ci"),
