@@ -16,15 +16,17 @@ Each UTC day gets, per (tenant, plugin, environment) that had samples or operati
 
 Why raw rows and not the 1-hour rollup: a day's percentiles cannot be derived from hourly
 percentiles, and the seconds a sample stands for need consecutive samples, which no rollup
-keeps. To keep that cheap the job runs once an hour (when a new hour completes, tracked in
-analytics_progress): it recomputes today so far (up to the last full hour) and, for
-``LOOKBACK`` after midnight, yesterday, so rows up to that late are folded in. A day's raw
-rows are therefore read about (hours left in the day) times plus once when it completes. An
-interval that straddles midnight counts for the day of the sample that ends it.
+keeps. To keep that cheap each day is computed once, when it is complete and ``LOOKBACK``
+has passed since its end (so rows up to that late are folded in): a day's raw rows are read
+once. Recomputing "today so far" every hour would read them about twelve times, which for a
+fleet of agents on one database is more than the samples cost to write (docs/scaling.md).
+Today's figures are in the rollups and the dashboards meanwhile. An interval that straddles
+midnight counts for the day of the sample that ends it.
 
 Missed days (the daemon was down) are caught up from where analytics_progress stopped, no
 further back than the raw retention, ``MAX_DAYS_PER_RUN`` days per maintenance run; a
-database that never ran it starts ``FIRST_RUN_DAYS`` back. The upsert touches only these columns, so the platform's usage columns stay as written.
+database that never ran it starts ``FIRST_RUN_DAYS`` back. The upsert touches only these
+columns, so the platform's usage columns stay as written.
 """
 
 from __future__ import annotations
@@ -34,12 +36,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Final
 
-from pluginmon.storage.backend import AdminConnection, Retention, bucket_floor
+from pluginmon.storage.backend import AdminConnection, Retention
 
 logger = logging.getLogger(__name__)
 
 DAY: Final = timedelta(days=1)
-HOUR: Final = timedelta(hours=1)
 # Longer than any sampling interval pluginmon allows, short enough that a daemon restart
 # shows as a gap rather than as observed time.
 MAX_SAMPLE_GAP: Final = timedelta(minutes=5)
@@ -54,7 +55,7 @@ MAX_DAYS_PER_RUN: Final = 4
 
 @dataclass(frozen=True, slots=True)
 class DayWindow:
-    """[start, end) of one UTC day's computation; ``end`` is the day's end once complete."""
+    """[start, end) of one whole UTC day's computation."""
 
     day: datetime
     end: datetime
@@ -85,22 +86,24 @@ def plan_days(
     raw_retention: timedelta,
     max_days: int = MAX_DAYS_PER_RUN,
 ) -> AnalyticsPlan | None:
-    """Which days to (re)compute now, or None when no hour completed since the last run.
+    """Which whole days to compute now, or None when no day completed ``LOOKBACK`` ago since
+    the last run.
 
-    Pure: ``now`` is the caller's clock. Days run from the one holding ``computed_through -
-    LOOKBACK`` (or ``FIRST_RUN_DAYS`` back on the first run) to today, never before the first
-    whole day the raw retention still holds; at most ``max_days`` of them, the plan's
-    ``through`` then being the end of the last (the next run goes on from there).
+    Pure: ``now`` is the caller's clock. Days run from ``computed_through`` (or
+    ``FIRST_RUN_DAYS`` back on the first run) to the last day that ended at least
+    ``LOOKBACK`` before ``now``, never before the first whole day the raw retention still
+    holds; at most ``max_days`` of them, the plan's ``through`` then being the end of the last
+    (the next run goes on from there).
     """
-    if max_days < 2:
-        raise ValueError(f"max_days must be at least 2 (a day redone and one more), got {max_days}")
-    through = bucket_floor(now, HOUR)
+    if max_days < 1:
+        raise ValueError(f"max_days must be at least 1, got {max_days}")
+    through = day_floor(now - LOOKBACK)
     if computed_through is not None and computed_through >= through:
         return None
     if computed_through is None:
-        first = day_floor(through) - FIRST_RUN_DAYS * DAY
+        first = through - FIRST_RUN_DAYS * DAY
     else:
-        first = day_floor(computed_through - LOOKBACK)
+        first = day_floor(computed_through)
     oldest = day_floor(now - raw_retention)
     if oldest < now - raw_retention:
         oldest += DAY  # that day's first rows are gone already
@@ -108,11 +111,11 @@ def plan_days(
     windows: list[DayWindow] = []
     day = first
     while day < through and len(windows) < max_days:
-        windows.append(DayWindow(day=day, end=min(day + DAY, through)))
+        windows.append(DayWindow(day=day, end=day + DAY))
         day += DAY
-    if windows:
-        through = windows[-1].end
-    return AnalyticsPlan(through=through, windows=tuple(windows))
+    if not windows:
+        return None
+    return AnalyticsPlan(through=windows[-1].end, windows=tuple(windows))
 
 
 # One day for every plugin: samples (with the one before the day, for the first interval)

@@ -9,7 +9,13 @@ from typing import Any
 import psycopg
 import pytest
 
-from pluginmon.storage.analytics import FIRST_RUN_DAYS, MAX_DAYS_PER_RUN, DayWindow, plan_days
+from pluginmon.storage.analytics import (
+    FIRST_RUN_DAYS,
+    LOOKBACK,
+    MAX_DAYS_PER_RUN,
+    DayWindow,
+    plan_days,
+)
 from pluginmon.storage.backend import MaintenanceReport, Retention, admin_connection
 from pluginmon.storage.engines import maintenance_for
 from pluginmon.storage.migrate import Backend
@@ -71,8 +77,8 @@ async def _catch_up(url: str, backend: Backend, now: datetime) -> list[datetime]
     pytest.fail(f"the catch-up did not finish: {days}")
 
 
-def test_plan_days_first_run_catch_up_lookback_and_idle_hours() -> None:
-    now = D + DAY + timedelta(minutes=30)
+def test_plan_days_whole_days_once_a_lookback_past_their_end() -> None:
+    now = D + DAY + LOOKBACK + timedelta(minutes=30)
     first = plan_days(
         computed_through=None, now=now, raw_retention=timedelta(days=90), max_days=100
     )
@@ -81,29 +87,23 @@ def test_plan_days_first_run_catch_up_lookback_and_idle_hours() -> None:
     assert first.windows == tuple(
         DayWindow(day=D - i * DAY, end=D - i * DAY + DAY) for i in range(FIRST_RUN_DAYS - 1, -1, -1)
     )
-    # The same hour again: nothing to do.
-    assert plan_days(computed_through=D + DAY, now=now + timedelta(minutes=20),
-                     raw_retention=timedelta(days=90)) is None  # fmt: skip
-    # Next hour, within the lookback after midnight: yesterday again, and today so far.
-    later = plan_days(computed_through=D + DAY, now=D + DAY + timedelta(hours=1, minutes=5),
-                      raw_retention=timedelta(days=90))  # fmt: skip
-    assert later is not None
-    assert later.windows == (
-        DayWindow(day=D, end=D + DAY),
-        DayWindow(day=D + DAY, end=D + DAY + timedelta(hours=1)),
-    )
-    # Past the lookback: only today.
-    noon = plan_days(computed_through=D + timedelta(hours=11), now=D + timedelta(hours=12, minutes=1),
-                     raw_retention=timedelta(days=90))  # fmt: skip
-    assert noon is not None
-    assert noon.windows == (DayWindow(day=D, end=D + timedelta(hours=12)),)
+    # The rest of the next day, and its first LOOKBACK after midnight: nothing to do (today
+    # is never computed before it is complete, so its raw rows are read once).
+    for later in (timedelta(hours=12), DAY + LOOKBACK - timedelta(seconds=1)):
+        assert plan_days(computed_through=D + DAY, now=D + DAY + later,
+                         raw_retention=timedelta(days=90)) is None  # fmt: skip
+    # A LOOKBACK past its end: that day, once.
+    nxt = plan_days(computed_through=D + DAY, now=D + 2 * DAY + LOOKBACK,
+                    raw_retention=timedelta(days=90))  # fmt: skip
+    assert nxt is not None
+    assert nxt.windows == (DayWindow(day=D + DAY, end=D + 2 * DAY),)
+    assert nxt.through == D + 2 * DAY
     # Missed days are caught up, but never before the raw retention's first whole day.
     missed = plan_days(computed_through=D - 10 * DAY, now=D + timedelta(hours=3),
                        raw_retention=timedelta(days=3, hours=12))  # fmt: skip
     assert missed is not None
-    assert [w.day for w in missed.windows] == [D - 3 * DAY, D - 2 * DAY, D - DAY, D]
-    assert missed.windows[-1].end == D + timedelta(hours=3)
-    assert missed.through == D + timedelta(hours=3)
+    assert [w.day for w in missed.windows] == [D - 3 * DAY, D - 2 * DAY, D - DAY]
+    assert missed.through == D
 
 
 def test_plan_days_spreads_a_catch_up_over_runs() -> None:
@@ -121,10 +121,10 @@ def test_plan_days_spreads_a_catch_up_over_runs() -> None:
         assert mark is None or plan.through > mark
         covered.extend(w.day for w in plan.windows)
         mark = plan.through
-    assert mark == D + timedelta(hours=3)
-    assert sorted(set(covered)) == [D - i * DAY for i in range(11, -1, -1)]
+    assert mark == D
+    assert covered == [D - i * DAY for i in range(10, 0, -1)]  # each day once
     with pytest.raises(ValueError, match="max_days"):
-        plan_days(computed_through=None, now=now, raw_retention=retention, max_days=1)
+        plan_days(computed_through=None, now=now, raw_retention=retention, max_days=0)
 
 
 def _construct_day(conn: Conn) -> tuple[int, int, dict[str, Any]]:
@@ -208,7 +208,7 @@ async def _check_backend(pg_admin_url: str, backend: Backend) -> None:
         psycopg.connect(url, autocommit=True) as conn,
     ):
         a, b, expected = _construct_day(conn)
-        days = await _catch_up(url, backend, D + DAY + timedelta(minutes=30))
+        days = await _catch_up(url, backend, D + DAY + LOOKBACK + timedelta(minutes=30))
         assert sorted(set(days)) == [D - i * DAY for i in range(FIRST_RUN_DAYS - 1, -1, -1)]
         _assert_values(_analytics(conn, a, D), expected)
         only_ops = _analytics(conn, b, D)
@@ -219,12 +219,9 @@ async def _check_backend(pg_admin_url: str, backend: Backend) -> None:
         before = _analytics(conn, a, D - DAY)
         assert (before["sample_count"], before["restarts"], before["operations"]) == (1, 5, 1)
 
-        # Idempotent: the same hour does nothing; the next hour recomputes D (within the
-        # lookback) to the same values, one row per plugin and day.
-        again = await _maintain(url, backend, D + DAY + timedelta(minutes=50))
+        # Idempotent: a later run the same day does nothing; D keeps one row per plugin.
+        again = await _maintain(url, backend, D + DAY + LOOKBACK + timedelta(hours=5))
         assert again.analytics_days == ()
-        later = await _maintain(url, backend, D + DAY + timedelta(hours=1, minutes=1))
-        assert later.analytics_days == (D, D + DAY)
         _assert_values(_analytics(conn, a, D), expected)
         count = conn.execute(
             "SELECT count(*) FROM plugin_analytics WHERE period = 'day' AND period_start = %s",
@@ -232,9 +229,8 @@ async def _check_backend(pg_admin_url: str, backend: Backend) -> None:
         ).fetchone()
         assert count == (2,)
 
-        # Missed days: the daemon was down from D+1 01:01 until D+3 05:30. D+1 and D+2
-        # (one hour of 60 s samples each, up) are caught up, D+3 so far too, and D again
-        # (the last run's mark minus the lookback falls in it).
+        # Missed days: the daemon was down from D+1 07:30 until D+3 05:30. D+1 and D+2
+        # (one hour of 60 s samples each, up) are caught up, each once; D is not redone.
         for offset in (1, 2):
             insert_samples(
                 conn,
@@ -251,7 +247,7 @@ async def _check_backend(pg_admin_url: str, backend: Backend) -> None:
                 ],
             )
         missed = await _maintain(url, backend, D + 3 * DAY + timedelta(hours=5, minutes=30))
-        assert missed.analytics_days == (D, D + DAY, D + 2 * DAY, D + 3 * DAY)
+        assert missed.analytics_days == (D + DAY, D + 2 * DAY)
         for offset in (1, 2):
             caught = _analytics(conn, a, D + offset * DAY)
             assert caught["sample_count"] == 60
@@ -275,8 +271,8 @@ async def test_daily_analytics_on_timescaledb(
 
 
 async def test_rows_up_to_the_lookback_late_are_folded_in(pg_admin_url: str) -> None:
-    """Yesterday is recomputed by the hourly runs of the first LOOKBACK after midnight; a row
-    arriving later than that stays out (docs/storage.md)."""
+    """A day is computed once, LOOKBACK after its end: a row written before then is counted,
+    a later one stays out (docs/storage.md)."""
     with (
         database_for_backend(pg_admin_url, Backend.POSTGRES) as url,
         psycopg.connect(url, autocommit=True) as conn,
@@ -290,23 +286,21 @@ async def test_rows_up_to_the_lookback_late_are_folded_in(pg_admin_url: str) -> 
                 for m in range(119)
             ],
         )
-        assert D in await _catch_up(url, Backend.POSTGRES, D + DAY + timedelta(minutes=30))
-        assert _analytics(conn, a, D)["observed_seconds"] == 118 * 60.0
-
+        # Not computed yet 30 minutes after midnight: the day waits for its lookback.
+        assert D not in await _catch_up(url, Backend.POSTGRES, D + DAY + timedelta(minutes=30))
         # Late by less than the lookback: a down sample at 23:59, written at 00:50.
         insert_samples(conn, [_sample(D + DAY - timedelta(minutes=1), "acme", a, cpu=0.0, rss=1,
                                       up=False)])  # fmt: skip
-        report = await _maintain(url, Backend.POSTGRES, D + DAY + timedelta(hours=1, minutes=1))
-        assert D in report.analytics_days
+        report = await _maintain(url, Backend.POSTGRES, D + DAY + LOOKBACK + timedelta(minutes=1))
+        assert report.analytics_days == (D,)
         folded = _analytics(conn, a, D)
         assert (folded["observed_seconds"], folded["up_seconds"]) == (119 * 60.0, 118 * 60.0)
         assert folded["uptime_ratio"] == pytest.approx(118 / 119, rel=1e-12)
+        assert folded["sample_count"] == 120
 
-        # The last run that redoes D is the one at 02:xx (its mark, 01:00, minus 2 h is in D).
-        await _maintain(url, Backend.POSTGRES, D + DAY + timedelta(hours=2, minutes=1))
-        # Later than that: 23:59:30 written at 03:00 is not folded in any more.
+        # Later than that: 23:59:30 written at 03:00 is not folded in.
         insert_samples(conn, [_sample(D + DAY - timedelta(seconds=30), "acme", a, cpu=0.0,
                                       rss=1, up=True)])  # fmt: skip
         late = await _maintain(url, Backend.POSTGRES, D + DAY + timedelta(hours=3, minutes=1))
-        assert late.analytics_days == (D + DAY,)
+        assert late.analytics_days == ()
         assert _analytics(conn, a, D)["sample_count"] == 120
