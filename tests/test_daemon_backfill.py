@@ -59,8 +59,12 @@ async def test_maintenance_backfills_rollups_from_the_oldest_replayed_row(
     with psycopg.connect(migrated_db, autocommit=True) as conn:
         insert_samples(conn, late)
     await job()
-    complete = "\"timestamp\" < date_trunc('hour', now())"
-    settled = "bucket < date_trunc('hour', now())"
+    # Compared: the hours before the last complete one. The regular rows of the last 12
+    # minutes may fall in the previous hour (in the first minutes of an hour), whose 1-hour
+    # bucket TimescaleDB's policy materialises only an hour after it ends; the late rows
+    # (2h40m to 3h ago) are always in the compared range.
+    complete = "\"timestamp\" < date_trunc('hour', now() - interval '1 hour')"
+    settled = "bucket < date_trunc('hour', now() - interval '1 hour')"
     with psycopg.connect(migrated_db) as conn:
         assert rollup_rows(conn, "plugin_samples_1m", settled) != group_by_rollup(
             conn, "1 minute", complete
