@@ -8,7 +8,8 @@ version of that ecosystem (the caller then falls back to a generic order). Keys 
 ecosystem compare only with each other. Where the reference is a pairwise comparison whose
 order is not a plain tuple order (apk, Maven, RubyGems, PHP) the key wraps the parsed
 version with :func:`functools.cmp_to_key` and the ported comparison; dpkg and NuGet are
-plain tuples. Each section names the source it was ported from.
+plain tuples. Each section names the source it was ported from. The six ports sit side by
+side (about 500 lines) so that the dispatch table and the sources stay in one place.
 """
 
 from __future__ import annotations
@@ -190,8 +191,9 @@ def _apk_compare(a: str, b: str) -> int:
 
 
 # --- Maven: ComparableVersion ---------------------------------------------------------------
-# apache/maven maven-artifact ComparableVersion (3.x: IntItem, StringItem, ListItem and
-# parseVersion()) and the POM reference's "Version Order Specification": items split on '.',
+# apache/maven maven-artifact ComparableVersion (3.6-3.8: IntItem, StringItem, ListItem and
+# parseVersion(); 3.9's reading of ".qualifier" as "-qualifier" and "X-1" as "X1" is not
+# ported) and the POM reference's "Version Order Specification": items split on '.',
 # '-' (which opens a sub-list) and digit/letter transitions (which open a sub-list too);
 # qualifiers alpha < beta < milestone < rc = cr < snapshot < "" = ga = final = release < sp,
 # unknown ones after them in lexical order; a1/b1/m1 = alpha-1/beta-1/milestone-1; trailing
