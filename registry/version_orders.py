@@ -28,7 +28,7 @@ from typing import Any, Final
 # other character (by code + 256); digit runs compare as numbers (empty = 0). A missing
 # revision compares like "0" (dpkg: "1.0" == "1.0-0").
 
-_DPKG_EPOCH_RE: Final = re.compile(r"^(\d+):(.*)$")
+_DPKG_EPOCH_RE: Final = re.compile(r"^(\d+):(.*)$", re.ASCII | re.DOTALL)
 
 
 def _dpkg_weight(c: str) -> int:
@@ -354,7 +354,8 @@ def _gem_compare(a: tuple[int | str, ...], b: tuple[int | str, ...]) -> int:
 
 _NUGET_RE: Final = re.compile(
     r"^\s*(\d+)(?:\.(\d+))?(?:\.(\d+))?(?:\.(\d+))?"
-    r"(?:-([0-9A-Za-z-]+(?:\.[0-9A-Za-z-]+)*))?(?:\+[0-9A-Za-z-]+(?:\.[0-9A-Za-z-]+)*)?\s*$"
+    r"(?:-([0-9A-Za-z-]+(?:\.[0-9A-Za-z-]+)*))?(?:\+[0-9A-Za-z-]+(?:\.[0-9A-Za-z-]+)*)?\s*$",
+    re.ASCII,
 )
 
 
@@ -381,7 +382,7 @@ def _nuget_key(version: str) -> tuple[Any, ...] | None:
 _COMPOSER_RE: Final = re.compile(
     r"^v?(\d{1,5})(\.\d+)?(\.\d+)?(\.\d+)?[._-]?"
     r"(?:(stable|beta|b|RC|alpha|a|patch|pl|p)((?:[.-]?\d+)*)?)?([.-]?dev)?$",
-    re.IGNORECASE,
+    re.IGNORECASE | re.ASCII,
 )
 _COMPOSER_STABILITY: Final = {"a": "alpha", "b": "beta", "p": "patch", "pl": "patch", "rc": "RC"}
 _PHP_FORMS: Final = (
@@ -440,9 +441,14 @@ def _php_form(part: str) -> int:
     return next((order for name, order in _PHP_FORMS if part.startswith(name)), -1)
 
 
+def _php_digit(part: str) -> bool:
+    # C's isdigit: ASCII only ("²".isdigit() is True in Python).
+    return "0" <= part[:1] <= "9"
+
+
 def _php_compare_parts(a: list[str], b: list[str]) -> int:
     for left, right in zip(a, b, strict=False):
-        ld, rd = left[:1].isdigit(), right[:1].isdigit()
+        ld, rd = _php_digit(left), _php_digit(right)
         if ld and rd:
             # A canonical part that starts with a digit is all digits (strtol in PHP).
             result = _cmp(int(left), int(right))
@@ -454,10 +460,10 @@ def _php_compare_parts(a: list[str], b: list[str]) -> int:
             return result
     if len(a) > len(b):
         rest = a[len(b) :]
-        return 1 if rest[0][:1].isdigit() else _php_compare_parts(rest, ["#N#"])
+        return 1 if _php_digit(rest[0]) else _php_compare_parts(rest, ["#N#"])
     if len(b) > len(a):
         rest = b[len(a) :]
-        return -1 if rest[0][:1].isdigit() else _php_compare_parts(["#N#"], rest)
+        return -1 if _php_digit(rest[0]) else _php_compare_parts(["#N#"], rest)
     return 0
 
 

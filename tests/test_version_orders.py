@@ -5,6 +5,7 @@ inside and just outside its bounds."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import zipfile
 from pathlib import Path
@@ -242,6 +243,23 @@ def test_packagist_stabilities_and_normalisation() -> None:
             ("1.0rc1", "<", "1.0"),
         ],
     )
+
+
+# --- hostile text ------------------------------------------------------------------------------
+
+HOSTILE = ["", " ", "-", ".", ":", "~", "_", "+", "00", "1:", ":1", "-r", "1-r", "1__p", "v",
+           "1²", "²", "\u0661.\u0660", "1" * 40, "1." * 30, "x" * 100, "1.0-", "1..0", "1--1", "1.0_rc",
+           "1.0-r", "1.0~", "1:1:1", "1.0+", "#", "1.#", "dev-main"]  # fmt: skip
+
+
+@pytest.mark.parametrize("ecosystem", ["Debian", "Alpine", "Maven", "RubyGems", "NuGet",
+                                       "Packagist"])  # fmt: skip
+def test_hostile_versions_give_a_key_or_none_never_an_error(ecosystem: str) -> None:
+    # An SBOM's version is untrusted text: one odd version must not stop a scan.
+    keys = [k for k in (order_key(ecosystem, v) for v in HOSTILE) if k is not None]
+    assert keys  # most of them are versions of every ecosystem's grammar, loosely
+    ordered = sorted(keys)
+    assert all(a <= b for a, b in itertools.pairwise(ordered))
 
 
 # --- the others keep the generic order ----------------------------------------------------------
