@@ -1,6 +1,9 @@
 """Offline matching against OSV advisories: loading a local advisory database (a directory of
 per-ecosystem zips or JSON files, as osv.dev publishes them), comparing versions, and matching
 SBOM components by package and ``affected[].ranges`` (SEMVER and ECOSYSTEM events).
+ECOSYSTEM events compare in the ecosystem's own order: SemVer (npm, Go, crates.io, Hex, Pub),
+PEP 440 (PyPI) here, and those of registry/version_orders.py; any other ecosystem in an
+approximate generic order (:func:`_generic_key`).
 
 Pure apart from :func:`load_database` / :func:`database_digest`, which read files (call them
 through ``asyncio.to_thread``). Range evaluation follows the OSV schema's algorithm: events
@@ -26,6 +29,7 @@ from urllib.parse import unquote
 from packaging.version import InvalidVersion, Version
 
 from pluginmon.registry.cvss import CvssError, Severity, base_score, severity_of_label
+from pluginmon.registry.version_orders import order_key
 
 logger = logging.getLogger(__name__)
 
@@ -69,8 +73,9 @@ def _semver_key(text: str) -> tuple[Any, ...] | None:
 
 
 def _generic_key(text: str) -> tuple[Any, ...]:
-    """A total order for ecosystems without a parser here: the leading dotted numbers, then a
-    suffix that is a pre-release (before the bare release) unless it names a post-release."""
+    """An approximate total order for ecosystems without an exact one here (and for versions
+    an ecosystem's parser rejects): the leading dotted numbers, then a suffix that is a
+    pre-release (before the bare release) unless it names a post-release."""
     tokens = _TOKEN_RE.findall(text)
     numbers: list[int] = []
     rest: list[str] = []
@@ -110,6 +115,12 @@ def version_key(version: str, *, ecosystem: str, range_type: str = "ECOSYSTEM") 
             return VersionKey("pep440", (Version(version),))
         except InvalidVersion:
             pass
+    else:
+        # Debian/Ubuntu, Alpine/Wolfi/Chainguard, Maven, RubyGems, NuGet, Packagist: the
+        # ecosystem's own order (registry/version_orders.py).
+        exact = order_key(base, version)
+        if exact is not None:
+            return VersionKey(base, exact)
     return VersionKey("generic", _generic_key(version))
 
 
