@@ -80,7 +80,12 @@ def parse_duration(value: object) -> timedelta:
     elif isinstance(value, bool):
         raise ValueError(_DURATION)
     elif isinstance(value, int | float):
-        seconds = float(value)
+        # TOML integers are unbounded: one no float holds is beyond the limit below as well.
+        seconds = (
+            float(value)
+            if isinstance(value, float) or abs(value) < 1e300
+            else (1e300 if value > 0 else -1e300)
+        )
     elif isinstance(value, str):
         match = _DURATION_RE.match(value)
         if match is None:
