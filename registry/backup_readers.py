@@ -308,6 +308,12 @@ class SftpReader:
             return Outcome(
                 ReadResult.BAD_LOCATION, "location must be sftp://[user@]host[:port]/path"
             )
+        if parts.password is not None:
+            # The location is stored and shown back (API, audit): it must name no secret.
+            return Outcome(
+                ReadResult.BAD_LOCATION,
+                "location must not hold a password (sftp authenticates with private_key_file)",
+            )
         try:
             port = parts.port or 22
         except ValueError:
