@@ -8,7 +8,7 @@ import argparse
 import asyncio
 import json
 import logging
-import signal
+import os
 import sys
 from collections.abc import Callable, Coroutine
 from contextlib import AbstractContextManager
@@ -272,12 +272,25 @@ async def _audit_verify(conn: asyncpg.Connection, tenant: str | None) -> int:
 def _serve(settings: Settings, url: str) -> int:
     from pluginmon import __version__
     from pluginmon.daemon.api_wiring import serve_api
+    from pluginmon.daemon.lifecycle import install_signal_handlers
+
+    def forced_exit(signum: int) -> None:
+        logging.shutdown()
+        os._exit(EXIT_FAILURE)
 
     async def main() -> None:
         stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, stop.set)
+        # The same signals as `pluginmon run`: SIGHUP (systemd's reload) and SIGUSR1/2 must
+        # not kill the server (their default action); a second stop signal exits 1 at once.
+        install_signal_handlers(
+            asyncio.get_running_loop(),
+            stop,
+            on_second=forced_exit,
+            on_reload=lambda: logger.info(
+                "SIGHUP received: pluginmon api reads its configuration at start only; "
+                "restart it to apply changes"
+            ),
+        )
         logger.info("pluginmon api %s starting (no sampling)", __version__)
         await serve_api(settings, url, version=__version__, stop=stop)
         logger.info("pluginmon api stopped")

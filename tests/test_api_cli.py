@@ -289,3 +289,50 @@ def test_api_enabled_false_mounts_nothing() -> None:
     assert api_subapps(off, lambda: None, version="t", metrics=None) == []
     on = api_subapps(Settings(), lambda: None, version="t", metrics=None)
     assert [prefix for prefix, _ in on] == ["/api/v1"]
+
+
+def test_pluginmon_api_survives_hup_usr1_usr2_and_stops_on_term(
+    migrated_db: str, tmp_path: Any
+) -> None:
+    """Operators send HUP to reload (systemd's ExecReload): it, USR1 and USR2 must not kill
+    the API server (they did, exit 129/138); TERM still stops it with exit 0."""
+    port = free_port()
+    config = tmp_path / "api.toml"
+    config.write_text(f'http_host = "127.0.0.1"\nhttp_port = {port}\n')
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PLUGINMON_")}
+    env.update(_env(migrated_db))
+    env["PYTHONPATH"] = str(REPO)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pluginmon.daemon.cli", "api", "--config", str(config)],
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+
+        def ready() -> bool:
+            try:
+                return _http("GET", base + "/readyz")[0] == 200
+            except OSError:
+                return False
+
+        wait_for("pluginmon api to answer /readyz", ready, timeout=60)
+        for signum in (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
+            process.send_signal(signum)
+            # Answering after the signal proves it was handled, not pending.
+            wait_for(f"pluginmon api to answer after {signum.name}", ready, timeout=30)
+            assert process.poll() is None, f"{signum.name} ended pluginmon api"
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+        assert process.stderr is not None
+        log = process.stderr.read().decode(errors="replace")
+        assert "SIGHUP received: pluginmon api reads its configuration at start only" in log
+        assert "SIGUSR1 received: ignored" in log
+        assert "SIGTERM received: stopping" in log
+    finally:
+        if process.poll() is None:
+            stop_process(process)
+        if process.stderr is not None:
+            process.stderr.close()
