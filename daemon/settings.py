@@ -189,7 +189,7 @@ def check_host(value: str) -> str:
         labels = value.removesuffix(".").split(".")
         if (
             len(value) > 253
-            or not all(_HOST_LABEL.match(label) for label in labels)
+            or not all(_HOST_LABEL.fullmatch(label) for label in labels)
             or labels[-1].isdigit()  # "999.1.1.1" is neither an address nor a name
         ):
             raise ValueError(f"{value!r} is not an IP address or a host name") from None

@@ -172,7 +172,7 @@ def for_tenant(entry: str, tenant: str | None) -> str | None:
     (or not a plain slug, which could otherwise climb out with "/" or "..")."""
     if TENANT_PLACEHOLDER not in entry:
         return entry
-    if tenant is None or not _TENANT_RE.match(tenant):
+    if tenant is None or not _TENANT_RE.fullmatch(tenant):
         return None
     return entry.replace(TENANT_PLACEHOLDER, tenant)
 
