@@ -80,8 +80,11 @@ def run_api_command(args: argparse.Namespace, *, database_url: DatabaseUrl) -> i
     from pluginmon.daemon.logs import configure_logging
     from pluginmon.daemon.settings import load_settings
 
+    serving = args.command == "api"
     try:
         settings = load_settings(args.config)
+        if serving:
+            _check_before_serving(settings)
     except ConfigError as exc:
         print(
             f"pluginmon: invalid configuration ({len(exc.problems)} problem(s)):", file=sys.stderr
@@ -89,7 +92,6 @@ def run_api_command(args: argparse.Namespace, *, database_url: DatabaseUrl) -> i
         for problem in exc.problems:
             print(f"  {problem}", file=sys.stderr)
         return EXIT_CONFIG
-    serving = args.command == "api"
     configure_logging(
         log_format=settings.log_format, log_level=settings.log_level if serving else "WARNING"
     )
@@ -267,6 +269,21 @@ async def _audit_verify(conn: asyncpg.Connection, tenant: str | None) -> int:
         )
         return EXIT_FAILURE
     return EXIT_OK
+
+
+def _check_before_serving(settings: Settings) -> None:
+    """What ``run`` refuses at start (daemon.preflight) and ``pluginmon api`` uses too: the
+    HTTP host and TLS files, and data_dir when the embedded database lives there (nothing is
+    sampled, so proc_root is not). ConfigError names each field, as for ``run``: exit 2."""
+    from pluginmon.daemon.config_schema import ConfigError
+    from pluginmon.daemon.preflight import preflight
+
+    used = {"http_host", "http_tls_cert_file", "http_tls_key_file"}
+    if settings.embedded:
+        used.add("data_dir")
+    problems = [(field, problem) for field, problem in preflight(settings) if field in used]
+    if problems:
+        raise ConfigError(problems)
 
 
 def _serve(settings: Settings, url: str) -> int:

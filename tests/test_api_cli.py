@@ -336,3 +336,31 @@ def test_pluginmon_api_survives_hup_usr1_usr2_and_stops_on_term(
             stop_process(process)
         if process.stderr is not None:
             process.stderr.close()
+
+
+@pytest.mark.parametrize(
+    ("toml", "needle"),
+    [
+        # TEST-NET-1 (RFC 5737): a valid address that is no address of this machine.
+        ('http_host = "192.0.2.1"\n', "http_host: cannot listen on 192.0.2.1"),
+        (
+            'http_tls_cert_file = "{garbage}"\nhttp_tls_key_file = "{garbage}"\n',
+            "http_tls_cert_file: {garbage} holds no PEM certificate",
+        ),
+    ],
+)
+def test_pluginmon_api_refuses_what_run_refuses_with_exit_2(
+    tmp_path: Any, toml: str, needle: str
+) -> None:
+    """As `run` and `check-config` do (issue 15: exit 2 naming the field), not exit 1 with
+    "[SSL] PEM lib" or "Cannot assign requested address". No database is needed to say so."""
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("-----BEGIN CERTIFICATE-----\nnot base64\n")
+    config = tmp_path / "api.toml"
+    config.write_text(f'data_dir = "{tmp_path / "state"}"\n' + toml.format(garbage=garbage))
+    unreachable = {"PLUGINMON_DATABASE_URL": "postgresql://u@127.0.0.1:1/x?connect_timeout=1"}
+    result = run_cli("api", "--config", str(config), env=unreachable)
+    assert result.returncode == 2, result.stderr
+    assert "invalid configuration" in result.stderr
+    assert needle.format(garbage=garbage) in result.stderr
+    assert "Traceback" not in result.stderr
