@@ -75,6 +75,16 @@ def add_api_commands(sub: Any) -> None:
         parser.add_argument("--config", metavar="PATH", type=Path, help="TOML config file")
 
 
+def url_secrets(settings: Settings) -> tuple[str, ...]:
+    """What of the configured database URL is scrubbed from logs and printed errors (drivers
+    echo pieces of a URL they mis-parse: a raw '@', ' ' or '/' in the password)."""
+    from pluginmon.storage.dsn import dsn_secrets
+
+    if settings.database_url is None:
+        return ()
+    return dsn_secrets(settings.database_url.get_secret_value())
+
+
 def run_api_command(args: argparse.Namespace, *, database_url: DatabaseUrl) -> int:
     from pluginmon.daemon.config_schema import ConfigError
     from pluginmon.daemon.logs import configure_logging
@@ -93,7 +103,9 @@ def run_api_command(args: argparse.Namespace, *, database_url: DatabaseUrl) -> i
             print(f"  {problem}", file=sys.stderr)
         return EXIT_CONFIG
     configure_logging(
-        log_format=settings.log_format, log_level=settings.log_level if serving else "WARNING"
+        log_format=settings.log_format,
+        log_level=settings.log_level if serving else "WARNING",
+        secrets=url_secrets(settings),
     )
     what = "pluginmon " + " ".join(
         x
