@@ -16,6 +16,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
+from pluginmon.daemon.signal_guard import SignalGuard
+
 # Light at import: `pluginmon run` builds the whole parser before its signal guard is in
 # place, so asyncpg and the settings (pydantic) are imported only by the commands below.
 if TYPE_CHECKING:
@@ -91,6 +93,11 @@ def run_api_command(args: argparse.Namespace, *, database_url: DatabaseUrl) -> i
     from pluginmon.daemon.settings import load_settings
 
     serving = args.command == "api"
+    guard = SignalGuard()
+    if serving:
+        # As `run` does, before anything slow: from here no signal kills the server; those
+        # that arrive before its event loop handles them are replayed then.
+        guard.install()
     try:
         settings = load_settings(args.config)
         if serving:
@@ -121,7 +128,7 @@ def run_api_command(args: argparse.Namespace, *, database_url: DatabaseUrl) -> i
     try:
         with database_url(settings) as url:
             if serving:
-                return _serve(settings, url)
+                return _serve(settings, url, guard)
             if args.command == "audit":
                 return asyncio.run(_with_connection(url, lambda c: _audit_verify(c, args.tenant)))
             handler = {"create": _token_create, "list": _token_list, "revoke": _token_revoke}[
@@ -298,7 +305,7 @@ def _check_before_serving(settings: Settings) -> None:
         raise ConfigError(problems)
 
 
-def _serve(settings: Settings, url: str) -> int:
+def _serve(settings: Settings, url: str, guard: SignalGuard) -> int:
     from pluginmon import __version__
     from pluginmon.daemon.api_wiring import serve_api
     from pluginmon.daemon.lifecycle import install_signal_handlers
@@ -311,7 +318,7 @@ def _serve(settings: Settings, url: str) -> int:
         stop = asyncio.Event()
         # The same signals as `pluginmon run`: SIGHUP (systemd's reload) and SIGUSR1/2 must
         # not kill the server (their default action); a second stop signal exits 1 at once.
-        install_signal_handlers(
+        handle = install_signal_handlers(
             asyncio.get_running_loop(),
             stop,
             on_second=forced_exit,
@@ -320,6 +327,11 @@ def _serve(settings: Settings, url: str) -> int:
                 "restart it to apply changes"
             ),
         )
+        for signum in guard.take():
+            handle(signum)
+        if stop.is_set():
+            logger.info("pluginmon api stopped during start-up")
+            return
         logger.info("pluginmon api %s starting (no sampling)", __version__)
         await serve_api(settings, url, version=__version__, stop=stop)
         logger.info("pluginmon api stopped")
