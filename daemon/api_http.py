@@ -256,7 +256,7 @@ async def read_body(request: web.Request, limit_bytes: int) -> bytes:
 def request_id(request: web.Request) -> str:
     """The caller's X-Request-Id when it is sane, else a new one."""
     given = request.headers.get(REQUEST_ID_HEADER, "")
-    return given if _REQUEST_ID_RE.match(given) else uuid.uuid4().hex
+    return given if _REQUEST_ID_RE.fullmatch(given) else uuid.uuid4().hex
 
 
 _UNAUTHORIZED_HEADERS = {"WWW-Authenticate": 'Bearer realm="pluginmon"'}
@@ -286,7 +286,7 @@ async def authenticate(conn: asyncpg.Connection, request: web.Request) -> Princi
         conn,
         value.strip(),
         enter_role=API_DATABASE_ROLE,
-        operator_tenant=named if named and tokens.TENANT_SLUG_RE.match(named) else None,
+        operator_tenant=named if named and tokens.TENANT_SLUG_RE.fullmatch(named) else None,
     )
     if principal is None:
         raise ApiError(
@@ -305,7 +305,7 @@ def tenant_of(principal: Principal, request: web.Request) -> str:
                 f"an operator token names the tenant in the {TENANT_HEADER} header",
                 field=TENANT_HEADER,
             )
-        if not tokens.TENANT_SLUG_RE.match(named):
+        if not tokens.TENANT_SLUG_RE.fullmatch(named):
             raise ApiError(
                 400, "invalid_tenant", f"{TENANT_HEADER} is not a tenant id", field=TENANT_HEADER
             )

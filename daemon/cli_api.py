@@ -8,13 +8,15 @@ import argparse
 import asyncio
 import json
 import logging
-import signal
+import os
 import sys
 from collections.abc import Callable, Coroutine
 from contextlib import AbstractContextManager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, TypeVar
+
+from pluginmon.daemon.signal_guard import SignalGuard
 
 # Light at import: `pluginmon run` builds the whole parser before its signal guard is in
 # place, so asyncpg and the settings (pydantic) are imported only by the commands below.
@@ -75,13 +77,31 @@ def add_api_commands(sub: Any) -> None:
         parser.add_argument("--config", metavar="PATH", type=Path, help="TOML config file")
 
 
+def url_secrets(settings: Settings) -> tuple[str, ...]:
+    """What of the configured database URL is scrubbed from logs and printed errors (drivers
+    echo pieces of a URL they mis-parse: a raw '@', ' ' or '/' in the password)."""
+    from pluginmon.storage.dsn import dsn_secrets
+
+    if settings.database_url is None:
+        return ()
+    return dsn_secrets(settings.database_url.get_secret_value())
+
+
 def run_api_command(args: argparse.Namespace, *, database_url: DatabaseUrl) -> int:
     from pluginmon.daemon.config_schema import ConfigError
     from pluginmon.daemon.logs import configure_logging
     from pluginmon.daemon.settings import load_settings
 
+    serving = args.command == "api"
+    guard = SignalGuard()
+    if serving:
+        # As `run` does, before anything slow: from here no signal kills the server; those
+        # that arrive before its event loop handles them are replayed then.
+        guard.install()
     try:
         settings = load_settings(args.config)
+        if serving:
+            _check_before_serving(settings)
     except ConfigError as exc:
         print(
             f"pluginmon: invalid configuration ({len(exc.problems)} problem(s)):", file=sys.stderr
@@ -89,9 +109,10 @@ def run_api_command(args: argparse.Namespace, *, database_url: DatabaseUrl) -> i
         for problem in exc.problems:
             print(f"  {problem}", file=sys.stderr)
         return EXIT_CONFIG
-    serving = args.command == "api"
     configure_logging(
-        log_format=settings.log_format, log_level=settings.log_level if serving else "WARNING"
+        log_format=settings.log_format,
+        log_level=settings.log_level if serving else "WARNING",
+        secrets=url_secrets(settings),
     )
     what = "pluginmon " + " ".join(
         x
@@ -107,7 +128,7 @@ def run_api_command(args: argparse.Namespace, *, database_url: DatabaseUrl) -> i
     try:
         with database_url(settings) as url:
             if serving:
-                return _serve(settings, url)
+                return _serve(settings, url, guard)
             if args.command == "audit":
                 return asyncio.run(_with_connection(url, lambda c: _audit_verify(c, args.tenant)))
             handler = {"create": _token_create, "list": _token_list, "revoke": _token_revoke}[
@@ -269,15 +290,48 @@ async def _audit_verify(conn: asyncpg.Connection, tenant: str | None) -> int:
     return EXIT_OK
 
 
-def _serve(settings: Settings, url: str) -> int:
+def _check_before_serving(settings: Settings) -> None:
+    """What ``run`` refuses at start (daemon.preflight) and ``pluginmon api`` uses too: the
+    HTTP host and TLS files, and data_dir when the embedded database lives there (nothing is
+    sampled, so proc_root is not). ConfigError names each field, as for ``run``: exit 2."""
+    from pluginmon.daemon.config_schema import ConfigError
+    from pluginmon.daemon.preflight import preflight
+
+    used = {"http_host", "http_tls_cert_file", "http_tls_key_file"}
+    if settings.embedded:
+        used.add("data_dir")
+    problems = [(field, problem) for field, problem in preflight(settings) if field in used]
+    if problems:
+        raise ConfigError(problems)
+
+
+def _serve(settings: Settings, url: str, guard: SignalGuard) -> int:
     from pluginmon import __version__
     from pluginmon.daemon.api_wiring import serve_api
+    from pluginmon.daemon.lifecycle import install_signal_handlers
+
+    def forced_exit(signum: int) -> None:
+        logging.shutdown()
+        os._exit(EXIT_FAILURE)
 
     async def main() -> None:
         stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, stop.set)
+        # The same signals as `pluginmon run`: SIGHUP (systemd's reload) and SIGUSR1/2 must
+        # not kill the server (their default action); a second stop signal exits 1 at once.
+        handle = install_signal_handlers(
+            asyncio.get_running_loop(),
+            stop,
+            on_second=forced_exit,
+            on_reload=lambda: logger.info(
+                "SIGHUP received: pluginmon api reads its configuration at start only; "
+                "restart it to apply changes"
+            ),
+        )
+        for signum in guard.take():
+            handle(signum)
+        if stop.is_set():
+            logger.info("pluginmon api stopped during start-up")
+            return
         logger.info("pluginmon api %s starting (no sampling)", __version__)
         await serve_api(settings, url, version=__version__, stop=stop)
         logger.info("pluginmon api stopped")

@@ -105,6 +105,7 @@ def _now() -> datetime:
 
 
 def run_config_command(args: argparse.Namespace, *, database_url: DatabaseUrl) -> int:
+    from pluginmon.daemon.cli_api import url_secrets
     from pluginmon.daemon.config_schema import ConfigError
     from pluginmon.daemon.logs import configure_logging
     from pluginmon.daemon.settings import load_settings
@@ -125,7 +126,9 @@ def run_config_command(args: argparse.Namespace, *, database_url: DatabaseUrl) -
         for problem in exc.problems:
             print(f"  {problem}", file=sys.stderr)
         return EXIT_USAGE
-    configure_logging(log_format=settings.log_format, log_level="WARNING")
+    configure_logging(
+        log_format=settings.log_format, log_level="WARNING", secrets=url_secrets(settings)
+    )
     import asyncpg
 
     from pluginmon.daemon.api_wiring import keyring_location

@@ -83,6 +83,7 @@ class _Exit(Exception):
 
 
 def run_vulns_command(args: argparse.Namespace, *, database_url: DatabaseUrl) -> int:
+    from pluginmon.daemon.cli_api import url_secrets
     from pluginmon.daemon.config_schema import ConfigError
     from pluginmon.daemon.logs import configure_logging
     from pluginmon.daemon.settings import load_settings
@@ -95,7 +96,9 @@ def run_vulns_command(args: argparse.Namespace, *, database_url: DatabaseUrl) ->
         for problem in exc.problems:
             print(f"  {problem}", file=sys.stderr)
         return EXIT_USAGE
-    configure_logging(log_format=settings.log_format, log_level="WARNING")
+    configure_logging(
+        log_format=settings.log_format, log_level="WARNING", secrets=url_secrets(settings)
+    )
     import asyncpg
 
     from pluginmon.registry.errors import InvalidError, NotFoundError, RegistryError

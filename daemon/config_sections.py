@@ -296,7 +296,7 @@ def _one_or_many(value: object) -> object:
 def _check_names(value: dict[str, str], *, reserved: frozenset[str]) -> dict[str, str]:
     problems: list[tuple[Location, str]] = []
     for name in value:
-        if not _LABEL_RE.match(name):
+        if not _LABEL_RE.fullmatch(name):
             problems.append(((name,), "name must be letters, digits and _"))
         elif name in reserved:
             problems.append(((name,), "is set by pluginmon and cannot be overridden"))
@@ -330,14 +330,14 @@ class RuleTable(Table):
     @field_validator("name")
     @classmethod
     def _name(cls, value: str) -> str:
-        if not _NAME_RE.match(value):
+        if not _NAME_RE.fullmatch(value):
             raise ValueError(_RULE_NAME)
         return value
 
     @field_validator("metric")
     @classmethod
     def _metric(cls, value: str) -> str:
-        if not _METRIC_RE.match(value):
+        if not _METRIC_RE.fullmatch(value):
             raise ValueError(_RULE_METRIC)
         problem = metric_ref_problem(value)
         if problem is not None:

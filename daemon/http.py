@@ -486,7 +486,13 @@ class HttpServer:
         return web.Response(text="ok\n")
 
     async def _handle_readyz(self, request: web.Request) -> web.Response:
-        readiness = await self._readiness()
+        try:
+            readiness = await self._readiness()
+        except Exception as exc:  # /readyz says why; it never answers 500
+            logger.exception("readiness check failed")
+            readiness = Readiness(
+                ready=False, reasons=(f"readiness check failed: {type(exc).__name__}",)
+            )
         if readiness.ready:
             return web.Response(text="ready\n")
         return web.Response(status=503, text="not ready: " + "; ".join(readiness.reasons) + "\n")

@@ -80,7 +80,12 @@ def parse_duration(value: object) -> timedelta:
     elif isinstance(value, bool):
         raise ValueError(_DURATION)
     elif isinstance(value, int | float):
-        seconds = float(value)
+        # TOML integers are unbounded: one no float holds is beyond the limit below as well.
+        seconds = (
+            float(value)
+            if isinstance(value, float) or abs(value) < 1e300
+            else (1e300 if value > 0 else -1e300)
+        )
     elif isinstance(value, str):
         match = _DURATION_RE.match(value)
         if match is None:
@@ -184,7 +189,7 @@ def check_host(value: str) -> str:
         labels = value.removesuffix(".").split(".")
         if (
             len(value) > 253
-            or not all(_HOST_LABEL.match(label) for label in labels)
+            or not all(_HOST_LABEL.fullmatch(label) for label in labels)
             or labels[-1].isdigit()  # "999.1.1.1" is neither an address nor a name
         ):
             raise ValueError(f"{value!r} is not an IP address or a host name") from None

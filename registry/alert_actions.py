@@ -189,7 +189,7 @@ def check_matchers(matchers: Mapping[str, str]) -> None:
     if len(matchers) > MAX_MATCHERS:
         raise InvalidError(f"at most {MAX_MATCHERS} matchers", field="matchers")
     for name, pattern in matchers.items():
-        if not LABEL_NAME_RE.match(name):
+        if not LABEL_NAME_RE.fullmatch(name):
             raise InvalidError(
                 f"matcher label {name!r} is not a label name", field=f"matchers.{name}"
             )

@@ -172,7 +172,7 @@ def for_tenant(entry: str, tenant: str | None) -> str | None:
     (or not a plain slug, which could otherwise climb out with "/" or "..")."""
     if TENANT_PLACEHOLDER not in entry:
         return entry
-    if tenant is None or not _TENANT_RE.match(tenant):
+    if tenant is None or not _TENANT_RE.fullmatch(tenant):
         return None
     return entry.replace(TENANT_PLACEHOLDER, tenant)
 
@@ -307,6 +307,12 @@ class SftpReader:
         if parts.scheme != "sftp" or not parts.hostname or not parts.path:
             return Outcome(
                 ReadResult.BAD_LOCATION, "location must be sftp://[user@]host[:port]/path"
+            )
+        if parts.password is not None:
+            # The location is stored and shown back (API, audit): it must name no secret.
+            return Outcome(
+                ReadResult.BAD_LOCATION,
+                "location must not hold a password (sftp authenticates with private_key_file)",
             )
         try:
             port = parts.port or 22

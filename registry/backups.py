@@ -154,7 +154,7 @@ def backup_of(row: asyncpg.Record) -> Backup:
 
 
 def check_sha256(value: str, *, field: str = "checksum_sha256") -> str:
-    if not SHA256_HEX_RE.match(value):
+    if not SHA256_HEX_RE.fullmatch(value):
         raise InvalidError(f"{field} must be 64 lowercase hex digits (SHA-256)", field=field)
     return value
 

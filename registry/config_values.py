@@ -65,7 +65,7 @@ def missing_keyring_error(message: str, *, field: str | None = None) -> Conflict
 
 
 def check_key(key: str) -> str:
-    if not KEY_RE.match(key):
+    if not KEY_RE.fullmatch(key):
         raise InvalidError(
             f"config key {key!r} must be 1-128 letters, digits, '_', '.' or '-'", field="key"
         )

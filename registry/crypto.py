@@ -209,7 +209,7 @@ def generate_key(*, key_id: str, now: datetime) -> KeyEncryptionKey:
 def rotated(keyring: Keyring, *, now: datetime, key_id: str | None = None) -> Keyring:
     """A new primary KEK added; the old keys keep decrypting."""
     chosen = key_id or new_key_id(k.key_id for k in keyring.keys)
-    if not KEY_ID_RE.match(chosen):
+    if not KEY_ID_RE.fullmatch(chosen):
         raise KeyringError(f"key id {chosen!r} must be 1-64 letters, digits, '.', '_' or '-'")
     if keyring.key(chosen) is not None:
         raise KeyringError(f"{keyring.source}: key id {chosen!r} exists already")
@@ -249,7 +249,7 @@ def _material(text: object, *, key_id: str, source: str) -> bytes:
 
 
 def _key_id(value: object, *, source: str) -> str:
-    if not isinstance(value, str) or not KEY_ID_RE.match(value):
+    if not isinstance(value, str) or not KEY_ID_RE.fullmatch(value):
         raise KeyringError(f"{source}: a key id must be 1-64 letters, digits, '.', '_' or '-'")
     return value
 

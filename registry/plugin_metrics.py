@@ -58,7 +58,7 @@ class StoredPush:
 
 
 def check_environment(environment: str) -> str:
-    if not ENVIRONMENT_RE.match(environment):
+    if not ENVIRONMENT_RE.fullmatch(environment):
         raise InvalidError(
             "environment must be 1-63 letters, digits, '_', '.' or '-' (starting with a letter "
             "or digit)",

@@ -113,7 +113,7 @@ class Plugin:
 
 
 def check_name(name: str, *, field: str = "name") -> str:
-    if not NAME_RE.match(name):
+    if not NAME_RE.fullmatch(name):
         raise InvalidError(
             f"{field} {name!r} must be 1-128 letters, digits, '.', '_' or '-' "
             "(starting with a letter or digit)",
@@ -123,7 +123,7 @@ def check_name(name: str, *, field: str = "name") -> str:
 
 
 def check_environment(environment: str, *, field: str = "environment") -> str:
-    if not ENVIRONMENT_RE.match(environment):
+    if not ENVIRONMENT_RE.fullmatch(environment):
         raise InvalidError(
             f"environment {environment!r} must be 1-63 letters, digits, '.', '_' or '-' "
             "(starting with a letter or digit)",

@@ -14,6 +14,10 @@ from dataclasses import dataclass
 from pluginmon.registry.lifecycle import OPERATION_TYPES
 
 DEFAULT_EXPIRES_AFTER_SECONDS = 86_400.0
+# Upper bounds: beyond a year a pending request is a typo (and past year 9999 its expires_at
+# overflows); more approvers than this is a typo too (and beyond 2**31 the insert fails).
+MAX_EXPIRES_AFTER_SECONDS = 365 * 86_400.0
+MAX_REQUIRED_APPROVALS = 100
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,8 +30,12 @@ class ApprovalPolicy:
     def __post_init__(self) -> None:
         if self.required_approvals < 1:
             raise ValueError("required_approvals: must be >= 1")
+        if self.required_approvals > MAX_REQUIRED_APPROVALS:
+            raise ValueError(f"required_approvals: must be <= {MAX_REQUIRED_APPROVALS}")
         if not self.expires_after_seconds > 0:
             raise ValueError("expires_after_seconds: must be > 0")
+        if not self.expires_after_seconds <= MAX_EXPIRES_AFTER_SECONDS:  # inf too
+            raise ValueError(f"expires_after_seconds: must be <= {MAX_EXPIRES_AFTER_SECONDS:.0f}")
         if self.operation_types is not None:
             if not self.operation_types:
                 raise ValueError("operation_types: must not be empty (omit it to match every type)")
@@ -92,12 +100,18 @@ def policies_from_config(
         if isinstance(expires, bool) or not isinstance(expires, int | float):
             raise ValueError(f"{where}.expires_after_seconds: must be a number")
         try:
+            # TOML integers are unbounded: one no float holds is beyond the bound as well.
+            expires_seconds = (
+                float(expires)
+                if isinstance(expires, float) or abs(expires) < 1e300
+                else (1e300 if expires > 0 else -1e300)
+            )
             policies.append(
                 ApprovalPolicy(
                     operation_types=lists["operation_types"],
                     environments=lists["environments"],
                     required_approvals=required,
-                    expires_after_seconds=float(expires),
+                    expires_after_seconds=expires_seconds,
                 )
             )
         except ValueError as exc:

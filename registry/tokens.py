@@ -117,7 +117,7 @@ def digest(secret: bytes) -> bytes:
 
 
 def check_tenant_slug(tenant: str, *, field: str = "tenant") -> str:
-    if not TENANT_SLUG_RE.match(tenant):
+    if not TENANT_SLUG_RE.fullmatch(tenant):
         raise InvalidError(
             f"tenant {tenant!r} is not a valid slug (lower-case letters, digits, '_' and '-', "
             "starting with a letter or digit, at most 63 characters)",
@@ -196,7 +196,7 @@ async def create_token(
 
     ``tenant_id=None`` makes an operator token. Names are never reused, revoked ones included.
     """
-    if not _NAME_RE.match(name):
+    if not _NAME_RE.fullmatch(name):
         raise InvalidError(
             f"token name {name!r} must be 1-128 letters, digits or . _ @ : - "
             "(starting with a letter or digit)",

@@ -10,11 +10,13 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
 
+from pluginmon.storage.embedded import EmbeddedPostgres
 from tests.daemon_helpers import REPO, run_cli, wait_for
 from tests.net_helpers import free_port, stop_process
 
@@ -289,3 +291,144 @@ def test_api_enabled_false_mounts_nothing() -> None:
     assert api_subapps(off, lambda: None, version="t", metrics=None) == []
     on = api_subapps(Settings(), lambda: None, version="t", metrics=None)
     assert [prefix for prefix, _ in on] == ["/api/v1"]
+
+
+def test_pluginmon_api_survives_hup_usr1_usr2_and_stops_on_term(
+    migrated_db: str, tmp_path: Any
+) -> None:
+    """Operators send HUP to reload (systemd's ExecReload): it, USR1 and USR2 must not kill
+    the API server (they did, exit 129/138); TERM still stops it with exit 0."""
+    port = free_port()
+    config = tmp_path / "api.toml"
+    config.write_text(f'http_host = "127.0.0.1"\nhttp_port = {port}\n')
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PLUGINMON_")}
+    env.update(_env(migrated_db))
+    env["PYTHONPATH"] = str(REPO)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pluginmon.daemon.cli", "api", "--config", str(config)],
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+
+        def ready() -> bool:
+            try:
+                return _http("GET", base + "/readyz")[0] == 200
+            except OSError:
+                return False
+
+        wait_for("pluginmon api to answer /readyz", ready, timeout=60)
+        for signum in (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
+            process.send_signal(signum)
+            # Answering after the signal proves it was handled, not pending.
+            wait_for(f"pluginmon api to answer after {signum.name}", ready, timeout=30)
+            assert process.poll() is None, f"{signum.name} ended pluginmon api"
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+        assert process.stderr is not None
+        log = process.stderr.read().decode(errors="replace")
+        assert "SIGHUP received: pluginmon api reads its configuration at start only" in log
+        assert "SIGUSR1 received: ignored" in log
+        assert "SIGTERM received: stopping" in log
+    finally:
+        if process.poll() is None:
+            stop_process(process)
+        if process.stderr is not None:
+            process.stderr.close()
+
+
+@pytest.mark.parametrize(
+    ("toml", "needle"),
+    [
+        # TEST-NET-1 (RFC 5737): a valid address that is no address of this machine.
+        ('http_host = "192.0.2.1"\n', "http_host: cannot listen on 192.0.2.1"),
+        (
+            'http_tls_cert_file = "{garbage}"\nhttp_tls_key_file = "{garbage}"\n',
+            "http_tls_cert_file: {garbage} holds no PEM certificate",
+        ),
+    ],
+)
+def test_pluginmon_api_refuses_what_run_refuses_with_exit_2(
+    tmp_path: Any, toml: str, needle: str
+) -> None:
+    """As `run` and `check-config` do (issue 15: exit 2 naming the field), not exit 1 with
+    "[SSL] PEM lib" or "Cannot assign requested address". No database is needed to say so."""
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("-----BEGIN CERTIFICATE-----\nnot base64\n")
+    config = tmp_path / "api.toml"
+    config.write_text(f'data_dir = "{tmp_path / "state"}"\n' + toml.format(garbage=garbage))
+    unreachable = {"PLUGINMON_DATABASE_URL": "postgresql://u@127.0.0.1:1/x?connect_timeout=1"}
+    result = run_cli("api", "--config", str(config), env=unreachable)
+    assert result.returncode == 2, result.stderr
+    assert "invalid configuration" in result.stderr
+    assert needle.format(garbage=garbage) in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def _catches(pid: int, signum: int) -> bool:
+    """The process has a handler for ``signum`` (its SigCgt mask in /proc/PID/status)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    line = next((x for x in status.splitlines() if x.startswith("SigCgt:")), "SigCgt: 0")
+    return bool(int(line.split()[1], 16) & (1 << (signum - 1)))
+
+
+def test_pluginmon_api_survives_hup_and_usr1_sent_while_it_starts(
+    tmp_path: Any, server_tmp_dir: Path
+) -> None:
+    """Sent while it starts the embedded database, seconds before its event loop handles
+    signals: they used to kill it (129, 138) and leave that server running."""
+    port = free_port()
+    data_dir = server_tmp_dir / "state"
+    config = tmp_path / "api.toml"
+    config.write_text(f'data_dir = "{data_dir}"\nhttp_host = "127.0.0.1"\nhttp_port = {port}\n')
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PLUGINMON_")}
+    env["PYTHONPATH"] = str(REPO)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pluginmon.daemon.cli", "api", "--config", str(config)],
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        wait_for(
+            "the embedded database to be initialised",
+            lambda: (data_dir / "postgres" / "PG_VERSION").exists() or process.poll() is not None,
+            timeout=120,
+            interval=0.01,
+        )
+        assert process.poll() is None, f"pluginmon api exited with {process.returncode}"
+        assert _catches(process.pid, signal.SIGHUP), "nothing catches SIGHUP while it starts"
+        process.send_signal(signal.SIGHUP)
+        process.send_signal(signal.SIGUSR1)
+        ready = urllib.request.Request(f"http://127.0.0.1:{port}/readyz")
+
+        def answers() -> bool:
+            try:
+                with urllib.request.urlopen(ready, timeout=5) as response:  # noqa: S310
+                    return bool(response.status == 200)
+            except OSError:
+                return process.poll() is not None  # stop polling a dead process
+
+        wait_for("pluginmon api to answer /readyz", answers, timeout=180)
+        assert process.poll() is None, f"an early signal ended pluginmon api ({process.returncode})"
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0
+        assert process.stderr is not None
+        log = process.stderr.read().decode(errors="replace")
+        assert "SIGHUP received: pluginmon api reads its configuration at start only" in log
+        assert not EmbeddedPostgres(data_dir).is_running()
+    finally:
+        if process.poll() is None:
+            stop_process(process)
+        if process.stderr is not None:
+            process.stderr.close()
+        server = EmbeddedPostgres(data_dir)
+        if (data_dir / "postgres" / "PG_VERSION").exists() and server.is_running():
+            server.stop(mode="immediate")

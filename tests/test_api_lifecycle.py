@@ -175,6 +175,26 @@ def test_policies_strictest_match_wins() -> None:
             "approvals.policies[0].required_approvals: must be an integer",
         ),
         ({"expires_after_seconds": -1}, "approvals.policies[0].expires_after_seconds: must be > 0"),
+        # Upper bounds: an expiry past year 9999 overflows the request's expires_at, and a
+        # count beyond the integer column fails the insert (both were 500s at the first
+        # operation, after check-config had passed them); an integer no float holds was a
+        # traceback in check-config and run.
+        (
+            {"expires_after_seconds": float("inf")},
+            "approvals.policies[0].expires_after_seconds: must be <= 31536000",
+        ),
+        (
+            {"expires_after_seconds": 1e308},
+            "approvals.policies[0].expires_after_seconds: must be <= 31536000",
+        ),
+        (
+            {"expires_after_seconds": 10**400},
+            "approvals.policies[0].expires_after_seconds: must be <= 31536000",
+        ),
+        (
+            {"required_approvals": 10**12},
+            "approvals.policies[0].required_approvals: must be <= 100",
+        ),
         (
             {"environments": "production"},
             "approvals.policies[0].environments: must be a list of strings",

@@ -304,3 +304,32 @@ async def test_a_reader_alone_checks_its_allow_list(listener: Listener, tmp_path
     )
     assert outcome.result is ReadResult.OUTSIDE_ROOTS
     assert listener.connections == []
+
+
+def test_an_sftp_location_holding_a_password_is_refused_without_echoing_it() -> None:
+    # Stored as given, a location is shown back by the API and the audit log: a password in
+    # it would be a secret in a response (sftp authenticates with private_key_file only).
+    settings = BackupSettings.model_validate(
+        {
+            "providers": {
+                "sftp": {
+                    "allowed_hosts": ["backup.example"],
+                    "path_prefixes": ["/srv/backups/{tenant}"],
+                    "username": "pluginmon",
+                }
+            }
+        }
+    )
+    readers = settings.readers()
+    for location in (
+        "sftp://pluginmon:hunter2@backup.example/srv/backups/a/x.tar",
+        "sftp://pluginmon:@backup.example/srv/backups/a/x.tar",  # an empty one is one too
+    ):
+        refused = readers.refusal("sftp", location, tenant="a")
+        assert refused is not None, location
+        assert refused.result is ReadResult.BAD_LOCATION
+        assert "password" in refused.reason
+        assert "hunter2" not in refused.reason
+    # The positive control: the same location without the password is allowed.
+    allowed = "sftp://pluginmon@backup.example/srv/backups/a/x.tar"
+    assert readers.refusal("sftp", allowed, tenant="a") is None

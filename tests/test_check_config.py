@@ -75,6 +75,23 @@ CASES: dict[str, tuple[str | Callable[[Path], str], str]] = {
     "spool size int": ("spool_max_bytes = 1_000_000_000_000_000", "spool_max_bytes: must be <= "),
     "grace 1e308": ("plugin_grace_seconds = 1e308", "plugin_grace_seconds: must be <= 604800"),
     "retention 1e308": ("[retention]\naudit = 1e308", "retention.audit: must be at most 36500d"),
+    # An integer too large for a float (TOML integers are unbounded) was an OverflowError.
+    "retention huge integer": (
+        f"[retention]\naudit = {10**400}",
+        "retention.audit: must be at most 36500d",
+    ),
+    "approval expiry huge integer": (
+        f"[[approvals.policies]]\nexpires_after_seconds = {10**400}",
+        "expires_after_seconds: must be <= 31536000",
+    ),
+    "approval expiry inf": (
+        "[[approvals.policies]]\nexpires_after_seconds = inf",
+        "expires_after_seconds: must be <= 31536000",
+    ),
+    "approvals count": (
+        "[[approvals.policies]]\nrequired_approvals = 1000000000000",
+        "required_approvals: must be <= 100",
+    ),
     "webhook timeout": (
         '[[alerts.webhooks]]\nurl = "http://127.0.0.1:9/x"\ntimeout_seconds = 1e308',
         "alerts.webhooks[0].timeout_seconds: must be a number <= 3600",

@@ -9,8 +9,10 @@ test_daemon_signals.py.
 from __future__ import annotations
 
 import asyncio
+import fnmatch
 import json
 import logging
+import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -22,9 +24,16 @@ from pluginmon.alerts.engine import AlertEngine
 from pluginmon.alerts.health import HealthConfig
 from pluginmon.alerts.rules import WebhookConfig
 from pluginmon.collectors.models import PluginKey
-from pluginmon.daemon.config import DaemonConfig, load, restart_needed, with_live_sections
+from pluginmon.daemon.config import (
+    LIVE_SETTINGS,
+    DaemonConfig,
+    load,
+    restart_needed,
+    with_live_sections,
+)
 from pluginmon.daemon.config_sections import parse_rules
 from pluginmon.daemon.reload import ConfigChanges, ConfigReloader, config_changes
+from pluginmon.daemon.settings import Settings
 from pluginmon.storage import alert_state
 from tests.alerts_helpers import FakeClock, plugin_ids, plugin_sample, snapshot
 from tests.waiting import wait_until
@@ -128,6 +137,24 @@ def test_changes_name_what_a_reload_applies_and_what_needs_a_restart(tmp_path: P
     assert effective.settings.http_port == running.settings.http_port
     assert effective.retention == running.retention
     assert restart_needed(running.settings, effective.settings) == ()
+
+
+def test_the_operations_guide_names_every_setting_that_needs_a_restart() -> None:
+    """docs/operations.md lists the settings a reload does not apply; a section added to
+    Settings (api, approvals, backups, ...) must be named there too, by name, as a [table]
+    or by a pattern such as `flush_*`."""
+    text = (Path(__file__).resolve().parent.parent / "docs" / "operations.md").read_text()
+    paragraph = text.split("Every other setting needs a restart:", 1)[1].split("\n\n", 1)[0]
+    named = set(re.findall(r"`([^`]+)`", paragraph))
+    missing = [
+        field
+        for field in Settings.model_fields
+        if field not in LIVE_SETTINGS
+        and f"[{field}]" not in named
+        and f"[[{field}.policies]]" not in named
+        and not any(fnmatch.fnmatchcase(field, name) for name in named)
+    ]
+    assert missing == []
 
 
 def test_removed_plugin_rule_and_receiver_and_reordering(tmp_path: Path) -> None:

@@ -215,9 +215,12 @@ _COMPARED_ONLY = {"threshold", "clear_threshold", "warn", "critical"}
 
 def test_every_numeric_setting_has_an_upper_bound() -> None:
     """1e308 (or the largest TOML integer) is refused for every number, naming the field."""
+    from pluginmon.daemon.config_backups import BackupSettings, ProviderSettings
     from pluginmon.daemon.config_health import HealthChanges, MetricThresholdTable, WeightsTable
+    from pluginmon.daemon.config_plugin_metrics import PluginMetricsTable
     from pluginmon.daemon.config_schema import format_errors
     from pluginmon.daemon.config_sections import AlertmanagerTable, RuleTable, WebhookTable
+    from pluginmon.daemon.settings import ApiSettings
 
     rule = {"name": "R", "metric": "cpu_percent", "op": ">", "threshold": 1}
     metric = {"name": "q", "warn": 1, "critical": 2}
@@ -230,6 +233,11 @@ def test_every_numeric_setting_has_an_upper_bound() -> None:
         (HealthChanges, lambda v: {"health": v}, "health."),
         (WeightsTable, lambda v: {"health": {"weights": v}}, "health.weights."),
         (MetricThresholdTable, lambda v: {"health": {"metrics": [{**metric, **v}]}}, "health.metrics[0]."),
+        # The sections added since (issue 15 asked for a bound on every number).
+        (ApiSettings, lambda v: {"api": v}, "api."),
+        (BackupSettings, lambda v: {"backups": v}, "backups."),
+        (ProviderSettings, lambda v: {"backups": {"providers": {"sftp": v}}}, "backups.providers.sftp."),
+        (PluginMetricsTable, lambda v: {"plugin_metrics": v}, "plugin_metrics."),
     ]  # fmt: skip
     checked = []
     for model, values, prefix in sections:
@@ -246,7 +254,10 @@ def test_every_numeric_setting_has_an_upper_bound() -> None:
     assert {"sample_interval_seconds", "database_pool_max_size", "spool_max_bytes"} <= set(checked)
     assert "alerts.webhooks[0].timeout_seconds" in checked
     assert "health.memory_limit_bytes" in checked
-    assert len(checked) >= 40
+    assert {"api.max_body_bytes", "backups.verify_batch", "plugin_metrics.max_series"} <= set(
+        checked
+    )
+    assert len(checked) >= 55
 
 
 def test_file_types_are_strict_and_the_environment_is_converted(

@@ -622,3 +622,21 @@ def test_out_of_descriptors_is_counted_logged_once_and_recovers(
     # At most one line a minute, however many failures (each is in the counter).
     assert 1 <= len(accept_lines) <= 1 + int(elapsed // 60)
     assert len(log) <= 10, log
+
+
+async def test_a_readiness_check_that_raises_is_503_with_its_kind_never_500() -> None:
+    """Issue 15: /readyz says why and never answers 500. `pluginmon run`'s readiness catches
+    everything itself; `pluginmon api`'s catches database errors only (an asyncpg
+    InterfaceError from a closing pool was a 500 with aiohttp's error page)."""
+    renderer, _ = make_renderer()
+
+    async def broken() -> Readiness:
+        raise RuntimeError("the pool is closing: secret-free but unexpected")
+
+    async with (
+        HttpServer(host="127.0.0.1", port=0, metrics=renderer, readiness=broken) as server,
+        aiohttp.ClientSession() as client,
+        client.get(f"http://127.0.0.1:{server.port}/readyz") as resp,
+    ):
+        assert resp.status == 503
+        assert await resp.text() == "not ready: readiness check failed: RuntimeError\n"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -16,12 +17,27 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 pytestmark = pytest.mark.slow
 
+# The top-level folders that install as pluginmon.<folder> (pyproject.toml package-dir).
+PACKAGE_FOLDERS = ("daemon", "collectors", "storage", "alerts", "registry", "sql")
+
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # Built from a copy of what the wheel is made of: an in-tree build reuses build/lib, whose
+    # leftovers (a module since deleted, a package since dropped from the list) would ship.
+    source = tmp_path_factory.mktemp("source")
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(REPO_ROOT / name, source / name)
+    for folder in ("pluginmon", *PACKAGE_FOLDERS):
+        shutil.copytree(
+            REPO_ROOT / folder,
+            source / folder,
+            symlinks=True,  # pluginmon/<folder> -> ../<folder>, as in the repository
+            ignore=shutil.ignore_patterns("__pycache__"),
+        )
     out = tmp_path_factory.mktemp("wheel")
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(out), str(REPO_ROOT)],
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(out), str(source)],
         check=True,
         timeout=300,
     )
@@ -38,6 +54,17 @@ def test_wheel_holds_only_the_pluginmon_package(wheel: Path) -> None:
     assert "pluginmon/daemon/cli.py" in names
     assert "pluginmon/sql/001_core.sql" in names
     assert "pluginmon/storage/writer.py" in names
+    # Every module of every folder (registry/ and any sub-package too) and every migration:
+    # a folder missing from [tool.setuptools] packages would otherwise ship without notice.
+    shipped = {
+        f"pluginmon/{path.relative_to(REPO_ROOT)}"
+        for folder in PACKAGE_FOLDERS
+        for pattern in ("*.py", "*.sql")
+        for path in (REPO_ROOT / folder).rglob(pattern)
+        if "__pycache__" not in path.parts
+    }
+    assert len(shipped) > 100  # the globs really found the tree
+    assert sorted(shipped - names) == []
 
 
 def test_wheel_installs_beside_python_daemon(wheel: Path, tmp_path: Path) -> None:

@@ -355,6 +355,37 @@ def test_cli_with_a_raw_password_in_the_url_never_prints_it(
         assert_no_secret(out, role.password, f"{command} output")
 
 
+# The management commands connect to the same database with the same URL (they printed
+# "invalid literal for int() with base 10: 'Sekret'" or "failed to resolve host
+# 'Bravo:Charlie#...'"): what a driver echoes of a mis-parsed URL is scrubbed there too.
+MANAGEMENT_COMMANDS = (
+    ("token", "list"),
+    ("audit", "verify"),
+    ("config", "list", "--tenant", "acme", "resizer"),
+    ("deps", "list", "--tenant", "acme", "resizer"),
+    ("vulns", "list", "--tenant", "acme", "--plugin", "resizer"),
+)
+
+
+@pytest.mark.parametrize("key", ["at", "space", "all"])
+def test_management_commands_with_a_raw_password_in_the_url_never_print_it(
+    key: str, roles: dict[str, Role], tmp_path: Path
+) -> None:
+    role = roles[key]
+    urls = {
+        "as given": role.url(encoded=False),
+        "unresolvable": role.url(encoded=False).replace(f"@{role.host}:", "@pluginmon-db.invalid:"),
+    }
+    for what, url in urls.items():
+        # `pluginmon api` serves until stopped when its URL works: only the one that cannot.
+        serving = (("api",),) if what == "unresolvable" else ()
+        for command in (*MANAGEMENT_COMMANDS, *serving):
+            code, out = cli_output(*command, url=url, tmp_path=tmp_path)
+            assert code in (0, 1), out
+            assert out.strip(), command  # it said something: success or why not
+            assert_no_secret(out, role.password, f"{' '.join(command)} ({what}) output")
+
+
 def start_daemon(tmp_path: Path, name: str, url: str) -> DaemonProcess:
     return DaemonProcess(
         tmp_path=tmp_path,

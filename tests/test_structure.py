@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import tomllib
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -41,3 +42,25 @@ def test_large_modules_say_why_at_their_top() -> None:
         if lines > LINES_WITHOUT_A_REASON and REASON not in docstring:
             unexplained.append(f"{path.relative_to(REPO_ROOT)} ({lines} lines)")
     assert unexplained == []
+
+
+def test_the_collectors_contract_forbids_every_collectors_module_but_models() -> None:
+    """import-linter's "use only collectors.models" contract lists the forbidden modules one
+    by one (a forbidden package would take models with it): a new collectors module must be
+    added there, or storage, alerts and registry could import it unchecked."""
+    pyproject = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
+    (contract,) = [
+        c
+        for c in pyproject["tool"]["importlinter"]["contracts"]
+        if c["name"].endswith("use only collectors.models from collectors")
+    ]
+    assert set(contract["source_modules"]) >= {
+        f"pluginmon.{p}" for p in ("storage", "alerts", "registry")
+    }
+    modules = {
+        f"pluginmon.collectors.{path.stem}"
+        for path in (REPO_ROOT / "collectors").glob("*.py")
+        if path.stem not in ("__init__", "models")
+    }
+    assert len(modules) > 5  # the glob really found the package
+    assert sorted(modules - set(contract["forbidden_modules"])) == []
