@@ -45,8 +45,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import aiohttp
+import psycopg
 
-from bench.processes import cpu_seconds, daemon_env, scrape, start_processes
+from bench.processes import (
+    cpu_seconds,
+    daemon_env,
+    postmaster_of,
+    scrape,
+    server_cpu_seconds,
+    start_processes,
+)
 from bench.scratch import free_port, scratch_database
 
 REPO = Path(__file__).resolve().parent.parent
@@ -240,6 +248,14 @@ def bench(
     duration: float,
 ) -> float:
     tenant = f"bench-{uuid.uuid4().hex[:6]}"
+    # The server's CPU is counted only when it runs on this host (the embedded default).
+    with psycopg.connect(database_url) as conn:
+        row = conn.execute("SELECT pg_backend_pid()").fetchone()
+        assert row is not None
+        try:
+            postmaster: int | None = postmaster_of(int(row[0]))
+        except FileNotFoundError:
+            postmaster = None
     procs = start_processes(processes, plugins, tenant)
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="pluginmon-bench-api-") as data_dir:
@@ -271,10 +287,21 @@ def bench(
             ).splitlines()[-1]
             names = [f"plugin-{i:04d}" for i in range(plugins)]
             wait_for_plugins(port, token, set(names), timeout_seconds=300)
+            idle_before, idle_wall = cpu_seconds(daemon.pid), time.monotonic()
+            idle_server = server_cpu_seconds(postmaster) if postmaster else float("nan")
             time.sleep(warmup)
+            idle_wall = time.monotonic() - idle_wall
+            # Sampling alone (no API load): what the daemon and the server spend anyway.
+            idle_cpu = (cpu_seconds(daemon.pid) - idle_before) / idle_wall
+            idle_server = (
+                (server_cpu_seconds(postmaster) - idle_server) / idle_wall
+                if postmaster
+                else float("nan")
+            )
             cycles_before, sampling_before = sample_cycles(port)
             wall_before = time.monotonic()
             cpu_before, own_before = cpu_seconds(daemon.pid), time.process_time()
+            server_before = server_cpu_seconds(postmaster) if postmaster else float("nan")
             results, elapsed = asyncio.run(
                 load(
                     f"http://127.0.0.1:{port}",
@@ -287,7 +314,11 @@ def bench(
             )
             cycles_after, sampling_after = sample_cycles(port)
             wall = time.monotonic() - wall_before
-            daemon_cpu = (cpu_seconds(daemon.pid) - cpu_before) / wall
+            daemon_cpu_total = cpu_seconds(daemon.pid) - cpu_before
+            server_cpu_total = (
+                server_cpu_seconds(postmaster) - server_before if postmaster else float("nan")
+            )
+            daemon_cpu = daemon_cpu_total / wall
             client_cpu = (time.process_time() - own_before) / wall
         except Exception:
             print(f"--- daemon log ---\n{log.read_text(errors='replace')[-4000:]}", file=sys.stderr)
@@ -326,6 +357,21 @@ def bench(
     print(
         f"CPU: daemon {daemon_cpu * 100:.0f}% of one core, load generator {client_cpu * 100:.0f}%, "
         f"host load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
+    )
+    # Per request, including the sampling's share (the same 1,000 processes in every run):
+    # CPU-seconds change less with the host's load than latencies do.
+    print(
+        f"CPU per request: daemon {daemon_cpu_total / len(lat) * 1000:.2f} ms, "
+        f"PostgreSQL {server_cpu_total / len(lat) * 1000:.2f} ms "
+        f"(daemon {daemon_cpu_total:.1f} s, PostgreSQL {server_cpu_total:.1f} s in {wall:.1f} s); "
+        f"sampling alone beforehand: daemon {idle_cpu * 100:.0f}%, PostgreSQL "
+        f"{idle_server * 100:.0f}% of one core"
+    )
+    extra_daemon = daemon_cpu_total - idle_cpu * wall
+    extra_server = server_cpu_total - idle_server * wall
+    print(
+        f"CPU per request above sampling alone: daemon {extra_daemon / len(lat) * 1000:.2f} ms, "
+        f"PostgreSQL {extra_server / len(lat) * 1000:.2f} ms"
     )
     return p99
 

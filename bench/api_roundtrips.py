@@ -1,0 +1,169 @@
+"""Round trips per API request: the statements each request of bench/api.py's mix sends to
+PostgreSQL, counted on the daemon's side of the wire.
+
+The /api/v1 app runs in this process (on a loopback port, as in the tests) over the daemon's
+own pool (storage.pool.open_pool) on a real PostgreSQL; every pooled connection carries an
+asyncpg query logger, which sees each statement the connection sends: BEGIN, the token
+lookup, the handler's queries, COMMIT and the pool's reset on release. Statements are
+prepared once per connection and cached, so in the steady state measured here (each kind
+warmed up first) one logged statement is one round trip. The kinds are bench/api.py's, with
+its mix: 43% reads (three shapes), 14% plugin PATCHes, 43% operation steps (create, running,
+succeeded).
+
+Run: .venv/bin/python bench/api_roundtrips.py [--database-url URL] [--repeat 30]
+Last line: api_round_trips_per_request=<mix average>.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import aiohttp
+from aiohttp import web
+
+from bench.scratch import scratch_database
+from pluginmon.daemon.api_routes import build_api_app
+from pluginmon.registry.actor import Actor
+from pluginmon.registry.tokens import Role, create_token
+from pluginmon.storage.pool import close_pool, open_pool
+
+POOL_SIZE = 2
+PLUGINS = 20
+# Share of each kind in bench/api.py's mix (an operation roll is three requests).
+MIX = {
+    "GET /plugins?limit=100": 0.6 / 1.4 / 3,
+    "GET /plugins/{name}": 0.6 / 1.4 / 3,
+    "GET /operations?status=pending": 0.6 / 1.4 / 3,
+    "PATCH /plugins/{name}": 0.2 / 1.4,
+    "POST /plugins/{name}/operations": 0.2 / 1.4,
+    "PATCH /operations/{id} running": 0.2 / 1.4,
+    "PATCH /operations/{id} succeeded": 0.2 / 1.4,
+}
+
+
+class Counter:
+    def __init__(self) -> None:
+        self.statements: list[str] = []
+
+    def __call__(self, record: Any) -> None:
+        self.statements.append(" ".join(str(record.query).split())[:70])
+
+
+async def measure(url: str, *, repeat: int) -> dict[str, tuple[float, list[str]]]:
+    pool = await open_pool(url, min_size=POOL_SIZE, max_size=POOL_SIZE)
+    counter = Counter()
+    held = [await pool.acquire() for _ in range(POOL_SIZE)]
+    for conn in held:
+        conn.add_query_logger(counter)
+    async with held[0].transaction():
+        _, token = await create_token(
+            held[0],
+            name="bench",
+            tenant_id="bench",
+            role=Role.WRITER,
+            actor=Actor(name="bench"),
+            now=datetime.now(UTC),
+        )
+    for conn in held:
+        await pool.release(conn)
+    root = web.Application()
+    root.add_subapp("/api/v1", build_api_app(pool, version="bench"))
+    runner = web.AppRunner(root, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    base = f"http://127.0.0.1:{runner.addresses[0][1]}/api/v1"
+    headers = {"Authorization": "Bearer " + token}
+    results: dict[str, tuple[float, list[str]]] = {}
+    try:
+        async with aiohttp.ClientSession(headers=headers) as session:
+
+            async def send(method: str, path: str, body: Any = None, expected: int = 200) -> Any:
+                async with session.request(method, base + path, json=body) as reply:
+                    payload = await reply.json()
+                    assert reply.status == expected, (method, path, reply.status, payload)
+                    return payload
+
+            for i in range(PLUGINS):
+                await send("POST", "/plugins", {"name": f"plugin-{i:02d}"}, 201)
+
+            async def new_operation(i: int) -> int:
+                created = await send(
+                    "POST",
+                    f"/plugins/plugin-{i % PLUGINS:02d}/operations",
+                    {"type": "configure", "environment": "bench"},
+                    201,
+                )
+                return int(created["id"])
+
+            kinds: dict[str, Callable[[int], Awaitable[Any]]] = {
+                "GET /plugins?limit=100": lambda i: send("GET", "/plugins?limit=100"),
+                "GET /plugins/{name}": lambda i: send("GET", f"/plugins/plugin-{i % PLUGINS:02d}"),
+                "GET /operations?status=pending": lambda i: send(
+                    "GET", "/operations?status=pending&limit=50"
+                ),
+                "PATCH /plugins/{name}": lambda i: send(
+                    "PATCH",
+                    f"/plugins/plugin-{i % PLUGINS:02d}",
+                    {"description": f"tuned {i}", "version": "1.0.0"},
+                ),
+                "POST /plugins/{name}/operations": new_operation,
+            }
+            for name, run in kinds.items():
+                await run(0)  # warm: statements prepared, caches filled
+                counter.statements.clear()
+                for i in range(repeat):
+                    await run(i)
+                results[name] = (len(counter.statements) / repeat, counter.statements[:12])
+            # Transitions of operations made beforehand (their creation not counted).
+            created = [await new_operation(i) for i in range(repeat + 1)]
+            for status in ("running", "succeeded"):
+                await send("PATCH", f"/operations/{created[0]}", {"status": status})
+            for status in ("running", "succeeded"):
+                counter.statements.clear()
+                for op in created[1:]:
+                    await send("PATCH", f"/operations/{op}", {"status": status})
+                results[f"PATCH /operations/{{id}} {status}"] = (
+                    len(counter.statements) / repeat,
+                    counter.statements[:12],
+                )
+    finally:
+        await runner.cleanup()
+        await close_pool(pool)
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--database-url", help="admin URL of a server to create a database on")
+    parser.add_argument("--repeat", type=int, default=30)
+    parser.add_argument("--verbose", action="store_true", help="list each kind's statements")
+    args = parser.parse_args()
+    with scratch_database(
+        args.database_url or None,
+        server_dir_prefix="pluginmon-bench-pg-",
+        database_prefix="pluginmon_bench_rt",
+        migrated=True,
+    ) as url:
+        results = asyncio.run(measure(url, repeat=args.repeat))
+    average = 0.0
+    for name, (per_request, statements) in results.items():
+        average += MIX[name] * per_request
+        print(f"{name:34s} {per_request:5.2f} statements per request")
+        if args.verbose:
+            for statement in statements[: round(per_request)]:
+                print(f"    {statement}")
+    print(f"mix of bench/api.py: {average:.2f} round trips per request")
+    print(f"api_round_trips_per_request={average:.2f}")
+
+
+if __name__ == "__main__":
+    main()
