@@ -105,6 +105,21 @@ def wait_for_plugins(port: int, token: str, names: set[str], *, timeout_seconds:
     raise RuntimeError(f"the daemon registered {len(names & seen)} of {len(names)} plugins")
 
 
+def probe_loop(port: int, *, seconds: float) -> list[float]:
+    """/healthz latencies every 10 ms for ``seconds`` (no API load yet): the daemon's event
+    loop answers it, so a sampling cycle that held the loop for tens of ms shows as a slow
+    probe once a second."""
+    latencies = []
+    until = time.monotonic() + seconds
+    while time.monotonic() < until:
+        started = time.perf_counter()
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=10) as reply:
+            reply.read()
+        latencies.append(time.perf_counter() - started)
+        time.sleep(0.01)
+    return latencies
+
+
 @dataclass
 class Results:
     latencies: list[float] = field(default_factory=list)
@@ -289,7 +304,7 @@ def bench(
             wait_for_plugins(port, token, set(names), timeout_seconds=300)
             idle_before, idle_wall = cpu_seconds(daemon.pid), time.monotonic()
             idle_server = server_cpu_seconds(postmaster) if postmaster else float("nan")
-            time.sleep(warmup)
+            probe = probe_loop(port, seconds=warmup)
             idle_wall = time.monotonic() - idle_wall
             # Sampling alone (no API load): what the daemon and the server spend anyway.
             idle_cpu = (cpu_seconds(daemon.pid) - idle_before) / idle_wall
@@ -366,6 +381,11 @@ def bench(
         f"(daemon {daemon_cpu_total:.1f} s, PostgreSQL {server_cpu_total:.1f} s in {wall:.1f} s); "
         f"sampling alone beforehand: daemon {idle_cpu * 100:.0f}%, PostgreSQL "
         f"{idle_server * 100:.0f}% of one core"
+    )
+    print(
+        f"event loop while sampling alone: {len(probe)} /healthz probes, p50 "
+        f"{statistics.median(probe) * 1000:.1f} ms, p99 {percentile(probe, 0.99) * 1000:.1f} ms, "
+        f"max {max(probe) * 1000:.1f} ms"
     )
     extra_daemon = daemon_cpu_total - idle_cpu * wall
     extra_server = server_cpu_total - idle_server * wall
