@@ -105,19 +105,34 @@ def wait_for_plugins(port: int, token: str, names: set[str], *, timeout_seconds:
     raise RuntimeError(f"the daemon registered {len(names & seen)} of {len(names)} plugins")
 
 
-def probe_loop(port: int, *, seconds: float) -> list[float]:
-    """/healthz latencies every 10 ms for ``seconds`` (no API load yet): the daemon's event
-    loop answers it, so a sampling cycle that held the loop for tens of ms shows as a slow
-    probe once a second."""
-    latencies = []
+def probe_loop(port: int, *, seconds: float) -> list[tuple[float, float]]:
+    """(start, latency) of /healthz every 10 ms for ``seconds`` (no API load yet): the
+    daemon's event loop answers it, so a sampling cycle that held the loop for tens of ms
+    shows as slow probes at the same phase of every second."""
+    probes = []
     until = time.monotonic() + seconds
     while time.monotonic() < until:
         started = time.perf_counter()
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=10) as reply:
             reply.read()
-        latencies.append(time.perf_counter() - started)
+        probes.append((started, time.perf_counter() - started))
         time.sleep(0.01)
-    return latencies
+    return probes
+
+
+def probe_report(probes: list[tuple[float, float]]) -> str:
+    latencies = [latency for _, latency in probes]
+    slow = [(start, latency) for start, latency in probes if latency > 0.005]
+    # Where in the second the slow probes fall, in tenths: one or two crowded tenths mean a
+    # periodic cause (the 1 s sampling cycle); an even spread means the host's scheduling.
+    tenths = [0] * 10
+    for start, _ in slow:
+        tenths[int((start % 1.0) * 10)] += 1
+    return (
+        f"{len(probes)} /healthz probes, p50 {statistics.median(latencies) * 1000:.1f} ms, "
+        f"p99 {percentile(latencies, 0.99) * 1000:.1f} ms, max {max(latencies) * 1000:.1f} ms; "
+        f"{len(slow)} over 5 ms, by tenth of the second: {tenths}"
+    )
 
 
 @dataclass
@@ -261,6 +276,7 @@ def bench(
     rate: float,
     warmup: float,
     duration: float,
+    pool_size: int = 8,
 ) -> float:
     tenant = f"bench-{uuid.uuid4().hex[:6]}"
     # The server's CPU is counted only when it runs on this host (the embedded default).
@@ -274,7 +290,9 @@ def bench(
     procs = start_processes(processes, plugins, tenant)
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="pluginmon-bench-api-") as data_dir:
-        env = daemon_env(database_url, data_dir, port, PLUGINMON_DATABASE_POOL_MAX_SIZE="8")
+        env = daemon_env(
+            database_url, data_dir, port, PLUGINMON_DATABASE_POOL_MAX_SIZE=str(pool_size)
+        )
         log = Path(data_dir) / "daemon.log"
         with log.open("wb") as log_file:
             daemon = subprocess.Popen(
@@ -302,9 +320,11 @@ def bench(
             ).splitlines()[-1]
             names = [f"plugin-{i:04d}" for i in range(plugins)]
             wait_for_plugins(port, token, set(names), timeout_seconds=300)
+            # First half of the warm-up: CPU of sampling alone; second half: the loop probe
+            # (its own requests would count as sampling's CPU).
             idle_before, idle_wall = cpu_seconds(daemon.pid), time.monotonic()
             idle_server = server_cpu_seconds(postmaster) if postmaster else float("nan")
-            probe = probe_loop(port, seconds=warmup)
+            time.sleep(warmup / 2)
             idle_wall = time.monotonic() - idle_wall
             # Sampling alone (no API load): what the daemon and the server spend anyway.
             idle_cpu = (cpu_seconds(daemon.pid) - idle_before) / idle_wall
@@ -313,6 +333,7 @@ def bench(
                 if postmaster
                 else float("nan")
             )
+            probe = probe_loop(port, seconds=warmup / 2)
             cycles_before, sampling_before = sample_cycles(port)
             wall_before = time.monotonic()
             cpu_before, own_before = cpu_seconds(daemon.pid), time.process_time()
@@ -382,11 +403,7 @@ def bench(
         f"sampling alone beforehand: daemon {idle_cpu * 100:.0f}%, PostgreSQL "
         f"{idle_server * 100:.0f}% of one core"
     )
-    print(
-        f"event loop while sampling alone: {len(probe)} /healthz probes, p50 "
-        f"{statistics.median(probe) * 1000:.1f} ms, p99 {percentile(probe, 0.99) * 1000:.1f} ms, "
-        f"max {max(probe) * 1000:.1f} ms"
-    )
+    print(f"event loop while sampling alone: {probe_report(probe)}")
     extra_daemon = daemon_cpu_total - idle_cpu * wall
     extra_server = server_cpu_total - idle_server * wall
     print(
@@ -405,6 +422,7 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=500.0, help="requests per second, in all")
     parser.add_argument("--warmup", type=float, default=10.0)
     parser.add_argument("--duration", type=float, default=60.0)
+    parser.add_argument("--pool-size", type=int, default=8, help="the daemon's pool")
     args = parser.parse_args()
     with scratch_database(
         args.database_url or None,
@@ -420,6 +438,7 @@ def main() -> None:
             rate=args.rate,
             warmup=args.warmup,
             duration=args.duration,
+            pool_size=args.pool_size,
         )
     print(f"api_p99_ms={p99:.1f}")
 
