@@ -10,7 +10,12 @@ warmed up first) one logged statement is one round trip. The kinds are bench/api
 its mix: 43% reads (three shapes), 14% plugin PATCHes, 43% operation steps (create, running,
 succeeded).
 
-Run: .venv/bin/python bench/api_roundtrips.py [--database-url URL] [--repeat 30]
+The server's CPU per request of each kind comes from /proc of the pool's two backends (a
+local server; /proc counts in clock ticks of 10 ms, hence a few hundred requests per kind);
+this process's CPU (the API app and the aiohttp client together, one request at a time) from
+time.process_time().
+
+Run: .venv/bin/python bench/api_roundtrips.py [--database-url URL] [--repeat 200] [--verbose]
 Last line: api_round_trips_per_request=<mix average>.
 """
 
@@ -19,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -29,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import aiohttp
 from aiohttp import web
 
+from bench.processes import CLOCK_TICKS
 from bench.scratch import scratch_database
 from pluginmon.daemon.api_routes import build_api_app
 from pluginmon.registry.actor import Actor
@@ -49,6 +56,15 @@ MIX = {
 }
 
 
+def backend_cpu_seconds(pids: list[int]) -> float:
+    """CPU seconds of the server processes serving the pool (a local server only)."""
+    total = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        total += int(fields[11]) + int(fields[12])
+    return total / CLOCK_TICKS
+
+
 class Counter:
     def __init__(self) -> None:
         self.statements: list[str] = []
@@ -57,12 +73,14 @@ class Counter:
         self.statements.append(" ".join(str(record.query).split())[:70])
 
 
-async def measure(url: str, *, repeat: int) -> dict[str, tuple[float, list[str]]]:
+async def measure(url: str, *, repeat: int) -> dict[str, tuple[float, float, float, list[str]]]:
     pool = await open_pool(url, min_size=POOL_SIZE, max_size=POOL_SIZE)
     counter = Counter()
     held = [await pool.acquire() for _ in range(POOL_SIZE)]
+    backends = []
     for conn in held:
         conn.add_query_logger(counter)
+        backends.append(int(await conn.fetchval("SELECT pg_backend_pid()")))
     async with held[0].transaction():
         _, token = await create_token(
             held[0],
@@ -82,7 +100,7 @@ async def measure(url: str, *, repeat: int) -> dict[str, tuple[float, list[str]]
     await site.start()
     base = f"http://127.0.0.1:{runner.addresses[0][1]}/api/v1"
     headers = {"Authorization": "Bearer " + token}
-    results: dict[str, tuple[float, list[str]]] = {}
+    results: dict[str, tuple[float, float, float, list[str]]] = {}
     try:
         async with aiohttp.ClientSession(headers=headers) as session:
 
@@ -120,19 +138,30 @@ async def measure(url: str, *, repeat: int) -> dict[str, tuple[float, list[str]]
             for name, run in kinds.items():
                 await run(0)  # warm: statements prepared, caches filled
                 counter.statements.clear()
+                cpu, own = backend_cpu_seconds(backends), time.process_time()
                 for i in range(repeat):
                     await run(i)
-                results[name] = (len(counter.statements) / repeat, counter.statements[:12])
+                cpu, own = backend_cpu_seconds(backends) - cpu, time.process_time() - own
+                results[name] = (
+                    len(counter.statements) / repeat,
+                    cpu / repeat,
+                    own / repeat,
+                    counter.statements[:12],
+                )
             # Transitions of operations made beforehand (their creation not counted).
             created = [await new_operation(i) for i in range(repeat + 1)]
             for status in ("running", "succeeded"):
                 await send("PATCH", f"/operations/{created[0]}", {"status": status})
             for status in ("running", "succeeded"):
                 counter.statements.clear()
+                cpu, own = backend_cpu_seconds(backends), time.process_time()
                 for op in created[1:]:
                     await send("PATCH", f"/operations/{op}", {"status": status})
+                cpu, own = backend_cpu_seconds(backends) - cpu, time.process_time() - own
                 results[f"PATCH /operations/{{id}} {status}"] = (
                     len(counter.statements) / repeat,
+                    cpu / repeat,
+                    own / repeat,
                     counter.statements[:12],
                 )
     finally:
@@ -144,7 +173,7 @@ async def measure(url: str, *, repeat: int) -> dict[str, tuple[float, list[str]]
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--database-url", help="admin URL of a server to create a database on")
-    parser.add_argument("--repeat", type=int, default=30)
+    parser.add_argument("--repeat", type=int, default=200)
     parser.add_argument("--verbose", action="store_true", help="list each kind's statements")
     args = parser.parse_args()
     with scratch_database(
@@ -154,14 +183,22 @@ def main() -> None:
         migrated=True,
     ) as url:
         results = asyncio.run(measure(url, repeat=args.repeat))
-    average = 0.0
-    for name, (per_request, statements) in results.items():
+    average = server_cpu = own_cpu = 0.0
+    for name, (per_request, cpu, own, statements) in results.items():
         average += MIX[name] * per_request
-        print(f"{name:34s} {per_request:5.2f} statements per request")
+        server_cpu += MIX[name] * cpu
+        own_cpu += MIX[name] * own
+        print(
+            f"{name:34s} {per_request:5.2f} statements; CPU per request: PostgreSQL "
+            f"{cpu * 1000:.2f} ms, API + client {own * 1000:.2f} ms"
+        )
         if args.verbose:
             for statement in statements[: round(per_request)]:
                 print(f"    {statement}")
-    print(f"mix of bench/api.py: {average:.2f} round trips per request")
+    print(
+        f"mix of bench/api.py: {average:.2f} round trips; CPU per request: PostgreSQL "
+        f"{server_cpu * 1000:.2f} ms, API + client {own_cpu * 1000:.2f} ms"
+    )
     print(f"api_round_trips_per_request={average:.2f}")
 
 
