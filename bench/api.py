@@ -58,16 +58,6 @@ from bench.processes import (
 from bench.scratch import free_port, scratch_database
 
 REPO = Path(__file__).resolve().parent.parent
-# How the daemon is started, per event loop: "uvloop" is an experiment (not a project
-# dependency; `pip install uvloop` first): the same daemon with uvloop's event loop policy.
-DAEMON_ENTRY = {
-    "asyncio": ("-m", "pluginmon.daemon.cli"),
-    "uvloop": (
-        "-c",
-        "import runpy, sys, uvloop; uvloop.install(); sys.argv[0] = 'pluginmon'; "
-        "runpy.run_module('pluginmon.daemon.cli', run_name='__main__', alter_sys=True)",
-    ),
-}
 
 
 def sample_cycles(port: int) -> tuple[float, float]:
@@ -287,7 +277,6 @@ def bench(
     warmup: float,
     duration: float,
     pool_size: int = 8,
-    event_loop: str = "asyncio",
 ) -> float:
     tenant = f"bench-{uuid.uuid4().hex[:6]}"
     # The server's CPU is counted only when it runs on this host (the embedded default).
@@ -307,7 +296,7 @@ def bench(
         log = Path(data_dir) / "daemon.log"
         with log.open("wb") as log_file:
             daemon = subprocess.Popen(
-                [sys.executable, *DAEMON_ENTRY[event_loop], "run"],
+                [sys.executable, "-m", "pluginmon.daemon.cli", "run"],
                 env=env,
                 cwd=REPO,
                 stdin=subprocess.DEVNULL,
@@ -434,7 +423,6 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=10.0)
     parser.add_argument("--duration", type=float, default=60.0)
     parser.add_argument("--pool-size", type=int, default=8, help="the daemon's pool")
-    parser.add_argument("--event-loop", choices=sorted(DAEMON_ENTRY), default="asyncio")
     args = parser.parse_args()
     with scratch_database(
         args.database_url or None,
@@ -451,7 +439,6 @@ def main() -> None:
             warmup=args.warmup,
             duration=args.duration,
             pool_size=args.pool_size,
-            event_loop=args.event_loop,
         )
     print(f"api_p99_ms={p99:.1f}")
 
