@@ -42,6 +42,7 @@ from aiohttp import web
 from bench.processes import postmaster_of, server_cpu_seconds
 from bench.scratch import scratch_database
 from pluginmon.daemon.api_routes import build_api_app
+from pluginmon.registry import audit
 from pluginmon.registry.actor import Actor
 from pluginmon.registry.tokens import Role, create_token
 from pluginmon.storage.pool import close_pool, open_pool
@@ -185,6 +186,12 @@ async def measure(url: str, *, repeat: int) -> dict[str, tuple[float, float, flo
                 results[f"PATCH /operations/{{id}} {status}"] = summary(
                     rounds, repeat, counter.statements[:12]
                 )
+        # Every write above left an entry: the tenant's chain must still verify.
+        async with pool.acquire() as conn:
+            (verdict,) = await audit.verify(conn, tenant_id="bench")
+        if not verdict.intact:
+            raise RuntimeError(f"the audit chain does not verify: {verdict.problem}")
+        print(f"audit chain of the bench tenant: {verdict.checked} entries, intact")
     finally:
         await runner.cleanup()
         await close_pool(pool)
