@@ -45,8 +45,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import aiohttp
+import psycopg
 
-from bench.processes import cpu_seconds, daemon_env, scrape, start_processes
+from bench.processes import (
+    cpu_seconds,
+    daemon_env,
+    postmaster_of,
+    scrape,
+    server_cpu_seconds,
+    start_processes,
+)
 from bench.scratch import free_port, scratch_database
 
 REPO = Path(__file__).resolve().parent.parent
@@ -95,6 +103,36 @@ def wait_for_plugins(port: int, token: str, names: set[str], *, timeout_seconds:
             return
         time.sleep(1)
     raise RuntimeError(f"the daemon registered {len(names & seen)} of {len(names)} plugins")
+
+
+def probe_loop(port: int, *, seconds: float) -> list[tuple[float, float]]:
+    """(start, latency) of /healthz every 10 ms for ``seconds`` (no API load yet): the
+    daemon's event loop answers it, so a sampling cycle that held the loop for tens of ms
+    shows as slow probes at the same phase of every second."""
+    probes = []
+    until = time.monotonic() + seconds
+    while time.monotonic() < until:
+        started = time.perf_counter()
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=10) as reply:
+            reply.read()
+        probes.append((started, time.perf_counter() - started))
+        time.sleep(0.01)
+    return probes
+
+
+def probe_report(probes: list[tuple[float, float]]) -> str:
+    latencies = [latency for _, latency in probes]
+    slow = [(start, latency) for start, latency in probes if latency > 0.005]
+    # Where in the second the slow probes fall, in tenths: one or two crowded tenths mean a
+    # periodic cause (the 1 s sampling cycle); an even spread means the host's scheduling.
+    tenths = [0] * 10
+    for start, _ in slow:
+        tenths[int((start % 1.0) * 10)] += 1
+    return (
+        f"{len(probes)} /healthz probes, p50 {statistics.median(latencies) * 1000:.1f} ms, "
+        f"p99 {percentile(latencies, 0.99) * 1000:.1f} ms, max {max(latencies) * 1000:.1f} ms; "
+        f"{len(slow)} over 5 ms, by tenth of the second: {tenths}"
+    )
 
 
 @dataclass
@@ -238,12 +276,23 @@ def bench(
     rate: float,
     warmup: float,
     duration: float,
+    pool_size: int = 8,
 ) -> float:
     tenant = f"bench-{uuid.uuid4().hex[:6]}"
+    # The server's CPU is counted only when it runs on this host (the embedded default).
+    with psycopg.connect(database_url) as conn:
+        row = conn.execute("SELECT pg_backend_pid()").fetchone()
+        assert row is not None
+        try:
+            postmaster: int | None = postmaster_of(int(row[0]))
+        except FileNotFoundError:
+            postmaster = None
     procs = start_processes(processes, plugins, tenant)
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="pluginmon-bench-api-") as data_dir:
-        env = daemon_env(database_url, data_dir, port, PLUGINMON_DATABASE_POOL_MAX_SIZE="8")
+        env = daemon_env(
+            database_url, data_dir, port, PLUGINMON_DATABASE_POOL_MAX_SIZE=str(pool_size)
+        )
         log = Path(data_dir) / "daemon.log"
         with log.open("wb") as log_file:
             daemon = subprocess.Popen(
@@ -271,10 +320,24 @@ def bench(
             ).splitlines()[-1]
             names = [f"plugin-{i:04d}" for i in range(plugins)]
             wait_for_plugins(port, token, set(names), timeout_seconds=300)
-            time.sleep(warmup)
+            # First half of the warm-up: CPU of sampling alone; second half: the loop probe
+            # (its own requests would count as sampling's CPU).
+            idle_before, idle_wall = cpu_seconds(daemon.pid), time.monotonic()
+            idle_server = server_cpu_seconds(postmaster) if postmaster else float("nan")
+            time.sleep(warmup / 2)
+            idle_wall = time.monotonic() - idle_wall
+            # Sampling alone (no API load): what the daemon and the server spend anyway.
+            idle_cpu = (cpu_seconds(daemon.pid) - idle_before) / idle_wall
+            idle_server = (
+                (server_cpu_seconds(postmaster) - idle_server) / idle_wall
+                if postmaster
+                else float("nan")
+            )
+            probe = probe_loop(port, seconds=warmup / 2)
             cycles_before, sampling_before = sample_cycles(port)
             wall_before = time.monotonic()
             cpu_before, own_before = cpu_seconds(daemon.pid), time.process_time()
+            server_before = server_cpu_seconds(postmaster) if postmaster else float("nan")
             results, elapsed = asyncio.run(
                 load(
                     f"http://127.0.0.1:{port}",
@@ -287,7 +350,11 @@ def bench(
             )
             cycles_after, sampling_after = sample_cycles(port)
             wall = time.monotonic() - wall_before
-            daemon_cpu = (cpu_seconds(daemon.pid) - cpu_before) / wall
+            daemon_cpu_total = cpu_seconds(daemon.pid) - cpu_before
+            server_cpu_total = (
+                server_cpu_seconds(postmaster) - server_before if postmaster else float("nan")
+            )
+            daemon_cpu = daemon_cpu_total / wall
             client_cpu = (time.process_time() - own_before) / wall
         except Exception:
             print(f"--- daemon log ---\n{log.read_text(errors='replace')[-4000:]}", file=sys.stderr)
@@ -327,6 +394,22 @@ def bench(
         f"CPU: daemon {daemon_cpu * 100:.0f}% of one core, load generator {client_cpu * 100:.0f}%, "
         f"host load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
     )
+    # Per request, including the sampling's share (the same 1,000 processes in every run):
+    # CPU-seconds change less with the host's load than latencies do.
+    print(
+        f"CPU per request: daemon {daemon_cpu_total / len(lat) * 1000:.2f} ms, "
+        f"PostgreSQL {server_cpu_total / len(lat) * 1000:.2f} ms "
+        f"(daemon {daemon_cpu_total:.1f} s, PostgreSQL {server_cpu_total:.1f} s in {wall:.1f} s); "
+        f"sampling alone beforehand: daemon {idle_cpu * 100:.0f}%, PostgreSQL "
+        f"{idle_server * 100:.0f}% of one core"
+    )
+    print(f"event loop while sampling alone: {probe_report(probe)}")
+    extra_daemon = daemon_cpu_total - idle_cpu * wall
+    extra_server = server_cpu_total - idle_server * wall
+    print(
+        f"CPU per request above sampling alone: daemon {extra_daemon / len(lat) * 1000:.2f} ms, "
+        f"PostgreSQL {extra_server / len(lat) * 1000:.2f} ms"
+    )
     return p99
 
 
@@ -339,6 +422,7 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=500.0, help="requests per second, in all")
     parser.add_argument("--warmup", type=float, default=10.0)
     parser.add_argument("--duration", type=float, default=60.0)
+    parser.add_argument("--pool-size", type=int, default=8, help="the daemon's pool")
     args = parser.parse_args()
     with scratch_database(
         args.database_url or None,
@@ -354,6 +438,7 @@ def main() -> None:
             rate=args.rate,
             warmup=args.warmup,
             duration=args.duration,
+            pool_size=args.pool_size,
         )
     print(f"api_p99_ms={p99:.1f}")
 

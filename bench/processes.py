@@ -69,3 +69,31 @@ def daemon_env(database_url: str, data_dir: str, port: int, **extra: str) -> dic
     )
     env.update(extra)
     return env
+
+
+def _stat_fields(pid: int) -> list[str]:
+    return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+
+
+def server_cpu_seconds(postmaster_pid: int) -> float:
+    """CPU seconds of a local PostgreSQL server: the postmaster, its live children, and the
+    children it has reaped (cutime/cstime), so a backend that exited is still counted."""
+    fields = _stat_fields(postmaster_pid)
+    # After ")": utime, stime, cutime, cstime are items 11-14.
+    total = sum(int(f) for f in fields[11:15])
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            child = _stat_fields(int(entry.name))
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        # ppid is field 4 of stat: item 1 after ")".
+        if int(child[1]) == postmaster_pid:
+            total += int(child[11]) + int(child[12])
+    return total / CLOCK_TICKS
+
+
+def postmaster_of(backend_pid: int) -> int:
+    """The postmaster of a local server, from one of its backends' pid."""
+    return int(_stat_fields(backend_pid)[1])

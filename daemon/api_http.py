@@ -16,6 +16,9 @@ the slow part runs holding neither, and its result is written in a second short 
 
 Errors are ``{"error": {"code": ..., "message": ..., "field": ...}}``; messages name fields
 and states, never echo a submitted value (it may be a secret) nor a database message.
+
+Over 500 lines on purpose: the checks above, the error mapping and the Deferred second
+transaction are one request's life; split, the order of checks would be in no one place.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ from pluginmon.registry.errors import (
 from pluginmon.registry.operations import Operation
 from pluginmon.registry.tokens import Principal, Role
 from pluginmon.storage.errors import TRANSIENT_ERRORS
+from pluginmon.storage.pool import mark_session_untouched
 
 logger = logging.getLogger(__name__)
 
@@ -117,7 +121,13 @@ def json_response(model: BaseModel, *, status: int = 200) -> web.Response:
 
 @dataclass(slots=True)
 class Call:
-    """One authenticated request, inside its transaction, as a handler sees it."""
+    """One authenticated request, inside its transaction, as a handler sees it.
+
+    A handler changes transaction-local state only (``set_config(..., true)``, ``SET
+    LOCAL``, ``pg_advisory_xact_lock``): its connection goes back to the pool without the
+    reset query (storage.pool.mark_session_untouched), so a session-level ``SET``,
+    ``LISTEN`` or advisory lock would outlive the request.
+    """
 
     conn: asyncpg.Connection
     principal: Principal
@@ -415,52 +425,61 @@ class Dispatcher:
         pool = self._pool_source()
         if pool is None:
             raise ApiError(503, "database_unavailable", "the database is not ready yet; retry")
-        async with pool.acquire() as conn, conn.transaction():
-            principal = await authenticate(conn, request)
-            if not principal.role.allows(route.role):
-                raise ApiError(
-                    403,
-                    "forbidden",
-                    f"this needs a {route.role.value} token; this one is {principal.role.value}",
-                )
-            # (authenticate() has switched to the API role with the tenant set already.)
-            tenant_id = tenant_of(principal, request)
-            if principal.operator and not await conn.fetchval(
-                "SELECT EXISTS (SELECT 1 FROM tenants WHERE id = $1)", tenant_id
-            ):
-                raise ApiError(404, "tenant_not_found", "no such tenant", field=TENANT_HEADER)
-            query = parse_query(route.query, request) if route.query is not None else None
-            if route.query is None and request.query:
-                name = next(iter(request.query))
-                raise ApiError(
-                    422, "unknown_field", f"unknown query parameter {name!r}", field=name
-                )
-            body = None if route.body is None else await parse_body(route.body, raw)
-            call = Call(
-                conn=conn,
-                principal=principal,
-                actor=Actor(
-                    name=principal.name,
-                    token_id=principal.token_id,
-                    operator=principal.operator,
-                    request_id=rid,
-                    source_address=request.remote,
-                ),
-                tenant_id=tenant_id,
-                now=self._clock(),
-                params=request.match_info,
-                body=body,
-                query=query,
-                raw=raw if route.raw_body else b"",
-                content_type=request.headers.get("Content-Type", ""),
-            )
-            answer = await route.handler(call)
+        async with pool.acquire() as conn:
+            async with conn.transaction():
+                call = await self._handle(route, request, rid, conn, raw)
+                answer = await route.handler(call)
+            # Everything above ran in that one transaction with transaction-local settings
+            # only (Call's rule for handlers): nothing for the pool's reset to undo.
+            mark_session_untouched(conn)
         if isinstance(answer, Deferred):
             answer = await self._finish(route, request, call, answer)
         model = answer
         for after in call.after_commit:
             after()
         return call, model
+
+    async def _handle(
+        self, route: Route, request: web.Request, rid: str, conn: asyncpg.Connection, raw: bytes
+    ) -> Call:
+        """The request's checks inside its transaction, up to the handler's Call."""
+        principal = await authenticate(conn, request)
+        if not principal.role.allows(route.role):
+            raise ApiError(
+                403,
+                "forbidden",
+                f"this needs a {route.role.value} token; this one is {principal.role.value}",
+            )
+        # (authenticate() has switched to the API role with the tenant set already.)
+        tenant_id = tenant_of(principal, request)
+        if principal.operator and not await conn.fetchval(
+            "SELECT EXISTS (SELECT 1 FROM tenants WHERE id = $1)", tenant_id
+        ):
+            raise ApiError(404, "tenant_not_found", "no such tenant", field=TENANT_HEADER)
+        query = parse_query(route.query, request) if route.query is not None else None
+        if route.query is None and request.query:
+            name = next(iter(request.query))
+            raise ApiError(422, "unknown_field", f"unknown query parameter {name!r}", field=name)
+        body = await parse_body(route.body, raw) if route.body is not None else None
+        call = Call(
+            conn=conn,
+            principal=principal,
+            actor=Actor(
+                name=principal.name,
+                token_id=principal.token_id,
+                operator=principal.operator,
+                request_id=rid,
+                source_address=request.remote,
+            ),
+            tenant_id=tenant_id,
+            now=self._clock(),
+            params=request.match_info,
+            body=body,
+            query=query,
+            raw=raw if route.raw_body else b"",
+            content_type=request.headers.get("Content-Type", ""),
+        )
+        return call
 
     async def _finish(
         self, route: Route, request: web.Request, call: Call, deferred: Deferred
@@ -469,16 +488,19 @@ class Dispatcher:
         pool = self._pool_source()
         if pool is None:
             raise ApiError(503, "database_unavailable", "the database is not ready yet; retry")
-        async with pool.acquire() as conn, conn.transaction():
-            # The token may have been revoked (or the tenant changed) while the work ran.
-            principal = await authenticate(conn, request)
-            if not principal.role.allows(route.role) or tenant_of(principal, request) != (
-                call.tenant_id
-            ):
-                raise ApiError(403, "forbidden", "the token no longer allows this")
-            call.conn = conn
-            call.principal = principal
-            return await deferred.finish(call, result)
+        async with pool.acquire() as conn:
+            async with conn.transaction():
+                # The token may have been revoked (or the tenant changed) while the work ran.
+                principal = await authenticate(conn, request)
+                if not principal.role.allows(route.role) or tenant_of(principal, request) != (
+                    call.tenant_id
+                ):
+                    raise ApiError(403, "forbidden", "the token no longer allows this")
+                call.conn = conn
+                call.principal = principal
+                model = await deferred.finish(call, result)
+            mark_session_untouched(conn)
+        return model
 
 
 @web.middleware

@@ -13,6 +13,7 @@ the table owner with the triggers disabled) shows up as the first entry that doe
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -102,6 +103,35 @@ def _json(value: Any) -> str | None:
     return None if value is None else json.dumps(redact(value), sort_keys=True, default=str)
 
 
+_AUDIT_INSERT = """INSERT INTO audit_log (tenant_id, occurred_at, actor, action, entity_type,
+                                  entity_id, plugin_id, plugin_name, environment, outcome,
+                                  request_id, source_address, details, before_state,
+                                  after_state)
+           VALUES ({p[0]}, {p[1]}, {p[2]}, {p[3]}, {p[4]}, {p[5]}, {p[6]}, {p[7]}, {p[8]},
+                   {p[9]}, {p[10]}, {p[11]}, coalesce({p[12]}::jsonb, '{{}}'::jsonb),
+                   {p[13]}::jsonb, {p[14]}::jsonb)
+           RETURNING seq"""
+
+
+@dataclass(frozen=True, slots=True)
+class Write:
+    """A data-modifying statement (``$1``... parameters, no RETURNING) that :func:`append`
+    runs in the same statement as the entry, so a write and its audit entry cost one round
+    trip. It runs as a WITH clause, which PostgreSQL executes exactly once and to
+    completion before the entry is inserted, whether or not anything reads its output."""
+
+    sql: str
+    args: tuple[Any, ...] = ()
+
+
+@functools.lru_cache(maxsize=256)
+def _append_sql(write_sql: str | None, write_args: int) -> str:
+    # The entry's parameters follow the write's: $k+1...
+    params = [f"${write_args + i}" for i in range(1, 16)]
+    insert = _AUDIT_INSERT.format(p=params)
+    return insert if write_sql is None else f"WITH write AS ({write_sql})\n{insert}"
+
+
 async def append(
     conn: asyncpg.Connection,
     *,
@@ -118,22 +148,21 @@ async def append(
     after: Mapping[str, Any] | None = None,
     details: Mapping[str, Any] | None = None,
     outcome: str = "success",
+    write: Write | None = None,
 ) -> int:
     """Append one entry in the caller's transaction; returns its position in the chain.
 
     Call it last in a transaction: the chain head of the tenant stays locked until commit.
     ``tenant_id`` is the tenant whose object changed, whoever acts; an operator actor is
     marked in ``details`` (OPERATOR_MARK), so the tenant's trail shows who came from outside.
+    ``write``: the change the entry records, made in the same statement (see :class:`Write`).
     """
     if actor.operator:
         details = {**(details or {}), OPERATOR_MARK: True}
+    write_args = () if write is None else write.args
     seq = await conn.fetchval(
-        """INSERT INTO audit_log (tenant_id, occurred_at, actor, action, entity_type, entity_id,
-                                  plugin_id, plugin_name, environment, outcome, request_id,
-                                  source_address, details, before_state, after_state)
-           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12,
-                   coalesce($13::jsonb, '{}'::jsonb), $14::jsonb, $15::jsonb)
-           RETURNING seq""",
+        _append_sql(None if write is None else write.sql, len(write_args)),
+        *write_args,
         tenant_id,
         occurred_at,
         actor.name,

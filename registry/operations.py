@@ -187,19 +187,21 @@ async def create_operation(
     """Record an operation: ``pending``, or ``awaiting_approval`` with its approval request
     when a policy names its type and environment. Audited (one entry, the approval in it)."""
     _check_new(operation_type, retry_limit, deadline_seconds, environment)
-    plugin_id = await plugins.plugin_id(conn, plugin_name)
     needs = requirement(policies, operation_type, environment)
     status = initial_status(needs_approval=needs is not None)
     stored_details = audit.redact(dict(details or {}))
-    operation_id = await conn.fetchval(
+    # The plugin is looked up by name in the insert itself (one round trip): no row
+    # inserted means no such plugin for this tenant.
+    inserted = await conn.fetchrow(
         """INSERT INTO plugin_operations (tenant_id, plugin_id, environment, operation_type, status,
                                           retry_limit, user_id, requested_by_token_id,
                                           target_version, deadline_seconds, details, started_at,
                                           created_at, updated_at)
-           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11::jsonb, $12, $12, $12)
-           RETURNING id""",
+           SELECT $1, p.id, $3, $4, $5, $6, $7, $8, $9, $10, $11::jsonb, $12, $12, $12
+             FROM plugins p WHERE p.name = $2
+           RETURNING id, plugin_id""",
         tenant_id,
-        plugin_id,
+        plugin_name,
         environment,
         operation_type,
         status.value,
@@ -211,6 +213,9 @@ async def create_operation(
         json.dumps(stored_details),
         now,
     )
+    if inserted is None:
+        raise NotFoundError(f"no plugin named {plugin_name!r}", field="name")
+    operation_id, plugin_id = int(inserted["id"]), int(inserted["plugin_id"])
     approval_id: int | None = None
     if needs is not None:
         # request_type: the operation type (030 widened the CHECK to every type).
@@ -291,25 +296,10 @@ async def save_state(
 ) -> Operation:
     """Write ``after`` over ``before`` (locked by the caller), apply a success's effect on the
     plugin's environment state, and audit the change (``audited=False``: the caller's own
-    entry records it, as an approval decision does)."""
-    await conn.execute(
-        """UPDATE plugin_operations
-              SET status = $2, retry_count = $3, started_at = $4, finished_at = $5,
-                  duration_ms = $6, deadline_at = $7, not_before = $8, error = $9,
-                  status_reason = $10, updated_at = $11
-            WHERE id = $1""",
-        before.id,
-        after.status.value,
-        after.retry_count,
-        after.started_at,
-        after.finished_at,
-        after.duration_ms,
-        after.deadline_at,
-        after.not_before,
-        after.error,
-        after.status_reason,
-        now,
-    )
+    entry records it, as an approval decision does).
+
+    The side effects come first and the operation's own row last, in the same statement as
+    its audit entry (one round trip); nothing in them reads the operation's row."""
     if after.status is Status.SUCCEEDED:
         await _apply_success(conn, before, now=now)
     if before.status is Status.AWAITING_APPROVAL and after.status is Status.CANCELLED:
@@ -321,11 +311,33 @@ async def save_state(
             before.id,
             after.status_reason,
         )
+    update = audit.Write(
+        """UPDATE plugin_operations
+              SET status = $2, retry_count = $3, started_at = $4, finished_at = $5,
+                  duration_ms = $6, deadline_at = $7, not_before = $8, error = $9,
+                  status_reason = $10, updated_at = $11
+            WHERE id = $1""",
+        (
+            before.id,
+            after.status.value,
+            after.retry_count,
+            after.started_at,
+            after.finished_at,
+            after.duration_ms,
+            after.deadline_at,
+            after.not_before,
+            after.error,
+            after.status_reason,
+            now,
+        ),
+    )
     operation = dataclasses.replace(before, state=after, updated_at=now)
     if not audited:
+        await conn.execute(update.sql, *update.args)
         return operation
     await audit.append(
         conn,
+        write=update,
         tenant_id=before.tenant_id,
         actor=actor,
         action=action,

@@ -356,26 +356,30 @@ async def update_plugin(
         return before
     merged = {**before.snapshot(), **changes}
     schema = merged["config_schema"]
-    await conn.execute(
+    update = audit.Write(
         """UPDATE plugins SET version = $2, description = $3, installed_from = $4::plugin_source,
                   installed_by = $5, config_schema = $6::jsonb, status = $7, enabled = $8,
                   dependencies = $9::text[], updated_at = $10
             WHERE id = $1""",
-        before.id,
-        merged["version"],
-        merged["description"],
-        merged["installed_from"],
-        merged["installed_by"],
-        None if schema is None else json.dumps(schema),
-        merged["status"],
-        merged["enabled"],
-        list(merged["dependencies"]),
-        now,
+        (
+            before.id,
+            merged["version"],
+            merged["description"],
+            merged["installed_from"],
+            merged["installed_by"],
+            None if schema is None else json.dumps(schema),
+            merged["status"],
+            merged["enabled"],
+            list(merged["dependencies"]),
+            now,
+        ),
     )
     merged["dependencies"] = tuple(merged["dependencies"])
     after = dataclasses.replace(before, updated_at=now, **merged)
+    # The update and its entry in one statement (one round trip).
     await audit.append(
         conn,
+        write=update,
         tenant_id=tenant_id,
         actor=actor,
         action="plugin.update",

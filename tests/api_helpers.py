@@ -24,6 +24,7 @@ from pluginmon.registry.actor import Actor
 from pluginmon.registry.backup_readers import Readers
 from pluginmon.registry.lifecycle import RetryPolicy
 from pluginmon.registry.policies import ApprovalPolicy
+from pluginmon.storage.pool import open_pool
 
 START = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 
@@ -127,7 +128,8 @@ async def api_server(
     plugin_metrics: PluginMetricsHandlers | None = None,
     backup_readers: Readers | None = None,
 ) -> AsyncIterator[ApiHarness]:
-    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=4)
+    # The daemon's own pool (storage.pool), so every API test runs with its reset policy.
+    pool = await open_pool(database_url, min_size=1, max_size=4)
     clock = clock or Clock()
     registry = CollectorRegistry()
     root = web.Application()

@@ -313,3 +313,47 @@ async def test_concurrent_writers_chain_side_by_side(
         Breach.CHANGED,
     )
     assert "in lane 1 was changed" in verdict.problem.message
+
+
+async def test_a_write_and_its_entry_go_in_one_statement(conn: asyncpg.Connection) -> None:
+    """append(write=...): the write is made, the entry chained after it, and the chain
+    verifies; a write the database refuses leaves no entry either."""
+    await conn.execute("INSERT INTO tenants (id, name) VALUES ('a', 'a')")
+    plugin_id = await conn.fetchval(
+        "INSERT INTO plugins (tenant_id, name) VALUES ('a', 'resizer') RETURNING id"
+    )
+    entries_before = await conn.fetchval("SELECT count(*) FROM audit_log WHERE tenant_id = 'a'")
+    seq = await audit.append(
+        conn,
+        write=audit.Write("UPDATE plugins SET version = $2 WHERE id = $1", (plugin_id, "2.0.0")),
+        tenant_id="a",
+        actor=ANN,
+        action="plugin.update",
+        entity_type="plugin",
+        entity_id="resizer",
+        plugin_id=plugin_id,
+        occurred_at=NOW,
+        after={"version": "2.0.0"},
+    )
+    assert await conn.fetchval("SELECT version FROM plugins WHERE id = $1", plugin_id) == "2.0.0"
+    entry = await conn.fetchrow(
+        "SELECT seq, after_state::text AS after FROM audit_log WHERE tenant_id = 'a' "
+        "AND action = 'plugin.update'"
+    )
+    assert entry is not None
+    assert (entry["seq"], entry["after"]) == (seq, '{"version": "2.0.0"}')
+    with pytest.raises(asyncpg.NotNullViolationError):
+        await audit.append(
+            conn,
+            write=audit.Write("UPDATE plugins SET name = NULL WHERE id = $1", (plugin_id,)),
+            tenant_id="a",
+            actor=ANN,
+            action="plugin.update",
+            entity_type="plugin",
+            occurred_at=NOW,
+        )
+    count = await conn.fetchval("SELECT count(*) FROM audit_log WHERE tenant_id = 'a'")
+    assert count == entries_before + 1
+    assert await conn.fetchval("SELECT name FROM plugins WHERE id = $1", plugin_id) == "resizer"
+    verdict = await _verdict(conn, "a")
+    assert verdict.intact, verdict.problem
