@@ -238,7 +238,11 @@ class Agent:
             await engine.start()
             async with OutboxDeliverer(pool, [self._hook], None, instance=self._gen.host) as outbox:
                 maintainer = Maintainer(
-                    self._url, retention=Retention(), spools=[spool, unresolved.spool]
+                    self._url,
+                    retention=Retention(),
+                    spools=[spool, unresolved.spool],
+                    interval_seconds=MAINTENANCE_INTERVAL_SECONDS,
+                    instance=self._gen.host,
                 )
                 async with asyncio.TaskGroup() as group:
                     group.create_task(
