@@ -300,23 +300,24 @@ async def test_rollup_refresh_is_incremental_and_matches_group_by(pg_db: str) ->
         at = start + timedelta(hours=3, seconds=5)
         second = await refresh_rollup(conn_async, spec_1m, at)
         await refresh_rollup(conn_async, spec_1h, at)
-        # Amortised (sql/061): a regular refresh looks back one bucket only...
-        assert second.window_start == start + timedelta(hours=2) - spec_1m.width
-        assert second.window_end == start + timedelta(hours=3)
-        assert second.buckets == 61 * len(plugins)
+        # From the log (sql/063): the buckets the late row touched, then the new ones; the
+        # late row is folded in at once, nothing else behind the watermark is read.
         late_bucket = late_at.replace(second=0)
+        assert second.window_start == late_bucket
+        assert second.window_end == start + timedelta(hours=3)
+        assert second.buckets == 60 * len(plugins) + len(plugins)
         with psycopg.connect(pg_db) as conn:
-            waiting = rollup_rows(conn, "plugin_samples_1m")
+            folded = rollup_rows(conn, "plugin_samples_1m")
             truth = group_by_rollup(conn, "1 minute")
-            late_key = next(k for k in truth if k[0] == late_bucket and k in waiting)
-            assert waiting[late_key] != truth[late_key]  # the late row is not in yet
+            late_key = next(k for k in truth if k[0] == late_bucket and k in folded)
+            assert_rollups_equal({late_key: folded[late_key]}, {late_key: truth[late_key]})
 
-        # ...and once the watermark is a lookback past the last whole refresh, the whole
-        # lookback behind that mark is recomputed: the late row is folded in.
+        # The next minute: only the bucket completed since.
         at = start + timedelta(hours=3, minutes=1, seconds=5)
         third = await refresh_rollup(conn_async, spec_1m, at)
-        assert third.window_start == start + timedelta(hours=2) - spec_1m.lookback
+        assert third.window_start == start + timedelta(hours=3)
         assert third.window_end == start + timedelta(hours=3, minutes=1)
+        assert third.buckets == 0  # no rows in it
 
         with psycopg.connect(pg_db) as conn:
             expected = group_by_rollup(conn, "1 minute")
@@ -332,10 +333,31 @@ async def test_rollup_refresh_is_incremental_and_matches_group_by(pg_db: str) ->
                 rollup_rows(conn, "plugin_samples_1h"), group_by_rollup(conn, "1 hour")
             )
 
+        # A row later than the lookback stays out until an explicit back-fill, as before.
+        too_late = start + timedelta(hours=3) - 2 * spec_1m.lookback
+        with psycopg.connect(pg_db, autocommit=True) as conn:
+            insert_samples(
+                conn,
+                samples_series(
+                    too_late,
+                    too_late + timedelta(seconds=1),
+                    timedelta(seconds=1),
+                    plugins[:1],
+                    seed=4,
+                ),
+            )
+
         # Nothing completed since: an idle refresh does no work.
         idle = await refresh_rollup(conn_async, spec_1m, at + timedelta(seconds=20))
         assert idle.buckets == 0
         assert idle.window_start == idle.window_end == start + timedelta(hours=3, minutes=1)
+
+        with psycopg.connect(pg_db) as conn:
+            truth = group_by_rollup(conn, "1 minute")
+            held = rollup_rows(conn, "plugin_samples_1m")
+            in_bucket = [k for k in truth if k[0] == too_late.replace(second=0)]
+            assert len(in_bucket) == len(plugins)
+            assert sum(held[k] != truth[k] for k in in_bucket) == 1  # the too-late row's plugin
 
         # An explicit back-fill recomputes from the given time, fixing everything.
         await refresh_rollup(conn_async, spec_1m, at, refresh_from=start)
