@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import secrets
+import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from urllib.parse import quote, urlsplit, urlunsplit
 
 import psycopg
 import pytest
+from psycopg import sql
 
 from pluginmon.storage.backend import (
     MAINTENANCE_LOCK_KEY,
@@ -519,3 +523,51 @@ def test_retention_settings_are_validated() -> None:
         Retention(rollup_1m=timedelta(hours=3))
     with pytest.raises(ValueError, match="unknown retention field"):
         Retention.from_days({"raw": 3})
+
+
+def test_a_writer_without_rights_on_the_log_still_has_its_rows_logged(
+    pg_db: str, pg_admin_url: str
+) -> None:
+    """sql/063's trigger runs as the schema owner: a role that may only insert samples (a
+    daemon's own login, a tenant writer) logs what it wrote without any right on the log."""
+    role = f"pm_writer_{uuid.uuid4().hex[:8]}"
+    password = secrets.token_urlsafe(16)
+    with psycopg.connect(pg_db, autocommit=True) as conn:
+        plugin = add_plugin(conn, "acme", "resizer")
+        # BYPASSRLS: row-level security is not what this test is about.
+        conn.execute(
+            sql.SQL("CREATE ROLE {} LOGIN BYPASSRLS PASSWORD {}").format(
+                sql.Identifier(role), sql.Literal(password)
+            )
+        )
+        conn.execute(sql.SQL("GRANT INSERT ON plugin_samples TO {}").format(sql.Identifier(role)))
+    parts = urlsplit(pg_db)
+    host = parts.netloc.rpartition("@")[2]
+    writer_url = urlunsplit(parts._replace(netloc=f"{role}:{quote(password, safe='')}@{host}"))
+    try:
+        at = NOW - timedelta(minutes=3)
+        rows = samples_series(
+            at, at + timedelta(seconds=30), timedelta(seconds=10), [("acme", plugin)]
+        )
+        with psycopg.connect(writer_url, autocommit=True) as writer:
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                writer.execute("SELECT count(*) FROM rollup_invalidations")
+            assert insert_samples(writer, rows) == 3
+        with psycopg.connect(pg_db) as conn:
+            logged = conn.execute(
+                "SELECT rollup, lo, hi FROM rollup_invalidations ORDER BY rollup"
+            ).fetchall()
+        stamps = [row[0] for row in rows]
+        assert logged == [
+            ("rollup_samples_1h", min(stamps), max(stamps)),
+            ("rollup_samples_1m", min(stamps), max(stamps)),
+        ]
+    finally:
+        with psycopg.connect(pg_admin_url, autocommit=True) as conn:
+            conn.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s",
+                (role,),
+            )
+        with psycopg.connect(pg_db, autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
+            conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
