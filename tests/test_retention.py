@@ -557,7 +557,8 @@ def test_a_writer_without_rights_on_the_log_still_has_its_rows_logged(
             logged = conn.execute(
                 "SELECT rollup, lo, hi FROM rollup_invalidations ORDER BY rollup"
             ).fetchall()
-        stamps = [row[0] for row in rows]
+        stamps = [row[0] for row in rows if isinstance(row[0], datetime)]
+        assert len(stamps) == len(rows)
         assert logged == [
             ("rollup_samples_1h", min(stamps), max(stamps)),
             ("rollup_samples_1m", min(stamps), max(stamps)),
