@@ -238,7 +238,11 @@ class Agent:
             await engine.start()
             async with OutboxDeliverer(pool, [self._hook], None, instance=self._gen.host) as outbox:
                 maintainer = Maintainer(
-                    self._url, retention=Retention(), spools=[spool, unresolved.spool]
+                    self._url,
+                    retention=Retention(),
+                    spools=[spool, unresolved.spool],
+                    interval_seconds=MAINTENANCE_INTERVAL_SECONDS,
+                    instance=self._gen.host,
                 )
                 async with asyncio.TaskGroup() as group:
                     group.create_task(
@@ -471,6 +475,9 @@ def database_server(database_url: str | None) -> Iterator[str]:
                 conn.execute("ALTER SYSTEM SET shared_preload_libraries = 'pg_stat_statements'")
                 conn.execute("ALTER SYSTEM SET max_connections = 1000")
                 conn.execute("ALTER SYSTEM SET pg_stat_statements.max = 10000")
+                # Statements inside functions too (--top-statements names them); the split
+                # by kind counts top-level statements only, so nothing is counted twice.
+                conn.execute("ALTER SYSTEM SET pg_stat_statements.track = 'all'")
                 # The embedded default is 128 MB; a database for a fleet gets more.
                 conn.execute("ALTER SYSTEM SET shared_buffers = '1GB'")
             server.stop()
@@ -552,18 +559,59 @@ def category(query: str) -> str:
     return "other"
 
 
-def statement_times(url: str) -> dict[str, float]:
-    """Execution seconds per category in this database since the last reset."""
+@dataclass(frozen=True, slots=True)
+class Statement:
+    kind: str
+    toplevel: bool
+    calls: int
+    total_seconds: float
+    rows: int
+    query: str
+
+
+def statements(url: str) -> list[Statement]:
+    """This database's statements since the last reset (nested ones too when the server
+    tracks them: pg_stat_statements.track = all)."""
     with psycopg.connect(url) as conn:
         rows = conn.execute(
-            "SELECT query, total_exec_time FROM pg_stat_statements"
+            "SELECT query, toplevel, calls, total_exec_time, rows FROM pg_stat_statements"
             " WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())"
         ).fetchall()
+    return [
+        Statement(
+            kind=category(str(query)),
+            toplevel=bool(toplevel),
+            calls=int(calls),
+            total_seconds=float(total_ms) / 1000,
+            rows=int(nrows),
+            query=" ".join(str(query).split()),
+        )
+        for query, toplevel, calls, total_ms, nrows in rows
+    ]
+
+
+def statement_times(found: list[Statement]) -> dict[str, float]:
+    """Execution seconds per category of the top-level statements."""
     out: dict[str, float] = {}
-    for query, total_ms in rows:
-        name = category(str(query))
-        out[name] = out.get(name, 0.0) + float(total_ms) / 1000
+    for st in found:
+        if st.toplevel:
+            out[st.kind] = out.get(st.kind, 0.0) + st.total_seconds
     return out
+
+
+def print_top_statements(found: list[Statement], *, limit: int, wall: float) -> None:
+    """The ``limit`` statements of the "maintenance" and "health+alerts" kinds (nested ones
+    included, marked) with the most execution time: which ones, how often, how long each."""
+    for kind in ("maintenance", "health+alerts"):
+        chosen = sorted((st for st in found if st.kind == kind), key=lambda st: -st.total_seconds)
+        chosen = chosen[:limit]
+        print(f"  top {len(chosen)} {kind} statements by execution time ({wall:.0f} s window):")
+        for st in chosen:
+            print(
+                f"    {100 * st.total_seconds / wall:5.1f}% of a core, {st.calls:5d} calls, "
+                f"{1000 * st.total_seconds / max(st.calls, 1):8.1f} ms each, {st.rows} rows"
+                f"{'' if st.toplevel else ' (nested)'}: {st.query[:160]}"
+            )
 
 
 def reset_statements(url: str) -> None:
@@ -749,7 +797,8 @@ def run_fleet(args: argparse.Namespace, url: str, server: int) -> list[StepResul
             cpu0, wall0 = server_cpu_seconds(server), time.monotonic()
             time.sleep(args.duration)
             cpu1, wall1 = server_cpu_seconds(server), time.monotonic()
-            times = statement_times(url)
+            found = statements(url)
+            times = statement_times(found)
             after = report_all(workers)
             wall = wall1 - wall0
             rows = after["rows_written"] - before["rows_written"]
@@ -772,6 +821,8 @@ def run_fleet(args: argparse.Namespace, url: str, server: int) -> list[StepResul
             )
             results.append(result)
             print_step(result, wall, time.monotonic() - added_at)
+            if args.top_statements:
+                print_top_statements(found, limit=args.top_statements, wall=wall)
             if not result.within(args.interval):
                 break
     finally:
@@ -808,6 +859,14 @@ def main() -> None:
     parser.add_argument("--settle-timeout", type=float, default=600.0)
     parser.add_argument("--raw-batches", type=int, default=200)
     parser.add_argument("--raw-duration", type=float, default=30.0)
+    parser.add_argument(
+        "--top-statements",
+        type=int,
+        default=0,
+        metavar="K",
+        help="print each step's K maintenance (and health+alerts) statements with the most "
+        "execution time",
+    )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--worker-url", help=argparse.SUPPRESS)
     args = parser.parse_args()

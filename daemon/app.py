@@ -372,6 +372,8 @@ class Daemon:
                 retention=config.retention,
                 spools=[spool, unresolved.spool],
                 ledger_retention=timedelta(hours=settings.ingest_ledger_retention_hours),
+                interval_seconds=settings.maintenance_interval_seconds,
+                instance=settings.host,
             ),
             scheduler=self.scheduler,
             heartbeat=self.heartbeat,

@@ -185,25 +185,33 @@ class PostgresMaintenance:
 
         See ``Maintenance.backfill``. The watermark row lock serialises this with the
         maintenance job's refresh, so no advisory lock is taken (and none is waited for).
+
+        Rows written less than the lookback behind the watermark are in the invalidation log
+        (sql/092): a regular refresh folds them in now, and only the buckets before that are
+        recomputed here. So the agents of a fleet starting together, each back-filling from
+        its own replay a minute ago, do not each recompute the last minutes of every plugin.
         """
         require_autocommit(conn)
         now = self._clock()
         refreshed: list[RollupRefresh] = []
         for spec in self._rollups:
-            cur = await conn.execute(
-                "SELECT watermark FROM rollup_watermarks WHERE rollup = %s", (spec.relation,)
-            )
-            mark = await cur.fetchone()
+            mark = await _watermark(conn, spec)
             # Never refreshed: the first regular refresh starts at the oldest raw row anyway.
-            start = (
-                None
-                if mark is None or mark[0] is None
-                else backfill_start(since, spec.width, now, retention)
-            )
-            if start is None:
-                refresh = await refresh_rollup(conn, spec, now)
-            else:
-                refresh = await self._backfill_rollup(conn, spec, start, now)
+            start = None if mark is None else backfill_start(since, spec.width, now, retention)
+            refresh = await refresh_rollup(conn, spec, now)
+            if start is not None:
+                # Every refresh that took a log row of these rows had a watermark no later
+                # than this one, and recomputed from that watermark minus the lookback.
+                after = await _watermark(conn, spec)
+                assert after is not None
+                covered = bucket_floor(after - spec.lookback, spec.width)
+                older = await self._backfill_rollup(conn, spec, start, now, end=covered)
+                refresh = RollupRefresh(
+                    spec.relation,
+                    min(start, refresh.window_start or start),
+                    max(refresh.window_end or start, older.window_end or start),
+                    refresh.buckets + older.buckets,
+                )
             logger.info(
                 "backfill: %s recomputed from %s to %s (%d rows)",
                 spec.relation,
@@ -215,11 +223,19 @@ class PostgresMaintenance:
         return tuple(refreshed)
 
     async def _backfill_rollup(
-        self, conn: AdminConnection, spec: RollupSpec, start: datetime, now: datetime
+        self,
+        conn: AdminConnection,
+        spec: RollupSpec,
+        start: datetime,
+        now: datetime,
+        *,
+        end: datetime | None = None,
     ) -> RollupRefresh:
-        """Recompute [start, last complete bucket) one ``backfill_chunk`` per transaction, so
-        a long back-fill never holds the watermark lock (and the regular refresh) for long."""
-        end = bucket_floor(now, spec.width)
+        """Recompute [start, last complete bucket) (or [start, end) when that is earlier) one
+        ``backfill_chunk`` per transaction, so a long back-fill never holds the watermark
+        lock (and the regular refresh) for long."""
+        last = bucket_floor(now, spec.width)
+        end = last if end is None else min(end, last)
         if start >= end:
             return RollupRefresh(spec.relation, start, start, 0)
         buckets = 0
@@ -246,6 +262,14 @@ class PostgresMaintenance:
             )
             records = await cur.fetchall()
         return [(str(r[0]), str(r[1]), int(r[2])) for r in records]
+
+
+async def _watermark(conn: AdminConnection, spec: RollupSpec) -> datetime | None:
+    cur = await conn.execute(
+        "SELECT watermark FROM rollup_watermarks WHERE rollup = %s", (spec.relation,)
+    )
+    row = await cur.fetchone()
+    return None if row is None or row[0] is None else row[0]
 
 
 async def refresh_rollup(

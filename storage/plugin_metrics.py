@@ -240,12 +240,20 @@ SELECT plugin_id, environment, metric_name, labels::text AS labels,
  GROUP BY plugin_id, environment, metric_name, labels
 """
 
-# asyncpg: the named series of the given (plugin id, environment) pairs.
+# asyncpg: the named series of the given (plugin id, environment) pairs. One index probe
+# per pair ((plugin_id, metric_name, "timestamp"), the LATERAL subquery fenced by OFFSET 0):
+# as a plain join the planner read the whole day's plugin_metrics partition, so each agent's
+# read every cycle grew with the fleet's health rows (14 ms a call at 25 agents of 1,000
+# plugins, 36 ms at 50: bench/fleet.py, docs/BENCHMARKS.md "Fleet").
 SERIES_WINDOWS_SQL: Final = _SERIES_SQL.format(
-    source="plugin_metrics",
-    join="""JOIN unnest($1::bigint[], $2::text[]) AS w(plugin_id, environment)
-        ON m.plugin_id = w.plugin_id AND m.environment = w.environment""",
-    where='m.metric_name = ANY($3::text[]) AND m."timestamp" >= $4',
+    source="""unnest($1::bigint[], $2::text[]) AS w(plugin_id, environment)
+      CROSS JOIN LATERAL (
+          SELECT * FROM plugin_metrics x
+           WHERE x.plugin_id = w.plugin_id AND x.environment = w.environment
+             AND x.metric_name = ANY($3::text[]) AND x."timestamp" >= $4
+          OFFSET 0)""",
+    join="",
+    where="true",
     rate_since="$5",
 )
 

@@ -14,6 +14,7 @@ import psycopg
 from pluginmon.storage.backend import (
     AdminConnection,
     Maintenance,
+    MaintenanceReport,
     Retention,
     admin_connection,
     detect_backend,
@@ -36,6 +37,27 @@ MIGRATE_RETRY_MAX_SECONDS = 30.0
 DEFAULT_LEDGER_RETENTION: Final = timedelta(days=7)
 # Horizon in the server's clock, so that daemons with skewed clocks agree.
 _PRUNE_LEDGER = "DELETE FROM ingest_ledger WHERE committed_at < now() - %s::interval"
+
+# The maintenance job's row in maintenance_runs (sql/062).
+MAINTENANCE_JOB: Final = "maintenance"
+# A run that started less than this share of the interval ago is not repeated. Not the whole
+# interval: a daemon alone starts a run every interval by its own clock, and the time its
+# connection takes varies, so the previous start can look a little less than an interval old.
+RUN_SPACING_SHARE: Final = 0.9
+# Seconds since the last run started, or NULL when none finished (never ran, or its daemon
+# died or failed during it: then it is due at once). Server clock.
+_LAST_RUN_AGE = """
+SELECT extract(epoch FROM now() - started_at)::float8
+  FROM maintenance_runs
+ WHERE job = %s AND finished_at IS NOT NULL AND finished_at >= started_at
+"""
+_RUN_STARTED = """
+INSERT INTO maintenance_runs AS r (job, started_at, finished_at, instance)
+VALUES (%s, now(), NULL, %s)
+ON CONFLICT (job) DO UPDATE
+   SET started_at = excluded.started_at, finished_at = NULL, instance = excluded.instance
+"""
+_RUN_FINISHED = "UPDATE maintenance_runs SET finished_at = clock_timestamp() WHERE job = %s"
 
 
 class StartupReport(Protocol):
@@ -125,8 +147,13 @@ class Maintainer:
     pruned by age, then the rollups back-filled from the oldest row the spools gave back
     since the last run.
 
-    Storage takes the advisory lock, so one of many daemons sharing the database does the
-    work and the others return at once. Each run uses its own admin-plane (psycopg)
+    The advisory lock lets one of many daemons sharing the database do the work while the
+    others return at once. With ``interval_seconds`` (the daemon's maintenance interval) the
+    work is also done once per interval for the whole database, however many daemons run
+    it: under the lock, a run is skipped when the last one (by any daemon, sql/062) started
+    less than ``RUN_SPACING_SHARE`` of the interval ago. A run that did not finish does not
+    count, so the work does not lapse when the daemon doing it dies. Without it every run
+    does the work (tests, one-off calls). Each run uses its own admin-plane (psycopg)
     connection, not one of the pool's.
     """
 
@@ -137,21 +164,43 @@ class Maintainer:
         retention: Retention,
         spools: Sequence[LateRows],
         ledger_retention: timedelta = DEFAULT_LEDGER_RETENTION,
+        interval_seconds: float | None = None,
+        instance: str = "",
     ) -> None:
         if ledger_retention <= timedelta(0):
             raise ValueError(f"ledger_retention must be positive, got {ledger_retention}")
+        if interval_seconds is not None and not interval_seconds > 0:
+            raise ValueError(f"interval_seconds must be positive, got {interval_seconds}")
         self._url = database_url
         self._retention = retention
         self._spools = tuple(spools)
         self._ledger_retention = ledger_retention
+        self._spacing_seconds = (
+            None if interval_seconds is None else RUN_SPACING_SHARE * interval_seconds
+        )
+        self._instance = instance
         self._maintenance: Maintenance | None = None  # known after the first connection
 
-    async def run(self) -> None:
+    async def run(self) -> MaintenanceReport:
+        """One run; the report says ``ran=False`` when another daemon held the lock or ran
+        the work less than an interval ago."""
         async with admin_connection(self._url) as conn:
             if self._maintenance is None:
                 self._maintenance = maintenance_for(await detect_backend(conn))
-            report = await self._maintenance.run(conn, self._retention)
-            pruned = await prune_ingest_ledger(conn, older_than=self._ledger_retention)
+            # Held across the whole run; the steps take it again (session advisory locks nest).
+            async with maintenance_lock(conn) as acquired:
+                if not acquired:
+                    logger.debug("maintenance: another session holds the lock; skipping")
+                    report = MaintenanceReport(backend=self._maintenance.backend, ran=False)
+                    pruned = None
+                elif not await self._due(conn):
+                    report = MaintenanceReport(backend=self._maintenance.backend, ran=False)
+                    pruned = None
+                else:
+                    report = await self._maintenance.run(conn, self._retention)
+                    pruned = await prune_ingest_ledger(conn, older_than=self._ledger_retention)
+                    if self._spacing_seconds is not None:
+                        await conn.execute(_RUN_FINISHED, (MAINTENANCE_JOB,))
         await self.backfill_after_replay()
         if report.ran:
             logger.info(
@@ -165,6 +214,24 @@ class Maintainer:
                 if report.failed_steps
                 else "",
             )
+        return report
+
+    async def _due(self, conn: AdminConnection) -> bool:
+        """Under the lock: whether the work is due (and if so, its start recorded)."""
+        if self._spacing_seconds is None:
+            return True
+        cur = await conn.execute(_LAST_RUN_AGE, (MAINTENANCE_JOB,))
+        row = await cur.fetchone()
+        # A negative age (the server's clock stepped back) does not hold the work back.
+        if row is not None and row[0] is not None and 0 <= float(row[0]) < self._spacing_seconds:
+            logger.debug(
+                "maintenance: the last run started %.1f s ago (less than %.1f s); skipping",
+                float(row[0]),
+                self._spacing_seconds,
+            )
+            return False
+        await conn.execute(_RUN_STARTED, (MAINTENANCE_JOB, self._instance))
+        return True
 
     async def backfill_after_replay(self) -> None:
         """Rows replayed from the spools after an outage may be older than the rollups'

@@ -430,13 +430,13 @@ match = {{ cmdline = "{processes.marker}-{name}$" }}
         assert len(days) >= 7, parent
 
 
-async def test_the_one_minute_refresh_looks_back_one_bucket_and_the_whole_lookback_every_lookback(
+async def test_the_one_minute_refresh_reads_new_buckets_and_the_ones_late_rows_touched(
     pg_db: str,
 ) -> None:
-    """A refresh recomputes one bucket behind the watermark, and everything since the last
-    whole refresh plus the lookback once the watermark moved a lookback past it: a row a
-    little late is folded in at the next minute, one up to the lookback late still within a
-    lookback, for about four buckets read a minute instead of eleven."""
+    """A refresh recomputes the buckets completed since the watermark and those that rows
+    written since the last refresh fell into (sql/092's log), up to the lookback behind the
+    watermark: a row up to the lookback late is folded in at the next refresh, and each
+    minute reads one bucket of raw rows when nothing is late."""
     start = datetime(2026, 3, 20, 10, 0, tzinfo=UTC)
     spec_1m = ROLLUPS[0]
     assert spec_1m.lookback == timedelta(minutes=10)
@@ -477,7 +477,9 @@ async def test_the_one_minute_refresh_looks_back_one_bucket_and_the_whole_lookba
         for minute in range(1, 13):
             at = start + timedelta(minutes=30 + minute, seconds=5)
             if minute == 3:
-                late_row(5, at)  # 5 minutes late: only a whole-lookback refresh sees it
+                late_row(5, at)  # 5 minutes late: inside the lookback
+            if minute == 5:
+                late_row(15, at)  # 15 minutes late: past the lookback, left to a back-fill
             part = await refresh_rollup(admin, spec_1m, at)
             assert part.window_start is not None
             assert part.window_end is not None
@@ -485,14 +487,19 @@ async def test_the_one_minute_refresh_looks_back_one_bucket_and_the_whole_lookba
             if minute == 3:
                 got, want = rollups_before(at)
                 (late,) = [k for k in want if k[0] == late_bucket]
-                assert got[late][0] == want[late][0] - 1  # the late row: not folded in yet
+                assert got[late] == want[late]  # the late row: folded in at once
     starts = [w[0] for w in windows]
     ends = [w[1] for w in windows]
     assert starts[0] == start
-    # one bucket back each minute; at the eleventh, from the first refresh's mark (10:30)
-    # minus the lookback
-    expected = [end - timedelta(minutes=2) for end in ends[1:]]
-    expected[10] = start + timedelta(minutes=20)
+    # one new bucket each minute; at the third, from the late row's bucket
+    expected = [end - timedelta(minutes=1) for end in ends[1:]]
+    expected[2] = late_bucket
     assert starts[1:] == expected
     got, want = rollups_before(ends[-1])
-    assert_rollups_equal(got, want)  # the late row too
+    too_late = {k for k in want if k[0] == start + timedelta(minutes=20)}
+    assert len(too_late) == 1
+    assert all(got[k][0] == want[k][0] - 1 for k in too_late)  # not folded in
+    assert_rollups_equal(
+        {k: v for k, v in got.items() if k not in too_late},
+        {k: v for k, v in want.items() if k not in too_late},
+    )  # the 5-minute-late row too

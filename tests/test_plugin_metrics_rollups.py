@@ -164,6 +164,42 @@ async def test_postgres_rollups_keep_each_kind_and_equal_a_group_by(postgres_url
     assert _tenant_view(postgres_url, "plugin_metrics_1h", "globex") == {"globex"}
 
 
+async def test_postgres_metric_rollups_fold_a_late_row_in_and_read_only_what_changed(
+    postgres_url: str,
+) -> None:
+    """sql/092: a refresh recomputes the buckets written since the last one (the log) and the
+    completed ones, not the whole lookback."""
+    start = _start()
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
+        plugins = [("acme", add_plugin(conn, "acme", "resizer"))]
+        rows = _series(start, plugins)
+        _insert(conn, rows)
+    now = start + timedelta(hours=3)
+    async with admin_connection(postgres_url) as conn_async:
+        first = await maintain_metric_rollups(conn_async, Retention(), now)
+        assert [r.buckets for r in first.refreshed] == [120 * 4, 2 * 4]
+        # One gauge row 5 minutes behind both watermarks, written after the refresh.
+        late = (now - timedelta(minutes=5), "acme", plugins[0][1], "production", "queue_depth",
+                "gauge", 99.0, "{}")  # fmt: skip
+        with psycopg.connect(postgres_url, autocommit=True) as conn:
+            _insert(conn, [late])
+        second = await maintain_metric_rollups(conn_async, Retention(), now + timedelta(minutes=1))
+        # Only the late row's series and buckets: one a minute, one an hour (no rows in
+        # the minute completed since).
+        assert [r.buckets for r in second.refreshed] == [1, 1]
+        assert [r.window_start for r in second.refreshed] == [
+            now - timedelta(minutes=5),
+            now - timedelta(hours=1),
+        ]
+    with psycopg.connect(postgres_url) as conn:
+        _assert_same(
+            _rollup(conn, "plugin_metrics_1m"), _expected([*rows, late], timedelta(minutes=1))
+        )
+        _assert_same(
+            _rollup(conn, "plugin_metrics_1h"), _expected([*rows, late], timedelta(hours=1))
+        )
+
+
 async def test_postgres_metric_rollups_expire_with_the_rollup_retention(postgres_url: str) -> None:
     start = _start()
     with psycopg.connect(postgres_url, autocommit=True) as conn:

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import secrets
+import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from urllib.parse import quote, urlsplit, urlunsplit
 
 import psycopg
 import pytest
+from psycopg import sql
 
 from pluginmon.storage.backend import (
     MAINTENANCE_LOCK_KEY,
@@ -300,23 +304,24 @@ async def test_rollup_refresh_is_incremental_and_matches_group_by(pg_db: str) ->
         at = start + timedelta(hours=3, seconds=5)
         second = await refresh_rollup(conn_async, spec_1m, at)
         await refresh_rollup(conn_async, spec_1h, at)
-        # Amortised (sql/061): a regular refresh looks back one bucket only...
-        assert second.window_start == start + timedelta(hours=2) - spec_1m.width
-        assert second.window_end == start + timedelta(hours=3)
-        assert second.buckets == 61 * len(plugins)
+        # From the log (sql/092): the buckets the late row touched, then the new ones; the
+        # late row is folded in at once, nothing else behind the watermark is read.
         late_bucket = late_at.replace(second=0)
+        assert second.window_start == late_bucket
+        assert second.window_end == start + timedelta(hours=3)
+        assert second.buckets == 60 * len(plugins) + len(plugins)
         with psycopg.connect(pg_db) as conn:
-            waiting = rollup_rows(conn, "plugin_samples_1m")
+            folded = rollup_rows(conn, "plugin_samples_1m")
             truth = group_by_rollup(conn, "1 minute")
-            late_key = next(k for k in truth if k[0] == late_bucket and k in waiting)
-            assert waiting[late_key] != truth[late_key]  # the late row is not in yet
+            late_key = next(k for k in truth if k[0] == late_bucket and k in folded)
+            assert_rollups_equal({late_key: folded[late_key]}, {late_key: truth[late_key]})
 
-        # ...and once the watermark is a lookback past the last whole refresh, the whole
-        # lookback behind that mark is recomputed: the late row is folded in.
+        # The next minute: only the bucket completed since.
         at = start + timedelta(hours=3, minutes=1, seconds=5)
         third = await refresh_rollup(conn_async, spec_1m, at)
-        assert third.window_start == start + timedelta(hours=2) - spec_1m.lookback
+        assert third.window_start == start + timedelta(hours=3)
         assert third.window_end == start + timedelta(hours=3, minutes=1)
+        assert third.buckets == 0  # no rows in it
 
         with psycopg.connect(pg_db) as conn:
             expected = group_by_rollup(conn, "1 minute")
@@ -332,10 +337,31 @@ async def test_rollup_refresh_is_incremental_and_matches_group_by(pg_db: str) ->
                 rollup_rows(conn, "plugin_samples_1h"), group_by_rollup(conn, "1 hour")
             )
 
+        # A row later than the lookback stays out until an explicit back-fill, as before.
+        too_late = start + timedelta(hours=3) - 2 * spec_1m.lookback
+        with psycopg.connect(pg_db, autocommit=True) as conn:
+            insert_samples(
+                conn,
+                samples_series(
+                    too_late,
+                    too_late + timedelta(seconds=1),
+                    timedelta(seconds=1),
+                    plugins[:1],
+                    seed=4,
+                ),
+            )
+
         # Nothing completed since: an idle refresh does no work.
         idle = await refresh_rollup(conn_async, spec_1m, at + timedelta(seconds=20))
         assert idle.buckets == 0
         assert idle.window_start == idle.window_end == start + timedelta(hours=3, minutes=1)
+
+        with psycopg.connect(pg_db) as conn:
+            truth = group_by_rollup(conn, "1 minute")
+            held = rollup_rows(conn, "plugin_samples_1m")
+            in_bucket = [k for k in truth if k[0] == too_late.replace(second=0)]
+            assert len(in_bucket) == len(plugins)
+            assert sum(held[k] != truth[k] for k in in_bucket) == 1  # the too-late row's plugin
 
         # An explicit back-fill recomputes from the given time, fixing everything.
         await refresh_rollup(conn_async, spec_1m, at, refresh_from=start)
@@ -391,8 +417,10 @@ async def test_backfill_puts_rows_older_than_the_lookback_into_both_rollups(
         (spec_1m.relation, NOW - timedelta(hours=3, minutes=8), later),
         (spec_1h.relation, NOW - timedelta(hours=4), NOW),
     ]
-    # Every minute from 08:52 to 12:00 and every hour from 08:00, for both plugins.
-    assert [r.buckets for r in refreshed] == [188 * 2, 4 * 2]
+    # Every minute from 08:52 to 11:52 and every hour from 08:00 to 11:00, for both plugins:
+    # the buckets since the watermark minus the lookback are the log's (sql/092), and no row
+    # was written there since the last refresh.
+    assert [r.buckets for r in refreshed] == [180 * 2, 3 * 2]
     with psycopg.connect(pg_db) as conn:
         assert_rollups_equal(
             rollup_rows(conn, "plugin_samples_1m"), group_by_rollup(conn, "1 minute")
@@ -495,3 +523,52 @@ def test_retention_settings_are_validated() -> None:
         Retention(rollup_1m=timedelta(hours=3))
     with pytest.raises(ValueError, match="unknown retention field"):
         Retention.from_days({"raw": 3})
+
+
+def test_a_writer_without_rights_on_the_log_still_has_its_rows_logged(
+    pg_db: str, pg_admin_url: str
+) -> None:
+    """sql/092's trigger runs as the schema owner: a role that may only insert samples (a
+    daemon's own login, a tenant writer) logs what it wrote without any right on the log."""
+    role = f"pm_writer_{uuid.uuid4().hex[:8]}"
+    password = secrets.token_urlsafe(16)
+    with psycopg.connect(pg_db, autocommit=True) as conn:
+        plugin = add_plugin(conn, "acme", "resizer")
+        # BYPASSRLS: row-level security is not what this test is about.
+        conn.execute(
+            sql.SQL("CREATE ROLE {} LOGIN BYPASSRLS PASSWORD {}").format(
+                sql.Identifier(role), sql.Literal(password)
+            )
+        )
+        conn.execute(sql.SQL("GRANT INSERT ON plugin_samples TO {}").format(sql.Identifier(role)))
+    parts = urlsplit(pg_db)
+    host = parts.netloc.rpartition("@")[2]
+    writer_url = urlunsplit(parts._replace(netloc=f"{role}:{quote(password, safe='')}@{host}"))
+    try:
+        at = NOW - timedelta(minutes=3)
+        rows = samples_series(
+            at, at + timedelta(seconds=30), timedelta(seconds=10), [("acme", plugin)]
+        )
+        with psycopg.connect(writer_url, autocommit=True) as writer:
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                writer.execute("SELECT count(*) FROM rollup_invalidations")
+            assert insert_samples(writer, rows) == 3
+        with psycopg.connect(pg_db) as conn:
+            logged = conn.execute(
+                "SELECT rollup, lo, hi FROM rollup_invalidations ORDER BY rollup"
+            ).fetchall()
+        stamps = [row[0] for row in rows if isinstance(row[0], datetime)]
+        assert len(stamps) == len(rows)
+        assert logged == [
+            ("rollup_samples_1h", min(stamps), max(stamps)),
+            ("rollup_samples_1m", min(stamps), max(stamps)),
+        ]
+    finally:
+        with psycopg.connect(pg_admin_url, autocommit=True) as conn:
+            conn.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s",
+                (role,),
+            )
+        with psycopg.connect(pg_db, autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
+            conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))

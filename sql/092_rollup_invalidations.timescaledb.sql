@@ -1,0 +1,3 @@
+-- 092, TimescaleDB backend: nothing to change. Continuous aggregates keep their own
+-- invalidation log; the PostgreSQL variant gives its rollup tables one.
+SELECT 1;
