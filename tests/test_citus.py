@@ -1,0 +1,320 @@
+"""The Citus backend on a real local cluster: a coordinator and two workers (tests/citus_cluster.py).
+
+Skipped, with the reason, when no Citus build is found on the machine. One migrated database
+serves the module; each test uses its own tenants.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from pluginmon.storage.backend import Retention, admin_connection
+from pluginmon.storage.citus import CitusMaintenance
+from pluginmon.storage.migrate import Backend, MigrationError, migrate
+from pluginmon.storage.pool import close_pool, open_pool
+from pluginmon.storage.writer import PLUGIN_SAMPLES_COLUMNS, PLUGIN_SAMPLES_TABLE, BatchWriter
+from tests.citus_cluster import CITUS_SKIP_REASON, CitusCluster, find_citus_bin_dir
+from tests.dbutil import with_database
+from tests.writer_helpers import create_plugins, sample_row
+
+REFERENCE = ("tenants", "tenant_role_bindings", "api_tokens", "rollup_watermarks",
+             "rollup_metrics_watermarks")  # fmt: skip
+DISTRIBUTED_BY_TENANT = (
+    "plugins", "plugin_operations", "plugin_config", "plugin_dependencies", "plugin_alerts",
+    "plugin_backups", "plugin_restore_points", "plugin_approvals", "plugin_vulnerabilities",
+    "plugin_analytics", "notification_outbox", "alert_notifications_sent", "alert_silences",
+    "plugin_environments", "plugin_approval_decisions", "plugin_dependency_states",
+    "plugin_backup_verifications", "plugin_sboms", "plugin_vex_statements", "plugin_samples",
+    "plugin_metrics", "rollup_samples_1m", "rollup_samples_1h", "rollup_metrics_1m",
+    "rollup_metrics_1h",
+)  # fmt: skip
+ON_COORDINATOR = ("schema_migrations", "audit_log", "audit_chain")
+
+
+@pytest.fixture(scope="session")
+def citus_cluster() -> Iterator[CitusCluster]:
+    bin_dir = find_citus_bin_dir()
+    if bin_dir is None:
+        pytest.skip(CITUS_SKIP_REASON)
+    directory = Path(tempfile.mkdtemp(prefix="pluginmon-test-citus-"))
+    cluster = CitusCluster(bin_dir, directory)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.remove()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def citus_db(citus_cluster: CitusCluster) -> Iterator[str]:
+    """A Citus database with every migration applied (coordinator URL)."""
+    with citus_cluster.database(prefix="mig") as url:
+        result = migrate(url)
+        assert result.backend is Backend.CITUS
+        yield url
+
+
+def worker_url(cluster: CitusCluster, coordinator_url: str, index: int = 0) -> str:
+    return with_database(
+        cluster.url(node=cluster.workers[index]), coordinator_url.rsplit("/", 1)[1]
+    )
+
+
+def tenant_name() -> str:
+    return f"t{uuid.uuid4().hex[:10]}"
+
+
+def test_migrations_apply_once_and_the_backend_is_sticky(citus_cluster: CitusCluster) -> None:
+    with citus_cluster.database(prefix="sticky") as url:
+        first = migrate(url)
+        assert first.backend is Backend.CITUS
+        assert first.applied[-3:] == (
+            "100_distribute.citus.sql",
+            "101_rollups_colocated.citus.sql",
+            "102_tenant_on_workers.citus.sql",
+        )
+        # 031's common file cannot run on Citus; its Citus variant ran instead.
+        assert "031_audit_expire_execute.citus.sql" in first.applied
+        again = migrate(url)
+        assert again.applied == ()
+        assert again.already_applied == len(first.applied)
+        with pytest.raises(MigrationError, match="migrated for backend citus, not postgres"):
+            migrate(url, backend=Backend.POSTGRES)
+        with psycopg.connect(url) as conn:
+            backends = conn.execute("SELECT DISTINCT backend FROM schema_migrations").fetchall()
+        assert backends == [("citus",)]
+
+
+def test_tables_are_distributed_by_tenant_or_reference(citus_db: str) -> None:
+    with psycopg.connect(citus_db) as conn:
+        rows = conn.execute(
+            "SELECT logicalrelid::regclass::text, partmethod,"
+            " column_to_column_name(logicalrelid, partkey), colocationid"
+            " FROM pg_dist_partition"
+        ).fetchall()
+        kinds = {name: (method, column, colocation) for name, method, column, colocation in rows}
+        plugins_group = kinds["plugins"][2]
+        for name in REFERENCE:
+            assert kinds[name][0] == "n", name
+        for name in DISTRIBUTED_BY_TENANT:
+            assert kinds[name][:2] == ("h", "tenant_id"), name
+            assert kinds[name][2] == plugins_group, f"{name} is not co-located with plugins"
+        assert kinds["ingest_ledger"][:2] == ("h", "batch_id")
+        for name in ON_COORDINATOR:
+            assert name not in kinds
+        # Every key of a distributed table carries tenant_id (Citus refuses it otherwise).
+        keys = conn.execute(
+            "SELECT conrelid::regclass::text, conname FROM pg_constraint c"
+            " JOIN pg_dist_partition p ON p.logicalrelid = c.conrelid AND p.partmethod = 'h'"
+            " WHERE contype IN ('p', 'u') AND NOT EXISTS (SELECT 1 FROM pg_attribute a"
+            "   WHERE a.attrelid = c.conrelid AND a.attname = column_to_column_name("
+            "   p.logicalrelid, p.partkey) AND a.attnum = ANY (c.conkey))"
+        ).fetchall()
+        assert keys == []
+
+
+async def _copy_samples(url: str, rows: list[tuple[object, ...]]) -> None:
+    pool = await open_pool(url, min_size=0)
+    try:
+        async with BatchWriter(
+            pool, table=PLUGIN_SAMPLES_TABLE, columns=PLUGIN_SAMPLES_COLUMNS, max_rows=100
+        ) as writer:
+            writer.put(rows)
+            await writer.flush()
+    finally:
+        await close_pool(pool)
+
+
+def test_copy_through_coordinator_and_worker_lands_on_the_coordinator(
+    citus_cluster: CitusCluster, citus_db: str
+) -> None:
+    tenant = tenant_name()
+    plugin_ids = asyncio.run(create_plugins(citus_db, tenant=tenant, count=3))
+    rows = [sample_row(n, plugin_ids, tenant=tenant) for n in range(500)]
+    asyncio.run(_copy_samples(citus_db, rows[:250]))
+    asyncio.run(_copy_samples(worker_url(citus_cluster, citus_db, 1), rows[250:]))
+    with psycopg.connect(citus_db) as conn:
+        count, cpu_sum, first, last = conn.execute(
+            'SELECT count(*), sum(cpu_percent), min("timestamp"), max("timestamp")'
+            " FROM plugin_samples WHERE tenant_id = %s",
+            (tenant,),
+        ).fetchone() or (None, None, None, None)
+        ledger = conn.execute("SELECT sum(row_count) FROM ingest_ledger").fetchone()
+    assert count == 500
+    assert cpu_sum == sum(float(str(row[5])) for row in rows)
+    assert (first, last) == (rows[0][0], rows[-1][0])
+    assert ledger is not None
+    assert int(ledger[0]) >= 500
+
+
+def test_rls_shows_each_tenant_only_its_rows(citus_db: str) -> None:
+    mine, theirs = tenant_name(), tenant_name()
+    for tenant in (mine, theirs):
+        asyncio.run(create_plugins(citus_db, tenant=tenant, count=2))
+    role = f"r{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(citus_db, autocommit=True) as conn:
+        conn.execute(f'CREATE ROLE "{role}" LOGIN')
+        conn.execute("SELECT pluginmon_bind_tenant_role(%s, %s)", (role, mine))
+    # A login role bound to a tenant: no setting needed, a query without WHERE sees its own.
+    with psycopg.connect(citus_db.replace("postgres@", f"{role}@")) as conn:
+        seen = conn.execute("SELECT DISTINCT tenant_id FROM plugins").fetchall()
+        samples = conn.execute("SELECT DISTINCT tenant_id FROM plugin_samples_1m").fetchall()
+    assert seen == [(mine,)]
+    assert samples == []  # readable (no permission error), and nothing of the other tenant
+    # The API's way: pluginmon_api with SET LOCAL pluginmon.tenant_id, propagated to workers.
+    with psycopg.connect(citus_db) as conn:
+        conn.execute("SET LOCAL ROLE pluginmon_api")
+        conn.execute("SET LOCAL citus.propagate_set_commands = 'local'")
+        conn.execute(f"SET LOCAL pluginmon.tenant_id = '{theirs}'")
+        api_seen = conn.execute("SELECT DISTINCT tenant_id FROM plugins").fetchall()
+        api_count = conn.execute("SELECT count(*) FROM plugins").fetchone()
+    assert api_seen == [(theirs,)]
+    assert api_count == (2,)
+    # Without the setting an API session sees nothing at all.
+    with psycopg.connect(citus_db) as conn:
+        conn.execute("SET LOCAL ROLE pluginmon_api")
+        assert conn.execute("SELECT count(*) FROM plugins").fetchone() == (0,)
+
+
+def _insert_samples(conn: psycopg.Connection[tuple[object, ...]], tenant: str,
+                    plugin_id: int, moments: list[datetime]) -> None:  # fmt: skip
+    for index, moment in enumerate(moments):
+        conn.execute(
+            'INSERT INTO plugin_samples ("timestamp", tenant_id, plugin_id, environment, host,'
+            " cpu_percent, rss_bytes, vms_bytes, threads, process_count, up)"
+            " VALUES (%s, %s, %s, 'production', 'h', %s, %s, 1, 1, 1, %s)",
+            (moment, tenant, plugin_id, float(index % 7), 1000 + index, index % 3 != 0),
+        )
+
+
+def test_retention_drops_and_columnar_converts_old_partitions(citus_cluster: CitusCluster) -> None:
+    now = datetime.now(UTC).replace(microsecond=0)
+    retention = Retention(samples=timedelta(days=10), compress_after=timedelta(days=3))
+    with citus_cluster.database(prefix="ret") as url:
+        migrate(url)
+        tenant = tenant_name()
+        (plugin_id,) = asyncio.run(create_plugins(url, tenant=tenant, count=1))
+        with psycopg.connect(url, autocommit=True) as conn:
+            # Partitions for the last 20 days, then rows in each.
+            conn.execute(
+                "SELECT pluginmon_maintain_partitions('plugin_samples', interval '90 days', 1, %s)",
+                (now - timedelta(days=20),),
+            )
+            for days in range(20):
+                conn.execute(
+                    "SELECT pluginmon_create_day_partition('plugin_samples', %s)",
+                    ((now - timedelta(days=days)).date(),),
+                )
+            moments = [now - timedelta(days=d, hours=1) for d in (15, 12, 5, 4, 1)]
+            _insert_samples(conn, tenant, plugin_id, moments)
+
+        async def run() -> None:
+            async with admin_connection(url) as conn:
+                report = await CitusMaintenance(clock=lambda: now).run(conn, retention)
+                assert report.ran
+                assert report.failed_steps == ()
+                assert report.partitions_dropped  # the 15- and 12-day-old days among them
+
+        asyncio.run(run())
+        with psycopg.connect(url) as conn:
+            kept = conn.execute(
+                'SELECT "timestamp" FROM plugin_samples WHERE tenant_id = %s ORDER BY 1',
+                (tenant,),
+            ).fetchall()
+            methods: dict[object, object] = dict(
+                conn.execute(
+                    "SELECT p.partition::text, am.amname"
+                    " FROM pluginmon_partitions('plugin_samples') p"
+                    " JOIN pg_class c ON c.oid = p.partition JOIN pg_am am ON am.oid = c.relam"
+                    " WHERE p.lower_bound IS NOT NULL"
+                ).fetchall()
+            )
+            bounds = conn.execute(
+                "SELECT min(lower_bound) FROM pluginmon_partitions('plugin_samples')"
+            ).fetchone()
+        assert [row[0] for row in kept] == sorted(moments)[2:]  # 5, 4 and 1 day(s) old
+        assert bounds is not None
+        assert bounds[0] >= now - timedelta(days=11)
+        old = [f"plugin_samples_p{(now - timedelta(days=d)).strftime('%Y%m%d')}" for d in (5, 4)]
+        recent = f"plugin_samples_p{(now - timedelta(days=1)).strftime('%Y%m%d')}"
+        for name in old:
+            assert methods[name] == "columnar", (name, methods)
+        assert methods[recent] == "heap"
+
+
+def test_rollups_refresh_incrementally_and_match_a_group_by(citus_db: str) -> None:
+    tenants = [tenant_name(), tenant_name()]
+    start = datetime.now(UTC).replace(second=0, microsecond=0) - timedelta(minutes=30)
+    with psycopg.connect(citus_db, autocommit=True) as conn:
+        for tenant in tenants:
+            (plugin_id,) = asyncio.run(create_plugins(citus_db, tenant=tenant, count=1))
+            _insert_samples(
+                conn, tenant, plugin_id, [start + timedelta(seconds=20 * i) for i in range(45)]
+            )
+        at = start + timedelta(minutes=10)
+        first = conn.execute(
+            "SELECT buckets FROM pluginmon_refresh_rollup('rollup_samples_1m', interval '1 minute',"
+            " interval '10 minutes', %s, %s)",
+            (at, start),
+        ).fetchone()
+        # Later: only the new buckets, plus late rows in an already refreshed one.
+        _insert_samples(
+            conn,
+            tenants[0],
+            _plugin_of(conn, tenants[0]),
+            [start + timedelta(minutes=2, seconds=5)],
+        )
+        second = conn.execute(
+            "SELECT buckets FROM pluginmon_refresh_rollup('rollup_samples_1m', interval '1 minute',"
+            " interval '10 minutes', %s)",
+            (start + timedelta(minutes=16),),
+        ).fetchone()
+        # Next minute: one new bucket only (a row arrived in it), updated in place.
+        _insert_samples(
+            conn,
+            tenants[1],
+            _plugin_of(conn, tenants[1]),
+            [start + timedelta(minutes=15, seconds=30)],
+        )
+        third = conn.execute(
+            "SELECT buckets FROM pluginmon_refresh_rollup('rollup_samples_1m', interval '1 minute',"
+            " interval '10 minutes', %s)",
+            (start + timedelta(minutes=17),),
+        ).fetchone()
+        rollup = conn.execute(
+            "SELECT tenant_id, bucket, sample_count, cpu_percent_max, rss_bytes_max, up_ratio"
+            " FROM rollup_samples_1m WHERE tenant_id = ANY(%s) ORDER BY 1, 2",
+            (tenants,),
+        ).fetchall()
+        raw = conn.execute(
+            "SELECT tenant_id, date_bin('1 minute', \"timestamp\", '2000-01-03'), count(*),"
+            " max(cpu_percent), max(rss_bytes), avg(up::integer)::double precision"
+            ' FROM plugin_samples WHERE tenant_id = ANY(%s) AND "timestamp" < %s'
+            " GROUP BY 1, 2 ORDER BY 1, 2",
+            (tenants, start + timedelta(minutes=16)),
+        ).fetchall()
+    assert first == (20,)  # 10 one-minute buckets for each of two tenants
+    # The whole lookback once (from the first watermark minus 10 minutes): 15 buckets each.
+    assert second == (30,)
+    assert third == (1,)  # then one bucket back from the watermark: only the new row's
+    assert rollup == raw
+    late_bucket = [
+        row for row in rollup if row[0] == tenants[0] and row[1] == start + timedelta(minutes=2)
+    ]
+    assert late_bucket[0][2] == 4  # three regular rows and the late one
+
+
+def _plugin_of(conn: psycopg.Connection[tuple[object, ...]], tenant: str) -> int:
+    row = conn.execute("SELECT id FROM plugins WHERE tenant_id = %s", (tenant,)).fetchone()
+    assert row is not None
+    return int(str(row[0]))
