@@ -174,7 +174,9 @@ SELECT p.id, p.name, p.version, p.description, p.installed_from::text AS install
                      'last_health_check', e.last_health_check, 'cpu_usage', e.cpu_usage,
                      'memory_usage', e.memory_usage, 'updated_at', e.updated_at)
                      ORDER BY e.environment)
-                   FROM plugin_environments e WHERE e.plugin_id = p.id), '[]')::text AS environments
+                   FROM plugin_environments e
+                  WHERE e.plugin_id = p.id AND e.tenant_id = p.tenant_id), '[]')::text
+         AS environments
   FROM plugins p
 """
 

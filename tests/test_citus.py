@@ -7,6 +7,7 @@ serves the module; each test uses its own tenants.
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 import tempfile
 import uuid
@@ -14,15 +15,26 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import asyncpg
 import psycopg
 import pytest
 
+from pluginmon.registry.tokens import Role
 from pluginmon.storage.backend import Retention, admin_connection
 from pluginmon.storage.citus import CitusMaintenance
 from pluginmon.storage.migrate import Backend, MigrationError, migrate
 from pluginmon.storage.pool import close_pool, open_pool
+from pluginmon.storage.queries import (
+    CITUS_SCOPE,
+    PLAIN_SCOPE,
+    detect_tenant_scope,
+    quote_literal,
+    set_local_tenant_sql,
+)
 from pluginmon.storage.writer import PLUGIN_SAMPLES_COLUMNS, PLUGIN_SAMPLES_TABLE, BatchWriter
+from tests.api_helpers import api_server
 from tests.citus_cluster import CITUS_SKIP_REASON, CitusCluster, find_citus_bin_dir
+from tests.daemon_helpers import run_cli
 from tests.dbutil import with_database
 from tests.writer_helpers import create_plugins, sample_row
 
@@ -318,3 +330,101 @@ def _plugin_of(conn: psycopg.Connection[tuple[object, ...]], tenant: str) -> int
     row = conn.execute("SELECT id FROM plugins WHERE tenant_id = %s", (tenant,)).fetchone()
     assert row is not None
     return int(str(row[0]))
+
+
+# -- tenants entered by the API and the CLI (storage.queries.TenantScope) ----------------------
+
+
+def test_the_tenant_is_quoted_as_a_literal_for_set_local() -> None:
+    assert set_local_tenant_sql("acme-2") == (
+        "SET LOCAL citus.propagate_set_commands = 'local'; SET LOCAL pluginmon.tenant_id = 'acme-2'"
+    )
+    assert set_local_tenant_sql(None).endswith("pluginmon.tenant_id = ''")
+    with pytest.raises(ValueError, match="not a valid slug"):
+        set_local_tenant_sql("a'; RESET ROLE; --")
+    assert quote_literal("it's") == "'it''s'"
+    with pytest.raises(ValueError, match="backslash"):
+        quote_literal("a\\'")
+
+
+async def test_the_scope_is_detected_per_database(citus_db: str, migrated_db: str) -> None:
+    for url, expected in ((citus_db, CITUS_SCOPE), (migrated_db, PLAIN_SCOPE)):
+        conn = await asyncpg.connect(url)
+        try:
+            assert await detect_tenant_scope(conn) is expected
+        finally:
+            await conn.close()
+
+
+async def test_on_citus_only_the_propagated_tenant_reaches_the_workers(citus_db: str) -> None:
+    tenant = tenant_name()
+    await create_plugins(citus_db, tenant=tenant, count=2)
+    conn = await asyncpg.connect(citus_db)
+    seen: dict[str, list[str]] = {}
+    try:
+        for name, scope in (("set_config", PLAIN_SCOPE), ("set local", CITUS_SCOPE)):
+            async with conn.transaction():
+                await scope.enter(conn, tenant, role="pluginmon_api")
+                rows = await conn.fetch("SELECT DISTINCT tenant_id FROM plugins")
+                seen[name] = [r["tenant_id"] for r in rows]
+    finally:
+        await conn.close()
+    assert seen == {"set_config": [], "set local": [tenant]}
+
+
+async def test_api_requests_read_and_write_their_own_tenant_on_citus(citus_db: str) -> None:
+    mine, theirs = tenant_name(), tenant_name()
+    async with api_server(citus_db) as api:
+        for tenant in (mine, theirs):
+            await api.token(f"w-{tenant}", tenant=tenant, role=Role.WRITER)
+            for name in ("shared", f"only-{tenant}"):
+                reply = await api.call(
+                    "POST", "/api/v1/plugins", token=f"w-{tenant}",
+                    body={"name": name, "version": tenant},
+                )  # fmt: skip
+                assert reply.status == 201, reply.body
+        await api.token("operator", tenant=None, role=Role.ADMIN)
+        listed = await api.call("GET", "/api/v1/plugins", token=f"w-{mine}")
+        shared = await api.call("GET", "/api/v1/plugins/shared", token=f"w-{theirs}")
+        hidden = await api.call("GET", f"/api/v1/plugins/only-{theirs}", token=f"w-{mine}")
+        as_operator = await api.call(
+            "GET", "/api/v1/plugins", token="operator", headers={"X-Pluginmon-Tenant": theirs}
+        )
+        stored = await api.fetch(
+            "SELECT tenant_id, name, version FROM plugins WHERE tenant_id = ANY($1) ORDER BY 1, 2",
+            [mine, theirs],
+        )
+    assert listed.status == 200, listed.body
+    assert sorted((p["name"], p["version"]) for p in listed.body["items"]) == [
+        (f"only-{mine}", mine),
+        ("shared", mine),
+    ]
+    assert (shared.status, shared.body["version"]) == (200, theirs)
+    assert hidden.status == 404
+    assert hidden.error["code"] == "not_found"
+    assert as_operator.status == 200, as_operator.body
+    assert sorted(p["name"] for p in as_operator.body["items"]) == [f"only-{theirs}", "shared"]
+    assert len(stored) == 4
+
+
+def test_cli_commands_enter_the_tenant_on_citus(citus_db: str) -> None:
+    mine, theirs = tenant_name(), tenant_name()
+    env = {"PLUGINMON_DATABASE_URL": citus_db}
+    asyncio.run(create_plugins(citus_db, tenant=mine, count=1))
+    with psycopg.connect(citus_db) as conn:
+        conn.execute("INSERT INTO tenants (id, name) VALUES (%s, %s)", (theirs, theirs))
+        plugin = str(_one(conn, "SELECT name FROM plugins WHERE tenant_id = %s", mine))
+    # The plugin is looked up under row-level security on the workers: found for its tenant
+    # (no values set yet), not found for another one.
+    listed = run_cli("config", "list", "--tenant", mine, plugin, "--json", env=env)
+    assert listed.returncode == 0, listed.stderr
+    assert json.loads(listed.stdout) == []
+    elsewhere = run_cli("config", "list", "--tenant", theirs, plugin, "--json", env=env)
+    assert elsewhere.returncode == 1
+    assert f"no plugin named {plugin!r}" in elsewhere.stderr
+
+
+def _one(conn: psycopg.Connection[tuple[object, ...]], query: str, *args: object) -> object:
+    row = conn.execute(query, args).fetchone()
+    assert row is not None
+    return row[0]
