@@ -127,7 +127,7 @@ async def set_dependency(
         """INSERT INTO plugin_dependencies (tenant_id, plugin_id, depends_on_plugin_id,
                                             version_range, kind, created_at, updated_at)
            VALUES ($1, $2, $3, $4, $5, $6, $6)
-           ON CONFLICT (plugin_id, depends_on_plugin_id, kind) DO UPDATE
+           ON CONFLICT (tenant_id, plugin_id, depends_on_plugin_id, kind) DO UPDATE
               SET version_range = EXCLUDED.version_range, updated_at = EXCLUDED.updated_at""",
         tenant_id,
         plugin.id,
@@ -324,7 +324,7 @@ INSERT INTO plugin_dependency_states (dependency_id, tenant_id, environment, sat
                                       problem, reason, installed_version, changed_at)
 SELECT n.*, $9 FROM unnest($1::bigint[], $2::text[], $3::text[], $4::boolean[], $5::boolean[],
                            $6::text[], $7::text[], $8::text[]) AS n
-ON CONFLICT (dependency_id, environment) DO UPDATE
+ON CONFLICT (tenant_id, dependency_id, environment) DO UPDATE
    SET satisfied = EXCLUDED.satisfied, conflict = EXCLUDED.conflict, problem = EXCLUDED.problem,
        reason = EXCLUDED.reason, installed_version = EXCLUDED.installed_version,
        changed_at = EXCLUDED.changed_at

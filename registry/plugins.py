@@ -413,7 +413,7 @@ async def upsert_environment(
         """INSERT INTO plugin_environments (tenant_id, plugin_id, environment, version, status,
                                             enabled, created_at, updated_at)
            VALUES ($1, $2, $3, $4, coalesce($5, 'installed'), coalesce($6, true), $7, $7)
-           ON CONFLICT (plugin_id, environment) DO UPDATE
+           ON CONFLICT (tenant_id, plugin_id, environment) DO UPDATE
               SET version = CASE WHEN $8 THEN EXCLUDED.version ELSE plugin_environments.version END,
                   status = coalesce($5, plugin_environments.status),
                   enabled = coalesce($6, plugin_environments.enabled),

@@ -71,7 +71,7 @@ async def put_sbom(
         """INSERT INTO plugin_sboms (tenant_id, plugin_id, environment, document, sha256,
                components, component_count, subject_version, uploaded_at, uploaded_by)
            VALUES ($1, $2, $3, $4::jsonb, $5, $6::jsonb, $7, $8, $9, $10)
-           ON CONFLICT (plugin_id, environment) DO UPDATE
+           ON CONFLICT (tenant_id, plugin_id, environment) DO UPDATE
               SET document = EXCLUDED.document, sha256 = EXCLUDED.sha256,
                   components = EXCLUDED.components, component_count = EXCLUDED.component_count,
                   subject_version = EXCLUDED.subject_version,

@@ -140,7 +140,8 @@ SELECT $1, $2, $3, $4, $5, f.vulnerability_id, f.package_name, f.package_version
        package_version text, ecosystem text, severity text, cvss_score numeric,
        cvss_vector text, aliases text[], title text, description text, affected_range text,
        fixed_version text)
-ON CONFLICT (plugin_id, environment, scanner, vulnerability_id, package_name) DO UPDATE
+ON CONFLICT (tenant_id, plugin_id, environment, scanner, vulnerability_id, package_name)
+    DO UPDATE
    SET plugin_version = EXCLUDED.plugin_version,
        package_version = EXCLUDED.package_version,
        severity = EXCLUDED.severity, cvss_score = EXCLUDED.cvss_score,
@@ -303,7 +304,8 @@ async def import_report(
                        vulnerability_id, package_name, state, justification, detail,
                        recorded_at, recorded_by)
                    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
-                   ON CONFLICT (plugin_id, environment, vulnerability_id, package_name) DO UPDATE
+                   ON CONFLICT (tenant_id, plugin_id, environment, vulnerability_id,
+                                package_name) DO UPDATE
                       SET state = EXCLUDED.state, justification = EXCLUDED.justification,
                           detail = EXCLUDED.detail, recorded_at = EXCLUDED.recorded_at,
                           recorded_by = EXCLUDED.recorded_by""",

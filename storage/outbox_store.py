@@ -91,7 +91,7 @@ async def insert_outbox(conn: Connection, rows: Sequence[OutboxWrite]) -> None:
                receiver_kind, group_key, idempotency_key, body, fingerprints, next_attempt_at,
                created_at, updated_at, instance)
            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $10, $10, $11)
-           ON CONFLICT (idempotency_key) DO NOTHING""",
+           ON CONFLICT (tenant_id, idempotency_key) DO NOTHING""",
         [
             (
                 r.tenant_id,
@@ -120,7 +120,7 @@ INSERT INTO notification_outbox AS o (tenant_id, plugin_id, environment, receive
        next_attempt_at, last_status_code, last_error, created_at, delivered_at, updated_at,
        instance)
 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)
-ON CONFLICT (idempotency_key) DO UPDATE SET
+ON CONFLICT (tenant_id, idempotency_key) DO UPDATE SET
     status = EXCLUDED.status, attempts = GREATEST(o.attempts, EXCLUDED.attempts),
     last_status_code = EXCLUDED.last_status_code, last_error = EXCLUDED.last_error,
     delivered_at = EXCLUDED.delivered_at, updated_at = EXCLUDED.updated_at
@@ -131,7 +131,7 @@ _RECORD_SENT = """
 INSERT INTO alert_notifications_sent (idempotency_key, tenant_id, outbox_id, receiver,
        status_code, attempts, delivered_at)
 SELECT $1, $2, o.id, $3, $4, $5, $6 FROM notification_outbox o WHERE o.idempotency_key = $1
-ON CONFLICT (idempotency_key) DO NOTHING
+ON CONFLICT (tenant_id, idempotency_key) DO NOTHING
 """
 
 
@@ -316,7 +316,7 @@ async def record_outcomes(conn: Connection, outcomes: Sequence[DeliveryOutcome])
                 """INSERT INTO alert_notifications_sent (idempotency_key, tenant_id, outbox_id,
                           receiver, status_code, attempts, delivered_at)
                    VALUES ($1, $2, $3, $4, $5, $6, $7)
-                   ON CONFLICT (idempotency_key) DO NOTHING""",
+                   ON CONFLICT (tenant_id, idempotency_key) DO NOTHING""",
                 [
                     (
                         o.notification.idempotency_key,

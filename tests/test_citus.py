@@ -90,10 +90,11 @@ def test_migrations_apply_once_and_the_backend_is_sticky(citus_cluster: CitusClu
     with citus_cluster.database(prefix="sticky") as url:
         first = migrate(url)
         assert first.backend is Backend.CITUS
-        assert first.applied[-3:] == (
+        assert first.applied[-4:] == (
             "100_distribute.citus.sql",
             "101_rollups_colocated.citus.sql",
             "102_tenant_on_workers.citus.sql",
+            "103_tenant_conflict_keys.citus.sql",
         )
         # 031's common file cannot run on Citus; its Citus variant ran instead.
         assert "031_audit_expire_execute.citus.sql" in first.applied
@@ -400,6 +401,7 @@ async def test_api_requests_read_and_write_their_own_tenant_on_citus(citus_db: s
         ("shared", mine),
     ]
     assert (shared.status, shared.body["version"]) == (200, theirs)
+    assert shared.body["environments"] == []
     assert hidden.status == 404
     assert hidden.error["code"] == "not_found"
     assert as_operator.status == 200, as_operator.body
@@ -422,6 +424,49 @@ def test_cli_commands_enter_the_tenant_on_citus(citus_db: str) -> None:
     elsewhere = run_cli("config", "list", "--tenant", theirs, plugin, "--json", env=env)
     assert elsewhere.returncode == 1
     assert f"no plugin named {plugin!r}" in elsewhere.stderr
+
+
+# Every INSERT ... ON CONFLICT target in registry/ and storage/ that names a tenant table's key
+# (table, columns, predicate of a partial index). PostgreSQL infers the arbiter index from the
+# set of columns and the predicate, so each needs a unique index with exactly those on every
+# backend: on Citus the keys 100 gave tenant_id, elsewhere the indexes of 103.
+CONFLICT_TARGETS = (
+    ("plugin_environments", {"tenant_id", "plugin_id", "environment"}, None),
+    ("plugin_vulnerabilities", {"tenant_id", "plugin_id", "environment", "scanner",
+                                "vulnerability_id", "package_name"}, None),
+    ("plugin_vex_statements", {"tenant_id", "plugin_id", "environment", "vulnerability_id",
+                               "package_name"}, None),
+    ("plugin_sboms", {"tenant_id", "plugin_id", "environment"}, None),
+    ("plugin_dependencies", {"tenant_id", "plugin_id", "depends_on_plugin_id", "kind"}, None),
+    ("plugin_dependency_states", {"tenant_id", "dependency_id", "environment"}, None),
+    ("plugin_alerts", {"tenant_id", "fingerprint"}, "(status <> 'resolved'::text)"),
+    ("notification_outbox", {"tenant_id", "idempotency_key"}, None),
+    ("alert_notifications_sent", {"tenant_id", "idempotency_key"}, None),
+)  # fmt: skip
+
+_UNIQUE_INDEXES_SQL = """
+SELECT i.indrelid::regclass::text,
+       array(SELECT a.attname::text FROM pg_attribute a
+              WHERE a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)),
+       pg_get_expr(i.indpred, i.indrelid)
+  FROM pg_index i WHERE i.indisunique AND i.indrelid::regclass::text = ANY (%s)
+"""
+
+
+def test_every_on_conflict_target_has_a_unique_index_on_every_backend(
+    citus_db: str, migrated_db: str
+) -> None:
+    tables = [table for table, _, _ in CONFLICT_TARGETS]
+    for url in (citus_db, migrated_db):
+        with psycopg.connect(url) as conn:
+            indexes = conn.execute(_UNIQUE_INDEXES_SQL, (tables,)).fetchall()
+        have = {(str(t), frozenset(cols), pred) for t, cols, pred in indexes}
+        missing = [
+            (table, sorted(columns))
+            for table, columns, predicate in CONFLICT_TARGETS
+            if (table, frozenset(columns), predicate) not in have
+        ]
+        assert missing == [], url
 
 
 def _one(conn: psycopg.Connection[tuple[object, ...]], query: str, *args: object) -> object:
