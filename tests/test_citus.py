@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import signal
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -34,8 +35,15 @@ from pluginmon.storage.queries import (
 from pluginmon.storage.writer import PLUGIN_SAMPLES_COLUMNS, PLUGIN_SAMPLES_TABLE, BatchWriter
 from tests.api_helpers import api_server
 from tests.citus_cluster import CITUS_SKIP_REASON, CitusCluster, find_citus_bin_dir
-from tests.daemon_helpers import run_cli
+from tests.daemon_helpers import (
+    DaemonProcess,
+    WebhookReceiver,
+    plugin_processes,
+    run_cli,
+    wait_for,
+)
 from tests.dbutil import with_database
+from tests.test_e2e_daemon import RULES, WEBHOOK_SECRET, labels
 from tests.writer_helpers import create_plugins, sample_row
 
 REFERENCE = ("tenants", "tenant_role_bindings", "api_tokens", "rollup_watermarks",
@@ -473,3 +481,108 @@ def _one(conn: psycopg.Connection[tuple[object, ...]], query: str, *args: object
     row = conn.execute(query, args).fetchone()
     assert row is not None
     return row[0]
+
+
+# -- the daemon end to end on the cluster (the shape of tests/test_e2e_daemon.py) -------------
+
+
+def test_pluginmon_run_on_citus_stores_samples_health_and_alerts(
+    citus_cluster: CitusCluster, tmp_path: Path
+) -> None:
+    with (
+        citus_cluster.database(prefix="e2e") as url,
+        plugin_processes() as plugins,
+        WebhookReceiver() as receiver,
+    ):
+        webhook = f'[[alerts.webhooks]]\nname = "e2e"\nurl = "{receiver.url}"\n'
+        webhook += f'secret = "{WEBHOOK_SECRET}"\n'
+        daemon = DaemonProcess(
+            tmp_path=tmp_path, database_url=url, config_text=plugins.config() + RULES + webhook
+        )
+        daemon.start()
+        try:
+            daemon.wait_ready(timeout=120)  # it migrates the empty Citus database first
+
+            def enough_samples() -> bool:
+                samples = daemon.metric("pluginmon_samples_total") or 0
+                health = daemon.metric("pluginmon_plugin_health_score", **labels("burner"))
+                return samples >= 16 and health is not None
+
+            wait_for("samples and health scores", enough_samples, timeout=60)
+
+            def stored_with_health_and_alert() -> bool:
+                with psycopg.connect(url) as conn:
+                    row = conn.execute(
+                        "SELECT (SELECT count(*) FROM plugin_samples WHERE tenant_id = 'e2e'),"
+                        " (SELECT count(health_score) FROM plugins WHERE tenant_id = 'e2e'),"
+                        " (SELECT count(*) FROM plugin_alerts WHERE tenant_id = 'e2e')"
+                    ).fetchone()
+                assert row is not None
+                return int(row[0]) >= 16 and int(row[1]) == 2 and int(row[2]) >= 1
+
+            # The daemon samples (and serves /metrics) while it still migrates the database.
+            wait_for("rows, health and the alert in the database", stored_with_health_and_alert,
+                     timeout=90)  # fmt: skip
+            firing = daemon.metric(
+                "pluginmon_alerts_firing",
+                **labels("burner"),
+                alertname="E2EBurnerBusy",
+                severity="info",
+            )
+            database_up = daemon.metric("pluginmon_database_up")
+
+            def firing_posted() -> list[dict[str, object]]:
+                out = []
+                for _headers, body in list(receiver.requests):
+                    payload = json.loads(body)
+                    names = {a["labels"]["alertname"] for a in payload["alerts"]}
+                    if payload["status"] == "firing" and "E2EBurnerBusy" in names:
+                        out.append(payload)
+                return out
+
+            posted = wait_for("the webhook to receive the firing alert", firing_posted)
+        except BaseException:
+            daemon.kill()
+            raise
+        daemon.signal(signal.SIGTERM)
+        assert daemon.wait_exit(timeout=30) == 0, daemon.log_text()[-3000:]
+        counts = daemon.final_counts()
+        with psycopg.connect(url) as conn:
+            stored: dict[str, int] = {
+                str(name): int(str(count))
+                for name, count in conn.execute(
+                    "SELECT p.name, count(*) FROM plugin_samples s JOIN plugins p"
+                    " ON p.id = s.plugin_id AND p.tenant_id = s.tenant_id"
+                    " WHERE s.tenant_id = 'e2e' GROUP BY p.name"
+                ).fetchall()
+            }
+            health = conn.execute(
+                "SELECT name, health_score FROM plugins WHERE tenant_id = 'e2e' ORDER BY name"
+            ).fetchall()
+            alerts = conn.execute(
+                "SELECT rule_name, status FROM plugin_alerts WHERE tenant_id = 'e2e'"
+                " AND rule_name = 'E2EBurnerBusy'"
+            ).fetchall()
+            delivered = _one(
+                conn,
+                "SELECT count(*) FROM notification_outbox WHERE tenant_id = 'e2e'"
+                " AND status = 'delivered'",
+            )
+            backend = _one(conn, "SELECT min(backend) FROM schema_migrations")
+    problems = [
+        line[-400:] for line in daemon.log_text().splitlines() if '"level": "error"' in line
+    ]
+    assert backend == "citus"
+    assert problems == []
+    assert firing == 1
+    assert database_up == 1
+    assert posted[0]["receiver"] == "e2e"
+    assert counts["samples_taken"] >= 16
+    assert counts["rows_in_spool"] == 0
+    assert set(stored) == {"burner", "sleeper"}
+    assert sum(stored.values()) == counts["samples_taken"]
+    assert [name for name, _ in health] == ["burner", "sleeper"]
+    assert all(score is not None and 0 <= float(str(score)) <= 100 for _, score in health)
+    assert alerts
+    assert {status for _, status in alerts} <= {"firing", "resolved"}
+    assert int(str(delivered)) >= 1
