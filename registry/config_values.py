@@ -294,7 +294,7 @@ async def set_values(
         raise InvalidError("no config values given", field="items")
     for key in values:
         check_key(key)
-    plugin = await get_plugin(conn, plugin_name, for_update=True)
+    plugin = await get_plugin(conn, plugin_name, for_update=True, tenant_id=tenant_id)
     prepared: list[tuple[str, Any, bool]] = []
     for key, (value, secret) in sorted(values.items()):
         validate_value(plugin.config_schema, key, value, secret=secret)

@@ -158,9 +158,10 @@ async def scan_sboms(
     rows = await conn.fetch(
         """SELECT s.id, s.tenant_id, s.plugin_id, p.name, s.environment, s.components,
                   coalesce(s.subject_version, e.version, p.version, '') AS plugin_version
-             FROM plugin_sboms s JOIN plugins p ON p.id = s.plugin_id
+             FROM plugin_sboms s JOIN plugins p ON p.id = s.plugin_id AND p.tenant_id = s.tenant_id
              LEFT JOIN plugin_environments e
-               ON e.plugin_id = s.plugin_id AND e.environment = s.environment
+               ON e.plugin_id = s.plugin_id AND e.tenant_id = s.tenant_id
+                AND e.environment = s.environment
             WHERE ($1::bigint IS NULL OR s.plugin_id = $1)
               AND ($2 OR s.scanned_db_digest IS DISTINCT FROM $3)
             ORDER BY s.id

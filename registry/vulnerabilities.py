@@ -111,7 +111,7 @@ SELECT v.id, p.name AS plugin, v.environment, v.vulnerability_id, v.aliases, v.p
        v.cvss_vector, v.status, v.title, v.affected_range, v.fixed_version, v.scanner,
        v.detected_at, v.last_seen_at, v.resolved_at, v.accepted_reason, v.accepted_by,
        v.accepted_until, v.suppression
-  FROM plugin_vulnerabilities v JOIN plugins p ON p.id = v.plugin_id
+  FROM plugin_vulnerabilities v JOIN plugins p ON p.id = v.plugin_id AND p.tenant_id = v.tenant_id
 """
 
 
@@ -182,7 +182,8 @@ UPDATE plugin_vulnerabilities v
   FROM (SELECT DISTINCT ON (vv.id) vv.id AS finding_id, st.state, st.justification
           FROM plugin_vulnerabilities vv
           JOIN plugin_vex_statements st
-            ON st.plugin_id = vv.plugin_id AND st.environment = vv.environment
+            ON st.plugin_id = vv.plugin_id AND st.tenant_id = vv.tenant_id
+           AND st.environment = vv.environment
            AND (st.vulnerability_id = vv.vulnerability_id OR st.vulnerability_id = ANY(vv.aliases))
            AND (st.package_name = '' OR st.package_name = vv.package_name)
          WHERE vv.plugin_id = $1 AND vv.environment = $2
@@ -266,7 +267,8 @@ async def sync_findings(
 async def _plugin_version(conn: asyncpg.Connection, plugin: int, environment: str) -> str:
     version = await conn.fetchval(
         """SELECT coalesce(e.version, p.version, '') FROM plugins p
-             LEFT JOIN plugin_environments e ON e.plugin_id = p.id AND e.environment = $2
+             LEFT JOIN plugin_environments e
+               ON e.plugin_id = p.id AND e.tenant_id = p.tenant_id AND e.environment = $2
             WHERE p.id = $1""",
         plugin,
         environment,
@@ -487,7 +489,7 @@ async def open_counts(conn: asyncpg.Connection) -> list[OpenCount]:
     rows = await conn.fetch(
         """SELECT v.tenant_id, p.name AS plugin, v.environment, v.severity,
                   count(DISTINCT (v.vulnerability_id, v.package_name)) AS count
-             FROM plugin_vulnerabilities v JOIN plugins p ON p.id = v.plugin_id
+             FROM plugin_vulnerabilities v JOIN plugins p ON p.id = v.plugin_id AND p.tenant_id = v.tenant_id
             WHERE v.status = ANY($1::text[])
             GROUP BY 1, 2, 3, 4 ORDER BY 1, 2, 3, 4""",
         [str(s) for s in ACTIVE_STATUSES],

@@ -25,7 +25,7 @@ from pathlib import Path
 import psycopg
 from psycopg import sql
 
-from tests.dbutil import with_database
+from tests.dbutil import drop_on_server, with_database
 from tests.pg_cluster import SUPERUSER, Cluster
 
 CITUS_BIN_ENV = "PLUGINMON_TEST_CITUS_BIN"
@@ -126,10 +126,7 @@ class CitusCluster:
 
     def drop_database(self, name: str) -> None:
         for node in self.nodes:
-            with psycopg.connect(self.url(node=node), autocommit=True) as conn:
-                conn.execute(
-                    sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-                )
+            drop_on_server(self.url(node=node), name)
 
     @contextmanager
     def database(self, *, prefix: str = "citus") -> Iterator[str]:

@@ -420,10 +420,15 @@ async def test_api_requests_read_and_write_their_own_tenant_on_citus(citus_db: s
 def test_cli_commands_enter_the_tenant_on_citus(citus_db: str) -> None:
     mine, theirs = tenant_name(), tenant_name()
     env = {"PLUGINMON_DATABASE_URL": citus_db}
-    asyncio.run(create_plugins(citus_db, tenant=mine, count=1))
+    asyncio.run(create_plugins(citus_db, tenant=mine, count=2))
     with psycopg.connect(citus_db) as conn:
         conn.execute("INSERT INTO tenants (id, name) VALUES (%s, %s)", (theirs, theirs))
-        plugin = str(_one(conn, "SELECT name FROM plugins WHERE tenant_id = %s", mine))
+        plugin, other = (
+            str(row[0])
+            for row in conn.execute(
+                "SELECT name FROM plugins WHERE tenant_id = %s ORDER BY name", (mine,)
+            ).fetchall()
+        )
     # The plugin is looked up under row-level security on the workers: found for its tenant
     # (no values set yet), not found for another one.
     listed = run_cli("config", "list", "--tenant", mine, plugin, "--json", env=env)
@@ -432,6 +437,18 @@ def test_cli_commands_enter_the_tenant_on_citus(citus_db: str) -> None:
     elsewhere = run_cli("config", "list", "--tenant", theirs, plugin, "--json", env=env)
     assert elsewhere.returncode == 1
     assert f"no plugin named {plugin!r}" in elsewhere.stderr
+    # Writes lock the plugin row (FOR UPDATE): routed to its shard group by the tenant.
+    declared = run_cli("deps", "set", "--tenant", mine, plugin, other, "^1.0.0", env=env)
+    assert declared.returncode == 0, declared.stderr
+    deps = run_cli("deps", "list", "--tenant", mine, plugin, "--json", env=env)
+    assert deps.returncode == 0, deps.stderr
+    assert [(d["dependency"], d["version_range"]) for d in json.loads(deps.stdout)] == [
+        (other, "^1.0.0")
+    ]
+    configured = run_cli("config", "set", "--tenant", mine, plugin, "retries", "42", env=env)
+    assert configured.returncode == 0, configured.stderr
+    values = run_cli("config", "list", "--tenant", mine, plugin, "--json", env=env)
+    assert [(v["key"], v["value"]) for v in json.loads(values.stdout)] == [("retries", 42)]
 
 
 # Every INSERT ... ON CONFLICT target in registry/ and storage/ that names a tenant table's key
