@@ -52,6 +52,7 @@ from pluginmon.registry.operations import Operation
 from pluginmon.registry.tokens import Principal, Role
 from pluginmon.storage.errors import TRANSIENT_ERRORS
 from pluginmon.storage.pool import mark_session_untouched
+from pluginmon.storage.queries import TenantScope, detect_tenant_scope
 
 logger = logging.getLogger(__name__)
 
@@ -272,9 +273,12 @@ def request_id(request: web.Request) -> str:
 _UNAUTHORIZED_HEADERS = {"WWW-Authenticate": 'Bearer realm="pluginmon"'}
 
 
-async def authenticate(conn: asyncpg.Connection, request: web.Request) -> Principal:
+async def authenticate(
+    conn: asyncpg.Connection, request: web.Request, scope: TenantScope
+) -> Principal:
     """The request's token; the transaction then runs as the API role with the tenant set
-    (the operator's tenant header is checked afterwards, in :func:`tenant_of`)."""
+    the way ``scope`` says (the operator's tenant header is checked afterwards, in
+    :func:`tenant_of`)."""
     header = request.headers.get("Authorization")
     if not header:
         raise ApiError(
@@ -297,6 +301,7 @@ async def authenticate(conn: asyncpg.Connection, request: web.Request) -> Princi
         value.strip(),
         enter_role=API_DATABASE_ROLE,
         operator_tenant=named if named and tokens.TENANT_SLUG_RE.fullmatch(named) else None,
+        scope=scope,
     )
     if principal is None:
         raise ApiError(
@@ -350,6 +355,14 @@ class Dispatcher:
         self._clock = clock
         self._max_body_bytes = max_body_bytes
         self._metrics = metrics
+        # How requests enter their tenant: asked of the database once per pool (the backend
+        # of a database never changes, see storage.migrate).
+        self._scope: tuple[asyncpg.Pool, TenantScope] | None = None
+
+    async def _tenant_scope(self, pool: asyncpg.Pool, conn: asyncpg.Connection) -> TenantScope:
+        if self._scope is None or self._scope[0] is not pool:
+            self._scope = (pool, await detect_tenant_scope(conn))
+        return self._scope[1]
 
     def handler(self, route: Route) -> PlainHandler:
         template = API_PREFIX + route.path
@@ -427,7 +440,7 @@ class Dispatcher:
             raise ApiError(503, "database_unavailable", "the database is not ready yet; retry")
         async with pool.acquire() as conn:
             async with conn.transaction():
-                call = await self._handle(route, request, rid, conn, raw)
+                call = await self._handle(route, request, rid, conn, raw, pool)
                 answer = await route.handler(call)
             # Everything above ran in that one transaction with transaction-local settings
             # only (Call's rule for handlers): nothing for the pool's reset to undo.
@@ -440,10 +453,16 @@ class Dispatcher:
         return call, model
 
     async def _handle(
-        self, route: Route, request: web.Request, rid: str, conn: asyncpg.Connection, raw: bytes
+        self,
+        route: Route,
+        request: web.Request,
+        rid: str,
+        conn: asyncpg.Connection,
+        raw: bytes,
+        pool: asyncpg.Pool,
     ) -> Call:
         """The request's checks inside its transaction, up to the handler's Call."""
-        principal = await authenticate(conn, request)
+        principal = await authenticate(conn, request, await self._tenant_scope(pool, conn))
         if not principal.role.allows(route.role):
             raise ApiError(
                 403,
@@ -491,7 +510,7 @@ class Dispatcher:
         async with pool.acquire() as conn:
             async with conn.transaction():
                 # The token may have been revoked (or the tenant changed) while the work ran.
-                principal = await authenticate(conn, request)
+                principal = await authenticate(conn, request, await self._tenant_scope(pool, conn))
                 if not principal.role.allows(route.role) or tenant_of(principal, request) != (
                     call.tenant_id
                 ):

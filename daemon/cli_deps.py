@@ -111,6 +111,7 @@ async def _run(url: str, args: argparse.Namespace) -> int:
 
     from pluginmon.registry import dependencies
     from pluginmon.registry.actor import cli_actor
+    from pluginmon.storage.queries import detect_tenant_scope
 
     conn = await asyncpg.connect(url, timeout=10)
     try:
@@ -118,11 +119,8 @@ async def _run(url: str, args: argparse.Namespace) -> int:
             tenant: str | None = args.tenant
             if tenant is not None:
                 # As a request does: the API's role, under row-level security for the tenant.
-                await conn.execute(
-                    "SELECT set_config('pluginmon.tenant_id', $1, true), "
-                    "set_config('role', 'pluginmon_api', true)",
-                    tenant,
-                )
+                scope = await detect_tenant_scope(conn)
+                await scope.enter(conn, tenant, role="pluginmon_api")
             command = args.deps_command
             if command == "set":
                 assert tenant is not None

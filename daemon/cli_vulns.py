@@ -144,12 +144,9 @@ async def _with_connection(
 async def _as_tenant(conn: asyncpg.Connection, tenant: str) -> None:
     """Inside the caller's transaction: row-level security for ``tenant`` from here on."""
     from pluginmon.daemon.api_http import API_DATABASE_ROLE
+    from pluginmon.storage.queries import detect_tenant_scope
 
-    await conn.execute(
-        "SELECT set_config('role', $1, true), set_config('pluginmon.tenant_id', $2, true)",
-        API_DATABASE_ROLE,
-        tenant,
-    )
+    await (await detect_tenant_scope(conn)).enter(conn, tenant, role=API_DATABASE_ROLE)
 
 
 def _read_json(path: Path) -> Any:

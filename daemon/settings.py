@@ -244,7 +244,7 @@ class Settings(BaseSettings):
 
     # -- database ----------------------------------------------------------------------------
     database_url: SecretStr | None = None  # unset = the embedded server under data_dir
-    backend: Literal["auto", "postgres", "timescaledb"] = "auto"
+    backend: Literal["auto", "postgres", "timescaledb", "citus"] = "auto"
     data_dir: Annotated[PathSetting, AfterValidator(_data_dir)] = Field(
         default_factory=default_data_dir
     )

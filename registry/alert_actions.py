@@ -65,7 +65,7 @@ _ALERT_SELECT = """
 SELECT a.id, a.fingerprint, a.rule_name, p.name AS plugin, a.environment, a.severity, a.status,
        a.value, a.labels::text AS labels, a.annotations::text AS annotations, a.started_at,
        a.fired_at, a.resolved_at, a.acknowledged_at, a.acknowledged_by, a.silenced_until
-  FROM plugin_alerts a JOIN plugins p ON p.id = a.plugin_id
+  FROM plugin_alerts a JOIN plugins p ON p.id = a.plugin_id AND p.tenant_id = a.tenant_id
 """
 
 

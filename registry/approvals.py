@@ -87,7 +87,7 @@ SELECT a.id, a.tenant_id, a.operation_id, p.name AS plugin, a.environment, a.req
                      'decided_at', d.decided_at) ORDER BY d.id)
                    FROM plugin_approval_decisions d WHERE d.approval_id = a.id), '[]')::text
            AS decisions
-  FROM plugin_approvals a JOIN plugins p ON p.id = a.plugin_id
+  FROM plugin_approvals a JOIN plugins p ON p.id = a.plugin_id AND p.tenant_id = a.tenant_id
 """
 
 

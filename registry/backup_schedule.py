@@ -101,7 +101,7 @@ async def expire_due(
                       b.provider, b.location, b.status,
                       EXISTS (SELECT 1 FROM plugin_restore_points r WHERE r.backup_id = b.id)
                           AS referenced
-                 FROM plugin_backups b JOIN plugins p ON p.id = b.plugin_id
+                 FROM plugin_backups b JOIN plugins p ON p.id = b.plugin_id AND p.tenant_id = b.tenant_id
                 WHERE b.expires_at <= $1
                 ORDER BY b.id
                 FOR UPDATE OF b""",
@@ -175,7 +175,7 @@ async def last_verified(conn: asyncpg.Connection) -> list[LastVerified]:
         """SELECT b.tenant_id, p.name AS plugin, b.environment, max(b.verified_at) AS verified_at,
                   count(*) FILTER (WHERE b.last_verification_status = 'failed'
                                      AND b.status = 'completed') AS failed
-             FROM plugin_backups b JOIN plugins p ON p.id = b.plugin_id
+             FROM plugin_backups b JOIN plugins p ON p.id = b.plugin_id AND p.tenant_id = b.tenant_id
             GROUP BY b.tenant_id, p.name, b.environment
             ORDER BY 1, 2, 3"""
     )

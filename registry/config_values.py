@@ -26,6 +26,7 @@ from pluginmon.registry.actor import Actor
 from pluginmon.registry.config_validation import json_path, validate_value
 from pluginmon.registry.errors import ConflictError, InvalidError, NotFoundError
 from pluginmon.registry.plugins import Plugin, check_environment, check_name, get_plugin
+from pluginmon.storage.queries import detect_tenant_scope
 
 MASK: Final = "***"
 KEY_RE: Final = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
@@ -293,7 +294,7 @@ async def set_values(
         raise InvalidError("no config values given", field="items")
     for key in values:
         check_key(key)
-    plugin = await get_plugin(conn, plugin_name, for_update=True)
+    plugin = await get_plugin(conn, plugin_name, for_update=True, tenant_id=tenant_id)
     prepared: list[tuple[str, Any, bool]] = []
     for key, (value, secret) in sorted(values.items()):
         validate_value(plugin.config_schema, key, value, secret=secret)
@@ -420,8 +421,4 @@ async def enter_tenant(conn: asyncpg.Connection, tenant_id: str, *, role: str) -
     exists = await conn.fetchval("SELECT EXISTS (SELECT 1 FROM tenants WHERE id = $1)", tenant_id)
     if not exists:
         raise NotFoundError(f"no tenant {tenant_id!r}", field="tenant")
-    await conn.execute(
-        "SELECT set_config('role', $1, true), set_config('pluginmon.tenant_id', $2, true)",
-        role,
-        tenant_id,
-    )
+    await (await detect_tenant_scope(conn)).enter(conn, tenant_id, role=role)

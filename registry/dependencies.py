@@ -15,7 +15,7 @@ edge's dependency is named in it (added when an edge is declared, repaired by ma
 and removing the last edge to a plugin removes the name. Names of plugins that are not
 registered (a catalogue entry may name them before they exist) stay, as they were written.
 
-A little over 500 lines: its eight SQL statements are written out beside the code that runs
+Over 500 lines on purpose: its eight SQL statements are written out beside the code that runs
 them; the pure evaluation lives in registry.dependency_graph.
 """
 
@@ -106,7 +106,7 @@ async def set_dependency(
         raise InvalidError(f"kind must be one of {', '.join(KINDS)}", field="kind")
     if plugin_name == dependency_name:
         raise InvalidError("a plugin cannot depend on itself", field="dependency")
-    plugin = await plugins.get_plugin(conn, plugin_name, for_update=True)
+    plugin = await plugins.get_plugin(conn, plugin_name, for_update=True, tenant_id=tenant_id)
     target = await conn.fetchval("SELECT id FROM plugins WHERE name = $1", dependency_name)
     if target is None:
         raise NotFoundError(f"no plugin named {dependency_name!r}", field="dependency")
@@ -127,7 +127,7 @@ async def set_dependency(
         """INSERT INTO plugin_dependencies (tenant_id, plugin_id, depends_on_plugin_id,
                                             version_range, kind, created_at, updated_at)
            VALUES ($1, $2, $3, $4, $5, $6, $6)
-           ON CONFLICT (plugin_id, depends_on_plugin_id, kind) DO UPDATE
+           ON CONFLICT (tenant_id, plugin_id, depends_on_plugin_id, kind) DO UPDATE
               SET version_range = EXCLUDED.version_range, updated_at = EXCLUDED.updated_at""",
         tenant_id,
         plugin.id,
@@ -179,10 +179,11 @@ async def remove_dependency(
     now: datetime,
 ) -> None:
     """Remove the edge (either kind) and the name from ``plugins.dependencies``; audited."""
-    plugin = await plugins.get_plugin(conn, plugin_name, for_update=True)
+    plugin = await plugins.get_plugin(conn, plugin_name, for_update=True, tenant_id=tenant_id)
     removed = await conn.fetch(
         """DELETE FROM plugin_dependencies x USING plugins d
-            WHERE x.plugin_id = $1 AND d.id = x.depends_on_plugin_id AND d.name = $2
+            WHERE x.plugin_id = $1 AND d.id = x.depends_on_plugin_id AND d.tenant_id = x.tenant_id
+              AND d.name = $2
            RETURNING x.version_range, x.kind""",
         plugin.id,
         dependency_name,
@@ -221,9 +222,10 @@ SELECT p.name AS plugin, d.name AS dependency, x.version_range, x.kind,
        s.satisfied, s.conflict, s.reason, s.problem, s.installed_version, s.changed_at,
        $2::text AS environment
   FROM plugin_dependencies x
-  JOIN plugins p ON p.id = x.plugin_id
-  JOIN plugins d ON d.id = x.depends_on_plugin_id
-  LEFT JOIN plugin_dependency_states s ON s.dependency_id = x.id AND s.environment = $2
+  JOIN plugins p ON p.id = x.plugin_id AND p.tenant_id = x.tenant_id
+  JOIN plugins d ON d.id = x.depends_on_plugin_id AND d.tenant_id = x.tenant_id
+  LEFT JOIN plugin_dependency_states s
+         ON s.dependency_id = x.id AND s.tenant_id = x.tenant_id AND s.environment = $2
 """
 
 
@@ -270,9 +272,9 @@ async def list_problems(
                   s.satisfied, s.conflict, s.reason, s.problem, s.installed_version,
                   s.changed_at, s.environment
              FROM plugin_dependency_states s
-             JOIN plugin_dependencies x ON x.id = s.dependency_id
-             JOIN plugins p ON p.id = x.plugin_id
-             JOIN plugins d ON d.id = x.depends_on_plugin_id
+             JOIN plugin_dependencies x ON x.id = s.dependency_id AND x.tenant_id = s.tenant_id
+             JOIN plugins p ON p.id = x.plugin_id AND p.tenant_id = x.tenant_id
+             JOIN plugins d ON d.id = x.depends_on_plugin_id AND d.tenant_id = x.tenant_id
             WHERE NOT s.satisfied
               AND ($1::text IS NULL OR s.environment = $1)
               AND ($2::text IS NULL OR s.tenant_id = $2)
@@ -294,21 +296,22 @@ _EDGES_SQL = """
 SELECT x.tenant_id, x.id, p.name AS dependent, d.name AS dependency, x.version_range, x.kind,
        x.satisfied, x.conflict, x.conflict_reason, x.resolved_version, x.in_cycle
   FROM plugin_dependencies x
-  JOIN plugins p ON p.id = x.plugin_id
-  JOIN plugins d ON d.id = x.depends_on_plugin_id
+  JOIN plugins p ON p.id = x.plugin_id AND p.tenant_id = x.tenant_id
+  JOIN plugins d ON d.id = x.depends_on_plugin_id AND d.tenant_id = x.tenant_id
  WHERE ($1::text IS NULL OR x.tenant_id = $1)
 """
 
 # Per environment where there is a row; a plugin without any, in its catalogue environment.
 _DEPLOYMENTS_SQL = """
 SELECT p.tenant_id, p.id, p.name, e.environment, e.version, e.status, e.enabled
-  FROM plugins p JOIN plugin_environments e ON e.plugin_id = p.id
+  FROM plugins p JOIN plugin_environments e ON e.plugin_id = p.id AND e.tenant_id = p.tenant_id
  WHERE ($1::text IS NULL OR p.tenant_id = $1)
 UNION ALL
 SELECT p.tenant_id, p.id, p.name, p.environment, p.version, p.status, p.enabled
   FROM plugins p
  WHERE ($1::text IS NULL OR p.tenant_id = $1)
-   AND NOT EXISTS (SELECT 1 FROM plugin_environments e WHERE e.plugin_id = p.id)
+   AND NOT EXISTS (SELECT 1 FROM plugin_environments e
+                     WHERE e.plugin_id = p.id AND e.tenant_id = p.tenant_id)
 """
 
 _STATES_SQL = """
@@ -324,7 +327,7 @@ INSERT INTO plugin_dependency_states (dependency_id, tenant_id, environment, sat
                                       problem, reason, installed_version, changed_at)
 SELECT n.*, $9 FROM unnest($1::bigint[], $2::text[], $3::text[], $4::boolean[], $5::boolean[],
                            $6::text[], $7::text[], $8::text[]) AS n
-ON CONFLICT (dependency_id, environment) DO UPDATE
+ON CONFLICT (tenant_id, dependency_id, environment) DO UPDATE
    SET satisfied = EXCLUDED.satisfied, conflict = EXCLUDED.conflict, problem = EXCLUDED.problem,
        reason = EXCLUDED.reason, installed_version = EXCLUDED.installed_version,
        changed_at = EXCLUDED.changed_at
@@ -350,11 +353,12 @@ _NAMES_SQL = """
 UPDATE plugins p
    SET dependencies = (SELECT array_agg(DISTINCT n ORDER BY n) FROM unnest(p.dependencies || e.names) n),
        updated_at = $2
-  FROM (SELECT x.plugin_id, array_agg(d.name) AS names
-          FROM plugin_dependencies x JOIN plugins d ON d.id = x.depends_on_plugin_id
+  FROM (SELECT x.tenant_id, x.plugin_id, array_agg(d.name) AS names
+          FROM plugin_dependencies x
+          JOIN plugins d ON d.id = x.depends_on_plugin_id AND d.tenant_id = x.tenant_id
          WHERE ($1::text IS NULL OR x.tenant_id = $1)
-         GROUP BY x.plugin_id) e
- WHERE p.id = e.plugin_id AND NOT (e.names <@ p.dependencies)
+         GROUP BY x.tenant_id, x.plugin_id) e
+ WHERE p.id = e.plugin_id AND p.tenant_id = e.tenant_id AND NOT (e.names <@ p.dependencies)
 RETURNING p.tenant_id, p.id, p.name, p.dependencies
 """
 

@@ -80,7 +80,7 @@ SELECT o.id, o.tenant_id, o.plugin_id, p.name AS plugin, o.operation_type, o.env
        o.deadline_at, o.not_before, o.error, o.status_reason, o.details::text AS details,
        o.created_at, o.updated_at,
        (SELECT a.id FROM plugin_approvals a WHERE a.operation_id = o.id) AS approval_id
-  FROM plugin_operations o JOIN plugins p ON p.id = o.plugin_id
+  FROM plugin_operations o JOIN plugins p ON p.id = o.plugin_id AND p.tenant_id = o.tenant_id
 """
 
 

@@ -174,9 +174,17 @@ SELECT p.id, p.name, p.version, p.description, p.installed_from::text AS install
                      'last_health_check', e.last_health_check, 'cpu_usage', e.cpu_usage,
                      'memory_usage', e.memory_usage, 'updated_at', e.updated_at)
                      ORDER BY e.environment)
-                   FROM plugin_environments e WHERE e.plugin_id = p.id), '[]')::text AS environments
+                   FROM plugin_environments e
+                  WHERE e.plugin_id = p.id AND e.tenant_id = p.tenant_id), '[]')::text
+         AS environments
   FROM plugins p
 """
+
+
+# The same with the tenant as $2 in the subquery too: Citus routes a locking query to one
+# shard group only when every distributed table in it is filtered by the tenant itself.
+_SELECT_OF_TENANT = _SELECT.replace("e.tenant_id = p.tenant_id", "e.tenant_id = $2")
+assert _SELECT_OF_TENANT != _SELECT
 
 
 def _ts(value: str | None) -> datetime | None:
@@ -224,10 +232,24 @@ def _plugin(row: asyncpg.Record) -> Plugin:
     )
 
 
-async def get_plugin(conn: asyncpg.Connection, name: str, *, for_update: bool = False) -> Plugin:
-    row = await conn.fetchrow(
-        _SELECT + " WHERE p.name = $1" + (" FOR UPDATE OF p" if for_update else ""), name
-    )
+async def get_plugin(
+    conn: asyncpg.Connection, name: str, *, for_update: bool = False, tenant_id: str | None = None
+) -> Plugin:
+    """The plugin ``name`` of the transaction's tenant. ``tenant_id`` (that same tenant) adds
+    an explicit filter: row-level security gives the same rows, but Citus locks rows
+    (``for_update``) only in a query it can route to one shard group by it."""
+    if tenant_id is None:
+        row = await conn.fetchrow(
+            _SELECT + " WHERE p.name = $1" + (" FOR UPDATE OF p" if for_update else ""), name
+        )
+    else:
+        row = await conn.fetchrow(
+            _SELECT_OF_TENANT
+            + " WHERE p.name = $1 AND p.tenant_id = $2"
+            + (" FOR UPDATE OF p" if for_update else ""),
+            name,
+            tenant_id,
+        )
     if row is None:
         raise NotFoundError(f"no plugin named {name!r}", field="name")
     return _plugin(row)
@@ -351,7 +373,7 @@ async def update_plugin(
         if required in changes and changes[required] is None:
             raise InvalidError(f"{required} cannot be null", field=required)
     _check_values(changes)
-    before = await get_plugin(conn, name, for_update=True)
+    before = await get_plugin(conn, name, for_update=True, tenant_id=tenant_id)
     if not changes:
         return before
     merged = {**before.snapshot(), **changes}
@@ -415,7 +437,7 @@ async def upsert_environment(
         """INSERT INTO plugin_environments (tenant_id, plugin_id, environment, version, status,
                                             enabled, created_at, updated_at)
            VALUES ($1, $2, $3, $4, coalesce($5, 'installed'), coalesce($6, true), $7, $7)
-           ON CONFLICT (plugin_id, environment) DO UPDATE
+           ON CONFLICT (tenant_id, plugin_id, environment) DO UPDATE
               SET version = CASE WHEN $8 THEN EXCLUDED.version ELSE plugin_environments.version END,
                   status = coalesce($5, plugin_environments.status),
                   enabled = coalesce($6, plugin_environments.enabled),
@@ -452,7 +474,7 @@ async def set_environment(
     changes: Mapping[str, Any],
 ) -> EnvironmentState:
     """PUT one environment's state of a plugin (version, status, enabled); audited."""
-    plugin = await get_plugin(conn, name, for_update=True)
+    plugin = await get_plugin(conn, name, for_update=True, tenant_id=tenant_id)
     before, after = await upsert_environment(
         conn, plugin, environment, tenant_id=tenant_id, now=now, changes=changes
     )

@@ -81,7 +81,7 @@ async def put_sbom(
         """INSERT INTO plugin_sboms (tenant_id, plugin_id, environment, document, sha256,
                components, component_count, subject_version, uploaded_at, uploaded_by)
            VALUES ($1, $2, $3, $4::jsonb, $5, $6::jsonb, $7, $8, $9, $10)
-           ON CONFLICT (plugin_id, environment) DO UPDATE
+           ON CONFLICT (tenant_id, plugin_id, environment) DO UPDATE
               SET document = EXCLUDED.document, sha256 = EXCLUDED.sha256,
                   components = EXCLUDED.components, component_count = EXCLUDED.component_count,
                   subject_version = EXCLUDED.subject_version,
@@ -168,9 +168,10 @@ async def scan_sboms(
     rows = await conn.fetch(
         """SELECT s.id, s.tenant_id, s.plugin_id, p.name, s.environment, s.components,
                   coalesce(s.subject_version, e.version, p.version, '') AS plugin_version
-             FROM plugin_sboms s JOIN plugins p ON p.id = s.plugin_id
+             FROM plugin_sboms s JOIN plugins p ON p.id = s.plugin_id AND p.tenant_id = s.tenant_id
              LEFT JOIN plugin_environments e
-               ON e.plugin_id = s.plugin_id AND e.environment = s.environment
+               ON e.plugin_id = s.plugin_id AND e.tenant_id = s.tenant_id
+                AND e.environment = s.environment
             WHERE ($1::bigint IS NULL OR s.plugin_id = $1)
               AND ($2 OR s.scanned_db_digest IS DISTINCT FROM $3)
             ORDER BY s.id

@@ -70,7 +70,7 @@ async def rewrap_batch(
         rows = await conn.fetch(
             """SELECT c.id, c.tenant_id, p.name AS plugin, c.environment, c.key,
                       c.secret_ciphertext, c.secret_key_id
-                 FROM plugin_config c JOIN plugins p ON p.id = c.plugin_id
+                 FROM plugin_config c JOIN plugins p ON p.id = c.plugin_id AND p.tenant_id = c.tenant_id
                 WHERE c.is_secret AND c.secret_key_id <> $1
                 ORDER BY c.id
                 LIMIT $2

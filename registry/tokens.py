@@ -24,6 +24,7 @@ import asyncpg
 from pluginmon.registry import audit
 from pluginmon.registry.actor import Actor
 from pluginmon.registry.errors import ConflictError, InvalidError, NotFoundError
+from pluginmon.storage.queries import PLAIN_SCOPE, TenantScope
 
 TOKEN_PREFIX = "pmt_"  # noqa: S105 - the visible prefix, not a secret
 SECRET_BYTES = 32
@@ -144,13 +145,16 @@ async def authenticate(
     *,
     enter_role: str | None = None,
     operator_tenant: str | None = None,
+    scope: TenantScope = PLAIN_SCOPE,
 ) -> Principal | None:
     """The live token ``text`` stands for, or None (malformed, unknown, wrong, revoked).
 
     With ``enter_role``, the same statement also switches the transaction to that role and
     sets ``pluginmon.tenant_id`` to the token's tenant (``operator_tenant`` for an operator
     token), saving a round trip per request. The caller must roll back when the result is
-    None or not allowed in: the switch happened whatever the token was.
+    None or not allowed in: the switch happened whatever the token was. ``scope`` is the
+    database's (:func:`pluginmon.storage.queries.detect_tenant_scope`): on Citus an entered
+    tenant is then also sent to the workers, one more statement for a live token.
     """
     token = parse(text)
     if token is None:
@@ -178,6 +182,8 @@ async def authenticate(
     matches = hmac.compare_digest(digest(token.secret), stored)
     if row is None or not matches or row["revoked_at"] is not None:
         return None
+    if enter_role is not None:
+        await scope.propagate(conn, row["entered_tenant"] or None)
     return Principal(
         token_id=row["id"], name=row["name"], tenant_id=row["tenant_id"], role=Role(row["role"])
     )

@@ -51,7 +51,7 @@ WITH latest AS (
       LEFT JOIN health h ON h.plugin_id = e.plugin_id AND h.environment = e.environment
      -- the table's CHECK: environments named in a way the API cannot address are left out
      WHERE e.environment ~ '^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$'
-    ON CONFLICT (plugin_id, environment) DO UPDATE
+    ON CONFLICT (tenant_id, plugin_id, environment) DO UPDATE
        SET cpu_usage = EXCLUDED.cpu_usage,
            memory_usage = EXCLUDED.memory_usage,
            health_score = coalesce(EXCLUDED.health_score, plugin_environments.health_score),

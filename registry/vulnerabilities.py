@@ -95,7 +95,7 @@ SELECT v.id, p.name AS plugin, v.environment, v.vulnerability_id, v.aliases, v.p
        v.title, v.affected_range, v.fixed_version, v.scanner,
        v.detected_at, v.last_seen_at, v.resolved_at, v.accepted_reason, v.accepted_by,
        v.accepted_until, v.suppression
-  FROM plugin_vulnerabilities v JOIN plugins p ON p.id = v.plugin_id
+  FROM plugin_vulnerabilities v JOIN plugins p ON p.id = v.plugin_id AND p.tenant_id = v.tenant_id
 """
 
 
@@ -248,7 +248,7 @@ async def open_counts(conn: asyncpg.Connection) -> list[OpenCount]:
     rows = await conn.fetch(
         """SELECT v.tenant_id, p.name AS plugin, v.environment, v.severity,
                   count(DISTINCT (v.vulnerability_id, v.package_name)) AS count
-             FROM plugin_vulnerabilities v JOIN plugins p ON p.id = v.plugin_id
+             FROM plugin_vulnerabilities v JOIN plugins p ON p.id = v.plugin_id AND p.tenant_id = v.tenant_id
             WHERE v.status = ANY($1::text[])
             GROUP BY 1, 2, 3, 4 ORDER BY 1, 2, 3, 4""",
         [str(s) for s in ACTIVE_STATUSES],

@@ -94,8 +94,9 @@ async def runtime_dependencies(conn: Connection) -> dict[tuple[str, str], tuple[
     rows = await conn.fetch(
         """SELECT p.tenant_id, p.name, array_agg(d.name ORDER BY d.name) AS deps
              FROM plugin_dependencies x
-             JOIN plugins p ON p.id = x.plugin_id
-             JOIN plugins d ON d.id = x.depends_on_plugin_id
+             -- (with tenant_id: the same rows, and on Citus joins inside a shard group)
+             JOIN plugins p ON p.id = x.plugin_id AND p.tenant_id = x.tenant_id
+             JOIN plugins d ON d.id = x.depends_on_plugin_id AND d.tenant_id = x.tenant_id
             WHERE x.kind = 'runtime' AND NOT x.in_cycle
             GROUP BY p.tenant_id, p.name""",
         timeout=QUERY_TIMEOUT_SECONDS,

@@ -296,7 +296,7 @@ async def replay_journal(
     in that daemon's data directory. An entry without a plugin id gets it now (by name).
 
     Alert rows are upserted per instance (:func:`replay_alert`), outbox rows are inserted
-    with ``ON CONFLICT (idempotency_key) DO NOTHING``, so a notification that was already
+    with ``ON CONFLICT (tenant_id, idempotency_key) DO NOTHING``, so a notification that was already
     written (or delivered) is not queued twice; one the journal has a delivery mark for is
     written with that outcome (delivered: its key in alert_notifications_sent, so it is
     never POSTed again). Entries the database refuses for good are dropped one by one

@@ -156,7 +156,7 @@ INSERT INTO plugin_alerts AS plugin_alerts (
     last_active_at, last_evaluated_at, notified_at, updated_at, instance)
 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10::jsonb, $11::jsonb, $12, $13, $14, $15, $16,
         $17, $18, $17, $19)
-ON CONFLICT (fingerprint) WHERE status <> 'resolved' DO UPDATE SET
+ON CONFLICT (tenant_id, fingerprint) WHERE status <> 'resolved' DO UPDATE SET
     instance = $19,
     status = CASE WHEN $7 = 'firing' AND plugin_alerts.acknowledged_at IS NOT NULL
                   THEN 'acknowledged' ELSE $7 END, inhibited = $8, value = $9, annotations = $11::jsonb,

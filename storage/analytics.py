@@ -186,7 +186,7 @@ SELECT m.tenant_id, m.plugin_id, m.environment, 'day', %(day)s, m.sample_count,
   FROM merged m
  -- Samples of a plugin deleted since have nowhere to go (the foreign key).
  WHERE EXISTS (SELECT 1 FROM plugins p WHERE p.id = m.plugin_id AND p.tenant_id = m.tenant_id)
-ON CONFLICT (plugin_id, environment, period, period_start) DO UPDATE SET
+ON CONFLICT (tenant_id, plugin_id, environment, period, period_start) DO UPDATE SET
     sample_count = EXCLUDED.sample_count,
     observed_seconds = EXCLUDED.observed_seconds,
     up_seconds = EXCLUDED.up_seconds,

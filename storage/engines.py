@@ -1,7 +1,8 @@
 """Engine selection: the maintenance and start-up work of whichever backend a database has.
 
-``backend`` holds what both engines share; ``partitions`` (PostgreSQL) and ``timescale``
-(TimescaleDB) each implement it; this module is the one place that knows both.
+``backend`` holds what the engines share; ``partitions`` (PostgreSQL), ``timescale``
+(TimescaleDB) and ``citus`` (Citus) each implement it; this module is the one place that knows
+them all.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pluginmon.storage.backend import (
     detect_backend,
     utc_now,
 )
+from pluginmon.storage.citus import CitusMaintenance
 from pluginmon.storage.migrate import (
     DEFAULT_CONNECT_TIMEOUT_SECONDS,
     Backend,
@@ -36,6 +38,8 @@ from pluginmon.storage.timescale import TimescaleMaintenance, apply_policies
 def maintenance_for(backend: Backend, *, clock: Clock = utc_now) -> Maintenance:
     if backend is Backend.TIMESCALEDB:
         return TimescaleMaintenance(clock=clock)
+    if backend is Backend.CITUS:
+        return CitusMaintenance(clock=clock)
     return PostgresMaintenance(clock=clock)
 
 

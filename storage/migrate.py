@@ -1,7 +1,12 @@
 """Migrations runner (admin plane, psycopg): sql/NNN_name[.backend].sql applied in order, once each.
 
-Also the one place that decides which backend a database gets (``choose_backend``): TimescaleDB
-only when the server offers it, preloads it and its version is one the migrations run on.
+Also the one place that decides which backend a database gets (``choose_backend``): Citus when
+the ``citus`` extension is installed in the database; TimescaleDB only when the server offers
+it, preloads it and its version is one the migrations run on; PostgreSQL otherwise.
+
+The Citus backend runs the PostgreSQL files (a Citus coordinator is a PostgreSQL server whose
+tables are plain until distributed) unless a version has its own ``NNN_name.citus.sql``;
+its own migrations (100-119) then distribute the tables.
 """
 
 from __future__ import annotations
@@ -31,13 +36,14 @@ DEFAULT_CONNECT_TIMEOUT_SECONDS = 10.0
 MIGRATION_LOCK_KEY = 0x706C_6D69_6772  # "plmigr"
 
 _FILE_RE = re.compile(
-    r"^(?P<version>\d{3})_(?P<name>[a-z0-9_]+?)(?:\.(?P<backend>postgres|timescaledb))?\.sql$"
+    r"^(?P<version>\d{3})_(?P<name>[a-z0-9_]+?)(?:\.(?P<backend>postgres|timescaledb|citus))?\.sql$"
 )
 
 
 class Backend(StrEnum):
     POSTGRES = "postgres"
     TIMESCALEDB = "timescaledb"
+    CITUS = "citus"
 
 
 class MigrationError(RuntimeError):
@@ -118,8 +124,9 @@ def default_sql_dir() -> Path:
 def discover(sql_dir: Path, backend: Backend) -> list[Migration]:
     """Migrations for ``backend`` in version order.
 
-    A version is either one common file (``001_core.sql``) or a pair of backend variants
-    (``003_timeseries.postgres.sql`` and ``003_timeseries.timescaledb.sql``).
+    A version is either one common file (``001_core.sql``) or backend variants
+    (``003_timeseries.postgres.sql`` and ``003_timeseries.timescaledb.sql``). Citus takes its
+    own variant where there is one and the PostgreSQL variant otherwise.
     """
     by_version: dict[int, dict[str | None, Path]] = {}
     for candidate in sorted(sql_dir.glob("*.sql")):
@@ -127,19 +134,29 @@ def discover(sql_dir: Path, backend: Backend) -> list[Migration]:
         if match is None:
             raise MigrationError(
                 f"{candidate.name}: migration file names must look like NNN_name.sql or "
-                "NNN_name.postgres.sql / NNN_name.timescaledb.sql"
+                "NNN_name.postgres.sql / NNN_name.timescaledb.sql / NNN_name.citus.sql"
             )
         variants = by_version.setdefault(int(match["version"]), {})
         variants[match["backend"]] = candidate
     migrations: list[Migration] = []
     for version in sorted(by_version):
         variants = by_version[version]
-        if None in variants and len(variants) > 1:
+        # A .citus.sql may stand next to a common file (the common file does not run on
+        # Citus); the other backends' variants replace a common file, never stand next to it.
+        others = {name for name in variants if name is not None and name != "citus"}
+        if None in variants and others:
             names = ", ".join(sorted(p.name for p in variants.values()))
             raise MigrationError(
                 f"version {version:03d} has both common and backend files: {names}"
             )
-        path = variants.get(None) or variants.get(backend.value)
+        if backend is Backend.CITUS:
+            path = (
+                variants.get(Backend.CITUS.value)
+                or variants.get(None)
+                or variants.get(Backend.POSTGRES.value)
+            )
+        else:
+            path = variants.get(None) or variants.get(backend.value)
         if path is None:
             raise MigrationError(
                 f"version {version:03d} has no file for backend {backend.value}: "
@@ -164,6 +181,9 @@ def discover(sql_dir: Path, backend: Backend) -> list[Migration]:
 
 # The migrations use create_hypertable(..., by_range(...)), new in TimescaleDB 2.13.
 TIMESCALEDB_MIN_VERSION = (2, 13)
+# Row-level security on distributed tables and COPY through workers: Citus 11.0; the
+# migrations are tested on 12.1.
+CITUS_MIN_VERSION = (11, 0)
 
 PRELOAD_HOW_TO = (
     "add timescaledb to shared_preload_libraries in postgresql.conf "
@@ -173,12 +193,15 @@ PRELOAD_HOW_TO = (
 
 # What any user may read: the extension on offer, the one installed in this database, and
 # whether the loader is in the server (it defines this setting only when preloaded; a
-# placeholder from postgresql.conf without the preload is a string, not an integer).
+# placeholder from postgresql.conf without the preload is a string, not an integer); and the
+# citus extension installed in this database (an operator creates it on every node and adds
+# the workers: pluginmon does not create it).
 OFFER_SQL = """
 SELECT (SELECT default_version FROM pg_available_extensions WHERE name = 'timescaledb'),
        (SELECT extversion FROM pg_extension WHERE extname = 'timescaledb'),
        EXISTS (SELECT 1 FROM pg_settings
-                WHERE name = 'timescaledb.max_background_workers' AND vartype = 'integer')
+                WHERE name = 'timescaledb.max_background_workers' AND vartype = 'integer'),
+       (SELECT extversion FROM pg_extension WHERE extname = 'citus')
 """
 # Readable by superusers and pg_read_all_settings members only (42501 otherwise).
 PRELOAD_SQL = "SHOW shared_preload_libraries"
@@ -193,6 +216,8 @@ class TimescaleOffer:
     loader_loaded: bool = False  # the timescaledb loader's settings exist
     # SHOW shared_preload_libraries, parsed; None when this user may not read it.
     preload_libraries: tuple[str, ...] | None = None
+    # The citus extension's version in this database, None when it is not created there.
+    citus_version: str | None = None
 
     @property
     def preloaded(self) -> bool:
@@ -233,13 +258,28 @@ def version_tuple(version: str) -> tuple[int, ...]:
 def choose_backend(requested: Backend | None, offer: TimescaleOffer) -> BackendChoice:
     """The backend for a database: ``requested`` (None = auto) checked against ``offer``.
 
-    Auto takes TimescaleDB only when the server offers a version the migrations run on and
+    Auto takes Citus when the citus extension is installed in the database (``Backend.CITUS``
+    without it raises ExtensionMissingError). Otherwise auto takes TimescaleDB only when the server offers a version the migrations run on and
     preloads it; otherwise PostgreSQL, with a warning when TimescaleDB is there but unusable.
     ``Backend.TIMESCALEDB`` on a server that cannot run it raises a DatabaseRefusedError
     that names what to change (``shared_preload_libraries``, the version).
     """
     if requested is Backend.POSTGRES:
         return BackendChoice(Backend.POSTGRES)
+    if requested is Backend.CITUS or (requested is None and offer.citus_version is not None):
+        if offer.citus_version is None:
+            raise ExtensionMissingError(
+                'backend = "citus" but the citus extension is not installed in this database: '
+                "CREATE EXTENSION citus on the coordinator and every worker and add the workers "
+                '(citus_add_node), or set backend = "postgres"'
+            )
+        if version_tuple(offer.citus_version) < CITUS_MIN_VERSION:
+            raise ExtensionTooOldError(
+                f"Citus {offer.citus_version} is older than the "
+                f"{'.'.join(map(str, CITUS_MIN_VERSION))} pluginmon needs (row-level security "
+                'and COPY through any node): upgrade Citus, or set backend = "postgres"'
+            )
+        return BackendChoice(Backend.CITUS)
     minimum = ".".join(map(str, TIMESCALEDB_MIN_VERSION))
     problem: DatabaseRefusedError | None = None
     if offer.default_version is None:
@@ -287,7 +327,8 @@ def offer_from(
 ) -> TimescaleOffer:
     """The offer from OFFER_SQL's row and PRELOAD_SQL's (``shown`` False: it was refused)."""
     assert offer_row is not None
-    default_version, installed_version, loader_loaded = offer_row
+    default_version, installed_version, loader_loaded = offer_row[:3]
+    citus_version = offer_row[3] if len(offer_row) > 3 else None
     preload = None
     if shown:
         preload = parse_preload_libraries(str(preload_row[0]) if preload_row else "")
@@ -296,6 +337,7 @@ def offer_from(
         installed_version=None if installed_version is None else str(installed_version),
         loader_loaded=bool(loader_loaded),
         preload_libraries=preload,
+        citus_version=None if citus_version is None else str(citus_version),
     )
 
 
@@ -323,11 +365,20 @@ CREATE TABLE IF NOT EXISTS schema_migrations (
     version     integer PRIMARY KEY,
     name        text        NOT NULL,
     filename    text        NOT NULL,
-    backend     text        NOT NULL CHECK (backend IN ('postgres', 'timescaledb')),
+    backend     text        NOT NULL CHECK (backend IN ('postgres', 'timescaledb', 'citus')),
     checksum    text        NOT NULL CHECK (checksum ~ '^[0-9a-f]{64}$'),
     applied_at  timestamptz NOT NULL DEFAULT now(),
     duration_ms integer     NOT NULL CHECK (duration_ms >= 0)
 )
+"""
+
+
+# A database migrated before Citus existed here has the narrower CHECK.
+_CITUS_CONVERSION_DDL = """
+ALTER TABLE schema_migrations DROP CONSTRAINT IF EXISTS schema_migrations_backend_check;
+ALTER TABLE schema_migrations ADD CONSTRAINT schema_migrations_backend_check
+    CHECK (backend IN ('postgres', 'timescaledb', 'citus'));
+UPDATE schema_migrations SET backend = 'citus' WHERE backend = 'postgres';
 """
 
 
@@ -370,14 +421,23 @@ def _migrate_locked(
         raise MigrationError(f"schema_migrations mixes backends: {sorted(recorded_backends)}")
     if recorded_backends:
         recorded = Backend(recorded_backends.pop())
+        if recorded is Backend.POSTGRES and backend is Backend.CITUS:
+            # A PostgreSQL-backend database restored into a Citus coordinator: every file
+            # applied so far is the one Citus runs too (no .citus.sql below 100), so it
+            # becomes a Citus database and the distribution migrations follow.
+            choose_backend(Backend.CITUS, read_timescale_offer(conn))
+            with conn.transaction():
+                conn.execute(_CITUS_CONVERSION_DDL)
+            recorded = Backend.CITUS
+            logger.warning("database converted from backend postgres to citus")
         if backend is not None and backend != recorded:
             raise MigrationError(
                 f"database was migrated for backend {recorded.value}, not {backend.value}"
             )
         backend = recorded
-        if backend is Backend.TIMESCALEDB:
-            # Migrated for TimescaleDB: only usable while the server still preloads it.
-            choose_backend(Backend.TIMESCALEDB, read_timescale_offer(conn))
+        if backend in (Backend.TIMESCALEDB, Backend.CITUS):
+            # Only usable while the server still preloads TimescaleDB / has citus.
+            choose_backend(backend, read_timescale_offer(conn))
     else:
         backend = detect_backend(conn, backend)
 
@@ -391,11 +451,18 @@ def _migrate_locked(
             f"this database was migrated by a newer pluginmon ({', '.join(newer)} applied; "
             f"this pluginmon knows migrations up to {newest_known:03d}): upgrade pluginmon"
         )
+    # A database converted from the PostgreSQL backend applied that backend's file where
+    # Citus has its own variant.
+    converted_from = (
+        {m.version: m.checksum for m in discover(directory, Backend.POSTGRES)}
+        if backend is Backend.CITUS
+        else {}
+    )
     for version, row in applied.items():
         migration = known.get(version)
         if migration is None:
             raise MigrationError(f"{row[1]}: applied to this database but missing from {directory}")
-        if migration.checksum != row[3]:
+        if migration.checksum != row[3] and converted_from.get(version) != row[3]:
             raise MigrationError(
                 f"{migration.filename}: changed after it was applied "
                 f"(checksum {str(row[3])[:12]} recorded, {migration.checksum[:12]} on disk); "

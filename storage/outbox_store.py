@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
+
+from asyncpg.exceptions import FeatureNotSupportedError
 
 from pluginmon.storage.alert_state import QUERY_TIMEOUT_SECONDS, Connection
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,7 +97,7 @@ async def insert_outbox(conn: Connection, rows: Sequence[OutboxWrite]) -> None:
                receiver_kind, group_key, idempotency_key, body, fingerprints, next_attempt_at,
                created_at, updated_at, instance)
            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $10, $10, $11)
-           ON CONFLICT (idempotency_key) DO NOTHING""",
+           ON CONFLICT (tenant_id, idempotency_key) DO NOTHING""",
         [
             (
                 r.tenant_id,
@@ -120,7 +126,7 @@ INSERT INTO notification_outbox AS o (tenant_id, plugin_id, environment, receive
        next_attempt_at, last_status_code, last_error, created_at, delivered_at, updated_at,
        instance)
 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)
-ON CONFLICT (idempotency_key) DO UPDATE SET
+ON CONFLICT (tenant_id, idempotency_key) DO UPDATE SET
     status = EXCLUDED.status, attempts = GREATEST(o.attempts, EXCLUDED.attempts),
     last_status_code = EXCLUDED.last_status_code, last_error = EXCLUDED.last_error,
     delivered_at = EXCLUDED.delivered_at, updated_at = EXCLUDED.updated_at
@@ -131,7 +137,7 @@ _RECORD_SENT = """
 INSERT INTO alert_notifications_sent (idempotency_key, tenant_id, outbox_id, receiver,
        status_code, attempts, delivered_at)
 SELECT $1, $2, o.id, $3, $4, $5, $6 FROM notification_outbox o WHERE o.idempotency_key = $1
-ON CONFLICT (idempotency_key) DO NOTHING
+ON CONFLICT (tenant_id, idempotency_key) DO NOTHING
 """
 
 
@@ -217,7 +223,10 @@ WITH due AS (
        AND NOT EXISTS (SELECT 1 FROM notification_outbox p
                         WHERE p.status = 'pending' AND p.instance = o.instance
                           AND p.receiver = o.receiver AND p.receiver_kind = o.receiver_kind
-                          AND p.group_key = o.group_key AND p.id < o.id)
+                          AND p.group_key = o.group_key AND p.id < o.id
+                          -- (group keys carry the tenant label: the same rows, and on
+                          -- Citus a join inside one shard group)
+                          AND p.tenant_id = o.tenant_id)
      ORDER BY o.next_attempt_at, o.id
      LIMIT $2
      FOR UPDATE SKIP LOCKED
@@ -233,6 +242,25 @@ RETURNING o.id, o.tenant_id, o.receiver, o.receiver_kind, o.group_key, o.idempot
 """
 
 
+# Citus runs FOR UPDATE only inside one shard group (one tenant): there the claim is made
+# tenant by tenant, the tenants with due rows first read without a lock.
+_CLAIM_ONE_TENANT = _CLAIM.replace(
+    "AND o.instance = $4", "AND o.instance = $4 AND o.tenant_id = $7"
+)
+_DUE_TENANTS = """
+SELECT DISTINCT tenant_id FROM notification_outbox
+ WHERE status = 'pending' AND next_attempt_at <= $1 AND instance = $2
+"""
+
+
+class _ClaimMode:
+    """Whether claims go tenant by tenant: learnt from the database's first refusal (Citus)
+    and kept for the process, whose daemon has one database (per tenant is correct on every
+    backend, only more statements)."""
+
+    per_tenant = False
+
+
 async def claim_due(
     conn: Connection,
     now: datetime,
@@ -246,17 +274,31 @@ async def claim_due(
     """Claim up to ``limit`` due notifications of ``instance`` for the named receivers
     (``FOR UPDATE SKIP LOCKED``: several deliverers of one instance can share its rows) and
     lease them for ``lease_seconds``."""
-    async with conn.transaction():
-        rows = await conn.fetch(
-            _CLAIM,
-            now,
-            limit,
-            lease_seconds,
-            instance,
-            list(webhooks),
-            alertmanager,
-            timeout=QUERY_TIMEOUT_SECONDS,
-        )
+    args = (now, limit, lease_seconds, instance, list(webhooks), alertmanager)
+    rows: list[Any] = []
+    if not _ClaimMode.per_tenant:
+        try:
+            async with conn.transaction():
+                rows = await conn.fetch(_CLAIM, *args, timeout=QUERY_TIMEOUT_SECONDS)
+        except FeatureNotSupportedError:
+            logger.info("the database locks rows of one tenant at a time: claiming per tenant")
+            _ClaimMode.per_tenant = True
+    if _ClaimMode.per_tenant:
+        tenants = await conn.fetch(_DUE_TENANTS, now, instance, timeout=QUERY_TIMEOUT_SECONDS)
+        for tenant in tenants:
+            if len(rows) >= limit:
+                break
+            async with conn.transaction():
+                rows.extend(
+                    await conn.fetch(
+                        _CLAIM_ONE_TENANT,
+                        now,
+                        limit - len(rows),
+                        *args[2:],
+                        tenant["tenant_id"],
+                        timeout=QUERY_TIMEOUT_SECONDS,
+                    )
+                )
     claimed = [
         ClaimedNotification(
             id=r["id"],
@@ -316,7 +358,7 @@ async def record_outcomes(conn: Connection, outcomes: Sequence[DeliveryOutcome])
                 """INSERT INTO alert_notifications_sent (idempotency_key, tenant_id, outbox_id,
                           receiver, status_code, attempts, delivered_at)
                    VALUES ($1, $2, $3, $4, $5, $6, $7)
-                   ON CONFLICT (idempotency_key) DO NOTHING""",
+                   ON CONFLICT (tenant_id, idempotency_key) DO NOTHING""",
                 [
                     (
                         o.notification.idempotency_key,

@@ -261,7 +261,7 @@ SERIES_WINDOWS_SQL: Final = _SERIES_SQL.format(
 # own health_score.
 STATUS_SERIES_SQL: Final = _SERIES_SQL.format(
     source="plugin_metrics",
-    join="JOIN plugins p ON p.id = m.plugin_id",
+    join="JOIN plugins p ON p.id = m.plugin_id AND p.tenant_id = m.tenant_id",
     where="""m."timestamp" >= %(since)s AND m.metric_name <> 'health_score'
        AND (%(tenant)s::text IS NULL OR p.tenant_id = %(tenant)s::text)""",
     rate_since="%(rate_since)s",

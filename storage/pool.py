@@ -7,12 +7,16 @@ them in order, each within its own connect timeout, and take the first that matc
 connection. asyncpg's own multi-host support spends one timeout on all hosts together (a
 hung first host, SIGSTOPped or black-holed, would hide the standby behind it for good), so
 the pool connects host by host itself (``connect_host_by_host``).
+
+On a Citus node every connection also turns off Citus's shard hiding
+(``citus.override_table_visibility``), see ``_show_citus_shards``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
@@ -106,11 +110,9 @@ def mark_session_untouched(conn: asyncpg.Connection) -> None:
         mark()
 
 
-async def _reset_unless_untouched(conn: asyncpg.Connection) -> None:
+async def _reset_session(conn: asyncpg.Connection) -> None:
     # asyncpg has already rolled back an open transaction and dropped listeners when it
-    # calls this; what remains is the session state the reset query clears.
-    if isinstance(conn, PooledConnection) and conn.take_session_untouched():
-        return
+    # calls the pool's reset; what remains is the session state the reset query clears.
     query = conn.get_reset_query()
     if query:
         await conn.execute(query)
@@ -148,6 +150,39 @@ def connect_host_by_host(
     return connect
 
 
+# asyncpg learns a non-built-in type (a domain, an enum, a row type) with one query per
+# connection that reads pg_class once per type in pg_type. On a Citus worker each of those
+# reads passes every pg_class row through Citus's check that hides shards from clients, and a
+# worker holds thousands of shards: 25 s per connection on the two-worker test cluster, so an
+# agent's first COPY through a worker timed out. pluginmon reads no catalog by name where a
+# shard could be mistaken for a table, so its connections see the shards. Off Citus the
+# setting does not exist and nothing is set.
+_SHOW_CITUS_SHARDS_SQL = (
+    "SELECT set_config('citus.override_table_visibility', 'off', false) IS NOT NULL"
+    " WHERE current_setting('citus.override_table_visibility', true) IS NOT NULL"
+)
+
+
+class _CitusShardVisibility:
+    """Sets the visibility on every new connection and again after the reset on release
+    (its RESET ALL would restore the server's default), on Citus connections only. The reset
+    is skipped for a connection vouched for by :func:`mark_session_untouched`."""
+
+    def __init__(self) -> None:
+        self._citus: weakref.WeakSet[asyncpg.Connection] = weakref.WeakSet()
+
+    async def init(self, conn: asyncpg.Connection) -> None:
+        if await conn.fetchval(_SHOW_CITUS_SHARDS_SQL):
+            self._citus.add(conn)
+
+    async def reset(self, conn: asyncpg.Connection) -> None:
+        if isinstance(conn, PooledConnection) and conn.take_session_untouched():
+            return  # no RESET ALL ran: the setting is still off
+        await _reset_session(conn)
+        if conn in self._citus:
+            await conn.execute(_SHOW_CITUS_SHARDS_SQL)
+
+
 async def open_pool(
     database_url: str,
     *,
@@ -177,13 +212,15 @@ async def open_pool(
         if len(hosts) > 1
         else {"dsn": database_url, "timeout": connect_timeout_seconds}
     )
+    visibility = _CitusShardVisibility()
     pool: asyncpg.Pool = await asyncpg.create_pool(
         min_size=min_size,
         max_size=max_size,
         connection_class=PooledConnection,
-        reset=_reset_unless_untouched,
         command_timeout=command_timeout_seconds,
         server_settings={"application_name": application_name},
+        init=visibility.init,
+        reset=visibility.reset,
         **target,
     )
     return pool

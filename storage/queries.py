@@ -1,8 +1,18 @@
-"""Data-plane helpers (asyncpg): tenant and plugin rows, the session's tenant."""
+"""Data-plane helpers (asyncpg): tenant and plugin rows, the session's tenant.
+
+How a transaction enters a tenant's row-level security scope is decided here, once per
+backend (:class:`TenantScope`). On PostgreSQL and TimescaleDB a transaction names its tenant
+with ``set_config('pluginmon.tenant_id', $1, true)``. On Citus the policies of a distributed
+table run on the workers, in Citus's own connections, and ``set_config()`` never reaches them:
+only a ``SET LOCAL`` issued under ``citus.propagate_set_commands = 'local'`` is replayed on
+every worker connection of the transaction. ``SET`` takes no parameters, so there the tenant
+is checked against the slug pattern and then quoted as a literal.
+"""
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 import asyncpg
 
@@ -58,6 +68,73 @@ async def ensure_tenant_and_plugin(
     return int(plugin_id)
 
 
+def quote_literal(value: str) -> str:
+    """``value`` as an SQL string literal under standard_conforming_strings (PostgreSQL's
+    default since 9.1); refuses what that rule would read differently when it is off."""
+    if "\\" in value or "\x00" in value:
+        raise ValueError(f"{value!r} cannot be sent as an SQL literal (backslash or NUL)")
+    return "'" + value.replace("'", "''") + "'"
+
+
+def set_local_tenant_sql(tenant_id: str | None) -> str:
+    """The statements that set ``pluginmon.tenant_id`` until the end of the transaction on
+    every Citus node the transaction reaches (None: no tenant, so no rows)."""
+    value = "" if tenant_id is None else check_tenant_slug(tenant_id)
+    return (
+        "SET LOCAL citus.propagate_set_commands = 'local'; "
+        f"SET LOCAL pluginmon.tenant_id = {quote_literal(value)}"
+    )
+
+
+# Whether the database distributes queries: the extension installed in it, not merely loaded
+# by the server (a database without it runs every query locally).
+_DETECT_CITUS_SQL = "SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'citus')"
+
+
+@dataclass(frozen=True, slots=True)
+class TenantScope:
+    """How this database's backend scopes a transaction to a tenant.
+
+    ``propagate_to_workers`` is true on Citus: the tenant is then also sent with ``SET LOCAL``
+    (one more round trip per transaction), which Citus replays on the workers. Off Citus
+    nothing changes: one ``set_config`` statement, parameterised.
+    """
+
+    propagate_to_workers: bool
+
+    async def enter(
+        self, conn: asyncpg.Connection, tenant_id: str | None, *, role: str | None = None
+    ) -> None:
+        """Inside the caller's transaction: row-level security for ``tenant_id`` (None: no
+        tenant) from here on, as ``role`` when given."""
+        if role is None:
+            await conn.execute(
+                "SELECT set_config('pluginmon.tenant_id', $1, true)", tenant_id or ""
+            )
+        else:
+            await conn.execute(
+                "SELECT set_config('role', $1, true), set_config('pluginmon.tenant_id', $2, true)",
+                role,
+                tenant_id or "",
+            )
+        await self.propagate(conn, tenant_id)
+
+    async def propagate(self, conn: asyncpg.Connection, tenant_id: str | None) -> None:
+        """After the caller's own ``set_config('pluginmon.tenant_id', ...)`` in this
+        transaction: send the tenant to the workers too (nothing to do off Citus)."""
+        if self.propagate_to_workers:
+            await conn.execute(set_local_tenant_sql(tenant_id))
+
+
+PLAIN_SCOPE = TenantScope(propagate_to_workers=False)
+CITUS_SCOPE = TenantScope(propagate_to_workers=True)
+
+
+async def detect_tenant_scope(conn: asyncpg.Connection) -> TenantScope:
+    """The scope for ``conn``'s database: Citus's when the extension is installed in it."""
+    return CITUS_SCOPE if await conn.fetchval(_DETECT_CITUS_SQL) else PLAIN_SCOPE
+
+
 async def set_tenant(
     conn: asyncpg.Connection, tenant_id: str | None, *, local: bool = False
 ) -> None:
@@ -69,4 +146,13 @@ async def set_tenant(
     """
     if tenant_id is not None:
         check_tenant_slug(tenant_id)
-    await conn.execute("SELECT set_config('pluginmon.tenant_id', $1, $2)", tenant_id or "", local)
+    if local:
+        await (await detect_tenant_scope(conn)).enter(conn, tenant_id)
+        return
+    if await detect_tenant_scope(conn) is CITUS_SCOPE:
+        # A session-wide SET is not replayed on the workers (Citus propagates SET LOCAL only).
+        raise ValueError(
+            "on Citus the tenant can only be set for a transaction (local=True), "
+            "or by a login role bound to the tenant"
+        )
+    await conn.execute("SELECT set_config('pluginmon.tenant_id', $1, false)", tenant_id or "")

@@ -1,0 +1,163 @@
+"""A throwaway Citus cluster for the tests: a coordinator and workers on loopback ports.
+
+Citus is not in the package registries, so the tests use a Citus build found on the machine:
+a PostgreSQL bin directory whose ``pg_config --pkglibdir`` holds ``citus.so`` (from
+``PLUGINMON_TEST_CITUS_BIN``, then PATH, then ``/usr/lib/postgresql/*/bin``). Without one,
+``find_citus_bin_dir`` returns None and the tests skip with ``CITUS_SKIP_REASON``.
+
+Run as a module it starts a cluster and prints the coordinator's URL until interrupted
+(for a manual run of the suite or a benchmark against it):
+``python -m tests.citus_cluster /tmp/somewhere``.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import psycopg
+from psycopg import sql
+
+from tests.dbutil import drop_on_server, with_database
+from tests.pg_cluster import SUPERUSER, Cluster
+
+CITUS_BIN_ENV = "PLUGINMON_TEST_CITUS_BIN"
+CITUS_SKIP_REASON = (
+    "no PostgreSQL with the citus extension found (a bin directory whose pg_config --pkglibdir "
+    f"holds citus.so: set {CITUS_BIN_ENV}, or put its bin directory on PATH)"
+)
+
+
+def _has_citus(bin_dir: Path) -> bool:
+    pg_config = bin_dir / "pg_config"
+    if not (bin_dir / "initdb").exists() or not pg_config.exists():
+        return False
+    result = subprocess.run(
+        [str(pg_config), "--pkglibdir"], capture_output=True, text=True, check=False, timeout=30
+    )
+    return result.returncode == 0 and (Path(result.stdout.strip()) / "citus.so").exists()
+
+
+def find_citus_bin_dir() -> Path | None:
+    """The first PostgreSQL bin directory whose server has citus.so, or None."""
+    candidates: list[Path] = []
+    explicit = os.environ.get(CITUS_BIN_ENV)
+    if explicit:
+        candidates.append(Path(explicit))
+    for entry in os.environ.get("PATH", "").split(os.pathsep):
+        if entry:
+            candidates.append(Path(entry))
+    candidates.extend(Path(p).parent for p in sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb")))
+    for candidate in candidates:
+        if _has_citus(candidate):
+            return candidate
+    return None
+
+
+class CitusCluster:
+    """A coordinator and ``workers`` workers, each its own server on 127.0.0.1.
+
+    Nodes trust connections from 127.0.0.1 (the nodes connect to each other without a
+    password); they listen on nothing else. ``create_database`` makes a database on every
+    node with the extension and the workers registered, which is what a Citus database is.
+    """
+
+    def __init__(self, bin_dir: Path, directory: Path, *, workers: int = 2) -> None:
+        self.directory = directory
+        self.coordinator = Cluster(bin_dir, directory / "coordinator")
+        self.workers = [Cluster(bin_dir, directory / f"worker{i}") for i in range(workers)]
+
+    @property
+    def nodes(self) -> list[Cluster]:
+        return [self.coordinator, *self.workers]
+
+    def start(self) -> CitusCluster:
+        for node in self.nodes:
+            node.init(
+                settings={
+                    "shared_preload_libraries": "'citus'",
+                    "max_connections": "200",
+                    "max_prepared_transactions": "100",
+                    "wal_level": "'logical'",
+                    # One connection per shard group is plenty on a 2-core test machine.
+                    "citus.max_adaptive_executor_pool_size": "4",
+                }
+            )
+            hba = node.pgdata / "pg_hba.conf"
+            hba.write_text("host all all 127.0.0.1/32 trust\n")
+            node.start()
+        return self
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop(mode="immediate")
+
+    def remove(self) -> None:
+        for node in self.nodes:
+            node.remove()
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+    def url(self, database: str = "postgres", *, node: Cluster | None = None) -> str:
+        target = node or self.coordinator
+        return f"postgresql://{SUPERUSER}@127.0.0.1:{target.port}/{database}"
+
+    def create_database(self, *, prefix: str = "citus") -> str:
+        """A new database on every node, Citus-enabled, workers registered; returns its name."""
+        name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+        for node in self.nodes:
+            with psycopg.connect(self.url(node=node), autocommit=True) as conn:
+                conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+            with psycopg.connect(self.url(name, node=node), autocommit=True) as conn:
+                conn.execute("CREATE EXTENSION citus")
+        with psycopg.connect(self.url(name), autocommit=True) as conn:
+            conn.execute(
+                "SELECT citus_set_coordinator_host('127.0.0.1', %s)", (self.coordinator.port,)
+            )
+            for worker in self.workers:
+                conn.execute("SELECT citus_add_node('127.0.0.1', %s)", (worker.port,))
+        return name
+
+    def drop_database(self, name: str) -> None:
+        for node in self.nodes:
+            drop_on_server(self.url(node=node), name)
+
+    @contextmanager
+    def database(self, *, prefix: str = "citus") -> Iterator[str]:
+        """URL (on the coordinator) of a new Citus database, dropped on every node on exit."""
+        name = self.create_database(prefix=prefix)
+        try:
+            yield with_database(self.url(), name)
+        finally:
+            self.drop_database(name)
+
+
+def main(argv: list[str]) -> int:
+    bin_dir = find_citus_bin_dir()
+    if bin_dir is None:
+        print(CITUS_SKIP_REASON, file=sys.stderr)
+        return 2
+    directory = (
+        Path(argv[1]) if len(argv) > 1 else Path(f"/tmp/pluginmon-citus-{uuid.uuid4().hex[:8]}")
+    )
+    cluster = CitusCluster(bin_dir, directory).start()
+    name = cluster.create_database(prefix="manual")
+    print(with_database(cluster.url(), name), flush=True)
+    print("workers:", " ".join(cluster.url(name, node=w) for w in cluster.workers), flush=True)
+    try:
+        sys.stdin.read()  # until EOF / interrupt
+    except KeyboardInterrupt:
+        pass
+    finally:
+        cluster.remove()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv))
