@@ -226,13 +226,20 @@ _KEYWORDS: Final[Mapping[str, Callable[..., _Errors]]] = {
 }
 
 
-@functools.cache
+_LINEAR: Final[dict[type[Validator], type[Validator]]] = {}
+_CHECKERS: Final[dict[type[Validator], jsonschema.FormatChecker]] = {}
+
+
 def linear_validator(cls: type[Validator]) -> type[Validator]:
     """``cls`` (a jsonschema draft's validator class) with every regex keyword on RE2."""
+    if cls in _LINEAR:
+        return _LINEAR[cls]
     mine = {name: fn for name, fn in _KEYWORDS.items() if name in cls.VALIDATORS}
     extended: type[Validator] = jsonschema.validators.extend(  # type: ignore[no-untyped-call]
         cls, validators=mine
     )
+    # Two threads may both build one; either class is right and the last one is kept.
+    _LINEAR[cls] = extended
     return extended
 
 
@@ -242,11 +249,13 @@ def _is_regex(instance: object) -> bool:
     return True
 
 
-@functools.cache
 def linear_format_checker(cls: type[Validator]) -> jsonschema.FormatChecker:
     """``cls``'s format checker with ``format: regex`` meaning "RE2 compiles it"."""
+    if cls in _CHECKERS:
+        return _CHECKERS[cls]
     checker = jsonschema.FormatChecker(formats=())
     checker.checkers = dict(cls.FORMAT_CHECKER.checkers)
     if "regex" in checker.checkers:
         checker.checks("regex", raises=UnsafePatternError)(_is_regex)
+    _CHECKERS[cls] = checker
     return checker
