@@ -42,7 +42,11 @@ def _missing_files(settings: Settings) -> list[tuple[str, str]]:
     """The configured files read only at first use that are not there (or not readable)."""
     problems: list[tuple[str, str]] = []
     keys = settings.secret_keys_file
-    if keys is not None and not _is_readable_file(keys):
+    # PLUGINMON_SECRET_KEYS wins over the file when set (and settings checked it already).
+    from_environment = settings.secret_keys is not None and bool(
+        settings.secret_keys.get_secret_value().strip()
+    )
+    if keys is not None and not from_environment and not _is_readable_file(keys):
         # Only the embedded default is created at first start; a named file is not.
         problems.append(
             (

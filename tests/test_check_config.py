@@ -225,6 +225,11 @@ def test_configured_files_that_exist_pass_and_a_disabled_provider_is_not_checked
     result = run_cli("check-config", "--config", str(path))
     assert result.returncode == 0, result.stderr
     assert "configuration OK" in result.stdout
+    # PLUGINMON_SECRET_KEYS wins over secret_keys_file: a missing file is then not used.
+    unused = _write(tmp_path, 'secret_keys_file = "/no/such/secret-keys.json"\n')
+    inline = {"PLUGINMON_SECRET_KEYS": "k1:" + "A" * 43 + "="}
+    result = run_cli("check-config", "--config", str(unused), env=inline)
+    assert result.returncode == 0, result.stderr
     disabled = _write(
         tmp_path,
         '[backups.providers.sftp]\nenabled = false\nprivate_key_file = "/no/such/id_ed25519"\n',
