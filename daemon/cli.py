@@ -132,6 +132,7 @@ def _database_failure(command: str, exc: Exception) -> int:
 def _check_config(config: Path | None) -> int:
     from pluginmon.daemon.config import load
     from pluginmon.daemon.config_schema import ConfigError
+    from pluginmon.daemon.preflight import preflight_warnings
 
     try:
         resolved = load(config)
@@ -147,6 +148,8 @@ def _check_config(config: Path | None) -> int:
         f"database {database}, sample every {settings.sample_interval_seconds:g} s, "
         f"HTTP {settings.http_host}:{settings.http_port}"
     )
+    for field, warning in preflight_warnings(settings):
+        print(f"warning: {field}: {warning}", file=sys.stderr)
     return EXIT_OK
 
 
@@ -228,6 +231,7 @@ def _run(config: Path | None) -> int:
     from pluginmon.daemon.config import load
     from pluginmon.daemon.config_schema import ConfigError
     from pluginmon.daemon.logs import configure_logging
+    from pluginmon.daemon.preflight import preflight_warnings
 
     try:
         resolved = load(config)
@@ -239,6 +243,8 @@ def _run(config: Path | None) -> int:
         log_format=settings.log_format, log_level=settings.log_level, secrets=_secrets(settings)
     )
     logger.info("pluginmon %s starting", version())
+    for field, warning in preflight_warnings(settings):
+        logger.warning("%s: %s", field, warning)
     return run_daemon(resolved, version=version(), config_path=config, guard=guard)
 
 

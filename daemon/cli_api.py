@@ -292,15 +292,20 @@ async def _audit_verify(conn: asyncpg.Connection, tenant: str | None) -> int:
 
 def _check_before_serving(settings: Settings) -> None:
     """What ``run`` refuses at start (daemon.preflight) and ``pluginmon api`` uses too: the
-    HTTP host and TLS files, and data_dir when the embedded database lives there (nothing is
+    HTTP host and TLS files, the keyring, vulnerability and backup files, and data_dir when the embedded database lives there (nothing is
     sampled, so proc_root is not). ConfigError names each field, as for ``run``: exit 2."""
     from pluginmon.daemon.config_schema import ConfigError
     from pluginmon.daemon.preflight import preflight
 
     used = {"http_host", "http_tls_cert_file", "http_tls_key_file"}
+    used |= {"secret_keys_file", "vulnerability_db"}  # the API encrypts and scans
     if settings.embedded:
         used.add("data_dir")
-    problems = [(field, problem) for field, problem in preflight(settings) if field in used]
+    problems = [
+        (field, problem)
+        for field, problem in preflight(settings)
+        if field in used or field.startswith("backups.")  # the API verifies backups
+    ]
     if problems:
         raise ConfigError(problems)
 

@@ -2,7 +2,10 @@
 
 The schema says whether a value is well formed; these say whether this machine can use it:
 ``http_host`` resolves to an address of this machine, the TLS certificate and key load and
-belong together, ``data_dir`` is (or can be made) a writable directory, ``proc_root`` exists.
+belong together, ``data_dir`` is (or can be made) a writable directory, ``proc_root`` exists,
+and the files named in the config that are only read at first use exist (the secret keyring,
+the offline vulnerability database, SFTP key and known_hosts files): a configured file that is
+missing is almost always a mistake, better told at start than at the first secret or scan.
 ``check-config`` and ``run`` both call ``preflight``, so a configuration that check-config passes
 does not fail at start for one of these reasons, and ``run`` refuses it with exit 2, not a
 traceback. They touch nothing: the probe file in ``data_dir`` is anonymous and gone at once.
@@ -31,7 +34,64 @@ def preflight(settings: Settings) -> list[tuple[str, str]]:
         problems.append(("data_dir", data_dir))
     if not _is_dir(settings.proc_root):
         problems.append(("proc_root", f"no such directory: {settings.proc_root}"))
+    problems += _missing_files(settings)
     return problems
+
+
+def _missing_files(settings: Settings) -> list[tuple[str, str]]:
+    """The configured files read only at first use that are not there (or not readable)."""
+    problems: list[tuple[str, str]] = []
+    keys = settings.secret_keys_file
+    # PLUGINMON_SECRET_KEYS wins over the file when set (and settings checked it already).
+    from_environment = settings.secret_keys is not None and bool(
+        settings.secret_keys.get_secret_value().strip()
+    )
+    if keys is not None and not from_environment and not _is_readable_file(keys):
+        # Only the embedded default is created at first start; a named file is not.
+        problems.append(
+            (
+                "secret_keys_file",
+                f"no readable file {keys} (create it with `pluginmon secrets rotate`)",
+            )
+        )
+    osv = settings.vulnerability_db
+    if osv is not None and not (_is_dir(osv) or _is_readable_file(osv)):
+        problems.append(("vulnerability_db", f"no such directory or readable file: {osv}"))
+    for name, provider in settings.backups.providers.items():
+        if not provider.enabled:
+            continue
+        for field in ("private_key_file", "known_hosts_file"):
+            path = getattr(provider, field)
+            if path is not None and not _is_readable_file(path):
+                problems.append((f"backups.providers.{name}.{field}", f"no readable file {path}"))
+    return problems
+
+
+def preflight_warnings(settings: Settings) -> list[tuple[str, str]]:
+    """What ``run`` can start with but an operator should hear about, as ``(field, warning)``:
+    backup ``roots`` that are not directories (yet). Not refused: roots are an allow-list, an
+    NFS mount may appear after start, and a ``{tenant}`` entry is not checked at all."""
+    warnings: list[tuple[str, str]] = []
+    for name, provider in settings.backups.providers.items():
+        if not provider.enabled:
+            continue
+        for i, root in enumerate(provider.roots):
+            if "{" not in str(root) and not _is_dir(root):
+                warnings.append(
+                    (
+                        f"backups.providers.{name}.roots[{i}]",
+                        f"no such directory {root} (yet): backups under it cannot be read",
+                    )
+                )
+    return warnings
+
+
+def _is_readable_file(path: Path) -> bool:
+    try:
+        with path.open("rb"):
+            return path.is_file()
+    except OSError:
+        return False
 
 
 def _host_problem(host: str) -> str | None:

@@ -374,6 +374,13 @@ class Settings(BaseSettings):
         if not text.startswith(("postgresql://", "postgres://")):
             # Never echo the value: it usually carries a password.
             raise ValueError("must be a postgresql:// URL")
+        # A port or an option no connection attempt gets past: refused here, not retried
+        # forever by run (the problems never hold the password).
+        from pluginmon.storage.dsn_check import database_url_problems
+
+        problems = database_url_problems(text)
+        if problems:
+            raise ValueError("; ".join(problems))
         return value
 
     @field_validator("secret_keys")

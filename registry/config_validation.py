@@ -15,6 +15,12 @@ import jsonschema.exceptions
 import jsonschema.validators
 
 from pluginmon.registry.errors import InvalidError
+from pluginmon.registry.schema_regex import (
+    UnsafePatternError,
+    linear_format_checker,
+    linear_validator,
+    search,
+)
 
 _IDENTIFIER_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -151,7 +157,7 @@ def value_schema(schema: Mapping[str, Any], key: str) -> Mapping[str, Any] | boo
     patterns = schema.get("patternProperties")
     if isinstance(patterns, Mapping):
         for pattern, sub in patterns.items():
-            if re.search(pattern, key):
+            if search(pattern, key):
                 return sub  # type: ignore[no-any-return]
     additional = schema.get("additionalProperties", schema.get("unevaluatedProperties"))
     if additional is False:
@@ -164,9 +170,22 @@ def value_schema(schema: Mapping[str, Any], key: str) -> Mapping[str, Any] | boo
 def validate_value(schema: Mapping[str, Any] | None, key: str, value: Any, *, secret: bool) -> None:
     """InvalidError naming the key's JSON path (``$.<key>...``) and the rule it breaks; the
     root schema is kept for ``$ref``s; ``format`` is checked (date, date-time, email, ipv4,
-    ipv6, uuid, regex, ...)."""
+    ipv6, uuid, regex, ...). Every regex of the schema is matched with RE2 (linear time); one
+    RE2 refuses (a schema stored before registration checked that) fails closed."""
     if schema is None:
         return
+    try:
+        _validate(schema, key, value, secret=secret)
+    except UnsafePatternError as exc:
+        raise InvalidError(
+            f"the plugin's config_schema holds a regex that cannot be matched in linear time "
+            f"({exc}); register the plugin's config_schema again",
+            field="config_schema",
+            code="invalid_json_schema",
+        ) from None
+
+
+def _validate(schema: Mapping[str, Any], key: str, value: Any, *, secret: bool) -> None:
     sub = value_schema(schema, key)
     if sub is False:
         raise InvalidError(
@@ -177,8 +196,10 @@ def validate_value(schema: Mapping[str, Any] | None, key: str, value: Any, *, se
     if sub is None or sub is True:
         return
     names = schema.get("propertyNames")
-    cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
-    root = cls(schema, format_checker=cls.FORMAT_CHECKER)
+    cls = linear_validator(
+        jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
+    )
+    root = cls(schema, format_checker=linear_format_checker(cls))
     if isinstance(names, Mapping) and root.evolve(schema=names).is_valid(key) is False:
         raise InvalidError(
             f"config key {key!r} is not allowed by the config_schema's propertyNames",

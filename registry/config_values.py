@@ -12,6 +12,7 @@ reason to differ.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from collections.abc import Mapping
@@ -273,6 +274,13 @@ async def _missing_required(
     return sorted(str(k) for k in required if k not in have)
 
 
+def _validate_all(
+    schema: Mapping[str, Any] | None, prepared: list[tuple[str, Any, bool, str]]
+) -> None:
+    for key, value, secret, _text in prepared:
+        validate_value(schema, key, value, secret=secret)
+
+
 async def set_values(
     conn: asyncpg.Connection,
     plugin_name: str,
@@ -295,19 +303,22 @@ async def set_values(
     for key in values:
         check_key(key)
     plugin = await get_plugin(conn, plugin_name, for_update=True, tenant_id=tenant_id)
-    prepared: list[tuple[str, Any, bool]] = []
+    prepared: list[tuple[str, Any, bool, str]] = []
     for key, (value, secret) in sorted(values.items()):
-        validate_value(plugin.config_schema, key, value, secret=secret)
-        prepared.append((key, value, secret))
+        # The size first: it bounds the work validation below may do.
+        text = json.dumps(value, separators=(",", ":"))
+        if len(text.encode()) > MAX_VALUE_BYTES:
+            raise InvalidError(
+                f"config {json_path([key])} is over {MAX_VALUE_BYTES} bytes as JSON",
+                field="value",
+            )
+        prepared.append((key, value, secret, text))
+    # Validation is pure CPU (a schema of nested allOf/anyOf over a 64 KiB value can take a
+    # while even with linear-time regexes): off the event loop, which also samples and serves.
+    await asyncio.to_thread(_validate_all, plugin.config_schema, prepared)
     written: list[ConfigValue] = []
     async with conn.transaction():
-        for key, value, secret in prepared:
-            text = json.dumps(value, separators=(",", ":"))
-            if len(text.encode()) > MAX_VALUE_BYTES:
-                raise InvalidError(
-                    f"config {json_path([key])} is over {MAX_VALUE_BYTES} bytes as JSON",
-                    field="value",
-                )
+        for key, _, secret, text in prepared:
             before_row = await conn.fetchrow(
                 _SELECT
                 + """WHERE c.plugin_id = $1 AND c.environment = $2 AND c.key = $3

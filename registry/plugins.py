@@ -24,6 +24,7 @@ import jsonschema.validators
 from pluginmon.registry import audit
 from pluginmon.registry.actor import Actor
 from pluginmon.registry.errors import ConflictError, ForbiddenError, InvalidError, NotFoundError
+from pluginmon.registry.schema_regex import unsafe_patterns
 
 # The seed's Prisma enum (sql/001_core.sql plugin_source).
 PLUGIN_SOURCES: Final = (
@@ -133,7 +134,8 @@ def check_environment(environment: str, *, field: str = "environment") -> str:
 
 
 def check_config_schema(schema: dict[str, Any]) -> None:
-    """``schema`` must be a valid JSON Schema (its own ``$schema`` draft, else 2020-12)."""
+    """``schema`` must be a valid JSON Schema (its own ``$schema`` draft, else 2020-12) whose
+    regexes RE2 compiles (config values are matched in linear time: registry.schema_regex)."""
     validator = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
     try:
         validator.check_schema(schema)
@@ -145,6 +147,9 @@ def check_config_schema(schema: dict[str, Any]) -> None:
             field="config_schema",
             code="invalid_json_schema",
         ) from None
+    unsafe = unsafe_patterns(schema)
+    if unsafe:
+        raise InvalidError("; ".join(unsafe), field="config_schema", code="invalid_json_schema")
 
 
 def _check_values(values: Mapping[str, Any]) -> None:

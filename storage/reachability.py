@@ -432,6 +432,7 @@ class DatabaseWatch:
             asyncpg.exceptions.InternalClientError,
             asyncpg.InterfaceError,
             ValueError,  # a URL the driver cannot parse
+            OverflowError,  # a port over 65535 reaches socket.connect (reason "error")
         ) as exc:
             self.failed(exc)
             return False

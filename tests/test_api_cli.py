@@ -349,6 +349,16 @@ def test_pluginmon_api_survives_hup_usr1_usr2_and_stops_on_term(
             'http_tls_cert_file = "{garbage}"\nhttp_tls_key_file = "{garbage}"\n',
             "http_tls_cert_file: {garbage} holds no PEM certificate",
         ),
+        # Files the API reads only at first use (a secret, a scan, a verification).
+        (
+            'secret_keys_file = "/no/such/keys.json"\n',
+            "secret_keys_file: no readable file /no/such/keys.json",
+        ),
+        ('vulnerability_db = "/no/such/osv"\n', "vulnerability_db: no such directory"),
+        (
+            '[backups.providers.sftp]\nknown_hosts_file = "/no/such/known_hosts"\n',
+            "backups.providers.sftp.known_hosts_file: no readable file /no/such/known_hosts",
+        ),
     ],
 )
 def test_pluginmon_api_refuses_what_run_refuses_with_exit_2(

@@ -127,6 +127,24 @@ CASES: dict[str, tuple[str | Callable[[Path], str], str]] = {
         "http_tls_key_file: ",
     ),
     "tls missing key": (lambda p: _tls(p, key="missing"), "http_tls_key_file: cannot read"),
+    "secret_keys_file missing": (
+        'secret_keys_file = "/no/such/secret-keys.json"',
+        "secret_keys_file: no readable file /no/such/secret-keys.json (create it with",
+    ),
+    "vulnerability_db missing": (
+        'vulnerability_db = "/no/such/osv"',
+        "vulnerability_db: no such directory or readable file: /no/such/osv",
+    ),
+    "sftp private_key_file missing": (
+        '[backups.providers.sftp]\nallowed_hosts = ["backup.example"]\n'
+        'private_key_file = "/no/such/id_ed25519"',
+        "backups.providers.sftp.private_key_file: no readable file /no/such/id_ed25519",
+    ),
+    "sftp known_hosts_file missing": (
+        '[backups.providers.sftp]\nallowed_hosts = ["backup.example"]\n'
+        'known_hosts_file = "/no/such/known_hosts"',
+        "backups.providers.sftp.known_hosts_file: no readable file /no/such/known_hosts",
+    ),
 }
 MESSAGES_MORE = {
     "data_dir a file": "is not a directory",
@@ -188,6 +206,51 @@ def test_what_passes_check_config_passes_run_preflight(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert "HTTP 127.0.0.1:9464" in result.stdout
     assert not (tmp_path / "state").exists()  # checked, not created
+
+
+def test_configured_files_that_exist_pass_and_a_disabled_provider_is_not_checked(
+    tmp_path: Path,
+) -> None:
+    keys = tmp_path / "keys.json"
+    keys.write_text("{}")
+    osv = tmp_path / "osv"
+    osv.mkdir()
+    known = tmp_path / "known_hosts"
+    known.write_text("")
+    path = _write(
+        tmp_path,
+        f'secret_keys_file = "{keys}"\nvulnerability_db = "{osv}"\n'
+        f'[backups.providers.sftp]\nallowed_hosts = ["b.example"]\nknown_hosts_file = "{known}"\n',
+    )
+    result = run_cli("check-config", "--config", str(path))
+    assert result.returncode == 0, result.stderr
+    assert "configuration OK" in result.stdout
+    # PLUGINMON_SECRET_KEYS wins over secret_keys_file: a missing file is then not used.
+    unused = _write(tmp_path, 'secret_keys_file = "/no/such/secret-keys.json"\n')
+    inline = {"PLUGINMON_SECRET_KEYS": "k1:" + "A" * 43 + "="}
+    result = run_cli("check-config", "--config", str(unused), env=inline)
+    assert result.returncode == 0, result.stderr
+    disabled = _write(
+        tmp_path,
+        '[backups.providers.sftp]\nenabled = false\nprivate_key_file = "/no/such/id_ed25519"\n',
+    )
+    result = run_cli("check-config", "--config", str(disabled))
+    assert result.returncode == 0, result.stderr
+
+
+def test_a_missing_backup_root_is_a_warning_not_a_refusal(tmp_path: Path) -> None:
+    path = _write(
+        tmp_path,
+        f'[backups.providers.local]\nroots = ["/no/such/backups", "/srv/{{tenant}}", "{tmp_path}"]\n',
+    )
+    result = run_cli("check-config", "--config", str(path))
+    assert result.returncode == 0, result.stderr
+    assert (
+        "warning: backups.providers.local.roots[0]: no such directory /no/such/backups (yet)"
+        in result.stderr
+    )
+    assert "roots[1]" not in result.stderr  # a {tenant} entry is not checked
+    assert "roots[2]" not in result.stderr
 
 
 def test_the_example_config_passes() -> None:
