@@ -184,8 +184,9 @@ SELECT m.tenant_id, m.plugin_id, m.environment, 'day', %(day)s, m.sample_count,
        CASE WHEN m.observed_seconds > 0 THEN least(1.0, m.up_seconds / m.observed_seconds) END,
        m.cpu_seconds, m.p50, m.p95, m.p99, m.restarts, m.operations, m.failures, %(end)s
   FROM merged m
- -- Samples of a plugin deleted since have nowhere to go (the foreign key).
- WHERE EXISTS (SELECT 1 FROM plugins p WHERE p.id = m.plugin_id AND p.tenant_id = m.tenant_id)
+  -- Samples of a plugin deleted since have nowhere to go (the foreign key). A join, not a
+  -- correlated EXISTS: Citus plans no correlated subquery over a CTE.
+  JOIN plugins p ON p.id = m.plugin_id AND p.tenant_id = m.tenant_id
 ON CONFLICT (tenant_id, plugin_id, environment, period, period_start) DO UPDATE SET
     sample_count = EXCLUDED.sample_count,
     observed_seconds = EXCLUDED.observed_seconds,
