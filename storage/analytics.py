@@ -37,6 +37,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Final
 
 from pluginmon.storage.backend import AdminConnection, Retention
+from pluginmon.storage.errors import MAINTENANCE_STEP_ERRORS
 
 logger = logging.getLogger(__name__)
 
@@ -238,3 +239,17 @@ async def refresh_daily_analytics(
         "analytics: %d daily row(s) for %d day(s) through %s", rows, len(days), plan.through
     )
     return AnalyticsRefresh(through=plan.through, days=days, rows=rows)
+
+
+async def daily_analytics_step(
+    conn: AdminConnection, *, now: datetime, retention: Retention, failed: list[tuple[str, str]]
+) -> tuple[datetime, ...]:
+    """:func:`refresh_daily_analytics` as one step of a backend's maintenance run: the days
+    computed, or none when a transient failure postponed it (logged, and named in
+    ``failed``) to the next run."""
+    try:
+        return (await refresh_daily_analytics(conn, now=now, retention=retention)).days
+    except MAINTENANCE_STEP_ERRORS as exc:
+        logger.warning("maintenance: daily analytics postponed: %s", exc)
+        failed.append(("analytics", str(exc)))
+        return ()

@@ -20,9 +20,10 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Final
 
-from psycopg import errors, sql
+from psycopg import sql
 
 from pluginmon.storage.backend import AdminConnection, Retention, RollupRefresh
+from pluginmon.storage.errors import MAINTENANCE_STEP_ERRORS
 
 logger = logging.getLogger(__name__)
 
@@ -61,13 +62,6 @@ METRIC_ROLLUPS: Final = (
         end_offset=timedelta(hours=1),
         schedule_interval=timedelta(minutes=30),
     ),
-)
-
-# Transient failures of one step: the next maintenance run tries again.
-_STEP_ERRORS: tuple[type[Exception], ...] = (
-    errors.LockNotAvailable,
-    errors.QueryCanceled,
-    errors.TransactionRollback,
 )
 
 
@@ -116,7 +110,7 @@ async def maintain_metric_rollups(
     for rollup in rollups:
         try:
             refreshed.append(await refresh_metric_rollup(conn, rollup, now))
-        except _STEP_ERRORS as exc:
+        except MAINTENANCE_STEP_ERRORS as exc:
             logger.warning("maintenance: refresh of %s postponed: %s", rollup.relation, exc)
             failed.append((f"refresh:{rollup.relation}", str(exc)))
         horizon = now - getattr(retention, rollup.retention_field)

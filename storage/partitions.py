@@ -6,9 +6,9 @@ import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from psycopg import errors, sql
+from psycopg import sql
 
-from pluginmon.storage.analytics import refresh_daily_analytics
+from pluginmon.storage.analytics import daily_analytics_step
 from pluginmon.storage.backend import (
     AdminConnection,
     Clock,
@@ -22,6 +22,7 @@ from pluginmon.storage.backend import (
     require_autocommit,
     utc_now,
 )
+from pluginmon.storage.errors import MAINTENANCE_STEP_ERRORS
 from pluginmon.storage.metric_rollups import maintain_metric_rollups
 from pluginmon.storage.migrate import Backend
 
@@ -50,13 +51,6 @@ BACKFILL_CHUNK = timedelta(hours=6)
 PARTITIONED: tuple[tuple[str, str], ...] = (
     ("plugin_samples", "samples"),
     ("plugin_metrics", "metrics"),
-)
-
-# Transient failures of one step: the next run tries again.
-_STEP_ERRORS: tuple[type[Exception], ...] = (
-    errors.LockNotAvailable,
-    errors.QueryCanceled,
-    errors.TransactionRollback,
 )
 
 
@@ -114,7 +108,7 @@ class PostgresMaintenance:
                     rows = await self._maintain_partitions(
                         conn, parent, getattr(retention, retention_field), now
                     )
-                except _STEP_ERRORS as exc:
+                except MAINTENANCE_STEP_ERRORS as exc:
                     logger.warning("maintenance: partitions of %s postponed: %s", parent, exc)
                     failed.append((f"partitions:{parent}", str(exc)))
                     continue
@@ -130,7 +124,7 @@ class PostgresMaintenance:
             for spec in self._rollups:
                 try:
                     refreshed.append(await refresh_rollup(conn, spec, now))
-                except _STEP_ERRORS as exc:
+                except MAINTENANCE_STEP_ERRORS as exc:
                     logger.warning("maintenance: refresh of %s postponed: %s", spec.relation, exc)
                     failed.append((f"refresh:{spec.relation}", str(exc)))
                 horizon = now - getattr(retention, spec.retention_field)
@@ -150,15 +144,10 @@ class PostgresMaintenance:
 
             removed.extend(await delete_expired(conn, retention, now))
 
-            # After the rollups and retention: the daily analytics (once an hour).
-            analytics_days: tuple[datetime, ...] = ()
-            try:
-                analytics_days = (
-                    await refresh_daily_analytics(conn, now=now, retention=retention)
-                ).days
-            except _STEP_ERRORS as exc:
-                logger.warning("maintenance: daily analytics postponed: %s", exc)
-                failed.append(("analytics", str(exc)))
+            # After the rollups and retention: the daily analytics (each day once it is over).
+            analytics_days = await daily_analytics_step(
+                conn, now=now, retention=retention, failed=failed
+            )
 
         if created or dropped:
             logger.info(

@@ -8,9 +8,9 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import psycopg
-from psycopg import errors, sql
+from psycopg import sql
 
-from pluginmon.storage.analytics import refresh_daily_analytics
+from pluginmon.storage.analytics import daily_analytics_step
 from pluginmon.storage.backend import (
     AdminConnection,
     Clock,
@@ -42,13 +42,6 @@ CONTINUOUS_AGGREGATES: tuple[str, ...] = (
 RETENTION_PROC = "policy_retention"
 COMPRESSION_PROC = "policy_compression"
 REFRESH_PROC = "policy_refresh_continuous_aggregate"
-
-# Transient failures of one step: the next maintenance run tries again.
-_STEP_ERRORS: tuple[type[Exception], ...] = (
-    errors.LockNotAvailable,
-    errors.QueryCanceled,
-    errors.TransactionRollback,
-)
 
 
 @dataclass(frozen=True, slots=True)
@@ -306,15 +299,10 @@ class TimescaleMaintenance:
                 return MaintenanceReport(backend=self.backend, ran=False)
             now = self._clock()
             removed = await delete_expired(conn, retention, now)
-            analytics_days: tuple[datetime, ...] = ()
             failed: list[tuple[str, str]] = []
-            try:
-                analytics_days = (
-                    await refresh_daily_analytics(conn, now=now, retention=retention)
-                ).days
-            except _STEP_ERRORS as exc:
-                logger.warning("maintenance: daily analytics postponed: %s", exc)
-                failed.append(("analytics", str(exc)))
+            analytics_days = await daily_analytics_step(
+                conn, now=now, retention=retention, failed=failed
+            )
         return MaintenanceReport(
             backend=self.backend,
             ran=True,
