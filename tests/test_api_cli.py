@@ -3,6 +3,7 @@ changes made directly in SQL, and `pluginmon api` serving /api/v1 without sampli
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +52,37 @@ def _http(method: str, url: str, token: str | None = None, body: Any = None) -> 
             return response.status, json.loads(raw) if raw.startswith((b"{", b"[")) else raw
     except urllib.error.HTTPError as exc:
         return exc.code, json.loads(exc.read() or b"null")
+
+
+@contextlib.contextmanager
+def _pluginmon_api(config: Path, *, database_url: str | None) -> Iterator[subprocess.Popen[bytes]]:
+    """``pluginmon api --config CONFIG`` as a process of its own (stderr piped; the database
+    of ``database_url``, or the embedded default without one), stopped at the end."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PLUGINMON_")}
+    if database_url is not None:
+        env.update(_env(database_url))
+    env["PYTHONPATH"] = str(REPO)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pluginmon.daemon.cli", "api", "--config", str(config)],
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        yield process
+    finally:
+        if process.poll() is None:
+            stop_process(process)
+        if process.stderr is not None:
+            process.stderr.close()
+
+
+def _ready(base: str) -> bool:
+    try:
+        return _http("GET", base + "/readyz")[0] == 200
+    except OSError:
+        return False
 
 
 def test_token_create_list_revoke(migrated_db: str) -> None:
@@ -197,26 +230,9 @@ required_approvals = 1
 expires_after_seconds = 3600
 """
     )
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PLUGINMON_")}
-    env.update(_env(migrated_db))
-    env["PYTHONPATH"] = str(REPO)
-    process = subprocess.Popen(
-        [sys.executable, "-m", "pluginmon.daemon.cli", "api", "--config", str(config)],
-        env=env,
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
     base = f"http://127.0.0.1:{port}"
-    try:
-
-        def ready() -> bool:
-            try:
-                return _http("GET", base + "/readyz")[0] == 200
-            except OSError:
-                return False
-
-        wait_for("pluginmon api to answer /readyz", ready, timeout=60)
+    with _pluginmon_api(config, database_url=migrated_db) as process:
+        wait_for("pluginmon api to answer /readyz", lambda: _ready(base), timeout=60)
         requester = _token(
             _create(migrated_db, "--tenant", "acme", "--role", "admin", "--name", "ann")
         )
@@ -253,11 +269,6 @@ expires_after_seconds = 3600
         assert run_cli("audit", "verify", env=_env(migrated_db)).returncode == 0
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=30) == 0
-    finally:
-        if process.poll() is None:
-            stop_process(process)
-        if process.stderr is not None:
-            process.stderr.close()
 
 
 @pytest.mark.parametrize(
@@ -301,30 +312,15 @@ def test_pluginmon_api_survives_hup_usr1_usr2_and_stops_on_term(
     port = free_port()
     config = tmp_path / "api.toml"
     config.write_text(f'http_host = "127.0.0.1"\nhttp_port = {port}\n')
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PLUGINMON_")}
-    env.update(_env(migrated_db))
-    env["PYTHONPATH"] = str(REPO)
-    process = subprocess.Popen(
-        [sys.executable, "-m", "pluginmon.daemon.cli", "api", "--config", str(config)],
-        env=env,
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
     base = f"http://127.0.0.1:{port}"
-    try:
-
-        def ready() -> bool:
-            try:
-                return _http("GET", base + "/readyz")[0] == 200
-            except OSError:
-                return False
-
-        wait_for("pluginmon api to answer /readyz", ready, timeout=60)
+    with _pluginmon_api(config, database_url=migrated_db) as process:
+        wait_for("pluginmon api to answer /readyz", lambda: _ready(base), timeout=60)
         for signum in (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
             process.send_signal(signum)
             # Answering after the signal proves it was handled, not pending.
-            wait_for(f"pluginmon api to answer after {signum.name}", ready, timeout=30)
+            wait_for(
+                f"pluginmon api to answer after {signum.name}", lambda: _ready(base), timeout=30
+            )
             assert process.poll() is None, f"{signum.name} ended pluginmon api"
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=30) == 0
@@ -333,11 +329,6 @@ def test_pluginmon_api_survives_hup_usr1_usr2_and_stops_on_term(
         assert "SIGHUP received: pluginmon api reads its configuration at start only" in log
         assert "SIGUSR1 received: ignored" in log
         assert "SIGTERM received: stopping" in log
-    finally:
-        if process.poll() is None:
-            stop_process(process)
-        if process.stderr is not None:
-            process.stderr.close()
 
 
 @pytest.mark.parametrize(
@@ -397,48 +388,40 @@ def test_pluginmon_api_survives_hup_and_usr1_sent_while_it_starts(
     data_dir = server_tmp_dir / "state"
     config = tmp_path / "api.toml"
     config.write_text(f'data_dir = "{data_dir}"\nhttp_host = "127.0.0.1"\nhttp_port = {port}\n')
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PLUGINMON_")}
-    env["PYTHONPATH"] = str(REPO)
-    process = subprocess.Popen(
-        [sys.executable, "-m", "pluginmon.daemon.cli", "api", "--config", str(config)],
-        env=env,
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
     try:
-        wait_for(
-            "the embedded database to be initialised",
-            lambda: (data_dir / "postgres" / "PG_VERSION").exists() or process.poll() is not None,
-            timeout=120,
-            interval=0.01,
-        )
-        assert process.poll() is None, f"pluginmon api exited with {process.returncode}"
-        assert _catches(process.pid, signal.SIGHUP), "nothing catches SIGHUP while it starts"
-        process.send_signal(signal.SIGHUP)
-        process.send_signal(signal.SIGUSR1)
-        ready = urllib.request.Request(f"http://127.0.0.1:{port}/readyz")
+        with _pluginmon_api(config, database_url=None) as process:
+            wait_for(
+                "the embedded database to be initialised",
+                lambda: (
+                    (data_dir / "postgres" / "PG_VERSION").exists() or process.poll() is not None
+                ),
+                timeout=120,
+                interval=0.01,
+            )
+            assert process.poll() is None, f"pluginmon api exited with {process.returncode}"
+            assert _catches(process.pid, signal.SIGHUP), "nothing catches SIGHUP while it starts"
+            process.send_signal(signal.SIGHUP)
+            process.send_signal(signal.SIGUSR1)
+            ready = urllib.request.Request(f"http://127.0.0.1:{port}/readyz")
 
-        def answers() -> bool:
-            try:
-                with urllib.request.urlopen(ready, timeout=5) as response:  # noqa: S310
-                    return bool(response.status == 200)
-            except OSError:
-                return process.poll() is not None  # stop polling a dead process
+            def answers() -> bool:
+                try:
+                    with urllib.request.urlopen(ready, timeout=5) as response:  # noqa: S310
+                        return bool(response.status == 200)
+                except OSError:
+                    return process.poll() is not None  # stop polling a dead process
 
-        wait_for("pluginmon api to answer /readyz", answers, timeout=180)
-        assert process.poll() is None, f"an early signal ended pluginmon api ({process.returncode})"
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=60) == 0
-        assert process.stderr is not None
-        log = process.stderr.read().decode(errors="replace")
-        assert "SIGHUP received: pluginmon api reads its configuration at start only" in log
-        assert not EmbeddedPostgres(data_dir).is_running()
+            wait_for("pluginmon api to answer /readyz", answers, timeout=180)
+            assert process.poll() is None, (
+                f"an early signal ended pluginmon api ({process.returncode})"
+            )
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(timeout=60) == 0
+            assert process.stderr is not None
+            log = process.stderr.read().decode(errors="replace")
+            assert "SIGHUP received: pluginmon api reads its configuration at start only" in log
+            assert not EmbeddedPostgres(data_dir).is_running()
     finally:
-        if process.poll() is None:
-            stop_process(process)
-        if process.stderr is not None:
-            process.stderr.close()
         server = EmbeddedPostgres(data_dir)
         if (data_dir / "postgres" / "PG_VERSION").exists() and server.is_running():
             server.stop(mode="immediate")
