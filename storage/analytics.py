@@ -36,8 +36,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Final
 
-from pluginmon.storage.backend import AdminConnection, Retention
-from pluginmon.storage.errors import MAINTENANCE_STEP_ERRORS
+from pluginmon.storage.backend import MAINTENANCE_STEP_ERRORS, AdminConnection, Retention
 
 logger = logging.getLogger(__name__)
 

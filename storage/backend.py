@@ -24,6 +24,15 @@ from pluginmon.storage.migrate import (
 
 logger = logging.getLogger(__name__)
 
+# A maintenance step (one rollup, one retention statement, the daily analytics) that fails
+# one of these is postponed, not fatal: the next maintenance run tries it again. (Here, in the
+# admin plane, not in storage.errors, which imports asyncpg.)
+MAINTENANCE_STEP_ERRORS: tuple[type[Exception], ...] = (
+    psycopg.errors.LockNotAvailable,
+    psycopg.errors.QueryCanceled,
+    psycopg.errors.TransactionRollback,
+)
+
 # Any constant works as long as every pluginmon process uses the same one ("plmain").
 MAINTENANCE_LOCK_KEY = 0x706C_6D61_696E
 

@@ -67,15 +67,6 @@ ADMIN_TRANSIENT_ERRORS: Final[tuple[type[BaseException], ...]] = (
 )
 
 
-# A maintenance step (one rollup, one retention statement, the daily analytics) that fails
-# one of these is postponed, not fatal: the next maintenance run tries it again.
-MAINTENANCE_STEP_ERRORS: Final[tuple[type[Exception], ...]] = (
-    psycopg.errors.LockNotAvailable,
-    psycopg.errors.QueryCanceled,
-    psycopg.errors.TransactionRollback,
-)
-
-
 def is_transient(exc: BaseException) -> bool:
     """True when ``exc`` says the database cannot take the work now (see the module doc),
     from either driver."""

@@ -22,8 +22,12 @@ from typing import Final
 
 from psycopg import sql
 
-from pluginmon.storage.backend import AdminConnection, Retention, RollupRefresh
-from pluginmon.storage.errors import MAINTENANCE_STEP_ERRORS
+from pluginmon.storage.backend import (
+    MAINTENANCE_STEP_ERRORS,
+    AdminConnection,
+    Retention,
+    RollupRefresh,
+)
 
 logger = logging.getLogger(__name__)
 

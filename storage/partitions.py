@@ -10,6 +10,7 @@ from psycopg import sql
 
 from pluginmon.storage.analytics import daily_analytics_step
 from pluginmon.storage.backend import (
+    MAINTENANCE_STEP_ERRORS,
     AdminConnection,
     Clock,
     MaintenanceReport,
@@ -22,7 +23,6 @@ from pluginmon.storage.backend import (
     require_autocommit,
     utc_now,
 )
-from pluginmon.storage.errors import MAINTENANCE_STEP_ERRORS
 from pluginmon.storage.metric_rollups import maintain_metric_rollups
 from pluginmon.storage.migrate import Backend
 
