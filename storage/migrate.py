@@ -382,6 +382,45 @@ UPDATE schema_migrations SET backend = 'citus' WHERE backend = 'postgres';
 """
 
 
+# Before a converted database runs Citus's own files: what the PostgreSQL backend's variants
+# created that Citus refuses on a table it distributes (092's statement triggers).
+_CITUS_REAPPLY_DDL = """
+DROP TRIGGER IF EXISTS pluginmon_rollup_invalidation ON plugin_samples;
+DROP TRIGGER IF EXISTS pluginmon_rollup_invalidation ON plugin_metrics;
+"""
+
+
+def _reapply_for_citus(
+    conn: psycopg.Connection[tuple[object, ...]],
+    known: dict[int, Migration],
+    applied: dict[int, tuple[object, ...]],
+) -> dict[int, tuple[object, ...]]:
+    """``applied`` without the versions this Citus database applied in another backend's file.
+
+    A database converted from the PostgreSQL backend applied that backend's file where Citus
+    has its own (the distribution migrations from 100 on are no-ops there): those versions
+    are forgotten here, so they run again as Citus's file, in version order with the pending
+    ones. Every Citus file is written to run on a database that holds the earlier versions'
+    objects, and the ones below 100 repeat what the PostgreSQL file did (031's grant, 092's
+    nothing), so running them again is harmless.
+    """
+    stale = sorted(
+        version
+        for version, row in applied.items()
+        if version in known and known[version].filename != str(row[1])
+    )
+    if not stale:
+        return applied
+    with conn.transaction():
+        conn.execute(_CITUS_REAPPLY_DDL)
+        conn.execute("DELETE FROM schema_migrations WHERE version = ANY(%s)", (stale,))
+    logger.warning(
+        "running Citus's own files for migrations applied in the PostgreSQL backend's: %s",
+        ", ".join(known[version].filename for version in stale),
+    )
+    return {version: row for version, row in applied.items() if version not in stale}
+
+
 def migrate(
     database_url: str,
     *,
@@ -422,9 +461,9 @@ def _migrate_locked(
     if recorded_backends:
         recorded = Backend(recorded_backends.pop())
         if recorded is Backend.POSTGRES and backend is Backend.CITUS:
-            # A PostgreSQL-backend database restored into a Citus coordinator: every file
-            # applied so far is the one Citus runs too (no .citus.sql below 100), so it
-            # becomes a Citus database and the distribution migrations follow.
+            # A PostgreSQL-backend database restored into a Citus coordinator becomes a Citus
+            # database: the versions where Citus has its own file run again as that file
+            # (below, _reapply_for_citus), then the pending ones as on any Citus database.
             choose_backend(Backend.CITUS, read_timescale_offer(conn))
             with conn.transaction():
                 conn.execute(_CITUS_CONVERSION_DDL)
@@ -444,6 +483,8 @@ def _migrate_locked(
     migrations = discover(directory, backend)
     known = {m.version: m for m in migrations}
     applied = {int(str(row[0])): row for row in applied_rows}
+    if backend is Backend.CITUS:
+        applied = _reapply_for_citus(conn, known, applied)
     newest_known = max(known, default=0)
     newer = sorted(str(row[1]) for version, row in applied.items() if version > newest_known)
     if newer:
@@ -451,18 +492,11 @@ def _migrate_locked(
             f"this database was migrated by a newer pluginmon ({', '.join(newer)} applied; "
             f"this pluginmon knows migrations up to {newest_known:03d}): upgrade pluginmon"
         )
-    # A database converted from the PostgreSQL backend applied that backend's file where
-    # Citus has its own variant.
-    converted_from = (
-        {m.version: m.checksum for m in discover(directory, Backend.POSTGRES)}
-        if backend is Backend.CITUS
-        else {}
-    )
     for version, row in applied.items():
         migration = known.get(version)
         if migration is None:
             raise MigrationError(f"{row[1]}: applied to this database but missing from {directory}")
-        if migration.checksum != row[3] and converted_from.get(version) != row[3]:
+        if migration.checksum != row[3]:
             raise MigrationError(
                 f"{migration.filename}: changed after it was applied "
                 f"(checksum {str(row[3])[:12]} recorded, {migration.checksum[:12]} on disk); "
