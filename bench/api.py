@@ -138,11 +138,14 @@ def probe_report(probes: list[tuple[float, float]]) -> str:
 @dataclass
 class Results:
     latencies: list[float] = field(default_factory=list)
+    # (wall-clock start, latency) of every request: where in time the slow ones fall.
+    timeline: list[tuple[float, float]] = field(default_factory=list)
     errors: dict[str, int] = field(default_factory=dict)
     by_kind: dict[str, list[float]] = field(default_factory=dict)
 
     def record(self, kind: str, seconds: float, status: int, expected: int, code: str = "") -> None:
         self.latencies.append(seconds)
+        self.timeline.append((time.time() - seconds, seconds))
         self.by_kind.setdefault(kind, []).append(seconds)
         if status != expected:
             key = f"{kind}:{status}:{code}"
@@ -225,6 +228,26 @@ async def client(
                 open_operation, step = None, 0
         elif kind == "operation":
             open_operation, step = None, 0
+
+
+def slow_report(timeline: list[tuple[float, float]], threshold: float) -> str:
+    """Where the requests slower than ``threshold`` fall: by tenth of the wall-clock second
+    (the daemon samples once a second, so a periodic cause crowds one or two tenths) and how
+    many distinct seconds hold them (a few bursts, or spread evenly)."""
+    slow = [(start, latency) for start, latency in timeline if latency > threshold]
+    tenths = [0] * 10
+    for start, _ in slow:
+        tenths[int((start % 1.0) * 10)] += 1
+    seconds = sorted({int(start) for start, _ in slow})
+    busiest = sorted(
+        ((sum(1 for s, _ in slow if int(s) == second), second) for second in seconds), reverse=True
+    )[:3]
+    first = min((start for start, _ in timeline), default=0.0)
+    return (
+        f"{len(slow)} requests in {len(seconds)} distinct seconds, by tenth of the second "
+        f"{tenths}; busiest seconds (requests, s into the run): "
+        + ", ".join(f"{n} at {second - first:.0f}" for n, second in busiest)
+    )
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -380,6 +403,7 @@ def bench(
         f"= {len(lat) / elapsed:.0f} req/s; latency p50 {statistics.median(lat) * 1000:.1f} ms, "
         f"p99 {p99:.1f} ms, max {max(lat) * 1000:.1f} ms; errors {results.errors or 'none'}"
     )
+    print(f"slowest 1% (over {p99:.1f} ms): {slow_report(results.timeline, p99 / 1000)}")
     for kind, values in sorted(results.by_kind.items()):
         print(
             f"  {kind:9s} {len(values):6d} requests: p50 {statistics.median(values) * 1000:.1f} ms, "
