@@ -23,7 +23,7 @@ from pluginmon.storage.engines import (
     prepare_database,
 )
 from pluginmon.storage.migrate import Backend, applied_versions, migrate
-from pluginmon.storage.queries import ensure_tenant_and_plugin, set_tenant
+from pluginmon.storage.queries import ensure_plugins, ensure_tenant_and_plugin, set_tenant
 from tests.dbutil import migrated_copy
 from tests.schema_helpers import (
     SAMPLE_COLUMNS,
@@ -559,6 +559,51 @@ async def test_ensure_tenant_and_plugin_is_an_idempotent_upsert(migrated_db: str
         assert await conns[0].fetchval("SELECT count(*) FROM tenants") == 2
         with pytest.raises(ValueError, match="slug"):
             await ensure_tenant_and_plugin(conns[0], "Not A Slug", "x", "prod")
+    finally:
+        for c in conns:
+            await c.close()
+
+
+async def test_ensure_plugins_resolves_many_at_once_like_the_single_upsert(
+    migrated_db: str,
+) -> None:
+    conns = [await asyncpg.connect(migrated_db) for _ in range(4)]
+    try:
+        known = await ensure_tenant_and_plugin(conns[0], "acme", "p0001", "prod")
+        keys = [(f"t{i % 7}", f"p{i:04d}", "prod") for i in range(1200)]
+        keys.append(("acme", "p0001", "staging"))  # exists; another environment, same id
+        keys.append(("t0", "p0000", "staging"))  # twice in one call: one plugin
+        ids = await ensure_plugins(conns[0], keys)
+        assert len(ids) == 1201
+        assert ids[("acme", "p0001")] == known
+        assert await conns[0].fetchval("SELECT count(*) FROM plugins") == 1201
+        # the first key names a new plugin's environment; the single upsert agrees on ids
+        assert (
+            await conns[0].fetchval(
+                "SELECT environment FROM plugins WHERE tenant_id = 't0' AND name = 'p0000'"
+            )
+            == "prod"
+        )
+        assert await ensure_tenant_and_plugin(conns[1], "t3", "p0003", "x") == ids[("t3", "p0003")]
+        # Again: every id read back, nothing created.
+        assert await ensure_plugins(conns[1], keys) == ids
+        assert await conns[0].fetchval("SELECT count(*) FROM plugins") == 1201
+        # Four sessions creating overlapping sets in opposite orders agree, without deadlock.
+        fresh = [("globex", f"q{i:03d}", "prod") for i in range(300)]
+        orders = [fresh, fresh[::-1], fresh[100:] + fresh[:100], fresh[::2] + fresh[1::2]]
+        found = await asyncio.gather(
+            *(ensure_plugins(c, o) for c, o in zip(conns, orders, strict=True))
+        )
+        assert all(f == found[0] for f in found)
+        assert len(set(found[0].values())) == 300
+        assert set(found[0].values()).isdisjoint(ids.values())
+        # A key the schema refuses: ValueError naming it, nothing written.
+        with pytest.raises(ValueError, match="'Bad Tenant' is not a valid slug"):
+            await ensure_plugins(conns[0], [("newco", "a", "prod"), ("Bad Tenant", "b", "p")])
+        with pytest.raises(ValueError, match="plugin name"):
+            await ensure_plugins(conns[0], [("newco", "", "prod")])
+        assert await conns[0].fetchval("SELECT count(*) FROM tenants WHERE id = 'newco'") == 0
+        assert await ensure_plugins(conns[0], []) == {}
     finally:
         for c in conns:
             await c.close()
