@@ -334,6 +334,8 @@ class Daemon:
             spool_dir=settings.data_dir / "alert-spool",
             instance=settings.host,
             health_write_interval_seconds=settings.health_write_interval_seconds,
+            # The registry job writes its gauges at this interval (the "registry" job below).
+            registry_metrics_interval_seconds=settings.maintenance_interval_seconds,
         )
         stack.push_async_callback(engine.aclose)
         outbox = await stack.enter_async_context(

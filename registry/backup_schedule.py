@@ -23,7 +23,11 @@ from datetime import datetime
 
 import asyncpg
 
-from pluginmon.alerts.health import BACKUP_STALE, BACKUP_VERIFICATION_FAILED
+from pluginmon.alerts.health import (
+    BACKUP_STALE,
+    BACKUP_VERIFICATION_FAILED,
+    BACKUP_VERIFIED_AGE_SECONDS,
+)
 from pluginmon.registry import audit, backups
 from pluginmon.registry.actor import DAEMON, Actor
 from pluginmon.registry.backup_readers import Readers, VerifyStatus
@@ -33,9 +37,6 @@ logger = logging.getLogger(__name__)
 
 # Any constant works as long as every pluginmon process uses the same one ("plbkup").
 BACKUP_LOCK_KEY = 0x706C_626B_7570
-
-# plugin_metrics gauges per (plugin, environment) with backups, for rules and health.
-BACKUP_VERIFIED_AGE_SECONDS = "backup_verified_age_seconds"
 
 
 @dataclass(frozen=True, slots=True)

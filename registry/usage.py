@@ -15,10 +15,9 @@ from datetime import datetime, timedelta
 
 import asyncpg
 
-from pluginmon.alerts.health import OPERATIONS_FAILED
-
 # The built-in rules PluginOperationFailed / PluginOperationStuck (alerts/rules.py) read these.
-OPERATIONS_STUCK = "operations_stuck"
+from pluginmon.alerts.health import OPERATIONS_FAILED
+from pluginmon.alerts.health import OPERATIONS_STUCK as OPERATIONS_STUCK
 
 _REFRESH_SQL = """
 WITH latest AS (
