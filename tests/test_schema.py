@@ -14,6 +14,7 @@ import psycopg
 import pytest
 from psycopg import errors
 
+from pluginmon.storage import alert_state
 from pluginmon.storage.backend import (
     Retention,
     admin_connection,
@@ -165,6 +166,49 @@ def test_seed_recommended_indexes(conn: Conn) -> None:
     assert "(tenant_id, severity, status" in defs["idx_plugin_alerts_tenant_severity_status"]
     assert defs["idx_plugin_alerts_open_fingerprint"].startswith("CREATE UNIQUE INDEX")
     assert "WHERE (status <> 'resolved'::text)" in defs["idx_plugin_alerts_open_fingerprint"]
+
+
+async def test_acknowledged_open_alerts_are_read_through_their_own_index(
+    migrated_db: str,
+) -> None:
+    """104: every agent reads the acknowledged open alerts each cycle; with thousands of
+    open alerts in a fleet's database the read uses the partial index of the few acknowledged
+    ones, not a scan of every open alert."""
+    conn = await asyncpg.connect(migrated_db)
+    try:
+        ids = await ensure_plugins(conn, [("acme", f"p{i}", "prod") for i in range(2000)])
+        await conn.execute(
+            """INSERT INTO plugin_alerts (tenant_id, plugin_id, environment, rule_name,
+                   fingerprint, severity, status)
+               SELECT 'acme', pid, 'prod', 'R', md5(pid::text), 'warning', 'firing'
+                 FROM unnest($1::bigint[]) pid""",
+            list(ids.values()),
+        )
+        await conn.execute(
+            "UPDATE plugin_alerts SET acknowledged_at = now(), acknowledged_by = 'ops'"
+            " WHERE plugin_id = ANY($1)",
+            [ids[("acme", "p7")], ids[("acme", "p9")]],
+        )
+        await conn.execute("ANALYZE plugin_alerts")
+        defs = await conn.fetchval(
+            "SELECT indexdef FROM pg_indexes WHERE indexname = 'idx_plugin_alerts_acknowledged_open'"
+        )
+        assert defs.endswith(
+            "(fingerprint) WHERE ((status <> 'resolved'::text) AND (acknowledged_at IS NOT NULL))"
+        )
+        plan = "\n".join(
+            r[0]
+            for r in await conn.fetch(
+                "EXPLAIN SELECT fingerprint, acknowledged_at, acknowledged_by FROM plugin_alerts"
+                " WHERE status <> 'resolved' AND acknowledged_at IS NOT NULL"
+            )
+        )
+        assert "idx_plugin_alerts_acknowledged_open" in plan
+        acked = await alert_state.acknowledged(conn)
+        assert [by for _, by in acked.values()] == ["ops", "ops"]
+        assert len(acked) == 2
+    finally:
+        await conn.close()
 
 
 def test_plugin_source_enum_is_the_seeds(conn: Conn) -> None:
