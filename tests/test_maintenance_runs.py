@@ -178,8 +178,9 @@ async def test_five_daemons_registry_duties_run_once_an_interval(migrated_db: st
 
 
 async def test_a_registry_run_rolled_back_does_not_count(migrated_db: str) -> None:
-    """The start is recorded in the run's transaction: a daemon that dies during the
-    duties leaves nothing behind, and the next one runs them at once."""
+    """The start is recorded in the run's transaction: a daemon whose run fails (or dies:
+    the server rolls its transaction back) leaves nothing behind, and the next one runs the
+    duties at once."""
     now = datetime.now(UTC)
     dying = await asyncpg.connect(migrated_db)
     tx = dying.transaction()
@@ -194,7 +195,9 @@ async def test_a_registry_run_rolled_back_does_not_count(migrated_db: str) -> No
     try:
         # While it holds the lock, the others skip.
         assert not (await registry_maintenance.run(other, now=now, interval_seconds=HOUR)).ran
-        dying.terminate()  # its transaction rolls back
+        # It fails: its transaction rolls back (as the server does for a daemon that died).
+        await tx.rollback()
+        await dying.close()
         report = await registry_maintenance.run(
             other, now=now, interval_seconds=HOUR, instance="next"
         )
@@ -204,6 +207,8 @@ async def test_a_registry_run_rolled_back_does_not_count(migrated_db: str) -> No
         assert last[2] == "next"
     finally:
         await other.close()
+        if not dying.is_closed():
+            await dying.close()
 
 
 async def test_backups_duty_runs_once_an_interval_and_a_dead_run_does_not_count(
