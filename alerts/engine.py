@@ -87,6 +87,12 @@ class AlertEngine:
     daemons can share one database: each one's alerts and notifications are recorded with
     its instance, and an engine loads, resolves and queues only its own.
 
+    Rules and health thresholds over plugin_metrics read their values every cycle, except
+    the registry's gauges (alerts.health.REGISTRY_GAUGES), written by the registry job once
+    per its interval: with ``registry_metrics_interval_seconds`` (the daemon passes its
+    ``maintenance_interval_seconds``) those are read once per that interval and for plugins
+    not read yet (alerts.metric_reads); 0 reads them every cycle.
+
     Every sample is scored and evaluated, keyed by its plugin key. Database plugin ids come
     from ``process(snapshot, plugin_ids)`` or from the ``plugin_ids`` source given here; an
     alert or notification of a plugin without one waits in memory (and in the journal) until
@@ -111,6 +117,7 @@ class AlertEngine:
         webhooks: Sequence[WebhookConfig] = (),
         alertmanager: AlertmanagerConfig | None = None,
         metrics_max_age_seconds: float = 600.0,
+        registry_metrics_interval_seconds: float = 0.0,
         stale_after_seconds: float = 300.0,
         plugin_health_update_seconds: float = 60.0,
         health_write_interval_seconds: float = 0.0,
@@ -143,6 +150,7 @@ class AlertEngine:
             health_write_interval_seconds=health_write_interval_seconds,
             dependencies_refresh_seconds=dependencies_refresh_seconds,
             metrics_max_age_seconds=metrics_max_age_seconds,
+            registry_metrics_interval_seconds=registry_metrics_interval_seconds,
             spool_dir=spool_dir,
             journal_max_bytes=journal_max_bytes,
         )
@@ -380,6 +388,11 @@ class AlertEngine:
             self._book.set_dependencies(inputs.dependencies)
         if inputs.metrics is not None:
             self._metrics = inputs.metrics
+
+    @property
+    def plugin_metrics_reads(self) -> int:
+        """Statements run so far to read plugin_metrics values for rules and health."""
+        return self._persistence.metric_reads.reads
 
     def firing(self) -> list[AlertView]:
         """Firing alerts that notify (not inhibited, not silenced): pluginmon_alerts_firing."""

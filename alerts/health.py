@@ -33,6 +33,23 @@ BACKUP_STALE = "backup_stale"
 BACKUP_VERIFICATION_FAILED = "backup_verification_failed"
 # Open critical vulnerability findings (registry/vulnerabilities.py writes the gauge).
 VULNERABILITIES_CRITICAL = "vulnerabilities_critical"
+# Operations running, or due to run, for over 30 minutes (registry/usage.py).
+OPERATIONS_STUCK = "operations_stuck"
+# Seconds since the plugin's last verified backup (registry/backup_schedule.py).
+BACKUP_VERIFIED_AGE_SECONDS = "backup_verified_age_seconds"
+# The gauges only the registry job writes, once per maintenance_interval_seconds for the
+# database: the alert engine reads them at that rate, not every cycle (alerts/persistence.py).
+REGISTRY_GAUGES = frozenset(
+    {
+        OPERATIONS_FAILED,
+        OPERATIONS_STUCK,
+        DEPENDENCIES_UNSATISFIED,
+        BACKUP_STALE,
+        BACKUP_VERIFICATION_FAILED,
+        BACKUP_VERIFIED_AGE_SECONDS,
+        VULNERABILITIES_CRITICAL,
+    }
+)
 
 
 @dataclass(frozen=True, slots=True)

@@ -47,6 +47,7 @@ from pluginmon.alerts.health import HealthScore
 from pluginmon.alerts.health_rows import HealthDue, HealthWriteSchedule
 from pluginmon.alerts.journal_outbox import JournaledNotification, JournalOutbox
 from pluginmon.alerts.journaling import OutageJournal, read_back
+from pluginmon.alerts.metric_reads import MetricReads
 from pluginmon.alerts.metric_values import plugin_metric_values
 from pluginmon.alerts.planner import Notification
 from pluginmon.alerts.scoring import health_labels_json
@@ -130,6 +131,7 @@ class AlertPersistence:
         health_write_interval_seconds: float = 0.0,
         dependencies_refresh_seconds: float = 30.0,
         metrics_max_age_seconds: float = 600.0,
+        registry_metrics_interval_seconds: float = 0.0,
         spool_dir: Path | None = None,
         journal_max_bytes: int = JOURNAL_MAX_BYTES,
     ) -> None:
@@ -143,6 +145,8 @@ class AlertPersistence:
         self._deps_refresh = dependencies_refresh_seconds
         self._deps_loaded_at: float | None = None
         self._metrics_max_age = timedelta(seconds=metrics_max_age_seconds)
+        # The registry's gauges at the rate the registry job writes them (metric_reads).
+        self.metric_reads = MetricReads(registry_interval_seconds=registry_metrics_interval_seconds)
         self._journal = (
             None
             if spool_dir is None
@@ -314,10 +318,16 @@ class AlertPersistence:
             pid = self.plugin_id(key)
             if pid is not None:
                 by_id[(pid, key.environment)] = key
-        # Gauges as their value, counters as rates, name:pNN as quantiles (metric_values).
-        values = await plugin_metric_values(
-            conn, list(by_id), names, now - self._metrics_max_age, now=now
-        )
+        reads = self.metric_reads
+        ts = now.timestamp()
+        plan = reads.plan(names, by_id.keys(), now=ts)
+        read: dict[tuple[int, str, str], float] = {}
+        if plan.names:
+            # Gauges as their value, counters as rates, name:pNN as quantiles (metric_values).
+            read = await plugin_metric_values(
+                conn, list(by_id), plan.names, now - self._metrics_max_age, now=now
+            )
+        values = reads.take(plan, read, by_id.keys(), now=ts)
         metrics: dict[PluginKey, dict[str, float]] = defaultdict(dict)
         for (pid, env, name), value in values.items():
             metrics[by_id[(pid, env)]][name] = value

@@ -3,10 +3,11 @@ machine takes.
 
 Each agent is the daemon's pipeline without the sampler: its own asyncpg pool, sample sink
 (plugin ids resolved once per plugin, the unresolved spool), BatchWriter with its disk spool,
-AlertEngine (the built-in rules, health rows every ``health_write_interval_seconds``, its
-journal), OutboxDeliverer with a real webhook receiver, the database probe and the
-maintenance job every 60 s (all agents contend for its advisory lock, as daemons sharing a
-database do). A generator stands in for the sampler (measured by bench/scale.py): 1,000
+AlertEngine (the built-in rules, health rows every ``health_write_interval_seconds``, the
+registry's gauges read once per maintenance interval, its journal), OutboxDeliverer with a
+real webhook receiver, the database probe, and every 60 s the maintenance job and the
+registry job with its backups duty (all agents contend for their advisory locks and
+maintenance_runs rows, as daemons sharing a database do). A generator stands in for the sampler (measured by bench/scale.py): 1,000
 plugins per agent, 60% idle with constant readings, 35% with CPU and RSS moving a little
 every cycle, 5% busy (some over the CPU alert threshold, some leaking memory), one in 500
 down now and then. Agents start at random phases of the interval, like hosts do.
@@ -79,6 +80,10 @@ from pluginmon.alerts.engine import AlertEngine
 from pluginmon.alerts.outbox import OutboxDeliverer
 from pluginmon.alerts.rules import WebhookConfig, builtin_rules
 from pluginmon.collectors.models import PluginKey, PluginSample, Snapshot
+from pluginmon.daemon.api_backups import backup_job
+from pluginmon.daemon.api_wiring import registry_job
+from pluginmon.registry.backup_readers import Readers
+from pluginmon.registry.backup_schedule import BackupSchedule
 from pluginmon.storage.backend import Retention
 from pluginmon.storage.embedded import EmbeddedPostgres
 from pluginmon.storage.engines import prepare_database
@@ -233,6 +238,8 @@ class Agent:
             spool_dir=self._dir / "alert-spool",
             instance=self._gen.host,
             health_write_interval_seconds=HEALTH_WRITE_INTERVAL_SECONDS,
+            # as the daemon does: the registry job's interval
+            registry_metrics_interval_seconds=MAINTENANCE_INTERVAL_SECONDS,
         )
         try:
             await engine.start()
@@ -241,6 +248,21 @@ class Agent:
                     self._url,
                     retention=Retention(),
                     spools=[spool, unresolved.spool],
+                    interval_seconds=MAINTENANCE_INTERVAL_SECONDS,
+                    instance=self._gen.host,
+                )
+                # The daemon's "registry" job (daemon/app.py), with its backups duty.
+                registry = registry_job(
+                    lambda: pool,
+                    metrics=None,
+                    usage_window_seconds=max(30.0, 3 * self._interval),
+                    backups=backup_job(
+                        readers=Readers(),
+                        schedule=BackupSchedule(),
+                        metrics=None,
+                        interval_seconds=MAINTENANCE_INTERVAL_SECONDS,
+                        instance=self._gen.host,
+                    ),
                     interval_seconds=MAINTENANCE_INTERVAL_SECONDS,
                     instance=self._gen.host,
                 )
@@ -263,6 +285,9 @@ class Agent:
                     group.create_task(self._every(stop, 5.0, self._deliver, outbox))
                     group.create_task(
                         self._every(stop, MAINTENANCE_INTERVAL_SECONDS, self._maintain, maintainer)
+                    )
+                    group.create_task(
+                        self._every(stop, MAINTENANCE_INTERVAL_SECONDS, self._registry, registry)
                     )
                     group.create_task(self._watch(stop, writer, unresolved))
         finally:
@@ -330,6 +355,9 @@ class Agent:
 
     async def _maintain(self, maintainer: Maintainer) -> None:
         await maintainer.run()
+
+    async def _registry(self, job: Any) -> None:
+        await job()
 
     async def _watch(
         self, stop: asyncio.Event, writer: BatchWriter, unresolved: UnresolvedSpool
@@ -514,6 +542,20 @@ def postmaster(url: str) -> int:
 
 # Statement text -> what it is part of, first match wins.
 CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    # the registry job and its backups duty (its usage refresh reads plugin_samples)
+    (
+        "registry",
+        (
+            "plugin_environments",
+            "plugin_operations",
+            "approvals",
+            "vulnerabilit",
+            "backup",
+            "sbom",
+            "pg_try_advisory_xact_lock",
+            "dependency_",
+        ),
+    ),
     ("samples", ("plugin_samples",)),
     (
         "health+alerts",
@@ -600,9 +642,9 @@ def statement_times(found: list[Statement]) -> dict[str, float]:
 
 
 def print_top_statements(found: list[Statement], *, limit: int, wall: float) -> None:
-    """The ``limit`` statements of the "maintenance" and "health+alerts" kinds (nested ones
+    """The ``limit`` statements of the "maintenance", "health+alerts" and "registry" kinds (nested ones
     included, marked) with the most execution time: which ones, how often, how long each."""
-    for kind in ("maintenance", "health+alerts"):
+    for kind in ("maintenance", "health+alerts", "registry"):
         chosen = sorted((st for st in found if st.kind == kind), key=lambda st: -st.total_seconds)
         chosen = chosen[:limit]
         print(f"  top {len(chosen)} {kind} statements by execution time ({wall:.0f} s window):")

@@ -320,7 +320,12 @@ def backup_job(
     schedule: BackupSchedule,
     metrics: BackupMetrics | None,
     clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    interval_seconds: float | None = None,
+    instance: str = "",
 ) -> Callable[[asyncpg.Pool], Awaitable[None]]:
+    """The backups duty; with ``interval_seconds`` done once per interval for the database
+    (registry.backup_schedule.run)."""
+
     async def run(pool: asyncpg.Pool) -> None:
         try:
             report = await backup_schedule.run(
@@ -329,6 +334,8 @@ def backup_job(
                 schedule=schedule,
                 clock=clock,
                 on_verified=None if metrics is None else metrics.verified,
+                interval_seconds=interval_seconds,
+                instance=instance,
             )
         except TRANSIENT_ERRORS as exc:
             logger.warning(

@@ -177,11 +177,14 @@ async def _reemit_loop(
 def backups_duty(
     settings: Settings, metrics: ApiMetrics | None
 ) -> Callable[[asyncpg.Pool], Awaitable[None]]:
-    """Backup retention and scheduled verification for the registry job ([backups])."""
+    """Backup retention and scheduled verification for the registry job ([backups]), once
+    per maintenance interval for the database."""
     return backup_job(
         readers=settings.backups.readers(),
         schedule=settings.backups.schedule(),
         metrics=None if metrics is None else metrics.backups,
+        interval_seconds=settings.maintenance_interval_seconds,
+        instance=settings.host,
     )
 
 
@@ -193,11 +196,14 @@ def registry_job(
     usage_window_seconds: float = 120.0,
     backups: Callable[[asyncpg.Pool], Awaitable[None]] | None = None,
     vulnerability_db: Path | None = None,
+    interval_seconds: float | None = None,
+    instance: str = "",
 ) -> Callable[[], Awaitable[None]]:
     """The periodic registry duties: approvals expire, operations past their deadline fail,
     operation health gauges and the plugins' usage columns are refreshed. Once per database
-    (an advisory lock); the others skip. With ``vulnerability_db``, SBOMs are matched offline
-    when they or the database change."""
+    (an advisory lock); the others skip; with ``interval_seconds`` (the caller's schedule)
+    also once per interval for the database, however many processes run it. With
+    ``vulnerability_db``, SBOMs are matched offline when they or the database change."""
     advisories = None if vulnerability_db is None else VulnerabilityDatabase(vulnerability_db)
 
     async def run() -> None:
@@ -212,6 +218,8 @@ def registry_job(
                     now=now,
                     usage_window_seconds=usage_window_seconds,
                     vulnerability_db=advisories,
+                    interval_seconds=interval_seconds,
+                    instance=instance,
                 )
             if backups is not None:
                 # its own advisory lock: artifacts are read outside the transaction above
@@ -313,6 +321,8 @@ async def serve_api(
             metrics=metrics,
             backups=backups_duty(settings, metrics),
             vulnerability_db=settings.vulnerability_db,
+            interval_seconds=settings.maintenance_interval_seconds,
+            instance=settings.host,
         )
         reemit = asyncio.create_task(
             _reemit_loop(

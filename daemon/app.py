@@ -334,6 +334,8 @@ class Daemon:
             spool_dir=settings.data_dir / "alert-spool",
             instance=settings.host,
             health_write_interval_seconds=settings.health_write_interval_seconds,
+            # The registry job writes its gauges at this interval (the "registry" job below).
+            registry_metrics_interval_seconds=settings.maintenance_interval_seconds,
         )
         stack.push_async_callback(engine.aclose)
         outbox = await stack.enter_async_context(
@@ -475,6 +477,8 @@ class Daemon:
                 usage_window_seconds=max(30.0, 3 * settings.sample_interval_seconds),
                 backups=backups_duty(settings, self.api_metrics),
                 vulnerability_db=settings.vulnerability_db,
+                interval_seconds=settings.maintenance_interval_seconds,
+                instance=settings.host,
             ),
             interval_seconds=settings.maintenance_interval_seconds,
             first_run_in_seconds=min(5.0, settings.maintenance_interval_seconds),

@@ -23,19 +23,23 @@ from datetime import datetime
 
 import asyncpg
 
-from pluginmon.alerts.health import BACKUP_STALE, BACKUP_VERIFICATION_FAILED
+from pluginmon.alerts.health import (
+    BACKUP_STALE,
+    BACKUP_VERIFICATION_FAILED,
+    BACKUP_VERIFIED_AGE_SECONDS,
+)
 from pluginmon.registry import audit, backups
 from pluginmon.registry.actor import DAEMON, Actor
 from pluginmon.registry.backup_readers import Readers, VerifyStatus
 from pluginmon.registry.errors import NotFoundError
+from pluginmon.storage import job_runs
 
 logger = logging.getLogger(__name__)
 
 # Any constant works as long as every pluginmon process uses the same one ("plbkup").
 BACKUP_LOCK_KEY = 0x706C_626B_7570
-
-# plugin_metrics gauges per (plugin, environment) with backups, for rules and health.
-BACKUP_VERIFIED_AGE_SECONDS = "backup_verified_age_seconds"
+# Its row in maintenance_runs.
+BACKUPS_JOB = "backups"
 
 
 @dataclass(frozen=True, slots=True)
@@ -241,13 +245,21 @@ async def run(
     schedule: BackupSchedule,
     clock: Callable[[], datetime],
     on_verified: Callable[[backups.Verification], None] | None = None,
+    interval_seconds: float | None = None,
+    instance: str = "",
 ) -> BackupRunReport:
-    """Retention, due verifications and gauges, once per database (see the module docstring).
-    ``last_verified`` is read by every process, lock or not, for its /metrics."""
+    """Retention, due verifications and gauges, once per database (see the module docstring)
+    and, with ``interval_seconds``, once per interval for the database (maintenance_runs,
+    job ``backups``: storage.job_runs). ``last_verified`` is read by every process, lock or
+    not, for its /metrics."""
     async with pool.acquire() as conn:
         if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", BACKUP_LOCK_KEY):
             return BackupRunReport(ran=False, last_verified=tuple(await last_verified(conn)))
         try:
+            if not await job_runs.start_if_due(
+                conn, BACKUPS_JOB, interval_seconds=interval_seconds, instance=instance
+            ):
+                return BackupRunReport(ran=False, last_verified=tuple(await last_verified(conn)))
             deleted, kept = await expire_due(conn, now=clock())
             done: list[backups.Verification] = []
             for backup in await due_for_verification(conn, now=clock(), schedule=schedule):
@@ -280,6 +292,7 @@ async def run(
                     on_verified(verification)
             found = await last_verified(conn)
             await write_gauges(conn, found, now=clock(), schedule=schedule)
+            await job_runs.finish(conn, BACKUPS_JOB, interval_seconds=interval_seconds)
         finally:
             await conn.execute("SELECT pg_advisory_unlock($1)", BACKUP_LOCK_KEY)
     return BackupRunReport(

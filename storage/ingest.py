@@ -33,7 +33,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from pluginmon.collectors.models import SAMPLE_MEASUREMENTS, PluginKey, PluginSample, Snapshot
 from pluginmon.storage.drops import DropCounts, DropReason, spool_append_failure
 from pluginmon.storage.errors import TRANSIENT_ERRORS
-from pluginmon.storage.queries import ensure_tenant_and_plugin
+from pluginmon.storage.queries import check_plugin_key, ensure_plugins
 from pluginmon.storage.reachability import DatabaseWatch
 from pluginmon.storage.spool import Row, Spool, SpoolCodecError, SpooledBatch, SpoolFullError
 from pluginmon.storage.writer import PLUGIN_SAMPLES_COLUMNS, BatchWriter
@@ -43,6 +43,10 @@ logger = logging.getLogger(__name__)
 # How long one put() may wait for plugin ids (a slow or unreachable database must not stall
 # sampling: the samples go to the unresolved spool instead).
 RESOLVE_TIMEOUT_SECONDS: Final = 3.0
+# Plugins looked up (and created) per batch of statements: a thousand new plugins were a
+# thousand round trips and commits, which a hundred agents starting together made take
+# minutes (docs/BENCHMARKS.md, "Fleet: 100 agents").
+RESOLVE_CHUNK: Final = 500
 # After a failed id lookup, how long new plugins' samples go straight to the spool.
 RESOLVE_RETRY_SECONDS: Final = 5.0
 # How long one put() waits for the writer to have its rows on disk (a hung disk must not
@@ -311,23 +315,33 @@ class SampleSink:
             return True
         if not self._database.schema_ready or self._clock() < self._resolve_retry_at:
             return False
+        valid: list[PluginKey] = []
+        for key in missing:
+            try:
+                check_plugin_key(key.tenant, key.plugin)
+            except ValueError as exc:
+                # A label-discovered process with a tenant the schema refuses.
+                self._invalid.add(key)
+                logger.warning(
+                    "plugin %s/%s (%s): not stored: %s",
+                    key.tenant,
+                    key.plugin,
+                    key.environment,
+                    exc,
+                )
+            else:
+                valid.append(key)
         try:
             async with asyncio.timeout(RESOLVE_TIMEOUT_SECONDS), self._pool.acquire() as conn:
-                for key in missing:
-                    try:
-                        self._plugin_ids[key] = await ensure_tenant_and_plugin(
-                            conn, key.tenant, key.plugin, key.environment
-                        )
-                    except ValueError as exc:
-                        # A label-discovered process with a tenant the schema refuses.
-                        self._invalid.add(key)
-                        logger.warning(
-                            "plugin %s/%s (%s): not stored: %s",
-                            key.tenant,
-                            key.plugin,
-                            key.environment,
-                            exc,
-                        )
+                # In chunks, each its own statements: what resolved before a timeout stays
+                # resolved.
+                for start in range(0, len(valid), RESOLVE_CHUNK):
+                    chunk = valid[start : start + RESOLVE_CHUNK]
+                    ids = await ensure_plugins(
+                        conn, [(k.tenant, k.plugin, k.environment) for k in chunk]
+                    )
+                    for key in chunk:
+                        self._plugin_ids[key] = ids[(key.tenant, key.plugin)]
         except (*TRANSIENT_ERRORS, asyncpg.PostgresError) as exc:
             self._resolve_retry_at = self._clock() + RESOLVE_RETRY_SECONDS
             self._database.failed(exc)

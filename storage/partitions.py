@@ -185,6 +185,14 @@ class PostgresMaintenance:
         refreshed: list[RollupRefresh] = []
         for spec in self._rollups:
             mark = await _watermark(conn, spec)
+            if mark is not None and since >= mark:
+                # Nothing replayed is older than the watermark: the regular refresh computes
+                # those buckets from the raw rows when it passes them. Every agent replaying
+                # a few seconds of spool (a fleet's start, a database restart) ran a regular
+                # refresh here, serialised on the watermark row: with 100 agents, 142 of
+                # them in ten minutes, 8.5 s each (docs/BENCHMARKS.md, "Fleet: 100 agents").
+                refreshed.append(RollupRefresh(spec.relation, mark, mark, 0))
+                continue
             # Never refreshed: the first regular refresh starts at the oldest raw row anyway.
             start = None if mark is None else backfill_start(since, spec.width, now, retention)
             refresh = await refresh_rollup(conn, spec, now)

@@ -12,6 +12,7 @@ is checked against the slug pattern and then quoted as a literal.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import asyncpg
@@ -46,6 +47,89 @@ def check_tenant_slug(tenant: str) -> str:
     return tenant
 
 
+# Many plugins at once (ensure_plugins): the ids that exist, then the missing ones created.
+# Not one CTE like _ENSURE_PLUGIN_SQL: the plain statements also run on Citus, where
+# plugins is distributed, and a lookup that finds every plugin (a restart) is one statement.
+_EXISTING_PLUGINS_SQL = """
+SELECT p.tenant_id, p.name, p.id
+  FROM plugins p
+  JOIN unnest($1::text[], $2::text[]) AS k(tenant_id, name)
+    ON p.tenant_id = k.tenant_id AND p.name = k.name
+"""
+_ENSURE_TENANTS_SQL = """
+INSERT INTO tenants (id, name)
+SELECT t, t FROM unnest($1::text[]) AS t ORDER BY t
+ON CONFLICT (id) DO NOTHING
+"""
+# In key order, so two sessions creating overlapping sets wait for each other instead of
+# deadlocking; a plugin another session created meanwhile is skipped (read back after).
+_CREATE_PLUGINS_SQL = """
+INSERT INTO plugins (tenant_id, name, environment, status, enabled)
+SELECT k.tenant_id, k.name, k.environment, 'installed', true
+  FROM unnest($1::text[], $2::text[], $3::text[]) AS k(tenant_id, name, environment)
+ ORDER BY k.tenant_id, k.name
+ON CONFLICT (tenant_id, name) DO NOTHING
+RETURNING tenant_id, name, id
+"""
+
+
+def check_plugin_key(tenant: str, plugin: str) -> None:
+    """ValueError naming the field when (tenant, plugin) cannot be a plugins row."""
+    check_tenant_slug(tenant)
+    if not plugin:
+        raise ValueError("plugin name must not be empty")
+
+
+async def ensure_plugins(
+    conn: asyncpg.Connection, keys: Sequence[tuple[str, str, str]]
+) -> dict[tuple[str, str], int]:
+    """``plugins.id`` by (tenant, name) of each (tenant, plugin, environment) in ``keys``,
+    creating the tenants and plugins that are missing (a new plugin gets the environment
+    of its first key): what :func:`ensure_tenant_and_plugin` does for one, in one to four
+    statements for all (an agent's first lookup of a thousand plugins was a thousand round
+    trips, each its own commit).
+
+    Every key must pass :func:`check_plugin_key` (ValueError otherwise, nothing written).
+    Safe under concurrency: a plugin another session creates meanwhile is read back.
+    """
+    first: dict[tuple[str, str], str] = {}
+    for tenant, plugin, environment in keys:
+        check_plugin_key(tenant, plugin)
+        first.setdefault((tenant, plugin), environment)
+    if not first:
+        return {}
+    tenants = [t for t, _ in first]
+    names = [n for _, n in first]
+    found = {
+        (r["tenant_id"], r["name"]): int(r["id"])
+        for r in await conn.fetch(_EXISTING_PLUGINS_SQL, tenants, names)
+    }
+    missing = [k for k in first if k not in found]
+    if not missing:
+        return found
+    await conn.execute(_ENSURE_TENANTS_SQL, sorted({t for t, _ in missing}))
+    created = await conn.fetch(
+        _CREATE_PLUGINS_SQL,
+        [t for t, _ in missing],
+        [n for _, n in missing],
+        [first[k] for k in missing],
+    )
+    found.update(((r["tenant_id"], r["name"]), int(r["id"])) for r in created)
+    raced = [k for k in missing if k not in found]
+    if raced:
+        # Created by another session after our lookup: committed by now (ON CONFLICT waited).
+        rows = await conn.fetch(_EXISTING_PLUGINS_SQL, [t for t, _ in raced], [n for _, n in raced])
+        found.update(((r["tenant_id"], r["name"]), int(r["id"])) for r in rows)
+    lost = [k for k in missing if k not in found]
+    if lost:
+        tenant, plugin = lost[0]
+        raise LookupError(
+            f"plugin {plugin!r} of tenant {tenant!r} vanished while being created"
+            f"{f' (and {len(lost) - 1} more)' if len(lost) > 1 else ''}"
+        )
+    return found
+
+
 async def ensure_tenant_and_plugin(
     conn: asyncpg.Connection, tenant: str, plugin: str, environment: str
 ) -> int:
@@ -54,9 +138,7 @@ async def ensure_tenant_and_plugin(
     Safe under concurrency: when another session creates the same plugin at the same time,
     the insert yields to it and the committed row's id is returned.
     """
-    check_tenant_slug(tenant)
-    if not plugin:
-        raise ValueError("plugin name must not be empty")
+    check_plugin_key(tenant, plugin)
     plugin_id = await conn.fetchval(_ENSURE_PLUGIN_SQL, tenant, plugin, environment)
     if plugin_id is None:
         # Lost a race: the other session's row is committed by now (ON CONFLICT waited).

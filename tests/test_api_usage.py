@@ -99,6 +99,50 @@ async def test_usage_sums_the_newest_sample_of_each_host(conn: asyncpg.Connectio
         ("staging", 5.0, 7, None, None),
     ]
 
+    # The next run over the same samples changes nothing and rewrites no row (a fleet's
+    # mostly idle plugins, refreshed every minute).
+    versions = (
+        "SELECT array_agg(x) FROM (SELECT xmin::text FROM plugins"
+        " UNION ALL SELECT xmin::text FROM plugin_environments) v(x)"
+    )
+    before = sorted(await conn.fetchval(versions))
+    again = await maintenance.run(conn, now=NOW, usage_window_seconds=60)
+    assert again.ran
+    assert again.usage_refreshed == 0
+    assert sorted(await conn.fetchval(versions)) == before
+
+
+async def test_usage_is_written_in_batches_outside_a_transaction(
+    conn: asyncpg.Connection,
+) -> None:
+    """Each batch commits on its own (an agent's health update of a plugin waits for one
+    batch at most); only the plugins whose usage moved are written the next time."""
+    plugins = [await _plugin(conn, "acme", f"p{i}") for i in range(5)]
+    for i, plugin in enumerate(plugins):
+        await _sample(
+            conn, plugin, environment="production", host="h1", age_seconds=5, cpu=i, rss=i
+        )
+    assert await usage.refresh(conn, now=NOW, window_seconds=60, batch=2) == 5
+    rows = await conn.fetch(
+        "SELECT id, cpu_usage, memory_usage FROM plugins WHERE id = ANY($1) ORDER BY id", plugins
+    )
+    assert [(r["cpu_usage"], r["memory_usage"]) for r in rows] == [(i, i) for i in range(5)]
+    assert await conn.fetchval("SELECT count(*) FROM plugin_environments") == 5
+    for plugin in plugins[:2]:
+        await _sample(
+            conn, plugin, environment="production", host="h1", age_seconds=1, cpu=50.0, rss=9
+        )
+    assert await usage.refresh(conn, now=NOW, window_seconds=60, batch=2) == 2
+    assert (
+        await conn.fetchval(
+            "SELECT count(*) FROM plugin_environments WHERE cpu_usage = 50 AND memory_usage = 9"
+        )
+        == 2
+    )
+    async with conn.transaction():
+        with pytest.raises(RuntimeError, match="outside a transaction"):
+            await usage.refresh(conn, now=NOW)
+
 
 async def test_operation_gauges(conn: asyncpg.Connection) -> None:
     plugin = await _plugin(conn, "acme", "resizer")

@@ -154,6 +154,36 @@ async def test_samples_of_unknown_plugins_are_on_disk_and_replay_in_order(
     assert {r["name"] for r in rows} == {"worker"}
 
 
+async def test_a_thousand_new_plugins_resolve_in_one_put(migrated_db: str, tmp_path: Path) -> None:
+    """An agent's first snapshot of many plugins: every id is looked up (and created) in
+    batches within the one put, so no sample waits in the unresolved spool; a plugin the
+    schema refuses is dropped and counted, not retried."""
+    keys = [PluginKey(f"t{i % 5}", f"p{i:04d}", "prod") for i in range(1500)]
+    refused = PluginKey("Not A Slug", "x", "prod")
+    pool = await open_pool(migrated_db, min_size=0)
+    unresolved = UnresolvedSpool(tmp_path / "spool-unresolved", max_bytes=1 << 24)
+    try:
+        async with writer_on(pool) as writer:
+            sink = make_sink(pool, writer, unresolved, schema_ready=True)
+            await sink.put(snapshot_at(0, *keys, refused))
+            await writer.flush()
+            assert unresolved.rows == 0
+            assert set(sink.plugin_ids) == set(keys)
+            assert sink.dropped()[DropReason.INVALID_PLUGIN] == 1
+        async with pool.acquire() as conn:
+            stored = await conn.fetch(
+                "SELECT p.tenant_id, p.name, p.id FROM plugin_samples s "
+                "JOIN plugins p ON p.id = s.plugin_id"
+            )
+    finally:
+        unresolved.close()
+        await close_pool(pool)
+    assert len(stored) == 1500
+    assert {PluginKey(r["tenant_id"], r["name"], "prod"): r["id"] for r in stored} == dict(
+        sink.plugin_ids
+    )
+
+
 async def test_newer_samples_wait_behind_spooled_ones(migrated_db: str, tmp_path: Path) -> None:
     """While a plugin has samples in the unresolved spool, its new samples join them even if
     its id is known, so the writer sees them in time order."""

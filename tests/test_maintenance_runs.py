@@ -1,14 +1,20 @@
-"""The maintenance job runs once per interval for the whole database, however many daemons run it (storage.upkeep.Maintainer, sql/062)."""
+"""The maintenance job, the registry job and the backups duty each run once per interval for the whole database, however many daemons run them (storage.upkeep.Maintainer, storage.job_runs, sql/062)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from datetime import datetime
+from datetime import UTC, datetime
 
+import asyncpg
 import psycopg
 import pytest
 
+from pluginmon.registry import backup_schedule
+from pluginmon.registry import maintenance as registry_maintenance
+from pluginmon.registry.backup_readers import Readers
+from pluginmon.registry.backup_schedule import BackupSchedule
+from pluginmon.storage import job_runs
 from pluginmon.storage.backend import MAINTENANCE_LOCK_KEY, Retention, admin_connection
 from pluginmon.storage.upkeep import MAINTENANCE_JOB, RUN_SPACING_SHARE, Maintainer
 
@@ -126,3 +132,119 @@ def test_the_interval_is_validated(migrated_db: str) -> None:
     for bad in (0.0, -1.0, float("nan")):
         with pytest.raises(ValueError, match="interval_seconds must be positive"):
             _maintainer(migrated_db, interval_seconds=bad)
+
+
+# -- the registry job and the backups duty (asyncpg, storage.job_runs) ---------------------------
+
+
+def _job_row(url: str, job: str) -> tuple[datetime, datetime | None, str] | None:
+    with psycopg.connect(url) as conn:
+        row = conn.execute(
+            "SELECT started_at, finished_at, instance FROM maintenance_runs WHERE job = %s",
+            (job,),
+        ).fetchone()
+    return None if row is None else (row[0], row[1], str(row[2]))
+
+
+async def test_five_daemons_registry_duties_run_once_an_interval(migrated_db: str) -> None:
+    """Five daemons' registry jobs on one database: at once, one does the duties (the lock);
+    one after another inside the interval, the lock free each time, none repeats them."""
+    now = datetime.now(UTC)
+    conns = [await asyncpg.connect(migrated_db) for _ in range(5)]
+    try:
+        reports = await asyncio.gather(
+            *(
+                registry_maintenance.run(c, now=now, interval_seconds=HOUR, instance=f"agent-{i}")
+                for i, c in enumerate(conns)
+            )
+        )
+        assert sum(r.ran for r in reports) == 1
+        last = _job_row(migrated_db, registry_maintenance.REGISTRY_JOB)
+        assert last is not None
+        started, finished, instance = last
+        assert finished is not None
+        assert finished >= started
+        assert instance == f"agent-{[r.ran for r in reports].index(True)}"
+        for c in conns:
+            assert not (await registry_maintenance.run(c, now=now, interval_seconds=HOUR)).ran
+        assert _job_row(migrated_db, registry_maintenance.REGISTRY_JOB) == last
+        # Without an interval (tests, one-off calls): every run does the duties.
+        assert (await registry_maintenance.run(conns[0], now=now)).ran
+        # Its own row: the storage maintenance is not held back by it, nor it by that.
+        assert _last_run(migrated_db) is None
+    finally:
+        for c in conns:
+            await c.close()
+
+
+async def test_a_registry_run_rolled_back_does_not_count(migrated_db: str) -> None:
+    """The start is recorded in the run's transaction: a daemon whose run fails (or dies:
+    the server rolls its transaction back) leaves nothing behind, and the next one runs the
+    duties at once."""
+    now = datetime.now(UTC)
+    dying = await asyncpg.connect(migrated_db)
+    tx = dying.transaction()
+    await tx.start()
+    assert await dying.fetchval(
+        "SELECT pg_try_advisory_xact_lock($1)", registry_maintenance.REGISTRY_LOCK_KEY
+    )
+    assert await job_runs.start_if_due(
+        dying, registry_maintenance.REGISTRY_JOB, interval_seconds=HOUR, instance="dead"
+    )
+    other = await asyncpg.connect(migrated_db)
+    try:
+        # While it holds the lock, the others skip.
+        assert not (await registry_maintenance.run(other, now=now, interval_seconds=HOUR)).ran
+        # It fails: its transaction rolls back (as the server does for a daemon that died).
+        await tx.rollback()
+        await dying.close()
+        report = await registry_maintenance.run(
+            other, now=now, interval_seconds=HOUR, instance="next"
+        )
+        assert report.ran
+        last = _job_row(migrated_db, registry_maintenance.REGISTRY_JOB)
+        assert last is not None
+        assert last[2] == "next"
+    finally:
+        await other.close()
+        if not dying.is_closed():
+            await dying.close()
+
+
+async def test_backups_duty_runs_once_an_interval_and_a_dead_run_does_not_count(
+    migrated_db: str,
+) -> None:
+    pool = await asyncpg.create_pool(migrated_db, min_size=1, max_size=3)
+    assert pool is not None
+    try:
+
+        async def run(instance: str) -> bool:
+            report = await backup_schedule.run(
+                pool,
+                readers=Readers(),
+                schedule=BackupSchedule(),
+                clock=lambda: datetime.now(UTC),
+                interval_seconds=HOUR,
+                instance=instance,
+            )
+            return report.ran
+
+        assert [await run(f"agent-{i}") for i in range(3)] == [True, False, False]
+        first = _job_row(migrated_db, backup_schedule.BACKUPS_JOB)
+        assert first is not None
+        assert first[2] == "agent-0"
+        assert first[1] is not None
+        # A daemon that recorded its start and died before the end: due again at once.
+        async with pool.acquire() as conn:
+            await conn.execute(
+                "UPDATE maintenance_runs SET finished_at = NULL, instance = 'dead' WHERE job = $1",
+                backup_schedule.BACKUPS_JOB,
+            )
+        assert await run("next")
+        assert not await run("late")
+        last = _job_row(migrated_db, backup_schedule.BACKUPS_JOB)
+        assert last is not None
+        assert last[2] == "next"
+        assert last[0] > first[0]
+    finally:
+        await pool.close()

@@ -439,6 +439,50 @@ async def test_backfill_puts_rows_older_than_the_lookback_into_both_rollups(
     assert marks == [("rollup_samples_1h", NOW), ("rollup_samples_1m", later)]
 
 
+async def test_backfill_of_rows_newer_than_the_watermarks_leaves_them_to_the_refresh(
+    pg_db: str,
+) -> None:
+    """A replay of the last seconds (a fleet's start, a database restart): nothing is older
+    than either watermark, so the back-fill recomputes nothing and takes no watermark lock;
+    the next regular refresh puts the rows in both rollups."""
+    with psycopg.connect(pg_db, autocommit=True) as conn:
+        plugins = [("acme", add_plugin(conn, "acme", "resizer"))]
+        insert_samples(
+            conn, samples_series(NOW - timedelta(hours=2), NOW, timedelta(seconds=20), plugins)
+        )
+    await _run(pg_db, PostgresMaintenance(clock=lambda: NOW), Retention())
+    replayed = NOW + timedelta(seconds=30)
+    with psycopg.connect(pg_db, autocommit=True) as conn:
+        insert_samples(
+            conn,
+            samples_series(
+                replayed, replayed + timedelta(minutes=2), timedelta(seconds=10), plugins
+            ),
+        )
+        before = conn.execute(
+            "SELECT rollup, watermark FROM rollup_watermarks ORDER BY 1"
+        ).fetchall()
+    later = NOW + timedelta(minutes=3)
+    refreshed = await backfill_rollups(pg_db, replayed, Retention(), clock=lambda: later)
+    assert [(r.rollup, r.window_start, r.window_end, r.buckets) for r in refreshed] == [
+        (spec.relation, NOW, NOW, 0) for spec in ROLLUPS
+    ]
+    with psycopg.connect(pg_db) as conn:
+        assert (
+            conn.execute("SELECT rollup, watermark FROM rollup_watermarks ORDER BY 1").fetchall()
+            == before
+        )
+        assert rollup_rows(conn, "plugin_samples_1m", f"bucket >= '{NOW.isoformat()}'") == {}
+    await _run(pg_db, PostgresMaintenance(clock=lambda: later), Retention())
+    with psycopg.connect(pg_db) as conn:
+        cut = f"bucket < '{later.isoformat()}'"
+        raw_cut = f"\"timestamp\" < '{later.isoformat()}'"
+        assert_rollups_equal(
+            rollup_rows(conn, "plugin_samples_1m", cut), group_by_rollup(conn, "1 minute", raw_cut)
+        )
+        assert len(rollup_rows(conn, "plugin_samples_1m", f"bucket >= '{NOW.isoformat()}'")) == 3
+
+
 async def test_backfill_leaves_buckets_past_the_raw_retention_alone(pg_db: str) -> None:
     """Rollups outlive raw rows: a back-fill from before the raw horizon must not erase them."""
     with psycopg.connect(pg_db, autocommit=True) as conn:

@@ -14,6 +14,7 @@ import psycopg
 import pytest
 from psycopg import errors
 
+from pluginmon.storage import alert_state
 from pluginmon.storage.backend import (
     Retention,
     admin_connection,
@@ -23,7 +24,7 @@ from pluginmon.storage.engines import (
     prepare_database,
 )
 from pluginmon.storage.migrate import Backend, applied_versions, migrate
-from pluginmon.storage.queries import ensure_tenant_and_plugin, set_tenant
+from pluginmon.storage.queries import ensure_plugins, ensure_tenant_and_plugin, set_tenant
 from tests.dbutil import migrated_copy
 from tests.schema_helpers import (
     SAMPLE_COLUMNS,
@@ -165,6 +166,49 @@ def test_seed_recommended_indexes(conn: Conn) -> None:
     assert "(tenant_id, severity, status" in defs["idx_plugin_alerts_tenant_severity_status"]
     assert defs["idx_plugin_alerts_open_fingerprint"].startswith("CREATE UNIQUE INDEX")
     assert "WHERE (status <> 'resolved'::text)" in defs["idx_plugin_alerts_open_fingerprint"]
+
+
+async def test_acknowledged_open_alerts_are_read_through_their_own_index(
+    migrated_db: str,
+) -> None:
+    """104: every agent reads the acknowledged open alerts each cycle; with thousands of
+    open alerts in a fleet's database the read uses the partial index of the few acknowledged
+    ones, not a scan of every open alert."""
+    conn = await asyncpg.connect(migrated_db)
+    try:
+        ids = await ensure_plugins(conn, [("acme", f"p{i}", "prod") for i in range(2000)])
+        await conn.execute(
+            """INSERT INTO plugin_alerts (tenant_id, plugin_id, environment, rule_name,
+                   fingerprint, severity, status)
+               SELECT 'acme', pid, 'prod', 'R', md5(pid::text), 'warning', 'firing'
+                 FROM unnest($1::bigint[]) pid""",
+            list(ids.values()),
+        )
+        await conn.execute(
+            "UPDATE plugin_alerts SET acknowledged_at = now(), acknowledged_by = 'ops'"
+            " WHERE plugin_id = ANY($1)",
+            [ids[("acme", "p7")], ids[("acme", "p9")]],
+        )
+        await conn.execute("ANALYZE plugin_alerts")
+        defs = await conn.fetchval(
+            "SELECT indexdef FROM pg_indexes WHERE indexname = 'idx_plugin_alerts_acknowledged_open'"
+        )
+        assert defs.endswith(
+            "(fingerprint) WHERE ((status <> 'resolved'::text) AND (acknowledged_at IS NOT NULL))"
+        )
+        plan = "\n".join(
+            r[0]
+            for r in await conn.fetch(
+                "EXPLAIN SELECT fingerprint, acknowledged_at, acknowledged_by FROM plugin_alerts"
+                " WHERE status <> 'resolved' AND acknowledged_at IS NOT NULL"
+            )
+        )
+        assert "idx_plugin_alerts_acknowledged_open" in plan
+        acked = await alert_state.acknowledged(conn)
+        assert [by for _, by in acked.values()] == ["ops", "ops"]
+        assert len(acked) == 2
+    finally:
+        await conn.close()
 
 
 def test_plugin_source_enum_is_the_seeds(conn: Conn) -> None:
@@ -559,6 +603,51 @@ async def test_ensure_tenant_and_plugin_is_an_idempotent_upsert(migrated_db: str
         assert await conns[0].fetchval("SELECT count(*) FROM tenants") == 2
         with pytest.raises(ValueError, match="slug"):
             await ensure_tenant_and_plugin(conns[0], "Not A Slug", "x", "prod")
+    finally:
+        for c in conns:
+            await c.close()
+
+
+async def test_ensure_plugins_resolves_many_at_once_like_the_single_upsert(
+    migrated_db: str,
+) -> None:
+    conns = [await asyncpg.connect(migrated_db) for _ in range(4)]
+    try:
+        known = await ensure_tenant_and_plugin(conns[0], "acme", "p0001", "prod")
+        keys = [(f"t{i % 7}", f"p{i:04d}", "prod") for i in range(1200)]
+        keys.append(("acme", "p0001", "staging"))  # exists; another environment, same id
+        keys.append(("t0", "p0000", "staging"))  # twice in one call: one plugin
+        ids = await ensure_plugins(conns[0], keys)
+        assert len(ids) == 1201
+        assert ids[("acme", "p0001")] == known
+        assert await conns[0].fetchval("SELECT count(*) FROM plugins") == 1201
+        # the first key names a new plugin's environment; the single upsert agrees on ids
+        assert (
+            await conns[0].fetchval(
+                "SELECT environment FROM plugins WHERE tenant_id = 't0' AND name = 'p0000'"
+            )
+            == "prod"
+        )
+        assert await ensure_tenant_and_plugin(conns[1], "t3", "p0003", "x") == ids[("t3", "p0003")]
+        # Again: every id read back, nothing created.
+        assert await ensure_plugins(conns[1], keys) == ids
+        assert await conns[0].fetchval("SELECT count(*) FROM plugins") == 1201
+        # Four sessions creating overlapping sets in opposite orders agree, without deadlock.
+        fresh = [("globex", f"q{i:03d}", "prod") for i in range(300)]
+        orders = [fresh, fresh[::-1], fresh[100:] + fresh[:100], fresh[::2] + fresh[1::2]]
+        found = await asyncio.gather(
+            *(ensure_plugins(c, o) for c, o in zip(conns, orders, strict=True))
+        )
+        assert all(f == found[0] for f in found)
+        assert len(set(found[0].values())) == 300
+        assert set(found[0].values()).isdisjoint(ids.values())
+        # A key the schema refuses: ValueError naming it, nothing written.
+        with pytest.raises(ValueError, match="'Bad Tenant' is not a valid slug"):
+            await ensure_plugins(conns[0], [("newco", "a", "prod"), ("Bad Tenant", "b", "p")])
+        with pytest.raises(ValueError, match="plugin name"):
+            await ensure_plugins(conns[0], [("newco", "", "prod")])
+        assert await conns[0].fetchval("SELECT count(*) FROM tenants WHERE id = 'newco'") == 0
+        assert await ensure_plugins(conns[0], []) == {}
     finally:
         for c in conns:
             await c.close()
