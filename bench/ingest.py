@@ -26,7 +26,9 @@ row tuples are built before any timing starts.
 Run: .venv/bin/python bench/ingest.py [--database-url URL] [--rounds 5]
 Without --database-url an embedded PostgreSQL is started in a temporary directory; with it,
 a scratch database is created on that server (e.g. TimescaleDB at
-postgresql://postgres@127.0.0.1:5433/postgres) and dropped afterwards.
+postgresql://postgres@127.0.0.1:5433/postgres) and dropped afterwards; a URL naming a Citus
+database on a coordinator makes the scratch database a Citus database on the same nodes
+(bench/scratch.py), e.g. the one `python -m tests.citus_cluster DIR` prints.
 Last lines: the ledger's cost per batch, writer_with_spool_vs_raw_copy=<ratio>, then
 writer_vs_raw_copy=<ratio>.
 """
@@ -60,17 +62,28 @@ from pluginmon.storage.writer import (
 Row = tuple[object, ...]
 
 
-async def create_plugins(connection: asyncpg.Connection, count: int) -> list[int]:
-    await connection.execute("INSERT INTO tenants (id, name) VALUES ('bench', 'Bench')")
+async def create_plugins(
+    connection: asyncpg.Connection, count: int, *, tenants: int = 1
+) -> list[tuple[str, int]]:
+    """``count`` plugins spread over ``tenants`` tenants (plugin n in tenant n mod tenants):
+    (tenant, plugin id) in id order. On Citus the tenant picks the shard group."""
+    names = ["bench"] if tenants == 1 else [f"bench-{i:03d}" for i in range(tenants)]
+    await connection.executemany(
+        "INSERT INTO tenants (id, name) VALUES ($1, $1)", [(name,) for name in names]
+    )
     records = await connection.fetch(
         "INSERT INTO plugins (tenant_id, name)"
-        " SELECT 'bench', 'plugin-' || n FROM generate_series(1, $1) AS n RETURNING id",
+        " SELECT ($2::text[])[1 + n % cardinality($2::text[])], 'plugin-' || n"
+        " FROM generate_series(1, $1) AS n RETURNING tenant_id, id",
         count,
+        names,
     )
-    return sorted(int(record["id"]) for record in records)
+    return sorted(
+        ((str(record["tenant_id"]), int(record["id"])) for record in records), key=lambda p: p[1]
+    )
 
 
-def build_rows(plugin_ids: list[int], timestamps: int) -> list[list[Row]]:
+def build_rows(plugins: list[tuple[str, int]], timestamps: int) -> list[list[Row]]:
     """One list of rows per timestamp, every plugin in each (the daemon's snapshot shape)."""
     start = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
     hosts = [f"host-{i:02d}" for i in range(20)]
@@ -78,12 +91,12 @@ def build_rows(plugin_ids: list[int], timestamps: int) -> list[list[Row]]:
     for tick in range(timestamps):
         timestamp = start + timedelta(seconds=10 * tick)
         rows: list[Row] = []
-        for index, plugin_id in enumerate(plugin_ids):
+        for index, (tenant, plugin_id) in enumerate(plugins):
             seed = tick * 7919 + index * 104_729
             rows.append(
                 (
                     timestamp,
-                    "bench",
+                    tenant,
                     plugin_id,
                     "production",
                     hosts[index % len(hosts)],
@@ -201,19 +214,37 @@ async def run_ledger_overhead(
 async def main_async(args: argparse.Namespace, url: str) -> float:
     connection = await asyncpg.connect(url)
     try:
-        plugin_ids = await create_plugins(connection, args.plugins)
+        plugin_ids = await create_plugins(connection, args.plugins, tenants=args.tenants)
         version = await connection.fetchval("SHOW server_version")
         timescale = await connection.fetchval(
             "SELECT extversion FROM pg_extension WHERE extname = 'timescaledb'"
+        )
+        citus = await connection.fetchval(
+            "SELECT extversion FROM pg_extension WHERE extname = 'citus'"
+        )
+        workers = (
+            await connection.fetchval(
+                "SELECT count(*) FROM pg_dist_node WHERE groupid <> 0 AND isactive"
+            )
+            if citus
+            else 0
         )
     finally:
         await connection.close()
     ticks = build_rows(plugin_ids, args.timestamps)
     flat = [row for rows in ticks for row in rows]
     total = len(flat)
-    backend = f"TimescaleDB {timescale} (hypertable)" if timescale else "PostgreSQL (partitioned)"
+    if citus:
+        backend = f"Citus {citus} (distributed by tenant over {workers} workers)"
+    elif timescale:
+        backend = f"TimescaleDB {timescale} (hypertable)"
+    else:
+        backend = "PostgreSQL (partitioned)"
     print(f"server: PostgreSQL {version}, {backend}; {redact_url(url)}")
-    print(f"rows: {total:,} ({args.plugins:,} plugins x {args.timestamps:,} timestamps)")
+    print(
+        f"rows: {total:,} ({args.plugins:,} plugins of {args.tenants} tenant(s) x "
+        f"{args.timestamps:,} timestamps)"
+    )
 
     best_raw = best_writer = best_spool = float("inf")
     for round_number in range(1, args.rounds + 1):
@@ -258,6 +289,9 @@ def main() -> None:
     parser.add_argument("--database-url", help="server to create the scratch database on")
     parser.add_argument("--plugins", type=int, default=1000)
     parser.add_argument("--timestamps", type=int, default=1000)
+    parser.add_argument(
+        "--tenants", type=int, default=1, help="plugins spread over this many tenants"
+    )
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
     with scratch_database(args.database_url, server_dir_prefix="pluginmon-bench-") as url:

@@ -34,7 +34,9 @@ def scratch_database(
 
     Without ``database_url`` a throwaway embedded server (its directory named with
     ``server_dir_prefix``) is started and stopped afterwards; with one, a database named
-    ``<database_prefix>_<random>`` is created on that server and dropped afterwards.
+    ``<database_prefix>_<random>`` is created on that server and dropped afterwards; when
+    ``database_url`` names a Citus database on a coordinator, the new one is a Citus database
+    on the same nodes (see ``citus_workers``).
     """
     if database_url is None:
         with tempfile.TemporaryDirectory(prefix=server_dir_prefix) as directory:
@@ -48,18 +50,66 @@ def scratch_database(
                 server.stop()
         return
     name = f"{database_prefix}_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(database_url, autocommit=True) as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    workers = citus_workers(database_url)
+    servers = [database_url, *(with_node(database_url, host, port) for host, port in workers)]
+    for node in servers:
+        with psycopg.connect(node, autocommit=True) as conn:
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
     url = with_database(database_url, name)
     try:
+        if workers:
+            make_citus_database(url, workers)
         if migrated:
             migrate(url)
         yield url
     finally:
-        with psycopg.connect(database_url, autocommit=True) as conn:
-            conn.execute(
-                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-            )
+        for node in servers:
+            with psycopg.connect(node, autocommit=True) as conn:
+                conn.execute(
+                    sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+                )
+
+
+def citus_workers(database_url: str) -> list[tuple[str, int]]:
+    """The active workers when ``database_url`` names a Citus database on a coordinator (the
+    citus extension created there, workers added), else []. A scratch database made beside
+    it is then made a Citus database too: created on every worker, with the extension, the
+    same workers added (a new database on a coordinator is plain PostgreSQL otherwise)."""
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        has_citus = conn.execute(
+            "SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'citus')"
+        ).fetchone()
+        if not has_citus or not has_citus[0]:
+            return []
+        rows = conn.execute(
+            "SELECT nodename, nodeport FROM pg_dist_node"
+            " WHERE groupid <> 0 AND noderole = 'primary' AND isactive ORDER BY nodeid"
+        ).fetchall()
+    return [(str(host), int(str(port))) for host, port in rows]
+
+
+def with_node(url: str, host: str, port: int) -> str:
+    """``url`` pointed at another server (same user, password and database)."""
+    parts = urlsplit(url)
+    credentials = parts.netloc.rpartition("@")[0]
+    netloc = f"{credentials}@{host}:{port}" if credentials else f"{host}:{port}"
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def make_citus_database(url: str, workers: list[tuple[str, int]]) -> None:
+    """The citus extension in ``url``'s database on the coordinator and every worker, the
+    coordinator's own address recorded and the workers added (what makes a Citus database)."""
+    for host, port in workers:
+        with psycopg.connect(with_node(url, host, port), autocommit=True) as conn:
+            conn.execute("CREATE EXTENSION IF NOT EXISTS citus")
+    parts = urlsplit(url)
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("CREATE EXTENSION IF NOT EXISTS citus")
+        conn.execute(
+            "SELECT citus_set_coordinator_host(%s, %s)", (parts.hostname, parts.port or 5432)
+        )
+        for host, port in workers:
+            conn.execute("SELECT citus_add_node(%s, %s)", (host, port))
 
 
 def free_port() -> int:
