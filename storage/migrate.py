@@ -24,6 +24,7 @@ from pathlib import Path
 
 import psycopg
 
+from pluginmon.storage.citus_conversion import forget_other_backends_files, record_as_citus
 from pluginmon.storage.cluster_roles import prepare_cluster_roles
 
 logger = logging.getLogger(__name__)
@@ -373,54 +374,6 @@ CREATE TABLE IF NOT EXISTS schema_migrations (
 """
 
 
-# A database migrated before Citus existed here has the narrower CHECK.
-_CITUS_CONVERSION_DDL = """
-ALTER TABLE schema_migrations DROP CONSTRAINT IF EXISTS schema_migrations_backend_check;
-ALTER TABLE schema_migrations ADD CONSTRAINT schema_migrations_backend_check
-    CHECK (backend IN ('postgres', 'timescaledb', 'citus'));
-UPDATE schema_migrations SET backend = 'citus' WHERE backend = 'postgres';
-"""
-
-
-# Before a converted database runs Citus's own files: what the PostgreSQL backend's variants
-# created that Citus refuses on a table it distributes (092's statement triggers).
-_CITUS_REAPPLY_DDL = """
-DROP TRIGGER IF EXISTS pluginmon_rollup_invalidation ON plugin_samples;
-DROP TRIGGER IF EXISTS pluginmon_rollup_invalidation ON plugin_metrics;
-"""
-
-
-def _reapply_for_citus(
-    conn: psycopg.Connection[tuple[object, ...]],
-    known: dict[int, Migration],
-    applied: dict[int, tuple[object, ...]],
-) -> dict[int, tuple[object, ...]]:
-    """``applied`` without the versions this Citus database applied in another backend's file.
-
-    A database converted from the PostgreSQL backend applied that backend's file where Citus
-    has its own (the distribution migrations from 100 on are no-ops there): those versions
-    are forgotten here, so they run again as Citus's file, in version order with the pending
-    ones. Every Citus file is written to run on a database that holds the earlier versions'
-    objects, and the ones below 100 repeat what the PostgreSQL file did (031's grant, 092's
-    nothing), so running them again is harmless.
-    """
-    stale = sorted(
-        version
-        for version, row in applied.items()
-        if version in known and known[version].filename != str(row[1])
-    )
-    if not stale:
-        return applied
-    with conn.transaction():
-        conn.execute(_CITUS_REAPPLY_DDL)
-        conn.execute("DELETE FROM schema_migrations WHERE version = ANY(%s)", (stale,))
-    logger.warning(
-        "running Citus's own files for migrations applied in the PostgreSQL backend's: %s",
-        ", ".join(known[version].filename for version in stale),
-    )
-    return {version: row for version, row in applied.items() if version not in stale}
-
-
 def migrate(
     database_url: str,
     *,
@@ -463,12 +416,10 @@ def _migrate_locked(
         if recorded is Backend.POSTGRES and backend is Backend.CITUS:
             # A PostgreSQL-backend database restored into a Citus coordinator becomes a Citus
             # database: the versions where Citus has its own file run again as that file
-            # (below, _reapply_for_citus), then the pending ones as on any Citus database.
+            # (storage.citus_conversion), then the pending ones as on any Citus database.
             choose_backend(Backend.CITUS, read_timescale_offer(conn))
-            with conn.transaction():
-                conn.execute(_CITUS_CONVERSION_DDL)
+            record_as_citus(conn)
             recorded = Backend.CITUS
-            logger.warning("database converted from backend postgres to citus")
         if backend is not None and backend != recorded:
             raise MigrationError(
                 f"database was migrated for backend {recorded.value}, not {backend.value}"
@@ -484,7 +435,12 @@ def _migrate_locked(
     known = {m.version: m for m in migrations}
     applied = {int(str(row[0])): row for row in applied_rows}
     if backend is Backend.CITUS:
-        applied = _reapply_for_citus(conn, known, applied)
+        stale = forget_other_backends_files(
+            conn,
+            citus_files={m.version: m.filename for m in migrations},
+            applied_files={version: str(row[1]) for version, row in applied.items()},
+        )
+        applied = {version: row for version, row in applied.items() if version not in stale}
     newest_known = max(known, default=0)
     newer = sorted(str(row[1]) for version, row in applied.items() if version > newest_known)
     if newer:
