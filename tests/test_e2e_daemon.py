@@ -322,7 +322,15 @@ def test_database_outage_then_sigkill_loses_nothing(tmp_path: Path, server_tmp_d
             ).start()
             try:
                 third.wait_ready()
-                wait_for("the replay", lambda: sample_rows(url) >= rows_before + spooled)
+                # New samples count in sample_rows too, so the replay is done when both
+                # spools are empty as well (the unresolved one replays after its ids).
+                wait_for(
+                    "the replay",
+                    lambda: (
+                        sample_rows(url) >= rows_before + spooled
+                        and _metric(third, "pluginmon_spool_samples") == 0
+                    ),
+                )
             except BaseException:
                 third.kill()
                 raise
