@@ -37,6 +37,7 @@ from pluginmon.storage.queries import (
     set_local_tenant_sql,
 )
 from pluginmon.storage.writer import PLUGIN_SAMPLES_COLUMNS, PLUGIN_SAMPLES_TABLE, BatchWriter
+from tests import test_dashboards_postgres as dashboards
 from tests.api_helpers import START, Clock, api_server
 from tests.citus_cluster import CITUS_SKIP_REASON, CitusCluster, find_citus_bin_dir
 from tests.daemon_helpers import (
@@ -847,3 +848,60 @@ async def test_secret_rewrap_and_backup_expiry_lock_tenant_by_tenant_on_citus(
         for tenant in tenants
         for action in ("backup.delete", "config.secret.rewrap")
     )
+
+
+# -- the Grafana dashboards' SQL (tests/test_dashboards_postgres.py's data and expander) -------
+
+
+def test_every_dashboard_query_runs_on_citus_as_owner_and_tenant_reader(
+    citus_cluster: CitusCluster,
+) -> None:
+    with citus_cluster.database(prefix="dash") as url:
+        migrate(url)
+        loaded = dashboards._load(url)
+        role = f"grafana_acme_{uuid.uuid4().hex[:8]}"
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute(f'CREATE ROLE "{role}" LOGIN')
+            conn.execute("SELECT pluginmon_bind_tenant_role(%s, 'acme')", (role,))
+        reader = url.replace("postgres@", f"{role}@")
+        failures: list[str] = []
+        checked = 0
+        for long_range in (False, True):
+            context = dashboards._context(
+                loaded, environments=("production", "staging"), long_range=long_range
+            )
+            foreign = dashboards._context(
+                loaded, tenant="zeta", plugin="zeta/resizer", long_range=long_range
+            )
+            for query in dashboards._all_sql_queries():
+                where = f"{query.dashboard} {query.location} long_range={long_range}"
+                try:
+                    owner = dashboards._run(url, query.text, context)
+                    mine = dashboards._run(reader, query.text, context)
+                    theirs = dashboards._run(reader, query.text, foreign)
+                except psycopg.Error as exc:
+                    failures.append(f"{where}: {exc}")
+                    continue
+                checked += 1
+                if query.format == "time_series" and not owner.rows:
+                    failures.append(f"{where}: no rows")
+                if query.location == "variable tenant":
+                    assert mine.rows == [("acme",)], where
+                    continue
+                if mine != owner:
+                    failures.append(f"{where}: the reader sees {mine.rows}, the owner {owner.rows}")
+                leaked = [v for row in theirs.rows for v in row if v not in (0, None)]
+                if leaked:
+                    failures.append(f"{where}: zeta's rows for the acme reader: {theirs.rows}")
+        assert failures == [], "\n".join(failures)
+        assert checked == 2 * len(dashboards._all_sql_queries())
+        # The numbers are the ones the PostgreSQL test checks (tests/test_dashboards_postgres).
+        production = dashboards._context(loaded)
+        for title, expected in (
+            ("Plugins", {"plugins": 2}),
+            ("Up now", {"up": 1, "down": 1}),
+            ("Average health", {"health_score": 67.5}),
+            ("Firing alerts", {"firing": 1}),
+            ("Restarts", {"restarts": 1}),
+        ):
+            assert dashboards._panel(reader, dashboards.FLEET, title, production).one() == expected
