@@ -101,11 +101,14 @@ _CONSTRAINT_IN_MESSAGE = re.compile(r'constraint "([^"]+)"')
 _SHARD_SUFFIX = re.compile(r"_\d{6,}$")
 
 
-def constraint_name(exc: asyncpg.PostgresError) -> str | None:
-    """The name of the constraint ``exc`` reports, as the schema spells it: the error's own
-    field, else (Citus) the one its message quotes without the shard suffix."""
-    named = getattr(exc, "constraint_name", None)
+def constraint_name(exc: asyncpg.PostgresError | psycopg.Error) -> str | None:
+    """The name of the constraint ``exc`` (either driver's) reports, as the schema spells it:
+    the error's own field, else (Citus) the one its message quotes without the shard suffix."""
+    if isinstance(exc, psycopg.Error):
+        named, message = exc.diag.constraint_name, exc.diag.message_primary
+    else:
+        named, message = getattr(exc, "constraint_name", None), getattr(exc, "message", None)
     if named:
         return str(named)
-    found = _CONSTRAINT_IN_MESSAGE.search(str(getattr(exc, "message", "") or ""))
+    found = _CONSTRAINT_IN_MESSAGE.search(str(message or ""))
     return None if found is None else _SHARD_SUFFIX.sub("", found.group(1))

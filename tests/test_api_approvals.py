@@ -235,8 +235,8 @@ async def test_the_database_refuses_a_self_decision_too(api: ApiHarness) -> None
                 asyncpg.CheckViolationError, match="plugin_approvals_not_self_approved"
             ):
                 await conn.execute(
-                    "UPDATE plugin_approvals SET status = 'approved', decided_by = requested_by"
-                    " WHERE id = $1 AND tenant_id = 'a'",
+                    "UPDATE plugin_approvals SET status = 'approved', decided_by = requested_by,"
+                    " decided_at = requested_at WHERE id = $1 AND tenant_id = 'a'",
                     approval["id"],
                 )
             return
