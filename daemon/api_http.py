@@ -50,7 +50,7 @@ from pluginmon.registry.errors import (
 )
 from pluginmon.registry.operations import Operation
 from pluginmon.registry.tokens import Principal, Role
-from pluginmon.storage.errors import TRANSIENT_ERRORS
+from pluginmon.storage.errors import TRANSIENT_ERRORS, constraint_name
 from pluginmon.storage.pool import mark_session_untouched
 from pluginmon.storage.queries import TenantScope, detect_tenant_scope
 
@@ -402,12 +402,13 @@ class Dispatcher:
             except asyncpg.IntegrityConstraintViolationError as exc:
                 # A rule only the database knows (a constraint or trigger). Its message may
                 # quote values, so only the constraint's name goes out.
+                name = constraint_name(exc)
                 response = error_response(
                     ApiError(
                         409,
                         "constraint_violation",
-                        f"the database refused the change ({exc.constraint_name or 'constraint'})",
-                        field=exc.constraint_name,
+                        f"the database refused the change ({name or 'constraint'})",
+                        field=name,
                     )
                 )
             except asyncpg.DataError as exc:

@@ -165,13 +165,18 @@ class ApiHandlers:
         return Items[OperationOut](items=[OperationOut.of(o) for o in found])
 
     async def get_operation(self, call: Call) -> OperationOut:
-        return OperationOut.of(await operations.get_operation(call.conn, call.param_int("id")))
+        return OperationOut.of(
+            await operations.get_operation(
+                call.conn, call.param_int("id"), tenant_id=call.tenant_id
+            )
+        )
 
     async def update_operation(self, call: Call) -> OperationOut:
         body: OperationUpdate = call.body
         op = await operations.change_status(
             call.conn,
             call.param_int("id"),
+            tenant_id=call.tenant_id,
             actor=call.actor,
             now=call.now,
             status=body.status,
@@ -186,19 +191,22 @@ class ApiHandlers:
     async def list_approvals(self, call: Call) -> Items[ApprovalOut]:
         query: ApprovalListQuery = call.query
         # Expiry is a rule of time: apply it before answering what is pending.
-        await approvals.expire_due(call.conn, now=call.now)
+        await approvals.expire_due(call.conn, now=call.now, tenant_id=call.tenant_id)
         found = await approvals.list_approvals(call.conn, status=query.status, limit=query.limit)
         return Items[ApprovalOut](items=[ApprovalOut.of(a) for a in found])
 
     async def get_approval(self, call: Call) -> ApprovalOut:
-        await approvals.expire_due(call.conn, now=call.now)
-        return ApprovalOut.of(await approvals.get_approval(call.conn, call.param_int("id")))
+        await approvals.expire_due(call.conn, now=call.now, tenant_id=call.tenant_id)
+        return ApprovalOut.of(
+            await approvals.get_approval(call.conn, call.param_int("id"), tenant_id=call.tenant_id)
+        )
 
     async def decide(self, call: Call) -> ApprovalOut:
         body: DecisionRequest = call.body
         approval = await approvals.decide(
             call.conn,
             call.param_int("id"),
+            tenant_id=call.tenant_id,
             actor=call.actor,
             now=call.now,
             decision=body.decision,
@@ -208,7 +216,11 @@ class ApiHandlers:
             approval.operation_id is not None
             and approval.status is not approvals.ApprovalStatus.PENDING
         ):
-            call.operations.append(await operations.get_operation(call.conn, approval.operation_id))
+            call.operations.append(
+                await operations.get_operation(
+                    call.conn, approval.operation_id, tenant_id=call.tenant_id
+                )
+            )
         return ApprovalOut.of(approval)
 
     # -- alerts ----------------------------------------------------------------------------------
@@ -226,7 +238,11 @@ class ApiHandlers:
 
     async def acknowledge_alert(self, call: Call) -> AlertOut:
         alert, _changed = await alert_actions.acknowledge(
-            call.conn, call.params["fingerprint"], actor=call.actor, now=call.now
+            call.conn,
+            call.params["fingerprint"],
+            tenant_id=call.tenant_id,
+            actor=call.actor,
+            now=call.now,
         )
         return AlertOut.of(alert)
 

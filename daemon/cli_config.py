@@ -134,6 +134,7 @@ def run_config_command(args: argparse.Namespace, *, database_url: DatabaseUrl) -
     from pluginmon.daemon.api_wiring import keyring_location
     from pluginmon.registry.crypto import KeyringError
     from pluginmon.registry.errors import InvalidError, RegistryError
+    from pluginmon.storage.errors import constraint_name
 
     location = keyring_location(settings)
     try:
@@ -154,7 +155,7 @@ def run_config_command(args: argparse.Namespace, *, database_url: DatabaseUrl) -
         return EXIT_FAILURE
     except asyncpg.IntegrityConstraintViolationError as exc:
         # Its message may quote values: only the constraint's name.
-        print(f"{what}: the database refused it ({exc.constraint_name})", file=sys.stderr)
+        print(f"{what}: the database refused it ({constraint_name(exc)})", file=sys.stderr)
         return EXIT_FAILURE
     except Exception as exc:
         from pluginmon.daemon.logs import redact

@@ -17,6 +17,8 @@ from pluginmon.storage.plugin_metrics import STATUS_SERIES_SQL, SeriesWindow, se
 # Series older than this are not shown (the alert engine's default metrics max age).
 METRICS_MAX_AGE_SECONDS = 600.0
 
+# (Every LATERAL matches tenant_id too: Citus plans these joins only on the distribution
+# column; the same rows elsewhere.)
 _STATUS_SQL = """
 SELECT p.tenant_id, p.name, p.environment, p.health_score, p.last_health_check,
        s."timestamp", s.up, s.cpu_percent, s.rss_bytes, s.process_count,
@@ -27,13 +29,13 @@ SELECT p.tenant_id, p.name, p.environment, p.health_score, p.last_health_check,
   LEFT JOIN LATERAL (
         SELECT "timestamp", up, cpu_percent, rss_bytes, process_count
           FROM plugin_samples
-         WHERE plugin_id = p.id
+         WHERE plugin_id = p.id AND tenant_id = p.tenant_id
          ORDER BY "timestamp" DESC
          LIMIT 1) s ON true
   LEFT JOIN LATERAL (
         SELECT labels
           FROM plugin_metrics
-         WHERE plugin_id = p.id AND metric_name = 'health_score'
+         WHERE plugin_id = p.id AND tenant_id = p.tenant_id AND metric_name = 'health_score'
          ORDER BY "timestamp" DESC
          LIMIT 1) h ON true
   LEFT JOIN LATERAL (
@@ -43,7 +45,7 @@ SELECT p.tenant_id, p.name, p.environment, p.health_score, p.last_health_check,
                    || CASE status WHEN 'firing' THEN '' ELSE ' (' || status || ')' END
                    ORDER BY rule_name, status) AS firing
           FROM plugin_alerts
-         WHERE plugin_id = p.id
+         WHERE plugin_id = p.id AND tenant_id = p.tenant_id
            AND status IN ('firing', 'acknowledged', 'silenced')
            AND NOT inhibited) a ON true
  WHERE (%(tenant)s::text IS NULL OR p.tenant_id = %(tenant)s::text)

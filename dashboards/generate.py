@@ -412,7 +412,8 @@ def fleet_postgres() -> dict[str, Any]:
             ")\n"
             "SELECT $__timeGroupAlias(r.bucket, $__interval), p.name AS metric,\n"
             f"  {value}\n"
-            "FROM rollup r JOIN top t ON t.plugin_id = r.plugin_id JOIN plugins p ON p.id = r.plugin_id\n"
+            "FROM rollup r JOIN top t ON t.plugin_id = r.plugin_id\n"
+            f"JOIN plugins p ON p.id = r.plugin_id AND p.tenant_id = {TENANT}\n"
             "GROUP BY 1, 2\n"
             "ORDER BY 1, 2"
         )
@@ -697,7 +698,7 @@ def fleet_postgres() -> dict[str, Any]:
                 Query(
                     rollup_cte(FLEET_WHERE)
                     + f"SELECT p.name AS plugin, {weighted('cpu_percent_avg')} AS cpu_percent\n"
-                    "FROM rollup r JOIN plugins p ON p.id = r.plugin_id\n"
+                    f"FROM rollup r JOIN plugins p ON p.id = r.plugin_id AND p.tenant_id = {TENANT}\n"
                     "GROUP BY p.name\n"
                     "ORDER BY cpu_percent DESC NULLS LAST, plugin\n"
                     f"LIMIT {TOP}",
@@ -720,7 +721,7 @@ def fleet_postgres() -> dict[str, Any]:
                 Query(
                     "SELECT a.fired_at, a.started_at, p.name AS plugin, a.environment, a.rule_name,\n"
                     "  a.severity, a.status, a.value, a.annotations->>'summary' AS summary\n"
-                    "FROM plugin_alerts a JOIN plugins p ON p.id = a.plugin_id\n"
+                    "FROM plugin_alerts a JOIN plugins p ON p.id = a.plugin_id AND p.tenant_id = a.tenant_id\n"
                     f"WHERE a.tenant_id = {TENANT} AND a.environment IN ({ENVIRONMENT})\n"
                     "  AND a.status IN ('pending', 'firing', 'acknowledged') AND NOT a.inhibited\n"
                     "ORDER BY CASE a.severity WHEN 'critical' THEN 0 WHEN 'warning' THEN 1 ELSE 2 END,\n"
@@ -1089,8 +1090,9 @@ def plugin_postgres() -> dict[str, Any]:
                     "  s.installed_version, s.satisfied, s.conflict, s.problem, s.reason,\n"
                     "  s.changed_at\n"
                     "FROM plugin_dependencies x\n"
-                    "JOIN plugins d ON d.id = x.depends_on_plugin_id\n"
-                    "JOIN plugin_dependency_states s ON s.dependency_id = x.id\n"
+                    "JOIN plugins d ON d.id = x.depends_on_plugin_id AND d.tenant_id = x.tenant_id\n"
+                    "JOIN plugin_dependency_states s\n"
+                    "  ON s.dependency_id = x.id AND s.tenant_id = x.tenant_id\n"
                     f"WHERE x.tenant_id = {TENANT} AND x.plugin_id = {PLUGIN}\n"
                     f"  AND s.environment IN ({ENVIRONMENT})\n"
                     "ORDER BY s.satisfied, x.kind DESC, s.environment, d.name",

@@ -121,24 +121,31 @@ async def list_alerts(
 
 
 async def acknowledge(
-    conn: asyncpg.Connection, fingerprint: str, *, actor: Actor, now: datetime
+    conn: asyncpg.Connection, fingerprint: str, *, tenant_id: str, actor: Actor, now: datetime
 ) -> tuple[AlertItem, bool]:
-    """Acknowledge the open alert with ``fingerprint``: (the alert, whether this changed it).
+    """Acknowledge the open alert of ``tenant_id`` with ``fingerprint``: (the alert, whether
+    this changed it).
 
-    No repeat notifications follow; its resolution is still sent (the engine's rule).
+    No repeat notifications follow; its resolution is still sent (the engine's rule). The
+    tenant filter routes the locking read to one shard group on Citus.
     """
     row = await conn.fetchrow(
-        _ALERT_SELECT + " WHERE a.fingerprint = $1 AND a.status <> 'resolved' FOR UPDATE OF a",
+        _ALERT_SELECT
+        + " WHERE a.fingerprint = $1 AND a.tenant_id = $2 AND a.status <> 'resolved'"
+        + " FOR UPDATE OF a",
         fingerprint,
+        tenant_id,
     )
     if row is None:
         raise NotFoundError(f"no open alert with fingerprint {fingerprint!r}", field="fingerprint")
     before = _alert(row)
     if before.acknowledged_at is not None:
         return before, False
-    tenant_id = await alert_state.acknowledge(conn, fingerprint, actor.name, now)
-    assert tenant_id is not None  # the row is locked above
-    after_row = await conn.fetchrow(_ALERT_SELECT + " WHERE a.id = $1", before.id)
+    changed = await alert_state.acknowledge(conn, fingerprint, actor.name, now, tenant_id=tenant_id)
+    assert changed == tenant_id  # the row is locked above
+    after_row = await conn.fetchrow(
+        _ALERT_SELECT + " WHERE a.id = $1 AND a.tenant_id = $2", before.id, tenant_id
+    )
     assert after_row is not None
     after = _alert(after_row)
     await audit.append(
@@ -161,7 +168,7 @@ async def acknowledge(
 _SILENCE_SELECT = f"SELECT {SILENCE_COLUMNS} FROM alert_silences"  # noqa: S608 - constant
 
 
-_EXPIRE_SILENCE = f"UPDATE alert_silences SET ends_at = $2, starts_at = $3 WHERE id = $1 RETURNING {SILENCE_COLUMNS}"  # noqa: S608 - a constant column list
+_EXPIRE_SILENCE = f"UPDATE alert_silences SET ends_at = $2, starts_at = $3 WHERE id = $1 AND tenant_id = $4 RETURNING {SILENCE_COLUMNS}"  # noqa: S608 - a constant column list
 
 
 def _silence(row: asyncpg.Record) -> SilenceItem:
@@ -270,7 +277,9 @@ async def expire_silence(
     conn: asyncpg.Connection, silence_id: int, *, tenant_id: str, actor: Actor, now: datetime
 ) -> SilenceItem:
     """End a silence now (a silence still to start ends before it began)."""
-    row = await conn.fetchrow(_SILENCE_SELECT + " WHERE id = $1 FOR UPDATE", silence_id)
+    row = await conn.fetchrow(
+        _SILENCE_SELECT + " WHERE id = $1 AND tenant_id = $2 FOR UPDATE", silence_id, tenant_id
+    )
     if row is None:
         raise NotFoundError(f"no silence {silence_id}", field="id")
     before = _silence(row)
@@ -287,6 +296,7 @@ async def expire_silence(
         silence_id,
         now,
         starts_at,
+        tenant_id,
     )
     assert updated is not None
     after = _silence(updated)

@@ -85,10 +85,15 @@ SELECT a.id, a.tenant_id, a.operation_id, p.name AS plugin, a.environment, a.req
        coalesce((SELECT json_agg(json_build_object(
                      'decided_by', d.decided_by, 'decision', d.decision, 'comment', d.comment,
                      'decided_at', d.decided_at) ORDER BY d.id)
-                   FROM plugin_approval_decisions d WHERE d.approval_id = a.id), '[]')::text
+                   FROM plugin_approval_decisions d
+                  WHERE d.approval_id = a.id AND d.tenant_id = a.tenant_id), '[]')::text
            AS decisions
   FROM plugin_approvals a JOIN plugins p ON p.id = a.plugin_id AND p.tenant_id = a.tenant_id
 """
+
+# The same, for one tenant ($2): Citus routes a correlated subquery (and so the locking read
+# around it) to one shard group only when the subquery's own tenant filter is the parameter.
+_SELECT_OF_TENANT = _SELECT.replace("d.tenant_id = a.tenant_id", "d.tenant_id = $2")
 
 
 def _approval(row: asyncpg.Record) -> Approval:
@@ -122,11 +127,27 @@ def _approval(row: asyncpg.Record) -> Approval:
 
 
 async def get_approval(
-    conn: asyncpg.Connection, approval_id: int, *, for_update: bool = False
+    conn: asyncpg.Connection,
+    approval_id: int,
+    *,
+    for_update: bool = False,
+    tenant_id: str | None = None,
 ) -> Approval:
-    row = await conn.fetchrow(
-        _SELECT + " WHERE a.id = $1" + (" FOR UPDATE OF a" if for_update else ""), approval_id
-    )
+    """The approval ``approval_id`` visible to the transaction. ``tenant_id`` (its tenant)
+    adds an explicit filter, which a locking read (``for_update``) needs: Citus runs
+    ``FOR UPDATE`` only in a query routed to one shard group by it."""
+    if tenant_id is None:
+        if for_update:
+            raise ValueError("a locking read of an approval needs its tenant_id")
+        row = await conn.fetchrow(_SELECT + " WHERE a.id = $1", approval_id)
+    else:
+        row = await conn.fetchrow(
+            _SELECT_OF_TENANT
+            + " WHERE a.id = $1 AND a.tenant_id = $2"
+            + (" FOR UPDATE OF a" if for_update else ""),
+            approval_id,
+            tenant_id,
+        )
     if row is None:
         raise NotFoundError(f"no approval {approval_id}", field="id")
     return _approval(row)
@@ -159,12 +180,14 @@ async def decide(
     conn: asyncpg.Connection,
     approval_id: int,
     *,
+    tenant_id: str,
     actor: Actor,
     now: datetime,
     decision: str,
     comment: str = "",
 ) -> Approval:
-    """Record ``actor``'s decision; approve (enough distinct approvers) or reject the request."""
+    """Record ``actor``'s decision on an approval of ``tenant_id`` (the request's tenant);
+    approve (enough distinct approvers) or reject the request."""
     try:
         verdict = Decision(decision)
     except ValueError:
@@ -175,7 +198,7 @@ async def decide(
         )
     if actor.token_id is None:
         raise ForbiddenError("only a token can decide an approval", field="decision")
-    before = await get_approval(conn, approval_id, for_update=True)
+    before = await get_approval(conn, approval_id, for_update=True, tenant_id=tenant_id)
     if before.status is not ApprovalStatus.PENDING:
         raise ConflictError(
             f"approval {approval_id} is {before.status.value}, not pending",
@@ -223,15 +246,18 @@ async def decide(
     if new_status is not None:
         await conn.execute(
             """UPDATE plugin_approvals SET status = $2, decided_by = $3, decided_at = $4, reason = $5
-                WHERE id = $1""",
+                WHERE id = $1 AND tenant_id = $6""",
             approval_id,
             new_status.value,
             actor.name,
             now,
             comment or None,
+            tenant_id,
         )
         if before.operation_id is not None:
-            operation = await operations.get_operation(conn, before.operation_id, for_update=True)
+            operation = await operations.get_operation(
+                conn, before.operation_id, for_update=True, tenant_id=before.tenant_id
+            )
             if new_status is ApprovalStatus.APPROVED:
                 state = approved(operation.state)
             else:
@@ -242,7 +268,7 @@ async def decide(
                 conn, operation, state, actor=actor, now=now, audited=False
             )
             operation_after = moved.snapshot()
-    after = await get_approval(conn, approval_id)
+    after = await get_approval(conn, approval_id, tenant_id=tenant_id)
     await audit.append(
         conn,
         tenant_id=before.tenant_id,
@@ -266,48 +292,81 @@ async def decide(
 
 
 async def expire_due(
-    conn: asyncpg.Connection, *, now: datetime, actor: Actor = DAEMON, limit: int = 1000
+    conn: asyncpg.Connection,
+    *,
+    now: datetime,
+    actor: Actor = DAEMON,
+    limit: int = 1000,
+    tenant_id: str | None = None,
 ) -> list[Approval]:
     """Expire pending requests past ``expires_at`` and cancel their operations
-    (reason ``approval_expired``). On an API connection it sees one tenant; on the daemon's,
-    every tenant. Rows a request holds right now are left to the next run."""
-    rows = await conn.fetch(
-        """SELECT id FROM plugin_approvals
-            WHERE status = 'pending' AND expires_at <= $1
-            ORDER BY expires_at LIMIT $2 FOR UPDATE SKIP LOCKED""",
-        now,
-        limit,
-    )
+    (reason ``approval_expired``): those of ``tenant_id`` (an API request's), or of every
+    tenant the connection sees (the daemon's). Rows a request holds right now are left to
+    the next run."""
+    if tenant_id is not None:
+        tenants = [tenant_id]
+    else:
+        # Tenant by tenant: Citus locks rows only within one shard group (the same rows, in
+        # a few more statements, on the other backends). The tenants are read without a lock.
+        found = await conn.fetch(
+            """SELECT DISTINCT tenant_id FROM plugin_approvals
+                WHERE status = 'pending' AND expires_at <= $1""",
+            now,
+        )
+        tenants = sorted(r["tenant_id"] for r in found)
     expired: list[Approval] = []
-    for row in rows:
-        before = await get_approval(conn, row["id"])
-        await conn.execute(
-            "UPDATE plugin_approvals SET status = 'expired', reason = $2 WHERE id = $1",
-            before.id,
-            REASON_APPROVAL_EXPIRED,
+    remaining = limit
+    for tenant in tenants:
+        if remaining <= 0:
+            break
+        rows = await conn.fetch(
+            """SELECT id FROM plugin_approvals
+                WHERE status = 'pending' AND expires_at <= $1 AND tenant_id = $3
+                ORDER BY expires_at LIMIT $2 FOR UPDATE SKIP LOCKED""",
+            now,
+            remaining,
+            tenant,
         )
-        operation_after: dict[str, object] | None = None
-        if before.operation_id is not None:
-            operation = await operations.get_operation(conn, before.operation_id, for_update=True)
-            state = cancelled_by_approval(operation.state, now=now, reason=REASON_APPROVAL_EXPIRED)
-            moved = await operations.save_state(
-                conn, operation, state, actor=actor, now=now, audited=False
-            )
-            operation_after = moved.snapshot()
-        after = await get_approval(conn, before.id)
-        await audit.append(
-            conn,
-            tenant_id=before.tenant_id,
-            actor=actor,
-            action="approval.expire",
-            entity_type="approval",
-            entity_id=str(before.id),
-            plugin_name=before.plugin,
-            environment=before.environment,
-            occurred_at=now,
-            before=_summary(before),
-            after=_summary(after),
-            details={"operation_id": before.operation_id, "operation": operation_after},
-        )
-        expired.append(after)
+        remaining -= len(rows)
+        for row in rows:
+            expired.append(await _expire(conn, row["id"], tenant_id=tenant, actor=actor, now=now))
     return expired
+
+
+async def _expire(
+    conn: asyncpg.Connection, approval_id: int, *, tenant_id: str, actor: Actor, now: datetime
+) -> Approval:
+    """Expire one pending approval (locked by the caller) and cancel its operation."""
+    before = await get_approval(conn, approval_id, tenant_id=tenant_id)
+    await conn.execute(
+        "UPDATE plugin_approvals SET status = 'expired', reason = $2 WHERE id = $1 AND tenant_id = $3",
+        before.id,
+        REASON_APPROVAL_EXPIRED,
+        tenant_id,
+    )
+    operation_after: dict[str, object] | None = None
+    if before.operation_id is not None:
+        operation = await operations.get_operation(
+            conn, before.operation_id, for_update=True, tenant_id=tenant_id
+        )
+        state = cancelled_by_approval(operation.state, now=now, reason=REASON_APPROVAL_EXPIRED)
+        moved = await operations.save_state(
+            conn, operation, state, actor=actor, now=now, audited=False
+        )
+        operation_after = moved.snapshot()
+    after = await get_approval(conn, before.id, tenant_id=tenant_id)
+    await audit.append(
+        conn,
+        tenant_id=tenant_id,
+        actor=actor,
+        action="approval.expire",
+        entity_type="approval",
+        entity_id=str(before.id),
+        plugin_name=before.plugin,
+        environment=before.environment,
+        occurred_at=now,
+        before=_summary(before),
+        after=_summary(after),
+        details={"operation_id": before.operation_id, "operation": operation_after},
+    )
+    return after

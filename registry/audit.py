@@ -118,7 +118,7 @@ class Write:
     """A data-modifying statement (``$1``... parameters, no RETURNING) that :func:`append`
     runs in the same statement as the entry, so a write and its audit entry cost one round
     trip. It runs as a WITH clause, which PostgreSQL executes exactly once and to
-    completion before the entry is inserted, whether or not anything reads its output."""
+    completion, whether or not anything reads its output (the entry reads nothing of it)."""
 
     sql: str
     args: tuple[Any, ...] = ()
@@ -129,7 +129,12 @@ def _append_sql(write_sql: str | None, write_args: int) -> str:
     # The entry's parameters follow the write's: $k+1...
     params = [f"${write_args + i}" for i in range(1, 16)]
     insert = _AUDIT_INSERT.format(p=params)
-    return insert if write_sql is None else f"WITH write AS ({write_sql})\n{insert}"
+    if write_sql is None:
+        return insert
+    # Both as WITH clauses under a SELECT: Citus refuses an INSERT into the coordinator's
+    # audit_log under a WITH that writes a distributed table, and plans this form (each
+    # clause on its own); PostgreSQL runs both either way.
+    return f"WITH write AS ({write_sql}),\nentry AS ({insert})\nSELECT seq FROM entry"
 
 
 async def append(

@@ -94,23 +94,34 @@ def is_stale(
     return age > schedule.stale_after_for(last.tenant_id, last.plugin), age
 
 
+# One tenant's backups past expires_at, locked, each with whether a restore point needs it
+# (the subquery names the tenant parameter too: Citus routes it to one shard group only so).
+_EXPIRED_OF_TENANT = """
+SELECT b.id, b.tenant_id, b.plugin_id, p.name AS plugin, b.environment,
+       b.provider, b.location, b.status,
+       EXISTS (SELECT 1 FROM plugin_restore_points r
+                WHERE r.backup_id = b.id AND r.tenant_id = $2) AS referenced
+  FROM plugin_backups b JOIN plugins p ON p.id = b.plugin_id AND p.tenant_id = b.tenant_id
+ WHERE b.expires_at <= $1 AND b.tenant_id = $2
+ ORDER BY b.id
+   FOR UPDATE OF b
+"""
+
+
 async def expire_due(
     conn: asyncpg.Connection, *, now: datetime, actor: Actor = DAEMON
 ) -> tuple[list[int], list[int]]:
     """Delete the records of backups past ``expires_at`` that no restore point references;
     mark the referenced ones ``expired``. Returns (deleted ids, kept ids)."""
     async with conn.transaction():
-        rows = await conn.fetch(
-            """SELECT b.id, b.tenant_id, b.plugin_id, p.name AS plugin, b.environment,
-                      b.provider, b.location, b.status,
-                      EXISTS (SELECT 1 FROM plugin_restore_points r WHERE r.backup_id = b.id)
-                          AS referenced
-                 FROM plugin_backups b JOIN plugins p ON p.id = b.plugin_id AND p.tenant_id = b.tenant_id
-                WHERE b.expires_at <= $1
-                ORDER BY b.id
-                FOR UPDATE OF b""",
-            now,
+        # Tenant by tenant: Citus locks rows only within one shard group (the same rows, in
+        # a few more statements, on the other backends). The tenants are read without a lock.
+        tenants = await conn.fetch(
+            "SELECT DISTINCT tenant_id FROM plugin_backups WHERE expires_at <= $1 ORDER BY 1", now
         )
+        rows: list[asyncpg.Record] = []
+        for tenant in tenants:
+            rows.extend(await conn.fetch(_EXPIRED_OF_TENANT, now, tenant["tenant_id"]))
         deleted: list[int] = []
         kept: list[int] = []
         for row in rows:
@@ -118,12 +129,18 @@ async def expire_due(
                 if row["status"] == "expired":
                     continue
                 await conn.execute(
-                    "UPDATE plugin_backups SET status = 'expired' WHERE id = $1", row["id"]
+                    "UPDATE plugin_backups SET status = 'expired' WHERE id = $1 AND tenant_id = $2",
+                    row["id"],
+                    row["tenant_id"],
                 )
                 kept.append(row["id"])
                 action = "backup.expire"
             else:
-                await conn.execute("DELETE FROM plugin_backups WHERE id = $1", row["id"])
+                await conn.execute(
+                    "DELETE FROM plugin_backups WHERE id = $1 AND tenant_id = $2",
+                    row["id"],
+                    row["tenant_id"],
+                )
                 deleted.append(row["id"])
                 action = "backup.delete"
             await audit.append(

@@ -281,6 +281,18 @@ def _validate_all(
         validate_value(schema, key, value, secret=secret)
 
 
+# Retire the key's current version and return the next version number (1 for a new key).
+_NEXT_VERSION = """
+WITH retired AS (
+    UPDATE plugin_config SET is_current = false
+     WHERE tenant_id = $1 AND plugin_id = $2 AND environment = $3 AND key = $4 AND is_current
+    RETURNING version
+)
+SELECT coalesce(max(version), 0) + 1 FROM plugin_config
+ WHERE tenant_id = $1 AND plugin_id = $2 AND environment = $3 AND key = $4
+"""
+
+
 async def set_values(
     conn: asyncpg.Connection,
     plugin_name: str,
@@ -342,11 +354,16 @@ async def set_values(
                         tenant_id=tenant_id, plugin=plugin.name, environment=environment, key=key
                     ),
                 )
+            # The previous current version retires and the new one takes the next number
+            # here, not only in sql/001's trigger: Citus has no triggers on distributed tables
+            # (sql/100). Where the trigger runs it finds the same number (the plugin row,
+            # locked above, serialises writers of the plugin's keys).
+            version = await conn.fetchval(_NEXT_VERSION, tenant_id, plugin.id, environment, key)
             row = await conn.fetchrow(
                 """INSERT INTO plugin_config AS c (tenant_id, plugin_id, environment, key, value,
                                             is_secret, secret_ciphertext, secret_key_id,
-                                            created_by, created_at, rollback_of)
-                   VALUES ($1, $2, $3, $4, $5::jsonb, $6, $7, $8, $9, $10, $11)
+                                            created_by, created_at, rollback_of, version)
+                   VALUES ($1, $2, $3, $4, $5::jsonb, $6, $7, $8, $9, $10, $11, $12)
                    RETURNING c.id, c.key, c.environment, c.value::text AS value, c.is_secret,
                              c.version, c.is_current, c.created_by, c.created_at,
                              c.secret_key_id, c.rollback_of""",
@@ -361,6 +378,7 @@ async def set_values(
                 actor.name,
                 now,
                 (rollback_of or {}).get(key),
+                version,
             )
             assert row is not None
             after = _value(row)

@@ -79,9 +79,14 @@ SELECT o.id, o.tenant_id, o.plugin_id, p.name AS plugin, o.operation_type, o.env
        o.retry_limit, o.started_at, o.finished_at, o.duration_ms, o.deadline_seconds,
        o.deadline_at, o.not_before, o.error, o.status_reason, o.details::text AS details,
        o.created_at, o.updated_at,
-       (SELECT a.id FROM plugin_approvals a WHERE a.operation_id = o.id) AS approval_id
+       (SELECT a.id FROM plugin_approvals a
+         WHERE a.operation_id = o.id AND a.tenant_id = o.tenant_id) AS approval_id
   FROM plugin_operations o JOIN plugins p ON p.id = o.plugin_id AND p.tenant_id = o.tenant_id
 """
+
+# The same, for one tenant ($2): Citus routes a correlated subquery (and so the locking read
+# around it) to one shard group only when the subquery's own tenant filter is the parameter.
+_SELECT_OF_TENANT = _SELECT.replace("a.tenant_id = o.tenant_id", "a.tenant_id = $2")
 
 
 def _operation(row: asyncpg.Record) -> Operation:
@@ -117,11 +122,27 @@ def _operation(row: asyncpg.Record) -> Operation:
 
 
 async def get_operation(
-    conn: asyncpg.Connection, operation_id: int, *, for_update: bool = False
+    conn: asyncpg.Connection,
+    operation_id: int,
+    *,
+    for_update: bool = False,
+    tenant_id: str | None = None,
 ) -> Operation:
-    row = await conn.fetchrow(
-        _SELECT + " WHERE o.id = $1" + (" FOR UPDATE OF o" if for_update else ""), operation_id
-    )
+    """The operation ``operation_id`` visible to the transaction. ``tenant_id`` (its tenant)
+    adds an explicit filter, which a locking read (``for_update``) needs: Citus runs
+    ``FOR UPDATE`` only in a query routed to one shard group by it."""
+    if tenant_id is None:
+        if for_update:
+            raise ValueError("a locking read of an operation needs its tenant_id")
+        row = await conn.fetchrow(_SELECT + " WHERE o.id = $1", operation_id)
+    else:
+        row = await conn.fetchrow(
+            _SELECT_OF_TENANT
+            + " WHERE o.id = $1 AND o.tenant_id = $2"
+            + (" FOR UPDATE OF o" if for_update else ""),
+            operation_id,
+            tenant_id,
+        )
     if row is None:
         raise NotFoundError(f"no operation {operation_id}", field="id")
     return _operation(row)
@@ -307,16 +328,17 @@ async def save_state(
         # rejection has already set the approval's own status; this matches nothing then.)
         await conn.execute(
             """UPDATE plugin_approvals SET status = 'cancelled', reason = $2
-                WHERE operation_id = $1 AND status = 'pending'""",
+                WHERE operation_id = $1 AND status = 'pending' AND tenant_id = $3""",
             before.id,
             after.status_reason,
+            before.tenant_id,
         )
     update = audit.Write(
         """UPDATE plugin_operations
               SET status = $2, retry_count = $3, started_at = $4, finished_at = $5,
                   duration_ms = $6, deadline_at = $7, not_before = $8, error = $9,
                   status_reason = $10, updated_at = $11
-            WHERE id = $1""",
+            WHERE id = $1 AND tenant_id = $12""",
         (
             before.id,
             after.status.value,
@@ -329,6 +351,7 @@ async def save_state(
             after.error,
             after.status_reason,
             now,
+            before.tenant_id,
         ),
     )
     operation = dataclasses.replace(before, state=after, updated_at=now)
@@ -386,13 +409,15 @@ async def change_status(
     conn: asyncpg.Connection,
     operation_id: int,
     *,
+    tenant_id: str,
     actor: Actor,
     now: datetime,
     status: str,
     retry: RetryPolicy,
     error: str | None = None,
 ) -> Operation:
-    """A client's transition (PATCH): running, succeeded, failed or cancelled."""
+    """A client's transition (PATCH): running, succeeded, failed or cancelled, of an
+    operation of ``tenant_id`` (the request's tenant)."""
     try:
         requested = Status(status)
     except ValueError:
@@ -401,7 +426,7 @@ async def change_status(
         ) from None
     if error is not None and len(error) > MAX_ERROR_CHARS:
         raise InvalidError(f"error must be at most {MAX_ERROR_CHARS} characters", field="error")
-    before = await get_operation(conn, operation_id, for_update=True)
+    before = await get_operation(conn, operation_id, for_update=True, tenant_id=tenant_id)
     try:
         after = transition(before.state, requested, now=now, retry=retry, error=error)
     except IllegalTransitionError as exc:
@@ -428,22 +453,35 @@ async def fail_overdue(
     Run by the daemon's maintenance under its advisory lock, on a connection that sees every
     tenant; SKIP LOCKED leaves an operation a request is changing right now to the next run.
     """
-    ids = await conn.fetch(
-        """SELECT id FROM plugin_operations
-            WHERE status IN ('pending', 'running') AND deadline_at <= $1
-            ORDER BY deadline_at LIMIT $2 FOR UPDATE SKIP LOCKED""",
+    # Tenant by tenant: Citus locks rows only within one shard group (the same rows, in
+    # a few more statements, on the other backends). The tenants are read without a lock.
+    tenants = await conn.fetch(
+        """SELECT DISTINCT tenant_id FROM plugin_operations
+            WHERE status IN ('pending', 'running') AND deadline_at <= $1""",
         now,
-        limit,
     )
     failed: list[Operation] = []
-    for row in ids:
-        before = await get_operation(conn, row["id"])
-        if not overdue(before.state, now):
-            continue
-        after = deadline_exceeded(before.state, now=now)
-        failed.append(
-            await save_state(
-                conn, before, after, actor=actor, now=now, action="operation.deadline_exceeded"
-            )
+    remaining = limit
+    for tenant in sorted(t["tenant_id"] for t in tenants):
+        if remaining <= 0:
+            break
+        ids = await conn.fetch(
+            """SELECT id FROM plugin_operations
+                WHERE status IN ('pending', 'running') AND deadline_at <= $1 AND tenant_id = $3
+                ORDER BY deadline_at LIMIT $2 FOR UPDATE SKIP LOCKED""",
+            now,
+            remaining,
+            tenant,
         )
+        remaining -= len(ids)
+        for row in ids:
+            before = await get_operation(conn, row["id"], tenant_id=tenant)
+            if not overdue(before.state, now):
+                continue
+            after = deadline_exceeded(before.state, now=now)
+            failed.append(
+                await save_state(
+                    conn, before, after, actor=actor, now=now, action="operation.deadline_exceeded"
+                )
+            )
     return failed

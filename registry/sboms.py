@@ -152,6 +152,22 @@ class ScanResult:
     sync: SyncResult
 
 
+# The SBOMs of one tenant still to match, locked (SKIP LOCKED: two runs share the work).
+_SCAN_CLAIM = """
+SELECT s.id, s.tenant_id, s.plugin_id, p.name, s.environment, s.components,
+       coalesce(s.subject_version, e.version, p.version, '') AS plugin_version
+  FROM plugin_sboms s JOIN plugins p ON p.id = s.plugin_id AND p.tenant_id = s.tenant_id
+  LEFT JOIN plugin_environments e
+    ON e.plugin_id = s.plugin_id AND e.tenant_id = s.tenant_id
+   AND e.environment = s.environment
+ WHERE ($1::bigint IS NULL OR s.plugin_id = $1)
+   AND ($2 OR s.scanned_db_digest IS DISTINCT FROM $3)
+   AND s.tenant_id = $4
+ ORDER BY s.id
+   FOR UPDATE OF s SKIP LOCKED
+"""
+
+
 async def scan_sboms(
     conn: asyncpg.Connection,
     *,
@@ -165,21 +181,19 @@ async def scan_sboms(
     """Match the stored SBOMs (one plugin's, or all visible) against ``index``: only those not
     yet matched against this database ``digest`` unless ``force``."""
     plugin = None if plugin_name is None else await plugin_id(conn, plugin_name)
-    rows = await conn.fetch(
-        """SELECT s.id, s.tenant_id, s.plugin_id, p.name, s.environment, s.components,
-                  coalesce(s.subject_version, e.version, p.version, '') AS plugin_version
-             FROM plugin_sboms s JOIN plugins p ON p.id = s.plugin_id AND p.tenant_id = s.tenant_id
-             LEFT JOIN plugin_environments e
-               ON e.plugin_id = s.plugin_id AND e.tenant_id = s.tenant_id
-                AND e.environment = s.environment
-            WHERE ($1::bigint IS NULL OR s.plugin_id = $1)
-              AND ($2 OR s.scanned_db_digest IS DISTINCT FROM $3)
-            ORDER BY s.id
-            FOR UPDATE OF s SKIP LOCKED""",
+    # Tenant by tenant: Citus locks rows only within one shard group (the same rows, in a
+    # few more statements, on the other backends). The tenants are read without a lock.
+    tenants = await conn.fetch(
+        """SELECT DISTINCT tenant_id FROM plugin_sboms
+            WHERE ($1::bigint IS NULL OR plugin_id = $1)
+              AND ($2 OR scanned_db_digest IS DISTINCT FROM $3)""",
         plugin,
         force,
         digest,
     )
+    rows: list[asyncpg.Record] = []
+    for tenant in sorted(t["tenant_id"] for t in tenants):
+        rows.extend(await conn.fetch(_SCAN_CLAIM, plugin, force, digest, tenant))
     results = []
     for r in rows:
         components = [osv.Component(**c) for c in json.loads(r["components"])]
@@ -195,10 +209,12 @@ async def scan_sboms(
             now=now,
         )
         await conn.execute(
-            "UPDATE plugin_sboms SET scanned_at = $2, scanned_db_digest = $3 WHERE id = $1",
+            "UPDATE plugin_sboms SET scanned_at = $2, scanned_db_digest = $3"
+            " WHERE id = $1 AND tenant_id = $4",
             r["id"],
             now,
             digest,
+            r["tenant_id"],
         )
         await audit.append(
             conn,

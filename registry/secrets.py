@@ -64,62 +64,96 @@ async def rewrap_batch(
     now: datetime,
 ) -> int:
     """Re-wrap up to ``batch_size`` secrets to the primary key in one transaction; how many.
-    An audit entry per tenant in the batch records the count and the keys (no value)."""
+    An audit entry per tenant in the batch records the count and the keys (no value).
+
+    Tenant by tenant: Citus locks rows only within one shard group (the same rows, in a few
+    more statements, on the other backends). The tenants are read without a lock."""
     primary = keyring.primary_id
+    done = 0
     async with conn.transaction():
-        rows = await conn.fetch(
-            """SELECT c.id, c.tenant_id, p.name AS plugin, c.environment, c.key,
-                      c.secret_ciphertext, c.secret_key_id
-                 FROM plugin_config c JOIN plugins p ON p.id = c.plugin_id AND p.tenant_id = c.tenant_id
-                WHERE c.is_secret AND c.secret_key_id <> $1
-                ORDER BY c.id
-                LIMIT $2
-                  FOR UPDATE OF c SKIP LOCKED""",
-            primary,
-            batch_size,
-        )
-        if not rows:
-            return 0
-        ids: list[int] = []
-        blobs: list[bytes] = []
-        per_tenant: dict[str, Counter[str]] = {}
-        for r in rows:
-            blobs.append(
-                crypto.rewrap(
-                    keyring,
-                    bytes(r["secret_ciphertext"]),
-                    key_id=r["secret_key_id"],
-                    aad=crypto.secret_aad(
-                        tenant_id=r["tenant_id"],
-                        plugin=r["plugin"],
-                        environment=r["environment"],
-                        key=r["key"],
-                    ),
-                    where=f"secret {r['plugin']}/{r['environment']}/{r['key']} of tenant "
-                    f"{r['tenant_id']} (row {r['id']})",
-                )
-            )
-            ids.append(r["id"])
-            per_tenant.setdefault(r["tenant_id"], Counter())[r["secret_key_id"]] += 1
-        await conn.execute(
-            """UPDATE plugin_config c SET secret_ciphertext = u.ciphertext, secret_key_id = $3
-                 FROM unnest($1::bigint[], $2::bytea[]) AS u(id, ciphertext)
-                WHERE c.id = u.id""",
-            ids,
-            blobs,
+        tenants = await conn.fetch(
+            """SELECT DISTINCT tenant_id FROM plugin_config
+                WHERE is_secret AND secret_key_id <> $1 ORDER BY tenant_id""",
             primary,
         )
-        for tenant_id, counts in sorted(per_tenant.items()):
-            await audit.append(
+        for tenant in tenants:
+            if done >= batch_size:
+                break
+            done += await _rewrap_tenant(
                 conn,
-                tenant_id=tenant_id,
+                keyring,
+                tenant_id=tenant["tenant_id"],
+                limit=batch_size - done,
                 actor=actor,
-                action="config.secret.rewrap",
-                entity_type="keyring",
-                entity_id=primary,
-                occurred_at=now,
-                details={"values": sum(counts.values()), "from_key_ids": dict(counts)},
+                now=now,
             )
+    return done
+
+
+async def _rewrap_tenant(
+    conn: asyncpg.Connection,
+    keyring: crypto.Keyring,
+    *,
+    tenant_id: str,
+    limit: int,
+    actor: Actor,
+    now: datetime,
+) -> int:
+    primary = keyring.primary_id
+    rows = await conn.fetch(
+        """SELECT c.id, c.tenant_id, p.name AS plugin, c.environment, c.key,
+                  c.secret_ciphertext, c.secret_key_id
+             FROM plugin_config c JOIN plugins p ON p.id = c.plugin_id AND p.tenant_id = c.tenant_id
+            WHERE c.is_secret AND c.secret_key_id <> $1 AND c.tenant_id = $3
+            ORDER BY c.id
+            LIMIT $2
+              FOR UPDATE OF c SKIP LOCKED""",
+        primary,
+        limit,
+        tenant_id,
+    )
+    if not rows:
+        return 0
+    ids: list[int] = []
+    blobs: list[bytes] = []
+    counts: Counter[str] = Counter()
+    for r in rows:
+        blobs.append(
+            crypto.rewrap(
+                keyring,
+                bytes(r["secret_ciphertext"]),
+                key_id=r["secret_key_id"],
+                aad=crypto.secret_aad(
+                    tenant_id=r["tenant_id"],
+                    plugin=r["plugin"],
+                    environment=r["environment"],
+                    key=r["key"],
+                ),
+                where=f"secret {r['plugin']}/{r['environment']}/{r['key']} of tenant "
+                f"{r['tenant_id']} (row {r['id']})",
+            )
+        )
+        ids.append(r["id"])
+        counts[r["secret_key_id"]] += 1
+    await conn.execute(
+        """UPDATE plugin_config c SET secret_ciphertext = u.ciphertext, secret_key_id = $3
+             FROM unnest($1::bigint[], $2::bytea[]) AS u(id, ciphertext)
+            WHERE c.id = u.id AND c.tenant_id = $4""",
+        ids,
+        blobs,
+        primary,
+        tenant_id,
+    )
+    await audit.append(
+        conn,
+        tenant_id=tenant_id,
+        actor=actor,
+        action="config.secret.rewrap",
+        entity_type="keyring",
+        entity_id=primary,
+        occurred_at=now,
+        details={"values": sum(counts.values()), "from_key_ids": dict(counts)},
+    )
     return len(rows)
 
 

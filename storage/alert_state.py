@@ -246,8 +246,11 @@ async def touch_alerts(
     )
 
 
-async def acknowledge(conn: Connection, fingerprint: str, by: str, at: datetime) -> str | None:
-    """Acknowledge the open alert with ``fingerprint``: its tenant, or None if there is none.
+async def acknowledge(
+    conn: Connection, fingerprint: str, by: str, at: datetime, *, tenant_id: str | None = None
+) -> str | None:
+    """Acknowledge the open alert with ``fingerprint`` (of ``tenant_id`` when given: one
+    shard group on Citus): its tenant, or None if there is none.
 
     The one write of an acknowledgement (registry.alert_actions audits it around this)."""
     row = await conn.fetchval(
@@ -256,10 +259,12 @@ async def acknowledge(conn: Connection, fingerprint: str, by: str, at: datetime)
                   status = CASE WHEN status = 'firing' THEN 'acknowledged' ELSE status END,
                   updated_at = $3
             WHERE fingerprint = $1 AND status <> 'resolved'
+              AND ($4::text IS NULL OR tenant_id = $4)
         RETURNING tenant_id""",
         fingerprint,
         by,
         at,
+        tenant_id,
         timeout=QUERY_TIMEOUT_SECONDS,
     )
     return None if row is None else str(row)

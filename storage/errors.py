@@ -35,6 +35,7 @@ database: callers isolate or report it and never retry it in silence.
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import Callable
 from typing import Final
 
@@ -91,3 +92,23 @@ def backoff_seconds(
     # 2**attempt overflows a float past ~1024 attempts; the cap is reached long before.
     ceiling = min(max_seconds, initial_seconds * 2.0 ** min(attempt, 64))
     return ceiling * (0.5 + random_fraction() / 2.0)
+
+
+# A Citus worker's error names the shard's constraint ("plugins_tenant_name_key_102043", the
+# shard id appended; shard ids start at 102008) and the coordinator passes the message on
+# without the constraint-name field.
+_CONSTRAINT_IN_MESSAGE = re.compile(r'constraint "([^"]+)"')
+_SHARD_SUFFIX = re.compile(r"_\d{6,}$")
+
+
+def constraint_name(exc: asyncpg.PostgresError | psycopg.Error) -> str | None:
+    """The name of the constraint ``exc`` (either driver's) reports, as the schema spells it:
+    the error's own field, else (Citus) the one its message quotes without the shard suffix."""
+    if isinstance(exc, psycopg.Error):
+        named, message = exc.diag.constraint_name, exc.diag.message_primary
+    else:
+        named, message = getattr(exc, "constraint_name", None), getattr(exc, "message", None)
+    if named:
+        return str(named)
+    found = _CONSTRAINT_IN_MESSAGE.search(str(message or ""))
+    return None if found is None else _SHARD_SUFFIX.sub("", found.group(1))

@@ -193,8 +193,13 @@ class TcpProxy:
 async def acknowledge_as(pool: asyncpg.Pool, fingerprint: str, *, by: str, now: datetime) -> bool:
     """Acknowledge through the registry, as ``by``; whether this changed the alert."""
     async with pool.acquire() as conn, conn.transaction():
+        # The request's tenant, as the API knows it: here the open alert's own.
+        tenant = await conn.fetchval(
+            "SELECT tenant_id FROM plugin_alerts WHERE fingerprint = $1 AND status <> 'resolved'",
+            fingerprint,
+        )
         _alert, changed = await alert_actions.acknowledge(
-            conn, fingerprint, actor=Actor(name=by), now=now
+            conn, fingerprint, tenant_id=str(tenant or "-"), actor=Actor(name=by), now=now
         )
     return changed
 

@@ -13,6 +13,7 @@ import pytest
 from pluginmon.storage.embedded import EmbeddedPostgres
 from pluginmon.storage.migrate import migrate
 from tests.dbutil import (
+    citus_nodes,
     create_database,
     drop_database,
     has_timescaledb,
@@ -69,6 +70,10 @@ def fresh_db(pg_admin_url: str) -> Iterator[str]:
 @pytest.fixture(scope="session")
 def migrated_template(pg_admin_url: str) -> Iterator[str]:
     """Name of a database migrated once per session, copied by ``migrated_db``."""
+    if citus_nodes(pg_admin_url) is not None:
+        # Never read there: migrated_copy migrates (or reuses) a Citus database of its own.
+        yield "no-template-on-citus"
+        return
     name = create_database(pg_admin_url, prefix="tpl")
     migrate(with_database(pg_admin_url, name))
     try:

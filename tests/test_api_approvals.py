@@ -13,6 +13,7 @@ from pluginmon.registry import maintenance
 from pluginmon.registry.policies import ApprovalPolicy
 from pluginmon.registry.tokens import Role
 from tests.api_helpers import ApiHarness, api_server
+from tests.dbutil import is_citus
 
 POLICIES = [
     ApprovalPolicy(
@@ -227,6 +228,18 @@ async def test_the_database_refuses_a_self_decision_too(api: ApiHarness) -> None
         "SELECT id, requested_by_token_id FROM plugin_approvals WHERE id = $1", op["approval_id"]
     )
     async with api.pool.acquire() as conn:
+        if is_citus(api.database_url):
+            # Citus refuses triggers on distributed tables: the decision trigger is dropped
+            # there (sql/100) and the CHECK on the approval itself is the backstop.
+            with pytest.raises(
+                asyncpg.CheckViolationError, match="plugin_approvals_not_self_approved"
+            ):
+                await conn.execute(
+                    "UPDATE plugin_approvals SET status = 'approved', decided_by = requested_by,"
+                    " decided_at = requested_at WHERE id = $1 AND tenant_id = 'a'",
+                    approval["id"],
+                )
+            return
         with pytest.raises(asyncpg.CheckViolationError, match="requester cannot decide"):
             await conn.execute(
                 "INSERT INTO plugin_approval_decisions (tenant_id, approval_id, decision,"

@@ -16,8 +16,10 @@ import pytest
 
 from pluginmon.registry.keyring import KeyringLocation
 from pluginmon.registry.tokens import Role
+from pluginmon.storage.errors import constraint_name
 from tests.api_helpers import ApiHarness
 from tests.config_helpers import SCHEMA, config_api, encodings, pg_dump
+from tests.dbutil import is_citus
 
 PLAINTEXT = "hunter2-Zq8v-plaintext-canary"
 
@@ -296,6 +298,11 @@ async def test_listing_reads_plain_values_through_the_non_secret_partial_index(
     # The planner can answer the plain branch from idx_plugin_config_non_secret: with the
     # other candidate index gone (rolled back) and sequential scans priced out, it does, for
     # the API's role under row-level security.
+    if is_citus(api.database_url):
+        pytest.skip(
+            "on Citus the coordinator's plan is a distributed scan: the index choice is made on "
+            "the workers' shards, which this EXPLAIN does not show (by design)"
+        )
     async with api.pool.acquire() as conn:
         transaction = conn.transaction()
         await transaction.start()
@@ -428,7 +435,8 @@ async def test_moved_ciphertext_does_not_decrypt(api: ApiHarness) -> None:
             """UPDATE plugin_config t SET secret_ciphertext = s.secret_ciphertext,
                       secret_key_id = s.secret_key_id
                  FROM plugin_config s
-                WHERE s.key = 'api_key' AND t.key = 'password' AND t.is_current"""
+                WHERE s.key = 'api_key' AND t.key = 'password' AND t.is_current
+                  AND s.tenant_id = t.tenant_id"""
         )
     for env in ("production", "staging"):
         moved = await api.call(
@@ -526,13 +534,18 @@ async def test_database_trigger_still_refuses_bad_rows(api: ApiHarness) -> None:
 
     async with api.pool.acquire() as conn:
         plugin_id = await conn.fetchval("SELECT id FROM plugins WHERE name = 'gw'")
-        with pytest.raises(asyncpg.CheckViolationError) as typed:
-            await conn.execute(
-                "INSERT INTO plugin_config (tenant_id, plugin_id, environment, key, value)"
-                " VALUES ('a', $1, 'production', 'workers', '\"many\"')",
-                plugin_id,
-            )
-        assert typed.value.constraint_name == "plugin_config_schema_type"
+        if is_citus(api.database_url):
+            # Citus refuses triggers on distributed tables: sql/100 drops 001's type and enum
+            # trigger (the API validates, tested above); 070's CHECK is still the backstop.
+            print("on Citus: no plugin_config_schema_type trigger (by design), CHECK only")
+        else:
+            with pytest.raises(asyncpg.CheckViolationError) as typed:
+                await conn.execute(
+                    "INSERT INTO plugin_config (tenant_id, plugin_id, environment, key, value)"
+                    " VALUES ('a', $1, 'production', 'workers', '\"many\"')",
+                    plugin_id,
+                )
+            assert typed.value.constraint_name == "plugin_config_schema_type"
         with pytest.raises(asyncpg.CheckViolationError) as raw:
             await conn.execute(
                 "INSERT INTO plugin_config (tenant_id, plugin_id, environment, key, is_secret,"
@@ -541,4 +554,4 @@ async def test_database_trigger_still_refuses_bad_rows(api: ApiHarness) -> None:
                 plugin_id,
                 PLAINTEXT.encode(),
             )
-        assert raw.value.constraint_name == "plugin_config_secret_format"
+        assert constraint_name(raw.value) == "plugin_config_secret_format"

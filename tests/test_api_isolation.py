@@ -16,6 +16,7 @@ from pydantic import BaseModel
 from pluginmon.daemon.api_http import Call, Dispatcher, Route, json_errors
 from pluginmon.registry.policies import ApprovalPolicy
 from pluginmon.registry.tokens import Role
+from pluginmon.storage.queries import detect_tenant_scope
 from tests.api_helpers import ApiHarness, api_server
 
 INSTALL_NEEDS_APPROVAL = ApprovalPolicy(operation_types=frozenset({"install"}))
@@ -252,10 +253,8 @@ async def test_a_statement_prepared_as_the_owner_is_replanned_under_the_api_role
         as_owner = [r["tenant_id"] for r in await conn.fetch(query)]
         assert as_owner == ["a", "b"]
         async with conn.transaction():
-            await conn.execute(
-                "SELECT set_config('role', 'pluginmon_api', true),"
-                " set_config('pluginmon.tenant_id', 'b', true)"
-            )
+            # As the API enters a tenant (on Citus the tenant must also reach the workers).
+            await (await detect_tenant_scope(conn)).enter(conn, "b", role="pluginmon_api")
             assert [r["tenant_id"] for r in await conn.fetch(query)] == ["b"]
         # And back: the transaction's role ended with it.
         assert [r["tenant_id"] for r in await conn.fetch(query)] == ["a", "b"]

@@ -121,7 +121,8 @@ async def test_a_text_push_is_stored_with_kinds_and_audited_without_values(
     ]
     plugin_ids = await api.fetch(
         "SELECT DISTINCT m.plugin_id = p.id AS same FROM plugin_metrics m"
-        " JOIN plugins p ON p.tenant_id = 'a' AND p.name = 'resizer'"
+        " JOIN plugins p ON p.tenant_id = m.tenant_id AND p.name = 'resizer'"
+        " WHERE m.tenant_id = 'a'"
     )
     assert [r["same"] for r in plugin_ids] == [True]
     audit = await api.fetch(

@@ -16,6 +16,7 @@ import pytest
 from pluginmon.alerts.health import VULNERABILITIES_CRITICAL
 from pluginmon.daemon.api_wiring import registry_job
 from pluginmon.registry.tokens import Role
+from pluginmon.storage.queries import detect_tenant_scope
 from tests.api_helpers import ApiHarness, api_server
 from tests.daemon_helpers import run_cli
 from tests.vulns_helpers import FIXTURES, load, write_osv_database
@@ -246,10 +247,8 @@ async def test_another_tenant_sees_none_of_it(api: ApiHarness) -> None:
     assert accept.status == 404
     # In the database itself: the API role with globex's tenant sees no acme rows.
     async with api.pool.acquire() as conn, conn.transaction():
-        await conn.execute(
-            "SELECT set_config('role', 'pluginmon_api', true), "
-            "set_config('pluginmon.tenant_id', 'globex', true)"
-        )
+        # As the API enters a tenant (on Citus the tenant must also reach the workers).
+        await (await detect_tenant_scope(conn)).enter(conn, "globex", role="pluginmon_api")
         assert await conn.fetchval("SELECT count(*) FROM plugin_vulnerabilities") == 0
     rows = await api.fetch("SELECT DISTINCT tenant_id FROM plugin_vulnerabilities")
     assert [r["tenant_id"] for r in rows] == ["acme"]

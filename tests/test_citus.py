@@ -20,6 +20,10 @@ import asyncpg
 import psycopg
 import pytest
 
+from pluginmon.daemon.api_wiring import registry_job
+from pluginmon.registry import backup_schedule, crypto, secrets
+from pluginmon.registry.actor import Actor
+from pluginmon.registry.policies import ApprovalPolicy
 from pluginmon.registry.tokens import Role
 from pluginmon.storage.backend import Retention, admin_connection
 from pluginmon.storage.citus import CitusMaintenance
@@ -33,7 +37,8 @@ from pluginmon.storage.queries import (
     set_local_tenant_sql,
 )
 from pluginmon.storage.writer import PLUGIN_SAMPLES_COLUMNS, PLUGIN_SAMPLES_TABLE, BatchWriter
-from tests.api_helpers import api_server
+from tests import test_dashboards_postgres as dashboards
+from tests.api_helpers import START, Clock, api_server
 from tests.citus_cluster import CITUS_SKIP_REASON, CitusCluster, find_citus_bin_dir
 from tests.daemon_helpers import (
     DaemonProcess,
@@ -44,6 +49,7 @@ from tests.daemon_helpers import (
 )
 from tests.dbutil import with_database
 from tests.test_e2e_daemon import RULES, WEBHOOK_SECRET, labels
+from tests.vulns_helpers import load, write_osv_database
 from tests.writer_helpers import create_plugins, sample_row
 
 REFERENCE = ("tenants", "tenant_role_bindings", "api_tokens", "rollup_watermarks",
@@ -606,3 +612,297 @@ def test_pluginmon_run_on_citus_stores_samples_health_and_alerts(
     assert alerts
     assert {status for _, status in alerts} <= {"firing", "resolved"}
     assert int(str(delivered)) >= 1
+
+
+# -- locking reads name the tenant (Citus runs FOR UPDATE only within one shard group) --------
+
+_UPDATE_NEEDS_ONE = ApprovalPolicy(
+    operation_types=frozenset({"update"}),
+    environments=frozenset({"production"}),
+    required_approvals=1,
+    expires_after_seconds=600,
+)
+
+
+async def test_operations_approvals_alerts_and_the_registry_job_on_citus(
+    citus_db: str, tmp_path: Path
+) -> None:
+    mine, theirs = tenant_name(), tenant_name()
+    advisories = write_osv_database(tmp_path / "osv")
+    async with api_server(citus_db, policies=[_UPDATE_NEEDS_ONE], clock=Clock()) as api:
+        for tenant in (mine, theirs):
+            await api.token(f"ci-{tenant}", tenant=tenant, role=Role.WRITER)
+            await api.token(f"ann-{tenant}", tenant=tenant, role=Role.ADMIN)
+            created = await api.call(
+                "POST", "/api/v1/plugins", token=f"ci-{tenant}", body={"name": "resizer"}
+            )
+            assert created.status == 201, created.body
+        # One gated update in each tenant: both expire in the registry job below.
+        waiting = {}
+        for tenant in (mine, theirs):
+            reply = await api.call(
+                "POST", "/api/v1/plugins/resizer/operations", token=f"ci-{tenant}",
+                body={"type": "update", "environment": "production", "version": "2.0.0"},
+            )  # fmt: skip
+            assert reply.body["status"] == "awaiting_approval", reply.body
+            waiting[tenant] = reply.body
+        # Mine: create -> approve -> run -> fail (a retry) -> run again, then the deadline.
+        gated = await api.call(
+            "POST", "/api/v1/plugins/resizer/operations", token=f"ci-{mine}",
+            body={"type": "update", "environment": "production", "version": "3.0.0",
+                  "retry_limit": 1, "deadline_seconds": 60},
+        )  # fmt: skip
+        url = f"/api/v1/operations/{gated.body['id']}"
+        decided = await api.call(
+            "POST", f"/api/v1/approvals/{gated.body['approval_id']}/decision",
+            token=f"ann-{mine}", body={"decision": "approved"},
+        )  # fmt: skip
+        assert (decided.status, decided.body["status"]) == (200, "approved"), decided.body
+        read = await api.call("GET", url, token=f"ci-{mine}")
+        assert read.body["status"] == "pending"
+        running = await api.call("PATCH", url, token=f"ci-{mine}", body={"status": "running"})
+        assert running.body["status"] == "running", running.body
+        api.clock.advance(2)
+        failed = await api.call(
+            "PATCH", url, token=f"ci-{mine}", body={"status": "failed", "error": "exit 1"}
+        )
+        assert (failed.body["status"], failed.body["status_reason"]) == (
+            "pending", "retry_scheduled")  # fmt: skip
+        early = await api.call("PATCH", url, token=f"ci-{mine}", body={"status": "running"})
+        assert (early.status, early.error["code"]) == (409, "retry_backoff")
+        api.clock.advance(10)
+        again = await api.call("PATCH", url, token=f"ci-{mine}", body={"status": "running"})
+        assert again.body["status"] == "running", again.body
+        # Another tenant's token cannot touch it (row-level security and the tenant filter).
+        foreign = await api.call("PATCH", url, token=f"ci-{theirs}", body={"status": "failed"})
+        assert foreign.status == 404
+
+        # Alerts: acknowledge one by fingerprint, create and expire a silence.
+        plugin_id = (await api.fetch(
+            "SELECT id FROM plugins WHERE tenant_id = $1 AND name = 'resizer'", mine))[0]["id"]  # fmt: skip
+        fingerprint = f"fp-{mine}"
+        async with api.pool.acquire() as conn:
+            await conn.execute(
+                "INSERT INTO plugin_alerts (tenant_id, plugin_id, environment, rule_name,"
+                " fingerprint, severity, status, labels)"
+                " VALUES ($1, $2, 'production', 'PluginDown', $3, 'critical', 'firing', $4::jsonb)",
+                mine, plugin_id, fingerprint,
+                json.dumps({"alertname": "PluginDown", "plugin": "resizer"}),
+            )  # fmt: skip
+        acked = await api.call("POST", f"/api/v1/alerts/{fingerprint}/ack", token=f"ci-{mine}")
+        assert (acked.status, acked.body["status"]) == (200, "acknowledged"), acked.body
+        elsewhere = await api.call(
+            "POST", f"/api/v1/alerts/{fingerprint}/ack", token=f"ci-{theirs}"
+        )
+        assert elsewhere.status == 404
+        silence = await api.call(
+            "POST", "/api/v1/silences", token=f"ci-{mine}",
+            body={"matchers": {"plugin": "resizer"}, "ends_at": "2026-03-01T14:00:00Z"},
+        )  # fmt: skip
+        assert silence.status == 201, silence.body
+        api.clock.advance(1)
+        ended = await api.call(
+            "POST", f"/api/v1/silences/{silence.body['id']}/expire", token=f"ci-{mine}"
+        )
+        assert (ended.status, ended.body["active"]) == (200, False), ended.body
+
+        # An SBOM to match offline in the job.
+        sbom = await api.call(
+            "PUT", "/api/v1/plugins/resizer/sbom", token=f"ci-{theirs}", body=load("sbom.cdx.json")
+        )
+        assert sbom.status == 200, sbom.body
+
+        # The registry job, 10 minutes later: both gated requests expire (two tenants),
+        # mine's running operation is past its deadline, the SBOM is scanned.
+        api.clock.advance(601)
+        job = registry_job(
+            lambda: api.pool, metrics=None, clock=api.clock, vulnerability_db=advisories
+        )
+        await job()
+        operations = await api.fetch(
+            "SELECT tenant_id, id, status, status_reason, retry_count FROM plugin_operations"
+            " WHERE tenant_id = ANY($1) ORDER BY id",
+            [mine, theirs],
+        )
+        approvals = await api.fetch(
+            "SELECT tenant_id, operation_id, status FROM plugin_approvals"
+            " WHERE tenant_id = ANY($1) ORDER BY id",
+            [mine, theirs],
+        )
+        alert = await api.fetch(
+            "SELECT status, acknowledged_by FROM plugin_alerts WHERE tenant_id = $1", mine
+        )
+        silences = await api.fetch("SELECT ends_at FROM alert_silences WHERE tenant_id = $1", mine)
+        findings = await api.fetch(
+            "SELECT DISTINCT package_name FROM plugin_vulnerabilities WHERE tenant_id = $1",
+            theirs,
+        )
+        scanned = await api.fetch(
+            "SELECT scanned_at FROM plugin_sboms WHERE tenant_id = $1", theirs
+        )
+        actions = await api.fetch(
+            "SELECT tenant_id, action, count(*) AS n FROM audit_log WHERE tenant_id = ANY($1)"
+            " GROUP BY 1, 2",
+            [mine, theirs],
+        )
+    by_id = {r["id"]: (r["tenant_id"], r["status"], r["status_reason"], r["retry_count"])
+             for r in operations}  # fmt: skip
+    assert by_id == {
+        waiting[mine]["id"]: (mine, "cancelled", "approval_expired", 0),
+        waiting[theirs]["id"]: (theirs, "cancelled", "approval_expired", 0),
+        gated.body["id"]: (mine, "failed", "deadline_exceeded", 1),
+    }
+    assert sorted((r["tenant_id"], r["operation_id"], r["status"]) for r in approvals) == sorted([
+        (mine, waiting[mine]["id"], "expired"),
+        (theirs, waiting[theirs]["id"], "expired"),
+        (mine, gated.body["id"], "approved"),
+    ])  # fmt: skip
+    assert [(r["status"], r["acknowledged_by"]) for r in alert] == [("acknowledged", f"ci-{mine}")]
+    assert [r["ends_at"] for r in silences] == [START + timedelta(seconds=13)]
+    assert {r["package_name"] for r in findings} == {"lodash", "jinja2", "requests"}
+    assert [r["scanned_at"] for r in scanned] == [api.clock.now]
+    counted = {(r["tenant_id"], r["action"]): r["n"] for r in actions}
+    assert counted[(mine, "approval.expire")] == 1
+    assert counted[(theirs, "approval.expire")] == 1
+    assert counted[(mine, "operation.deadline_exceeded")] == 1
+    assert counted[(theirs, "vulnerability.scan")] == 1
+
+
+async def test_secret_rewrap_and_backup_expiry_lock_tenant_by_tenant_on_citus(
+    citus_db: str,
+) -> None:
+    tenants = [tenant_name(), tenant_name()]
+    now = datetime.now(UTC)
+    old = crypto.Keyring(
+        primary_id="k1", keys=(crypto.generate_key(key_id="k1", now=now),), source="test"
+    )
+    keyring = crypto.rotated(old, now=now, key_id="k2")
+    ids = {}
+    for tenant in tenants:
+        (ids[tenant],) = await create_plugins(citus_db, tenant=tenant, count=1)
+    conn = await asyncpg.connect(citus_db)
+    try:
+        names = {r["tenant_id"]: r["name"] for r in await conn.fetch(
+            "SELECT tenant_id, name FROM plugins WHERE tenant_id = ANY($1)", tenants)}  # fmt: skip
+        for tenant in tenants:
+            for n in range(3):
+                blob, key_id = crypto.encrypt(
+                    old, b'"s3cret"', aad=crypto.secret_aad(
+                        tenant_id=tenant, plugin=names[tenant], environment="production",
+                        key=f"key{n}"),
+                )  # fmt: skip
+                await conn.execute(
+                    "INSERT INTO plugin_config (tenant_id, plugin_id, environment, key, is_secret,"
+                    " secret_ciphertext, secret_key_id) VALUES ($1, $2, 'production', $3, true,"
+                    " $4, $5)",
+                    tenant, ids[tenant], f"key{n}", blob, key_id,
+                )  # fmt: skip
+            await conn.execute(
+                "INSERT INTO plugin_backups (tenant_id, plugin_id, environment, provider,"
+                " location, checksum, size_bytes, status, created_at, completed_at, expires_at)"
+                " VALUES ($1, $2, 'production', 'local', '/nowhere', 'sha256:00', 1,"
+                " 'completed', $3, $3, $3)",
+                tenant, ids[tenant], now - timedelta(days=2),
+            )  # fmt: skip
+        report = await secrets.rewrap_all(
+            conn, keyring, actor=Actor(name="cli:test"), clock=lambda: now, batch_size=4
+        )
+        deleted, kept = await backup_schedule.expire_due(conn, now=now)
+        under = await conn.fetch(
+            "SELECT tenant_id, secret_key_id, count(*) AS n FROM plugin_config"
+            " WHERE tenant_id = ANY($1) GROUP BY 1, 2",
+            tenants,
+        )
+        values = await conn.fetch(
+            "SELECT tenant_id, key, secret_ciphertext, secret_key_id FROM plugin_config"
+            " WHERE tenant_id = ANY($1)",
+            tenants,
+        )
+        backups_left = await conn.fetchval(
+            "SELECT count(*) FROM plugin_backups WHERE tenant_id = ANY($1)", tenants
+        )
+        audited = await conn.fetch(
+            "SELECT tenant_id, action FROM audit_log WHERE tenant_id = ANY($1)"
+            " AND action IN ('config.secret.rewrap', 'backup.delete') ORDER BY id",
+            tenants,
+        )
+    finally:
+        await conn.close()
+    assert report.remaining == 0
+    assert report.values >= 6  # (other tests' secrets in this database may be re-wrapped too)
+    assert sorted((r["tenant_id"], r["secret_key_id"], r["n"]) for r in under) == sorted(
+        (tenant, "k2", 3) for tenant in tenants
+    )
+    for r in values:
+        plain = crypto.decrypt(
+            keyring, bytes(r["secret_ciphertext"]), key_id=r["secret_key_id"],
+            aad=crypto.secret_aad(tenant_id=r["tenant_id"], plugin=names[r["tenant_id"]],
+                                  environment="production", key=r["key"]),
+            where="test",
+        )  # fmt: skip
+        assert plain == b'"s3cret"'
+    assert len(deleted) >= 2
+    assert kept == []
+    assert backups_left == 0
+    assert sorted(set((r["tenant_id"], r["action"]) for r in audited)) == sorted(
+        (tenant, action)
+        for tenant in tenants
+        for action in ("backup.delete", "config.secret.rewrap")
+    )
+
+
+# -- the Grafana dashboards' SQL (tests/test_dashboards_postgres.py's data and expander) -------
+
+
+def test_every_dashboard_query_runs_on_citus_as_owner_and_tenant_reader(
+    citus_cluster: CitusCluster,
+) -> None:
+    with citus_cluster.database(prefix="dash") as url:
+        migrate(url)
+        loaded = dashboards._load(url)
+        role = f"grafana_acme_{uuid.uuid4().hex[:8]}"
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute(f'CREATE ROLE "{role}" LOGIN')
+            conn.execute("SELECT pluginmon_bind_tenant_role(%s, 'acme')", (role,))
+        reader = url.replace("postgres@", f"{role}@")
+        failures: list[str] = []
+        checked = 0
+        for long_range in (False, True):
+            context = dashboards._context(
+                loaded, environments=("production", "staging"), long_range=long_range
+            )
+            foreign = dashboards._context(
+                loaded, tenant="zeta", plugin="zeta/resizer", long_range=long_range
+            )
+            for query in dashboards._all_sql_queries():
+                where = f"{query.dashboard} {query.location} long_range={long_range}"
+                try:
+                    owner = dashboards._run(url, query.text, context)
+                    mine = dashboards._run(reader, query.text, context)
+                    theirs = dashboards._run(reader, query.text, foreign)
+                except psycopg.Error as exc:
+                    failures.append(f"{where}: {exc}")
+                    continue
+                checked += 1
+                if query.format == "time_series" and not owner.rows:
+                    failures.append(f"{where}: no rows")
+                if query.location == "variable tenant":
+                    assert mine.rows == [("acme",)], where
+                    continue
+                if mine != owner:
+                    failures.append(f"{where}: the reader sees {mine.rows}, the owner {owner.rows}")
+                leaked = [v for row in theirs.rows for v in row if v not in (0, None)]
+                if leaked:
+                    failures.append(f"{where}: zeta's rows for the acme reader: {theirs.rows}")
+        assert failures == [], "\n".join(failures)
+        assert checked == 2 * len(dashboards._all_sql_queries())
+        # The numbers are the ones the PostgreSQL test checks (tests/test_dashboards_postgres).
+        production = dashboards._context(loaded)
+        for title, expected in (
+            ("Plugins", {"plugins": 2}),
+            ("Up now", {"up": 1, "down": 1}),
+            ("Average health", {"health_score": 67.5}),
+            ("Firing alerts", {"firing": 1}),
+            ("Restarts", {"restarts": 1}),
+        ):
+            assert dashboards._panel(reader, dashboards.FLEET, title, production).one() == expected

@@ -256,7 +256,8 @@ async def test_a_cycle_is_a_conflict_and_dev_edges_never_gate(api: ApiHarness) -
     # c has no runtime dependency left: no series at all
     assert registry.get_sample_value(METRIC_NAME, {**labels, "plugin": "c"}) is None
     gauge = await api.fetch(
-        "SELECT p.name, m.value FROM plugin_metrics m JOIN plugins p ON p.id = m.plugin_id "
+        "SELECT p.name, m.value FROM plugin_metrics m"
+        " JOIN plugins p ON p.id = m.plugin_id AND p.tenant_id = m.tenant_id "
         "WHERE m.metric_name = $1 ORDER BY p.name",
         DEPENDENCIES_UNSATISFIED,
     )
@@ -396,7 +397,8 @@ async def test_inhibition_skips_edges_on_a_cycle(migrated_db: str) -> None:
                 )
             await dependencies.refresh(conn, now=clock())
             cycle = await conn.fetch(
-                "SELECT p.name FROM plugin_dependencies x JOIN plugins p ON p.id = x.plugin_id "
+                "SELECT p.name FROM plugin_dependencies x"
+                " JOIN plugins p ON p.id = x.plugin_id AND p.tenant_id = x.tenant_id "
                 "WHERE x.in_cycle ORDER BY p.name"
             )
         assert [r["name"] for r in cycle] == ["cache", "db"]

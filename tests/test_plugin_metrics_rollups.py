@@ -23,6 +23,8 @@ from pluginmon.storage.engines import prepare_database
 from pluginmon.storage.metric_rollups import METRIC_ROLLUPS, maintain_metric_rollups
 from pluginmon.storage.migrate import Backend
 from pluginmon.storage.partitions import PostgresMaintenance
+from pluginmon.storage.queries import set_local_tenant_sql
+from tests.dbutil import is_citus
 from tests.schema_helpers import Conn, add_plugin, database_for_backend
 
 STEP = timedelta(seconds=15)
@@ -114,6 +116,8 @@ def _tenant_view(url: str, view: str, tenant: str) -> set[str]:
     with psycopg.connect(url) as conn:
         conn.execute("SET ROLE pluginmon_api")
         conn.execute("SELECT set_config('pluginmon.tenant_id', %s, true)", (tenant,))
+        if is_citus(url):  # the workers' policies see only a propagated SET LOCAL
+            conn.execute(set_local_tenant_sql(tenant))
         query = sql.SQL("SELECT DISTINCT tenant_id FROM {}").format(sql.Identifier(view))
         rows = conn.execute(query).fetchall()
     return {r[0] for r in rows}
