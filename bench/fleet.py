@@ -41,6 +41,11 @@ Run: .venv/bin/python bench/fleet.py [--steps 25,50,100,150,200] [--database-url
 Without --database-url an embedded PostgreSQL 18 is started with pg_stat_statements
 preloaded, max_connections 1000 and shared_buffers 1 GB. With one, the server must run on this host, have
 pg_stat_statements in shared_preload_libraries and enough max_connections (4 per agent).
+A URL naming a Citus database on a coordinator (e.g. the one `python -m tests.citus_cluster
+DIR` prints, its nodes given pg_stat_statements after citus in shared_preload_libraries)
+runs the fleet on a new Citus database on the same nodes; the database CPU is then the
+coordinator's and the workers' together, and the split is the coordinator's statements
+(their execution time includes the workers' part of each).
 Last line: fleet_agents_1k_plugins_10s=<largest N within the limits>.
 """
 
@@ -75,7 +80,7 @@ from psycopg import sql
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.procstat import postmaster_of, server_cpu_seconds
-from bench.scratch import with_database
+from bench.scratch import citus_workers, make_citus_database, with_database, with_node
 from pluginmon.alerts.engine import AlertEngine
 from pluginmon.alerts.outbox import OutboxDeliverer
 from pluginmon.alerts.rules import WebhookConfig, builtin_rules
@@ -517,27 +522,44 @@ def database_server(database_url: str | None) -> Iterator[str]:
 
 @contextlib.contextmanager
 def fresh_database(admin_url: str) -> Iterator[str]:
+    """A new database, migrated; when ``admin_url`` names a Citus database on a coordinator,
+    a Citus database on the same nodes (bench/scratch.py)."""
     name = f"pluginmon_bench_fleet_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(admin_url, autocommit=True) as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    workers = citus_workers(admin_url)
+    nodes = [admin_url, *(with_node(admin_url, host, port) for host, port in workers)]
+    for node in nodes:
+        with psycopg.connect(node, autocommit=True) as conn:
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
     url = with_database(admin_url, name)
     try:
+        if workers:
+            make_citus_database(url, workers)
         prepare_database(url, Retention())
         with psycopg.connect(url, autocommit=True) as conn:
             conn.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
         yield url
     finally:
-        with psycopg.connect(admin_url, autocommit=True) as conn:
-            conn.execute(
-                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-            )
+        for node in nodes:
+            with psycopg.connect(node, autocommit=True) as conn:
+                conn.execute(
+                    sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+                )
 
 
-def postmaster(url: str) -> int:
-    with psycopg.connect(url) as conn:
-        row = conn.execute("SELECT pg_backend_pid()").fetchone()
-        assert row is not None
-        return postmaster_of(int(row[0]))  # while the backend is there to be read
+def postmasters(url: str) -> tuple[int, ...]:
+    """The server's postmaster, and on Citus each worker's too (all on this host): the
+    database's CPU is theirs together."""
+    found = []
+    for node in [url, *(with_node(url, host, port) for host, port in citus_workers(url))]:
+        with psycopg.connect(node) as conn:
+            row = conn.execute("SELECT pg_backend_pid()").fetchone()
+            assert row is not None
+            found.append(postmaster_of(int(row[0])))  # while the backend is there to be read
+    return tuple(found)
+
+
+def database_cpu_seconds(servers: tuple[int, ...]) -> float:
+    return sum(server_cpu_seconds(pid) for pid in servers)
 
 
 # Statement text -> what it is part of, first match wins.
@@ -664,7 +686,7 @@ def reset_statements(url: str) -> None:
 # -- the raw COPY baseline -------------------------------------------------------------------------
 
 
-async def raw_copy_cpu_per_row(url: str, server: int, *, batches: int) -> float:
+async def raw_copy_cpu_per_row(url: str, server: tuple[int, ...], *, batches: int) -> float:
     """Server CPU seconds per row for the same rows COPYed raw: 1,000-row batches (what
     one agent writes per interval), one COPY each, on one connection."""
     gen = FleetGenerator(9999, PLUGINS_PER_AGENT, random.Random(9999))
@@ -683,19 +705,19 @@ async def raw_copy_cpu_per_row(url: str, server: int, *, batches: int) -> float:
                     for s, pid in zip(snap.samples, ids, strict=True)
                 ]
             )
-        before = server_cpu_seconds(server)
+        before = database_cpu_seconds(server)
         for rows in payloads:
             await conn.copy_records_to_table(
                 PLUGIN_SAMPLES_TABLE, records=rows, columns=PLUGIN_SAMPLES_COLUMNS, timeout=60
             )
-        after = server_cpu_seconds(server)
+        after = database_cpu_seconds(server)
     finally:
         await conn.close()
     return (after - before) / (batches * PLUGINS_PER_AGENT)
 
 
 async def raw_fleet_cpu_per_row(
-    url: str, server: int, *, agents: int, interval: float, duration: float
+    url: str, server: tuple[int, ...], *, agents: int, interval: float, duration: float
 ) -> float:
     """Server CPU seconds per row when ``agents`` connections only COPY their 1,000 rows
     every ``interval`` (each at its own phase), nothing else: the fleet's ingest alone, at
@@ -739,9 +761,9 @@ async def raw_fleet_cpu_per_row(
         tasks = [asyncio.create_task(agent(c)) for c in conns]
         await asyncio.sleep(interval)  # every connection has started its rhythm
         counting = True
-        before = server_cpu_seconds(server)
+        before = database_cpu_seconds(server)
         await asyncio.sleep(duration)
-        after = server_cpu_seconds(server)
+        after = database_cpu_seconds(server)
         counting = False
         stop.set()
         await asyncio.gather(*tasks)
@@ -803,7 +825,7 @@ def report_all(workers: list[Worker]) -> dict[str, Any]:
     return total
 
 
-def run_fleet(args: argparse.Namespace, url: str, server: int) -> list[StepResult]:
+def run_fleet(args: argparse.Namespace, url: str, server: tuple[int, ...]) -> list[StepResult]:
     workers = [Worker(url, args.interval) for _ in range(args.workers)]
     results: list[StepResult] = []
     added = 0
@@ -836,9 +858,9 @@ def run_fleet(args: argparse.Namespace, url: str, server: int) -> list[StepResul
             time.sleep(args.warmup)
             before = report_all(workers)
             reset_statements(url)
-            cpu0, wall0 = server_cpu_seconds(server), time.monotonic()
+            cpu0, wall0 = database_cpu_seconds(server), time.monotonic()
             time.sleep(args.duration)
-            cpu1, wall1 = server_cpu_seconds(server), time.monotonic()
+            cpu1, wall1 = database_cpu_seconds(server), time.monotonic()
             found = statements(url)
             times = statement_times(found)
             after = report_all(workers)
@@ -917,7 +939,7 @@ def main() -> None:
         return
 
     with database_server(args.database_url) as admin, fresh_database(admin) as url:
-        server = postmaster(url)
+        server = postmasters(url)
         raw_before = asyncio.run(raw_copy_cpu_per_row(url, server, batches=args.raw_batches))
         print(
             f"raw COPY before the fleet: {1e6 * raw_before:.1f} us database CPU per row "
