@@ -17,6 +17,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -61,6 +62,16 @@ def find_citus_bin_dir() -> Path | None:
     return None
 
 
+NODE_SETTINGS = {
+    "shared_preload_libraries": "'citus'",
+    "max_connections": "200",
+    "max_prepared_transactions": "100",
+    "wal_level": "'logical'",
+    # One connection per shard group is plenty on a 2-core test machine.
+    "citus.max_adaptive_executor_pool_size": "4",
+}
+
+
 class CitusCluster:
     """A coordinator and ``workers`` workers, each its own server on 127.0.0.1.
 
@@ -80,20 +91,21 @@ class CitusCluster:
 
     def start(self) -> CitusCluster:
         for node in self.nodes:
-            node.init(
-                settings={
-                    "shared_preload_libraries": "'citus'",
-                    "max_connections": "200",
-                    "max_prepared_transactions": "100",
-                    "wal_level": "'logical'",
-                    # One connection per shard group is plenty on a 2-core test machine.
-                    "citus.max_adaptive_executor_pool_size": "4",
-                }
-            )
-            hba = node.pgdata / "pg_hba.conf"
-            hba.write_text("host all all 127.0.0.1/32 trust\n")
-            node.start()
+            self._start_node(node)
         return self
+
+    def start_node(self, name: str) -> Cluster:
+        """Another node under this cluster's directory, started (not added to any database)."""
+        node = Cluster(self.coordinator.bin_dir, self.directory / name)
+        self._start_node(node)
+        return node
+
+    @staticmethod
+    def _start_node(node: Cluster) -> None:
+        node.init(settings=NODE_SETTINGS)
+        hba = node.pgdata / "pg_hba.conf"
+        hba.write_text("host all all 127.0.0.1/32 trust\n")
+        node.start()
 
     def stop(self) -> None:
         for node in self.nodes:
@@ -136,6 +148,25 @@ class CitusCluster:
             yield with_database(self.url(), name)
         finally:
             self.drop_database(name)
+
+
+@contextmanager
+def running_cluster(prefix: str) -> Iterator[CitusCluster]:
+    """A started cluster for a test module, removed after; the test skips (with
+    CITUS_SKIP_REASON) where no Citus build is found."""
+    import pytest
+
+    bin_dir = find_citus_bin_dir()
+    if bin_dir is None:
+        pytest.skip(CITUS_SKIP_REASON)
+    directory = Path(tempfile.mkdtemp(prefix=prefix))
+    cluster = CitusCluster(bin_dir, directory)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.remove()
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def main(argv: list[str]) -> int:

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 import signal
-import tempfile
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -28,7 +26,6 @@ from pluginmon.registry.tokens import Role
 from pluginmon.storage.backend import Retention, admin_connection
 from pluginmon.storage.citus import CitusMaintenance
 from pluginmon.storage.migrate import Backend, MigrationError, migrate
-from pluginmon.storage.pool import close_pool, open_pool
 from pluginmon.storage.queries import (
     CITUS_SCOPE,
     PLAIN_SCOPE,
@@ -36,10 +33,9 @@ from pluginmon.storage.queries import (
     quote_literal,
     set_local_tenant_sql,
 )
-from pluginmon.storage.writer import PLUGIN_SAMPLES_COLUMNS, PLUGIN_SAMPLES_TABLE, BatchWriter
 from tests import test_dashboards_postgres as dashboards
 from tests.api_helpers import START, Clock, api_server
-from tests.citus_cluster import CITUS_SKIP_REASON, CitusCluster, find_citus_bin_dir
+from tests.citus_cluster import CitusCluster, running_cluster
 from tests.daemon_helpers import (
     DaemonProcess,
     WebhookReceiver,
@@ -50,7 +46,7 @@ from tests.daemon_helpers import (
 from tests.dbutil import with_database
 from tests.test_e2e_daemon import RULES, WEBHOOK_SECRET, labels
 from tests.vulns_helpers import load, write_osv_database
-from tests.writer_helpers import create_plugins, sample_row
+from tests.writer_helpers import copy_samples, create_plugins, sample_row
 
 REFERENCE = ("tenants", "tenant_role_bindings", "api_tokens", "rollup_watermarks",
              "rollup_metrics_watermarks")  # fmt: skip
@@ -68,17 +64,8 @@ ON_COORDINATOR = ("schema_migrations", "audit_log", "audit_chain")
 
 @pytest.fixture(scope="session")
 def citus_cluster() -> Iterator[CitusCluster]:
-    bin_dir = find_citus_bin_dir()
-    if bin_dir is None:
-        pytest.skip(CITUS_SKIP_REASON)
-    directory = Path(tempfile.mkdtemp(prefix="pluginmon-test-citus-"))
-    cluster = CitusCluster(bin_dir, directory)
-    try:
-        cluster.start()
+    with running_cluster("pluginmon-test-citus-") as cluster:
         yield cluster
-    finally:
-        cluster.remove()
-        shutil.rmtree(directory, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -151,26 +138,14 @@ def test_tables_are_distributed_by_tenant_or_reference(citus_db: str) -> None:
         assert keys == []
 
 
-async def _copy_samples(url: str, rows: list[tuple[object, ...]]) -> None:
-    pool = await open_pool(url, min_size=0)
-    try:
-        async with BatchWriter(
-            pool, table=PLUGIN_SAMPLES_TABLE, columns=PLUGIN_SAMPLES_COLUMNS, max_rows=100
-        ) as writer:
-            writer.put(rows)
-            await writer.flush()
-    finally:
-        await close_pool(pool)
-
-
 def test_copy_through_coordinator_and_worker_lands_on_the_coordinator(
     citus_cluster: CitusCluster, citus_db: str
 ) -> None:
     tenant = tenant_name()
     plugin_ids = asyncio.run(create_plugins(citus_db, tenant=tenant, count=3))
     rows = [sample_row(n, plugin_ids, tenant=tenant) for n in range(500)]
-    asyncio.run(_copy_samples(citus_db, rows[:250]))
-    asyncio.run(_copy_samples(worker_url(citus_cluster, citus_db, 1), rows[250:]))
+    asyncio.run(copy_samples(citus_db, rows[:250]))
+    asyncio.run(copy_samples(worker_url(citus_cluster, citus_db, 1), rows[250:]))
     with psycopg.connect(citus_db) as conn:
         count, cpu_sum, first, last = conn.execute(
             'SELECT count(*), sum(cpu_percent), min("timestamp"), max("timestamp")'

@@ -8,11 +8,8 @@ Skipped, with the reason, when no Citus build is found on the machine (tests/cit
 from __future__ import annotations
 
 import asyncio
-import shutil
-import tempfile
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 
 import asyncpg
 import psycopg
@@ -22,36 +19,17 @@ from psycopg import sql
 from pluginmon.registry import audit
 from pluginmon.registry.tokens import Role
 from pluginmon.storage.migrate import Backend, migrate
-from pluginmon.storage.pool import close_pool, open_pool
-from pluginmon.storage.writer import PLUGIN_SAMPLES_COLUMNS, PLUGIN_SAMPLES_TABLE, BatchWriter
 from tests.api_helpers import api_server
-from tests.citus_cluster import CITUS_SKIP_REASON, CitusCluster, find_citus_bin_dir
+from tests.citus_cluster import CitusCluster, running_cluster
 from tests.dbutil import drop_on_server, with_database
 from tests.pg_cluster import Cluster
-from tests.writer_helpers import create_plugins, sample_row
-
-CITUS_NODE_SETTINGS = {
-    "shared_preload_libraries": "'citus'",
-    "max_connections": "200",
-    "max_prepared_transactions": "100",
-    "wal_level": "'logical'",
-    "citus.max_adaptive_executor_pool_size": "4",
-}
+from tests.writer_helpers import copy_samples, create_plugins, sample_row
 
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[CitusCluster]:
-    bin_dir = find_citus_bin_dir()
-    if bin_dir is None:
-        pytest.skip(CITUS_SKIP_REASON)
-    directory = Path(tempfile.mkdtemp(prefix="pluginmon-test-citus-move-"))
-    started = CitusCluster(bin_dir, directory)
-    try:
-        started.start()
+    with running_cluster("pluginmon-test-citus-move-") as started:
         yield started
-    finally:
-        started.remove()
-        shutil.rmtree(directory, ignore_errors=True)
 
 
 def _tenant() -> str:
@@ -81,18 +59,6 @@ def _enable_citus(cluster: CitusCluster, name: str, workers: list[Cluster]) -> N
         )
         for worker in workers:
             conn.execute("SELECT citus_add_node('127.0.0.1', %s)", (worker.port,))
-
-
-async def _copy_samples(url: str, rows: list[tuple[object, ...]]) -> None:
-    pool = await open_pool(url, min_size=0)
-    try:
-        async with BatchWriter(
-            pool, table=PLUGIN_SAMPLES_TABLE, columns=PLUGIN_SAMPLES_COLUMNS, max_rows=100
-        ) as writer:
-            writer.put(rows)
-            await writer.flush()
-    finally:
-        await close_pool(pool)
 
 
 async def _audit_verdicts(url: str) -> dict[str, tuple[int, object]]:
@@ -187,7 +153,7 @@ def test_a_postgres_backend_database_becomes_a_citus_database_with_its_data(
         for tenant in tenants:
             plugin_ids = asyncio.run(create_plugins(url, tenant=tenant, count=3))
             rows = [sample_row(n, plugin_ids, tenant=tenant) for n in range(300)]
-            asyncio.run(_copy_samples(url, rows))
+            asyncio.run(copy_samples(url, rows))
         asyncio.run(_write_through_api(url, tenants))
         counts_before = _counts(url, tenants)
         chains_before = asyncio.run(_audit_verdicts(url))
@@ -220,9 +186,7 @@ def test_a_postgres_backend_database_becomes_a_citus_database_with_its_data(
         ids = _plugin_ids(url, tenants[0])
         worker = with_database(cluster.url(node=cluster.workers[0]), name)
         asyncio.run(
-            _copy_samples(
-                worker, [sample_row(n, ids, tenant=tenants[0]) for n in range(1000, 1050)]
-            )
+            copy_samples(worker, [sample_row(n, ids, tenant=tenants[0]) for n in range(1000, 1050)])
         )
         assert _counts(url, tenants)[tenants[0]] == (5, 350, 1)
         again = migrate(url)
@@ -239,15 +203,12 @@ def test_a_worker_added_later_takes_shards_after_a_rebalance(cluster: CitusClust
         for tenant in tenants:
             plugin_ids = asyncio.run(create_plugins(url, tenant=tenant, count=2))
             asyncio.run(
-                _copy_samples(url, [sample_row(n, plugin_ids, tenant=tenant) for n in range(100)])
+                copy_samples(url, [sample_row(n, plugin_ids, tenant=tenant) for n in range(100)])
             )
         asyncio.run(_write_through_api(url, tenants[:2]))
         counts_before = _counts(url, tenants)
         name = url.rsplit("/", 1)[1]
-        new_worker = Cluster(cluster.coordinator.bin_dir, cluster.directory / "worker-new")
-        new_worker.init(settings=CITUS_NODE_SETTINGS)
-        (new_worker.pgdata / "pg_hba.conf").write_text("host all all 127.0.0.1/32 trust\n")
-        new_worker.start()
+        new_worker = cluster.start_node("worker-new")
         try:
             with psycopg.connect(cluster.url(node=new_worker), autocommit=True) as conn:
                 conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
@@ -272,7 +233,7 @@ def test_a_worker_added_later_takes_shards_after_a_rebalance(cluster: CitusClust
             }
             ids = _plugin_ids(url, tenants[0])
             asyncio.run(
-                _copy_samples(
+                copy_samples(
                     with_database(cluster.url(node=new_worker), name),
                     [sample_row(n, ids, tenant=tenants[0]) for n in range(1000, 1040)],
                 )

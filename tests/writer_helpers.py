@@ -75,6 +75,19 @@ def sample_row(sequence: int, plugin_ids: list[int], *, tenant: str = "acme") ->
     )
 
 
+async def copy_samples(database_url: str, rows: list[Row]) -> None:
+    """``rows`` written by a BatchWriter (100-row batches, ingest ledger) on a pool of its own."""
+    pool = await open_pool(database_url, min_size=0)
+    try:
+        async with BatchWriter(
+            pool, table=PLUGIN_SAMPLES_TABLE, columns=PLUGIN_SAMPLES_COLUMNS, max_rows=100
+        ) as writer:
+            writer.put(rows)
+            await writer.flush()
+    finally:
+        await close_pool(pool)
+
+
 def sample_rows(start: int, stop: int, plugin_ids: list[int]) -> list[Row]:
     return [sample_row(sequence, plugin_ids) for sequence in range(start, stop)]
 
