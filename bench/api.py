@@ -142,6 +142,8 @@ class Results:
     timeline: list[tuple[float, float]] = field(default_factory=list)
     errors: dict[str, int] = field(default_factory=dict)
     by_kind: dict[str, list[float]] = field(default_factory=dict)
+    # The first answer of each kind of error: what the database or the API refused.
+    examples: dict[str, str] = field(default_factory=dict)
 
     def record(self, kind: str, seconds: float, status: int, expected: int, code: str = "") -> None:
         self.latencies.append(seconds)
@@ -218,6 +220,9 @@ async def client(
         code = ""
         if status_code != expected and isinstance(payload, dict):
             code = str(payload.get("error", {}).get("code", ""))
+            results.examples.setdefault(
+                f"{kind}:{status_code}:{code}", f"{method} {path} {body} -> {payload}"
+            )
         results.record(kind, time.perf_counter() - started, status_code, expected, code)
         if kind == "operation" and status_code == expected:
             if open_operation is None:
@@ -300,7 +305,9 @@ def bench(
     warmup: float,
     duration: float,
     pool_size: int = 8,
+    settings: dict[str, str] | None = None,
 ) -> float:
+    settings = settings or {}
     tenant = f"bench-{uuid.uuid4().hex[:6]}"
     # The server's CPU is counted only when it runs on this host (the embedded default).
     with psycopg.connect(database_url) as conn:
@@ -314,7 +321,11 @@ def bench(
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="pluginmon-bench-api-") as data_dir:
         env = daemon_env(
-            database_url, data_dir, port, PLUGINMON_DATABASE_POOL_MAX_SIZE=str(pool_size)
+            database_url,
+            data_dir,
+            port,
+            PLUGINMON_DATABASE_POOL_MAX_SIZE=str(pool_size),
+            **{f"PLUGINMON_{name.upper()}": value for name, value in settings.items()},
         )
         log = Path(data_dir) / "daemon.log"
         with log.open("wb") as log_file:
@@ -403,6 +414,8 @@ def bench(
         f"= {len(lat) / elapsed:.0f} req/s; latency p50 {statistics.median(lat) * 1000:.1f} ms, "
         f"p99 {p99:.1f} ms, max {max(lat) * 1000:.1f} ms; errors {results.errors or 'none'}"
     )
+    for key, example in sorted(results.examples.items()):
+        print(f"first {key}: {example[:400]}")
     print(f"slowest 1% (over {p99:.1f} ms): {slow_report(results.timeline, p99 / 1000)}")
     for kind, values in sorted(results.by_kind.items()):
         print(
@@ -447,6 +460,13 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=10.0)
     parser.add_argument("--duration", type=float, default=60.0)
     parser.add_argument("--pool-size", type=int, default=8, help="the daemon's pool")
+    parser.add_argument(
+        "--daemon-setting",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a PLUGINMON_NAME=VALUE for the daemon (repeatable), e.g. maintenance_interval_seconds=3600",
+    )
     args = parser.parse_args()
     with scratch_database(
         args.database_url or None,
@@ -463,6 +483,7 @@ def main() -> None:
             warmup=args.warmup,
             duration=args.duration,
             pool_size=args.pool_size,
+            settings=dict(setting.split("=", 1) for setting in args.daemon_setting),
         )
     print(f"api_p99_ms={p99:.1f}")
 
