@@ -127,7 +127,9 @@ def _finish(state: OperationState, status: Status, now: datetime, reason: str) -
     return replace(
         state,
         status=status,
-        finished_at=now,
+        # Never before the start: the wall clock may step back between two requests (a time
+        # sync on a VM), and the table's CHECK (finished_at >= started_at) would refuse it.
+        finished_at=max(now, state.started_at),
         # Only an attempt that ran has a duration; waiting for approval or backoff is not one.
         duration_ms=_duration_ms(state.started_at, now) if ran else None,
         not_before=None,

@@ -47,6 +47,16 @@ def test_happy_path_measures_the_attempt_and_fixes_the_deadline_at_first_start()
     )
 
 
+@pytest.mark.parametrize("requested", [Status.SUCCEEDED, Status.FAILED, Status.CANCELLED])
+def test_a_clock_that_stepped_back_never_finishes_before_the_start(requested: Status) -> None:
+    running = _state(status=Status.RUNNING, retry_limit=0, started_at=T0)
+    # The wall clock stepped back 3 ms between the request that started it and this one.
+    done = transition(running, requested, now=T0 - timedelta(milliseconds=3), retry=MIDDLE)
+    assert done.status is requested
+    assert done.finished_at == T0
+    assert done.duration_ms == 0
+
+
 def test_failures_retry_with_capped_exponential_backoff_then_exhaust() -> None:
     state = _state()
     delays = []
