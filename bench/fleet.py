@@ -64,7 +64,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -75,12 +74,11 @@ from typing import Any
 import asyncpg
 import psycopg
 from aiohttp import web
-from psycopg import sql
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.procstat import postmaster_of, server_cpu_seconds
-from bench.scratch import citus_workers, make_citus_database, with_database, with_node
+from bench.scratch import new_database, node_urls, with_database
 from pluginmon.alerts.engine import AlertEngine
 from pluginmon.alerts.outbox import OutboxDeliverer
 from pluginmon.alerts.rules import WebhookConfig, builtin_rules
@@ -524,33 +522,18 @@ def database_server(database_url: str | None) -> Iterator[str]:
 def fresh_database(admin_url: str) -> Iterator[str]:
     """A new database, migrated; when ``admin_url`` names a Citus database on a coordinator,
     a Citus database on the same nodes (bench/scratch.py)."""
-    name = f"pluginmon_bench_fleet_{uuid.uuid4().hex[:8]}"
-    workers = citus_workers(admin_url)
-    nodes = [admin_url, *(with_node(admin_url, host, port) for host, port in workers)]
-    for node in nodes:
-        with psycopg.connect(node, autocommit=True) as conn:
-            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    url = with_database(admin_url, name)
-    try:
-        if workers:
-            make_citus_database(url, workers)
+    with new_database(admin_url, prefix="pluginmon_bench_fleet") as url:
         prepare_database(url, Retention())
         with psycopg.connect(url, autocommit=True) as conn:
             conn.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
         yield url
-    finally:
-        for node in nodes:
-            with psycopg.connect(node, autocommit=True) as conn:
-                conn.execute(
-                    sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-                )
 
 
 def postmasters(url: str) -> tuple[int, ...]:
     """The server's postmaster, and on Citus each worker's too (all on this host): the
     database's CPU is theirs together."""
     found = []
-    for node in [url, *(with_node(url, host, port) for host, port in citus_workers(url))]:
+    for node in node_urls(url):
         with psycopg.connect(node) as conn:
             row = conn.execute("SELECT pg_backend_pid()").fetchone()
             assert row is not None

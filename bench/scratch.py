@@ -49,25 +49,40 @@ def scratch_database(
             finally:
                 server.stop()
         return
-    name = f"{database_prefix}_{uuid.uuid4().hex[:8]}"
-    workers = citus_workers(database_url)
-    servers = [database_url, *(with_node(database_url, host, port) for host, port in workers)]
-    for node in servers:
-        with psycopg.connect(node, autocommit=True) as conn:
-            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    url = with_database(database_url, name)
-    try:
-        if workers:
-            make_citus_database(url, workers)
+    with new_database(database_url, prefix=database_prefix) as url:
         if migrated:
             migrate(url)
         yield url
+
+
+@contextmanager
+def new_database(server_url: str, *, prefix: str) -> Iterator[str]:
+    """URL of a new, empty database ``<prefix>_<random>`` on ``server_url``'s server, dropped
+    afterwards; when ``server_url`` names a Citus database on a coordinator, a Citus database
+    on the same nodes (created on every worker, see ``citus_workers``)."""
+    name = f"{prefix}_{uuid.uuid4().hex[:8]}"
+    workers = citus_workers(server_url)
+    nodes = node_urls(server_url, workers)
+    for node in nodes:
+        with psycopg.connect(node, autocommit=True) as conn:
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    url = with_database(server_url, name)
+    try:
+        if workers:
+            make_citus_database(url, workers)
+        yield url
     finally:
-        for node in servers:
+        for node in nodes:
             with psycopg.connect(node, autocommit=True) as conn:
                 conn.execute(
                     sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
                 )
+
+
+def node_urls(url: str, workers: list[tuple[str, int]] | None = None) -> list[str]:
+    """``url`` and the same database on each Citus worker (``citus_workers`` unless given)."""
+    found = citus_workers(url) if workers is None else workers
+    return [url, *(with_node(url, host, port) for host, port in found)]
 
 
 def citus_workers(database_url: str) -> list[tuple[str, int]]:
