@@ -122,19 +122,38 @@ class CitusCluster:
 
     def create_database(self, *, prefix: str = "citus") -> str:
         """A new database on every node, Citus-enabled, workers registered; returns its name."""
+        name = self.create_plain_database(prefix=prefix)
+        self.enable_citus(name)
+        return name
+
+    def create_plain_database(self, *, prefix: str = "plain") -> str:
+        """A new database on every node without the citus extension (to pluginmon, a plain
+        PostgreSQL database until ``enable_citus``); returns its name."""
         name = f"{prefix}_{uuid.uuid4().hex[:12]}"
         for node in self.nodes:
-            with psycopg.connect(self.url(node=node), autocommit=True) as conn:
-                conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+            self.create_on(node, name)
+        return name
+
+    def create_on(self, node: Cluster, name: str) -> None:
+        with psycopg.connect(self.url(node=node), autocommit=True) as conn:
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+
+    def enable_citus(self, name: str, *, workers: list[Cluster] | None = None) -> None:
+        """The extension in database ``name`` on the coordinator and ``workers`` (default:
+        all), and those workers registered with the coordinator; a worker added later gets
+        the same call with ``workers=[it]`` (the coordinator's extension exists by then)."""
+        added = self.workers if workers is None else workers
+        first = workers is None
+        for node in [self.coordinator, *added] if first else added:
             with psycopg.connect(self.url(name, node=node), autocommit=True) as conn:
                 conn.execute("CREATE EXTENSION citus")
         with psycopg.connect(self.url(name), autocommit=True) as conn:
-            conn.execute(
-                "SELECT citus_set_coordinator_host('127.0.0.1', %s)", (self.coordinator.port,)
-            )
-            for worker in self.workers:
+            if first:
+                conn.execute(
+                    "SELECT citus_set_coordinator_host('127.0.0.1', %s)", (self.coordinator.port,)
+                )
+            for worker in added:
                 conn.execute("SELECT citus_add_node('127.0.0.1', %s)", (worker.port,))
-        return name
 
     def drop_database(self, name: str) -> None:
         for node in self.nodes:

@@ -14,7 +14,6 @@ from collections.abc import Iterator
 import asyncpg
 import psycopg
 import pytest
-from psycopg import sql
 
 from pluginmon.registry import audit
 from pluginmon.registry.tokens import Role
@@ -22,7 +21,6 @@ from pluginmon.storage.migrate import Backend, migrate
 from tests.api_helpers import api_server
 from tests.citus_cluster import CitusCluster, running_cluster
 from tests.dbutil import drop_on_server, with_database
-from tests.pg_cluster import Cluster
 from tests.writer_helpers import copy_samples, create_plugins, sample_row
 
 
@@ -34,31 +32,6 @@ def cluster() -> Iterator[CitusCluster]:
 
 def _tenant() -> str:
     return f"t{uuid.uuid4().hex[:10]}"
-
-
-def _on_every_node(cluster: CitusCluster, nodes: list[Cluster], name: str, statement: str) -> None:
-    for node in nodes:
-        with psycopg.connect(cluster.url(name, node=node), autocommit=True) as conn:
-            conn.execute(statement)
-
-
-def _create_plain_database(cluster: CitusCluster) -> str:
-    """A database on every node without the citus extension: to pluginmon, plain PostgreSQL."""
-    name = f"conv_{uuid.uuid4().hex[:12]}"
-    for node in cluster.nodes:
-        with psycopg.connect(cluster.url(node=node), autocommit=True) as conn:
-            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    return name
-
-
-def _enable_citus(cluster: CitusCluster, name: str, workers: list[Cluster]) -> None:
-    _on_every_node(cluster, [cluster.coordinator, *workers], name, "CREATE EXTENSION citus")
-    with psycopg.connect(cluster.url(name), autocommit=True) as conn:
-        conn.execute(
-            "SELECT citus_set_coordinator_host('127.0.0.1', %s)", (cluster.coordinator.port,)
-        )
-        for worker in workers:
-            conn.execute("SELECT citus_add_node('127.0.0.1', %s)", (worker.port,))
 
 
 async def _audit_verdicts(url: str) -> dict[str, tuple[int, object]]:
@@ -144,7 +117,7 @@ async def _read_through_api(url: str, tenants: list[str]) -> dict[str, list[str]
 def test_a_postgres_backend_database_becomes_a_citus_database_with_its_data(
     cluster: CitusCluster,
 ) -> None:
-    name = _create_plain_database(cluster)
+    name = cluster.create_plain_database(prefix="conv")
     url = with_database(cluster.url(), name)
     tenants = [_tenant(), _tenant()]
     try:
@@ -162,7 +135,7 @@ def test_a_postgres_backend_database_becomes_a_citus_database_with_its_data(
 
         # The operator's part (docs/scaling.md): the citus extension on every node, the
         # workers added; then `pluginmon migrate` with backend = "citus".
-        _enable_citus(cluster, name, cluster.workers)
+        cluster.enable_citus(name)
         after = migrate(url, backend=Backend.CITUS)
         assert after.backend is Backend.CITUS
         assert {100, 101, 102, 103} <= {int(f[:3]) for f in after.applied}, after.applied
@@ -210,11 +183,9 @@ def test_a_worker_added_later_takes_shards_after_a_rebalance(cluster: CitusClust
         name = url.rsplit("/", 1)[1]
         new_worker = cluster.start_node("worker-new")
         try:
-            with psycopg.connect(cluster.url(node=new_worker), autocommit=True) as conn:
-                conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-            _on_every_node(cluster, [new_worker], name, "CREATE EXTENSION citus")
+            cluster.create_on(new_worker, name)
+            cluster.enable_citus(name, workers=[new_worker])
             with psycopg.connect(url, autocommit=True) as conn:
-                conn.execute("SELECT citus_add_node('127.0.0.1', %s)", (new_worker.port,))
                 conn.execute("SELECT citus_rebalance_start(shard_transfer_mode => 'block_writes')")
                 conn.execute("SELECT citus_rebalance_wait()")
                 moved = conn.execute(
