@@ -18,7 +18,15 @@ errors, and the sampling cycle meanwhile: cycles counted by the daemon's
 pluginmon_sample_duration_seconds histogram against the seconds elapsed, its mean, and the
 scheduler's "run(s) skipped" warnings for the sample job in the daemon's log.
 
+The load generator's garbage collector is off while it measures (--gc-in-client leaves it
+on): a collection pauses every client at once and the requests in flight would count it as
+the API's latency. The run reports the load generator's collections meanwhile (none, unless
+--gc-in-client) and the daemon's (python_gc_collections_total). --monitor records what the
+host, the daemon's threads, PostgreSQL's processes and sessions did every 50 ms and
+describes the seconds that held the most slow requests (bench/stall_monitor.py).
+
 Run: .venv/bin/python bench/api.py [--processes 1000] [--clients 50] [--rate 500] [--duration 60]
+                                   [--monitor] [--gc-in-client]
 Last line: api_p99_ms=<p99 latency in ms>.
 """
 
@@ -26,6 +34,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import gc
 import json
 import os
 import random
@@ -39,6 +49,8 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,6 +68,7 @@ from bench.processes import (
     start_processes,
 )
 from bench.scratch import free_port, scratch_database
+from bench.stall_monitor import Monitor, report
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -73,6 +86,20 @@ def sample_cycles(port: int) -> tuple[float, float]:
     assert count is not None
     assert total is not None
     return float(count[1]), float(total[1])
+
+
+def daemon_collections(port: int) -> dict[str, float]:
+    """The daemon's garbage collections so far by generation (python_gc_collections_total)."""
+    try:
+        text = scrape(port)
+    except urllib.error.HTTPError:
+        return {}
+    return {
+        m[1]: float(m[2])
+        for m in re.finditer(
+            r'^python_gc_collections_total\{generation="(\d)"\} (\S+)$', text, re.MULTILINE
+        )
+    }
 
 
 def cli(env: dict[str, str], *args: str) -> str:
@@ -244,15 +271,80 @@ def slow_report(timeline: list[tuple[float, float]], threshold: float) -> str:
     for start, _ in slow:
         tenths[int((start % 1.0) * 10)] += 1
     seconds = sorted({int(start) for start, _ in slow})
-    busiest = sorted(
-        ((sum(1 for s, _ in slow if int(s) == second), second) for second in seconds), reverse=True
-    )[:3]
+    busiest = busiest_slow_seconds(timeline, threshold)
     first = min((start for start, _ in timeline), default=0.0)
     return (
         f"{len(slow)} requests in {len(seconds)} distinct seconds, by tenth of the second "
         f"{tenths}; busiest seconds (requests, s into the run): "
-        + ", ".join(f"{n} at {second - first:.0f}" for n, second in busiest)
+        + ", ".join(f"{n} at {second - int(first)}" for n, second in busiest)
     )
+
+
+@contextlib.contextmanager
+def collector_paused(*, enabled: bool) -> Iterator[None]:
+    """The load generator's cyclic garbage collector off while it measures (``enabled``).
+
+    Its collections stop every client of this process at once, and every request in flight
+    then counts the pause as the API's latency: on a loaded host a full collection of this
+    process took 320 ms (--gc-in-client shows them). Reference counting still frees what the
+    clients drop; the few cycles they make wait for the end of the run. ``gc.freeze`` first
+    moves the set-up's objects out of the collector's view for the collection at the end.
+    """
+    if not enabled:
+        yield
+        return
+    gc.collect()
+    gc.freeze()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+        gc.unfreeze()
+
+
+class GcPauses:
+    """The load generator's own garbage collections while it measures (gc.callbacks): a
+    collection pauses every client of this process, and the requests in flight then count
+    the pause as latency."""
+
+    def __init__(self) -> None:
+        self.pauses: list[tuple[float, int, float]] = []  # (wall-clock start, generation, s)
+        self._started = 0.0
+
+    def _callback(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        else:
+            elapsed = time.perf_counter() - self._started
+            self.pauses.append((time.time() - elapsed, info["generation"], elapsed))
+
+    def __enter__(self) -> GcPauses:
+        gc.callbacks.append(self._callback)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        gc.callbacks.remove(self._callback)
+
+    def summary(self, first: float) -> str:
+        if not self.pauses:
+            return "none"
+        by_generation = Counter(generation for _, generation, _ in self.pauses)
+        longest = sorted(self.pauses, key=lambda p: p[2], reverse=True)[:3]
+        return (
+            f"{len(self.pauses)} collections ({dict(sorted(by_generation.items()))} by "
+            f"generation), {sum(p[2] for p in self.pauses) * 1000:.0f} ms in all; longest: "
+            + ", ".join(f"{s * 1000:.1f} ms (gen {g}) at {t - first:.1f} s" for t, g, s in longest)
+        )
+
+
+def busiest_slow_seconds(
+    timeline: list[tuple[float, float]], threshold: float, *, count: int = 3
+) -> list[tuple[int, int]]:
+    """(requests, wall-clock second) of the ``count`` seconds that started the most requests
+    slower than ``threshold``."""
+    per_second = Counter(int(start) for start, latency in timeline if latency > threshold)
+    return sorted(((n, second) for second, n in per_second.items()), reverse=True)[:count]
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -306,6 +398,8 @@ def bench(
     duration: float,
     pool_size: int = 8,
     settings: dict[str, str] | None = None,
+    monitor: bool = False,
+    gc_in_client: bool = False,
 ) -> float:
     settings = settings or {}
     tenant = f"bench-{uuid.uuid4().hex[:6]}"
@@ -369,20 +463,38 @@ def bench(
             )
             probe = probe_loop(port, seconds=warmup / 2)
             cycles_before, sampling_before = sample_cycles(port)
+            collections_before = daemon_collections(port)
             wall_before = time.monotonic()
             cpu_before, own_before = cpu_seconds(daemon.pid), time.process_time()
             server_before = server_cpu_seconds(postmaster) if postmaster else float("nan")
-            results, elapsed = asyncio.run(
-                load(
-                    f"http://127.0.0.1:{port}",
-                    token,
-                    names,
-                    clients=clients,
-                    rate=rate,
-                    duration=duration,
+            watcher = (
+                Monitor(
+                    Path(data_dir) / "monitor.jsonl",
+                    {"daemon": daemon.pid, "client": os.getpid()},
+                    postmaster,
+                    database_url,
                 )
+                if monitor
+                else None
             )
+            pauses = GcPauses()
+            with pauses, collector_paused(enabled=not gc_in_client):
+                results, elapsed = asyncio.run(
+                    load(
+                        f"http://127.0.0.1:{port}",
+                        token,
+                        names,
+                        clients=clients,
+                        rate=rate,
+                        duration=duration,
+                    )
+                )
+            ticks = watcher.stop() if watcher is not None else []
             cycles_after, sampling_after = sample_cycles(port)
+            collections = {
+                generation: count - collections_before.get(generation, 0.0)
+                for generation, count in daemon_collections(port).items()
+            }
             wall = time.monotonic() - wall_before
             daemon_cpu_total = cpu_seconds(daemon.pid) - cpu_before
             server_cpu_total = (
@@ -417,6 +529,17 @@ def bench(
     for key, example in sorted(results.examples.items()):
         print(f"first {key}: {example[:400]}")
     print(f"slowest 1% (over {p99:.1f} ms): {slow_report(results.timeline, p99 / 1000)}")
+    first = min(start for start, _ in results.timeline)
+    print(f"load generator's garbage collections meanwhile: {pauses.summary(first)}")
+    print(
+        "daemon's garbage collections meanwhile, by generation: "
+        + (", ".join(f"{g}: {n:.0f}" for g, n in sorted(collections.items())) or "unknown")
+    )
+    if ticks:
+        busiest = [second for _, second in busiest_slow_seconds(results.timeline, p99 / 1000)]
+        print("what the host did (--monitor, every 50 ms):")
+        for line in report(ticks, busiest, first):
+            print(line)
     for kind, values in sorted(results.by_kind.items()):
         print(
             f"  {kind:9s} {len(values):6d} requests: p50 {statistics.median(values) * 1000:.1f} ms, "
@@ -467,6 +590,18 @@ def main() -> None:
         metavar="NAME=VALUE",
         help="a PLUGINMON_NAME=VALUE for the daemon (repeatable), e.g. maintenance_interval_seconds=3600",
     )
+    parser.add_argument(
+        "--monitor",
+        action="store_true",
+        help="record the host's, daemon's and server's CPU and the sessions' waits every 50 ms "
+        "and describe the seconds holding the most slow requests (bench/stall_monitor.py)",
+    )
+    parser.add_argument(
+        "--gc-in-client",
+        action="store_true",
+        help="leave the load generator's garbage collector on while it measures (its pauses "
+        "then count as latency; off by default)",
+    )
     args = parser.parse_args()
     with scratch_database(
         args.database_url or None,
@@ -484,6 +619,8 @@ def main() -> None:
             duration=args.duration,
             pool_size=args.pool_size,
             settings=dict(setting.split("=", 1) for setting in args.daemon_setting),
+            monitor=args.monitor,
+            gc_in_client=args.gc_in_client,
         )
     print(f"api_p99_ms={p99:.1f}")
 
