@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import asyncpg
@@ -22,31 +21,12 @@ from pluginmon.alerts.rules import Rule, WebhookConfig
 from pluginmon.collectors.models import PluginKey
 from pluginmon.daemon.scheduling import Scheduler
 from tests.alerts_helpers import FakeClock, Receiver, plugin_ids, plugin_sample, snapshot
-from tests.dbutil import is_citus
 from tests.waiting import wait_until
 
 HANG_TIMEOUT_SECONDS = 4.0
 # A notification to the answering receiver arrives within this of being queued; far less
 # than the silent one's timeout, which is what it would wait behind with head-of-line blocking.
 IN_TIME_SECONDS = 2.0
-
-
-@dataclass(frozen=True, slots=True)
-class Timing:
-    hang_timeout_seconds: float
-    in_time_seconds: float
-
-
-@pytest.fixture
-def timing(migrated_db: str) -> Timing:
-    """Both limits doubled on Citus: a statement there takes ~10x a single node's on a small
-    test machine, and each new connection's first statement with an array parameter waits
-    ~0.3-3 s for asyncpg's type introspection query (which runs slowly on a Citus node). The
-    first notification rides on new connections, so 2 s was once missed (2.5 s). The claim
-    stays the same: the answering receiver is served in well under the silent one's timeout."""
-    if is_citus(migrated_db):
-        return Timing(2 * HANG_TIMEOUT_SECONDS, 2 * IN_TIME_SECONDS)
-    return Timing(HANG_TIMEOUT_SECONDS, IN_TIME_SECONDS)
 
 
 class SilentServer:
@@ -87,9 +67,8 @@ async def pool(migrated_db: str) -> AsyncIterator[asyncpg.Pool]:
 
 
 async def test_a_silent_receiver_delays_no_other_receiver_and_no_other_alert(
-    pool: asyncpg.Pool, timing: Timing
+    pool: asyncpg.Pool,
 ) -> None:
-    hang_timeout_seconds, in_time_seconds = timing.hang_timeout_seconds, timing.in_time_seconds
     silent = SilentServer()
     await silent.start()
     answering = Receiver()
@@ -98,11 +77,11 @@ async def test_a_silent_receiver_delays_no_other_receiver_and_no_other_alert(
         WebhookConfig(
             name="silent",
             url=silent.url,
-            timeout_seconds=hang_timeout_seconds,
+            timeout_seconds=HANG_TIMEOUT_SECONDS,
             backoff_initial_seconds=0.1,
             backoff_max_seconds=0.2,
         ),
-        WebhookConfig(name="answering", url=answering.url, timeout_seconds=hang_timeout_seconds),
+        WebhookConfig(name="answering", url=answering.url, timeout_seconds=HANG_TIMEOUT_SECONDS),
     ]
     clock = FakeClock(datetime.now(UTC))
     first, second = PluginKey("acme", "first"), PluginKey("acme", "second")
@@ -130,12 +109,12 @@ async def test_a_silent_receiver_delays_no_other_receiver_and_no_other_alert(
                     snapshot(clock(), [plugin_sample(first, clock(), cpu=90)]), ids
                 )
                 scheduler.run_soon("outbox")
-                async with asyncio.timeout(in_time_seconds):
+                async with asyncio.timeout(IN_TIME_SECONDS):
                     await answering.wait_for(1)
                 first_after = time.monotonic() - queued
                 await wait_until(
                     lambda: silent.connections >= 1,
-                    timeout_seconds=in_time_seconds,
+                    timeout_seconds=IN_TIME_SECONDS,
                     what="the silent receiver to be sent the first alert",
                 )
 
@@ -146,16 +125,16 @@ async def test_a_silent_receiver_delays_no_other_receiver_and_no_other_alert(
                 both = [plugin_sample(k, clock(), cpu=90) for k in (first, second)]
                 await engine.process(snapshot(clock(), both), ids)
                 scheduler.run_soon("outbox")
-                async with asyncio.timeout(in_time_seconds):
+                async with asyncio.timeout(IN_TIME_SECONDS):
                     await answering.wait_for(2)
                 second_after = time.monotonic() - queued
                 assert silent.connections <= 2  # nobody has timed out yet...
-                assert time.monotonic() - queued < hang_timeout_seconds  # ...nor could have
+                assert time.monotonic() - queued < HANG_TIMEOUT_SECONDS  # ...nor could have
 
                 # The silent one times out on its own clock and is tried again.
                 await wait_until(
                     lambda: silent.connections >= 3,
-                    timeout_seconds=3 * hang_timeout_seconds,
+                    timeout_seconds=3 * HANG_TIMEOUT_SECONDS,
                     what="the silent receiver's notifications to be retried after a timeout",
                 )
                 stats = await wait_until(
@@ -164,7 +143,7 @@ async def test_a_silent_receiver_delays_no_other_receiver_and_no_other_alert(
                         if (s := deliverer.stats()).notifications.get(("silent", "retry"), 0) >= 1
                         else None
                     ),
-                    timeout_seconds=3 * hang_timeout_seconds,
+                    timeout_seconds=3 * HANG_TIMEOUT_SECONDS,
                     what="the timed-out attempt to be recorded as a retry",
                 )
     finally:
@@ -172,8 +151,8 @@ async def test_a_silent_receiver_delays_no_other_receiver_and_no_other_alert(
         await answering.stop()
         await silent.stop()
 
-    assert first_after < in_time_seconds
-    assert second_after < in_time_seconds
+    assert first_after < IN_TIME_SECONDS
+    assert second_after < IN_TIME_SECONDS
     assert [r.json["groupLabels"]["plugin"] for r in answering.received] == ["first", "second"]
     assert stats.notifications[("answering", "delivered")] == 2
     assert ("answering", "retry") not in stats.notifications
@@ -184,6 +163,6 @@ async def test_a_silent_receiver_delays_no_other_receiver_and_no_other_alert(
         )
     assert [r["status"] for r in rows] == ["pending", "pending"]
     errors = {r["last_error"] for r in rows if r["last_error"]}
-    assert errors <= {f"timed out after {hang_timeout_seconds:g}s"}
+    assert errors <= {f"timed out after {HANG_TIMEOUT_SECONDS:g}s"}
     assert errors  # at least one timeout recorded for the silent receiver
     assert max(r["attempts"] for r in rows) >= 2
