@@ -16,7 +16,7 @@ async def test_a_statement_on_a_session_the_server_ended_fails_transiently(
     # asyncpg reports it three ways, depending on what it has read of the server's FATAL and
     # the close when the statement arrives: InterfaceError, ConnectionDoesNotExistError, or
     # InternalClientError ("cannot switch to state 11; another operation (2) is in
-    # progress", ~1 in 5 here). Twenty tries meet the last one almost surely.
+    # progress", 8 of 20 on a local server). Twenty tries meet the last one almost surely.
     errors: list[BaseException] = []
     admin = await asyncpg.connect(pg_admin_url)
     try:
