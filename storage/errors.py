@@ -10,6 +10,11 @@ Transient, with the SQLSTATE class where there is one, and why:
 * ``TimeoutError``: a pool acquire, query or COPY over its timeout (a silent server).
 * class 08 ``PostgresConnectionError``: the connection was lost mid-operation.
 * ``InterfaceError``: the connection was closed under us or the pool is closing.
+* ``InternalClientError`` (asyncpg, no SQLSTATE): the server ended the session (an admin
+  shutdown or pg_terminate_backend) while the connection was idle, and the next statement
+  reached asyncpg before it noticed the close ("cannot switch to state 11; another
+  operation (2) is in progress"): one in five such statements on a local server. A daemon
+  starting while the database shut down died of it.
 * class 57 ``OperatorInterventionError``: admin shutdown, crash shutdown, "cannot connect
   now" while the server starts, a cancelled query.
 * class 53 ``InsufficientResourcesError``: too many connections, disk full, out of memory.
@@ -47,6 +52,7 @@ TRANSIENT_ERRORS: Final[tuple[type[BaseException], ...]] = (
     TimeoutError,
     asyncpg.exceptions.PostgresConnectionError,
     asyncpg.exceptions.InterfaceError,
+    asyncpg.exceptions.InternalClientError,
     asyncpg.exceptions.OperatorInterventionError,
     asyncpg.exceptions.InsufficientResourcesError,
     asyncpg.exceptions.TransactionRollbackError,

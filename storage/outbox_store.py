@@ -341,7 +341,9 @@ class DeliveryOutcome:
 
 async def record_outcomes(conn: Connection, outcomes: Sequence[DeliveryOutcome]) -> None:
     """Mark delivered/retry/failed in one transaction; delivered keys go to
-    alert_notifications_sent so they are never POSTed again."""
+    alert_notifications_sent so they are never POSTed again. Each row is found by its id
+    and tenant: on Citus one shard, not a statement on every shard (with the shard locks a
+    multi-shard UPDATE takes) per notification."""
     if not outcomes:
         return
     async with conn.transaction():
@@ -350,8 +352,11 @@ async def record_outcomes(conn: Connection, outcomes: Sequence[DeliveryOutcome])
             await conn.executemany(
                 """UPDATE notification_outbox SET status = 'delivered', delivered_at = $2,
                           last_status_code = $3, last_error = NULL, updated_at = $2
-                    WHERE id = $1""",
-                [(o.notification.id, o.at, o.status_code) for o in delivered],
+                    WHERE id = $1 AND tenant_id = $4""",
+                [
+                    (o.notification.id, o.at, o.status_code, o.notification.tenant_id)
+                    for o in delivered
+                ],
                 timeout=QUERY_TIMEOUT_SECONDS,
             )
             await conn.executemany(
@@ -378,9 +383,16 @@ async def record_outcomes(conn: Connection, outcomes: Sequence[DeliveryOutcome])
             await conn.executemany(
                 """UPDATE notification_outbox SET next_attempt_at = $2, last_status_code = $3,
                           last_error = $4, updated_at = $5
-                    WHERE id = $1 AND status = 'pending'""",
+                    WHERE id = $1 AND tenant_id = $6 AND status = 'pending'""",
                 [
-                    (o.notification.id, o.next_attempt_at, o.status_code, o.error, o.at)
+                    (
+                        o.notification.id,
+                        o.next_attempt_at,
+                        o.status_code,
+                        o.error,
+                        o.at,
+                        o.notification.tenant_id,
+                    )
                     for o in retries
                 ],
                 timeout=QUERY_TIMEOUT_SECONDS,
@@ -390,8 +402,11 @@ async def record_outcomes(conn: Connection, outcomes: Sequence[DeliveryOutcome])
             await conn.executemany(
                 """UPDATE notification_outbox SET status = 'failed', last_status_code = $2,
                           last_error = $3, updated_at = $4
-                    WHERE id = $1 AND status = 'pending'""",
-                [(o.notification.id, o.status_code, o.error, o.at) for o in failed],
+                    WHERE id = $1 AND tenant_id = $5 AND status = 'pending'""",
+                [
+                    (o.notification.id, o.status_code, o.error, o.at, o.notification.tenant_id)
+                    for o in failed
+                ],
                 timeout=QUERY_TIMEOUT_SECONDS,
             )
 

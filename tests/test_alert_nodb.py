@@ -128,7 +128,8 @@ async def stored(pool: asyncpg.Pool) -> tuple[list[alert_state.StoredAlert], lis
         outbox = await conn.fetch(
             """SELECT o.status, o.attempts, o.idempotency_key, o.body, s.idempotency_key AS sent
                  FROM notification_outbox o
-                 LEFT JOIN alert_notifications_sent s USING (idempotency_key) ORDER BY o.id"""
+                 LEFT JOIN alert_notifications_sent s USING (tenant_id, idempotency_key)
+                ORDER BY o.id"""
         )
     return alerts, outbox
 

@@ -403,7 +403,8 @@ def _wait_message(daemon: DaemonProcess, prefix: str, *, count: int = 1) -> list
 def _plugin_rows(url: str, plugin: str) -> int:
     with psycopg.connect(url, connect_timeout=10) as conn:
         row = conn.execute(
-            "SELECT count(*) FROM plugin_samples s JOIN plugins p ON p.id = s.plugin_id "
+            "SELECT count(*) FROM plugin_samples s"
+            " JOIN plugins p ON p.tenant_id = s.tenant_id AND p.id = s.plugin_id "
             "WHERE p.tenant_id = 'e2e' AND p.name = %s",
             (plugin,),
         ).fetchone()

@@ -56,7 +56,8 @@ def stored_alerts(url: str) -> list[tuple[Any, ...]] | None:
         with psycopg.connect(url, connect_timeout=3) as conn:
             return conn.execute(
                 """SELECT a.status, a.notified_at IS NOT NULL, a.labels->>'plugin'
-                     FROM plugin_alerts a JOIN plugins p ON p.id = a.plugin_id
+                     FROM plugin_alerts a
+                     JOIN plugins p ON p.tenant_id = a.tenant_id AND p.id = a.plugin_id
                     WHERE a.rule_name = 'PluginDown' AND p.tenant_id = 'nodb'"""
             ).fetchall()
     except psycopg.Error:
@@ -168,7 +169,8 @@ name = "oncall"
                     outbox = conn.execute(
                         """SELECT o.idempotency_key, o.status, o.attempts, s.idempotency_key
                              FROM notification_outbox o
-                             LEFT JOIN alert_notifications_sent s USING (idempotency_key)"""
+                             LEFT JOIN alert_notifications_sent s
+                                  USING (tenant_id, idempotency_key)"""
                     ).fetchall()
                 assert outbox == [(key, "delivered", 1, key)]
                 # The outbox deliverer polls every second (and at once when woken): let it
@@ -308,5 +310,5 @@ def _outbox_rows(url: str) -> list[tuple[Any, ...]]:
         return conn.execute(
             """SELECT o.idempotency_key, o.status, o.attempts, s.idempotency_key
                  FROM notification_outbox o
-                 LEFT JOIN alert_notifications_sent s USING (idempotency_key)"""
+                 LEFT JOIN alert_notifications_sent s USING (tenant_id, idempotency_key)"""
         ).fetchall()

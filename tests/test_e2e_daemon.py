@@ -153,7 +153,8 @@ secret = "{WEBHOOK_SECRET}"
             """SELECT p.name, count(*), min(s.cpu_percent), max(s.cpu_percent),
                       min(s.rss_bytes), bool_and(s.up), max(s.process_count),
                       min(p.health_score), max(p.last_health_check)
-                 FROM plugin_samples s JOIN plugins p ON p.id = s.plugin_id
+                 FROM plugin_samples s
+                 JOIN plugins p ON p.tenant_id = s.tenant_id AND p.id = s.plugin_id
                 WHERE p.tenant_id = 'e2e'
                 GROUP BY p.name ORDER BY p.name"""
         ).fetchall()
@@ -179,7 +180,8 @@ secret = "{WEBHOOK_SECRET}"
     with psycopg.connect(e2e_db) as conn:
         stored = conn.execute(
             """SELECT extract(epoch FROM s."timestamp")::float8, s.cpu_percent
-                 FROM plugin_samples s JOIN plugins p ON p.id = s.plugin_id
+                 FROM plugin_samples s
+                 JOIN plugins p ON p.tenant_id = s.tenant_id AND p.id = s.plugin_id
                 WHERE p.tenant_id = 'e2e' AND p.name = 'burner' ORDER BY 1"""
         ).fetchall()
     times = [float(t) for t, _ in stored]
@@ -446,7 +448,8 @@ def test_daemon_started_while_database_down_loses_nothing(
             with psycopg.connect(url) as conn:
                 names = conn.execute(
                     "SELECT DISTINCT p.name FROM plugin_samples s "
-                    "JOIN plugins p ON p.id = s.plugin_id WHERE p.tenant_id = 'fresh'"
+                    "JOIN plugins p ON p.tenant_id = s.tenant_id AND p.id = s.plugin_id"
+                    " WHERE p.tenant_id = 'fresh'"
                 ).fetchall()
             assert {n for (n,) in names} == {"burner", "sleeper"}
     finally:

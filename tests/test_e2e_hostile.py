@@ -148,7 +148,7 @@ match = {{ cmdline = "(a+)+$" }}
             with psycopg.connect(e2e_db, connect_timeout=10) as conn:
                 rows = conn.execute(
                     """SELECT DISTINCT p.name FROM plugin_samples s
-                         JOIN plugins p ON p.id = s.plugin_id
+                         JOIN plugins p ON p.tenant_id = s.tenant_id AND p.id = s.plugin_id
                         WHERE p.tenant_id = %s""",
                     (tenant,),
                 ).fetchall()

@@ -18,8 +18,9 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from pluginmon.storage.migrate import migrate
 from tests.daemon_helpers import DaemonProcess, plugin_processes, wait_for
-from tests.dbutil import create_database, drop_database, with_database
+from tests.dbutil import create_database, drop_database, is_citus, with_database
 
 KILLS = 20
 SEED = 1212
@@ -33,10 +34,21 @@ Cycle = tuple[datetime, int]  # (sample timestamp, plugin samples taken)
 
 @pytest.fixture
 def e2e_db(pg_admin_url: str) -> Iterator[str]:
-    """An empty database on the test server: the daemon migrates it itself."""
+    """An empty database on the test server: the daemon migrates it itself.
+
+    On Citus it is migrated first: there the migrations take ~25 s (sql/100 alone ~16 s),
+    far longer than a run lives here (a kill within eight 0.25 s cycles), so every run would
+    be killed while migrating, each killed migration holding plugin_samples locked until its
+    server process finished the statement (~15 s per kill, 20 kills: over the file's
+    timeout) and no run would ever write a sample. The kills then land where the test means
+    them to: in the spool replay, an id lookup, a COPY or an ack.
+    """
     name = create_database(pg_admin_url, prefix="e2e")
     try:
-        yield with_database(pg_admin_url, name)
+        url = with_database(pg_admin_url, name)
+        if is_citus(pg_admin_url):
+            migrate(url)
+        yield url
     finally:
         drop_database(pg_admin_url, name)
 
