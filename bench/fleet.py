@@ -37,6 +37,14 @@ workload is compared with both. Steady state, before the warm-up, is when every 
 its plugin ids, both its spools are empty and no rollup back-fill runs (agents that replayed
 their unresolved spool at start back-fill the rollups from their oldest row).
 
+What each part of the workload costs the database: ``--without PARTS`` leaves parts out
+(the agents stay real pipelines; see PARTS), and ``--ablate`` runs the steps with the full
+workload, then without each part in turn, then the full workload again, each on a fresh
+database of the same server, and prints each part's database CPU per sample row (the full
+workload's, the mean of its two runs, minus the workload's without it). Server CPU, unlike
+statement time, does not count waiting for a CPU; on a shared machine the two full runs
+show how far apart two runs of the same workload land.
+
 Run: .venv/bin/python bench/fleet.py [--steps 25,50,100,150,200] [--database-url URL]
 Without --database-url an embedded PostgreSQL 18 is started with pg_stat_statements
 preloaded, max_connections 1000 and shared_buffers 1 GB. With one, the server must run on this host, have
@@ -1062,6 +1070,7 @@ def main() -> None:
             results = run_fleet(args, url, server, without)
             if not args.ablate:
                 raw_after = asyncio.run(raw_copy_cpu_per_row(url, server, batches=args.raw_batches))
+        again: list[StepResult] = []
         if args.ablate:
             for part in PARTS:
                 print(f"-- without {part}: {PARTS[part]} (a fresh database)")
@@ -1069,10 +1078,13 @@ def main() -> None:
                     server = postmasters(url)
                     parts = frozenset({part})
                     ablations.append((parts, run_fleet(args, url, server, parts)))
-                    if part == list(PARTS)[-1]:
-                        raw_after = asyncio.run(
-                            raw_copy_cpu_per_row(url, server, batches=args.raw_batches)
-                        )
+            # The full workload once more, last: how much two runs of the same thing differ
+            # on this machine (its load moves) says which differences above mean something.
+            print("-- the full workload again (a fresh database)")
+            with fresh_database(admin) as url:
+                server = postmasters(url)
+                again = run_fleet(args, url, server)
+                raw_after = asyncio.run(raw_copy_cpu_per_row(url, server, batches=args.raw_batches))
         print(f"raw COPY after the fleet: {1e6 * raw_after:.1f} us database CPU per row")
     raw = statistics.mean([raw_before, raw_after])
     passing = [r for r in results if r.within(args.interval)]
@@ -1086,7 +1098,7 @@ def main() -> None:
             f"{per_row / raw:.2f}x back-to-back COPYs on one connection"
         )
     if args.ablate:
-        print_ablation(results, ablations, raw_fleet)
+        print_ablation(results, again, ablations, raw_fleet)
     print(f"fleet_agents_1k_plugins_10s={best.agents if best else 0}")
 
 
@@ -1117,20 +1129,28 @@ def measure_raw(
 
 def print_ablation(
     full: list[StepResult],
+    again: list[StepResult],
     ablations: list[tuple[frozenset[str], list[StepResult]]],
     raw_fleet: dict[int, float],
 ) -> None:
-    """Per step: each part's database CPU per sample row = the full workload's minus the
-    workload's without it (both measured, each on a fresh database), in us and as a multiple
-    of the raw COPY at the same concurrency."""
+    """Per step: each part's database CPU per sample row = the full workload's (the mean of
+    its two runs, first and last) minus the workload's without it (each run on a fresh
+    database), in us and as a multiple of the raw COPY at the same concurrency."""
     for r in full:
         raw = max(raw_fleet[r.agents], 1e-9)
-        full_us = r.db_cpu_per_1k_rows
+        runs = [r.db_cpu_per_1k_rows] + [
+            a.db_cpu_per_1k_rows for a in again if a.agents == r.agents
+        ]
+        full_us = statistics.mean(runs)
         print(
             f"ablation at N={r.agents} (database CPU per sample row; raw COPY at this "
             f"concurrency {1e6 * raw:.1f} us):"
         )
-        print(f"  full workload: {1e3 * full_us:.1f} us = {full_us / 1000 / raw:.2f}x raw COPY")
+        print(
+            f"  full workload: {1e3 * full_us:.1f} us = {full_us / 1000 / raw:.2f}x raw COPY "
+            f"(runs: {', '.join(f'{1e3 * v:.1f}' for v in runs)} us; a difference smaller "
+            "than theirs is noise)"
+        )
         parts_sum = 0.0
         for parts, results in ablations:
             same = [a for a in results if a.agents == r.agents]
