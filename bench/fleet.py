@@ -39,11 +39,11 @@ their unresolved spool at start back-fill the rollups from their oldest row).
 
 What each part of the workload costs the database: ``--without PARTS`` leaves parts out
 (the agents stay real pipelines; see PARTS), and ``--ablate`` runs the steps with the full
-workload, then without each part in turn, then the full workload again, each on a fresh
-database of the same server, and prints each part's database CPU per sample row (the full
-workload's, the mean of its two runs, minus the workload's without it). Server CPU, unlike
-statement time, does not count waiting for a CPU; on a shared machine the two full runs
-show how far apart two runs of the same workload land.
+workload, then without each part in turn (the full workload again halfway and at the end),
+each on a fresh database of the same server, and prints each part's database CPU per sample
+row (the full workload's, the mean of its three runs, minus the workload's without it).
+Server CPU, unlike statement time, does not count waiting for a CPU; on a shared machine the
+three full runs show how far apart runs of the same workload land.
 
 Run: .venv/bin/python bench/fleet.py [--steps 25,50,100,150,200] [--database-url URL]
 Without --database-url an embedded PostgreSQL 18 is started with pg_stat_statements
@@ -1072,18 +1072,24 @@ def main() -> None:
                 raw_after = asyncio.run(raw_copy_cpu_per_row(url, server, batches=args.raw_batches))
         again: list[StepResult] = []
         if args.ablate:
-            for part in PARTS:
+            names = list(PARTS)
+            middle = len(names) // 2
+            for i, part in enumerate(names):
+                # The full workload again halfway and last: how far apart runs of the same
+                # thing land on this machine (its load moves) says which differences mean
+                # something, and the parts are measured against their mean.
+                if i == middle:
+                    print("-- the full workload again (a fresh database)")
+                    with fresh_database(admin) as url:
+                        again += run_fleet(args, url, postmasters(url))
                 print(f"-- without {part}: {PARTS[part]} (a fresh database)")
                 with fresh_database(admin) as url:
-                    server = postmasters(url)
                     parts = frozenset({part})
-                    ablations.append((parts, run_fleet(args, url, server, parts)))
-            # The full workload once more, last: how much two runs of the same thing differ
-            # on this machine (its load moves) says which differences above mean something.
+                    ablations.append((parts, run_fleet(args, url, postmasters(url), parts)))
             print("-- the full workload again (a fresh database)")
             with fresh_database(admin) as url:
                 server = postmasters(url)
-                again = run_fleet(args, url, server)
+                again += run_fleet(args, url, server)
                 raw_after = asyncio.run(raw_copy_cpu_per_row(url, server, batches=args.raw_batches))
         print(f"raw COPY after the fleet: {1e6 * raw_after:.1f} us database CPU per row")
     raw = statistics.mean([raw_before, raw_after])
@@ -1134,7 +1140,7 @@ def print_ablation(
     raw_fleet: dict[int, float],
 ) -> None:
     """Per step: each part's database CPU per sample row = the full workload's (the mean of
-    its two runs, first and last) minus the workload's without it (each run on a fresh
+    its runs: first, halfway, last) minus the workload's without it (each run on a fresh
     database), in us and as a multiple of the raw COPY at the same concurrency."""
     for r in full:
         raw = max(raw_fleet[r.agents], 1e-9)
