@@ -37,6 +37,14 @@ workload is compared with both. Steady state, before the warm-up, is when every 
 its plugin ids, both its spools are empty and no rollup back-fill runs (agents that replayed
 their unresolved spool at start back-fill the rollups from their oldest row).
 
+What each part of the workload costs the database: ``--without PARTS`` leaves parts out
+(the agents stay real pipelines; see PARTS), and ``--ablate`` runs the steps with the full
+workload, then without each part in turn (the full workload again halfway and at the end),
+each on a fresh database of the same server, and prints each part's database CPU per sample
+row (the full workload's, the mean of its three runs, minus the workload's without it).
+Server CPU, unlike statement time, does not count waiting for a CPU; on a shared machine the
+three full runs show how far apart runs of the same workload land.
+
 Run: .venv/bin/python bench/fleet.py [--steps 25,50,100,150,200] [--database-url URL]
 Without --database-url an embedded PostgreSQL 18 is started with pg_stat_statements
 preloaded, max_connections 1000 and shared_buffers 1 GB. With one, the server must run on this host, have
@@ -79,6 +87,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.procstat import postmaster_of, server_cpu_seconds
 from bench.scratch import new_database, node_urls, with_database
+from pluginmon.alerts import persistence as alert_persistence
 from pluginmon.alerts.engine import AlertEngine
 from pluginmon.alerts.outbox import OutboxDeliverer
 from pluginmon.alerts.rules import WebhookConfig, builtin_rules
@@ -87,10 +96,13 @@ from pluginmon.daemon.api_backups import backup_job
 from pluginmon.daemon.api_wiring import registry_job
 from pluginmon.registry.backup_readers import Readers
 from pluginmon.registry.backup_schedule import BackupSchedule
-from pluginmon.storage.backend import Retention
+from pluginmon.storage import health_store, metric_rollups, partitions
+from pluginmon.storage import writer as writer_module
+from pluginmon.storage.backend import Retention, RollupRefresh
 from pluginmon.storage.embedded import EmbeddedPostgres
 from pluginmon.storage.engines import prepare_database
 from pluginmon.storage.ingest import SampleSink, SampleSpool, UnresolvedSpool, sample_row
+from pluginmon.storage.ledger import Committed, LedgerBatch
 from pluginmon.storage.pool import close_pool, open_pool
 from pluginmon.storage.queries import ensure_tenant_and_plugin
 from pluginmon.storage.reachability import DatabaseWatch
@@ -104,6 +116,88 @@ HEALTH_WRITE_INTERVAL_SECONDS = 60.0  # the daemon's default
 MAINTENANCE_INTERVAL_SECONDS = 60.0
 FLUSH_INTERVAL_SECONDS = 2.0
 POOL_SIZE = 4  # the daemon's default database_pool_max_size
+
+
+# -- parts of the workload that --without / --ablate leave out --------------------------------
+
+# Each agent stays a real pipeline; a part left out does no database work (in the worker
+# processes: the function that does it is replaced by one that does nothing, or its job is
+# not scheduled). The difference between the full workload and one without a part is that
+# part's database CPU, measured (not statement time, which counts waiting for a CPU too).
+PARTS: dict[str, str] = {
+    "samples-rollups": "the maintenance job's refresh of the samples rollups (1 m and 1 h)",
+    "metrics-rollups": "the maintenance job's refresh of the plugin_metrics rollups "
+    "(here: of the health rows)",
+    "health": "the alert engine's health writes (health_score rows and UPDATE plugins)",
+    "alerts-reads": "the alert engine's reads each cycle (silences, acknowledgements, "
+    "dependencies, plugin metrics)",
+    "registry": "the registry job with its backups duty (usage refresh included)",
+    "outbox": "the outbox delivery poll every 5 s (a cycle's notifications are still delivered)",
+    "ledger": "the ingest ledger row of each COPY's transaction (the rows COPYed alone in it)",
+}
+
+
+def parse_parts(text: str) -> frozenset[str]:
+    parts = frozenset(p.strip() for p in text.split(",") if p.strip())
+    unknown = sorted(parts - PARTS.keys())
+    if unknown:
+        raise SystemExit(
+            f"--without: unknown part(s) {', '.join(unknown)}; known: {', '.join(PARTS)}"
+        )
+    return parts
+
+
+async def _no_health(conn: Any, rows: Any, at: datetime) -> None:
+    return None
+
+
+async def _no_reads(
+    self: alert_persistence.AlertPersistence, now: datetime, keys: Any, metric_names: Any
+) -> alert_persistence.Inputs:
+    return alert_persistence.Inputs([], set(), None, None)
+
+
+async def _no_samples_rollup(conn: Any, spec: Any, now: datetime, **_: Any) -> RollupRefresh:
+    return RollupRefresh(rollup=spec.relation, window_start=None, window_end=None, buckets=0)
+
+
+async def _no_metrics_rollups(
+    conn: Any, retention: Any, now: datetime, **_: Any
+) -> metric_rollups.MetricRollupReport:
+    return metric_rollups.MetricRollupReport(refreshed=(), removed=(), failed=())
+
+
+async def _copy_without_ledger(
+    connection: asyncpg.Connection,
+    *,
+    table: str,
+    columns: Any,
+    batches: list[LedgerBatch],
+    timeout_seconds: float,
+    isolate_rejected: bool,
+) -> Committed:
+    records = [row for batch in batches for row in batch.rows]
+    async with connection.transaction():
+        await connection.copy_records_to_table(
+            table, records=records, columns=columns, timeout=timeout_seconds
+        )
+    return Committed(rows_written=len(records), batches_deduplicated=0, rows_deduplicated=0)
+
+
+def leave_out(parts: frozenset[str]) -> None:
+    """In a worker process: the database work of ``parts`` (those not scheduled by the
+    agent itself: "registry", "outbox") replaced by nothing."""
+    # setattr: the functions are looked up through their modules at each call
+    if "health" in parts:
+        setattr(health_store, "write_health", _no_health)  # noqa: B010
+    if "alerts-reads" in parts:
+        setattr(alert_persistence.AlertPersistence, "read_inputs", _no_reads)  # noqa: B010
+    if "samples-rollups" in parts:
+        setattr(partitions, "refresh_rollup", _no_samples_rollup)  # noqa: B010
+    if "metrics-rollups" in parts:
+        setattr(partitions, "maintain_metric_rollups", _no_metrics_rollups)  # noqa: B010
+    if "ledger" in parts:
+        setattr(writer_module, "copy_batches", _copy_without_ledger)  # noqa: B010
 
 
 # -- the generator -----------------------------------------------------------------------------
@@ -180,9 +274,17 @@ class Agent:
     """One daemon's pipeline minus the sampler and the exporter."""
 
     def __init__(
-        self, index: int, *, url: str, workdir: Path, interval: float, hook: WebhookConfig
+        self,
+        index: int,
+        *,
+        url: str,
+        workdir: Path,
+        interval: float,
+        hook: WebhookConfig,
+        without: frozenset[str] = frozenset(),
     ) -> None:
         self.index = index
+        self._without = without
         self._url = url
         self._dir = workdir / f"agent-{index:04d}"
         self._interval = interval
@@ -285,13 +387,17 @@ class Agent:
                     )
                     group.create_task(self._every(stop, FLUSH_INTERVAL_SECONDS, self._flush, sink))
                     group.create_task(self._every(stop, 5.0, self._probe, database))
-                    group.create_task(self._every(stop, 5.0, self._deliver, outbox))
+                    if "outbox" not in self._without:
+                        group.create_task(self._every(stop, 5.0, self._deliver, outbox))
                     group.create_task(
                         self._every(stop, MAINTENANCE_INTERVAL_SECONDS, self._maintain, maintainer)
                     )
-                    group.create_task(
-                        self._every(stop, MAINTENANCE_INTERVAL_SECONDS, self._registry, registry)
-                    )
+                    if "registry" not in self._without:
+                        group.create_task(
+                            self._every(
+                                stop, MAINTENANCE_INTERVAL_SECONDS, self._registry, registry
+                            )
+                        )
                     group.create_task(self._watch(stop, writer, unresolved))
         finally:
             await engine.aclose()
@@ -381,8 +487,9 @@ class Agent:
 # -- a worker process: many agents on one event loop ---------------------------------------------
 
 
-async def worker_main(url: str, interval: float) -> None:
+async def worker_main(url: str, interval: float, without: frozenset[str]) -> None:
     """Reads commands on stdin (one JSON object a line), answers on stdout."""
+    leave_out(without)
     workdir = Path(tempfile.mkdtemp(prefix="pluginmon-bench-fleet-agents-"))
     received = 0
 
@@ -411,7 +518,14 @@ async def worker_main(url: str, interval: float) -> None:
             command = json.loads(line)
             if command["cmd"] == "add":
                 for index in command["agents"]:
-                    agent = Agent(index, url=url, workdir=workdir, interval=interval, hook=hook)
+                    agent = Agent(
+                        index,
+                        url=url,
+                        workdir=workdir,
+                        interval=interval,
+                        hook=hook,
+                        without=without,
+                    )
                     agents.append(agent)
                     tasks.append(asyncio.create_task(agent.run(stop)))
                 reply: dict[str, Any] = {"agents": len(agents)}
@@ -445,7 +559,7 @@ async def worker_main(url: str, interval: float) -> None:
 
 
 class Worker:
-    def __init__(self, url: str, interval: float) -> None:
+    def __init__(self, url: str, interval: float, without: frozenset[str]) -> None:
         self.proc = subprocess.Popen(
             [
                 sys.executable,
@@ -455,6 +569,8 @@ class Worker:
                 url,
                 "--interval",
                 str(interval),
+                "--without",
+                ",".join(sorted(without)),
             ],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
@@ -808,8 +924,13 @@ def report_all(workers: list[Worker]) -> dict[str, Any]:
     return total
 
 
-def run_fleet(args: argparse.Namespace, url: str, server: tuple[int, ...]) -> list[StepResult]:
-    workers = [Worker(url, args.interval) for _ in range(args.workers)]
+def run_fleet(
+    args: argparse.Namespace,
+    url: str,
+    server: tuple[int, ...],
+    without: frozenset[str] = frozenset(),
+) -> list[StepResult]:
+    workers = [Worker(url, args.interval, without) for _ in range(args.workers)]
     results: list[StepResult] = []
     added = 0
     try:
@@ -891,6 +1012,7 @@ def print_step(r: StepResult, wall: float, since_added: float) -> None:
         f"(measured from {since_added - wall:.0f} s after the step's agents were added)"
     )
     print(f"  database time by kind (% of one core): {split}")
+    print("  load average at the window's end: {:.1f} {:.1f} {:.1f}".format(*os.getloadavg()))
 
 
 def main() -> None:
@@ -914,34 +1036,61 @@ def main() -> None:
         help="print each step's K maintenance (and health+alerts) statements with the most "
         "execution time",
     )
+    parser.add_argument(
+        "--without",
+        default="",
+        metavar="PARTS",
+        help="comma-separated parts of the workload to leave out: " + ", ".join(PARTS),
+    )
+    parser.add_argument(
+        "--ablate",
+        action="store_true",
+        help="run the steps with the full workload, then once without each part (each on a "
+        "fresh database of the same server), and print each part's database CPU per sample "
+        "row (full minus without it)",
+    )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--worker-url", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    without = parse_parts(args.without)
     if args.worker:
-        asyncio.run(worker_main(args.worker_url, args.interval))
+        asyncio.run(worker_main(args.worker_url, args.interval, without))
         return
+    if args.ablate and without:
+        raise SystemExit("--ablate leaves out each part in turn; give no --without with it")
+    if without:
+        print(f"left out: {', '.join(sorted(without))}")
 
-    with database_server(args.database_url) as admin, fresh_database(admin) as url:
-        server = postmasters(url)
-        raw_before = asyncio.run(raw_copy_cpu_per_row(url, server, batches=args.raw_batches))
-        print(
-            f"raw COPY before the fleet: {1e6 * raw_before:.1f} us database CPU per row "
-            f"({args.raw_batches} COPYs of {PLUGINS_PER_AGENT} rows on one connection)"
-        )
-        raw_fleet: dict[int, float] = {}
-        for step in (int(s) for s in args.steps.split(",")):
-            raw_fleet[step] = asyncio.run(
-                raw_fleet_cpu_per_row(
-                    url, server, agents=step, interval=args.interval, duration=args.raw_duration
-                )
-            )
-            print(
-                f"raw COPY at N={step}: {1e6 * raw_fleet[step]:.1f} us database CPU per row "
-                f"({step} connections, {PLUGINS_PER_AGENT} rows each every "
-                f"{args.interval:g} s, nothing else)"
-            )
-        results = run_fleet(args, url, server)
-        raw_after = asyncio.run(raw_copy_cpu_per_row(url, server, batches=args.raw_batches))
+    steps = [int(s) for s in args.steps.split(",")]
+    ablations: list[tuple[frozenset[str], list[StepResult]]] = []
+    with database_server(args.database_url) as admin:
+        with fresh_database(admin) as url:
+            server = postmasters(url)
+            raw_before, raw_fleet = measure_raw(args, url, server, steps)
+            results = run_fleet(args, url, server, without)
+            if not args.ablate:
+                raw_after = asyncio.run(raw_copy_cpu_per_row(url, server, batches=args.raw_batches))
+        again: list[StepResult] = []
+        if args.ablate:
+            names = list(PARTS)
+            middle = len(names) // 2
+            for i, part in enumerate(names):
+                # The full workload again halfway and last: how far apart runs of the same
+                # thing land on this machine (its load moves) says which differences mean
+                # something, and the parts are measured against their mean.
+                if i == middle:
+                    print("-- the full workload again (a fresh database)")
+                    with fresh_database(admin) as url:
+                        again += run_fleet(args, url, postmasters(url))
+                print(f"-- without {part}: {PARTS[part]} (a fresh database)")
+                with fresh_database(admin) as url:
+                    parts = frozenset({part})
+                    ablations.append((parts, run_fleet(args, url, postmasters(url), parts)))
+            print("-- the full workload again (a fresh database)")
+            with fresh_database(admin) as url:
+                server = postmasters(url)
+                again += run_fleet(args, url, server)
+                raw_after = asyncio.run(raw_copy_cpu_per_row(url, server, batches=args.raw_batches))
         print(f"raw COPY after the fleet: {1e6 * raw_after:.1f} us database CPU per row")
     raw = statistics.mean([raw_before, raw_after])
     passing = [r for r in results if r.within(args.interval)]
@@ -950,10 +1099,84 @@ def main() -> None:
         per_row = r.db_cpu_per_1k_rows / 1000
         print(
             f"N={r.agents}: database CPU per sample row {1e6 * per_row:.1f} us = "
-            f"{per_row / raw_fleet[r.agents]:.2f}x the raw COPY at the same concurrency, "
+            f"{per_row / max(raw_fleet[r.agents], 1e-9):.2f}x the raw COPY at the same "
+            "concurrency, "
             f"{per_row / raw:.2f}x back-to-back COPYs on one connection"
         )
+    if args.ablate:
+        print_ablation(results, again, ablations, raw_fleet)
     print(f"fleet_agents_1k_plugins_10s={best.agents if best else 0}")
+
+
+def measure_raw(
+    args: argparse.Namespace, url: str, server: tuple[int, ...], steps: list[int]
+) -> tuple[float, dict[int, float]]:
+    """The raw COPY baselines: back-to-back on one connection, and at each step's
+    concurrency."""
+    raw_before = asyncio.run(raw_copy_cpu_per_row(url, server, batches=args.raw_batches))
+    print(
+        f"raw COPY before the fleet: {1e6 * raw_before:.1f} us database CPU per row "
+        f"({args.raw_batches} COPYs of {PLUGINS_PER_AGENT} rows on one connection)"
+    )
+    raw_fleet: dict[int, float] = {}
+    for step in steps:
+        raw_fleet[step] = asyncio.run(
+            raw_fleet_cpu_per_row(
+                url, server, agents=step, interval=args.interval, duration=args.raw_duration
+            )
+        )
+        print(
+            f"raw COPY at N={step}: {1e6 * raw_fleet[step]:.1f} us database CPU per row "
+            f"({step} connections, {PLUGINS_PER_AGENT} rows each every "
+            f"{args.interval:g} s, nothing else)"
+        )
+    return raw_before, raw_fleet
+
+
+def print_ablation(
+    full: list[StepResult],
+    again: list[StepResult],
+    ablations: list[tuple[frozenset[str], list[StepResult]]],
+    raw_fleet: dict[int, float],
+) -> None:
+    """Per step: each part's database CPU per sample row = the full workload's (the mean of
+    its runs: first, halfway, last) minus the workload's without it (each run on a fresh
+    database), in us and as a multiple of the raw COPY at the same concurrency."""
+    for r in full:
+        raw = max(raw_fleet[r.agents], 1e-9)
+        runs = [r.db_cpu_per_1k_rows] + [
+            a.db_cpu_per_1k_rows for a in again if a.agents == r.agents
+        ]
+        full_us = statistics.mean(runs)
+        print(
+            f"ablation at N={r.agents} (database CPU per sample row; raw COPY at this "
+            f"concurrency {1e6 * raw:.1f} us):"
+        )
+        print(
+            f"  full workload: {1e3 * full_us:.1f} us = {full_us / 1000 / raw:.2f}x raw COPY "
+            f"(runs: {', '.join(f'{1e3 * v:.1f}' for v in runs)} us; a difference smaller "
+            "than theirs is noise)"
+        )
+        parts_sum = 0.0
+        for parts, results in ablations:
+            same = [a for a in results if a.agents == r.agents]
+            name = ",".join(sorted(parts))
+            if not same:
+                print(f"  without {name}: not measured (the fleet did not reach N={r.agents})")
+                continue
+            left = same[0].db_cpu_per_1k_rows
+            part = full_us - left
+            parts_sum += part
+            print(
+                f"  without {name}: {1e3 * left:.1f} us = {left / 1000 / raw:.2f}x; "
+                f"{name}: {1e3 * part:+.1f} us per sample row = {part / 1000 / raw:+.2f}x raw COPY "
+                f"({100 * part / full_us:+.0f}% of the whole)"
+            )
+        rest = full_us - parts_sum
+        print(
+            f"  the rest (samples COPY and everything not left out above): {1e3 * rest:.1f} us "
+            f"= {rest / 1000 / raw:.2f}x raw COPY"
+        )
 
 
 if __name__ == "__main__":

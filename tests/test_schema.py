@@ -8,13 +8,14 @@ import socket
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 
 import asyncpg
 import psycopg
 import pytest
 from psycopg import errors
 
-from pluginmon.storage import alert_state
+from pluginmon.storage import alert_state, health_store
 from pluginmon.storage.backend import (
     Retention,
     admin_connection,
@@ -24,6 +25,7 @@ from pluginmon.storage.engines import (
     prepare_database,
 )
 from pluginmon.storage.errors import constraint_name
+from pluginmon.storage.health_store import HealthWrite
 from pluginmon.storage.migrate import Backend, applied_versions, migrate
 from pluginmon.storage.queries import ensure_plugins, ensure_tenant_and_plugin, set_tenant
 from tests.dbutil import is_citus, migrated_copy
@@ -734,3 +736,85 @@ def test_admin_plane_modules_do_not_import_asyncpg() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
     )
     assert done.stdout.strip() == "False"
+
+
+async def test_unchanged_health_and_environment_updates_stay_on_their_page(
+    migrated_db: str,
+) -> None:
+    """120: plugins and plugin_environments keep room on each page, so that the fleet's
+    periodic rewrites that change no indexed column (a plugin's unchanged health score with
+    its new last_health_check, an environment's usage and health) are HOT updates: no new
+    index entries. Without the room (fillfactor 100, the pages full) most of them are not.
+    121: plugins' usage columns are not indexed, so the registry's usage updates are HOT
+    too."""
+    if is_citus(migrated_db):
+        pytest.skip("120 leaves the distributed tables' storage parameters as they are")
+    conn = await asyncpg.connect(migrated_db)
+    try:
+        options = dict(
+            await conn.fetch(
+                "SELECT relname, reloptions FROM pg_class"
+                " WHERE relname IN ('plugins', 'plugin_environments')"
+            )
+        )
+        assert options == {"plugins": ["fillfactor=70"], "plugin_environments": ["fillfactor=70"]}
+        indexed = await conn.fetch(
+            "SELECT indexname FROM pg_indexes WHERE tablename = 'plugins'"
+            " AND (indexdef LIKE '%cpu_usage%' OR indexdef LIKE '%memory_usage%')"
+        )
+        assert indexed == []
+        ids = await ensure_plugins(conn, [("hot", f"p{i:04d}", "prod") for i in range(1500)])
+        pids = sorted(ids.values())
+        await conn.execute(
+            """INSERT INTO plugin_environments (tenant_id, plugin_id, environment, cpu_usage)
+               SELECT 'hot', pid, 'prod', 1.0 FROM unnest($1::bigint[]) pid""",
+            pids,
+        )
+        await conn.execute(
+            "UPDATE plugins SET health_score = 50, cpu_usage = 1, memory_usage = 1"
+            " WHERE tenant_id = 'hot'"
+        )
+        await conn.execute("VACUUM plugins, plugin_environments")  # the old versions gone
+        every_fifth = pids[::5]
+        # one in ten gets its health rewritten, another one in ten its usage (room for both)
+        health, usage = pids[::10], pids[5::10]
+        # this session's counts (pending ones included), before and after
+        counts_sql = (
+            "SELECT relname, n_tup_upd, n_tup_hot_upd FROM pg_stat_xact_user_tables"
+            " WHERE relname IN ('plugins', 'plugin_environments')"
+        )
+        async with conn.transaction():
+            before = {r[0]: (r[1], r[2]) for r in await conn.fetch(counts_sql)}
+            await health_store.write_health(
+                conn,
+                [
+                    HealthWrite("hot", pid, "prod", 50.0, "", update_plugin=True, write_row=False)
+                    for pid in health
+                ],
+                datetime.now(UTC),
+            )
+            # the registry's usage update (registry/usage.py), a changed usage
+            await conn.execute(
+                """UPDATE plugins p SET cpu_usage = v.cpu, memory_usage = v.rss
+                     FROM unnest($1::bigint[], $2::float8[], $3::bigint[]) AS v(id, cpu, rss)
+                    WHERE p.id = v.id""",
+                usage,
+                [2.5] * len(usage),
+                [1 << 20] * len(usage),
+            )
+            await conn.execute(
+                "UPDATE plugin_environments SET cpu_usage = 2.5, health_score = 90,"
+                " last_health_check = now() WHERE plugin_id = ANY($1::bigint[])",
+                every_fifth,
+            )
+            after = {r[0]: (r[1], r[2]) for r in await conn.fetch(counts_sql)}
+        counts = {
+            name: (after[name][0] - before[name][0], after[name][1] - before[name][1])
+            for name in after
+        }
+        assert counts == {
+            "plugins": (len(health) + len(usage), len(health) + len(usage)),
+            "plugin_environments": (len(every_fifth), len(every_fifth)),
+        }
+    finally:
+        await conn.close()

@@ -1,0 +1,14 @@
+-- 121: plugins' usage columns no longer indexed, so the registry's usage refresh updates
+-- them in place (HOT, with the room 120 left on each page).
+--
+-- The registry job rewrites plugins.cpu_usage / memory_usage of every plugin whose usage
+-- changed, every maintenance interval (registry/usage.py): in a fleet, each plugin that is
+-- not idle, every minute. idx_plugins_tenant_resources (tenant_id, cpu_usage DESC,
+-- memory_usage DESC), from 001, made each of those updates a new row version with an entry
+-- in all six indexes of plugins: on a scratch server with 50,000 plugins at fillfactor 70,
+-- 28-49 us of backend CPU per updated row; without the index, 9-10 us, every update HOT.
+-- No query of pluginmon reads through that index (the API and the dashboards read a plugin's
+-- usage by its id or name; nothing orders plugins by usage), and it is not one of the seed's
+-- recommended indexes (docs/storage.md). A query that ranks a tenant's plugins by usage now
+-- sorts them (a tenant's rows of one small table).
+DROP INDEX IF EXISTS idx_plugins_tenant_resources;
