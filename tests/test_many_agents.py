@@ -287,7 +287,8 @@ async def test_agents_asking_at_once_get_one_id_per_plugin(
         )
         rows = await conn.fetch(
             "SELECT p.name, count(DISTINCT s.host) AS hosts, count(DISTINCT s.plugin_id) AS ids"
-            "  FROM plugin_samples s JOIN plugins p ON p.id = s.plugin_id"
+            "  FROM plugin_samples s"
+            "  JOIN plugins p ON p.tenant_id = s.tenant_id AND p.id = s.plugin_id"
             " WHERE p.name LIKE 'shared-%' GROUP BY 1"
         )
     finally:
@@ -344,7 +345,8 @@ match = {{ cmdline = "{processes.marker}-{name}$" }}
                 with psycopg.connect(empty_db) as conn:
                     rows = conn.execute(
                         "SELECT p.name, s.host, count(*), count(DISTINCT s.plugin_id)"
-                        "  FROM plugin_samples s JOIN plugins p ON p.id = s.plugin_id"
+                        "  FROM plugin_samples s"
+                        "  JOIN plugins p ON p.tenant_id = s.tenant_id AND p.id = s.plugin_id"
                         " GROUP BY 1, 2"
                     ).fetchall()
                     health = conn.execute(
@@ -400,7 +402,8 @@ match = {{ cmdline = "{processes.marker}-{name}$" }}
         ).fetchone()
         shared_ids = conn.execute(
             "SELECT count(DISTINCT s.plugin_id), count(DISTINCT s.host) FROM plugin_samples s"
-            " JOIN plugins p ON p.id = s.plugin_id WHERE p.name = 'shared'"
+            " JOIN plugins p ON p.tenant_id = s.tenant_id AND p.id = s.plugin_id"
+            " WHERE p.name = 'shared'"
         ).fetchone()
     assert sorted(plugins) == sorted([("shared", 1)] + [(f"own{i}", 1) for i in range(DAEMONS)])
     assert applied is not None
