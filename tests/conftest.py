@@ -52,9 +52,12 @@ def timescaledb_available(pg_admin_url: str) -> bool:
 
 
 @pytest.fixture
-def requires_timescaledb(timescaledb_available: bool) -> None:
+def requires_timescaledb(timescaledb_available: bool, pg_admin_url: str) -> None:
     if not timescaledb_available:
         pytest.skip(TIMESCALEDB_SKIP_REASON)
+    if citus_nodes(pg_admin_url) is not None:
+        # The server may offer both extensions, but a database has one of them.
+        pytest.skip("on Citus: TimescaleDB cannot share a database with Citus")
 
 
 @pytest.fixture

@@ -174,7 +174,8 @@ async def rows_of(
     rows: Sequence[asyncpg.Record] = await pool.fetch(
         """SELECT m."timestamp", m.tenant_id, m.plugin_id, m.environment, m.metric_name,
                   m.metric_kind, m.value, m.labels::text AS labels
-             FROM plugin_metrics m JOIN plugins p ON p.id = m.plugin_id
+             FROM plugin_metrics m
+             JOIN plugins p ON p.tenant_id = m.tenant_id AND p.id = m.plugin_id
             WHERE p.tenant_id = $1 AND p.name = $2 AND m.environment = $3
               AND ($4::text IS NULL OR m.metric_name = $4)
             ORDER BY m."timestamp", m.metric_name, m.labels::text""",

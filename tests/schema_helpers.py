@@ -11,7 +11,7 @@ from typing import Any
 import psycopg
 
 from pluginmon.storage.migrate import Backend, migrate
-from tests.dbutil import create_database, drop_database, with_database
+from tests.dbutil import create_database, drop_database, is_citus, with_database
 
 SAMPLE_COLUMNS: tuple[str, ...] = (
     "timestamp",
@@ -81,6 +81,13 @@ def database_for_backend(admin_url: str, backend: Backend) -> Iterator[str]:
         yield url
     finally:
         drop_database(admin_url, name)
+
+
+def partitioned_backend(admin_url: str) -> Backend:
+    """The PostgreSQL backend, or on a Citus coordinator (where the PostgreSQL backend's
+    files cannot run: 031 grants as a NOLOGIN role, which the workers refuse) the Citus
+    backend, which keeps its partitions, rollups and maintenance pass (sql/100-102)."""
+    return Backend.CITUS if is_citus(admin_url) else Backend.POSTGRES
 
 
 def backend_of(conn: Conn) -> Backend:

@@ -91,15 +91,16 @@ def test_migrations_apply_once_and_the_backend_is_sticky(citus_cluster: CitusClu
     with citus_cluster.database(prefix="sticky") as url:
         first = migrate(url)
         assert first.backend is Backend.CITUS
-        assert first.applied[-7:] == (
+        assert [f for f in first.applied if f >= "100"] == [
             "100_distribute.citus.sql",
             "101_rollups_colocated.citus.sql",
             "102_tenant_on_workers.citus.sql",
             "103_tenant_conflict_keys.citus.sql",
             "104_acknowledged_alerts_index.sql",  # common: the index on every shard
+            "110_partition_maintenance_sequential.citus.sql",
             "120_hot_updates.citus.sql",  # the shards' storage parameters left as they are
             "121_usage_updates_hot.sql",  # common: the index dropped on every shard
-        )
+        ]
         # 031's common file cannot run on Citus; its Citus variant ran instead.
         assert "031_audit_expire_execute.citus.sql" in first.applied
         again = migrate(url)

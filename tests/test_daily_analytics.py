@@ -19,7 +19,13 @@ from pluginmon.storage.analytics import (
 from pluginmon.storage.backend import MaintenanceReport, Retention, admin_connection
 from pluginmon.storage.engines import maintenance_for
 from pluginmon.storage.migrate import Backend
-from tests.schema_helpers import Conn, add_plugin, database_for_backend, insert_samples
+from tests.schema_helpers import (
+    Conn,
+    add_plugin,
+    database_for_backend,
+    insert_samples,
+    partitioned_backend,
+)
 
 DAY = timedelta(days=1)
 D = datetime(2026, 3, 19, tzinfo=UTC)  # the constructed day
@@ -260,7 +266,7 @@ async def _check_backend(pg_admin_url: str, backend: Backend) -> None:
 
 
 async def test_daily_analytics_on_postgres(pg_admin_url: str) -> None:
-    await _check_backend(pg_admin_url, Backend.POSTGRES)
+    await _check_backend(pg_admin_url, partitioned_backend(pg_admin_url))
 
 
 @pytest.mark.timescaledb
@@ -273,8 +279,9 @@ async def test_daily_analytics_on_timescaledb(
 async def test_rows_up_to_the_lookback_late_are_folded_in(pg_admin_url: str) -> None:
     """A day is computed once, LOOKBACK after its end: a row written before then is counted,
     a later one stays out (docs/storage.md)."""
+    backend = partitioned_backend(pg_admin_url)
     with (
-        database_for_backend(pg_admin_url, Backend.POSTGRES) as url,
+        database_for_backend(pg_admin_url, backend) as url,
         psycopg.connect(url, autocommit=True) as conn,
     ):
         a = add_plugin(conn, "acme", "resizer")
@@ -287,11 +294,11 @@ async def test_rows_up_to_the_lookback_late_are_folded_in(pg_admin_url: str) -> 
             ],
         )
         # Not computed yet 30 minutes after midnight: the day waits for its lookback.
-        assert D not in await _catch_up(url, Backend.POSTGRES, D + DAY + timedelta(minutes=30))
+        assert D not in await _catch_up(url, backend, D + DAY + timedelta(minutes=30))
         # Late by less than the lookback: a down sample at 23:59, written at 00:50.
         insert_samples(conn, [_sample(D + DAY - timedelta(minutes=1), "acme", a, cpu=0.0, rss=1,
                                       up=False)])  # fmt: skip
-        report = await _maintain(url, Backend.POSTGRES, D + DAY + LOOKBACK + timedelta(minutes=1))
+        report = await _maintain(url, backend, D + DAY + LOOKBACK + timedelta(minutes=1))
         assert report.analytics_days == (D,)
         folded = _analytics(conn, a, D)
         assert (folded["observed_seconds"], folded["up_seconds"]) == (119 * 60.0, 118 * 60.0)
@@ -301,6 +308,6 @@ async def test_rows_up_to_the_lookback_late_are_folded_in(pg_admin_url: str) -> 
         # Later than that: 23:59:30 written at 03:00 is not folded in.
         insert_samples(conn, [_sample(D + DAY - timedelta(seconds=30), "acme", a, cpu=0.0,
                                       rss=1, up=True)])  # fmt: skip
-        late = await _maintain(url, Backend.POSTGRES, D + DAY + timedelta(hours=3, minutes=1))
+        late = await _maintain(url, backend, D + DAY + timedelta(hours=3, minutes=1))
         assert late.analytics_days == ()
         assert _analytics(conn, a, D)["sample_count"] == 120

@@ -144,7 +144,8 @@ async def test_samples_of_unknown_plugins_are_on_disk_and_replay_in_order(
         async with pool.acquire() as conn:
             rows = await conn.fetch(
                 "SELECT s.timestamp, p.name FROM plugin_samples s "
-                "JOIN plugins p ON p.id = s.plugin_id ORDER BY s.ctid"
+                "JOIN plugins p ON p.tenant_id = s.tenant_id AND p.id = s.plugin_id "
+                "ORDER BY s.ctid"
             )
     finally:
         unresolved.close()
@@ -173,7 +174,7 @@ async def test_a_thousand_new_plugins_resolve_in_one_put(migrated_db: str, tmp_p
         async with pool.acquire() as conn:
             stored = await conn.fetch(
                 "SELECT p.tenant_id, p.name, p.id FROM plugin_samples s "
-                "JOIN plugins p ON p.id = s.plugin_id"
+                "JOIN plugins p ON p.tenant_id = s.tenant_id AND p.id = s.plugin_id"
             )
     finally:
         unresolved.close()

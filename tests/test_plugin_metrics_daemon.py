@@ -116,7 +116,7 @@ severity = "info"
             with psycopg.connect(e2e_db) as conn:
                 rows = conn.execute(
                     """SELECT DISTINCT p.name FROM plugin_metrics m
-                         JOIN plugins p ON p.id = m.plugin_id
+                         JOIN plugins p ON p.tenant_id = m.tenant_id AND p.id = m.plugin_id
                         WHERE p.tenant_id = %s AND m.metric_name = 'queue_depth'
                         ORDER BY p.name""",
                     (tenant,),

@@ -25,7 +25,7 @@ from pluginmon.storage.migrate import Backend
 from pluginmon.storage.partitions import PostgresMaintenance
 from pluginmon.storage.queries import set_local_tenant_sql
 from tests.dbutil import is_citus
-from tests.schema_helpers import Conn, add_plugin, database_for_backend
+from tests.schema_helpers import Conn, add_plugin, database_for_backend, partitioned_backend
 
 STEP = timedelta(seconds=15)
 Key = tuple[Any, ...]  # (bucket, tenant, plugin id, environment, name, kind, labels json)
@@ -125,7 +125,7 @@ def _tenant_view(url: str, view: str, tenant: str) -> set[str]:
 
 @pytest.fixture
 def postgres_url(pg_admin_url: str) -> Iterator[str]:
-    with database_for_backend(pg_admin_url, Backend.POSTGRES) as url:
+    with database_for_backend(pg_admin_url, partitioned_backend(pg_admin_url)) as url:
         yield url
 
 
@@ -173,6 +173,12 @@ async def test_postgres_metric_rollups_fold_a_late_row_in_and_read_only_what_cha
 ) -> None:
     """sql/092: a refresh recomputes the buckets written since the last one (the log) and the
     completed ones, not the whole lookback."""
+    if is_citus(postgres_url):
+        pytest.skip(
+            "on Citus: no rollup invalidation log (sql/092's statement trigger is refused on a"
+            " distributed table); a late row is folded in by the refresh after the next bucket"
+            " completes, over the lookback (sql/101)"
+        )
     start = _start()
     with psycopg.connect(postgres_url, autocommit=True) as conn:
         plugins = [("acme", add_plugin(conn, "acme", "resizer"))]

@@ -134,6 +134,12 @@ async def test_a_refused_login_does_not_move_on_to_the_next_host(migrated_db: st
     wrong = urlunsplit(
         parts._replace(netloc=f"{user}:wrong-password@{parts.hostname}:{parts.port}")
     )
+    try:
+        psycopg.connect(wrong, connect_timeout=10).close()
+    except psycopg.OperationalError:
+        pass
+    else:  # the local Citus cluster of tests/citus_cluster.py trusts loopback
+        pytest.skip("the test server accepts any password (trust auth): nothing to refuse")
     async with SilentListener() as second:
         url = urlunsplit(
             urlsplit(wrong)._replace(

@@ -24,8 +24,8 @@ from pluginmon.storage.engines import (
     backfill_rollups,
     maintenance_for,
 )
-from pluginmon.storage.migrate import Backend
 from pluginmon.storage.partitions import ROLLUPS, PostgresMaintenance, refresh_rollup
+from tests.dbutil import is_citus
 from tests.schema_helpers import (
     Conn,
     add_plugin,
@@ -33,6 +33,7 @@ from tests.schema_helpers import (
     database_for_backend,
     group_by_rollup,
     insert_samples,
+    partitioned_backend,
     rollup_rows,
     samples_series,
 )
@@ -42,8 +43,10 @@ NOW = datetime(2026, 3, 20, 12, 0, tzinfo=UTC)
 
 @pytest.fixture
 def pg_db(pg_admin_url: str) -> Iterator[str]:
-    """A database migrated for the PostgreSQL backend (on any test server)."""
-    with database_for_backend(pg_admin_url, Backend.POSTGRES) as url:
+    """A database migrated for the PostgreSQL backend (on any test server but a Citus
+    coordinator, where the PostgreSQL backend's files cannot run: there the Citus backend,
+    which keeps the same partitions and rollups and runs PostgresMaintenance's pass)."""
+    with database_for_backend(pg_admin_url, partitioned_backend(pg_admin_url)) as url:
         yield url
 
 
@@ -244,6 +247,12 @@ async def test_maintenance_skips_while_another_daemon_holds_the_lock(pg_db: str)
 
 
 async def test_rollup_refresh_is_incremental_and_matches_group_by(pg_db: str) -> None:
+    if is_citus(pg_db):
+        pytest.skip(
+            "on Citus: no rollup invalidation log (sql/092's statement trigger is refused on a"
+            " distributed table); the Citus refresh re-reads its lookback"
+            " (tests/test_citus.py::test_rollups_refresh_incrementally_and_match_a_group_by)"
+        )
     start = datetime(2026, 3, 20, 10, 0, tzinfo=UTC)
     spec_1m, spec_1h = ROLLUPS
     with psycopg.connect(pg_db, autocommit=True) as conn:
@@ -574,6 +583,12 @@ def test_a_writer_without_rights_on_the_log_still_has_its_rows_logged(
 ) -> None:
     """sql/092's trigger runs as the schema owner: a role that may only insert samples (a
     daemon's own login, a tenant writer) logs what it wrote without any right on the log."""
+    if is_citus(pg_db):
+        pytest.skip(
+            "on Citus: no rollup invalidation log (sql/092's statement trigger is refused on a"
+            " distributed table); the Citus refresh re-reads its lookback"
+            " (tests/test_citus.py::test_rollups_refresh_incrementally_and_match_a_group_by)"
+        )
     role = f"pm_writer_{uuid.uuid4().hex[:8]}"
     password = secrets.token_urlsafe(16)
     with psycopg.connect(pg_db, autocommit=True) as conn:
