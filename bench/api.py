@@ -478,7 +478,7 @@ def bench(
                 else None
             )
             pauses = GcPauses()
-            with pauses, collector_paused(enabled=not gc_in_client):
+            with collector_paused(enabled=not gc_in_client), pauses:
                 results, elapsed = asyncio.run(
                     load(
                         f"http://127.0.0.1:{port}",

@@ -166,12 +166,18 @@ async def test_rollups_refreshed_while_agents_write_equal_a_group_by(pg_db: str)
     done = [0] * agents
     progress = asyncio.Condition()
     max_ahead = 8  # steps
+    # Nor may the agents outrun maintenance: a run takes milliseconds on one server but
+    # seconds on a Citus cluster (its first creates the partitions), where the agents had
+    # written everything before the first refresh. Every 20 steps (5 simulated minutes) an
+    # agent waits for one more maintenance run to have finished; runs still overlap writes.
+    per_run = 20  # steps
+    runs = 0
 
     async def agent(index: int, conn: asyncpg.Connection) -> None:
         rng = random.Random(index)
         for k in range(steps):
             async with progress:
-                while k - min(done) > max_ahead:
+                while k - min(done) > max_ahead or k // per_run > runs:
                     await progress.wait()
             at = start + step * k + timedelta(seconds=rng.uniform(0, 5))
             rows = [sample_row(at, tenant, pid, rng) for tenant, pid in plugins[index]]
@@ -184,12 +190,15 @@ async def test_rollups_refreshed_while_agents_write_equal_a_group_by(pg_db: str)
                 progress.notify_all()
 
     async def maintenance() -> None:
-        nonlocal refreshes
+        nonlocal refreshes, runs
         async with admin_connection(pg_db) as conn:
             while not stop.is_set():
                 report = await PostgresMaintenance(clock=lambda: clock["now"]).run(conn, retention)
                 assert report.failed_steps == ()
                 refreshes += sum(1 for r in report.rollups if r.buckets)
+                async with progress:
+                    runs += 1
+                    progress.notify_all()
 
     connections = [await asyncpg.connect(pg_db) for _ in range(agents)]
     try:
