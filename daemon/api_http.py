@@ -401,13 +401,22 @@ class Dispatcher:
                 )
             except asyncpg.IntegrityConstraintViolationError as exc:
                 # A rule only the database knows (a constraint or trigger). Its message may
-                # quote values, so only the constraint's name goes out.
+                # quote values, so only the constraint's name goes out, or where the error
+                # names none (a NOT NULL, a trigger's RAISE) its SQLSTATE, table and column.
                 name = constraint_name(exc)
+                where = name or refused_where(exc)
+                if name is None:
+                    logger.warning(
+                        "api: %s %s refused by the database without a constraint name (%s)",
+                        request.method,
+                        template,
+                        where,
+                    )
                 response = error_response(
                     ApiError(
                         409,
                         "constraint_violation",
-                        f"the database refused the change ({name or 'constraint'})",
+                        f"the database refused the change ({where})",
                         field=name,
                     )
                 )
@@ -521,6 +530,19 @@ class Dispatcher:
                 model = await deferred.finish(call, result)
             mark_session_untouched(conn)
         return model
+
+
+def refused_where(exc: asyncpg.PostgresError) -> str:
+    """What an integrity error without a constraint name says about where it happened: its
+    SQLSTATE, table and column (names from the schema, never the values in its message)."""
+    parts = [f"sqlstate {exc.sqlstate}"]
+    table = getattr(exc, "table_name", None)
+    column = getattr(exc, "column_name", None)
+    if table:
+        parts.append(f"table {table}")
+    if column:
+        parts.append(f"column {column}")
+    return ", ".join(parts)
 
 
 @web.middleware

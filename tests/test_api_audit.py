@@ -3,7 +3,8 @@ anchor, and verification catching rows changed, removed or reordered behind the 
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
@@ -40,6 +41,19 @@ async def _append(conn: asyncpg.Connection, tenant: str, n: int, *, start: int =
             before={"version": f"1.{i}"},
             after={"version": f"1.{i + 1}", "api_token": "pmt_should_not_appear"},
         )
+
+
+async def wait_until_async(
+    read: Callable[[], Awaitable[object]], expected: object, *, timeout_seconds: float = 20.0
+) -> None:
+    """Poll ``read`` until it returns ``expected``; fail naming the last value otherwise."""
+    deadline = asyncio.get_running_loop().time() + timeout_seconds
+    value = await read()
+    while value != expected:
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"waited {timeout_seconds} s for {expected!r}; last {value!r}")
+        await asyncio.sleep(0.05)
+        value = await read()
 
 
 def _owner(url: str) -> psycopg.Connection[tuple[object, ...]]:
@@ -313,6 +327,61 @@ async def test_concurrent_writers_chain_side_by_side(
         Breach.CHANGED,
     )
     assert "in lane 1 was changed" in verdict.problem.message
+
+
+async def test_entries_arriving_while_every_lane_is_held_wait_and_chain(
+    conn: asyncpg.Connection, migrated_db: str
+) -> None:
+    """Audit retention locks every lane's head; entries that arrive meanwhile wait for a
+    lane and chain after it (sql/122: 030 drew the fallback lane per row, and about one
+    such entry in three got no lane: a NOT NULL failure, an API 409)."""
+    await _append(conn, "a", 1)  # the tenant's lanes exist
+    holder = await asyncpg.connect(migrated_db)
+    writers = [await asyncpg.connect(migrated_db) for _ in range(12)]
+    try:
+        hold = holder.transaction()
+        await hold.start()
+        # What pluginmon_audit_expire does first.
+        await holder.execute("SELECT 1 FROM audit_chain ORDER BY tenant_id, lane FOR UPDATE")
+
+        async def write(i: int, writer: asyncpg.Connection) -> None:
+            await audit.append(
+                writer,
+                tenant_id="a",
+                actor=Actor(name=f"w{i}", request_id=f"held-{i}"),
+                action="plugin.update",
+                entity_type="plugin",
+                occurred_at=NOW,
+            )
+
+        pending = [asyncio.create_task(write(i, w)) for i, w in enumerate(writers)]
+
+        async def settled() -> int:
+            # Writers waiting on a lock, plus writers that are done (failed: nothing can
+            # finish while every lane is held).
+            # (Not the holder: inside its transaction pg_stat_activity is one snapshot.)
+            waiting = await conn.fetchval(
+                "SELECT count(*) FROM pg_stat_activity"
+                " WHERE wait_event_type = 'Lock' AND query LIKE 'INSERT INTO audit_log%'"
+            )
+            return int(waiting) + sum(task.done() for task in pending)
+
+        await wait_until_async(settled, len(writers))
+        failed = [repr(task.exception()) for task in pending if task.done()]
+        assert failed == []
+        await hold.commit()
+        await asyncio.wait_for(asyncio.gather(*pending), 30)
+    finally:
+        for connection in (holder, *writers):
+            await connection.close()
+    lanes = await conn.fetch(
+        "SELECT lane FROM audit_log WHERE request_id LIKE 'held-%' ORDER BY lane"
+    )
+    assert len(lanes) == len(writers)
+    assert all(row["lane"] is not None and 0 <= row["lane"] < 16 for row in lanes)
+    (verdict,) = await audit.verify(conn, tenant_id="a")
+    assert verdict.intact, verdict.problem
+    assert sum(lane.checked for lane in verdict.lanes) == 1 + len(writers)
 
 
 async def test_a_write_and_its_entry_go_in_one_statement(conn: asyncpg.Connection) -> None:

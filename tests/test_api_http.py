@@ -7,9 +7,11 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
+import asyncpg
 import pytest
 from openapi_spec_validator import validate
 
+from pluginmon.daemon.api_http import refused_where
 from pluginmon.registry import audit, tokens
 from pluginmon.registry.actor import Actor
 from pluginmon.registry.tokens import Role
@@ -392,3 +394,20 @@ def test_only_the_issued_spelling_of_a_token_parses() -> None:
     assert len(others) == 3
     for other in others:
         assert tokens.parse(text[:-1] + other) is None
+
+
+async def test_an_integrity_error_without_a_constraint_name_says_where(migrated_db: str) -> None:
+    """A NOT NULL (or a trigger's RAISE) names no constraint: the 409 then names the SQLSTATE,
+    table and column, never the values the server's message quotes."""
+    conn = await asyncpg.connect(migrated_db)
+    try:
+        with pytest.raises(asyncpg.NotNullViolationError) as caught:
+            await conn.execute(
+                "INSERT INTO audit_log (tenant_id, actor, action, entity_type)"
+                " VALUES ('a', NULL, 'x', 'secret-value')"
+            )
+    finally:
+        await conn.close()
+    where = refused_where(caught.value)
+    assert where == "sqlstate 23502, table audit_log, column actor"
+    assert "secret-value" not in where
