@@ -73,33 +73,32 @@ from bench.stall_monitor import Monitor, report
 REPO = Path(__file__).resolve().parent.parent
 
 
-def sample_cycles(port: int) -> tuple[float, float]:
-    """(cycles, seconds spent sampling) from the daemon's histogram; NaN when /metrics fails
-    (the exposition is not what this measures)."""
+@dataclass(frozen=True, slots=True)
+class DaemonCounters:
+    cycles: float  # sample cycles so far (pluginmon_sample_duration_seconds histogram)
+    sampling_seconds: float  # spent in them
+    collections: dict[str, float]  # garbage collections by generation (python_gc_*)
+
+
+def daemon_counters(port: int) -> DaemonCounters:
+    """The daemon's counters from one /metrics scrape; NaN and no collections when /metrics
+    fails (the exposition is not what this measures)."""
     try:
         text = scrape(port)
     except urllib.error.HTTPError as exc:
         print(f"(cannot count sample cycles: /metrics answered {exc.code})", file=sys.stderr)
-        return float("nan"), float("nan")
+        return DaemonCounters(float("nan"), float("nan"), {})
     count = re.search(r"^pluginmon_sample_duration_seconds_count (\S+)$", text, re.MULTILINE)
     total = re.search(r"^pluginmon_sample_duration_seconds_sum (\S+)$", text, re.MULTILINE)
     assert count is not None
     assert total is not None
-    return float(count[1]), float(total[1])
-
-
-def daemon_collections(port: int) -> dict[str, float]:
-    """The daemon's garbage collections so far by generation (python_gc_collections_total)."""
-    try:
-        text = scrape(port)
-    except urllib.error.HTTPError:
-        return {}
-    return {
+    collections = {
         m[1]: float(m[2])
         for m in re.finditer(
             r'^python_gc_collections_total\{generation="(\d)"\} (\S+)$', text, re.MULTILINE
         )
     }
+    return DaemonCounters(float(count[1]), float(total[1]), collections)
 
 
 def cli(env: dict[str, str], *args: str) -> str:
@@ -462,8 +461,7 @@ def bench(
                 else float("nan")
             )
             probe = probe_loop(port, seconds=warmup / 2)
-            cycles_before, sampling_before = sample_cycles(port)
-            collections_before = daemon_collections(port)
+            counters_before = daemon_counters(port)
             wall_before = time.monotonic()
             cpu_before, own_before = cpu_seconds(daemon.pid), time.process_time()
             server_before = server_cpu_seconds(postmaster) if postmaster else float("nan")
@@ -490,10 +488,10 @@ def bench(
                     )
                 )
             ticks = watcher.stop() if watcher is not None else []
-            cycles_after, sampling_after = sample_cycles(port)
+            counters_after = daemon_counters(port)
             collections = {
-                generation: count - collections_before.get(generation, 0.0)
-                for generation, count in daemon_collections(port).items()
+                generation: count - counters_before.collections.get(generation, 0.0)
+                for generation, count in counters_after.collections.items()
             }
             wall = time.monotonic() - wall_before
             daemon_cpu_total = cpu_seconds(daemon.pid) - cpu_before
@@ -518,8 +516,12 @@ def bench(
             if "job sample" in line and "skipped" in line
         ]
     lat = results.latencies
-    cycles = cycles_after - cycles_before
-    mean_cycle = (sampling_after - sampling_before) / cycles if cycles else float("nan")
+    cycles = counters_after.cycles - counters_before.cycles
+    mean_cycle = (
+        (counters_after.sampling_seconds - counters_before.sampling_seconds) / cycles
+        if cycles
+        else float("nan")
+    )
     p99 = percentile(lat, 0.99) * 1000
     print(
         f"api: {clients} clients, target {rate:.0f} req/s, {elapsed:.1f} s: {len(lat)} requests "
