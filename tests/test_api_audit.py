@@ -4,7 +4,7 @@ anchor, and verification catching rows changed, removed or reordered behind the 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
@@ -14,6 +14,7 @@ import pytest
 from pluginmon.registry import audit
 from pluginmon.registry.actor import Actor
 from pluginmon.registry.audit import Breach
+from tests.waiting import wait_until
 
 NOW = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 ANN = Actor(name="ann", token_id=1, request_id="req-1", source_address="127.0.0.1")
@@ -43,17 +44,16 @@ async def _append(conn: asyncpg.Connection, tenant: str, n: int, *, start: int =
         )
 
 
-async def wait_until_async(
-    read: Callable[[], Awaitable[object]], expected: object, *, timeout_seconds: float = 20.0
-) -> None:
-    """Poll ``read`` until it returns ``expected``; fail naming the last value otherwise."""
-    deadline = asyncio.get_running_loop().time() + timeout_seconds
-    value = await read()
-    while value != expected:
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"waited {timeout_seconds} s for {expected!r}; last {value!r}")
-        await asyncio.sleep(0.05)
-        value = await read()
+async def _writer_entry(writer: asyncpg.Connection, name: str, request_id: str) -> None:
+    """One entry of tenant ``a`` by writer ``name``, found again by ``request_id``."""
+    await audit.append(
+        writer,
+        tenant_id="a",
+        actor=Actor(name=name, request_id=request_id),
+        action="plugin.update",
+        entity_type="plugin",
+        occurred_at=NOW,
+    )
 
 
 def _owner(url: str) -> psycopg.Connection[tuple[object, ...]]:
@@ -295,14 +295,7 @@ async def test_concurrent_writers_chain_side_by_side(
             await transaction.start()
             # Waiting for another writer's lane would fail here instead of hanging.
             await writer.execute("SET LOCAL lock_timeout = '2s'")
-            await audit.append(
-                writer,
-                tenant_id="a",
-                actor=Actor(name=f"w{i}", request_id=f"r{i}"),
-                action="plugin.update",
-                entity_type="plugin",
-                occurred_at=NOW,
-            )
+            await _writer_entry(writer, f"w{i}", f"r{i}")
             lanes.append(
                 await writer.fetchval("SELECT lane FROM audit_log WHERE request_id = $1", f"r{i}")
             )
@@ -344,19 +337,12 @@ async def test_entries_arriving_while_every_lane_is_held_wait_and_chain(
         # What pluginmon_audit_expire does first.
         await holder.execute("SELECT 1 FROM audit_chain ORDER BY tenant_id, lane FOR UPDATE")
 
-        async def write(i: int, writer: asyncpg.Connection) -> None:
-            await audit.append(
-                writer,
-                tenant_id="a",
-                actor=Actor(name=f"w{i}", request_id=f"held-{i}"),
-                action="plugin.update",
-                entity_type="plugin",
-                occurred_at=NOW,
-            )
+        pending = [
+            asyncio.create_task(_writer_entry(w, f"w{i}", f"held-{i}"))
+            for i, w in enumerate(writers)
+        ]
 
-        pending = [asyncio.create_task(write(i, w)) for i, w in enumerate(writers)]
-
-        async def settled() -> int:
+        async def settled() -> bool:
             # Writers waiting on a lock, plus writers that are done (failed: nothing can
             # finish while every lane is held).
             # (Not the holder: inside its transaction pg_stat_activity is one snapshot.)
@@ -364,9 +350,11 @@ async def test_entries_arriving_while_every_lane_is_held_wait_and_chain(
                 "SELECT count(*) FROM pg_stat_activity"
                 " WHERE wait_event_type = 'Lock' AND query LIKE 'INSERT INTO audit_log%'"
             )
-            return int(waiting) + sum(task.done() for task in pending)
+            return int(waiting) + sum(task.done() for task in pending) == len(writers)
 
-        await wait_until_async(settled, len(writers))
+        await wait_until(
+            settled, timeout_seconds=20, what="every writer waiting on a lane's lock, or done"
+        )
         failed = [repr(task.exception()) for task in pending if task.done()]
         assert failed == []
         await hold.commit()
