@@ -50,7 +50,7 @@ from pluginmon.registry.errors import (
 )
 from pluginmon.registry.operations import Operation
 from pluginmon.registry.tokens import Principal, Role
-from pluginmon.storage.errors import TRANSIENT_ERRORS, constraint_name
+from pluginmon.storage.errors import TRANSIENT_ERRORS, constraint_name, refused_where
 from pluginmon.storage.pool import mark_session_untouched
 from pluginmon.storage.queries import TenantScope, detect_tenant_scope
 
@@ -530,19 +530,6 @@ class Dispatcher:
                 model = await deferred.finish(call, result)
             mark_session_untouched(conn)
         return model
-
-
-def refused_where(exc: asyncpg.PostgresError) -> str:
-    """What an integrity error without a constraint name says about where it happened: its
-    SQLSTATE, table and column (names from the schema, never the values in its message)."""
-    parts = [f"sqlstate {exc.sqlstate}"]
-    table = getattr(exc, "table_name", None)
-    column = getattr(exc, "column_name", None)
-    if table:
-        parts.append(f"table {table}")
-    if column:
-        parts.append(f"column {column}")
-    return ", ".join(parts)
 
 
 @web.middleware

@@ -134,7 +134,7 @@ def run_config_command(args: argparse.Namespace, *, database_url: DatabaseUrl) -
     from pluginmon.daemon.api_wiring import keyring_location
     from pluginmon.registry.crypto import KeyringError
     from pluginmon.registry.errors import InvalidError, RegistryError
-    from pluginmon.storage.errors import constraint_name
+    from pluginmon.storage.errors import constraint_name, refused_where
 
     location = keyring_location(settings)
     try:
@@ -154,8 +154,9 @@ def run_config_command(args: argparse.Namespace, *, database_url: DatabaseUrl) -
         print(f"{what}: the database has no schema yet; run `pluginmon migrate`", file=sys.stderr)
         return EXIT_FAILURE
     except asyncpg.IntegrityConstraintViolationError as exc:
-        # Its message may quote values: only the constraint's name.
-        print(f"{what}: the database refused it ({constraint_name(exc)})", file=sys.stderr)
+        # Its message may quote values: only the constraint's name, or where it happened.
+        where = constraint_name(exc) or refused_where(exc)
+        print(f"{what}: the database refused it ({where})", file=sys.stderr)
         return EXIT_FAILURE
     except Exception as exc:
         from pluginmon.daemon.logs import redact

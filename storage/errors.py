@@ -118,3 +118,16 @@ def constraint_name(exc: asyncpg.PostgresError | psycopg.Error) -> str | None:
         return str(named)
     found = _CONSTRAINT_IN_MESSAGE.search(str(message or ""))
     return None if found is None else _SHARD_SUFFIX.sub("", found.group(1))
+
+
+def refused_where(exc: asyncpg.PostgresError) -> str:
+    """What an integrity error without a constraint name says about where it happened: its
+    SQLSTATE, table and column (names from the schema, never the values in its message)."""
+    parts = [f"sqlstate {exc.sqlstate}"]
+    table = getattr(exc, "table_name", None)
+    column = getattr(exc, "column_name", None)
+    if table:
+        parts.append(f"table {table}")
+    if column:
+        parts.append(f"column {column}")
+    return ", ".join(parts)

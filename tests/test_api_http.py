@@ -11,10 +11,10 @@ import asyncpg
 import pytest
 from openapi_spec_validator import validate
 
-from pluginmon.daemon.api_http import refused_where
 from pluginmon.registry import audit, tokens
 from pluginmon.registry.actor import Actor
 from pluginmon.registry.tokens import Role
+from pluginmon.storage.errors import refused_where
 from tests.api_helpers import ApiHarness, api_server
 
 
