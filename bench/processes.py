@@ -71,8 +71,14 @@ def daemon_env(database_url: str, data_dir: str, port: int, **extra: str) -> dic
     return env
 
 
+def stat_fields_at(path: str | Path) -> list[str]:
+    """The fields of a /proc stat file (a process's or a thread's) after the command name,
+    which may hold spaces and ")": item 1 is the ppid, 11 and 12 utime and stime."""
+    return Path(path).read_text().rpartition(")")[2].split()
+
+
 def _stat_fields(pid: int) -> list[str]:
-    return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return stat_fields_at(f"/proc/{pid}/stat")
 
 
 def server_cpu_seconds(postmaster_pid: int) -> float:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import json
 import multiprocessing
-import os
 import statistics
 import time
 from collections import Counter
@@ -25,16 +24,14 @@ from typing import Any
 
 import psycopg
 
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+from bench.processes import CLOCK_TICKS, stat_fields_at
+
 TICK_SECONDS = 0.05
 
 
-def _stat_after_comm(path: str) -> list[str]:
-    return Path(path).read_text().rpartition(")")[2].split()
-
-
 def _cpu(path: str) -> int:
-    fields = _stat_after_comm(path)
+    """utime + stime, in clock ticks, of the stat file at ``path``."""
+    fields = stat_fields_at(path)
     return int(fields[11]) + int(fields[12])
 
 
@@ -68,7 +65,7 @@ def _postgres(postmaster: int) -> dict[str, int]:
         if not entry.name.isdigit():
             continue
         try:
-            fields = _stat_after_comm(f"/proc/{entry.name}/stat")
+            fields = stat_fields_at(f"/proc/{entry.name}/stat")
             if int(fields[1]) != postmaster:
                 continue
             title = (entry / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
