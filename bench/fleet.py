@@ -73,7 +73,7 @@ import sys
 import tempfile
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -266,6 +266,8 @@ class AgentCounters:
     cycles: int = 0
     skipped: int = 0
     errors: int = 0
+    # "job: ExceptionClass" -> [count, first message], so a run can say what its errors were
+    error_kinds: dict[str, list[Any]] = field(default_factory=dict)
     lags: list[float] = field(default_factory=list)
     settled: bool = False
 
@@ -416,8 +418,11 @@ class Agent:
                 return
             try:
                 await job(*args)
-            except Exception:  # counted; a benchmark keeps going
+            except Exception as exc:  # counted and named; a benchmark keeps going
                 self.counters.errors += 1
+                kind = f"{getattr(job, '__name__', 'job').lstrip('_')}: {type(exc).__name__}"
+                seen = self.counters.error_kinds.setdefault(kind, [0, str(exc)[:200]])
+                seen[0] += 1
             next_at += period
             now = time.monotonic()
             if now > next_at:
@@ -540,6 +545,7 @@ async def worker_main(url: str, interval: float, without: frozenset[str]) -> Non
                     "cycles": sum(a.counters.cycles for a in agents),
                     "skipped": sum(a.counters.skipped for a in agents),
                     "errors": sum(a.counters.errors for a in agents),
+                    "error_kinds": merge_error_kinds(a.counters.error_kinds for a in agents),
                     "spool_rows": sum(a.spool_rows for a in agents),
                     "rows_written": sum(a.rows_written for a in agents),
                     "failed": sum(1 for t in tasks if t.done()),
@@ -898,6 +904,7 @@ class StepResult:
     spool_rows: int
     skipped: int
     errors: int
+    error_kinds: dict[str, list[Any]]
     agents_cpu_percent: float
     split: dict[str, float]
 
@@ -912,13 +919,24 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
+def merge_error_kinds(parts: Iterable[dict[str, list[Any]]]) -> dict[str, list[Any]]:
+    """Counts summed per kind; the first message seen kept."""
+    merged: dict[str, list[Any]] = {}
+    for part in parts:
+        for kind, (count, message) in part.items():
+            merged.setdefault(kind, [0, message])[0] += count
+    return merged
+
+
 def report_all(workers: list[Worker]) -> dict[str, Any]:
     replies = [w.ask({"cmd": "report"}) for w in workers]
-    total: dict[str, Any] = {"lags": [], "cpu": 0.0}
+    total: dict[str, Any] = {"lags": [], "cpu": 0.0, "error_kinds": {}}
     for reply in replies:
         for name, value in reply.items():
             if name == "lags":
                 total["lags"].extend(value)
+            elif name == "error_kinds":
+                total["error_kinds"] = merge_error_kinds([total["error_kinds"], value])
             else:
                 total[name] = total.get(name, 0) + value
     return total
@@ -981,6 +999,11 @@ def run_fleet(
                 spool_rows=after["spool_rows"],
                 skipped=after["skipped"] - before["skipped"],
                 errors=after["errors"] - before["errors"],
+                error_kinds={
+                    kind: [count - before["error_kinds"].get(kind, [0])[0], message]
+                    for kind, (count, message) in after["error_kinds"].items()
+                    if count > before["error_kinds"].get(kind, [0])[0]
+                },
                 agents_cpu_percent=100 * (after["cpu"] - before["cpu"]) / wall,
                 split={
                     **dict(sorted(times.items())),
@@ -1012,6 +1035,8 @@ def print_step(r: StepResult, wall: float, since_added: float) -> None:
         f"(measured from {since_added - wall:.0f} s after the step's agents were added)"
     )
     print(f"  database time by kind (% of one core): {split}")
+    for kind, (count, message) in sorted(r.error_kinds.items(), key=lambda kv: -kv[1][0]):
+        print(f"  errors in the window: {kind} x{count}, the first: {message}")
     print("  load average at the window's end: {:.1f} {:.1f} {:.1f}".format(*os.getloadavg()))
 
 
