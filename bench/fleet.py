@@ -738,10 +738,19 @@ class Statement:
     query: str
 
 
+def statements_tracked(conn: psycopg.Connection[Any]) -> bool:
+    """Whether the server counts statements (pg_stat_statements preloaded); without it the
+    run goes on, and its split by kind is empty."""
+    row = conn.execute("SELECT current_setting('shared_preload_libraries')").fetchone()
+    return row is not None and "pg_stat_statements" in str(row[0])
+
+
 def statements(url: str) -> list[Statement]:
     """This database's statements since the last reset (nested ones too when the server
     tracks them: pg_stat_statements.track = all)."""
     with psycopg.connect(url) as conn:
+        if not statements_tracked(conn):
+            return []
         rows = conn.execute(
             "SELECT query, toplevel, calls, total_exec_time, rows FROM pg_stat_statements"
             " WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())"
@@ -785,7 +794,10 @@ def print_top_statements(found: list[Statement], *, limit: int, wall: float) -> 
 
 def reset_statements(url: str) -> None:
     with psycopg.connect(url) as conn:
-        conn.execute("SELECT pg_stat_statements_reset()")
+        if statements_tracked(conn):
+            conn.execute("SELECT pg_stat_statements_reset()")
+        else:
+            print("  (pg_stat_statements is not preloaded on this server: no split by kind)")
 
 
 # -- the raw COPY baseline -------------------------------------------------------------------------
