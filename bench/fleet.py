@@ -72,6 +72,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -101,6 +102,7 @@ from pluginmon.storage import writer as writer_module
 from pluginmon.storage.backend import Retention, RollupRefresh
 from pluginmon.storage.embedded import EmbeddedPostgres
 from pluginmon.storage.engines import prepare_database
+from pluginmon.storage.errors import TRANSIENT_ERRORS
 from pluginmon.storage.ingest import SampleSink, SampleSpool, UnresolvedSpool, sample_row
 from pluginmon.storage.ledger import Committed, LedgerBatch
 from pluginmon.storage.pool import close_pool, open_pool
@@ -349,7 +351,14 @@ class Agent:
             registry_metrics_interval_seconds=MAINTENANCE_INTERVAL_SECONDS,
         )
         try:
-            await engine.start()
+            try:
+                await engine.start()
+            except TRANSIENT_ERRORS as exc:
+                # As the daemon does (Coordinator.start_alerts): the engine loads its state
+                # again at the next evaluations; counted as an error of the run.
+                kind = f"alert state start: {type(exc).__name__}"
+                self.counters.error_kinds.setdefault(kind, [0, str(exc)[:200]])[0] += 1
+                self.counters.errors += 1
             async with OutboxDeliverer(pool, [self._hook], None, instance=self._gen.host) as outbox:
                 maintainer = Maintainer(
                     self._url,
@@ -532,7 +541,7 @@ async def worker_main(url: str, interval: float, without: frozenset[str]) -> Non
                         without=without,
                     )
                     agents.append(agent)
-                    tasks.append(asyncio.create_task(agent.run(stop)))
+                    tasks.append(asyncio.create_task(agent.run(stop), name=str(index)))
                 reply: dict[str, Any] = {"agents": len(agents)}
             elif command["cmd"] == "report":
                 lags: list[float] = []
@@ -549,6 +558,11 @@ async def worker_main(url: str, interval: float, without: frozenset[str]) -> Non
                     "spool_rows": sum(a.spool_rows for a in agents),
                     "rows_written": sum(a.rows_written for a in agents),
                     "failed": sum(1 for t in tasks if t.done()),
+                    "failures": [
+                        f"agent {t.get_name()}: {where_raised(t.exception())}"
+                        for t in tasks
+                        if t.done() and not t.cancelled() and t.exception() is not None
+                    ][:3],
                     "lags": lags,
                     "webhooks": received,
                     "cpu": time.process_time(),
@@ -931,6 +945,15 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
+def where_raised(exc: BaseException | None) -> str:
+    """The exception and the last frames it came through, for a report line."""
+    if exc is None:
+        return "none"
+    frames = traceback.extract_tb(exc.__traceback__)[-4:]
+    path = " <- ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in reversed(frames))
+    return f"{exc!r} at {path}"[:800]
+
+
 def merge_error_kinds(parts: Iterable[dict[str, list[Any]]]) -> dict[str, list[Any]]:
     """Counts summed per kind; the first message seen kept."""
     merged: dict[str, list[Any]] = {}
@@ -949,6 +972,8 @@ def report_all(workers: list[Worker]) -> dict[str, Any]:
                 total["lags"].extend(value)
             elif name == "error_kinds":
                 total["error_kinds"] = merge_error_kinds([total["error_kinds"], value])
+            elif name == "failures":
+                total["failures"] = total.get("failures", []) + value
             else:
                 total[name] = total.get(name, 0) + value
     return total
@@ -974,7 +999,9 @@ def run_fleet(
             while True:
                 status = report_all(workers)
                 if status["failed"]:
-                    raise RuntimeError(f"{status['failed']} agent(s) stopped")
+                    raise RuntimeError(
+                        f"{status['failed']} agent(s) stopped: {'; '.join(status['failures'])}"
+                    )
                 if (
                     status["settled"] >= step
                     and status["spool_rows"] == 0
