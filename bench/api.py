@@ -628,4 +628,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    # SIGTERM (`timeout`, `kill`) unwinds like Ctrl-C, so the finally blocks stop the daemon
+    # (and with it the embedded server) and the sleepers instead of leaving them running.
+    signal.signal(signal.SIGTERM, lambda _signum, _frame: sys.exit(128 + signal.SIGTERM))
     main()
