@@ -342,13 +342,25 @@ def test_the_tenant_is_quoted_as_a_literal_for_set_local() -> None:
         quote_literal("a\\'")
 
 
-async def test_the_scope_is_detected_per_database(citus_db: str, migrated_db: str) -> None:
-    for url, expected in ((citus_db, CITUS_SCOPE), (migrated_db, PLAIN_SCOPE)):
-        conn = await asyncpg.connect(url)
-        try:
-            assert await detect_tenant_scope(conn) is expected
-        finally:
-            await conn.close()
+async def test_the_scope_is_detected_per_database(
+    citus_cluster: CitusCluster, citus_db: str
+) -> None:
+    # The plain database is on the same coordinator (citus preloaded, no extension in it):
+    # the scope follows the database, not the server. (Also where the suite's own test
+    # database is a Citus coordinator's, as in a whole-suite run against one.)
+    plain = citus_cluster.create_plain_database()
+    try:
+        for url, expected in (
+            (citus_db, CITUS_SCOPE),
+            (with_database(citus_cluster.url(), plain), PLAIN_SCOPE),
+        ):
+            conn = await asyncpg.connect(url)
+            try:
+                assert await detect_tenant_scope(conn) is expected
+            finally:
+                await conn.close()
+    finally:
+        citus_cluster.drop_database(plain)
 
 
 async def test_on_citus_only_the_propagated_tenant_reaches_the_workers(citus_db: str) -> None:
