@@ -73,7 +73,7 @@ def test_sigint_while_waiting_for_the_database_exits_0(tmp_path: Path) -> None:
                 r.get("message", "").startswith("database unreachable at start-up")
                 for r in daemon.log_records()
             ),
-            timeout=30,
+            timeout=90,  # a daemon's start-up takes over 30 s at load 20
         )
         assert daemon.get("/healthz")[0] == 200  # alive while it waits
         status, text = daemon.get("/readyz")
