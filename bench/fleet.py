@@ -273,6 +273,11 @@ class AgentCounters:
     lags: list[float] = field(default_factory=list)
     settled: bool = False
 
+    def count_error(self, where: str, exc: BaseException) -> None:
+        self.errors += 1
+        kind = f"{where}: {type(exc).__name__}"
+        self.error_kinds.setdefault(kind, [0, str(exc)[:200]])[0] += 1
+
 
 class Agent:
     """One daemon's pipeline minus the sampler and the exporter."""
@@ -356,9 +361,7 @@ class Agent:
             except TRANSIENT_ERRORS as exc:
                 # As the daemon does (Coordinator.start_alerts): the engine loads its state
                 # again at the next evaluations; counted as an error of the run.
-                kind = f"alert state start: {type(exc).__name__}"
-                self.counters.error_kinds.setdefault(kind, [0, str(exc)[:200]])[0] += 1
-                self.counters.errors += 1
+                self.counters.count_error("alert state start", exc)
             async with OutboxDeliverer(pool, [self._hook], None, instance=self._gen.host) as outbox:
                 maintainer = Maintainer(
                     self._url,
@@ -428,10 +431,7 @@ class Agent:
             try:
                 await job(*args)
             except Exception as exc:  # counted and named; a benchmark keeps going
-                self.counters.errors += 1
-                kind = f"{getattr(job, '__name__', 'job').lstrip('_')}: {type(exc).__name__}"
-                seen = self.counters.error_kinds.setdefault(kind, [0, str(exc)[:200]])
-                seen[0] += 1
+                self.counters.count_error(getattr(job, "__name__", "job").lstrip("_"), exc)
             next_at += period
             now = time.monotonic()
             if now > next_at:

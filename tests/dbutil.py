@@ -56,6 +56,12 @@ def citus_nodes(admin_url: str) -> tuple[tuple[str, int], list[tuple[str, int]]]
     return coordinator[0], workers
 
 
+def worker_urls(url: str) -> list[str]:
+    """``url``'s database on each Citus worker; empty when it is not a coordinator's."""
+    nodes = citus_nodes(url)
+    return [with_node(url, host, port) for host, port in nodes[1]] if nodes else []
+
+
 def is_citus(url: str) -> bool:
     """Whether ``url``'s database is a Citus coordinator's (the extension, workers)."""
     return citus_nodes(url) is not None

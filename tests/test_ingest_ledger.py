@@ -30,7 +30,7 @@ from pluginmon.storage.spool import (
 )
 from pluginmon.storage.upkeep import Maintainer, prune_ingest_ledger
 from pluginmon.storage.writer import PLUGIN_SAMPLES_COLUMNS, PLUGIN_SAMPLES_TABLE, BatchWriter
-from tests.dbutil import citus_nodes, is_citus, with_node
+from tests.dbutil import is_citus, worker_urls
 from tests.waiting import wait_until
 from tests.writer_helpers import create_plugins, sample_row, sample_rows, sequence_of
 
@@ -287,18 +287,18 @@ CREATE CONSTRAINT TRIGGER test_slow_commit AFTER INSERT ON ingest_ledger
 
 
 async def _install_slow_commit(url: str) -> None:
-    nodes = citus_nodes(url)
+    workers = worker_urls(url)
     # The trigger runs where the ledger's rows are: on Citus, in a worker's shard, so its
     # sequence is made on every worker (a worker-local object), and Citus is told to pass the
     # trigger on to the shards (it refuses triggers on distributed tables by default).
-    for host, port in nodes[1] if nodes else []:
-        connection = await asyncpg.connect(with_node(url, host, port))
+    for worker in workers:
+        connection = await asyncpg.connect(worker)
         try:
             await connection.execute("CREATE SEQUENCE test_slow_once")
         finally:
             await connection.close()
     async with pool_context(url) as admin, admin.acquire() as connection:
-        if nodes is None:
+        if not workers:
             await connection.execute("CREATE SEQUENCE test_slow_once")
         else:
             await connection.execute("SET citus.enable_unsafe_triggers = on")
@@ -307,10 +307,9 @@ async def _install_slow_commit(url: str) -> None:
 
 
 async def _prepared_transactions_on_workers(url: str) -> list[str]:
-    nodes = citus_nodes(url)
     found: list[str] = []
-    for host, port in nodes[1] if nodes else []:
-        connection = await asyncpg.connect(with_node(url, host, port))
+    for worker in worker_urls(url):
+        connection = await asyncpg.connect(worker)
         try:
             found += await connection.fetchval(
                 "SELECT coalesce(array_agg(gid), '{}') FROM pg_prepared_xacts"
