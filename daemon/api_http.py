@@ -146,6 +146,9 @@ class Call:
     # Run after the transaction committed, in order (in-memory state that must follow only
     # a committed write, such as the live set of pushed series).
     after_commit: list[Callable[[], None]] = field(default_factory=list)
+    # False when the handler knows its write moved no dependency result (a route that could
+    # move one then skips the recompute, api_dependencies); None: not known, recompute.
+    dependency_inputs_changed: bool | None = None
 
     def param_int(self, name: str) -> int:
         # The route's pattern admits digits only; this guards the int's range.

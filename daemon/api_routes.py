@@ -94,7 +94,7 @@ class ApiHandlers:
 
     async def update_plugin(self, call: Call) -> PluginOut:
         body: PluginUpdate = call.body
-        plugin = await plugins.update_plugin(
+        plugin, call.dependency_inputs_changed = await plugins.update_plugin(
             call.conn,
             call.params["name"],
             tenant_id=call.tenant_id,
@@ -183,6 +183,7 @@ class ApiHandlers:
             error=body.error,
             retry=self._retry,
         )
+        call.dependency_inputs_changed = operations.changed_plugin_state(op)
         call.operations.append(op)
         return OperationOut.of(op)
 

@@ -388,10 +388,22 @@ _SUCCESS_EFFECTS: dict[str, dict[str, Any]] = {
 }
 
 
-async def _apply_success(conn: asyncpg.Connection, operation: Operation, *, now: datetime) -> None:
+def _success_effect(operation: Operation) -> dict[str, Any]:
     effect = dict(_SUCCESS_EFFECTS.get(operation.type, {}))
     if operation.version is not None and operation.type in {"install", "update", "rollback"}:
         effect["version"] = operation.version
+    return effect
+
+
+def changed_plugin_state(operation: Operation) -> bool:
+    """Whether the transition that left ``operation`` as it is wrote its plugin's state in
+    its environment (a success with an effect): any other transition moves no dependency
+    result (registry.dependencies reads versions, statuses and enabled flags only)."""
+    return operation.status is Status.SUCCEEDED and bool(_success_effect(operation))
+
+
+async def _apply_success(conn: asyncpg.Connection, operation: Operation, *, now: datetime) -> None:
+    effect = _success_effect(operation)
     if not effect:
         return
     plugin = await plugins.get_plugin_by_id(conn, operation.plugin_id)

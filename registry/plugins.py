@@ -14,7 +14,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 import asyncpg
 import jsonschema
@@ -63,6 +63,10 @@ UPDATABLE: Final = frozenset(
     }
 )
 ENVIRONMENT_UPDATABLE: Final = frozenset({"version", "status", "enabled"})
+# What a dependency result reads of a plugin row (registry.dependencies: versions, statuses,
+# enabled flags, and the names it keeps in ``dependencies``): an update that changes none of
+# these moves no result.
+DEPENDENCY_INPUTS: Final = frozenset({"version", "status", "enabled", "dependencies"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -358,6 +362,12 @@ async def create_plugin(
     return plugin
 
 
+class PluginUpdate(NamedTuple):
+    plugin: Plugin
+    # Whether a field of DEPENDENCY_INPUTS has a new value (the results need a recompute).
+    dependency_inputs_changed: bool
+
+
 async def update_plugin(
     conn: asyncpg.Connection,
     name: str,
@@ -366,7 +376,7 @@ async def update_plugin(
     actor: Actor,
     now: datetime,
     changes: Mapping[str, Any],
-) -> Plugin:
+) -> PluginUpdate:
     """Change the fields in ``changes`` (a subset of :data:`UPDATABLE`); audited with before
     and after. Setting ``config_schema`` to None removes the schema."""
     unknown = sorted(set(changes) - UPDATABLE)
@@ -380,7 +390,7 @@ async def update_plugin(
     _check_values(changes)
     before = await get_plugin(conn, name, for_update=True, tenant_id=tenant_id)
     if not changes:
-        return before
+        return PluginUpdate(before, dependency_inputs_changed=False)
     merged = {**before.snapshot(), **changes}
     schema = merged["config_schema"]
     update = audit.Write(
@@ -418,7 +428,12 @@ async def update_plugin(
         before={k: before.snapshot()[k] for k in changes},
         after={k: after.snapshot()[k] for k in changes},
     )
-    return after
+    return PluginUpdate(
+        after,
+        dependency_inputs_changed=any(
+            getattr(before, f) != getattr(after, f) for f in DEPENDENCY_INPUTS
+        ),
+    )
 
 
 async def upsert_environment(

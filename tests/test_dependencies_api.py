@@ -24,6 +24,8 @@ from pluginmon.daemon.api_metrics import ApiMetrics
 from pluginmon.daemon.api_wiring import registry_job
 from pluginmon.daemon.dependency_metrics import METRIC_NAME
 from pluginmon.registry import dependencies
+from pluginmon.registry.lifecycle import OPERATION_TYPES, OperationState, Status
+from pluginmon.registry.operations import Operation, changed_plugin_state
 from pluginmon.registry.tokens import Role
 from tests.alerts_helpers import FakeClock, plugin_ids, plugin_sample, snapshot
 from tests.api_helpers import START, ApiHarness, api_server
@@ -128,6 +130,90 @@ async def test_satisfied_per_environment_and_recomputed_on_every_change(api: Api
     assert [tuple(r) for r in states] == [("production", False), ("staging", True)]
     body = (await api.call("GET", "/api/v1/plugins/api", token="viewer")).body
     assert body["dependencies"] == ["db"]
+
+
+async def test_a_write_moves_results_through_what_it_changes_only(api: ApiHarness) -> None:
+    """Writes that change no input of a result skip the recompute (an operation's transition
+    without an effect, a catalogue update of other fields or of a field to its own value);
+    those that change one still recompute in the same request."""
+    await plugin(api, "db", staging="2.1.0")
+    await plugin(api, "api", staging="1.0.0")
+    await depend(api, "api", "db", "^2.0.0")
+    assert (await items(api, "api", "staging"))["db"]["satisfied"] is True
+
+    async def operation(kind: str, **extra: str) -> None:
+        reply = await api.call(
+            "POST",
+            "/api/v1/plugins/db/operations",
+            token="ci",
+            body={"type": kind, "environment": "staging", **extra},
+        )
+        assert reply.status == 201, reply.body
+        for status in ("running", "succeeded"):
+            reply = await api.call(
+                "PATCH",
+                f"/api/v1/operations/{reply.body['id']}",
+                token="ci",
+                body={"status": status},
+            )
+            assert reply.status == 200, reply.body
+
+    await operation("configure")  # no effect on the plugin's state
+    assert (await items(api, "api", "staging"))["db"]["satisfied"] is True
+    await operation("update", version="1.9.0")
+    found = (await items(api, "api", "staging"))["db"]
+    assert (found["satisfied"], found["problem"], found["installed_version"]) == (
+        False,
+        "out_of_range",
+        "1.9.0",
+    )
+    await operation("update", version="2.0.0")
+    assert (await items(api, "api", "staging"))["db"]["satisfied"] is True
+    await operation("disable")
+    found = (await items(api, "api", "staging"))["db"]
+    assert (found["satisfied"], found["problem"]) == (False, "disabled")
+
+    # the catalogue: same values and other fields leave the results; a new list is repaired
+    for body in ({"description": "tuned"}, {"dependencies": ["db"]}):
+        reply = await api.call("PATCH", "/api/v1/plugins/api", token="ci", body=body)
+        assert reply.status == 200, reply.body
+    assert (await items(api, "api", "staging"))["db"]["problem"] == "disabled"
+    reply = await api.call("PATCH", "/api/v1/plugins/api", token="ci", body={"dependencies": []})
+    assert reply.status == 200, reply.body
+    [row] = await api.fetch("SELECT dependencies FROM plugins WHERE name = 'api'")
+    assert row["dependencies"] == ["db"]  # the declared edge keeps its name listed
+
+
+def test_which_transitions_change_a_plugins_state() -> None:
+    """The decision behind skipping the recompute, for every type and final status."""
+    changing = set()
+    for kind in OPERATION_TYPES:
+        for status in Status:
+            for version in (None, "1.2.3"):
+                op = Operation(
+                    id=1,
+                    tenant_id="a",
+                    plugin_id=1,
+                    plugin="db",
+                    type=kind,
+                    environment="staging",
+                    version=version,
+                    requested_by=None,
+                    requested_by_token_id=None,
+                    approval_id=None,
+                    state=OperationState(
+                        status=status, retry_count=0, retry_limit=0, started_at=START
+                    ),
+                    details={},
+                    created_at=START,
+                    updated_at=START,
+                )
+                if changed_plugin_state(op):
+                    changing.add((kind, status.value))
+    assert changing == {
+        (kind, "succeeded")
+        for kind in ("install", "update", "rollback", "restore", "uninstall", "enable", "disable")
+    }
 
 
 async def test_declaring_validates_audits_and_keeps_the_name_list(api: ApiHarness) -> None:
