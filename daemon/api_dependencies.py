@@ -14,7 +14,14 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 from pluginmon.daemon.api_http import Call, Deferred, Handler, Route
-from pluginmon.daemon.api_models import ENVIRONMENT_PATTERN, Items, Query, Request, Response
+from pluginmon.daemon.api_models import (
+    ENVIRONMENT_PATTERN,
+    Encoded,
+    Items,
+    Query,
+    Request,
+    Response,
+)
 from pluginmon.registry import dependencies, plugins
 from pluginmon.registry.semver import MAX_RANGE_CHARS
 from pluginmon.registry.tokens import Role
@@ -142,7 +149,7 @@ def _moves_results(route: Route) -> bool:
 
 def _recomputing(handler: Handler) -> Handler:
     @functools.wraps(handler)  # the OpenAPI operationId is the handler's name
-    async def handle(call: Call) -> BaseModel | Deferred:
+    async def handle(call: Call) -> BaseModel | Encoded | Deferred:
         result = await handler(call)
         if call.dependency_inputs_changed is False:
             # An operation's transition without an effect, an update of other fields: the

@@ -38,7 +38,7 @@ from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
 from pluginmon.daemon.api_metrics import ApiMetrics
-from pluginmon.daemon.api_models import ErrorBody, ErrorOut, Query, Request
+from pluginmon.daemon.api_models import Encoded, ErrorBody, ErrorOut, Query, Request
 from pluginmon.registry import tokens
 from pluginmon.registry.actor import Actor
 from pluginmon.registry.errors import (
@@ -114,10 +114,9 @@ def error_response(error: ApiError) -> web.Response:
     )
 
 
-def json_response(model: BaseModel, *, status: int = 200) -> web.Response:
-    return web.Response(
-        status=status, body=model.model_dump_json().encode(), content_type="application/json"
-    )
+def json_response(model: BaseModel | Encoded, *, status: int = 200) -> web.Response:
+    body = model.body if isinstance(model, Encoded) else model.model_dump_json().encode()
+    return web.Response(status=status, body=body, content_type="application/json")
 
 
 @dataclass(slots=True)
@@ -168,7 +167,7 @@ class Deferred:
     finish: Callable[[Call, Any], Awaitable[BaseModel]]
 
 
-Handler = Callable[[Call], Awaitable[BaseModel | Deferred]]
+Handler = Callable[[Call], Awaitable[BaseModel | Encoded | Deferred]]
 PlainHandler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -443,7 +442,9 @@ class Dispatcher:
 
         return handle
 
-    async def _run(self, route: Route, request: web.Request, rid: str) -> tuple[Call, BaseModel]:
+    async def _run(
+        self, route: Route, request: web.Request, rid: str
+    ) -> tuple[Call, BaseModel | Encoded]:
         raw = b""
         if route.raw_body or route.body is not None:
             limit = route.max_body_bytes() if route.max_body_bytes else self._max_body_bytes

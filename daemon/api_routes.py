@@ -31,6 +31,7 @@ from pluginmon.daemon.api_models import (
     AuditEntryOut,
     AuditListQuery,
     DecisionRequest,
+    Encoded,
     EnvironmentOut,
     EnvironmentUpdate,
     Items,
@@ -46,6 +47,8 @@ from pluginmon.daemon.api_models import (
     SilenceCreate,
     SilenceListQuery,
     SilenceOut,
+    plugin_json,
+    plugins_json,
 )
 from pluginmon.daemon.api_openapi import openapi_document
 from pluginmon.daemon.api_plugin_metrics import PluginMetricsHandlers, metrics_routes
@@ -71,7 +74,7 @@ class ApiHandlers:
 
     # -- plugins -------------------------------------------------------------------------------
 
-    async def create_plugin(self, call: Call) -> PluginOut:
+    async def create_plugin(self, call: Call) -> Encoded:
         body: PluginCreate = call.body
         plugin = await plugins.create_plugin(
             call.conn,
@@ -80,19 +83,19 @@ class ApiHandlers:
             now=call.now,
             values=body.model_dump(exclude_unset=True),
         )
-        return PluginOut.of(plugin)
+        return plugin_json(plugin)
 
-    async def list_plugins(self, call: Call) -> Items[PluginOut]:
+    async def list_plugins(self, call: Call) -> Encoded:
         query: PluginListQuery = call.query
         found = await plugins.list_plugins(
             call.conn, status=query.status, enabled=query.enabled, limit=query.limit
         )
-        return Items[PluginOut](items=[PluginOut.of(p) for p in found])
+        return plugins_json(found)
 
-    async def get_plugin(self, call: Call) -> PluginOut:
-        return PluginOut.of(await plugins.get_plugin(call.conn, call.params["name"]))
+    async def get_plugin(self, call: Call) -> Encoded:
+        return plugin_json(await plugins.get_plugin(call.conn, call.params["name"]))
 
-    async def update_plugin(self, call: Call) -> PluginOut:
+    async def update_plugin(self, call: Call) -> Encoded:
         body: PluginUpdate = call.body
         plugin, call.dependency_inputs_changed = await plugins.update_plugin(
             call.conn,
@@ -102,7 +105,7 @@ class ApiHandlers:
             now=call.now,
             changes=body.model_dump(exclude_unset=True),
         )
-        return PluginOut.of(plugin)
+        return plugin_json(plugin)
 
     async def put_environment(self, call: Call) -> EnvironmentOut:
         body: EnvironmentUpdate = call.body
