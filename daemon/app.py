@@ -569,6 +569,7 @@ def run_daemon(
         # Built inside the event loop run_until_signalled starts (the scheduler binds to it).
         lambda: Daemon(config, version=version, config_path=config_path),
         guard=guard,
+        event_loop=config.settings.event_loop,
         cannot_start=(
             MigrationError,
             EmbeddedPostgresError,

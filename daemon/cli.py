@@ -19,6 +19,7 @@ from pluginmon.daemon.cli_api import API_COMMANDS, add_api_commands, run_api_com
 from pluginmon.daemon.cli_config import CONFIG_COMMANDS, add_config_commands, run_config_command
 from pluginmon.daemon.cli_deps import DEPS_COMMAND, add_deps_commands, run_deps_command
 from pluginmon.daemon.cli_vulns import VULNS_COMMAND, add_vulns_commands, run_vulns_command
+from pluginmon.daemon.runtime import loop_kind
 from pluginmon.daemon.signal_guard import SignalGuard
 
 if TYPE_CHECKING:
@@ -242,7 +243,7 @@ def _run(config: Path | None) -> int:
     configure_logging(
         log_format=settings.log_format, log_level=settings.log_level, secrets=_secrets(settings)
     )
-    logger.info("pluginmon %s starting", version())
+    logger.info("pluginmon %s starting (event loop: %s)", version(), loop_kind(settings.event_loop))
     for field, warning in preflight_warnings(settings):
         logger.warning("%s: %s", field, warning)
     return run_daemon(resolved, version=version(), config_path=config, guard=guard)

@@ -297,7 +297,7 @@ def _check_before_serving(settings: Settings) -> None:
     from pluginmon.daemon.config_schema import ConfigError
     from pluginmon.daemon.preflight import preflight
 
-    used = {"http_host", "http_tls_cert_file", "http_tls_key_file"}
+    used = {"http_host", "http_tls_cert_file", "http_tls_key_file", "event_loop"}
     used |= {"secret_keys_file", "vulnerability_db"}  # the API encrypts and scans
     if settings.embedded:
         used.add("data_dir")
@@ -314,6 +314,7 @@ def _serve(settings: Settings, url: str, guard: SignalGuard) -> int:
     from pluginmon import __version__
     from pluginmon.daemon.api_wiring import serve_api
     from pluginmon.daemon.lifecycle import install_signal_handlers
+    from pluginmon.daemon.runtime import loop_kind, run_event_loop
 
     def forced_exit(signum: int) -> None:
         logging.shutdown()
@@ -337,9 +338,13 @@ def _serve(settings: Settings, url: str, guard: SignalGuard) -> int:
         if stop.is_set():
             logger.info("pluginmon api stopped during start-up")
             return
-        logger.info("pluginmon api %s starting (no sampling)", __version__)
+        logger.info(
+            "pluginmon api %s starting (no sampling; event loop: %s)",
+            __version__,
+            loop_kind(settings.event_loop),
+        )
         await serve_api(settings, url, version=__version__, stop=stop)
         logger.info("pluginmon api stopped")
 
-    asyncio.run(main())
+    run_event_loop(main(), choice=settings.event_loop)
     return EXIT_OK

@@ -40,7 +40,7 @@ from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Final, Protocol
+from typing import Any, Final, Protocol, cast
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
@@ -273,7 +273,8 @@ class _GuardedConnection(asyncio.Protocol):
         self._tail = b""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        # A stream transport; uvloop's does not derive from asyncio.Transport.
+        transport = cast(asyncio.Transport, transport)
         connections = self._connections
         if connections.open >= connections.limit:
             # Checked here, not when accepted: connection_made comes after a TLS handshake,

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Final, Protocol
 
 from pluginmon.daemon.logs import redact
+from pluginmon.daemon.runtime import LoopChoice, run_event_loop
 from pluginmon.daemon.signal_guard import (
     HANDLED_SIGNALS,
     RELOAD_SIGNAL,
@@ -214,6 +215,7 @@ def run_until_signalled(
     *,
     cannot_start: tuple[type[BaseException], ...],
     guard: SignalGuard | None = None,
+    event_loop: LoopChoice = "auto",
 ) -> int:
     """Run ``build().run(stop)`` on a new event loop, ``stop`` set by the first stop signal.
 
@@ -251,7 +253,7 @@ def run_until_signalled(
         await target.run(stop)
 
     try:
-        asyncio.run(signalled())
+        run_event_loop(signalled(), choice=event_loop)
     except KeyboardInterrupt:
         # Only a SIGINT before the handlers are installed (or one the loop could not route
         # to them) gets here: not a graceful stop.

@@ -18,6 +18,7 @@ import ssl
 import tempfile
 from pathlib import Path
 
+from pluginmon.daemon.runtime import uvloop_installed
 from pluginmon.daemon.settings import Settings
 
 
@@ -35,6 +36,10 @@ def preflight(settings: Settings) -> list[tuple[str, str]]:
     if not _is_dir(settings.proc_root):
         problems.append(("proc_root", f"no such directory: {settings.proc_root}"))
     problems += _missing_files(settings)
+    if settings.event_loop == "uvloop" and not uvloop_installed():
+        problems.append(
+            ("event_loop", "uvloop is not installed (pip install uvloop, or use auto or asyncio)")
+        )
     return problems
 
 

@@ -325,6 +325,8 @@ class Settings(BaseSettings):
     http_tls_key_file: PathSetting | None = None
 
     # -- process ---------------------------------------------------------------------------------
+    # auto: uvloop when it is installed (a dependency on Linux), else asyncio's own loop.
+    event_loop: Literal["auto", "uvloop", "asyncio"] = "auto"
     log_format: Literal["text", "json"] = "text"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     shutdown_deadline_seconds: Annotated[float, Finite, positive_up_to(HOUR)] = 10.0

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import json
+import signal
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -167,3 +168,41 @@ def test_daemon_serves_the_api_and_keeps_the_catalogue_current(
     verify = run_cli("audit", "verify", env={"PLUGINMON_DATABASE_URL": migrated_db})
     assert verify.returncode == 0, verify.stdout + verify.stderr
     assert "tenant acme: intact" in verify.stdout
+
+
+@pytest.mark.parametrize(("choice", "kind"), [("auto", "uvloop"), ("asyncio", "asyncio")])
+def test_the_daemon_on_each_event_loop(
+    migrated_db: str, tmp_path: Path, choice: str, kind: str
+) -> None:
+    """The same daemon on uvloop (the default where installed) and on asyncio's loop: it
+    says which at start, serves the API and /metrics, and stops cleanly on SIGTERM."""
+    with plugin_processes() as plugins:
+        daemon = DaemonProcess(
+            tmp_path=tmp_path,
+            database_url=migrated_db,
+            config_text=f'event_loop = "{choice}"\n' + plugins.config(tenant="loops"),
+        ).start()
+        try:
+            daemon.wait_ready()
+            starting = [r["message"] for r in daemon.log_records() if "starting" in r["message"]]
+            assert any(m.endswith(f"(event loop: {kind})") for m in starting), starting
+            created = run_cli(
+                "token", "create", "--tenant", "loops", "--role", "writer", "--name", choice,
+                env={"PLUGINMON_DATABASE_URL": migrated_db},
+            )  # fmt: skip
+            assert created.returncode == 0, created.stderr
+            token = created.stdout.splitlines()[-1]
+            status, body = _call(
+                daemon.url, "POST", "/api/v1/plugins", token, {"name": f"made-on-{kind}"}
+            )
+            assert (status, body["name"]) == (201, f"made-on-{kind}")
+            status, body = _call(daemon.url, "GET", "/api/v1/plugins", token)
+            assert status == 200
+            assert f"made-on-{kind}" in {p["name"] for p in body["items"]}
+            daemon.wait_metric(
+                "samples counted on /metrics", lambda v: v > 0, "pluginmon_samples_total"
+            )
+            daemon.signal(signal.SIGTERM)
+            assert daemon.wait_exit() == 0
+        finally:
+            daemon.kill()

@@ -1,15 +1,25 @@
-"""The daemon's memory management: garbage collector thresholds and heap trimming (injected
-clock; the real glibc call where there is one)."""
+"""The daemon's runtime: the event loop it runs on, garbage collector thresholds and heap
+trimming (injected clock; the real glibc call where there is one)."""
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
-from pluginmon.daemon.runtime import GC_THRESHOLDS, HeapTrimmer, tune_process_memory
+from pluginmon.daemon.runtime import (
+    GC_THRESHOLDS,
+    HeapTrimmer,
+    loop_kind,
+    run_event_loop,
+    tune_process_memory,
+    uvloop_installed,
+)
+from pluginmon.daemon.settings import Settings
 
 
 @pytest.fixture
@@ -54,3 +64,31 @@ def test_the_real_malloc_trim_runs() -> None:
     now[0] = 1.0
     assert trimmer.maybe_trim() is True
     assert trimmer.trims == 1
+
+
+async def _loop_module() -> str:
+    return type(asyncio.get_running_loop()).__module__
+
+
+def test_the_event_loop_is_uvloop_unless_asyncio_is_chosen() -> None:
+    assert uvloop_installed()  # a dependency on Linux
+    assert (loop_kind("auto"), loop_kind("uvloop"), loop_kind("asyncio")) == (
+        "uvloop",
+        "uvloop",
+        "asyncio",
+    )
+    assert run_event_loop(_loop_module(), choice="auto").startswith("uvloop")
+    assert run_event_loop(_loop_module(), choice="asyncio") == "asyncio.unix_events"
+
+
+def test_uvloop_chosen_but_missing_is_refused_naming_the_field(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import pluginmon.daemon.preflight as preflight_module
+
+    settings = Settings(event_loop="uvloop", data_dir=tmp_path)
+    assert [f for f, _ in preflight_module.preflight(settings)] == []
+    monkeypatch.setattr(preflight_module, "uvloop_installed", lambda: False)
+    problems = dict(preflight_module.preflight(settings))
+    assert "uvloop is not installed" in problems["event_loop"]
+    assert preflight_module.preflight(Settings(event_loop="auto", data_dir=tmp_path)) == []
