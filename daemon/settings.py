@@ -45,6 +45,7 @@ from pluginmon.daemon.config_schema import (
     seconds,
 )
 from pluginmon.daemon.config_sections import AlertsTable, PluginTables
+from pluginmon.daemon.runtime import LoopChoice
 from pluginmon.registry.policies import policies_from_config
 from pluginmon.storage.backend import Retention
 
@@ -326,7 +327,7 @@ class Settings(BaseSettings):
 
     # -- process ---------------------------------------------------------------------------------
     # auto: uvloop when it is installed (a dependency on Linux), else asyncio's own loop.
-    event_loop: Literal["auto", "uvloop", "asyncio"] = "auto"
+    event_loop: LoopChoice = "auto"
     log_format: Literal["text", "json"] = "text"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     shutdown_deadline_seconds: Annotated[float, Finite, positive_up_to(HOUR)] = 10.0

@@ -391,7 +391,8 @@ async def update_plugin(
     before = await get_plugin(conn, name, for_update=True, tenant_id=tenant_id)
     if not changes:
         return PluginUpdate(before, dependency_inputs_changed=False)
-    merged = {**before.snapshot(), **changes}
+    snapshot = before.snapshot()
+    merged = {**snapshot, **changes}
     schema = merged["config_schema"]
     update = audit.Write(
         """UPDATE plugins SET version = $2, description = $3, installed_from = $4::plugin_source,
@@ -413,6 +414,7 @@ async def update_plugin(
     )
     merged["dependencies"] = tuple(merged["dependencies"])
     after = dataclasses.replace(before, updated_at=now, **merged)
+    after_snapshot = after.snapshot()
     # The update and its entry in one statement (one round trip).
     await audit.append(
         conn,
@@ -425,8 +427,8 @@ async def update_plugin(
         plugin_id=before.id,
         plugin_name=name,
         occurred_at=now,
-        before={k: before.snapshot()[k] for k in changes},
-        after={k: after.snapshot()[k] for k in changes},
+        before={k: snapshot[k] for k in changes},
+        after={k: after_snapshot[k] for k in changes},
     )
     return PluginUpdate(
         after,
