@@ -1,4 +1,5 @@
-"""The shape of the tree: one docstring line per module, and no large module without a reason."""
+"""The shape of the tree: one docstring line per module, no large module without a reason, and CI
+running the README's test command."""
 
 from __future__ import annotations
 
@@ -64,3 +65,27 @@ def test_the_collectors_contract_forbids_every_collectors_module_but_models() ->
     }
     assert len(modules) > 5  # the glob really found the package
     assert sorted(modules - set(contract["forbidden_modules"])) == []
+
+
+def test_ci_runs_the_readmes_test_command() -> None:
+    """The README's second command is what .ci/run runs (its pytest part), word for word."""
+    readme = (REPO_ROOT / "README.md").read_text().splitlines()
+    fence = readme.index("```sh")
+    commands = [
+        line for line in readme[fence + 1 : readme.index("```", fence + 1)] if line[:1] != "#"
+    ]
+    assert len(commands) == 2, commands
+    readme_pytest = commands[1].split(" && ")[-1]
+    assert readme_pytest.startswith(".venv/bin/pytest "), readme_pytest
+    ci_lines = [
+        line.strip()
+        for line in (REPO_ROOT / ".ci" / "run").read_text().splitlines()
+        if line.strip().startswith(".venv/bin/pytest")
+    ]
+    assert ci_lines == [readme_pytest]
+    # the first `pip install` of each is the same too
+    assert commands[1].split(" && ")[:2] == [
+        "python3 -m venv .venv",
+        ".venv/bin/pip install -q -e '.[test]'",
+    ]
+    assert ".venv/bin/pip install -q -e '.[test]'" in (REPO_ROOT / ".ci" / "run").read_text()
