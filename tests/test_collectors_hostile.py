@@ -48,7 +48,7 @@ from pluginmon.collectors.sampler import Sampler
 from pluginmon.collectors.stats import DISCOVERY_LOG_INTERVAL_SECONDS, DiscoveryStats, LogRateLimit
 from pluginmon.daemon.config_schema import ConfigError
 from pluginmon.daemon.config_sections import parse_plugin_specs
-from tests.collector_helpers import IDLE, PY, cmdline_spec, sample_of
+from tests.collector_helpers import IDLE, PY, cmdline_spec, sample_of, wait_exec_done
 
 # -- real hostile processes ---------------------------------------------------------------------
 
@@ -62,7 +62,7 @@ class Hostile:
         self._base = {k: v for k, v in os.environb.items() if not k.startswith(b"PLUGINMON_")}
 
     def sleeper(self, labels: Mapping[bytes, bytes]) -> subprocess.Popen[bytes]:
-        """`sleep` with these environment variables (Popen returns after the exec)."""
+        """`sleep` with these environment variables, once /proc shows them."""
         child = subprocess.Popen(
             ["sleep", "600"],
             env={**self._base, **labels},
@@ -70,6 +70,7 @@ class Hostile:
             start_new_session=True,
         )
         self.children.append(child)
+        wait_exec_done(child.pid)
         return child
 
     def python(self, *args: str | bytes) -> subprocess.Popen[bytes]:

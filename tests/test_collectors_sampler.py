@@ -27,6 +27,7 @@ from tests.collector_helpers import (
     sample_of,
     send,
     unique_tag,
+    wait_exec_done,
     wait_for,
 )
 from tests.cpu_reference import bracketed, share_bounds
@@ -291,6 +292,7 @@ def test_descendant_matched_by_another_plugin_belongs_to_it(spawner: Spawner) ->
     sampler = Sampler([outer, inner], label_discovery=False)
     root, line = spawner.python(TREE, "child-arg", inner_tag, tag)
     child_pid, grandchild_pid = (int(x) for x in line.split())
+    wait_exec_done(grandchild_pid)  # its pid was printed as soon as Popen returned
     snap = sampler.sample()
     cmdlines = {p: Path(f"/proc/{p}/cmdline").read_bytes() for p in (child_pid, grandchild_pid)}
     assert sample_of(snap, outer.key).pids == tuple(sorted([root.pid, child_pid])), cmdlines
