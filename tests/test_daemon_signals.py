@@ -145,10 +145,7 @@ def test_second_signal_exits_1_at_once(tmp_path: Path) -> None:
         assert daemon.wait_exit(timeout=30) == 1
     finally:
         daemon.kill()
-    messages = [r.get("message", "") for r in daemon.log_records()]
-    stopping = [m.split()[0] for m in messages if m.endswith(" received: stopping")]
-    forced = [m.split()[1].rstrip(":") for m in messages if m.endswith(": exiting now")]
-    assert sorted([*stopping, *forced]) == ["SIGINT", "SIGTERM"], messages
+    _assert_one_stopped_the_other_forced(daemon)
 
 
 def test_first_sigint_is_a_graceful_exit_0(tmp_path: Path) -> None:
@@ -232,6 +229,16 @@ def _assert_no_server_left(data_dir: Path) -> None:
     assert pids == [], f"postgres processes left on {server.pgdata}: {pids}"
 
 
+def _assert_one_stopped_the_other_forced(daemon: DaemonProcess) -> None:
+    """After SIGTERM and SIGINT sent back to back: one began the graceful stop, the other
+    forced the exit. Either order: signals both pending when the daemon next runs (a loaded
+    host) are delivered lowest number first, SIGINT (2) before SIGTERM (15)."""
+    messages = _messages(daemon)
+    stopping = [m.split()[0] for m in messages if m.endswith(" received: stopping")]
+    forced = [m.split()[1].rstrip(":") for m in messages if m.endswith(": exiting now")]
+    assert sorted([*stopping, *forced]) == ["SIGINT", "SIGTERM"], messages
+
+
 def test_sigterm_first_thing_is_a_graceful_exit_0(tmp_path: Path, server_tmp_dir: Path) -> None:
     """Today's 143: SIGTERM before the handlers are installed. The guard takes it from the
     start, and the daemon leaves without building anything (no embedded server)."""
@@ -295,12 +302,7 @@ def test_second_signal_while_the_embedded_server_starts_exits_1_and_stops_it(
         assert daemon.wait_exit(timeout=120) == 1, daemon.log_text()[-3000:]
     finally:
         daemon.kill()
-    messages = [r.get("message", "") for r in daemon.log_records()]
-    # Either order: signals that are both pending when the daemon next runs (a loaded host)
-    # are delivered lowest number first, SIGINT (2) before SIGTERM (15).
-    stopping = [m.split()[0] for m in messages if m.endswith(" received: stopping")]
-    forced = [m.split()[1].rstrip(":") for m in messages if m.endswith(": exiting now")]
-    assert sorted([*stopping, *forced]) == ["SIGINT", "SIGTERM"], messages
+    _assert_one_stopped_the_other_forced(daemon)
     _assert_no_server_left(data_dir)
 
 
