@@ -110,6 +110,13 @@ def wait_exec_done(pid: int) -> None:
     wait_for(lambda: Path(f"/proc/{pid}/cmdline").read_bytes() != b"")
 
 
+def wait_asleep(pid: int) -> None:
+    """Until the process sleeps (state S: an IDLE child blocked reading stdin). Its "ready"
+    line comes before that read: a child preempted in between has not yet switched out of
+    its own accord (ctx_switches_voluntary can still be 0)."""
+    wait_for(lambda: Path(f"/proc/{pid}/stat").read_bytes().rpartition(b") ")[2][:1] == b"S")
+
+
 # A child that prints "ready" and then waits for stdin to close.
 IDLE = "import sys; print('ready', flush=True); sys.stdin.read()"
 

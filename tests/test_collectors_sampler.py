@@ -27,6 +27,7 @@ from tests.collector_helpers import (
     sample_of,
     send,
     unique_tag,
+    wait_asleep,
     wait_exec_done,
     wait_for,
 )
@@ -503,7 +504,8 @@ def test_counters_stay_monotonic_when_a_child_exits(spawner: Spawner, tmp_path: 
 def test_optional_fields_only_when_asked(spawner: Spawner, backend: str) -> None:
     tag = unique_tag()
     spec = cmdline_spec("acme", "fields", tag)
-    spawner.python(IDLE, tag)
+    child, _ = spawner.python(IDLE, tag)
+    wait_asleep(child.pid)  # blocked on stdin: at least one voluntary switch, counted below
     lean = sample_of(make_sampler([spec], backend, label_discovery=False).sample(), spec.key)
     assert (lean.fds, lean.uss_bytes, lean.swap_bytes, lean.read_bytes) == (None,) * 4
     assert lean.ctx_switches_voluntary is None
