@@ -360,3 +360,83 @@ def test_application_role_follows_the_tenant_setting(roles: Roles) -> None:
             conn.execute("SET pluginmon.tenant_id = 'b'")
         assert _tenants_seen(conn, "plugins") == {"b"}
         assert _tenants_seen(conn, "plugin_samples_1h") == {"b"}
+
+
+def test_bound_reader_cannot_rebind_itself_with_a_temporary_table(reader_a: str) -> None:
+    """A session's temporary schema is searched first for tables unless the search path names
+    it: a bound role that shadowed tenant_role_bindings with a temporary table of its own was
+    given the tenant it wrote there by the SECURITY DEFINER tenant check. The check's search
+    path now ends with pg_temp (sql/126), so it reads the real bindings."""
+    with psycopg.connect(reader_a, autocommit=True) as conn:
+        conn.execute("CREATE TEMPORARY TABLE tenant_role_bindings (role_name text, tenant_id text)")
+        conn.execute("INSERT INTO tenant_role_bindings VALUES (session_user, 'b')")
+        # The views' own check reads the catalog: shadowed, it would say "bypasses RLS".
+        conn.execute(
+            "CREATE TEMPORARY TABLE pg_roles (rolname name, rolsuper bool, rolbypassrls bool)"
+        )
+        conn.execute("INSERT INTO pg_roles VALUES (current_user, true, true)")
+        conn.execute("CREATE TEMPORARY TABLE pg_class (oid oid, relowner oid)")
+        conn.execute(
+            "INSERT INTO pg_class SELECT c.oid, r.oid FROM pg_catalog.pg_class c,"
+            " pg_catalog.pg_roles r WHERE r.rolname = current_user"
+        )
+        assert conn.execute("SELECT pluginmon_current_tenant()").fetchone() == ("a",)
+        for relation in TENANT_RELATIONS:
+            assert _tenants_seen(conn, relation) == {"a"}, relation
+
+
+def test_an_unbound_member_cannot_pass_for_a_superuser_with_a_temporary_pg_roles(
+    roles: Roles,
+) -> None:
+    """An unbound member of the tenant groups sees nothing (above); with a temporary pg_roles
+    saying it is a superuser, the tenant check used to hand it whatever pluginmon.tenant_id
+    said."""
+    role, password = roles.create("shadow")
+    with psycopg.connect(roles.database_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("GRANT pluginmon_tenant_reader TO {}").format(sql.Identifier(role)))
+    with psycopg.connect(roles.url(role, password), autocommit=True) as conn:
+        conn.execute(
+            "CREATE TEMPORARY TABLE pg_roles (rolname name, rolsuper bool, rolbypassrls bool)"
+        )
+        conn.execute("INSERT INTO pg_roles VALUES (session_user, true, true)")
+        conn.execute("SET pluginmon.tenant_id = 'a'")
+        assert conn.execute("SELECT pluginmon_current_tenant()").fetchone() == (None,)
+        assert conn.execute("SELECT count(*) FROM plugins").fetchone() == (0,)
+
+
+# The functions that must search pg_temp last (sql/126), whatever the backend; others of the
+# same kinds added later are found by the query below.
+PINNED = {
+    "pluginmon_current_tenant()",
+    "pluginmon_bypasses_rls(regclass)",
+    "pluginmon_audit_log_chain()",
+    "pluginmon_audit_log_append_only()",
+    "pluginmon_approval_decision_check()",
+    "pluginmon_plugin_config_required()",
+    "pluginmon_plugin_config_validate()",
+    "pluginmon_plugin_config_version()",
+}
+
+
+def test_every_security_definer_function_searches_pg_temp_last(seeded_db: str) -> None:
+    """Each function of pluginmon's that runs with its owner's rights, pins a search path at
+    all, or runs as a trigger and reads tables, names pg_temp last in it: otherwise the
+    caller's temporary tables come first (see above). Extensions' functions are theirs;
+    pluginmon_audit_expire() only the daemon's role may call (sql/126)."""
+    with psycopg.connect(seeded_db) as conn:
+        rows = conn.execute(
+            "SELECT p.oid::regprocedure::text, p.proconfig FROM pg_proc p"
+            " WHERE (p.prosecdef OR p.proconfig IS NOT NULL"
+            "        OR p.oid IN (SELECT t.tgfoid FROM pg_trigger t))"
+            " AND p.proname NOT IN ('pluginmon_touch_updated_at', 'pluginmon_audit_expire')"
+            " AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_proc'::regclass"
+            "                 AND d.objid = p.oid AND d.deptype = 'e')"
+            " AND p.pronamespace = current_schema()::regnamespace"
+        ).fetchall()
+    assert {name for name, _ in rows} >= PINNED
+    for name, config in rows:
+        paths = [c for c in config or () if c.startswith("search_path=")]
+        assert len(paths) == 1, name
+        schemas = [s.strip() for s in paths[0].removeprefix("search_path=").split(",")]
+        assert schemas[0] == "pg_catalog", (name, schemas)
+        assert schemas[-1] == "pg_temp", (name, schemas)
