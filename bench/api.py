@@ -11,6 +11,12 @@ realistic mix with their tenant's writer token for DURATION seconds after WARMUP
   20%  config writes  PATCH /plugins/{name} (description and version)
   20%  operations     POST /plugins/{name}/operations, then PATCH running, then succeeded
 
+The clients run LOAD_WARMUP seconds (5) before the measured window without a break, and those
+requests are reported on a line of their own, not in the figures: the window starts with the
+50 connections open and the daemon's pooled connections holding their prepared statements
+(a cold start put up to half of the slowest 1% in its first second). --load-warmup 0 measures
+from the first request, as runs before 2026-12-02 did.
+
 Every request is one transaction as pluginmon_api under row-level security with an audit
 entry per write, as in production. Reported: requests/s achieved, p50/p99/max latency (the
 client's clock, so it includes this process's own scheduling on the loaded 2-core host),
@@ -26,7 +32,7 @@ host, the daemon's threads, PostgreSQL's processes and sessions did every 50 ms 
 describes the seconds that held the most slow requests (bench/stall_monitor.py).
 
 Run: .venv/bin/python bench/api.py [--processes 1000] [--clients 50] [--rate 500] [--duration 60]
-                                   [--monitor] [--gc-in-client]
+                                   [--load-warmup 5] [--monitor] [--gc-in-client]
 Last line: api_p99_ms=<p99 latency in ms>.
 """
 
@@ -50,9 +56,10 @@ import urllib.error
 import urllib.request
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -71,6 +78,18 @@ from bench.scratch import free_port, scratch_database
 from bench.stall_monitor import Monitor, report
 
 REPO = Path(__file__).resolve().parent.parent
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class Before:
+    """What the counters said when the measured window opened."""
+
+    counters: DaemonCounters
+    wall: float
+    daemon_cpu: float
+    own_cpu: float
+    server_cpu: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -274,7 +293,12 @@ async def client(
     until: float,
     results: Results,
     rng: random.Random,
+    counted_from: float = 0.0,
+    warm: Results | None = None,
 ) -> None:
+    """One paced client. A request sent before ``counted_from`` (monotonic) is recorded in
+    ``warm`` instead of ``results``: the load's own warm-up."""
+    measured = results
     next_at = time.monotonic() + rng.random() * interval
     open_operation: int | None = None
     step = 0
@@ -284,6 +308,7 @@ async def client(
         if delay > 0:
             await asyncio.sleep(delay)
         next_at += interval
+        results = measured if warm is None or time.monotonic() >= counted_from else warm
         plugin = rng.choice(plugins)
         roll = rng.random()
         if open_operation is not None or roll >= 0.8:
@@ -444,8 +469,15 @@ async def load(
     clients: int,
     rate: float,
     duration: float,
-) -> tuple[Results, float]:
+    load_warmup: float = 0.0,
+    at_window_start: Callable[[], T] | None = None,
+) -> tuple[Results, Results, float, T | None]:
+    """The paced clients for ``load_warmup`` + ``duration`` seconds without a break; the
+    requests of the first ``load_warmup`` seconds go to the second Results (not measured),
+    and ``at_window_start`` runs (in a thread) when the measured window opens: its value is
+    returned, with the measured window's length."""
     results = Results()
+    warm = Results()
     connector = aiohttp.TCPConnector(limit=clients)
     async with aiohttp.ClientSession(
         connector=connector, timeout=aiohttp.ClientTimeout(total=30)
@@ -456,8 +488,18 @@ async def load(
             else AiohttpSender(session, f"http://127.0.0.1:{port}", token)
             for _ in range(clients)
         ]
-        started = time.monotonic()
-        until = started + duration
+        counted_from = time.monotonic() + load_warmup
+        until = counted_from + duration
+        snapshot: list[T] = []
+        window_started: list[float] = []
+
+        async def open_window() -> None:
+            await asyncio.sleep(max(0.0, counted_from - time.monotonic()))
+            window_started.append(time.monotonic())
+            if at_window_start is not None:
+                snapshot.append(await asyncio.to_thread(at_window_start))
+
+        opener = asyncio.create_task(open_window())
         await asyncio.gather(
             *(
                 client(
@@ -467,14 +509,17 @@ async def load(
                     until=until,
                     results=results,
                     rng=random.Random(i),
+                    counted_from=counted_from,
+                    warm=warm,
                 )
                 for i, sender in enumerate(senders)
             )
         )
-        elapsed = time.monotonic() - started
+        await opener
+        elapsed = time.monotonic() - window_started[0]
         for sender in senders:
             await sender.close()
-    return results, elapsed
+    return results, warm, elapsed, snapshot[0] if snapshot else None
 
 
 def bench(
@@ -491,6 +536,7 @@ def bench(
     monitor: bool = False,
     gc_in_client: bool = False,
     client_kind: str = "lean",
+    load_warmup: float = 5.0,
 ) -> float:
     settings = settings or {}
     tenant = f"bench-{uuid.uuid4().hex[:6]}"
@@ -553,10 +599,17 @@ def bench(
                 else float("nan")
             )
             probe = probe_loop(port, seconds=warmup / 2)
-            counters_before = daemon_counters(port)
-            wall_before = time.monotonic()
-            cpu_before, own_before = cpu_seconds(daemon.pid), time.process_time()
-            server_before = server_cpu_seconds(postmaster) if postmaster else float("nan")
+
+            def take_before() -> Before:
+                # When the measured window opens, after the load's own warm-up.
+                return Before(
+                    counters=daemon_counters(port),
+                    wall=time.monotonic(),
+                    daemon_cpu=cpu_seconds(daemon.pid),
+                    own_cpu=time.process_time(),
+                    server_cpu=server_cpu_seconds(postmaster) if postmaster else float("nan"),
+                )
+
             watcher = (
                 Monitor(
                     Path(data_dir) / "monitor.jsonl",
@@ -569,7 +622,7 @@ def bench(
             )
             pauses = GcPauses()
             with collector_paused(enabled=not gc_in_client), pauses:
-                results, elapsed = asyncio.run(
+                results, warm, elapsed, before = asyncio.run(
                     load(
                         port,
                         token,
@@ -578,8 +631,17 @@ def bench(
                         clients=clients,
                         rate=rate,
                         duration=duration,
+                        load_warmup=load_warmup,
+                        at_window_start=take_before,
                     )
                 )
+            assert before is not None
+            counters_before, wall_before = before.counters, before.wall
+            cpu_before, own_before, server_before = (
+                before.daemon_cpu,
+                before.own_cpu,
+                before.server_cpu,
+            )
             ticks = watcher.stop() if watcher is not None else []
             counters_after = daemon_counters(port)
             collections = {
@@ -621,6 +683,13 @@ def bench(
         f"= {len(lat) / elapsed:.0f} req/s; latency p50 {statistics.median(lat) * 1000:.1f} ms, "
         f"p99 {p99:.1f} ms, max {max(lat) * 1000:.1f} ms; errors {results.errors or 'none'}"
     )
+    if warm.latencies:
+        print(
+            f"the load's first {load_warmup:.0f} s (its warm-up, not counted above): "
+            f"{len(warm.latencies)} requests, p50 {statistics.median(warm.latencies) * 1000:.1f} "
+            f"ms, p99 {percentile(warm.latencies, 0.99) * 1000:.1f} ms, max "
+            f"{max(warm.latencies) * 1000:.1f} ms; errors {warm.errors or 'none'}"
+        )
     for key, example in sorted(results.examples.items()):
         print(f"first {key}: {example[:400]}")
     print(f"slowest 1% (over {p99:.1f} ms): {slow_report(results.timeline, p99 / 1000)}")
@@ -677,6 +746,13 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=500.0, help="requests per second, in all")
     parser.add_argument("--warmup", type=float, default=10.0)
     parser.add_argument("--duration", type=float, default=60.0)
+    parser.add_argument(
+        "--load-warmup",
+        type=float,
+        default=5.0,
+        help="seconds of the same load before the measured window, not counted (the clients' "
+        "connections, the pool's prepared statements); 0 measures from the first request",
+    )
     parser.add_argument("--pool-size", type=int, default=8, help="the daemon's pool")
     parser.add_argument(
         "--daemon-setting",
@@ -724,6 +800,7 @@ def main() -> None:
             monitor=args.monitor,
             gc_in_client=args.gc_in_client,
             client_kind=args.client,
+            load_warmup=args.load_warmup,
         )
     print(f"api_p99_ms={p99:.1f}")
 
