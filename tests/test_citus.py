@@ -101,6 +101,10 @@ def test_migrations_apply_once_and_the_backend_is_sticky(citus_cluster: CitusClu
             "120_hot_updates.citus.sql",  # the shards' storage parameters left as they are
             "121_usage_updates_hot.sql",  # common: the index dropped on every shard
             "122_audit_lane_wait.sql",  # common: the audit tables stay on the coordinator
+            "123_open_operations_index.sql",  # common: the index rebuilt on every shard
+            "124_audit_hash_inline.sql",  # common: the audit tables stay on the coordinator
+            "125_current_tenant_membership_first.citus.sql",
+            "126_search_path_temp_last.sql",  # common: the functions' settings
         ]
         # 031's common file cannot run on Citus; its Citus variant ran instead.
         assert "031_audit_expire_execute.citus.sql" in first.applied
@@ -112,6 +116,17 @@ def test_migrations_apply_once_and_the_backend_is_sticky(citus_cluster: CitusClu
         with psycopg.connect(url) as conn:
             backends = conn.execute("SELECT DISTINCT backend FROM schema_migrations").fetchall()
         assert backends == [("citus",)]
+        # Row-level security runs the tenant check on the workers: their copy of the function
+        # has 125's body and 126's search path too (pg_temp last), not only the coordinator's.
+        for index in range(len(citus_cluster.workers)):
+            with psycopg.connect(worker_url(citus_cluster, url, index)) as conn:
+                row = conn.execute(
+                    "SELECT proconfig::text, prosrc LIKE '%pg_has_role(session_user%AND NOT%'"
+                    " FROM pg_proc WHERE proname = 'pluginmon_current_tenant'"
+                ).fetchone()
+            assert row is not None
+            assert row[0].endswith('pg_temp"}'), row[0]
+            assert row[1] is True
 
 
 def test_tables_are_distributed_by_tenant_or_reference(citus_db: str) -> None:
