@@ -180,6 +180,10 @@ class Cluster:
         self, program: str, *args: str, check: bool = True, env: dict[str, str] | None = None
     ) -> subprocess.CompletedProcess[str]:
         base = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+        if self._run_as:
+            # The server's own libpq connections (Citus between its nodes) look for client
+            # certificates under HOME: ours (/root, mode 0700) fails them with EACCES.
+            base["HOME"] = str(self.directory)
         result = subprocess.run(
             [str(self.bin_dir / program), *args],
             user=self._run_as,
