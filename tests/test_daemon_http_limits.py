@@ -117,7 +117,11 @@ async def test_connection_flood_under_a_low_descriptor_limit(flood_db: str, tmp_
     refusals_logged = [line for line in log if "refused a connection" in line]
     assert 1 <= len(refusals_logged) <= 1 + int(elapsed // 60)
     assert not [line for line in log if "Too many open files" in line]
-    assert len(log) < 60, "\n".join(log[-60:])
+    # The flood is said in a line or two, not one per connection. The start-up's one line per
+    # migration applied is left out: it grows with the schema (35 files; on TimescaleDB 62
+    # lines in all), not with the flood.
+    said = [line for line in log if "applied migration" not in line]
+    assert len(said) < 40, "\n".join(said[-40:])
 
 
 async def refusals(answers: list[asyncio.Task[bytes]], count: int) -> None:
