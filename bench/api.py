@@ -59,7 +59,6 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -78,7 +77,6 @@ from bench.scratch import free_port, scratch_database
 from bench.stall_monitor import Monitor, report
 
 REPO = Path(__file__).resolve().parent.parent
-T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -293,12 +291,11 @@ async def client(
     until: float,
     results: Results,
     rng: random.Random,
-    counted_from: float = 0.0,
-    warm: Results | None = None,
+    counted_from: float,
+    warm: Results,
 ) -> None:
     """One paced client. A request sent before ``counted_from`` (monotonic) is recorded in
     ``warm`` instead of ``results``: the load's own warm-up."""
-    measured = results
     next_at = time.monotonic() + rng.random() * interval
     open_operation: int | None = None
     step = 0
@@ -308,7 +305,7 @@ async def client(
         if delay > 0:
             await asyncio.sleep(delay)
         next_at += interval
-        results = measured if warm is None or time.monotonic() >= counted_from else warm
+        into = results if time.monotonic() >= counted_from else warm
         plugin = rng.choice(plugins)
         roll = rng.random()
         if open_operation is not None or roll >= 0.8:
@@ -346,18 +343,18 @@ async def client(
         try:
             status_code, raw = await asyncio.wait_for(sender.send(method, path, body), 30)
         except (aiohttp.ClientError, OSError, asyncio.IncompleteReadError, TimeoutError) as exc:
-            results.record(kind, time.perf_counter() - started, 0, expected)
-            results.errors[type(exc).__name__] = results.errors.get(type(exc).__name__, 0) + 1
+            into.record(kind, time.perf_counter() - started, 0, expected)
+            into.errors[type(exc).__name__] = into.errors.get(type(exc).__name__, 0) + 1
             continue
         # Decoded only where an answer is used: an operation's id, an error's code.
         payload = json.loads(raw) if kind == "operation" or status_code != expected else None
         code = ""
         if status_code != expected and isinstance(payload, dict):
             code = str(payload.get("error", {}).get("code", ""))
-            results.examples.setdefault(
+            into.examples.setdefault(
                 f"{kind}:{status_code}:{code}", f"{method} {path} {body} -> {payload}"
             )
-        results.record(kind, time.perf_counter() - started, status_code, expected, code)
+        into.record(kind, time.perf_counter() - started, status_code, expected, code)
         if kind == "operation" and status_code == expected:
             assert isinstance(payload, dict)
             if open_operation is None:
@@ -469,9 +466,9 @@ async def load(
     clients: int,
     rate: float,
     duration: float,
-    load_warmup: float = 0.0,
-    at_window_start: Callable[[], T] | None = None,
-) -> tuple[Results, Results, float, T | None]:
+    load_warmup: float,
+    at_window_start: Callable[[], Before],
+) -> tuple[Results, Results, float, Before]:
     """The paced clients for ``load_warmup`` + ``duration`` seconds without a break; the
     requests of the first ``load_warmup`` seconds go to the second Results (not measured),
     and ``at_window_start`` runs (in a thread) when the measured window opens: its value is
@@ -490,14 +487,10 @@ async def load(
         ]
         counted_from = time.monotonic() + load_warmup
         until = counted_from + duration
-        snapshot: list[T] = []
-        window_started: list[float] = []
 
-        async def open_window() -> None:
+        async def open_window() -> Before:
             await asyncio.sleep(max(0.0, counted_from - time.monotonic()))
-            window_started.append(time.monotonic())
-            if at_window_start is not None:
-                snapshot.append(await asyncio.to_thread(at_window_start))
+            return await asyncio.to_thread(at_window_start)
 
         opener = asyncio.create_task(open_window())
         await asyncio.gather(
@@ -515,11 +508,11 @@ async def load(
                 for i, sender in enumerate(senders)
             )
         )
-        await opener
-        elapsed = time.monotonic() - window_started[0]
+        before = await opener
+        elapsed = time.monotonic() - counted_from
         for sender in senders:
             await sender.close()
-    return results, warm, elapsed, snapshot[0] if snapshot else None
+    return results, warm, elapsed, before
 
 
 def bench(
@@ -635,26 +628,19 @@ def bench(
                         at_window_start=take_before,
                     )
                 )
-            assert before is not None
-            counters_before, wall_before = before.counters, before.wall
-            cpu_before, own_before, server_before = (
-                before.daemon_cpu,
-                before.own_cpu,
-                before.server_cpu,
-            )
             ticks = watcher.stop() if watcher is not None else []
             counters_after = daemon_counters(port)
             collections = {
-                generation: count - counters_before.collections.get(generation, 0.0)
+                generation: count - before.counters.collections.get(generation, 0.0)
                 for generation, count in counters_after.collections.items()
             }
-            wall = time.monotonic() - wall_before
-            daemon_cpu_total = cpu_seconds(daemon.pid) - cpu_before
+            wall = time.monotonic() - before.wall
+            daemon_cpu_total = cpu_seconds(daemon.pid) - before.daemon_cpu
             server_cpu_total = (
-                server_cpu_seconds(postmaster) - server_before if postmaster else float("nan")
+                server_cpu_seconds(postmaster) - before.server_cpu if postmaster else float("nan")
             )
             daemon_cpu = daemon_cpu_total / wall
-            client_cpu = (time.process_time() - own_before) / wall
+            client_cpu = (time.process_time() - before.own_cpu) / wall
         except Exception:
             print(f"--- daemon log ---\n{log.read_text(errors='replace')[-4000:]}", file=sys.stderr)
             raise
@@ -671,9 +657,9 @@ def bench(
             if "job sample" in line and "skipped" in line
         ]
     lat = results.latencies
-    cycles = counters_after.cycles - counters_before.cycles
+    cycles = counters_after.cycles - before.counters.cycles
     mean_cycle = (
-        (counters_after.sampling_seconds - counters_before.sampling_seconds) / cycles
+        (counters_after.sampling_seconds - before.counters.sampling_seconds) / cycles
         if cycles
         else float("nan")
     )
