@@ -88,9 +88,8 @@ SELECT o.id, o.tenant_id, o.plugin_id, p.name AS plugin, o.operation_type, o.env
 # around it) to one shard group only when the subquery's own tenant filter is the parameter.
 _SELECT_OF_TENANT = _SELECT.replace("a.tenant_id = o.tenant_id", "a.tenant_id = $2")
 
-# The statuses of idx_plugin_operations_open (sql/123; 'retrying' is the seed's, never written
-# here), as SQL text of constants.
-OPEN: Final = frozenset({Status.PENDING, Status.AWAITING_APPROVAL, Status.RUNNING})
+# The statuses of idx_plugin_operations_open (sql/123), as SQL text of constants: every status
+# that is not terminal ('retrying' is the seed's, never written here).
 _OPEN_SQL: Final = "'pending', 'awaiting_approval', 'running', 'retrying'"
 
 
@@ -182,7 +181,7 @@ async def list_operations(
         if value is not None:
             args.append(value)
             conditions.append(f"{column} = ${len(args)}")
-    if status is not None and Status(status) in OPEN:
+    if status is not None and not Status(status).terminal:
         conditions.append(f"o.status IN ({_OPEN_SQL})")
     args.append(limit)
     where = f" WHERE {' AND '.join(conditions)}" if conditions else ""
