@@ -9,7 +9,8 @@ roles that exist already. The migrator (``storage.migrate``) therefore runs
 ``prepare_cluster_roles`` before the files: it creates the missing roles as the migrating
 user (who then holds ADMIN on them), and when a pending file would still fail it returns
 one message that names the roles and the exact statement an administrator runs, instead of
-the server's error from the middle of a migration. Applied files are never edited (their
+the server's error from the middle of a migration. Before 16 the ADMIN option is not enough
+(``_before_16``): there the message asks for CREATEROLE. Applied files are never edited (their
 checksums are recorded), so this step, not the file, is where the fix lives.
 """
 
@@ -85,6 +86,8 @@ def missing_privileges(migrator: Migrator, states: tuple[RoleState, ...]) -> str
     """
     if migrator.superuser:
         return None
+    if migrator.server_version_num < ADMIN_OPTION_REQUIRED_FROM:
+        return _before_16(migrator, states)
     missing = [s.role.name for s in states if not s.exists]
     if missing:
         creates = "; ".join(f"CREATE ROLE {name} NOLOGIN" for name in missing)
@@ -94,8 +97,6 @@ def missing_privileges(migrator: Migrator, states: tuple[RoleState, ...]) -> str
             f"CREATEROLE): as a superuser run ALTER ROLE {migrator.user} CREATEROLE, or "
             f"create the roles beforehand: {creates}; {admin_grant(missing, migrator)}"
         )
-    if migrator.server_version_num < ADMIN_OPTION_REQUIRED_FROM and migrator.createrole:
-        return None  # before 16, CREATEROLE may grant any non-superuser role
     lacking = [s for s in states if s.role.granted_to_migrator and not s.has_admin]
     if not lacking:
         return None
@@ -113,15 +114,30 @@ def missing_privileges(migrator: Migrator, states: tuple[RoleState, ...]) -> str
     )
 
 
-def admin_grant(names: list[str], migrator: Migrator) -> str:
-    """The statement that lets ``migrator`` grant ``names``. On 16+ it gives the option only:
-    inheriting pluginmon_audit_retention would let the daemon's role delete audit rows."""
-    options = (
-        "WITH ADMIN TRUE, INHERIT FALSE, SET FALSE"
-        if migrator.server_version_num >= ADMIN_OPTION_REQUIRED_FROM
-        else "WITH ADMIN OPTION"
+def _before_16(migrator: Migrator, states: tuple[RoleState, ...]) -> str | None:
+    """Before PostgreSQL 16 only CREATEROLE will do. CREATEROLE may then create and grant any
+    non-superuser role; the ADMIN option alone may not get through the files: it is a column
+    of the one membership row a role has in another, so 030's ``REVOKE
+    pluginmon_audit_retention FROM`` the migrating user (undoing the moment's grant, which is
+    a no-op for a member) takes the option away too, and 031's grant then fails."""
+    if migrator.createrole:
+        return None
+    needed = [s.role.name for s in states if not s.exists or s.role.granted_to_migrator]
+    if not needed:
+        return None
+    return (
+        f"{migrator.user} has no CREATEROLE, which the migrations need before PostgreSQL 16 "
+        f"to create or grant {_roles(needed)} (the ADMIN option alone does not last through "
+        "them: before 16, revoking the membership a migration grants for a moment takes the "
+        f"option with it): as a superuser run ALTER ROLE {migrator.user} CREATEROLE, or "
+        "migrate as a superuser"
     )
-    return f"GRANT {', '.join(names)} TO {migrator.user} {options}"
+
+
+def admin_grant(names: list[str], migrator: Migrator) -> str:
+    """The statement that lets ``migrator`` (on 16+) grant ``names``: the option only, as
+    inheriting pluginmon_audit_retention would let the daemon's role delete audit rows."""
+    return f"GRANT {', '.join(names)} TO {migrator.user} WITH ADMIN TRUE, INHERIT FALSE, SET FALSE"
 
 
 def _roles(names: list[str]) -> str:

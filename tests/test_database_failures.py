@@ -319,15 +319,15 @@ def test_run_with_a_wrong_password_says_so_at_a_bounded_rate_then_recovers(
     del migrated_db
     wrong = f"wrong-{uuid.uuid4().hex[:10]}"
     with psycopg.connect(pg_admin_url, autocommit=True) as conn:
-        options = "WITH ADMIN TRUE, INHERIT FALSE, SET FALSE"
-        if conn.info.server_version < 160000:
-            options = "WITH ADMIN OPTION"  # the only form before 16
-        conn.execute(
-            sql.SQL("GRANT {} TO {} " + options).format(
-                sql.SQL(", ").join(sql.Identifier(r.name) for r in CLUSTER_ROLES),
-                sql.Identifier(role.name),
+        if conn.info.server_version < 160000:  # before 16: CREATEROLE (cluster_roles.py)
+            conn.execute(sql.SQL("ALTER ROLE {} CREATEROLE").format(sql.Identifier(role.name)))
+        else:
+            conn.execute(
+                sql.SQL("GRANT {} TO {} WITH ADMIN TRUE, INHERIT FALSE, SET FALSE").format(
+                    sql.SQL(", ").join(sql.Identifier(r.name) for r in CLUSTER_ROLES),
+                    sql.Identifier(role.name),
+                )
             )
-        )
     daemon = DaemonProcess(
         tmp_path=tmp_path,
         database_url=role.url(password=wrong),

@@ -7,6 +7,9 @@ embedded PostgreSQL (18, from the pip package), where no pluginmon role exists y
 
 from __future__ import annotations
 
+import glob
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import quote, urlsplit, urlunsplit
@@ -26,6 +29,7 @@ from pluginmon.storage.embedded import EmbeddedPostgres
 from pluginmon.storage.migrate import MissingPrivilegeError, applied_versions, migrate
 from pluginmon.storage.reachability import failure_reason
 from tests.daemon_helpers import run_cli
+from tests.pg_cluster import Cluster
 
 API_ROLES = "pluginmon_api, pluginmon_audit_retention"
 
@@ -55,15 +59,21 @@ def test_superusers_and_role_admins_pass_and_others_get_the_statement_to_run() -
         is None
     )
     assert missing_privileges(_migrator(), _states(exists=True, has_admin=True)) is None
-    # Before PostgreSQL 16 CREATEROLE may grant any non-superuser role.
+    # Before PostgreSQL 16 CREATEROLE may create and grant any non-superuser role, and the
+    # ADMIN option does not last through 030 (test_before_16_... below): CREATEROLE it is.
     old = _migrator(version=150008)
     assert missing_privileges(old, _states(exists=True, has_admin=False)) is None
-    assert (
-        missing_privileges(
-            _migrator(createrole=False, version=150008), _states(exists=True, has_admin=False)
+    assert missing_privileges(old, _states(exists=False, has_admin=False)) is None
+    for exists, has_admin in ((True, True), (True, False), (False, False)):
+        refused = missing_privileges(
+            _migrator(createrole=False, version=150008),
+            _states(exists=exists, has_admin=has_admin),
         )
-        is not None
-    )
+        assert refused is not None
+        assert "ALTER ROLE pm_owner CREATEROLE" in refused
+        assert "ADMIN TRUE" not in refused
+        assert "WITH ADMIN OPTION" not in refused
+        assert API_ROLES in refused
 
     lacking = missing_privileges(
         _migrator(), _states(exists=True, has_admin=False, admins=("pm_first",))
@@ -155,9 +165,10 @@ def _api_works(url: str) -> None:
         # deletes audit rows).
         user = conn.execute("SELECT session_user").fetchone()
         assert user is not None
+        can_set = "SET" if conn.info.server_version >= 160000 else "MEMBER"  # SET: 16+
         row = conn.execute(
-            "SELECT pg_has_role(session_user, 'pluginmon_api', 'SET'),"
-            " pg_has_role(session_user, 'pluginmon_audit_retention', 'SET'),"
+            f"SELECT pg_has_role(session_user, 'pluginmon_api', '{can_set}'),"
+            f" pg_has_role(session_user, 'pluginmon_audit_retention', '{can_set}'),"
             " pg_has_role(session_user, 'pluginmon_audit_retention', 'USAGE')"
         ).fetchone()
         assert row == (True, False, False), user
@@ -210,5 +221,71 @@ def test_another_owner_on_the_same_server_is_told_who_can_grant_and_then_migrate
     # What the message says, done by pm_first (no superuser needed): now it migrates.
     with psycopg.connect(first, autocommit=True) as conn:
         conn.execute(grant)
+    assert "031_audit_expire_execute.sql" in migrate(other).applied
+    _api_works(other)
+
+
+# -- a server before PostgreSQL 16 (the Debian package, when installed) ------------------------
+
+
+def _server_before_16() -> Path | None:
+    """The newest installed /usr/lib/postgresql/<major>/bin with a major below 16, or None."""
+    found = [
+        Path(initdb).parent
+        for initdb in glob.glob("/usr/lib/postgresql/*/bin/initdb")
+        if Path(initdb).parent.parent.name.isdigit() and int(Path(initdb).parent.parent.name) < 16
+    ]
+    return max(found, key=lambda b: int(b.parent.name)) if found else None
+
+
+BEFORE_16 = _server_before_16()
+if BEFORE_16 is None:
+    print(
+        "skipping the pre-16 migration-role test: no /usr/lib/postgresql/<major below 16>/"
+        "bin/initdb (Debian's postgresql-15 package is not installed)"
+    )
+
+
+@pytest.fixture
+def before_16_admin_url() -> Iterator[str]:
+    if BEFORE_16 is None:
+        pytest.skip("no PostgreSQL server below 16 installed (postgresql-15 on Debian 12)")
+    directory = Path(tempfile.mkdtemp(prefix="pluginmon-test-pg15-"))
+    server = Cluster(BEFORE_16, directory / "cluster").init().start()
+    try:
+        yield server.url()
+    finally:
+        server.remove()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_before_16_the_admin_option_alone_is_refused_up_front_and_createrole_migrates(
+    before_16_admin_url: str,
+) -> None:
+    with psycopg.connect(before_16_admin_url) as conn:
+        assert conn.info.server_version < 160000
+
+    # A CREATEROLE owner on a fresh server creates the roles (before 16 the creator is not
+    # made a member of them) and migrates.
+    first = _login(before_16_admin_url, "pm_first", createrole=True, database="pm_first_db")
+    assert {"030_api.sql", "031_audit_expire_execute.sql"} <= set(migrate(first).applied)
+    _api_works(first)
+
+    # Another owner given the ADMIN option on the roles, what this message said before 16
+    # until it was found that 030's REVOKE of its moment's membership takes the option along
+    # (the single membership row) and 031's GRANT then fails half-way through the files.
+    other = _login(before_16_admin_url, "pm_other", createrole=False, database="pm_other_db")
+    with psycopg.connect(before_16_admin_url, autocommit=True) as conn:
+        conn.execute(f"GRANT {API_ROLES} TO pm_other WITH ADMIN OPTION")
+    result = run_cli("migrate", env={"PLUGINMON_DATABASE_URL": other})
+    assert result.returncode == 1, result.stderr
+    assert "missing_privilege" in result.stderr
+    assert "ALTER ROLE pm_other CREATEROLE" in result.stderr
+    assert "pw-pm_other" not in result.stderr + result.stdout
+    assert list(applied_versions(other)) == []  # refused before any file ran
+
+    # What the message says: now it migrates, and is left no member of the retention role.
+    with psycopg.connect(before_16_admin_url, autocommit=True) as conn:
+        conn.execute("ALTER ROLE pm_other CREATEROLE")
     assert "031_audit_expire_execute.sql" in migrate(other).applied
     _api_works(other)
