@@ -22,6 +22,7 @@ from pluginmon.registry.actor import Actor
 from pluginmon.registry.errors import ConflictError, InvalidError, NotFoundError
 from pluginmon.storage import alert_inputs, alert_state
 from pluginmon.storage.alert_inputs import SILENCE_COLUMNS, Silence, silence_of
+from pluginmon.storage.queries import where_given
 
 ALERT_STATUSES: Final = ("pending", "firing", "resolved", "acknowledged", "silenced")
 SEVERITIES: Final = ("info", "warning", "critical")
@@ -105,17 +106,21 @@ async def list_alerts(
         )
     if severity is not None and severity not in SEVERITIES:
         raise InvalidError(f"severity must be one of {', '.join(SEVERITIES)}", field="severity")
+    # Only the filters given (storage.queries.where_given). A status other than resolved
+    # also names the open alerts' partial indexes' predicate, so a generic plan reads the open
+    # few, not every resolved alert of the tenant's history.
+    where, args = where_given(
+        (
+            ("a.status = {}", None if status == "open" else status),
+            ("a.severity = {}", severity),
+            ("p.name = {}", plugin),
+        ),
+        # idx_plugin_alerts_open_tenant_fingerprint's predicate
+        also=["a.status <> 'resolved'"] if status is not None and status != "resolved" else [],
+        args=[limit],
+    )
     rows = await conn.fetch(
-        _ALERT_SELECT
-        + """ WHERE ($1::text IS NULL OR a.status = $1
-                     OR ($1 = 'open' AND a.status <> 'resolved'))
-                AND ($2::text IS NULL OR a.severity = $2)
-                AND ($3::text IS NULL OR p.name = $3)
-              ORDER BY a.started_at DESC, a.id DESC LIMIT $4""",
-        status,
-        severity,
-        plugin,
-        limit,
+        _ALERT_SELECT + f"{where} ORDER BY a.started_at DESC, a.id DESC LIMIT $1", *args
     )
     return [_alert(r) for r in rows]
 

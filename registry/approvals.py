@@ -28,6 +28,7 @@ from pluginmon.registry.lifecycle import (
     approved,
     cancelled_by_approval,
 )
+from pluginmon.storage.queries import where_given
 
 MAX_COMMENT_CHARS = 2_000
 
@@ -160,11 +161,14 @@ async def list_approvals(
         raise InvalidError(
             f"status must be one of {', '.join(s.value for s in ApprovalStatus)}", field="status"
         )
-    rows = await conn.fetch(
-        _SELECT + " WHERE ($1::text IS NULL OR a.status = $1) ORDER BY a.id DESC LIMIT $2",
-        status,
-        limit,
+    # Only the filter given (storage.queries.where_given); pending also names the partial
+    # index's predicate, so a generic plan reads the pending few, not every decided approval.
+    where, args = where_given(
+        (("a.status = {}", status),),
+        also=["a.status = 'pending'"] if status == ApprovalStatus.PENDING else [],
+        args=[limit],
     )
+    rows = await conn.fetch(_SELECT + f"{where} ORDER BY a.id DESC LIMIT $1", *args)
     return [_approval(r) for r in rows]
 
 

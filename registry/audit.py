@@ -26,6 +26,7 @@ from typing import Any
 import asyncpg
 
 from pluginmon.registry.actor import Actor
+from pluginmon.storage.queries import where_given
 
 GENESIS_HASH = bytes(32)
 HASH_VERSION = b"pluginmon-audit-v1;"
@@ -237,6 +238,13 @@ def _loads(text: str | None) -> Any:
     return None if text is None else json.loads(text)
 
 
+_QUERY_SELECT = """
+SELECT id, lane, seq, tenant_id, occurred_at, actor, action, entity_type, entity_id, plugin_name,
+       environment, outcome, request_id, source_address, details::text AS details,
+       before_state::text AS before_state, after_state::text AS after_state
+  FROM audit_log"""
+
+
 async def query(conn: asyncpg.Connection, filters: AuditQuery) -> list[AuditEntry]:
     """Entries visible to the connection's tenant, newest first."""
     entity_type: str | None = None
@@ -244,30 +252,22 @@ async def query(conn: asyncpg.Connection, filters: AuditQuery) -> list[AuditEntr
     if filters.target is not None:
         entity_type, sep, rest = filters.target.partition("/")
         entity_id = rest if sep else None
-    rows = await conn.fetch(
-        """SELECT id, lane, seq, tenant_id, occurred_at, actor, action, entity_type, entity_id,
-                  plugin_name, environment, outcome, request_id, source_address,
-                  details::text AS details, before_state::text AS before_state,
-                  after_state::text AS after_state
-             FROM audit_log
-            WHERE ($1::text IS NULL OR actor = $1)
-              AND ($2::text IS NULL OR action = $2)
-              AND ($3::text IS NULL OR entity_type = $3)
-              AND ($4::text IS NULL OR entity_id = $4)
-              AND ($5::timestamptz IS NULL OR occurred_at >= $5)
-              AND ($6::timestamptz IS NULL OR occurred_at < $6)
-              AND ($7::bigint IS NULL OR id < $7)
-            ORDER BY id DESC
-            LIMIT $8""",
-        filters.actor,
-        filters.action,
-        entity_type,
-        entity_id,
-        filters.since,
-        filters.until,
-        filters.before_id,
-        filters.limit,
+    # Only the filters given (storage.queries.where_given): under a generic plan, "($3 IS
+    # NULL OR entity_type = $3)" read a tenant's whole log backwards for one target's entries
+    # instead of idx_audit_log_target's few (sql/127).
+    where, args = where_given(
+        (
+            ("actor = {}", filters.actor),
+            ("action = {}", filters.action),
+            ("entity_type = {}", entity_type),
+            ("entity_id = {}", entity_id),
+            ("occurred_at >= {}", filters.since),
+            ("occurred_at < {}", filters.until),
+            ("id < {}", filters.before_id),
+        ),
+        args=[filters.limit],
     )
+    rows = await conn.fetch(_QUERY_SELECT + f"{where} ORDER BY id DESC LIMIT $1", *args)
     return [
         AuditEntry(
             id=r["id"],

@@ -33,6 +33,7 @@ from pluginmon.registry.lifecycle import (
     transition,
 )
 from pluginmon.registry.policies import ApprovalPolicy, requirement
+from pluginmon.storage.queries import where_given
 
 MAX_RETRY_LIMIT = 100
 MAX_DEADLINE_SECONDS = 30 * 86_400
@@ -165,27 +166,22 @@ async def list_operations(
         raise InvalidError(
             f"status must be one of {', '.join(s.value for s in Status)}", field="status"
         )
-    # Only the filters given, so each combination gets a plan of its own: a generic plan of
-    # "($2 IS NULL OR o.status = $2)" cannot use an index on status, and listing the few
-    # pending operations read every operation of the tenant (bench/api.py: 1,800 pages a call
-    # after a minute of load, growing with the history). An open status also names the
-    # partial index's predicate (sql/123), so the generic plan can prove it and use it.
-    conditions: list[str] = []
-    args: list[object] = []
-    for column, value in (
-        ("p.name", plugin),
-        ("o.status", status),
-        ("o.environment", environment),
-        ("o.operation_type", operation_type),
-    ):
-        if value is not None:
-            args.append(value)
-            conditions.append(f"{column} = ${len(args)}")
-    if status is not None and not Status(status).terminal:
-        conditions.append(f"o.status IN ({_OPEN_SQL})")
-    args.append(limit)
-    where = f" WHERE {' AND '.join(conditions)}" if conditions else ""
-    rows = await conn.fetch(_SELECT + f"{where} ORDER BY o.id DESC LIMIT ${len(args)}", *args)
+    # Only the filters given (storage.queries.where_given): with "($2 IS NULL OR o.status
+    # = $2)" listing the few pending operations read every operation of the tenant
+    # (bench/api.py: 1,800 pages a call after a minute of load, growing with the history).
+    # An open status also names the partial index's predicate (sql/123), so the generic plan
+    # can prove it and use it.
+    where, args = where_given(
+        (
+            ("p.name = {}", plugin),
+            ("o.status = {}", status),
+            ("o.environment = {}", environment),
+            ("o.operation_type = {}", operation_type),
+        ),
+        also=[f"o.status IN ({_OPEN_SQL})"] if status and not Status(status).terminal else [],
+        args=[limit],
+    )
+    rows = await conn.fetch(_SELECT + f"{where} ORDER BY o.id DESC LIMIT $1", *args)
     return [_operation(r) for r in rows]
 
 

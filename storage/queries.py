@@ -12,7 +12,7 @@ is checked against the slug pattern and then quoted as a literal.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import asyncpg
@@ -148,6 +148,28 @@ async def ensure_tenant_and_plugin(
     if plugin_id is None:
         raise LookupError(f"plugin {plugin!r} of tenant {tenant!r} vanished while being created")
     return int(plugin_id)
+
+
+def where_given(
+    filters: Iterable[tuple[str, object]], *, also: Iterable[str] = (), args: Sequence[object] = ()
+) -> tuple[str, list[object]]:
+    """`` WHERE ...`` of the ``filters`` whose value is not None and the conditions ``also``
+    ("" when there are none), and the statement's arguments: ``args`` first (``$1``...),
+    then each given filter's value, its ``$n`` put where its condition says ``{}``.
+
+    A list's optional filters are sent this way rather than as "($1 IS NULL OR col = $1)":
+    asyncpg prepares its statements, a prepared statement gets a generic plan after five
+    runs, and in a generic plan that form can use no index on the column. Listing the few
+    pending operations then read the tenant's whole history (registry.operations).
+    """
+    out = list(args)
+    conditions: list[str] = []
+    for condition, value in filters:
+        if value is not None:
+            out.append(value)
+            conditions.append(condition.format(f"${len(out)}"))
+    conditions.extend(also)
+    return (f" WHERE {' AND '.join(conditions)}" if conditions else ""), out
 
 
 def quote_literal(value: str) -> str:
