@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -42,6 +44,13 @@ CONTINUOUS_AGGREGATES: tuple[str, ...] = (
 RETENTION_PROC = "policy_retention"
 COMPRESSION_PROC = "policy_compression"
 REFRESH_PROC = "policy_refresh_continuous_aggregate"
+
+_REFRESH_SQL = "CALL refresh_continuous_aggregate(%s::regclass, %s::timestamptz, %s::timestamptz)"
+# TimescaleDB refuses a refresh whose window overlaps one in progress (its refresh policy's
+# job, another agent's back-fill) with LockNotAvailable, "due to a concurrent refresh", at
+# once rather than waiting. A refresh is retried after these pauses (about 8 s in all), then
+# the error is raised: a back-fill's caller keeps its late rows for its next run.
+CONCURRENT_REFRESH_PAUSES: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 4.0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -271,10 +280,36 @@ def refresh_rollups(
     The policies do this on their schedule; this is for back-fills and tests.
     """
     for relation in CONTINUOUS_AGGREGATES:
-        conn.execute(
-            "CALL refresh_continuous_aggregate(%s::regclass, %s::timestamptz, %s::timestamptz)",
-            (relation, window_start, window_end),
-        )
+        for pause in (*CONCURRENT_REFRESH_PAUSES, None):
+            try:
+                conn.execute(_REFRESH_SQL, (relation, window_start, window_end))
+                break
+            except psycopg.errors.LockNotAvailable:
+                if pause is None:
+                    raise
+                _log_concurrent_refresh(relation, pause)
+                time.sleep(pause)
+
+
+def _log_concurrent_refresh(relation: str, pause: float) -> None:
+    logger.info(
+        "%s is being refreshed over an overlapping window by another session (a refresh "
+        "policy's job or another back-fill): trying again in %.2f s",
+        relation,
+        pause,
+    )
+
+
+async def _refresh(conn: AdminConnection, relation: str, start: datetime, end: datetime) -> None:
+    for pause in (*CONCURRENT_REFRESH_PAUSES, None):
+        try:
+            await conn.execute(_REFRESH_SQL, (relation, start, end))
+            return
+        except psycopg.errors.LockNotAvailable:
+            if pause is None:
+                raise
+            _log_concurrent_refresh(relation, pause)
+            await asyncio.sleep(pause)
 
 
 class TimescaleMaintenance:
@@ -333,10 +368,7 @@ class TimescaleMaintenance:
                 # refuses a window smaller than a bucket).
                 refreshed.append(RollupRefresh(relation, start, start, 0))
                 continue
-            await conn.execute(
-                "CALL refresh_continuous_aggregate(%s::regclass, %s::timestamptz, %s::timestamptz)",
-                (relation, start, end),
-            )
+            await _refresh(conn, relation, start, end)
             cur = await conn.execute(
                 sql.SQL("SELECT count(*) FROM {} WHERE bucket >= %s AND bucket < %s").format(
                     sql.Identifier(relation)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -371,3 +373,67 @@ async def test_backfill_materialises_late_rows_outside_the_policy_windows(tsdb_u
         assert_rollups_equal(
             rollup_rows(conn, "plugin_samples_1h"), group_by_rollup(conn, "1 hour")
         )
+
+
+def _hold_refresh_range(conn: Conn, holder_pid: int, relation: str) -> None:
+    """Register a refresh of ``relation`` over all time in TimescaleDB's concurrent-refresh
+    table, as a refresh running in backend ``holder_pid`` does while it runs (it must be a live
+    backend: TimescaleDB drops the entries of dead ones)."""
+    conn.execute(
+        """INSERT INTO _timescaledb_catalog.continuous_aggs_jobs_refresh_ranges
+               (materialization_id, start_range, end_range, pid, job_id, created_at)
+           SELECT c.mat_hypertable_id, -9223372036854775000, 9223372036854775000, %s, 0, now()
+             FROM _timescaledb_catalog.continuous_agg c WHERE c.user_view_name = %s""",
+        (holder_pid, relation),
+    )
+
+
+async def test_backfill_waits_out_a_concurrent_refresh_and_gives_up_on_one_that_stays(
+    tsdb_url: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """TimescaleDB refuses a refresh that overlaps one in progress (its policy's job) at once,
+    with LockNotAvailable: a back-fill waits and tries again, and raises if it stays."""
+    end = bucket_floor(datetime.now(UTC), timedelta(hours=1)) - timedelta(hours=1)
+    late_start = end - timedelta(hours=3)
+    with psycopg.connect(tsdb_url, autocommit=True) as conn, psycopg.connect(tsdb_url) as holder:
+        if conn.execute(
+            "SELECT to_regclass('_timescaledb_catalog.continuous_aggs_jobs_refresh_ranges')"
+        ).fetchone() == (None,):
+            pytest.skip("this TimescaleDB has no concurrent-refresh table (before 2.22)")
+        plugins = [("acme", add_plugin(conn, "acme", "resizer"))]
+        insert_samples(
+            conn,
+            samples_series(late_start, late_start + timedelta(minutes=20), timedelta(seconds=5),
+                           plugins, seed=23),
+        )  # fmt: skip
+        holder_pid = holder.info.backend_pid
+        _hold_refresh_range(conn, holder_pid, "rollup_samples_1m")
+
+        # The "other refresh" ends a second after the back-fill started.
+        async def release() -> None:
+            await asyncio.sleep(1.0)
+            await asyncio.to_thread(
+                conn.execute,
+                "DELETE FROM _timescaledb_catalog.continuous_aggs_jobs_refresh_ranges"
+                " WHERE pid = %s",
+                (holder_pid,),
+            )
+
+        caplog.set_level(logging.INFO, logger="pluginmon.storage.timescale")
+        releasing = asyncio.create_task(release())
+        refreshed = await backfill_rollups(tsdb_url, late_start, CONFIGURED)
+        await releasing
+        retries = [r.getMessage() for r in caplog.records if "trying again in" in r.getMessage()]
+        assert retries, "the back-fill never met the concurrent refresh"
+        assert all(m.startswith("rollup_samples_1m is being refreshed") for m in retries)
+        assert refreshed[0].rollup == "rollup_samples_1m"
+        assert refreshed[0].buckets == 20
+        assert_rollups_equal(
+            rollup_rows(conn, "plugin_samples_1m"), group_by_rollup(conn, "1 minute")
+        )
+
+        # One that stays: the error, after the pauses (shortened here).
+        _hold_refresh_range(conn, holder_pid, "rollup_samples_1h")
+        monkeypatch.setattr(timescale, "CONCURRENT_REFRESH_PAUSES", (0.05, 0.05))
+        with pytest.raises(psycopg.errors.LockNotAvailable, match="concurrent refresh"):
+            await backfill_rollups(tsdb_url, late_start, CONFIGURED)
