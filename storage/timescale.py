@@ -48,9 +48,11 @@ REFRESH_PROC = "policy_refresh_continuous_aggregate"
 _REFRESH_SQL = "CALL refresh_continuous_aggregate(%s::regclass, %s::timestamptz, %s::timestamptz)"
 # TimescaleDB refuses a refresh whose window overlaps one in progress (its refresh policy's
 # job, another agent's back-fill) with LockNotAvailable, "due to a concurrent refresh", at
-# once rather than waiting. A refresh is retried after these pauses (about 8 s in all), then
-# the error is raised: a back-fill's caller keeps its late rows for its next run.
+# once rather than waiting. Each aggregate's refresh is retried after these pauses (about 8 s
+# for one, at most 31 s for the four), then the error is raised: a back-fill's caller keeps
+# its late rows for its next run. Any other LockNotAvailable (a lock_timeout) is raised at once.
 CONCURRENT_REFRESH_PAUSES: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 4.0)
+_CONCURRENT_REFRESH = "due to a concurrent refresh"
 
 
 @dataclass(frozen=True, slots=True)
@@ -284,8 +286,8 @@ def refresh_rollups(
             try:
                 conn.execute(_REFRESH_SQL, (relation, window_start, window_end))
                 break
-            except psycopg.errors.LockNotAvailable:
-                if pause is None:
+            except psycopg.errors.LockNotAvailable as exc:
+                if pause is None or _CONCURRENT_REFRESH not in str(exc):
                     raise
                 _log_concurrent_refresh(relation, pause)
                 time.sleep(pause)
@@ -305,8 +307,8 @@ async def _refresh(conn: AdminConnection, relation: str, start: datetime, end: d
         try:
             await conn.execute(_REFRESH_SQL, (relation, start, end))
             return
-        except psycopg.errors.LockNotAvailable:
-            if pause is None:
+        except psycopg.errors.LockNotAvailable as exc:
+            if pause is None or _CONCURRENT_REFRESH not in str(exc):
                 raise
             _log_concurrent_refresh(relation, pause)
             await asyncio.sleep(pause)

@@ -271,6 +271,18 @@ def test_before_16_the_admin_option_alone_is_refused_up_front_and_createrole_mig
     assert {"030_api.sql", "031_audit_expire_execute.sql"} <= set(migrate(first).applied)
     _api_works(first)
 
+    # The premise, with 030's and 031's own statements: before 16 the moment's GRANT to a
+    # member is a no-op, its REVOKE deletes the one membership row, ADMIN option included,
+    # and 031's GRANT is then refused.
+    probe = _login(before_16_admin_url, "pm_probe", createrole=False, database="pm_probe_db")
+    with psycopg.connect(before_16_admin_url, autocommit=True) as conn:
+        conn.execute("GRANT pluginmon_audit_retention TO pm_probe WITH ADMIN OPTION")
+    with psycopg.connect(probe, autocommit=True) as conn:
+        conn.execute("GRANT pluginmon_audit_retention TO pm_probe")  # 030
+        conn.execute("REVOKE pluginmon_audit_retention FROM pm_probe")  # 030
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="admin option"):
+            conn.execute("GRANT pluginmon_audit_retention TO CURRENT_USER")  # 031
+
     # Another owner given the ADMIN option on the roles, what this message said before 16
     # until it was found that 030's REVOKE of its moment's membership takes the option along
     # (the single membership row) and 031's GRANT then fails half-way through the files.

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -389,7 +388,7 @@ def _hold_refresh_range(conn: Conn, holder_pid: int, relation: str) -> None:
 
 
 async def test_backfill_waits_out_a_concurrent_refresh_and_gives_up_on_one_that_stays(
-    tsdb_url: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    tsdb_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """TimescaleDB refuses a refresh that overlaps one in progress (its policy's job) at once,
     with LockNotAvailable: a back-fill waits and tries again, and raises if it stays."""
@@ -409,23 +408,32 @@ async def test_backfill_waits_out_a_concurrent_refresh_and_gives_up_on_one_that_
         holder_pid = holder.info.backend_pid
         _hold_refresh_range(conn, holder_pid, "rollup_samples_1m")
 
-        # The "other refresh" ends a second after the back-fill started.
-        async def release() -> None:
-            await asyncio.sleep(1.0)
-            await asyncio.to_thread(
-                conn.execute,
-                "DELETE FROM _timescaledb_catalog.continuous_aggs_jobs_refresh_ranges"
-                " WHERE pid = %s",
-                (holder_pid,),
-            )
+        # The "other refresh" ends as soon as the back-fill has met it (its retry log line).
+        met: list[str] = []
 
-        caplog.set_level(logging.INFO, logger="pluginmon.storage.timescale")
-        releasing = asyncio.create_task(release())
-        refreshed = await backfill_rollups(tsdb_url, late_start, CONFIGURED)
-        await releasing
-        retries = [r.getMessage() for r in caplog.records if "trying again in" in r.getMessage()]
-        assert retries, "the back-fill never met the concurrent refresh"
-        assert all(m.startswith("rollup_samples_1m is being refreshed") for m in retries)
+        class EndTheOtherRefresh(logging.Handler):
+            def emit(self, record: logging.LogRecord) -> None:
+                message = record.getMessage()
+                if message.startswith("rollup_samples_1m is being refreshed") and not met:
+                    met.append(message)
+                    conn.execute(
+                        "DELETE FROM _timescaledb_catalog.continuous_aggs_jobs_refresh_ranges"
+                        " WHERE pid = %s",
+                        (holder_pid,),
+                    )
+
+        handler = EndTheOtherRefresh(logging.INFO)
+        log = logging.getLogger("pluginmon.storage.timescale")
+        log.addHandler(handler)
+        old_level = log.level
+        log.setLevel(logging.INFO)
+        try:
+            refreshed = await backfill_rollups(tsdb_url, late_start, CONFIGURED)
+        finally:
+            log.removeHandler(handler)
+            log.setLevel(old_level)
+        assert met, "the back-fill never met the concurrent refresh"
+        assert "trying again in 0.25 s" in met[0]
         assert refreshed[0].rollup == "rollup_samples_1m"
         assert refreshed[0].buckets == 20
         assert_rollups_equal(
