@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 import asyncpg
 import pytest
 
-from pluginmon.registry import maintenance, operations
+from pluginmon.registry import maintenance
 from pluginmon.registry.tokens import Role
 from tests.api_helpers import ApiHarness, api_server
 
@@ -284,73 +284,3 @@ async def test_the_deadline_fails_a_running_operation_in_maintenance(api: ApiHar
     late = await api.call("PATCH", url, token="ci", body={"status": "succeeded"})
     assert late.status == 409
     assert (await _actions(api))[-1] == ("operation.deadline_exceeded", "daemon")
-
-
-@pytest.mark.parametrize("plan", ["force_generic_plan", "force_custom_plan"])
-async def test_listing_open_operations_reads_the_open_ones_not_the_history(
-    migrated_db: str, plan: str
-) -> None:
-    """GET /operations?status=pending on a tenant with a long history: the rows of
-    plugin_operations the server reads are about the open ones (idx_plugin_operations_open),
-    not every finished one; under a generic plan too, which a prepared statement gets after
-    five runs (with "($2 IS NULL OR o.status = $2)" it read all 3,000)."""
-    conn = await asyncpg.connect(migrated_db)
-    try:
-        await conn.execute("INSERT INTO tenants (id, name) VALUES ('a', 'a'), ('b', 'b')")
-        for tenant in ("a", "b"):
-            await conn.execute(
-                """INSERT INTO plugins (tenant_id, name)
-                   SELECT $1, 'p' || i FROM generate_series(1, 20) AS i""",
-                tenant,
-            )
-            await conn.execute(
-                """INSERT INTO plugin_operations (tenant_id, plugin_id, environment,
-                       operation_type, status, finished_at)
-                   SELECT p.tenant_id, p.id, 'production', 'update', 'succeeded', now()
-                     FROM plugins p, generate_series(1, 75) WHERE p.tenant_id = $1""",
-                tenant,
-            )
-        expected = {}
-        for status in ("pending", "running", "awaiting_approval"):
-            expected[status] = await conn.fetch(
-                """INSERT INTO plugin_operations (tenant_id, plugin_id, environment,
-                       operation_type, status)
-                   SELECT p.tenant_id, p.id, 'production', 'update', $1
-                     FROM plugins p WHERE p.name IN ('p3', 'p7') ORDER BY p.tenant_id
-                   RETURNING id, tenant_id""",
-                status,
-            )
-        await conn.execute("ANALYZE plugin_operations")
-
-        async def listed(
-            status: str, plugin: str | None = None, environment: str | None = None
-        ) -> tuple[list[int], int]:
-            async with conn.transaction():
-                await conn.execute(
-                    "SELECT set_config('plan_cache_mode', $1, true),"
-                    " set_config('role', 'pluginmon_api', true),"
-                    " set_config('pluginmon.tenant_id', 'a', true)",
-                    plan,
-                )
-                read = """SELECT coalesce(seq_tup_read, 0) + coalesce(idx_tup_fetch, 0)
-                            FROM pg_stat_xact_user_tables WHERE relname = 'plugin_operations'"""
-                before = await conn.fetchval(read)
-                found = await operations.list_operations(
-                    conn,
-                    status=status,
-                    plugin=plugin,
-                    environment=environment,
-                    operation_type=None if plugin is None else "update",
-                )
-                return [o.id for o in found], await conn.fetchval(read) - before
-
-        for status, rows in expected.items():
-            ids, rows_read = await listed(status)
-            assert ids == sorted((r["id"] for r in rows if r["tenant_id"] == "a"), reverse=True)
-            assert rows_read < 50, (status, rows_read)
-        ids, _ = await listed("pending", plugin="p3", environment="production")
-        assert len(ids) == 1
-        finished, _ = await listed("succeeded", plugin="p3")
-        assert len(finished) == 75
-    finally:
-        await conn.close()

@@ -3,10 +3,9 @@
 asyncpg prepares its statements and PostgreSQL gives a prepared statement a generic plan after
 five runs. Optional filters written "($1 IS NULL OR col = $1)" can use no index under that
 plan: the audit entries of one target, the pending approvals, the open alerts were each found
-by reading every row of the tenant newest first (storage.queries.where_given). Each test fills
-a tenant with a long history, then counts the rows the list read from the table
-(pg_stat_xact_user_tables) with the plan forced each way. The operations list has its own test
-(tests/test_api_operations.py).
+by reading every row of the tenant newest first (storage.queries.where_given), and so were the
+pending operations. Each test fills a tenant with a long history, then counts the rows the list
+read from the table (pg_stat_xact_user_tables) with the plan forced each way.
 """
 
 from __future__ import annotations
@@ -17,7 +16,7 @@ from typing import Any, TypeVar
 import asyncpg
 import pytest
 
-from pluginmon.registry import alert_actions, approvals, audit
+from pluginmon.registry import alert_actions, approvals, audit, operations
 
 PLANS = ["force_generic_plan", "force_custom_plan"]
 HISTORY = 3000  # finished rows per tenant
@@ -173,3 +172,49 @@ async def test_the_open_alerts_are_read_without_the_resolved_ones(
     assert (found, rows_read < 50) == ([("p7", "pending", "warning")], True), rows_read
     resolved, _ = await listed(status="resolved", plugin="p7", limit=5)
     assert resolved == [("p7", "resolved", "warning")] * 5
+
+
+@pytest.mark.parametrize("plan", PLANS)
+async def test_the_open_operations_are_read_without_the_finished_ones(
+    conn: asyncpg.Connection, plan: str
+) -> None:
+    """GET /operations?status=pending and the other open statuses read through
+    idx_plugin_operations_open (sql/123, its predicate sent as constants)."""
+    for tenant in ("a", "b"):
+        await conn.execute(
+            """INSERT INTO plugin_operations (tenant_id, plugin_id, environment,
+                   operation_type, status, finished_at)
+               SELECT p.tenant_id, p.id, 'production', 'update', 'succeeded', now()
+                 FROM plugins p, generate_series(1, $2 / 40) WHERE p.tenant_id = $1""",
+            tenant,
+            HISTORY,
+        )
+    expected = {}
+    for status in ("pending", "running", "awaiting_approval"):
+        expected[status] = await conn.fetch(
+            """INSERT INTO plugin_operations (tenant_id, plugin_id, environment,
+                   operation_type, status)
+               SELECT p.tenant_id, p.id, 'production', 'update', $1
+                 FROM plugins p WHERE p.name IN ('p3', 'p7') ORDER BY p.tenant_id
+               RETURNING id, tenant_id""",
+            status,
+        )
+    await conn.execute("ANALYZE plugin_operations")
+
+    async def listed(status: str, **filters: Any) -> tuple[list[int], int]:
+        found, rows_read = await read_as_tenant_a(
+            conn,
+            plan,
+            "plugin_operations",
+            lambda: operations.list_operations(conn, status=status, **filters),
+        )
+        return [o.id for o in found], rows_read
+
+    for status, rows in expected.items():
+        ids, rows_read = await listed(status)
+        assert ids == sorted((r["id"] for r in rows if r["tenant_id"] == "a"), reverse=True)
+        assert rows_read < 50, (status, rows_read)
+    ids, _ = await listed("pending", plugin="p3", environment="production", operation_type="update")
+    assert len(ids) == 1
+    finished, _ = await listed("succeeded", plugin="p3", operation_type="update")
+    assert len(finished) == HISTORY // 40
