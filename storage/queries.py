@@ -20,23 +20,6 @@ import asyncpg
 # The same rule as the tenants_id_slug CHECK constraint.
 TENANT_SLUG_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 
-_ENSURE_PLUGIN_SQL = """
-WITH tenant AS (
-    INSERT INTO tenants (id, name) VALUES ($1, $1) ON CONFLICT (id) DO NOTHING
-),
-existing AS (
-    SELECT id FROM plugins WHERE tenant_id = $1 AND name = $2
-),
-created AS (
-    INSERT INTO plugins (tenant_id, name, environment, status, enabled)
-    SELECT $1, $2, $3, 'installed', true
-     WHERE NOT EXISTS (SELECT 1 FROM existing)
-    ON CONFLICT (tenant_id, name) DO NOTHING
-    RETURNING id
-)
-SELECT id FROM existing UNION ALL SELECT id FROM created
-"""
-
 
 def check_tenant_slug(tenant: str) -> str:
     if not TENANT_SLUG_RE.fullmatch(tenant):
@@ -47,9 +30,9 @@ def check_tenant_slug(tenant: str) -> str:
     return tenant
 
 
-# Many plugins at once (ensure_plugins): the ids that exist, then the missing ones created.
-# Not one CTE like _ENSURE_PLUGIN_SQL: the plain statements also run on Citus, where
-# plugins is distributed, and a lookup that finds every plugin (a restart) is one statement.
+# Plugins by (tenant, name) (ensure_plugins): the ids that exist, then the missing ones
+# created. Plain statements, not one CTE: they also run on Citus, where plugins is
+# distributed, and a lookup that finds every plugin (a restart) is one statement.
 _EXISTING_PLUGINS_SQL = """
 SELECT p.tenant_id, p.name, p.id
   FROM plugins p
@@ -60,6 +43,7 @@ _ENSURE_TENANTS_SQL = """
 INSERT INTO tenants (id, name)
 SELECT t, t FROM unnest($1::text[]) AS t ORDER BY t
 ON CONFLICT (id) DO NOTHING
+RETURNING id
 """
 # In key order, so two sessions creating overlapping sets wait for each other instead of
 # deadlocking; a plugin another session created meanwhile is skipped (read back after).
@@ -70,6 +54,23 @@ SELECT k.tenant_id, k.name, k.environment, 'installed', true
  ORDER BY k.tenant_id, k.name
 ON CONFLICT (tenant_id, name) DO NOTHING
 RETURNING tenant_id, name, id
+"""
+
+
+# What the daemon creates on first sight of a plugin (its samples, metrics or alerts) is
+# audited like a write through the API or the CLI (registry.audit; sql/030's trigger chains
+# each entry): one entry per tenant and per plugin created, actor "daemon", in the
+# transaction that creates them, in tenant order (each tenant's chain head is locked until
+# commit: one order, no deadlock between two agents).
+_AUDIT_CREATED_SQL = """
+INSERT INTO audit_log (tenant_id, occurred_at, actor, action, entity_type, entity_id,
+                       plugin_id, plugin_name, environment, details)
+SELECT e.tenant_id, now(), 'daemon', e.action, e.entity_type, e.entity_id, e.plugin_id,
+       e.plugin_name, e.environment, '{"source": "discovered"}'::jsonb
+  FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::text[],
+              $7::text[]) WITH ORDINALITY
+       AS e(tenant_id, action, entity_type, entity_id, plugin_id, plugin_name, environment, n)
+ ORDER BY e.tenant_id, e.n
 """
 
 
@@ -107,13 +108,15 @@ async def ensure_plugins(
     missing = [k for k in first if k not in found]
     if not missing:
         return found
-    await conn.execute(_ENSURE_TENANTS_SQL, sorted({t for t, _ in missing}))
-    created = await conn.fetch(
-        _CREATE_PLUGINS_SQL,
-        [t for t, _ in missing],
-        [n for _, n in missing],
-        [first[k] for k in missing],
-    )
+    async with conn.transaction():
+        tenants = await conn.fetch(_ENSURE_TENANTS_SQL, sorted({t for t, _ in missing}))
+        created = await conn.fetch(
+            _CREATE_PLUGINS_SQL,
+            [t for t, _ in missing],
+            [n for _, n in missing],
+            [first[k] for k in missing],
+        )
+        await _audit_created(conn, [str(r["id"]) for r in tenants], created, first)
     found.update(((r["tenant_id"], r["name"]), int(r["id"])) for r in created)
     raced = [k for k in missing if k not in found]
     if raced:
@@ -130,6 +133,30 @@ async def ensure_plugins(
     return found
 
 
+async def _audit_created(
+    conn: asyncpg.Connection,
+    tenants: list[str],
+    plugins: list[asyncpg.Record],
+    environments: dict[tuple[str, str], str],
+) -> None:
+    entries = [(t, "tenant.create", "tenant", t, None, None, None) for t in tenants] + [
+        (
+            r["tenant_id"],
+            "plugin.create",
+            "plugin",
+            r["name"],
+            int(r["id"]),
+            r["name"],
+            environments[(r["tenant_id"], r["name"])],
+        )
+        for r in plugins
+    ]
+    if entries:
+        await conn.execute(
+            _AUDIT_CREATED_SQL, *(list(column) for column in zip(*entries, strict=True))
+        )
+
+
 async def ensure_tenant_and_plugin(
     conn: asyncpg.Connection, tenant: str, plugin: str, environment: str
 ) -> int:
@@ -138,16 +165,7 @@ async def ensure_tenant_and_plugin(
     Safe under concurrency: when another session creates the same plugin at the same time,
     the insert yields to it and the committed row's id is returned.
     """
-    check_plugin_key(tenant, plugin)
-    plugin_id = await conn.fetchval(_ENSURE_PLUGIN_SQL, tenant, plugin, environment)
-    if plugin_id is None:
-        # Lost a race: the other session's row is committed by now (ON CONFLICT waited).
-        plugin_id = await conn.fetchval(
-            "SELECT id FROM plugins WHERE tenant_id = $1 AND name = $2", tenant, plugin
-        )
-    if plugin_id is None:
-        raise LookupError(f"plugin {plugin!r} of tenant {tenant!r} vanished while being created")
-    return int(plugin_id)
+    return (await ensure_plugins(conn, [(tenant, plugin, environment)]))[(tenant, plugin)]
 
 
 def where_given(

@@ -228,8 +228,15 @@ async def silence_as(
     return silence.id
 
 
-async def audit_actions(pool: asyncpg.Pool) -> list[tuple[str, str, str]]:
-    """(tenant, actor, action) of every audit entry, oldest first."""
+async def audit_actions(
+    pool: asyncpg.Pool, *, discovered: bool = False
+) -> list[tuple[str, str, str]]:
+    """(tenant, actor, action) of every audit entry, oldest first; the daemon's entries for
+    the tenants and plugins it created on first sight only when ``discovered``."""
     async with pool.acquire() as conn:
-        rows = await conn.fetch("SELECT tenant_id, actor, action FROM audit_log ORDER BY id")
+        rows = await conn.fetch(
+            "SELECT tenant_id, actor, action FROM audit_log"
+            " WHERE $1 OR details->>'source' IS DISTINCT FROM 'discovered' ORDER BY id",
+            discovered,
+        )
     return [(r["tenant_id"], r["actor"], r["action"]) for r in rows]

@@ -15,6 +15,7 @@ import psycopg
 import pytest
 from psycopg import errors
 
+from pluginmon.registry import audit
 from pluginmon.storage import alert_state, health_store
 from pluginmon.storage.backend import (
     Retention,
@@ -666,6 +667,33 @@ async def test_ensure_plugins_resolves_many_at_once_like_the_single_upsert(
             await ensure_plugins(conns[0], [("newco", "", "prod")])
         assert await conns[0].fetchval("SELECT count(*) FROM tenants WHERE id = 'newco'") == 0
         assert await ensure_plugins(conns[0], []) == {}
+
+        # Every tenant and plugin created is audited once, by the daemon, whichever of the
+        # racing sessions created it; the chains verify.
+        rows = await conns[0].fetch(
+            """SELECT tenant_id, actor, action, entity_id, plugin_id, environment,
+                      details->>'source' AS source
+                 FROM audit_log ORDER BY id"""
+        )
+        assert {(r["actor"], r["source"]) for r in rows} == {("daemon", "discovered")}
+        created_tenants = [r["entity_id"] for r in rows if r["action"] == "tenant.create"]
+        assert sorted(created_tenants) == sorted([*(f"t{i}" for i in range(7)), "acme", "globex"])
+        plugins_audited = {
+            (r["tenant_id"], r["entity_id"]): (r["plugin_id"], r["environment"])
+            for r in rows
+            if r["action"] == "plugin.create"
+        }
+        assert len(plugins_audited) == len(rows) - len(created_tenants) == 1201 + 300
+        assert plugins_audited[("t0", "p0000")] == (ids[("t0", "p0000")], "prod")
+        assert plugins_audited[("globex", "q007")] == (found[0][("globex", "q007")], "prod")
+        # A tenant's creation comes before its plugins' in its chain.
+        first_seen: dict[str, str] = {}
+        for r in rows:
+            first_seen.setdefault(r["tenant_id"], r["action"])
+        assert set(first_seen.values()) == {"tenant.create"}
+        verdicts = await audit.verify(conns[0])
+        assert [(v.tenant_id, v.problem) for v in verdicts if v.problem is not None] == []
+        assert sum(v.checked for v in verdicts) == len(rows)
     finally:
         for c in conns:
             await c.close()
