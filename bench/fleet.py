@@ -710,7 +710,11 @@ CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
             "plugin_dependencies",
         ),
     ),
-    ("plugin ids", ("insert into plugins", "insert into tenants", "from plugins")),
+    # (the audit entries of the tenants and plugins an agent creates on first sight too)
+    (
+        "plugin ids",
+        ("insert into plugins", "insert into tenants", "from plugins", "'daemon', e.action"),
+    ),
     (
         "maintenance",
         (

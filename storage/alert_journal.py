@@ -43,7 +43,7 @@ from pluginmon.storage.outbox_store import (
     insert_outbox,
     reconcile_outbox,
 )
-from pluginmon.storage.queries import ensure_tenant_and_plugin
+from pluginmon.storage.queries import check_plugin_key, ensure_plugins
 from pluginmon.storage.spool import Spool, SpooledBatch
 
 logger = logging.getLogger(__name__)
@@ -270,26 +270,46 @@ def entry_plugin(entry: AlertWrite | OutboxWrite) -> str:
 
 class PluginIdResolver:
     """Plugin ids of journal entries journaled before their plugin had one, looked up (and
-    the plugin created, as the sample sink would) by (tenant, name) once per replay."""
+    the plugin created, as the sample sink would) by (tenant, name) for a whole replay at
+    once, before its transaction: the plugins it creates and their audit entries commit on
+    their own (storage.queries.ensure_plugins), so the replay's long transaction holds no
+    tenant's audit chain head, and a savepoint rolled back never takes an id with it."""
 
     def __init__(self) -> None:
-        self._ids: dict[tuple[str, str, str], int] = {}
+        self._ids: dict[tuple[str, str], int] = {}
+        self._refused: dict[tuple[str, str], str] = {}
 
-    async def resolve(self, conn: Connection, entry: AlertWrite | OutboxWrite) -> int:
+    async def prepare(self, conn: Connection, batches: Sequence[JournalBatch]) -> None:
+        keys: list[tuple[str, str, str]] = []
+        for batch in batches:
+            for entry in batch.entries:
+                if isinstance(entry, DeliveryRecord) or entry.plugin_id is not None:
+                    continue
+                key = (entry.tenant_id, entry_plugin(entry))
+                try:
+                    check_plugin_key(*key)
+                except ValueError as exc:
+                    self._refused[key] = str(exc)
+                else:
+                    keys.append((*key, entry.environment))
+        if keys:
+            self._ids.update(await ensure_plugins(conn, keys))
+
+    def resolve(self, entry: AlertWrite | OutboxWrite) -> int:
         """The entry's plugin id; ValueError when the schema refuses the plugin."""
         if entry.plugin_id is not None:
             return entry.plugin_id
-        key = (entry.tenant_id, entry_plugin(entry), entry.environment)
-        found = self._ids.get(key)
-        if found is None:
-            found = self._ids[key] = await ensure_tenant_and_plugin(conn, *key)
-        return found
+        key = (entry.tenant_id, entry_plugin(entry))
+        if key in self._refused:
+            raise ValueError(self._refused[key])
+        return self._ids[key]
 
 
 async def replay_journal(
     conn: Connection, batches: Sequence[JournalBatch], *, instance: str = ""
 ) -> ReplayResult:
-    """Write journaled batches in order, in one transaction; safe to repeat.
+    """Write journaled batches in order, in one transaction; safe to repeat. (The plugins
+    that entries without an id name are created first, committed on their own.)
 
     Each entry keeps the owner instance it was journaled with; an entry without one (written
     before owners were recorded) gets ``instance``, the replaying engine's: the journal lives
@@ -309,6 +329,7 @@ async def replay_journal(
         if isinstance(e, DeliveryRecord)
     }
     ids = PluginIdResolver()
+    await ids.prepare(conn, batches)
     alerts = notifications = skipped = refused = delivered = 0
     async with conn.transaction():
         for batch in batches:
@@ -319,7 +340,7 @@ async def replay_journal(
                     entry = replace(entry, instance=instance)
                 try:
                     async with conn.transaction():  # a savepoint
-                        entry = replace(entry, plugin_id=await ids.resolve(conn, entry))
+                        entry = replace(entry, plugin_id=ids.resolve(entry))
                         if isinstance(entry, AlertWrite):
                             if await replay_alert(conn, entry) is None:
                                 skipped += 1

@@ -57,11 +57,12 @@ RETURNING tenant_id, name, id
 """
 
 
-# What the daemon creates on first sight of a plugin (its samples, metrics or alerts) is
-# audited like a write through the API or the CLI (registry.audit; sql/030's trigger chains
-# each entry): one entry per tenant and per plugin created, actor "daemon", in the
-# transaction that creates them, in tenant order (each tenant's chain head is locked until
-# commit: one order, no deadlock between two agents).
+# What the daemon creates on first sight of a plugin (its samples, scraped metrics or
+# journaled alerts) is audited like a write through the API or the CLI (registry.audit;
+# sql/030's trigger chains each entry): one entry per tenant and per plugin created, actor
+# "daemon", in the transaction that creates them, in tenant order (each tenant's chain head
+# is locked until commit: one order, no deadlock between two agents). Callers run it in a
+# transaction of its own, not inside a longer one that would hold those heads.
 _AUDIT_CREATED_SQL = """
 INSERT INTO audit_log (tenant_id, occurred_at, actor, action, entity_type, entity_id,
                        plugin_id, plugin_name, environment, details)
@@ -109,14 +110,14 @@ async def ensure_plugins(
     if not missing:
         return found
     async with conn.transaction():
-        tenants = await conn.fetch(_ENSURE_TENANTS_SQL, sorted({t for t, _ in missing}))
+        new_tenants = await conn.fetch(_ENSURE_TENANTS_SQL, sorted({t for t, _ in missing}))
         created = await conn.fetch(
             _CREATE_PLUGINS_SQL,
             [t for t, _ in missing],
             [n for _, n in missing],
             [first[k] for k in missing],
         )
-        await _audit_created(conn, [str(r["id"]) for r in tenants], created, first)
+        await _audit_created(conn, [str(r["id"]) for r in new_tenants], created, first)
     found.update(((r["tenant_id"], r["name"]), int(r["id"])) for r in created)
     raced = [k for k in missing if k not in found]
     if raced:

@@ -9,6 +9,7 @@ import shutil
 import signal
 import sys
 from collections.abc import AsyncIterator, Sequence
+from datetime import datetime
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -267,6 +268,81 @@ async def test_journal_entries_without_an_owner_get_the_replaying_instance(
         journal.close()
     assert result.alerts == 1
     assert owner == "host-a"
+
+
+def _unresolved_write(
+    tenant: str, plugin: str, fingerprint: str, at: datetime, severity: str = "critical"
+) -> alert_state.AlertWrite:
+    """An alert write journaled before its plugin had an id (named in its labels only)."""
+    return alert_state.AlertWrite(
+        id=None,
+        tenant_id=tenant,
+        plugin_id=None,
+        environment="production",
+        rule_name="CpuHigh",
+        fingerprint=fingerprint,
+        severity=severity,
+        status="firing",
+        inhibited=False,
+        value=90.0,
+        labels={"alertname": "CpuHigh", "plugin": plugin},
+        annotations={},
+        started_at=at,
+        fired_at=at,
+        resolved_at=None,
+        silenced_until=None,
+        last_active_at=at,
+        last_evaluated_at=at,
+        notified_at=None,
+    )
+
+
+async def test_journal_entries_without_a_plugin_id_create_their_plugins_first(
+    pool: asyncpg.Pool, tmp_path: Path
+) -> None:
+    """A journal written before the database knew the plugins: the replay creates them (and
+    their tenants) by name before its own transaction, audited as the daemon's, and drops an
+    entry whose tenant the schema refuses, naming it, without losing the others. An entry
+    the database refuses (a severity its CHECK does not know) does not take its plugin with
+    it: the plugin was created first, so the plugin's next entry is written (it was refused
+    too when the plugin was created inside the refused entry's savepoint)."""
+    clock = FakeClock()
+    writes = [
+        _unresolved_write("newco", "resizer", "0000000000000000", clock(), severity="bogus"),
+        _unresolved_write("newco", "resizer", "1111111111111111", clock()),
+        _unresolved_write("Bad Tenant", "resizer", "2222222222222222", clock()),
+        _unresolved_write("otherco", "indexer", "3333333333333333", clock()),
+    ]
+    journal = alert_journal.AlertJournal(tmp_path / "j")
+    try:
+        journal.append(writes, [])
+        async with pool.acquire() as conn:
+            result = await alert_journal.replay_journal(conn, journal.read(), instance="host-a")
+            alerts = await conn.fetch(
+                "SELECT a.tenant_id, p.name, a.fingerprint FROM plugin_alerts a"
+                " JOIN plugins p ON p.id = a.plugin_id ORDER BY a.fingerprint"
+            )
+            audited = await conn.fetch(
+                "SELECT tenant_id, actor, action, entity_id FROM audit_log ORDER BY id"
+            )
+            again = await alert_journal.replay_journal(conn, journal.read(), instance="host-a")
+            audited_again = await conn.fetchval("SELECT count(*) FROM audit_log")
+    finally:
+        journal.close()
+    assert (result.alerts, result.refused) == (2, 2)
+    assert [tuple(r) for r in alerts] == [
+        ("newco", "resizer", "1111111111111111"),
+        ("otherco", "indexer", "3333333333333333"),
+    ]
+    assert sorted(tuple(r) for r in audited) == [
+        ("newco", "daemon", "plugin.create", "resizer"),
+        ("newco", "daemon", "tenant.create", "newco"),
+        ("otherco", "daemon", "plugin.create", "indexer"),
+        ("otherco", "daemon", "tenant.create", "otherco"),
+    ]
+    # Replayed again (a crash before the ack): nothing created, nothing audited twice.
+    assert again.refused == 2
+    assert audited_again == len(audited)
 
 
 async def test_replaying_a_journal_twice_does_not_duplicate(
