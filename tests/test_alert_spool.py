@@ -226,58 +226,21 @@ async def test_journal_replay_keeps_the_owner_instance(
     assert [r.json["status"] for r in receiver.received] == ["firing"]
 
 
-async def test_journal_entries_without_an_owner_get_the_replaying_instance(
-    pool: asyncpg.Pool, tmp_path: Path
-) -> None:
-    """Entries journaled before owners were recorded carry no "instance": the replaying
-    engine's instance is used (the journal lives in that daemon's data directory)."""
-    clock = FakeClock()
-    ids = await plugin_ids(pool, [KEY])
-    write = alert_state.AlertWrite(
-        id=None,
-        tenant_id=KEY.tenant,
-        plugin_id=ids[KEY],
-        environment=KEY.environment,
-        rule_name="CpuHigh",
-        fingerprint="0123456789abcdef",
-        severity="critical",
-        status="firing",
-        inhibited=False,
-        value=90.0,
-        labels={"alertname": "CpuHigh", "plugin": KEY.plugin},
-        annotations={},
-        started_at=clock(),
-        fired_at=clock(),
-        resolved_at=None,
-        silenced_until=None,
-        last_active_at=clock(),
-        last_evaluated_at=clock(),
-        notified_at=None,
-    )
-    old_format = json.loads(alert_journal.encode_alert_write(write))
-    assert old_format.pop("instance") == ""
-    decoded = alert_journal.decode_alert_write(json.dumps(old_format))
-    assert decoded.instance == ""
-    journal = alert_journal.AlertJournal(tmp_path / "j")
-    try:
-        journal.append([decoded], [])
-        async with pool.acquire() as conn:
-            result = await alert_journal.replay_journal(conn, journal.read(), instance="host-a")
-            owner = await conn.fetchval("SELECT instance FROM plugin_alerts")
-    finally:
-        journal.close()
-    assert result.alerts == 1
-    assert owner == "host-a"
-
-
-def _unresolved_write(
-    tenant: str, plugin: str, fingerprint: str, at: datetime, severity: str = "critical"
+def _alert_write(
+    tenant: str,
+    plugin: str,
+    fingerprint: str,
+    at: datetime,
+    *,
+    plugin_id: int | None = None,
+    severity: str = "critical",
 ) -> alert_state.AlertWrite:
-    """An alert write journaled before its plugin had an id (named in its labels only)."""
+    """A firing alert's journaled write; without ``plugin_id`` as one journaled before its
+    plugin had an id (named in its labels only)."""
     return alert_state.AlertWrite(
         id=None,
         tenant_id=tenant,
-        plugin_id=None,
+        plugin_id=plugin_id,
         environment="production",
         rule_name="CpuHigh",
         fingerprint=fingerprint,
@@ -297,6 +260,31 @@ def _unresolved_write(
     )
 
 
+async def test_journal_entries_without_an_owner_get_the_replaying_instance(
+    pool: asyncpg.Pool, tmp_path: Path
+) -> None:
+    """Entries journaled before owners were recorded carry no "instance": the replaying
+    engine's instance is used (the journal lives in that daemon's data directory)."""
+    clock = FakeClock()
+    ids = await plugin_ids(pool, [KEY])
+    write = _alert_write(KEY.tenant, KEY.plugin, "0123456789abcdef", clock(), plugin_id=ids[KEY])
+    assert write.environment == KEY.environment
+    old_format = json.loads(alert_journal.encode_alert_write(write))
+    assert old_format.pop("instance") == ""
+    decoded = alert_journal.decode_alert_write(json.dumps(old_format))
+    assert decoded.instance == ""
+    journal = alert_journal.AlertJournal(tmp_path / "j")
+    try:
+        journal.append([decoded], [])
+        async with pool.acquire() as conn:
+            result = await alert_journal.replay_journal(conn, journal.read(), instance="host-a")
+            owner = await conn.fetchval("SELECT instance FROM plugin_alerts")
+    finally:
+        journal.close()
+    assert result.alerts == 1
+    assert owner == "host-a"
+
+
 async def test_journal_entries_without_a_plugin_id_create_their_plugins_first(
     pool: asyncpg.Pool, tmp_path: Path
 ) -> None:
@@ -308,10 +296,10 @@ async def test_journal_entries_without_a_plugin_id_create_their_plugins_first(
     too when the plugin was created inside the refused entry's savepoint)."""
     clock = FakeClock()
     writes = [
-        _unresolved_write("newco", "resizer", "0000000000000000", clock(), severity="bogus"),
-        _unresolved_write("newco", "resizer", "1111111111111111", clock()),
-        _unresolved_write("Bad Tenant", "resizer", "2222222222222222", clock()),
-        _unresolved_write("otherco", "indexer", "3333333333333333", clock()),
+        _alert_write("newco", "resizer", "0000000000000000", clock(), severity="bogus"),
+        _alert_write("newco", "resizer", "1111111111111111", clock()),
+        _alert_write("Bad Tenant", "resizer", "2222222222222222", clock()),
+        _alert_write("otherco", "indexer", "3333333333333333", clock()),
     ]
     journal = alert_journal.AlertJournal(tmp_path / "j")
     try:
