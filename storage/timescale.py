@@ -287,19 +287,25 @@ def refresh_rollups(
                 conn.execute(_REFRESH_SQL, (relation, window_start, window_end))
                 break
             except psycopg.errors.LockNotAvailable as exc:
-                if pause is None or _CONCURRENT_REFRESH not in str(exc):
+                wait = _retry_after(exc, relation, pause)
+                if wait is None:
                     raise
-                _log_concurrent_refresh(relation, pause)
-                time.sleep(pause)
+                time.sleep(wait)
 
 
-def _log_concurrent_refresh(relation: str, pause: float) -> None:
+def _retry_after(exc: Exception, relation: str, pause: float | None) -> float | None:
+    """How long to wait before a refresh of ``relation`` that raised ``exc`` is tried again:
+    ``pause``, logged, for a concurrent refresh; None (raise) for any other LockNotAvailable
+    or when the pauses are used up (``pause`` None). The sync and async loops share it."""
+    if pause is None or _CONCURRENT_REFRESH not in str(exc):
+        return None
     logger.info(
         "%s is being refreshed over an overlapping window by another session (a refresh "
         "policy's job or another back-fill): trying again in %.2f s",
         relation,
         pause,
     )
+    return pause
 
 
 async def _refresh(conn: AdminConnection, relation: str, start: datetime, end: datetime) -> None:
@@ -308,10 +314,10 @@ async def _refresh(conn: AdminConnection, relation: str, start: datetime, end: d
             await conn.execute(_REFRESH_SQL, (relation, start, end))
             return
         except psycopg.errors.LockNotAvailable as exc:
-            if pause is None or _CONCURRENT_REFRESH not in str(exc):
+            wait = _retry_after(exc, relation, pause)
+            if wait is None:
                 raise
-            _log_concurrent_refresh(relation, pause)
-            await asyncio.sleep(pause)
+            await asyncio.sleep(wait)
 
 
 class TimescaleMaintenance:
