@@ -292,8 +292,22 @@ class PluginIdResolver:
                     self._refused[key] = str(exc)
                 else:
                     keys.append((*key, entry.environment))
-        if keys:
+        if not keys:
+            return
+        try:
             self._ids.update(await ensure_plugins(conn, keys))
+        except asyncpg.PostgresError as exc:
+            if isinstance(exc, TRANSIENT_ERRORS):
+                raise
+            # The database refuses one of them for good (e.g. a NUL in a name): each alone, so
+            # only that plugin's entries are dropped, as when each entry created its own.
+            for tenant, plugin, environment in keys:
+                try:
+                    self._ids.update(await ensure_plugins(conn, [(tenant, plugin, environment)]))
+                except asyncpg.PostgresError as one:
+                    if isinstance(one, TRANSIENT_ERRORS):
+                        raise
+                    self._refused[(tenant, plugin)] = str(one)
 
     def resolve(self, entry: AlertWrite | OutboxWrite) -> int:
         """The entry's plugin id; ValueError when the schema refuses the plugin."""

@@ -290,7 +290,8 @@ async def test_journal_entries_without_a_plugin_id_create_their_plugins_first(
 ) -> None:
     """A journal written before the database knew the plugins: the replay creates them (and
     their tenants) by name before its own transaction, audited as the daemon's, and drops an
-    entry whose tenant the schema refuses, naming it, without losing the others. An entry
+    entry whose tenant the schema refuses, or whose plugin the database refuses (a NUL in its
+    name), naming it, without losing the others. An entry
     the database refuses (a severity its CHECK does not know) does not take its plugin with
     it: the plugin was created first, so the plugin's next entry is written (it was refused
     too when the plugin was created inside the refused entry's savepoint)."""
@@ -299,6 +300,7 @@ async def test_journal_entries_without_a_plugin_id_create_their_plugins_first(
         _alert_write("newco", "resizer", "0000000000000000", clock(), severity="bogus"),
         _alert_write("newco", "resizer", "1111111111111111", clock()),
         _alert_write("Bad Tenant", "resizer", "2222222222222222", clock()),
+        _alert_write("newco", "nul\x00name", "4444444444444444", clock()),  # the database refuses
         _alert_write("otherco", "indexer", "3333333333333333", clock()),
     ]
     journal = alert_journal.AlertJournal(tmp_path / "j")
@@ -317,7 +319,7 @@ async def test_journal_entries_without_a_plugin_id_create_their_plugins_first(
             audited_again = await conn.fetchval("SELECT count(*) FROM audit_log")
     finally:
         journal.close()
-    assert (result.alerts, result.refused) == (2, 2)
+    assert (result.alerts, result.refused) == (2, 3)
     assert [tuple(r) for r in alerts] == [
         ("newco", "resizer", "1111111111111111"),
         ("otherco", "indexer", "3333333333333333"),
@@ -329,7 +331,7 @@ async def test_journal_entries_without_a_plugin_id_create_their_plugins_first(
         ("otherco", "daemon", "tenant.create", "otherco"),
     ]
     # Replayed again (a crash before the ack): nothing created, nothing audited twice.
-    assert again.refused == 2
+    assert again.refused == 3
     assert audited_again == len(audited)
 
 
