@@ -7,7 +7,6 @@ embedded PostgreSQL (18, from the pip package), where no pluginmon role exists y
 
 from __future__ import annotations
 
-import glob
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -29,7 +28,7 @@ from pluginmon.storage.embedded import EmbeddedPostgres
 from pluginmon.storage.migrate import MissingPrivilegeError, applied_versions, migrate
 from pluginmon.storage.reachability import failure_reason
 from tests.daemon_helpers import run_cli
-from tests.pg_cluster import Cluster
+from tests.pg_cluster import Cluster, system_postgres_bin_dir
 
 API_ROLES = "pluginmon_api, pluginmon_audit_retention"
 
@@ -228,17 +227,8 @@ def test_another_owner_on_the_same_server_is_told_who_can_grant_and_then_migrate
 # -- a server before PostgreSQL 16 (the Debian package, when installed) ------------------------
 
 
-def _server_before_16() -> Path | None:
-    """The newest installed /usr/lib/postgresql/<major>/bin with a major below 16, or None."""
-    found = [
-        Path(initdb).parent
-        for initdb in glob.glob("/usr/lib/postgresql/*/bin/initdb")
-        if Path(initdb).parent.parent.name.isdigit() and int(Path(initdb).parent.parent.name) < 16
-    ]
-    return max(found, key=lambda b: int(b.parent.name)) if found else None
-
-
-BEFORE_16 = _server_before_16()
+# The newest server of 10-15 installed (the same glob as .ci/run), or None.
+BEFORE_16 = system_postgres_bin_dir("1[0-5]")
 if BEFORE_16 is None:
     print(
         "skipping the pre-16 migration-role test: no /usr/lib/postgresql/<major below 16>/"
