@@ -71,12 +71,22 @@ class RoleState:
 
 
 def roles_needed(pending_files: set[str]) -> tuple[ClusterRole, ...]:
-    """The roles that the pending migration files create or grant."""
+    """The roles that the pending migration files create or grant.
+
+    Files are matched by their version (``031``), so an engine's variant of a file
+    (``031_audit_expire_execute.citus.sql``) counts as the file it replaces.
+    """
+    pending = {_version(f) for f in pending_files}
     return tuple(
         role
         for role in CLUSTER_ROLES
-        if role.created_by in pending_files or pending_files.intersection(role.granted_in)
+        if _version(role.created_by) in pending
+        or pending.intersection(map(_version, role.granted_in))
     )
+
+
+def _version(filename: str) -> str:
+    return filename.split("_", 1)[0]
 
 
 def missing_privileges(migrator: Migrator, states: tuple[RoleState, ...]) -> str | None:

@@ -9,7 +9,9 @@ import pwd
 import secrets
 import shutil
 import subprocess
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import quote
 
@@ -24,6 +26,18 @@ def system_postgres_bin_dir(major: str = "*") -> Path | None:
     """The newest /usr/lib/postgresql/<major>/bin that has initdb, or None."""
     found = sorted(glob.glob(f"/usr/lib/postgresql/{major}/bin/initdb"))
     return Path(found[-1]).parent if found else None
+
+
+@contextlib.contextmanager
+def throwaway_cluster(bin_dir: Path) -> Iterator[str]:
+    """The superuser URL of a new cluster of the server in ``bin_dir``, removed afterwards."""
+    directory = Path(tempfile.mkdtemp(prefix="pluginmon-test-pg-"))
+    server = Cluster(bin_dir, directory / "cluster").init().start()
+    try:
+        yield server.url()
+    finally:
+        server.remove()
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def extension_control_file(bin_dir: Path, name: str) -> Path | None:
