@@ -42,6 +42,7 @@ from pluginmon.alerts.rules import (
     template_problem,
 )
 from pluginmon.collectors.exposition import ExpositionLimits
+from pluginmon.collectors.labels import NAME_RULE, escaped_preview
 from pluginmon.collectors.models import Match, PluginKey, PluginSpec
 from pluginmon.collectors.scrape import ScrapeConfig, ScrapeTarget
 from pluginmon.collectors.specs import (
@@ -79,6 +80,13 @@ from pluginmon.daemon.config_schema import (
 
 
 Criterion = Annotated[str | None, Expect("must be a string")]
+_PLUGIN_NAME = re.compile(NAME_RULE)
+
+
+def _shown(value: str) -> str:
+    """``value`` for an error's location: as is when printable, else escaped (a newline in a
+    name must not start a line of its own in the message)."""
+    return value if value.isprintable() else ascii(value)[1:-1]
 
 
 class MatchTable(Table):
@@ -142,8 +150,10 @@ class PluginTable(Table):
     )
 
     tenant: Annotated[str, Expect("required, a string")]
-    name: Annotated[str, Expect("required, a non-empty string")]
-    environment: Annotated[str, Expect("must be a non-empty string")] = DEFAULT_ENVIRONMENT
+    name: Annotated[str, Expect(f"required, a string matching {NAME_RULE}")]
+    environment: Annotated[str, Expect(f"must be a string matching {NAME_RULE}")] = (
+        DEFAULT_ENVIRONMENT
+    )
     match: Annotated[MatchTable, Expect(f"required, with any of: {', '.join(MATCH_KEYS)}")]
     # The plugin's own metrics endpoint; unset limits take [plugin_metrics]'s.
     metrics_url: Annotated[str | None, Expect(METRICS_URL_PROBLEM)] = None
@@ -159,7 +169,7 @@ class PluginTable(Table):
         if isinstance(raw, Mapping):
             tenant, name = raw.get("tenant"), raw.get("name")
             if isinstance(tenant, str) and isinstance(name, str):
-                return f"{tenant}/{name}"
+                return f"{_shown(tenant)}/{_shown(name)}"
         return None
 
     @field_validator("tenant")
@@ -169,18 +179,16 @@ class PluginTable(Table):
             raise ValueError(f"{value!r} is not a tenant slug ({TENANT_SLUG.pattern})")
         return value
 
-    @field_validator("name")
+    @field_validator("name", "environment")
     @classmethod
     def _name(cls, value: str) -> str:
+        # The rule of a label-discovered plugin's names and of the API's plugin names
+        # (registry.plugins): a configured plugin is addressable in /api/v1/plugins/{name}
+        # and never refused by the database (a NUL in a TOML "\u0000" escape was).
         if not value.strip():
             raise ValueError("required, a non-empty string")
-        return value
-
-    @field_validator("environment")
-    @classmethod
-    def _environment(cls, value: str) -> str:
-        if not value.strip():
-            raise ValueError("must be a non-empty string")
+        if _PLUGIN_NAME.fullmatch(value) is None:
+            raise ValueError(f"{escaped_preview(value)} must match {NAME_RULE}")
         return value
 
     @field_validator("metrics_url")

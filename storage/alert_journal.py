@@ -43,7 +43,7 @@ from pluginmon.storage.outbox_store import (
     insert_outbox,
     reconcile_outbox,
 )
-from pluginmon.storage.queries import check_plugin_key, ensure_plugins
+from pluginmon.storage.queries import check_plugin_key, ensure_plugins_each
 from pluginmon.storage.spool import Spool, SpooledBatch
 
 logger = logging.getLogger(__name__)
@@ -268,6 +268,10 @@ def entry_plugin(entry: AlertWrite | OutboxWrite) -> str:
     return ""
 
 
+def _permanent(exc: BaseException) -> bool:
+    return isinstance(exc, asyncpg.PostgresError) and not isinstance(exc, TRANSIENT_ERRORS)
+
+
 class PluginIdResolver:
     """Plugin ids of journal entries journaled before their plugin had one, looked up (and
     the plugin created, as the sample sink would) by (tenant, name) for a whole replay at
@@ -294,20 +298,11 @@ class PluginIdResolver:
                     keys.append((*key, entry.environment))
         if not keys:
             return
-        try:
-            self._ids.update(await ensure_plugins(conn, keys))
-        except asyncpg.PostgresError as exc:
-            if isinstance(exc, TRANSIENT_ERRORS):
-                raise
-            # The database refuses one of them for good (e.g. a NUL in a name): each alone, so
-            # only that plugin's entries are dropped, as when each entry created its own.
-            for tenant, plugin, environment in keys:
-                try:
-                    self._ids.update(await ensure_plugins(conn, [(tenant, plugin, environment)]))
-                except asyncpg.PostgresError as one:
-                    if isinstance(one, TRANSIENT_ERRORS):
-                        raise
-                    self._refused[(tenant, plugin)] = str(one)
+        # The database refuses one of them for good (e.g. a NUL in a name): each alone, so only
+        # that plugin's entries are dropped, as the replay drops an entry the database refuses.
+        ids, refused = await ensure_plugins_each(conn, keys, refused=_permanent)
+        self._ids.update(ids)
+        self._refused.update(refused)
 
     def resolve(self, entry: AlertWrite | OutboxWrite) -> int:
         """The entry's plugin id; ValueError when the schema refuses the plugin."""

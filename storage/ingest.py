@@ -33,7 +33,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from pluginmon.collectors.models import SAMPLE_MEASUREMENTS, PluginKey, PluginSample, Snapshot
 from pluginmon.storage.drops import DropCounts, DropReason, spool_append_failure
 from pluginmon.storage.errors import TRANSIENT_ERRORS
-from pluginmon.storage.queries import check_plugin_key, ensure_plugins
+from pluginmon.storage.queries import check_plugin_key, ensure_plugins_each
 from pluginmon.storage.reachability import DatabaseWatch
 from pluginmon.storage.spool import Row, Spool, SpoolCodecError, SpooledBatch, SpoolFullError
 from pluginmon.storage.writer import PLUGIN_SAMPLES_COLUMNS, BatchWriter
@@ -337,11 +337,24 @@ class SampleSink:
                 # resolved.
                 for start in range(0, len(valid), RESOLVE_CHUNK):
                     chunk = valid[start : start + RESOLVE_CHUNK]
-                    ids = await ensure_plugins(
+                    ids, refused = await ensure_plugins_each(
                         conn, [(k.tenant, k.plugin, k.environment) for k in chunk]
                     )
                     for key in chunk:
-                        self._plugin_ids[key] = ids[(key.tenant, key.plugin)]
+                        plugin_id = ids.get((key.tenant, key.plugin))
+                        if plugin_id is not None:
+                            self._plugin_ids[key] = plugin_id
+                            continue
+                        # Refused for good: never asked again; its samples are dropped
+                        # (invalid_plugin), the other plugins of the chunk resolve.
+                        self._invalid.add(key)
+                        logger.warning(
+                            "plugin %r/%r (%r): not stored: the database refuses it: %s",
+                            key.tenant,
+                            key.plugin,
+                            key.environment,
+                            refused[(key.tenant, key.plugin)],
+                        )
         except (*TRANSIENT_ERRORS, asyncpg.PostgresError) as exc:
             self._resolve_retry_at = self._clock() + RESOLVE_RETRY_SECONDS
             self._database.failed(exc)

@@ -32,7 +32,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from pluginmon.collectors.models import PluginKey, PluginMetrics
 from pluginmon.storage.errors import TRANSIENT_ERRORS
-from pluginmon.storage.queries import ensure_tenant_and_plugin
+from pluginmon.storage.queries import ensure_tenant_and_plugin, refused_value
 from pluginmon.storage.spool import Row
 from pluginmon.storage.writer import BatchWriter
 
@@ -153,6 +153,17 @@ class MetricSink:
                 )
                 return None
             except (*TRANSIENT_ERRORS, asyncpg.PostgresError) as exc:
+                if refused_value(exc):
+                    # Refused for good (a value of the key itself): never asked again.
+                    self._invalid.add(key)
+                    logger.warning(
+                        "metrics of plugin %r/%r (%r) not stored: the database refuses it: %s",
+                        key.tenant,
+                        key.plugin,
+                        key.environment,
+                        exc,
+                    )
+                    return None
                 self._retry_at = self._clock() + RESOLVE_RETRY_SECONDS
                 self._database.failed(exc)
                 return None

@@ -12,7 +12,7 @@ is checked against the slug pattern and then quoted as a literal.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import asyncpg
@@ -132,6 +132,47 @@ async def ensure_plugins(
             f"{f' (and {len(lost) - 1} more)' if len(lost) > 1 else ''}"
         )
     return found
+
+
+def refused_value(exc: BaseException) -> bool:
+    """Whether the database (or the driver, encoding a parameter) refused a value itself: a
+    data exception (SQLSTATE class 22, e.g. a NUL in a text value) or an integrity constraint
+    violation (class 23). The same input fails again however often it is sent; other input
+    in the same statement may pass."""
+    if isinstance(exc, asyncpg.PostgresError):
+        return str(exc.sqlstate or "")[:2] in ("22", "23")
+    # asyncpg's own DataError ("invalid input for query argument") is both of these
+    return isinstance(exc, asyncpg.InterfaceError) and isinstance(exc, ValueError)
+
+
+async def ensure_plugins_each(
+    conn: asyncpg.Connection,
+    keys: Sequence[tuple[str, str, str]],
+    *,
+    refused: Callable[[BaseException], bool] = refused_value,
+) -> tuple[dict[tuple[str, str], int], dict[tuple[str, str], str]]:
+    """:func:`ensure_plugins`, and when it fails with an error ``refused`` says one of the
+    keys caused, each key alone, so that only the plugins the database refuses are left out
+    (one NUL in a name held back the ids of a whole chunk, retried for ever).
+
+    Returns the ids by (tenant, name) and, for each refused plugin, the database's reason.
+    Any other error is raised.
+    """
+    try:
+        return await ensure_plugins(conn, keys), {}
+    except (asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        if not refused(exc):
+            raise
+    ids: dict[tuple[str, str], int] = {}
+    reasons: dict[tuple[str, str], str] = {}
+    for key in keys:
+        try:
+            ids.update(await ensure_plugins(conn, [key]))
+        except (asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            if not refused(exc):
+                raise
+            reasons[(key[0], key[1])] = str(exc)
+    return ids, reasons
 
 
 async def _audit_created(

@@ -69,6 +69,34 @@ def test_errors_name_plugin_and_field_and_all_are_listed() -> None:
         assert f"{location}: {message}" in text
 
 
+def test_names_follow_the_label_and_api_rule_and_a_nul_is_refused_by_field() -> None:
+    # A TOML "\u0000" escape gives a name the database refuses (invalid byte sequence):
+    # refused here, by field, like a name the API could not address.
+    raw: list[dict[str, object]] = [
+        {"tenant": "acme", "name": "ok.v2_a-b", "match": {"name": "ok"}},
+        {"tenant": "acme", "name": "nul\x00name", "match": {"name": "x"}},
+        {"tenant": "acme", "name": "has space", "match": {"name": "x"}},
+        {"tenant": "acme", "name": "envs", "environment": "prod\x00", "match": {"name": "x"}},
+        {"tenant": "acme", "name": "n" * 129, "match": {"name": "x"}},
+        {"tenant": "acme", "name": "-dash-first", "match": {"name": "x"}},
+        {"tenant": "acme", "name": "two\nlines", "match": {"name": "x"}},
+    ]
+    with pytest.raises(ConfigError) as caught:
+        parse_plugin_specs(raw)
+    problems = dict(caught.value.located)
+    rule = "must match [A-Za-z0-9][A-Za-z0-9._-]{0,127}"
+    assert problems == {
+        "plugins[1] (acme/nul\\x00name).name": f"b'nul\\x00name' {rule}",
+        "plugins[2] (acme/has space).name": f"b'has space' {rule}",
+        "plugins[3] (acme/envs).environment": f"b'prod\\x00' {rule}",
+        f"plugins[4] (acme/{'n' * 129}).name": f"b'{'n' * 64}'... (129 characters) {rule}",
+        "plugins[5] (acme/-dash-first).name": f"b'-dash-first' {rule}",
+        "plugins[6] (acme/two\\nlines).name": f"b'two\\nlines' {rule}",
+    }
+    assert "\x00" not in str(caught.value)
+    assert "two\nlines" not in str(caught.value)
+
+
 @pytest.mark.parametrize(
     ("match", "field", "message"),
     [

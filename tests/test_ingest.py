@@ -185,6 +185,37 @@ async def test_a_thousand_new_plugins_resolve_in_one_put(migrated_db: str, tmp_p
     )
 
 
+async def test_a_plugin_the_database_refuses_leaves_the_rest_of_its_chunk_resolved(
+    migrated_db: str, tmp_path: Path
+) -> None:
+    """A name that passes the sink's own check but that the database refuses for good (a NUL
+    byte: "invalid byte sequence", SQLSTATE 22021) is dropped and never asked again; the other
+    plugins of its chunk resolve in the same put, and the database is not reported down."""
+    keys = [PluginKey("tenul", f"p{i}", "prod") for i in range(20)]
+    refused = [PluginKey("tenul", "nul\x00name", "prod"), PluginKey("tenul", "ok", "e\x00")]
+    pool = await open_pool(migrated_db, min_size=0)
+    unresolved = UnresolvedSpool(tmp_path / "spool-unresolved", max_bytes=1 << 24)
+    try:
+        async with writer_on(pool) as writer:
+            sink = make_sink(pool, writer, unresolved, schema_ready=True)
+            await sink.put(snapshot_at(0, *keys[:10], *refused, *keys[10:]))
+            assert set(sink.plugin_ids) == set(keys)
+            assert unresolved.rows == 0
+            assert sink.dropped()[DropReason.INVALID_PLUGIN] == 2
+            assert sink._database.up is not False
+            # Never retried: the next snapshot drops them at once, without a lookup.
+            await sink.put(snapshot_at(1, *refused, *keys))
+            assert sink.dropped()[DropReason.INVALID_PLUGIN] == 4
+            await writer.flush()
+            assert sink.stats().rows_written == 40
+        async with pool.acquire() as conn:
+            names = await conn.fetch("SELECT name FROM plugins WHERE tenant_id = 'tenul'")
+    finally:
+        unresolved.close()
+        await close_pool(pool)
+    assert sorted(r["name"] for r in names) == sorted(k.plugin for k in keys)
+
+
 async def test_newer_samples_wait_behind_spooled_ones(migrated_db: str, tmp_path: Path) -> None:
     """While a plugin has samples in the unresolved spool, its new samples join them even if
     its id is known, so the writer sees them in time order."""

@@ -292,6 +292,27 @@ async def test_a_counter_reset_is_an_increase_from_zero_in_sql(migrated_db: str)
     assert got == {(pid, k.environment, "jobs_total"): pytest.approx(35 / 40)}
 
 
+async def test_a_plugin_the_database_refuses_is_dropped_once_and_not_asked_again(
+    migrated_db: str,
+) -> None:
+    """A key the database refuses for good (a NUL in the environment: SQLSTATE 22021) is
+    counted invalid_plugin and never looked up again, and the database is not reported down;
+    another plugin's points are stored."""
+    bad = PluginKey("acme", "refused", "env\x00")
+    good = key("alongside")
+    at = datetime.now(UTC)
+    point = MetricPoint("jobs_total", MetricKind.COUNTER, "{}", 1.0)
+    async with metric_storage(migrated_db) as storage:
+        for i in range(2):
+            await storage.sink.put(PluginMetrics(bad, at + timedelta(seconds=i), (point,)))
+        await storage.sink.put(PluginMetrics(good, at, (point,)))
+        await storage.writer.flush()
+        assert storage.sink.dropped()["invalid_plugin"] == 2
+        assert storage.sink.dropped()["plugin_unresolved"] == 0
+        assert storage.sink._database.up is not False  # type: ignore[attr-defined]
+        assert len(await rows_of(storage.pool, good)) == 1
+
+
 async def test_a_push_is_stored_reemitted_and_expires(migrated_db: str) -> None:
     k = key("nightly")
     clock = FakeClock(datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=5))
