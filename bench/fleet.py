@@ -291,8 +291,10 @@ class Agent:
         interval: float,
         hook: WebhookConfig,
         without: frozenset[str] = frozenset(),
+        health_write_interval: float = HEALTH_WRITE_INTERVAL_SECONDS,
     ) -> None:
         self.index = index
+        self._health_write_interval = health_write_interval
         self._without = without
         self._url = url
         self._dir = workdir / f"agent-{index:04d}"
@@ -351,7 +353,8 @@ class Agent:
             webhooks=[self._hook],
             spool_dir=self._dir / "alert-spool",
             instance=self._gen.host,
-            health_write_interval_seconds=HEALTH_WRITE_INTERVAL_SECONDS,
+            health_write_interval_seconds=self._health_write_interval,
+            plugin_health_update_seconds=self._health_write_interval,
             # as the daemon does: the registry job's interval
             registry_metrics_interval_seconds=MAINTENANCE_INTERVAL_SECONDS,
         )
@@ -501,7 +504,12 @@ class Agent:
 # -- a worker process: many agents on one event loop ---------------------------------------------
 
 
-async def worker_main(url: str, interval: float, without: frozenset[str]) -> None:
+async def worker_main(
+    url: str,
+    interval: float,
+    without: frozenset[str],
+    health_write_interval: float = HEALTH_WRITE_INTERVAL_SECONDS,
+) -> None:
     """Reads commands on stdin (one JSON object a line), answers on stdout."""
     leave_out(without)
     workdir = Path(tempfile.mkdtemp(prefix="pluginmon-bench-fleet-agents-"))
@@ -539,6 +547,7 @@ async def worker_main(url: str, interval: float, without: frozenset[str]) -> Non
                         interval=interval,
                         hook=hook,
                         without=without,
+                        health_write_interval=health_write_interval,
                     )
                     agents.append(agent)
                     tasks.append(asyncio.create_task(agent.run(stop), name=str(index)))
@@ -579,7 +588,9 @@ async def worker_main(url: str, interval: float, without: frozenset[str]) -> Non
 
 
 class Worker:
-    def __init__(self, url: str, interval: float, without: frozenset[str]) -> None:
+    def __init__(
+        self, url: str, interval: float, without: frozenset[str], health_write_interval: float
+    ) -> None:
         self.proc = subprocess.Popen(
             [
                 sys.executable,
@@ -591,6 +602,8 @@ class Worker:
                 str(interval),
                 "--without",
                 ",".join(sorted(without)),
+                "--health-write-interval",
+                str(health_write_interval),
             ],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
@@ -989,7 +1002,9 @@ def run_fleet(
     server: tuple[int, ...],
     without: frozenset[str] = frozenset(),
 ) -> list[StepResult]:
-    workers = [Worker(url, args.interval, without) for _ in range(args.workers)]
+    workers = [
+        Worker(url, args.interval, without, args.health_write_interval) for _ in range(args.workers)
+    ]
     results: list[StepResult] = []
     added = 0
     try:
@@ -1117,17 +1132,29 @@ def main() -> None:
         "fresh database of the same server), and print each part's database CPU per sample "
         "row (full minus without it)",
     )
+    parser.add_argument(
+        "--health-write-interval",
+        type=float,
+        default=HEALTH_WRITE_INTERVAL_SECONDS,
+        metavar="SECONDS",
+        help="each agent's health_write_interval_seconds, also its plugins.health_score "
+        "update interval (default: the daemon's, 60)",
+    )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--worker-url", help=argparse.SUPPRESS)
     args = parser.parse_args()
     without = parse_parts(args.without)
     if args.worker:
-        asyncio.run(worker_main(args.worker_url, args.interval, without))
+        asyncio.run(
+            worker_main(args.worker_url, args.interval, without, args.health_write_interval)
+        )
         return
     if args.ablate and without:
         raise SystemExit("--ablate leaves out each part in turn; give no --without with it")
     if without:
         print(f"left out: {', '.join(sorted(without))}")
+    if args.health_write_interval != HEALTH_WRITE_INTERVAL_SECONDS:
+        print(f"health_write_interval_seconds: {args.health_write_interval:g}")
 
     steps = [int(s) for s in args.steps.split(",")]
     ablations: list[tuple[frozenset[str], list[StepResult]]] = []
