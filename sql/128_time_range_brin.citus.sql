@@ -5,10 +5,14 @@
 -- than a week to columnar storage (storage/citus.py), which keeps B-tree indexes but not
 -- BRIN: alter_old_partitions_set_access_method() tries to drop the partition's BRIN index,
 -- which the parent's index requires, and the conversion fails. So on Citus the index is a
--- B-tree, on every shard. (Each statement through EXECUTE, as 123 says why.)
+-- B-tree, on every shard. A database migrated on PostgreSQL and then moved to Citus
+-- (docs/scaling.md) ran the common 128 and runs this one too: its BRIN indexes are replaced.
+-- (Each statement through EXECUTE, as 123 says why.)
 DO $$
 BEGIN
+    EXECUTE 'DROP INDEX IF EXISTS idx_plugin_samples_time';
     EXECUTE 'CREATE INDEX idx_plugin_samples_time ON plugin_samples ("timestamp")';
+    EXECUTE 'DROP INDEX IF EXISTS idx_plugin_metrics_time';
     EXECUTE 'CREATE INDEX idx_plugin_metrics_time ON plugin_metrics ("timestamp")';
 END
 $$;

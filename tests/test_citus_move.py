@@ -139,6 +139,14 @@ def test_a_postgres_backend_database_becomes_a_citus_database_with_its_data(
         after = migrate(url, backend=Backend.CITUS)
         assert after.backend is Backend.CITUS
         assert {100, 101, 102, 103} <= {int(f[:3]) for f in after.applied}, after.applied
+        # 128's BRIN indexes became B-trees (columnar partitions keep no BRIN).
+        with psycopg.connect(url) as conn:
+            time_indexes = conn.execute(
+                "SELECT tablename, indexdef LIKE '%USING btree (\"timestamp\")' FROM pg_indexes"
+                " WHERE indexname IN ('idx_plugin_samples_time', 'idx_plugin_metrics_time')"
+                " ORDER BY 1"
+            ).fetchall()
+        assert time_indexes == [("plugin_metrics", True), ("plugin_samples", True)]
 
         kinds = _distribution(url, ("tenants", "plugins", "plugin_samples", "plugin_operations"))
         assert kinds == {
