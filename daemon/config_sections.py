@@ -42,7 +42,7 @@ from pluginmon.alerts.rules import (
     template_problem,
 )
 from pluginmon.collectors.exposition import ExpositionLimits
-from pluginmon.collectors.labels import NAME_RULE, escaped_preview
+from pluginmon.collectors.labels import escaped_preview
 from pluginmon.collectors.models import Match, PluginKey, PluginSpec
 from pluginmon.collectors.scrape import ScrapeConfig, ScrapeTarget
 from pluginmon.collectors.specs import (
@@ -80,7 +80,6 @@ from pluginmon.daemon.config_schema import (
 
 
 Criterion = Annotated[str | None, Expect("must be a string")]
-_PLUGIN_NAME = re.compile(NAME_RULE)
 
 
 def _shown(value: str) -> str:
@@ -150,10 +149,8 @@ class PluginTable(Table):
     )
 
     tenant: Annotated[str, Expect("required, a string")]
-    name: Annotated[str, Expect(f"required, a string matching {NAME_RULE}")]
-    environment: Annotated[str, Expect(f"must be a string matching {NAME_RULE}")] = (
-        DEFAULT_ENVIRONMENT
-    )
+    name: Annotated[str, Expect("required, a non-empty string")]
+    environment: Annotated[str, Expect("must be a non-empty string")] = DEFAULT_ENVIRONMENT
     match: Annotated[MatchTable, Expect(f"required, with any of: {', '.join(MATCH_KEYS)}")]
     # The plugin's own metrics endpoint; unset limits take [plugin_metrics]'s.
     metrics_url: Annotated[str | None, Expect(METRICS_URL_PROBLEM)] = None
@@ -182,13 +179,15 @@ class PluginTable(Table):
     @field_validator("name", "environment")
     @classmethod
     def _name(cls, value: str) -> str:
-        # The rule of a label-discovered plugin's names and of the API's plugin names
-        # (registry.plugins): a configured plugin is addressable in /api/v1/plugins/{name}
-        # and never refused by the database (a NUL in a TOML "\u0000" escape was).
+        # Printable text: the database refuses a NUL (a TOML "\u0000" escape), and a control
+        # character would forge lines in logs. Names outside the label rule (NAME_RULE)
+        # stay valid here, as before, though /api/v1/plugins/{name} cannot address them.
         if not value.strip():
             raise ValueError("required, a non-empty string")
-        if _PLUGIN_NAME.fullmatch(value) is None:
-            raise ValueError(f"{escaped_preview(value)} must match {NAME_RULE}")
+        if not value.isprintable():
+            raise ValueError(
+                f"{escaped_preview(value)} has a control character; names must be printable"
+            )
         return value
 
     @field_validator("metrics_url")

@@ -136,11 +136,13 @@ async def ensure_plugins(
 
 def refused_value(exc: BaseException) -> bool:
     """Whether the database (or the driver, encoding a parameter) refused a value itself: a
-    data exception (SQLSTATE class 22, e.g. a NUL in a text value) or an integrity constraint
-    violation (class 23). The same input fails again however often it is sent; other input
-    in the same statement may pass."""
+    data exception (SQLSTATE class 22, e.g. a NUL in a text value), a NOT NULL or a CHECK
+    violation (23502, 23514). The same input fails again however often it is sent; other
+    input in the same statement may pass. (Not the other integrity errors: a foreign key
+    whose row another session just removed may hold on the next try.)"""
     if isinstance(exc, asyncpg.PostgresError):
-        return str(exc.sqlstate or "")[:2] in ("22", "23")
+        state = str(exc.sqlstate or "")
+        return state[:2] == "22" or state in ("23502", "23514")
     # asyncpg's own DataError ("invalid input for query argument") is both of these
     return isinstance(exc, asyncpg.InterfaceError) and isinstance(exc, ValueError)
 

@@ -69,32 +69,35 @@ def test_errors_name_plugin_and_field_and_all_are_listed() -> None:
         assert f"{location}: {message}" in text
 
 
-def test_names_follow_the_label_and_api_rule_and_a_nul_is_refused_by_field() -> None:
-    # A TOML "\u0000" escape gives a name the database refuses (invalid byte sequence):
-    # refused here, by field, like a name the API could not address.
+def test_a_name_with_a_nul_or_a_control_character_is_refused_by_field() -> None:
+    # A TOML "\u0000" escape gives a name the database refuses (invalid byte sequence), and
+    # a newline would start a log line of its own: refused here, by field, the value escaped.
+    # Other names keep working as before (spaces, non-ASCII, long ones).
     raw: list[dict[str, object]] = [
         {"tenant": "acme", "name": "ok.v2_a-b", "match": {"name": "ok"}},
         {"tenant": "acme", "name": "nul\x00name", "match": {"name": "x"}},
-        {"tenant": "acme", "name": "has space", "match": {"name": "x"}},
+        {"tenant": "acme", "name": "has space, ünïcode", "match": {"name": "x"}},
         {"tenant": "acme", "name": "envs", "environment": "prod\x00", "match": {"name": "x"}},
-        {"tenant": "acme", "name": "n" * 129, "match": {"name": "x"}},
-        {"tenant": "acme", "name": "-dash-first", "match": {"name": "x"}},
+        {"tenant": "acme", "name": "n" * 200, "match": {"name": "x"}},
         {"tenant": "acme", "name": "two\nlines", "match": {"name": "x"}},
     ]
     with pytest.raises(ConfigError) as caught:
         parse_plugin_specs(raw)
     problems = dict(caught.value.located)
-    rule = "must match [A-Za-z0-9][A-Za-z0-9._-]{0,127}"
+    rule = "has a control character; names must be printable"
     assert problems == {
         "plugins[1] (acme/nul\\x00name).name": f"b'nul\\x00name' {rule}",
-        "plugins[2] (acme/has space).name": f"b'has space' {rule}",
         "plugins[3] (acme/envs).environment": f"b'prod\\x00' {rule}",
-        f"plugins[4] (acme/{'n' * 129}).name": f"b'{'n' * 64}'... (129 characters) {rule}",
-        "plugins[5] (acme/-dash-first).name": f"b'-dash-first' {rule}",
-        "plugins[6] (acme/two\\nlines).name": f"b'two\\nlines' {rule}",
+        "plugins[5] (acme/two\\nlines).name": f"b'two\\nlines' {rule}",
     }
     assert "\x00" not in str(caught.value)
     assert "two\nlines" not in str(caught.value)
+    fine = [raw[0], raw[2], raw[4]]
+    assert [s.key.plugin for s in parse_plugin_specs(fine)] == [
+        "ok.v2_a-b",
+        "has space, ünïcode",
+        "n" * 200,
+    ]
 
 
 @pytest.mark.parametrize(
