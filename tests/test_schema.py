@@ -134,7 +134,7 @@ def test_plugin_samples_columns_are_the_contract(conn: Conn) -> None:
     assert types["threads"] == "integer"
     assert types["up"] == "boolean"
     # Exactly these on the hot path (ingest speed is benchmarked): two B-trees, and the BRIN
-    # that time-range reads use (sql/128), which a COPY barely maintains.
+    # that time-range reads use (sql/128; its cost to ingest is in docs/BENCHMARKS.md).
     indexes = conn.execute(
         "SELECT indexname, indexdef FROM pg_indexes WHERE tablename = 'plugin_samples'"
         " AND schemaname = 'public' ORDER BY 1"
