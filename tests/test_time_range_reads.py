@@ -79,30 +79,21 @@ async def fill(conn: asyncpg.Connection, day: datetime) -> datetime:
     return end
 
 
-async def partitions(conn: asyncpg.Connection, day: datetime) -> dict[str, str]:
-    """Each table's partition holding ``day`` (on TimescaleDB, its chunk)."""
-    out: dict[str, str] = {}
-    for table in ("plugin_samples", "plugin_metrics"):
-        chunk = None
-        if await conn.fetchval("SELECT to_regclass('timescaledb_information.chunks')"):
-            chunk = await conn.fetchval(
-                """SELECT chunk_name FROM timescaledb_information.chunks
-                    WHERE hypertable_name = $1 AND range_start <= $2 AND range_end > $2""",
-                table,
-                day,
-            )
-        out[table] = chunk or day.strftime(f"{table}_p%Y%m%d")
-    return out
-
-
-async def pages_of(conn: asyncpg.Connection, relname: str) -> int:
-    return int(
-        await conn.fetchval(
-            """SELECT pg_relation_size(c.oid) / current_setting('block_size')::int
-                 FROM pg_class c WHERE c.relname = $1 AND c.relkind = 'r'""",
-            relname,
-        )
+async def partitions(conn: asyncpg.Connection, day: datetime) -> dict[str, tuple[str, int]]:
+    """Each table's partition holding ``day``'s rows (on TimescaleDB, its chunk), as the
+    rows' own table tells: its name and its size in pages."""
+    rows = await conn.fetch(
+        """SELECT t.name, c.relname, pg_relation_size(c.oid) / current_setting('block_size')::int
+             FROM (SELECT 'plugin_samples',
+                          (SELECT tableoid FROM plugin_samples WHERE "timestamp" = $1 LIMIT 1)
+                   UNION ALL
+                   SELECT 'plugin_metrics',
+                          (SELECT tableoid FROM plugin_metrics WHERE "timestamp" = $1 LIMIT 1))
+                  AS t(name, oid)
+             JOIN pg_class c ON c.oid = t.oid""",
+        day,
     )
+    return {str(r[0]): (str(r[1]), int(r[2])) for r in rows}
 
 
 def pages_read(plan: list[dict[str, Any]], relnames: dict[str, str]) -> dict[str, int]:
@@ -133,8 +124,9 @@ async def test_the_usage_refresh_reads_the_last_minutes_not_the_day(database: st
     try:
         newest = await fill(conn, day)
         now = newest + timedelta(seconds=1)
-        relnames = await partitions(conn, day)
-        pages = {table: await pages_of(conn, relname) for table, relname in relnames.items()}
+        found = await partitions(conn, day)
+        relnames = {table: relname for table, (relname, _) in found.items()}
+        pages = {table: size for table, (_, size) in found.items()}
         explained = await conn.fetchval(
             "EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + usage._CHANGES_SQL,
             now - timedelta(seconds=120),
