@@ -245,12 +245,6 @@ class Table(BaseModel):
 T = TypeVar("T", bound=Table)
 
 
-def _shown(label: str) -> str:
-    """An entry's label as its location shows it: as is when printable, else escaped (a
-    newline in a plugin's or a rule's name must not start a line of its own)."""
-    return label if label.isprintable() else ascii(label)[1:-1]
-
-
 def entries(
     model: type[T],
     *,
@@ -272,7 +266,7 @@ def entries(
         first: dict[Hashable, int] = {}
         for index, item in enumerate(raw):
             label = model.label(item)
-            at = f"[{index}]" + (f" ({_shown(label)})" if label else "")
+            at = f"[{index}]" + (f" ({label})" if label else "")
             try:
                 entry = model.model_validate(item)
             except ValidationError as exc:

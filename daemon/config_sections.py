@@ -82,6 +82,12 @@ from pluginmon.daemon.config_schema import (
 Criterion = Annotated[str | None, Expect("must be a string")]
 
 
+def _shown(value: str) -> str:
+    """``value`` for an error's location: as is when printable, else escaped (a newline in a
+    name must not start a line of its own in the message)."""
+    return value if value.isprintable() else ascii(value)[1:-1]
+
+
 class MatchTable(Table):
     """``match = {...}`` of a plugin: any of the criteria, all of which must match (AND)."""
 
@@ -160,7 +166,7 @@ class PluginTable(Table):
         if isinstance(raw, Mapping):
             tenant, name = raw.get("tenant"), raw.get("name")
             if isinstance(tenant, str) and isinstance(name, str):
-                return f"{tenant}/{name}"
+                return f"{_shown(tenant)}/{_shown(name)}"
         return None
 
     @field_validator("tenant")
