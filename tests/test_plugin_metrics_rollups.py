@@ -36,7 +36,8 @@ def _start() -> datetime:
 
 
 def _series(start: datetime, plugins: list[tuple[str, int]]) -> list[tuple[Any, ...]]:
-    """Two hours of a gauge, a counter that resets once, and a histogram, per plugin."""
+    """Two hours of a gauge, a counter that resets once, and a histogram, per plugin; and
+    pluginmon's own health_score rows, each with labels of its own (not rolled up, sql/129)."""
     rows: list[tuple[Any, ...]] = []
     for n, (tenant, plugin_id) in enumerate(plugins):
         for i in range(int(timedelta(hours=2) / STEP)):
@@ -50,6 +51,9 @@ def _series(start: datetime, plugins: list[tuple[str, int]]) -> list[tuple[Any, 
                  '{"le": "0.5"}'),
                 (at, tenant, plugin_id, "production", "lat_bucket", "histogram", 3.0 * i,
                  '{"le": "+Inf"}'),
+                (at, tenant, plugin_id, "production", "health_score", "gauge", 90.0 - i % 7,
+                 json.dumps({"components": {"cpu": 90.0 - i % 7}, "weakest": "cpu",
+                             "weakest_detail": f"cpu {i % 7}%"})),
             ]  # fmt: skip
     return rows
 
@@ -66,6 +70,8 @@ def _insert(conn: Conn, rows: list[tuple[Any, ...]]) -> None:
 def _expected(rows: list[tuple[Any, ...]], width: timedelta) -> dict[Key, tuple[Any, ...]]:
     groups: dict[Key, list[tuple[datetime, float]]] = defaultdict(list)
     for at, tenant, plugin_id, env, name, kind, value, labels in rows:
+        if name == "health_score":
+            continue  # pluginmon's own health rows are not rolled up (sql/129)
         key = (bucket_floor(at, width), tenant, plugin_id, env, name, kind,
                json.dumps(json.loads(labels), sort_keys=True))  # fmt: skip
         groups[key].append((at, value))
@@ -166,6 +172,47 @@ async def test_postgres_rollups_keep_each_kind_and_equal_a_group_by(postgres_url
     # Tenant-checked views, as the API role.
     assert _tenant_view(postgres_url, "plugin_metrics_1m", "acme") == {"acme"}
     assert _tenant_view(postgres_url, "plugin_metrics_1h", "globex") == {"globex"}
+
+
+async def test_health_rows_are_not_rolled_up_and_earlier_ones_are_hidden(
+    postgres_url: str,
+) -> None:
+    """sql/129: the refresh leaves pluginmon's health_score rows out of both tables (their
+    labels differ per row, so a rollup would only copy them), and the views hide the health
+    rows refreshes before 129 stored."""
+    start = _start()
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
+        plugin_id = add_plugin(conn, "acme", "resizer")
+        _insert(conn, _series(start, [("acme", plugin_id)]))
+    async with admin_connection(postgres_url) as conn_async:
+        report = await maintain_metric_rollups(conn_async, Retention(), start + timedelta(hours=3))
+    assert [r.buckets for r in report.refreshed] == [120 * 4, 2 * 4]
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
+        for table in ("rollup_metrics_1m", "rollup_metrics_1h"):
+            names = conn.execute(
+                sql.SQL("SELECT DISTINCT metric_name FROM {} ORDER BY 1").format(
+                    sql.Identifier(table)
+                )
+            ).fetchall()
+            assert [n[0] for n in names] == ["lat_bucket", "queue_depth", "requests_total"]
+        # A health row as a refresh before 129 stored it.
+        conn.execute(
+            "INSERT INTO rollup_metrics_1h (bucket, tenant_id, plugin_id, environment,"
+            " metric_name, metric_kind, labels, sample_count, value_avg, value_min, value_max,"
+            " value_first, value_last) VALUES (%s, 'acme', %s, 'production', 'health_score',"
+            " 'gauge', '{\"weakest\": \"cpu\"}', 1, 80, 80, 80, 80, 80)",
+            (start, plugin_id),
+        )
+        stored = conn.execute(
+            "SELECT count(*) FROM rollup_metrics_1h WHERE metric_name = 'health_score'"
+        ).fetchone()
+        assert stored == (1,)
+        shown = conn.execute(
+            "SELECT count(*) FROM plugin_metrics_1h WHERE metric_name = 'health_score'"
+        ).fetchone()
+        assert shown == (0,)
+        others = conn.execute("SELECT count(*) FROM plugin_metrics_1h").fetchone()
+        assert others == (2 * 4,)
 
 
 async def test_postgres_metric_rollups_fold_a_late_row_in_and_read_only_what_changed(
