@@ -6,10 +6,12 @@
 -- bucket, kept one rollup row per health row in rollup_metrics_1m and again in
 -- rollup_metrics_1h, and read nothing through them (health history is read from the raw rows:
 -- dashboards/generate.py, the API's plugin metrics). In a fleet of 100 agents of 1,000
--- plugins (bench/fleet.py) that was 105,000 rows a minute recomputed into each: about 4 s of
--- server time a minute for the 1-minute rollup, and once an hour the 1-hour rollup read the
--- whole completed hour (6 million rows) in one statement of the maintenance job; the 1-hour
--- table also kept every health row for its 365 days, four times the raw rows' 90.
+-- plugins (bench/fleet.py) that was 105,000 rows a minute aggregated and written into each:
+-- about 4 s of server time a minute for the 1-minute rollup, and once an hour the 1-hour
+-- rollup did the same for the whole completed hour (6 million rows) in one statement of the
+-- maintenance job; the 1-hour table also kept every health row for its 365 days, four times
+-- the raw rows' 90. (The refresh still reads the window's raw rows; it no longer groups,
+-- sorts and inserts the health rows among them.)
 -- 'health_score' is reserved: a plugin's own series of that name is stored as
 -- exported_health_score (collectors/exposition.py), so this filter leaves out only
 -- pluginmon's rows. The views hide the health rows earlier refreshes stored, so every bucket
