@@ -230,7 +230,7 @@ async def maintenance_lock(conn: AdminConnection) -> AsyncIterator[bool]:
 def _expire_audited(relation: str, condition: str) -> str:
     """DELETE from a tenant table and, in the same statement, record the run as one audit
     entry (actor ``daemon``, action ``retention.run``, target the table) in each tenant whose
-    rows it removed, like ``pluginmon_audit_expire`` does for the audit trail itself. The
+    rows it removed, like the audit trail's own retention (``_expire_audit``) does. The
     entries are plain inserts: the audit trigger chains them (storage may not import the
     registry's helpers). Returns the number of rows removed."""
     return f"""
@@ -250,8 +250,8 @@ SELECT coalesce(sum(rows_removed), 0)::bigint FROM per_tenant
 
 
 # Plain tables with time-based retention on both backends: (relation, SQL, retention field).
-# Each statement returns the number of rows it removed.
-_EXPIRY: tuple[tuple[str, str, str], ...] = (
+# Each statement returns the number of rows it removed; None: the audit trail's own way.
+_EXPIRY: tuple[tuple[str, str | None, str], ...] = (
     (
         "plugin_operations",
         _expire_audited(
@@ -260,15 +260,68 @@ _EXPIRY: tuple[tuple[str, str, str], ...] = (
         ),
         "operations",
     ),
-    # Audit entries leave only through this function (sql/030_api.sql): it removes the
-    # oldest part of each tenant's hash chain, keeps an anchor and records the run.
-    ("audit_log", "SELECT pluginmon_audit_expire(%(horizon)s)", "audit"),
+    # The audit trail: see _expire_audit.
+    ("audit_log", None, "audit"),
     (
         "plugin_analytics",
         _expire_audited("plugin_analytics", "period_start < %(horizon)s"),
         "analytics",
     ),
 )
+
+
+# Audit entries one call of pluginmon_audit_expire_tenant removes at most, each call its own
+# transaction: an audited write of the tenant waits for a lane only while a call holds all 16.
+AUDIT_EXPIRE_BATCH = 5000
+# How long one call waits for a lane's head that a writer holds (a writer's transaction is
+# short); past it that tenant waits for the next pass, and the maintenance job goes on.
+AUDIT_EXPIRE_LOCK_TIMEOUT = "5s"
+
+# Tenants with a lane whose next entry is past the horizon (or missing: the function warns).
+_AUDIT_DUE_SQL = b"""
+SELECT DISTINCT c.tenant_id
+  FROM audit_chain c
+  LEFT JOIN audit_log l
+    ON l.tenant_id = c.tenant_id AND l.lane = c.lane AND l.seq = c.anchor_seq + 1
+ WHERE c.head_seq > c.anchor_seq AND (l.occurred_at < %s OR l.seq IS NULL)
+ ORDER BY 1
+"""
+
+
+async def _expire_audit(conn: AdminConnection, horizon: datetime) -> int:
+    """Audit entries leave only through sql/130's function (sql/030's per chain): per tenant,
+    the oldest part of each lane past ``horizon``, an anchor kept, the run recorded in the
+    tenant's chain; one short transaction per tenant and batch, so no other tenant's writes
+    wait for it. Returns the entries removed."""
+    cur = await conn.execute(_AUDIT_DUE_SQL, (horizon,))
+    tenants = [str(r[0]) for r in await cur.fetchall()]
+    total = 0
+    for tenant in tenants:
+        while True:
+            try:
+                async with conn.transaction():
+                    await conn.execute(
+                        b"SELECT set_config('lock_timeout', %s, true)",
+                        (AUDIT_EXPIRE_LOCK_TIMEOUT,),
+                    )
+                    cur = await conn.execute(
+                        b"SELECT pluginmon_audit_expire_tenant(%s, %s, %s)",
+                        (tenant, horizon, AUDIT_EXPIRE_BATCH),
+                    )
+                    row = await cur.fetchone()
+            except psycopg.errors.LockNotAvailable:
+                logger.warning(
+                    "audit retention: tenant %s: a lane stayed held by a writer for %s;"
+                    " its entries are removed at the next pass",
+                    tenant,
+                    AUDIT_EXPIRE_LOCK_TIMEOUT,
+                )
+                break
+            step = int(row[0]) if row is not None and row[0] is not None else 0
+            total += step
+            if step < AUDIT_EXPIRE_BATCH:
+                break
+    return total
 
 
 async def delete_expired(
@@ -280,10 +333,13 @@ async def delete_expired(
     removed: list[tuple[str, int]] = []
     for relation, statement, retention_field in _EXPIRY:
         horizon = now - getattr(retention, retention_field)
-        async with conn.transaction():
-            cur = await conn.execute(statement.encode(), {"horizon": horizon})
-            row = await cur.fetchone()
-        count = int(row[0]) if row is not None and row[0] is not None else 0
+        if statement is None:
+            count = await _expire_audit(conn, horizon)
+        else:
+            async with conn.transaction():
+                cur = await conn.execute(statement.encode(), {"horizon": horizon})
+                row = await cur.fetchone()
+            count = int(row[0]) if row is not None and row[0] is not None else 0
         if count:
             logger.info(
                 "retention: deleted %d rows from %s older than %s", count, relation, horizon

@@ -47,7 +47,11 @@ CLUSTER_ROLES = (
     ClusterRole(
         "pluginmon_audit_retention",
         "030_api.sql",
-        granted_in=("030_api.sql", "031_audit_expire_execute.sql"),
+        granted_in=(
+            "030_api.sql",
+            "031_audit_expire_execute.sql",
+            "130_audit_expire_per_tenant.sql",
+        ),
     ),
 )
 

@@ -14,6 +14,8 @@ import pytest
 from pluginmon.registry import audit
 from pluginmon.registry.actor import Actor
 from pluginmon.registry.audit import Breach
+from pluginmon.storage import backend
+from pluginmon.storage.backend import Retention, admin_connection
 from tests.waiting import wait_until
 
 NOW = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
@@ -137,6 +139,11 @@ async def test_append_only_for_everyone_including_the_owner(
                 owner.execute("SELECT pluginmon_audit_expire(now())")
         with owner.transaction():
             owner.execute("SET LOCAL ROLE pluginmon_api")
+            owner.execute("SELECT set_config('pluginmon.tenant_id', 'a', true)")
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                owner.execute("SELECT pluginmon_audit_expire_tenant('a', now(), 10)")
+        with owner.transaction():
+            owner.execute("SET LOCAL ROLE pluginmon_api")
             with pytest.raises(psycopg.errors.InsufficientPrivilege):
                 owner.execute("DELETE FROM audit_log")
         # Supplied chain columns are ignored: the trigger takes the next link.
@@ -182,6 +189,200 @@ async def test_retention_cuts_a_prefix_keeps_an_anchor_and_the_chain_verifies(
     assert verdict.intact, verdict.problem
     (lane,) = verdict.lanes
     assert (lane.lane, lane.anchor_seq, lane.checked, lane.head_seq) == (0, 2, 4, 6)
+
+
+async def _old_entries_in_two_lanes(conn: asyncpg.Connection, url: str, tenant: str) -> None:
+    """Lane 0: one old entry, then a recent one; lane 1 (taken while lane 0 is held): three
+    old entries."""
+    old = NOW - timedelta(days=800)
+    await audit.append(conn, tenant_id=tenant, actor=ANN, action="old0", entity_type="plugin",
+                       occurred_at=old)  # fmt: skip
+    holder = await asyncpg.connect(url)
+    try:
+        async with holder.transaction():
+            await holder.execute(
+                "SELECT 1 FROM audit_chain WHERE tenant_id = $1 AND lane = 0 FOR UPDATE", tenant
+            )
+            for i in range(3):
+                await audit.append(conn, tenant_id=tenant, actor=ANN, action=f"old1-{i}",
+                                   entity_type="plugin", occurred_at=old)  # fmt: skip
+    finally:
+        await holder.close()
+    await audit.append(conn, tenant_id=tenant, actor=ANN, action="recent", entity_type="plugin",
+                       occurred_at=NOW)  # fmt: skip
+    lanes = await conn.fetch(
+        "SELECT lane, count(*) AS n FROM audit_log WHERE tenant_id = $1 GROUP BY 1 ORDER BY 1",
+        tenant,
+    )
+    assert [(r["lane"], r["n"]) for r in lanes] == [(0, 2), (1, 3)]
+
+
+async def test_retention_per_tenant_cuts_each_lane_in_bounded_steps(
+    conn: asyncpg.Connection, migrated_db: str
+) -> None:
+    """sql/130: at most max_rows entries a call, lane by lane, each lane's prefix only, the
+    anchors moved and the call recorded in the tenant's chain."""
+    await _old_entries_in_two_lanes(conn, migrated_db, "a")
+    horizon = NOW - timedelta(days=730)
+    with _owner(migrated_db) as owner:
+        step = "SELECT pluginmon_audit_expire_tenant('a', %s, 2)"
+        assert owner.execute(step, (horizon,)).fetchone() == (2,)
+        anchors = owner.execute(
+            "SELECT lane, anchor_seq FROM audit_chain WHERE tenant_id = 'a' AND lane < 2"
+            " ORDER BY lane"
+        ).fetchall()
+        assert anchors == [(0, 1), (1, 1)]  # lane 0's recent entry stops its cut
+        assert owner.execute(step, (horizon,)).fetchone() == (2,)
+        assert owner.execute(step, (horizon,)).fetchone() == (0,)
+        left = owner.execute(
+            "SELECT action, details->>'removed', details->'anchors' FROM audit_log"
+            " WHERE tenant_id = 'a' ORDER BY id"
+        ).fetchall()
+        assert left == [
+            ("recent", None, None),
+            ("audit.expire", "2", {"0": 1, "1": 1}),
+            ("audit.expire", "2", {"1": 3}),
+        ]
+        with pytest.raises(psycopg.errors.InvalidParameterValue, match="max_rows"):
+            owner.execute("SELECT pluginmon_audit_expire_tenant('a', %s, 0)", (horizon,))
+    verdict = await _verdict(conn, "a")
+    assert verdict.intact, verdict.problem
+
+
+async def test_the_daemons_retention_takes_every_tenant_in_batches(
+    conn: asyncpg.Connection, migrated_db: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await _old_entries_in_two_lanes(conn, migrated_db, "a")
+    await _old_entries_in_two_lanes(conn, migrated_db, "b")
+    monkeypatch.setattr(backend, "AUDIT_EXPIRE_BATCH", 3)
+    async with admin_connection(migrated_db) as admin:
+        removed = await backend.delete_expired(admin, Retention(), NOW)
+    assert dict(removed)["audit_log"] == 8  # 4 old entries of each tenant
+    for tenant in ("a", "b"):
+        rows = await conn.fetch(
+            "SELECT action, (details->>'removed')::int AS n FROM audit_log WHERE tenant_id = $1"
+            " ORDER BY id",
+            tenant,
+        )
+        # Two calls of 3 and 1 entries: two records of the run in the tenant's own chain.
+        assert [(r["action"], r["n"]) for r in rows] == [
+            ("recent", None),
+            ("audit.expire", 3),
+            ("audit.expire", 1),
+        ]
+        verdict = await _verdict(conn, tenant)
+        assert verdict.intact, verdict.problem
+
+
+async def test_retention_leaves_a_lane_that_misses_an_entry_of_its_cut(
+    conn: asyncpg.Connection, migrated_db: str
+) -> None:
+    """A missing entry is evidence of tampering: retention never erases it. 030 checked only
+    the cut entry itself, so a hole before it was removed with the prefix."""
+    await _old_entries_in_two_lanes(conn, migrated_db, "a")
+    # Lane 1 holds seq 1-3, all past the horizon: remove the middle one behind the triggers.
+    _tamper(migrated_db, "DELETE FROM audit_log WHERE tenant_id = 'a' AND lane = 1 AND seq = 2")
+    horizon = NOW - timedelta(days=730)
+    with _owner(migrated_db) as owner:
+        removed = owner.execute(
+            "SELECT pluginmon_audit_expire_tenant('a', %s, 100)", (horizon,)
+        ).fetchone()
+        assert removed == (1,)  # lane 0's old entry only
+        anchors = owner.execute(
+            "SELECT lane, anchor_seq FROM audit_chain WHERE tenant_id = 'a' AND lane < 2"
+            " ORDER BY lane"
+        ).fetchall()
+        assert anchors == [(0, 1), (1, 0)]
+        # Then its first entry too: the lane is still left alone.
+        _tamper(migrated_db, "DELETE FROM audit_log WHERE tenant_id = 'a' AND lane = 1 AND seq = 1")
+        assert owner.execute(
+            "SELECT pluginmon_audit_expire_tenant('a', %s, 100)", (horizon,)
+        ).fetchone() == (0,)
+        assert owner.execute(
+            "SELECT count(*) FROM audit_log WHERE tenant_id = 'a' AND lane = 1"
+        ).fetchone() == (1,)
+    verdict = await _verdict(conn, "a")
+    assert not verdict.intact
+    assert verdict.problem is not None
+    assert verdict.problem.lane == 1
+
+
+async def test_the_daemons_retention_gives_up_on_a_held_lane_until_the_next_pass(
+    conn: asyncpg.Connection, migrated_db: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A writer that keeps a lane's head does not stall the maintenance job: the step waits
+    lock_timeout, that tenant is left for the next pass, the other tenants are done."""
+    await _old_entries_in_two_lanes(conn, migrated_db, "a")
+    await _old_entries_in_two_lanes(conn, migrated_db, "b")
+    monkeypatch.setattr(backend, "AUDIT_EXPIRE_LOCK_TIMEOUT", "200ms")
+    holder = await asyncpg.connect(migrated_db)
+    try:
+        async with holder.transaction():
+            await holder.execute(
+                "SELECT 1 FROM audit_chain WHERE tenant_id = 'a' AND lane = 1 FOR UPDATE"
+            )
+            async with admin_connection(migrated_db) as admin:
+                # (bounded: without the lock timeout the step would wait for the holder)
+                first = await asyncio.wait_for(backend.delete_expired(admin, Retention(), NOW), 60)
+        assert dict(first)["audit_log"] == 4  # tenant b's; none of a's (its step rolled back)
+        left = await conn.fetchval(
+            "SELECT count(*) FROM audit_log WHERE tenant_id = 'a' AND action LIKE 'old%'"
+        )
+        assert left == 4
+        async with admin_connection(migrated_db) as admin:
+            second = await backend.delete_expired(admin, Retention(), NOW)
+        assert dict(second)["audit_log"] == 4
+    finally:
+        await holder.close()
+    for tenant in ("a", "b"):
+        verdict = await _verdict(conn, tenant)
+        assert verdict.intact, verdict.problem
+
+
+async def test_retention_of_a_tenant_holds_no_other_tenants_lane_and_leaves_its_writers_one(
+    conn: asyncpg.Connection, migrated_db: str
+) -> None:
+    """030's retention held every lane of every tenant until it was done, so every audited
+    write waited for it (an API write; a plugin seen for the first time, whose id lookup
+    gave up after 3 s). sql/130 holds only the lanes it cut, of the tenant it cuts."""
+    await _old_entries_in_two_lanes(conn, migrated_db, "a")
+    await _append(conn, "b", 1)
+    retention = await asyncpg.connect(migrated_db)
+    writer_a = await asyncpg.connect(migrated_db)
+    writer_b = await asyncpg.connect(migrated_db)
+    try:
+        run = retention.transaction()
+        await run.start()
+        removed = await retention.fetchval(
+            "SELECT pluginmon_audit_expire_tenant('a', $1, 100)", NOW - timedelta(days=730)
+        )
+        assert removed == 4
+        # Its transaction is open: lanes 0 and 1 of tenant a are held. Writers of b and of
+        # a each get a lane at once (a bound that only a wait for the open transaction, which
+        # never ends by itself here, would reach).
+        await asyncio.wait_for(_writer_entry(writer_a, "wa", "during-retention"), 20)
+        await asyncio.wait_for(
+            audit.append(
+                writer_b,
+                tenant_id="b",
+                actor=ANN,
+                action="plugin.update",
+                entity_type="plugin",
+                occurred_at=NOW,
+            ),
+            20,
+        )
+        lane = await conn.fetchval(
+            "SELECT lane FROM audit_log WHERE request_id = 'during-retention'"
+        )
+        assert lane == 2  # the first lane nobody holds
+        await run.commit()
+    finally:
+        for connection in (retention, writer_a, writer_b):
+            await connection.close()
+    for tenant in ("a", "b"):
+        verdict = await _verdict(conn, tenant)
+        assert verdict.intact, verdict.problem
 
 
 def _tamper(url: str, *statements: str) -> None:

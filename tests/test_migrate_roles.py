@@ -172,9 +172,24 @@ def _api_works(url: str) -> None:
             "INSERT INTO audit_log (tenant_id, actor, action, entity_type, occurred_at)"
             " VALUES ('acme', 'test', 'probe', 'test', now() - interval '2 days')"
         )
-        # Only the retention role deletes audit rows: its function must have been handed over.
+        # Only the retention role deletes audit rows: its functions must have been handed
+        # over, with EXECUTE left to the daemon's role (030/031, and 130 per tenant).
         expired = conn.execute("SELECT pluginmon_audit_expire(now() - interval '1 day')")
         assert expired.fetchone() == (1,)
+        conn.execute("INSERT INTO tenants (id, name) VALUES ('globex', 'globex')")
+        conn.execute(
+            "INSERT INTO audit_log (tenant_id, actor, action, entity_type, occurred_at)"
+            " VALUES ('globex', 'test', 'probe', 'test', now() - interval '3 days')"
+        )
+        expired = conn.execute(
+            "SELECT pluginmon_audit_expire_tenant('globex', now() - interval '1 day', 100)"
+        )
+        assert expired.fetchone() == (1,)
+        owner = conn.execute(
+            "SELECT proowner::regrole::text FROM pg_proc"
+            " WHERE proname IN ('pluginmon_audit_expire', 'pluginmon_audit_expire_tenant')"
+        ).fetchall()
+        assert owner == [("pluginmon_audit_retention",), ("pluginmon_audit_retention",)]
         conn.commit()
         # The daemon's role acts as pluginmon_api, never as the retention role (which alone
         # deletes audit rows).
