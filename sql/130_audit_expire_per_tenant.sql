@@ -21,11 +21,15 @@
 -- its first entry) is left alone with a warning; 030 noticed only a missing cut entry and
 -- removed a hole before it, erasing the evidence. 030's function stays (a daemon of an
 -- earlier version calls it).
--- The migrating role acts as the retention role until the end of this file: it may then also
--- replace the function once the retention role owns it (a database moved from PostgreSQL to
--- Citus runs the Citus variant over the common file's function).
+-- On Citus nothing here is propagated to the workers: the audit tables stay on the
+-- coordinator and retention runs there, and a grant made while acting as
+-- pluginmon_audit_retention, a NOLOGIN role, cannot be sent to them (their connection as that
+-- role is refused; 031's Citus variant says the same). On the other backends the setting is a
+-- placeholder that ends with the migration's transaction.
+SET LOCAL citus.enable_ddl_propagation TO off;
+-- The migrating role acts as the retention role until the end of this file (see below).
 GRANT pluginmon_audit_retention TO CURRENT_USER;
-CREATE OR REPLACE FUNCTION pluginmon_audit_expire_tenant(chain_tenant text, horizon timestamptz,
+CREATE FUNCTION pluginmon_audit_expire_tenant(chain_tenant text, horizon timestamptz,
                                               max_rows bigint) RETURNS bigint
 LANGUAGE plpgsql SECURITY DEFINER
 AS $$

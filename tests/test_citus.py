@@ -108,7 +108,7 @@ def test_migrations_apply_once_and_the_backend_is_sticky(citus_cluster: CitusClu
             "127_audit_target_index.sql",  # common: the audit tables stay on the coordinator
             "128_time_range_brin.citus.sql",  # a B-tree: columnar partitions keep no BRIN
             "129_health_rows_not_rolled_up.citus.sql",  # 101's refresh, health rows left out
-            "130_audit_expire_per_tenant.citus.sql",  # the function on the coordinator only
+            "130_audit_expire_per_tenant.sql",  # common: nothing propagated to the workers
         ]
         # 031's common file cannot run on Citus; its Citus variant ran instead.
         assert "031_audit_expire_execute.citus.sql" in first.applied
