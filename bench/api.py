@@ -75,6 +75,7 @@ from bench.processes import (
 )
 from bench.scratch import free_port, scratch_database
 from bench.stall_monitor import Monitor, report
+from bench.stats import percentile
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -450,11 +451,6 @@ def busiest_slow_seconds(
     slower than ``threshold``."""
     per_second = Counter(int(start) for start, latency in timeline if latency > threshold)
     return sorted(((n, second) for second, n in per_second.items()), reverse=True)[:count]
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 async def load(

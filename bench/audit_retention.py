@@ -27,6 +27,7 @@ import asyncio
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -36,6 +37,7 @@ import asyncpg
 import psycopg
 
 from bench.scratch import scratch_database
+from bench.stats import percentile
 from pluginmon.registry import audit
 from pluginmon.registry.actor import Actor
 from pluginmon.storage.backend import Retention, admin_connection, delete_expired
@@ -98,7 +100,15 @@ async def writer(
         await conn.close()
 
 
-async def run_once(url: str, kind: str, now: datetime) -> dict[str, object]:
+@dataclass(frozen=True, slots=True)
+class RetentionRun:
+    seconds: float
+    removed: int
+    # Per tenant, the latencies of the appends in flight at any moment of the retention run.
+    during: dict[str, list[float]]
+
+
+async def run_once(url: str, kind: str, now: datetime) -> RetentionRun:
     stop = asyncio.Event()
     appends: dict[str, list[tuple[float, float]]] = {t: [] for t in TENANTS}
     writers = [asyncio.create_task(writer(url, t, stop, appends[t])) for t in TENANTS]
@@ -117,11 +127,14 @@ async def run_once(url: str, kind: str, now: datetime) -> dict[str, object]:
     await asyncio.sleep(0.5)
     stop.set()
     await asyncio.gather(*writers)
-    result: dict[str, object] = {"seconds": ended - began, "removed": removed}
-    for tenant, points in appends.items():
-        # Appends that were in flight at any moment of the retention run.
-        during = [lat for start, lat in points if start <= ended and start + lat >= began]
-        result[tenant] = during
+    result = RetentionRun(
+        seconds=ended - began,
+        removed=removed,
+        during={
+            tenant: [lat for start, lat in points if start <= ended and start + lat >= began]
+            for tenant, points in appends.items()
+        },
+    )
     conn2 = await asyncpg.connect(url)
     try:
         verdicts = await audit.verify(conn2)
@@ -133,15 +146,15 @@ async def run_once(url: str, kind: str, now: datetime) -> dict[str, object]:
     return result
 
 
-def describe(kind: str, result: dict[str, object]) -> float:
-    print(f"{kind}: retention {result['seconds']:.2f} s, {result['removed']:,} entries removed")
+def describe(kind: str, result: RetentionRun) -> float:
+    print(f"{kind}: retention {result.seconds:.2f} s, {result.removed:,} entries removed")
     worst_other = 0.0
     for tenant in TENANTS:
-        during = sorted(result[tenant])  # type: ignore[call-overload]
+        during = sorted(result.during[tenant])
         if not during:
             print(f"  writer of {tenant}: no append overlapped retention")
             continue
-        p99 = during[min(len(during) - 1, int(0.99 * len(during)))]
+        p99 = percentile(during, 0.99)
         print(
             f"  writer of {tenant}: {len(during)} appends during retention, p50"
             f" {1000 * statistics.median(during):.1f} ms, p99 {1000 * p99:.1f} ms,"
