@@ -218,32 +218,25 @@ class PluginOut(Response):
 
 
 # PluginOut is Plugin without its id, and EnvironmentOut is EnvironmentState: the same fields in
-# the same order, so the dataclasses serialize to the models' JSON without building a model per
-# plugin (a list of 100 plugins: ~0.35 ms instead of ~1 ms of the API's event loop; the values
-# are the registry's, typed by the database). Checked here and by tests/test_api_encoded.py.
+# the same order, so a plugin's dataclass serializes to the model's JSON without building a
+# model (the values are the registry's, typed by the database); a list is written by the
+# database itself (registry.plugins.list_plugins_json). Checked here and by
+# tests/test_api_encoded.py.
 _PLUGIN_HIDDEN: Final = frozenset({"id"})
 assert [f.name for f in dataclasses.fields(plugins.Plugin) if f.name not in _PLUGIN_HIDDEN] == list(
     PluginOut.model_fields
 )
-# pydantic's exclude arguments, made once (these are the API's hottest responses).
+# pydantic's exclude argument, made once (a plugin is one of the API's hottest responses).
 _EXCLUDE_ONE: Final = set(_PLUGIN_HIDDEN)
-_EXCLUDE_EACH: Final = {"__all__": _EXCLUDE_ONE}
 assert [f.name for f in dataclasses.fields(plugins.EnvironmentState)] == list(
     EnvironmentOut.model_fields
 )
 _PLUGIN: Final = TypeAdapter(plugins.Plugin)
-_PLUGINS: Final = TypeAdapter(list[plugins.Plugin])
 
 
 def plugin_json(plugin: plugins.Plugin) -> Encoded:
     """``PluginOut.of(plugin)``'s JSON."""
     return Encoded(_PLUGIN.dump_json(plugin, exclude=_EXCLUDE_ONE))
-
-
-def plugins_json(found: list[plugins.Plugin]) -> Encoded:
-    """``Items[PluginOut]``'s JSON for ``found``."""
-    items = _PLUGINS.dump_json(found, exclude=_EXCLUDE_EACH)
-    return Encoded(b'{"items":' + items + b"}")
 
 
 # --- operations ---------------------------------------------------------------------------------------

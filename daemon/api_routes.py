@@ -48,7 +48,6 @@ from pluginmon.daemon.api_models import (
     SilenceListQuery,
     SilenceOut,
     plugin_json,
-    plugins_json,
 )
 from pluginmon.daemon.api_openapi import openapi_document
 from pluginmon.daemon.api_plugin_metrics import PluginMetricsHandlers, metrics_routes
@@ -87,10 +86,11 @@ class ApiHandlers:
 
     async def list_plugins(self, call: Call) -> Encoded:
         query: PluginListQuery = call.query
-        found = await plugins.list_plugins(
-            call.conn, status=query.status, enabled=query.enabled, limit=query.limit
+        return Encoded(
+            await plugins.list_plugins_json(
+                call.conn, status=query.status, enabled=query.enabled, limit=query.limit
+            )
         )
-        return plugins_json(found)
 
     async def get_plugin(self, call: Call) -> Encoded:
         return plugin_json(await plugins.get_plugin(call.conn, call.params["name"]))

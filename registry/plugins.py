@@ -172,22 +172,62 @@ def _check_values(values: Mapping[str, Any]) -> None:
         check_name(dependency, field=f"dependencies[{i}]")
 
 
-_SELECT = """
-SELECT p.id, p.name, p.version, p.description, p.installed_from::text AS installed_from,
-       p.installed_by, p.installed_at, p.config_schema::text AS config_schema, p.status,
-       p.enabled, p.dependencies, p.health_score, p.last_health_check, p.cpu_usage,
-       p.memory_usage, p.created_at, p.updated_at,
+def _json_time(column: str) -> str:
+    """SQL writing the timestamptz ``column`` as the API writes a time (pydantic's form):
+    RFC 3339 in UTC with a ``Z``, microseconds unless they are zero; NULL stays NULL.
+    ``column`` is a name from this module, never input."""
+    return (
+        f"replace(to_char({column} AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'),"
+        " '.000000Z', 'Z')"
+    )
+
+
+# A plugin's environments as a JSON array, in EnvironmentState's (and the API's) field order.
+_ENVIRONMENTS_JSON = f"""
        coalesce((SELECT json_agg(json_build_object(
                      'environment', e.environment, 'version', e.version, 'status', e.status,
                      'enabled', e.enabled, 'health_score', e.health_score,
-                     'last_health_check', e.last_health_check, 'cpu_usage', e.cpu_usage,
-                     'memory_usage', e.memory_usage, 'updated_at', e.updated_at)
+                     'last_health_check', {_json_time("e.last_health_check")},
+                     'cpu_usage', e.cpu_usage, 'memory_usage', e.memory_usage,
+                     'updated_at', {_json_time("e.updated_at")})
                      ORDER BY e.environment)
                    FROM plugin_environments e
-                  WHERE e.plugin_id = p.id AND e.tenant_id = p.tenant_id), '[]')::text
-         AS environments
+                  WHERE e.plugin_id = p.id AND e.tenant_id = p.tenant_id), '[]'::json)"""  # noqa: S608 - constant
+
+# health_score is real (float4) in the table: 66.67 would read back as 66.66999816894531, so
+# it is rounded here, where the list's JSON below rounds it the same way.
+_HEALTH_SCORE = "round(p.health_score::numeric, 2)::float8"
+
+_SELECT = f"""
+SELECT p.id, p.name, p.version, p.description, p.installed_from::text AS installed_from,
+       p.installed_by, p.installed_at, p.config_schema::text AS config_schema, p.status,
+       p.enabled, p.dependencies, {_HEALTH_SCORE} AS health_score, p.last_health_check,
+       p.cpu_usage, p.memory_usage, p.created_at, p.updated_at,
+       {_ENVIRONMENTS_JSON}::text AS environments
   FROM plugins p
-"""
+"""  # noqa: S608 - built from this module's constants only
+
+# A page of plugins as the API writes them, one JSON object a row (a Plugin without its id,
+# in the same field order), written by the database: a list is the API's dearest read, and
+# decoding 100 rows into dataclasses and encoding them again took a quarter of the event
+# loop's time under bench/api.py's mix. One row a plugin, not one json_agg over a LIMITed
+# subquery: Citus plans no correlated subquery (the environments) over a subquery in FROM.
+# tests/test_api_encoded.py holds it to the models' JSON.
+_LIST_JSON = f"""
+SELECT json_build_object(
+           'name', p.name, 'version', p.version, 'description', p.description,
+           'installed_from', p.installed_from, 'installed_by', p.installed_by,
+           'installed_at', {_json_time("p.installed_at")}, 'config_schema', p.config_schema,
+           'status', p.status, 'enabled', p.enabled, 'dependencies', p.dependencies,
+           'health_score', {_HEALTH_SCORE},
+           'last_health_check', {_json_time("p.last_health_check")},
+           'cpu_usage', p.cpu_usage, 'memory_usage', p.memory_usage,
+           'created_at', {_json_time("p.created_at")}, 'updated_at', {_json_time("p.updated_at")},
+           'environments', {_ENVIRONMENTS_JSON.strip()})::text AS item
+  FROM plugins p
+ WHERE ($1::text IS NULL OR p.status = $1) AND ($2::boolean IS NULL OR p.enabled = $2)
+ ORDER BY p.name LIMIT $3
+"""  # noqa: S608 - built from this module's constants only
 
 
 # The same with the tenant as $2 in the subquery too: Citus routes a locking query to one
@@ -230,8 +270,7 @@ def _plugin(row: asyncpg.Record) -> Plugin:
         status=row["status"],
         enabled=row["enabled"],
         dependencies=tuple(row["dependencies"]),
-        # real (float4) in the table: 66.67 would read back as 66.66999816894531
-        health_score=None if row["health_score"] is None else round(row["health_score"], 2),
+        health_score=row["health_score"],
         last_health_check=row["last_health_check"],
         cpu_usage=row["cpu_usage"],
         memory_usage=row["memory_usage"],
@@ -279,6 +318,11 @@ async def get_plugin_by_id(conn: asyncpg.Connection, plugin_id: int) -> Plugin:
     return _plugin(row)
 
 
+def _check_status_filter(status: str | None) -> None:
+    if status is not None and status not in PLUGIN_STATUSES:
+        raise InvalidError(f"status must be one of {', '.join(PLUGIN_STATUSES)}", field="status")
+
+
 async def list_plugins(
     conn: asyncpg.Connection,
     *,
@@ -286,8 +330,7 @@ async def list_plugins(
     enabled: bool | None = None,
     limit: int = 500,
 ) -> list[Plugin]:
-    if status is not None and status not in PLUGIN_STATUSES:
-        raise InvalidError(f"status must be one of {', '.join(PLUGIN_STATUSES)}", field="status")
+    _check_status_filter(status)
     rows = await conn.fetch(
         _SELECT
         + """ WHERE ($1::text IS NULL OR p.status = $1)
@@ -298,6 +341,20 @@ async def list_plugins(
         limit,
     )
     return [_plugin(r) for r in rows]
+
+
+async def list_plugins_json(
+    conn: asyncpg.Connection,
+    *,
+    status: str | None = None,
+    enabled: bool | None = None,
+    limit: int = 500,
+) -> bytes:
+    """:func:`list_plugins` as the API's JSON document ``{"items": [...]}``: each item is the
+    Plugin without its id, field for field, with times in pydantic's form (see _LIST_JSON)."""
+    _check_status_filter(status)
+    rows = await conn.fetch(_LIST_JSON, status, enabled, limit)
+    return ('{"items":[' + ",".join([row["item"] for row in rows]) + "]}").encode()
 
 
 async def create_plugin(
