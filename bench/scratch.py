@@ -41,7 +41,9 @@ def scratch_database(
     if database_url is None:
         with tempfile.TemporaryDirectory(prefix=server_dir_prefix) as directory:
             server = EmbeddedPostgres(Path(directory))
-            url = server.start()
+            server.start()
+            # As a daemon on the embedded default connects: through the Unix socket.
+            url = server.local_url()
             try:
                 if migrated:
                     migrate(url)

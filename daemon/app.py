@@ -541,7 +541,9 @@ class Daemon:
 
         def start() -> str:
             try:
-                return server.start()
+                server.start()
+                # Through its Unix socket (when it has one): the daemon is on the same host.
+                return server.local_url()
             finally:
                 self._embedded_start_done.set()
 

@@ -110,9 +110,9 @@ def _database_url(settings: Settings) -> Iterator[str]:
     from pluginmon.storage.embedded import EmbeddedPostgres
 
     server = EmbeddedPostgres(settings.data_dir)
-    url = server.start()
+    server.start()
     try:
-        yield url
+        yield server.local_url()
     finally:
         if server.started_here:
             server.stop()

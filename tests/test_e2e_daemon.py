@@ -364,6 +364,18 @@ def test_embedded_default_starts_and_stops_its_server(tmp_path: Path, server_tmp
             # Samples taken while the embedded server was still being migrated wait in the
             # unresolved spool until the next tick replays them: let it, before SIGTERM.
             daemon.wait_metric("the spools to drain", lambda v: v == 0, "pluginmon_spool_samples")
+            # The daemon's own sessions come through the server's Unix socket (client_port
+            # -1), this test's through TCP.
+            with psycopg.connect(EmbeddedPostgres(data_dir).url(), autocommit=True) as conn:
+                ports = [
+                    port
+                    for (port,) in conn.execute(
+                        "SELECT client_port FROM pg_stat_activity"
+                        " WHERE datname = 'pluginmon' AND pid <> pg_backend_pid()"
+                    )
+                ]
+            assert ports, "no session of the daemon"
+            assert set(ports) == {-1}, ports
         except BaseException:
             daemon.kill()
             EmbeddedPostgres(data_dir).stop(mode="immediate")
