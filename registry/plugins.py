@@ -24,6 +24,7 @@ import jsonschema.validators
 from pluginmon.registry import audit
 from pluginmon.registry.actor import Actor
 from pluginmon.registry.errors import ConflictError, ForbiddenError, InvalidError, NotFoundError
+from pluginmon.registry.plugin_sql import LIST_JSON, SELECT, SELECT_OF_TENANT
 from pluginmon.registry.schema_regex import unsafe_patterns
 
 # The seed's Prisma enum (sql/001_core.sql plugin_source).
@@ -172,70 +173,6 @@ def _check_values(values: Mapping[str, Any]) -> None:
         check_name(dependency, field=f"dependencies[{i}]")
 
 
-def _json_time(column: str) -> str:
-    """SQL writing the timestamptz ``column`` as the API writes a time (pydantic's form):
-    RFC 3339 in UTC with a ``Z``, microseconds unless they are zero; NULL stays NULL.
-    ``column`` is a name from this module, never input."""
-    return (
-        f"replace(to_char({column} AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'),"
-        " '.000000Z', 'Z')"
-    )
-
-
-# A plugin's environments as a JSON array, in EnvironmentState's (and the API's) field order.
-_ENVIRONMENTS_JSON = f"""
-       coalesce((SELECT json_agg(json_build_object(
-                     'environment', e.environment, 'version', e.version, 'status', e.status,
-                     'enabled', e.enabled, 'health_score', e.health_score,
-                     'last_health_check', {_json_time("e.last_health_check")},
-                     'cpu_usage', e.cpu_usage, 'memory_usage', e.memory_usage,
-                     'updated_at', {_json_time("e.updated_at")})
-                     ORDER BY e.environment)
-                   FROM plugin_environments e
-                  WHERE e.plugin_id = p.id AND e.tenant_id = p.tenant_id), '[]'::json)"""  # noqa: S608 - constant
-
-# health_score is real (float4) in the table: 66.67 would read back as 66.66999816894531, so
-# it is rounded here, where the list's JSON below rounds it the same way.
-_HEALTH_SCORE = "round(p.health_score::numeric, 2)::float8"
-
-_SELECT = f"""
-SELECT p.id, p.name, p.version, p.description, p.installed_from::text AS installed_from,
-       p.installed_by, p.installed_at, p.config_schema::text AS config_schema, p.status,
-       p.enabled, p.dependencies, {_HEALTH_SCORE} AS health_score, p.last_health_check,
-       p.cpu_usage, p.memory_usage, p.created_at, p.updated_at,
-       {_ENVIRONMENTS_JSON}::text AS environments
-  FROM plugins p
-"""  # noqa: S608 - built from this module's constants only
-
-# A page of plugins as the API writes them, one JSON object a row (a Plugin without its id,
-# in the same field order), written by the database: a list is the API's dearest read, and
-# decoding 100 rows into dataclasses and encoding them again took a quarter of the event
-# loop's time under bench/api.py's mix. One row a plugin, not one json_agg over a LIMITed
-# subquery: Citus plans no correlated subquery (the environments) over a subquery in FROM.
-# tests/test_api_encoded.py holds it to the models' JSON.
-_LIST_JSON = f"""
-SELECT json_build_object(
-           'name', p.name, 'version', p.version, 'description', p.description,
-           'installed_from', p.installed_from, 'installed_by', p.installed_by,
-           'installed_at', {_json_time("p.installed_at")}, 'config_schema', p.config_schema,
-           'status', p.status, 'enabled', p.enabled, 'dependencies', p.dependencies,
-           'health_score', {_HEALTH_SCORE},
-           'last_health_check', {_json_time("p.last_health_check")},
-           'cpu_usage', p.cpu_usage, 'memory_usage', p.memory_usage,
-           'created_at', {_json_time("p.created_at")}, 'updated_at', {_json_time("p.updated_at")},
-           'environments', {_ENVIRONMENTS_JSON.strip()})::text AS item
-  FROM plugins p
- WHERE ($1::text IS NULL OR p.status = $1) AND ($2::boolean IS NULL OR p.enabled = $2)
- ORDER BY p.name LIMIT $3
-"""  # noqa: S608 - built from this module's constants only
-
-
-# The same with the tenant as $2 in the subquery too: Citus routes a locking query to one
-# shard group only when every distributed table in it is filtered by the tenant itself.
-_SELECT_OF_TENANT = _SELECT.replace("e.tenant_id = p.tenant_id", "e.tenant_id = $2")
-assert _SELECT_OF_TENANT != _SELECT
-
-
 def _ts(value: str | None) -> datetime | None:
     return None if value is None else datetime.fromisoformat(value)
 
@@ -288,11 +225,11 @@ async def get_plugin(
     (``for_update``) only in a query it can route to one shard group by it."""
     if tenant_id is None:
         row = await conn.fetchrow(
-            _SELECT + " WHERE p.name = $1" + (" FOR UPDATE OF p" if for_update else ""), name
+            SELECT + " WHERE p.name = $1" + (" FOR UPDATE OF p" if for_update else ""), name
         )
     else:
         row = await conn.fetchrow(
-            _SELECT_OF_TENANT
+            SELECT_OF_TENANT
             + " WHERE p.name = $1 AND p.tenant_id = $2"
             + (" FOR UPDATE OF p" if for_update else ""),
             name,
@@ -312,7 +249,7 @@ async def plugin_id(conn: asyncpg.Connection, name: str) -> int:
 
 
 async def get_plugin_by_id(conn: asyncpg.Connection, plugin_id: int) -> Plugin:
-    row = await conn.fetchrow(_SELECT + " WHERE p.id = $1", plugin_id)
+    row = await conn.fetchrow(SELECT + " WHERE p.id = $1", plugin_id)
     if row is None:
         raise NotFoundError(f"no plugin with id {plugin_id}", field="id")
     return _plugin(row)
@@ -332,7 +269,7 @@ async def list_plugins(
 ) -> list[Plugin]:
     _check_status_filter(status)
     rows = await conn.fetch(
-        _SELECT
+        SELECT
         + """ WHERE ($1::text IS NULL OR p.status = $1)
                         AND ($2::boolean IS NULL OR p.enabled = $2)
                       ORDER BY p.name LIMIT $3""",
@@ -351,9 +288,9 @@ async def list_plugins_json(
     limit: int = 500,
 ) -> bytes:
     """:func:`list_plugins` as the API's JSON document ``{"items": [...]}``: each item is the
-    Plugin without its id, field for field, with times in pydantic's form (see _LIST_JSON)."""
+    Plugin without its id, field for field, with times in pydantic's form (see registry.plugin_sql.LIST_JSON)."""
     _check_status_filter(status)
-    rows = await conn.fetch(_LIST_JSON, status, enabled, limit)
+    rows = await conn.fetch(LIST_JSON, status, enabled, limit)
     return ('{"items":[' + ",".join([row["item"] for row in rows]) + "]}").encode()
 
 
