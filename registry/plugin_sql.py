@@ -14,13 +14,19 @@ def _json_time(column: str) -> str:
     )
 
 
+def _finite(column: str) -> str:
+    """SQL for the double ``column`` with NaN and Infinity (which its check lets through, and
+    PostgreSQL's JSON would write as strings) as NULL, as pydantic writes them."""
+    return f"nullif(nullif({column}, 'NaN'), 'Infinity')"
+
+
 # A plugin's environments as a JSON array, in EnvironmentState's (and the API's) field order.
 _ENVIRONMENTS_JSON = f"""
        coalesce((SELECT json_agg(json_build_object(
                      'environment', e.environment, 'version', e.version, 'status', e.status,
                      'enabled', e.enabled, 'health_score', e.health_score,
                      'last_health_check', {_json_time("e.last_health_check")},
-                     'cpu_usage', e.cpu_usage, 'memory_usage', e.memory_usage,
+                     'cpu_usage', {_finite("e.cpu_usage")}, 'memory_usage', e.memory_usage,
                      'updated_at', {_json_time("e.updated_at")})
                      ORDER BY e.environment)
                    FROM plugin_environments e
@@ -44,7 +50,10 @@ SELECT p.id, p.name, p.version, p.description, p.installed_from::text AS install
 # decoding 100 rows into dataclasses and encoding them again took a quarter of the event
 # loop's time under bench/api.py's mix. One row a plugin, not one json_agg over a LIMITed
 # subquery: Citus plans no correlated subquery (the environments) over a subquery in FROM.
-# tests/test_api_encoded.py holds it to the models' JSON.
+# Equal by value to the models' JSON (tests/test_api_encoded.py): the same keys in the same
+# order, the same strings and times; a whole float may be written 70 where pydantic writes
+# 70.0 (the same JSON number), floats as the session's extra_float_digits says (the default,
+# 1, writes the shortest exact form).
 LIST_JSON = f"""
 SELECT json_build_object(
            'name', p.name, 'version', p.version, 'description', p.description,
@@ -53,7 +62,7 @@ SELECT json_build_object(
            'status', p.status, 'enabled', p.enabled, 'dependencies', p.dependencies,
            'health_score', {_HEALTH_SCORE},
            'last_health_check', {_json_time("p.last_health_check")},
-           'cpu_usage', p.cpu_usage, 'memory_usage', p.memory_usage,
+           'cpu_usage', {_finite("p.cpu_usage")}, 'memory_usage', p.memory_usage,
            'created_at', {_json_time("p.created_at")}, 'updated_at', {_json_time("p.updated_at")},
            'environments', {_ENVIRONMENTS_JSON.strip()})::text AS item
   FROM plugins p

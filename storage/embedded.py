@@ -283,21 +283,49 @@ class EmbeddedPostgres:
             self.log_file.touch(mode=0o600)
         self._chown_to_server_user(self.log_file)
         # The socket's directory is given at each start (not in the cluster's configuration):
-        # a cluster made before it existed gets one too, and a data_dir that moved or whose
-        # path is too long for a socket runs on TCP alone.
-        options: list[str] = []
-        if self._socket_usable():
+        # a cluster made before it existed gets one too, and a data_dir that moved, whose path
+        # is too long or unusual for a socket, or where no socket can be made (a file system
+        # without them, a security policy) runs on TCP alone.
+        options = self._socket_options()
+        logger.info("starting embedded PostgreSQL on %s:%d", self.host, self.port)
+        result = self._pg_ctl_run(options)
+        if result.returncode != 0 and options:
+            logger.warning(
+                "embedded PostgreSQL did not start with a Unix socket in %s (%s); "
+                "starting it on TCP alone",
+                self.socket_directory,
+                self._log_cause() or result.stderr.strip() or "no detail",
+            )
+            result = self._pg_ctl_run([])
+        if result.returncode != 0:
+            tail = self._log_tail()
+            raise EmbeddedPostgresError(
+                f"could not start embedded PostgreSQL in {self.pgdata}: {result.stderr.strip()}\n{tail}"
+            )
+
+    def _socket_options(self) -> list[str]:
+        if not self._socket_usable():
+            logger.warning(
+                "embedded PostgreSQL: no Unix socket, the path %s is longer than %d characters "
+                "or has characters other than letters, digits and . _ / + -; TCP only",
+                self.socket_directory,
+                _SOCKET_PATH_MAX - len("/.s.PGSQL.65535"),
+            )
+            return []
+        try:
             self.socket_directory.mkdir(mode=0o700, exist_ok=True)
             self._chown_to_server_user(self.socket_directory)
-            options = ["-o", f"-k {self.socket_directory}"]
-        else:
-            logger.info(
-                "embedded PostgreSQL: no Unix socket (the path %s is too long or unusual), "
-                "TCP only",
+        except OSError as exc:
+            logger.warning(
+                "embedded PostgreSQL: no Unix socket, %s is unusable (%s); TCP only",
                 self.socket_directory,
+                exc,
             )
-        logger.info("starting embedded PostgreSQL on %s:%d", self.host, self.port)
-        result = self._run(
+            return []
+        return ["-o", f"-k {self.socket_directory}"]
+
+    def _pg_ctl_run(self, options: list[str]) -> subprocess.CompletedProcess[str]:
+        return self._run(
             [
                 str(self._bin / "pg_ctl"),
                 "-D",
@@ -312,13 +340,18 @@ class EmbeddedPostgres:
             ],
             check=False,
         )
-        if result.returncode != 0:
-            tail = ""
-            with contextlib.suppress(OSError):
-                tail = self.log_file.read_text()[-2000:]
-            raise EmbeddedPostgresError(
-                f"could not start embedded PostgreSQL in {self.pgdata}: {result.stderr.strip()}\n{tail}"
-            )
+
+    def _log_tail(self) -> str:
+        text = ""
+        with contextlib.suppress(OSError):
+            text = self.log_file.read_text()[-2000:]
+        return text
+
+    def _log_cause(self) -> str:
+        """The last FATAL line of the server's log (why a start failed), else its last line."""
+        lines = self._log_tail().strip().splitlines()
+        fatal = [line for line in lines if "FATAL" in line]
+        return (fatal or lines or [""])[-1]
 
     def _ensure_database(self) -> None:
         import psycopg

@@ -159,7 +159,21 @@ async def tenant_conn(migrated_db: str) -> AsyncIterator[asyncpg.Connection]:
                 0,
                 T0 + timedelta(microseconds=1),
             ),
-            ("tiny", "x", "LOCAL_FILE", T0, None, "installed", True, [], 0.0, T0, 100.0, 2**62, T0),
+            (
+                "tiny",
+                "x",
+                "LOCAL_FILE",
+                T0,
+                None,
+                "installed",
+                True,
+                [],
+                0.0,
+                T0,
+                float("inf"),
+                2**62,
+                T0,
+            ),
         ]
         for row in rows:
             await conn.execute(
@@ -227,6 +241,8 @@ async def test_a_list_written_by_the_database_is_the_models_json(
     # A real's two decimals, as the dataclass path rounds it.
     assert by_name["billing-sync"]["health_score"] == 66.67
     assert by_name["whole"]["health_score"] == 70.0
+    # JSON has no Infinity: null, as pydantic writes it (the column's check lets it in).
+    assert by_name["tiny"]["cpu_usage"] is None
     nothing = await plugins.list_plugins_json(tenant_conn, status="uninstalled")
     assert nothing == b'{"items":[]}'
     assert model_json([]) == nothing

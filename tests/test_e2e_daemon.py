@@ -371,7 +371,8 @@ def test_embedded_default_starts_and_stops_its_server(tmp_path: Path, server_tmp
                     port
                     for (port,) in conn.execute(
                         "SELECT client_port FROM pg_stat_activity"
-                        " WHERE datname = 'pluginmon' AND pid <> pg_backend_pid()"
+                        " WHERE datname = 'pluginmon' AND backend_type = 'client backend'"
+                        " AND pid <> pg_backend_pid()"
                     )
                 ]
             assert ports, "no session of the daemon"

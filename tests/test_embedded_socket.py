@@ -64,12 +64,48 @@ def test_a_data_dir_too_long_for_a_socket_runs_on_tcp(
     deep = server_tmp_dir / ("d" * 60) / ("e" * 40)
     server = EmbeddedPostgres(deep)
     assert len(str(server.socket_directory)) + len("/.s.PGSQL.65535") > 107
-    with caplog.at_level(logging.INFO, logger="pluginmon.storage.embedded"):
+    with caplog.at_level(logging.WARNING, logger="pluginmon.storage.embedded"):
         tcp = server.start()
     try:
         assert server.local_url() == tcp
         assert client_port_via(server.local_url()) > 0
-        assert "no Unix socket" in caplog.text
+        assert "no Unix socket, the path" in caplog.text
         assert not server.socket_directory.exists()
+    finally:
+        server.stop(mode="immediate")
+
+
+def test_a_data_dir_with_a_space_runs_on_tcp(
+    server_tmp_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # pg_ctl hands its -o options to a shell: only plain paths get a socket.
+    server = EmbeddedPostgres(server_tmp_dir / "a b")
+    with caplog.at_level(logging.WARNING, logger="pluginmon.storage.embedded"):
+        tcp = server.start()
+    try:
+        assert server.local_url() == tcp
+        assert client_port_via(tcp) > 0
+        assert "no Unix socket, the path" in caplog.text
+    finally:
+        server.stop(mode="immediate")
+
+
+def test_a_socket_the_server_cannot_make_leaves_it_on_tcp(
+    server_tmp_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Where no socket can be made (here its lock file's name is taken by a directory, as a
+    file system without sockets or a security policy would refuse it), the server starts on
+    TCP alone and says why, instead of not starting."""
+    server = EmbeddedPostgres(server_tmp_dir / "pg")
+    server.start()
+    server.stop()
+    (server.socket_directory / f".s.PGSQL.{server.port}.lock").mkdir()
+    with caplog.at_level(logging.WARNING, logger="pluginmon.storage.embedded"):
+        tcp = server.start()
+    try:
+        assert server.local_url() == tcp
+        assert client_port_via(tcp) > 0
+        assert "did not start with a Unix socket" in caplog.text
+        assert "lock file" in caplog.text  # the server's own reason, from its log
     finally:
         server.stop(mode="immediate")
