@@ -409,6 +409,12 @@ async def test_api_requests_read_and_write_their_own_tenant_on_citus(citus_db: s
                     body={"name": name, "version": tenant},
                 )  # fmt: skip
                 assert reply.status == 201, reply.body
+            # Each tenant's "shared" in staging too: the list writes environments in SQL.
+            reply = await api.call(
+                "PUT", "/api/v1/plugins/shared/environments/staging", token=f"w-{tenant}",
+                body={"version": f"{tenant}-rc"},
+            )  # fmt: skip
+            assert reply.status == 200, reply.body
         await api.token("operator", tenant=None, role=Role.ADMIN)
         listed = await api.call("GET", "/api/v1/plugins", token=f"w-{mine}")
         shared = await api.call("GET", "/api/v1/plugins/shared", token=f"w-{theirs}")
@@ -426,7 +432,14 @@ async def test_api_requests_read_and_write_their_own_tenant_on_citus(citus_db: s
         ("shared", mine),
     ]
     assert (shared.status, shared.body["version"]) == (200, theirs)
-    assert shared.body["environments"] == []
+    assert [(e["environment"], e["version"]) for e in shared.body["environments"]] == [
+        ("staging", f"{theirs}-rc")
+    ]
+    # The list's environments are the tenant's own, on the shards the workers hold.
+    listed_shared = next(p for p in listed.body["items"] if p["name"] == "shared")
+    assert [(e["environment"], e["version"]) for e in listed_shared["environments"]] == [
+        ("staging", f"{mine}-rc")
+    ]
     assert hidden.status == 404
     assert hidden.error["code"] == "not_found"
     assert as_operator.status == 200, as_operator.body
