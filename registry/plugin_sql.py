@@ -45,6 +45,11 @@ SELECT p.id, p.name, p.version, p.description, p.installed_from::text AS install
   FROM plugins p
 """  # noqa: S608 - built from this module's constants only
 
+# A page of plugins: the list's filters, its order and its limit ($1 status, $2 enabled, $3 limit),
+# the same for the rows (registry.plugins.list_plugins) and for the API's JSON (LIST_JSON).
+PAGE = """ WHERE ($1::text IS NULL OR p.status = $1) AND ($2::boolean IS NULL OR p.enabled = $2)
+ ORDER BY p.name LIMIT $3"""
+
 # A page of plugins as the API writes them, one JSON object a row (a Plugin without its id,
 # in the same field order), written by the database: a list is the API's dearest read, and
 # decoding 100 rows into dataclasses and encoding them again took a quarter of the event
@@ -65,9 +70,7 @@ SELECT json_build_object(
            'cpu_usage', {_finite("p.cpu_usage")}, 'memory_usage', p.memory_usage,
            'created_at', {_json_time("p.created_at")}, 'updated_at', {_json_time("p.updated_at")},
            'environments', {_ENVIRONMENTS_JSON.strip()})::text AS item
-  FROM plugins p
- WHERE ($1::text IS NULL OR p.status = $1) AND ($2::boolean IS NULL OR p.enabled = $2)
- ORDER BY p.name LIMIT $3
+  FROM plugins p{PAGE}
 """  # noqa: S608 - built from this module's constants only
 
 

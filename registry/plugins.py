@@ -24,7 +24,7 @@ import jsonschema.validators
 from pluginmon.registry import audit
 from pluginmon.registry.actor import Actor
 from pluginmon.registry.errors import ConflictError, ForbiddenError, InvalidError, NotFoundError
-from pluginmon.registry.plugin_sql import LIST_JSON, SELECT, SELECT_OF_TENANT
+from pluginmon.registry.plugin_sql import LIST_JSON, PAGE, SELECT, SELECT_OF_TENANT
 from pluginmon.registry.schema_regex import unsafe_patterns
 
 # The seed's Prisma enum (sql/001_core.sql plugin_source).
@@ -269,10 +269,7 @@ async def list_plugins(
 ) -> list[Plugin]:
     _check_status_filter(status)
     rows = await conn.fetch(
-        SELECT
-        + """ WHERE ($1::text IS NULL OR p.status = $1)
-                        AND ($2::boolean IS NULL OR p.enabled = $2)
-                      ORDER BY p.name LIMIT $3""",
+        SELECT + PAGE,
         status,
         enabled,
         limit,

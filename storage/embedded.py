@@ -29,6 +29,7 @@ DATABASE = "pluginmon"
 # NUL), and pg_ctl passes the directory through a shell: a longer or unusual path leaves the
 # server on TCP alone.
 _SOCKET_PATH_MAX = 107
+_SOCKET_FILE_MAX = len("/.s.PGSQL.65535")
 _SOCKET_DIRECTORY_RE = re.compile(r"^/[A-Za-z0-9._/+-]*$")
 
 
@@ -125,9 +126,12 @@ class EmbeddedPostgres:
     def socket_directory(self) -> Path:
         return self.data_dir / "socket"
 
+    def _quoted_password(self) -> str:
+        return quote(self._password_file.read_text().strip(), safe="")
+
     def url(self, database: str = DATABASE) -> str:
         """The server's TCP URL on loopback."""
-        password = quote(self._password_file.read_text().strip(), safe="")
+        password = self._quoted_password()
         return f"postgresql://{SUPERUSER}:{password}@{self.host}:{self.port}/{database}"
 
     def local_url(self, database: str = DATABASE) -> str:
@@ -135,7 +139,7 @@ class EmbeddedPostgres:
         port = self.port
         if not (self.socket_directory / f".s.PGSQL.{port}").is_socket():
             return self.url(database)
-        password = quote(self._password_file.read_text().strip(), safe="")
+        password = self._quoted_password()
         return (
             f"postgresql://{SUPERUSER}:{password}@/{database}"
             f"?host={quote(str(self.socket_directory), safe='/')}&port={port}"
@@ -145,7 +149,7 @@ class EmbeddedPostgres:
         path = str(self.socket_directory)
         return (
             bool(_SOCKET_DIRECTORY_RE.fullmatch(path))
-            and len(path) + len("/.s.PGSQL.65535") <= _SOCKET_PATH_MAX
+            and len(path) + _SOCKET_FILE_MAX <= _SOCKET_PATH_MAX
         )
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -309,7 +313,7 @@ class EmbeddedPostgres:
                 "embedded PostgreSQL: no Unix socket, the path %s is longer than %d characters "
                 "or has characters other than letters, digits and . _ / + -; TCP only",
                 self.socket_directory,
-                _SOCKET_PATH_MAX - len("/.s.PGSQL.65535"),
+                _SOCKET_PATH_MAX - _SOCKET_FILE_MAX,
             )
             return []
         try:
