@@ -809,9 +809,9 @@ def statement_times(found: list[Statement]) -> dict[str, float]:
 
 
 def print_top_statements(found: list[Statement], *, limit: int, wall: float) -> None:
-    """The ``limit`` statements of the "maintenance", "health+alerts" and "registry" kinds (nested ones
-    included, marked) with the most execution time: which ones, how often, how long each."""
-    for kind in ("maintenance", "health+alerts", "registry"):
+    """The ``limit`` statements of each kind but "other" (nested ones included, marked) with
+    the most execution time: which ones, how often, how long each."""
+    for kind in ("samples", "maintenance", "health+alerts", "registry", "plugin ids"):
         chosen = sorted((st for st in found if st.kind == kind), key=lambda st: -st.total_seconds)
         chosen = chosen[:limit]
         print(f"  top {len(chosen)} {kind} statements by execution time ({wall:.0f} s window):")

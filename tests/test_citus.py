@@ -23,6 +23,7 @@ from pluginmon.registry import backup_schedule, crypto, secrets
 from pluginmon.registry.actor import Actor
 from pluginmon.registry.policies import ApprovalPolicy
 from pluginmon.registry.tokens import Role
+from pluginmon.storage import plugin_metrics
 from pluginmon.storage.backend import Retention, admin_connection
 from pluginmon.storage.citus import CitusMaintenance
 from pluginmon.storage.migrate import Backend, MigrationError, migrate
@@ -396,6 +397,47 @@ async def test_on_citus_only_the_propagated_tenant_reaches_the_workers(citus_db:
     finally:
         await conn.close()
     assert seen == {"set_config": [], "set local": [tenant]}
+
+
+async def test_the_rules_read_plugin_metrics_of_the_pairs_asked_for_on_citus(
+    citus_db: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """series_windows (each agent's read for its rules) on Citus: whichever form the cluster
+    plans, only the (plugin, environment) pairs and the names asked for come back."""
+    monkeypatch.setattr(plugin_metrics, "_index_form_plans", None)  # this database decides
+    tenant = tenant_name()
+    a, b = await create_plugins(citus_db, tenant=tenant, count=2)
+    now = datetime.now(UTC).replace(microsecond=0)
+    conn = await asyncpg.connect(citus_db)
+    try:
+        await conn.executemany(
+            'INSERT INTO plugin_metrics ("timestamp", tenant_id, plugin_id, environment,'
+            " metric_name, metric_kind, value, labels) VALUES ($1, $2, $3, $4, $5, 'gauge', $6, '{}')",
+            [
+                (now - timedelta(minutes=2), tenant, a, "production", "queue_depth", 7.0),
+                (now - timedelta(minutes=1), tenant, a, "production", "queue_depth", 3.0),
+                (now - timedelta(minutes=1), tenant, a, "staging", "queue_depth", 50.0),
+                (now - timedelta(minutes=1), tenant, b, "staging", "queue_depth", 4.0),
+                (now - timedelta(minutes=1), tenant, b, "staging", "other_metric", 1.0),
+                (now - timedelta(minutes=1), tenant, b, "production", "queue_depth", 99.0),
+            ],
+        )
+        got = await plugin_metrics.series_windows(
+            conn,
+            [(a, "production"), (b, "staging")],
+            ["queue_depth"],
+            since=now - timedelta(minutes=5),
+            rate_since=now - timedelta(minutes=5),
+        )
+    finally:
+        await conn.close()
+    assert plugin_metrics._index_form_plans is True  # the index form, not the fallback
+    assert sorted(
+        (w.plugin_id, w.environment, w.name, w.last_value, w.rate_points) for w in got
+    ) == [
+        (a, "production", "queue_depth", 3.0, 2),
+        (b, "staging", "queue_depth", 4.0, 1),
+    ]
 
 
 async def test_api_requests_read_and_write_their_own_tenant_on_citus(citus_db: str) -> None:

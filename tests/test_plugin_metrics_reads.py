@@ -1,0 +1,145 @@
+"""Reading plugin_metrics back for the rules (storage.plugin_metrics.series_windows): only the
+(plugin, environment) pairs and the names asked for, points since ``since``, and increases
+over the rate window with counter resets handled, on a real database. The index form the
+agents use and the plain join agree row for row."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+
+import asyncpg
+import pytest
+
+from pluginmon.storage import plugin_metrics
+from pluginmon.storage.plugin_metrics import SeriesWindow, series_window, series_windows
+
+NOW = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=1)
+SINCE = NOW - timedelta(minutes=5)
+RATE_SINCE = NOW - timedelta(minutes=3)
+
+
+@pytest.fixture
+async def conn(migrated_db: str) -> AsyncIterator[asyncpg.Connection]:
+    connection = await asyncpg.connect(migrated_db)
+    try:
+        yield connection
+    finally:
+        await connection.close()
+
+
+async def _plugin(conn: asyncpg.Connection, name: str) -> int:
+    await conn.execute(
+        "INSERT INTO tenants (id, name) VALUES ('acme', 'acme') ON CONFLICT DO NOTHING"
+    )
+    return int(
+        await conn.fetchval(
+            "INSERT INTO plugins (tenant_id, name) VALUES ('acme', $1) RETURNING id", name
+        )
+    )
+
+
+async def _points(
+    conn: asyncpg.Connection,
+    plugin_id: int,
+    environment: str,
+    name: str,
+    kind: str,
+    values: list[tuple[timedelta, float]],
+    labels: dict[str, str] | None = None,
+) -> None:
+    await conn.executemany(
+        'INSERT INTO plugin_metrics ("timestamp", tenant_id, plugin_id, environment,'
+        " metric_name, metric_kind, value, labels) VALUES ($1, 'acme', $2, $3, $4, $5, $6, $7)",
+        [
+            (NOW - ago, plugin_id, environment, name, kind, value, json.dumps(labels or {}))
+            for ago, value in values
+        ],
+    )
+
+
+def _key(window: SeriesWindow) -> tuple[int, str, str, str]:
+    return (window.plugin_id, window.environment, window.name, json.dumps(dict(window.labels)))
+
+
+async def test_only_the_pairs_and_names_asked_for_with_resets_handled(
+    conn: asyncpg.Connection,
+) -> None:
+    a = await _plugin(conn, "a")
+    b = await _plugin(conn, "b")
+    minutes = timedelta(minutes=1)
+    # a/production: a counter that resets once inside the rate window, with one point
+    # before ``since`` (not read) and one between ``since`` and the rate window (read as the
+    # previous value of the first rated point, not rated itself)
+    await _points(
+        conn,
+        a,
+        "production",
+        "requests_total",
+        "counter",
+        [
+            (6 * minutes, 1.0),
+            (4 * minutes, 10.0),
+            (2 * minutes, 20.0),
+            (minutes, 5.0),
+            (0 * minutes, 15.0),
+        ],
+    )
+    await _points(
+        conn, a, "production", "queue_depth", "gauge", [(2 * minutes, 7.0), (minutes, 3.0)]
+    )
+    # the same names of pairs not asked for: a/staging, b/production
+    await _points(conn, a, "staging", "requests_total", "counter", [(minutes, 100.0)])
+    await _points(conn, b, "production", "queue_depth", "gauge", [(minutes, 99.0)])
+    # b/staging: a gauge with labels, and a name not asked for
+    await _points(
+        conn, b, "staging", "queue_depth", "gauge", [(minutes, 4.0)], labels={"queue": "in"}
+    )
+    await _points(conn, b, "staging", "other_metric", "gauge", [(minutes, 1.0)])
+
+    got = await series_windows(
+        conn,
+        [(a, "production"), (b, "staging")],
+        ["requests_total", "queue_depth"],
+        since=SINCE,
+        rate_since=RATE_SINCE,
+    )
+    by_key = {_key(w): w for w in got}
+    assert sorted(by_key) == sorted(
+        [
+            (a, "production", "queue_depth", "{}"),
+            (a, "production", "requests_total", "{}"),
+            (b, "staging", "queue_depth", json.dumps({"queue": "in"})),
+        ]
+    )
+    counter = by_key[(a, "production", "requests_total", "{}")]
+    assert counter.kind == "counter"
+    assert counter.last_value == 15.0
+    assert counter.last_at == NOW
+    # within the rate window (both ends of a step in it, as Prometheus's increase): 20 -> 5
+    # is a reset (+5), 5 -> 15 (+10); the step 10 -> 20 starts before the window
+    assert counter.increase == 15.0
+    assert counter.rate_points == 3
+    assert counter.rate_seconds == 120.0
+    gauge = by_key[(a, "production", "queue_depth", "{}")]
+    assert (gauge.kind, gauge.last_value, gauge.rate_points) == ("gauge", 3.0, 2)
+    assert by_key[(b, "staging", "queue_depth", json.dumps({"queue": "in"}))].last_value == 4.0
+
+    # the plain join (the form for databases that refuse the index form) gives the same rows
+    args = ([a, b], ["production", "staging"], ["requests_total", "queue_depth"], SINCE, RATE_SINCE)
+    joined = [
+        series_window(r) for r in await conn.fetch(plugin_metrics.SERIES_WINDOWS_JOIN_SQL, *args)
+    ]
+    indexed = [series_window(r) for r in await conn.fetch(plugin_metrics.SERIES_WINDOWS_SQL, *args)]
+    assert sorted(joined, key=_key) == sorted(indexed, key=_key) == sorted(got, key=_key)
+
+
+async def test_nothing_asked_reads_nothing(conn: asyncpg.Connection) -> None:
+    a = await _plugin(conn, "a")
+    await _points(conn, a, "production", "queue_depth", "gauge", [(timedelta(0), 1.0)])
+    assert await series_windows(conn, [], ["queue_depth"], since=SINCE, rate_since=RATE_SINCE) == []
+    assert (
+        await series_windows(conn, [(a, "production")], [], since=SINCE, rate_since=RATE_SINCE)
+        == []
+    )
