@@ -92,6 +92,54 @@ async def test_the_audit_entries_of_one_target_are_read_through_the_target_index
 
 
 @pytest.mark.parametrize("plan", PLANS)
+async def test_one_actors_or_one_actions_audit_entries_are_read_through_their_index(
+    conn: asyncpg.Connection, plan: str
+) -> None:
+    """?actor= and ?action= (sql/131): a rare actor's entries among thousands of another's,
+    a rare action's among thousands of another's, read without walking the log."""
+    for tenant in ("a", "b"):
+        await conn.execute(
+            """INSERT INTO audit_log (tenant_id, actor, action, entity_type, entity_id)
+               SELECT $1, 'ci', 'plugin.update', 'plugin', 'p' || (i % 20 + 1)
+                 FROM generate_series(1, $2) AS i""",
+            tenant,
+            HISTORY,
+        )
+        await conn.execute(
+            """INSERT INTO audit_log (tenant_id, actor, action, entity_type, entity_id)
+               VALUES ($1, 'alice', 'token.revoke', 'token', 'old-ci'),
+                      ($1, 'alice', 'plugin.update', 'plugin', 'p3'),
+                      ($1, 'bob', 'token.revoke', 'token', 'older-ci')""",
+            tenant,
+        )
+    await conn.execute("ANALYZE audit_log")
+
+    async def listed(filters: audit.AuditQuery) -> tuple[list[tuple[str, str, str, str]], int]:
+        found, rows_read = await read_as_tenant_a(
+            conn, plan, "audit_log", lambda: audit.query(conn, filters)
+        )
+        return [(e.tenant_id, e.actor, e.action, e.entity_id or "") for e in found], rows_read
+
+    found, rows_read = await listed(audit.AuditQuery(actor="alice"))
+    assert found == [
+        ("a", "alice", "plugin.update", "p3"),
+        ("a", "alice", "token.revoke", "old-ci"),
+    ]
+    assert rows_read < 50, rows_read
+    found, rows_read = await listed(audit.AuditQuery(action="token.revoke"))
+    assert found == [
+        ("a", "bob", "token.revoke", "older-ci"),
+        ("a", "alice", "token.revoke", "old-ci"),
+    ]
+    assert rows_read < 50, rows_read
+    # both filters, and a page of the common actor, newest first
+    found, _ = await listed(audit.AuditQuery(actor="alice", action="token.revoke"))
+    assert found == [("a", "alice", "token.revoke", "old-ci")]
+    found, _ = await listed(audit.AuditQuery(actor="ci", limit=5))
+    assert [row[1] for row in found] == ["ci"] * 5
+
+
+@pytest.mark.parametrize("plan", PLANS)
 async def test_the_pending_approvals_are_read_without_the_decided_ones(
     conn: asyncpg.Connection, plan: str
 ) -> None:
