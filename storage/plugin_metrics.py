@@ -251,37 +251,22 @@ SELECT plugin_id, environment, metric_name, labels::text AS labels,
  GROUP BY plugin_id, environment, metric_name, labels
 """
 
-# asyncpg: the named series of the given (plugin id, environment) pairs, in one scan of the
-# index (plugin_id, metric_name, "timestamp") with the plugin ids and the names as arrays
-# (= ANY: one descent per plugin and name), the pairs' environments matched after it. As a
-# plain join the planner read the whole day's plugin_metrics partition, so each agent's read
-# grew with the fleet's health rows (14 ms a call at 25 agents of 1,000 plugins, 36 ms at 50:
-# bench/fleet.py, docs/BENCHMARKS.md "Fleet"); a fenced LATERAL subquery per pair, the form
-# before this one, paid an executor start per pair (20 ms a call for 1,000 pairs and no
-# series at 100 agents, against 4-6 ms for this form on a quiet server).
+# asyncpg: the named series of the given plugins since $3, in one scan of the index
+# (plugin_id, metric_name, "timestamp") with the plugin ids and the names as arrays (= ANY);
+# series_windows keeps the series of the (plugin, environment) pairs asked for (a plugin's
+# other environments are rare, and a series is grouped by its environment anyway). The forms
+# before it: a plain join with the pairs read the whole day's plugin_metrics partition (36 ms
+# a call at 50 agents of 1,000 plugins, docs/BENCHMARKS.md "Fleet"); a LATERAL subquery per
+# pair ran one index scan per pair (20.8 ms a call at 100 agents); the pairs matched in SQL
+# (IN over unnest) were planned on PostgreSQL 15 as an index scan per pair with the names
+# only filtered (74 ms a call against 14 ms for this form, docs/BENCHMARKS.md).
 SERIES_WINDOWS_SQL: Final = _SERIES_SQL.format(
     source="plugin_metrics",
     join="",
-    where="""m.plugin_id = ANY($1::bigint[]) AND m.metric_name = ANY($3::text[])
-       AND m."timestamp" >= $4
-       AND (m.plugin_id, m.environment) IN (SELECT * FROM unnest($1::bigint[], $2::text[]))""",
-    rate_since="$5",
+    where="m.plugin_id = ANY($1::bigint[]) AND m.metric_name = ANY($2::text[])"
+    ' AND m."timestamp" >= $3',
+    rate_since="$4",
 )
-
-# The same as a plain join, for a database that refuses the form above (Citus refused the
-# fenced LATERAL before it: "Offset clause is currently unsupported when a lateral subquery
-# references a column from a table function"; Citus 12.1 plans this one, tests/test_citus.py).
-SERIES_WINDOWS_JOIN_SQL: Final = _SERIES_SQL.format(
-    source="plugin_metrics",
-    join="""JOIN unnest($1::bigint[], $2::text[]) AS w(plugin_id, environment)
-        ON m.plugin_id = w.plugin_id AND m.environment = w.environment""",
-    where='m.metric_name = ANY($3::text[]) AND m."timestamp" >= $4',
-    rate_since="$5",
-)
-
-# Which form this database plans: None until the first read tells (then a savepoint guards
-# the index form's first try, so a refusal leaves the caller's transaction usable).
-_index_form_plans: bool | None = None
 
 # psycopg (`pluginmon status`): every series of every plugin (of one tenant) but pluginmon's
 # own health_score.
@@ -337,20 +322,15 @@ async def series_windows(
 ) -> list[SeriesWindow]:
     """Every series named ``names`` of the (plugin id, environment) pairs with a point since
     ``since``; increases over ``rate_since`` onwards."""
-    global _index_form_plans
     if not plugins or not names:
         return []
-    args = ([p[0] for p in plugins], [p[1] for p in plugins], list(names), since, rate_since)
-    if _index_form_plans is None:
-        try:
-            async with conn.transaction():  # a savepoint inside the caller's transaction
-                rows = await conn.fetch(SERIES_WINDOWS_SQL, *args, timeout=timeout_seconds)
-        except asyncpg.FeatureNotSupportedError as exc:
-            _index_form_plans = False
-            logger.info("plugin metrics read as a plain join here (%s)", exc)
-        else:
-            _index_form_plans = True
-            return [series_window(row) for row in rows]
-    sql = SERIES_WINDOWS_SQL if _index_form_plans else SERIES_WINDOWS_JOIN_SQL
-    rows = await conn.fetch(sql, *args, timeout=timeout_seconds)
-    return [series_window(row) for row in rows]
+    wanted = set(plugins)
+    rows = await conn.fetch(
+        SERIES_WINDOWS_SQL,
+        sorted({plugin_id for plugin_id, _ in wanted}),
+        list(names),
+        since,
+        rate_since,
+        timeout=timeout_seconds,
+    )
+    return [series_window(row) for row in rows if (row["plugin_id"], row["environment"]) in wanted]

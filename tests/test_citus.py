@@ -400,12 +400,9 @@ async def test_on_citus_only_the_propagated_tenant_reaches_the_workers(citus_db:
     assert seen == {"set_config": [], "set local": [tenant]}
 
 
-async def test_the_rules_read_plugin_metrics_of_the_pairs_asked_for_on_citus(
-    citus_db: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """series_windows (each agent's read for its rules) on Citus: whichever form the cluster
-    plans, only the (plugin, environment) pairs and the names asked for come back."""
-    monkeypatch.setattr(plugin_metrics, "_index_form_plans", None)  # this database decides
+async def test_the_rules_read_plugin_metrics_of_the_pairs_asked_for_on_citus(citus_db: str) -> None:
+    """series_windows (each agent's read for its rules) on Citus: only the (plugin,
+    environment) pairs and the names asked for come back."""
     tenant = tenant_name()
     a, b = await create_plugins(citus_db, tenant=tenant, count=2)
     now = datetime.now(UTC).replace(microsecond=0)
@@ -432,7 +429,6 @@ async def test_the_rules_read_plugin_metrics_of_the_pairs_asked_for_on_citus(
         )
     finally:
         await conn.close()
-    assert plugin_metrics._index_form_plans is True  # the index form, not the fallback
     assert sorted(
         (w.plugin_id, w.environment, w.name, w.last_value, w.rate_points) for w in got
     ) == [

@@ -1,7 +1,6 @@
 """Reading plugin_metrics back for the rules (storage.plugin_metrics.series_windows): only the
 (plugin, environment) pairs and the names asked for, points since ``since``, and increases
-over the rate window with counter resets handled, on a real database. The index form the
-agents use and the plain join agree row for row."""
+over the rate window with counter resets handled, on a real database."""
 
 from __future__ import annotations
 
@@ -12,8 +11,7 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 import pytest
 
-from pluginmon.storage import plugin_metrics
-from pluginmon.storage.plugin_metrics import SeriesWindow, series_window, series_windows
+from pluginmon.storage.plugin_metrics import SeriesWindow, series_windows
 
 NOW = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=1)
 SINCE = NOW - timedelta(minutes=5)
@@ -126,18 +124,41 @@ async def test_only_the_pairs_and_names_asked_for_with_resets_handled(
     assert (gauge.kind, gauge.last_value, gauge.rate_points) == ("gauge", 3.0, 2)
     assert by_key[(b, "staging", "queue_depth", json.dumps({"queue": "in"}))].last_value == 4.0
 
-    # the plain join (the form for databases that refuse the index form) gives the same rows
-    args = ([a, b], ["production", "staging"], ["requests_total", "queue_depth"], SINCE, RATE_SINCE)
-    joined = [
-        series_window(r) for r in await conn.fetch(plugin_metrics.SERIES_WINDOWS_JOIN_SQL, *args)
-    ]
-    indexed = [series_window(r) for r in await conn.fetch(plugin_metrics.SERIES_WINDOWS_SQL, *args)]
-    assert sorted(joined, key=_key) == sorted(indexed, key=_key) == sorted(got, key=_key)
+    # the same pairs asked twice, and a's staging too: each series once, a/staging's now
+    again = await series_windows(
+        conn,
+        [(a, "production"), (b, "staging"), (a, "production"), (a, "staging")],
+        ["requests_total", "queue_depth"],
+        since=SINCE,
+        rate_since=RATE_SINCE,
+    )
+    assert sorted(_key(w) for w in again) == sorted(
+        [*by_key, (a, "staging", "requests_total", "{}")]
+    )
+    assert {_key(w): (w.rate_points, w.increase) for w in again if w.plugin_id == a} == {
+        (a, "production", "queue_depth", "{}"): (2, 3.0),  # a gauge: its increase unused
+        (a, "production", "requests_total", "{}"): (3, 15.0),
+        (a, "staging", "requests_total", "{}"): (1, 0.0),
+    }
 
 
 async def test_nothing_asked_reads_nothing(conn: asyncpg.Connection) -> None:
     a = await _plugin(conn, "a")
     await _points(conn, a, "production", "queue_depth", "gauge", [(timedelta(0), 1.0)])
+    # points of another environment only, or before ``since``: none
+    assert (
+        await series_windows(
+            conn, [(a, "staging")], ["queue_depth"], since=SINCE, rate_since=RATE_SINCE
+        )
+        == []
+    )
+    later = NOW + timedelta(seconds=1)
+    assert (
+        await series_windows(
+            conn, [(a, "production")], ["queue_depth"], since=later, rate_since=later
+        )
+        == []
+    )
     assert await series_windows(conn, [], ["queue_depth"], since=SINCE, rate_since=RATE_SINCE) == []
     assert (
         await series_windows(conn, [(a, "production")], [], since=SINCE, rate_since=RATE_SINCE)
