@@ -5,9 +5,10 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import asyncpg
 import pytest
 
 from pluginmon.storage.embedded import EmbeddedPostgres
@@ -90,6 +91,16 @@ def migrated_db(pg_admin_url: str, migrated_template: str) -> Iterator[str]:
     """URL of a new database with every migration applied, dropped after the test."""
     with migrated_copy(pg_admin_url, migrated_template, prefix="mig") as url:
         yield url
+
+
+@pytest.fixture
+async def conn(migrated_db: str) -> AsyncIterator[asyncpg.Connection]:
+    """An asyncpg connection to ``migrated_db`` (a module may define its own ``conn``)."""
+    connection = await asyncpg.connect(migrated_db)
+    try:
+        yield connection
+    finally:
+        await connection.close()
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ anchor, and verification catching rows changed, removed or reordered behind the 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
@@ -20,15 +19,6 @@ from tests.waiting import wait_until
 
 NOW = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 ANN = Actor(name="ann", token_id=1, request_id="req-1", source_address="127.0.0.1")
-
-
-@pytest.fixture
-async def conn(migrated_db: str) -> AsyncIterator[asyncpg.Connection]:
-    connection = await asyncpg.connect(migrated_db)
-    try:
-        yield connection
-    finally:
-        await connection.close()
 
 
 async def _append(conn: asyncpg.Connection, tenant: str, n: int, *, start: int = 0) -> None:

@@ -3,7 +3,6 @@ the latest samples, and the operation gauges the built-in rules and health compo
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
@@ -21,15 +20,6 @@ from pluginmon.alerts.rules import builtin_rules
 from pluginmon.registry import maintenance, usage
 
 NOW = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
-
-
-@pytest.fixture
-async def conn(migrated_db: str) -> AsyncIterator[asyncpg.Connection]:
-    connection = await asyncpg.connect(migrated_db)
-    try:
-        yield connection
-    finally:
-        await connection.close()
 
 
 async def _plugin(conn: asyncpg.Connection, tenant: str, name: str) -> int:

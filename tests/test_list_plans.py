@@ -55,18 +55,23 @@ async def read_as_tenant_a(
         return found, await conn.fetchval(read, table) - before
 
 
+async def audit_history(conn: asyncpg.Connection, tenant: str) -> None:
+    """HISTORY entries of ``tenant``: actor ci updating plugins p1..p20 in turn."""
+    await conn.execute(
+        """INSERT INTO audit_log (tenant_id, actor, action, entity_type, entity_id)
+           SELECT $1, 'ci', 'plugin.update', 'plugin', 'p' || (i % 20 + 1)
+             FROM generate_series(1, $2) AS i""",
+        tenant,
+        HISTORY,
+    )
+
+
 @pytest.mark.parametrize("plan", PLANS)
 async def test_the_audit_entries_of_one_target_are_read_through_the_target_index(
     conn: asyncpg.Connection, plan: str
 ) -> None:
     for tenant in ("a", "b"):
-        await conn.execute(
-            """INSERT INTO audit_log (tenant_id, actor, action, entity_type, entity_id)
-               SELECT $1, 'ci', 'plugin.update', 'plugin', 'p' || (i % 20 + 1)
-                 FROM generate_series(1, $2) AS i""",
-            tenant,
-            HISTORY,
-        )
+        await audit_history(conn, tenant)
         await conn.execute(
             """INSERT INTO audit_log (tenant_id, actor, action, entity_type, entity_id)
                VALUES ($1, 'alice', 'operation.approve', 'operation', '7')""",
@@ -98,13 +103,7 @@ async def test_one_actors_or_one_actions_audit_entries_are_read_through_their_in
     """?actor= and ?action= (sql/131): a rare actor's entries among thousands of another's,
     a rare action's among thousands of another's, read without walking the log."""
     for tenant in ("a", "b"):
-        await conn.execute(
-            """INSERT INTO audit_log (tenant_id, actor, action, entity_type, entity_id)
-               SELECT $1, 'ci', 'plugin.update', 'plugin', 'p' || (i % 20 + 1)
-                 FROM generate_series(1, $2) AS i""",
-            tenant,
-            HISTORY,
-        )
+        await audit_history(conn, tenant)
         await conn.execute(
             """INSERT INTO audit_log (tenant_id, actor, action, entity_type, entity_id)
                VALUES ($1, 'alice', 'token.revoke', 'token', 'old-ci'),

@@ -5,26 +5,15 @@ over the rate window with counter resets handled, on a real database."""
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
-import pytest
 
 from pluginmon.storage.plugin_metrics import SeriesWindow, series_windows
 
 NOW = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=1)
 SINCE = NOW - timedelta(minutes=5)
 RATE_SINCE = NOW - timedelta(minutes=3)
-
-
-@pytest.fixture
-async def conn(migrated_db: str) -> AsyncIterator[asyncpg.Connection]:
-    connection = await asyncpg.connect(migrated_db)
-    try:
-        yield connection
-    finally:
-        await connection.close()
 
 
 async def _plugin(conn: asyncpg.Connection, name: str) -> int:
