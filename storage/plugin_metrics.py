@@ -251,20 +251,21 @@ SELECT plugin_id, environment, metric_name, labels::text AS labels,
  GROUP BY plugin_id, environment, metric_name, labels
 """
 
-# asyncpg: the named series of the given plugins since $3, in one scan of the index
-# (plugin_id, metric_name, "timestamp") with the plugin ids and the names as arrays (= ANY);
-# series_windows keeps the series of the (plugin, environment) pairs asked for (a plugin's
-# other environments are rare, and a series is grouped by its environment anyway). The forms
-# before it: a plain join with the pairs read the whole day's plugin_metrics partition (36 ms
-# a call at 50 agents of 1,000 plugins, docs/BENCHMARKS.md "Fleet"); a LATERAL subquery per
-# pair ran one index scan per pair (20.8 ms a call at 100 agents); the pairs matched in SQL
-# (IN over unnest) were planned on PostgreSQL 15 as an index scan per pair with the names
-# only filtered (74 ms a call against 14 ms for this form, docs/BENCHMARKS.md).
+# asyncpg: the named series of the given plugins since $3 in the environments $5, in one scan
+# of the index (plugin_id, metric_name, "timestamp") with the plugin ids and the names as
+# arrays (= ANY), the environments filtered; series_windows keeps the series of the
+# (plugin, environment) pairs asked for (a series is grouped by its environment, so the
+# pairs' cross product read beyond them is dropped whole). The forms before it: a plain join
+# with the pairs read the whole day's plugin_metrics partition (36 ms a call at 50 agents of
+# 1,000 plugins, docs/BENCHMARKS.md "Fleet"); a LATERAL subquery per pair ran one index scan
+# per pair (20.8 ms a call at 100 agents; 19-26 ms on a PostgreSQL 15 scratch table where
+# this form takes 9-14 ms); the pairs matched in SQL (IN over unnest) were planned on
+# PostgreSQL 15 as an index scan per pair with the names only filtered (74 ms a call there).
 SERIES_WINDOWS_SQL: Final = _SERIES_SQL.format(
     source="plugin_metrics",
     join="",
     where="m.plugin_id = ANY($1::bigint[]) AND m.metric_name = ANY($2::text[])"
-    ' AND m."timestamp" >= $3',
+    ' AND m."timestamp" >= $3 AND m.environment = ANY($5::text[])',
     rate_since="$4",
 )
 
@@ -331,6 +332,7 @@ async def series_windows(
         list(names),
         since,
         rate_since,
+        sorted({environment for _, environment in wanted}),
         timeout=timeout_seconds,
     )
     return [series_window(row) for row in rows if (row["plugin_id"], row["environment"]) in wanted]
