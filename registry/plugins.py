@@ -285,7 +285,8 @@ async def list_plugins_json(
     limit: int = 500,
 ) -> bytes:
     """:func:`list_plugins` as the API's JSON document ``{"items": [...]}``: each item is the
-    Plugin without its id, field for field, with times in pydantic's form (see registry.plugin_sql.LIST_JSON)."""
+    Plugin without its id, field for field, with times in pydantic's form (see
+    registry.plugin_sql.LIST_JSON)."""
     _check_status_filter(status)
     rows = await conn.fetch(LIST_JSON, status, enabled, limit)
     return ('{"items":[' + ",".join([row["item"] for row in rows]) + "]}").encode()
