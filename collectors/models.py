@@ -6,16 +6,46 @@ import json
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
-from typing import Final
+from typing import Final, TypeVar, dataclass_transform
+
+_T = TypeVar("_T")
+
+
+@dataclass_transform(frozen_default=True)
+def _record(cls: type[_T]) -> type[_T]:
+    """A dataclass the type checker treats as frozen, built without frozen's __init__.
+
+    A frozen dataclass sets each field through object.__setattr__: 3.6 us for a
+    PluginSample against 1.5 us for plain slots, and the sampler builds one per plugin per
+    cycle (10,000 a second at 10,000 plugins; docs/BENCHMARKS.md, "Scale: the per-plugin
+    objects"). mypy --strict still refuses any assignment to a field. Such a record is not
+    hashable (no caller hashes one).
+    """
+    return dataclass(slots=True)(cls)
 
 
 @dataclass(frozen=True, slots=True, order=True)
 class PluginKey:
-    """Identity of one monitored plugin instance: the labels of every per-plugin series."""
+    """Identity of one monitored plugin instance: the labels of every per-plugin series.
+
+    Its hash is computed once: each cycle looks every plugin up in several dicts and sets
+    (ids, health, alerts, the exporter), and the generated __hash__ built a tuple each time.
+    """
 
     tenant: str
     plugin: str
     environment: str = "production"
+    _hash: int = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_hash", hash((self.tenant, self.plugin, self.environment)))
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __reduce__(self) -> tuple[type[PluginKey], tuple[str, str, str]]:
+        # str hashes differ between processes: a copy or an unpickled key hashes anew.
+        return (PluginKey, (self.tenant, self.plugin, self.environment))
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,7 +69,7 @@ class PluginSpec:
     origin: str = "config"
 
 
-@dataclass(frozen=True, slots=True)
+@_record
 class PluginSample:
     """One plugin's resource usage at one instant (all its processes summed).
 

@@ -254,21 +254,30 @@ class SampleSink:
         more (the caller cannot run without it).
         """
         await self._replay_unresolved()
-        waiting_keys = self._unresolved.keys
-        await self._resolve_ids([s.key for s in snapshot.samples if s.key not in waiting_keys])
+        samples, host = snapshot.samples, snapshot.host
+        known, waiting_keys = self._plugin_ids, self._unresolved.keys
+        # One lookup per sample while every id is known and nothing waits (10,000 a tick).
+        plugin_ids = [known.get(sample.key) for sample in samples]
+        if None in plugin_ids:
+            await self._resolve_ids(
+                [
+                    sample.key
+                    for sample, plugin_id in zip(samples, plugin_ids, strict=True)
+                    if plugin_id is None and sample.key not in waiting_keys
+                ]
+            )
+            plugin_ids = [known.get(sample.key) for sample in samples]
         rows: list[Row] = []
         waiting: list[Row] = []
         invalid = 0
-        for sample in snapshot.samples:
-            key = sample.key
-            plugin_id = self._plugin_ids.get(key)
-            if key in self._invalid:
+        for sample, plugin_id in zip(samples, plugin_ids, strict=True):
+            if plugin_id is not None and not (waiting_keys and sample.key in waiting_keys):
+                rows.append(sample_row(sample, plugin=plugin_id, host=host))
+            elif sample.key in self._invalid:  # never given an id
                 invalid += 1
-            elif plugin_id is None or key in waiting_keys:
-                # Behind this plugin's older samples, which are still on disk.
-                waiting.append(sample_row(sample, plugin=key.plugin, host=snapshot.host))
             else:
-                rows.append(sample_row(sample, plugin=plugin_id, host=snapshot.host))
+                # Behind this plugin's older samples, which are still on disk.
+                waiting.append(sample_row(sample, plugin=sample.key.plugin, host=host))
         if invalid:
             self._dropped.add(DropReason.INVALID_PLUGIN, invalid)
         if waiting:
