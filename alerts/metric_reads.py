@@ -14,7 +14,7 @@ Pure: the caller passes the time and runs the query.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Mapping, Sequence, Set
 from dataclasses import dataclass
 
 from pluginmon.alerts.health import REGISTRY_GAUGES
@@ -58,9 +58,7 @@ class MetricReads:
         self.reads = 0
         """Plans taken that read something: statements run for plugin_metrics values."""
 
-    def plan(
-        self, names: Sequence[str], plugins: Collection[tuple[int, str]], *, now: float
-    ) -> ReadPlan:
+    def plan(self, names: Sequence[str], plugins: Set[tuple[int, str]], *, now: float) -> ReadPlan:
         """The names to read at ``now`` for ``plugins`` ((plugin id, environment) pairs)."""
         registry = tuple(n for n in names if is_registry_gauge(n))
         every_cycle = tuple(n for n in names if n not in registry)
@@ -69,7 +67,7 @@ class MetricReads:
         return ReadPlan(names=every_cycle + registry, registry=registry, cached=())
 
     def _registry_due(
-        self, names: Sequence[str], plugins: Collection[tuple[int, str]], *, now: float
+        self, names: Sequence[str], plugins: Set[tuple[int, str]], *, now: float
     ) -> bool:
         read_at = self._read_at
         if read_at is None or self._interval <= 0:
@@ -79,14 +77,13 @@ class MetricReads:
             return True
         if not self._read_names.issuperset(names):
             return True  # a rule or threshold added by a reload
-        read = self._read_plugins
-        return any(p not in read for p in plugins)
+        return not self._read_plugins.issuperset(plugins)
 
     def take(
         self,
         plan: ReadPlan,
         values: Mapping[tuple[int, str, str], float],
-        plugins: Collection[tuple[int, str]],
+        plugins: Set[tuple[int, str]],
         *,
         now: float,
     ) -> Values:
@@ -104,8 +101,7 @@ class MetricReads:
         out = dict(values)
         if plan.cached:
             cached = set(plan.cached)
-            wanted = set(plugins)
             for key, value in self._registry_values.items():
-                if key[2] in cached and (key[0], key[1]) in wanted:
+                if key[2] in cached and (key[0], key[1]) in plugins:
                     out[key] = value
         return out

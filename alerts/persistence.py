@@ -140,6 +140,9 @@ class AlertPersistence:
         self._ids_source = plugin_ids
         self._cycle_ids: PluginIds | None = None
         self._known_ids: dict[PluginKey, int] = {}  # from the rows loaded at start
+        # The plugins of the last cycle whose ids were all known, and their (id, environment).
+        self._pairs_keys: list[PluginKey] = []
+        self._pairs: dict[tuple[int, str], PluginKey] = {}
         self._db_timeout = database_timeout_seconds
         self._max_backlog = max_backlog_notifications
         self._deps_refresh = dependencies_refresh_seconds
@@ -313,11 +316,18 @@ class AlertPersistence:
     ) -> dict[PluginKey, dict[str, float]]:
         # (plugin id, environment): the same plugin in two environments shares one
         # plugins.id, and each environment has its own series
-        by_id: dict[tuple[int, str], PluginKey] = {}
-        for key in keys:
-            pid = self.plugin_id(key)
-            if pid is not None:
-                by_id[(pid, key.environment)] = key
+        keys = list(keys)
+        by_id = self._pairs
+        if keys != self._pairs_keys:
+            # Built again only when the plugins change or some id is still unknown
+            # (10,000 lookups a cycle otherwise; a plugin's id does not change).
+            by_id = {}
+            for key in keys:
+                pid = self.plugin_id(key)
+                if pid is not None:
+                    by_id[(pid, key.environment)] = key
+            complete = len(by_id) == len(keys)
+            self._pairs_keys, self._pairs = (keys, by_id) if complete else ([], {})
         reads = self.metric_reads
         ts = now.timestamp()
         plan = reads.plan(names, by_id.keys(), now=ts)

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from operator import attrgetter
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 import asyncpg
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -73,26 +73,32 @@ _SAMPLE_ATTRIBUTE: Final = {
 _read_sampled = attrgetter(
     *(_SAMPLE_ATTRIBUTE[column] for column in PLUGIN_SAMPLES_COLUMNS if column not in _GIVEN)
 )
-# Ascending, so each insert lands at its column's final position.
-_GIVEN_AT: Final = sorted((_COLUMN[column], column) for column in _GIVEN)
 # Values a sample can hold below what the table's CHECKs accept: -0.0 % CPU, and a negative
 # restart count the sampler uses for "unknown".
 _FLOORS: Final = tuple(
     (_COLUMN[column], floor) for column, floor in (("cpu_percent", 0.0), ("restarts", 0))
 )
+_CPU_AT, _RESTARTS_AT = (index for index, _ in _FLOORS)
+# sample_row splices the two given values in by position (10,000 rows a tick: one tuple
+# concatenation, no list and no inserts): the plugin after the timestamp and the tenant, the
+# host after the environment.
+if (_COLUMN["plugin_id"], _COLUMN["host"]) != (2, 4):
+    raise AssertionError(f"plugin_samples columns moved; sample_row expects them: {_COLUMN}")
 
 
 def sample_row(sample: PluginSample, *, plugin: int | str, host: str) -> Row:
     """One ``plugin_samples`` row (PLUGIN_SAMPLES_COLUMNS order) with ``plugin`` (a plugin
     id, or the plugin's name while its id is not known) in the plugin_id column."""
-    values = list(_read_sampled(sample))
-    given = {"plugin_id": plugin, "host": host}
-    for index, column in _GIVEN_AT:
-        values.insert(index, given[column])
-    for index, floor in _FLOORS:
-        if values[index] < floor:
-            values[index] = floor
-    return tuple(values)
+    sampled = _read_sampled(sample)
+    # Concatenated: unpacking into a new tuple builds a list first (0.68 us against 0.63).
+    row: tuple[Any, ...] = sampled[:2] + (plugin, sampled[2], host) + sampled[3:]  # noqa: RUF005
+    if row[_CPU_AT] < 0.0 or row[_RESTARTS_AT] < 0:
+        values = list(row)
+        for index, floor in _FLOORS:
+            if values[index] < floor:
+                values[index] = floor
+        return tuple(values)
+    return row
 
 
 def row_key(row: Row) -> PluginKey:

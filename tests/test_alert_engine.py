@@ -559,6 +559,52 @@ async def test_rules_and_health_read_plugin_metrics(pool: asyncpg.Pool) -> None:
     assert engine.firing()[0].value == 700.0
 
 
+async def test_plugin_metrics_are_read_for_a_plugin_once_its_id_is_known(
+    pool: asyncpg.Pool,
+) -> None:
+    # The engine keeps the (id, environment) pairs of a cycle whose ids were all known; a
+    # plugin without an id yet must be looked up again each cycle until it has one.
+    clock = FakeClock()
+    other = PluginKey("acme", "thumbnailer", "production")
+    ids = await plugin_ids(pool, [KEY, other])
+    async with pool.acquire() as conn:
+        await conn.executemany(
+            'INSERT INTO plugin_metrics ("timestamp", tenant_id, plugin_id, environment, metric_name, metric_kind, value) '
+            "VALUES ($1, 'acme', $2, 'production', 'queue_depth', 'gauge', $3)",
+            [(clock() - timedelta(seconds=5), ids[KEY], 700.0)]
+            + [(clock() - timedelta(seconds=s), ids[other], 900.0) for s in (4, 3, 2)],
+        )
+    rules = parse_rules(
+        [{"name": "QueueDeep", "metric": "queue_depth", "op": ">", "threshold": 500}],
+        include_builtins=False,
+    )
+    engine = AlertEngine(pool, rules, clock=clock)
+    await engine.start()
+    first = {KEY: ids[KEY]}  # the thumbnailer's id is not known yet
+    assert await cycle(engine, clock, first, resizer=1, thumbnailer=1) == ["QueueDeep:firing"]
+    assert [a.key for a in engine.firing()] == [KEY]
+    clock.advance(1)
+    assert await cycle(engine, clock, ids, resizer=1, thumbnailer=1) == ["QueueDeep:firing"]
+    assert sorted((a.key.plugin, a.value) for a in engine.firing()) == [
+        ("resizer", 700.0),
+        ("thumbnailer", 900.0),
+    ]
+    # The same plugins again: the values still come from the database.
+    async with pool.acquire() as conn:
+        await conn.execute(
+            'INSERT INTO plugin_metrics ("timestamp", tenant_id, plugin_id, environment, metric_name, metric_kind, value) '
+            "VALUES ($1, 'acme', $2, 'production', 'queue_depth', 'gauge', 950.0)",
+            clock(),
+            ids[other],
+        )
+    clock.advance(1)
+    assert await cycle(engine, clock, ids, resizer=1, thumbnailer=1) == []
+    assert sorted((a.key.plugin, a.value) for a in engine.firing()) == [
+        ("resizer", 700.0),
+        ("thumbnailer", 950.0),
+    ]
+
+
 async def test_refused_row_does_not_block_the_others(
     pool: asyncpg.Pool, receiver: Receiver
 ) -> None:

@@ -33,56 +33,56 @@ def test_registry_gauges_are_read_once_per_interval_and_for_new_plugins() -> Non
     reads = MetricReads(registry_interval_seconds=60)
     names = ("operations_failed", "queue_depth")
 
-    plan = reads.plan(names, [A], now=0)
+    plan = reads.plan(names, {A}, now=0)
     assert (plan.names, plan.registry, plan.cached) == (names[1:] + names[:1], names[:1], ())
     got = reads.take(
         plan,
         {(1, "production", "operations_failed"): 2.0, (1, "production", "queue_depth"): 5.0},
-        [A],
+        {A},
         now=0,
     )
     assert got[(1, "production", "operations_failed")] == 2.0
 
     # Within the interval: the plugin's own metric is read, the gauge's last value is kept.
-    plan = reads.plan(names, [A], now=10)
+    plan = reads.plan(names, {A}, now=10)
     assert (plan.names, plan.registry, plan.cached) == (("queue_depth",), (), names[:1])
-    got = reads.take(plan, {(1, "production", "queue_depth"): 6.0}, [A], now=10)
+    got = reads.take(plan, {(1, "production", "queue_depth"): 6.0}, {A}, now=10)
     assert got == {
         (1, "production", "operations_failed"): 2.0,
         (1, "production", "queue_depth"): 6.0,
     }
     # Only registry gauges and not due: nothing to read at all.
-    plan = reads.plan(names[:1], [A], now=20)
+    plan = reads.plan(names[:1], {A}, now=20)
     assert plan.names == ()
-    assert reads.take(plan, {}, [A], now=20) == {(1, "production", "operations_failed"): 2.0}
+    assert reads.take(plan, {}, {A}, now=20) == {(1, "production", "operations_failed"): 2.0}
     # A plugin that was not read yet (new, or its id just resolved) makes it due.
-    assert reads.plan(names[:1], [A, B], now=30).registry == names[:1]
+    assert reads.plan(names[:1], {A, B}, now=30).registry == names[:1]
     # So does a registry name not read yet (a reload), the interval, and a clock stepped back.
-    assert reads.plan(("operations_failed", "backup_stale"), [A], now=30).registry != ()
-    assert reads.plan(names[:1], [A], now=59.9).registry == ()
-    assert reads.plan(names[:1], [A], now=60).registry == names[:1]
-    assert reads.plan(names[:1], [A], now=-1).registry == names[:1]
+    assert reads.plan(("operations_failed", "backup_stale"), {A}, now=30).registry != ()
+    assert reads.plan(names[:1], {A}, now=59.9).registry == ()
+    assert reads.plan(names[:1], {A}, now=60).registry == names[:1]
+    assert reads.plan(names[:1], {A}, now=-1).registry == names[:1]
     # Statements counted: the two plans taken that read something (t=0 and t=10).
     assert reads.reads == 2
 
 
 def test_a_gauge_no_longer_asked_for_is_not_returned_and_zero_reads_every_cycle() -> None:
     reads = MetricReads(registry_interval_seconds=60)
-    plan = reads.plan(("operations_failed", "backup_stale"), [A], now=0)
+    plan = reads.plan(("operations_failed", "backup_stale"), {A}, now=0)
     reads.take(
         plan,
         {(1, "production", "operations_failed"): 1.0, (1, "production", "backup_stale"): 1.0},
-        [A],
+        {A},
         now=0,
     )
-    plan = reads.plan(("backup_stale",), [A], now=5)
-    assert reads.take(plan, {}, [A], now=5) == {(1, "production", "backup_stale"): 1.0}
+    plan = reads.plan(("backup_stale",), {A}, now=5)
+    assert reads.take(plan, {}, {A}, now=5) == {(1, "production", "backup_stale"): 1.0}
     # ... nor for a plugin not in this cycle
-    assert reads.take(plan, {}, [B], now=5) == {}
+    assert reads.take(plan, {}, {B}, now=5) == {}
     every = MetricReads(registry_interval_seconds=0)
     for now in (0.0, 1.0, 2.0):
-        assert every.plan(("operations_failed",), [A], now=now).registry == ("operations_failed",)
-        every.take(every.plan(("operations_failed",), [A], now=now), {}, [A], now=now)
+        assert every.plan(("operations_failed",), {A}, now=now).registry == ("operations_failed",)
+        every.take(every.plan(("operations_failed",), {A}, now=now), {}, {A}, now=now)
     assert every.reads == 3
     with pytest.raises(ValueError, match="registry_interval_seconds must be >= 0, got -1"):
         MetricReads(registry_interval_seconds=-1)
