@@ -284,11 +284,12 @@ class RuleEvaluator:
             healths = [None] * len(samples)
         else:
             healths = health
-        metric_maps: list[Mapping[str, float] | None] | None = None
+        with_metrics: list[tuple[int, Mapping[str, float]]] | None = None
         index: Mapping[PluginKey, int] | None = None
         for rule in self.rules:
             name = rule.metric
             values: list[float | None]
+            hits: list[int] | None = None  # None: every plugin's value compared below
             if name in SAMPLE_FIELDS:
                 # bool `up` compares as 0/1; ints compare with float thresholds as they are
                 values = list(map(operator.attrgetter(name), samples))
@@ -300,10 +301,20 @@ class RuleEvaluator:
                     c = None if h is None else h.component(MEMORY_LIMIT)
                     values.append(None if c is None else c.value)
             else:
-                if metric_maps is None:
-                    m = {} if metrics is None else metrics
-                    metric_maps = [m.get(s.key) for s in samples]
-                values = [None if mm is None else mm.get(name) for mm in metric_maps]
+                if with_metrics is None:
+                    # The positions and plugin_metrics values of the plugins that have any:
+                    # most have none, so a rule on a plugin_metrics name reads these only.
+                    m = metrics or {}
+                    with_metrics = (
+                        [(i, mm) for i, s in enumerate(samples) if (mm := m.get(s.key))]
+                        if m
+                        else []
+                    )
+                values = [None] * len(samples)
+                sparse = [mm.get(name) for _, mm in with_metrics]
+                for (at, _), value in zip(with_metrics, sparse, strict=True):
+                    values[at] = value
+                hits = [with_metrics[j][0] for j in _hits(rule.op, sparse, rule.threshold)]
 
             states = self._states[rule.name]
             done: set[PluginKey] = set()
@@ -325,7 +336,9 @@ class RuleEvaluator:
                         states[key] = new
                     if transition is not None:
                         changes.append(RuleChange(rule, key, transition, new))
-            for i in _hits(rule.op, values, rule.threshold):
+            if hits is None:
+                hits = _hits(rule.op, values, rule.threshold)
+            for i in hits:
                 key = samples[i].key
                 if key in done or (rule.matchers and not self._applies_to(rule, key)):
                     continue

@@ -293,3 +293,42 @@ def test_evaluator_over_many_plugins() -> None:
         ("CpuHigh", "p2"),
     ]
     assert all(c.transition.kind is TransitionKind.FIRING for c in changes)
+
+
+def test_plugin_metric_rules_see_only_the_plugins_that_have_the_metric() -> None:
+    rules = [
+        Rule(name="QueueDeep", metric="queue_depth", op=">", threshold=5),
+        Rule(name="QueueEmpty", metric="queue_depth", op="==", threshold=0),
+        Rule(name="ErrorsLow", metric="error_rate", op="<", threshold=1),
+    ]
+    ev = RuleEvaluator(rules)
+    keys = [PluginKey("acme", f"p{i}") for i in range(6)]
+    samples = [sample(1.0, key=k) for k in keys]
+    metrics = {
+        keys[1]: {"queue_depth": 9.0},
+        keys[2]: {"queue_depth": 0.0, "error_rate": 0.5},
+        keys[4]: {"queue_depth": 2.0},
+        keys[5]: {},  # scraped, without these names
+    }
+    changes = ev.evaluate(samples, 0.0, metrics=metrics)
+    assert sorted((c.rule.name, c.key.plugin, c.transition.kind.value) for c in changes) == [
+        ("ErrorsLow", "p2", "firing"),
+        ("QueueDeep", "p1", "firing"),
+        ("QueueEmpty", "p2", "firing"),
+    ]
+    # A firing plugin whose metric went away resolves; one whose value drops clears; the
+    # value a firing state keeps is its plugin's own.
+    metrics = {keys[1]: {"queue_depth": 7.0}, keys[2]: {"error_rate": 0.25}}
+    changes = ev.evaluate(samples, 1.0, metrics=metrics)
+    assert sorted((c.rule.name, c.key.plugin, c.transition.kind.value) for c in changes) == [
+        ("QueueEmpty", "p2", "resolved"),
+    ]
+    state = ev.state("QueueDeep", keys[1])
+    assert state is not None
+    assert state.value == 7.0
+    # No metrics at all: every plugin-metric state resolves, nothing new fires.
+    changes = ev.evaluate(samples, 2.0)
+    assert sorted((c.rule.name, c.key.plugin, c.transition.kind.value) for c in changes) == [
+        ("ErrorsLow", "p2", "resolved"),
+        ("QueueDeep", "p1", "resolved"),
+    ]
