@@ -526,13 +526,18 @@ async def test_finished_outbox_rows_are_pruned(pool: asyncpg.Pool, receiver: Rec
     assert len(receiver.received) == 2
 
 
+INSERT_GAUGE = (
+    'INSERT INTO plugin_metrics ("timestamp", tenant_id, plugin_id, environment, metric_name, metric_kind, value) '
+    "VALUES ($1, 'acme', $2, 'production', $3, 'gauge', $4)"
+)
+
+
 async def test_rules_and_health_read_plugin_metrics(pool: asyncpg.Pool) -> None:
     clock = FakeClock()
     ids = await plugin_ids(pool, [KEY])
     async with pool.acquire() as conn:
         await conn.executemany(
-            'INSERT INTO plugin_metrics ("timestamp", tenant_id, plugin_id, environment, metric_name, metric_kind, value) '
-            "VALUES ($1, 'acme', $2, 'production', $3, 'gauge', $4)",
+            INSERT_GAUGE,
             [
                 (clock() - timedelta(seconds=60), ids[KEY], "queue_depth", 50.0),
                 (clock() - timedelta(seconds=5), ids[KEY], "queue_depth", 700.0),  # newest wins
@@ -569,10 +574,12 @@ async def test_plugin_metrics_are_read_for_a_plugin_once_its_id_is_known(
     ids = await plugin_ids(pool, [KEY, other])
     async with pool.acquire() as conn:
         await conn.executemany(
-            'INSERT INTO plugin_metrics ("timestamp", tenant_id, plugin_id, environment, metric_name, metric_kind, value) '
-            "VALUES ($1, 'acme', $2, 'production', 'queue_depth', 'gauge', $3)",
-            [(clock() - timedelta(seconds=5), ids[KEY], 700.0)]
-            + [(clock() - timedelta(seconds=s), ids[other], 900.0) for s in (4, 3, 2)],
+            INSERT_GAUGE,
+            [(clock() - timedelta(seconds=5), ids[KEY], "queue_depth", 700.0)]
+            + [
+                (clock() - timedelta(seconds=s), ids[other], "queue_depth", 900.0)
+                for s in (4, 3, 2)
+            ],
         )
     rules = parse_rules(
         [{"name": "QueueDeep", "metric": "queue_depth", "op": ">", "threshold": 500}],
@@ -591,12 +598,7 @@ async def test_plugin_metrics_are_read_for_a_plugin_once_its_id_is_known(
     ]
     # The same plugins again: the values still come from the database.
     async with pool.acquire() as conn:
-        await conn.execute(
-            'INSERT INTO plugin_metrics ("timestamp", tenant_id, plugin_id, environment, metric_name, metric_kind, value) '
-            "VALUES ($1, 'acme', $2, 'production', 'queue_depth', 'gauge', 950.0)",
-            clock(),
-            ids[other],
-        )
+        await conn.execute(INSERT_GAUGE, clock(), ids[other], "queue_depth", 950.0)
     clock.advance(1)
     assert await cycle(engine, clock, ids, resizer=1, thumbnailer=1) == []
     assert sorted((a.key.plugin, a.value) for a in engine.firing()) == [

@@ -59,29 +59,25 @@ def test_a_key_cannot_be_changed_and_a_sample_is_not_hashed() -> None:
     key = PluginKey("acme", "resizer")
     with pytest.raises(AttributeError):
         key.plugin = "other"  # type: ignore[misc]
-    sample = PluginSample(
-        key=key,
-        timestamp=datetime(2026, 12, 2, tzinfo=UTC),
-        up=True,
-        process_count=1,
-        cpu_percent=2.5,
-        rss_bytes=10,
-        vms_bytes=20,
-        threads=3,
-    )
-    assert (sample.key, sample.cpu_percent, sample.pids, sample.uss_bytes) == (key, 2.5, (), None)
-    assert sample == PluginSample(
-        key=key,
-        timestamp=datetime(2026, 12, 2, tzinfo=UTC),
-        up=True,
-        process_count=1,
-        cpu_percent=2.5,
-        rss_bytes=10,
-        vms_bytes=20,
-        threads=3,
-    )
+
+    def sample() -> PluginSample:
+        return PluginSample(
+            key=key,
+            timestamp=datetime(2026, 12, 2, tzinfo=UTC),
+            up=True,
+            process_count=1,
+            cpu_percent=2.5,
+            rss_bytes=10,
+            vms_bytes=20,
+            threads=3,
+        )
+
+    one = sample()
+    assert (one.key, one.cpu_percent, one.pids, one.uss_bytes) == (key, 2.5, (), None)
+    assert one == sample()
+    assert one is not sample()
     # Slots: no attribute can be added by mistake (mypy --strict refuses assignments).
     with pytest.raises(AttributeError):
-        sample.extra = 1  # type: ignore[attr-defined]
+        one.extra = 1  # type: ignore[attr-defined]
     with pytest.raises(TypeError):
-        hash(sample)
+        hash(one)
