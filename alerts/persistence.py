@@ -140,8 +140,10 @@ class AlertPersistence:
         self._ids_source = plugin_ids
         self._cycle_ids: PluginIds | None = None
         self._known_ids: dict[PluginKey, int] = {}  # from the rows loaded at start
-        # The plugins of the last cycle whose ids were all known, and their (id, environment).
+        # The plugins of the last cycle whose ids were all known, those ids, and their
+        # (id, environment) pairs.
         self._pairs_keys: list[PluginKey] = []
+        self._pairs_ids: list[int | None] = []
         self._pairs: dict[tuple[int, str], PluginKey] = {}
         self._db_timeout = database_timeout_seconds
         self._max_backlog = max_backlog_notifications
@@ -214,6 +216,20 @@ class AlertPersistence:
             if source is not None and (found := source.get(key)) is not None:
                 return found
         return self._known_ids.get(key)
+
+    def _ids_of(self, keys: list[PluginKey]) -> list[int | None]:
+        """:meth:`plugin_id` of each key; one C-level pass over the first source that has
+        them all (the usual case: the sink's ids), Python only for the keys it lacks."""
+        first = self._cycle_ids if self._cycle_ids is not None else self._ids_source
+        if first is None:
+            return [self._known_ids.get(key) for key in keys]
+        ids = list(map(first.get, keys))
+        if None in ids:
+            ids = [
+                self.plugin_id(key) if pid is None else pid
+                for key, pid in zip(keys, ids, strict=True)
+            ]
+        return ids
 
     def _entry_plugin_id(self, entry: JournaledNotification) -> int | None:
         return entry.write.plugin_id or self.plugin_id(entry.key)
@@ -317,17 +333,19 @@ class AlertPersistence:
         # (plugin id, environment): the same plugin in two environments shares one
         # plugins.id, and each environment has its own series
         keys = list(keys)
+        ids = self._ids_of(keys)
         by_id = self._pairs
-        if keys != self._pairs_keys:
-            # Built again only when the plugins change or some id is still unknown
-            # (10,000 lookups a cycle otherwise; a plugin's id does not change).
+        if keys != self._pairs_keys or ids != self._pairs_ids:
+            # Built again only when the plugins or their ids change, or some id is still
+            # unknown (10,000 pairs and dict entries a cycle otherwise).
             by_id = {}
-            for key in keys:
-                pid = self.plugin_id(key)
+            for key, pid in zip(keys, ids, strict=True):
                 if pid is not None:
                     by_id[(pid, key.environment)] = key
             complete = len(by_id) == len(keys)
-            self._pairs_keys, self._pairs = (keys, by_id) if complete else ([], {})
+            self._pairs_keys, self._pairs_ids, self._pairs = (
+                (keys, ids, by_id) if complete else ([], [], {})
+            )
         reads = self.metric_reads
         ts = now.timestamp()
         plan = reads.plan(names, by_id.keys(), now=ts)

@@ -19,7 +19,8 @@ def _record(cls: type[_T]) -> type[_T]:
     PluginSample against 1.5 us for plain slots, and the sampler builds one per plugin per
     cycle (10,000 a second at 10,000 plugins; docs/BENCHMARKS.md, "Scale: the per-plugin
     objects"). mypy --strict still refuses any assignment to a field. Such a record is not
-    hashable (no caller hashes one).
+    hashable, nor is anything that holds one (a Snapshot): ``hash()`` raises TypeError at
+    run time, which mypy does not see (it has no check for hashability).
     """
     return dataclass(slots=True)(cls)
 
@@ -30,6 +31,8 @@ class PluginKey:
 
     Its hash is computed once: each cycle looks every plugin up in several dicts and sets
     (ids, health, alerts, the exporter), and the generated __hash__ built a tuple each time.
+    It is kept in the field ``_hash`` (not compared, not shown, not an argument), which
+    ``dataclasses.fields()``/``asdict()`` do list: serialise a key by its three labels.
     """
 
     tenant: str
@@ -45,7 +48,7 @@ class PluginKey:
 
     def __reduce__(self) -> tuple[type[PluginKey], tuple[str, str, str]]:
         # str hashes differ between processes: a copy or an unpickled key hashes anew.
-        return (PluginKey, (self.tenant, self.plugin, self.environment))
+        return (type(self), (self.tenant, self.plugin, self.environment))
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,7 +123,9 @@ SAMPLE_MEASUREMENTS: Final[tuple[str, ...]] = (
 
 @dataclass(frozen=True, slots=True)
 class Snapshot:
-    """Everything one sampling cycle saw; one fetch serves the writer, exporter and alerts."""
+    """Everything one sampling cycle saw; one fetch serves the writer, exporter and alerts.
+
+    Not hashable, though frozen: its samples are not (see ``_record``)."""
 
     timestamp: datetime  # timezone-aware, UTC
     host: str

@@ -605,6 +605,16 @@ async def test_plugin_metrics_are_read_for_a_plugin_once_its_id_is_known(
         ("resizer", 700.0),
         ("thumbnailer", 950.0),
     ]
+    # The same plugins, one under another id (its row deleted and created again, say): the
+    # values are those of the id given now.
+    spare = (await plugin_ids(pool, [PluginKey("acme", "spare", "production")])).popitem()[1]
+    async with pool.acquire() as conn:
+        await conn.execute(INSERT_GAUGE, clock(), spare, "queue_depth", 100.0)
+    clock.advance(1)
+    assert await cycle(engine, clock, {KEY: ids[KEY], other: spare}, resizer=1, thumbnailer=1) == [
+        "QueueDeep:resolved"
+    ]
+    assert [(a.key.plugin, a.value) for a in engine.firing()] == [("resizer", 700.0)]
 
 
 async def test_refused_row_does_not_block_the_others(

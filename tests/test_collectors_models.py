@@ -40,6 +40,17 @@ def test_a_copied_or_unpickled_plugin_key_is_the_same_key() -> None:
         assert {key: "found"}[other] == "found"
 
 
+class LabelledKey(PluginKey):
+    """A subclass (none in pluginmon): copies keep the class, so they compare equal."""
+
+
+def test_a_copied_subclass_key_keeps_its_class() -> None:
+    key = LabelledKey("acme", "resizer")
+    for other in (copy.copy(key), pickle.loads(pickle.dumps(key))):  # noqa: S301 (our own bytes)
+        assert type(other) is LabelledKey
+        assert other == key
+
+
 def test_a_plugin_key_pickled_in_another_process_hashes_as_one_made_here() -> None:
     # str hashes are salted per process: a hash carried in the pickle would find nothing.
     code = (
