@@ -28,8 +28,10 @@ The load generator's garbage collector is off while it measures (--gc-in-client 
 on): a collection pauses every client at once and the requests in flight would count it as
 the API's latency. The run reports the load generator's collections meanwhile (none, unless
 --gc-in-client) and the daemon's (python_gc_collections_total). --monitor records what the
-host, the daemon's threads, PostgreSQL's processes and sessions did every 50 ms and
-describes the seconds that held the most slow requests (bench/stall_monitor.py).
+host, the daemon's threads, PostgreSQL's processes and sessions did every 50 ms,
+describes the seconds that held the most slow requests, and counts the slow requests of the
+seconds in which the hypervisor took a fifth of a core or more (steal) apart from the others
+(bench/stall_monitor.py).
 
 Run: .venv/bin/python bench/api.py [--processes 1000] [--clients 50] [--rate 500] [--duration 60]
                                    [--load-warmup 5] [--monitor] [--gc-in-client]
@@ -74,7 +76,7 @@ from bench.processes import (
     start_processes,
 )
 from bench.scratch import free_port, scratch_database
-from bench.stall_monitor import Monitor, report
+from bench.stall_monitor import Monitor, report, steal_split
 from bench.stats import percentile
 
 REPO = Path(__file__).resolve().parent.parent
@@ -686,6 +688,13 @@ def bench(
         print("what the host did (--monitor, every 50 ms):")
         for line in report(ticks, busiest, first):
             print(line)
+        threshold = p99 / 1000
+        print(
+            steal_split(
+                ticks,
+                Counter(int(start) for start, latency in results.timeline if latency > threshold),
+            )
+        )
     for kind, values in sorted(results.by_kind.items()):
         print(
             f"  {kind:9s} {len(values):6d} requests: p50 {statistics.median(values) * 1000:.1f} ms, "

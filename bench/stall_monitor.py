@@ -4,7 +4,8 @@ benchmark: to tell what a stall of a few hundred ms was (bench/api.py --monitor)
 A separate process (so its own work does not hold the load generator's GIL) records, at each
 tick: the host's CPU time by kind from /proc/stat (busy, iowait, steal: time the hypervisor
 gave to other guests), the CPU time of each daemon thread by name, of PostgreSQL's processes by
-kind (client backends, autovacuum, checkpointer, WAL writer, ...) and of the load generator,
+kind (client backends by user, autovacuum, checkpointer, WAL writer, ...: the postmaster's
+children only, each pid counted under the kind it had when first seen) and of the load generator,
 and the server's sessions by state and wait event (pg_stat_activity). ``report`` then shows,
 for the seconds that held the most slow requests and for a typical second, where the CPU went
 and what the sessions waited on.
@@ -18,7 +19,7 @@ import multiprocessing
 import statistics
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -59,32 +60,60 @@ def _threads(pid: int, prefix: str) -> dict[str, int]:
     return dict(out)
 
 
-def _postgres(postmaster: int) -> dict[str, int]:
-    out: Counter[str] = Counter({"pg:postmaster": _cpu(f"/proc/{postmaster}/stat")})
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
+# Titles of PostgreSQL's own processes ("postgres: checkpointer", "postgres: io worker 2",
+# "postgres: parallel worker for PID 123", ...); any other child is a client backend, whose
+# title ("user database host state") changes with its state, so it is named by its user.
+_SERVER_PROCESSES = (
+    "checkpointer",
+    "background writer",
+    "walwriter",
+    "autovacuum launcher",
+    "autovacuum worker",
+    "logical replication launcher",
+    "io worker",
+    "parallel worker",
+    "walsender",
+    "walsummarizer",
+    "archiver",
+    "startup",
+    "stats collector",
+)
+
+
+def _kind(title: str) -> str:
+    rest = title.removeprefix("postgres: ")
+    for name in _SERVER_PROCESSES:
+        if rest.startswith(name):
+            return name
+    return f"client {rest.split(' ')[0]}"
+
+
+def _postgres(postmaster: int, kinds: dict[int, str]) -> dict[str, list[Any]]:
+    """CPU of the postmaster and of each of its children, by pid: [kind, utime + stime].
+    Only the postmaster's children are read (not every process of the host), and each pid
+    keeps the kind it had when first seen (a client backend's title changes with its state)."""
+    out: dict[str, list[Any]] = {str(postmaster): ["postmaster", _cpu(f"/proc/{postmaster}/stat")]}
+    try:
+        text = Path(f"/proc/{postmaster}/task/{postmaster}/children").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return out
+    for pid in map(int, text.split()):
         try:
-            fields = stat_fields_at(f"/proc/{entry.name}/stat")
-            if int(fields[1]) != postmaster:
-                continue
-            title = (entry / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+            kind = kinds.get(pid)
+            if kind is None:
+                title = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0]
+                kind = kinds[pid] = _kind(title.decode(errors="replace"))
+            out[str(pid)] = [kind, _cpu(f"/proc/{pid}/stat")]
         except (FileNotFoundError, ProcessLookupError):
             continue
-        kind = title.removeprefix("postgres: ")
-        # "user database host(port) STATE" for a client backend; else the process's role.
-        if "(" in kind or kind.split(" ")[-1] in {"idle", "active"}:
-            kind = "backend"
-        else:
-            kind = kind.split("  ")[0].strip()
-        out[f"pg:{kind}"] += int(fields[11]) + int(fields[12])
-    return dict(out)
+    return out
 
 
 def _record(
     out_path: str, pids: dict[str, int], postmaster: int | None, database_url: str, stop: Any
 ) -> None:
     conn = psycopg.connect(database_url, autocommit=True)
+    kinds: dict[int, str] = {}
     with open(out_path, "w") as out:
         next_at = time.monotonic()
         while not stop.is_set():
@@ -93,7 +122,7 @@ def _record(
                 with contextlib.suppress(FileNotFoundError, ProcessLookupError):
                     row.update(_threads(pid, name))
             if postmaster is not None:
-                row.update(_postgres(postmaster))
+                row["pg"] = _postgres(postmaster, kinds)
             sessions = conn.execute(
                 "SELECT state, coalesce(wait_event_type || ':' || wait_event, 'cpu'), count(*)"
                 " FROM pg_stat_activity WHERE backend_type = 'client backend'"
@@ -141,8 +170,15 @@ def _second(ticks: list[dict[str, Any]], second: int) -> dict[str, Any] | None:
     cpu = {
         key: (last.get(key, 0) - first.get(key, 0)) / CLOCK_TICKS / span * 100
         for key in last
-        if key not in {"t", "sessions"}
+        if key not in {"t", "sessions", "pg"}
     }
+    # PostgreSQL's processes by kind: the CPU of the pids alive at both ends of the second
+    # (one that started or exited within it is left out rather than counted from zero).
+    then = first.get("pg", {})
+    for pid, (kind, ticks_now) in last.get("pg", {}).items():
+        if pid in then:
+            key = f"pg:{kind}"
+            cpu[key] = cpu.get(key, 0.0) + (ticks_now - then[pid][1]) / CLOCK_TICKS / span * 100
     waits: Counter[str] = Counter()
     for tick in inside:
         waits.update(tick["sessions"])
@@ -189,3 +225,28 @@ def report(ticks: list[dict[str, Any]], slow_seconds: Iterable[int], first: floa
             if summary is not None:
                 lines.append(_format(f"{label} the slow second at {s - int(first)} s", summary))
     return lines
+
+
+STEAL_SECOND_PERCENT = 20.0
+
+
+def steal_split(ticks: list[dict[str, Any]], slow_per_second: Mapping[int, int]) -> str:
+    """How the slow requests fall between the seconds in which the hypervisor took at least
+    STEAL_SECOND_PERCENT of a core from this guest (steal time) and the other seconds."""
+    seconds = sorted({int(t["t"]) for t in ticks})[1:-1]
+    stolen: list[int] = []
+    other: list[int] = []
+    for second in seconds:
+        summary = _second(ticks, second)
+        if summary is None:
+            continue
+        steal = summary["cpu"].get("host_steal", 0.0)
+        (stolen if steal >= STEAL_SECOND_PERCENT else other).append(second)
+    slow = sum(slow_per_second.values())
+    in_stolen = sum(slow_per_second.get(s, 0) for s in stolen)
+    in_other = sum(slow_per_second.get(s, 0) for s in other)
+    return (
+        f"  steal >= {STEAL_SECOND_PERCENT:.0f}% of a core in {len(stolen)} of "
+        f"{len(stolen) + len(other)} seconds, holding {in_stolen} of the {slow} slow requests "
+        f"({in_other} in the other seconds, {slow - in_stolen - in_other} outside the ticks)"
+    )
