@@ -60,9 +60,11 @@ def _threads(pid: int, prefix: str) -> dict[str, int]:
     return dict(out)
 
 
-# Titles of PostgreSQL's own processes ("postgres: checkpointer", "postgres: io worker 2",
-# "postgres: parallel worker for PID 123", ...); any other child is a client backend, whose
-# title ("user database host state") changes with its state, so it is named by its user.
+# PostgreSQL's own processes, by the start of their title after "postgres: " (and after the
+# server's cluster_name, which Debian sets, e.g. "postgres: 16/main: checkpointer"). A client
+# backend's title is "user database host state", the host "[local]" or "address(port)"; its
+# state changes, so it is named by its user. Any other title (an extension's background
+# worker, say) is named by its first two words.
 _SERVER_PROCESSES = (
     "checkpointer",
     "background writer",
@@ -70,41 +72,64 @@ _SERVER_PROCESSES = (
     "autovacuum launcher",
     "autovacuum worker",
     "logical replication launcher",
+    "logical replication apply worker",
+    "logical replication tablesync worker",
+    "logical replication parallel apply worker",
     "io worker",
     "parallel worker",
     "walsender",
+    "walreceiver",
     "walsummarizer",
+    "slotsync worker",
     "archiver",
+    "logger",
     "startup",
     "stats collector",
 )
 
 
-def _kind(title: str) -> str:
+def _kind(title: str, cluster_name: str = "") -> str | None:
+    """The kind of a server process by its title; None while it has none of its own yet (a
+    child just forked still shows the postmaster's command line)."""
+    if not title.startswith("postgres: "):
+        return None
     rest = title.removeprefix("postgres: ")
+    if cluster_name:
+        rest = rest.removeprefix(f"{cluster_name}: ")
+    words = rest.split(" ")
+    if len(words) >= 3 and (words[2].startswith("[local]") or "(" in words[2]):
+        return f"client {words[0]}"
     for name in _SERVER_PROCESSES:
-        if rest.startswith(name):
+        if rest == name or rest.startswith(f"{name} "):
             return name
-    return f"client {rest.split(' ')[0]}"
+    return " ".join(words[:2])
 
 
-def _postgres(postmaster: int, kinds: dict[int, str]) -> dict[str, list[Any]]:
-    """CPU of the postmaster and of each of its children, by pid: [kind, utime + stime].
-    Only the postmaster's children are read (not every process of the host), and each pid
-    keeps the kind it had when first seen (a client backend's title changes with its state)."""
-    out: dict[str, list[Any]] = {str(postmaster): ["postmaster", _cpu(f"/proc/{postmaster}/stat")]}
+def _postgres(
+    postmaster: int, kinds: dict[str, str], cluster_name: str = ""
+) -> dict[str, list[Any]]:
+    """CPU of the postmaster and of each of its children: {"pid:start": [kind, utime + stime]}.
+    Only the postmaster's children are read (not every process of the host). Each process
+    keeps the kind it had when first seen with a title of its own (a client backend's title
+    changes with its state); the start time in the key keeps a reused pid apart."""
+    out: dict[str, list[Any]] = {"postmaster": ["postmaster", _cpu(f"/proc/{postmaster}/stat")]}
     try:
         text = Path(f"/proc/{postmaster}/task/{postmaster}/children").read_text()
     except (FileNotFoundError, ProcessLookupError):
         return out
-    for pid in map(int, text.split()):
+    for pid in text.split():
         try:
-            kind = kinds.get(pid)
+            fields = stat_fields_at(f"/proc/{pid}/stat")
+            key = f"{pid}:{fields[19]}"  # stat field 22, the start time
+            kind = kinds.get(key)
             if kind is None:
                 title = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0]
-                kind = kinds[pid] = _kind(title.decode(errors="replace"))
-            out[str(pid)] = [kind, _cpu(f"/proc/{pid}/stat")]
-        except (FileNotFoundError, ProcessLookupError):
+                kind = _kind(title.decode(errors="replace"), cluster_name)
+                if kind is None:
+                    continue
+                kinds[key] = kind
+            out[key] = [kind, int(fields[11]) + int(fields[12])]
+        except (FileNotFoundError, ProcessLookupError, IndexError):
             continue
     return out
 
@@ -113,7 +138,9 @@ def _record(
     out_path: str, pids: dict[str, int], postmaster: int | None, database_url: str, stop: Any
 ) -> None:
     conn = psycopg.connect(database_url, autocommit=True)
-    kinds: dict[int, str] = {}
+    row_ = conn.execute("SHOW cluster_name").fetchone()
+    cluster_name = str(row_[0]) if row_ is not None else ""
+    kinds: dict[str, str] = {}
     with open(out_path, "w") as out:
         next_at = time.monotonic()
         while not stop.is_set():
@@ -122,7 +149,7 @@ def _record(
                 with contextlib.suppress(FileNotFoundError, ProcessLookupError):
                     row.update(_threads(pid, name))
             if postmaster is not None:
-                row["pg"] = _postgres(postmaster, kinds)
+                row["pg"] = _postgres(postmaster, kinds, cluster_name)
             sessions = conn.execute(
                 "SELECT state, coalesce(wait_event_type || ':' || wait_event, 'cpu'), count(*)"
                 " FROM pg_stat_activity WHERE backend_type = 'client backend'"
@@ -172,13 +199,14 @@ def _second(ticks: list[dict[str, Any]], second: int) -> dict[str, Any] | None:
         for key in last
         if key not in {"t", "sessions", "pg"}
     }
-    # PostgreSQL's processes by kind: the CPU of the pids alive at both ends of the second
-    # (one that started or exited within it is left out rather than counted from zero).
+    # PostgreSQL's processes by kind: a process alive at the end of the second counts from
+    # its CPU at the start, or from zero if it started within the second (one that exited
+    # within it is not seen: its last CPU time is gone with it).
     then = first.get("pg", {})
-    for pid, (kind, ticks_now) in last.get("pg", {}).items():
-        if pid in then:
-            key = f"pg:{kind}"
-            cpu[key] = cpu.get(key, 0.0) + (ticks_now - then[pid][1]) / CLOCK_TICKS / span * 100
+    for proc, (kind, ticks_now) in last.get("pg", {}).items():
+        before_ticks = then[proc][1] if proc in then else 0
+        key = f"pg:{kind}"
+        cpu[key] = cpu.get(key, 0.0) + (ticks_now - before_ticks) / CLOCK_TICKS / span * 100
     waits: Counter[str] = Counter()
     for tick in inside:
         waits.update(tick["sessions"])
