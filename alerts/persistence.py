@@ -218,8 +218,9 @@ class AlertPersistence:
         return self._known_ids.get(key)
 
     def _ids_of(self, keys: list[PluginKey]) -> list[int | None]:
-        """:meth:`plugin_id` of each key; one C-level pass over the first source that has
-        them all (the usual case: the sink's ids), Python only for the keys it lacks."""
+        """:meth:`plugin_id` of each key: one C-level pass over the first source (the usual
+        case: the sink's ids, which has them all), :meth:`plugin_id` only for the keys it
+        lacks."""
         first = self._cycle_ids if self._cycle_ids is not None else self._ids_source
         if first is None:
             return [self._known_ids.get(key) for key in keys]

@@ -446,12 +446,17 @@ class GcPauses:
         )
 
 
+def slow_per_second(timeline: list[tuple[float, float]], threshold: float) -> Counter[int]:
+    """Requests slower than ``threshold`` by the wall-clock second they started in."""
+    return Counter(int(start) for start, latency in timeline if latency > threshold)
+
+
 def busiest_slow_seconds(
     timeline: list[tuple[float, float]], threshold: float, *, count: int = 3
 ) -> list[tuple[int, int]]:
     """(requests, wall-clock second) of the ``count`` seconds that started the most requests
     slower than ``threshold``."""
-    per_second = Counter(int(start) for start, latency in timeline if latency > threshold)
+    per_second = slow_per_second(timeline, threshold)
     return sorted(((n, second) for second, n in per_second.items()), reverse=True)[:count]
 
 
@@ -688,13 +693,7 @@ def bench(
         print("what the host did (--monitor, every 50 ms):")
         for line in report(ticks, busiest, first):
             print(line)
-        threshold = p99 / 1000
-        print(
-            steal_split(
-                ticks,
-                Counter(int(start) for start, latency in results.timeline if latency > threshold),
-            )
-        )
+        print(steal_split(ticks, slow_per_second(results.timeline, p99 / 1000)))
     for kind, values in sorted(results.by_kind.items()):
         print(
             f"  {kind:9s} {len(values):6d} requests: p50 {statistics.median(values) * 1000:.1f} ms, "

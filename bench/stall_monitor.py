@@ -5,7 +5,8 @@ A separate process (so its own work does not hold the load generator's GIL) reco
 tick: the host's CPU time by kind from /proc/stat (busy, iowait, steal: time the hypervisor
 gave to other guests), the CPU time of each daemon thread by name, of PostgreSQL's processes by
 kind (client backends by user, autovacuum, checkpointer, WAL writer, ...: the postmaster's
-children only, each pid counted under the kind it had when first seen) and of the load generator,
+children only, each process (pid and start time) counted under the kind it had when first
+seen with a title of its own) and of the load generator,
 and the server's sessions by state and wait event (pg_stat_activity). ``report`` then shows,
 for the seconds that held the most slow requests and for a typical second, where the CPU went
 and what the sessions waited on.
