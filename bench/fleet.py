@@ -25,7 +25,8 @@ fleet is measured for DURATION seconds:
                      top-level statements): samples, health + alerts, plugin ids,
                      maintenance, other; and the server CPU outside all statements
                      (commits, connections, WAL writer, checkpoints, autovacuum,
-                     TimescaleDB's background jobs)
+                     TimescaleDB's background jobs; on TimescaleDB also the samples'
+                     COPYs: pg_stat_statements does not record a COPY into a hypertable)
   agents' CPU        the worker processes' CPU: the agents share the 2 cores too
 
 The fleet stops growing when p99 lag exceeds one interval, a spool holds rows at the end of
