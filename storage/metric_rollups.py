@@ -127,13 +127,35 @@ async def maintain_metric_rollups(
     return MetricRollupReport(tuple(refreshed), tuple(removed), tuple(failed))
 
 
+# TimescaleDB: sql/132 replaced each metrics aggregate by one that leaves the health rows out
+# and kept what the old one had materialised under this suffix (read by the views for the
+# buckets before the replacement, no refresh policy, expiring with the same retention).
+SUPERSEDED_SUFFIX: Final = "_before_132"
+
+
 def metric_rollup_policies(
-    retention: Retention, *, retention_proc: str, refresh_proc: str
+    retention: Retention,
+    *,
+    retention_proc: str,
+    refresh_proc: str,
+    superseded: frozenset[str] = frozenset(),
 ) -> list[tuple[str, str, dict[str, timedelta], timedelta | None]]:
     """TimescaleDB: (relation, policy procedure, config, schedule) of each continuous
-    aggregate's retention and refresh policy, in storage.timescale's form."""
+    aggregate's retention and refresh policy, in storage.timescale's form; and the retention
+    policy of each aggregate sql/132 superseded that is among ``superseded`` (the
+    database's continuous aggregates: a new database has none)."""
     out: list[tuple[str, str, dict[str, timedelta], timedelta | None]] = []
     for rollup in METRIC_ROLLUPS:
+        old = rollup.relation + SUPERSEDED_SUFFIX
+        if old in superseded:
+            out.append(
+                (
+                    old,
+                    retention_proc,
+                    {"drop_after": getattr(retention, rollup.retention_field)},
+                    None,
+                )
+            )
         out.append(
             (
                 rollup.relation,
@@ -151,3 +173,35 @@ def metric_rollup_policies(
             )
         )
     return out
+
+
+# A superseded aggregate's retirement waits this long for the views' readers at most, then
+# the next maintenance run tries again.
+RETIRE_LOCK_TIMEOUT = "5s"
+
+
+async def retire_superseded_aggregates(
+    conn: AdminConnection, *, failed: list[tuple[str, str]]
+) -> tuple[str, ...]:
+    """TimescaleDB, one step of the maintenance pass (the caller holds the maintenance
+    lock): drop each aggregate sql/132 superseded once retention has emptied it, the view
+    then reading the new aggregate only. Returns the aggregates dropped; a lock not granted
+    within ``RETIRE_LOCK_TIMEOUT`` postpones it (logged, and named in ``failed``)."""
+    try:
+        async with conn.transaction():
+            await conn.execute(
+                "SELECT set_config('lock_timeout', %s, true)", (RETIRE_LOCK_TIMEOUT,)
+            )
+            cur = await conn.execute(
+                "SELECT * FROM pluginmon_retire_superseded_metric_aggregates()"
+            )
+            retired = tuple(str(row[0]) for row in await cur.fetchall())
+    except MAINTENANCE_STEP_ERRORS as exc:
+        logger.warning(
+            "maintenance: retirement of the superseded metrics aggregates postponed: %s", exc
+        )
+        failed.append(("retire:metrics-aggregates", str(exc)))
+        return ()
+    for name in retired:
+        logger.info("maintenance: %s emptied by retention and dropped (sql/132)", name)
+    return retired

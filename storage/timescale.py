@@ -26,7 +26,7 @@ from pluginmon.storage.backend import (
     require_autocommit,
     utc_now,
 )
-from pluginmon.storage.metric_rollups import metric_rollup_policies
+from pluginmon.storage.metric_rollups import metric_rollup_policies, retire_superseded_aggregates
 from pluginmon.storage.migrate import Backend
 
 logger = logging.getLogger(__name__)
@@ -133,7 +133,12 @@ SELECT j.job_id, rel.name, j.proc_name, j.config, j.schedule_interval
 _Desired = tuple[str, str, dict[str, timedelta], timedelta | None]
 
 
-def _desired_policies(retention: Retention) -> list[_Desired]:
+def _desired_policies(
+    retention: Retention, aggregates: frozenset[str] = frozenset()
+) -> list[_Desired]:
+    """The policies pluginmon's relations should have; ``aggregates``: the database's
+    continuous aggregates (the superseded metrics aggregates of sql/132 keep a retention
+    policy while they exist)."""
     desired: list[_Desired] = [
         ("plugin_samples", RETENTION_PROC, {"drop_after": retention.samples}, None),
         ("plugin_metrics", RETENTION_PROC, {"drop_after": retention.metrics}, None),
@@ -145,7 +150,12 @@ def _desired_policies(retention: Retention) -> list[_Desired]:
         ("plugin_metrics", COMPRESSION_PROC, {"compress_after": retention.compress_after}, None),
     ]
     desired.extend(
-        metric_rollup_policies(retention, retention_proc=RETENTION_PROC, refresh_proc=REFRESH_PROC)
+        metric_rollup_policies(
+            retention,
+            retention_proc=RETENTION_PROC,
+            refresh_proc=REFRESH_PROC,
+            superseded=aggregates,
+        )
     )
     for name, window in REFRESH_WINDOWS.items():
         desired.append(
@@ -202,7 +212,8 @@ def apply_policies(conn: psycopg.Connection[Any], retention: Retention) -> list[
     """
     existing = {(job.relation, job.proc_name): job for job in policy_jobs(conn)}
     changes: list[PolicyChange] = []
-    for relation, proc, config, schedule in _desired_policies(retention):
+    aggregates = frozenset(continuous_aggregates(conn))
+    for relation, proc, config, schedule in _desired_policies(retention, aggregates):
         job = existing.get((relation, proc))
         if job is not None and _matches(conn, job, config, schedule):
             continue
@@ -343,6 +354,7 @@ class TimescaleMaintenance:
             now = self._clock()
             removed = await delete_expired(conn, retention, now)
             failed: list[tuple[str, str]] = []
+            await retire_superseded_aggregates(conn, failed=failed)
             analytics_days = await daily_analytics_step(
                 conn, now=now, retention=retention, failed=failed
             )

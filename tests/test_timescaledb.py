@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import logging
+import shutil
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
+from psycopg import sql
 
 from pluginmon.storage import timescale
 from pluginmon.storage.backend import (
@@ -22,7 +26,7 @@ from pluginmon.storage.engines import (
     maintenance_for,
     prepare_database,
 )
-from pluginmon.storage.migrate import Backend
+from pluginmon.storage.migrate import Backend, default_sql_dir, migrate
 from pluginmon.storage.partitions import ROLLUPS, refresh_rollup
 from pluginmon.storage.timescale import TimescaleMaintenance
 from tests.dbutil import create_database, drop_database, with_database
@@ -445,3 +449,214 @@ async def test_backfill_waits_out_a_concurrent_refresh_and_gives_up_on_one_that_
         monkeypatch.setattr(timescale, "CONCURRENT_REFRESH_PAUSES", (0.05, 0.05))
         with pytest.raises(psycopg.errors.LockNotAvailable, match="concurrent refresh"):
             await backfill_rollups(tsdb_url, late_start, CONFIGURED)
+
+
+# -- sql/132: the metrics aggregates without the health rows ------------------------------------
+
+_METRICS_VIEW_SQL = (
+    "SELECT bucket, plugin_id, metric_name, sample_count, value_avg, value_min, value_max,"
+    " value_first, value_last FROM {} ORDER BY bucket, plugin_id, metric_name"
+)
+
+
+def _metric_rows(
+    conn: Conn, plugin_id: int, start: datetime, minutes: int, value: float, tenant: str = "acme"
+) -> None:
+    """One queue_depth row and one health_score row (labels of its own, as the health
+    engine writes them) a minute from ``start``."""
+    with conn.cursor() as cur:
+        cur.executemany(
+            'INSERT INTO plugin_metrics ("timestamp", tenant_id, plugin_id, environment,'
+            " metric_name, metric_kind, value, labels)"
+            " VALUES (%s, %s, %s, 'production', %s, 'gauge', %s, %s::jsonb)",
+            [
+                row
+                for i in range(minutes)
+                for row in (
+                    (start + timedelta(minutes=i, seconds=5), tenant, plugin_id, "queue_depth",
+                     value + i, "{}"),
+                    (start + timedelta(minutes=i, seconds=5), tenant, plugin_id, "health_score",
+                     90.0 - i, f'{{"cpu": "{i}"}}'),
+                )
+            ],
+        )  # fmt: skip
+
+
+def _refresh(conn: Conn, relation: str, start: datetime, end: datetime) -> None:
+    """``refresh_continuous_aggregate``, waiting out a refresh policy's run of the same
+    aggregate (TimescaleDB refuses a concurrent refresh at once); raises after 10 s."""
+    for attempt in range(40):
+        try:
+            conn.execute(
+                "CALL refresh_continuous_aggregate(%s::regclass, %s, %s)", (relation, start, end)
+            )
+            return
+        except psycopg.errors.LockNotAvailable:
+            if attempt == 39:
+                raise
+            time.sleep(0.25)
+
+
+def _health_rows(conn: Conn, relation: str) -> int:
+    query = sql.SQL("SELECT count(*) FROM {} WHERE metric_name = 'health_score'").format(
+        sql.Identifier(relation)
+    )
+    row = conn.execute(query).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def _rows(conn: Conn, view: str) -> list[tuple[Any, ...]]:
+    return conn.execute(_METRICS_VIEW_SQL.format(view)).fetchall()
+
+
+def _tenants_seen(url: str, view: str, tenant: str) -> set[str]:
+    """The tenants the API role sees in ``view`` with ``tenant`` set."""
+    with psycopg.connect(url) as conn:
+        conn.execute("SET ROLE pluginmon_api")
+        conn.execute("SELECT set_config('pluginmon.tenant_id', %s, true)", (tenant,))
+        query = sql.SQL("SELECT DISTINCT tenant_id FROM {}").format(sql.Identifier(view))
+        return {r[0] for r in conn.execute(query).fetchall()}
+
+
+def test_new_metric_aggregates_leave_the_health_rows_out(tsdb_url: str) -> None:
+    start = bucket_floor(datetime.now(UTC) - timedelta(hours=3), timedelta(hours=1))
+    with psycopg.connect(tsdb_url, autocommit=True) as conn:
+        plugin = add_plugin(conn, "acme", "resizer")
+        _metric_rows(conn, plugin, start, 10, 1.0)
+        _refresh(conn, "rollup_metrics_1m", start, start + timedelta(minutes=10))
+        _refresh(conn, "rollup_metrics_1h", start, start + timedelta(hours=1))
+        assert _health_rows(conn, "rollup_metrics_1m") == 0
+        assert _health_rows(conn, "rollup_metrics_1h") == 0
+        assert [(r[0], r[2], r[6]) for r in _rows(conn, "plugin_metrics_1m")] == [
+            (start + timedelta(minutes=i), "queue_depth", 1.0 + i) for i in range(10)
+        ]
+        assert [(r[0], r[2], r[3], r[5], r[6]) for r in _rows(conn, "plugin_metrics_1h")] == [
+            (start, "queue_depth", 10, 1.0, 10.0)
+        ]
+        # a new database keeps no superseded aggregate
+        assert not [
+            name for name in timescale.continuous_aggregates(conn) if name.endswith("_before_132")
+        ]
+
+
+async def test_metric_aggregates_replaced_keep_what_they_had(
+    requires_timescaledb: None,
+    pg_admin_url: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A database migrated before sql/132 with buckets in its metrics aggregates: after it,
+    the views read the old buckets as they were (health rows hidden) and the new aggregate's
+    from the cutover on, each bucket once and each tenant its own; the old aggregates keep a
+    retention policy only, and leave once retention has emptied them."""
+    before_132 = tmp_path / "sql"
+    before_132.mkdir()
+    for path in default_sql_dir().glob("*.sql"):
+        if int(path.name[:3]) < 132:
+            shutil.copy(path, before_132)
+    old_start = bucket_floor(datetime.now(UTC) - timedelta(hours=4), timedelta(hours=1))
+    cutover = old_start + timedelta(minutes=10)  # the old 1-minute aggregate's watermark
+    new_start = bucket_floor(datetime.now(UTC) - timedelta(minutes=40), timedelta(minutes=1))
+    name = create_database(pg_admin_url, prefix="ts132")
+    url = with_database(pg_admin_url, name)
+    try:
+        migrate(url, sql_dir=before_132, backend=Backend.TIMESCALEDB)
+        with psycopg.connect(url, autocommit=True) as conn:
+            plugin = add_plugin(conn, "acme", "resizer")
+            other = add_plugin(conn, "globex", "indexer")
+            _metric_rows(conn, plugin, old_start, 10, 1.0)
+            _metric_rows(conn, other, old_start, 1, 7.0, tenant="globex")
+            _refresh(conn, "rollup_metrics_1m", old_start, cutover)
+            _refresh(conn, "rollup_metrics_1h", old_start, old_start + timedelta(hours=1))
+            assert _health_rows(conn, "rollup_metrics_1m") == 11  # what 051 materialised
+            old_minutes = _rows(conn, "plugin_metrics_1m")
+            old_hour = _rows(conn, "plugin_metrics_1h")
+        assert len(old_minutes) == 11
+        assert len(old_hour) == 2
+
+        # A session whose DateStyle and TimeZone would misread a timestamp written as text.
+        monkeypatch.setenv("PGOPTIONS", "-c DateStyle=Postgres -c TimeZone=Asia/Kolkata")
+        prepare_database(url, CONFIGURED, backend=Backend.TIMESCALEDB)
+        monkeypatch.delenv("PGOPTIONS")
+        with psycopg.connect(url, autocommit=True) as conn:
+            assert set(timescale.continuous_aggregates(conn)) >= {
+                "rollup_metrics_1m",
+                "rollup_metrics_1h",
+                "rollup_metrics_1m_before_132",
+                "rollup_metrics_1h_before_132",
+            }
+            jobs = _jobs(conn)
+            for old, days in (
+                ("rollup_metrics_1m_before_132", 14),
+                ("rollup_metrics_1h_before_132", 400),
+            ):
+                assert (old, "policy_refresh_continuous_aggregate") not in jobs
+                assert _interval(conn, jobs[(old, "policy_retention")]["drop_after"]) == timedelta(
+                    days=days
+                )
+            assert ("rollup_metrics_1m", "policy_refresh_continuous_aggregate") in jobs
+            assert timescale.apply_policies(conn, CONFIGURED) == []
+            # unchanged through the views
+            assert _rows(conn, "plugin_metrics_1m") == old_minutes
+            assert _rows(conn, "plugin_metrics_1h") == old_hour
+
+            # the cutover's own bucket, a late row for the bucket before it (the old
+            # aggregate's, not materialised again) and newer rows
+            _metric_rows(conn, plugin, cutover, 1, 50.0)
+            _metric_rows(conn, plugin, cutover - timedelta(minutes=1), 1, 1000.0)
+            _metric_rows(conn, plugin, new_start, 5, 100.0)
+            # the new aggregates refreshed over the old buckets too, as their first policy
+            # runs may: the views still read each bucket once
+            _refresh(conn, "rollup_metrics_1m", old_start, new_start + timedelta(minutes=5))
+            _refresh(
+                conn,
+                "rollup_metrics_1h",
+                old_start,
+                bucket_floor(new_start, timedelta(hours=1)) + timedelta(hours=1),
+            )
+            assert _health_rows(conn, "rollup_metrics_1m") == 0
+            assert _health_rows(conn, "rollup_metrics_1h") == 0
+            minutes = _rows(conn, "plugin_metrics_1m")
+            assert minutes == [
+                *old_minutes,
+                (cutover, plugin, "queue_depth", 1, 50.0, 50.0, 50.0, 50.0, 50.0),
+                *[
+                    (new_start + timedelta(minutes=i), plugin, "queue_depth", 1, 100.0 + i,
+                     100.0 + i, 100.0 + i, 100.0 + i, 100.0 + i)
+                    for i in range(5)
+                ],
+            ]  # fmt: skip
+            hours = _rows(conn, "plugin_metrics_1h")
+            assert hours[:2] == old_hour
+            # 11 old rows and the 5 new ones, none twice: the cutover's row and the late one
+            # fall in an hour the old 1-hour aggregate had materialised (its cutover is the
+            # next hour), so that hour reads as it was
+            assert sum(r[3] for r in hours) == 16
+        for view in ("plugin_metrics_1m", "plugin_metrics_1h"):
+            assert _tenants_seen(url, view, "acme") == {"acme"}
+            assert _tenants_seen(url, view, "globex") == {"globex"}
+
+        # Retention empties the old aggregates: the next maintenance pass drops them and the
+        # views read the new aggregates alone.
+        with psycopg.connect(url, autocommit=True) as conn:
+            for old in ("rollup_metrics_1m_before_132", "rollup_metrics_1h_before_132"):
+                conn.execute(
+                    "SELECT drop_chunks(%s::regclass, older_than => now() + interval '100 years')",
+                    (old,),
+                )
+        async with admin_connection(url) as admin:
+            report = await TimescaleMaintenance().run(admin, CONFIGURED)
+        assert report.ran
+        assert report.failed_steps == ()
+        with psycopg.connect(url, autocommit=True) as conn:
+            assert not [
+                n for n in timescale.continuous_aggregates(conn) if n.endswith("_before_132")
+            ]
+            after = _rows(conn, "plugin_metrics_1m")
+            assert after == [r for r in minutes if r[0] >= cutover]
+            assert not [job for job in _jobs(conn) if job[0].endswith("_before_132")]
+            assert timescale.apply_policies(conn, CONFIGURED) == []
+        assert _tenants_seen(url, "plugin_metrics_1m", "acme") == {"acme"}
+    finally:
+        drop_database(pg_admin_url, name)
