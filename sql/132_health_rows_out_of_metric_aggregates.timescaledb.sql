@@ -84,6 +84,10 @@ BEGIN
         CONTINUE WHEN to_regclass(agg.name || '_before_132') IS NULL;
         EXECUTE format('SELECT EXISTS (SELECT 1 FROM %I)', agg.name || '_before_132') INTO has_rows;
         CONTINUE WHEN has_rows;
+        -- Dropping a continuous aggregate locks its raw hypertable exclusively: take that
+        -- lock first (the caller's lock_timeout bounds the wait), so that a reader of
+        -- plugin_metrics and then of the view cannot deadlock with the view's replacement.
+        LOCK TABLE plugin_metrics IN ACCESS EXCLUSIVE MODE;
         PERFORM pluginmon_define_metrics_view(
             agg.view_name, agg.name, NULL,
             (SELECT c.cutover FROM metrics_aggregate_cutovers c WHERE c.aggregate = agg.name));
@@ -108,12 +112,15 @@ BEGIN
         old_name := agg.name || '_before_132';
         EXECUTE format('SELECT EXISTS (SELECT 1 FROM %I)', agg.name) INTO has_rows;
         -- where the old aggregate's materialisation ends (never past the current bucket)
-        SELECT least(_timescaledb_functions.to_timestamp(
-                         _timescaledb_functions.cagg_watermark(c.mat_hypertable_id)),
-                     time_bucket(agg.width, now()))
+        SELECT _timescaledb_functions.to_timestamp(
+                   _timescaledb_functions.cagg_watermark(c.mat_hypertable_id))
           INTO cutover
           FROM _timescaledb_catalog.continuous_agg c
          WHERE c.user_view_schema = current_schema() AND c.user_view_name = agg.name;
+        IF has_rows AND cutover IS NULL THEN
+            RAISE EXCEPTION '% holds buckets but has no materialisation watermark', agg.name;
+        END IF;
+        cutover := least(cutover, time_bucket(agg.width, now()));
         SELECT r.rolname INTO owner_name
           FROM pg_class k JOIN pg_roles r ON r.oid = k.relowner
          WHERE k.oid = agg.name::regclass;
@@ -131,9 +138,6 @@ BEGIN
             agg.name, agg.width, 'health_score');
         -- the same owner as the one it replaces (the views' bypass check reads it)
         EXECUTE format('ALTER MATERIALIZED VIEW %I OWNER TO %I', agg.name, owner_name);
-        IF has_rows AND cutover IS NULL THEN
-            RAISE EXCEPTION '% holds buckets but has no materialisation watermark', agg.name;
-        END IF;
         IF has_rows THEN
             INSERT INTO metrics_aggregate_cutovers (aggregate, cutover) VALUES (agg.name, cutover);
             PERFORM pluginmon_define_metrics_view(agg.view_name, agg.name, old_name, cutover);
@@ -142,6 +146,13 @@ BEGIN
             EXECUTE format('DROP MATERIALIZED VIEW %I', old_name);
         END IF;
     END LOOP;
+    -- The maintenance pass runs the retirement as the aggregates' owner (the daemon's role),
+    -- whoever migrated: the table and the functions are that owner's too.
+    EXECUTE format('ALTER TABLE metrics_aggregate_cutovers OWNER TO %I', owner_name);
+    EXECUTE format('ALTER FUNCTION pluginmon_define_metrics_view(text, text, text, timestamptz) OWNER TO %I',
+                   owner_name);
+    EXECUTE format('ALTER FUNCTION pluginmon_retire_superseded_metric_aggregates() OWNER TO %I',
+                   owner_name);
 END
 $$;
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Final
 
+import psycopg
 from psycopg import sql
 
 from pluginmon.storage.backend import (
@@ -175,9 +176,13 @@ def metric_rollup_policies(
     return out
 
 
-# A superseded aggregate's retirement waits this long for the views' readers at most, then
-# the next maintenance run tries again.
-RETIRE_LOCK_TIMEOUT = "5s"
+# A superseded aggregate's retirement locks plugin_metrics exclusively (TimescaleDB drops a
+# continuous aggregate under that lock): it waits this long at most, holding up the agents'
+# writes of plugin metrics meanwhile, and the next maintenance run tries again.
+RETIRE_LOCK_TIMEOUT = "500ms"
+
+# The permanent reasons already logged at ERROR (once each per process).
+_retire_errors_logged: set[str] = set()
 
 
 async def retire_superseded_aggregates(
@@ -185,8 +190,13 @@ async def retire_superseded_aggregates(
 ) -> tuple[str, ...]:
     """TimescaleDB, one step of the maintenance pass (the caller holds the maintenance
     lock): drop each aggregate sql/132 superseded once retention has emptied it, the view
-    then reading the new aggregate only. Returns the aggregates dropped; a lock not granted
-    within ``RETIRE_LOCK_TIMEOUT`` postpones it (logged, and named in ``failed``)."""
+    then reading the new aggregate only. Returns the aggregates dropped.
+
+    A lock not granted within ``RETIRE_LOCK_TIMEOUT`` postpones it (a warning, and named in
+    ``failed``). A permanent refusal (another role owns the aggregates, an object of the
+    operator's depends on the old aggregate) is logged at ERROR once with the database's
+    words, named in ``failed`` on every run, and leaves the rest of the pass alone.
+    """
     try:
         async with conn.transaction():
             await conn.execute(
@@ -201,6 +211,23 @@ async def retire_superseded_aggregates(
             "maintenance: retirement of the superseded metrics aggregates postponed: %s", exc
         )
         failed.append(("retire:metrics-aggregates", str(exc)))
+        return ()
+    except psycopg.OperationalError:
+        raise  # the connection: the run as a whole is retried
+    except psycopg.Error as exc:
+        reason = f"{exc.sqlstate or ''} {exc}".strip()
+        if reason not in _retire_errors_logged:
+            _retire_errors_logged.add(reason)
+            detail = exc.diag.message_detail if exc.diag else None
+            logger.error(
+                "maintenance: the metrics aggregates sql/132 superseded cannot be dropped "
+                "(%s%s); they stay, read through the views, until this is mended (run the "
+                "daemon as their owner, or drop what depends on them): this is not retried "
+                "in the logs, only named in each run's failed steps",
+                reason,
+                f"; {detail}" if detail else "",
+            )
+        failed.append(("retire:metrics-aggregates (permanent)", reason))
         return ()
     for name in retired:
         logger.info("maintenance: %s emptied by retention and dropped (sql/132)", name)

@@ -354,10 +354,10 @@ class TimescaleMaintenance:
             now = self._clock()
             removed = await delete_expired(conn, retention, now)
             failed: list[tuple[str, str]] = []
-            await retire_superseded_aggregates(conn, failed=failed)
             analytics_days = await daily_analytics_step(
                 conn, now=now, retention=retention, failed=failed
             )
+            await retire_superseded_aggregates(conn, failed=failed)
         return MaintenanceReport(
             backend=self.backend,
             ran=True,

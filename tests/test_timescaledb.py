@@ -613,7 +613,8 @@ async def test_metric_aggregates_replaced_keep_what_they_had(
                 conn,
                 "rollup_metrics_1h",
                 old_start,
-                bucket_floor(new_start, timedelta(hours=1)) + timedelta(hours=1),
+                bucket_floor(new_start + timedelta(minutes=5), timedelta(hours=1))
+                + timedelta(hours=1),
             )
             assert _health_rows(conn, "rollup_metrics_1m") == 0
             assert _health_rows(conn, "rollup_metrics_1h") == 0
@@ -645,6 +646,21 @@ async def test_metric_aggregates_replaced_keep_what_they_had(
                     "SELECT drop_chunks(%s::regclass, older_than => now() + interval '100 years')",
                     (old,),
                 )
+            # an operator's view over an old aggregate: a permanent refusal, named in the
+            # pass's failed steps, the rest of the pass done
+            conn.execute("CREATE VIEW operators_own AS SELECT * FROM rollup_metrics_1h_before_132")
+        async with admin_connection(url) as admin:
+            report = await TimescaleMaintenance().run(admin, CONFIGURED)
+        assert report.ran
+        assert [step for step, _ in report.failed_steps] == [
+            "retire:metrics-aggregates (permanent)"
+        ]
+        assert "operators_own" in report.failed_steps[0][1]
+        with psycopg.connect(url, autocommit=True) as conn:
+            assert "rollup_metrics_1h_before_132" in timescale.continuous_aggregates(conn)
+            # the old buckets went with the chunks; the rest reads as before
+            assert _rows(conn, "plugin_metrics_1m") == [r for r in minutes if r[0] >= cutover]
+            conn.execute("DROP VIEW operators_own")
         async with admin_connection(url) as admin:
             report = await TimescaleMaintenance().run(admin, CONFIGURED)
         assert report.ran
